@@ -31,13 +31,18 @@ java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
 
 demo: $(VENV)/.installed java ## generate data and ingest it into the local dev workspace
-	$(BIN)/serving-mlops generate --env dev --rows 30000 --seed 42
+	$(BIN)/serving-mlops generate --env dev --rows 30000 --seed 42 --bad-fraction 0.01
 	$(BIN)/serving-mlops ingest --env dev
-	$(BIN)/serving-mlops tables --env dev
+	@echo
+	@echo "Done. Where to look:"
+	@echo "  .mlops/dev/landing/   the generated landing file"
+	@echo "  .mlops/dev/tables/    Delta tables (catalog/schema/table); read them with deltalake, pandas or Spark"
+	@echo "  $(BIN)/serving-mlops tables --env dev    row counts and versions"
+	@echo "  $(BIN)/serving-mlops --help              every command"
 
 test: $(VENV)/.installed-dev java ## nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
 	$(BIN)/nbdev_test
-	$(BIN)/pytest
+	$(BIN)/pytest tests --timeout 900
 
 export: $(VENV)/.installed-dev ## notebooks -> serving_mlops/ (then nbdev_clean before committing)
 	$(BIN)/nbdev_export

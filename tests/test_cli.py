@@ -1,0 +1,80 @@
+"""The `serving-mlops` console script as users run it: a separate process, real files, real Delta tables."""
+import pandas as pd
+import pytest
+from conftest import cli
+
+from serving_mlops.config import get_environment
+from serving_mlops.data import generate_credit_data
+from serving_mlops.tables import tables_for
+
+COMMANDS = ["env", "generate", "ingest", "tables"]
+
+
+def test_help_explains_every_command():
+    out = cli("--help").stdout
+    for command in COMMANDS:
+        assert command in out
+        sub = cli(command, "--help").stdout
+        assert "--env" in sub, f"{command} has no --env"
+
+
+def test_generate_ingest_and_reingest_is_idempotent(home):
+    cli("generate", "--env", "dev", "--rows", "3000", "--seed", "5", "--bad-fraction", "0.01")
+    out = cli("ingest", "--env", "dev").stdout
+    assert "3000 rows" in out
+    env = get_environment("dev")
+    assert env.root == (home / "dev").resolve()
+    tables = tables_for(env)
+    counts = {n: tables.count(n) for n in tables.list("dev", "credit")}
+    bronze, quarantine = counts["dev.credit.bronze_clients"], counts["dev.credit.quarantine_clients"]
+    silver, statements = counts["dev.credit.silver_clients"], counts["dev.credit.silver_statements"]
+    assert bronze == 3000 and 0 < quarantine < 100
+    assert silver == bronze - quarantine and statements == 6 * silver
+    reasons = tables.read_pandas("dev.credit.quarantine_clients").reason
+    assert reasons.str.contains(r"is not|is outside|is missing|occurs 2 times").all()
+
+    cli("ingest", "--env", "dev")
+    assert {n: tables.count(n) for n in tables.list("dev", "credit")} == counts
+    assert tables.read_pandas("dev.credit.silver_clients").customer_id.is_unique
+
+
+def test_environments_do_not_share_state(home):
+    cli("generate", "--env", "staging", "--rows", "200")
+    cli("ingest", "--env", "staging")
+    assert tables_for(get_environment("staging")).list() == [
+        f"staging.credit.{t}" for t in ("bronze_clients", "quarantine_clients", "silver_clients", "silver_statements")]
+    assert tables_for(get_environment("dev")).list() == []
+    assert "no tables yet" in cli("tables", "--env", "prod").stdout
+
+
+def test_bad_input_is_a_clear_error_and_writes_nothing(home, tmp_path):
+    path = tmp_path / "no_limit.csv"
+    generate_credit_data(50).drop(columns=["LIMIT_BAL"]).to_csv(path, index=False)
+    proc = cli("ingest", "--env", "dev", str(path), check=False)
+    assert proc.returncode == 1
+    assert f"{path}: missing column(s) LIMIT_BAL" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert tables_for(get_environment("dev")).list() == []
+
+    proc = cli("tables", "--env", "qa", check=False)
+    assert proc.returncode == 1 and "unknown environment 'qa'" in proc.stderr
+
+
+def test_too_many_bad_rows_fail_the_ingest(home, tmp_path):
+    path = tmp_path / "dirty.csv"
+    cli("generate", "--env", "prod", "--rows", "1000", "--bad-fraction", "0.2", "--output", str(path))
+    proc = cli("ingest", "--env", "prod", str(path), check=False)
+    assert proc.returncode == 1
+    assert "more than ingest_max_bad_fraction=0.01 of environment 'prod'" in proc.stderr
+    tables = tables_for(get_environment("prod"))
+    assert not tables.exists("prod.credit.silver_clients")
+    assert tables.count("prod.credit.quarantine_clients") > 100
+
+
+def test_parquet_inference_batch(home, tmp_path):
+    path = tmp_path / "batch.parquet"
+    cli("generate", "--env", "dev", "--rows", "300", "--kind", "inference", "--first-id", "100001", "--output", str(path))
+    cli("ingest", "--env", "dev", str(path), "--unlabelled", "--snapshot-date", "2005-11-01")
+    silver = tables_for(get_environment("dev")).read_pandas("dev.credit.silver_clients")
+    assert len(silver) == 300 and silver.default_next_month.isna().all()
+    assert (silver.snapshot_date.astype(str) == "2005-11-01").all()
