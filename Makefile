@@ -24,7 +24,7 @@ $(VENV)/.installed: $(BIN)/python setup.py settings.ini
 	@touch $@
 
 $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
-	$(BIN)/pip install --quiet --progress-bar off -e ".[dev]"
+	$(BIN)/pip install --quiet --progress-bar off -e ".[dev,databricks]"
 	@touch $@ $(VENV)/.installed
 
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
