@@ -30,15 +30,17 @@ $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
 
-demo: $(VENV)/.installed java ## generate data, ingest it, build and publish the feature tables of the local dev workspace
+demo: $(VENV)/.installed java ## generate data, ingest it, build and publish the feature tables, train a model: the local dev workspace
 	$(BIN)/serving-mlops generate --env dev --rows 30000 --seed 42 --bad-fraction 0.01
 	$(BIN)/serving-mlops ingest --env dev
 	$(BIN)/serving-mlops features --env dev
+	$(BIN)/serving-mlops train --env dev --trials 10
 	@echo
 	@echo "Done. Where to look:"
 	@echo "  .mlops/dev/landing/   the generated landing file"
 	@echo "  .mlops/dev/tables/    Delta tables (catalog/schema/table); read them with deltalake, pandas or Spark"
 	@echo "  .mlops/dev/online/    the online feature store (SQLite)"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/dev/mlflow/mlflow.db    runs, metrics and plots"
 	@echo "  $(BIN)/serving-mlops tables --env dev    row counts and versions"
 	@echo "  $(BIN)/serving-mlops --help              every command"
 
