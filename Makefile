@@ -30,11 +30,12 @@ $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
 
-demo: $(VENV)/.installed java ## generate data, ingest it, build and publish the feature tables, train a model: the local dev workspace
+demo: $(VENV)/.installed java ## generate, ingest, build and publish features, train, register and validate: the local dev workspace
 	$(BIN)/serving-mlops generate --env dev --rows 30000 --seed 42 --bad-fraction 0.01
 	$(BIN)/serving-mlops ingest --env dev
 	$(BIN)/serving-mlops features --env dev
 	$(BIN)/serving-mlops train --env dev --trials 10
+	$(BIN)/serving-mlops validate --env dev
 	@echo
 	@echo "Done. Where to look:"
 	@echo "  .mlops/dev/landing/   the generated landing file"
