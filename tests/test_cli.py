@@ -7,7 +7,7 @@ from serving_mlops.config import get_environment
 from serving_mlops.data import generate_credit_data
 from serving_mlops.tables import tables_for
 
-COMMANDS = ["env", "generate", "ingest", "features", "train", "validate", "tables"]
+COMMANDS = ["env", "generate", "ingest", "features", "train", "validate", "promote", "tables"]
 
 
 def test_help_explains_every_command():
@@ -78,3 +78,16 @@ def test_parquet_inference_batch(home, tmp_path):
     silver = tables_for(get_environment("dev")).read_pandas("dev.credit.silver_clients")
     assert len(silver) == 300 and silver.default_next_month.isna().all()
     assert (silver.snapshot_date.astype(str) == "2005-11-01").all()
+
+
+def test_promote_copies_once_and_verifies(home):
+    "The scenario's step 6 from a shell: staging champion -> prod registry, idempotent."
+    for step in (["generate", "--rows", "1500"], ["ingest"], ["features", "--no-publish"], ["train", "--trials", "1"], ["validate", "--latency-budget-ms", "10000"]):
+        cli(step[0], "--env", "staging", *step[1:])
+    first = cli("promote", "--from", "staging", "--env", "prod").stdout
+    assert "staging.credit.default_model version 1 of 'staging' is prod.credit.default_model version 1 of 'prod'" in first
+    assert "identical predictions" in first
+    again = cli("promote", "--from", "staging", "--env", "prod").stdout
+    assert "prod.credit.default_model version 1" in again  # no second copy
+    proc = cli("promote", "--from", "dev", "--env", "prod", check=False)
+    assert proc.returncode == 1 and "no version with alias 'champion'" in proc.stderr
