@@ -1,0 +1,327 @@
+"""The serving runtime as a separate process on 127.0.0.1, driven only through databricks-sdk and HTTP.
+
+One workspace for the module: synthetic clients, feature tables published online, two trained versions of the
+credit model and a small pyfunc model that raises on negative input (to see a model exception answered, not a crash).
+"""
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import cloudpickle
+import httpx
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from databricks.sdk.errors import (InvalidParameterValue, NotFound, PermissionDenied, ResourceAlreadyExists,
+                                   ResourceConflict)
+from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route,
+                                            ServedEntityInput, TrafficConfig)
+from prometheus_client.parser import text_string_to_metric_families
+from scipy.stats import binomtest
+
+from conftest import cli
+from serving_mlops.config import get_environment, workspace_home
+from serving_mlops.feature_store import example_workspace
+from serving_mlops.registry import register_challenger
+from serving_mlops.serving import (server_file, server_info, serving_token, start_server, stop_server,
+                                   wait_exit, workspace_client)
+from serving_mlops.tables import get_spark
+from serving_mlops.train import train
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the server process cannot import this test module
+
+
+class Exploding(mlflow.pyfunc.PythonModel):
+    "Doubles x; raises on negative x."
+    def predict(self, context, model_input, params=None):
+        if (model_input["x"] < 0).any(): raise ValueError("x must be non-negative")
+        return model_input["x"] * 2
+
+
+@pytest.fixture(scope="module")
+def ws():
+    "A workspace with two registered versions, an exploding model, published online tables and a running runtime."
+    env, store = example_workspace(2_000, seed=3, spark=get_spark())
+    for t in ("behaviour_features", "demographic_features"): store.publish_table(env.table_name(t))
+    v1 = register_challenger(env, train(env, n_trials=1, seed=1, store=store, progress=False)).version
+    v2 = register_challenger(env, train(env, n_trials=1, seed=2, store=store, progress=False)).version
+    mlflow.set_tracking_uri(env.tracking_uri)
+    with mlflow.start_run():
+        x = pd.DataFrame({"x": [1.0, 2.0]})
+        mlflow.pyfunc.log_model(name="exploding", python_model=Exploding(), registered_model_name="dev.credit.exploding_model",
+                                signature=mlflow.models.infer_signature(x, x["x"] * 2), pip_requirements=["mlflow"])
+    info = start_server(env)
+    w = workspace_client(env)
+    model = mlflow.pyfunc.load_model(f"models:/{env.var('model_name')}/{v1}")
+    columns = model.unwrap_python_model().feature_spec["model_columns"]
+    online = store.online_store()
+    def features(cid):
+        row = {**online.lookup(env.table_name("behaviour_features"), cid), **online.lookup(env.table_name("demographic_features"), cid)}
+        return {c: float(row[c]) for c in columns}
+    yield {"env": env, "store": store, "v1": str(v1), "v2": str(v2), "url": info["url"], "w": w, "model": model,
+           "columns": columns, "features": features, "token": serving_token(env)}
+    stop_server(env)
+
+
+def entity(ws, version, name=None):
+    return ServedEntityInput(entity_name=ws["env"].var("model_name"), entity_version=version, name=name)
+
+
+def create(ws, name, *entities, routes=None, **kw):
+    "Create an endpoint through the SDK and wait until it is ready."
+    config = EndpointCoreConfigInput(name=name, served_entities=list(entities),
+                                     traffic_config=TrafficConfig(routes=routes) if routes else None)
+    return ws["w"].serving_endpoints.create_and_wait(name, config=config, **kw)
+
+
+def invoke(ws, name, payload, client=None, token=None):
+    "POST an invocation over HTTP; returns the response."
+    headers = {"Authorization": f"Bearer {token or ws['token']}"}
+    client = client or httpx
+    body = payload if isinstance(payload, (bytes, str)) else None
+    return client.post(f"{ws['url']}/serving-endpoints/{name}/invocations", headers=headers,
+                       content=body, json=None if body is not None else payload, timeout=60)
+
+
+def in_process(ws, rows):
+    return ws["model"].predict(pd.DataFrame(rows, columns=ws["columns"]).astype(float))
+
+
+def test_control_plane_create_get_list_update_delete(ws):
+    w, name = ws["w"], "crud"
+    ep = create(ws, name, entity(ws, ws["v1"]), tags=None)
+    assert (ep.state.ready.value, ep.state.config_update.value) == ("READY", "NOT_UPDATING")
+    assert ep.config.served_entities[0].entity_version == ws["v1"] and ep.config.config_version == 1
+    assert ep.config.traffic_config.routes[0].traffic_percentage == 100
+    assert name in [e.name for e in w.serving_endpoints.list()]
+    with pytest.raises(ResourceAlreadyExists, match="already exists"):
+        create(ws, name, entity(ws, ws["v1"]))
+    with pytest.raises(InvalidParameterValue, match="add up to 110%"):
+        w.serving_endpoints.update_config(name, served_entities=[entity(ws, ws["v1"], "a"), entity(ws, ws["v2"], "b")],
+                                          traffic_config=TrafficConfig(routes=[Route(90, served_entity_name="a"), Route(20, served_entity_name="b")]))
+    ep = w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws["v2"])])
+    assert ep.config.served_entities[0].entity_version == ws["v2"] and ep.config.config_version == 2 and ep.pending_config is None
+    gateway = w.serving_endpoints.put_ai_gateway(name, inference_table_config=AiGatewayInferenceTableConfig(
+        catalog_name="dev", schema_name="credit", table_name_prefix="crud", enabled=True))
+    assert gateway.inference_table_config.table_name_prefix == "crud"
+    assert w.serving_endpoints.get(name).ai_gateway.inference_table_config.enabled
+    w.serving_endpoints.delete(name)
+    with pytest.raises(NotFound, match="'crud' does not exist"):
+        w.serving_endpoints.get(name)
+    assert name not in [e.name for e in w.serving_endpoints.list()]
+
+
+def test_invocations_in_all_four_formats_match_in_process_predictions(ws):
+    create(ws, "formats", entity(ws, ws["v1"]))
+    rows = [ws["features"](cid) for cid in (1, 2, 3)]
+    cols = ws["columns"]
+    expected = in_process(ws, rows)
+    payloads = {"dataframe_split": {"columns": cols, "data": [[r[c] for c in cols] for r in rows]},
+                "dataframe_records": rows,
+                "instances": [[r[c] for c in cols] for r in rows],
+                "inputs": {c: [r[c] for r in rows] for c in cols}}
+    for key, data in payloads.items():
+        r = invoke(ws, "formats", {key: data})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["predictions"], expected, rtol=0, atol=1e-12, err_msg=key)
+        assert r.headers["served-model-name"] == f"default_model-{ws['v1']}"
+    q = ws["w"].serving_endpoints.query("formats", dataframe_records=rows)  # the SDK's own parsing of the response
+    np.testing.assert_allclose(q.predictions, expected, atol=1e-12)
+    assert q.served_model_name == f"default_model-{ws['v1']}"
+
+
+def test_key_only_requests_look_features_up_and_request_values_override(ws):
+    create(ws, "keys", entity(ws, ws["v1"]))
+    rows = [ws["features"](cid) for cid in (5, 6)]
+    r = invoke(ws, "keys", {"dataframe_records": [{"customer_id": 5}, {"customer_id": 6}]})
+    assert r.status_code == 200 and "metadata" not in r.json()
+    np.testing.assert_allclose(r.json()["predictions"], in_process(ws, rows), atol=1e-12)
+    override = {**rows[0], "limit_balance": 1_000_000.0, "recent_delay": 4.0}
+    r = invoke(ws, "keys", {"dataframe_records": [{"customer_id": 5, "limit_balance": 1_000_000.0, "recent_delay": 4}]})
+    np.testing.assert_allclose(r.json()["predictions"], in_process(ws, [override]), atol=1e-12)
+    r = invoke(ws, "keys", {"dataframe_records": [{"customer_id": 987654321}]})
+    assert r.status_code == 200
+    missing = r.json()["metadata"]["keys_not_found"]
+    assert {m["table"] for m in missing} == {"dev.credit.behaviour_features", "dev.credit.demographic_features"}
+    assert all(m["key"] == [987654321] for m in missing)
+    nan_row = pd.DataFrame([[np.nan] * len(ws["columns"])], columns=ws["columns"])
+    np.testing.assert_allclose(r.json()["predictions"], ws["model"].predict(nan_row), atol=1e-12)  # imputed like the pipeline does
+
+
+def test_traffic_split_90_10(ws):
+    create(ws, "split", entity(ws, ws["v1"], "old"), entity(ws, ws["v2"], "new"),
+           routes=[Route(90, served_entity_name="old"), Route(10, served_entity_name="new")])
+    n, served = 1_000, []
+    with httpx.Client() as client:
+        for i in range(n):
+            r = invoke(ws, "split", {"dataframe_records": [{"customer_id": 1 + i % 50}]}, client)
+            assert r.status_code == 200
+            served.append(r.headers["served-model-name"])
+    new = served.count("new")
+    assert served.count("old") + new == n
+    assert binomtest(new, n, 0.10).pvalue > 1e-4, f"{new} of {n} requests went to the 10% entity"
+    families = {f.name: f for f in text_string_to_metric_families(ws["w"].serving_endpoints.export_metrics("split").contents.read().decode())}
+    counts = {s.labels["served_entity"]: s.value for s in families["serving_requests"].samples if s.name == "serving_requests_total"}
+    assert counts == {"old": n - new, "new": new}
+    latency = {s.labels["served_entity"]: s.value for s in families["serving_request_latency_seconds"].samples
+               if s.name == "serving_request_latency_seconds_count"}
+    assert latency == counts
+
+
+def test_auth_failures_never_reach_a_model(ws):
+    env = ws["env"]
+    create(ws, "auth", entity(ws, ws["v1"]))
+    ok = {"dataframe_records": [{"customer_id": 1}]}
+    r = httpx.post(f"{ws['url']}/serving-endpoints/auth/invocations", json=ok)
+    assert (r.status_code, r.json()["error_code"]) == (401, "UNAUTHENTICATED")
+    r = invoke(ws, "auth", ok, token="dapi" + "0" * 32)
+    assert (r.status_code, r.json()["error_code"]) == (403, "PERMISSION_DENIED")
+    r = httpx.get(f"{ws['url']}/api/2.0/serving-endpoints", headers={"Authorization": "Basic abc"})
+    assert r.status_code == 403
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.config import Config
+    stranger = WorkspaceClient(config=Config(host=ws["url"], token="dapi-wrong", auth_type="pat", retry_timeout_seconds=5))
+    with pytest.raises(PermissionDenied):
+        list(stranger.serving_endpoints.list())
+    metrics = ws["w"].serving_endpoints.export_metrics("auth").contents.read().decode()
+    assert "serving_requests_total{" not in metrics  # nothing reached a model
+    token_file = env.root / "tokens" / "serving-token"
+    assert oct(token_file.stat().st_mode & 0o777) == "0o600"
+    assert invoke(ws, "auth", ok).status_code == 200
+    assert ws["token"] not in (env.root / "serving" / "server.log").read_text()
+
+
+BAD_INPUTS = [
+    (b"{not json", "not valid JSON"),
+    (b'{"dataframe_records": [{"customer_id": NaN}]}', "NaN and Infinity are not JSON"),
+    (b'{"inputs": {"age": [1e999]}}', "number is infinity"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b"{}", "exactly one of"),
+    (b'{"instances": [[1]], "inputs": {"age": [1]}}', "it has instances, inputs"),
+    (b'{"dataframe_records": [{"age": 30}]}', "missing column(s)"),
+    (b'{"dataframe_records": [{"customer_id": 1, "colour": 3}]}', "unknown column(s) ['colour']"),
+    (b'{"dataframe_records": [{"customer_id": 1, "age": "thirty"}]}', "column 'age' row 0: expected a number or null, got string"),
+    (b'{"dataframe_records": [{"customer_id": 1, "age": [30]}]}', "column 'age' row 0: expected a number or null, got array"),
+    (b'{"dataframe_records": [{"customer_id": null}]}', "key column 'customer_id' row 0"),
+    (b'{"dataframe_split": {"columns": ["customer_id"], "data": [[1, 2]]}}', "dataframe_split.data[0] has 2 values; expected 1"),
+    (b'{"instances": [[1, 2, 3]]}', "instances[0] has 3 values; the model takes 18"),
+    (b'{"inputs": {"customer_id": [1, 2], "age": [3]}}', "different lengths"),
+    (b'{"dataframe_records": 5}', "must be an array of rows"),
+    (b'{"dataframe_records": []}', "has no rows"),
+    (b'{"dataframe_records": [{"customer_id": 1}], "params": [1]}', "params must be an object"),
+    (b'{"dataframe_records": [{"customer_id": 1}], "temperature": 0.5}', "unknown request field(s) ['temperature']"),
+]
+
+
+def test_bad_input_gets_400_naming_the_problem_and_the_server_keeps_serving(ws):
+    create(ws, "bad", entity(ws, ws["v1"]))
+    create(ws, "exploding", ServedEntityInput(entity_name="dev.credit.exploding_model", entity_version="1"))
+    with httpx.Client() as client:
+        for body, message in BAD_INPUTS:
+            r = invoke(ws, "bad", body, client)
+            assert r.status_code == 400, (body, r.status_code, r.text)
+            assert r.json()["error_code"] == "BAD_REQUEST" and message in r.json()["message"], (body, r.json())
+        huge = {"inputs": {"customer_id": list(range(10_001))}}
+        r = invoke(ws, "bad", huge, client)
+        assert r.status_code == 400 and "10001 rows" in r.json()["message"]
+        r = invoke(ws, "nowhere", {"dataframe_records": [{"customer_id": 1}]}, client)
+        assert (r.status_code, r.json()["error_code"]) == (404, "RESOURCE_DOES_NOT_EXIST")
+        r = invoke(ws, "bad", b'{"inputs": {"customer_id": [' + b"1," * (8 * 2**20) + b"1]}}", client)
+        assert r.status_code == 413 and "limit" in r.json()["message"]
+    r = invoke(ws, "exploding", {"dataframe_records": [{"x": -1.0}]})
+    assert r.status_code == 400 and "failed on this input: ValueError: x must be non-negative" in r.json()["message"]
+    assert invoke(ws, "exploding", {"dataframe_records": [{"x": 1.5}]}).json()["predictions"] == [3.0]
+    assert invoke(ws, "bad", {"dataframe_records": [{"customer_id": 1}]}).status_code == 200  # still serving
+    assert server_info(ws["env"]) is not None
+    families = {f.name: f for f in text_string_to_metric_families(ws["w"].serving_endpoints.export_metrics("bad").contents.read().decode())}
+    errors = sum(s.value for s in families["serving_request_errors"].samples if s.name == "serving_request_errors_total")
+    assert errors == len(BAD_INPUTS) + 1  # each bad body once (+ the huge batch); 404 and 413 never reached the endpoint
+    outcomes = (ws["env"].root / "serving" / "requests" / "bad.jsonl").read_text().splitlines()
+    assert len(outcomes) == len(BAD_INPUTS) + 2 and sum('"status_code":200' in o for o in outcomes) == 1
+
+
+def test_config_update_under_load_fails_no_request(ws):
+    w = ws["w"]
+    create(ws, "live", entity(ws, ws["v1"]))
+    stop, results = threading.Event(), []
+    def client_loop(k):
+        with httpx.Client() as client:
+            i = 0
+            while not stop.is_set():
+                r = invoke(ws, "live", {"dataframe_records": [{"customer_id": 1 + (i + k) % 40}]}, client)
+                results.append((r.status_code, r.headers.get("served-model-name")))
+                i += 1
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client_loop, k) for k in range(4)]
+        time.sleep(1)
+        w.serving_endpoints.update_config_and_wait("live", served_entities=[entity(ws, ws["v2"])])
+        time.sleep(1)
+        w.serving_endpoints.update_config_and_wait("live", served_entities=[entity(ws, ws["v1"])])
+        time.sleep(1)
+        stop.set()
+        for f in futures: f.result()
+    statuses = [s for s, _ in results]
+    assert len(statuses) > 50 and set(statuses) == {200}, f"{len([s for s in statuses if s != 200])} failed"
+    served = [m for _, m in results]
+    assert f"default_model-{ws['v2']}" in served and served[-1] == f"default_model-{ws['v1']}"
+
+
+def test_failed_update_keeps_serving_the_old_config_and_a_second_update_is_refused(ws):
+    w = ws["w"]
+    create(ws, "sturdy", entity(ws, ws["v1"]))
+    w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, "999")])
+    with pytest.raises(ResourceConflict, match="config update in progress"):
+        w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws["v2"])])
+    deadline = time.monotonic() + 60
+    while (ep := w.serving_endpoints.get("sturdy")).state.config_update.value == "IN_PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (ep.state.ready.value, ep.state.config_update.value) == ("READY", "UPDATE_FAILED")
+    failed = ep.pending_config.served_entities[0]
+    assert failed.state.deployment.value == "DEPLOYMENT_FAILED" and "cannot load models:/dev.credit.default_model/999" in failed.state.deployment_state_message
+    assert ep.config.served_entities[0].entity_version == ws["v1"]
+    r = invoke(ws, "sturdy", {"dataframe_records": [{"customer_id": 1}]})
+    assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws['v1']}"
+    ep = w.serving_endpoints.update_config_and_wait("sturdy", served_entities=[entity(ws, ws["v2"])])  # a failed update does not block the next
+    assert ep.state.config_update.value == "NOT_UPDATING" and ep.config.served_entities[0].entity_version == ws["v2"]
+
+
+def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoint(ws):
+    env, w = ws["env"], ws["w"]
+    create(ws, "durable", entity(ws, ws["v1"], "one"), entity(ws, ws["v2"], "two"),
+           routes=[Route(50, served_entity_name="one"), Route(50, served_entity_name="two")])
+    before = {e.name for e in w.serving_endpoints.list()}
+    big = {"inputs": {"customer_id": [1 + i % 500 for i in range(5_000)]}}
+    pid = server_info(env)["pid"]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(invoke, ws, "durable", big) for _ in range(3)]
+        time.sleep(0.3)  # the requests are in the server
+        os.kill(pid, signal.SIGTERM)
+        responses = [f.result() for f in futures]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert all(len(r.json()["predictions"]) == 5_000 for r in responses)
+    assert wait_exit(pid, 60) and not server_file(env).exists()
+    info = start_server(env)
+    ws["url"] = info["url"]
+    ws["w"] = w = workspace_client(env)
+    assert {e.name for e in w.serving_endpoints.list()} == before
+    ep = w.serving_endpoints.wait_get_serving_endpoint_not_updating("durable")
+    assert ep.state.ready.value == "READY" and [r.traffic_percentage for r in ep.config.traffic_config.routes] == [50, 50]
+    r = invoke(ws, "durable", {"dataframe_records": [{"customer_id": 7}]})
+    assert r.status_code == 200 and r.headers["served-model-name"] in ("one", "two")
+
+
+def test_cli_serve_background_endpoints_and_stop(home):
+    env = get_environment("staging")
+    out = cli("serve", "--env", "staging", "--background", "--port", "0").stdout
+    info = server_info(env)
+    assert info is not None and info["url"] in out and "serving-token" in out
+    assert "no serving endpoints in environment 'staging'" in cli("endpoints", "--env", "staging").stdout
+    assert "stopped" in cli("serve", "--env", "staging", "--stop").stdout
+    assert server_info(env) is None
+    r = cli("endpoints", "--env", "staging", check=False)
+    assert r.returncode == 1 and "serving-mlops serve --env staging --background" in r.stderr
+    assert "Serve the environment's endpoints" in cli("serve", "--help").stdout
