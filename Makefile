@@ -30,12 +30,14 @@ $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
 
-demo: $(VENV)/.installed java ## generate, ingest, build and publish features, train, register and validate: the local dev workspace
+demo: $(VENV)/.installed java ## generate, ingest, features, train, validate, then deploy to a local serving endpoint and test it: the dev workspace
 	$(BIN)/serving-mlops generate --env dev --rows 30000 --seed 42 --bad-fraction 0.01
 	$(BIN)/serving-mlops ingest --env dev
 	$(BIN)/serving-mlops features --env dev
 	$(BIN)/serving-mlops train --env dev --trials 10
 	$(BIN)/serving-mlops validate --env dev
+	$(BIN)/serving-mlops deploy --env dev
+	$(BIN)/serving-mlops query --env dev -c 1 -c 2 -c 3
 	@echo
 	@echo "Done. Where to look:"
 	@echo "  .mlops/dev/landing/   the generated landing file"
@@ -43,6 +45,8 @@ demo: $(VENV)/.installed java ## generate, ingest, build and publish features, t
 	@echo "  .mlops/dev/online/    the online feature store (SQLite)"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/dev/mlflow/mlflow.db    runs, metrics and plots"
 	@echo "  $(BIN)/serving-mlops tables --env dev    row counts and versions"
+	@echo "  $(BIN)/serving-mlops endpoints --env dev serving endpoints (runtime at http://127.0.0.1:8711, log in .mlops/dev/serving/)"
+	@echo "  $(BIN)/serving-mlops serve --env dev --stop   stop the serving runtime (it keeps running after the demo)"
 	@echo "  $(BIN)/serving-mlops --help              every command"
 
 test: $(VENV)/.installed-dev java ## nbdev_test (the notebooks) and pytest (CLI, processes, end to end)

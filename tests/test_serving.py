@@ -320,6 +320,8 @@ def test_cli_serve_background_endpoints_and_stop(home):
     info = server_info(env)
     assert info is not None and info["url"] in out and "serving-token" in out
     assert "no serving endpoints in environment 'staging'" in cli("endpoints", "--env", "staging").stdout
+    r = cli("query", "--env", "staging", "-c", "1", check=False)
+    assert r.returncode == 1 and "serving endpoint 'credit-default-staging' does not exist" in r.stderr
     assert "stopped" in cli("serve", "--env", "staging", "--stop").stdout
     assert server_info(env) is None
     r = cli("endpoints", "--env", "staging", check=False)
