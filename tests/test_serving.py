@@ -270,23 +270,26 @@ def test_config_update_under_load_fails_no_request(ws):
     assert f"default_model-{ws['v2']}" in served and served[-1] == f"default_model-{ws['v1']}"
 
 
-def test_failed_update_keeps_serving_the_old_config_and_a_second_update_is_refused(ws):
+def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config(ws):
     w = ws["w"]
     create(ws, "sturdy", entity(ws, ws["v1"]))
-    w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, "999")])
+    w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws["v2"])])  # loading takes a while
     with pytest.raises(ResourceConflict, match="config update in progress"):
-        w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws["v2"])])
+        w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws["v1"])])
+    ep = w.serving_endpoints.wait_get_serving_endpoint_not_updating("sturdy")
+    assert ep.config.served_entities[0].entity_version == ws["v2"]
+    w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, "999")])
     deadline = time.monotonic() + 60
     while (ep := w.serving_endpoints.get("sturdy")).state.config_update.value == "IN_PROGRESS" and time.monotonic() < deadline:
         time.sleep(0.2)
     assert (ep.state.ready.value, ep.state.config_update.value) == ("READY", "UPDATE_FAILED")
     failed = ep.pending_config.served_entities[0]
     assert failed.state.deployment.value == "DEPLOYMENT_FAILED" and "cannot load models:/dev.credit.default_model/999" in failed.state.deployment_state_message
-    assert ep.config.served_entities[0].entity_version == ws["v1"]
+    assert ep.config.served_entities[0].entity_version == ws["v2"]
     r = invoke(ws, "sturdy", {"dataframe_records": [{"customer_id": 1}]})
-    assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws['v1']}"
-    ep = w.serving_endpoints.update_config_and_wait("sturdy", served_entities=[entity(ws, ws["v2"])])  # a failed update does not block the next
-    assert ep.state.config_update.value == "NOT_UPDATING" and ep.config.served_entities[0].entity_version == ws["v2"]
+    assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws['v2']}"
+    ep = w.serving_endpoints.update_config_and_wait("sturdy", served_entities=[entity(ws, ws["v1"])])  # a failed update does not block the next
+    assert ep.state.config_update.value == "NOT_UPDATING" and ep.config.served_entities[0].entity_version == ws["v1"]
 
 
 def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoint(ws):
