@@ -1,0 +1,466 @@
+"""One-row scoring latency and throughput of our serving runtime against `mlflow models serve` and in-process pyfunc.
+
+The same registered model version, the same payloads and the same HTTP client for both servers.
+
+Run: .venv/bin/python benchmarks/serving_latency.py [--requests 500] [--seconds 10] [--customers 300] [--omp-threads 1]
+
+What it does, in one run (about 2-3 minutes with the defaults on 2 cores):
+- builds a throwaway local workspace (synthetic clients; feature tables published to the online store), trains a
+  model (3 Optuna trials) and registers it: models:/<model_name>/<version> is what every contender serves;
+- starts our runtime (`serving_mlops.serving.start_server`, one endpoint serving that version) and
+  `mlflow models serve --env-manager local` (1 uvicorn worker, its default), both on 127.0.0.1;
+- one-row latency, sequential calls (50 warm-up, then 500 each) for (a) our runtime with all 18 features in the
+  request, (b) our runtime with only `{"customer_id": id}` (features looked up in the online store), (c) mlflow serve
+  with all features (byte-for-byte the request bodies of (a)), each on its own keep-alive `httpx.Client`, and
+  (d) in-process `mlflow.pyfunc.load_model(uri).predict(one_row_df)` (no HTTP). The four take turns in chunks of
+  50 calls, so that a change in background load on the machine hits them alike;
+- throughput with 8 and 32 concurrent clients (threads, each its own keep-alive `httpx.Client`; the same code for
+  both servers), with the CPU used by the client, the server and everything else on the machine, and the runtime's
+  Prometheus histogram `serving_model_batch_rows` (rows per model call, i.e. micro-batching under concurrency);
+- checks that every response is a 200 whose prediction equals in-process `pyfunc.predict` of the same row within
+  1e-9, counts errors and mismatches, and prints Markdown tables with PASS/MISS against the targets:
+  runtime p50 <= 0.5 x mlflow serve p50; runtime throughput >= 3 x mlflow serve at 8 clients; runtime p50 at most
+  1 ms above in-process pyfunc; key-only p50 at most 0.3 ms above features-in-request p50.
+
+Both servers and the client share this machine's cores, so absolute numbers depend on it and on whatever else runs
+(the "other CPU" figures show that); the ratios are the point. `--omp-threads N` exports OMP_NUM_THREADS=N to this
+process and both servers (a diagnostic: the default leaves the environment as it is). Exit status 1 if any request
+failed or any prediction differed.
+"""
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+import pandas as pd
+
+TOLERANCE = 1e-9
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def say(message: str):
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- CPU time of processes (Linux /proc), to see who is busy during a throughput run ---
+
+def _cpu_seconds(pid: int) -> float:
+    try: fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError): return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def _children(pid: int) -> list:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try: out += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError): pass
+    return out
+
+
+def process_tree(pid: int) -> list:
+    "`pid` and its descendants."
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo += _children(p)
+    return seen
+
+
+def cpu_seconds(pids: list) -> float: return sum(_cpu_seconds(p) for p in pids)
+
+
+def busy_seconds() -> float:
+    "CPU seconds all processes of the machine have used (all cores), from /proc/stat."
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:3]) + sum(fields[5:8])) / CLOCK_TICKS  # user nice system, irq softirq steal
+
+
+class CpuMeter:
+    "CPU use (in cores) during a phase: this process (the client), the servers' process trees and everything else."
+    def __init__(self, servers: dict):
+        self.servers = servers  # name -> pids
+
+    def __enter__(self):
+        self.start = (time.perf_counter(), time.process_time(), busy_seconds(), {n: cpu_seconds(p) for n, p in self.servers.items()})
+        return self
+
+    def __exit__(self, *exc):
+        wall, client, busy, servers = self.start
+        wall = time.perf_counter() - wall
+        self.client = (time.process_time() - client) / wall
+        self.server = {n: (cpu_seconds(p) - servers[n]) / wall for n, p in self.servers.items()}
+        self.other = max(0.0, (busy_seconds() - busy) / wall - self.client - sum(self.server.values()))
+
+
+# --- the client: identical code for both servers ---
+
+def check(response: httpx.Response, expected: float) -> str | None:
+    "None if `response` is a 200 with one prediction equal to `expected`, else what is wrong."
+    if response.status_code != 200: return f"HTTP {response.status_code}: {response.text[:200]}"
+    try: predictions = orjson.loads(response.content)["predictions"]
+    except (orjson.JSONDecodeError, TypeError, KeyError): return f"HTTP 200 without predictions: {response.text[:200]}"
+    if isinstance(predictions, dict): predictions = next(iter(predictions.values()))  # (a named-output model)
+    if not isinstance(predictions, list) or len(predictions) != 1: return f"unexpected predictions {predictions!r:.200}"
+    got = predictions[0]
+    if isinstance(got, dict): got = next(iter(got.values()))
+    if not isinstance(got, (int, float)) or abs(got - expected) > TOLERANCE: return f"prediction {got!r} != {expected!r}"
+    return None
+
+
+class Tally:
+    "Errors (non-200 or transport) and mismatching predictions, with the first few messages."
+    def __init__(self):
+        self.errors, self.mismatches, self.samples, self.lock = 0, 0, [], threading.Lock()
+
+    def add(self, problem: str):
+        with self.lock:
+            if problem.startswith(("HTTP", "transport")): self.errors += 1
+            else: self.mismatches += 1
+            if len(self.samples) < 3: self.samples.append(problem)
+
+    def merge(self, other: "Tally"):
+        self.errors += other.errors; self.mismatches += other.mismatches
+        self.samples += other.samples[:3 - len(self.samples)]
+
+
+def post(client: httpx.Client, url: str, body: bytes, expected: float, tally: Tally) -> bool:
+    try: response = client.post(url, content=body)
+    except httpx.HTTPError as e: tally.add(f"transport {type(e).__name__}: {e}"); return False
+    problem = check(response, expected)
+    if problem: tally.add(problem)
+    return problem is None
+
+
+class HttpTarget:
+    "One-row requests to `url` on one keep-alive client."
+    def __init__(self, url: str, headers: dict, bodies: list, expected: list):
+        self.client, self.url, self.bodies, self.expected = httpx.Client(headers=headers, timeout=30), url, bodies, expected
+
+    def __call__(self, k: int, tally: Tally): post(self.client, self.url, self.bodies[k], self.expected[k], tally)
+
+    def close(self): self.client.close()
+
+
+class PyfuncTarget:
+    "In-process `pyfunc.predict` of one-row frames (no HTTP)."
+    def __init__(self, pyfunc, frames: list, expected: list):
+        self.pyfunc, self.frames, self.expected = pyfunc, frames, expected
+
+    def __call__(self, k: int, tally: Tally):
+        got = float(np.asarray(self.pyfunc.predict(self.frames[k])).ravel()[0])
+        if abs(got - self.expected[k]) > TOLERANCE: tally.add(f"prediction {got!r} != {self.expected[k]!r}")
+
+    def close(self): pass
+
+
+def sequential(targets: dict, n: int, requests: int, warmup: int, chunk: int) -> tuple[dict, dict]:
+    """Latencies (µs) of `requests` one-row calls per target, one call at a time, after `warmup` calls each.
+    Targets take turns in chunks of `chunk` calls (the order rotating each round), so that a change of background load
+    on the machine affects them alike, while each target still sees runs of back-to-back requests."""
+    latencies, tallies = {label: [] for label in targets}, {label: Tally() for label in targets}
+    for label, call in targets.items():
+        for i in range(warmup): call(i % n, Tally())
+    labels, done, rnd = list(targets), 0, 0
+    while done < requests:
+        size = min(chunk, requests - done)
+        for label in labels[rnd % len(labels):] + labels[:rnd % len(labels)]:
+            call, out, tally = targets[label], latencies[label], tallies[label]
+            for i in range(done, done + size):
+                k = (warmup + i) % n
+                start = time.perf_counter_ns()
+                call(k, tally)
+                out.append((time.perf_counter_ns() - start) / 1000)
+        done += size; rnd += 1
+    return latencies, tallies
+
+
+def concurrent(url: str, headers: dict, bodies: list, expected: list, clients: int, seconds: float, warmup: float,
+               meter: CpuMeter, server: str) -> dict:
+    "Requests/s of `clients` threads (each its own keep-alive client) sending one-row requests back to back."
+    begin = time.perf_counter() + warmup
+    end = begin + seconds
+    counts, latencies, tallies = [0] * clients, [[] for _ in range(clients)], [Tally() for _ in range(clients)]
+
+    def worker(i: int):
+        with httpx.Client(headers=headers, timeout=60) as client:
+            k = i * 7919
+            while True:
+                j = k % len(bodies); k += 1
+                start = time.perf_counter()
+                ok = post(client, url, bodies[j], expected[j], tallies[i] if start >= begin else Tally())
+                done = time.perf_counter()
+                if done >= end: break
+                if start >= begin:
+                    counts[i] += ok
+                    latencies[i].append((done - start) * 1e6)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads: t.start()
+    time.sleep(max(0.0, begin - time.perf_counter()))
+    with meter: time.sleep(max(0.0, end - time.perf_counter()))
+    for t in threads: t.join()
+    tally = Tally()
+    for t in tallies: tally.merge(t)
+    return {"rps": sum(counts) / seconds, "ok": sum(counts), "latencies": [x for l in latencies for x in l], "tally": tally,
+            "client_cpu": meter.client, "server_cpu": meter.server[server], "other_cpu": meter.other + sum(
+                v for n, v in meter.server.items() if n != server)}
+
+
+# --- the runtime's Prometheus metrics ---
+
+def batch_rows(base_url: str, endpoint: str, headers: dict) -> tuple[float, float]:
+    "(sum, count) of the endpoint's serving_model_batch_rows histogram (rows per model call)."
+    text = httpx.get(f"{base_url}/api/2.0/serving-endpoints/{endpoint}/metrics", headers=headers, timeout=30).text
+    total = {"sum": 0.0, "count": 0.0}
+    for kind, value in re.findall(r"^serving_model_batch_rows_(sum|count)\{[^}]*\} (\S+)$", text, re.M):
+        total[kind] += float(value)
+    return total["sum"], total["count"]
+
+
+def percentiles(us: list) -> tuple[float, float]:
+    q = statistics.quantiles(us, n=100)
+    return q[49], q[98]
+
+
+# --- mlflow models serve ---
+
+def start_mlflow_serve(uri: str, env, port: int, workers: int, log_path: Path) -> subprocess.Popen:
+    "`mlflow models serve` of `uri` in its own session (so that it and its uvicorn child stop together)."
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` runs `uvicorn` from PATH
+    environ = {**os.environ, "MLFLOW_TRACKING_URI": env.tracking_uri, "MLFLOW_REGISTRY_URI": env.registry_uri,
+               "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+               "-p", str(port), "-h", "127.0.0.1", "--workers", str(workers)]
+    with open(log_path, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ,
+                                start_new_session=True)
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float = 180) -> float:
+    "Seconds until GET `url` answers 200."
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow models serve exited with status {proc.returncode}:\n{log_path.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200: return time.monotonic() - start
+        except httpx.HTTPError: pass
+        time.sleep(0.2)
+    raise TimeoutError(f"mlflow models serve did not answer {url} within {timeout:g} s; see {log_path}")
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 15):
+    "SIGTERM the session we started for `proc` (mlflow and its uvicorn child), SIGKILL after `timeout`."
+    if proc.poll() is None:
+        try: os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError: return
+        try: proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL); proc.wait()
+    try: os.killpg(proc.pid, 0)  # a child may outlive its parent: make sure the group is gone
+    except ProcessLookupError: return
+    time.sleep(1)
+    try: os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError: pass
+
+
+# --- the benchmark ---
+
+def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seconds: float, warmup_seconds: float,
+         trials: int, concurrency: list, payload: str, mlflow_workers: int, omp_threads: int | None, keep: bool):
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    if omp_threads:  # before scikit-learn loads OpenMP; inherited by both servers
+        os.environ["OMP_NUM_THREADS"] = str(omp_threads)
+    wall_start = time.perf_counter()
+    import mlflow
+    from serving_mlops.feature_store import example_workspace
+    from serving_mlops.registry import register_challenger
+    from serving_mlops.serving import serving_token, start_server, stop_server, workspace_client
+    from serving_mlops.tables import get_spark
+    from serving_mlops.train import train
+
+    say(f"building a throwaway workspace with {rows:,} clients (Spark) ...")
+    spark = get_spark()
+    env, store = example_workspace(rows, seed=3, spark=spark)
+    mlflow_proc, runtime_started, endpoint = None, False, "bench"
+    try:
+        tables = [env.table_name("behaviour_features"), env.table_name("demographic_features")]
+        for t in tables: store.publish_table(t)
+        say(f"training ({trials} trials) and registering the model ...")
+        version = register_challenger(env, train(env, n_trials=trials, seed=1, store=store, progress=False)).version
+        model_name = env.var("model_name")
+        uri = f"models:/{model_name}/{version}"
+        online = store.online_store()
+        spark.stop()  # nothing below needs Spark: free its CPU and memory for the servers
+        say(f"model {uri} in {time.perf_counter() - wall_start:.0f} s; starting both servers ...")
+
+        mlflow_port = free_port()
+        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
+        log_path = env.path("serving", create=True) / "mlflow-serve.log"
+        mlflow_proc = start_mlflow_serve(uri, env, mlflow_port, mlflow_workers, log_path)
+        info = start_server(env)
+        runtime_started = True
+        from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput
+        w = workspace_client(env)
+        w.serving_endpoints.create_and_wait(endpoint, config=EndpointCoreConfigInput(
+            name=endpoint, served_entities=[ServedEntityInput(entity_name=model_name, entity_version=str(version))]))
+        auth = {"Authorization": f"Bearer {serving_token(env)}"}
+        headers = {**auth, "Content-Type": "application/json"}
+        runtime_url = f"{info['url']}/serving-endpoints/{endpoint}/invocations"
+        say(f"runtime at {info['url']} (pid {info['pid']}), endpoint '{endpoint}' ready")
+
+        # rows of features from the online store, and in-process predictions as the reference
+        mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
+        pyfunc = mlflow.pyfunc.load_model(uri)
+        columns = list(pyfunc.unwrap_python_model().feature_spec["model_columns"])
+        ids, records = [], []
+        for cid in range(1, customers + 1):
+            found = [online.lookup(t, cid) for t in tables]
+            if any(f is None for f in found): continue
+            merged = {k: v for f in found for k, v in f.items()}
+            records.append({c: None if merged[c] is None else float(merged[c]) for c in columns})
+            ids.append(cid)
+        if not ids: raise RuntimeError(f"none of customers 1..{customers} is in the online store")
+        frames = [pd.DataFrame([r], columns=columns).astype("float64") for r in records]
+        expected = [float(np.asarray(pyfunc.predict(f)).ravel()[0]) for f in frames]
+        if payload == "split":
+            feature_bodies = [orjson.dumps({"dataframe_split": {"columns": columns, "data": [[r[c] for c in columns]]}}) for r in records]
+        else:
+            feature_bodies = [orjson.dumps({"dataframe_records": [r]}) for r in records]
+        key_bodies = [orjson.dumps({"dataframe_records": [{"customer_id": cid}]}) for cid in ids]
+        nulls = sum(v is None for r in records for v in r.values())
+        say(f"{len(ids)} customers, {len(columns)} feature columns ({nulls} null values), payload dataframe_{payload} "
+            f"of {statistics.mean(map(len, feature_bodies)):.0f} bytes (key-only {statistics.mean(map(len, key_bodies)):.0f})")
+
+        ready = wait_ready(mlflow_proc, f"{mlflow_url}/ping", log_path)
+        mlflow_invocations = f"{mlflow_url}/invocations"
+        say(f"mlflow models serve at {mlflow_url} answered /ping {ready:.1f} s after launch (pid {mlflow_proc.pid})")
+        runtime_pids = process_tree(info["pid"])
+        mlflow_pids = process_tree(mlflow_proc.pid)
+
+        servers = {"runtime": runtime_pids, "mlflow": mlflow_pids}
+
+        # 1. one-row latency, sequential
+        targets = {"runtime, features in request": HttpTarget(runtime_url, headers, feature_bodies, expected),
+                   "runtime, key only (online lookup)": HttpTarget(runtime_url, headers, key_bodies, expected),
+                   "mlflow models serve, features in request": HttpTarget(mlflow_invocations, headers, feature_bodies, expected),
+                   "in-process pyfunc.predict (no HTTP)": PyfuncTarget(pyfunc, frames, expected)}
+        say(f"latency: {warmup} warm-up + {requests} sequential one-row calls for each of {len(targets)} targets, "
+            f"taking turns in chunks of {chunk} ...")
+        try:
+            with CpuMeter(servers) as latency_cpu:
+                latency, tallies = sequential(targets, len(ids), requests, warmup, chunk)
+        finally:
+            for t in targets.values(): t.close()
+
+        # 2. throughput under concurrency
+        throughput = {}
+        for clients in concurrency:
+            for name, url in (("runtime", runtime_url), ("mlflow", mlflow_invocations)):
+                say(f"throughput: {name}, {clients} concurrent clients, {warmup_seconds:g} s warm-up + {seconds:g} s ...")
+                before = batch_rows(info["url"], endpoint, auth) if name == "runtime" else None
+                r = concurrent(url, headers, feature_bodies, expected, clients, seconds, warmup_seconds, CpuMeter(servers), name)
+                if before is not None:
+                    after = batch_rows(info["url"], endpoint, auth)
+                    calls = after[1] - before[1]
+                    r["batch_rows"] = (after[0] - before[0]) / calls if calls else float("nan")  # warm-up included
+                throughput[name, clients] = r
+        total_rows, total_calls = batch_rows(info["url"], endpoint, auth)
+    finally:
+        if mlflow_proc is not None:
+            say("stopping mlflow models serve ...")
+            stop_process_group(mlflow_proc)
+        if runtime_started:
+            say("stopping the runtime ...")
+            stop_server(env)
+        home = Path(env.root).parent
+        if not keep and home.name.startswith("serving-mlops-") and Path(tempfile.gettempdir()) in home.parents:
+            shutil.rmtree(home, ignore_errors=True)
+        elif keep: say(f"workspace kept at {home}")
+
+    # --- results ---
+    print(f"\n{len(ids)} customers cycling, one row per request, model {uri} (sklearn HistGradientBoosting pipeline, "
+          f"{len(columns)} features), mlflow {mlflow.__version__}, {os.cpu_count()} cores shared by client and servers; "
+          f"mlflow models serve with {mlflow_workers} uvicorn worker(s); OMP_NUM_THREADS "
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}.\n")
+    print("| one-row latency (sequential, keep-alive) | p50 | p99 | errors | mismatches |\n|---|---|---|---|---|")
+    for label, us in latency.items():
+        p50, p99 = percentiles(us)
+        print(f"| {label} | {p50 / 1000:.2f} ms | {p99 / 1000:.2f} ms | {tallies[label].errors} | {tallies[label].mismatches} |")
+    print(f"\nCPU during the latency runs (1.0 = one core): client {latency_cpu.client:.2f}, runtime {latency_cpu.server['runtime']:.2f}, "
+          f"mlflow serve {latency_cpu.server['mlflow']:.2f}, other processes on the machine {latency_cpu.other:.2f}")
+    print(f"\n| throughput, features in request ({seconds:g} s each) | requests/s | p50 | p99 | client CPU | server CPU | server CPU per request | other CPU | rows per model call | errors | mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (name, clients), r in throughput.items():
+        p50, p99 = percentiles(r["latencies"]) if len(r["latencies"]) > 1 else (float("nan"), float("nan"))
+        batch = f"{r['batch_rows']:.2f}" if "batch_rows" in r else "n/a"
+        per_request = f"{r['server_cpu'] / r['rps'] * 1000:.1f} ms" if r["rps"] else "n/a"
+        print(f"| {'runtime' if name == 'runtime' else 'mlflow models serve'}, {clients} clients | {r['rps']:,.0f} | {p50 / 1000:.2f} ms | "
+              f"{p99 / 1000:.2f} ms | {r['client_cpu']:.2f} | {r['server_cpu']:.2f} | {per_request} | {r['other_cpu']:.2f} | {batch} | {r['tally'].errors} | {r['tally'].mismatches} |")
+    print(f"\nserving_model_batch_rows over the whole run: {total_rows:,.0f} rows in {total_calls:,.0f} model calls, "
+          f"mean {total_rows / total_calls if total_calls else float('nan'):.2f} rows per call")
+
+    p50 = {label: percentiles(us)[0] / 1000 for label, us in latency.items()}
+    ours, keyed = p50["runtime, features in request"], p50["runtime, key only (online lookup)"]
+    theirs, inproc = p50["mlflow models serve, features in request"], p50["in-process pyfunc.predict (no HTTP)"]
+    c = 8 if 8 in concurrency else concurrency[0]
+    ratio_rps = throughput["runtime", c]["rps"] / throughput["mlflow", c]["rps"] if throughput["mlflow", c]["rps"] else float("inf")
+    goals = [
+        ("runtime p50 / mlflow serve p50", f"{ours / theirs:.2f}", "<= 0.5", ours / theirs <= 0.5),
+        (f"runtime throughput / mlflow serve throughput, {c} clients", f"{ratio_rps:.2f}x", ">= 3x", ratio_rps >= 3),
+        ("runtime p50 - in-process pyfunc p50", f"{ours - inproc:+.2f} ms", "<= 1 ms", ours - inproc <= 1),
+        ("runtime key-only p50 - features p50", f"{keyed - ours:+.2f} ms", "<= 0.3 ms", keyed - ours <= 0.3)]
+    for other in concurrency:
+        if other != c:
+            r = throughput["runtime", other]["rps"] / throughput["mlflow", other]["rps"] if throughput["mlflow", other]["rps"] else float("inf")
+            goals.append((f"runtime throughput / mlflow serve throughput, {other} clients", f"{r:.2f}x", "(no target)", None))
+    print("\n| target | measured | goal | result |\n|---|---|---|---|")
+    for name, measured, goal, ok in goals:
+        print(f"| {name} | {measured} | {goal} | {'—' if ok is None else 'PASS' if ok else 'MISS'} |")
+    problems = {label: t for label, t in tallies.items() if t.errors or t.mismatches}
+    problems.update({f"{n}, {k} clients": r["tally"] for (n, k), r in throughput.items() if r["tally"].errors or r["tally"].mismatches})
+    for label, t in problems.items(): print(f"\n{label}: {t.errors} errors, {t.mismatches} mismatches, e.g. {t.samples}")
+    print(f"\nwhole run: {time.perf_counter() - wall_start:.0f} s")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=5_000, help="synthetic clients in the throwaway workspace")
+    parser.add_argument("--customers", type=int, default=300, help="distinct customer ids (1..N) the requests cycle through")
+    parser.add_argument("--requests", type=int, default=500, help="sequential requests per latency measurement")
+    parser.add_argument("--warmup", type=int, default=50, help="warm-up requests before each latency measurement")
+    parser.add_argument("--chunk", type=int, default=50, help="latency targets take turns every CHUNK requests")
+    parser.add_argument("--seconds", type=float, default=10, help="duration of each throughput measurement")
+    parser.add_argument("--warmup-seconds", type=float, default=1, help="warm-up before each throughput measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32], help="concurrent clients (threads)")
+    parser.add_argument("--trials", type=int, default=3, help="Optuna trials when training the model")
+    parser.add_argument("--payload", choices=["split", "records"], default="split",
+                        help="format of the feature requests, sent identically to both servers: dataframe_split or dataframe_records")
+    parser.add_argument("--mlflow-workers", type=int, default=1, help="uvicorn workers of mlflow models serve (its default is 1)")
+    parser.add_argument("--omp-threads", type=int, default=None,
+                        help="set OMP_NUM_THREADS for this process and both servers (diagnostic; default: leave it unset)")
+    parser.add_argument("--keep", action="store_true", help="keep the throwaway workspace (logs, request logs) for inspection")
+    args = parser.parse_args()
+    sys.exit(main(args.rows, args.customers, args.requests, args.warmup, args.chunk, args.seconds, args.warmup_seconds,
+                  args.trials, args.concurrency, args.payload, args.mlflow_workers, args.omp_threads, args.keep))
