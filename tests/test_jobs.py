@@ -6,7 +6,7 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 import pytest
-from conftest import ROOT
+from conftest import ROOT, cli
 
 from serving_mlops.config import get_environment
 from serving_mlops.data import write_credit_data
@@ -48,3 +48,48 @@ def test_spark_reads_what_ingest_wrote(home):
     assert dict(silver.dtypes)["customer_id"] == "bigint" and dict(silver.dtypes)["snapshot_date"] == "date"
     joined = tables.read_spark("dev.credit.silver_statements", spark=spark).join(silver, ["customer_id", "snapshot_date"])
     assert joined.count() == 12000
+
+
+def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependents(home):
+    staging = get_environment("staging")
+    write_credit_data(Path(staging.landing_dir) / "clients.csv", 400, seed=3, progress=False, bad_fraction=0.3)
+    r = cli("jobs", "run", "model_build", "--env", "staging", check=False)
+    assert r.returncode == 1
+    assert "job model_build failed in task 'ingest': cell" in r.stderr and "of 03_ingest.ipynb raised IngestError" in r.stderr
+    (run_dir,) = (staging.root / "jobs" / "model_build").iterdir()
+    run = json.loads((run_dir / "run.json").read_text())
+    assert [(t["key"], t["state"]) for t in run["tasks"]] == [("ingest", "FAILED"), ("features", "SKIPPED"), ("train", "SKIPPED"), ("validate", "SKIPPED")]
+    assert (run_dir / "ingest.ipynb").exists()  # the executed notebook, with the error in its outputs
+
+
+@pytest.mark.timeout(1800)
+def test_build_deploy_promote_loop_with_local_jobs(home):
+    "Steps 2-7 of the scenario, offline: model_build and deploy_serving_endpoint in staging, promote into prod."
+    from serving_mlops.registry import alias_version
+    from serving_mlops.serving import stop_server, workspace_client
+    staging, prod = get_environment("staging"), get_environment("prod")
+    write_credit_data(Path(staging.landing_dir) / "clients.csv", 3000, seed=3, progress=False)
+    try:
+        out = cli("jobs", "run", "model_build", "--env", "staging", "-p", "n_trials=1").stdout
+        assert "job model_build in staging" in out and "validate: SUCCESS" in out and "{'model_version': '1'}" in out
+        (run_dir,) = (staging.root / "jobs" / "model_build").iterdir()
+        assert sorted(p.name for p in run_dir.glob("*.ipynb")) == ["features.ipynb", "ingest.ipynb", "train.ipynb", "validate.ipynb"]
+        assert int(alias_version(staging, "champion").version) == 1
+        cli("jobs", "run", "deploy_serving_endpoint", "--env", "staging")
+        ep = workspace_client(staging).serving_endpoints.get("credit-default-staging")
+        assert ep.state.ready.value == "READY" and ep.config.served_entities[0].entity_version == "1"
+        write_credit_data(Path(prod.landing_dir) / "clients.csv", 3000, seed=4, progress=False)  # production's own data
+        cli("ingest", "--env", "prod"); cli("features", "--env", "prod")  # and its features, published online
+        out = cli("jobs", "run", "promote", "--env", "prod").stdout
+        assert "copy: SUCCESS" in out and "deploy: SUCCESS" in out
+        copy = registry_version(prod, 1)
+        assert copy.tags["source_environment"] == "staging" and copy.tags["source_version"] == "1"
+        out = cli("query", "--env", "prod", "-c", "1", "-c", "2").stdout
+        assert "customer 1: probability of default" in out and "served by default_model-1 of endpoint credit-default-prod" in out
+    finally:
+        stop_server(staging); stop_server(prod)
+
+
+def registry_version(env, version):
+    from serving_mlops.registry import registry_client
+    return registry_client(env).get_model_version(env.var("model_name"), str(version))
