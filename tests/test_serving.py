@@ -42,6 +42,13 @@ class Exploding(mlflow.pyfunc.PythonModel):
         return model_input["x"] * 2
 
 
+class Slow(mlflow.pyfunc.PythonModel):
+    "A worse version: right columns, 40 ms per call."
+    def predict(self, context, model_input, params=None):
+        time.sleep(0.04)
+        return np.full(len(model_input), 0.5)
+
+
 @pytest.fixture(scope="module")
 def ws():
     "A workspace with two registered versions, an exploding model, published online tables and a running runtime."
@@ -330,3 +337,38 @@ def test_cli_serve_background_endpoints_and_stop(home):
     r = cli("endpoints", "--env", "staging", check=False)
     assert r.returncode == 1 and "serving-mlops serve --env staging --background" in r.stderr
     assert "Serve the environment's endpoints" in cli("serve", "--help").stdout
+
+
+def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws):
+    from serving_mlops.deploy import DeploymentFailed, canary, deploy
+    env, w = ws["env"], ws["w"]
+    name = env.var("endpoint_name")
+    deploy(env, ws["v1"], client=w)
+    mlflow.set_tracking_uri(env.tracking_uri)
+    rows = pd.DataFrame([ws["features"](cid) for cid in range(1, 6)])
+    with mlflow.start_run():
+        slow = mlflow.pyfunc.log_model(name="slow", python_model=Slow(), registered_model_name=env.var("model_name"),
+                                       signature=mlflow.models.infer_signature(rows, np.zeros(len(rows))), pip_requirements=["mlflow"])
+    slow_version = str(slow.registered_model_version)
+    stop, statuses = threading.Event(), []
+    def traffic():
+        with httpx.Client() as client:
+            i = 0
+            while not stop.is_set():
+                statuses.append(invoke(ws, name, {"dataframe_records": [ws["features"](1 + i % 40)]}, client).status_code)
+                i += 1
+    with ThreadPoolExecutor(2) as pool:
+        senders = [pool.submit(traffic) for _ in range(2)]
+        try:
+            report = canary(env, ws["v2"], traffic=30, window_seconds=4, min_requests=10, max_latency_ratio=3, client=w)
+            assert report.passed, report.summary()
+            routes = w.serving_endpoints.get(name).config.traffic_config.routes
+            assert [(r.served_entity_name, r.traffic_percentage) for r in routes] == [(f"default_model-{ws['v2']}", 100)]
+            with pytest.raises(DeploymentFailed, match=r"\[FAILED\] latency(.|\n)*rolled back: restored the previous config"):
+                canary(env, slow_version, traffic=30, window_seconds=4, min_requests=10, max_latency_ratio=3, client=w)
+            routes = w.serving_endpoints.get(name).config.traffic_config.routes
+            assert [(r.served_entity_name, r.traffic_percentage) for r in routes] == [(f"default_model-{ws['v2']}", 100)]
+        finally:
+            stop.set()
+            for f in senders: f.result()
+    assert len(statuses) > 40 and set(statuses) == {200}
