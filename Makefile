@@ -30,23 +30,29 @@ $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
 
-demo: $(VENV)/.installed java ## generate, ingest, features, train, validate, then deploy to a local serving endpoint and test it: the dev workspace
-	$(BIN)/serving-mlops generate --env dev --rows 30000 --seed 42 --bad-fraction 0.01
-	$(BIN)/serving-mlops ingest --env dev
-	$(BIN)/serving-mlops features --env dev
-	$(BIN)/serving-mlops train --env dev --trials 10
-	$(BIN)/serving-mlops validate --env dev
-	$(BIN)/serving-mlops deploy --env dev
-	$(BIN)/serving-mlops query --env dev -c 1 -c 2 -c 3
+demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, deploy and test staging, promote to prod, deploy prod, score through prod
+	@echo "== 1-3 Model Build in staging: ingest, features, train, register and validate (the model_build job)"
+	$(BIN)/serving-mlops generate --env staging --rows 30000 --seed 42 --bad-fraction 0.01
+	$(BIN)/serving-mlops jobs run model_build --env staging
+	@echo "== 4-5 Deploy Serving Endpoint in staging, with endpoint tests (the deploy_serving_endpoint job)"
+	$(BIN)/serving-mlops jobs run deploy_serving_endpoint --env staging
+	@echo "== production's own data and features (published online)"
+	$(BIN)/serving-mlops generate --env prod --rows 30000 --seed 7
+	$(BIN)/serving-mlops ingest --env prod
+	$(BIN)/serving-mlops features --env prod
+	@echo "== 6-7 copy the staging champion into the production registry and deploy it (the promote job)"
+	$(BIN)/serving-mlops jobs run promote --env prod
+	@echo "== predictions from the production endpoint, through its REST API (keys only: features from the online store)"
+	$(BIN)/serving-mlops query --env prod -c 1 -c 2 -c 3
+	$(BIN)/serving-mlops endpoints --env staging
+	$(BIN)/serving-mlops endpoints --env prod
 	@echo
 	@echo "Done. Where to look:"
-	@echo "  .mlops/dev/landing/   the generated landing file"
-	@echo "  .mlops/dev/tables/    Delta tables (catalog/schema/table); read them with deltalake, pandas or Spark"
-	@echo "  .mlops/dev/online/    the online feature store (SQLite)"
-	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/dev/mlflow/mlflow.db    runs, metrics and plots"
-	@echo "  $(BIN)/serving-mlops tables --env dev    row counts and versions"
-	@echo "  $(BIN)/serving-mlops endpoints --env dev serving endpoints (runtime at http://127.0.0.1:8711, log in .mlops/dev/serving/)"
-	@echo "  $(BIN)/serving-mlops serve --env dev --stop   stop the serving runtime (it keeps running after the demo)"
+	@echo "  .mlops/staging/jobs/, .mlops/prod/jobs/   job runs: executed notebooks and run.json"
+	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/staging/mlflow/mlflow.db    staging runs and registry (prod: .mlops/prod/...)"
+	@echo "  http://127.0.0.1:8712/serving-endpoints/credit-default-staging/invocations   staging endpoint (token: .mlops/staging/tokens/serving-token)"
+	@echo "  http://127.0.0.1:8713/serving-endpoints/credit-default-prod/invocations      production endpoint (token: .mlops/prod/tokens/serving-token)"
+	@echo "  $(BIN)/serving-mlops serve --env staging --stop; $(BIN)/serving-mlops serve --env prod --stop    stop the serving runtimes"
 	@echo "  $(BIN)/serving-mlops --help              every command"
 
 test: $(VENV)/.installed-dev java ## nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
