@@ -64,7 +64,7 @@ def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependen
 
 @pytest.mark.timeout(1800)
 def test_build_deploy_promote_loop_with_local_jobs(home):
-    "Steps 2-7 of the scenario, offline: model_build and deploy_serving_endpoint in staging, promote into prod."
+    "Steps 2-7 of the scenario, offline: model_build and deploy_serving_endpoint in staging, promote into prod; then batch inference in prod."
     from serving_mlops.registry import alias_version
     from serving_mlops.serving import stop_server, workspace_client
     staging, prod = get_environment("staging"), get_environment("prod")
@@ -86,6 +86,10 @@ def test_build_deploy_promote_loop_with_local_jobs(home):
         assert copy.tags["source_environment"] == "staging" and copy.tags["source_version"] == "1"
         out = cli("query", "--env", "prod", "-c", "1", "-c", "2").stdout
         assert "customer 1: probability of default" in out and "served by default_model-1 of endpoint credit-default-prod" in out
+        out = cli("jobs", "run", "batch_inference", "--env", "prod").stdout  # the promoted champion over prod's clients
+        assert "score: SUCCESS" in out and "'rows': '3000'" in out
+        predictions = tables_for(prod).read_pandas(prod.table_name("predictions"))
+        assert len(predictions) == 3000 and predictions.customer_id.is_unique and set(predictions.model_version) == {1}
     finally:
         stop_server(staging); stop_server(prod)
 
