@@ -14,6 +14,9 @@ What it does, in one run (about 2-3 minutes with the defaults on 2 cores):
   with all features (byte-for-byte the request bodies of (a)), each on its own keep-alive `httpx.Client`, and
   (d) in-process `mlflow.pyfunc.load_model(uri).predict(one_row_df)` (no HTTP). The four take turns in chunks of
   50 calls, so that a change in background load on the machine hits them alike;
+- the same version on a second endpoint whose inference table is enabled (every request and response captured to
+  Delta through the write-ahead log) takes part in the latency and throughput runs, so the cost of capture shows
+  as the difference; at the end the payload table must hold every answered request;
 - throughput with 8 and 32 concurrent clients (threads, each its own keep-alive `httpx.Client`; the same code for
   both servers), with the CPU used by the client, the server and everything else on the machine, and the runtime's
   Prometheus histogram `serving_model_batch_rows` (rows per model call, i.e. micro-batching under concurrency);
@@ -47,6 +50,7 @@ import orjson
 import pandas as pd
 
 TOLERANCE = 1e-9
+LABELS = {"runtime": "runtime", "captured": "runtime with inference table", "mlflow": "mlflow models serve"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -131,6 +135,10 @@ class Tally:
     "Errors (non-200 or transport) and mismatching predictions, with the first few messages."
     def __init__(self):
         self.errors, self.mismatches, self.samples, self.lock = 0, 0, [], threading.Lock()
+        self.answered = 0  # responses with status 200
+
+    def answer(self):
+        with self.lock: self.answered += 1
 
     def add(self, problem: str):
         with self.lock:
@@ -139,13 +147,14 @@ class Tally:
             if len(self.samples) < 3: self.samples.append(problem)
 
     def merge(self, other: "Tally"):
-        self.errors += other.errors; self.mismatches += other.mismatches
+        self.errors += other.errors; self.mismatches += other.mismatches; self.answered += other.answered
         self.samples += other.samples[:3 - len(self.samples)]
 
 
 def post(client: httpx.Client, url: str, body: bytes, expected: float, tally: Tally) -> bool:
     try: response = client.post(url, content=body)
     except httpx.HTTPError as e: tally.add(f"transport {type(e).__name__}: {e}"); return False
+    if response.status_code == 200: tally.answer()
     problem = check(response, expected)
     if problem: tally.add(problem)
     return problem is None
@@ -302,7 +311,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
     say(f"building a throwaway workspace with {rows:,} clients (Spark) ...")
     spark = get_spark()
     env, store = example_workspace(rows, seed=3, spark=spark)
-    mlflow_proc, runtime_started, endpoint = None, False, "bench"
+    mlflow_proc, runtime_started, endpoint, captured = None, False, "bench", "bench-captured"
     try:
         tables = [env.table_name("behaviour_features"), env.table_name("demographic_features")]
         for t in tables: store.publish_table(t)
@@ -320,13 +329,17 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         mlflow_proc = start_mlflow_serve(uri, env, mlflow_port, mlflow_workers, log_path)
         info = start_server(env)
         runtime_started = True
-        from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput
+        from databricks.sdk.service.serving import AiGatewayConfig, EndpointCoreConfigInput, ServedEntityInput
+        from serving_mlops.deploy import inference_table_config
         w = workspace_client(env)
-        w.serving_endpoints.create_and_wait(endpoint, config=EndpointCoreConfigInput(
-            name=endpoint, served_entities=[ServedEntityInput(entity_name=model_name, entity_version=str(version))]))
+        for name in (endpoint, captured):  # the same version twice: without and with an inference table
+            w.serving_endpoints.create_and_wait(name, config=EndpointCoreConfigInput(
+                name=name, served_entities=[ServedEntityInput(entity_name=model_name, entity_version=str(version))]),
+                ai_gateway=AiGatewayConfig(inference_table_config=inference_table_config(env, name)) if name == captured else None)
         auth = {"Authorization": f"Bearer {serving_token(env)}"}
         headers = {**auth, "Content-Type": "application/json"}
         runtime_url = f"{info['url']}/serving-endpoints/{endpoint}/invocations"
+        captured_url = f"{info['url']}/serving-endpoints/{captured}/invocations"
         say(f"runtime at {info['url']} (pid {info['pid']}), endpoint '{endpoint}' ready")
 
         # rows of features from the online store, and in-process predictions as the reference
@@ -363,6 +376,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         # 1. one-row latency, sequential
         targets = {"runtime, features in request": HttpTarget(runtime_url, headers, feature_bodies, expected),
                    "runtime, key only (online lookup)": HttpTarget(runtime_url, headers, key_bodies, expected),
+                   "runtime with inference table, features in request": HttpTarget(captured_url, headers, feature_bodies, expected),
                    "mlflow models serve, features in request": HttpTarget(mlflow_invocations, headers, feature_bodies, expected),
                    "in-process pyfunc.predict (no HTTP)": PyfuncTarget(pyfunc, frames, expected)}
         say(f"latency: {warmup} warm-up + {requests} sequential one-row calls for each of {len(targets)} targets, "
@@ -376,7 +390,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         # 2. throughput under concurrency
         throughput = {}
         for clients in concurrency:
-            for name, url in (("runtime", runtime_url), ("mlflow", mlflow_invocations)):
+            for name, url in (("runtime", runtime_url), ("captured", captured_url), ("mlflow", mlflow_invocations)):
                 say(f"throughput: {name}, {clients} concurrent clients, {warmup_seconds:g} s warm-up + {seconds:g} s ...")
                 before = batch_rows(info["url"], endpoint, auth) if name == "runtime" else None
                 r = concurrent(url, headers, feature_bodies, expected, clients, seconds, warmup_seconds, CpuMeter(servers), name)
@@ -386,6 +400,12 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
                     r["batch_rows"] = (after[0] - before[0]) / calls if calls else float("nan")  # warm-up included
                 throughput[name, clients] = r
         total_rows, total_calls = batch_rows(info["url"], endpoint, auth)
+        from serving_mlops.tables import tables_for
+        sent = tallies["runtime with inference table, features in request"].answered + \
+            sum(r["tally"].answered for (n, _), r in throughput.items() if n == "captured")
+        payload_table, deadline = f"{env.table_name('x').rsplit('.', 1)[0]}.{captured.replace('-', '_')}_payload", time.monotonic() + 60
+        while time.monotonic() < deadline and tables_for(env).count(payload_table) < sent: time.sleep(0.5)
+        captured_rows = tables_for(env).count(payload_table)
     finally:
         if mlflow_proc is not None:
             say("stopping mlflow models serve ...")
@@ -415,8 +435,9 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         p50, p99 = percentiles(r["latencies"]) if len(r["latencies"]) > 1 else (float("nan"), float("nan"))
         batch = f"{r['batch_rows']:.2f}" if "batch_rows" in r else "n/a"
         per_request = f"{r['server_cpu'] / r['rps'] * 1000:.1f} ms" if r["rps"] else "n/a"
-        print(f"| {'runtime' if name == 'runtime' else 'mlflow models serve'}, {clients} clients | {r['rps']:,.0f} | {p50 / 1000:.2f} ms | "
+        print(f"| {LABELS[name]}, {clients} clients | {r['rps']:,.0f} | {p50 / 1000:.2f} ms | "
               f"{p99 / 1000:.2f} ms | {r['client_cpu']:.2f} | {r['server_cpu']:.2f} | {per_request} | {r['other_cpu']:.2f} | {batch} | {r['tally'].errors} | {r['tally'].mismatches} |")
+    print(f"\ninference table {payload_table}: {captured_rows:,} rows; {sent:,} answered requests were measured (the table also holds the warm-up requests)")
     print(f"\nserving_model_batch_rows over the whole run: {total_rows:,.0f} rows in {total_calls:,.0f} model calls, "
           f"mean {total_rows / total_calls if total_calls else float('nan'):.2f} rows per call")
 
@@ -430,6 +451,11 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         (f"runtime throughput / mlflow serve throughput, {c} clients", f"{ratio_rps:.2f}x", ">= 3x", ratio_rps >= 3),
         ("runtime p50 - in-process pyfunc p50", f"{ours - inproc:+.2f} ms", "<= 1 ms", ours - inproc <= 1),
         ("runtime key-only p50 - features p50", f"{keyed - ours:+.2f} ms", "<= 0.3 ms", keyed - ours <= 0.3)]
+    capture_p50 = p50["runtime with inference table, features in request"]
+    capture_rps = throughput["captured", c]["rps"] / throughput["runtime", c]["rps"] if throughput["runtime", c]["rps"] else float("nan")
+    goals += [("inference table p50 - runtime p50", f"{capture_p50 - ours:+.2f} ms", "<= 0.3 ms", capture_p50 - ours <= 0.3),
+              (f"inference table throughput / runtime throughput, {c} clients", f"{capture_rps:.2f}", ">= 0.9", capture_rps >= 0.9),
+              ("inference table rows >= answered requests", f"{captured_rows:,} / {sent:,}", "all", captured_rows >= sent)]
     for other in concurrency:
         if other != c:
             r = throughput["runtime", other]["rps"] / throughput["mlflow", other]["rps"] if throughput["mlflow", other]["rps"] else float("inf")

@@ -14,11 +14,12 @@ import cloudpickle
 import httpx
 import mlflow
 import numpy as np
+import orjson
 import pandas as pd
 import pytest
 from databricks.sdk.errors import (InvalidParameterValue, NotFound, PermissionDenied, ResourceAlreadyExists,
                                    ResourceConflict)
-from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route,
+from databricks.sdk.service.serving import (AiGatewayConfig, AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route,
                                             ServedEntityInput, TrafficConfig)
 from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binomtest
@@ -29,7 +30,7 @@ from serving_mlops.feature_store import example_workspace
 from serving_mlops.registry import register_challenger
 from serving_mlops.serving import (server_file, server_info, serving_token, start_server, stop_server,
                                    wait_exit, workspace_client)
-from serving_mlops.tables import get_spark
+from serving_mlops.tables import get_spark, tables_for
 from serving_mlops.train import train
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the server process cannot import this test module
@@ -323,6 +324,52 @@ def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoi
     r = invoke(ws, "durable", {"dataframe_records": [{"customer_id": 7}]})
     assert r.status_code == 200 and r.headers["served-model-name"] in ("one", "two")
 
+
+def test_inference_table_has_every_acknowledged_request_exactly_once_after_sigkill(ws):
+    env = ws["env"]
+    gateway = AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
+        catalog_name="dev", schema_name="credit", table_name_prefix="captured", enabled=True))
+    create(ws, "captured", entity(ws, ws["v1"]), ai_gateway=gateway)
+    stop, acked, lock = threading.Event(), {}, threading.Lock()
+    def client_loop(k):
+        with httpx.Client() as client:
+            i = 0
+            while not stop.is_set():
+                cid = 1 + (i * 7 + k) % 300
+                try: r = invoke(ws, "captured", {"dataframe_records": [{"customer_id": cid}], "client_request_id": f"c{k}-{i}"}, client)
+                except httpx.TransportError: return  # the server is gone: this request was never acknowledged
+                if r.status_code == 200:
+                    with lock: acked[r.headers["x-request-id"]] = (f"c{k}-{i}", cid, r.json()["predictions"][0])
+                i += 1
+    pid = server_info(env)["pid"]
+    with ThreadPoolExecutor(4) as pool:
+        loops = [pool.submit(client_loop, k) for k in range(4)]
+        time.sleep(3)  # a few flushes (every second) and records in between
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5); stop.set()
+        for f in loops: f.result()
+    assert wait_exit(pid, 30) and len(acked) > 100
+    info = start_server(env)  # replays the log the killed process left
+    ws["url"], ws["w"] = info["url"], workspace_client(env)
+    table, deadline = "dev.credit.captured_payload", time.monotonic() + 60
+    while time.monotonic() < deadline:
+        rows = tables_for(env).read_pandas(table) if tables_for(env).exists(table) else pd.DataFrame({"databricks_request_id": []})
+        if set(acked) <= set(rows.databricks_request_id): break
+        time.sleep(0.5)
+    missing = set(acked) - set(rows.databricks_request_id)
+    assert not missing, f"{len(missing)} acknowledged requests are not in {table}"
+    assert rows.databricks_request_id.is_unique, "a request is in the inference table twice"
+    mine = rows.set_index("databricks_request_id").loc[list(acked)]
+    assert (mine.status_code == 200).all() and (mine.served_entity_name == mine.iloc[0].served_entity_name).all()
+    assert list(mine.client_request_id) == [c for c, _, _ in acked.values()]
+    first = next(iter(acked))
+    features = orjson.loads(mine.loc[first, "features"])
+    assert features["columns"] == ws["columns"] and len(features["data"]) == 1
+    expected = ws["features"](acked[first][1])
+    assert features["data"][0] == [expected[c] for c in ws["columns"]]  # the looked-up values the model saw
+    assert orjson.loads(mine.loc[first, "response"])["predictions"] == [acked[first][2]]
+    assert orjson.loads(mine.loc[first, "request"])["dataframe_records"] == [{"customer_id": acked[first][1]}]
+    ws["w"].serving_endpoints.delete("captured")
 
 def test_cli_serve_background_endpoints_and_stop(home):
     env = get_environment("staging")
