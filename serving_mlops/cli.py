@@ -267,7 +267,8 @@ def endpoints(env: Optional[str] = EnvOption):
                 typer.echo(f"  {s.name}: {s.entity_name} version {s.entity_version}, {traffic.get(s.name, 0)}% of traffic")
 
 # %% ../nbs/90_cli.ipynb #e96a6694
-jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml), run locally with papermill.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml): run locally with papermill, or on a workspace target as one-time runs.",
+                       no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 
 @jobs_app.command("list")
@@ -283,13 +284,14 @@ def jobs_list(env: Optional[str] = EnvOption):
 @jobs_app.command("run")
 def jobs_run(job: str = typer.Argument(..., help="Job name, e.g. model_build (see `serving-mlops jobs list`)."),
              env: Optional[str] = EnvOption,
-             param: list[str] = typer.Option([], "--param", "-p", help="Override a notebook parameter of every task that has it: name=value.")):
-    "Run a job of the bundle in a local environment; executed notebooks stay under .mlops/<env>/jobs/<job>/."
+             param: list[str] = typer.Option([], "--param", "-p", help="Override a notebook parameter of every task that has it: name=value."),
+             timeout: float = typer.Option(60, "--timeout", min=0.01, help="Workspace targets: minutes to wait for the run before cancelling it.")):
+    "Run a job: locally with papermill (outputs in .mlops/<env>/jobs/<job>/), on a workspace target as a one-time run of the deployed bundle."
     from serving_mlops.jobs import JobFailed, run_job
     with clear_errors():
         bad = [p for p in param if "=" not in p]
         if bad: raise ValueError(f"--param {bad[0]!r}: expected name=value")
-        try: run = run_job(get_environment(env), job, dict(p.split("=", 1) for p in param))
+        try: run = run_job(get_environment(env), job, dict(p.split("=", 1) for p in param), timeout_minutes=timeout)
         except JobFailed as failure:
             typer.secho(f"error: {failure}", err=True, fg=typer.colors.RED)
             raise typer.Exit(1) from None
