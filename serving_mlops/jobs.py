@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import ast
+import glob
 import json
 import os
 import re
@@ -13,19 +14,23 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 
 import papermill as pm
 import yaml
+from databricks.sdk.errors import DatabricksError, OperationFailed
+from databricks.sdk.service.compute import ClusterSpec, Library
+from databricks.sdk.service.jobs import NotebookTask, RunTask, SubmitTask, TaskDependency
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
                                   _as_type, get_environment, load_bundle)
 
 # %% auto #0
 __all__ = ['VALUE_REF', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'JobFailed', 'TaskRun', 'JobRun', 'notebook_defaults',
-           'task_arguments', 'task_environment', 'run_job']
+           'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'sync_root', 'bundle_workspace_paths',
+           'workspace_libraries', 'submit_tasks', 'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #b4be49a8
 @dataclass
@@ -35,6 +40,8 @@ class JobTask:
     notebook: Path
     parameters: dict
     depends_on: list
+    cluster: dict = field(default_factory=dict)  # its new_cluster (the job cluster its job_cluster_key names)
+    libraries: list = field(default_factory=list)  # as the YAML has them, e.g. {"whl": "../../dist/*.whl"}
 
 @dataclass
 class JobSpec:
@@ -66,6 +73,7 @@ def load_jobs(env: Environment) -> dict[str, JobSpec]:
             doc = yaml.safe_load(path.read_text()) or {}
             for name, job in ((doc.get("resources") or {}).get("jobs") or {}).items():
                 where = f"{path}: resources.jobs.{name}"
+                clusters = {c.get("job_cluster_key"): c.get("new_cluster") or {} for c in job.get("job_clusters") or []}
                 tasks = {}
                 for i, t in enumerate(job.get("tasks") or []):
                     key = t.get("task_key")
@@ -74,7 +82,13 @@ def load_jobs(env: Environment) -> dict[str, JobSpec]:
                     notebook = (path.parent / nb).resolve()
                     if not notebook.exists(): raise ConfigError(f"{where}.tasks[{i}].notebook_task.notebook_path: {notebook} does not exist")
                     params = substitute((t.get("notebook_task") or {}).get("base_parameters") or {}, env, f"{where}.tasks[{i}].notebook_task.base_parameters")
-                    tasks[key] = JobTask(key, notebook, {k: str(v) for k, v in params.items()}, [d["task_key"] for d in t.get("depends_on") or []])
+                    cluster = t.get("new_cluster") or {}
+                    if t.get("job_cluster_key"):
+                        if t["job_cluster_key"] not in clusters:
+                            raise ConfigError(f"{where}.tasks[{i}].job_cluster_key: '{t['job_cluster_key']}' is not one of the job's job_clusters ({list(clusters)})")
+                        cluster = clusters[t["job_cluster_key"]]
+                    tasks[key] = JobTask(key, notebook, {k: str(v) for k, v in params.items()}, [d["task_key"] for d in t.get("depends_on") or []],
+                                         substitute(cluster, env, f"{where}.tasks[{i}]"), substitute(t.get("libraries") or [], env, f"{where}.tasks[{i}].libraries"))
                 for t in tasks.values():
                     unknown = [d for d in t.depends_on if d not in tasks]
                     if unknown: raise ConfigError(f"{where}: task '{t.key}' depends on {unknown}, which are not tasks of the job ({list(tasks)})")
@@ -101,18 +115,19 @@ class TaskRun:
 
 @dataclass
 class JobRun:
-    "A local run of a job."
+    "A run of a job: local (its folder of executed notebooks) or on a workspace (its run page)."
     job: str
     run_id: str
     environment: str
-    folder: Path
+    folder: Path | None
     tasks: dict
+    url: str = ""  # the run page of a workspace run
 
     @property
     def state(self) -> str: return "SUCCESS" if all(t.state == "SUCCESS" for t in self.tasks.values()) else "FAILED"
 
     def summary(self) -> str:
-        lines = [f"job {self.job} in {self.environment}, run {self.run_id}: {self.state} ({self.folder})"]
+        lines = [f"job {self.job} in {self.environment}, run {self.run_id}: {self.state} ({self.url or self.folder})"]
         for t in self.tasks.values():
             lines.append(f"  {t.key}: {t.state}" + (f" in {t.seconds:.0f} s" if t.seconds else "") + (f": {t.error}" if t.error else "")
                          + (f" -> {t.values}" if t.values else ""))
@@ -126,14 +141,20 @@ def notebook_defaults(notebook: Path) -> dict:
     "The parameters of a notebook (its `parameters` cell) and their default values."
     return {name: ast.literal_eval(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
 
+def base_parameters(task: JobTask, where: str, overrides: dict | None = None, defaults: dict | None = None) -> dict[str, str]:
+    "The task's parameters as text, then the `overrides` its notebook takes; `{{tasks...}}` references left as they are."
+    defaults = notebook_defaults(task.notebook) if defaults is None else defaults
+    given = {**task.parameters, **{k: str(v) for k, v in (overrides or {}).items() if k in defaults}}
+    for name in given:
+        if name not in defaults:
+            raise ConfigError(f"{where}: parameter '{name}' is not a parameter of {task.notebook.name} (it takes {list(defaults)})")
+    return given
+
 def task_arguments(task: JobTask, values: dict, where: str, overrides: dict | None = None) -> dict:
     "The task's parameters (then `overrides` it has) with task-value references filled in, typed like the notebook's defaults."
     defaults = notebook_defaults(task.notebook)
-    given = {**task.parameters, **{k: str(v) for k, v in (overrides or {}).items() if k in defaults}}
     out = {}
-    for name, text in given.items():
-        if name not in defaults:
-            raise ConfigError(f"{where}: parameter '{name}' is not a parameter of {task.notebook.name} (it takes {list(defaults)})")
+    for name, text in base_parameters(task, where, overrides, defaults).items():
         def ref(m):
             upstream, key = m.groups()
             if key not in values.get(upstream, {}):
@@ -154,12 +175,12 @@ def task_environment(env: Environment, values_file: Path):
             if v is None: os.environ.pop(k, None)
             else: os.environ[k] = v
 
-def run_job(env: Environment, job: str, parameters: dict | None = None, progress: bool = True) -> JobRun:
-    "Run `job` of the bundle in the local environment `env`; raise JobFailed naming the task and cell that failed."
-    if not env.is_local: raise ConfigError(f"environment '{env.name}' is the workspace {env.host}: run its jobs there (databricks bundle run)")
+def run_job(env: Environment, job: str, parameters: dict | None = None, progress: bool = True, timeout_minutes: float = 60) -> JobRun:
+    "Run `job` of the bundle in `env` (locally, or on its workspace with `submit_job`); raise JobFailed naming the task that failed."
     jobs = load_jobs(env)
     if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: {', '.join(sorted(jobs))})")
     spec = jobs[job]
+    if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     run = JobRun(job, run_id, env.name, env.path("jobs", job, run_id, create=True), {k: TaskRun(k) for k in spec.tasks})
     values = {}
@@ -188,3 +209,99 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         failed = next(t for t in run.tasks.values() if t.state == "FAILED")
         raise JobFailed(f"job {job} failed in task '{failed.key}': {failed.error}; executed notebook: {failed.notebook}\n{run.summary()}")
     return run
+
+# %% ../nbs/10_jobs.ipynb #906113cc
+def sync_root(env: Environment) -> Path:
+    "The local folder `databricks bundle deploy` uploads as `workspace.file_path`: the bundle's, or the innermost one holding its `sync.paths`."
+    bundle = load_bundle(env.bundle_path)
+    root = env.bundle_path.parent
+    for p in [*((bundle.get("sync") or {}).get("paths") or []), *(((bundle["targets"].get(env.name) or {}).get("sync") or {}).get("paths") or [])]:
+        full = (env.bundle_path.parent / p).resolve()
+        while not full.is_relative_to(root): root = root.parent
+    return root
+
+def bundle_workspace_paths(env: Environment, user: str) -> dict[str, str]:
+    "Where `databricks bundle deploy` run by `user` puts the bundle in `env`'s workspace: root_path, file_path, artifact_path."
+    bundle = load_bundle(env.bundle_path)
+    settings = {**(bundle.get("workspace") or {}), **((bundle["targets"].get(env.name) or {}).get("workspace") or {})}
+    known = {"workspace.current_user.userName": user, "bundle.name": (bundle.get("bundle") or {}).get("name", ""), "bundle.target": env.name}
+    def path(key, default):
+        where = f"{env.bundle_path}: workspace.{key} of target '{env.name}'"
+        text = _REF.sub(lambda m: known.get(m.group(1), m.group(0)), substitute(str(settings.get(key) or default), env, where))
+        if "${" in text: raise ConfigError(f"{where} is {text!r}: expected only ${{var.x}}, ${{bundle.name}}, ${{bundle.target}}, "
+                                           "${workspace.current_user.userName} and ${workspace.root_path} in it")
+        return f"/Workspace/Users/{user}/{text[2:]}" if text.startswith("~/") else text
+    known["workspace.root_path"] = root = path("root_path", "~/.bundle/${bundle.name}/${bundle.target}")
+    return {"root_path": root, "file_path": path("file_path", f"{root}/files"), "artifact_path": path("artifact_path", f"{root}/artifacts")}
+
+# %% ../nbs/10_jobs.ipynb #96f4f602
+def workspace_libraries(spec: JobSpec, task: JobTask, artifact_path: str) -> list[dict]:
+    "The task's libraries as deployed: each local file its `whl` glob matches becomes `<artifact_path>/.internal/<file name>`."
+    prefix = artifact_path if artifact_path.startswith(("/Workspace", "/Volumes")) else "/Workspace" + artifact_path
+    out = []
+    for lib in task.libraries:
+        whl = lib.get("whl")
+        if not whl or whl.startswith("/") or "://" in whl: out.append(lib); continue  # already a workspace, volume or remote path
+        found = sorted(glob.glob(str(spec.source.parent / whl)))
+        if not found: raise ConfigError(f"{spec.source}: task '{task.key}' of job {spec.name} attaches {whl!r}, but no file matches "
+                                        f"{spec.source.parent / whl}: build the wheel first (`databricks bundle deploy` builds and uploads it)")
+        out += [{"whl": f"{prefix}/.internal/{Path(f).name}"} for f in found]
+    return out
+
+def submit_tasks(env: Environment, spec: JobSpec, user: str, parameters: dict | None = None) -> list[SubmitTask]:
+    "`spec`'s tasks as `jobs.submit` takes them, on the notebooks and wheel `user` deployed to `env`'s workspace; `parameters` override as locally."
+    paths, files = bundle_workspace_paths(env, user), sync_root(env)
+    tasks = []
+    for t in spec.tasks.values():
+        if not t.notebook.is_relative_to(files):
+            raise ConfigError(f"{spec.source}: notebook {t.notebook} of task '{t.key}' is outside the bundle's sync root {files}, so "
+                              f"`databricks bundle deploy` does not upload it: add its folder to sync.paths in {env.bundle_path}")
+        notebook = f"{paths['file_path']}/{t.notebook.relative_to(files).with_suffix('').as_posix()}"
+        params = base_parameters(t, f"{spec.source}: job {spec.name} task {t.key}", parameters)
+        tasks.append(SubmitTask(task_key=t.key, depends_on=[TaskDependency(task_key=d) for d in t.depends_on] or None,
+                                notebook_task=NotebookTask(notebook_path=notebook, base_parameters=params),
+                                new_cluster=ClusterSpec.from_dict(t.cluster) if t.cluster else None,
+                                libraries=[Library.from_dict(l) for l in workspace_libraries(spec, t, paths["artifact_path"])] or None))
+    return tasks
+
+# %% ../nbs/10_jobs.ipynb #adac6cac
+def workspace_task_run(w, task: RunTask) -> TaskRun:
+    "One task of a workspace run as a TaskRun: its result (or lifecycle) state, and for a failed task its error."
+    state = (task.state.result_state or task.state.life_cycle_state).value if task.state else "PENDING"
+    run = TaskRun(task.task_key, state, task.notebook_task.notebook_path if task.notebook_task else "",
+                  (task.end_time - task.start_time) / 1000 if task.end_time and task.start_time else 0.0)
+    if state not in ("SUCCESS", "PENDING", "RUNNING", "QUEUED", "BLOCKED"):
+        run.error = task.state.state_message or state
+        if not state.startswith("UPSTREAM_") and task.run_id:
+            output = w.jobs.get_run_output(run_id=task.run_id)
+            if output.error: run.error += f": {output.error}"
+    return run
+
+def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, timeout_minutes: float = 60, progress: bool = True) -> JobRun:
+    "Run `spec` on `env`'s workspace as a one-time run of the deployed bundle; wait at most `timeout_minutes`, raise JobFailed naming the failed task."
+    from serving_mlops.serving import workspace_client
+    w = workspace_client(env)
+    where = f"job {spec.name} in workspace {env.host}"
+    try:
+        waiter = w.jobs.submit(run_name=spec.title, tasks=submit_tasks(env, spec, w.current_user.me().user_name, parameters))
+        run = w.jobs.get_run(waiter.run_id)
+        if progress: print(f"[{spec.name}] submitted run {run.run_id}: {run.run_page_url}", flush=True)
+        seen = {}
+        def show(r):
+            for t in r.tasks or []:
+                state = (t.state.result_state or t.state.life_cycle_state).value if t.state else "PENDING"
+                if progress and seen.get(t.task_key) != state: print(f"[{spec.name}/{t.task_key}] {state}", flush=True)
+                seen[t.task_key] = state
+        try: run = waiter.result(timeout=timedelta(minutes=timeout_minutes), callback=show)
+        except TimeoutError:
+            w.jobs.cancel_run(run_id=run.run_id)
+            raise JobFailed(f"{where} did not finish within {timeout_minutes:g} minutes: cancelled run {run.run_id} ({run.run_page_url})") from None
+        except OperationFailed: run = w.jobs.get_run(run.run_id)  # INTERNAL_ERROR: the tasks say which one failed
+        show(run)
+        result = JobRun(spec.name, str(run.run_id), env.name, None, {t.task_key: workspace_task_run(w, t) for t in run.tasks or []}, run.run_page_url or "")
+    except DatabricksError as e: raise JobFailed(f"{where}: {type(e).__name__}: {e}") from None
+    if result.state != "SUCCESS":
+        failed = next((t for t in result.tasks.values() if t.state != "SUCCESS" and not t.state.startswith("UPSTREAM_")), None)
+        what = f"task '{failed.key}': {failed.error}" if failed else (run.state.state_message if run.state else "no task state")
+        raise JobFailed(f"job {spec.name} failed in {what}; run: {result.url}\n{result.summary()}")
+    return result

@@ -97,3 +97,137 @@ def test_build_deploy_promote_loop_with_local_jobs(home):
 def registry_version(env, version):
     from serving_mlops.registry import registry_client
     return registry_client(env).get_model_version(env.var("model_name"), str(version))
+
+
+# --- Jobs on a real workspace target -------------------------------------------------------------
+# A Databricks workspace cannot exist on this machine. JobsApiStandIn stands in for one: a real HTTP
+# server on 127.0.0.1 that answers the routes databricks-sdk calls (`/.well-known/databricks-config`,
+# `scim/v2/Me`, jobs `runs/submit`, `runs/get`, `runs/get-output`, `runs/cancel`), records every request, and reports
+# the submitted tasks as finished (or one of them failed, or all still running). The assertions are
+# on what the real SDK sent over HTTP and on how serving_mlops reads the SDK's parsed answers.
+
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlparse
+
+USER = "ml-ops@example.com"
+WHEEL = "serving_mlops-0.0.1-py3-none-any.whl"
+
+
+class JobsApiStandIn(BaseHTTPRequestHandler):
+    "The part of a workspace's REST API that `jobs run` uses; `outcome` is 'success', 'fail:<task>' or 'hang'."
+    def log_message(self, *args): pass
+
+    def answer(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self): self.route("GET")
+    def do_POST(self): self.route("POST")
+
+    def route(self, method):
+        ws, url = self.server, urlparse(self.path)
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        ws.requests.append((method, url.path, query, body, self.headers.get("Authorization")))
+        if url.path == "/.well-known/databricks-config": return self.answer(200, {"workspace_id": "1234"})  # the SDK's discovery probe
+        if url.path == "/api/2.0/preview/scim/v2/Me": return self.answer(200, {"userName": USER, "id": "7"})
+        if (method, url.path) == ("POST", "/api/2.2/jobs/runs/submit"):
+            ws.submitted = body
+            return self.answer(200, {"run_id": 42})
+        if (method, url.path) == ("GET", "/api/2.2/jobs/runs/get") and query.get("run_id") == "42": return self.answer(200, ws.run())
+        if (method, url.path) == ("GET", "/api/2.2/jobs/runs/get-output"):
+            task = next(t for t in ws.run()["tasks"] if str(t["run_id"]) == query["run_id"])
+            return self.answer(200, {"error": "IngestError: 120 of 400 rows quarantined (30.0%), more than 2.0%"}
+                               if task["state"].get("result_state") == "FAILED" else {})
+        if (method, url.path) == ("POST", "/api/2.2/jobs/runs/cancel"): return self.answer(200, {})
+        self.answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"No API found for '{method} {url.path}'"})
+
+
+class StandInWorkspace(ThreadingHTTPServer):
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), JobsApiStandIn)
+        self.requests, self.submitted, self.outcome = [], None, "success"
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def run(self):
+        "runs/get for the submitted run: each task's state follows `outcome` (downstream of a failure: UPSTREAM_FAILED)."
+        page = f"{self.url}/?o=1#job/1/run/42"
+        failed, tasks = self.outcome[5:] if self.outcome.startswith("fail:") else None, []
+        for i, t in enumerate(self.submitted["tasks"]):
+            upstream = [d["task_key"] for d in t.get("depends_on", [])]
+            if self.outcome == "hang": state = {"life_cycle_state": "RUNNING", "state_message": "In run"}
+            elif t["task_key"] == failed: state = {"life_cycle_state": "TERMINATED", "result_state": "FAILED", "state_message": "Workload failed, see run output for details"}
+            elif failed and any(s["result_state"] != "SUCCESS" for s in (x["state"] for x in tasks if x["task_key"] in upstream)):
+                state = {"life_cycle_state": "TERMINATED", "result_state": "UPSTREAM_FAILED", "state_message": "Upstream task(s) failed."}
+            else: state = {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS", "state_message": ""}
+            tasks.append({"task_key": t["task_key"], "run_id": 100 + i, "state": state, "notebook_task": t["notebook_task"],
+                          "start_time": 1_700_000_000_000, "end_time": 1_700_000_090_000, "run_page_url": f"{page}/task/{100 + i}"})
+        over = all(t["state"]["life_cycle_state"] == "TERMINATED" for t in tasks)
+        result = {"result_state": "SUCCESS" if all(t["state"].get("result_state") == "SUCCESS" for t in tasks) else "FAILED"} if over else {}
+        return {"run_id": 42, "run_name": self.submitted["run_name"], "run_page_url": page, "tasks": tasks,
+                "state": {"life_cycle_state": "TERMINATED" if over else "RUNNING", **result, "state_message": ""}}
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    "A copy of the project whose staging target is the stand-in workspace, deployed as far as this machine can tell (a wheel in dist/)."
+    server = StandInWorkspace()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    project = tmp_path / "project"
+    for d in ("databricks_jobs", "nbs"): shutil.copytree(ROOT / d, project / d, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    (project / "dist").mkdir(); (project / "dist" / WHEEL).write_bytes(b"stands in for the wheel the deploy builds")
+    bundle = project / "databricks_jobs" / "databricks.yml"
+    bundle.write_text(bundle.read_text().replace("\n  staging:\n", f"\n  staging:\n    workspace:\n      host: {server.url}\n"))
+    for var in ("DATABRICKS_HOST", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET"): monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(tmp_path / "no-databrickscfg"))
+    monkeypatch.setenv("DATABRICKS_TOKEN", "dapi-stand-in")
+    monkeypatch.setenv("SERVING_MLOPS_BUNDLE", str(bundle))
+    monkeypatch.setenv("SERVING_MLOPS_HOME", str(tmp_path / "workspaces"))
+    yield server
+    server.shutdown(); server.server_close()
+
+
+def test_jobs_run_submits_a_one_time_run_to_a_workspace_target(workspace):
+    r = cli("jobs", "run", "model_build", "--env", "staging", "-p", "n_trials=3")
+    assert "[model_build] submitted run 42: " + workspace.url in r.stdout
+    assert "job model_build in staging, run 42: SUCCESS" in r.stdout and "validate: SUCCESS in 90 s" in r.stdout, r.stdout
+    body = workspace.submitted
+    assert body["run_name"] == "serving-mlops-model-build-staging"
+    assert [t["task_key"] for t in body["tasks"]] == ["ingest", "features", "train", "validate"]
+    tasks = {t["task_key"]: t for t in body["tasks"]}
+    assert "depends_on" not in tasks["ingest"] and tasks["validate"]["depends_on"] == [{"task_key": "train"}]
+    files = f"/Workspace/Users/{USER}/.bundle/serving-mlops/staging/files"
+    assert tasks["train"]["notebook_task"] == {"notebook_path": f"{files}/nbs/06_train",
+                                               "base_parameters": {"env_name": "staging", "n_trials": "3", "seed": "42"}}
+    validate = tasks["validate"]["notebook_task"]["base_parameters"]
+    assert validate["run_id"] == "{{tasks.train.values.run_id}}" and validate["model_uri"] == "{{tasks.train.values.model_uri}}"
+    assert tasks["ingest"]["notebook_task"]["base_parameters"]["max_bad_fraction"] == "0.02"  # staging's variable
+    assert tasks["features"]["new_cluster"] == {"spark_version": "16.4.x-cpu-ml-scala2.12", "node_type_id": "i3.xlarge",
+                                                "num_workers": 1, "data_security_mode": "SINGLE_USER"}
+    assert tasks["features"]["libraries"] == [{"whl": f"/Workspace/Users/{USER}/.bundle/serving-mlops/staging/artifacts/.internal/{WHEEL}"}]
+    assert {auth for _, path, *_, auth in workspace.requests if path.startswith("/api/")} == {"Bearer dapi-stand-in"}  # unified auth: DATABRICKS_TOKEN
+
+
+def test_a_failed_workspace_task_fails_the_run_naming_it_and_its_error(workspace):
+    workspace.outcome = "fail:ingest"
+    r = cli("jobs", "run", "model_build", "--env", "staging", check=False)
+    assert r.returncode == 1
+    assert ("job model_build failed in task 'ingest': Workload failed, see run output for details: "
+            "IngestError: 120 of 400 rows quarantined") in r.stderr, r.stderr
+    assert f"run: {workspace.url}/?o=1#job/1/run/42" in r.stderr and "features: UPSTREAM_FAILED" in r.stderr
+    outputs = [q["run_id"] for m, path, q, *_ in workspace.requests if path.endswith("/runs/get-output")]
+    assert outputs == ["100"]  # the failed task's own run output, not its skipped dependents'
+
+
+def test_a_workspace_run_is_waited_for_with_a_bound_then_cancelled(workspace):
+    from serving_mlops.jobs import JobFailed, run_job
+    workspace.outcome = "hang"
+    with pytest.raises(JobFailed, match=r"job ingest in workspace http://127\.0\.0\.1:\d+ did not finish within 0\.05 minutes: cancelled run 42"):
+        run_job(get_environment("staging"), "ingest", progress=False, timeout_minutes=0.05)
+    assert [(m, path, body) for m, path, _, body, _ in workspace.requests if path.endswith("/runs/cancel")] == [("POST", "/api/2.2/jobs/runs/cancel", {"run_id": 42})]
