@@ -31,6 +31,7 @@ from pyspark.sql import functions as F
 from .config import Environment, get_environment, set_task_value, task_parameters
 from .feature_store import FeatureLookup, TrainingSet, feature_store_for, use_experiment
 from .features import FEATURE_TABLES, KEY
+from .monitoring import training_baseline
 from .tables import get_spark
 
 # %% auto #0
@@ -187,6 +188,9 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
             mlflow.log_figure(fig, f"plots/{file}"); plt.close(fig)
         example = Xs.head(5)
         signature = model_signature(model, example)
+        baseline = training_baseline(Xt.assign(prediction=model.predict_proba(Xt)[:, 1]), [c for c in cols if c in CATEGORICAL],
+                                     prediction="prediction", seed=seed)
+        mlflow.log_dict(baseline, "monitoring/baseline.json")
         info = store.log_model(model, "model", mlflow.sklearn, training_set=ts, feature_columns=cols,
-                               input_example=example, signature=signature)
+                               input_example=example, signature=signature, baseline=baseline)
     return TrainingResult(parent.info.run_id, info.model_uri, study.best_params, metrics)
