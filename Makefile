@@ -37,7 +37,7 @@ $(VENV)/node/.installed: | $(BIN)/python
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
 
-demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, deploy and test staging, promote to prod, deploy prod, score through prod
+demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, deploy and test staging, promote to prod, deploy prod, score through prod, monitor drift
 	@echo "== 1-3 Model Build in staging: ingest, features, train, register and validate (the model_build job)"
 	$(BIN)/serving-mlops generate --env staging --rows 30000 --seed 42 --bad-fraction 0.01
 	$(BIN)/serving-mlops jobs run model_build --env staging
@@ -53,12 +53,27 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	$(BIN)/serving-mlops query --env prod -c 1 -c 2 -c 3
 	$(BIN)/serving-mlops endpoints --env staging
 	$(BIN)/serving-mlops endpoints --env prod
+	@echo "== 8 monitoring: new clients arrive and are scored through the production endpoint, whose inference table"
+	@echo "   captures every request; first 1,000 like the training population, then 1,000 younger and riskier ones"
+	$(BIN)/serving-mlops generate --env prod --kind train --rows 1000 --seed 11 --first-id 100001
+	$(BIN)/serving-mlops generate --env prod --kind drifted --labels --rows 1000 --seed 12 --first-id 200001
+	$(BIN)/serving-mlops ingest --env prod
+	$(BIN)/serving-mlops features --env prod
+	@start=$$(date -u +%Y-%m-%dT%H:%M:%S) && set -x && \
+	  $(BIN)/serving-mlops query --env prod --ids 100001:101000 && \
+	  $(BIN)/serving-mlops monitor --env prod --start $$start --window-minutes 1 --labels-table silver_clients
+	@start=$$(date -u +%Y-%m-%dT%H:%M:%S) && set -x && \
+	  $(BIN)/serving-mlops query --env prod --ids 200001:201000 && \
+	  { $(BIN)/serving-mlops monitor --env prod --start $$start --window-minutes 1 --labels-table silver_clients; rc=$$?; set +x; \
+	    if [ $$rc -eq 3 ]; then echo "   drift found in the drifted batch, as it should be (exit status 3): the report is above"; else exit $$rc; fi; }
 	@echo
 	@echo "Done. Where to look:"
 	@echo "  .mlops/staging/jobs/, .mlops/prod/jobs/   job runs: executed notebooks and run.json"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/staging/mlflow/mlflow.db    staging runs and registry (prod: .mlops/prod/...)"
 	@echo "  http://127.0.0.1:8712/serving-endpoints/credit-default-staging/invocations   staging endpoint (token: .mlops/staging/tokens/serving-token)"
 	@echo "  http://127.0.0.1:8713/serving-endpoints/credit-default-prod/invocations      production endpoint (token: .mlops/prod/tokens/serving-token)"
+	@echo "  .mlops/prod/monitoring/credit-default-prod/   drift reports (HTML, also artifacts of the MLflow runs in /serving-mlops/prod/monitoring)"
+	@echo "  $(BIN)/serving-mlops tables --env prod     tables, with the inference table credit_default_prod_payload and _metrics, _drift"
 	@echo "  $(BIN)/serving-mlops serve --env staging --stop; $(BIN)/serving-mlops serve --env prod --stop    stop the serving runtimes"
 	@echo "  $(BIN)/serving-mlops --help              every command"
 

@@ -301,6 +301,7 @@ class FeatureSpecModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.model = mlflow.sklearn.load_model(context.artifacts["model"])
         self.feature_spec = json.loads(Path(context.artifacts["feature_spec"]).read_text())
+        self.baseline = json.loads(Path(context.artifacts["baseline"]).read_text()) if "baseline" in context.artifacts else None
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         columns = self.feature_spec["model_columns"]
@@ -323,8 +324,9 @@ def model_columns(training_set: TrainingSet) -> list:
 
 def log_model(self, model, artifact_path: str = "model", flavor=mlflow.sklearn, training_set: TrainingSet | None = None,
               registered_model_name: str | None = None, feature_columns: Sequence[str] | None = None, input_example=None,
-              signature=None, pip_requirements: Sequence[str] | None = None):
-    "Log `model` to MLflow with `training_set`'s feature spec, so it can be scored from keys; returns the ModelInfo."
+              signature=None, pip_requirements: Sequence[str] | None = None,
+              baseline: dict | None = None): # training baseline (JSON-serialisable), saved as the model's `baseline.json`
+    "Log `model` to MLflow with `training_set`'s feature spec (and training baseline), so it can be scored from keys; returns the ModelInfo."
     if flavor is not mlflow.sklearn: raise FeatureStoreError("log_model supports flavor=mlflow.sklearn")
     if training_set is None: raise FeatureStoreError("log_model needs the training_set the model was trained on")
     import sklearn
@@ -333,10 +335,14 @@ def log_model(self, model, artifact_path: str = "model", flavor=mlflow.sklearn, 
         mlflow.sklearn.save_model(model, f"{tmp}/model", serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
                                   pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
         Path(tmp, "feature_spec.json").write_text(json.dumps(spec, indent=2, default=str))
+        artifacts = {"model": f"{tmp}/model", "feature_spec": f"{tmp}/feature_spec.json"}
+        if baseline is not None:
+            Path(tmp, "baseline.json").write_text(json.dumps(baseline, allow_nan=False))  # strict JSON, as training_baseline makes it
+            artifacts["baseline"] = f"{tmp}/baseline.json"
         requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
                                             f"pandas=={pd.__version__}", "serving_mlops"]
         return mlflow.pyfunc.log_model(name=artifact_path, python_model=FeatureSpecModel(),
-                                       artifacts={"model": f"{tmp}/model", "feature_spec": f"{tmp}/feature_spec.json"},
+                                       artifacts=artifacts,
                                        registered_model_name=registered_model_name, input_example=input_example,
                                        signature=signature, pip_requirements=list(requirements))
 
@@ -436,7 +442,8 @@ class DatabricksFeatureStore:
                                                label=label, exclude_columns=list(exclude_columns or []))
 
     def log_model(self, model, artifact_path: str = "model", flavor=mlflow.sklearn, training_set=None,
-                  registered_model_name: str | None = None, **kwargs):
+                  registered_model_name: str | None = None, baseline: dict | None = None, **kwargs):
+        # `baseline` stays a run artifact here (train logs it as monitoring/baseline.json): the FE client's model has no room for it
         return self.client.log_model(model=model, artifact_path=artifact_path, flavor=flavor, training_set=training_set,
                                      registered_model_name=registered_model_name, **kwargs)
 
@@ -471,13 +478,15 @@ def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/0
     return names
 
 # %% ../nbs/05_feature_store.ipynb #9e8a9f10
-def example_workspace(rows: int = 3_000, seed: int = 3, target: str = "dev", spark=None) -> tuple[Environment, LocalFeatureStore]:
+def example_workspace(rows: int = 3_000, seed: int = 3, target: str = "dev", spark=None,
+                      drift: float = 0.0, # 0: the training population; 1: riskier, younger clients (see `generate_chunk`)
+                      ) -> tuple[Environment, LocalFeatureStore]:
     "A throwaway local workspace with `rows` ingested clients and built feature tables."
     from serving_mlops.config import workspace_home
     from serving_mlops.data import write_credit_data
     from serving_mlops.ingest import ingest_landing
     with workspace_home(tempfile.mkdtemp(prefix="serving-mlops-")): env = get_environment(target)
-    write_credit_data(Path(env.landing_dir) / "clients.csv", rows, seed=seed, progress=False)
+    write_credit_data(Path(env.landing_dir) / "clients.csv", rows, seed=seed, drift=drift, progress=False)
     ingest_landing(env, progress=False)
     store = LocalFeatureStore(env, spark=spark or get_spark(env))
     build_feature_tables(env, store)

@@ -21,8 +21,9 @@ from deltalake import Schema as DeltaSchema
 from .config import Environment, get_environment, on_databricks
 
 # %% auto #0
-__all__ = ['Frame', 'java_version', 'require_java', 'get_spark', 'TableError', 'split_name', 'to_arrow', 'delta_types',
-           'check_schema', 'merge_condition', 'check_keys', 'Tables', 'LocalTables', 'SparkTables', 'tables_for']
+__all__ = ['Frame', 'FILTER_OPS', 'Filters', 'java_version', 'require_java', 'get_spark', 'TableError', 'split_name', 'to_arrow',
+           'delta_types', 'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'Tables',
+           'LocalTables', 'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
 def java_version() -> int | None:
@@ -119,6 +120,29 @@ def check_schema(name: str, table: pa.Schema, frame: pa.Schema) -> pa.Schema:
     if problems: raise TableError(f"schema mismatch writing {name}: {'; '.join(sorted(problems))}; nothing was written")
     return pa.schema([pa.field(f.name, table.field(f.name).type, True) for f in frame])
 
+# %% ../nbs/01_tables.ipynb #6623d16b
+FILTER_OPS = ("=", "!=", "<", "<=", ">", ">=")
+Filters = Sequence[tuple]  # [(column, op, value)], all must hold
+
+def check_filters(name: str, filters: Filters | None) -> list:
+    "`filters` as a list, refused with the table's name when an operator is unknown."
+    out = list(filters or [])
+    for f in out:
+        if not (isinstance(f, tuple) and len(f) == 3 and f[1] in FILTER_OPS):
+            raise TableError(f"reading {name}: filter {f!r} is not (column, op, value) with op one of {FILTER_OPS}")
+    return out
+
+def arrow_filter(filters: Filters):
+    "The pyarrow.compute expression of `filters` (None when there are none)."
+    import operator
+    import pyarrow.compute as pc
+    ops = {"=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+    expr = None
+    for column, op, value in filters:
+        cond = ops[op](pc.field(column), pa.scalar(value))
+        expr = cond if expr is None else expr & cond
+    return expr
+
 # %% ../nbs/01_tables.ipynb #cc7fb04c
 def merge_condition(keys: Sequence[str], target: str = "t", source: str = "s") -> str:
     "SQL join condition of a merge on `keys`."
@@ -143,7 +167,8 @@ class Tables:
     "Delta tables by three-part name; subclasses implement the storage."
     def exists(self, name: str) -> bool: raise NotImplementedError
     def schema(self, name: str) -> pa.Schema: raise NotImplementedError
-    def read_arrow(self, name: str, version: int | None = None) -> pa.Table: raise NotImplementedError
+    def read_arrow(self, name: str, version: int | None = None, columns: Sequence[str] | None = None,
+                   filters: Filters | None = None) -> pa.Table: raise NotImplementedError
     def read_spark(self, name: str, version: int | None = None, spark=None): raise NotImplementedError
     def history(self, name: str) -> list[dict]: raise NotImplementedError
     def list(self, catalog: str | None = None, schema: str | None = None) -> list[str]: raise NotImplementedError
@@ -153,9 +178,10 @@ class Tables:
     def _write(self, name: str, table: pa.Table, mode: str): raise NotImplementedError
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict: raise NotImplementedError
 
-    def read_pandas(self, name: str, version: int | None = None) -> pd.DataFrame:
-        "Table `name` (as of `version`) as pandas."
-        return self.read_arrow(name, version).to_pandas()
+    def read_pandas(self, name: str, version: int | None = None, columns: Sequence[str] | None = None,
+                    filters: Filters | None = None) -> pd.DataFrame:
+        "Table `name` (as of `version`; optionally some `columns` of the rows matching `filters`) as pandas."
+        return self.read_arrow(name, version, columns, filters).to_pandas()
 
     def version(self, name: str) -> int:
         "Current version of table `name`."
@@ -220,9 +246,11 @@ class LocalTables(Tables):
         schema = pa.schema(self._delta(name).schema().to_arrow())
         return to_arrow(schema.empty_table()).schema
 
-    def read_arrow(self, name: str, version: int | None = None) -> pa.Table:
-        "Table `name` (as of `version`) as Arrow."
-        return to_arrow(self._delta(name, version).to_pyarrow_table())
+    def read_arrow(self, name: str, version: int | None = None, columns: Sequence[str] | None = None,
+                   filters: Filters | None = None) -> pa.Table:
+        "Table `name` (as of `version`; optionally some `columns` of the rows matching `filters`) as Arrow."
+        expr = arrow_filter(check_filters(name, filters))
+        return to_arrow(self._delta(name, version).to_pyarrow_table(columns=list(columns) if columns else None, filters=expr))
 
     def read_spark(self, name: str, version: int | None = None, spark=None):
         "Table `name` (as of `version`) as a Spark DataFrame reading the snapshot's files."
@@ -288,8 +316,14 @@ class SparkTables(Tables):
         reader = self.spark.read if version is None else self.spark.read.option("versionAsOf", int(version))
         return reader.table(name)
 
-    def read_arrow(self, name: str, version: int | None = None) -> pa.Table:
-        return to_arrow(self.read_spark(name, version).toArrow())
+    def read_arrow(self, name: str, version: int | None = None, columns: Sequence[str] | None = None,
+                   filters: Filters | None = None) -> pa.Table:
+        from pyspark.sql import functions as F
+        df = self.read_spark(name, version)
+        for column, op, value in check_filters(name, filters):
+            df = df.filter({"=": F.col(column) == value, "!=": F.col(column) != value, "<": F.col(column) < value,
+                            "<=": F.col(column) <= value, ">": F.col(column) > value, ">=": F.col(column) >= value}[op])
+        return to_arrow((df.select(*columns) if columns else df).toArrow())
 
     def schema(self, name: str) -> pa.Schema:
         from pyspark.sql.pandas.types import to_arrow_schema
