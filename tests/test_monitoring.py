@@ -61,7 +61,8 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
 
         results = tables_for(prod).read_pandas(inference_table(prod, None, "drift"))
         assert set(results.groupby("window_start").drifted.any()) == {False, True}  # one clean check, one drifted
-        assert tables_for(prod).count(inference_table(prod, None, "metrics")) >= 2  # both runs wrote their windows
+        written = tables_for(prod).read_pandas(inference_table(prod, None, "metrics"))
+        assert len(written) >= 1 and not written.duplicated(["endpoint_name", "served_entity_name", "window_start"]).any()
         metrics = endpoint_metrics(prod, None, t0, t3, 1)  # per minute over the whole traffic
         assert metrics.requests.sum() == 2000 and (metrics.error_rate == 0).all() and (metrics.p99_ms >= metrics.p50_ms).all()
     finally:
