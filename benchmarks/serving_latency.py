@@ -393,7 +393,8 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
             for name, url in (("runtime", runtime_url), ("captured", captured_url), ("mlflow", mlflow_invocations)):
                 say(f"throughput: {name}, {clients} concurrent clients, {warmup_seconds:g} s warm-up + {seconds:g} s ...")
                 before = batch_rows(info["url"], endpoint, auth) if name == "runtime" else None
-                r = concurrent(url, headers, feature_bodies, expected, clients, seconds, warmup_seconds, CpuMeter(servers), name)
+                r = concurrent(url, headers, feature_bodies, expected, clients, seconds, warmup_seconds, CpuMeter(servers),
+                               "mlflow" if name == "mlflow" else "runtime")  # both endpoints live in the runtime's process
                 if before is not None:
                     after = batch_rows(info["url"], endpoint, auth)
                     calls = after[1] - before[1]
