@@ -1,12 +1,15 @@
 """The ingest notebook as a job task: papermill runs it with parameters, as a job runner does."""
 import json
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import nbformat
 import papermill as pm
 import pytest
-from conftest import ROOT, cli
+from conftest import BIN, ROOT, cli
 
 from serving_mlops.config import get_environment
 from serving_mlops.data import write_credit_data
@@ -61,6 +64,19 @@ def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependen
     assert [(t["key"], t["state"]) for t in run["tasks"]] == [("ingest", "FAILED"), ("features", "SKIPPED"), ("train", "SKIPPED"), ("validate", "SKIPPED")]
     assert (run_dir / "ingest.ipynb").exists()  # the executed notebook, with the error in its outputs
 
+
+def test_ctrl_c_cancels_a_local_job_run_and_records_it(home):
+    staging = get_environment("staging")
+    write_credit_data(Path(staging.landing_dir) / "clients.csv", 500, seed=3, progress=False)
+    proc = subprocess.Popen([str(BIN / "serving-mlops"), "jobs", "run", "ingest", "--env", "staging"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=ROOT)
+    assert "[ingest/ingest]" in proc.stdout.readline()  # the task has started
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "its run is recorded as CANCELED" in err, err
+    (run_dir,) = (staging.root / "jobs" / "ingest").iterdir()
+    assert [t["state"] for t in json.loads((run_dir / "run.json").read_text())["tasks"]] == ["CANCELED"]
 
 @pytest.mark.timeout(1800)
 def test_build_deploy_promote_loop_with_local_jobs(home):
