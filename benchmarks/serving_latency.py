@@ -331,6 +331,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         runtime_started = True
         from databricks.sdk.service.serving import AiGatewayConfig, EndpointCoreConfigInput, ServedEntityInput
         from serving_mlops.deploy import inference_table_config
+        from serving_mlops.serving import inference_table
         w = workspace_client(env)
         for name in (endpoint, captured):  # the same version twice: without and with an inference table
             w.serving_endpoints.create_and_wait(name, config=EndpointCoreConfigInput(
@@ -404,7 +405,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         from serving_mlops.tables import tables_for
         sent = tallies["runtime with inference table, features in request"].answered + \
             sum(r["tally"].answered for (n, _), r in throughput.items() if n == "captured")
-        payload_table, deadline = f"{env.table_name('x').rsplit('.', 1)[0]}.{captured.replace('-', '_')}_payload", time.monotonic() + 60
+        payload_table, deadline = inference_table(env, captured), time.monotonic() + 60
         while time.monotonic() < deadline and tables_for(env).count(payload_table) < sent: time.sleep(0.5)
         captured_rows = tables_for(env).count(payload_table)
     finally:
