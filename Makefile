@@ -81,9 +81,10 @@ test: $(VENV)/.installed-dev $(VENV)/node/.installed java ## nbdev_test (the not
 	$(BIN)/nbdev_test
 	$(BIN)/pytest tests --timeout 900
 
-export: $(VENV)/.installed-dev ## notebooks -> serving_mlops/ (then nbdev_clean before committing)
+export: $(VENV)/.installed-dev ## notebooks -> serving_mlops/, then nbdev_clean (literate and task notebooks) before committing
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_clean --fname databricks_jobs/notebooks
 
 clean: ## remove the virtual environment and every local workspace
 	rm -rf $(VENV) .mlops

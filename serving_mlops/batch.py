@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .config import Environment, get_environment, set_task_value, task_parameters
+from .config import Environment
 from .deploy import DeploymentFailed, resolve_version
+from .errors import InputError
 from .feature_store import feature_store_for
 from .features import KEY
 from .tables import get_spark
@@ -29,7 +30,7 @@ OUTPUT_COMMENTS = {
     "batch_id": "the batch inference run that wrote the row",
 }
 
-class BatchError(ValueError):
+class BatchError(InputError):
     "Batch inference cannot run on this input."
 
 @dataclass

@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from tqdm.auto import tqdm
+from databricks.sdk.errors import DatabricksError
+from tqdm import tqdm
 
 from .config import get_environment
 from .data import write_credit_data
-from .ingest import ingest_landing
+from .errors import InputError, MlopsError
 from .tables import tables_for
 
 # %% auto #0
@@ -38,10 +39,13 @@ EnvOption = typer.Option(None, "--env", "-e", envvar="SERVING_MLOPS_ENV", show_d
 
 @contextmanager
 def clear_errors():
-    "Report the project's errors as one line on stderr and exit with status 1."
+    "Report the project's errors and the workspace's as one line on stderr with the error's exit status; other exceptions keep their traceback."
     try: yield
-    except ValueError as e:  # ConfigError, IngestError, TableError, FeatureStoreError are ValueErrors
-        typer.secho(f"error: {e}", err=True, fg=typer.colors.RED)
+    except MlopsError as e:
+        typer.secho(f"{e.label}: {e}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(e.exit_code) from None
+    except DatabricksError as e:  # the workspace (or the local serving runtime) refused a call: its message says why
+        typer.secho(f"error: {type(e).__name__}: {e}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from None
 
 # %% ../nbs/90_cli.ipynb #b1dfb260
@@ -99,11 +103,10 @@ def ingest(env: Optional[str] = EnvOption,
            max_bad_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Fail above this share of quarantined rows; default: the target's ingest_max_bad_fraction."),
            unlabelled: bool = typer.Option(False, "--unlabelled", help="The files have no label column (scoring batches).")):
     "Ingest landing files (CSV or Parquet, UCI schema) into the bronze, quarantine, silver and statements tables."
+    from serving_mlops.tasks import ingest_task
     with clear_errors():
         e = get_environment(env)
-        typer.echo(f"ingesting into {e.describe()}")
-        for result in ingest_landing(e, source, snapshot_date, max_bad_fraction, require_label=not unlabelled):
-            typer.echo(result.summary())
+        ingest_task(e, str(source) if source else None, snapshot_date, max_bad_fraction, require_label=not unlabelled)
         _print_tables(e.name)
 
 @app.command()
@@ -120,19 +123,11 @@ def tables(env: Optional[str] = EnvOption):
 def features(env: Optional[str] = EnvOption,
              publish: bool = typer.Option(True, help="Also publish the feature tables to the online store.")):
     "Build the feature tables from the silver tables and publish them to the online store."
-    from serving_mlops.feature_store import build_feature_tables, feature_store_for
+    from serving_mlops.tasks import features_task
     with clear_errors():
         e = get_environment(env)
-        store = feature_store_for(e)
-        typer.echo(f"building feature tables in {e.describe()} (starting Spark)")
-        for short, name in build_feature_tables(e, store, produced_by="serving-mlops features").items():
-            ft = store.get_table(name)
-            line = f"  {name}: {store.tables.count(name):,} rows, {len(ft.features)} features, keys {ft.primary_keys} + {ft.timeseries_column}"
-            if publish:
-                published = store.publish_table(name)
-                line += f"; online: {published['rows']:,} keys" if isinstance(published, dict) else "; published online"
-            typer.echo(line)
-        if publish and e.is_local: typer.echo(f"online store: {store.online_store().path}")
+        features_task(e, publish)
+        if publish and e.is_local: typer.echo(f"online store: {e.path('online') / 'online_store.db'}")
 
 # %% ../nbs/90_cli.ipynb #46dce27f
 @app.command()
@@ -141,17 +136,10 @@ def train(env: Optional[str] = EnvOption,
           seed: int = typer.Option(42, help="Random seed for splits, sampler and model."),
           register: bool = typer.Option(True, help="Register the model and give it the alias 'challenger'.")):
     "Train and tune a model on the feature tables, tracked in the environment's MLflow."
-    from serving_mlops.registry import register_challenger
-    from serving_mlops.train import train as train_model
+    from serving_mlops.tasks import train_task
     with clear_errors():
         e = get_environment(env)
-        typer.echo(f"training in {e.describe()} with {trials} Optuna trials (starting Spark)")
-        result = train_model(e, n_trials=trials, seed=seed)
-        for k in ("val_roc_auc", "test_roc_auc", "test_pr_auc", "test_brier"): typer.echo(f"  {k} = {result.metrics[k]:.4f}")
-        typer.echo(f"run {result.run_id}; model {result.model_uri}")
-        if register:
-            version = register_challenger(e, result)
-            typer.echo(f"registered {version.name} version {version.version} as 'challenger'")
+        train_task(e, trials, seed, register)
         if e.is_local: typer.echo(f"look at it: .venv/bin/mlflow ui --backend-store-uri {e.tracking_uri} --port 5000")
 
 # %% ../nbs/90_cli.ipynb #1d56d776
@@ -160,17 +148,8 @@ def validate(env: Optional[str] = EnvOption,
              seed: int = typer.Option(42, help="The seed the challenger was trained with (same held-out split)."),
              latency_budget_ms: Optional[float] = typer.Option(None, help="Override the target's latency_budget_ms.")):
     "Validate the challenger against the champion and promote it when every check passes."
-    from serving_mlops.registry import GateFailed, promote_challenger, validate_challenger
-    with clear_errors():
-        e = get_environment(env)
-        try:
-            report = validate_challenger(e, seed=seed, latency_budget_ms=latency_budget_ms)
-            typer.echo(report.summary())
-            promote_challenger(e, report)
-        except GateFailed as failure:
-            if "no version with alias" in str(failure): typer.secho(f"error: {failure}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(1) from None
-        typer.echo(f"{e.var('model_name')} version {report.version} is now 'champion'")
+    from serving_mlops.tasks import validate_task
+    with clear_errors(): validate_task(get_environment(env), seed=seed, latency_budget_ms=latency_budget_ms)
 
 # %% ../nbs/90_cli.ipynb #009d9717
 @app.command()
@@ -179,15 +158,8 @@ def promote(env: Optional[str] = typer.Option("prod", "--env", "-e", help="Targe
             version: Optional[int] = typer.Option(None, help="Source version; default: the source's champion."),
             seed: int = typer.Option(42, help="Seed of the held-out split used to verify the copy.")):
     "Copy a model version from the source environment's registry into the target's and verify it."
-    from serving_mlops.registry import GateFailed, promote_version
-    with clear_errors():
-        src, dst = get_environment(source), get_environment(env)
-        try: copy, rows = promote_version(src, dst, version, seed)
-        except GateFailed as failure:
-            typer.secho(f"error: {failure}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(1) from None
-        typer.echo(f"{copy.tags['source_model']} version {copy.tags['source_version']} of '{src.name}' is "
-                   f"{copy.name} version {copy.version} of '{dst.name}'; identical predictions on {rows} held-out rows")
+    from serving_mlops.tasks import promote_task
+    with clear_errors(): promote_task(get_environment(env), source, version, seed)
 
 # %% ../nbs/90_cli.ipynb #b4c8e505
 @app.command("batch-inference")
@@ -196,8 +168,8 @@ def batch_inference_command(env: Optional[str] = EnvOption,
                             output_table: str = typer.Option("predictions", "--output", help="Delta table the predictions are appended to."),
                             version: str = typer.Option("champion", help="Model alias or version number.")):
     "Score every key of a table with the environment's model into a predictions table (appended, with version and time)."
-    from serving_mlops.batch import batch_inference
-    with clear_errors(): batch_inference(get_environment(env), input_table, output_table, version)
+    from serving_mlops.tasks import batch_inference_task
+    with clear_errors(): batch_inference_task(get_environment(env), input_table, output_table, version)
 
 # %% ../nbs/90_cli.ipynb #61330623
 @app.command()
@@ -209,7 +181,7 @@ def serve(env: Optional[str] = EnvOption,
     from serving_mlops.serving import serve as serve_forever, serving_token, start_server, stop_server
     with clear_errors():
         e = get_environment(env)
-        if not e.is_local: raise ValueError(f"environment '{e.name}' is the workspace {e.host}: its endpoints run in Databricks Model Serving")
+        if not e.is_local: raise InputError(f"environment '{e.name}' is the workspace {e.host}: its endpoints run in Databricks Model Serving")
         if stop:
             typer.echo(f"stopped the serving runtime of '{e.name}'" if stop_server(e) else f"no serving runtime of '{e.name}' is running")
             return
@@ -218,7 +190,7 @@ def serve(env: Optional[str] = EnvOption,
             serve_forever(e, port=port)
             return
         try: info = start_server(e, port=port)
-        except (RuntimeError, TimeoutError) as failure: raise ValueError(str(failure)) from None
+        except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
         serving_token(e)
         typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']})")
         typer.echo(f"  token: {e.path('tokens', 'serving-token')}")
@@ -232,24 +204,19 @@ def deploy(env: Optional[str] = EnvOption,
            requests: int = typer.Option(50, help="Single-row requests of the endpoint latency test."),
            canary_window: float = typer.Option(0, "--canary-window", help="With --traffic below 100: compare the new version with the current one for this many seconds of live traffic, then move it to 100% or roll back by itself.")):
     "Deploy a model version to the environment's endpoint, test the endpoint, roll back on failure."
-    from serving_mlops.deploy import DeploymentFailed, deploy_task
-    from serving_mlops.serving import server_info
+    from serving_mlops.tasks import deploy_task
     with clear_errors():
         e = get_environment(env)
-        try: report = deploy_task(e, version, traffic, requests=requests, canary_window=canary_window)
-        except (DeploymentFailed, RuntimeError, TimeoutError) as failure:
-            typer.secho(f"error: {failure}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(1) from None
-        typer.echo(report.summary())
-        if e.is_local:
-            typer.echo(f"  invocations: {server_info(e)['url']}/serving-endpoints/{report.endpoint}/invocations "
-                       f"(bearer token in {e.path('tokens', 'serving-token')})")
+        try: deploy_task(e, version, traffic, requests, canary_window)
+        except (RuntimeError, TimeoutError) as failure:  # the local serving runtime did not start: its message says why
+            if isinstance(failure, MlopsError): raise
+            raise InputError(str(failure)) from None
 
 def id_range(text: str) -> list[int]:
     "Customer ids of `FIRST:LAST` (both included)."
     first, sep, last = text.partition(":")
     if not (sep and first.isdigit() and last.isdigit() and int(first) <= int(last)):
-        raise ValueError(f"--ids {text!r}: expected FIRST:LAST, two customer ids with FIRST <= LAST (e.g. 100001:101000)")
+        raise InputError(f"--ids {text!r}: expected FIRST:LAST, two customer ids with FIRST <= LAST (e.g. 100001:101000)")
     return list(range(int(first), int(last) + 1))
 
 @app.command()
@@ -262,16 +229,13 @@ def query(env: Optional[str] = EnvOption,
     with clear_errors():
         e = get_environment(env)
         wanted = list(customer_id) + (id_range(ids) if ids else [])
-        if not wanted: raise ValueError("give customers to score: --customer-id/-c (repeatable) or --ids FIRST:LAST")
+        if not wanted: raise InputError("give customers to score: --customer-id/-c (repeatable) or --ids FIRST:LAST")
         try: w = workspace_client(e)
-        except RuntimeError as failure: raise ValueError(str(failure)) from None
+        except RuntimeError as failure: raise InputError(str(failure)) from None
         name = endpoint or e.var("endpoint_name")
-        from databricks.sdk.errors import DatabricksError
-        try:
-            if ids is None: responses = [w.serving_endpoints.query(name, dataframe_records=[{"customer_id": c} for c in wanted])]
-            else: responses = [w.serving_endpoints.query(name, dataframe_records=[{"customer_id": c}])
-                               for c in tqdm(wanted, desc=f"requests to {name}", unit="request")]
-        except DatabricksError as failure: raise ValueError(str(failure)) from None
+        if ids is None: responses = [w.serving_endpoints.query(name, dataframe_records=[{"customer_id": c} for c in wanted])]
+        else: responses = [w.serving_endpoints.query(name, dataframe_records=[{"customer_id": c}])
+                           for c in tqdm(wanted, desc=f"requests to {name}", unit="request")]
         predictions = [p for r in responses for p in r.predictions]
         if len(wanted) <= 10:
             for c, p in zip(wanted, predictions): typer.echo(f"customer {c}: probability of default {p:.3f}")
@@ -285,7 +249,7 @@ def endpoints(env: Optional[str] = EnvOption):
     with clear_errors():
         e = get_environment(env)
         try: w = workspace_client(e)
-        except RuntimeError as failure: raise ValueError(str(failure)) from None
+        except RuntimeError as failure: raise InputError(str(failure)) from None
         found = list(w.serving_endpoints.list())
         if not found: typer.echo(f"no serving endpoints in environment '{e.name}'")
         for summary in found:
@@ -307,12 +271,11 @@ def monitor(env: Optional[str] = EnvOption,
             lookback_minutes: Optional[int] = typer.Option(None, min=1, help="Length of the period when --start is not given.", show_default="the window"),
             labels_table: str = typer.Option("", help="Table with customer_id and default_next_month, for model quality.")):
     "Monitor an endpoint from its inference table: metrics, drift (report, MLflow run, alert) and model quality."
-    from serving_mlops.monitoring import run_monitoring
+    from serving_mlops.tasks import monitoring_task
     with clear_errors():
-        run = run_monitoring(get_environment(env), endpoint, start, end, window_minutes, lookback_minutes, labels_table)
-        typer.echo(run.summary())
-        if run.drift is not None and run.drift.drifted:
-            typer.secho(f"DRIFT: {run.drift.summary()}", err=True, fg=typer.colors.RED)
+        found = monitoring_task(get_environment(env), "all", endpoint, window_minutes, lookback_minutes, start, end, labels_table, alert=False)
+        if found.get("drifted"):
+            typer.secho("DRIFT: found in the period checked (the summary and report are above)", err=True, fg=typer.colors.RED)
             raise typer.Exit(DRIFT_EXIT)
 
 # %% ../nbs/90_cli.ipynb #e4aefffa
@@ -336,14 +299,11 @@ def jobs_run(job: str = typer.Argument(..., help="Job name, e.g. model_build (se
              param: list[str] = typer.Option([], "--param", "-p", help="Override a notebook parameter of every task that has it: name=value."),
              timeout: float = typer.Option(60, "--timeout", min=0.01, help="Workspace targets: minutes to wait for the run before cancelling it.")):
     "Run a job: locally with papermill (outputs in .mlops/<env>/jobs/<job>/), on a workspace target as a one-time run of the deployed bundle."
-    from serving_mlops.jobs import JobFailed, run_job
+    from serving_mlops.jobs import run_job
     with clear_errors():
         bad = [p for p in param if "=" not in p]
-        if bad: raise ValueError(f"--param {bad[0]!r}: expected name=value")
+        if bad: raise InputError(f"--param {bad[0]!r}: expected name=value")
         try: run = run_job(get_environment(env), job, dict(p.split("=", 1) for p in param), timeout_minutes=timeout)
-        except JobFailed as failure:
-            typer.secho(f"error: {failure}", err=True, fg=typer.colors.RED)
-            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.secho(f"interrupted: job {job} stopped; its run is recorded as CANCELED, run it again to start afresh", err=True, fg=typer.colors.RED)
             raise typer.Exit(130) from None

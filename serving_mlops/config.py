@@ -15,13 +15,15 @@ from typing import Any, Callable
 
 import yaml
 
+from .errors import InputError
+
 # %% auto #0
 __all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle',
            'load_bundle', 'resolve_variables', 'Environment', 'local_root', 'get_environment', 'workspace_home',
            'on_databricks', 'task_parameters', 'set_task_value']
 
 # %% ../nbs/00_config.ipynb #240eeb21
-class ConfigError(ValueError):
+class ConfigError(InputError):
     "A problem with the bundle configuration; the message names the file and the key."
 
 BUNDLE_ENV_VAR = "SERVING_MLOPS_BUNDLE"  # path of databricks.yml, when not found from the working directory

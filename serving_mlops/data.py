@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text progress, in a terminal and in a job's output alike
 
 # %% auto #0
 __all__ = ['PAY_COLUMNS', 'BILL_COLUMNS', 'PAY_AMT_COLUMNS', 'LABEL_COLUMN', 'FEATURE_COLUMNS', 'RAW_COLUMNS', 'CHUNK_ROWS',

@@ -16,17 +16,18 @@ from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
 from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route, ServedEntityInput,
                                             ServingEndpointDetailed, TrafficConfig)
 
-from .config import Environment, get_environment, task_parameters
+from .config import Environment
+from .errors import StepFailed
 from .registry import alias_version, registry_client
 from .serving import inference_table, start_server, workspace_client
 
 # %% auto #0
 __all__ = ['DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',
            'failure_reason', 'apply_config', 'inference_table_config', 'deploy', 'EndpointReport', 'golden_sample',
-           'endpoint_tests', 'deploy_and_test', 'entity_stats', 'window_stats', 'canary', 'deploy_task']
+           'endpoint_tests', 'deploy_and_test', 'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
-class DeploymentFailed(RuntimeError):
+class DeploymentFailed(StepFailed):
     "A deployment or its endpoint tests failed; the message is the report (and says what was rolled back)."
 
 def resolve_version(env: Environment, version: str | int) -> str:
@@ -232,11 +233,3 @@ def canary(env: Environment, version: str | int, traffic: int = 10, window_secon
     apply_config(w, name, entities, routes, True, timedelta(minutes=10))
     report.rolled_back = "restored the previous config: " + ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%" for r in routes)
     raise DeploymentFailed(report.summary())
-
-# %% ../nbs/09_deploy.ipynb #f7dc9b94
-def deploy_task(env: Environment, version: str | int = "champion", traffic: int = 100, requests: int = 50,
-                canary_window: float = 0) -> EndpointReport:
-    "The deploy task: start a local environment's serving runtime (on its `serving_port`) if none runs, then `deploy_and_test`, or a canary."
-    if env.is_local: start_server(env, port=env.var("serving_port", int))
-    if canary_window > 0 and traffic < 100: return canary(env, version, traffic, canary_window)
-    return deploy_and_test(env, version, traffic, requests=requests)

@@ -23,8 +23,9 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from threadpoolctl import ThreadpoolController
 
-from .config import Environment, get_environment, task_parameters
-from .tables import TableError, Tables, get_spark, tables_for, to_arrow
+from .config import Environment, get_environment
+from .errors import InputError
+from .tables import Tables, get_spark, tables_for, to_arrow
 
 # %% auto #0
 __all__ = ['PROPERTY_PREFIX', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore', 'TrainingSet',
@@ -34,7 +35,7 @@ __all__ = ['PROPERTY_PREFIX', 'FeatureStoreError', 'FeatureTable', 'FeatureLooku
            'example_workspace']
 
 # %% ../nbs/05_feature_store.ipynb #6207f239
-class FeatureStoreError(ValueError):
+class FeatureStoreError(InputError):
     "A refused feature store operation; the message names the table, column or key."
 
 PROPERTY_PREFIX = "feature_store."  # table properties holding the feature table's definition

@@ -18,10 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text progress, in a terminal and in a job's output alike
 
-from .config import Environment, get_environment, task_parameters
-from .data import BILL_COLUMNS, LABEL_COLUMN, PAY_AMT_COLUMNS, PAY_COLUMNS, RAW_COLUMNS, write_credit_data
+from .config import Environment, get_environment
+from .data import BILL_COLUMNS, LABEL_COLUMN, PAY_AMT_COLUMNS, PAY_COLUMNS, RAW_COLUMNS
+from .errors import InputError
 from .tables import Tables, tables_for
 
 # %% auto #0
@@ -31,7 +32,7 @@ __all__ = ['TABLES', 'SOURCE_KEY', 'SILVER_KEY', 'STATEMENTS_KEY', 'LABEL_ALIASE
            'ingest_landing']
 
 # %% ../nbs/03_ingest.ipynb #e4ef431d
-class IngestError(ValueError):
+class IngestError(InputError):
     "A landing file that cannot be ingested; the message names the file and what is wrong."
 
 TABLES = {"bronze": "bronze_clients", "quarantine": "quarantine_clients",

@@ -26,6 +26,7 @@ from databricks.sdk.service.jobs import NotebookTask, RunTask, SubmitTask, TaskD
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
                                   _as_type, get_environment, load_bundle)
+from .errors import StepFailed
 
 # %% auto #0
 __all__ = ['VALUE_REF', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'JobFailed', 'TaskRun', 'JobRun', 'notebook_defaults',
@@ -100,7 +101,7 @@ def load_jobs(env: Environment) -> dict[str, JobSpec]:
 # %% ../nbs/10_jobs.ipynb #d78bf43f
 VALUE_REF = re.compile(r"\{\{\s*tasks\.([A-Za-z0-9_\-]+)\.values\.([A-Za-z0-9_\-]+)\s*\}\}")
 
-class JobFailed(RuntimeError):
+class JobFailed(StepFailed):
     "A job run failed; the message names the failed task, its cell and the executed notebook."
 
 @dataclass
@@ -166,9 +167,8 @@ def task_arguments(task: JobTask, values: dict, where: str, overrides: dict | No
 @contextmanager
 def task_environment(env: Environment, values_file: Path):
     "Environment variables of a task's kernel: this environment's workspaces and bundle, its task-values file."
-    keep = {k: os.environ.get(k) for k in (HOME_ENV_VAR, BUNDLE_ENV_VAR, TASK_VALUES_ENV_VAR, "IN_TEST")}
+    keep = {k: os.environ.get(k) for k in (HOME_ENV_VAR, BUNDLE_ENV_VAR, TASK_VALUES_ENV_VAR)}
     os.environ.update({HOME_ENV_VAR: str(env.root.parent), BUNDLE_ENV_VAR: str(env.bundle_path), TASK_VALUES_ENV_VAR: str(values_file)})
-    os.environ.pop("IN_TEST", None)  # a job task runs for real, also when a test starts the job
     try: yield
     finally:
         for k, v in keep.items():

@@ -16,7 +16,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import roc_auc_score
 
-from .config import Environment, get_environment, set_task_value, task_parameters
+from .config import Environment
+from .errors import StepFailed
 from .feature_store import feature_store_for, use_experiment
 from .tables import get_spark
 from .train import KEY, LABEL, TrainingResult, split_by_customer, train, training_set
@@ -58,7 +59,7 @@ class GateReport:
         head = f"challenger version {self.version}: {'PASSED' if self.passed else 'FAILED'}"
         return "\n".join([head] + [f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}" for name, ok, detail in self.checks])
 
-class GateFailed(RuntimeError):
+class GateFailed(StepFailed):
     "The challenger failed the validation gate; the message lists each failed check."
 
 def held_out(env: Environment, store=None, seed: int = 42):
@@ -111,7 +112,8 @@ def set_champion(env: Environment, version):
 
 def promote_challenger(env: Environment, report: GateReport):
     "Make a passing challenger the champion (the old champion becomes `previous`); raise GateFailed otherwise."
-    if not report.passed: raise GateFailed(report.summary())
+    failed = [f"{name} ({detail})" for name, ok, detail in report.checks if not ok]
+    if failed: raise GateFailed(f"challenger version {report.version} failed the validation gate: {'; '.join(failed)}; it stays 'challenger'")
     set_champion(env, report.version)
 
 # %% ../nbs/07_registry.ipynb #6493812a

@@ -19,6 +19,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake import Schema as DeltaSchema
 
 from .config import Environment, get_environment, on_databricks
+from .errors import InputError
 
 # %% auto #0
 __all__ = ['Frame', 'FILTER_OPS', 'Filters', 'java_version', 'require_java', 'get_spark', 'TableError', 'split_name', 'to_arrow',
@@ -67,7 +68,7 @@ def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
     return spark
 
 # %% ../nbs/01_tables.ipynb #e8d3da3d
-class TableError(ValueError):
+class TableError(InputError):
     "A refused table operation; the message names the table and what was expected."
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

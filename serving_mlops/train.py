@@ -28,7 +28,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import OneHotEncoder
 from pyspark.sql import functions as F
 
-from .config import Environment, get_environment, set_task_value, task_parameters
+from .config import Environment
 from .feature_store import FeatureLookup, TrainingSet, feature_store_for, use_experiment
 from .features import FEATURE_TABLES, KEY
 from .monitoring import training_baseline

@@ -1,4 +1,4 @@
-"""The ingest notebook as a job task: papermill runs it with parameters, as a job runner does."""
+"""The job task notebooks and the local job runner: papermill runs them with parameters, as a job runner does."""
 import json
 import os
 import signal
@@ -15,13 +15,38 @@ from serving_mlops.config import get_environment
 from serving_mlops.data import write_credit_data
 from serving_mlops.tables import tables_for
 
-NOTEBOOK = ROOT / "nbs" / "03_ingest.ipynb"
+NOTEBOOK = ROOT / "databricks_jobs" / "notebooks" / "ingest.ipynb"
 
 
-def test_job_notebook_keeps_its_parameters_cell():
-    cells = json.loads(NOTEBOOK.read_text())["cells"]
-    tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1 and "env_name" in "".join(tagged[0]["source"])
+TASK_NOTEBOOKS = sorted((ROOT / "databricks_jobs" / "notebooks").glob("*.ipynb"))
+CALLER_ONLY = {"env", "register", "alert"}  # parameters of a task function that only the CLI passes
+
+
+@pytest.mark.parametrize("path", TASK_NOTEBOOKS, ids=lambda p: p.stem)
+def test_task_notebooks_are_thin_and_take_their_task_functions_parameters(path):
+    "A title, the `parameters` cell, one call of run_task with a serving_mlops.tasks function; nothing else."
+    import inspect
+    import serving_mlops.tasks as tasks
+    cells = json.loads(path.read_text())["cells"]
+    assert [c["cell_type"] for c in cells] == ["markdown", "code", "code"], path.name
+    assert "".join(cells[0]["source"]).startswith("# ") and cells[1]["metadata"].get("tags") == ["parameters"]
+    call = "".join(cells[2]["source"])
+    imports = [l for l in call.splitlines() if "import" in l]
+    assert len(imports) == 1 and imports[0].startswith("from serving_mlops.tasks import "), call  # no fastcore, nbdev, example data
+    task = next(getattr(tasks, n) for n in imports[0].split(" import ")[1].split(", ") if n != "run_task")
+    defaults = {name: p["default"] for name, p in pm.inspect_notebook(str(path)).items()}
+    takes = [n for n in inspect.signature(task).parameters if n not in CALLER_ONLY]
+    assert sorted(defaults) == sorted(["env_name", *takes]), (path.name, sorted(defaults), takes)
+    assert all(f"{n}={n}" in call for n in takes), call  # every parameter reaches the task
+
+
+def test_every_job_task_runs_a_task_notebook(home):
+    from serving_mlops.jobs import load_jobs
+    for env in ("dev", "staging", "prod"):
+        for job in load_jobs(get_environment(env)).values():
+            for t in job.tasks.values():
+                assert t.notebook in TASK_NOTEBOOKS, (job.name, t.key, t.notebook)
+                assert set(t.parameters) <= set(pm.inspect_notebook(str(t.notebook))), (job.name, t.key, t.parameters)
 
 
 def test_papermill_runs_ingest_in_staging(home, tmp_path):
@@ -36,6 +61,9 @@ def test_papermill_runs_ingest_in_staging(home, tmp_path):
     assert tables_for(get_environment("dev")).list() == []  # the job touched staging only
     printed = "".join(o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
     assert "1500 rows, 1500 accepted, 0 quarantined" in printed
+    executed = nbformat.read(out, as_version=4).cells  # only the task's work: title, parameters, papermill's injected ones, the call
+    assert len(executed) == 4, [c.source for c in executed]
+    assert executed[-1].outputs[-1]["data"]["text/plain"] == "{'files': 1, 'rows': 1500, 'quarantined': 0}"  # its task values
 
 
 def test_spark_reads_what_ingest_wrote(home):
@@ -58,7 +86,7 @@ def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependen
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 400, seed=3, progress=False, bad_fraction=0.3)
     r = cli("jobs", "run", "model_build", "--env", "staging", check=False)
     assert r.returncode == 1
-    assert "job model_build failed in task 'ingest': cell" in r.stderr and "of 03_ingest.ipynb raised IngestError" in r.stderr
+    assert "job model_build failed in task 'ingest': cell" in r.stderr and "of ingest.ipynb raised IngestError" in r.stderr
     (run_dir,) = (staging.root / "jobs" / "model_build").iterdir()
     run = json.loads((run_dir / "run.json").read_text())
     assert [(t["key"], t["state"]) for t in run["tasks"]] == [("ingest", "FAILED"), ("features", "SKIPPED"), ("train", "SKIPPED"), ("validate", "SKIPPED")]
@@ -196,7 +224,7 @@ def workspace(tmp_path, monkeypatch):
     server = StandInWorkspace()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     project = tmp_path / "project"
-    for d in ("databricks_jobs", "nbs"): shutil.copytree(ROOT / d, project / d, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    for d in ("databricks_jobs",): shutil.copytree(ROOT / d, project / d, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     (project / "dist").mkdir(); (project / "dist" / WHEEL).write_bytes(b"stands in for the wheel the deploy builds")
     bundle = project / "databricks_jobs" / "databricks.yml"
     bundle.write_text(bundle.read_text().replace("\n  staging:\n", f"\n  staging:\n    workspace:\n      host: {server.url}\n"))
@@ -219,7 +247,7 @@ def test_jobs_run_submits_a_one_time_run_to_a_workspace_target(workspace):
     tasks = {t["task_key"]: t for t in body["tasks"]}
     assert "depends_on" not in tasks["ingest"] and tasks["validate"]["depends_on"] == [{"task_key": "train"}]
     files = f"/Workspace/Users/{USER}/.bundle/serving-mlops/staging/files"
-    assert tasks["train"]["notebook_task"] == {"notebook_path": f"{files}/nbs/06_train",
+    assert tasks["train"]["notebook_task"] == {"notebook_path": f"{files}/notebooks/train",
                                                "base_parameters": {"env_name": "staging", "n_trials": "3", "seed": "42"}}
     validate = tasks["validate"]["notebook_task"]["base_parameters"]
     assert validate["run_id"] == "{{tasks.train.values.run_id}}" and validate["model_uri"] == "{{tasks.train.values.model_uri}}"
