@@ -14,6 +14,9 @@ from contextlib import asynccontextmanager
 
 import orjson
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.middleware import Middleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -25,7 +28,10 @@ from .runtime import ServingRuntime
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'json_response', 'error_response', 'serving_token', 'make_app', 'read_body']
+__all__ = ['log', 'API', 'AUTH', 'routes', 'json_response', 'error_response', 'serving_error', 'internal_error', 'serving_token',
+           'BearerAuth', 'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints',
+           'get_endpoint', 'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics',
+           'invocations', 'make_app']
 
 # %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -33,7 +39,15 @@ def json_response(payload, status: int = 200, headers: dict | None = None) -> Re
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
 
 def error_response(e: ServingError) -> Response:
+    "`e` as Databricks answers it: `{error_code, message}` with its HTTP status."
     return json_response({"error_code": e.error_code, "message": e.message}, e.status)
+
+async def serving_error(request: Request, e: ServingError) -> Response: return error_response(e)
+
+async def internal_error(request: Request, e: Exception) -> Response:
+    "An unexpected exception: logged with its traceback, answered as a 500 `INTERNAL_ERROR`."
+    log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+    return error_response(ServingError(500, "INTERNAL_ERROR", f"{type(e).__name__}: {e}"))
 
 # %% ../../nbs/08f_serving_app.ipynb #18ed3c2e
 def serving_token(env: Environment) -> str:
@@ -48,110 +62,20 @@ def serving_token(env: Environment) -> str:
             with os.fdopen(fd, "w") as f: f.write("dapi" + secrets.token_hex(16) + "\n")
     return path.read_text().strip()
 
-# %% ../../nbs/08f_serving_app.ipynb #5eae9327
-def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_stopped=None) -> Starlette:
-    "The ASGI app of `env`'s serving runtime (restores persisted endpoints at startup)."
-    runtime = ServingRuntime(env, max_rows)
-    token = serving_token(env).encode()
+# %% ../../nbs/08f_serving_app.ipynb #28326b86
+class BearerAuth:
+    "Route middleware: the request must carry `Authorization: Bearer <token>` with the app's token."
+    def __init__(self, app): self.app = app
 
-    def authorize(request: Request):
-        header = request.headers.get("authorization")
+    async def __call__(self, scope, receive, send):
+        header = Headers(scope=scope).get("authorization")
         if not header: raise ServingError(401, "UNAUTHENTICATED", "missing credentials: send 'Authorization: Bearer <token>'")
         scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), scope["app"].state.token):
             raise ServingError(403, "PERMISSION_DENIED", "invalid access token")
+        await self.app(scope, receive, send)
 
-    def api(handler, auth: bool = True):
-        "A route handler with authorisation and Databricks-style errors; nothing escapes as a crash."
-        async def endpoint(request: Request):
-            try:
-                if auth: authorize(request)
-                return await handler(request)
-            except ServingError as e: return error_response(e)
-            except Exception as e:
-                log.exception("%s %s failed", request.method, request.url.path)
-                return error_response(ServingError(500, "INTERNAL_ERROR", f"{type(e).__name__}: {e}"))
-        return endpoint
-
-    async def read_json(request: Request) -> dict:
-        body = await read_body(request, 1024 * 1024)
-        try: payload = orjson.loads(body or b"{}")
-        except orjson.JSONDecodeError as e: raise bad_request(f"request body is not valid JSON: {e}") from None
-        if not isinstance(payload, dict): raise bad_request("request body must be a JSON object")
-        return payload
-
-    async def well_known(request): return json_response({"workspace_id": "0", "oidc_endpoint": ""})
-    async def health(request): return json_response({"status": "ok", "environment": env.name, "endpoints": len(runtime.endpoints)})
-
-    async def create(request):
-        return json_response(runtime.create(await read_json(request)).to_json(runtime.base_url))
-
-    async def list_endpoints(request):
-        return json_response({"endpoints": [ep.to_json(runtime.base_url, summary=True) for ep in runtime.endpoints.values()]})
-
-    async def get(request): return json_response(runtime.get(request.path_params["name"]).to_json(runtime.base_url))
-
-    async def delete(request):
-        runtime.delete(request.path_params["name"]); return json_response({})
-
-    async def update_config(request):
-        ep = runtime.get(request.path_params["name"])
-        runtime.start_update(ep, check_config(await read_json(request)))
-        return json_response(ep.to_json(runtime.base_url))
-
-    async def put_ai_gateway(request):
-        ep = runtime.get(request.path_params["name"])
-        ep.record["ai_gateway"] = check_ai_gateway(await read_json(request))
-        runtime.configure_capture(ep)
-        runtime.persist(ep)
-        return json_response(ep.record["ai_gateway"])
-
-    async def patch_tags(request):
-        ep, body = runtime.get(request.path_params["name"]), await read_json(request)
-        tags = ep.record.setdefault("tags", {})
-        for t in body.get("add_tags") or []: tags[t["key"]] = t.get("value")
-        for k in body.get("delete_tags") or []: tags.pop(k, None)
-        runtime.persist(ep)
-        return json_response({"tags": [{"key": k, "value": v} for k, v in tags.items()]})
-
-    async def metrics(request):
-        ep = runtime.get(request.path_params["name"])
-        return Response(ep.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def invocations(request):
-        request_id = uuid.uuid4().hex
-        name = request.path_params["name"]
-        runtime.get(name)
-        body = await read_body(request, MAX_BODY_BYTES)
-        out, served = await runtime.invoke(name, body, request_id)
-        return json_response(out, headers={"served-model-name": served, "x-request-id": request_id})
-
-    @asynccontextmanager
-    async def lifespan(app):
-        runtime.restore()
-        if on_started: on_started(runtime)
-        try: yield
-        finally:
-            runtime.close()
-            if on_stopped: on_stopped(runtime)
-
-    base = "/api/2.0/serving-endpoints"
-    app = Starlette(routes=[
-        Route("/.well-known/databricks-config", api(well_known, auth=False)),
-        Route("/health", api(health, auth=False)),
-        Route(base, api(create), methods=["POST"]),
-        Route(base, api(list_endpoints), methods=["GET"]),
-        Route(base + "/{name}", api(get), methods=["GET"]),
-        Route(base + "/{name}", api(delete), methods=["DELETE"]),
-        Route(base + "/{name}/config", api(update_config), methods=["PUT"]),
-        Route(base + "/{name}/ai-gateway", api(put_ai_gateway), methods=["PUT"]),
-        Route(base + "/{name}/tags", api(patch_tags), methods=["PATCH"]),
-        Route(base + "/{name}/metrics", api(metrics), methods=["GET"]),
-        Route("/serving-endpoints/{name}/invocations", api(invocations), methods=["POST"]),
-    ], lifespan=lifespan)
-    app.state.runtime = runtime
-    return app
-
+# %% ../../nbs/08f_serving_app.ipynb #2eb133e2
 async def read_body(request: Request, limit: int) -> bytes:
     "The request body, refused with 413 once it passes `limit` bytes."
     length = request.headers.get("content-length")
@@ -163,3 +87,108 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit: raise ServingError(413, "BAD_REQUEST", f"request body is over the limit of {limit} bytes ({limit // 2**20} MB)")
         chunks.append(chunk)
     return b"".join(chunks)
+
+async def read_json(request: Request) -> dict:
+    "A control-plane body: a JSON object (an empty body is `{}`)."
+    body = await read_body(request, 1024 * 1024)
+    try: payload = orjson.loads(body or b"{}")
+    except orjson.JSONDecodeError as e: raise bad_request(f"request body is not valid JSON: {e}") from None
+    if not isinstance(payload, dict): raise bad_request("request body must be a JSON object")
+    return payload
+
+# %% ../../nbs/08f_serving_app.ipynb #3e22d3e3
+def _runtime(request: Request) -> ServingRuntime: return request.app.state.runtime
+
+async def well_known(request): return json_response({"workspace_id": "0", "oidc_endpoint": ""})
+
+async def health(request):
+    runtime = _runtime(request)
+    return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints)})
+
+async def create_endpoint(request):
+    runtime = _runtime(request)
+    return json_response(runtime.create(await read_json(request)).to_json(runtime.base_url))
+
+async def list_endpoints(request):
+    runtime = _runtime(request)
+    return json_response({"endpoints": [ep.to_json(runtime.base_url, summary=True) for ep in runtime.endpoints.values()]})
+
+async def get_endpoint(request):
+    runtime = _runtime(request)
+    return json_response(runtime.get(request.path_params["name"]).to_json(runtime.base_url))
+
+async def delete_endpoint(request):
+    _runtime(request).delete(request.path_params["name"]); return json_response({})
+
+async def update_config(request):
+    runtime = _runtime(request)
+    ep = runtime.get(request.path_params["name"])
+    runtime.start_update(ep, check_config(await read_json(request)))
+    return json_response(ep.to_json(runtime.base_url))
+
+async def put_ai_gateway(request):
+    runtime = _runtime(request)
+    ep = runtime.get(request.path_params["name"])
+    ep.record["ai_gateway"] = check_ai_gateway(await read_json(request))
+    runtime.configure_capture(ep)
+    runtime.persist(ep)
+    return json_response(ep.record["ai_gateway"])
+
+async def patch_tags(request):
+    runtime = _runtime(request)
+    ep, body = runtime.get(request.path_params["name"]), await read_json(request)
+    tags = ep.record.setdefault("tags", {})
+    for t in body.get("add_tags") or []: tags[t["key"]] = t.get("value")
+    for k in body.get("delete_tags") or []: tags.pop(k, None)
+    runtime.persist(ep)
+    return json_response({"tags": [{"key": k, "value": v} for k, v in tags.items()]})
+
+async def export_metrics(request):
+    ep = _runtime(request).get(request.path_params["name"])
+    return Response(ep.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+async def invocations(request):
+    request_id, runtime, name = uuid.uuid4().hex, _runtime(request), request.path_params["name"]
+    runtime.get(name)
+    body = await read_body(request, MAX_BODY_BYTES)
+    out, served = await runtime.invoke(name, body, request_id)
+    return json_response(out, headers={"served-model-name": served, "x-request-id": request_id})
+
+# %% ../../nbs/08f_serving_app.ipynb #764ec2cf
+API = "/api/2.0/serving-endpoints"
+AUTH = [Middleware(BearerAuth)]
+
+routes = [
+    Route("/.well-known/databricks-config", well_known),  # read by databricks-sdk when a client is made
+    Route("/health", health),
+    Route(API, create_endpoint, methods=["POST"], middleware=AUTH),
+    Route(API, list_endpoints, methods=["GET"], middleware=AUTH),
+    Route(API + "/{name}", get_endpoint, methods=["GET"], middleware=AUTH),
+    Route(API + "/{name}", delete_endpoint, methods=["DELETE"], middleware=AUTH),
+    Route(API + "/{name}/config", update_config, methods=["PUT"], middleware=AUTH),
+    Route(API + "/{name}/ai-gateway", put_ai_gateway, methods=["PUT"], middleware=AUTH),
+    Route(API + "/{name}/tags", patch_tags, methods=["PATCH"], middleware=AUTH),
+    Route(API + "/{name}/metrics", export_metrics, methods=["GET"], middleware=AUTH),
+    Route("/serving-endpoints/{name}/invocations", invocations, methods=["POST"], middleware=AUTH),
+]
+
+# %% ../../nbs/08f_serving_app.ipynb #df68cc8e
+def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_stopped=None) -> Starlette:
+    "The ASGI app of `env`'s serving runtime (restores persisted endpoints at startup)."
+    runtime = ServingRuntime(env, max_rows)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        runtime.restore()
+        if on_started: on_started(runtime)
+        try: yield
+        finally:
+            runtime.close()
+            if on_stopped: on_stopped(runtime)
+
+    # Starlette hands a handler of `Exception` to its ServerErrorMiddleware, which answers and then re-raises
+    # (uvicorn would close the connection); its ExceptionMiddleware around the routes answers and stops there
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ServingError: serving_error},
+                    middleware=[Middleware(ExceptionMiddleware, handlers={Exception: internal_error})])
+    app.state.runtime, app.state.token = runtime, serving_token(env).encode()
+    return app
