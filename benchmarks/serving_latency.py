@@ -304,7 +304,8 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
     import mlflow
     from serving_mlops.feature_store import example_workspace
     from serving_mlops.registry import register_challenger
-    from serving_mlops.serving import serving_token, start_server, stop_server, workspace_client
+    from serving_mlops.serving.app import serving_token
+    from serving_mlops.serving.process import start_server, stop_server, workspace_client
     from serving_mlops.tables import get_spark
     from serving_mlops.train import train
 
@@ -331,7 +332,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         runtime_started = True
         from databricks.sdk.service.serving import AiGatewayConfig, EndpointCoreConfigInput, ServedEntityInput
         from serving_mlops.deploy import inference_table_config
-        from serving_mlops.serving import inference_table
+        from serving_mlops.serving.capture import inference_table
         w = workspace_client(env)
         for name in (endpoint, captured):  # the same version twice: without and with an inference table
             w.serving_endpoints.create_and_wait(name, config=EndpointCoreConfigInput(

@@ -178,7 +178,8 @@ def serve(env: Optional[str] = EnvOption,
           background: bool = typer.Option(False, "--background", "-b", help="Start as a background process, wait until it answers, print its URL."),
           stop: bool = typer.Option(False, "--stop", help="Stop the environment's running runtime gracefully (requests in flight finish).")):
     "Serve the environment's endpoints: the Databricks serving-endpoints REST API and invocations, on 127.0.0.1."
-    from serving_mlops.serving import serve as serve_forever, serving_token, start_server, stop_server
+    from serving_mlops.serving.app import serving_token
+    from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
     with clear_errors():
         e = get_environment(env)
         if not e.is_local: raise InputError(f"environment '{e.name}' is the workspace {e.host}: its endpoints run in Databricks Model Serving")
@@ -225,7 +226,7 @@ def query(env: Optional[str] = EnvOption,
           ids: Optional[str] = typer.Option(None, help="A range of customers FIRST:LAST, sent one request per customer (traffic for monitoring)."),
           endpoint: Optional[str] = typer.Option(None, help="Endpoint name.", show_default="the target's endpoint_name")):
     "Score customers by key through the endpoint's REST API (features come from the online store)."
-    from serving_mlops.serving import workspace_client
+    from serving_mlops.serving.process import workspace_client
     with clear_errors():
         e = get_environment(env)
         wanted = list(customer_id) + (id_range(ids) if ids else [])
@@ -245,7 +246,7 @@ def query(env: Optional[str] = EnvOption,
 @app.command()
 def endpoints(env: Optional[str] = EnvOption):
     "List the environment's serving endpoints: state, served entities and traffic."
-    from serving_mlops.serving import workspace_client
+    from serving_mlops.serving.process import workspace_client
     with clear_errors():
         e = get_environment(env)
         try: w = workspace_client(e)

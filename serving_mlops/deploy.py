@@ -19,7 +19,8 @@ from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, Endpo
 from .config import Environment
 from .errors import StepFailed
 from .registry import alias_version, registry_client
-from .serving import inference_table, start_server, workspace_client
+from .serving.capture import inference_table
+from .serving.process import start_server, workspace_client
 
 # %% auto #0
 __all__ = ['DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',

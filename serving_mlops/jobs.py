@@ -282,7 +282,7 @@ def workspace_task_run(w, task: RunTask) -> TaskRun:
 
 def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, timeout_minutes: float = 60, progress: bool = True) -> JobRun:
     "Run `spec` on `env`'s workspace as a one-time run of the deployed bundle; wait at most `timeout_minutes`, raise JobFailed naming the failed task."
-    from serving_mlops.serving import workspace_client
+    from serving_mlops.serving.process import workspace_client
     w = workspace_client(env)
     where = f"job {spec.name} in workspace {env.host}"
     try:

@@ -30,7 +30,7 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from .config import Environment, get_environment, set_task_value, task_parameters
 from .feature_store import use_experiment
-from .serving import PAYLOAD_SCHEMA, inference_table  # the inference table the serving runtime writes, and its name
+from .serving.capture import PAYLOAD_SCHEMA, inference_table  # the inference table the serving runtime writes, and its name
 from .tables import tables_for
 
 # %% auto #0
@@ -285,7 +285,7 @@ PARSE_CHUNK = 20_000  # requests parsed at a time
 
 def _request_columns(body: str, where: str) -> dict:
     "The columns of a request body in any of the four payload formats (tensor rows have no names: no columns)."
-    from serving_mlops.serving import PAYLOAD_KEYS, InputSpec, _payload_columns
+    from serving_mlops.serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns as _payload_columns
     payload = orjson.loads(body)
     key = next((k for k in PAYLOAD_KEYS if k in payload), None)
     if key is None: raise MonitoringError(f"{where}: the request has none of {PAYLOAD_KEYS}")
@@ -412,7 +412,7 @@ def runtime_counters(env: Environment, endpoint: str | None = None) -> dict | No
     "Requests, errors and mean latency (ms) per served entity from the endpoint's Prometheus metrics; None when it is not reachable."
     from databricks.sdk.errors import DatabricksError
     from serving_mlops.deploy import entity_stats
-    from serving_mlops.serving import workspace_client
+    from serving_mlops.serving.process import workspace_client
     try:
         text = workspace_client(env, retry_timeout_seconds=10).serving_endpoints.export_metrics(endpoint or env.var("endpoint_name")).contents.read().decode()
     except (RuntimeError, DatabricksError, OSError): return None

@@ -14,7 +14,7 @@ from .feature_store import build_feature_tables, feature_store_for
 from .ingest import ingest_landing
 from .monitoring import run_monitoring, runtime_counters
 from .registry import promote_challenger, promote_version, register_challenger, validate_challenger
-from .serving import server_info, start_server
+from .serving.process import server_info, start_server
 from .tables import get_spark
 from .train import TrainingResult, train
 

@@ -110,7 +110,7 @@ def test_ctrl_c_cancels_a_local_job_run_and_records_it(home):
 def test_build_deploy_promote_loop_with_local_jobs(home):
     "Steps 2-7 of the scenario, offline: model_build and deploy_serving_endpoint in staging, promote into prod; then batch inference in prod."
     from serving_mlops.registry import alias_version
-    from serving_mlops.serving import stop_server, workspace_client
+    from serving_mlops.serving.process import stop_server, workspace_client
     staging, prod = get_environment("staging"), get_environment("prod")
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 3000, seed=3, progress=False)
     try:

@@ -28,8 +28,9 @@ from conftest import cli
 from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.feature_store import example_workspace
 from serving_mlops.registry import register_challenger
-from serving_mlops.serving import (server_file, server_info, serving_token, start_server, stop_server,
-                                   wait_exit, workspace_client)
+from serving_mlops.serving.app import serving_token
+from serving_mlops.serving.process import (server_file, server_info, start_server, stop_server,
+                                           wait_exit, workspace_client)
 from serving_mlops.tables import get_spark, tables_for
 from serving_mlops.train import train
 
