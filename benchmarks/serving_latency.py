@@ -332,7 +332,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         runtime_started = True
         from databricks.sdk.service.serving import AiGatewayConfig, EndpointCoreConfigInput, ServedEntityInput
         from serving_mlops.deploy import inference_table_config
-        from serving_mlops.serving.capture import inference_table
+        from serving_mlops.naming import inference_table
         w = workspace_client(env)
         for name in (endpoint, captured):  # the same version twice: without and with an inference table
             w.serving_endpoints.create_and_wait(name, config=EndpointCoreConfigInput(

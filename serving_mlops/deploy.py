@@ -18,9 +18,9 @@ from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, Endpo
 
 from .config import Environment
 from .errors import StepFailed
+from .naming import inference_table, served_entity_name
 from .registry import alias_version, registry_client
-from .serving.capture import inference_table
-from .serving.process import start_server, workspace_client
+from .serving.process import workspace_client
 
 # %% auto #0
 __all__ = ['DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',
@@ -40,7 +40,7 @@ def resolve_version(env: Environment, version: str | int) -> str:
 
 def entity_for(model: str, version: str) -> ServedEntityInput:
     "The served entity of one model version."
-    return ServedEntityInput(entity_name=model, entity_version=version, name=f"{model.split('.')[-1]}-{version}",
+    return ServedEntityInput(entity_name=model, entity_version=version, name=served_entity_name(model, version),
                              workload_size="Small", scale_to_zero_enabled=False)
 
 def current_entities(ep: ServingEndpointDetailed | None) -> tuple[list, list]:

@@ -30,7 +30,8 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from .config import Environment, get_environment, set_task_value, task_parameters
 from .feature_store import use_experiment
-from .serving.capture import PAYLOAD_SCHEMA, inference_table  # the inference table the serving runtime writes, and its name
+from .naming import inference_table
+from .serving.capture import PAYLOAD_SCHEMA  # the inference table the serving runtime writes
 from .tables import tables_for
 
 # %% auto #0

@@ -13,10 +13,8 @@ from pathlib import Path
 import orjson
 import pyarrow as pa
 
-from ..config import Environment
-
 # %% auto #0
-__all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'inference_table', 'payload_table_name', 'payload_frame', 'InferenceLog']
+__all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'payload_table_name', 'payload_frame', 'InferenceLog']
 
 # %% ../../nbs/08c_serving_capture.ipynb #b7c1c0a4
 log = logging.getLogger(__name__)
@@ -31,10 +29,6 @@ PAYLOAD_COMMENTS = {
     "request_time": "when the request arrived (UTC)", "execution_duration_ms": "time in the runtime, parsing to response",
     "request": "the request body as received", "response": "the response body",
     "features": "model input after online lookups: {columns, data}, one row per prediction; null when scoring did not run"}
-
-def inference_table(env: Environment, endpoint: str | None = None, kind: str = "payload") -> str:
-    "Name of an endpoint's inference table (`payload`) or of a table derived from it (`metrics`, `drift`, `quality`)."
-    return env.table_name(f"{(endpoint or env.var('endpoint_name')).replace('-', '_')}_{kind}")
 
 def payload_table_name(ai_gateway: dict) -> str | None:
     "The payload table an endpoint's AI Gateway config asks for, or None when capture is off."

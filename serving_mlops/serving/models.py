@@ -17,10 +17,11 @@ from threadpoolctl import threadpool_limits
 
 from ..config import Environment
 from ..feature_store import OnlineStore
+from ..naming import model_uri, same_table_in
 from .protocol import MAX_ROWS, InputSpec, ParsedRequest, bad_request
 
 # %% auto #0
-__all__ = ['MicroBatcher', 'compile_pipeline', 'verified', 'model_uri', 'online_table', 'ServedModel']
+__all__ = ['MicroBatcher', 'compile_pipeline', 'verified', 'entity_uri', 'online_table', 'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
@@ -116,12 +117,14 @@ def verified(fast, pipeline, columns: list, example=None, seed: int = 0):
     return fast if np.array_equal(fast(X), want) else None
 
 # %% ../../nbs/08b_serving_models.ipynb #55164baa
-def model_uri(entity: dict) -> str: return f"models:/{entity['entity_name']}/{entity['entity_version']}"
+def entity_uri(entity: dict) -> str:
+    "The MLflow URI of the model version a served entity serves."
+    return model_uri(entity["entity_name"], entity["entity_version"])
 
 def online_table(online: OnlineStore, table: str, env: Environment | None = None) -> str:
     "The published online table to look `table` up in: itself, or the environment's table of the same name."
     if online.published(table): return table
-    own = env.table_name(table.rsplit(".", 1)[-1]) if env is not None else None
+    own = same_table_in(env, table) if env is not None else None
     if own and online.published(own): return own
     raise ValueError(f"feature table {table}" + (f" (or this environment's {own})" if own and own != table else "") +
                      f" is not published in the online store {online.path}; run the features job of environment "
@@ -133,7 +136,7 @@ class ServedModel:
     def __init__(self, entity: dict, online: OnlineStore | None = None, max_rows: int = MAX_ROWS, on_batch=None,
                  env: Environment | None = None):  # env: where to look a feature table up when the spec's own is not published
         self.entity, self.name, self.online, self.on_batch = entity, entity["name"], online, on_batch  # on_batch(rows) per model call
-        self.pyfunc = mlflow.pyfunc.load_model(model_uri(entity))
+        self.pyfunc = mlflow.pyfunc.load_model(entity_uri(entity))
         try: inner = self.pyfunc.unwrap_python_model()
         except Exception: inner = None
         spec = getattr(inner, "feature_spec", None)
@@ -148,9 +151,9 @@ class ServedModel:
         else:
             schema = self.pyfunc.metadata.get_input_schema()
             if schema is None or not schema.has_input_names():
-                raise ValueError(f"{model_uri(entity)} has no input signature with column names; log the model with a signature")
+                raise ValueError(f"{entity_uri(entity)} has no input signature with column names; log the model with a signature")
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
-        if self.lookups and online is None: raise ValueError(f"{model_uri(entity)} looks features up, but the environment has no online store")
+        if self.lookups and online is None: raise ValueError(f"{entity_uri(entity)} looks features up, but the environment has no online store")
         self.tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in self.lookups}
         self.spec = InputSpec(columns, keys, passthrough)
         self.index = {c: j for j, c in enumerate(columns)}
@@ -206,7 +209,7 @@ class ServedModel:
         for i in ok:
             try: results[i] = (self.predict(prepared[i][0], requests[i].params).tolist(), prepared[i][1], prepared[i][0])
             except Exception as e:
-                results[i] = bad_request(f"served entity '{self.name}' ({model_uri(self.entity)}) failed on this input: {type(e).__name__}: {e}")
+                results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this input: {type(e).__name__}: {e}")
         return results
 
     def close(self): self.batcher.close()

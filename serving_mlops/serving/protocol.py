@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from ..naming import served_entity_name
+
 # %% auto #0
 __all__ = ['ENDPOINT_NAME', 'WORKLOAD_SIZES', 'PAYLOAD_KEYS', 'OTHER_KEYS', 'MAX_BODY_BYTES', 'MAX_ROWS', 'ServingError',
            'bad_request', 'invalid_parameter', 'no_endpoint', 'check_endpoint_name', 'check_entity', 'check_config',
@@ -47,7 +49,7 @@ def check_entity(e, where: str) -> dict:
     if size not in WORKLOAD_SIZES: raise invalid_parameter(f"{where}.workload_size is {size!r}; expected one of {', '.join(WORKLOAD_SIZES)}")
     env_vars = e.get("environment_vars") or {}
     if not isinstance(env_vars, dict): raise invalid_parameter(f"{where}.environment_vars must be an object of strings")
-    return {"name": e.get("name") or f"{model.split('.')[-1]}-{version}", "entity_name": model, "entity_version": str(version),
+    return {"name": e.get("name") or served_entity_name(model, version), "entity_name": model, "entity_version": str(version),
             "workload_size": size, "scale_to_zero_enabled": bool(e.get("scale_to_zero_enabled", False)),
             "environment_vars": {str(k): str(v) for k, v in env_vars.items()}}
 

@@ -21,7 +21,7 @@ from ..config import Environment
 from ..feature_store import OnlineStore
 from .capture import InferenceLog, payload_table_name
 from .metrics import EndpointMetrics
-from .models import ServedModel, model_uri
+from .models import ServedModel, entity_uri
 from .protocol import (
     MAX_ROWS, ServingError, check_ai_gateway, check_config, check_endpoint_name, invalid_parameter, no_endpoint, parse_request)
 from ..tables import tables_for
@@ -138,7 +138,7 @@ class ServingRuntime:
             else:
                 try: models[e["name"]] = ServedModel(e, self.online, self.max_rows, metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
                 except Exception as x:
-                    raise RuntimeError(f"served entity '{e['name']}': cannot load {model_uri(e)}: {type(x).__name__}: {x}") from None
+                    raise RuntimeError(f"served entity '{e['name']}': cannot load {entity_uri(e)}: {type(x).__name__}: {x}") from None
         return models
 
     async def apply(self, ep: Endpoint, config: dict):
