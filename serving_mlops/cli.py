@@ -307,7 +307,7 @@ def monitor(env: Optional[str] = EnvOption,
             lookback_minutes: Optional[int] = typer.Option(None, min=1, help="Length of the period when --start is not given.", show_default="the window"),
             labels_table: str = typer.Option("", help="Table with customer_id and default_next_month, for model quality.")):
     "Monitor an endpoint from its inference table: metrics, drift (report, MLflow run, alert) and model quality."
-    from serving_mlops.monitoring import run_monitoring
+    from serving_mlops.monitoring.checks import run_monitoring
     with clear_errors():
         run = run_monitoring(get_environment(env), endpoint, start, end, window_minutes, lookback_minutes, labels_table)
         typer.echo(run.summary())
