@@ -32,8 +32,8 @@ from ..tables import tables_for
 # %% auto #0
 __all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'DRIFT_COLUMNS', 'QUALITY_KEYS', 'check_period', 'endpoint_metrics',
            'write_endpoint_metrics', 'runtime_counters', 'model_baseline', 'DriftAlert', 'DriftResult', 'post_alert',
-           'monitoring_dir', 'check_drift', 'expected_calibration_error', 'quality_metrics', 'latest_labels',
-           'model_quality', 'MonitoringRun', 'monitoring_period', 'run_monitoring']
+           'monitoring_dir', 'drift_by_version', 'log_drift_run', 'check_drift', 'expected_calibration_error',
+           'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun', 'monitoring_period', 'run_monitoring']
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #2400aa17
 METRICS_KEYS = ["endpoint_name", "served_entity_name", "window_start"]
@@ -148,6 +148,38 @@ def monitoring_dir(env: Environment, endpoint: str) -> Path:
     "Folder for an endpoint's reports: inside a local workspace, or a temporary one (the MLflow run keeps them) on Databricks."
     return env.path("monitoring", endpoint, create=True) if env.is_local else Path(tempfile.mkdtemp(prefix=f"monitoring-{endpoint}-"))
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #7847750a
+def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `inference_frame` rows of the window
+                     start: pd.Timestamp, end: pd.Timestamp, psi_threshold: float, pvalue_threshold: float,
+                     large_sample: int = 5_000, seed: int = 0) -> tuple[pd.DataFrame, dict, dict]:
+    "`feature_drift` of each model version's predictions against its baseline, and its HTML report: results, rows and report per version."
+    results, rows, reports = [], {}, {}
+    folder = monitoring_dir(env, endpoint)
+    for (name, version), window in frame.groupby(["model_name", "model_version"], sort=True):
+        baseline = model_baseline(env, version, name)
+        r = feature_drift(baseline, window, psi_threshold, pvalue_threshold, large_sample, seed)
+        results.append(r.assign(model_name=name, model_version=version))
+        rows[version] = len(window)
+        title = f"Drift of {endpoint}, {name} version {version}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
+        reports[version] = folder / f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}.html"
+        reports[version].write_text(drift_report_html(baseline, window, r, title))
+    return pd.concat(results, ignore_index=True), rows, reports
+
+def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame, rows: dict, reports: dict,
+                  params: dict, # the check's thresholds and sample size
+                  ) -> str:
+    "One MLflow run in `/serving-mlops/<env>/monitoring`: the check's parameters, PSI and drifted-feature metrics, the reports; returns its id."
+    use_experiment(env, f"/serving-mlops/{env.name}/monitoring")
+    with mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}", tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
+        mlflow.log_params({"endpoint": endpoint, "window_start": str(start), "window_end": str(end), "model_versions": ",".join(rows), **params})
+        psi_rows = results[results.method == "psi"]
+        metrics = {"rows": float(sum(rows.values())), "drifted_features": float(results[results.drifted].groupby(["model_version", "feature"]).ngroups),
+                   **{f"v{r.model_version}.psi.{r.feature}": r.value for r in psi_rows.itertuples()},
+                   **{f"v{v}.drifted_features": float(g[g.drifted].feature.nunique()) for v, g in results.groupby("model_version")}}
+        mlflow.log_metrics(metrics)
+        for path in reports.values(): mlflow.log_artifact(str(path), "drift")
+    return run.info.run_id
+
 # %% ../../nbs/12d_monitoring_checks.ipynb #c7641277
 def check_drift(env: Environment, endpoint: str | None, start, end,
                 psi_threshold: float | None = None, # default: the environment's drift_psi_threshold
@@ -169,38 +201,20 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     if frame.empty:
         raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful requests between {start} and {end} "
                               f"({payload.num_rows} rows in the window in all); expected predictions to compare with the baseline")
-    results, rows, reports, pages = [], {}, {}, {}
-    folder = monitoring_dir(env, endpoint)
-    for (name, version), window in frame.groupby(["model_name", "model_version"], sort=True):
-        baseline = model_baseline(env, version, name)
-        r = feature_drift(baseline, window, psi_threshold, pvalue_threshold, large_sample, seed)
-        results.append(r.assign(model_name=name, model_version=version))
-        rows[version] = len(window)
-        title = f"Drift of {endpoint}, {name} version {version}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
-        reports[version] = folder / f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}.html"
-        reports[version].write_text(drift_report_html(baseline, window, r, title))
-    results = pd.concat(results, ignore_index=True)
-    use_experiment(env, f"/serving-mlops/{env.name}/monitoring")
-    with mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}", tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
-        mlflow.log_params({"endpoint": endpoint, "window_start": str(start), "window_end": str(end), "model_versions": ",".join(rows),
-                           "psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold, "large_sample": large_sample})
-        psi_rows = results[results.method == "psi"]
-        metrics = {"rows": float(sum(rows.values())), "drifted_features": float(results[results.drifted].groupby(["model_version", "feature"]).ngroups),
-                   **{f"v{r.model_version}.psi.{r.feature}": r.value for r in psi_rows.itertuples()},
-                   **{f"v{v}.drifted_features": float(g[g.drifted].feature.nunique()) for v, g in results.groupby("model_version")}}
-        mlflow.log_metrics(metrics)
-        for path in reports.values(): mlflow.log_artifact(str(path), "drift")
+    results, rows, reports = drift_by_version(env, endpoint, frame, start, end, psi_threshold, pvalue_threshold, large_sample, seed)
+    run_id = log_drift_run(env, endpoint, start, end, results, rows, reports,
+                           {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold, "large_sample": large_sample})
     table = inference_table(env, endpoint, "drift")
     written = results.assign(endpoint_name=endpoint, window_start=start, window_end=end, rows=results.model_version.map(rows).astype("int64"),
-                             checked_at=pd.Timestamp.now(tz="UTC"), run_id=run.info.run_id)[DRIFT_COLUMNS]
+                             checked_at=pd.Timestamp.now(tz="UTC"), run_id=run_id)[DRIFT_COLUMNS]
     tables_for(env).append(table, written.astype({"value": "float64", "threshold": "float64", "n": "int64"}))
-    result = DriftResult(endpoint, start, end, results, rows, reports, run.info.run_id, table)
+    result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table)
     if result.drifted and webhook_url:
         hits = results[results.drifted]
         result.webhook = post_alert(webhook_url, {
             "environment": env.name, "endpoint": endpoint, "window_start": str(start), "window_end": str(end), "summary": result.summary(),
             "drifted": hits[["model_version", "feature", "method", "value", "threshold"]].to_dict("records"),
-            "reports": {v: str(p) for v, p in reports.items()}, "mlflow_run_id": run.info.run_id, "drift_table": table})
+            "reports": {v: str(p) for v, p in reports.items()}, "mlflow_run_id": run_id, "drift_table": table})
     if alert: result.raise_alert()
     return result
 
