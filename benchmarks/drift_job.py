@@ -22,8 +22,11 @@ from sklearn.preprocessing import StandardScaler
 from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.data import FEATURE_COLUMNS, LABEL_COLUMN, generate_credit_data
 from serving_mlops.feature_store import use_experiment
-from serving_mlops.monitoring import (DriftAlert, check_drift, drift_report_html, feature_drift, inference_frame, inference_table,
-                                      model_baseline, payload_rows, read_payload, training_baseline)
+from serving_mlops.monitoring.baseline import feature_drift, training_baseline
+from serving_mlops.monitoring.checks import DriftAlert, check_drift, model_baseline
+from serving_mlops.monitoring.inference import inference_frame, payload_rows, read_payload
+from serving_mlops.monitoring.report import drift_report_html
+from serving_mlops.naming import inference_table
 from serving_mlops.tables import tables_for
 
 CATEGORICAL = ["SEX", "EDUCATION", "MARRIAGE"]

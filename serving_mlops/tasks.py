@@ -12,7 +12,7 @@ from .config import Environment, _as_type, get_environment, set_task_value, task
 from .deploy import canary, deploy_and_test
 from .feature_store import build_feature_tables, feature_store_for
 from .ingest import ingest_landing
-from .monitoring import run_monitoring, runtime_counters
+from .monitoring.checks import run_monitoring, runtime_counters
 from .registry import promote_challenger, promote_version, register_challenger, validate_challenger
 from .serving.process import server_info, start_server
 from .tables import get_spark

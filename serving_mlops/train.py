@@ -31,7 +31,7 @@ from pyspark.sql import functions as F
 from .config import Environment
 from .feature_store import FeatureLookup, TrainingSet, feature_store_for, use_experiment
 from .features import FEATURE_TABLES, KEY
-from .monitoring import training_baseline
+from .monitoring.baseline import training_baseline
 from .tables import get_spark
 
 # %% auto #0

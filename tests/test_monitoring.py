@@ -9,7 +9,8 @@ from conftest import cli
 
 from serving_mlops.config import get_environment
 from serving_mlops.data import write_credit_data
-from serving_mlops.monitoring import endpoint_metrics, inference_table
+from serving_mlops.monitoring.checks import endpoint_metrics
+from serving_mlops.naming import inference_table
 from serving_mlops.tables import tables_for
 
 
