@@ -16,9 +16,10 @@ from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
 from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route, ServedEntityInput,
                                             ServingEndpointDetailed, TrafficConfig)
 
-from .config import Environment
+from .config import Environment, using_mlflow
 from .errors import StepFailed
-from .registry import alias_version, registry_client
+from .naming import model_uri, served_entity_name
+from .registry import alias_version
 from .serving import inference_table, start_server, workspace_client
 
 # %% auto #0
@@ -39,7 +40,7 @@ def resolve_version(env: Environment, version: str | int) -> str:
 
 def entity_for(model: str, version: str) -> ServedEntityInput:
     "The served entity of one model version."
-    return ServedEntityInput(entity_name=model, entity_version=version, name=f"{model.split('.')[-1]}-{version}",
+    return ServedEntityInput(entity_name=model, entity_version=version, name=served_entity_name(model, version),
                              workload_size="Small", scale_to_zero_enabled=False)
 
 def current_entities(ep: ServingEndpointDetailed | None) -> tuple[list, list]:
@@ -121,8 +122,7 @@ class EndpointReport:
 
 def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndarray]:
     "The model version's logged input example and the in-process predictions for it."
-    registry_client(env)
-    model = mlflow.pyfunc.load_model(f"models:/{env.var('model_name')}/{version}")
+    with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.var("model_name"), version))
     sample = model.input_example
     if sample is None: raise DeploymentFailed(f"model {env.var('model_name')} version {version} has no input example to test the endpoint with")
     sample = pd.DataFrame(sample).astype(float)
