@@ -77,7 +77,8 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	@echo "  $(BIN)/serving-mlops serve --env staging --stop; $(BIN)/serving-mlops serve --env prod --stop    stop the serving runtimes"
 	@echo "  $(BIN)/serving-mlops --help              every command"
 
-test: $(VENV)/.installed-dev $(VENV)/node/.installed java ## nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
+test: $(VENV)/.installed-dev $(VENV)/node/.installed java ## import layers, nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/nbdev_test
 	$(BIN)/pytest tests --timeout 900
 

@@ -21,7 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.data import FEATURE_COLUMNS, LABEL_COLUMN, generate_credit_data
-from serving_mlops.feature_store import use_experiment
+from serving_mlops.feature_store import in_experiment
 from serving_mlops.monitoring.baseline import feature_drift, training_baseline
 from serving_mlops.monitoring.checks import DriftAlert, check_drift, model_baseline
 from serving_mlops.monitoring.inference import inference_frame, payload_rows, read_payload
@@ -47,11 +47,11 @@ def main(rows: int, training_rows: int, drift: float):
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500)).fit(train[FEATURE_COLUMNS], train[LABEL_COLUMN])
     baseline = training_baseline(train[FEATURE_COLUMNS].assign(prediction=model.predict_proba(train[FEATURE_COLUMNS])[:, 1]),
                                  CATEGORICAL, prediction="prediction")
-    use_experiment(env, "/serving-mlops/dev/training")
-    with mlflow.start_run():
-        info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
-        mlflow.log_dict(baseline, "monitoring/baseline.json")  # as train() logs it next to the model
-    version = mlflow.register_model(info.model_uri, name).version
+    with in_experiment(env, "/serving-mlops/dev/training"):
+        with mlflow.start_run():
+            info = mlflow.sklearn.log_model(model, name="model", pip_requirements=["scikit-learn"])
+            mlflow.log_dict(baseline, "monitoring/baseline.json")  # as train() logs it next to the model
+        version = mlflow.register_model(info.model_uri, name).version
     window = generate_credit_data(rows, seed=2, drift=drift, labelled=False)
     X = window[FEATURE_COLUMNS].astype("float64")
     payload = payload_rows(X, model.predict_proba(X)[:, 1], endpoint, name, version, START, 3600,

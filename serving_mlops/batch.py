@@ -14,6 +14,7 @@ import pandas as pd
 from .config import Environment
 from .deploy import DeploymentFailed, resolve_version
 from .errors import InputError
+from .naming import model_uri
 from .feature_store import feature_store_for
 from .features import KEY
 from .tables import get_spark
@@ -70,7 +71,7 @@ def batch_inference(env: Environment, input_table: str = "silver_clients", outpu
     keys = scoring_keys(env, source, getattr(store, "spark", None))
     start, batch_id = time.monotonic(), uuid.uuid4().hex[:12]
     if progress: print(f"scoring {source} with {model} version {number} ({version}) ...", flush=True)
-    scored = store.score_batch(f"models:/{model}/{number}", keys).toPandas()
+    scored = store.score_batch(model_uri(model, number), keys).toPandas()
     expected = keys.count()
     if len(scored) != expected: raise BatchError(f"scoring {source} returned {len(scored)} rows for {expected} keys; nothing was written")
     frame = scored[[*KEY, "prediction"]].assign(model_name=model, model_version=int(number),

@@ -9,7 +9,7 @@ import importlib.util
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,7 +20,7 @@ from .errors import InputError
 # %% auto #0
 __all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle',
            'load_bundle', 'resolve_variables', 'Environment', 'local_root', 'get_environment', 'workspace_home',
-           'on_databricks', 'task_parameters', 'set_task_value']
+           'on_databricks', 'task_parameters', 'set_task_value', 'using_mlflow']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -246,3 +246,13 @@ def set_task_value(key: str, value) -> None:
     values = json.loads(p.read_text()) if p.exists() else {}
     values[key] = value
     p.write_text(json.dumps(values))
+
+# %% ../nbs/00_config.ipynb #db8561b8
+@contextmanager
+def using_mlflow(env: Environment):
+    "Within the block, MLflow's fluent API works on `env`'s tracking server and registry; the URIs before it come back after."
+    import mlflow
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
+    try: yield
+    finally: mlflow.set_tracking_uri(before[0]); mlflow.set_registry_uri(before[1])

@@ -16,10 +16,10 @@ from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
 from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route, ServedEntityInput,
                                             ServingEndpointDetailed, TrafficConfig)
 
-from .config import Environment
+from .config import Environment, using_mlflow
 from .errors import StepFailed
-from .naming import inference_table, served_entity_name
-from .registry import alias_version, registry_client
+from .naming import inference_table, model_uri, served_entity_name
+from .registry import alias_version
 from .serving.process import workspace_client
 
 # %% auto #0
@@ -122,8 +122,7 @@ class EndpointReport:
 
 def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndarray]:
     "The model version's logged input example and the in-process predictions for it."
-    registry_client(env)
-    model = mlflow.pyfunc.load_model(f"models:/{env.var('model_name')}/{version}")
+    with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.var("model_name"), version))
     sample = model.input_example
     if sample is None: raise DeploymentFailed(f"model {env.var('model_name')} version {version} has no input example to test the endpoint with")
     sample = pd.DataFrame(sample).astype(float)

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,13 +24,14 @@ from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 from threadpoolctl import ThreadpoolController
 
-from .config import Environment, get_environment
+from .config import Environment, get_environment, using_mlflow
 from .errors import InputError
+from .naming import same_table_in
 from .tables import Tables, get_spark, tables_for, to_arrow
 
 # %% auto #0
 __all__ = ['PROPERTY_PREFIX', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore', 'TrainingSet',
-           'create_training_set', 'OnlineStore', 'latest_per_key', 'online_store', 'publish_table', 'use_experiment',
+           'create_training_set', 'OnlineStore', 'latest_per_key', 'online_store', 'publish_table', 'in_experiment',
            'FeatureSpecModel', 'model_columns', 'log_model', 'own_table', 'score_batch', 'lookup_online',
            'databricks_lookup', 'DatabricksFeatureStore', 'feature_store_for', 'build_feature_tables',
            'example_workspace']
@@ -291,11 +293,12 @@ LocalFeatureStore.online_store = online_store
 LocalFeatureStore.publish_table = publish_table
 
 # %% ../nbs/05_feature_store.ipynb #99b22177
-def use_experiment(env: Environment, name: str):
-    "Point MLflow at the environment and make `name` the active experiment (artifacts inside a local workspace)."
-    mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
-    if env.is_local and mlflow.get_experiment_by_name(name) is None: mlflow.create_experiment(name, artifact_location=env.artifact_location)
-    return mlflow.set_experiment(name)
+@contextmanager
+def in_experiment(env: Environment, name: str):
+    "Within the block, MLflow runs go to experiment `name` of `env` (created first, artifacts inside a local workspace)."
+    with using_mlflow(env):
+        if env.is_local and mlflow.get_experiment_by_name(name) is None: mlflow.create_experiment(name, artifact_location=env.artifact_location)
+        yield mlflow.set_experiment(name)
 
 class FeatureSpecModel(mlflow.pyfunc.PythonModel):
     "An MLflow pyfunc model with its feature spec; predicts the positive-class probability from feature columns."
@@ -359,14 +362,14 @@ def _spec_lookups(spec: dict, present: Sequence[str]) -> list:
 def own_table(self, table: str) -> str:
     "`table`, or this environment's feature table of the same name when `table` is another environment's."
     if self.tables.exists(table): return table
-    own = self.env.table_name(table.rsplit(".", 1)[-1])  # a model promoted from staging names staging's tables
+    own = same_table_in(self.env, table)  # a model promoted from staging names staging's tables
     if own != table and self.tables.exists(own): return own
     raise FeatureStoreError(f"feature table {table}" + (f" (or this environment's {own})" if own != table else "") +
                             f" does not exist; run the features job of environment '{self.env.name}'")
 
 def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
     "`df` (keys, optionally some features) with the looked-up features and a `prediction` column."
-    model = mlflow.pyfunc.load_model(model_uri)
+    with using_mlflow(self.env): model = mlflow.pyfunc.load_model(model_uri)
     spec = model.unwrap_python_model().feature_spec
     full = df
     for lookup in _spec_lookups(spec, df.columns):

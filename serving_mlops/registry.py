@@ -16,11 +16,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import roc_auc_score
 
-from .config import Environment
+from .config import Environment, using_mlflow
 from .errors import StepFailed
-from .feature_store import feature_store_for, use_experiment
-from .tables import get_spark
-from .train import KEY, LABEL, TrainingResult, split_by_customer, train, training_set
+from .feature_store import feature_store_for, in_experiment
+from .naming import model_uri
+from .train import KEY, LABEL, TrainingResult, split_by_customer, training_set
 
 # %% auto #0
 __all__ = ['registry_client', 'alias_version', 'register_challenger', 'GateReport', 'GateFailed', 'held_out', 'p95_latency_ms',
@@ -29,8 +29,7 @@ __all__ = ['registry_client', 'alias_version', 'register_challenger', 'GateRepor
 
 # %% ../nbs/07_registry.ipynb #a6786306
 def registry_client(env: Environment) -> MlflowClient:
-    "An MLflow client on the environment's tracking server and registry."
-    mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
+    "An MLflow client on the environment's tracking server and registry (MLflow's process-wide URIs stay as they are)."
     return MlflowClient(env.tracking_uri, env.registry_uri)
 
 def alias_version(env: Environment, alias: str):
@@ -41,7 +40,7 @@ def alias_version(env: Environment, alias: str):
 def register_challenger(env: Environment, result: TrainingResult):
     "Register the model of a training run and give it the alias `challenger`."
     client, name = registry_client(env), env.var("model_name")
-    version = mlflow.register_model(result.model_uri, name, tags={"source_run_id": result.run_id})
+    with using_mlflow(env): version = mlflow.register_model(result.model_uri, name, tags={"source_run_id": result.run_id})
     client.set_registered_model_alias(name, "challenger", version.version)
     return client.get_model_version(name, version.version)
 
@@ -82,13 +81,13 @@ def validate_challenger(env: Environment, store=None, seed: int = 42, latency_bu
     challenger, champion = alias_version(env, "challenger"), alias_version(env, "champion")
     if challenger is None: raise GateFailed(f"model {name} has no version with alias 'challenger' to validate")
     X, y = held_out(env, store, seed)
-    new = mlflow.pyfunc.load_model(f"models:/{name}/{challenger.version}")
+    with using_mlflow(env): new = mlflow.pyfunc.load_model(model_uri(name, challenger.version))
     report = GateReport(challenger.version)
     auc = roc_auc_score(y, new.predict(X))
     minimum = env.var("min_roc_auc", float)
     report.checks.append(("min_roc_auc", auc >= minimum, f"ROC AUC {auc:.4f} (minimum {minimum})"))
     if champion is not None and champion.version != challenger.version:
-        old = mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}")
+        with using_mlflow(env): old = mlflow.pyfunc.load_model(model_uri(name, champion.version))
         old_auc, allowed = roc_auc_score(y, old.predict(X)), env.var("max_auc_degradation", float)
         report.checks.append(("max_auc_degradation", old_auc - auc <= allowed,
                               f"ROC AUC {auc:.4f} vs champion version {champion.version} {old_auc:.4f} (largest allowed drop {allowed})"))
@@ -133,20 +132,19 @@ def copy_model_version(source: Environment, target: Environment, version=None, a
     if src is None: raise GateFailed(f"model {name} in environment '{source.name}' has no version with alias {alias!r} to copy")
     done = copied_version(target, source, src.version)
     if done is not None: return done
-    registry_client(source)
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{src.version}", dst_path=tempfile.mkdtemp()))
+    with using_mlflow(source): local = Path(mlflow.artifacts.download_artifacts(model_uri(name, src.version), dst_path=tempfile.mkdtemp()))
     (local / "registered_model_meta").unlink(missing_ok=True)  # names the source registry's model
     tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or ""}
-    use_experiment(target, f"/serving-mlops/{target.name}/promotions")
-    with mlflow.start_run(run_name=f"copy {name} v{src.version}", tags=tags) as run: mlflow.log_artifacts(str(local), "model")
-    copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.var("model_name"), tags=tags)
+    with in_experiment(target, f"/serving-mlops/{target.name}/promotions"):
+        with mlflow.start_run(run_name=f"copy {name} v{src.version}", tags=tags) as run: mlflow.log_artifacts(str(local), "model")
+        copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.var("model_name"), tags=tags)
     registry_client(target).update_model_version(copy.name, copy.version, description=f"Copied from {name} version {src.version} of environment '{source.name}'.")
     return registry_client(target).get_model_version(copy.name, copy.version)
 
 def verify_copy(source: Environment, source_version, target: Environment, target_version, X) -> int:
     "Check that both versions load and predict identically on `X`; returns the number of rows compared."
-    registry_client(source); before = mlflow.pyfunc.load_model(f"models:/{source.var('model_name')}/{source_version}").predict(X)
-    registry_client(target); after = mlflow.pyfunc.load_model(f"models:/{target.var('model_name')}/{target_version}").predict(X)
+    with using_mlflow(source): before = mlflow.pyfunc.load_model(model_uri(source.var("model_name"), source_version)).predict(X)
+    with using_mlflow(target): after = mlflow.pyfunc.load_model(model_uri(target.var("model_name"), target_version)).predict(X)
     if not np.array_equal(np.asarray(before), np.asarray(after)):
         raise GateFailed(f"copy {target.var('model_name')} version {target_version} predicts differently from "
                          f"{source.var('model_name')} version {source_version} of '{source.name}'")

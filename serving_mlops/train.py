@@ -29,7 +29,7 @@ from sklearn.preprocessing import OneHotEncoder
 from pyspark.sql import functions as F
 
 from .config import Environment
-from .feature_store import FeatureLookup, TrainingSet, feature_store_for, use_experiment
+from .feature_store import FeatureLookup, TrainingSet, feature_store_for, in_experiment
 from .features import FEATURE_TABLES, KEY
 from .monitoring.baseline import training_baseline
 from .tables import get_spark
@@ -160,14 +160,13 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
           experiment: str | None = None, progress: bool = True) -> TrainingResult:
     "Tune, train, evaluate and log a model on the environment's feature store; returns the run's result."
     store = store or feature_store_for(env)
-    use_experiment(env, experiment or f"/serving-mlops/{env.name}/training")
     ts = training_set(env, store)
     df = ts.load_df().toPandas().sort_values(KEY, ignore_index=True)
     splits = split_by_customer(df, seed)
     cols = feature_columns(df)
     (Xt, yt), (Xv, yv), (Xs, ys) = [(splits[k][cols], splits[k][LABEL].to_numpy()) for k in ("train", "validation", "test")]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with mlflow.start_run(run_name="training") as parent:
+    with in_experiment(env, experiment or f"/serving-mlops/{env.name}/training"), mlflow.start_run(run_name="training") as parent:
         def objective(trial):
             params = suggest(trial)
             with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):

@@ -19,10 +19,10 @@ from databricks.sdk.errors import DatabricksError
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from ..config import Environment
+from ..config import Environment, using_mlflow
 from ..deploy import entity_stats
 from ..errors import StepFailed
-from ..feature_store import use_experiment
+from ..feature_store import in_experiment
 from .baseline import drift_summary, feature_drift
 from .inference import MonitoringError, as_utc, inference_frame, read_payload
 from .report import drift_report_html
@@ -91,13 +91,14 @@ def model_baseline(env: Environment, version: str | int, model_name: str | None 
     client, name = registry_client(env), model_name or env.var("model_name")
     try: mv = client.get_model_version(name, str(version))
     except MlflowException: raise MonitoringError(f"model {name} has no version {version} in environment '{env.name}'") from None
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(model_uri(name, version, "artifacts/baseline.json"), dst_path=tempfile.mkdtemp()))
-        return orjson.loads(local.read_bytes())
-    except (MlflowException, OSError): pass
-    if mv.run_id:
-        try: return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/monitoring/baseline.json")
+    with using_mlflow(env):
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(model_uri(name, version, "artifacts/baseline.json"), dst_path=tempfile.mkdtemp()))
+            return orjson.loads(local.read_bytes())
         except (MlflowException, OSError): pass
+        if mv.run_id:
+            try: return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/monitoring/baseline.json")
+            except (MlflowException, OSError): pass
     raise MonitoringError(f"model {name} version {version} has no training baseline (no artifacts/baseline.json in the model, "
                           f"no monitoring/baseline.json in run {mv.run_id}): log it with train() or log_model(baseline=...)")
 
@@ -173,8 +174,8 @@ def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.
                   params: dict, # the check's thresholds and sample size
                   ) -> str:
     "One MLflow run in `/serving-mlops/<env>/monitoring`: the check's parameters, PSI and drifted-feature metrics, the reports; returns its id."
-    use_experiment(env, f"/serving-mlops/{env.name}/monitoring")
-    with mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}", tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
+    with in_experiment(env, f"/serving-mlops/{env.name}/monitoring"), \
+         mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}", tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
         mlflow.log_params({"endpoint": endpoint, "window_start": str(start), "window_end": str(end), "model_versions": ",".join(rows), **params})
         psi_rows = results[results.method == "psi"]
         metrics = {"rows": float(sum(rows.values())), "drifted_features": float(results[results.drifted].groupby(["model_version", "feature"]).ngroups),

@@ -110,6 +110,7 @@ class ServingRuntime:
         self._online = None
         self._logs: dict[str, int] = {}
         self.base_url = ""
+        # a serving runtime process serves one environment for its whole life: its models load from that environment's registry
         mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
 
     @property
