@@ -20,9 +20,9 @@ from .errors import InputError, MlopsError
 from .tables import tables_for
 
 # %% auto #0
-__all__ = ['app', 'EnvOption', 'DRIFT_EXIT', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate',
-           'table_summary', 'ingest', 'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command',
-           'serve', 'deploy', 'id_range', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run']
+__all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate', 'table_summary', 'ingest',
+           'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'deploy',
+           'id_range', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
@@ -261,8 +261,6 @@ def endpoints(env: Optional[str] = EnvOption):
                 typer.echo(f"  {s.name}: {s.entity_name} version {s.entity_version}, {traffic.get(s.name, 0)}% of traffic")
 
 # %% ../nbs/90_cli.ipynb #68a429d5
-DRIFT_EXIT = 3  # `serving-mlops monitor` found drift
-
 @app.command()
 def monitor(env: Optional[str] = EnvOption,
             endpoint: Optional[str] = typer.Option(None, help="Endpoint name.", show_default="the target's endpoint_name"),
@@ -274,10 +272,8 @@ def monitor(env: Optional[str] = EnvOption,
     "Monitor an endpoint from its inference table: metrics, drift (report, MLflow run, alert) and model quality."
     from serving_mlops.tasks import monitoring_task
     with clear_errors():
-        found = monitoring_task(get_environment(env), "all", endpoint, window_minutes, lookback_minutes, start, end, labels_table, alert=False)
-        if found.get("drifted"):
-            typer.secho("DRIFT: found in the period checked (the summary and report are above)", err=True, fg=typer.colors.RED)
-            raise typer.Exit(DRIFT_EXIT)
+        # found drift raises DriftAlert after everything is written: "DRIFT: ..." on stderr and exit status 3 (clear_errors)
+        monitoring_task(get_environment(env), "all", endpoint, window_minutes, lookback_minutes, start, end, labels_table)
 
 # %% ../nbs/90_cli.ipynb #e4aefffa
 jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml): run locally with papermill, or on a workspace target as one-time runs.",

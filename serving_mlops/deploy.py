@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 
 import mlflow
@@ -19,7 +19,7 @@ from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, Endpo
 from .config import Environment, using_mlflow
 from .errors import StepFailed
 from .naming import inference_table, model_uri, served_entity_name
-from .registry import alias_version
+from .registry import GateReport, alias_version
 from .serving.process import workspace_client
 
 # %% auto #0
@@ -105,20 +105,14 @@ def deploy(env: Environment, version: str | int = "champion", traffic: int = 100
 
 # %% ../nbs/09_deploy.ipynb #4abb490e
 @dataclass
-class EndpointReport:
-    "Outcome of the endpoint tests of one deployment."
-    endpoint: str
-    version: str
-    checks: list = field(default_factory=list)  # (check, passed, detail)
+class EndpointReport(GateReport):
+    "Outcome of the endpoint tests of one deployment: the gate's report of checks, for an endpoint, and what was rolled back."
+    endpoint: str = ""
     rolled_back: str = ""
 
-    @property
-    def passed(self) -> bool: return all(ok for _, ok, _ in self.checks)
+    def subject(self) -> str: return f"endpoint {self.endpoint}, model version {self.version}"
 
-    def summary(self) -> str:
-        head = f"endpoint {self.endpoint}, model version {self.version}: {'PASSED' if self.passed else 'FAILED'}"
-        lines = [head] + [f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}" for name, ok, detail in self.checks]
-        return "\n".join(lines + ([f"  rolled back: {self.rolled_back}"] if self.rolled_back else []))
+    def summary(self) -> str: return super().summary() + (f"\n  rolled back: {self.rolled_back}" if self.rolled_back else "")
 
 def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndarray]:
     "The model version's logged input example and the in-process predictions for it."
@@ -132,7 +126,7 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     "Run the endpoint tests against the endpoint serving `version`."
     w = client or workspace_client(env)
     name = endpoint or env.var("endpoint_name")
-    report = EndpointReport(name, str(version))
+    report = EndpointReport(str(version), endpoint=name)
     sample, expected = golden_sample(env, str(version))
     records = sample.to_dict(orient="records")
     sent = failed = 0
@@ -163,7 +157,7 @@ def deploy_and_test(env: Environment, version: str | int = "champion", traffic: 
     w = workspace_client(env)
     name, resolved = endpoint or env.var("endpoint_name"), resolve_version(env, version)
     previous = get_endpoint(w, name)
-    report = EndpointReport(name, resolved)
+    report = EndpointReport(resolved, endpoint=name)
     try:
         deploy(env, resolved, traffic, name, timeout_minutes, client=w)
         report = endpoint_tests(env, resolved, name, requests, client=w)
@@ -219,7 +213,7 @@ def canary(env: Environment, version: str | int, traffic: int = 10, window_secon
         old_w, new_w = window_stats(before, after, incumbent), window_stats(before, after, new)
         elapsed = time.monotonic() - start
         if elapsed >= window_seconds and new_w["requests"] >= min_requests or elapsed >= 3 * window_seconds: break
-    report = EndpointReport(name, resolved)
+    report = EndpointReport(resolved, endpoint=name)
     enough = new_w["requests"] >= min_requests and old_w["requests"] >= min_requests
     report.checks.append(("traffic", enough, f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent} in {elapsed:.0f} s (at least {min_requests} each)"))
     report.checks.append(("error_rate", new_w["error_rate"] <= old_w["error_rate"] + max_extra_error_rate,

@@ -47,15 +47,20 @@ def register_challenger(env: Environment, result: TrainingResult):
 # %% ../nbs/07_registry.ipynb #8d6f45ab
 @dataclass
 class GateReport:
-    "Outcome of the validation gate for one challenger version."
+    "Named checks of one model version and their outcome: the validation gate's report (and, extended, the endpoint tests')."
     version: int | str
     checks: list = field(default_factory=list)  # (check, passed, detail)
 
     @property
     def passed(self) -> bool: return all(ok for _, ok, _ in self.checks)
 
+    @property
+    def failures(self) -> list[str]: return [f"{name} ({detail})" for name, ok, detail in self.checks if not ok]
+
+    def subject(self) -> str: return f"challenger version {self.version}"
+
     def summary(self) -> str:
-        head = f"challenger version {self.version}: {'PASSED' if self.passed else 'FAILED'}"
+        head = f"{self.subject()}: {'PASSED' if self.passed else 'FAILED'}"
         return "\n".join([head] + [f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}" for name, ok, detail in self.checks])
 
 class GateFailed(StepFailed):
@@ -111,8 +116,7 @@ def set_champion(env: Environment, version):
 
 def promote_challenger(env: Environment, report: GateReport):
     "Make a passing challenger the champion (the old champion becomes `previous`); raise GateFailed otherwise."
-    failed = [f"{name} ({detail})" for name, ok, detail in report.checks if not ok]
-    if failed: raise GateFailed(f"challenger version {report.version} failed the validation gate: {'; '.join(failed)}; it stays 'challenger'")
+    if not report.passed: raise GateFailed(f"challenger version {report.version} failed the validation gate: {'; '.join(report.failures)}; it stays 'challenger'")
     set_champion(env, report.version)
 
 # %% ../nbs/07_registry.ipynb #6493812a

@@ -58,7 +58,7 @@ def ws():
     for t in ("behaviour_features", "demographic_features"): store.publish_table(env.table_name(t))
     v1 = register_challenger(env, train(env, n_trials=1, seed=1, store=store, progress=False)).version
     v2 = register_challenger(env, train(env, n_trials=1, seed=2, store=store, progress=False)).version
-    mlflow.set_tracking_uri(env.tracking_uri)
+    mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)  # the fixture uses MLflow's fluent API on this workspace
     with mlflow.start_run():
         x = pd.DataFrame({"x": [1.0, 2.0]})
         mlflow.pyfunc.log_model(name="exploding", python_model=Exploding(), registered_model_name="dev.credit.exploding_model",

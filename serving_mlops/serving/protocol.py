@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from ..errors import MlopsError
 from ..naming import served_entity_name
 
 # %% auto #0
@@ -18,11 +19,12 @@ __all__ = ['ENDPOINT_NAME', 'WORKLOAD_SIZES', 'PAYLOAD_KEYS', 'OTHER_KEYS', 'MAX
            'check_ai_gateway', 'InputSpec', 'ParsedRequest', 'payload_columns', 'parse_request']
 
 # %% ../../nbs/08a_serving_protocol.ipynb #73f99e8e
-class ServingError(Exception):
+class ServingError(MlopsError):
     "An API error: HTTP `status`, Databricks `error_code` and a message naming what is wrong."
     def __init__(self, status: int, error_code: str, message: str):
         super().__init__(message)
-        self.status, self.error_code, self.message = status, error_code, message
+        self.status = self.status_code = status
+        self.error_code, self.message = error_code, message
 
 def bad_request(message: str) -> ServingError: return ServingError(400, "BAD_REQUEST", message)
 def invalid_parameter(message: str) -> ServingError: return ServingError(400, "INVALID_PARAMETER_VALUE", message)
