@@ -7,16 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, get_args, get_type_hints
 
-from .batch import batch_inference
 from .config import Environment, _as_type, get_environment, set_task_value, task_parameters
-from .deploy import canary, deploy_and_test
-from .feature_store import build_feature_tables, feature_store_for
-from .ingest import ingest_landing
-from .monitoring.checks import run_monitoring, runtime_counters
-from .registry import promote_challenger, promote_version, register_challenger, validate_challenger
-from .serving.process import server_info, start_server
-from .tables import get_spark
-from .train import TrainingResult, train
 
 # %% auto #0
 __all__ = ['task_values', 'job_argument', 'run_task', 'ingest_task', 'features_task', 'train_task', 'validate_task',
@@ -54,6 +45,7 @@ def ingest_task(env: Environment,
                 require_label: bool = True, # False for unlabelled scoring batches
                 ) -> dict:
     "Ingest landing files into the environment's bronze, quarantine, silver and statements tables."
+    from serving_mlops.ingest import ingest_landing
     print(f"ingesting into {env.describe()}", flush=True)
     results = ingest_landing(env, source, snapshot_date, max_bad_fraction, require_label)
     for r in results: print(r.summary())
@@ -64,6 +56,8 @@ def features_task(env: Environment,
                   publish: bool = True, # also publish the feature tables to the online store
                   ) -> dict:
     "Build the feature tables from the silver tables and publish them to the online store."
+    from serving_mlops.feature_store import build_feature_tables, feature_store_for
+    from serving_mlops.tables import get_spark
     print(f"building feature tables in {env.describe()}", flush=True)
     store = feature_store_for(env, spark=get_spark(env))
     built = build_feature_tables(env, store)
@@ -83,6 +77,10 @@ def train_task(env: Environment,
                register: bool = False, # also register the model as 'challenger' (the model_build job registers in its validate task)
                ) -> dict:
     "Tune, train and log a model on the environment's feature tables; returns its run and model URI."
+    from serving_mlops.feature_store import feature_store_for
+    from serving_mlops.registry import register_challenger
+    from serving_mlops.tables import get_spark
+    from serving_mlops.train import train
     print(f"training in {env.describe()} with {n_trials} Optuna trials", flush=True)
     result = train(env, n_trials=n_trials, seed=seed, store=feature_store_for(env, spark=get_spark(env)))
     print(", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("val_roc_auc", "test_roc_auc", "test_pr_auc", "test_brier")))
@@ -100,6 +98,10 @@ def validate_task(env: Environment,
                   latency_budget_ms: float | None = None, # default: the target's latency_budget_ms
                   ) -> dict:
     "Register a run's model as challenger, validate it against the champion and promote it when every check passes."
+    from serving_mlops.feature_store import feature_store_for
+    from serving_mlops.registry import promote_challenger, register_challenger, validate_challenger
+    from serving_mlops.tables import get_spark
+    from serving_mlops.train import TrainingResult
     if run_id and not model_uri: raise ValueError(f"validate: run_id {run_id} given without its model_uri (the train task's values give both)")
     if run_id: register_challenger(env, TrainingResult(run_id, model_uri, {}, {}))
     report = validate_challenger(env, feature_store_for(env, spark=get_spark(env)), seed, latency_budget_ms)
@@ -116,6 +118,8 @@ def deploy_task(env: Environment,
                 canary_window: float = 0.0, # seconds to watch a canary (traffic below 100) before promoting or rolling it back
                 ) -> dict:
     "Deploy a model version to the environment's endpoint and test it; roll back on failure."
+    from serving_mlops.deploy import canary, deploy_and_test
+    from serving_mlops.serving.process import server_info, start_server
     if env.is_local: start_server(env, port=env.var("serving_port", int))
     if canary_window > 0 and traffic < 100: report = canary(env, version, traffic, canary_window)
     else: report = deploy_and_test(env, version, traffic, requests=requests)
@@ -132,6 +136,9 @@ def promote_task(env: Environment,
                  seed: int = 42, # seed of the held-out split the copy is verified on
                  ) -> dict:
     "Copy a model version of another environment's registry into this one, verify it and make it the champion."
+    from serving_mlops.feature_store import feature_store_for
+    from serving_mlops.registry import promote_version
+    from serving_mlops.tables import get_spark
     source = get_environment(source_env)
     copy, rows = promote_version(source, env, version, seed, store=feature_store_for(source, spark=get_spark(source)))
     print(f"{copy.tags['source_model']} version {copy.tags['source_version']} of '{source.name}' is "
@@ -145,6 +152,9 @@ def batch_inference_task(env: Environment,
                          version: str = "champion", # model alias or version number
                          ) -> dict:
     "Score every key of a table with the environment's model into a predictions table."
+    from serving_mlops.batch import batch_inference
+    from serving_mlops.feature_store import feature_store_for
+    from serving_mlops.tables import get_spark
     scores = batch_inference(env, input_table, output_table, version, store=feature_store_for(env, spark=get_spark(env)))
     return task_values(model_version=scores.version, rows=str(scores.rows))
 
@@ -160,6 +170,7 @@ def monitoring_task(env: Environment,
                     alert: bool = True, # raise DriftAlert when drift is found
                     ) -> dict:
     "Endpoint metrics, drift and model quality of one period, written to the monitoring tables; the drift alert when drifted."
+    from serving_mlops.monitoring.checks import run_monitoring, runtime_counters
     run = run_monitoring(env, endpoint_name, start, end, window_minutes, lookback_minutes, labels_table, task)
     print(run.summary())
     values = {}
