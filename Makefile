@@ -79,7 +79,7 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 test: $(VENV)/.installed-dev $(VENV)/node/.installed java ## import layers, nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/nbdev_test
-	$(BIN)/pytest tests --timeout 900
+	$(BIN)/pytest tests --timeout 900 --durations=8
 
 export: $(VENV)/.installed-dev ## notebooks -> serving_mlops/, then nbdev_clean (literate and task notebooks) before committing
 	$(BIN)/nbdev_export
