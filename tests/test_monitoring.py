@@ -34,16 +34,17 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
     prod = get_environment("prod")
     landing = Path(prod.landing_dir)
     write_credit_data(landing / "history.csv", 3000, seed=3, progress=False)
-    cli("ingest", "--env", "prod"); cli("features", "--env", "prod")
-    cli("train", "--env", "prod", "--trials", "1", "--seed", "1")
-    cli("validate", "--env", "prod", "--seed", "1", "--latency-budget-ms", "10000")
+    from serving_mlops.tasks import features_task, ingest_task, train_task, validate_task
+    ingest_task(prod); features_task(prod)  # prod's champion, made in process by the task functions the commands call
+    trained = train_task(prod, n_trials=1, seed=1)
+    validate_task(prod, trained["run_id"], trained["model_uri"], seed=1, latency_budget_ms=10_000)
     try:
         cli("serve", "--env", "prod", "--background", "--port", "0")
         deploy(prod, "champion")  # the endpoint and its inference table (the endpoint tests are deploy's own tests)
         # new clients arrive (with their outcomes, which ingest needs): 1,000 like the training population, 1,000 younger and riskier
         write_credit_data(landing / "clean.csv", 1000, seed=11, first_id=100_001, progress=False)
         write_credit_data(landing / "drifted.csv", 1000, seed=12, first_id=200_001, drift=1.0, progress=False)
-        cli("ingest", "--env", "prod"); cli("features", "--env", "prod")  # their features, published online
+        ingest_task(prod); features_task(prod)  # their features, published online
         payload = inference_table(prod, None, "payload")
         t0 = now(); out = cli("query", "--env", "prod", "--ids", "100001:101000").stdout; t1 = now()
         assert "1,000 customers scored" in out, out
