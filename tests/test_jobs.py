@@ -107,11 +107,18 @@ def test_ctrl_c_cancels_a_local_job_run_and_records_it(home):
     assert [t["state"] for t in json.loads((run_dir / "run.json").read_text())["tasks"]] == ["CANCELED"]
 
 @pytest.mark.timeout(1800)
-def test_build_deploy_promote_loop_with_local_jobs(home):
+def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
     "Steps 2-7 of the scenario, offline: model_build and deploy_serving_endpoint in staging, promote into prod; then batch inference in prod."
     from serving_mlops.registry import alias_version
     from serving_mlops.serving.process import stop_server, workspace_client
+    # the project's bundle, its runtimes on free ports: `make demo`'s runtimes may hold the targets' own ports (8712, 8713)
+    import shutil
+    shutil.copytree(ROOT / "databricks_jobs", tmp_path / "databricks_jobs")
+    bundle = tmp_path / "databricks_jobs" / "databricks.yml"
+    bundle.write_text(bundle.read_text().replace("serving_port: 8712", "serving_port: 0").replace("serving_port: 8713", "serving_port: 0"))
+    monkeypatch.setenv("SERVING_MLOPS_BUNDLE", str(bundle))
     staging, prod = get_environment("staging"), get_environment("prod")
+    assert (staging.var("serving_port", int), prod.var("serving_port", int)) == (0, 0)
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 3000, seed=3, progress=False)
     try:
         out = cli("jobs", "run", "model_build", "--env", "staging", "-p", "n_trials=1").stdout
