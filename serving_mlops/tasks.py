@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, get_args, get_type_hints
 
-from .config import Environment, _as_type, get_environment, set_task_value, task_parameters
+from .config import ConfigError, Environment, _as_type, get_environment, set_task_value, task_parameters
 
 # %% auto #0
 __all__ = ['task_values', 'job_argument', 'run_task', 'ingest_task', 'features_task', 'train_task', 'validate_task',
@@ -33,7 +33,7 @@ def run_task(task: Callable, env_name: str, **parameters) -> dict:
     given = task_parameters(env_name=env_name, **parameters)
     hints = get_type_hints(task)
     unknown = [k for k in given if k != "env_name" and k not in hints]
-    if unknown: raise TypeError(f"{task.__name__} takes no parameter(s) {unknown}: its parameters are {[k for k in hints if k not in ('env', 'return')]}")
+    if unknown: raise ConfigError(f"{task.__name__} takes no parameter(s) {unknown}: its parameters are {[k for k in hints if k not in ('env', 'return')]}")
     arguments = {k: job_argument(v, hints[k], k) for k, v in given.items() if k != "env_name"}
     return task(get_environment(given["env_name"]), **arguments)
 
@@ -102,7 +102,7 @@ def validate_task(env: Environment,
     from serving_mlops.registry import promote_challenger, register_challenger, validate_challenger
     from serving_mlops.tables import get_spark
     from serving_mlops.train import TrainingResult
-    if run_id and not model_uri: raise ValueError(f"validate: run_id {run_id} given without its model_uri (the train task's values give both)")
+    if run_id and not model_uri: raise ConfigError(f"validate: run_id {run_id} given without its model_uri (the train task's values give both)")
     if run_id: register_challenger(env, TrainingResult(run_id, model_uri, {}, {}))
     report = validate_challenger(env, feature_store_for(env, spark=get_spark(env)), seed, latency_budget_ms)
     print(report.summary())
