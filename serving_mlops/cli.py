@@ -127,7 +127,6 @@ def features(env: Optional[str] = EnvOption,
     with clear_errors():
         e = get_environment(env)
         features_task(e, publish)
-        if publish and e.is_local: typer.echo(f"online store: {e.path('online') / 'online_store.db'}")
 
 # %% ../nbs/90_cli.ipynb #46dce27f
 @app.command()

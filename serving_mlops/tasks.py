@@ -68,6 +68,7 @@ def features_task(env: Environment,
             published = store.publish_table(name)
             line += f"; online: {published['rows']:,} keys" if isinstance(published, dict) else "; published online"
         print(line, flush=True)
+    if publish and env.is_local: print(f"online store: {store.online_store().path}")
     return task_values(tables=list(built.values()))
 
 # %% ../nbs/13_tasks.ipynb #eb77429c
