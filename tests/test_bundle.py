@@ -54,8 +54,13 @@ def merged(target, bundle=BUNDLE):
     a variable's value replaces its default; run_as replaces. The target-only keys (mode, default, ...) stay
     under `targets.<target>`, as a one-target bundle file would have them (the schema has no `bundle.mode`)."""
     (_, root), *included = files_of(bundle)
-    config = copy.deepcopy(root)
-    for _, doc in included: config = merge(config, doc)
+    config, seen = copy.deepcopy(root), {}
+    for path, doc in included:
+        for kind, items in (doc.get("resources") or {}).items():  # unique_resource_keys.go: one definition per key
+            for key in items or {}:
+                assert (kind, key) not in seen, f"{path}: resources.{kind}.{key} is also defined in {seen[kind, key]}"
+                seen[kind, key] = path
+        config = merge(config, doc)
     targets = config.pop("targets")
     over = targets[target] or {}
     for field in ("bundle", "workspace", "artifacts", "resources", "sync", "permissions", "presets"):
@@ -77,6 +82,13 @@ def clusters(config):
         for i, t in enumerate(job.get("tasks") or []):
             for where, task in ((f"tasks[{i}]", t), (f"tasks[{i}].for_each_task.task", (t.get("for_each_task") or {}).get("task") or {})):
                 if task.get("new_cluster"): yield f"resources.jobs.{name}.{where}.new_cluster", task["new_cluster"]
+
+
+def cluster_key_errors(config):
+    "job_cluster_key_defined.go: a task's job_cluster_key names one of its job's job_clusters."
+    return [f"resources.jobs.{name}: task '{t['task_key']}' uses job_cluster_key '{t['job_cluster_key']}', which is not defined"
+            for name, job in ((config.get("resources") or {}).get("jobs") or {}).items() for t in job.get("tasks") or []
+            if t.get("job_cluster_key") and t["job_cluster_key"] not in {c["job_cluster_key"] for c in job.get("job_clusters") or []}]
 
 
 def tasks(config):
@@ -243,6 +255,7 @@ def test_the_single_node_rule_catches_a_broken_cluster():
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_reference_is_declared_and_every_variable_has_a_value(target):
     assert reference_errors(merged(target)) == []
+    assert cluster_key_errors(merged(target)) == []
 
 
 def test_the_reference_rule_catches_a_broken_bundle():
@@ -252,6 +265,8 @@ def test_the_reference_rule_catches_a_broken_bundle():
     assert reference_errors(config) == [
         "resources.jobs.ingest.tasks[0].notebook_task.base_parameters.snapshot_date: ${var.snapshot_day} refers to a variable that is not declared under 'variables'",
         "variables.catalog: no value assigned to required variable catalog"]
+    config["resources"]["jobs"]["ingest"]["tasks"][0]["job_cluster_key"] = "build_cluster"
+    assert cluster_key_errors(config) == ["resources.jobs.ingest: task 'ingest' uses job_cluster_key 'build_cluster', which is not defined"]
 
 
 # --- Job clusters: runtime, node type, what they install --------------------------------------------------
