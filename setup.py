@@ -19,6 +19,7 @@ statuses = [ '1 - Planning', '2 - Pre-Alpha', '3 - Alpha',
 py_versions = '3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
+local_requirements = shlex.split(cfg.get('local_requirements', ''))
 dev_requirements = shlex.split(cfg.get('dev_requirements', ''))
 databricks_requirements = shlex.split(cfg.get('databricks_requirements', ''))
 min_python = cfg['min_python']
@@ -36,7 +37,7 @@ setuptools.setup(
     packages = setuptools.find_packages(include=[cfg['lib_name'], cfg['lib_name'] + '.*']),
     include_package_data = True,
     install_requires = requirements,
-    extras_require = {'dev': dev_requirements, 'databricks': databricks_requirements},
+    extras_require = {'local': local_requirements, 'dev': dev_requirements, 'databricks': databricks_requirements},
     dependency_links = cfg.get('dep_links','').split(),
     python_requires  = '>=' + cfg['min_python'],
     long_description = open('README.md', encoding='utf-8').read(),

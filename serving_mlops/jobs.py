@@ -22,16 +22,18 @@ import papermill as pm
 import yaml
 from databricks.sdk.errors import DatabricksError, OperationFailed
 from databricks.sdk.service.compute import ClusterSpec, Library
-from databricks.sdk.service.jobs import NotebookTask, RunTask, SubmitTask, TaskDependency
+from databricks.sdk.service.jobs import NotebookTask, RunOutput, RunTask, SubmitTask, TaskDependency
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
-                                  _as_type, get_environment, load_bundle)
+                                  _as_type, get_environment, load_bundle, local_root)
 from .errors import StepFailed
 
 # %% auto #0
-__all__ = ['VALUE_REF', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'JobFailed', 'TaskRun', 'JobRun', 'notebook_defaults',
-           'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'sync_root', 'bundle_workspace_paths',
-           'workspace_libraries', 'submit_tasks', 'workspace_task_run', 'submit_job']
+__all__ = ['VALUE_REF', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'JobFailed', 'TaskRun', 'JobRun', 'run_folder',
+           'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'sync_root',
+           'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values',
+           'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -138,6 +140,12 @@ class JobRun:
         (self.folder / "run.json").write_text(json.dumps({"job": self.job, "run_id": self.run_id, "environment": self.environment,
                                                           "state": self.state, "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
 
+def run_folder(env: Environment, job: str, run_id: str) -> Path:
+    "The folder of a run's record: `jobs/<job>/<run id>/` of the local workspace, or for a workspace target of its folder on this machine."
+    folder = (env.root if env.is_local else local_root(env.name, env.bundle_path)) / "jobs" / job / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
 def notebook_defaults(notebook: Path) -> dict:
     "The parameters of a notebook (its `parameters` cell) and their default values."
     return {name: ast.literal_eval(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
@@ -182,7 +190,7 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
     spec = jobs[job]
     if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    run = JobRun(job, run_id, env.name, env.path("jobs", job, run_id, create=True), {k: TaskRun(k) for k in spec.tasks})
+    run = JobRun(job, run_id, env.name, run_folder(env, job, run_id), {k: TaskRun(k) for k in spec.tasks})
     values = {}
     for key in TopologicalSorter({k: t.depends_on for k, t in spec.tasks.items()}).static_order():
         task, state = spec.tasks[key], run.tasks[key]
@@ -238,14 +246,24 @@ def bundle_workspace_paths(env: Environment, user: str) -> dict[str, str]:
     return {"root_path": root, "file_path": path("file_path", f"{root}/files"), "artifact_path": path("artifact_path", f"{root}/artifacts")}
 
 # %% ../nbs/10_jobs.ipynb #29e0dfca
+def latest_wheels(paths: list[str]) -> list[str]:
+    "`paths` with only the newest version of each wheel's distribution, in their order (files not named like wheels stay)."
+    out, where = [], {}
+    for p in paths:
+        try: name, version, *_ = parse_wheel_filename(Path(p).name)
+        except InvalidWheelFilename: out.append(p); continue
+        if name not in where: where[name] = len(out); out.append(p)
+        elif version > parse_wheel_filename(Path(out[where[name]]).name)[1]: out[where[name]] = p
+    return out
+
 def workspace_libraries(spec: JobSpec, task: JobTask, artifact_path: str) -> list[dict]:
-    "The task's libraries as deployed: each local file its `whl` glob matches becomes `<artifact_path>/.internal/<file name>`."
+    "The task's libraries as deployed: the newest wheel its local `whl` glob (relative to the job's YAML file) matches, as `<artifact_path>/.internal/<file name>`."
     prefix = artifact_path if artifact_path.startswith(("/Workspace", "/Volumes")) else "/Workspace" + artifact_path
     out = []
     for lib in task.libraries:
         whl = lib.get("whl")
         if not whl or whl.startswith("/") or "://" in whl: out.append(lib); continue  # already a workspace, volume or remote path
-        found = sorted(glob.glob(str(spec.source.parent / whl)))
+        found = latest_wheels(sorted(glob.glob(str(spec.source.parent / whl))))
         if not found: raise ConfigError(f"{spec.source}: task '{task.key}' of job {spec.name} attaches {whl!r}, but no file matches "
                                         f"{spec.source.parent / whl}: build the wheel first (`databricks bundle deploy` builds and uploads it)")
         out += [{"whl": f"{prefix}/.internal/{Path(f).name}"} for f in found]
@@ -268,11 +286,23 @@ def submit_tasks(env: Environment, spec: JobSpec, user: str, parameters: dict | 
     return tasks
 
 # %% ../nbs/10_jobs.ipynb #a4a762c6
+def notebook_values(output: RunOutput, task_key: str) -> dict:
+    "The task values a task notebook ended with (`notebook_output.result`, JSON); {} for a notebook that returned nothing."
+    result = output.notebook_output.result if output.notebook_output else None
+    if not result: return {}
+    try: values = json.loads(result)
+    except ValueError: values = None
+    if not isinstance(values, dict) or output.notebook_output.truncated:
+        raise JobFailed(f"task '{task_key}' returned {result[:80]!r}{' (truncated)' if output.notebook_output.truncated else ''}: "
+                        "expected the JSON object of its task values (serving_mlops.tasks.run_task ends a task notebook with it)")
+    return values
+
 def workspace_task_run(w, task: RunTask) -> TaskRun:
-    "One task of a workspace run as a TaskRun: its result (or lifecycle) state, and for a failed task its error."
+    "One task of a workspace run as a TaskRun: its result (or lifecycle) state, a successful task's values, a failed task's error."
     state = (task.state.result_state or task.state.life_cycle_state).value if task.state else "PENDING"
     run = TaskRun(task.task_key, state, task.notebook_task.notebook_path if task.notebook_task else "",
                   (task.end_time - task.start_time) / 1000 if task.end_time and task.start_time else 0.0)
+    if state == "SUCCESS" and task.run_id: run.values = notebook_values(w.jobs.get_run_output(run_id=task.run_id), task.task_key)
     if state not in ("SUCCESS", "PENDING", "RUNNING", "QUEUED", "BLOCKED"):
         run.error = task.state.state_message or state
         if not state.startswith("UPSTREAM_") and task.run_id:
@@ -301,8 +331,10 @@ def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, 
             raise JobFailed(f"{where} did not finish within {timeout_minutes:g} minutes: cancelled run {run.run_id} ({run.run_page_url})") from None
         except OperationFailed: run = w.jobs.get_run(run.run_id)  # INTERNAL_ERROR: the tasks say which one failed
         show(run)
-        result = JobRun(spec.name, str(run.run_id), env.name, None, {t.task_key: workspace_task_run(w, t) for t in run.tasks or []}, run.run_page_url or "")
+        tasks = {t.task_key: workspace_task_run(w, t) for t in run.tasks or []}
     except DatabricksError as e: raise JobFailed(f"{where}: {type(e).__name__}: {e}") from None
+    result = JobRun(spec.name, str(run.run_id), env.name, run_folder(env, spec.name, str(run.run_id)), tasks, run.run_page_url or "")
+    result.save()
     if result.state != "SUCCESS":
         failed = next((t for t in result.tasks.values() if t.state != "SUCCESS" and not t.state.startswith("UPSTREAM_")), None)
         what = f"task '{failed.key}': {failed.error}" if failed else (run.state.state_message if run.state else "no task state")

@@ -5,18 +5,27 @@
 # %% ../nbs/13_tasks.ipynb #81259105
 from __future__ import annotations
 
+import json
 from typing import Callable, get_args, get_type_hints
 
-from .config import ConfigError, Environment, _as_type, get_environment, set_task_value, task_parameters
+from .config import ConfigError, Environment, _as_type, get_environment, on_databricks, set_task_value, task_parameters
 
 # %% auto #0
-__all__ = ['task_values', 'job_argument', 'run_task', 'ingest_task', 'features_task', 'train_task', 'validate_task',
-           'deploy_task', 'promote_task', 'batch_inference_task', 'monitoring_task']
+__all__ = ['task_values', 'exit_with_values', 'job_argument', 'run_task', 'ingest_task', 'features_task', 'train_task',
+           'validate_task', 'deploy_task', 'promote_task', 'batch_inference_task', 'monitoring_task']
 
 # %% ../nbs/13_tasks.ipynb #e961235f
 def task_values(**values) -> dict:
     "Publish `values` to the downstream tasks of the running job task (nothing outside a job) and return them."
     for key, value in values.items(): set_task_value(key, value)
+    return values
+
+# %% ../nbs/13_tasks.ipynb #e5e89ea9
+def exit_with_values(values: dict) -> dict:
+    "On Databricks, end the task notebook with `values` as its exit value (JSON); elsewhere return them."
+    if on_databricks():
+        from IPython import get_ipython
+        get_ipython().user_ns["dbutils"].notebook.exit(json.dumps(values, default=str))
     return values
 
 # %% ../nbs/13_tasks.ipynb #765aa0c8
@@ -35,7 +44,7 @@ def run_task(task: Callable, env_name: str, **parameters) -> dict:
     unknown = [k for k in given if k != "env_name" and k not in hints]
     if unknown: raise ConfigError(f"{task.__name__} takes no parameter(s) {unknown}: its parameters are {[k for k in hints if k not in ('env', 'return')]}")
     arguments = {k: job_argument(v, hints[k], k) for k, v in given.items() if k != "env_name"}
-    return task(get_environment(given["env_name"]), **arguments)
+    return exit_with_values(task(get_environment(given["env_name"]), **arguments))
 
 # %% ../nbs/13_tasks.ipynb #feec2add
 def ingest_task(env: Environment,

@@ -154,8 +154,11 @@ def registry_version(env, version):
 # A Databricks workspace cannot exist on this machine. JobsApiStandIn stands in for one: a real HTTP
 # server on 127.0.0.1 that answers the routes databricks-sdk calls (`/.well-known/databricks-config`,
 # `scim/v2/Me`, jobs `runs/submit`, `runs/get`, `runs/get-output`, `runs/cancel`), records every request, and reports
-# the submitted tasks as finished (or one of them failed, or all still running). The assertions are
-# on what the real SDK sent over HTTP and on how serving_mlops reads the SDK's parsed answers.
+# the submitted tasks as finished (or one of them failed, or all still running). A finished task's
+# `runs/get-output` has the `notebook_output.result` its notebook would end with on Databricks
+# (`dbutils.notebook.exit` of its task values, in `run_task`): NOTEBOOK_RESULTS, as the task functions
+# return them. The assertions are on what the real SDK sent over HTTP and on how serving_mlops reads
+# the SDK's parsed answers; what runs on the clusters is not exercised here.
 
 import shutil
 import threading
@@ -164,6 +167,9 @@ from urllib.parse import parse_qs, urlparse
 
 USER = "ml-ops@example.com"
 WHEEL = "serving_mlops-0.0.1-py3-none-any.whl"
+NOTEBOOK_RESULTS = {"ingest": {"files": 1, "rows": 400, "quarantined": 0},
+                    "features": {"tables": ["staging.credit.behaviour_features", "staging.credit.demographic_features"]},
+                    "train": {"run_id": "6f1e", "model_uri": "runs:/6f1e/model"}, "validate": {"model_version": "3"}}
 
 
 class JobsApiStandIn(BaseHTTPRequestHandler):
@@ -194,8 +200,10 @@ class JobsApiStandIn(BaseHTTPRequestHandler):
         if (method, url.path) == ("GET", "/api/2.2/jobs/runs/get") and query.get("run_id") == "42": return self.answer(200, ws.run())
         if (method, url.path) == ("GET", "/api/2.2/jobs/runs/get-output"):
             task = next(t for t in ws.run()["tasks"] if str(t["run_id"]) == query["run_id"])
-            return self.answer(200, {"error": "IngestError: 120 of 400 rows quarantined (30.0%), more than 2.0%"}
-                               if task["state"].get("result_state") == "FAILED" else {})
+            if task["state"].get("result_state") == "FAILED":
+                return self.answer(200, {"error": "IngestError: 120 of 400 rows quarantined (30.0%), more than 2.0%"})
+            result = NOTEBOOK_RESULTS.get(task["task_key"])
+            return self.answer(200, {"notebook_output": {"result": json.dumps(result), "truncated": False}} if result else {})
         if (method, url.path) == ("POST", "/api/2.2/jobs/runs/cancel"): return self.answer(200, {})
         self.answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"No API found for '{method} {url.path}'"})
 
@@ -259,10 +267,33 @@ def test_jobs_run_submits_a_one_time_run_to_a_workspace_target(workspace):
     validate = tasks["validate"]["notebook_task"]["base_parameters"]
     assert validate["run_id"] == "{{tasks.train.values.run_id}}" and validate["model_uri"] == "{{tasks.train.values.model_uri}}"
     assert tasks["ingest"]["notebook_task"]["base_parameters"]["max_bad_fraction"] == "0.02"  # staging's variable
-    assert tasks["features"]["new_cluster"] == {"spark_version": "16.4.x-cpu-ml-scala2.12", "node_type_id": "i3.xlarge",
+    assert tasks["features"]["new_cluster"] == {"spark_version": "17.3.x-cpu-ml-scala2.13", "node_type_id": "Standard_D4ds_v5",
                                                 "num_workers": 1, "data_security_mode": "SINGLE_USER"}
-    assert tasks["features"]["libraries"] == [{"whl": f"/Workspace/Users/{USER}/.bundle/serving-mlops/staging/artifacts/.internal/{WHEEL}"}]
+    assert tasks["features"]["libraries"] == [{"whl": f"/Workspace/Users/{USER}/.bundle/serving-mlops/staging/artifacts/.internal/{WHEEL}"},
+                                              {"pypi": {"package": "databricks-feature-engineering>=0.13"}}]
     assert {auth for _, path, *_, auth in workspace.requests if path.startswith("/api/")} == {"Bearer dapi-stand-in"}  # unified auth: DATABRICKS_TOKEN
+
+
+def test_a_workspace_run_records_each_tasks_values_from_its_notebook_output(workspace, tmp_path):
+    "The values each task notebook ended with (runs/get-output of the task's own run) land in run.json where a local run keeps it."
+    r = cli("jobs", "run", "model_build", "--env", "staging")
+    assert "validate: SUCCESS in 90 s -> {'model_version': '3'}" in r.stdout, r.stdout
+    outputs = [q["run_id"] for m, path, q, *_ in workspace.requests if path.endswith("/runs/get-output")]
+    assert sorted(outputs) == ["100", "101", "102", "103"]  # the task runs, not the job run 42
+    run = json.loads((tmp_path / "workspaces" / "staging" / "jobs" / "model_build" / "42" / "run.json").read_text())
+    assert run["state"] == "SUCCESS" and run["environment"] == "staging"
+    assert {t["key"]: t["values"] for t in run["tasks"]} == NOTEBOOK_RESULTS
+    assert [t for t in (tmp_path / "workspaces" / "staging").rglob("*") if t.is_file()] == [tmp_path / "workspaces/staging/jobs/model_build/42/run.json"]
+
+
+def test_a_failed_workspace_run_is_recorded_too(workspace, tmp_path):
+    workspace.outcome = "fail:train"
+    cli("jobs", "run", "model_build", "--env", "staging", check=False)
+    run = json.loads((tmp_path / "workspaces" / "staging" / "jobs" / "model_build" / "42" / "run.json").read_text())
+    assert run["state"] == "FAILED"
+    assert [(t["key"], t["state"], t["values"]) for t in run["tasks"]] == [
+        ("ingest", "SUCCESS", NOTEBOOK_RESULTS["ingest"]), ("features", "SUCCESS", NOTEBOOK_RESULTS["features"]),
+        ("train", "FAILED", {}), ("validate", "UPSTREAM_FAILED", {})]
 
 
 def test_a_failed_workspace_task_fails_the_run_naming_it_and_its_error(workspace):
