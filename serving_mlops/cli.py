@@ -27,7 +27,8 @@ __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command'
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
                        "Environments are the targets of databricks_jobs/databricks.yml (dev, staging, prod); "
-                       "a target without a workspace host is a local workspace under .mlops/<target>/.",
+                       "a target is a local workspace under .mlops/<target>/ unless a workspace is named: by its workspace.host or "
+                       "workspace.profile, by DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE, or by running on a Databricks cluster.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 @app.callback()
@@ -181,7 +182,7 @@ def serve(env: Optional[str] = EnvOption,
     from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
     with clear_errors():
         e = get_environment(env)
-        if not e.is_local: raise InputError(f"environment '{e.name}' is the workspace {e.host}: its endpoints run in Databricks Model Serving")
+        if not e.is_local: raise InputError(f"environment '{e.name}' is the {e.where}: its endpoints run in Databricks Model Serving")
         if stop:
             typer.echo(f"stopped the serving runtime of '{e.name}'" if stop_server(e) else f"no serving runtime of '{e.name}' is running")
             return
