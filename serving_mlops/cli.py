@@ -14,7 +14,7 @@ import typer
 from databricks.sdk.errors import DatabricksError
 from tqdm import tqdm
 
-from .config import get_environment
+from .config import get_environment, on_databricks
 from .data import write_credit_data
 from .errors import InputError, MlopsError
 from .tables import tables_for
@@ -79,6 +79,10 @@ def generate(env: Optional[str] = EnvOption,
     "Generate synthetic clients in the UCI credit default schema."
     with clear_errors():
         e = get_environment(env)
+        if output is None and not e.is_local and not on_databricks():
+            raise InputError(f"environment '{e.name}' is the {e.where}: its landing folder {e.landing_dir} is a Unity Catalog volume, "
+                             f"mounted only on Databricks clusters; write the file with --output and upload it with "
+                             f"`databricks fs cp FILE dbfs:{e.landing_dir}/`")
         path = output or Path(e.landing_dir) / f"credit_clients_{kind.value}_seed{seed}.csv"
         write_credit_data(path, rows, seed=seed, first_id=first_id, drift=drift if kind == Kind.drifted else 0.0,
                           labelled=kind == Kind.train if labels is None else labels, bad_fraction=bad_fraction)

@@ -23,7 +23,7 @@ from .errors import InputError
 __all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'HOST_ENV_VAR', 'PROFILE_ENV_VAR',
            'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle', 'load_bundle', 'resolve_variables', 'on_databricks',
            'Workspace', 'profile_host', 'runtime_host', 'find_workspace', 'Environment', 'local_root',
-           'get_environment', 'workspace_home', 'task_parameters', 'set_task_value', 'using_mlflow']
+           'get_environment', 'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -304,11 +304,17 @@ def _as_type(text: str, like: Any, key: str):
     try: return type(like)(text) if isinstance(like, (int, float)) else text
     except ValueError: raise ConfigError(f"job parameter '{key}' is {text!r}, expected a {type(like).__name__}") from None
 
+def notebook_dbutils():
+    "The notebook's `dbutils` on Databricks; None elsewhere and in processes without one (a local job's kernel on the driver)."
+    if not on_databricks(): return None
+    try: from IPython import get_ipython
+    except ImportError: return None
+    shell = get_ipython()
+    return shell.user_ns.get("dbutils") if shell is not None else None
+
 def task_parameters(widgets=None, **values) -> dict:
     "The notebook's parameters: from the task's widgets on Databricks (typed like `values`), else `values`."
-    if widgets is None and on_databricks():
-        from IPython import get_ipython
-        widgets = get_ipython().user_ns["dbutils"].widgets
+    if widgets is None and (dbutils := notebook_dbutils()) is not None: widgets = dbutils.widgets
     if widgets is None: return values
     out = {}
     for key, default in values.items():
@@ -322,12 +328,10 @@ TASK_VALUES_ENV_VAR = "SERVING_MLOPS_TASK_VALUES"  # JSON file a local job run c
 
 def set_task_value(key: str, value) -> None:
     "Publish `value` (JSON) under `key` to the downstream tasks of the running job task."
-    if on_databricks():
-        from IPython import get_ipython
-        get_ipython().user_ns["dbutils"].jobs.taskValues.set(key=key, value=value)
+    path = os.environ.get(TASK_VALUES_ENV_VAR)  # a local job run (also one started on a cluster's driver)
+    if not path:
+        if (dbutils := notebook_dbutils()) is not None: dbutils.jobs.taskValues.set(key=key, value=value)
         return
-    path = os.environ.get(TASK_VALUES_ENV_VAR)
-    if not path: return
     import json
     p = Path(path)
     values = json.loads(p.read_text()) if p.exists() else {}

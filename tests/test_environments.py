@@ -1,21 +1,29 @@
-"""Which workspace a target is (issue 13, item 3): the host from the bundle, a profile, DATABRICKS_HOST or the Databricks
-runtime, as the Databricks CLI and SDK find it; and that `make` and the tests stay in local workspaces whatever the shell says.
+"""Which workspace a target is (issue 13, items 3, 13 and 15): the host from the bundle, a profile, DATABRICKS_HOST or the
+Databricks runtime, as the Databricks CLI and SDK find it; which Spark a command gets for it; and that `make` and the tests
+stay in local workspaces whatever the shell says.
 
 No Databricks workspace or cluster exists on this machine. What stands in, and why:
 - a loopback HTTP server answers `GET /.well-known/databricks-config` (404) for the hosts of test profiles: databricks-sdk's
   `Config` probes it when it resolves a profile (out of reach it would retry for a second);
 - a cluster is simulated by `DATABRICKS_RUNTIME_VERSION`, the variable Databricks runtimes set and serving_mlops reads;
-  the runtime's own workspace URL (which the SDK reads from the notebook or job context) is not there to read.
+  the runtime's own workspace URL (which the SDK reads from the notebook or job context) is not there to read;
+- Databricks Connect cannot be installed beside pyspark (it ships its own), so one test injects a recorder of
+  `DatabricksSession.builder` calls; the builder methods it records (`host`, `profile`, `getOrCreate`) were read from the
+  databricks-connect 17.3.15 wheel.
+Spark sessions are real (`local[1]`, and `local-cluster` for a multi-node master), each in its own process.
 """
 import http.server
 import inspect
 import os
 import shutil
 import subprocess
+import sys
+import textwrap
 import threading
+from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, cli
 
 from serving_mlops.config import ConfigError, get_environment
 
@@ -177,6 +185,135 @@ def test_the_sdk_takes_what_the_environment_gives_it(laptop, metadata_server):
     env = get_environment("profiled", laptop)
     w = WorkspaceClient(**env.workspace.sdk_kwargs)
     assert (w.config.host, w.config.token, w.config.auth_type) == (env.host, "dapi-ws-test", "pat")
+
+
+# --- item 13: Spark against a workspace target off a cluster ------------------------------------------------------------
+
+def run_python(code: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def clean_env(tmp_path: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    env.update({"TMPDIR": str(tmp_path / "tmp"), "SPARK_LOCAL_IP": "127.0.0.1", "DATABRICKS_CONFIG_FILE": str(tmp_path / "no-databrickscfg"), **extra})
+    return env
+
+
+def test_a_workspace_target_off_a_cluster_is_refused_without_starting_spark(laptop, tmp_path):
+    "No Databricks Connect here: get_spark and tables_for refuse with what to do, before any JVM or /tmp warehouse exists."
+    proc = run_python(f"""
+        import pyspark
+        from serving_mlops.config import ConfigError, get_environment
+        from serving_mlops.tables import get_spark, tables_for
+        env = get_environment("bundled", {str(laptop)!r})
+        for call in (lambda: get_spark(env), lambda: tables_for(env)):
+            try: call(); print("NO ERROR")
+            except ConfigError as e: print("REFUSED", e)
+        print("JVM", pyspark.SparkContext._gateway, pyspark.SparkContext._active_spark_context)
+    """, clean_env(tmp_path), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    refused = [l for l in proc.stdout.splitlines() if l.startswith("REFUSED")]
+    assert len(refused) == 2 and "NO ERROR" not in proc.stdout
+    assert ("environment 'bundled' is the workspace https://adb-1111111111111111.1.azuredatabricks.net (host from the bundle): "
+            "its tables are Unity Catalog tables") in refused[0]
+    assert "Run this on a Databricks cluster" in refused[0] and "`serving-mlops jobs run <job> --env bundled`" in refused[0]
+    assert "install databricks-connect" in refused[0]
+    assert "JVM None None" in proc.stdout
+    assert not list((tmp_path / "tmp").rglob("spark-warehouse"))
+
+
+def test_cli_commands_against_a_workspace_target_off_a_cluster_say_where_they_run(laptop, tmp_path, monkeypatch):
+    "`tables` and `generate` (whose landing folder is a Unity Catalog volume) refuse in one line; nothing local is made."
+    for k, v in clean_env(tmp_path, SERVING_MLOPS_BUNDLE=str(laptop)).items(): monkeypatch.setenv(k, v)
+    proc = cli("tables", "--env", "bundled", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: environment 'bundled' is the workspace https://adb-1111111111111111.1.azuredatabricks.net" in proc.stderr
+    assert "Run this on a Databricks cluster" in proc.stderr
+    assert not list((tmp_path / "tmp").rglob("spark-warehouse"))
+    proc = cli("generate", "--env", "bundled", "--rows", "10", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "its landing folder /Volumes/main/credit/landing is a Unity Catalog volume, mounted only on Databricks clusters" in proc.stderr
+    assert "`databricks fs cp FILE dbfs:/Volumes/main/credit/landing/`" in proc.stderr
+
+
+DATABRICKS_CONNECT_STAND_IN = """
+import sys, types
+calls = []
+class Builder:
+    def host(self, host): calls.append(("host", host)); return self
+    def profile(self, profile): calls.append(("profile", profile)); return self
+    def getOrCreate(self): calls.append(("getOrCreate",)); return "a Databricks Connect session"
+class DatabricksSession:
+    builder = Builder()
+connect = types.ModuleType("databricks.connect"); connect.DatabricksSession = DatabricksSession
+sys.modules["databricks.connect"] = connect
+"""
+
+
+def test_with_databricks_connect_a_workspace_target_gets_a_session_on_its_workspace(laptop, tmp_path, metadata_server):
+    "The builder is given the host from the bundle, or the profile (databricks-connect stands in: see the module docstring)."
+    proc = run_python(DATABRICKS_CONNECT_STAND_IN + f"""
+from serving_mlops.config import get_environment
+from serving_mlops.tables import SparkTables, get_spark, tables_for
+for target in ("bundled", "profiled"):
+    calls.clear()
+    print(target, get_spark(get_environment(target, {str(laptop)!r})), calls)
+t = tables_for(get_environment("bundled", {str(laptop)!r}))
+print("tables", type(t).__name__, t.spark)
+""", clean_env(tmp_path, DATABRICKS_CONFIG_FILE=os.environ["DATABRICKS_CONFIG_FILE"]), tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "bundled a Databricks Connect session [('host', 'https://adb-1111111111111111.1.azuredatabricks.net'), ('getOrCreate',)]"
+    assert lines[1] == "profiled a Databricks Connect session [('profile', 'ws-test'), ('getOrCreate',)]"
+    assert lines[2] == "tables SparkTables a Databricks Connect session"
+
+
+# --- item 15: the examples on a cluster ------------------------------------------------------------------------------------
+
+CLUSTER_EXAMPLE = """
+import os, tempfile
+import pandas as pd
+from pyspark.sql import SparkSession
+from serving_mlops.config import ConfigError, get_environment, workspace_home
+from serving_mlops.tables import get_spark, tables_for
+spark = SparkSession.builder.master({master!r}).config("spark.driver.host", "127.0.0.1").config("spark.ui.enabled", "false") \\
+    .config("spark.executor.memory", "512m").getOrCreate()
+os.environ["DATABRICKS_RUNTIME_VERSION"] = "17.3"  # from here on, this process is a (simulated) Databricks cluster
+with workspace_home(tempfile.mkdtemp()): env = get_environment("dev")
+print("LOCAL", env.is_local)
+try:
+    same = get_spark(env) is spark and get_spark() is spark
+    tables = tables_for(env)
+    tables.overwrite("dev.credit.example", pd.DataFrame({{"customer_id": [1, 2, 3]}}))
+    print("SESSION", same, tables.read_spark("dev.credit.example", spark=get_spark()).count())
+except ConfigError as e: print("REFUSED", e)
+"""
+
+
+def test_the_examples_on_a_single_node_cluster_use_its_session(tmp_path):
+    proc = run_python(CLUSTER_EXAMPLE.format(master="local[1]"), clean_env(tmp_path), ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOCAL True" in proc.stdout and "SESSION True 3" in proc.stdout
+
+
+def test_the_examples_on_a_multi_node_cluster_are_refused_with_the_reason(tmp_path):
+    "local-cluster runs executors in their own JVMs and reports a non-local master, as a multi-node cluster does."
+    proc = run_python(CLUSTER_EXAMPLE.format(master="local-cluster[1,1,1024]"), clean_env(tmp_path), ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOCAL True" in proc.stdout
+    assert "REFUSED environment 'dev' is a local workspace in" in proc.stdout
+    assert "(spark.master is 'local-cluster[1,1,1024]'). The examples run on a single-node cluster" in proc.stdout
+
+
+def test_a_local_job_run_from_a_notebook_on_a_cluster_keeps_its_parameters_and_task_values(monkeypatch, tmp_path):
+    "The examples' local job runs start papermill kernels on the driver: Databricks is there, the notebook's dbutils is not."
+    from serving_mlops.config import TASK_VALUES_ENV_VAR, set_task_value, task_parameters
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "17.3")
+    assert task_parameters(env_name="staging", rows=10) == {"env_name": "staging", "rows": 10}
+    monkeypatch.setenv(TASK_VALUES_ENV_VAR, str(tmp_path / "values.json"))
+    set_task_value("model_version", "7")
+    assert (tmp_path / "values.json").read_text() == '{"model_version": "7"}'
 
 
 # --- make and the tests ignore a workspace named by the shell ---------------------------------------------------------------
