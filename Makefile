@@ -11,6 +11,10 @@ export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help demo test java export clean
+# demo and test use the local workspaces even when the shell names a Databricks workspace: like the Databricks CLI,
+# serving-mlops takes DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE as the workspace of every target without a host
+demo test: export DATABRICKS_HOST :=
+demo test: export DATABRICKS_CONFIG_PROFILE :=
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'

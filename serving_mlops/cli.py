@@ -14,7 +14,7 @@ import typer
 from databricks.sdk.errors import DatabricksError
 from tqdm import tqdm
 
-from .config import get_environment
+from .config import get_environment, on_databricks
 from .data import write_credit_data
 from .errors import InputError, MlopsError
 from .tables import tables_for
@@ -27,7 +27,8 @@ __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command'
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
                        "Environments are the targets of databricks_jobs/databricks.yml (dev, staging, prod); "
-                       "a target without a workspace host is a local workspace under .mlops/<target>/.",
+                       "a target is a local workspace under .mlops/<target>/ unless a workspace is named: by its workspace.host or "
+                       "workspace.profile, by DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE, or by running on a Databricks cluster.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 @app.callback()
@@ -78,6 +79,10 @@ def generate(env: Optional[str] = EnvOption,
     "Generate synthetic clients in the UCI credit default schema."
     with clear_errors():
         e = get_environment(env)
+        if output is None and not e.is_local and not on_databricks():
+            raise InputError(f"environment '{e.name}' is the {e.where}: its landing folder {e.landing_dir} is a Unity Catalog volume, "
+                             f"mounted only on Databricks clusters; write the file with --output and upload it with "
+                             f"`databricks fs cp FILE dbfs:{e.landing_dir}/`")
         path = output or Path(e.landing_dir) / f"credit_clients_{kind.value}_seed{seed}.csv"
         write_credit_data(path, rows, seed=seed, first_id=first_id, drift=drift if kind == Kind.drifted else 0.0,
                           labelled=kind == Kind.train if labels is None else labels, bad_fraction=bad_fraction)
@@ -181,7 +186,7 @@ def serve(env: Optional[str] = EnvOption,
     from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
     with clear_errors():
         e = get_environment(env)
-        if not e.is_local: raise InputError(f"environment '{e.name}' is the workspace {e.host}: its endpoints run in Databricks Model Serving")
+        if not e.is_local: raise InputError(f"environment '{e.name}' is the {e.where}: its endpoints run in Databricks Model Serving")
         if stop:
             typer.echo(f"stopped the serving runtime of '{e.name}'" if stop_server(e) else f"no serving runtime of '{e.name}' is running")
             return

@@ -5,7 +5,9 @@
 # %% ../nbs/00_config.ipynb #57eb00cf
 from __future__ import annotations
 
+import functools
 import importlib.util
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -18,9 +20,10 @@ import yaml
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle',
-           'load_bundle', 'resolve_variables', 'Environment', 'local_root', 'get_environment', 'workspace_home',
-           'on_databricks', 'task_parameters', 'set_task_value', 'using_mlflow']
+__all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'HOST_ENV_VAR', 'PROFILE_ENV_VAR',
+           'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle', 'load_bundle', 'resolve_variables', 'on_databricks',
+           'Workspace', 'profile_host', 'runtime_host', 'find_workspace', 'Environment', 'local_root',
+           'get_environment', 'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -102,6 +105,86 @@ def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.
 
     return {name: value(name) for name in raw}
 
+# %% ../nbs/00_config.ipynb #de613d15
+HOST_ENV_VAR = "DATABRICKS_HOST"  # workspace URL, read by the Databricks CLI and SDK
+PROFILE_ENV_VAR = "DATABRICKS_CONFIG_PROFILE"  # ~/.databrickscfg profile, read by the Databricks CLI and SDK
+
+def on_databricks() -> bool:
+    "True inside a Databricks runtime (notebook or job cluster)."
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
+@dataclass(frozen=True)
+class Workspace:
+    "A Databricks workspace: its URL, where that came from, and the profile that authenticates to it."
+    host: str | None  # workspace URL; None only on a cluster whose runtime did not say
+    source: str  # where the host came from: the bundle, profile <name>, DATABRICKS_HOST, the Databricks runtime
+    profile: str | None = None  # ~/.databrickscfg profile databricks-sdk authenticates with
+
+    @property
+    def sdk_kwargs(self) -> dict:
+        "Keyword arguments for databricks-sdk (`WorkspaceClient`, `Config`) and Databricks Connect; they read the rest from the environment."
+        kwargs = {"host": self.host} if self.source == "the bundle" else {}
+        if self.profile: kwargs["profile"] = self.profile
+        return kwargs
+
+    def __str__(self): return f"workspace {self.host or 'of this cluster'} (host from {self.source})"
+
+# %% ../nbs/00_config.ipynb #8f71b4f1
+@functools.lru_cache(maxsize=32)
+def _profile_host(profile: str, config_file: str, mtime: int | None) -> str | None:
+    from databricks.sdk.config import Config
+    from databricks.sdk.credentials_provider import CredentialsStrategy
+
+    class HostOnly(CredentialsStrategy):  # where, not who: no token, no login
+        def auth_type(self) -> str: return "host-only"
+        def __call__(self, cfg): return lambda: {}
+
+    sdk_log = logging.getLogger("databricks.sdk")
+    level = sdk_log.level
+    sdk_log.setLevel(logging.ERROR)  # Config probes the host's metadata endpoint; out of reach it only warns, and the host is known anyway
+    try: return Config(profile=profile, config_file=config_file, credentials_strategy=HostOnly(), retry_timeout_seconds=1).host
+    finally: sdk_log.setLevel(level)
+
+def profile_host(profile: str, named_by: str = PROFILE_ENV_VAR) -> str:
+    "Workspace URL of `profile` (named by `named_by`, for messages), read from the Databricks config file by databricks-sdk."
+    file = Path(os.environ.get("DATABRICKS_CONFIG_FILE") or "~/.databrickscfg").expanduser()
+    if not file.is_file(): raise ConfigError(f"{named_by} names profile '{profile}', but there is no Databricks config file {file} (create it with `databricks configure` or `databricks auth login`)")
+    try: host = _profile_host(profile, str(file), file.stat().st_mtime_ns)
+    except ValueError as e: raise ConfigError(f"{named_by} names profile '{profile}': {str(e).split('. Config:')[0]}") from None
+    if not host: raise ConfigError(f"{named_by} names profile '{profile}', which has no host in {file}")
+    return host
+
+def runtime_host() -> str | None:
+    "URL of the workspace this Databricks runtime belongs to, as databricks-sdk's runtime authentication finds it (None if it cannot tell)."
+    if os.environ.get(HOST_ENV_VAR): return os.environ[HOST_ENV_VAR]
+    return _runtime_host()
+
+@functools.cache
+def _runtime_host() -> str | None:
+    from databricks.sdk.config import Config
+    from databricks.sdk.credentials_provider import runtime_native_auth
+    try: return Config(credentials_strategy=runtime_native_auth, retry_timeout_seconds=5).host
+    except Exception: return None  # not a notebook or job context that says its workspace
+
+# %% ../nbs/00_config.ipynb #a207f189
+def find_workspace(workspace: dict | None, key: str = "workspace") -> Workspace | None:
+    "The Databricks workspace of a target whose YAML `workspace` mapping (at `key`) is `workspace`; None: a local workspace."
+    workspace = workspace or {}
+    host, profile = workspace.get("host") or None, workspace.get("profile") or None
+    env_host, env_profile = os.environ.get(HOST_ENV_VAR) or None, os.environ.get(PROFILE_ENV_VAR) or None
+    explicit_local = bool(os.environ.get(HOME_ENV_VAR))
+    if on_databricks():  # on a cluster the runtime knows its workspace; profiles belong to laptops
+        if host: return Workspace(host, "the bundle")
+        return None if explicit_local and not profile else Workspace(runtime_host(), "the Databricks runtime")
+    if host: return Workspace(host, "the bundle", profile)
+    if profile:
+        if env_host: return Workspace(env_host, HOST_ENV_VAR, profile)  # the SDK reads DATABRICKS_HOST before the profile
+        return Workspace(profile_host(profile, f"key '{key}.profile'"), f"profile {profile}", profile)
+    if explicit_local: return None
+    if env_host: return Workspace(env_host, HOST_ENV_VAR, env_profile)
+    if env_profile: return Workspace(profile_host(env_profile, PROFILE_ENV_VAR), f"profile {env_profile}", env_profile)
+    return None
+
 # %% ../nbs/00_config.ipynb #eae080fd
 @dataclass(frozen=True)
 class Environment:
@@ -109,12 +192,18 @@ class Environment:
     name: str  # the bundle target: dev, staging, prod
     variables: dict  # resolved variables of the target
     bundle_path: Path  # the databricks.yml it came from
-    host: str | None = None  # workspace URL; None for a local workspace
+    workspace: Workspace | None = None  # the Databricks workspace; None for a local workspace
     root: Path | None = None  # local workspace directory; None on Databricks
     mode: str | None = None  # the target's `mode` (development, production)
 
     @property
-    def is_local(self) -> bool: return self.host is None
+    def is_local(self) -> bool: return self.workspace is None
+    @property
+    def host(self) -> str | None: return self.workspace.host if self.workspace else None
+    @property
+    def where(self) -> str:
+        "Which workspace this is, in words: the local directory, or the host and where it came from."
+        return f"local workspace {self.root}" if self.is_local else str(self.workspace)
 
     def var(self, key: str, cast: Callable = str):
         "Variable `key` converted with `cast`; a clear error names the file, target and key."
@@ -136,7 +225,7 @@ class Environment:
 
     def path(self, *parts: str, create: bool = False) -> Path:
         "A path inside the local workspace (optionally created as a directory)."
-        if not self.is_local: raise ConfigError(f"environment '{self.name}' is the workspace {self.host}; it has no local directory")
+        if not self.is_local: raise ConfigError(f"environment '{self.name}' is the {self.where}; it has no local directory")
         p = self.root.joinpath(*parts)
         if create: p.mkdir(parents=True, exist_ok=True)
         return p
@@ -149,13 +238,15 @@ class Environment:
 
     @property
     def tracking_uri(self) -> str:
-        "MLflow tracking URI: a sqlite database in the local workspace, or the workspace."
-        return f"sqlite:///{self.path('mlflow', create=True) / 'mlflow.db'}" if self.is_local else "databricks"
+        "MLflow tracking URI: a sqlite database in the local workspace, or the workspace (through its profile, when one names it)."
+        if self.is_local: return f"sqlite:///{self.path('mlflow', create=True) / 'mlflow.db'}"
+        return f"databricks://{self.workspace.profile}" if self.workspace.profile else "databricks"
 
     @property
     def registry_uri(self) -> str:
         "MLflow registry URI: the local database, or Unity Catalog."
-        return self.tracking_uri if self.is_local else "databricks-uc"
+        if self.is_local: return self.tracking_uri
+        return f"databricks-uc://{self.workspace.profile}" if self.workspace.profile else "databricks-uc"
 
     @property
     def artifact_location(self) -> str | None:
@@ -164,8 +255,7 @@ class Environment:
 
     def describe(self) -> str:
         "One line saying what this environment is."
-        where = f"local workspace {self.root}" if self.is_local else f"workspace {self.host}"
-        return f"{self.name}: {where} (catalog {self.catalog}, schema {self.schema})"
+        return f"{self.name}: {self.where} (catalog {self.catalog}, schema {self.schema})"
 
 # %% ../nbs/00_config.ipynb #3ae5f693
 def local_root(target: str, bundle_path: Path) -> Path:
@@ -186,12 +276,13 @@ def get_environment(name: str | None = None, bundle: Path | str | None = None) -
     target = targets[name] or {}
     workspace = target.get("workspace") or {}
     if not isinstance(workspace, dict): raise ConfigError(f"{path}: key 'targets.{name}.workspace' must be a mapping")
-    host = workspace.get("host") or None
     variables = resolve_variables(spec, name, path)
     for key in ("catalog", "schema"):
         if key not in variables: raise ConfigError(f"{path}: variable '{key}' is required (declare it under 'variables.{key}')")
-    return Environment(name=name, variables=variables, bundle_path=path.resolve(), host=host,
-                       root=None if host else local_root(name, path), mode=target.get("mode"))
+    try: ws = find_workspace(workspace, f"targets.{name}.workspace")
+    except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
+    return Environment(name=name, variables=variables, bundle_path=path.resolve(), workspace=ws,
+                       root=None if ws else local_root(name, path), mode=target.get("mode"))
 
 # %% ../nbs/00_config.ipynb #7c8eb6e6
 @contextmanager
@@ -205,10 +296,6 @@ def workspace_home(path: Path | str):
         else: os.environ[HOME_ENV_VAR] = old
 
 # %% ../nbs/00_config.ipynb #d67bfe81
-def on_databricks() -> bool:
-    "True inside a Databricks runtime (notebook or job cluster)."
-    return "DATABRICKS_RUNTIME_VERSION" in os.environ
-
 def _as_type(text: str, like: Any, key: str):
     if isinstance(like, bool):
         if str(text).strip().lower() in ("true", "1", "yes"): return True
@@ -217,11 +304,17 @@ def _as_type(text: str, like: Any, key: str):
     try: return type(like)(text) if isinstance(like, (int, float)) else text
     except ValueError: raise ConfigError(f"job parameter '{key}' is {text!r}, expected a {type(like).__name__}") from None
 
+def notebook_dbutils():
+    "The notebook's `dbutils` on Databricks; None elsewhere and in processes without one (a local job's kernel on the driver)."
+    if not on_databricks(): return None
+    try: from IPython import get_ipython
+    except ImportError: return None
+    shell = get_ipython()
+    return shell.user_ns.get("dbutils") if shell is not None else None
+
 def task_parameters(widgets=None, **values) -> dict:
     "The notebook's parameters: from the task's widgets on Databricks (typed like `values`), else `values`."
-    if widgets is None and on_databricks():
-        from IPython import get_ipython
-        widgets = get_ipython().user_ns["dbutils"].widgets
+    if widgets is None and (dbutils := notebook_dbutils()) is not None: widgets = dbutils.widgets
     if widgets is None: return values
     out = {}
     for key, default in values.items():
@@ -235,12 +328,10 @@ TASK_VALUES_ENV_VAR = "SERVING_MLOPS_TASK_VALUES"  # JSON file a local job run c
 
 def set_task_value(key: str, value) -> None:
     "Publish `value` (JSON) under `key` to the downstream tasks of the running job task."
-    if on_databricks():
-        from IPython import get_ipython
-        get_ipython().user_ns["dbutils"].jobs.taskValues.set(key=key, value=value)
+    path = os.environ.get(TASK_VALUES_ENV_VAR)  # a local job run (also one started on a cluster's driver)
+    if not path:
+        if (dbutils := notebook_dbutils()) is not None: dbutils.jobs.taskValues.set(key=key, value=value)
         return
-    path = os.environ.get(TASK_VALUES_ENV_VAR)
-    if not path: return
     import json
     p = Path(path)
     values = json.loads(p.read_text()) if p.exists() else {}

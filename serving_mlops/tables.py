@@ -18,13 +18,14 @@ import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 from deltalake import Schema as DeltaSchema
 
-from .config import Environment, get_environment, on_databricks
+from .config import ConfigError, Environment, get_environment, on_databricks
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['Frame', 'FILTER_OPS', 'Filters', 'java_version', 'require_java', 'get_spark', 'TableError', 'split_name', 'to_arrow',
-           'delta_types', 'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'Tables',
-           'LocalTables', 'SparkTables', 'tables_for']
+__all__ = ['Frame', 'FILTER_OPS', 'Filters', 'java_version', 'require_java', 'spark_master', 'require_single_node',
+           'connect_spark', 'get_spark', 'TableError', 'split_name', 'to_arrow', 'delta_types', 'check_schema',
+           'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'Tables', 'LocalTables', 'merge_metrics',
+           'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
 def java_version() -> int | None:
@@ -46,15 +47,48 @@ def require_java(minimum: int = 17):
                            f"(Debian/Ubuntu: apt-get install openjdk-17-jre-headless) or set JAVA_HOME; `make java` does it where it can")
 
 # %% ../nbs/01_tables.ipynb #2dfbb608
+def spark_master(spark) -> str | None:
+    "The `spark.master` of a session (None if the session does not say, as on Spark Connect)."
+    try: return spark.conf.get("spark.master")
+    except Exception: pass
+    try: return spark.sparkContext.master
+    except Exception: return None
+
+def require_single_node(spark, env: Environment | None = None):
+    "`spark` if its executors can read the driver's disk (a local master); otherwise a ConfigError saying why."
+    master = spark_master(spark)
+    if master and master.startswith("local["): return spark
+    what = f"environment '{env.name}' is a local workspace in {env.root}" if env is not None else "the examples use local workspaces"
+    raise ConfigError(f"{what}: its Delta files are on the driver's local disk, which the executors of this cluster cannot read "
+                      f"(spark.master is {master!r}). The examples run on a single-node cluster: attach the notebook to a "
+                      f"single-node cluster in dedicated (single user) access mode, or use an environment of the workspace")
+
+def connect_spark(env: Environment):
+    "A Databricks Connect session on `env`'s workspace, for commands run off a cluster."
+    try: from databricks.connect import DatabricksSession
+    except ImportError:
+        raise ConfigError(f"environment '{env.name}' is the {env.where}: its tables are Unity Catalog tables, which Spark reaches only "
+                          f"on the workspace's compute. Run this on a Databricks cluster (a notebook there, or as a job: "
+                          f"`serving-mlops jobs run <job> --env {env.name}`), or install databricks-connect, in a virtual environment "
+                          f"without pyspark (it brings its own), to use a cluster of the workspace from here") from None
+    builder, kwargs = DatabricksSession.builder, env.workspace.sdk_kwargs
+    if "host" in kwargs: builder = builder.host(kwargs["host"])
+    if "profile" in kwargs: builder = builder.profile(kwargs["profile"])
+    return builder.getOrCreate()
+
 def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
-    "The active Spark session, or a local one configured for this machine."
+    "The Spark session for `env`: the cluster's on Databricks, Databricks Connect's for a workspace from elsewhere, else a local one."
+    if on_databricks():
+        from pyspark.sql import SparkSession
+        spark = SparkSession.getActiveSession() or SparkSession.builder.getOrCreate()
+        return spark if env is not None and not env.is_local else require_single_node(spark, env)
+    if env is not None and not env.is_local: return connect_spark(env)
     from pyspark.sql import SparkSession
     active = SparkSession.getActiveSession()
     if active is not None: return active
-    if on_databricks(): return SparkSession.builder.getOrCreate()
     require_java()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    warehouse = env.path("spark-warehouse") if env is not None and env.is_local else Path(tempfile.gettempdir()) / "spark-warehouse"
+    warehouse = env.path("spark-warehouse") if env is not None else Path(tempfile.gettempdir()) / "spark-warehouse"
     builder = (SparkSession.builder.master(os.environ.get("SERVING_MLOPS_SPARK_MASTER", "local[*]")).appName(app_name)
                .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
                .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
@@ -305,6 +339,10 @@ class LocalTables(Tables):
         return merger.when_not_matched_insert_all().execute()
 
 # %% ../nbs/01_tables.ipynb #fd3c7deb
+def merge_metrics(operation_metrics: dict) -> dict:
+    "The counts of a Delta MERGE commit (DESCRIBE HISTORY's `operationMetrics`, camelCase text) under delta-rs's names, as ints."
+    return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): int(v) for k, v in operation_metrics.items() if str(v).isdigit()}
+
 class SparkTables(Tables):
     "Native Delta tables in the Spark metastore (Unity Catalog on Databricks)."
     def __init__(self, spark): self.spark = spark
@@ -364,7 +402,7 @@ class SparkTables(Tables):
         merger = SparkDeltaTable.forName(self.spark, name).alias("t").merge(source.alias("s"), merge_condition(keys))
         if update: merger = merger.whenMatchedUpdateAll()
         merger.whenNotMatchedInsertAll().execute()
-        return self.history(name)[0].get("operationMetrics", {})
+        return merge_metrics(self.history(name)[0].get("operationMetrics") or {})
 
 # %% ../nbs/01_tables.ipynb #78ca8b5f
 def tables_for(env: Environment) -> Tables:

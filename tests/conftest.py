@@ -10,6 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+# Tests work in local workspaces whatever the developer's shell says: like the Databricks CLI, serving_mlops takes a
+# workspace named by DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE (or a Databricks runtime) for every target without a host.
+for _var in ("DATABRICKS_HOST", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_RUNTIME_VERSION"): os.environ.pop(_var, None)
+
 
 @pytest.fixture
 def home(tmp_path, monkeypatch):

@@ -115,7 +115,7 @@ def workspace_client(env: Environment, retry_timeout_seconds: int = 60):
     "A databricks-sdk WorkspaceClient for `env`: its local serving runtime, or its real workspace (unified auth)."
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.config import Config
-    if not env.is_local: return WorkspaceClient(host=env.host)
+    if not env.is_local: return WorkspaceClient(**env.workspace.sdk_kwargs)  # host and profile as the bundle, the environment or the cluster give them
     info = server_info(env)
     if info is None:
         raise RuntimeError(f"no serving runtime is running for environment '{env.name}': start it with "
