@@ -314,7 +314,7 @@ def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, 
     "Run `spec` on `env`'s workspace as a one-time run of the deployed bundle; wait at most `timeout_minutes`, raise JobFailed naming the failed task."
     from serving_mlops.serving.process import workspace_client
     w = workspace_client(env)
-    where = f"job {spec.name} in workspace {env.host}"
+    where = f"job {spec.name} in {env.where}"
     try:
         waiter = w.jobs.submit(run_name=spec.title, tasks=submit_tasks(env, spec, w.current_user.me().user_name, parameters))
         run = w.jobs.get_run(waiter.run_id)

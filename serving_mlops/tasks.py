@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Callable, get_args, get_type_hints
 
-from .config import ConfigError, Environment, _as_type, get_environment, on_databricks, set_task_value, task_parameters
+from .config import ConfigError, Environment, _as_type, get_environment, notebook_dbutils, set_task_value, task_parameters
 
 # %% auto #0
 __all__ = ['task_values', 'exit_with_values', 'job_argument', 'run_task', 'ingest_task', 'features_task', 'train_task',
@@ -23,9 +23,7 @@ def task_values(**values) -> dict:
 # %% ../nbs/13_tasks.ipynb #e5e89ea9
 def exit_with_values(values: dict) -> dict:
     "On Databricks, end the task notebook with `values` as its exit value (JSON); elsewhere return them."
-    if on_databricks():
-        from IPython import get_ipython
-        get_ipython().user_ns["dbutils"].notebook.exit(json.dumps(values, default=str))
+    if (dbutils := notebook_dbutils()) is not None: dbutils.notebook.exit(json.dumps(values, default=str))
     return values
 
 # %% ../nbs/13_tasks.ipynb #765aa0c8

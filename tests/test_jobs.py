@@ -310,6 +310,6 @@ def test_a_failed_workspace_task_fails_the_run_naming_it_and_its_error(workspace
 def test_a_workspace_run_is_waited_for_with_a_bound_then_cancelled(workspace):
     from serving_mlops.jobs import JobFailed, run_job
     workspace.outcome = "hang"
-    with pytest.raises(JobFailed, match=r"job ingest in workspace http://127\.0\.0\.1:\d+ did not finish within 0\.05 minutes: cancelled run 42"):
+    with pytest.raises(JobFailed, match=r"job ingest in workspace http://127\.0\.0\.1:\d+ \(host from the bundle\) did not finish within 0\.05 minutes: cancelled run 42"):
         run_job(get_environment("staging"), "ingest", progress=False, timeout_minutes=0.05)
     assert [(m, path, body) for m, path, _, body, _ in workspace.requests if path.endswith("/runs/cancel")] == [("POST", "/api/2.2/jobs/runs/cancel", {"run_id": 42})]
