@@ -229,7 +229,8 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
     "One row per prediction of the successful requests: the model's inputs (sent, or looked up as of the request), `prediction`, request, served entity, model and version."
     endpoint = endpoint or env.var("endpoint_name")
     status = _values(payload, "status_code")
-    entities = served_entities(env, endpoint, set(_values(payload, "served_entity_id")[status == 200]))
+    ids = set(_values(payload, "served_entity_id")[status == 200])
+    entities = served_entities(env, endpoint, ids) if ids else pd.DataFrame(columns=ENTITY_COLUMNS)
     versions = entities.drop_duplicates(["model_name", "model_version"])
     specs = {(r.model_name, r.model_version): model_spec(env, r.model_name, r.model_version) for r in versions.itertuples()}
     columns = {r.served_entity_id: specs[r.model_name, r.model_version]["columns"] for r in entities.itertuples()}
