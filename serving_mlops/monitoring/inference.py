@@ -111,35 +111,41 @@ def _values(payload, column: str) -> np.ndarray:
     if isinstance(payload, pa.Table): return payload.column(column).to_numpy(zero_copy_only=False)
     return payload[column].to_numpy()
 
-def _request_columns(body: str, columns: list, where: str) -> dict:
-    "The columns of a request body in any of the four payload formats (rows without names take `columns`)."
+def _request_rows(body: str, columns: list, where: str) -> tuple[tuple, list]:
+    "Column names and rows of a request body in any of the four payload formats (rows without names take `columns`)."
     payload = orjson.loads(body)
     key = next((k for k in PAYLOAD_KEYS if k in payload), None) if isinstance(payload, dict) else None
     if key is None: raise MonitoringError(f"{where}: the request has none of {', '.join(PAYLOAD_KEYS)}")
-    try: return payload_columns(key, payload[key], InputSpec(columns=columns))
+    data = payload[key]
+    if key == "dataframe_split" and isinstance(data, dict) and isinstance(data.get("columns"), list) and isinstance(data.get("data"), list):
+        return tuple(data["columns"]), data["data"]  # rows as sent (the endpoint accepted them): the common format, kept fast
+    try: parsed = payload_columns(key, data, InputSpec(columns=columns))
     except MlopsError as e:
         hint = "" if columns else " (its model's input columns are unknown: rows without names cannot be read)"
         raise MonitoringError(f"{where}: {e}{hint}") from None
+    return tuple(parsed), [list(row) for row in zip(*parsed.values())]
 
 def _frames_of_chunk(ids, entities, requests, responses, columns: dict, offset: int) -> list[pd.DataFrame]:
     "Frames of the prediction rows of one chunk of logged successful requests, one per set of sent columns."
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        sent = [_request_columns(b, columns.get(e, []), f"request {i}") for i, e, b in zip(ids, entities, requests)]
+        sent = [_request_rows(b, columns.get(e, []), f"request {i}") for i, e, b in zip(ids, entities, requests)]
         predictions = [orjson.loads(r)["predictions"] for r in responses]
     except (orjson.JSONDecodeError, KeyError, TypeError) as e:
         raise MonitoringError(f"a successful request in this chunk (ids {ids[0]}..{ids[-1]}) has a malformed request or response: {e!r}") from None
     finally:
         if gc_was_enabled: gc.enable()
-    counts = np.fromiter((len(next(iter(s.values()))) if s else 0 for s in sent), dtype="int64", count=len(sent))
+    counts = np.fromiter((len(rows) for _, rows in sent), dtype="int64", count=len(sent))
     bad = np.flatnonzero(counts != np.fromiter(map(len, predictions), dtype="int64", count=len(predictions)))
     if len(bad): raise MonitoringError(f"request {ids[bad[0]]}: {counts[bad[0]]} rows but {len(predictions[bad[0]])} predictions; expected one per row")
     groups: dict[tuple, list[int]] = {}
-    for i, s in enumerate(sent): groups.setdefault(tuple(s), []).append(i)
+    for i, (names, _) in enumerate(sent): groups.setdefault(names, []).append(i)
     out = []
     for names, idx in groups.items():
-        frame = pd.DataFrame({c: list(chain.from_iterable(sent[i][c] for i in idx)) for c in names})
+        rows = list(chain.from_iterable(sent[i][1] for i in idx))
+        try: frame = pd.DataFrame(rows, columns=list(names))
+        except (ValueError, AssertionError): raise MonitoringError(f"requests {ids[idx[0]]}..: rows do not match their {len(names)} columns") from None
         try: frame["prediction"] = np.fromiter(chain.from_iterable(predictions[i] for i in idx), dtype="float64", count=len(frame))
         except (TypeError, ValueError): raise MonitoringError(f"requests {ids[idx[0]]}..: predictions are not numbers; expected one probability per row") from None
         frame["_request"] = np.repeat(np.asarray(idx) + offset, counts[idx])
