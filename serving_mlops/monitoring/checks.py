@@ -300,9 +300,9 @@ class MonitoringRun:
     quality: pd.DataFrame | None = None
 
     def summary(self) -> str:
-        lines = [f"{self.endpoint}, {self.start:%Y-%m-%d %H:%M:%S} to {self.end:%Y-%m-%d %H:%M:%S} UTC "
-                 f"(rows arrive up to {self.lag_minutes} min late: complete until {self.complete:%Y-%m-%d %H:%M:%S} UTC)"]
-        if self.end > self.complete:
+        lines = [f"{self.endpoint}, {self.start:%Y-%m-%d %H:%M:%S} to {self.end:%Y-%m-%d %H:%M:%S} UTC"
+                 + (f" (rows arrive up to {self.lag_minutes} min late: complete until {self.complete:%Y-%m-%d %H:%M:%S} UTC)" if self.complete else "")]
+        if self.complete is not None and self.end > self.complete:
             lines.append(f"  WARNING: the period ends after {self.complete:%H:%M:%S}: rows of its last "
                          f"{(self.end - self.complete).total_seconds() / 60:.0f} min may not have arrived yet")
         for m in (self.metrics.itertuples() if self.metrics is not None else []):
