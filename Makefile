@@ -64,10 +64,10 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	@echo "   every request; first the 1,000 like the training population, then the 1,000 younger and riskier ones"
 	@start=$$(date -u +%Y-%m-%dT%H:%M:%S) && set -x && \
 	  $(BIN)/serving-mlops query --env prod --ids 100001:101000 && \
-	  $(BIN)/serving-mlops monitor --env prod --start $$start --window-minutes 1 --labels-table silver_clients
+	  $(BIN)/serving-mlops monitor --env prod --start $$start --window-minutes 1 --lag-minutes 0 --labels-table silver_clients
 	@start=$$(date -u +%Y-%m-%dT%H:%M:%S) && set -x && \
 	  $(BIN)/serving-mlops query --env prod --ids 200001:201000 && \
-	  { $(BIN)/serving-mlops monitor --env prod --start $$start --window-minutes 1 --labels-table silver_clients; rc=$$?; set +x; \
+	  { $(BIN)/serving-mlops monitor --env prod --start $$start --window-minutes 1 --lag-minutes 0 --labels-table silver_clients; rc=$$?; set +x; \
 	    if [ $$rc -eq 3 ]; then echo "   drift found in the drifted batch, as it should be (exit status 3): the report is above"; else exit $$rc; fi; }
 	@echo
 	@echo "Done. Where to look:"

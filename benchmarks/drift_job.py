@@ -1,7 +1,10 @@
 """The monitoring job's drift check over a large inference window: `check_drift` reading 1,000,000 prediction rows
-from an endpoint's payload Delta table (one request per row, as online traffic logs them), parsing them with
-`inference_frame`, computing `feature_drift` against the model version's training baseline, writing the drift table,
-the HTML report and the MLflow run. The steps are also timed one by one.
+from an endpoint's payload Delta table (the Databricks AI Gateway schema; one request per row, as online traffic logs
+them, each sending the model's 23 input columns as `dataframe_split`), resolving their served entity through
+system.serving.served_entities, parsing requests and responses with `inference_frame`, computing `feature_drift`
+against the model version's training baseline, writing the drift table, the HTML report and the MLflow run. The steps
+are also timed one by one. (The model has no feature spec, so nothing is looked up: a lookup of keys as of the
+request time is a Spark join, which the monitoring notebooks and tests exercise.)
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/drift_job.py [--rows 1000000] [--training 30000] [--drift 0.5]
 The workspace is a throwaway local one. The window is synthetic clients in the raw UCI schema (23 features, 3 of them
@@ -24,7 +27,7 @@ from serving_mlops.data import FEATURE_COLUMNS, LABEL_COLUMN, generate_credit_da
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.monitoring.baseline import feature_drift, training_baseline
 from serving_mlops.monitoring.checks import DriftAlert, check_drift, model_baseline
-from serving_mlops.monitoring.inference import inference_frame, payload_rows, read_payload
+from serving_mlops.monitoring.inference import inference_frame, payload_rows, read_payload, synthetic_entity
 from serving_mlops.monitoring.report import drift_report_html
 from serving_mlops.naming import inference_table
 from serving_mlops.tables import tables_for
@@ -54,14 +57,14 @@ def main(rows: int, training_rows: int, drift: float):
         version = mlflow.register_model(info.model_uri, name).version
     window = generate_credit_data(rows, seed=2, drift=drift, labelled=False)
     X = window[FEATURE_COLUMNS].astype("float64")
-    payload = payload_rows(X, model.predict_proba(X)[:, 1], endpoint, name, version, START, 3600,
-                           keys=window[["ID"]].rename(columns={"ID": "customer_id"}), error_share=0.01)
+    served = synthetic_entity(env, endpoint, name, version)  # as the runtime records the config it applies
+    payload = payload_rows(X, model.predict_proba(X)[:, 1], served, START, 3600, error_share=0.01)
     tables_for(env).append(inference_table(env), payload)
     del payload
     setup = time.perf_counter() - setup
 
     table, t_read = timed(read_payload, env, endpoint, START, END)
-    frame, t_parse = timed(inference_frame, table)
+    frame, t_parse = timed(inference_frame, env, table)
     base, t_base = timed(model_baseline, env, version)
     results, t_stats = timed(feature_drift, base, frame, 0.2, 0.01)
     page, t_report = timed(drift_report_html, base, frame, results)

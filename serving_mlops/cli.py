@@ -180,7 +180,8 @@ def batch_inference_command(env: Optional[str] = EnvOption,
 def serve(env: Optional[str] = EnvOption,
           port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.", show_default="the target's serving_port"),
           background: bool = typer.Option(False, "--background", "-b", help="Start as a background process, wait until it answers, print its URL."),
-          stop: bool = typer.Option(False, "--stop", help="Stop the environment's running runtime gracefully (requests in flight finish).")):
+          stop: bool = typer.Option(False, "--stop", help="Stop the environment's running runtime gracefully (requests in flight finish)."),
+          metrics_interval: float = typer.Option(60, min=0.1, help="Seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it).")):
     "Serve the environment's endpoints: the Databricks serving-endpoints REST API and invocations, on 127.0.0.1."
     from serving_mlops.serving.app import serving_token
     from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
@@ -192,9 +193,9 @@ def serve(env: Optional[str] = EnvOption,
             return
         port = e.var("serving_port", int) if port is None else port
         if not background:
-            serve_forever(e, port=port)
+            serve_forever(e, port=port, metrics_interval=metrics_interval)
             return
-        try: info = start_server(e, port=port)
+        try: info = start_server(e, port=port, metrics_interval=metrics_interval)
         except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
         serving_token(e)
         typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']})")
@@ -269,15 +270,17 @@ def endpoints(env: Optional[str] = EnvOption):
 def monitor(env: Optional[str] = EnvOption,
             endpoint: Optional[str] = typer.Option(None, help="Endpoint name.", show_default="the target's endpoint_name"),
             start: Optional[str] = typer.Option(None, help="Start of the period (ISO time, UTC).", show_default="end minus --lookback-minutes"),
-            end: Optional[str] = typer.Option(None, help="End of the period (ISO time, UTC).", show_default="now; without --start, now floored to the window"),
+            end: Optional[str] = typer.Option(None, help="End of the period (ISO time, UTC).", show_default="now minus the lag; without --start, floored to the window"),
             window_minutes: Optional[int] = typer.Option(None, min=1, help="Window of the metrics and quality.", show_default="monitoring_window_minutes"),
             lookback_minutes: Optional[int] = typer.Option(None, min=1, help="Length of the period when --start is not given.", show_default="the window"),
-            labels_table: str = typer.Option("", help="Table with customer_id and default_next_month, for model quality.")):
+            labels_table: str = typer.Option("", help="Table with customer_id and default_next_month, for model quality."),
+            lag_minutes: Optional[int] = typer.Option(None, min=0, help="Inference table rows arrive up to this late: the period ends this long before now (the local runtime writes rows within seconds: 0).",
+                                                      show_default="monitoring_lag_minutes")):
     "Monitor an endpoint from its inference table: metrics, drift (report, MLflow run, alert) and model quality."
     from serving_mlops.tasks import monitoring_task
     with clear_errors():
         # found drift raises DriftAlert after everything is written: "DRIFT: ..." on stderr and exit status 3 (clear_errors)
-        monitoring_task(get_environment(env), "all", endpoint, window_minutes, lookback_minutes, start, end, labels_table)
+        monitoring_task(get_environment(env), "all", endpoint, window_minutes, lookback_minutes, start, end, labels_table, lag_minutes=lag_minutes)
 
 # %% ../nbs/90_cli.ipynb #e4aefffa
 jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml): run locally with papermill, or on a workspace target as one-time runs.",

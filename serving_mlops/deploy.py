@@ -23,9 +23,9 @@ from .registry import GateReport, alias_version
 from .serving.process import workspace_client
 
 # %% auto #0
-__all__ = ['DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',
-           'failure_reason', 'apply_config', 'inference_table_config', 'deploy', 'EndpointReport', 'golden_sample',
-           'endpoint_tests', 'deploy_and_test', 'entity_stats', 'window_stats', 'canary']
+__all__ = ['ENTITY_LABELS', 'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config',
+           'get_endpoint', 'failure_reason', 'apply_config', 'inference_table_config', 'deploy', 'EndpointReport',
+           'golden_sample', 'endpoint_tests', 'rollback', 'deploy_and_test', 'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -72,17 +72,25 @@ def failure_reason(w, name: str) -> str:
     pending = ep.pending_config.served_entities if ep and ep.pending_config else []
     return "; ".join(f"{s.name}: {s.state.deployment_state_message}" for s in pending if s.state and s.state.deployment_state_message) or "no reason given"
 
+def _routes_text(routes: list) -> str: return ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%" for r in routes)
+
 def apply_config(w, name: str, entities: list, routes: list, exists: bool, timeout: timedelta) -> ServingEndpointDetailed:
-    "Create endpoint `name` or update its config, and wait until the update is done."
-    traffic = TrafficConfig(routes=routes)
+    "Create endpoint `name` or update its config and wait until it is done; a failure or a timeout is DeploymentFailed naming both."
+    traffic, target = TrafficConfig(routes=routes), _routes_text(routes)
     try:
         if not exists:
             return w.serving_endpoints.create_and_wait(name, config=EndpointCoreConfigInput(name=name, served_entities=entities, traffic_config=traffic), timeout=timeout)
         try: w.serving_endpoints.wait_get_serving_endpoint_not_updating(name, timeout=timeout)  # an update in flight finishes first
         except OperationFailed: pass  # the last update failed: the endpoint serves its old config and takes a new one
+        except TimeoutError as e:
+            raise DeploymentFailed(f"endpoint {name}: an earlier config update was still in progress after {timeout} ({e}); "
+                                   f"nothing was changed") from None
         return w.serving_endpoints.update_config_and_wait(name, served_entities=entities, traffic_config=traffic, timeout=timeout)
     except OperationFailed:
-        raise DeploymentFailed(f"endpoint {name}: config update failed: {failure_reason(w, name)}") from None
+        raise DeploymentFailed(f"endpoint {name}: config update to {target} failed: {failure_reason(w, name)}") from None
+    except TimeoutError as e:  # the SDK's waiters raise the built-in TimeoutError
+        what = "creating it" if not exists else "the config update"
+        raise DeploymentFailed(f"endpoint {name}: {what} to {target} was not ready within {timeout} ({e}); it may still be in progress") from None
 
 def inference_table_config(env: Environment, endpoint: str) -> AiGatewayInferenceTableConfig:
     "Where `endpoint` captures its requests: `inference_table(env, endpoint)`, `<catalog>.<schema>.<endpoint, with underscores>_payload`."
@@ -151,8 +159,20 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     return report
 
 # %% ../nbs/09_deploy.ipynb #088f1dc4
+def rollback(w, name: str, previous: ServingEndpointDetailed | None, # the endpoint before the deployment; None: it did not exist
+             timeout: timedelta) -> str:
+    "Put endpoint `name` back as `previous` was; says what it did."
+    if previous is None or previous.config is None:
+        if get_endpoint(w, name) is not None: w.serving_endpoints.delete(name)
+        return f"deleted endpoint {name}, which this deployment created"
+    entities, routes = current_entities(previous)
+    apply_config(w, name, entities, routes, True, timeout)
+    return "restored the previous config: " + _routes_text(routes)
+
 def deploy_and_test(env: Environment, version: str | int = "champion", traffic: int = 100, endpoint: str | None = None,
-                    timeout_minutes: float = 10, requests: int = 50) -> EndpointReport:
+                    timeout_minutes: float = 10, requests: int = 50,
+                    rollback_timeout_minutes: float = 30, # how long a rollback waits for an update still in progress
+                    ) -> EndpointReport:
     "Deploy `version`, run the endpoint tests, roll back on failure (raising DeploymentFailed with the report)."
     w = workspace_client(env)
     name, resolved = endpoint or env.var("endpoint_name"), resolve_version(env, version)
@@ -164,66 +184,72 @@ def deploy_and_test(env: Environment, version: str | int = "champion", traffic: 
         if report.passed: return report
     except DeploymentFailed as e:
         report.checks.append(("deploy", False, str(e)))
-    if previous is None:
-        if get_endpoint(w, name) is not None: w.serving_endpoints.delete(name)
-        report.rolled_back = f"deleted endpoint {name}, which this deployment created"
-    else:
-        entities, routes = current_entities(previous)
-        apply_config(w, name, entities, routes, True, timedelta(minutes=timeout_minutes))
-        report.rolled_back = "restored the previous config: " + ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%" for r in routes)
+    try: report.rolled_back = rollback(w, name, previous, timedelta(minutes=rollback_timeout_minutes))
+    except DeploymentFailed as e: report.rolled_back = f"FAILED, the endpoint is not as it was: {e}"
     raise DeploymentFailed(report.summary())
 
 # %% ../nbs/09_deploy.ipynb #318c91ba
-def entity_stats(metrics: str) -> dict:
-    "Requests, errors and latency sum (seconds) per served entity, from the endpoint's Prometheus metrics."
+ENTITY_LABELS = ("served_model_name", "served_entity_name")  # the served entity's label in the metrics export
+_FIELDS = {"request_count_total": "requests", "request_4xx_count_total": "errors", "request_5xx_count_total": "errors",
+           "request_latency_ms_sum": "latency_sum_ms", "request_latency_ms_count": "latency_count"}
+
+def entity_stats(metrics: str, # the metrics export (Prometheus text)
+                 now: float | None = None, # time of the reading: the minute of samples without a timestamp
+                 ) -> dict:
+    "Requests, failed requests (4xx and 5xx) and latency sum and count (ms) per served entity and minute (end, epoch seconds)."
     from prometheus_client.parser import text_string_to_metric_families
-    stats = {}
+    stats, now = {}, time.time() if now is None else now
     for family in text_string_to_metric_families(metrics):
-        for sample in family.samples:
-            entity = sample.labels.get("served_entity")
-            if entity is None: continue
-            s = stats.setdefault(entity, {"requests": 0.0, "errors": 0.0, "latency_sum": 0.0})
-            if sample.name == "serving_requests_total": s["requests"] += sample.value
-            elif sample.name == "serving_request_errors_total": s["errors"] += sample.value
-            elif sample.name == "serving_request_latency_seconds_sum": s["latency_sum"] += sample.value
+        for s in family.samples:
+            entity, field = next((s.labels[k] for k in ENTITY_LABELS if k in s.labels), None), _FIELDS.get(s.name)
+            if entity is None or field is None: continue
+            minute = float(s.timestamp) if s.timestamp is not None else (now // 60) * 60
+            values = stats.setdefault(entity, {}).setdefault(minute, dict.fromkeys(("requests", "errors", "latency_sum_ms", "latency_count"), 0.0))
+            values[field] += s.value
     return stats
 
-def window_stats(before: dict, after: dict, entity: str) -> dict:
-    "Requests, error rate and mean latency (ms) of `entity` between two `entity_stats` readings."
-    b, a = before.get(entity, {}), after.get(entity, {})
-    n = a.get("requests", 0) - b.get("requests", 0)
-    errors = a.get("errors", 0) - b.get("errors", 0)
-    latency = a.get("latency_sum", 0) - b.get("latency_sum", 0)
-    return {"requests": int(n), "error_rate": errors / n if n else 0.0, "mean_ms": 1000 * latency / n if n else float("nan")}
+def window_stats(readings: dict, # entity -> minute -> values, from `entity_stats` (merged over readings)
+                 entity: str, since: float, # epoch seconds: minutes that ended after this count
+                 ) -> dict:
+    "Requests, error rate and mean latency (ms) of `entity` over the minutes that ended after `since`."
+    minutes = [v for end, v in readings.get(entity, {}).items() if end > since]
+    total = lambda k: sum(v[k] for v in minutes)
+    n, count = total("requests"), total("latency_count")
+    return {"requests": int(n), "error_rate": total("errors") / n if n else 0.0,
+            "mean_ms": total("latency_sum_ms") / count if count else float("nan")}
 
 def canary(env: Environment, version: str | int, traffic: int = 10, window_seconds: float = 60, min_requests: int = 20,
-           max_latency_ratio: float = 1.5, max_extra_error_rate: float = 0.01, endpoint: str | None = None, client=None) -> EndpointReport:
+           max_latency_ratio: float = 1.5, max_extra_error_rate: float = 0.01, endpoint: str | None = None, client=None,
+           timeout_minutes: float = 10, rollback_timeout_minutes: float = 30) -> EndpointReport:
     "Route `traffic` percent to `version`, compare it with the incumbent over a window, then promote it to 100% or roll back."
     w = client or workspace_client(env)
     name, resolved = endpoint or env.var("endpoint_name"), resolve_version(env, version)
     previous = get_endpoint(w, name)
     if previous is None or previous.config is None: raise DeploymentFailed(f"endpoint {name} serves nothing yet: deploy a first version without a canary")
     incumbent = max(previous.config.traffic_config.routes, key=lambda r: r.traffic_percentage).served_entity_name
-    deployed = deploy(env, resolved, traffic, name, client=w)
-    new = next(r.served_entity_name for r in deployed.config.traffic_config.routes if r.served_entity_name.endswith(f"-{resolved}"))
-    before, start = entity_stats(w.serving_endpoints.export_metrics(name).contents.read().decode()), time.monotonic()
-    while True:
-        time.sleep(min(5.0, window_seconds / 4))
-        after = entity_stats(w.serving_endpoints.export_metrics(name).contents.read().decode())
-        old_w, new_w = window_stats(before, after, incumbent), window_stats(before, after, new)
-        elapsed = time.monotonic() - start
-        if elapsed >= window_seconds and new_w["requests"] >= min_requests or elapsed >= 3 * window_seconds: break
     report = EndpointReport(resolved, endpoint=name)
-    enough = new_w["requests"] >= min_requests and old_w["requests"] >= min_requests
-    report.checks.append(("traffic", enough, f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent} in {elapsed:.0f} s (at least {min_requests} each)"))
-    report.checks.append(("error_rate", new_w["error_rate"] <= old_w["error_rate"] + max_extra_error_rate,
-                          f"{new} {new_w['error_rate']:.2%} vs {incumbent} {old_w['error_rate']:.2%} (at most {max_extra_error_rate:.2%} more)"))
-    report.checks.append(("latency", new_w["mean_ms"] <= old_w["mean_ms"] * max_latency_ratio,
-                          f"mean {new_w['mean_ms']:.1f} ms vs {old_w['mean_ms']:.1f} ms (at most {max_latency_ratio:g}x)"))
-    if report.passed:
-        deploy(env, resolved, 100, name, client=w)
-        return report
-    entities, routes = current_entities(previous)
-    apply_config(w, name, entities, routes, True, timedelta(minutes=10))
-    report.rolled_back = "restored the previous config: " + ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%" for r in routes)
+    try:
+        deployed = deploy(env, resolved, traffic, name, timeout_minutes, client=w)
+        new = next(r.served_entity_name for r in deployed.config.traffic_config.routes if r.served_entity_name.endswith(f"-{resolved}"))
+        since, start, readings = time.time(), time.monotonic(), {}
+        while True:
+            time.sleep(min(5.0, window_seconds / 4))
+            for entity, minutes in entity_stats(w.serving_endpoints.export_metrics(name).contents.read().decode()).items():
+                readings.setdefault(entity, {}).update(minutes)  # a minute's values, once, however often it was read
+            old_w, new_w = window_stats(readings, incumbent, since), window_stats(readings, new, since)
+            elapsed = time.monotonic() - start
+            if elapsed >= window_seconds and new_w["requests"] >= min_requests or elapsed >= 3 * window_seconds: break
+        enough = new_w["requests"] >= min_requests and old_w["requests"] >= min_requests
+        report.checks.append(("traffic", enough, f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent} in {elapsed:.0f} s (at least {min_requests} each)"))
+        report.checks.append(("error_rate", new_w["error_rate"] <= old_w["error_rate"] + max_extra_error_rate,
+                              f"{new} {new_w['error_rate']:.2%} vs {incumbent} {old_w['error_rate']:.2%} (at most {max_extra_error_rate:.2%} more)"))
+        report.checks.append(("latency", new_w["mean_ms"] <= old_w["mean_ms"] * max_latency_ratio,
+                              f"mean {new_w['mean_ms']:.1f} ms vs {old_w['mean_ms']:.1f} ms (at most {max_latency_ratio:g}x)"))
+        if report.passed:
+            deploy(env, resolved, 100, name, timeout_minutes, client=w)
+            return report
+    except DeploymentFailed as e:
+        report.checks.append(("deploy", False, str(e)))
+    try: report.rolled_back = rollback(w, name, previous, timedelta(minutes=rollback_timeout_minutes))
+    except DeploymentFailed as e: report.rolled_back = f"FAILED, the endpoint is not as it was: {e}"
     raise DeploymentFailed(report.summary())

@@ -33,7 +33,7 @@ from .tables import Tables, get_spark, tables_for, to_arrow
 __all__ = ['PROPERTY_PREFIX', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore', 'TrainingSet',
            'create_training_set', 'OnlineStore', 'latest_per_key', 'online_store', 'publish_table', 'in_experiment',
            'FeatureSpecModel', 'model_columns', 'log_model', 'own_table', 'score_batch', 'lookup_online',
-           'databricks_lookup', 'DatabricksFeatureStore', 'feature_store_for', 'build_feature_tables',
+           'features_as_of', 'databricks_lookup', 'DatabricksFeatureStore', 'feature_store_for', 'build_feature_tables',
            'example_workspace']
 
 # %% ../nbs/05_feature_store.ipynb #6207f239
@@ -395,6 +395,16 @@ def lookup_online(spec: dict, store: OnlineStore, records: Sequence[dict]) -> tu
 LocalFeatureStore.log_model = log_model
 LocalFeatureStore.own_table = own_table
 LocalFeatureStore.score_batch = score_batch
+
+# %% ../nbs/05_feature_store.ipynb #cd211a7f
+def features_as_of(store, # the environment's feature store (`feature_store_for`)
+                   spec: dict, # a model's feature spec: `lookups` of table_name, lookup_key, timestamp_lookup_key, features
+                   df: DataFrame, # keys, the lookups' timestamp lookup key columns (the points in time), optionally features
+                   ) -> DataFrame:
+    "`df` with the spec's features it lacks, looked up in this environment's feature tables as of each row's point in time."
+    from dataclasses import replace
+    lookups = [replace(l, table_name=store.own_table(l.table_name)) for l in _spec_lookups(spec, df.columns)]
+    return store.create_training_set(df, lookups, label=None).load_df() if lookups else df
 
 # %% ../nbs/05_feature_store.ipynb #88c52254
 def databricks_lookup(lookup: FeatureLookup):

@@ -173,17 +173,18 @@ def monitoring_task(env: Environment,
                     window_minutes: int | None = None, # default: the environment's monitoring_window_minutes
                     lookback_minutes: int | None = None, # the period ends at `end` and starts this much earlier; default: the window
                     start: str | None = None, # ISO time (UTC); default: end minus lookback_minutes
-                    end: str | None = None, # ISO time (UTC); default: now, floored to the window
+                    end: str | None = None, # ISO time (UTC); default: now minus the lag, floored to the window
                     labels_table: str = "", # table with customer_id and default_next_month; empty: no ground truth yet
                     alert: bool = True, # raise DriftAlert when drift is found
+                    lag_minutes: int | None = None, # inference table rows arrive up to this late; default: the environment's monitoring_lag_minutes
                     ) -> dict:
     "Endpoint metrics, drift and model quality of one period, written to the monitoring tables; the drift alert when drifted."
     from serving_mlops.monitoring.checks import run_monitoring, runtime_counters
-    run = run_monitoring(env, endpoint_name, start, end, window_minutes, lookback_minutes, labels_table, task)
+    run = run_monitoring(env, endpoint_name, start, end, window_minutes, lookback_minutes, labels_table, task, lag_minutes)
     print(run.summary())
     values = {}
     if run.metrics is not None:
-        if (live := runtime_counters(env, run.endpoint)) is not None: print(f"  serving runtime totals: {live}")
+        if (live := runtime_counters(env, run.endpoint)) is not None: print(f"  metrics export, last complete minute: {live}")
         values["metrics_windows"] = len(run.metrics)
     if run.drift is not None: values.update(drifted=run.drift.drifted, drift_run_id=run.drift.run_id)
     task_values(**values)

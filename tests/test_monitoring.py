@@ -1,5 +1,7 @@
-"""Monitoring end to end: traffic through the production endpoint lands in its inference table, and the drift check
-raises the alert for a drifted batch of clients and not for a clean one (the issue's demo, as a test)."""
+"""Monitoring end to end: traffic through the production endpoint lands in its inference table (the Databricks AI Gateway
+schema, nothing more), and the drift check, which looks the features up as Databricks requires, raises the alert for a
+drifted batch of clients and not for a clean one (the issue's demo, as a test); and the parts that make it work on
+Databricks too: a complete window despite late rows, and models logged by the FeatureEngineeringClient."""
 import time
 from pathlib import Path
 
@@ -9,8 +11,10 @@ from conftest import cli
 
 from serving_mlops.config import get_environment
 from serving_mlops.data import write_credit_data
-from serving_mlops.monitoring.checks import endpoint_metrics
+from serving_mlops.monitoring.checks import endpoint_metrics, monitoring_period, run_monitoring
+from serving_mlops.monitoring.inference import as_utc, inference_frame, model_spec, payload_rows, synthetic_entity
 from serving_mlops.naming import inference_table
+from serving_mlops.serving.capture import PAYLOAD_SCHEMA
 from serving_mlops.tables import tables_for
 
 
@@ -50,11 +54,15 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
         assert "1,000 customers scored" in out, out
         t2 = now(); cli("query", "--env", "prod", "--ids", "200001:201000"); t3 = now()
         assert wait_for_rows(prod, payload, 2000) == 2000  # every request, once
+        assert tables_for(prod).schema(payload) == PAYLOAD_SCHEMA and PAYLOAD_SCHEMA.names == [
+            "request_date", "databricks_request_id", "client_request_id", "request_time", "status_code", "sampling_fraction",
+            "execution_duration_ms", "request", "response", "logging_error_codes", "served_entity_id", "requester"]
 
-        clean = cli("monitor", "--env", "prod", "--start", t0, "--end", t1, "--window-minutes", "1", "--labels-table", "silver_clients")
+        clean = cli("monitor", "--env", "prod", "--start", t0, "--end", t1, "--window-minutes", "1", "--lag-minutes", "0", "--labels-table", "silver_clients")
         assert "no drift in" in clean.stdout and "1,000 predictions" in clean.stdout, clean.stdout
+        assert "(rows arrive up to 0 min late: complete until" in clean.stdout, clean.stdout  # the run says which window it checked
         assert "quality" in clean.stdout and "ROC AUC 0." in clean.stdout, clean.stdout  # their outcomes came with the batch
-        drifted = cli("monitor", "--env", "prod", "--start", t2, "--end", t3, "--window-minutes", "1", check=False)
+        drifted = cli("monitor", "--env", "prod", "--start", t2, "--end", t3, "--window-minutes", "1", "--lag-minutes", "0", check=False)
         assert drifted.returncode == 3, drifted.stdout + drifted.stderr
         assert "DRIFT" in drifted.stderr and "drift in" in drifted.stderr and "age (psi" in drifted.stderr, drifted.stderr
         report = Path(next(line.split(": ", 1)[1] for line in drifted.stdout.splitlines() if "report (version 1)" in line))
@@ -69,3 +77,68 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
         assert metrics.requests.sum() == 2000 and (metrics.error_rate == 0).all() and (metrics.p99_ms >= metrics.p50_ms).all()
     finally:
         stop_server(prod)
+
+
+def test_the_hourly_run_checks_a_window_whose_rows_have_all_arrived(home):
+    "Databricks delivers inference table rows up to an hour late: the run's period ends `lag` before it, and says so."
+    import numpy as np
+    prod = get_environment("prod")
+    assert prod.var("monitoring_lag_minutes", int) == 60  # the bundle's default
+    # the hourly job at 10:05 checks 8:00 to 9:00, not 9:00 to 10:00
+    assert monitoring_period(window_minutes=60, lookback_minutes=60, lag_minutes=60, now="2026-01-05 10:05") == \
+        (as_utc("2026-01-05 08:00"), as_utc("2026-01-05 09:00"))
+    now = pd.Timestamp.now(tz="UTC")
+    served = synthetic_entity(prod, prod.var("endpoint_name"), prod.var("model_name"), 1)
+    X = pd.DataFrame({"age": np.arange(600, dtype="float64")})
+    for start in (now - pd.Timedelta(minutes=180), now - pd.Timedelta(minutes=50)):  # three hours of traffic up to 70 min ago; and the last 50 min
+        tables_for(prod).append(inference_table(prod), payload_rows(X, [0.5] * 600, served, start, (130 if start < now - pd.Timedelta(minutes=60) else 50) * 60))
+    run = run_monitoring(prod, task="metrics")  # the job's defaults: window 60, lookback 60, lag 60
+    assert run.end == (now - pd.Timedelta(minutes=60)).floor("60min") and run.start == run.end - pd.Timedelta(minutes=60), run.summary()
+    times = tables_for(prod).read_pandas(inference_table(prod)).request_time
+    assert run.metrics.requests.sum() == ((times >= run.start) & (times < run.end)).sum() > 0
+    assert "rows arrive up to 60 min late" in run.summary() and "WARNING" not in run.summary(), run.summary()
+    local = run_monitoring(prod, task="metrics", lag_minutes=0)  # what the demo does: the local runtime's rows arrive in seconds
+    assert local.end == now.floor("60min") or local.end == pd.Timestamp.now(tz="UTC").floor("60min")
+
+
+def test_a_model_logged_by_the_feature_engineering_client_is_monitored_from_keys(home, tmp_path):
+    """A stand-in for a Databricks-logged model (no workspace here): a pyfunc model in the FeatureEngineeringClient's layout, its
+    `data/feature_store/feature_spec.yaml` written by the client's own FeatureSpec class; monitoring reads its lookups with that class
+    and looks the features up as of each request's time in this environment's feature tables."""
+    import mlflow
+    from databricks.ml_features_common.entities.column_info import ColumnInfo
+    from databricks.ml_features_common.entities.feature_column_info import FeatureColumnInfo
+    from databricks.ml_features_common.entities.feature_spec import FeatureSpec
+    from databricks.ml_features_common.entities.feature_table_info import FeatureTableInfo
+    from databricks.ml_features_common.entities.source_data_column_info import SourceDataColumnInfo
+    from serving_mlops.feature_store import example_workspace
+    from serving_mlops.tables import get_spark
+    from serving_mlops.train import training_set
+    env, fs = example_workspace(400, seed=5, spark=get_spark())
+    behaviour, demographic = env.table_name("behaviour_features"), env.table_name("demographic_features")
+    infos = [ColumnInfo(SourceDataColumnInfo("customer_id"), include=False), ColumnInfo(SourceDataColumnInfo("snapshot_date"), include=False),
+             ColumnInfo(FeatureColumnInfo(behaviour, "recent_delay", ["customer_id"], "recent_delay", ["snapshot_date"]), include=True),
+             ColumnInfo(FeatureColumnInfo(demographic, "limit_balance", ["customer_id"], "limit", ["snapshot_date"]), include=True)]
+    spec = FeatureSpec(infos, [FeatureTableInfo(behaviour, "t1"), FeatureTableInfo(demographic, "t2")], [], 0, "0.18.2",
+                       FeatureSpec.SERIALIZATION_VERSION_NUMBER)
+    data = tmp_path / "feature_store"
+    data.mkdir()
+    spec.save(str(data))
+    mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
+    from serving_mlops.feature_store import in_experiment
+    with in_experiment(env, "fe-client-layout"), mlflow.start_run():  # as the client logs it: loader module databricks.feature_store.mlflow_model, data/feature_store/
+        info = mlflow.pyfunc.log_model(name="model", loader_module="databricks.feature_store.mlflow_model", data_path=str(data),
+                                       registered_model_name=env.var("model_name"), pip_requirements=["databricks-feature-engineering"])
+    version = str(info.registered_model_version)
+    assert model_spec(env, env.var("model_name"), version) == {"lookups": [
+        {"table_name": behaviour, "lookup_key": ["customer_id"], "timestamp_lookup_key": "snapshot_date", "features": {"recent_delay": "recent_delay"}},
+        {"table_name": demographic, "lookup_key": ["customer_id"], "timestamp_lookup_key": "snapshot_date", "features": {"limit_balance": "limit"}}],
+        "columns": ["recent_delay", "limit"]}
+    clients = training_set(env, fs).load_df().toPandas().sort_values("customer_id", ignore_index=True).head(50)
+    served = synthetic_entity(env, env.var("endpoint_name"), env.var("model_name"), version)
+    rows = payload_rows(clients[["recent_delay", "limit_balance"]], [0.5] * 50, served, "2026-01-05 10:00", 60, keys=clients[["customer_id"]])
+    frame = inference_frame(env, rows)  # requests sent only customer_id
+    assert frame.customer_id.tolist() == clients.customer_id.tolist() and (frame.model_version == version).all()
+    assert frame.recent_delay.tolist() == clients.recent_delay.tolist() and frame.limit.tolist() == clients.limit_balance.tolist()
+    early = inference_frame(env, payload_rows(clients[["recent_delay"]].head(3), [0.5] * 3, served, "2001-01-01", 60, keys=clients[["customer_id"]].head(3)))
+    assert early.recent_delay.isna().all()  # before the features existed: nothing to look up, as of the request time

@@ -2,6 +2,8 @@
 
 One workspace for the module: synthetic clients, feature tables published online, two trained versions of the
 credit model and a small pyfunc model that raises on negative input (to see a model exception answered, not a crash).
+The runtime's metrics export gives per-interval values as Databricks' does per minute; the module's runtime uses
+1-second intervals (`--metrics-interval 1`) so that the tests of the per-minute semantics and the canary run in seconds.
 """
 import os
 import signal
@@ -26,11 +28,14 @@ from scipy.stats import binomtest
 
 from conftest import cli
 from serving_mlops.config import get_environment, workspace_home
+from serving_mlops.deploy import entity_stats, window_stats
 from serving_mlops.feature_store import example_workspace
 from serving_mlops.registry import register_challenger
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.process import (server_file, server_info, start_server, stop_server,
                                            wait_exit, workspace_client)
+from serving_mlops.monitoring.inference import inference_frame, served_entities
+from serving_mlops.serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE
 from serving_mlops.tables import get_spark, tables_for
 from serving_mlops.train import train
 
@@ -51,6 +56,39 @@ class Slow(mlflow.pyfunc.PythonModel):
         return np.full(len(model_input), 0.5)
 
 
+class SlowToLoad(mlflow.pyfunc.PythonModel):
+    "A version that takes 8 s to load (a served entity that is not ready within a short deployment timeout)."
+    def load_context(self, context): time.sleep(8)
+    def predict(self, context, model_input, params=None): return np.full(len(model_input), 0.5)
+
+
+METRICS_INTERVAL = 1.0  # seconds per value of the runtime's metrics export (a minute on Databricks)
+
+
+class MetricReadings:
+    "Polls an endpoint's metrics export while the block runs (and one interval after), keeping each interval's values once."
+    def __init__(self, ws, name: str):
+        self.ws, self.name, self.readings, self.stop = ws, name, {}, threading.Event()
+
+    def read(self):
+        for entity, minutes in entity_stats(self.ws["w"].serving_endpoints.export_metrics(self.name).contents.read().decode()).items():
+            self.readings.setdefault(entity, {}).update(minutes)
+
+    def _poll(self):
+        while not self.stop.wait(METRICS_INTERVAL / 4): self.read()
+
+    def __enter__(self):
+        self.thread = threading.Thread(target=self._poll, daemon=True); self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        time.sleep(2.5 * METRICS_INTERVAL)  # the last interval with requests is complete and read
+        self.stop.set(); self.thread.join(); self.read()
+
+    def total(self, entity: str, field: str = "requests") -> float:
+        return sum(v[field] for v in self.readings.get(entity, {}).values())
+
+
 @pytest.fixture(scope="module")
 def ws():
     "A workspace with two registered versions, an exploding model, published online tables and a running runtime."
@@ -63,7 +101,7 @@ def ws():
         x = pd.DataFrame({"x": [1.0, 2.0]})
         mlflow.pyfunc.log_model(name="exploding", python_model=Exploding(), registered_model_name="dev.credit.exploding_model",
                                 signature=mlflow.models.infer_signature(x, x["x"] * 2), pip_requirements=["mlflow"])
-    info = start_server(env)
+    info = start_server(env, metrics_interval=METRICS_INTERVAL)
     w = workspace_client(env)
     model = mlflow.pyfunc.load_model(f"models:/{env.var('model_name')}/{v1}")
     columns = model.unwrap_python_model().feature_spec["model_columns"]
@@ -165,7 +203,7 @@ def test_traffic_split_90_10(ws):
     create(ws, "split", entity(ws, ws["v1"], "old"), entity(ws, ws["v2"], "new"),
            routes=[Route(90, served_entity_name="old"), Route(10, served_entity_name="new")])
     n, served = 1_000, []
-    with httpx.Client() as client:
+    with MetricReadings(ws, "split") as metrics, httpx.Client() as client:
         for i in range(n):
             r = invoke(ws, "split", {"dataframe_records": [{"customer_id": 1 + i % 50}]}, client)
             assert r.status_code == 200
@@ -173,12 +211,18 @@ def test_traffic_split_90_10(ws):
     new = served.count("new")
     assert served.count("old") + new == n
     assert binomtest(new, n, 0.10).pvalue > 1e-4, f"{new} of {n} requests went to the 10% entity"
+    # Databricks' names, per interval (not counters): the intervals' values add up to the requests, each interval read once
+    assert {e: metrics.total(e) for e in ("old", "new")} == {"old": n - new, "new": new}
+    assert {e: metrics.total(e, "latency_count") for e in ("old", "new")} == {"old": n - new, "new": new}
+    assert len(metrics.readings["old"]) >= 2  # the requests spread over several intervals
     families = {f.name: f for f in text_string_to_metric_families(ws["w"].serving_endpoints.export_metrics("split").contents.read().decode())}
-    counts = {s.labels["served_entity"]: s.value for s in families["serving_requests"].samples if s.name == "serving_requests_total"}
-    assert counts == {"old": n - new, "new": new}
-    latency = {s.labels["served_entity"]: s.value for s in families["serving_request_latency_seconds"].samples
-               if s.name == "serving_request_latency_seconds_count"}
-    assert latency == counts
+    assert {"request_count_total", "request_4xx_count_total", "request_5xx_count_total", "request_latency_ms", "cpu_usage_percentage",
+            "mem_usage_percentage", "provisioned_concurrent_requests_total"} <= set(families)
+    assert {(f, s.labels["served_model_name"]) for f in ("request_count_total", "provisioned_concurrent_requests_total")
+            for s in families[f].samples} == {(f, e) for f in ("request_count_total", "provisioned_concurrent_requests_total") for e in ("old", "new")}
+    assert all(s.value == 0 for s in families["request_count_total"].samples)  # the last complete interval had no requests
+    assert all(s.timestamp is not None for s in families["request_count_total"].samples)  # stamped with the interval's end
+    assert {s.value for s in families["provisioned_concurrent_requests_total"].samples} == {4.0}  # Small: 4
 
 
 def test_auth_failures_never_reach_a_model(ws):
@@ -196,8 +240,7 @@ def test_auth_failures_never_reach_a_model(ws):
     stranger = WorkspaceClient(config=Config(host=ws["url"], token="dapi-wrong", auth_type="pat", retry_timeout_seconds=5))
     with pytest.raises(PermissionDenied):
         list(stranger.serving_endpoints.list())
-    metrics = ws["w"].serving_endpoints.export_metrics("auth").contents.read().decode()
-    assert "serving_requests_total{" not in metrics  # nothing reached a model
+    assert not (env.root / "serving" / "requests" / "auth.jsonl").exists()  # nothing reached a model: no outcome was recorded
     token_file = env.root / "tokens" / "serving-token"
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     assert invoke(ws, "auth", ok).status_code == 200
@@ -229,7 +272,7 @@ BAD_INPUTS = [
 def test_bad_input_gets_400_naming_the_problem_and_the_server_keeps_serving(ws):
     create(ws, "bad", entity(ws, ws["v1"]))
     create(ws, "exploding", ServedEntityInput(entity_name="dev.credit.exploding_model", entity_version="1"))
-    with httpx.Client() as client:
+    with MetricReadings(ws, "bad") as metrics, httpx.Client() as client:
         for body, message in BAD_INPUTS:
             r = invoke(ws, "bad", body, client)
             assert r.status_code == 400, (body, r.status_code, r.text)
@@ -241,16 +284,17 @@ def test_bad_input_gets_400_naming_the_problem_and_the_server_keeps_serving(ws):
         assert (r.status_code, r.json()["error_code"]) == (404, "RESOURCE_DOES_NOT_EXIST")
         r = invoke(ws, "bad", b'{"inputs": {"customer_id": [' + b"1," * (8 * 2**20) + b"1]}}", client)
         assert r.status_code == 413 and "limit" in r.json()["message"]
+        assert invoke(ws, "bad", {"dataframe_records": [{"customer_id": 1}]}, client).status_code == 200
     r = invoke(ws, "exploding", {"dataframe_records": [{"x": -1.0}]})
     assert r.status_code == 400 and "failed on this input: ValueError: x must be non-negative" in r.json()["message"]
     assert invoke(ws, "exploding", {"dataframe_records": [{"x": 1.5}]}).json()["predictions"] == [3.0]
     assert invoke(ws, "bad", {"dataframe_records": [{"customer_id": 1}]}).status_code == 200  # still serving
     assert server_info(ws["env"]) is not None
-    families = {f.name: f for f in text_string_to_metric_families(ws["w"].serving_endpoints.export_metrics("bad").contents.read().decode())}
-    errors = sum(s.value for s in families["serving_request_errors"].samples if s.name == "serving_request_errors_total")
-    assert errors == len(BAD_INPUTS) + 1  # each bad body once (+ the huge batch); 404 and 413 never reached the endpoint
+    served = f"default_model-{ws['v1']}"
+    # each bad body once (+ the huge batch) is a 4xx; 404 and 413 never reached the endpoint; one request succeeded
+    assert (metrics.total(served, "errors"), metrics.total(served)) == (len(BAD_INPUTS) + 1, len(BAD_INPUTS) + 2)
     outcomes = (ws["env"].root / "serving" / "requests" / "bad.jsonl").read_text().splitlines()
-    assert len(outcomes) == len(BAD_INPUTS) + 2 and sum('"status_code":200' in o for o in outcomes) == 1
+    assert len(outcomes) == len(BAD_INPUTS) + 3 and sum('"status_code":200' in o for o in outcomes) == 2
 
 
 def test_config_update_under_load_fails_no_request(ws):
@@ -316,7 +360,7 @@ def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoi
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert all(len(r.json()["predictions"]) == 5_000 for r in responses)
     assert wait_exit(pid, 60) and not server_file(env).exists()
-    info = start_server(env)
+    info = start_server(env, metrics_interval=METRICS_INTERVAL)
     ws["url"] = info["url"]
     ws["w"] = w = workspace_client(env)
     assert {e.name for e in w.serving_endpoints.list()} == before
@@ -350,7 +394,7 @@ def test_inference_table_has_every_acknowledged_request_exactly_once_after_sigki
         time.sleep(0.5); stop.set()
         for f in loops: f.result()
     assert wait_exit(pid, 30) and len(acked) > 100
-    info = start_server(env)  # replays the log the killed process left
+    info = start_server(env, metrics_interval=METRICS_INTERVAL)  # replays the log the killed process left
     ws["url"], ws["w"] = info["url"], workspace_client(env)
     table, deadline = "dev.credit.captured_payload", time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -360,17 +404,88 @@ def test_inference_table_has_every_acknowledged_request_exactly_once_after_sigki
     missing = set(acked) - set(rows.databricks_request_id)
     assert not missing, f"{len(missing)} acknowledged requests are not in {table}"
     assert rows.databricks_request_id.is_unique, "a request is in the inference table twice"
+    assert tables_for(env).schema(table) == PAYLOAD_SCHEMA  # the AI Gateway inference table's columns, exactly
     mine = rows.set_index("databricks_request_id").loc[list(acked)]
-    assert (mine.status_code == 200).all() and (mine.served_entity_name == mine.iloc[0].served_entity_name).all()
+    assert (mine.status_code == 200).all() and mine.served_entity_id.nunique() == 1 and (mine.sampling_fraction == 1.0).all()
     assert list(mine.client_request_id) == [c for c, _, _ in acked.values()]
+    assert (mine.request_date == mine.request_time.dt.date).all() and all(len(codes) == 0 for codes in mine.logging_error_codes)
     first = next(iter(acked))
-    features = orjson.loads(mine.loc[first, "features"])
-    assert features["columns"] == ws["columns"] and len(features["data"]) == 1
-    expected = ws["features"](acked[first][1])
-    assert features["data"][0] == [expected[c] for c in ws["columns"]]  # the looked-up values the model saw
     assert orjson.loads(mine.loc[first, "response"])["predictions"] == [acked[first][2]]
     assert orjson.loads(mine.loc[first, "request"])["dataframe_records"] == [{"customer_id": acked[first][1]}]
+    # what monitoring makes of the rows: the served entity's version from the history, the features looked up as of the request
+    resolved = served_entities(env, "captured", mine.served_entity_id.unique())
+    assert resolved[["served_entity_name", "model_name", "model_version"]].values.tolist() == [[f"default_model-{ws['v1']}", env.var("model_name"), ws["v1"]]]
+    frame = inference_frame(env, rows.loc[rows.databricks_request_id.isin(list(acked)[:20])], endpoint="captured").set_index("databricks_request_id")
+    for rid in frame.index:
+        expected = ws["features"](acked[rid][1])
+        assert [frame.loc[rid, c] for c in ws["columns"]] == [expected[c] for c in ws["columns"]]  # the values the model saw online
+        assert frame.loc[rid, "prediction"] == acked[rid][2]
     ws["w"].serving_endpoints.delete("captured")
+
+def test_every_payload_row_resolves_to_the_version_that_answered_through_the_served_entity_history(ws):
+    "Databricks' API does not return served_entity_id: rows resolve through system.serving.served_entities, old configs included."
+    env, w, name = ws["env"], ws["w"], "history"
+    gateway = AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
+        catalog_name="dev", schema_name="credit", table_name_prefix="history", enabled=True))
+    create(ws, name, entity(ws, ws["v1"]), ai_gateway=gateway)
+    answered = {}
+    def send(k):
+        for i in range(k):
+            r = invoke(ws, name, {"dataframe_records": [{"customer_id": 1 + i}]})
+            assert r.status_code == 200
+            answered[r.headers["x-request-id"]] = r.headers["served-model-name"]
+    send(5)
+    one, two = f"default_model-{ws['v1']}", f"default_model-{ws['v2']}"
+    w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws["v1"]), entity(ws, ws["v2"])],
+                                               traffic_config=TrafficConfig(routes=[Route(50, served_entity_name=one), Route(50, served_entity_name=two)]))
+    send(30)
+    ep = w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws["v2"])])
+    send(5)
+    assert ep.config.config_version == 3 and {one, two} <= set(answered.values())
+    w.serving_endpoints.delete(name)  # flushes the inference log and records the deletion
+    rows = tables_for(env).read_pandas("dev.credit.history_payload")
+    assert set(rows.databricks_request_id) == set(answered)
+    entities = served_entities(env, name, rows.served_entity_id.unique()).set_index("served_entity_id")
+    assert len(entities) == 2  # one id per entity: v1 kept its id through the update that added v2, v2 kept its own after
+    got = rows.served_entity_id.map(entities.served_entity_name)
+    assert dict(zip(rows.databricks_request_id, got)) == answered  # every row names the entity that answered it
+    assert rows.served_entity_id.map(entities.model_version).isin([ws["v1"], ws["v2"]]).all()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        history = tables_for(env).read_pandas(SERVED_ENTITIES_TABLE, filters=[("endpoint_name", "=", name)])
+        if history.endpoint_delete_time.notna().any(): break
+        time.sleep(0.2)
+    assert sorted(history.endpoint_config_version.unique()) == [1, 2, 3]
+    assert set(history[history.endpoint_delete_time.notna()].served_entity_name) == {two}  # the config the endpoint had when deleted
+    assert "served_entity_id" not in orjson.dumps(ep.as_dict()).decode()  # not in the API, as on Databricks
+
+
+def test_a_deployment_that_times_out_is_rolled_back_and_the_error_names_the_endpoint(ws):
+    "databricks-sdk's waiters raise the built-in TimeoutError: deploy_and_test catches it, rolls back and says what timed out."
+    from serving_mlops.deploy import DeploymentFailed, deploy_and_test
+    env, w = ws["env"], ws["w"]
+    mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
+    rows = pd.DataFrame([ws["features"](cid) for cid in range(1, 4)])
+    with mlflow.start_run():
+        slow = mlflow.pyfunc.log_model(name="slow_to_load", python_model=SlowToLoad(), registered_model_name=env.var("model_name"),
+                                       signature=mlflow.models.infer_signature(rows, np.zeros(len(rows))), pip_requirements=["mlflow"])
+    version = str(slow.registered_model_version)
+    create(ws, "timeouts", entity(ws, ws["v1"]))
+    with pytest.raises(DeploymentFailed) as failed:
+        deploy_and_test(env, version, endpoint="timeouts", timeout_minutes=0.05, requests=5)  # 3 s for an 8 s load
+    message = str(failed.value)
+    assert f"endpoint timeouts: the config update to default_model-{version} 100% was not ready within 0:00:03" in message, message
+    assert f"rolled back: restored the previous config: default_model-{ws['v1']} 100%" in message, message
+    ep = w.serving_endpoints.get("timeouts")
+    assert ep.state.config_update.value == "NOT_UPDATING" and [s.entity_version for s in ep.config.served_entities] == [ws["v1"]]
+    assert invoke(ws, "timeouts", {"dataframe_records": [{"customer_id": 1}]}).headers["served-model-name"] == f"default_model-{ws['v1']}"
+    with pytest.raises(DeploymentFailed) as failed:  # an endpoint the deployment would have created is deleted
+        deploy_and_test(env, version, endpoint="timeouts-new", timeout_minutes=0.05, requests=5)
+    assert "endpoint timeouts-new: creating it to" in str(failed.value) and "deleted endpoint timeouts-new" in str(failed.value), str(failed.value)
+    with pytest.raises(NotFound):
+        w.serving_endpoints.get("timeouts-new")
+    w.serving_endpoints.delete("timeouts")
+
 
 def test_cli_serve_background_endpoints_and_stop(home):
     env = get_environment("staging")

@@ -173,9 +173,10 @@ routes = [
 ]
 
 # %% ../../nbs/08f_serving_app.ipynb #df68cc8e
-def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_stopped=None) -> Starlette:
+def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_stopped=None,
+             metrics_interval: float = 60.0) -> Starlette:  # seconds per value of the endpoint metrics (a minute, as on Databricks)
     "The ASGI app of `env`'s serving runtime (restores persisted endpoints at startup)."
-    runtime = ServingRuntime(env, max_rows)
+    runtime = ServingRuntime(env, max_rows, metrics_interval=metrics_interval)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -31,7 +31,8 @@ __all__ = ['log', 'server_file', 'serve', 'server_info', 'start_server', 'stop_s
 # %% ../../nbs/08g_serving_process.ipynb #670dbb7d
 def server_file(env: Environment) -> Path: return env.path("serving", create=True) / "server.json"
 
-def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: int = MAX_ROWS):
+def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: int = MAX_ROWS,
+          metrics_interval: float = 60.0):  # seconds per value of the endpoint metrics (a minute, as on Databricks)
     "Run `env`'s serving runtime in the foreground until SIGTERM or Ctrl-C."
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -46,6 +47,7 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
         tmp.write_bytes(orjson.dumps({"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms()}))
         os.replace(tmp, info)
         log.info("serving runtime of environment %s at %s", env.name, url)
+        if metrics_interval != 60: log.warning("endpoint metrics per %g s, not per minute as on Databricks", metrics_interval)
 
     def stopped(runtime):  # uvicorn re-raises SIGTERM after its shutdown, so clean up here
         try:
@@ -53,7 +55,7 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
         except (FileNotFoundError, ValueError): pass
         log.info("serving runtime of environment %s stopped", env.name)
 
-    app = make_app(env, max_rows, on_started=started, on_stopped=stopped)
+    app = make_app(env, max_rows, on_started=started, on_stopped=stopped, metrics_interval=metrics_interval)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -71,12 +73,14 @@ def server_info(env: Environment) -> dict | None:
     except httpx.HTTPError: ok = False
     return info if ok else None
 
-def start_server(env: Environment, port: int = 0, timeout: float = 120) -> dict:
+def start_server(env: Environment, port: int = 0, timeout: float = 120,
+                 metrics_interval: float = 60.0) -> dict:  # seconds per value of the endpoint metrics; tests shorten it
     "Start `env`'s serving runtime as a background process (or find the running one); wait for its health check."
     if (info := server_info(env)) is not None: return info
     log_path = env.path("serving", create=True) / "server.log"
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port),
+                                 *(["--metrics-interval", f"{metrics_interval:g}"] if metrics_interval != 60 else [])],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "SERVING_MLOPS_HOME": str(env.root.parent)})
     deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ import orjson
 
 from ..config import Environment
 from ..feature_store import OnlineStore
-from .capture import InferenceLog, payload_table_name
+from .capture import InferenceLog, entity_ids, payload_table_name, record_served_entities, served_entity_rows
 from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri
 from .protocol import (
@@ -48,6 +48,9 @@ class Snapshot:
             if r["traffic_percentage"] > 0:
                 total += r["traffic_percentage"]; routes.append((total, r["served_entity_name"]))
         return cls(config, models, routes)
+
+    @property
+    def ids(self) -> dict: return self.config["served_entity_ids"]  # served entity name -> served_entity_id
 
     def route(self) -> ServedModel:
         "The served entity for one request, drawn by traffic percentage."
@@ -100,8 +103,10 @@ class Endpoint:
 # %% ../../nbs/08e_serving_runtime.ipynb #4fe548a7
 class ServingRuntime:
     "The endpoints of one local environment: create, update, delete, persist, restore, invoke."
-    def __init__(self, env: Environment, max_rows: int = MAX_ROWS, capture_interval: float = 1.0):  # seconds between inference table flushes
-        self.env, self.max_rows, self.capture_interval = env, max_rows, capture_interval
+    def __init__(self, env: Environment, max_rows: int = MAX_ROWS, capture_interval: float = 1.0,  # seconds between inference table flushes
+                 metrics_interval: float = 60.0):  # seconds per value of the endpoint metrics (a minute, as on Databricks)
+        self.env, self.max_rows, self.capture_interval, self.metrics_interval = env, max_rows, capture_interval, metrics_interval
+        self.requester = os.environ.get("USER", "local")  # whom the environment's token belongs to: the `requester` of its requests
         self.captures: dict[str, InferenceLog] = {}  # endpoint -> its inference log, when its inference table is enabled
         self.endpoints: dict[str, Endpoint] = {}
         self.state_dir = env.path("serving", "endpoints", create=True)
@@ -130,8 +135,10 @@ class ServingRuntime:
         tmp.write_bytes(orjson.dumps(ep.record, option=orjson.OPT_INDENT_2))
         os.replace(tmp, path)
 
-    def load_models(self, config: dict, current: Snapshot | None, metrics: EndpointMetrics) -> dict:
-        "Served entities of `config`, reusing already loaded ones with the same model version."
+    def new_metrics(self, name: str) -> EndpointMetrics: return EndpointMetrics(name, self.metrics_interval)
+
+    def load_models(self, name: str, config: dict, current: Snapshot | None, metrics: EndpointMetrics, record: bool = True) -> dict:
+        "Served entities of `config`, reusing already loaded ones with the same model version; recorded in the served entities history."
         models = {}
         for e in config["served_entities"]:
             old = current.models.get(e["name"]) if current else None
@@ -140,19 +147,23 @@ class ServingRuntime:
                 try: models[e["name"]] = ServedModel(e, self.online, self.max_rows, metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
                 except Exception as x:
                     raise RuntimeError(f"served entity '{e['name']}': cannot load {entity_uri(e)}: {type(x).__name__}: {x}") from None
+        if record:
+            try: record_served_entities(tables_for(self.env), served_entity_rows(name, config, now_ms()))
+            except Exception as x: raise RuntimeError(f"cannot record the served entities in system.serving.served_entities: {type(x).__name__}: {x}") from None
         return models
 
-    async def apply(self, ep: Endpoint, config: dict):
+    async def apply(self, ep: Endpoint, config: dict, record: bool = True):
         "Load `config` in the background and switch to it at once when every entity is loaded."
         loop = asyncio.get_running_loop()
         config = {k: v for k, v in config.items() if k != "start_time"}
-        try: models = await loop.run_in_executor(self.loader, self.load_models, config, ep.snapshot, ep.metrics)
+        try: models = await loop.run_in_executor(self.loader, self.load_models, ep.name, config, ep.snapshot, ep.metrics, record)
         except Exception as e:
             ep.failure, ep.updating = str(e), False
             log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], e)
             return
         old = ep.snapshot
         ep.snapshot = Snapshot.of(config, models)  # the switch
+        ep.metrics.entities = {e["name"]: e["workload_size"] for e in config["served_entities"]}
         ep.pending, ep.updating, ep.failure = None, False, None
         ep.record["config"] = config
         ep.record["last_updated_timestamp"] = now_ms()
@@ -168,7 +179,7 @@ class ServingRuntime:
             raise ServingError(409, "RESOURCE_CONFLICT", f"endpoint '{ep.name}' has a config update in progress "
                                f"(config version {ep.pending['config_version']}); wait until state.config_update is NOT_UPDATING")
         version = max(ep.record.get("config", {}).get("config_version", 0), (ep.pending or {}).get("config_version", 0)) + 1
-        ep.pending = {**config, "config_version": version, "start_time": now_ms()}
+        ep.pending = {**config, "served_entity_ids": entity_ids(config, ep.record.get("config")), "config_version": version, "start_time": now_ms()}
         ep.updating, ep.failure = True, None
         asyncio.get_running_loop().create_task(self.apply(ep, ep.pending))
 
@@ -183,7 +194,7 @@ class ServingRuntime:
         record = {"name": name, "id": uuid.uuid4().hex, "creator": os.environ.get("USER", "local"), "creation_timestamp": now,
                   "last_updated_timestamp": now, "description": body.get("description"),
                   "tags": {t["key"]: t.get("value") for t in tags}, "ai_gateway": check_ai_gateway(body.get("ai_gateway") or {})}
-        ep = self.endpoints[name] = Endpoint(record, metrics=EndpointMetrics(name))
+        ep = self.endpoints[name] = Endpoint(record, metrics=self.new_metrics(name))
         self.persist(ep)
         self.configure_capture(ep)
         self.start_update(ep, config)
@@ -204,18 +215,25 @@ class ServingRuntime:
         (self.state_dir / f"{name}.json").unlink(missing_ok=True)
         if name in self.captures: self.captures.pop(name).close()
         if ep.snapshot:
+            self.loader.submit(self._record_deleted, name, ep.snapshot.config, now_ms())
             for model in ep.snapshot.models.values(): asyncio.get_running_loop().call_later(30, model.close)
+
+    def _record_deleted(self, name: str, config: dict, when_ms: int):
+        try: record_served_entities(tables_for(self.env), served_entity_rows(name, config, when_ms, deleted=True))
+        except Exception as x: log.error("endpoint %s: cannot record its deletion in system.serving.served_entities: %s", name, x)
 
     def restore(self):
         "Recreate every persisted endpoint and load its applied config."
         for path in sorted(self.state_dir.glob("*.json")):
             record = orjson.loads(path.read_bytes())
-            ep = self.endpoints[record["name"]] = Endpoint(record, metrics=EndpointMetrics(record["name"]))
+            ep = self.endpoints[record["name"]] = Endpoint(record, metrics=self.new_metrics(record["name"]))
             self.configure_capture(ep)  # replays what a killed process logged but had not flushed
             config = record.get("config")
             if config:
+                known = "served_entity_ids" in config  # recorded when it was first applied
+                if not known: config = {**config, "served_entity_ids": entity_ids(config, None)}
                 ep.pending, ep.updating = {**config, "start_time": now_ms()}, True
-                asyncio.get_running_loop().create_task(self.apply(ep, ep.pending))
+                asyncio.get_running_loop().create_task(self.apply(ep, ep.pending, record=not known))
 
     def record_outcome(self, endpoint: str, outcome: dict):
         "Append one invocation's outcome to the endpoint's request log (one write, before the response)."
@@ -230,13 +248,14 @@ class ServingRuntime:
         if ep.snapshot is None:
             raise ServingError(503 if ep.updating else 400, "TEMPORARILY_UNAVAILABLE" if ep.updating else "BAD_REQUEST",
                                f"serving endpoint '{name}' is not ready" + (f": {ep.failure}" if ep.failure else " (its served entities are loading)"))
-        model = ep.snapshot.route()
+        snapshot = ep.snapshot
+        model = snapshot.route()
         start, arrived = time.perf_counter(), time.time_ns() // 1000
-        error = request = out = X = None
+        error = request = out = None
         try:
             request = parse_request(body, model.spec, self.max_rows) if len(body) < 65536 else \
                 await asyncio.to_thread(parse_request, body, model.spec, self.max_rows)
-            predictions, not_found, X = await model.batcher.submit(request)
+            predictions, not_found, _ = await model.batcher.submit(request)
             out = {"predictions": predictions}
             if not_found: out["metadata"] = {"keys_not_found": not_found,
                                               "note": "features of unknown keys are missing values, imputed by the model's pipeline"}
@@ -244,19 +263,17 @@ class ServingRuntime:
         except Exception as e:
             error = e if isinstance(e, ServingError) else ServingError(500, "INTERNAL_ERROR", f"{type(e).__name__}: {e}"); raise
         finally:
-            seconds = time.perf_counter() - start
-            ep.metrics.observe(model.name, seconds, error.error_code if error else None)
-            outcome = {"databricks_request_id": request_id, "request_time_us": arrived, "served_entity_name": model.name,
-                       "status_code": error.status if error else 200, "execution_duration_ms": round(seconds * 1000, 3),
-                       "error_code": error.error_code if error else None}
+            ms, status = (time.perf_counter() - start) * 1000, error.status if error else 200
+            ep.metrics.observe(model.name, ms, status)
             capture = self.captures.get(name)
-            if capture is None: self.record_outcome(name, outcome)
-            else: capture.write({**outcome, "endpoint_name": name, "model_name": model.entity["entity_name"],
-                                 "model_version": str(model.entity["entity_version"]),
-                                 "client_request_id": request.client_request_id if request else None,
+            if capture is None:
+                self.record_outcome(name, {"databricks_request_id": request_id, "request_time_us": arrived, "served_entity_name": model.name,
+                                           "status_code": status, "execution_duration_ms": round(ms, 3), "error_code": error.error_code if error else None})
+            else: capture.write({"databricks_request_id": request_id, "client_request_id": request.client_request_id if request else None,
+                                 "request_time_us": arrived, "status_code": status, "execution_duration_ms": round(ms),
                                  "request": body.decode("utf-8", "replace"),
                                  "response": out if error is None else {"error_code": error.error_code, "message": error.message},
-                                 "features": None if X is None else {"columns": model.spec.columns, "data": X}})
+                                 "served_entity_id": snapshot.ids[model.name], "requester": self.requester})
 
     def close(self):
         for fd in self._logs.values(): os.close(fd)
