@@ -442,10 +442,13 @@ class PositiveClassProbability(mlflow.pyfunc.PythonModel):
     "Probability of the positive class from the scikit-learn classifier in artifact `classifier`, one float per row."
     def load_context(self, context):
         import mlflow.sklearn
+        from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
         self.classifier = mlflow.sklearn.load_model(context.artifacts["classifier"])
+        self.pools = ThreadpoolController()
 
     def predict(self, context, model_input, params=None):
-        return self.classifier.predict_proba(model_input)[:, 1]
+        with self.pools.limit(limits=1 if len(model_input) < 1_000 else None):  # one thread for requests, as FeatureSpecModel
+            return self.classifier.predict_proba(model_input)[:, 1]
 
 def model_code(cls) -> str:
     "The source of an MLflow models-from-code file defining `cls` (which may use only mlflow, numpy, pandas) and setting it as the model."
