@@ -15,11 +15,12 @@ import pandas as pd
 from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
 from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route, ServedEntityInput,
                                             ServingEndpointDetailed, TrafficConfig)
+from mlflow.types import DataType
 
 from .config import Environment, using_mlflow
 from .errors import StepFailed
 from .naming import inference_table, model_uri, served_entity_name
-from .registry import GateReport, alias_version
+from .registry import GateReport, alias_version, scores
 from .serving.process import workspace_client
 
 # %% auto #0
@@ -127,8 +128,11 @@ def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndar
     with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.var("model_name"), version))
     sample = model.input_example
     if sample is None: raise DeploymentFailed(f"model {env.var('model_name')} version {version} has no input example to test the endpoint with")
-    sample = pd.DataFrame(sample).astype(float)
-    return sample, np.asarray(model.predict(sample), dtype=float)
+    # a model logged by the Databricks client has one row of its keys (a dict) and answers a one-column frame
+    sample = pd.DataFrame([sample] if isinstance(sample, dict) else sample)
+    doubles = [c.name for c in model.metadata.get_input_schema().inputs if c.type == DataType.double and c.name in sample]
+    sample = sample.astype({c: float for c in doubles})  # integer codes go as the doubles the signature declares
+    return sample, scores(model, sample)
 
 def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50, client=None) -> EndpointReport:
     "Run the endpoint tests against the endpoint serving `version`."

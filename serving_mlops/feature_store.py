@@ -5,6 +5,7 @@
 # %% ../nbs/05_feature_store.ipynb #68e0992b
 from __future__ import annotations
 
+import inspect
 import json
 import sqlite3
 import tempfile
@@ -30,11 +31,12 @@ from .naming import same_table_in
 from .tables import Tables, get_spark, tables_for, to_arrow
 
 # %% auto #0
-__all__ = ['PROPERTY_PREFIX', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore', 'TrainingSet',
-           'create_training_set', 'OnlineStore', 'latest_per_key', 'online_store', 'publish_table', 'in_experiment',
-           'FeatureSpecModel', 'model_columns', 'log_model', 'own_table', 'score_batch', 'lookup_online',
-           'features_as_of', 'databricks_lookup', 'DatabricksFeatureStore', 'feature_store_for', 'build_feature_tables',
-           'example_workspace']
+__all__ = ['PROPERTY_PREFIX', 'CHANGE_DATA_FEED', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore',
+           'TrainingSet', 'create_training_set', 'table_versions', 'OnlineStore', 'latest_per_key', 'online_store',
+           'publish_table', 'in_experiment', 'FeatureSpecModel', 'model_columns', 'log_model', 'own_table',
+           'score_batch', 'lookup_online', 'retarget_model', 'feature_model_uri', 'features_as_of',
+           'PositiveClassProbability', 'model_code', 'dates_as_timestamps', 'databricks_lookup',
+           'DatabricksFeatureStore', 'feature_store_for', 'build_feature_tables', 'example_workspace']
 
 # %% ../nbs/05_feature_store.ipynb #6207f239
 class FeatureStoreError(InputError):
@@ -192,6 +194,13 @@ def create_training_set(self, df: DataFrame, feature_lookups: Sequence[FeatureLo
 
 LocalFeatureStore.create_training_set = create_training_set
 
+# %% ../nbs/05_feature_store.ipynb #d32d36a6
+def table_versions(self, training_set: TrainingSet) -> dict[str, int]:
+    "Delta version of each feature table `training_set` reads, by table name."
+    return {l["table_name"]: l["table_version"] for l in training_set.feature_spec["lookups"]}
+
+LocalFeatureStore.table_versions = table_versions
+
 # %% ../nbs/05_feature_store.ipynb #dd141dc6
 _SQL_TYPES = {"int": "INTEGER", "uint": "INTEGER", "bool": "INTEGER", "double": "REAL", "float": "REAL", "halffloat": "REAL"}
 
@@ -294,10 +303,17 @@ LocalFeatureStore.publish_table = publish_table
 
 # %% ../nbs/05_feature_store.ipynb #99b22177
 @contextmanager
-def in_experiment(env: Environment, name: str):
-    "Within the block, MLflow runs go to experiment `name` of `env` (created first, artifacts inside a local workspace)."
+def in_experiment(env: Environment, name: str, # e.g. `experiment_name(env, "training")`
+                  workspace=None): # databricks.sdk WorkspaceClient of a workspace target (default: one for env's workspace)
+    "Within the block, MLflow runs go to experiment `name` of `env`, created first (in a local workspace with its artifacts there, on a workspace in its folder, made first)."
     with using_mlflow(env):
-        if env.is_local and mlflow.get_experiment_by_name(name) is None: mlflow.create_experiment(name, artifact_location=env.artifact_location)
+        if mlflow.get_experiment_by_name(name) is None:
+            if env.is_local: mlflow.create_experiment(name, artifact_location=env.artifact_location)
+            else:
+                if workspace is None:
+                    from databricks.sdk import WorkspaceClient
+                    workspace = WorkspaceClient(**env.workspace.sdk_kwargs)
+                workspace.workspace.mkdirs(name.rsplit("/", 1)[0])  # set_experiment fails when the experiment's folder is missing
         yield mlflow.set_experiment(name)
 
 class FeatureSpecModel(mlflow.pyfunc.PythonModel):
@@ -396,6 +412,31 @@ LocalFeatureStore.log_model = log_model
 LocalFeatureStore.own_table = own_table
 LocalFeatureStore.score_batch = score_batch
 
+# %% ../nbs/05_feature_store.ipynb #4f7a12c0
+def retarget_model(self, path: Path | str) -> dict[str, str]:
+    "Make the model saved at `path` name this environment's feature tables of the same names; returns old -> new names."
+    from mlflow.models import Model
+    artifacts = Model.load(str(path)).flavors.get("python_function", {}).get("artifacts") or {}
+    if "feature_spec" not in artifacts: raise FeatureStoreError(f"model at {path} has no feature_spec artifact: it was not logged by LocalFeatureStore.log_model")
+    file = Path(path) / artifacts["feature_spec"]["path"]
+    spec = json.loads(file.read_text())
+    renamed = {}
+    for lookup in spec["lookups"]:
+        old = lookup["table_name"]
+        new = renamed[old] = same_table_in(self.env, old)
+        if not self.tables.exists(new):
+            raise FeatureStoreError(f"feature table {new} (the model's {old}) does not exist; run the features job of environment '{self.env.name}' first")
+        if new != old: lookup.update(trained_on_table=lookup.get("trained_on_table", old), table_name=new)
+    file.write_text(json.dumps(spec, indent=2, default=str))
+    return renamed
+
+def feature_model_uri(self, uri: str) -> str:
+    "URI of the model that predicts from features inside the model logged by this store at `uri` (for timing it alone)."
+    return uri  # our model predicts from a feature frame itself; score_batch and serving look features up around it
+
+LocalFeatureStore.retarget_model = retarget_model
+LocalFeatureStore.feature_model_uri = feature_model_uri
+
 # %% ../nbs/05_feature_store.ipynb #cd211a7f
 def features_as_of(store, # the environment's feature store (`feature_store_for`)
                    spec: dict, # a model's feature spec: `lookups` of table_name, lookup_key, timestamp_lookup_key, features
@@ -406,7 +447,32 @@ def features_as_of(store, # the environment's feature store (`feature_store_for`
     lookups = [replace(l, table_name=store.own_table(l.table_name)) for l in _spec_lookups(spec, df.columns)]
     return store.create_training_set(df, lookups, label=None).load_df() if lookups else df
 
+# %% ../nbs/05_feature_store.ipynb #6ebdc526
+class PositiveClassProbability(mlflow.pyfunc.PythonModel):
+    "Probability of the positive class from the scikit-learn classifier in artifact `classifier`, one float per row."
+    def load_context(self, context):
+        import mlflow.sklearn
+        from threadpoolctl import ThreadpoolController  # a dependency of scikit-learn
+        self.classifier = mlflow.sklearn.load_model(context.artifacts["classifier"])
+        self.pools = ThreadpoolController()
+
+    def predict(self, context, model_input, params=None):
+        with self.pools.limit(limits=1 if len(model_input) < 1_000 else None):  # one thread for requests, as FeatureSpecModel
+            return self.classifier.predict_proba(model_input)[:, 1]
+
+def model_code(cls) -> str:
+    "The source of an MLflow models-from-code file defining `cls` (which may use only mlflow, numpy, pandas) and setting it as the model."
+    return f"import mlflow\nimport mlflow.pyfunc\nimport numpy as np\nimport pandas as pd\n\n\n{inspect.getsource(cls)}\n\nmlflow.models.set_model({cls.__name__}())\n"
+
 # %% ../nbs/05_feature_store.ipynb #88c52254
+CHANGE_DATA_FEED = "delta.enableChangeDataFeed"  # table property publish_table needs on a feature table (TRIGGERED and CONTINUOUS modes)
+
+def dates_as_timestamps(df):
+    "Spark frame `df` with its DATE columns as TIMESTAMP (the Databricks client's point-in-time keys)."
+    from pyspark.sql.types import DateType
+    dates = [f.name for f in df.schema.fields if isinstance(f.dataType, DateType)]
+    return df.withColumns({c: F.col(c).cast("timestamp") for c in dates}) if dates else df
+
 def databricks_lookup(lookup: FeatureLookup):
     "The `databricks.feature_engineering.FeatureLookup` with the same arguments as `lookup`."
     from databricks.feature_engineering import FeatureLookup as DatabricksFeatureLookup
@@ -415,13 +481,19 @@ def databricks_lookup(lookup: FeatureLookup):
 
 class DatabricksFeatureStore:
     "The feature store API over FeatureEngineeringClient, for targets with a workspace host."
-    def __init__(self, env: Environment, client=None, tables: Tables | None = None):
+    def __init__(self, env: Environment, client=None, tables: Tables | None = None, spark=None):
         if client is None:
             try: from databricks.feature_engineering import FeatureEngineeringClient
             except ImportError: raise FeatureStoreError("environment '%s' is a Databricks workspace: install serving_mlops[databricks] "
                                                         "for databricks-feature-engineering" % env.name) from None
             client = FeatureEngineeringClient()
-        self.env, self.client, self._tables = env, client, tables
+        self.env, self.client, self._tables, self._spark = env, client, tables, spark
+
+    @property
+    def spark(self):
+        "The Spark session of the cluster (the active one on Databricks)."
+        if self._spark is None: self._spark = get_spark(self.env)
+        return self._spark
 
     @property
     def tables(self) -> Tables:
@@ -432,48 +504,116 @@ class DatabricksFeatureStore:
                      description: str | None = None, feature_descriptions: dict | None = None, produced_by: str | None = None):
         keys = [primary_keys] if isinstance(primary_keys, str) else list(primary_keys)
         if timeseries_column and timeseries_column not in keys: keys.append(timeseries_column)  # UC: part of the primary key
-        self.client.create_table(name=name, primary_keys=keys, df=df, timeseries_column=timeseries_column, description=description,
+        self.client.create_table(name=name, primary_keys=keys, df=None if df is None else dates_as_timestamps(df),
+                                 timeseries_column=timeseries_column, description=description,
                                  tags={"produced_by": produced_by} if produced_by else None)
+        self.enable_change_data_feed(name)
         if feature_descriptions: self.tables.set_metadata(name, column_comments=feature_descriptions)
         return self.get_table(name)
+
+    def enable_change_data_feed(self, name: str) -> bool:
+        "Turn Change Data Feed on for table `name` (publishing to the online store reads it); True if it was off."
+        if str(self.tables.describe(name)["properties"].get(CHANGE_DATA_FEED, "")).lower() == "true": return False
+        self.tables.set_metadata(name, properties={CHANGE_DATA_FEED: "true"})
+        return True
 
     def get_table(self, name: str) -> FeatureTable:
         t = self.client.get_table(name=name)
         ts = (t.timestamp_keys or [None])[0]
         features = [getattr(f, "name", f) for f in t.features]
         return FeatureTable(name, [k for k in t.primary_keys if k != ts], ts, t.description,
-                            [f for f in features if f not in t.primary_keys], {}, (t.tags or {}).get("produced_by"))
+                            [f for f in features if f not in t.primary_keys and f != ts], {}, (t.tags or {}).get("produced_by"))
 
     def write_table(self, name: str, df, mode: str = "merge"):
         if mode != "merge": raise FeatureStoreError(f"feature table {name}: Unity Catalog feature tables are written with mode='merge' only")
-        return self.client.write_table(name=name, df=df, mode="merge")
+        return self.client.write_table(name=name, df=dates_as_timestamps(df), mode="merge")
 
     def read_table(self, name: str, version: int | None = None) -> DataFrame:
         return self.client.read_table(name=name) if version is None else self.tables.read_spark(name, version)
 
     def create_training_set(self, df: DataFrame, feature_lookups: Sequence[FeatureLookup], label: str | None, exclude_columns=None):
-        return self.client.create_training_set(df=df, feature_lookups=[databricks_lookup(l) for l in feature_lookups],
+        return self.client.create_training_set(df=dates_as_timestamps(df), feature_lookups=[databricks_lookup(l) for l in feature_lookups],
                                                label=label, exclude_columns=list(exclude_columns or []))
 
+    def table_versions(self, training_set) -> dict[str, int]:
+        "Delta version of each feature table `training_set` (the client's TrainingSet) reads, by table name."
+        return {t.table_name: self.tables.version(t.table_name) for t in training_set.feature_spec.table_infos}
+
     def log_model(self, model, artifact_path: str = "model", flavor=mlflow.sklearn, training_set=None,
-                  registered_model_name: str | None = None, baseline: dict | None = None, **kwargs):
-        # `baseline` stays a run artifact here (train logs it as monitoring/baseline.json): the FE client's model has no room for it
-        return self.client.log_model(model=model, artifact_path=artifact_path, flavor=flavor, training_set=training_set,
-                                     registered_model_name=registered_model_name, **kwargs)
+                  registered_model_name: str | None = None, feature_columns: Sequence[str] | None = None, input_example=None,
+                  signature=None, pip_requirements: Sequence[str] | None = None, baseline: dict | None = None):
+        "Log classifier `model` through the client, packaged with `training_set`'s FeatureSpec, predicting P(positive); returns the ModelInfo."
+        # The client's model takes the training set's source columns (keys required) and optional features: its signature
+        # comes from the FeatureSpec and its input example, with infer_input_example=True, is a row of keys. `signature` and
+        # `input_example` describe the feature frame of the model inside, so they are not passed on (the client would hand them to
+        # flavor.save_model for that inner model); `baseline` stays a run artifact (train logs it as monitoring/baseline.json).
+        if flavor is not mlflow.sklearn: raise FeatureStoreError("log_model supports flavor=mlflow.sklearn")
+        if training_set is None: raise FeatureStoreError("log_model needs the training_set the model was trained on")
+        given = [ci.output_name for ci in training_set.feature_spec.column_infos if ci.include]
+        missing = [c for c in feature_columns or [] if c not in given]
+        if missing: raise FeatureStoreError(f"log_model: feature column(s) {missing} are not columns of the training set {given}: "
+                                            "the feature-store model gives the model inside exactly those")
+        import sklearn
+        with tempfile.TemporaryDirectory() as tmp:
+            # mlflow.sklearn's pyfunc predicts classes; the model inside is our PositiveClassProbability, as code that travels with it
+            mlflow.sklearn.save_model(model, f"{tmp}/classifier", serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+                                      pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
+            code = Path(tmp, "positive_class_probability.py")
+            code.write_text(model_code(PositiveClassProbability))
+            requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}", f"pandas=={pd.__version__}"]
+            return self.client.log_model(model=str(code), artifact_path=artifact_path, flavor=mlflow.pyfunc, training_set=training_set,
+                                         registered_model_name=registered_model_name, infer_input_example=True,
+                                         artifacts={"classifier": f"{tmp}/classifier"}, pip_requirements=list(requirements))
 
     def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
-        return self.client.score_batch(model_uri=model_uri, df=df, result_type=result_type)
+        return self.client.score_batch(model_uri=model_uri, df=dates_as_timestamps(df), result_type=result_type)
+
+    def own_table(self, table: str) -> str:
+        "`table` when it is this environment's: promotion retargets a copy's feature spec, so a spec naming another catalog's table is refused."
+        own = same_table_in(self.env, table)
+        if own != table: raise FeatureStoreError(f"feature table {table} is not in environment '{self.env.name}' (catalog {self.env.catalog}): "
+                                                 f"expected {own}; promote the model again so its feature spec names this environment's tables")
+        return table
+
+    def feature_model_uri(self, uri: str) -> str:
+        "URI of the model that predicts from features inside the client-logged model at `uri` (its predict runs a Spark lookup job)."
+        return f"{uri}/data/feature_store/raw_model"  # FeatureEngineeringClient.log_model's layout (RAW_MODEL_FOLDER, "never changes")
+
+    def retarget_model(self, path: Path | str) -> dict[str, str]:
+        "Make the client-logged model saved at `path` name this environment's feature tables of the same names; returns old -> new names."
+        from databricks.ml_features_common.entities.feature_spec import FeatureSpec
+        from mlflow.models import Model
+        data = Model.load(str(path)).flavors.get("python_function", {}).get("data")
+        folder = Path(path) / (data or "data/feature_store")
+        if not (folder / FeatureSpec.FEATURE_ARTIFACT_FILE).is_file():
+            raise FeatureStoreError(f"model at {path} has no {data or 'data/feature_store'}/{FeatureSpec.FEATURE_ARTIFACT_FILE}: "
+                                    "it was not logged by FeatureEngineeringClient.log_model")
+        proto = FeatureSpec.load(str(folder)).to_proto()
+        renamed = {}
+        for table in proto.input_tables:
+            new = renamed[table.table_name] = same_table_in(self.env, table.table_name)
+            try: table_id = self.client.get_table(name=new).table_id
+            except Exception as e:
+                where = f" of {self.env.where}"
+                raise FeatureStoreError(f"feature table {new} (the model's {table.table_name}) is not a feature table{where}: {e}; "
+                                        f"run the features job of environment '{self.env.name}' first") from None
+            table.table_name, table.table_id = new, table_id
+        for column in proto.input_columns:
+            if column.HasField("feature_column_info"): column.feature_column_info.table_name = renamed[column.feature_column_info.table_name]
+        FeatureSpec.from_proto(proto).save(str(folder))
+        return renamed
 
     def publish_table(self, name: str):
         store_name = self.env.var("online_store_name")
         store = self.client.get_online_store(name=store_name)
-        if store is None: raise FeatureStoreError(f"workspace {self.env.host} has no online store {store_name!r} "
+        if store is None: raise FeatureStoreError(f"{self.env.where} has no online store {store_name!r} "
                                                   f"(targets.{self.env.name}.variables.online_store_name): create it first")
+        self.enable_change_data_feed(name)  # a table created before the adapter set it
         return self.client.publish_table(online_store=store, source_table_name=name, online_table_name=f"{name}_online")
 
 def feature_store_for(env: Environment, spark=None):
     "The feature store of `env`: local (Delta + SQLite) or the workspace's (FeatureEngineeringClient)."
-    return LocalFeatureStore(env, spark=spark) if env.is_local else DatabricksFeatureStore(env)
+    return LocalFeatureStore(env, spark=spark) if env.is_local else DatabricksFeatureStore(env, spark=spark)
 
 # %% ../nbs/05_feature_store.ipynb #5e4e1672
 def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/05_feature_store.ipynb") -> dict[str, str]:
@@ -494,12 +634,13 @@ def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/0
 # %% ../nbs/05_feature_store.ipynb #9e8a9f10
 def example_workspace(rows: int = 3_000, seed: int = 3, target: str = "dev", spark=None,
                       drift: float = 0.0, # 0: the training population; 1: riskier, younger clients (see `generate_chunk`)
+                      home: Path | str | None = None, # folder of the local workspaces (default: a new one); another example's for a sibling environment
                       ) -> tuple[Environment, LocalFeatureStore]:
     "A throwaway local workspace with `rows` ingested clients and built feature tables."
     from serving_mlops.config import workspace_home
     from serving_mlops.data import write_credit_data
     from serving_mlops.ingest import ingest_landing
-    with workspace_home(tempfile.mkdtemp(prefix="serving-mlops-")): env = get_environment(target)
+    with workspace_home(home or tempfile.mkdtemp(prefix="serving-mlops-")): env = get_environment(target)
     write_credit_data(Path(env.landing_dir) / "clients.csv", rows, seed=seed, drift=drift, progress=False)
     ingest_landing(env, progress=False)
     store = LocalFeatureStore(env, spark=spark or get_spark(env))

@@ -8,7 +8,16 @@ from __future__ import annotations
 from .config import Environment
 
 # %% auto #0
-__all__ = ['model_uri', 'served_entity_name', 'inference_table', 'same_table_in']
+__all__ = ['EXPERIMENT_KINDS', 'experiment_name', 'model_uri', 'served_entity_name', 'inference_table', 'same_table_in']
+
+# %% ../nbs/00b_naming.ipynb #fd23c8d4
+EXPERIMENT_KINDS = ("training", "promotions", "monitoring")  # the experiments the project writes runs to
+
+def experiment_name(env: Environment, kind: str, # training, promotions or monitoring
+                    ) -> str:
+    "The MLflow experiment of `env` for runs of `kind`: `/Shared/serving-mlops/<env>/<kind>`."
+    if kind not in EXPERIMENT_KINDS: raise ValueError(f"experiment kind {kind!r}: expected one of {', '.join(EXPERIMENT_KINDS)}")
+    return f"/Shared/serving-mlops/{env.name}/{kind}"
 
 # %% ../nbs/00b_naming.ipynb #1e5d5370
 def model_uri(model: str, # registered model, e.g. `prod.credit.default_model`

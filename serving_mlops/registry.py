@@ -19,13 +19,13 @@ from sklearn.metrics import roc_auc_score
 from .config import Environment, using_mlflow
 from .errors import StepFailed
 from .feature_store import feature_store_for, in_experiment
-from .naming import model_uri
+from .naming import experiment_name, model_uri
 from .train import KEY, LABEL, TrainingResult, split_by_customer, training_set
 
 # %% auto #0
-__all__ = ['registry_client', 'alias_version', 'register_challenger', 'GateReport', 'GateFailed', 'held_out', 'p95_latency_ms',
-           'validate_challenger', 'set_champion', 'promote_challenger', 'copied_version', 'copy_model_version',
-           'verify_copy', 'promote_version']
+__all__ = ['registry_client', 'alias_version', 'register_challenger', 'GateReport', 'GateFailed', 'held_out', 'scores',
+           'p95_latency_ms', 'validate_challenger', 'set_champion', 'promote_challenger', 'copied_version',
+           'copy_model_version', 'verify_copy', 'promote_version']
 
 # %% ../nbs/07_registry.ipynb #a6786306
 def registry_client(env: Environment) -> MlflowClient:
@@ -72,6 +72,10 @@ def held_out(env: Environment, store=None, seed: int = 42):
     test = split_by_customer(df, seed)["test"]
     return test, test[LABEL].to_numpy()
 
+def scores(model, X) -> np.ndarray:
+    "A loaded model's predictions for `X`, one float per row (a model logged by the Databricks client answers a one-column frame)."
+    return np.asarray(model.predict(X), dtype=float).reshape(len(X))
+
 def p95_latency_ms(model, row, repeats: int = 50) -> float:
     "p95 of single-row in-process prediction latency, in milliseconds."
     model.predict(row)  # warm up
@@ -82,25 +86,28 @@ def p95_latency_ms(model, row, repeats: int = 50) -> float:
 
 def validate_challenger(env: Environment, store=None, seed: int = 42, latency_budget_ms: float | None = None) -> GateReport:
     "Run every check of the gate on the challenger and record the outcome on its model version."
-    client, name = registry_client(env), env.var("model_name")
+    client, name, store = registry_client(env), env.var("model_name"), store or feature_store_for(env)
     challenger, champion = alias_version(env, "challenger"), alias_version(env, "champion")
     if challenger is None: raise GateFailed(f"model {name} has no version with alias 'challenger' to validate")
     X, y = held_out(env, store, seed)
     with using_mlflow(env): new = mlflow.pyfunc.load_model(model_uri(name, challenger.version))
     report = GateReport(challenger.version)
-    auc = roc_auc_score(y, new.predict(X))
+    auc = roc_auc_score(y, scores(new, X))
     minimum = env.var("min_roc_auc", float)
     report.checks.append(("min_roc_auc", auc >= minimum, f"ROC AUC {auc:.4f} (minimum {minimum})"))
     if champion is not None and champion.version != challenger.version:
         with using_mlflow(env): old = mlflow.pyfunc.load_model(model_uri(name, champion.version))
-        old_auc, allowed = roc_auc_score(y, old.predict(X)), env.var("max_auc_degradation", float)
+        old_auc, allowed = roc_auc_score(y, scores(old, X)), env.var("max_auc_degradation", float)
         report.checks.append(("max_auc_degradation", old_auc - auc <= allowed,
                               f"ROC AUC {auc:.4f} vs champion version {champion.version} {old_auc:.4f} (largest allowed drop {allowed})"))
         same = new.metadata.get_input_schema() == old.metadata.get_input_schema()
         report.checks.append(("signature", same, "same input signature as the champion" if same else
                               f"inputs differ from champion version {champion.version}: {new.metadata.get_input_schema()} vs {old.metadata.get_input_schema()}"))
     budget = env.var("latency_budget_ms", float) if latency_budget_ms is None else latency_budget_ms
-    latency = p95_latency_ms(new, X.head(1)[new.metadata.get_input_schema().input_names()])  # the model's columns only
+    # the model that predicts from features, alone: a model logged by the Databricks client runs a Spark lookup job per predict
+    with using_mlflow(env): inner = mlflow.pyfunc.load_model(store.feature_model_uri(model_uri(name, challenger.version)))
+    schema = inner.metadata.get_input_schema()
+    latency = p95_latency_ms(inner, X.head(1)[schema.input_names()] if schema else X.head(1).drop(columns=[LABEL]))  # its columns only
     report.checks.append(("latency", latency <= budget, f"single-row p95 {latency:.2f} ms (budget {budget:g} ms)"))
     for check, ok, detail in report.checks: client.set_model_version_tag(name, challenger.version, f"validation.{check}", f"{'passed' if ok else 'failed'}: {detail}")
     client.set_model_version_tag(name, challenger.version, "validation.status", "passed" if report.passed else "failed")
@@ -123,13 +130,16 @@ def promote_challenger(env: Environment, report: GateReport):
 def copied_version(target: Environment, source: Environment, source_version):
     "The target's version copied from `source_version` of the source environment, or None."
     client, name = registry_client(target), target.var("model_name")
-    try: versions = client.search_model_versions(f"name = '{name}'")
+    try: found = client.search_model_versions(f"name = '{name}'")
     except MlflowException: return None
-    return next((v for v in versions if v.tags.get("source_environment") == source.name
-                 and v.tags.get("source_version") == str(source_version)), None)
+    # Unity Catalog answers a search without tags (ModelVersionSearch.tags raises): each version's tags come from get_model_version
+    for v in sorted(found, key=lambda v: int(v.version), reverse=True):
+        full = client.get_model_version(name, v.version)
+        if full.tags.get("source_environment") == source.name and full.tags.get("source_version") == str(source_version): return full
+    return None
 
-def copy_model_version(source: Environment, target: Environment, version=None, alias: str = "champion"):
-    "Copy a model version (default: the source's `alias`) into the target's registry, once; returns the target's version."
+def copy_model_version(source: Environment, target: Environment, version=None, alias: str = "champion", target_store=None):
+    "Copy a model version (default: the source's `alias`) into the target's registry, once, naming the target's feature tables; returns the target's version."
     name = source.var("model_name")
     src_client = registry_client(source)
     src = src_client.get_model_version(name, version) if version is not None else alias_version(source, alias)
@@ -138,18 +148,21 @@ def copy_model_version(source: Environment, target: Environment, version=None, a
     if done is not None: return done
     with using_mlflow(source): local = Path(mlflow.artifacts.download_artifacts(model_uri(name, src.version), dst_path=tempfile.mkdtemp()))
     (local / "registered_model_meta").unlink(missing_ok=True)  # names the source registry's model
+    renamed = (target_store or feature_store_for(target)).retarget_model(local)  # look features up in the target's own tables
     tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or ""}
-    with in_experiment(target, f"/serving-mlops/{target.name}/promotions"):
+    with in_experiment(target, experiment_name(target, "promotions")):
         with mlflow.start_run(run_name=f"copy {name} v{src.version}", tags=tags) as run: mlflow.log_artifacts(str(local), "model")
         copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.var("model_name"), tags=tags)
-    registry_client(target).update_model_version(copy.name, copy.version, description=f"Copied from {name} version {src.version} of environment '{source.name}'.")
+    tables = ", ".join(sorted(set(renamed.values())))
+    registry_client(target).update_model_version(copy.name, copy.version, description=f"Copied from {name} version {src.version} of "
+                                                 f"environment '{source.name}'; looks its features up in {tables}.")
     return registry_client(target).get_model_version(copy.name, copy.version)
 
 def verify_copy(source: Environment, source_version, target: Environment, target_version, X) -> int:
     "Check that both versions load and predict identically on `X`; returns the number of rows compared."
-    with using_mlflow(source): before = mlflow.pyfunc.load_model(model_uri(source.var("model_name"), source_version)).predict(X)
-    with using_mlflow(target): after = mlflow.pyfunc.load_model(model_uri(target.var("model_name"), target_version)).predict(X)
-    if not np.array_equal(np.asarray(before), np.asarray(after)):
+    with using_mlflow(source): before = scores(mlflow.pyfunc.load_model(model_uri(source.var("model_name"), source_version)), X)
+    with using_mlflow(target): after = scores(mlflow.pyfunc.load_model(model_uri(target.var("model_name"), target_version)), X)
+    if not np.array_equal(before, after):
         raise GateFailed(f"copy {target.var('model_name')} version {target_version} predicts differently from "
                          f"{source.var('model_name')} version {source_version} of '{source.name}'")
     return len(X)

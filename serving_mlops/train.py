@@ -32,6 +32,7 @@ from .config import Environment
 from .feature_store import FeatureLookup, TrainingSet, feature_store_for, in_experiment
 from .features import FEATURE_TABLES, KEY
 from .monitoring.baseline import training_baseline
+from .naming import experiment_name
 from .tables import get_spark
 
 # %% auto #0
@@ -48,7 +49,8 @@ def training_set(env: Environment, store=None) -> TrainingSet:
     store = store or feature_store_for(env)
     labels = (store.tables.read_spark(env.table_name("silver_clients"), spark=store.spark)
               .filter(F.col("default_next_month").isNotNull())
-              .select(*KEY, F.col("default_next_month").cast("int").alias(LABEL)))
+              .select(*KEY, F.col("default_next_month").cast("int").alias(LABEL))
+              .orderBy(F.col(KEY[1]).desc(), KEY[0]))  # newest snapshot first: on Databricks the model's input example is the first row
     lookups = [FeatureLookup(env.table_name(t), KEY[0], timestamp_lookup_key=KEY[1]) for t in FEATURE_TABLES]
     return store.create_training_set(labels, lookups, label=LABEL)
 
@@ -128,10 +130,9 @@ def git_commit() -> str:
     try: return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError): return "unknown"
 
-def lineage(env: Environment, ts: TrainingSet, df: pd.DataFrame) -> dict[str, str]:
-    "Tags naming the table versions, data hash and commit behind a training run."
-    store = ts.store
-    tags = {f"table_version.{l['table_name']}": str(l["table_version"]) for l in ts.feature_spec["lookups"]}
+def lineage(env: Environment, store, ts: TrainingSet, df: pd.DataFrame) -> dict[str, str]:
+    "Tags naming the table versions, data hash and commit behind a training run on `store`'s training set `ts`."
+    tags = {f"table_version.{table}": str(version) for table, version in store.table_versions(ts).items()}
     silver = env.table_name("silver_clients")
     tags[f"table_version.{silver}"] = str(store.tables.version(silver))
     return {**tags, "training_data_sha256": frame_hash(df), "git_commit": git_commit(), "environment": env.name}
@@ -166,7 +167,7 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
     cols = feature_columns(df)
     (Xt, yt), (Xv, yv), (Xs, ys) = [(splits[k][cols], splits[k][LABEL].to_numpy()) for k in ("train", "validation", "test")]
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with in_experiment(env, experiment or f"/serving-mlops/{env.name}/training"), mlflow.start_run(run_name="training") as parent:
+    with in_experiment(env, experiment or experiment_name(env, "training")), mlflow.start_run(run_name="training") as parent:
         def objective(trial):
             params = suggest(trial)
             with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
@@ -182,7 +183,7 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
         mlflow.log_params({**study.best_params, "n_trials": n_trials, "seed": seed, "threshold": threshold,
                            "rows_train": len(Xt), "rows_validation": len(Xv), "rows_test": len(Xs)})
         mlflow.log_metrics(metrics)
-        mlflow.set_tags(lineage(env, ts, df))
+        mlflow.set_tags(lineage(env, store, ts, df))
         for file, fig in {**evaluation_figures(ys, ps, threshold), "feature_importance.png": importance_figure(model, Xv, yv, seed)}.items():
             mlflow.log_figure(fig, f"plots/{file}"); plt.close(fig)
         example = Xs.head(5)

@@ -90,6 +90,11 @@ def test_promote_copies_once_and_verifies(home):
     ingest_task(staging); features_task(staging, publish=False)
     trained = train_task(staging, n_trials=1)
     validate_task(staging, trained["run_id"], trained["model_uri"], latency_budget_ms=10_000)
+    proc = cli("promote", "--from", "staging", "--env", "prod", check=False)  # the copy would look its features up in prod's tables
+    assert proc.returncode == 1 and "feature table prod.credit.behaviour_features (the model's staging.credit.behaviour_features) does not exist" in proc.stderr
+    prod = get_environment("prod")
+    cli("generate", "--env", "prod", "--rows", "300")
+    ingest_task(prod); features_task(prod, publish=False)
     first = cli("promote", "--from", "staging", "--env", "prod").stdout
     assert "staging.credit.default_model version 1 of 'staging' is prod.credit.default_model version 1 of 'prod'" in first
     assert "identical predictions" in first

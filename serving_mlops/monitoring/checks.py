@@ -27,7 +27,7 @@ from .baseline import drift_summary, feature_drift
 from .inference import MonitoringError, as_utc, inference_frame, read_payload, served_entities
 from .report import drift_report_html
 from ..registry import registry_client
-from ..naming import inference_table, model_uri
+from ..naming import experiment_name, inference_table, model_uri
 from ..serving.process import workspace_client
 from ..tables import tables_for
 
@@ -182,8 +182,8 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame, rows: dict, reports: dict,
                   params: dict, # the check's thresholds and sample size
                   ) -> str:
-    "One MLflow run in `/serving-mlops/<env>/monitoring`: the check's parameters, PSI and drifted-feature metrics, the reports; returns its id."
-    with in_experiment(env, f"/serving-mlops/{env.name}/monitoring"), \
+    "One MLflow run in `experiment_name(env, 'monitoring')`: the check's parameters, PSI and drifted-feature metrics, the reports; returns its id."
+    with in_experiment(env, experiment_name(env, "monitoring")), \
          mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}", tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
         mlflow.log_params({"endpoint": endpoint, "window_start": str(start), "window_end": str(end), "model_versions": ",".join(rows), **params})
         psi_rows = results[results.method == "psi"]
