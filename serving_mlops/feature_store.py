@@ -546,7 +546,8 @@ class DatabricksFeatureStore:
         # The client's model takes the training set's source columns (keys required) and optional features: its signature
         # comes from the FeatureSpec and its input example, with infer_input_example=True, is a row of keys. `signature` and
         # `input_example` describe the feature frame of the model inside, so they are not passed on (the client would hand them to
-        # flavor.save_model for that inner model); `baseline` stays a run artifact (train logs it as monitoring/baseline.json).
+        # flavor.save_model for that inner model). `baseline` travels as an artifact of the model inside:
+        # data/feature_store/raw_model/artifacts/baseline.json (ours has it at artifacts/baseline.json).
         if flavor is not mlflow.sklearn: raise FeatureStoreError("log_model supports flavor=mlflow.sklearn")
         if training_set is None: raise FeatureStoreError("log_model needs the training_set the model was trained on")
         given = [ci.output_name for ci in training_set.feature_spec.column_infos if ci.include]
@@ -560,10 +561,14 @@ class DatabricksFeatureStore:
                                       pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
             code = Path(tmp, "positive_class_probability.py")
             code.write_text(model_code(PositiveClassProbability))
+            artifacts = {"classifier": f"{tmp}/classifier"}
+            if baseline is not None:
+                Path(tmp, "baseline.json").write_text(json.dumps(baseline, allow_nan=False))
+                artifacts["baseline"] = f"{tmp}/baseline.json"
             requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}", f"pandas=={pd.__version__}"]
             return self.client.log_model(model=str(code), artifact_path=artifact_path, flavor=mlflow.pyfunc, training_set=training_set,
                                          registered_model_name=registered_model_name, infer_input_example=True,
-                                         artifacts={"classifier": f"{tmp}/classifier"}, pip_requirements=list(requirements))
+                                         artifacts=artifacts, pip_requirements=list(requirements))
 
     def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
         return self.client.score_batch(model_uri=model_uri, df=dates_as_timestamps(df), result_type=result_type)

@@ -372,7 +372,11 @@ def test_training_runs_through_the_client(trained):
     assert "create_training_set" in methods and "log_model" in methods
     (log_kwargs,) = [k for m, k in trained["client"].calls if m == "log_model"]
     assert log_kwargs["infer_input_example"] is True and isinstance(log_kwargs["training_set"], TrainingSet)
-    assert log_kwargs["flavor"] is mlflow.pyfunc and set(log_kwargs["artifacts"]) == {"classifier"}  # predicts P(default), not classes
+    assert log_kwargs["flavor"] is mlflow.pyfunc and set(log_kwargs["artifacts"]) == {"classifier", "baseline"}  # predicts P(default), not classes
+    with using_mlflow(env):  # the training baseline travels with the model (and so with a promoted copy)
+        version = f"models:/{trained['version'].name}/{trained['version'].version}"
+        baseline = mlflow.artifacts.load_dict(f"{version}/data/feature_store/raw_model/artifacts/baseline.json")
+        assert baseline == mlflow.artifacts.load_dict(f"runs:/{trained['result'].run_id}/monitoring/baseline.json")
     assert isinstance(log_kwargs["training_set"].feature_spec, FeatureSpec)
     run = mlflow.MlflowClient(env.tracking_uri).get_run(trained["result"].run_id)
     for name in trained["tables"].values():
