@@ -1,9 +1,12 @@
 """Shared fixtures: every test works in throwaway local workspaces, never in the project's .mlops/."""
+import json
 import os
 import shutil
 import subprocess
 import sys
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -32,3 +35,27 @@ def cli(*args, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"serving-mlops {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+class RestStandIn(BaseHTTPRequestHandler):
+    "Base of the loopback stand-ins of a workspace's REST API: JSON answers, the SDK's discovery probe; subclasses route the rest."
+    def log_message(self, *args): pass
+
+    def answer(self, status, body):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self): self.route("GET")
+    def do_POST(self): self.route("POST")
+
+    def parsed(self):
+        "The request's URL, query parameters and JSON body."
+        url = urlparse(self.path)
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        return url, {k: v[0] for k, v in parse_qs(url.query).items()}, body
+
+    def route(self, method): raise NotImplementedError

@@ -1,6 +1,4 @@
 """The `serving-mlops` console script as users run it: a separate process, real files, real Delta tables."""
-import pandas as pd
-import pytest
 from conftest import cli
 
 from serving_mlops.config import get_environment

@@ -25,7 +25,6 @@ import shutil
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -51,7 +50,7 @@ from databricks.ml_features_common.entities.feature_spec import FeatureSpec
 from serving_mlops.config import get_environment, using_mlflow, workspace_home
 from serving_mlops.feature_store import (CHANGE_DATA_FEED, DatabricksFeatureStore, FeatureLookup, FeatureStoreError,
                                          LocalFeatureStore, build_feature_tables, databricks_lookup, feature_store_for)
-from serving_mlops.features import FEATURE_TABLES, KEY
+from serving_mlops.features import KEY
 from serving_mlops.tables import SparkTables, get_spark, tables_for, to_arrow
 
 
@@ -454,3 +453,17 @@ def test_monitoring_lookups_stay_in_this_environments_tables(workspace_env):
     assert store.own_table("prod.credit.behaviour_features") == "prod.credit.behaviour_features"
     with pytest.raises(FeatureStoreError, match=r"staging\.credit\.behaviour_features is not in environment 'prod'.*expected prod\.credit\.behaviour_features"):
         store.own_table("staging.credit.behaviour_features")
+
+
+def test_monitoring_finds_the_baseline_inside_the_clients_model(trained):
+    "The client's model carries the training baseline in its raw model; monitoring reads it there (a promoted copy's run has none)."
+    from urllib.parse import urlparse
+    from serving_mlops.monitoring.checks import BASELINE_PATHS, model_baseline
+    from serving_mlops.naming import model_uri
+    env, result, version = trained["env"], trained["result"], trained["version"].version
+    with using_mlflow(env):
+        inside = mlflow.artifacts.load_dict(model_uri(env.var("model_name"), version, BASELINE_PATHS[1]))
+        artifacts = Path(urlparse(mlflow.MlflowClient().get_run(result.run_id).info.artifact_uri).path)
+    (artifacts / "monitoring" / "baseline.json").unlink()  # only the model's own copy is left, as for a promoted copy
+    assert model_baseline(env, version) == inside
+    assert {"features", "prediction", "rows"} <= set(inside) and inside["rows"] > 0  # what training_baseline wrote

@@ -8,13 +8,12 @@ folder does not exist). What is stood in is that server only: MLflow's `databric
 Unity Catalog registry store (`UcModelRegistryStore`, which builds `ModelVersionSearch` objects) and
 databricks-sdk's `WorkspaceClient` are the real ones, talking HTTP to it.
 """
-import json
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from http.server import ThreadingHTTPServer
 
 import mlflow
 import pytest
+from conftest import RestStandIn
 from mlflow.entities.model_registry.model_version_search import ModelVersionSearch
 
 from serving_mlops.config import get_environment
@@ -23,24 +22,9 @@ from serving_mlops.naming import experiment_name
 from serving_mlops.registry import copied_version, registry_client
 
 
-class Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args): pass
-
-    def answer(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self): self.route("GET")
-    def do_POST(self): self.route("POST")
-
+class Handler(RestStandIn):
     def route(self, method):
-        url = urlparse(self.path)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        url, query, body = self.parsed()
         self.server.requests.append((method, url.path, query, body))
         if url.path == "/.well-known/databricks-config": return self.answer(200, {"workspace_id": "1234"})  # the SDK's probe
         route = getattr(self.server, (method + url.path).replace("/", "_").replace("-", "_").replace(".", "_"), None)

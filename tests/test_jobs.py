@@ -162,8 +162,9 @@ def registry_version(env, version):
 
 import shutil
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlparse
+from http.server import ThreadingHTTPServer
+
+from conftest import RestStandIn
 
 USER = "ml-ops@example.com"
 WHEEL = "serving_mlops-0.0.1-py3-none-any.whl"
@@ -172,25 +173,10 @@ NOTEBOOK_RESULTS = {"ingest": {"files": 1, "rows": 400, "quarantined": 0},
                     "train": {"run_id": "6f1e", "model_uri": "runs:/6f1e/model"}, "validate": {"model_version": "3"}}
 
 
-class JobsApiStandIn(BaseHTTPRequestHandler):
+class JobsApiStandIn(RestStandIn):
     "The part of a workspace's REST API that `jobs run` uses; `outcome` is 'success', 'fail:<task>' or 'hang'."
-    def log_message(self, *args): pass
-
-    def answer(self, status, body):
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_GET(self): self.route("GET")
-    def do_POST(self): self.route("POST")
-
     def route(self, method):
-        ws, url = self.server, urlparse(self.path)
-        query = {k: v[0] for k, v in parse_qs(url.query).items()}
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        ws, (url, query, body) = self.server, self.parsed()
         ws.requests.append((method, url.path, query, body, self.headers.get("Authorization")))
         if url.path == "/.well-known/databricks-config": return self.answer(200, {"workspace_id": "1234"})  # the SDK's discovery probe
         if url.path == "/api/2.0/preview/scim/v2/Me": return self.answer(200, {"userName": USER, "id": "7"})

@@ -2,7 +2,6 @@
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 from conftest import BIN, ROOT

@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from scipy.stats import binomtest
 
 from conftest import cli
-from serving_mlops.config import get_environment, workspace_home
-from serving_mlops.deploy import entity_stats, window_stats
+from serving_mlops.config import get_environment
+from serving_mlops.deploy import entity_stats
 from serving_mlops.feature_store import example_workspace
 from serving_mlops.registry import register_challenger
 from serving_mlops.serving.app import serving_token

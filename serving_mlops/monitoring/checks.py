@@ -32,10 +32,11 @@ from ..serving.process import workspace_client
 from ..tables import tables_for
 
 # %% auto #0
-__all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'DRIFT_COLUMNS', 'QUALITY_KEYS', 'check_period', 'endpoint_metrics',
-           'write_endpoint_metrics', 'runtime_counters', 'model_baseline', 'DriftAlert', 'DriftResult', 'post_alert',
-           'monitoring_dir', 'drift_by_version', 'log_drift_run', 'check_drift', 'expected_calibration_error',
-           'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun', 'monitoring_period', 'run_monitoring']
+__all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'BASELINE_PATHS', 'DRIFT_COLUMNS', 'QUALITY_KEYS', 'check_period',
+           'endpoint_metrics', 'write_endpoint_metrics', 'runtime_counters', 'model_baseline', 'DriftAlert',
+           'DriftResult', 'post_alert', 'monitoring_dir', 'drift_by_version', 'log_drift_run', 'check_drift',
+           'expected_calibration_error', 'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun',
+           'monitoring_period', 'run_monitoring']
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #2400aa17
 METRICS_KEYS = ["endpoint_name", "served_entity_name", "window_start"]
@@ -93,20 +94,24 @@ def runtime_counters(env: Environment, endpoint: str | None = None) -> dict | No
     return out
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #63a38e81
+# where a model carries its baseline: ours (log_model), and the FeatureEngineeringClient's model (inside its raw model, which promotion copies too)
+BASELINE_PATHS = ("artifacts/baseline.json", "data/feature_store/raw_model/artifacts/baseline.json")
+
 def model_baseline(env: Environment, version: str | int, model_name: str | None = None) -> dict:
     "The training baseline logged with `version` of the environment's model (or `model_name`)."
     client, name = registry_client(env), model_name or env.var("model_name")
     try: mv = client.get_model_version(name, str(version))
     except MlflowException: raise MonitoringError(f"model {name} has no version {version} in environment '{env.name}'") from None
     with using_mlflow(env):
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(model_uri(name, version, "artifacts/baseline.json"), dst_path=tempfile.mkdtemp()))
-            return orjson.loads(local.read_bytes())
-        except (MlflowException, OSError): pass
+        for inside in BASELINE_PATHS:
+            try:
+                local = Path(mlflow.artifacts.download_artifacts(model_uri(name, version, inside), dst_path=tempfile.mkdtemp()))
+                return orjson.loads(local.read_bytes())
+            except (MlflowException, OSError): pass
         if mv.run_id:
             try: return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/monitoring/baseline.json")
             except (MlflowException, OSError): pass
-    raise MonitoringError(f"model {name} version {version} has no training baseline (no artifacts/baseline.json in the model, "
+    raise MonitoringError(f"model {name} version {version} has no training baseline (none of {BASELINE_PATHS} in the model, "
                           f"no monitoring/baseline.json in run {mv.run_id}): log it with train() or log_model(baseline=...)")
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #c90fb178
