@@ -428,7 +428,7 @@ def test_a_promoted_copy_names_the_targets_tables(client_model_loads_here, tmp_p
     with using_mlflow(ws["env"]): original = Path(mlflow.artifacts.download_artifacts(ws["result"].model_uri, dst_path=str(tmp_path / "original")))
     local = Path(shutil.copytree(original, tmp_path / "copy"))
     with pytest.raises(FeatureStoreError, match=r"feature table prod.credit.\w+_features \(the model's staging.credit.\w+_features\) "
-                                                r"is not a feature table: "):
+                                                r"is not a feature table of local workspace \S+/prod: "):
         prod.retarget_model(local)
     for short, staging_name in ws["tables"].items():  # prod's features job: the same features from prod's own rows (here: staging's)
         frame = ws["uc"].tables.read_spark(staging_name, spark=ws["uc"].spark).limit(300)
