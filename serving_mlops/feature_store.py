@@ -456,7 +456,7 @@ class PositiveClassProbability(mlflow.pyfunc.PythonModel):
         self.classifier = mlflow.sklearn.load_model(context.artifacts["classifier"])
         self.pools = ThreadpoolController()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):  # typed: MLflow warns at import about an untyped predict
         with self.pools.limit(limits=1 if len(model_input) < 1_000 else None):  # one thread for requests, as FeatureSpecModel
             return self.classifier.predict_proba(model_input)[:, 1]
 
