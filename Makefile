@@ -75,7 +75,7 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/staging/mlflow/mlflow.db    staging runs and registry (prod: .mlops/prod/...)"
 	@echo "  http://127.0.0.1:8712/serving-endpoints/credit-default-staging/invocations   staging endpoint (token: .mlops/staging/tokens/serving-token)"
 	@echo "  http://127.0.0.1:8713/serving-endpoints/credit-default-prod/invocations      production endpoint (token: .mlops/prod/tokens/serving-token)"
-	@echo "  .mlops/prod/monitoring/credit-default-prod/   drift reports (HTML, also artifacts of the MLflow runs in /serving-mlops/prod/monitoring)"
+	@echo "  .mlops/prod/monitoring/credit-default-prod/   drift reports (HTML, also artifacts of the MLflow runs in /Shared/serving-mlops/prod/monitoring)"
 	@echo "  $(BIN)/serving-mlops tables --env prod     tables, with the inference table credit_default_prod_payload and _metrics, _drift"
 	@echo "  $(BIN)/serving-mlops serve --env staging --stop; $(BIN)/serving-mlops serve --env prod --stop    stop the serving runtimes"
 	@echo "  $(BIN)/serving-mlops --help              every command"
