@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -88,6 +89,7 @@ def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
     if active is not None: return active
     require_java()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Python workers (UDFs, mapInPandas) run this interpreter, with its packages, not the first python3 on PATH
     warehouse = env.path("spark-warehouse") if env is not None else Path(tempfile.gettempdir()) / "spark-warehouse"
     builder = (SparkSession.builder.master(os.environ.get("SERVING_MLOPS_SPARK_MASTER", "local[*]")).appName(app_name)
                .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
