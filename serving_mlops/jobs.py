@@ -31,9 +31,9 @@ from .errors import StepFailed
 
 # %% auto #0
 __all__ = ['VALUE_REF', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'JobFailed', 'TaskRun', 'JobRun', 'run_folder',
-           'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'sync_root',
-           'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values',
-           'workspace_task_run', 'submit_job']
+           'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'job_parameters',
+           'check_job_parameters', 'sync_root', 'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries',
+           'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -188,6 +188,7 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
     jobs = load_jobs(env)
     if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: {', '.join(sorted(jobs))})")
     spec = jobs[job]
+    check_job_parameters(spec, parameters)
     if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     run = JobRun(job, run_id, env.name, run_folder(env, job, run_id), {k: TaskRun(k) for k in spec.tasks})
@@ -220,6 +221,22 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         failed = next(t for t in run.tasks.values() if t.state == "FAILED")
         raise JobFailed(f"job {job} failed in task '{failed.key}': {failed.error}; executed notebook: {failed.notebook}\n{run.summary()}")
     return run
+
+# %% ../nbs/10_jobs.ipynb #c3cf4576
+def job_parameters(spec: JobSpec) -> dict[str, list[str]]:
+    "Each parameter a task notebook of `spec` takes -> the keys of the tasks that take it."
+    out = {}
+    for key, task in spec.tasks.items():
+        for name in notebook_defaults(task.notebook): out.setdefault(name, []).append(key)
+    return dict(sorted(out.items()))
+
+def check_job_parameters(spec: JobSpec, parameters: dict | None):
+    "Raise ConfigError naming every name in `parameters` that no task of `spec` takes, and the ones they take."
+    known = job_parameters(spec)
+    unknown = [k for k in parameters or {} if k not in known]
+    if unknown:
+        raise ConfigError(f"job {spec.name} has no parameter {', '.join(map(repr, unknown))}; its tasks take: "
+                          + "; ".join(f"{k} ({', '.join(v)})" for k, v in known.items()))
 
 # %% ../nbs/10_jobs.ipynb #3068ea38
 def sync_root(env: Environment) -> Path:

@@ -100,3 +100,11 @@ def test_promote_copies_once_and_verifies(home):
     assert "prod.credit.default_model version 1" in again  # no second copy
     proc = cli("promote", "--from", "dev", "--env", "prod", check=False)
     assert proc.returncode == 1 and "no version with alias 'champion'" in proc.stderr
+
+
+def test_jobs_run_refuses_a_parameter_no_task_takes_and_runs_nothing(home):
+    proc = cli("jobs", "run", "model_build", "--env", "staging", "-p", "bogus=1", check=False)
+    assert proc.returncode != 0
+    assert "job model_build has no parameter 'bogus'; its tasks take: " in proc.stderr + proc.stdout
+    assert "max_bad_fraction (ingest)" in proc.stderr + proc.stdout  # the valid names, with the tasks that take them
+    assert not (home / "staging" / "jobs").exists() or not any((home / "staging" / "jobs").rglob("run.json"))
