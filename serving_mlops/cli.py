@@ -22,7 +22,7 @@ from .tables import tables_for
 # %% auto #0
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate', 'table_summary', 'ingest',
            'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'deploy',
-           'id_range', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run']
+           'id_range', 'query_keys', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
@@ -225,6 +225,11 @@ def id_range(text: str) -> list[int]:
         raise InputError(f"--ids {text!r}: expected FIRST:LAST, two customer ids with FIRST <= LAST (e.g. 100001:101000)")
     return list(range(int(first), int(last) + 1))
 
+def query_keys(w, endpoint: str, customers: list) -> dict:
+    "The endpoint's answer for `customers` by key as sent: `predictions`, `served-model-name`, and `metadata.keys_not_found` where our runtime reports unknown keys (the SDK's `query` drops `metadata`)."
+    return w.api_client.do("POST", f"/serving-endpoints/{endpoint}/invocations", body={"dataframe_records": [{"customer_id": c} for c in customers]},
+                           headers={"Accept": "application/json", "Content-Type": "application/json"}, response_headers=["served-model-name"])
+
 @app.command()
 def query(env: Optional[str] = EnvOption,
           customer_id: list[int] = typer.Option([], "--customer-id", "-c", help="Customer to score (repeat for several)."),
@@ -239,14 +244,21 @@ def query(env: Optional[str] = EnvOption,
         try: w = workspace_client(e)
         except RuntimeError as failure: raise InputError(str(failure)) from None
         name = endpoint or e.var("endpoint_name")
-        if ids is None: responses = [w.serving_endpoints.query(name, dataframe_records=[{"customer_id": c} for c in wanted])]
-        else: responses = [w.serving_endpoints.query(name, dataframe_records=[{"customer_id": c}])
-                           for c in tqdm(wanted, desc=f"requests to {name}", unit="request")]
-        predictions = [p for r in responses for p in r.predictions]
+        batches = [wanted] if ids is None else [[c] for c in wanted]
+        responses = [query_keys(w, name, b) for b in (batches if ids is None else tqdm(batches, desc=f"requests to {name}", unit="request"))]
+        predictions = [p for r in responses for p in r["predictions"]]
+        unknown = {b[k["row"]] for b, r in zip(batches, responses) for k in (r.get("metadata") or {}).get("keys_not_found", [])}
         if len(wanted) <= 10:
-            for c, p in zip(wanted, predictions): typer.echo(f"customer {c}: probability of default {p:.3f}")
+            for c, p in zip(wanted, predictions):
+                typer.echo(f"customer {c}: probability of default {p:.3f}" + ("  (NOT FOUND: features imputed)" if c in unknown else ""))
         else: typer.echo(f"{len(wanted):,} customers scored, mean probability of default {sum(predictions) / len(predictions):.3f}")
-        typer.echo(f"served by {', '.join(sorted({r.served_model_name for r in responses}))} of endpoint {name}")
+        typer.echo(f"served by {', '.join(sorted({r['served-model-name'] for r in responses}))} of endpoint {name}")
+        if unknown:
+            typer.echo(f"{len(unknown):,} of {len(set(wanted)):,} customers not found in the online feature tables: "
+                       f"{', '.join(map(str, sorted(unknown)[:10]))}{' ...' if len(unknown) > 10 else ''}; their scores use imputed features", err=True)
+            if unknown >= set(wanted):
+                raise InputError(f"none of the customers is known to endpoint {name}'s feature tables: check the ids, or ingest and "
+                                 f"publish their features first (serving-mlops ingest / features --env {e.name})")
 
 @app.command()
 def endpoints(env: Optional[str] = EnvOption):

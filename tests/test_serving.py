@@ -435,3 +435,16 @@ def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws)
             stop.set()
             for f in senders: f.result()
     assert len(statuses) > 40 and set(statuses) == {200}
+
+
+def test_cli_query_names_customers_the_feature_tables_do_not_know(ws, monkeypatch):
+    env = ws["env"]
+    create(ws, "cli-query", entity(ws, ws["v1"]))
+    monkeypatch.setenv("SERVING_MLOPS_HOME", str(env.root.parent))  # the CLI process finds the module's workspace and runtime
+    r = cli("query", "--env", env.name, "--endpoint", "cli-query", "-c", "1", "-c", "99999999")
+    assert "customer 99999999: probability of default" in r.stdout and "(NOT FOUND: features imputed)" in r.stdout
+    assert "customer 1: probability of default" in r.stdout and r.stdout.count("NOT FOUND") == 1
+    assert "1 of 2 customers not found in the online feature tables: 99999999" in r.stderr
+    r = cli("query", "--env", env.name, "--endpoint", "cli-query", "-c", "99999998", "-c", "99999999", check=False)
+    assert r.returncode == 1 and "none of the customers is known to endpoint cli-query's feature tables" in r.stderr
+    ws["w"].serving_endpoints.delete("cli-query")
