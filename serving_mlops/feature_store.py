@@ -314,7 +314,10 @@ def in_experiment(env: Environment, name: str, # e.g. `experiment_name(env, "tra
                     from databricks.sdk import WorkspaceClient
                     workspace = WorkspaceClient(**env.workspace.sdk_kwargs)
                 workspace.workspace.mkdirs(name.rsplit("/", 1)[0])  # set_experiment fails when the experiment's folder is missing
-        yield mlflow.set_experiment(name)
+        experiment = mlflow.set_experiment(name)
+        if experiment.tags.get("mlflow.experimentKind") != "custom_model_development":  # the MLflow UI opens it in its training (runs) view, not GenAI's
+            mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
+        yield experiment
 
 class FeatureSpecModel(mlflow.pyfunc.PythonModel):
     "An MLflow pyfunc model with its feature spec; predicts the positive-class probability from feature columns."
