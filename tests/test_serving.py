@@ -393,6 +393,11 @@ def test_cli_serve_background_endpoints_and_stop(home):
     info = server_info(env)
     assert info is not None and info["url"] in out and "serving-token" in out
     assert "no serving endpoints in environment 'staging'" in cli("endpoints", "--env", "staging").stdout
+    port = info["url"].rsplit(":", 1)[1]
+    r = cli("serve", "--env", "prod", "--port", port, check=False)  # another environment on the busy port: who holds it, how to stop it
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot serve environment 'prod' on 127.0.0.1:{port}: the port is in use: the serving runtime of environment 'staging'" in r.stderr
+    assert "serving-mlops serve --env staging --stop" in r.stderr
     r = cli("query", "--env", "staging", "-c", "1", check=False)
     assert r.returncode == 1 and "serving endpoint 'credit-default-staging' does not exist" in r.stderr
     assert "stopped" in cli("serve", "--env", "staging", "--stop").stdout

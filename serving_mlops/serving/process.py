@@ -5,6 +5,7 @@
 # %% ../../nbs/08g_serving_process.ipynb #e890483a
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -19,6 +20,7 @@ import orjson
 import uvicorn
 
 from ..config import Environment
+from ..errors import InputError
 from .app import make_app, serving_token
 from .protocol import MAX_ROWS
 from .runtime import now_ms
@@ -26,7 +28,8 @@ from .runtime import now_ms
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'server_file', 'serve', 'server_info', 'start_server', 'stop_server', 'wait_exit', 'workspace_client']
+__all__ = ['log', 'server_file', 'serve', 'runtime_on_port', 'server_info', 'start_server', 'stop_server', 'wait_exit',
+           'workspace_client']
 
 # %% ../../nbs/08g_serving_process.ipynb #670dbb7d
 def server_file(env: Environment) -> Path: return env.path("serving", create=True) / "server.json"
@@ -35,9 +38,20 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
           metrics_interval: float = 60.0):  # seconds per value of the endpoint metrics (a minute, as on Databricks)
     "Run `env`'s serving runtime in the foreground until SIGTERM or Ctrl-C."
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if (running := server_info(env)) is not None:
+        raise InputError(f"the serving runtime of environment '{env.name}' is already running at {running['url']} (pid {running['pid']}); "
+                         f"stop it with `serving-mlops serve --env {env.name} --stop`")
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try: sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno != errno.EADDRINUSE: raise
+        holder = runtime_on_port(env, port)
+        who = (f"the serving runtime of environment '{holder['environment']}' (pid {holder['pid']}) holds it; stop it with "
+               f"`serving-mlops serve --env {holder['environment']} --stop`" if holder else
+               "a program other than these workspaces' serving runtimes holds it; stop it, or serve on another port (--port, 0 for any free one)")
+        raise InputError(f"cannot serve environment '{env.name}' on {host}:{port}: the port is in use: {who}") from None
     url = f"http://{host}:{sock.getsockname()[1]}"
     info = server_file(env)
 
@@ -58,6 +72,15 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
     app = make_app(env, max_rows, on_started=started, on_stopped=stopped, metrics_interval=metrics_interval)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
+
+def runtime_on_port(env: Environment, port: int) -> dict | None:
+    "`server.json` of the live serving runtime of any local environment beside `env` that listens on `port`, or None."
+    for path in sorted(env.root.parent.glob("*/serving/server.json")):
+        try: info = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError): continue
+        pid = info.get("pid") if isinstance(info, dict) else None
+        if isinstance(pid, int) and pid > 0 and str(info.get("url", "")).endswith(f":{port}") and _alive(pid): return info
+    return None
 
 def _alive(pid: int) -> bool:
     try: os.kill(pid, 0); return True
