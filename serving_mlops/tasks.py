@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 from typing import Callable, get_args, get_type_hints
 
+from .errors import InputError
 from .config import ConfigError, Environment, _as_type, get_environment, notebook_dbutils, set_task_value, task_parameters
 
 # %% auto #0
-__all__ = ['task_values', 'exit_with_values', 'job_argument', 'run_task', 'ingest_task', 'features_task', 'train_task',
-           'validate_task', 'deploy_task', 'promote_task', 'batch_inference_task', 'monitoring_task']
+__all__ = ['MADE_BY', 'task_values', 'exit_with_values', 'job_argument', 'run_task', 'require_tables', 'ingest_task',
+           'features_task', 'train_task', 'validate_task', 'deploy_task', 'promote_task', 'batch_inference_task',
+           'monitoring_task']
 
 # %% ../nbs/13_tasks.ipynb #e961235f
 def task_values(**values) -> dict:
@@ -44,6 +46,19 @@ def run_task(task: Callable, env_name: str, **parameters) -> dict:
     arguments = {k: job_argument(v, hints[k], k) for k, v in given.items() if k != "env_name"}
     return exit_with_values(task(get_environment(given["env_name"]), **arguments))
 
+# %% ../nbs/13_tasks.ipynb #5694bbbb
+MADE_BY = {"silver_clients": "ingest", "silver_statements": "ingest", "behaviour_features": "features", "demographic_features": "features"}
+
+def require_tables(env: Environment, *tables: str):  # short names of input tables, e.g. "silver_clients"
+    "Raise InputError naming the first of `tables` missing in `env` and the command (and job) that writes it."
+    from serving_mlops.tables import tables_for
+    existing = tables_for(env)
+    for short in tables:
+        if not existing.exists(env.table_name(short)):
+            step = MADE_BY[short]
+            raise InputError(f"table {env.table_name(short)} does not exist in environment '{env.name}': "
+                             f"run `serving-mlops {step} --env {env.name}` (or the {step} job) first")
+
 # %% ../nbs/13_tasks.ipynb #feec2add
 def ingest_task(env: Environment,
                 source: str | None = None, # file or folder; default: the environment's landing folder
@@ -52,8 +67,11 @@ def ingest_task(env: Environment,
                 require_label: bool = True, # False for unlabelled scoring batches
                 ) -> dict:
     "Ingest landing files into the environment's bronze, quarantine, silver and statements tables."
-    from serving_mlops.ingest import ingest_landing
+    from serving_mlops.ingest import IngestError, ingest_landing, landing_files
     print(f"ingesting into {env.describe()}", flush=True)
+    try: landing_files(source or env.landing_dir)
+    except IngestError as e:  # nothing to ingest: say where files go, and how to make a synthetic batch
+        raise IngestError(f"{e}; put the files to ingest there, or write a synthetic batch with `serving-mlops generate --env {env.name}`") from None
     results = ingest_landing(env, source, snapshot_date, max_bad_fraction, require_label)
     for r in results: print(r.summary())
     return task_values(files=len(results), rows=sum(r.rows for r in results), quarantined=sum(r.quarantined for r in results))
@@ -65,6 +83,7 @@ def features_task(env: Environment,
     "Build the feature tables from the silver tables and publish them to the online store."
     from serving_mlops.feature_store import build_feature_tables, feature_store_for
     from serving_mlops.tables import get_spark
+    require_tables(env, "silver_clients", "silver_statements")
     print(f"building feature tables in {env.describe()}", flush=True)
     store = feature_store_for(env, spark=get_spark(env))
     built = build_feature_tables(env, store)
@@ -89,6 +108,8 @@ def train_task(env: Environment,
     from serving_mlops.registry import register_challenger
     from serving_mlops.tables import get_spark
     from serving_mlops.train import train
+    from serving_mlops.features import FEATURE_TABLES
+    require_tables(env, "silver_clients", *FEATURE_TABLES)
     print(f"training in {env.describe()} with {n_trials} Optuna trials", flush=True)
     result = train(env, n_trials=n_trials, seed=seed, store=feature_store_for(env, spark=get_spark(env)))
     print(", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("val_roc_auc", "test_roc_auc", "test_pr_auc", "test_brier")))
