@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pandas as pd
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
 
 from .config import ConfigError, Environment, get_environment, on_databricks
@@ -212,7 +212,8 @@ class Tables:
     def describe(self, name: str) -> dict: raise NotImplementedError
     def set_metadata(self, name: str, description: str | None = None, properties: dict | None = None,
                      column_comments: dict | None = None): raise NotImplementedError
-    def _write(self, name: str, table: pa.Table, mode: str): raise NotImplementedError
+    def transaction_version(self, name: str, app_id: str) -> int | None: raise NotImplementedError
+    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None): raise NotImplementedError
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict: raise NotImplementedError
 
     def read_pandas(self, name: str, version: int | None = None, columns: Sequence[str] | None = None,
@@ -245,9 +246,11 @@ class Tables:
         self._write(name, self._prepared(name, table), "overwrite")
         return self.version(name)
 
-    def append(self, name: str, df: Frame) -> int:
-        "Add the rows of `df` to `name` (creating it); returns the new version."
-        self._write(name, self._prepared(name, df), "append")
+    def append(self, name: str, df: Frame,
+               txn: tuple[str, int] | None = None,  # (app id, version): Delta idempotent write, once per version
+               ) -> int:
+        "Add the rows of `df` to `name` (creating it); returns the new version. With `txn`, a no-op if the table has that version of the app or a later one."
+        self._write(name, self._prepared(name, df), "append", txn)
         return self.version(name)
 
     def merge(self, name: str, df: Frame, keys: Sequence[str], update: bool = True) -> dict:
@@ -332,8 +335,14 @@ class LocalTables(Tables):
         if properties: dt.alter.set_table_properties({k: str(v) for k, v in properties.items()}, raise_if_not_exists=False)  # custom keys allowed
         for column, comment in (column_comments or {}).items(): dt.alter.set_column_metadata(column, {"comment": comment})
 
-    def _write(self, name: str, table: pa.Table, mode: str):
-        write_deltalake(str(self.path(name)), table, mode=mode)
+    def transaction_version(self, name: str, app_id: str) -> int | None:
+        "The last version application `app_id` wrote to table `name` with a txn (None: none yet, or no table)."
+        return DeltaTable(str(self.path(name))).transaction_version(app_id) if self.exists(name) else None
+
+    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
+        if txn and (self.transaction_version(name, txn[0]) or -1) >= txn[1]: return  # delta-rs records a txn; its writer checks it
+        write_deltalake(str(self.path(name)), table, mode=mode,
+                        commit_properties=CommitProperties(app_transactions=[Transaction(*txn)]) if txn else None)
 
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         merger = self._delta(name).merge(table, predicate=merge_condition(keys), source_alias="s", target_alias="t")
@@ -395,8 +404,10 @@ class SparkTables(Tables):
         if properties: self.spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({', '.join(f'{quote(k)} = {quote(v)}' for k, v in properties.items())})")
         for column, comment in (column_comments or {}).items(): self.spark.sql(f"ALTER TABLE {name} ALTER COLUMN `{column}` COMMENT {quote(comment)}")
 
-    def _write(self, name: str, table: pa.Table, mode: str):
-        self.spark.createDataFrame(table.to_pandas()).write.format("delta").mode(mode).saveAsTable(name)
+    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
+        writer = self.spark.createDataFrame(table.to_pandas()).write.format("delta").mode(mode)
+        if txn: writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])  # Delta skips a version it has
+        writer.saveAsTable(name)
 
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         from delta.tables import DeltaTable as SparkDeltaTable

@@ -5,10 +5,14 @@
 # %% ../../nbs/08c_serving_capture.ipynb #278ca4d3
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import struct
 import threading
 import uuid
+import zlib
 from pathlib import Path
 
 import orjson
@@ -16,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 
 # %% auto #0
-__all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'SERVED_ENTITIES_TABLE', 'SERVED_ENTITIES_SCHEMA', 'payload_table_name',
-           'payload_frame', 'entity_ids', 'served_entity_rows', 'record_served_entities', 'InferenceLog']
+__all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'SERVED_ENTITIES_TABLE', 'SERVED_ENTITIES_SCHEMA', 'MAGIC', 'HEADER',
+           'payload_table_name', 'payload_frame', 'entity_ids', 'served_entity_rows', 'record_served_entities',
+           'frame_record', 'read_records', 'write_whole', 'InferenceLog']
 
 # %% ../../nbs/08c_serving_capture.ipynb #b7c1c0a4
 log = logging.getLogger(__name__)
@@ -85,79 +90,159 @@ def record_served_entities(tables, rows: pa.Table):
     "Append served entity history rows to the environment's `system.serving.served_entities`."
     tables.append(SERVED_ENTITIES_TABLE, rows)
 
+# %% ../../nbs/08c_serving_capture.ipynb #93406213
+MAGIC = b"\xffWAL"  # starts every record; 0xFF never occurs in UTF-8, so never inside a record's JSON
+HEADER = struct.Struct("<4sII")  # magic, length of the JSON, CRC-32 of the JSON
+
+def frame_record(record: dict) -> bytes:
+    "One log record: the header (magic, length, CRC-32) and the record as JSON."
+    body = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
+    return HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
+
+def read_records(data: bytes) -> tuple[list[dict], list[tuple[int, int]]]:
+    "The intact records in a log segment's bytes, and the (offset, length) of every damaged or torn run skipped."
+    records, damaged, pos = [], [], 0
+    while pos < len(data):
+        if data.startswith(MAGIC, pos) and pos + HEADER.size <= len(data):
+            _, n, crc = HEADER.unpack_from(data, pos)
+            body = data[pos + HEADER.size:pos + HEADER.size + n]
+            if len(body) == n and zlib.crc32(body) == crc:
+                records.append(orjson.loads(body)); pos += HEADER.size + n
+                continue
+        end = data.find(MAGIC, pos + 1)
+        end = len(data) if end < 0 else end
+        if damaged and sum(damaged[-1]) == pos: damaged[-1] = (damaged[-1][0], end - damaged[-1][0])  # one run
+        else: damaged.append((pos, end - pos))
+        pos = end
+    return records, damaged
+
 # %% ../../nbs/08c_serving_capture.ipynb #05052afb
+def write_whole(fd: int, data: bytes):
+    "Write all of `data` to `fd` (`os.write` may write part of it), or raise OSError."
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n == 0: raise OSError(errno.ENOSPC, "no byte written")
+        view = view[n:]
+
 class InferenceLog:
     "An endpoint's write-ahead log of inference records, flushed to its Delta payload table by a background thread."
     def __init__(self, folder: Path, table: str, tables, interval: float = 1.0,  # seconds between flushes
-                 segment_bytes: int = 64 << 20):  # a new log file after this many bytes
+                 segment_bytes: int = 64 << 20):  # a new segment after this many bytes (and at every flush)
         self.folder, self.table, self.tables, self.interval, self.segment_bytes = Path(folder), table, tables, interval, segment_bytes
+        self.app_id = f"serving-mlops inference log {self.folder.name}"  # the Delta txn application of this endpoint's flushes
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.replaying = bool(self.segments())  # records of an earlier process may be in Delta already
-        self.lock, self.flush_lock, self.stopped = threading.Lock(), threading.Lock(), threading.Event()
-        self.segment, self.fd, self.size = max(self.segments(), default=0) + 1, None, 0
-        self._open()
-        self.flushed, self.last_error = 0, None
+        if legacy := sorted(self.folder.glob("*.jsonl")):
+            log.warning("inference log %s: %d segment(s) of the line-per-record log of earlier versions are not replayed: %s",
+                        self.folder, len(legacy), ", ".join(p.name for p in legacy))
+        self.lock, self.flush_lock, self.stopped, self.closed = threading.Lock(), threading.Lock(), threading.Event(), False
+        self.counts = dict.fromkeys(("written", "lost", "flushed", "damaged"), 0)
+        self.write_error = self.flush_error = None
+        try: self.position = self.committed()
+        except Exception as e: self.position = None; log.error("inference table %s: cannot read its position yet: %s", table, e)
+        # numbers go on from the table's position too, so a log folder made anew cannot reuse a number the table has
+        self.segment, self.fd, self.size = max([*self.segments(), self.position or 0]), None, 0
+        with self.lock:
+            try: self._next_segment()
+            except OSError as e: self._lost(e, count=False)  # the first write tries again
         self.thread = threading.Thread(target=self._run, name=f"inference-log-{self.folder.name}", daemon=True)
         self.thread.start()
 
-    def segments(self) -> list[int]: return sorted(int(p.stem) for p in self.folder.glob("*.jsonl"))
-    def _path(self, segment: int) -> Path: return self.folder / f"{segment:012d}.jsonl"
+    def segments(self) -> list[int]: return sorted(int(p.stem) for p in self.folder.glob("*.wal"))
+    def _path(self, segment: int) -> Path: return self.folder / f"{segment:012d}.wal"
 
-    def _open(self):
-        self.fd = os.open(self._path(self.segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    def committed(self) -> int:
+        "The last segment the payload table has: the version of its Delta txn for this log (0: none)."
+        return self.tables.transaction_version(self.table, self.app_id) or 0
 
-    def write(self, record: dict):
-        "Append one record (on the request path: one write, before the response)."
-        line = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+    def _next_segment(self):
+        "Write to the next segment from now on (under the lock)."
+        fd = os.open(self._path(self.segment + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if self.fd is not None: os.close(self.fd)
+        self.fd, self.segment, self.size = fd, self.segment + 1, 0
+
+    def _lost(self, e: Exception, count: bool = True) -> bool:
+        "Count a record that could not be logged, and log when failures start (under the lock)."
+        if count: self.counts["lost"] += 1
+        if self.write_error is None:
+            log.error("inference log %s: cannot write records (their requests are answered; each is counted as lost until writes succeed): %s: %s",
+                      self.folder, type(e).__name__, e)
+        self.write_error = f"{type(e).__name__}: {e}"
+        return False
+
+    def write(self, record: dict) -> bool:
+        "Append one record whole before its response is sent; False when it could not be (it is counted as lost, nothing half written stays)."
         with self.lock:
-            os.write(self.fd, line); self.size += len(line)
+            if self.closed: return self._lost(RuntimeError("the inference log is closed"))
+            try:
+                data = frame_record(record)
+                if self.fd is None: self._next_segment()
+                write_whole(self.fd, data)
+            except Exception as e:
+                if self.fd is not None:
+                    try: os.ftruncate(self.fd, self.size)  # back to the last whole record
+                    except OSError: os.close(self.fd); self.fd = None  # leave the segment: its torn tail is skipped when flushed
+                return self._lost(e)
+            self.size += len(data); self.counts["written"] += 1
+            if self.write_error is not None:
+                log.warning("inference log %s: writing again (%d records lost in all)", self.folder, self.counts["lost"])
+                self.write_error = None
             if self.size >= self.segment_bytes:
-                os.close(self.fd); self.segment += 1; self.size = 0; self._open()
-
-    def committed(self) -> tuple[int, int]:
-        "The log position (segment, byte offset) up to which the payload table has every record."
-        path = self.folder / "committed.json"
-        return tuple(orjson.loads(path.read_bytes())) if path.exists() else (0, 0)
+                with contextlib.suppress(OSError): self._next_segment()  # else the next flush starts one
+            return True
 
     def flush(self) -> int:
-        "Move the complete records after the committed position into the payload table; returns how many."
+        "Append the intact records of the closed segments to the payload table, one Delta commit per segment; returns how many."
         with self.flush_lock:
-            seg, off = self.committed()
-            with self.lock: current = self.segment
-            records, end = [], (seg, off)
-            for s in [s for s in self.segments() if s >= seg]:
-                start = off if s == seg else 0
-                with open(self._path(s), "rb") as f: f.seek(start); data = f.read()
-                cut = data.rfind(b"\n") + 1
-                records += [orjson.loads(line) for line in data[:cut].splitlines()]
-                if s < current and cut < len(data):  # a write cut short by a killed process: its response was never sent
-                    log.warning("inference log %s: ignoring %d bytes of an unfinished record", self._path(s), len(data) - cut)
-                end = (s, start + cut)
-            if records:
-                frame = payload_frame(records)
-                if self.replaying: self.tables.merge(self.table, frame, ["databricks_request_id"], update=False)
-                else: self.tables.append(self.table, frame)
-                if self.tables.describe(self.table).get("description") is None:
-                    self.tables.set_metadata(self.table, description="Inference table: requests and responses of a serving endpoint",
-                                             column_comments=PAYLOAD_COMMENTS)
-            self.replaying = False
-            tmp = self.folder / "committed.tmp"
-            tmp.write_bytes(orjson.dumps(list(end))); os.replace(tmp, self.folder / "committed.json")
-            for s in self.segments():
-                if s < end[0] and s < current: self._path(s).unlink()
-            self.flushed += len(records)
-            return len(records)
+            if self.position is None: self.position = self.committed()
+            with self.lock:
+                if self.fd is None or self.size: self._next_segment()  # close the segment being written
+                active = self.segment
+            n = 0
+            for s in [s for s in self.segments() if s < active]:
+                if s > self.position: n += self._append(s); self.position = s
+                self._path(s).unlink(missing_ok=True)
+            return n
+
+    def _append(self, segment: int) -> int:
+        "Append one segment's intact records (a no-op when the table has the segment); report what was skipped."
+        path = self._path(segment)
+        records, damaged = read_records(path.read_bytes())
+        if records:
+            self.tables.append(self.table, payload_frame(records), txn=(self.app_id, segment))
+            if self.counts["flushed"] == 0 and self.tables.describe(self.table).get("description") is None:
+                self.tables.set_metadata(self.table, description="Inference table: requests and responses of a serving endpoint",
+                                         column_comments=PAYLOAD_COMMENTS)
+        for offset, length in damaged:
+            log.warning("inference log %s: skipped %d damaged or torn bytes at offset %d (a write cut short, or bytes changed on disk)",
+                        path, length, offset)
+        self.counts["flushed"] += len(records); self.counts["damaged"] += len(damaged)
+        return len(records)
 
     def _run(self):
         while not self.stopped.wait(self.interval):
-            try: self.flush(); self.last_error = None
+            try: self.flush()
             except Exception as e:  # the records stay in the log; the next flush tries again
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.error("inference table %s: flush failed, records kept in %s: %s", self.table, self.folder, self.last_error)
+                if f"{type(e).__name__}: {e}" != self.flush_error:
+                    log.error("inference table %s: flush failed, records kept in %s (retried every %ss): %s: %s",
+                              self.table, self.folder, self.interval, type(e).__name__, e)
+                self.flush_error = f"{type(e).__name__}: {e}"
+            else:
+                if self.flush_error is not None: log.warning("inference table %s: flushing again", self.table)
+                self.flush_error = None
+
+    def status(self) -> dict:
+        "What the endpoint's GET shows of its capture: OK or what fails, and the records it could not log or had to skip."
+        error = self.write_error or self.flush_error
+        return {"status": "WRITE_FAILING" if self.write_error else "FLUSH_FAILING" if self.flush_error else "OK",
+                "records_lost": self.counts["lost"], "damaged_regions": self.counts["damaged"], **({"message": error} if error else {})}
 
     def close(self):
         "Stop the thread and flush what is left."
         self.stopped.set(); self.thread.join()
         try: self.flush()
         finally:
-            with self.lock: os.close(self.fd)
+            with self.lock:
+                self.closed = True
+                if self.fd is not None: os.close(self.fd); self.fd = None
+                if self.size == 0: self._path(self.segment).unlink(missing_ok=True)

@@ -12,10 +12,11 @@ import time
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'EndpointMetrics']
+__all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'CAPTURE_COUNTERS', 'EndpointMetrics',
+           'capture_families']
 
 # %% ../../nbs/08d_serving_metrics.ipynb #4e8a3a0d
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 600000)
@@ -41,6 +42,7 @@ class EndpointMetrics:
                  clock=time.time):
         self.endpoint, self.interval, self.clock = endpoint, interval, clock
         self.entities: dict = {}  # served entity name -> workload size, of the applied config (set by the runtime)
+        self.capture = None  # the endpoint's InferenceLog while its inference table is enabled (set by the runtime)
         self.lock = threading.Lock()
         self.start = math.floor(clock() / interval) * interval
         self.current: dict = {}
@@ -94,5 +96,25 @@ class EndpointMetrics:
             latency.add_metric(key, buckets, m.sum_ms, timestamp=end)
         yield from families.values()
         yield latency
+        if self.capture is not None: yield from capture_families(self.endpoint, self.capture)
 
     def export(self) -> bytes: return generate_latest(self.registry)
+
+# %% ../../nbs/08d_serving_metrics.ipynb #d91f1c2d
+CAPTURE_COUNTERS = {  # InferenceLog.counts key -> metric name (without _total) and help
+    "written": ("serving_capture_records_written", "Records written whole to the endpoint's inference log, since the runtime started"),
+    "lost": ("serving_capture_records_lost", "Requests answered whose record the inference log could not take (full disk, I/O error)"),
+    "flushed": ("serving_capture_records_flushed", "Records appended to the endpoint's inference table"),
+    "damaged": ("serving_capture_damaged_regions", "Torn or damaged runs of bytes skipped in the inference log")}
+
+def capture_families(endpoint: str, capture) -> list:
+    "The metric families of an endpoint's capture (an `InferenceLog`): its counters, and whether writing or flushing fails now."
+    families = []
+    for key, (name, doc) in CAPTURE_COUNTERS.items():
+        families.append(CounterMetricFamily(name, doc, labels=["endpoint"]))
+        families[-1].add_metric([endpoint], capture.counts[key])
+    failing = GaugeMetricFamily("serving_capture_failing", "1 while the inference log cannot write (stage write) or flush (stage flush)",
+                                labels=["endpoint", "stage"])
+    failing.add_metric([endpoint, "write"], int(capture.write_error is not None))
+    failing.add_metric([endpoint, "flush"], int(capture.flush_error is not None))
+    return families + [failing]

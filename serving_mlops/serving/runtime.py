@@ -82,6 +82,8 @@ class Endpoint:
         out = {k: r[k] for k in ("name", "id", "creator", "creation_timestamp", "last_updated_timestamp", "description") if r.get(k) is not None}
         out["state"] = {"ready": "READY" if self.snapshot else "NOT_READY",
                         "config_update": "IN_PROGRESS" if self.updating else "UPDATE_FAILED" if self.failure else "NOT_UPDATING"}
+        if not summary and self.metrics is not None and self.metrics.capture is not None:
+            out["state"]["inference_table"] = self.metrics.capture.status()  # ours: is capture writing, and what it could not log
         out["tags"] = [{"key": k, "value": v} for k, v in r.get("tags", {}).items()]
         if r.get("ai_gateway"): out["ai_gateway"] = r["ai_gateway"]
         applied = self.snapshot.config if self.snapshot else None
@@ -208,6 +210,7 @@ class ServingRuntime:
         if old is not None: self.captures.pop(ep.name).close()  # what it logged goes to its table first
         if table: self.captures[ep.name] = InferenceLog(self.env.path("serving", "inference", ep.name, create=True), table,
                                                         tables_for(self.env), self.capture_interval)
+        ep.metrics.capture = self.captures.get(ep.name)  # its counters in the metrics export, its status in GET
 
     def delete(self, name: str):
         ep = self.get(name)
