@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,7 +169,7 @@ def payload_columns(key: str, data, spec: InputSpec) -> dict:
     return _rows_to_columns(data, key)
 
 # %% ../../nbs/08a_serving_protocol.ipynb #059ef702
-def _shown(v) -> str: return f"{_type_name(v)} {v!r:.40}"
+def _shown(v) -> str: return f"{_type_name(v)} {reprlib.repr(v)}"  # reprlib: short, and safe for values nested 1000 deep
 
 def _check_numbers(name: str, values: list):
     "Raise naming the first value of column `name` that is not a finite number or null."
