@@ -262,6 +262,12 @@ class OnlineStore:
         db.execute("COMMIT")
         return {**self.published(name), "changed": True}
 
+    def key_types(self, name: str) -> dict:
+        "SQL type of each primary key column of published table `name`, in key order: what a lookup key must be."
+        keys = (self.published(name) or {}).get("primary_keys") or []
+        declared = {row[1]: row[2] for row in self.db.execute(f"PRAGMA table_info({_quote(name)})")}
+        return {k: declared.get(k) for k in keys}
+
     def lookup(self, name: str, *key) -> dict | None:
         "Feature values of the row of `name` with primary key `key`, or None when the key is unknown."
         statements = self._local.__dict__.setdefault("statements", {})

@@ -22,11 +22,12 @@ from tqdm import tqdm  # text progress, in a terminal and in a job's output alik
 
 from .config import Environment, get_environment
 from .data import BILL_COLUMNS, LABEL_COLUMN, PAY_AMT_COLUMNS, PAY_COLUMNS, RAW_COLUMNS
+from .domains import RULES
 from .errors import InputError
 from .tables import Tables, tables_for
 
 # %% auto #0
-__all__ = ['TABLES', 'SOURCE_KEY', 'SILVER_KEY', 'STATEMENTS_KEY', 'LABEL_ALIASES', 'MISSING_TOKENS', 'RULES', 'SILVER_NAMES',
+__all__ = ['TABLES', 'SOURCE_KEY', 'SILVER_KEY', 'STATEMENTS_KEY', 'LABEL_ALIASES', 'MISSING_TOKENS', 'SILVER_NAMES',
            'INT_COLUMNS', 'IngestError', 'read_landing_file', 'parse_column', 'validate_clients', 'file_sha256',
            'bronze_frame', 'silver_frame', 'statements_frame', 'IngestResult', 'ingest_file', 'landing_files',
            'ingest_landing']
@@ -82,19 +83,6 @@ def read_landing_file(path: Path | str, require_label: bool = True) -> tuple[pa.
     return pa.table(columns), notes
 
 # %% ../nbs/03_ingest.ipynb #e65ebf01
-RULES = {  # column -> (kind, allowed): "integer"/"number" with (min, max), "code" with the allowed codes
-    "ID": ("integer", (1, None)),
-    "LIMIT_BAL": ("number", (1, None)),
-    "SEX": ("code", (1, 2)),
-    "EDUCATION": ("code", (0, 1, 2, 3, 4, 5, 6)),
-    "MARRIAGE": ("code", (0, 1, 2, 3)),
-    "AGE": ("integer", (18, 100)),
-    **{c: ("integer", (-2, 8)) for c in PAY_COLUMNS},
-    **{c: ("number", (None, None)) for c in BILL_COLUMNS},
-    **{c: ("number", (0, None)) for c in PAY_AMT_COLUMNS},
-    LABEL_COLUMN: ("code", (0, 1)),
-}
-
 def _add(reasons: np.ndarray, mask: np.ndarray, messages) -> None:
     "Append `messages` (one per row in `mask`, or one for all) to the reasons of the rows in `mask`."
     if not mask.any(): return
@@ -105,7 +93,6 @@ _NUMBER = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$"
 
 def parse_column(values: pa.Array | pa.ChunkedArray | pd.Series, column: str, reasons: np.ndarray) -> np.ndarray:
     "Values of `column` as floats (NaN where invalid), adding what is wrong to `reasons`."
-    kind, allowed = RULES[column]
     if isinstance(values, pd.Series): values = pa.array(values.astype(object), pa.string(), from_pandas=True)
     text = pc.utf8_trim_whitespace(pc.cast(values, pa.string()))
     text = pc.fill_null(text, "")
@@ -119,20 +106,11 @@ def parse_column(values: pa.Array | pa.ChunkedArray | pd.Series, column: str, re
     not_number = ~missing & ~numeric
     _add(reasons, not_number, shown(not_number) + " is not a number")
     ok = numeric.copy()
-    if kind in ("integer", "code"):
-        fractional = ok & (number % 1 != 0)
-        _add(reasons, fractional, shown(fractional) + " is not a whole number")
-        ok &= ~fractional
-    if kind == "code":
-        bad = ok & ~np.isin(number, allowed)
-        _add(reasons, bad, shown(bad) + f" is not one of {', '.join(map(str, allowed))}")
-    else:
-        lo, hi = allowed
-        bad = ok & ((number < lo) if lo is not None else False) | ok & ((number > hi) if hi is not None else False)
-        expected = f" is outside {lo}..{hi}" if lo is not None and hi is not None else (f" is not at least {lo}" if lo is not None else f" is not at most {hi}")
-        _add(reasons, bad, shown(bad) + expected)
-    ok &= ~bad
+    for bad, wrong in RULES[column].violations(number):
+        _add(reasons, bad, shown(bad) + " " + wrong)
+        ok &= ~bad
     return np.where(ok, number, np.nan)
+
 
 # %% ../nbs/03_ingest.ipynb #fa1b8ebb
 def validate_clients(raw: pa.Table | pd.DataFrame, labelled: bool = True) -> tuple[pd.DataFrame, np.ndarray]:

@@ -11,11 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 import mlflow
 import mlflow.pyfunc
 import numpy as np
-import orjson
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from ..config import Environment
+from ..domains import FEATURE_DOMAINS
 from ..feature_store import OnlineStore
 from ..naming import model_uri, same_table_in
 from .protocol import MAX_ROWS, InputSpec, ParsedRequest, bad_request
@@ -43,19 +43,28 @@ class MicroBatcher:
         return await future
 
     async def _drain(self):
-        loop = asyncio.get_running_loop()
         try:
             while self.waiting:
                 batch, rows = [], 0
                 while self.waiting and (not batch or rows + getattr(self.waiting[0][0], "rows", 1) <= self.max_rows):
                     item = self.waiting.pop(0); batch.append(item); rows += getattr(item[0], "rows", 1)
-                try: results = await loop.run_in_executor(self.executor, self.score, [r for r, _ in batch])
-                except BaseException as e: results = [e] * len(batch)
+                results = await self._run([r for r, _ in batch])
+                if isinstance(results, BaseException) and len(batch) > 1:  # one by one: only the culprit fails
+                    results = [await self._run([r]) for r, _ in batch]
+                    results = [r if isinstance(r, BaseException) else r[0] for r in results]
+                elif isinstance(results, BaseException): results = [results]
                 for (_, future), result in zip(batch, results):
                     if future.done(): continue
                     if isinstance(result, BaseException): future.set_exception(result)
                     else: future.set_result(result)
         finally: self.running = False
+
+    async def _run(self, requests: list):
+        "The results of scoring `requests` in one call, or the exception it raised (also when it gave a result per request too few or many)."
+        try: results = await asyncio.get_running_loop().run_in_executor(self.executor, self.score, requests)
+        except BaseException as e: return e
+        if len(results) != len(requests): return RuntimeError(f"the scorer gave {len(results)} results for {len(requests)} requests")
+        return results
 
     def close(self): self.executor.shutdown(wait=False)
 
@@ -155,10 +164,21 @@ class ServedModel:
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
         if self.lookups and online is None: raise ValueError(f"{entity_uri(entity)} looks features up, but the environment has no online store")
         self.tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in self.lookups}
-        self.spec = InputSpec(columns, keys, passthrough)
+        key_types = self.key_types()
+        domains = {c: FEATURE_DOMAINS[c] for c in [*columns, *keys, *passthrough] if c in FEATURE_DOMAINS and  # a key's if it fits its type
+                   (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer"))}
+        self.spec = InputSpec(columns, keys, passthrough, domains, key_types)
         self.index = {c: j for j, c in enumerate(columns)}
         # OpenMP limits are per thread: one thread on the predicting thread (tree models on a few rows lose with more)
         self.batcher = MicroBatcher(self.score, max_rows=max_rows, name=self.name, initializer=lambda: threadpool_limits(1))
+
+    def key_types(self) -> dict:
+        "Type of each lookup key column ('integer' or 'string') as the online tables declare their primary keys."
+        types = {}
+        for l in self.lookups:
+            declared = self.online.key_types(self.tables[l["table_name"]])
+            for k, sql in zip(l["lookup_key"], declared.values()): types.setdefault(k, {"INTEGER": "integer", "TEXT": "string"}.get(sql))
+        return types
 
     def features(self, request: ParsedRequest) -> tuple[np.ndarray, list]:
         "Model input matrix of `request`: given values, then online lookups for the rest; and the keys not found."
@@ -194,22 +214,24 @@ class ServedModel:
         for r in requests:
             try: prepared.append(self.features(r))
             except Exception as e: prepared.append(e)
-        ok = [i for i, p in enumerate(prepared) if not isinstance(p, Exception)]
         results = list(prepared)
-        same_params = len({orjson.dumps(requests[i].params) for i in ok}) <= 1
-        if len(ok) > 1 and same_params:
-            try:
-                preds = self.predict(np.vstack([prepared[i][0] for i in ok]), requests[ok[0]].params)
-                start = 0
-                for i in ok:
-                    n = requests[i].rows
-                    results[i] = (preds[start:start + n].tolist(), prepared[i][1], prepared[i][0]); start += n
-                return results
-            except Exception: pass  # score one by one, so that one request's failure stays its own
-        for i in ok:
-            try: results[i] = (self.predict(prepared[i][0], requests[i].params).tolist(), prepared[i][1], prepared[i][0])
-            except Exception as e:
-                results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this input: {type(e).__name__}: {e}")
+        groups = {}  # requests with equal params share a model call
+        for i, p in enumerate(prepared):
+            if not isinstance(p, Exception): groups.setdefault(requests[i].params_json, []).append(i)
+        for members in groups.values():
+            if len(members) > 1:
+                try:
+                    preds = self.predict(np.vstack([prepared[i][0] for i in members]), requests[members[0]].params)
+                    start = 0
+                    for i in members:
+                        n = requests[i].rows
+                        results[i] = (preds[start:start + n].tolist(), prepared[i][1], prepared[i][0]); start += n
+                    continue
+                except Exception: pass  # score one by one, so that one request's failure stays its own
+            for i in members:
+                try: results[i] = (self.predict(prepared[i][0], requests[i].params).tolist(), prepared[i][1], prepared[i][0])
+                except Exception as e:
+                    results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this input: {type(e).__name__}: {e}")
         return results
 
     def close(self): self.batcher.close()

@@ -6,15 +6,18 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
 
+from ..domains import DomainCheck, iso_date
 from ..errors import MlopsError
 from ..naming import served_entity_name
 
 # %% auto #0
-__all__ = ['ENDPOINT_NAME', 'WORKLOAD_SIZES', 'PAYLOAD_KEYS', 'OTHER_KEYS', 'MAX_BODY_BYTES', 'MAX_ROWS', 'ServingError',
+__all__ = ['ENDPOINT_NAME', 'WORKLOAD_SIZES', 'PAYLOAD_KEYS', 'OTHER_KEYS', 'MAX_BODY_BYTES', 'MAX_ROWS', 'INT64', 'ServingError',
            'bad_request', 'invalid_parameter', 'no_endpoint', 'check_endpoint_name', 'check_entity', 'check_config',
            'check_ai_gateway', 'InputSpec', 'ParsedRequest', 'payload_columns', 'parse_request']
 
@@ -99,13 +102,20 @@ PAYLOAD_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 OTHER_KEYS = ("params", "client_request_id", "usage_context")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # Databricks' payload limit
 MAX_ROWS = 10_000  # rows per request; larger batches belong to batch inference
+INT64 = (-2**63, 2**63 - 1)  # what an integer key of the online store (SQLite) holds
 
 @dataclass
 class InputSpec:
-    "What a served model takes: feature columns, and the key columns that let the runtime look features up."
+    "What a served model takes: feature columns, the key columns that let the runtime look features up, and their types and domains."
     columns: list  # model input columns, in the model's order
     keys: list = field(default_factory=list)  # lookup key columns (e.g. customer_id)
     passthrough: list = field(default_factory=list)  # other accepted columns (e.g. snapshot_date)
+    domains: dict = field(default_factory=dict)  # column -> `Domain` its values must be in (as ingest checks them)
+    key_types: dict = field(default_factory=dict)  # key column -> "integer" or "string": the feature tables' key type
+
+    def __post_init__(self):  # the numeric domains compiled once, for one vectorised check per request
+        self.numeric = [c for c, d in self.domains.items() if d.kind != "date"]
+        self.check = DomainCheck([self.domains[c] for c in self.numeric])
 
 @dataclass
 class ParsedRequest:
@@ -114,6 +124,10 @@ class ParsedRequest:
     rows: int
     params: dict | None = None
     client_request_id: str | None = None
+    params_json: bytes | None = None  # params as canonical JSON: requests with equal params are scored in one model call
+
+    def __post_init__(self):
+        if self.params_json is None: self.params_json = orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
 
 # %% ../../nbs/08a_serving_protocol.ipynb #6d587180
 def _type_name(v) -> str: return "null" if v is None else {bool: "boolean", str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
@@ -132,6 +146,11 @@ def payload_columns(key: str, data, spec: InputSpec) -> dict:
         if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
             raise bad_request("dataframe_split must be an object with 'columns' (names) and 'data' (rows)")
         cols, rows = data["columns"], data["data"]
+        seen = set()
+        for j, c in enumerate(cols):
+            if type(c) is not str: raise bad_request(f"dataframe_split.columns[{j}] is {_type_name(c)}; expected a column name (string)")
+            if c in seen: raise bad_request(f"dataframe_split.columns[{j}] repeats column {c!r:.80}; name each column once")
+            seen.add(c)
         for i, row in enumerate(rows):
             if not isinstance(row, list) or len(row) != len(cols):
                 raise bad_request(f"dataframe_split.data[{i}] has {len(row) if isinstance(row, list) else _type_name(row)} values; expected {len(cols)} (one per column)")
@@ -150,12 +169,41 @@ def payload_columns(key: str, data, spec: InputSpec) -> dict:
     return _rows_to_columns(data, key)
 
 # %% ../../nbs/08a_serving_protocol.ipynb #059ef702
+def _shown(v) -> str: return f"{_type_name(v)} {reprlib.repr(v)}"  # reprlib: short, and safe for values nested 1000 deep
+
 def _check_numbers(name: str, values: list):
     "Raise naming the first value of column `name` that is not a finite number or null."
     for i, v in enumerate(values):  # orjson has already refused NaN and infinities
         t = type(v)
         if t is not float and t is not int and v is not None:
-            raise bad_request(f"column '{name}' row {i}: expected a number or null, got {_type_name(v)} {v!r:.40}")
+            raise bad_request(f"column '{name}' row {i}: expected a number or null, got {_shown(v)}")
+
+def _check_keys(name: str, values: list, key_type: str | None):
+    "Raise naming the first value of key column `name` that is not of the feature tables' `key_type` ('integer', 'string'; None: either)."
+    for i, v in enumerate(values):
+        t = type(v)
+        if key_type == "integer" and t is int and not INT64[0] <= v <= INT64[1]:
+            raise bad_request(f"key column '{name}' row {i}: {v} is outside the 64-bit integers of the feature tables' key")
+        if t is int if key_type == "integer" else t is str if key_type == "string" else t is int or t is str: continue
+        expected = {"integer": "an integer (JSON number without a fraction, not text)", "string": "a string"}.get(key_type, "an integer or string")
+        raise bad_request(f"key column '{name}' row {i}: expected {expected}, the feature tables' key type; got {_shown(v)}")
+
+def _check_domains(columns: dict, spec: InputSpec):
+    "Raise naming the first value outside its column's domain (null is allowed: a missing value); numbers are checked all at once."
+    for c, d in spec.domains.items():
+        if d.kind == "date" and c in columns:
+            for i, v in enumerate(columns[c]):
+                if v is not None and iso_date(v) is None: raise bad_request(f"column '{c}' row {i}: expected a date as text YYYY-MM-DD, got {_shown(v)}")
+    index = [j for j, c in enumerate(spec.numeric) if c in columns]
+    if not index: return
+    names = [spec.numeric[j] for j in index]
+    for c in names:
+        if c not in spec.columns: _check_numbers(c, columns[c])  # model columns are checked already
+    fractional, outside = spec.check(np.array([columns[c] for c in names], dtype=float).T, index)
+    bad = fractional | outside
+    if bad.any():
+        i, k = np.argwhere(bad)[0]
+        raise bad_request(f"column '{names[k]}' row {i}: {columns[names[k]][i]!r:.40} {spec.domains[names[k]].wrong(fractional[i, k])}")
 
 def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> ParsedRequest:
     "Parse and validate an invocation body against `spec`; raise a 400 ServingError naming what is wrong."
@@ -171,6 +219,10 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
     if unknown: raise bad_request(f"unknown request field(s) {unknown}; expected one of {', '.join(PAYLOAD_KEYS)} and optionally {', '.join(OTHER_KEYS)}")
     params = payload.get("params")
     if params is not None and not isinstance(params, dict): raise bad_request(f"params must be an object, got {_type_name(params)}")
+    try: params_json = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as e: raise bad_request(f"params cannot be passed to a model: {e} (at most 254 levels of nesting)") from None
+    client_id = payload.get("client_request_id")
+    if client_id is not None and type(client_id) is not str: raise bad_request(f"client_request_id must be a string, got {_shown(client_id)}")
     columns = payload_columns(given[0], payload[given[0]], spec)
     rows = len(next(iter(columns.values()))) if columns else 0
     if rows == 0: raise bad_request(f"{given[0]} has no rows; send at least one")
@@ -183,9 +235,8 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
     if missing and not has_keys:
         raise bad_request(f"missing column(s) {missing}" + (f"; give them, or the key(s) {spec.keys} to look them up" if spec.keys else ""))
     for k in spec.keys:
-        for i, v in enumerate(columns.get(k, ())):
-            if not isinstance(v, (int, str)) or isinstance(v, bool): raise bad_request(f"key column '{k}' row {i}: expected an integer or string, got {_type_name(v)}")
+        if k in columns: _check_keys(k, columns[k], spec.key_types.get(k))
     for c in spec.columns:
         if c in columns: _check_numbers(c, columns[c])
-    client_id = payload.get("client_request_id")
-    return ParsedRequest(columns, rows, params, None if client_id is None else str(client_id))
+    _check_domains(columns, spec)
+    return ParsedRequest(columns, rows, params, client_id, params_json)
