@@ -122,6 +122,8 @@ def check_inference_table(table, endpoint: str) -> dict:
         missing = [k for k in ("catalog_name", "schema_name") if k not in out]
         if missing: raise invalid_parameter(f"{where} needs {' and '.join(missing)} when enabled")
         out.setdefault("table_name_prefix", endpoint)
+        if len(out["table_name_prefix"]) > 255 - len("_payload"):
+            raise invalid_parameter(f"{where}.table_name_prefix is {len(out['table_name_prefix'])} characters; the payload table's name (prefix + '_payload') takes at most 255")
         payload = f"{out['catalog_name']}.{out['schema_name']}.{out['table_name_prefix']}_payload"
         try: split_name(payload)
         except TableError as e: raise invalid_parameter(f"{where}: the payload {e}") from None  # what this workspace can hold
