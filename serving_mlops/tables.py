@@ -112,7 +112,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def split_name(name: str) -> tuple[str, str, str]:
     "The (catalog, schema, table) parts of a three-part name."
     parts = name.split(".") if isinstance(name, str) else []
-    if len(parts) != 3 or not all(_IDENT.match(p) for p in parts):
+    if len(parts) != 3 or not all(_IDENT.fullmatch(p) for p in parts):
         raise TableError(f"table name {name!r}: expected catalog.schema.table with letters, digits and underscores")
     return tuple(parts)
 

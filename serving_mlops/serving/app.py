@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..config import Environment
-from .protocol import MAX_BODY_BYTES, MAX_ROWS, ServingError, bad_request, check_ai_gateway, check_config
+from .protocol import MAX_BODY_BYTES, MAX_ROWS, ServingError, bad_request
 from .runtime import ServingRuntime
 
 log = logging.getLogger(__name__)
@@ -122,25 +122,13 @@ async def delete_endpoint(request):
 
 async def update_config(request):
     runtime = _runtime(request)
-    ep = runtime.get(request.path_params["name"])
-    runtime.start_update(ep, check_config(await read_json(request)))
-    return json_response(ep.to_json(runtime.base_url))
+    return json_response(runtime.update_config(request.path_params["name"], await read_json(request)).to_json(runtime.base_url))
 
 async def put_ai_gateway(request):
-    runtime = _runtime(request)
-    ep = runtime.get(request.path_params["name"])
-    ep.record["ai_gateway"] = check_ai_gateway(await read_json(request))
-    runtime.configure_capture(ep)
-    runtime.persist(ep)
-    return json_response(ep.record["ai_gateway"])
+    return json_response(_runtime(request).set_ai_gateway(request.path_params["name"], await read_json(request)))
 
 async def patch_tags(request):
-    runtime = _runtime(request)
-    ep, body = runtime.get(request.path_params["name"]), await read_json(request)
-    tags = ep.record.setdefault("tags", {})
-    for t in body.get("add_tags") or []: tags[t["key"]] = t.get("value")
-    for k in body.get("delete_tags") or []: tags.pop(k, None)
-    runtime.persist(ep)
+    tags = _runtime(request).patch_tags(request.path_params["name"], await read_json(request))
     return json_response({"tags": [{"key": k, "value": v} for k, v in tags.items()]})
 
 async def export_metrics(request):
@@ -184,8 +172,9 @@ def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_sto
         if on_started: on_started(runtime)
         try: yield
         finally:
-            runtime.close()
-            if on_stopped: on_stopped(runtime)
+            try: runtime.close()
+            finally:
+                if on_stopped: on_stopped(runtime)  # e.g. remove server.json, whatever happened before
 
     # Starlette hands a handler of `Exception` to its ServerErrorMiddleware, which answers and then re-raises
     # (uvicorn would close the connection); its ExceptionMiddleware around the routes answers and stops there

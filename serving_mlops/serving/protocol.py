@@ -15,11 +15,14 @@ import orjson
 from ..domains import DomainCheck, iso_date
 from ..errors import MlopsError
 from ..naming import served_entity_name
+from ..tables import TableError, split_name
 
 # %% auto #0
-__all__ = ['ENDPOINT_NAME', 'WORKLOAD_SIZES', 'PAYLOAD_KEYS', 'OTHER_KEYS', 'MAX_BODY_BYTES', 'MAX_ROWS', 'INT64', 'ServingError',
-           'bad_request', 'invalid_parameter', 'no_endpoint', 'check_endpoint_name', 'check_entity', 'check_config',
-           'check_ai_gateway', 'InputSpec', 'ParsedRequest', 'payload_columns', 'parse_request']
+__all__ = ['ENDPOINT_NAME', 'ENTITY_NAME', 'VERSION', 'WORKLOAD_SIZES', 'UC_NAME_FORBIDDEN', 'GATEWAY_FIELDS', 'PAYLOAD_KEYS',
+           'OTHER_KEYS', 'MAX_BODY_BYTES', 'MAX_ROWS', 'INT64', 'ServingError', 'bad_request', 'invalid_parameter',
+           'no_endpoint', 'check_type', 'check_endpoint_name', 'check_entity', 'check_config', 'check_uc_name',
+           'check_inference_table', 'check_ai_gateway', 'check_tags', 'check_tags_patch', 'InputSpec', 'ParsedRequest',
+           'payload_columns', 'parse_request']
 
 # %% ../../nbs/08a_serving_protocol.ipynb #73f99e8e
 class ServingError(MlopsError):
@@ -33,30 +36,44 @@ def bad_request(message: str) -> ServingError: return ServingError(400, "BAD_REQ
 def invalid_parameter(message: str) -> ServingError: return ServingError(400, "INVALID_PARAMETER_VALUE", message)
 def no_endpoint(name: str) -> ServingError: return ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' does not exist")
 
+def _type_name(v) -> str: return "null" if v is None else {bool: "boolean", str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
+
 # %% ../../nbs/08a_serving_protocol.ipynb #80a6b27e
-ENDPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # checked with fullmatch: `$` would let a trailing newline through
+ENTITY_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
+VERSION = re.compile(r"[0-9]{1,18}")
 WORKLOAD_SIZES = ("Small", "Medium", "Large")
+
+def check_type(value, kind, where: str, expected: str, optional: bool = True):
+    "`value` if it is a `kind` (or None when `optional`); else a 400 naming `where` and the type it is."
+    if (value is None and optional) or (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)): return value
+    raise invalid_parameter(f"{where} must be {expected}, got {_type_name(value)}")
 
 def check_endpoint_name(name) -> str:
     "`name` if it is a valid endpoint name (letters, digits, dashes, underscores; at most 63)."
-    if not isinstance(name, str) or not ENDPOINT_NAME.match(name):
+    if not isinstance(name, str) or not ENDPOINT_NAME.fullmatch(name):
         raise invalid_parameter(f"endpoint name {name!r} is invalid: use letters, digits, '-' and '_' (at most 63 characters)")
     return name
 
 def check_entity(e, where: str) -> dict:
     "One served entity with its defaults filled in."
-    if not isinstance(e, dict): raise invalid_parameter(f"{where} must be an object")
+    if not isinstance(e, dict): raise invalid_parameter(f"{where} must be an object, got {_type_name(e)}")
     model = e.get("entity_name") or e.get("model_name")
     version = e.get("entity_version") or e.get("model_version")
     if not isinstance(model, str) or not model: raise invalid_parameter(f"{where}.entity_name is required: the registered model to serve")
-    if not str(version).isdigit(): raise invalid_parameter(f"{where}.entity_version must be a model version number, got {version!r}")
+    if isinstance(version, bool) or not isinstance(version, (int, str)) or not VERSION.fullmatch(str(version)):
+        raise invalid_parameter(f"{where}.entity_version must be a model version number, got {version!r}")
     size = e.get("workload_size", "Small")
     if size not in WORKLOAD_SIZES: raise invalid_parameter(f"{where}.workload_size is {size!r}; expected one of {', '.join(WORKLOAD_SIZES)}")
-    env_vars = e.get("environment_vars") or {}
-    if not isinstance(env_vars, dict): raise invalid_parameter(f"{where}.environment_vars must be an object of strings")
-    return {"name": e.get("name") or served_entity_name(model, version), "entity_name": model, "entity_version": str(version),
-            "workload_size": size, "scale_to_zero_enabled": bool(e.get("scale_to_zero_enabled", False)),
-            "environment_vars": {str(k): str(v) for k, v in env_vars.items()}}
+    env_vars = check_type(e.get("environment_vars"), dict, f"{where}.environment_vars", "an object of strings") or {}
+    for k, v in env_vars.items(): check_type(v, str, f"{where}.environment_vars.{k}", "a string", optional=False)
+    name = check_type(e.get("name"), str, f"{where}.name", "a string") or served_entity_name(model, version)
+    if not ENTITY_NAME.fullmatch(name):
+        raise invalid_parameter(f"{where}.name {name!r} is invalid: use letters, digits, '-' and '_'" +
+                                ("" if e.get("name") else " (it defaults to <model>-<version>: give a name)"))
+    scale = check_type(e.get("scale_to_zero_enabled", False), bool, f"{where}.scale_to_zero_enabled", "a boolean")
+    return {"name": name, "entity_name": model, "entity_version": str(version), "workload_size": size,
+            "scale_to_zero_enabled": bool(scale), "environment_vars": dict(env_vars)}
 
 def check_config(config) -> dict:
     "A create/update `config` as the runtime keeps it: served entities with defaults and validated traffic routes."
@@ -66,15 +83,16 @@ def check_config(config) -> dict:
     entities = [check_entity(e, f"config.served_entities[{i}]") for i, e in enumerate(raw)]
     names = [e["name"] for e in entities]
     if len(set(names)) < len(names): raise invalid_parameter(f"served entity names must be unique, got {names}")
-    routes = (config.get("traffic_config") or {}).get("routes")
+    traffic = check_type(config.get("traffic_config"), dict, "config.traffic_config", "an object with routes") or {}
+    routes = traffic.get("routes")
     if routes is None:
         if len(entities) > 1: raise invalid_parameter("config.traffic_config.routes is required when an endpoint serves more than one entity")
         routes = [{"served_entity_name": names[0], "traffic_percentage": 100}]
     if not isinstance(routes, list) or not routes: raise invalid_parameter("config.traffic_config.routes must be a non-empty list")
     checked = []
     for i, r in enumerate(routes):
-        target = r.get("served_entity_name") or r.get("served_model_name") if isinstance(r, dict) else None
-        pct = r.get("traffic_percentage") if isinstance(r, dict) else None
+        if not isinstance(r, dict): raise invalid_parameter(f"config.traffic_config.routes[{i}] must be an object, got {_type_name(r)}")
+        target, pct = r.get("served_entity_name") or r.get("served_model_name"), r.get("traffic_percentage")
         if target not in names: raise invalid_parameter(f"config.traffic_config.routes[{i}] names served entity {target!r}; the config serves {names}")
         if not isinstance(pct, int) or isinstance(pct, bool) or not 0 <= pct <= 100:
             raise invalid_parameter(f"config.traffic_config.routes[{i}].traffic_percentage must be an integer 0..100, got {pct!r}")
@@ -84,18 +102,65 @@ def check_config(config) -> dict:
     return {"served_entities": entities, "traffic_config": {"routes": checked}}
 
 # %% ../../nbs/08a_serving_protocol.ipynb #eef85eaf
-def check_ai_gateway(body: dict) -> dict:
-    "The AI Gateway config as kept: the inference table config (the part this project uses) and the rest as given."
-    if not isinstance(body, dict): raise invalid_parameter("ai_gateway must be an object")
-    out = dict(body)
-    table = body.get("inference_table_config")
-    if table is not None:
-        if not isinstance(table, dict): raise invalid_parameter("ai_gateway.inference_table_config must be an object")
-        if table.get("enabled"):
-            missing = [k for k in ("catalog_name", "schema_name") if not table.get(k)]
-            if missing: raise invalid_parameter(f"ai_gateway.inference_table_config needs {' and '.join(missing)} when enabled")
-        out["inference_table_config"] = {k: table[k] for k in ("catalog_name", "schema_name", "table_name_prefix", "enabled") if k in table}
+UC_NAME_FORBIDDEN = re.compile(r"[. /\x00-\x1f\x7f]")  # Unity Catalog names: no period, space, slash or control character
+GATEWAY_FIELDS = {"inference_table_config": dict, "usage_tracking_config": dict, "guardrails": dict, "rate_limits": list, "fallback_config": dict}
+
+def check_uc_name(value, where: str) -> str:
+    "`value` if it is a valid Unity Catalog object name (at most 255 characters, no '.', ' ', '/' or control characters)."
+    if not isinstance(value, str) or not value: raise invalid_parameter(f"{where} must be a non-empty string, got {_type_name(value)}")
+    if len(value) > 255 or UC_NAME_FORBIDDEN.search(value):
+        raise invalid_parameter(f"{where} {value!r:.80} is not a Unity Catalog name: at most 255 characters, without '.', ' ', '/' or control characters")
+    return value
+
+def check_inference_table(table, endpoint: str) -> dict:
+    "An AI Gateway inference table config as kept: names checked, the prefix defaulting to the endpoint's name."
+    where = "ai_gateway.inference_table_config"
+    if not isinstance(table, dict): raise invalid_parameter(f"{where} must be an object, got {_type_name(table)}")
+    unknown = sorted(set(table) - {"catalog_name", "schema_name", "table_name_prefix", "enabled"})
+    if unknown: raise invalid_parameter(f"{where} has unknown field(s) {unknown}; expected catalog_name, schema_name, table_name_prefix, enabled")
+    out = {k: check_uc_name(table[k], f"{where}.{k}") for k in ("catalog_name", "schema_name", "table_name_prefix") if table.get(k) is not None}
+    enabled = check_type(table.get("enabled"), bool, f"{where}.enabled", "a boolean")
+    if enabled is not None: out["enabled"] = enabled
+    if enabled:
+        missing = [k for k in ("catalog_name", "schema_name") if k not in out]
+        if missing: raise invalid_parameter(f"{where} needs {' and '.join(missing)} when enabled")
+        out.setdefault("table_name_prefix", endpoint)
+        if len(out["table_name_prefix"]) > 255 - len("_payload"):
+            raise invalid_parameter(f"{where}.table_name_prefix is {len(out['table_name_prefix'])} characters; the payload table's name (prefix + '_payload') takes at most 255")
+        payload = f"{out['catalog_name']}.{out['schema_name']}.{out['table_name_prefix']}_payload"
+        try: split_name(payload)
+        except TableError as e: raise invalid_parameter(f"{where}: the payload {e}") from None  # what this workspace can hold
     return out
+
+def check_ai_gateway(body, endpoint: str) -> dict:
+    "The AI Gateway config of `endpoint` as kept: the inference table config checked (the part this project uses), the rest as given."
+    if not isinstance(body, dict): raise invalid_parameter(f"ai_gateway must be an object, got {_type_name(body)}")
+    for k, kind in GATEWAY_FIELDS.items(): check_type(body.get(k), kind, f"ai_gateway.{k}", "an object" if kind is dict else "a list")
+    out = dict(body)
+    if body.get("inference_table_config") is not None:
+        out["inference_table_config"] = check_inference_table(body["inference_table_config"], endpoint)
+    try: orjson.dumps(out)
+    except orjson.JSONEncodeError as e: raise invalid_parameter(f"ai_gateway cannot be kept: {e}") from None  # e.g. nested too deeply
+    return out
+
+# %% ../../nbs/08a_serving_protocol.ipynb #c9e6949f
+def check_tags(tags, where: str = "tags") -> dict:
+    "A list of `{key, value}` tags as kept: key -> value (None when absent)."
+    out = {}
+    for i, t in enumerate(check_type(tags, list, where, "a list of {key, value} objects") or []):
+        if not isinstance(t, dict): raise invalid_parameter(f"{where}[{i}] must be an object with key and value, got {_type_name(t)}")
+        unknown = sorted(set(t) - {"key", "value"})
+        if unknown: raise invalid_parameter(f"{where}[{i}] has unknown field(s) {unknown}; expected key and value")
+        key = check_type(t.get("key"), str, f"{where}[{i}].key", "a non-empty string", optional=False)
+        if not key: raise invalid_parameter(f"{where}[{i}].key must be a non-empty string, got ''")
+        out[key] = check_type(t.get("value"), str, f"{where}[{i}].value", "a string")
+    return out
+
+def check_tags_patch(body: dict) -> tuple[dict, list]:
+    "The tags to add (key -> value) and the keys to delete of a tags patch."
+    delete = check_type(body.get("delete_tags"), list, "delete_tags", "a list of tag keys") or []
+    for i, k in enumerate(delete): check_type(k, str, f"delete_tags[{i}]", "a tag key (a string)", optional=False)
+    return check_tags(body.get("add_tags"), "add_tags"), delete
 
 # %% ../../nbs/08a_serving_protocol.ipynb #d544019d
 PAYLOAD_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
@@ -130,8 +195,6 @@ class ParsedRequest:
         if self.params_json is None: self.params_json = orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
 
 # %% ../../nbs/08a_serving_protocol.ipynb #6d587180
-def _type_name(v) -> str: return "null" if v is None else {bool: "boolean", str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
-
 def _rows_to_columns(rows: list, where: str) -> dict:
     "Records (a list of objects) as columns; a column missing from a record is null there."
     names = {}

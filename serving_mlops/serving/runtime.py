@@ -13,6 +13,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import orjson
@@ -22,14 +23,16 @@ from ..feature_store import OnlineStore
 from .capture import InferenceLog, entity_ids, payload_table_name, record_served_entities, served_entity_rows
 from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri
-from .protocol import (
-    MAX_ROWS, ServingError, check_ai_gateway, check_config, check_endpoint_name, invalid_parameter, no_endpoint, parse_request)
+from serving_mlops.serving.protocol import (
+    MAX_ROWS, ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, invalid_parameter,
+    no_endpoint, parse_request)
 from ..tables import tables_for
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'now_ms', 'Snapshot', 'Endpoint', 'ServingRuntime']
+__all__ = ['log', 'now_ms', 'Snapshot', 'Endpoint', 'sync_folder', 'write_atomic', 'remove_durably', 'read_record',
+           'ServingRuntime']
 
 # %% ../../nbs/08e_serving_runtime.ipynb #f1ce20d1
 def now_ms() -> int: return int(time.time() * 1000)
@@ -68,12 +71,13 @@ class Endpoint:
     updating: bool = False
     failure: str | None = None
     metrics: EndpointMetrics | None = None
+    broken: str | None = None  # why its saved state could not be restored: it answers GET and DELETE only
 
     @property
     def name(self) -> str: return self.record["name"]
 
     def entity_json(self, entity: dict, status: str, message: str = "") -> dict:
-        return {**entity, "creator": self.record["creator"], "creation_timestamp": self.record["last_updated_timestamp"],
+        return {**entity, "creator": self.record.get("creator"), "creation_timestamp": self.record.get("last_updated_timestamp"),
                 "state": {"deployment": status, "deployment_state_message": message}}
 
     def to_json(self, base_url: str, summary: bool = False) -> dict:
@@ -101,6 +105,44 @@ class Endpoint:
         out["endpoint_url"] = f"{base_url}/serving-endpoints/{r['name']}/invocations"
         out["permission_level"] = "CAN_MANAGE"
         return out
+
+# %% ../../nbs/08e_serving_runtime.ipynb #62eed3f3
+def sync_folder(folder: Path):
+    "Make the names in `folder` (a rename, a removal) durable."
+    fd = os.open(folder, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
+def write_atomic(path: Path, data: bytes):
+    "Replace `path` by `data` durably: the old file or the new one survives a crash, never a mix."
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True); raise
+    sync_folder(path.parent)
+
+def remove_durably(path: Path):
+    path.unlink(missing_ok=True); sync_folder(path.parent)
+
+def read_record(path: Path) -> dict:
+    "The endpoint record saved in `path`, checked as the API checks what it saves; ValueError saying what is wrong."
+    try: record = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as e: raise ValueError(f"not JSON (empty or cut short?): {e}") from None
+    if not isinstance(record, dict): raise ValueError("not a JSON object")
+    if record.get("name") != path.stem: raise ValueError(f"it names endpoint {record.get('name')!r}; its file name says {path.stem!r}")
+    try:
+        check_endpoint_name(record["name"])
+        check_tags([{"key": k, "value": v} for k, v in (check_type(record.get("tags"), dict, "tags", "an object") or {}).items()])
+        config = record.get("config")
+        if config is not None:
+            check_config(config)
+            check_type(config.get("config_version"), int, "config.config_version", "a number", optional=False)
+            ids = check_type(config.get("served_entity_ids"), dict, "config.served_entity_ids", "an object") or {}
+            if ids and set(ids) != {e["name"] for e in config["served_entities"]}: raise invalid_parameter("config.served_entity_ids must name every served entity")
+        return {**record, "ai_gateway": check_ai_gateway(record.get("ai_gateway") or {}, record["name"])}
+    except ServingError as e: raise ValueError(e.message) from None
 
 # %% ../../nbs/08e_serving_runtime.ipynb #4fe548a7
 class ServingRuntime:
@@ -130,12 +172,25 @@ class ServingRuntime:
         if name not in self.endpoints: raise no_endpoint(name)
         return self.endpoints[name]
 
-    def persist(self, ep: Endpoint):
-        "Write the endpoint's record atomically."
-        path = self.state_dir / f"{ep.name}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(ep.record, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, path)
+    def changeable(self, name: str) -> Endpoint:
+        "The endpoint `name`, refused when it could not be restored (it answers GET and DELETE only)."
+        ep = self.get(name)
+        if ep.broken: raise ServingError(400, "INVALID_STATE", f"{ep.broken}; delete the endpoint, or repair it and restart the serving runtime")
+        return ep
+
+    def state_file(self, name: str) -> Path: return self.state_dir / f"{name}.json"
+
+    def persist(self, record: dict):
+        "Save an endpoint's record atomically and durably; a 500 naming the file when it cannot be saved (the old one stays)."
+        path = self.state_file(record["name"])
+        try: write_atomic(path, orjson.dumps(record, option=orjson.OPT_INDENT_2))
+        except (OSError, orjson.JSONEncodeError) as e:
+            raise ServingError(500, "INTERNAL_ERROR", f"cannot save serving endpoint '{record['name']}' to {path}: {type(e).__name__}: {e}") from None
+
+    def commit(self, ep: Endpoint, record: dict):
+        "Persist `record`, then make it the endpoint's (so memory never holds what the disk does not)."
+        self.persist(record)
+        ep.record = record
 
     def new_metrics(self, name: str) -> EndpointMetrics: return EndpointMetrics(name, self.metrics_interval)
 
@@ -155,25 +210,30 @@ class ServingRuntime:
         return models
 
     async def apply(self, ep: Endpoint, config: dict, record: bool = True):
-        "Load `config` in the background and switch to it at once when every entity is loaded."
+        "Load `config` in the background; save it, then switch to it at once when every entity is loaded."
         loop = asyncio.get_running_loop()
         config = {k: v for k, v in config.items() if k != "start_time"}
         try: models = await loop.run_in_executor(self.loader, self.load_models, ep.name, config, ep.snapshot, ep.metrics, record)
-        except Exception as e:
-            ep.failure, ep.updating = str(e), False
-            log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], e)
-            return
+        except Exception as e: return self._update_failed(ep, config, str(e))
+        fresh = [m for n, m in models.items() if not ep.snapshot or ep.snapshot.models.get(n) is not m]
+        try:
+            if self.endpoints.get(ep.name) is not ep: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", "the endpoint was deleted")
+            if ep.record.get("config") != config: self.commit(ep, {**ep.record, "config": config, "last_updated_timestamp": now_ms()})
+        except ServingError as e:
+            for model in fresh: model.close()
+            return self._update_failed(ep, config, e.message)
         old = ep.snapshot
         ep.snapshot = Snapshot.of(config, models)  # the switch
         ep.metrics.entities = {e["name"]: e["workload_size"] for e in config["served_entities"]}
         ep.pending, ep.updating, ep.failure = None, False, None
-        ep.record["config"] = config
-        ep.record["last_updated_timestamp"] = now_ms()
-        if self.endpoints.get(ep.name) is ep: self.persist(ep)
         log.info("endpoint %s: serving config version %s", ep.name, config["config_version"])
         if old:
             for name, model in old.models.items():
                 if models.get(name) is not model: loop.call_later(30, model.close)  # after requests in flight
+
+    def _update_failed(self, ep: Endpoint, config: dict, reason: str):
+        ep.failure, ep.updating = reason, False
+        log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], reason)
 
     def start_update(self, ep: Endpoint, config: dict):
         "Begin applying `config` (refused while another update is in progress)."
@@ -186,37 +246,86 @@ class ServingRuntime:
         asyncio.get_running_loop().create_task(self.apply(ep, ep.pending))
 
     def create(self, body: dict) -> Endpoint:
+        "A new endpoint: the whole body checked, its inference log opened, its record saved, then its config loading."
         name = check_endpoint_name(body.get("name"))
-        if name in self.endpoints: raise ServingError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint '{name}' already exists")
         config = check_config(body.get("config"))
-        tags = body.get("tags") or []
-        if not isinstance(tags, list) or not all(isinstance(t, dict) and "key" in t for t in tags):
-            raise invalid_parameter("tags must be a list of {key, value} objects")
+        tags = check_tags(body.get("tags"))
+        gateway = check_ai_gateway({} if body.get("ai_gateway") is None else body["ai_gateway"], name)
+        description = check_type(body.get("description"), str, "description", "a string")
+        if name in self.endpoints: raise ServingError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint '{name}' already exists")
         now = now_ms()
-        record = {"name": name, "id": uuid.uuid4().hex, "creator": os.environ.get("USER", "local"), "creation_timestamp": now,
-                  "last_updated_timestamp": now, "description": body.get("description"),
-                  "tags": {t["key"]: t.get("value") for t in tags}, "ai_gateway": check_ai_gateway(body.get("ai_gateway") or {})}
-        ep = self.endpoints[name] = Endpoint(record, metrics=self.new_metrics(name))
-        self.persist(ep)
-        self.configure_capture(ep)
+        ep = Endpoint({"name": name, "id": uuid.uuid4().hex, "creator": os.environ.get("USER", "local"), "creation_timestamp": now,
+                       "last_updated_timestamp": now, "description": description, "tags": tags, "ai_gateway": gateway}, metrics=self.new_metrics(name))
+        capture = self.open_capture(name, gateway)
+        try: self.persist(ep.record)
+        except ServingError:
+            if capture: capture.close()
+            raise
+        self.endpoints[name] = ep
+        if capture: self.captures[name] = capture
         self.start_update(ep, config)
         return ep
 
+    def update_config(self, name: str, body: dict) -> Endpoint:
+        "Begin applying a new config (saved when it is switched to)."
+        ep = self.changeable(name)
+        self.start_update(ep, check_config(body))
+        return ep
+
+    def set_ai_gateway(self, name: str, body: dict) -> dict:
+        "Save the endpoint's AI Gateway config and capture as it says; when capture cannot start, both stay as they were."
+        ep = self.changeable(name)
+        old = ep.record
+        self.commit(ep, {**old, "ai_gateway": check_ai_gateway(body, name)})
+        try: self.configure_capture(ep)
+        except ServingError:
+            self.commit(ep, old)
+            try: self.configure_capture(ep)
+            except ServingError as e: log.error("endpoint %s: its earlier inference log did not reopen either: %s", name, e.message)
+            raise
+        return ep.record["ai_gateway"]
+
+    def patch_tags(self, name: str, body: dict) -> dict:
+        "Add and delete tags; the tags after the change."
+        ep = self.changeable(name)
+        add, delete = check_tags_patch(body)
+        tags = {k: v for k, v in {**ep.record.get("tags", {}), **add}.items() if k not in delete}
+        self.commit(ep, {**ep.record, "tags": tags})
+        return tags
+
+    def open_capture(self, name: str, gateway: dict) -> InferenceLog | None:
+        "The inference log `gateway` asks for (None: capture off); a 500 naming the folder when it cannot be opened."
+        table = payload_table_name(gateway)
+        if not table: return None
+        folder = self.env.path("serving", "inference", name)
+        try: return InferenceLog(folder, table, tables_for(self.env), self.capture_interval)
+        except Exception as e:
+            raise ServingError(500, "INTERNAL_ERROR", f"endpoint '{name}': cannot open its inference log in {folder}: {type(e).__name__}: {e}") from None
+
+    def close_capture(self, name: str):
+        "Stop capturing `name`'s requests; what its log holds goes to its table (or stays in the log when that fails)."
+        capture = self.captures.pop(name, None)
+        if capture is None: return
+        try: capture.close()
+        except Exception as e: log.error("endpoint %s: inference log %s kept for a later flush to %s: %s", name, capture.folder, capture.table, e)
+
     def configure_capture(self, ep: Endpoint):
         "Start, switch or stop capturing the endpoint's requests as its AI Gateway config says."
-        table = payload_table_name(ep.record.get("ai_gateway"))
         old = self.captures.get(ep.name)
-        if old is not None and old.table == table: return
-        if old is not None: self.captures.pop(ep.name).close()  # what it logged goes to its table first
-        if table: self.captures[ep.name] = InferenceLog(self.env.path("serving", "inference", ep.name, create=True), table,
-                                                        tables_for(self.env), self.capture_interval)
+        if old is not None and old.table == payload_table_name(ep.record.get("ai_gateway")): return
+        self.close_capture(ep.name)  # what it logged goes to its table first
+        capture = self.open_capture(ep.name, ep.record.get("ai_gateway"))
+        if capture: self.captures[ep.name] = capture
         ep.metrics.capture = self.captures.get(ep.name)  # its counters in the metrics export, its status in GET
 
     def delete(self, name: str):
+        "Remove the endpoint's saved state, then the endpoint; its inference log is flushed and its models closed."
         ep = self.get(name)
+        path = self.state_file(name)
+        try: remove_durably(path)
+        except OSError as e: raise ServingError(500, "INTERNAL_ERROR", f"cannot delete serving endpoint '{name}': {path}: {e}") from None
         del self.endpoints[name]
-        (self.state_dir / f"{name}.json").unlink(missing_ok=True)
-        if name in self.captures: self.captures.pop(name).close()
+        self.close_capture(name)
         if ep.snapshot:
             self.loader.submit(self._record_deleted, name, ep.snapshot.config, now_ms())
             for model in ep.snapshot.models.values(): asyncio.get_running_loop().call_later(30, model.close)
@@ -226,17 +335,30 @@ class ServingRuntime:
         except Exception as x: log.error("endpoint %s: cannot record its deletion in system.serving.served_entities: %s", name, x)
 
     def restore(self):
-        "Recreate every persisted endpoint and load its applied config."
+        "Recreate every saved endpoint and load its applied config; one that cannot be restored is reported, and the rest start."
         for path in sorted(self.state_dir.glob("*.json")):
-            record = orjson.loads(path.read_bytes())
+            try: record = read_record(path)
+            except Exception as e:
+                self._unrestorable(path, path.stem, str(e)); continue
             ep = self.endpoints[record["name"]] = Endpoint(record, metrics=self.new_metrics(record["name"]))
-            self.configure_capture(ep)  # replays what a killed process logged but had not flushed
+            try: self.configure_capture(ep)  # replays what a killed process logged but had not flushed
+            except ServingError as e:
+                self._unrestorable(path, ep.name, e.message, record); continue
             config = record.get("config")
             if config:
                 known = "served_entity_ids" in config  # recorded when it was first applied
                 if not known: config = {**config, "served_entity_ids": entity_ids(config, None)}
                 ep.pending, ep.updating = {**config, "start_time": now_ms()}, True
                 asyncio.get_running_loop().create_task(self.apply(ep, ep.pending, record=not known))
+
+    def _unrestorable(self, path: Path, name: str, reason: str, record: dict | None = None):
+        "Keep endpoint `name` as NOT_READY / UPDATE_FAILED with why `path` could not be restored (GET shows it, DELETE removes it)."
+        message = f"cannot restore serving endpoint '{name}' from {path}: {reason}"
+        log.error("%s", message)
+        record = record or {"name": name}
+        config = record.get("config") or {"served_entities": [{"name": name}], "traffic_config": {"routes": []}, "config_version": 0}
+        self.endpoints[name] = Endpoint(record, pending={**config, "start_time": now_ms()}, failure=message, broken=message,
+                                        metrics=self.new_metrics(name))
 
     def record_outcome(self, endpoint: str, outcome: dict):
         "Append one invocation's outcome to the endpoint's request log (one write, before the response)."
@@ -279,11 +401,12 @@ class ServingRuntime:
                                  "served_entity_id": snapshot.ids[model.name], "requester": self.requester})
 
     def close(self):
+        "Release every endpoint's resources; one that fails to close is logged and the others still close."
         for fd in self._logs.values(): os.close(fd)
         self._logs.clear()
-        for capture in self.captures.values(): capture.close()
-        self.captures.clear()
+        for name in list(self.captures): self.close_capture(name)
         for ep in self.endpoints.values():
-            if ep.snapshot:
-                for m in ep.snapshot.models.values(): m.close()
+            for m in (ep.snapshot.models.values() if ep.snapshot else ()):
+                try: m.close()
+                except Exception as e: log.error("endpoint %s: served entity %s did not close: %s", ep.name, m.name, e)
         self.loader.shutdown(wait=False)
