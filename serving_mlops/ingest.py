@@ -164,13 +164,15 @@ def parse_column(values: pa.Array | pa.ChunkedArray | pd.Series, column: str, re
     return np.where(ok, number, np.nan)
 
 # %% ../nbs/03_ingest.ipynb #fa1b8ebb
-_ID_TEXT = r"\s*\+?[0-9]{1,15}\s*"  # digits only: an ID is a name, and 15 digits stay exact as a float
+_ID_TEXT = r"^\s*\+?[0-9]{1,15}\s*$"  # digits only: an ID is a name, and 15 digits stay exact as a float
 
 def _written_ids(values: pa.Array | pa.ChunkedArray | pd.Series, ids: np.ndarray, reasons: np.ndarray) -> np.ndarray:
     "`ids` with NaN where the file does not write the ID as digits (`1e6`, `7.0`), adding why to `reasons`."
-    text = (values if isinstance(values, pd.Series) else values.to_pandas()).fillna("").astype(str).reset_index(drop=True)
-    bad = ~np.isnan(ids) & ~text.str.fullmatch(_ID_TEXT).to_numpy()  # other bad IDs already have their reason
-    _add(reasons, bad, ("ID=" + text[bad].str.strip() + " is not written as 1 to 15 digits").to_numpy(dtype=object))
+    if isinstance(values, pd.Series): values = pa.array(values.astype(object), pa.string(), from_pandas=True)
+    text = pc.fill_null(pc.cast(values, pa.string()), "")
+    bad = ~np.isnan(ids) & ~pc.match_substring_regex(text, _ID_TEXT).to_numpy(zero_copy_only=False)  # other bad IDs have their reason
+    shown = np.asarray(pc.utf8_trim_whitespace(text.filter(pa.array(bad))).to_pylist(), dtype=object)
+    _add(reasons, bad, "ID=" + shown + " is not written as 1 to 15 digits")
     return np.where(bad, np.nan, ids)
 
 def validate_clients(raw: pa.Table | pd.DataFrame, labelled: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
