@@ -36,6 +36,7 @@ import pandas as pd
 from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput
 
 from serving_mlops.config import get_environment, workspace_home
+from serving_mlops.feature_store import in_experiment
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.process import start_server, stop_server, workspace_client
 from serving_mlops.serving.runtime import RequestLog, read_request_log
@@ -132,8 +133,7 @@ def write_cost(n: int = 20_000) -> tuple[float, float]:
 def main(seconds: float, clients: int, stalled: int):
     with workspace_home(tempfile.mkdtemp()):
         env = get_environment("dev")
-        mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
-        with mlflow.start_run():
+        with in_experiment(env, "/Shared/limits"), mlflow.start_run():  # artifacts in the workspace
             x = pd.DataFrame({"x": [1.0, 2.0]})
             mlflow.pyfunc.log_model(name="doubler", python_model=Doubler(), registered_model_name="dev.credit.doubler",
                                     signature=mlflow.models.infer_signature(x, x["x"] * 2), pip_requirements=["mlflow"])

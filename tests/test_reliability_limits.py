@@ -13,6 +13,7 @@ import pytest
 from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput
 
 from serving_mlops.config import get_environment
+from serving_mlops.feature_store import in_experiment
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.process import start_server, stop_server, workspace_client
 from serving_mlops.serving.runtime import read_request_log
@@ -82,8 +83,7 @@ def test_half_sent_requests_are_disconnected_and_others_are_served(runtime):
 
 def test_request_log_is_bounded_and_rotated(runtime):
     env, url = runtime
-    mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
-    with mlflow.start_run():
+    with in_experiment(env, "/Shared/limits"), mlflow.start_run():  # artifacts in the workspace
         x = pd.DataFrame({"x": [1.0, 2.0]})
         mlflow.pyfunc.log_model(name="doubler", python_model=Doubler(), registered_model_name="dev.credit.doubler",
                                 signature=mlflow.models.infer_signature(x, x["x"] * 2), pip_requirements=["mlflow"])
