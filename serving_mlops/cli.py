@@ -181,7 +181,10 @@ def serve(env: Optional[str] = EnvOption,
           port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.", show_default="the target's serving_port"),
           background: bool = typer.Option(False, "--background", "-b", help="Start as a background process, wait until it answers, print its URL."),
           stop: bool = typer.Option(False, "--stop", help="Stop the environment's running runtime gracefully (requests in flight finish)."),
-          metrics_interval: float = typer.Option(60, min=0.1, help="Seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it).")):
+          metrics_interval: float = typer.Option(60, min=0.1, help="Seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it)."),
+          read_timeout: float = typer.Option(20, min=0.1, help="Seconds a client has to send a whole request (headers and body) before its connection is closed."),
+          request_log_mb: float = typer.Option(10, min=0.001, help="Size at which an endpoint's request log (serving/requests/<endpoint>.jsonl) is rotated."),
+          request_log_files: int = typer.Option(3, min=1, help="Rotated request log files kept per endpoint besides the current one.")):
     "Serve the environment's endpoints: the Databricks serving-endpoints REST API and invocations, on 127.0.0.1."
     from serving_mlops.serving.app import serving_token
     from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
@@ -192,10 +195,11 @@ def serve(env: Optional[str] = EnvOption,
             typer.echo(f"stopped the serving runtime of '{e.name}'" if stop_server(e) else f"no serving runtime of '{e.name}' is running")
             return
         port = e.var("serving_port", int) if port is None else port
+        limits = dict(read_timeout=read_timeout, request_log_mb=request_log_mb, request_log_files=request_log_files)
         if not background:
-            serve_forever(e, port=port, metrics_interval=metrics_interval)
+            serve_forever(e, port=port, metrics_interval=metrics_interval, **limits)
             return
-        try: info = start_server(e, port=port, metrics_interval=metrics_interval)
+        try: info = start_server(e, port=port, metrics_interval=metrics_interval, **limits)
         except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
         serving_token(e)
         typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']})")

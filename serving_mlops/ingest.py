@@ -27,10 +27,10 @@ from .errors import InputError
 from .tables import Tables, tables_for
 
 # %% auto #0
-__all__ = ['TABLES', 'SOURCE_KEY', 'SILVER_KEY', 'STATEMENTS_KEY', 'LABEL_ALIASES', 'MISSING_TOKENS', 'SILVER_NAMES',
-           'INT_COLUMNS', 'IngestError', 'read_landing_file', 'parse_column', 'validate_clients', 'file_sha256',
-           'bronze_frame', 'silver_frame', 'statements_frame', 'IngestResult', 'ingest_file', 'landing_files',
-           'ingest_landing']
+__all__ = ['TABLES', 'SOURCE_KEY', 'SILVER_KEY', 'STATEMENTS_KEY', 'LABEL_ALIASES', 'MISSING_TOKENS', 'OTHER_DELIMITERS',
+           'SILVER_NAMES', 'INT_COLUMNS', 'IngestError', 'read_landing_file', 'parse_column', 'validate_clients',
+           'file_sha256', 'bronze_frame', 'silver_frame', 'statements_frame', 'IngestResult', 'ingest_file',
+           'landing_files', 'ingest_landing']
 
 # %% ../nbs/03_ingest.ipynb #e4ef431d
 class IngestError(InputError):
@@ -49,15 +49,39 @@ def _is_code_row(cells: Sequence[str]) -> bool:
     "True for the spreadsheet export's first row: '', X1..X23, Y."
     return len(cells) > 20 and all(c.strip() == "" or c.strip() == "Y" or c.strip()[:1] == "X" for c in cells)
 
-def _read_csv(path: Path) -> pa.Table:
+OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}  # separators a landing file may use instead of ',', as errors name them
+
+def _head(path: Path, delimiter: str = ",") -> list[list[str]]:
+    "The first two rows of a CSV file, split on `delimiter`."
     with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = [r for _, r in zip(range(2), csv.reader(f))]
+        return [r for _, r in zip(range(2), csv.reader(f, delimiter=delimiter))]
+
+def _uci_names(rows: list[list[str]]) -> int:
+    "How many UCI column names the best of `rows` holds."
+    return max((len({LABEL_ALIASES.get(c.strip(), c.strip()) for c in r} & set(RAW_COLUMNS)) for r in rows), default=0)
+
+def _csv_header(path: Path) -> tuple[int, list[str]]:
+    "Rows above the header (1 under the spreadsheet export's code row, else 0) and the header's cells."
+    rows = _head(path)
     if not rows: raise IngestError(f"{path}: the file is empty (expected a header row with {', '.join(RAW_COLUMNS[:3])}, ...)")
+    found = _uci_names(rows)
+    if found < len(RAW_COLUMNS) - 1:  # something is missing: a file separated by another character reads as one column
+        for delimiter, name in OTHER_DELIMITERS.items():
+            if _uci_names(_head(path, delimiter)) > found:
+                raise IngestError(f"{path}: the file looks {name}-separated; expected ',' between columns "
+                                  f"(header starts {','.join(rows[0])[:60]!r})")
     skip = 1 if _is_code_row(rows[0]) and len(rows) > 1 else 0
-    header = rows[skip]
+    return skip, rows[skip]
+
+def _read_csv(path: Path) -> pa.Table:
+    skip, header = _csv_header(path)
     return pacsv.read_csv(path, read_options=pacsv.ReadOptions(skip_rows=skip + 1, column_names=header),
                           convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                                strings_can_be_null=False))
+
+def _first_line(path: Path) -> int | None:
+    "The file line of the first data row: a CSV's rows are lines (None for Parquet, whose rows are not)."
+    return _csv_header(path)[0] + 2 if path.suffix.lower() in (".csv", ".txt") else None
 
 def read_landing_file(path: Path | str, require_label: bool = True) -> tuple[pa.Table, list[str]]:
     "The raw columns of a landing file, all as text, and notes on what was adapted."
@@ -72,13 +96,18 @@ def read_landing_file(path: Path | str, require_label: bool = True) -> tuple[pa.
         raise IngestError(f"{path}: cannot read the file as {path.suffix.lstrip('.').upper()}: {e}") from None
     notes = []
     table = table.rename_columns([LABEL_ALIASES.get(c.strip(), c.strip()) for c in table.column_names])
+    names = table.column_names
+    repeated = {c: [i + 1 for i, n in enumerate(names) if n == c] for c in RAW_COLUMNS if names.count(c) > 1}
+    if repeated: raise IngestError(f"{path}: column(s) named more than once in the header: "
+                                   + "; ".join(f"{c} (columns {', '.join(map(str, at))})" for c, at in repeated.items())
+                                   + " (expected each UCI column once: which one holds the values?)")
     required = RAW_COLUMNS if require_label else RAW_COLUMNS[:-1]
-    missing = [c for c in required if c not in table.column_names]
+    missing = [c for c in required if c not in names]
     if missing: raise IngestError(f"{path}: missing column(s) {', '.join(missing)} (expected the UCI credit default columns {', '.join(RAW_COLUMNS)})")
-    extra = [c for c in table.column_names if c not in RAW_COLUMNS]
+    extra = [c for c in names if c not in RAW_COLUMNS]
     if extra: notes.append(f"ignored column(s) not in the UCI schema: {', '.join(extra)}")
     if table.num_rows == 0: raise IngestError(f"{path}: the file has a header but no rows")
-    columns = {c: pc.cast(table.column(c), pa.string()) for c in RAW_COLUMNS if c in table.column_names}
+    columns = {c: pc.cast(table.column(c), pa.string()) for c in RAW_COLUMNS if c in names}
     if LABEL_COLUMN not in columns: columns[LABEL_COLUMN] = pa.nulls(table.num_rows, pa.string())
     return pa.table(columns), notes
 
@@ -113,12 +142,24 @@ def parse_column(values: pa.Array | pa.ChunkedArray | pd.Series, column: str, re
 
 
 # %% ../nbs/03_ingest.ipynb #fa1b8ebb
+_ID_TEXT = r"^\s*\+?[0-9]{1,15}\s*$"  # digits only: an ID is a name, and 15 digits stay exact as a float
+
+def _written_ids(values: pa.Array | pa.ChunkedArray | pd.Series, ids: np.ndarray, reasons: np.ndarray) -> np.ndarray:
+    "`ids` with NaN where the file does not write the ID as digits (`1e6`, `7.0`), adding why to `reasons`."
+    if isinstance(values, pd.Series): values = pa.array(values.astype(object), pa.string(), from_pandas=True)
+    text = pc.fill_null(pc.cast(values, pa.string()), "")
+    bad = ~np.isnan(ids) & ~pc.match_substring_regex(text, _ID_TEXT).to_numpy(zero_copy_only=False)  # other bad IDs have their reason
+    shown = np.asarray(pc.utf8_trim_whitespace(text.filter(pa.array(bad))).to_pylist(), dtype=object)
+    _add(reasons, bad, "ID=" + shown + " is not written as 1 to 15 digits")
+    return np.where(bad, np.nan, ids)
+
 def validate_clients(raw: pa.Table | pd.DataFrame, labelled: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
     "Parsed values of the raw UCI columns (NaN where invalid) and a reason per row ('' when valid)."
     reasons = np.full(len(raw), "", dtype=object)
     columns = RAW_COLUMNS if labelled else RAW_COLUMNS[:-1]
     column = raw.column if isinstance(raw, pa.Table) else raw.__getitem__
     parsed = pd.DataFrame({c: parse_column(column(c), c, reasons) for c in columns})
+    parsed["ID"] = _written_ids(column("ID"), parsed["ID"].to_numpy(), reasons)
     ids = parsed["ID"]
     counts = ids.map(ids.value_counts())
     dupes = (ids.notna() & (counts > 1)).to_numpy()
@@ -197,10 +238,13 @@ class IngestResult:
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-def _top_reasons(reasons: np.ndarray, k: int = 5) -> dict:
-    per_check = pd.Series(reasons[reasons != ""]).str.split("; ").explode()
-    generic = per_check.str.replace(r"=[^ ]* ", "=<value> ", regex=True)  # group by check, not by value
-    return generic.value_counts().head(k).to_dict()
+def _top_reasons(reasons: np.ndarray, first_line: int | None, k: int = 5) -> dict:
+    "The commonest failed checks -> rows, each naming where it first occurs: the file line (CSV) or row (Parquet)."
+    per_check = pd.Series(reasons).str.split("; ").explode()
+    generic = per_check[per_check != ""].str.replace(r"=[^ ]* ", "=<value> ", regex=True)  # group by check, not by value
+    first = generic.drop_duplicates()
+    where = {r: f"line {i + first_line}" if first_line else f"row {i + 1}" for i, r in first.items()}
+    return {f"{r} (first at {where[r]})": n for r, n in generic.value_counts().head(k).items()}
 
 def ingest_file(path: Path | str, env: Environment | None = None, tables: Tables | None = None,
                 snapshot_date: date | str | None = None, max_bad_fraction: float | None = None,
@@ -218,7 +262,8 @@ def ingest_file(path: Path | str, env: Environment | None = None, tables: Tables
     load_time = datetime.now(timezone.utc)
     source, sha = str(path.resolve()), file_sha256(path)
     bronze = bronze_frame(raw, source, sha, load_time)
-    result = IngestResult(str(path), raw.num_rows, int(bad.sum()), notes=notes, top_reasons=_top_reasons(reasons))
+    result = IngestResult(str(path), raw.num_rows, int(bad.sum()), notes=notes,
+                          top_reasons=_top_reasons(reasons, _first_line(path)))
     names = {k: env.table_name(v) for k, v in TABLES.items()}
     result.versions[names["bronze"]] = tables.merge(names["bronze"], bronze, SOURCE_KEY, update=False)["version"]
     if bad.any() or not tables.exists(names["quarantine"]):

@@ -30,6 +30,7 @@ from serving_mlops.serving.process import (server_file, server_info, start_serve
                                            wait_exit, workspace_client)
 from serving_mlops.monitoring.inference import inference_frame, served_entities
 from serving_mlops.serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE
+from serving_mlops.serving.runtime import read_request_log
 from serving_mlops.tables import tables_for
 
 from served import (METRICS_INTERVAL, MetricReadings, Slow, SlowToLoad, create, entity, in_process, invoke,  # noqa: E402
@@ -193,8 +194,8 @@ def test_bad_input_gets_400_naming_the_problem_and_the_server_keeps_serving(ws):
     served = f"default_model-{ws['v1']}"
     # each bad body once (+ the huge batch) is a 4xx; 404 and 413 never reached the endpoint; one request succeeded
     assert (metrics.total(served, "errors"), metrics.total(served)) == (len(BAD_INPUTS) + 1, len(BAD_INPUTS) + 2)
-    outcomes = (ws["env"].root / "serving" / "requests" / "bad.jsonl").read_text().splitlines()
-    assert len(outcomes) == len(BAD_INPUTS) + 3 and sum('"status_code":200' in o for o in outcomes) == 2
+    outcomes = read_request_log(ws["env"].root / "serving" / "requests", "bad")
+    assert len(outcomes) == len(BAD_INPUTS) + 3 and sum(o["status_code"] == 200 for o in outcomes) == 2
 
 
 def test_config_update_under_load_fails_no_request(ws):

@@ -162,9 +162,10 @@ routes = [
 
 # %% ../../nbs/08f_serving_app.ipynb #df68cc8e
 def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_stopped=None,
-             metrics_interval: float = 60.0) -> Starlette:  # seconds per value of the endpoint metrics (a minute, as on Databricks)
+             metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
+             **runtime_options) -> Starlette:  # more `ServingRuntime` arguments, e.g. the request log's bound
     "The ASGI app of `env`'s serving runtime (restores persisted endpoints at startup)."
-    runtime = ServingRuntime(env, max_rows, metrics_interval=metrics_interval)
+    runtime = ServingRuntime(env, max_rows, metrics_interval=metrics_interval, **runtime_options)
 
     @asynccontextmanager
     async def lifespan(app):

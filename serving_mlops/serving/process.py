@@ -18,24 +18,56 @@ from pathlib import Path
 import httpx
 import orjson
 import uvicorn
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from ..config import Environment
 from ..errors import InputError
 from .app import make_app, serving_token
 from .protocol import MAX_ROWS
-from .runtime import now_ms
+from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, now_ms
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'server_file', 'serve', 'runtime_on_port', 'server_info', 'start_server', 'stop_server', 'wait_exit',
-           'workspace_client']
+__all__ = ['log', 'READ_TIMEOUT', 'ReadTimeoutProtocol', 'server_file', 'serve', 'runtime_on_port', 'server_info', 'start_server',
+           'stop_server', 'wait_exit', 'workspace_client']
+
+# %% ../../nbs/08g_serving_process.ipynb #96f1cc6f
+READ_TIMEOUT = 20.0  # seconds a client has to send a whole request, headers and body
+
+class ReadTimeoutProtocol(AutoHTTPProtocol):
+    "uvicorn's HTTP protocol, closing a connection whose request has not fully arrived `read_timeout` seconds after it could start."
+    read_timeout = READ_TIMEOUT
+
+    @classmethod
+    def within(cls, seconds: float) -> type:
+        "This protocol with a deadline of `seconds`."
+        return type(cls.__name__, (cls,), {"read_timeout": seconds})
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._deadline = self.loop.call_later(self.read_timeout, self._expire)
+
+    def on_response_complete(self):  # the next request on the connection gets a deadline of its own
+        super().on_response_complete()
+        self._deadline.cancel()
+        self._deadline = self.loop.call_later(self.read_timeout, self._expire)
+
+    def connection_lost(self, exc):
+        self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _expire(self):
+        cycle = self.cycle  # the request being received or answered (after a response: the one answered)
+        if cycle is None or cycle.response_complete or cycle.more_body: self.transport.close()
 
 # %% ../../nbs/08g_serving_process.ipynb #670dbb7d
 def server_file(env: Environment) -> Path: return env.path("serving", create=True) / "server.json"
 
 def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: int = MAX_ROWS,
-          metrics_interval: float = 60.0):  # seconds per value of the endpoint metrics (a minute, as on Databricks)
+          metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
+          read_timeout: float = READ_TIMEOUT,  # seconds a client has to send a whole request
+          request_log_mb: float = REQUEST_LOG_BYTES / 2**20, request_log_files: int = REQUEST_LOG_FILES):  # bound of each endpoint's request log
     "Run `env`'s serving runtime in the foreground until SIGTERM or Ctrl-C."
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if (running := server_info(env)) is not None:
@@ -69,8 +101,10 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
         except (FileNotFoundError, ValueError): pass
         log.info("serving runtime of environment %s stopped", env.name)
 
-    app = make_app(env, max_rows, on_started=started, on_stopped=stopped, metrics_interval=metrics_interval)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="on")
+    app = make_app(env, max_rows, on_started=started, on_stopped=stopped, metrics_interval=metrics_interval,
+                   request_log_bytes=int(request_log_mb * 2**20), request_log_files=request_log_files)
+    config = uvicorn.Config(app, http=ReadTimeoutProtocol.within(read_timeout), log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=30, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
 
 def runtime_on_port(env: Environment, port: int) -> dict | None:
@@ -97,13 +131,17 @@ def server_info(env: Environment) -> dict | None:
     return info if ok else None
 
 def start_server(env: Environment, port: int = 0, timeout: float = 120,
-                 metrics_interval: float = 60.0) -> dict:  # seconds per value of the endpoint metrics; tests shorten it
+                 metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics; tests shorten it
+                 read_timeout: float = READ_TIMEOUT, request_log_mb: float = REQUEST_LOG_BYTES / 2**20,
+                 request_log_files: int = REQUEST_LOG_FILES) -> dict:  # as `serve` takes them (a running runtime keeps its own)
     "Start `env`'s serving runtime as a background process (or find the running one); wait for its health check."
     if (info := server_info(env)) is not None: return info
     log_path = env.path("serving", create=True) / "server.log"
     with open(log_path, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port),
-                                 *(["--metrics-interval", f"{metrics_interval:g}"] if metrics_interval != 60 else [])],
+                                 *(["--metrics-interval", f"{metrics_interval:g}"] if metrics_interval != 60 else []),
+                                 "--read-timeout", f"{read_timeout:g}", "--request-log-mb", f"{request_log_mb:g}",
+                                 "--request-log-files", str(request_log_files)],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
                                 env={**os.environ, "SERVING_MLOPS_HOME": str(env.root.parent)})
     deadline = time.monotonic() + timeout

@@ -13,6 +13,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 import mlflow
@@ -31,8 +32,8 @@ from ..tables import tables_for
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'now_ms', 'Snapshot', 'Endpoint', 'sync_folder', 'write_atomic', 'remove_durably', 'read_record',
-           'ServingRuntime']
+__all__ = ['log', 'REQUEST_LOG_BYTES', 'REQUEST_LOG_FILES', 'now_ms', 'Snapshot', 'Endpoint', 'sync_folder', 'write_atomic',
+           'remove_durably', 'read_record', 'RequestLog', 'read_request_log', 'ServingRuntime']
 
 # %% ../../nbs/08e_serving_runtime.ipynb #f1ce20d1
 def now_ms() -> int: return int(time.time() * 1000)
@@ -144,11 +145,40 @@ def read_record(path: Path) -> dict:
         return {**record, "ai_gateway": check_ai_gateway(record.get("ai_gateway") or {}, record["name"])}
     except ServingError as e: raise ValueError(e.message) from None
 
+# %% ../../nbs/08e_serving_runtime.ipynb #b09dd774
+REQUEST_LOG_BYTES = 10 * 2**20  # size at which an endpoint's request log is rotated (about 55k outcomes)
+REQUEST_LOG_FILES = 3  # rotated files kept besides the current one
+
+class RequestLog:
+    "Per-endpoint JSON-lines logs of invocation outcomes in `folder`, rotated by size."
+    def __init__(self, folder: Path, max_bytes: int = REQUEST_LOG_BYTES, files: int = REQUEST_LOG_FILES):  # files: rotated ones kept
+        self.folder, self.max_bytes, self.files = Path(folder), max_bytes, files
+        self.handlers: dict[str, RotatingFileHandler] = {}
+        self.folder.chmod(0o700)  # the files are created with the default mode: the folder keeps them the owner's
+
+    def write(self, endpoint: str, outcome: dict):
+        "Append one outcome to `endpoint`'s log (one line, flushed)."
+        handler = self.handlers.get(endpoint)
+        if handler is None:
+            handler = self.handlers[endpoint] = RotatingFileHandler(
+                self.folder / f"{endpoint}.jsonl", maxBytes=self.max_bytes, backupCount=self.files, encoding="utf-8")
+        handler.handle(logging.makeLogRecord({"msg": orjson.dumps(outcome).decode()}))
+
+    def close(self):
+        for handler in self.handlers.values(): handler.close()
+        self.handlers.clear()
+
+def read_request_log(folder: Path, endpoint: str) -> list[dict]:
+    "The outcomes in `endpoint`'s request log in `folder`, oldest first (rotated files included)."
+    rotated = sorted(folder.glob(f"{endpoint}.jsonl.*"), key=lambda p: int(p.suffix[1:]), reverse=True)
+    return [orjson.loads(line) for p in [*rotated, folder / f"{endpoint}.jsonl"] if p.exists() for line in p.read_bytes().splitlines()]
+
 # %% ../../nbs/08e_serving_runtime.ipynb #4fe548a7
 class ServingRuntime:
     "The endpoints of one local environment: create, update, delete, persist, restore, invoke."
     def __init__(self, env: Environment, max_rows: int = MAX_ROWS, capture_interval: float = 1.0,  # seconds between inference table flushes
-                 metrics_interval: float = 60.0):  # seconds per value of the endpoint metrics (a minute, as on Databricks)
+                 metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
+                 request_log_bytes: int = REQUEST_LOG_BYTES, request_log_files: int = REQUEST_LOG_FILES):  # the request log's bound
         self.env, self.max_rows, self.capture_interval, self.metrics_interval = env, max_rows, capture_interval, metrics_interval
         self.requester = os.environ.get("USER", "local")  # whom the environment's token belongs to: the `requester` of its requests
         self.captures: dict[str, InferenceLog] = {}  # endpoint -> its inference log, when its inference table is enabled
@@ -157,7 +187,7 @@ class ServingRuntime:
         self.requests_dir = env.path("serving", "requests", create=True)
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._online = None
-        self._logs: dict[str, int] = {}
+        self.request_log = RequestLog(self.requests_dir, request_log_bytes, request_log_files)
         self.base_url = ""
         # a serving runtime process serves one environment for its whole life: its models load from that environment's registry
         mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
@@ -362,10 +392,7 @@ class ServingRuntime:
 
     def record_outcome(self, endpoint: str, outcome: dict):
         "Append one invocation's outcome to the endpoint's request log (one write, before the response)."
-        fd = self._logs.get(endpoint)
-        if fd is None:
-            fd = self._logs[endpoint] = os.open(self.requests_dir / f"{endpoint}.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        os.write(fd, orjson.dumps(outcome) + b"\n")
+        self.request_log.write(endpoint, outcome)
 
     async def invoke(self, name: str, body: bytes, request_id: str) -> tuple[dict, str]:
         "Predictions for an invocation body, and the served entity that made them."
@@ -402,8 +429,7 @@ class ServingRuntime:
 
     def close(self):
         "Release every endpoint's resources; one that fails to close is logged and the others still close."
-        for fd in self._logs.values(): os.close(fd)
-        self._logs.clear()
+        self.request_log.close()
         for name in list(self.captures): self.close_capture(name)
         for ep in self.endpoints.values():
             for m in (ep.snapshot.models.values() if ep.snapshot else ()):
