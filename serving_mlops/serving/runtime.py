@@ -292,7 +292,7 @@ class ServingRuntime:
             if capture: capture.close()
             raise
         self.endpoints[name] = ep
-        if capture: self.captures[name] = capture
+        if capture: self.captures[name] = ep.metrics.capture = capture  # its counters in the metrics export, its status in GET
         self.start_update(ep, config)
         return ep
 
