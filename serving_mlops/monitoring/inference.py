@@ -5,19 +5,21 @@
 # %% ../../nbs/12c_monitoring_inference.ipynb #69f07827
 from __future__ import annotations
 
-import gc
 import json
 import tempfile
 import uuid
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Sequence
 
+import duckdb
 import mlflow
 import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from mlflow.exceptions import MlflowException
 
 from ..config import Environment, using_mlflow
@@ -30,8 +32,8 @@ from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns
 from ..tables import get_spark, tables_for
 
 # %% auto #0
-__all__ = ['ENTITY_COLUMNS', 'PARSE_CHUNK', 'MonitoringError', 'as_utc', 'served_entities', 'synthetic_entity', 'payload_rows',
-           'parse_requests', 'engineering_spec', 'model_spec', 'inference_frame', 'read_payload']
+__all__ = ['ENTITY_COLUMNS', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'MonitoringError', 'as_utc', 'served_entities', 'synthetic_entity',
+           'payload_rows', 'parse_requests', 'engineering_spec', 'model_spec', 'inference_frame', 'read_payload']
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #c7f44206
 class MonitoringError(InputError):
@@ -104,67 +106,212 @@ def payload_rows(features: pd.DataFrame, # model input rows: the model's (numeri
         "served_entity_id": [served_entity_id] * m, "requester": ["synthetic"] * m}, schema=PAYLOAD_SCHEMA)
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #d80f30fe
-PARSE_CHUNK = 20_000  # requests parsed at a time
+REQUEST_SHAPE = ('{"dataframe_split": {"columns": "JSON", "data": [["DOUBLE"]]}, '  # model inputs are numbers (the endpoint checked them)
+                 '"dataframe_records": "JSON", "instances": "JSON", "inputs": "JSON"}')  # the other formats: their JSON, read apart
+OTHER_SHAPES = {"columns": '"MAP(VARCHAR, JSON[])"', "records": '["MAP(VARCHAR, JSON)"]', "rows": '[["JSON"]]'}
 
 def _values(payload, column: str) -> np.ndarray:
     "A column of a pandas or Arrow frame as a numpy array."
     if isinstance(payload, pa.Table): return payload.column(column).to_numpy(zero_copy_only=False)
     return payload[column].to_numpy()
 
-def _request_rows(body: str, columns: list, where: str) -> tuple[tuple, list]:
-    "Column names and rows of a request body in any of the four payload formats (rows without names take `columns`)."
-    payload = orjson.loads(body)
-    key = next((k for k in PAYLOAD_KEYS if k in payload), None) if isinstance(payload, dict) else None
-    if key is None: raise MonitoringError(f"{where}: the request has none of {', '.join(PAYLOAD_KEYS)}")
-    data = payload[key]
-    if key == "dataframe_split" and isinstance(data, dict) and isinstance(data.get("columns"), list) and isinstance(data.get("data"), list):
-        return tuple(data["columns"]), data["data"]  # rows as sent (the endpoint accepted them): the common format, kept fast
-    try: parsed = payload_columns(key, data, InputSpec(columns=columns))
-    except MlopsError as e:
-        hint = "" if columns else " (its model's input columns are unknown: rows without names cannot be read)"
-        raise MonitoringError(f"{where}: {e}{hint}") from None
-    return tuple(parsed), [list(row) for row in zip(*parsed.values())]
+def _query(sql: str, **tables) -> pa.Table:
+    "`sql` run by DuckDB over the given Arrow tables (its JSON functions parse each document once, on every core)."
+    with duckdb.connect() as con:
+        for name, table in tables.items(): con.register(name, table)
+        return con.sql(sql).to_arrow_table()
 
-def _frames_of_chunk(ids, entities, requests, responses, columns: dict, offset: int) -> list[pd.DataFrame]:
-    "Frames of the prediction rows of one chunk of logged successful requests, one per set of sent columns."
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        sent = [_request_rows(b, columns.get(e, []), f"request {i}") for i, e, b in zip(ids, entities, requests)]
-        predictions = [orjson.loads(r)["predictions"] for r in responses]
-    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-        raise MonitoringError(f"a successful request in this chunk (ids {ids[0]}..{ids[-1]}) has a malformed request or response: {e!r}") from None
-    finally:
-        if gc_was_enabled: gc.enable()
-    counts = np.fromiter((len(rows) for _, rows in sent), dtype="int64", count=len(sent))
-    bad = np.flatnonzero(counts != np.fromiter(map(len, predictions), dtype="int64", count=len(predictions)))
-    if len(bad): raise MonitoringError(f"request {ids[bad[0]]}: {counts[bad[0]]} rows but {len(predictions[bad[0]])} predictions; expected one per row")
-    groups: dict[tuple, list[int]] = {}
-    for i, (names, _) in enumerate(sent): groups.setdefault(names, []).append(i)
-    out = []
-    for names, idx in groups.items():
-        rows = list(chain.from_iterable(sent[i][1] for i in idx))
-        try: frame = pd.DataFrame(rows, columns=list(names))
-        except (ValueError, AssertionError): raise MonitoringError(f"requests {ids[idx[0]]}..: rows do not match their {len(names)} columns") from None
-        try: frame["prediction"] = np.fromiter(chain.from_iterable(predictions[i] for i in idx), dtype="float64", count=len(frame))
-        except (TypeError, ValueError): raise MonitoringError(f"requests {ids[idx[0]]}..: predictions are not numbers; expected one probability per row") from None
-        frame["_request"] = np.repeat(np.asarray(idx) + offset, counts[idx])
-        frame["_sent"] = ",".join(names)
-        out.append(frame)
-    return out
+def _request_error(body: str, columns: list, where: str) -> MonitoringError:
+    "Why one request cannot be read, as the runtime's own parser words it."
+    hint = "" if columns else " (its model's input columns are unknown: rows without names cannot be read)"
+    try: payload = orjson.loads(body)
+    except orjson.JSONDecodeError as e: return MonitoringError(f"{where}: the request is not valid JSON: {e}")
+    key = next((k for k in PAYLOAD_KEYS if k in payload), None) if isinstance(payload, dict) else None
+    if key is None: return MonitoringError(f"{where}: the request has none of {', '.join(PAYLOAD_KEYS)}")
+    try: payload_columns(key, payload[key], InputSpec(columns=columns))
+    except MlopsError as e: return MonitoringError(f"{where}: {e}{hint}")
+    return MonitoringError(f"{where}: its {key} could not be read as rows of columns{hint}")
+
+def _typed(texts: pa.Array) -> np.ndarray:
+    "JSON values (text, null for null) as pandas would hold them: int64, float64 (NaN for null), or objects."
+    for t in (pa.int64(), pa.float64()):
+        try: return pc.cast(texts, t).to_pandas().to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError): pass
+    return pd.Series(orjson.loads("[" + ",".join(pc.fill_null(texts, "null").to_pylist()) + "]")).to_numpy()
+
+@dataclass
+class _Block:
+    "Rows of some requests, one frame of the columns those requests sent."
+    frame: pd.DataFrame  # one row per prediction row, in request order
+    request: np.ndarray  # position of each row's request in the parsed window
+
+def _entry_blocks(request: np.ndarray, row: np.ndarray, column: np.ndarray, text: pa.Array) -> list[_Block]:
+    "Blocks of (request, row id, column, JSON value) entries: requests that sent the same columns share a block; a column a row lacks is null."
+    code, names = pd.factorize(column)  # columns in the order they were first sent
+    rows, row = np.unique(row, return_inverse=True)  # row ids are in request order
+    row_request = np.zeros(len(rows), dtype="int64")
+    row_request[row] = request
+    cell = np.full((len(rows), len(names)), -1, dtype="int64")
+    cell[row, code] = np.arange(len(code))
+    _, first = np.unique(row_request, return_index=True)
+    sent = np.logical_or.reduceat(cell >= 0, first, axis=0)  # the columns each request sent (in any of its rows)
+    signatures, group = np.unique(np.repeat(sent, np.diff(np.append(first, len(rows))), axis=0), axis=0, return_inverse=True)
+    blocks = []
+    for g, mask in enumerate(signatures):
+        members = np.flatnonzero(group.ravel() == g)
+        frame = {str(names[j]): _typed(text.take(pa.array(cell[members, j], mask=cell[members, j] < 0))) for j in np.flatnonzero(mask)}
+        blocks.append(_Block(pd.DataFrame(frame), row_request[members]))
+    return blocks
+
+def _lengths(lists: pa.Array) -> np.ndarray:
+    "Length of each list (0 for null)."
+    return pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype("int64")
+
+def _as_lists(maps: pa.Array) -> pa.Array:
+    "Maps as lists of key-value structs (what Arrow's list kernels take)."
+    return maps.cast(pa.list_(pa.struct([("key", maps.type.key_type), ("value", maps.type.item_type)])))
+
+def _rows(request: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "The request and a request-ordered row id of each of the `counts` rows of each request."
+    owner = np.repeat(request, counts)
+    position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, owner.astype("int64") * 2**32 + position
+
+def _row_entries(request: np.ndarray, data: pa.Array, names: Sequence) -> tuple:
+    "Entries of each request's rows (lists of JSON values, `names` in order): request, row id, column, value."
+    owner, row = _rows(request, _lengths(data))
+    width = len(names)
+    return np.repeat(owner, width), np.repeat(row, width), np.tile(np.asarray(names, dtype=object), len(row)), pc.list_flatten(pc.list_flatten(data))
+
+def _split_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, numeric: set, where) -> list[_Block]:
+    "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
+    split = pc.struct_field(parsed.column("q").combine_chunks(), "dataframe_split").take(at)
+    encoded = pc.dictionary_encode(pc.struct_field(split, "columns"))
+    blocks = []
+    for g, text in enumerate(encoded.dictionary.to_pylist()):
+        members = np.flatnonzero(encoded.indices.to_numpy(zero_copy_only=False) == g)
+        names = orjson.loads(text)
+        data = pc.struct_field(split, "data").take(members)
+        rows = pc.list_flatten(data)
+        widths = _lengths(rows)
+        requests = np.repeat(at[members], _lengths(data))
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or (widths != len(names)).any() or rows.null_count:
+            bad = requests[np.flatnonzero((widths != len(names)) | rows.is_null().to_numpy(zero_copy_only=False))[0]] if isinstance(names, list) else at[members[0]]
+            raise _request_error(t.column("request")[bad].as_py(), [], where(bad))
+        cells = pc.list_flatten(rows).to_numpy(zero_copy_only=False).reshape(-1, len(names))
+        nulls = np.isnan(cells).any(axis=1)
+        if set(names) <= numeric and not nulls.any():
+            blocks.append(_Block(pd.DataFrame(cells, columns=names), requests))
+            continue
+        again = np.unique(requests if not set(names) <= numeric else requests[nulls])  # read again only what the numbers cannot tell
+        texts = _query('SELECT json_transform(request, \'{"dataframe_split": {"data": [["JSON"]]}}\').dataframe_split.data AS d FROM t',
+                       t=t.take(again).select(["request"])).column("d").combine_chunks()
+        read = _entry_blocks(*_row_entries(again, texts, names))
+        if set(names) <= numeric:  # each null must be JSON null, not a value that is no number
+            for b in read:
+                bad = [c for c in b.frame if not (pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all())]
+                if bad: raise MonitoringError(f"{where(b.request[0])}: column '{bad[0]}' has a value that is not a number; expected numbers or null")
+            read = [_Block(b.frame.astype("float64"), b.request) for b in read]
+            keep = ~np.isin(requests, again)
+            blocks.append(_Block(pd.DataFrame(cells[keep], columns=names), requests[keep]))
+        blocks += read
+    return blocks
+
+def _other_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, columns: list, where) -> list[_Block]:
+    "Blocks of the requests at `at` in the other formats: records, columns of values (`inputs`) or rows of values in the model's column order."
+    q = parsed.column("q").combine_chunks().take(at)
+    body = pc.coalesce(*(pc.struct_field(q, k) for k in PAYLOAD_KEYS[1:]))
+    shapes = ", ".join(f"CASE WHEN shape = '{s}' THEN json_transform(body, '{OTHER_SHAPES[s]}') END AS {s}" for s in OTHER_SHAPES)
+    read = _query(f"""SELECT shape, {shapes} FROM (SELECT body, CASE WHEN json_type(body) = 'OBJECT' THEN 'columns' WHEN json_type(body, '$[0]') = 'OBJECT'
+                      THEN 'records' WHEN json_type(body, '$[0]') = 'ARRAY' THEN 'rows' WHEN json_array_length(body) = 0 THEN 'records' END AS shape FROM b)""",
+                  b=pa.table({"body": body}))
+    shape = read.column("shape").to_numpy(zero_copy_only=False)
+    ok = np.zeros(len(at), dtype=bool)
+    entries = []
+    records = read.column("records").combine_chunks()
+    maps = _as_lists(pc.list_flatten(records))
+    owner = np.repeat(np.arange(len(at)), _lengths(records))
+    ok[shape == "records"] = records.is_valid().to_numpy(zero_copy_only=False)[shape == "records"]
+    ok[np.unique(owner[maps.is_null().to_numpy(zero_copy_only=False)])] = False
+    _, row = _rows(at, _lengths(records))
+    counts = _lengths(maps)
+    entries.append((np.repeat(at[owner], counts), np.repeat(row, counts), pc.list_flatten(maps).field("key").to_numpy(zero_copy_only=False),
+                    pc.list_flatten(maps).field("value")))
+    by_column = _as_lists(read.column("columns").combine_chunks())
+    items = pc.list_flatten(by_column)
+    owner = np.repeat(np.arange(len(at)), _lengths(by_column))
+    lengths = pc.fill_null(pc.list_value_length(items.field("value")), -1).to_numpy(zero_copy_only=False)
+    k = _lengths(by_column)
+    n = np.zeros(len(at), dtype="int64")
+    n[k > 0] = lengths[(np.cumsum(k) - k)[k > 0]]  # rows: the length of the first column
+    inputs = pc.struct_field(q, "inputs").is_valid().to_numpy(zero_copy_only=False) & ~pc.struct_field(q, "dataframe_records").is_valid().to_numpy(zero_copy_only=False) \
+             & ~pc.struct_field(q, "instances").is_valid().to_numpy(zero_copy_only=False)  # only `inputs` may be columns of values
+    ok[shape == "columns"] = (by_column.is_valid().to_numpy(zero_copy_only=False) & inputs)[shape == "columns"]
+    ok[np.unique(owner[lengths != n[owner]])] = False
+    position = np.arange(lengths.clip(0).sum()) - np.repeat(np.cumsum(lengths.clip(0)) - lengths.clip(0), lengths.clip(0))
+    entries.append((np.repeat(at[owner], lengths.clip(0)), np.repeat(at[owner], lengths.clip(0)).astype("int64") * 2**32 + position,
+                    np.repeat(items.field("key").to_numpy(zero_copy_only=False), lengths.clip(0)), pc.list_flatten(items.field("value"))))
+    tensor = read.column("rows").combine_chunks()
+    names = np.array([",".join(c) for c in columns], dtype=object)
+    for signature in np.unique(names[shape == "rows"]):
+        members = np.flatnonzero((shape == "rows") & (names == signature))
+        width = len(columns[members[0]])
+        rows = tensor.take(members)
+        inner = pc.list_flatten(rows)
+        fits = (_lengths(inner) == width) & inner.is_valid().to_numpy(zero_copy_only=False)
+        ok[members] = rows.is_valid().to_numpy(zero_copy_only=False) & (width > 0)
+        ok[np.unique(np.repeat(members, _lengths(rows))[~fits])] = False
+        if ok[members].all(): entries.append(_row_entries(at[members], rows, columns[members[0]]))
+    if not ok.all():
+        bad = np.flatnonzero(~ok)[0]
+        raise _request_error(t.column("request")[at[bad]].as_py(), columns[bad], where(at[bad]))
+    if not entries: return []
+    return _entry_blocks(*(np.concatenate([e[k] for e in entries]) for k in range(3)), pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
 
 def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
                    columns: dict | None = None, # served_entity_id -> its model's input columns, for rows sent without names
                    ) -> pd.DataFrame:
     "One row per prediction of the successful requests logged in full: the columns sent, `prediction`, request time, served entity and request id."
+    columns = columns or {}
     status, requests, responses = _values(payload, "status_code"), _values(payload, "request"), _values(payload, "response")
     ok = np.flatnonzero(status == 200)
-    logged = ok[np.fromiter((q is not None and r is not None for q, r in zip(requests[ok], responses[ok])), dtype=bool, count=len(ok))]
+    logged = ok[pd.notna(requests[ok]) & pd.notna(responses[ok])]
     ids, entities = _values(payload, "databricks_request_id")[logged], _values(payload, "served_entity_id")[logged]
+    t = pa.table({"request": pa.array(requests[logged], pa.string()), "response": pa.array(responses[logged], pa.string())})
+    where = lambda i: f"request {ids[i]}"
+    parsed = _query(f"SELECT try(json_transform(request, '{REQUEST_SHAPE}')) AS q, "
+                    "try(json_transform(response, '{\"predictions\": [\"DOUBLE\"]}').predictions) AS p FROM t", t=t)
+    q = parsed.column("q").combine_chunks()
+    split = pc.struct_field(q, "dataframe_split")
+    is_split = pc.and_(pc.struct_field(split, "columns").is_valid(), pc.struct_field(split, "data").is_valid()).to_numpy(zero_copy_only=False)
+    is_other = np.logical_or.reduce([pc.struct_field(q, k).is_valid().to_numpy(zero_copy_only=False) for k in PAYLOAD_KEYS[1:]]) & ~split.is_valid().to_numpy(zero_copy_only=False)
+    unread = np.flatnonzero(~is_split & ~is_other)
+    if len(unread): raise _request_error(t.column("request")[unread[0]].as_py(), columns.get(entities[unread[0]], []), where(unread[0]))
+    numeric = set(chain.from_iterable(columns.values()))
+    at_other = np.flatnonzero(is_other)
+    blocks = _split_blocks(parsed, np.flatnonzero(is_split), t, numeric, where) + \
+             _other_blocks(parsed, at_other, t, [columns.get(e, []) for e in entities[at_other]], where)
+    predictions = parsed.column("p").combine_chunks()
+    counts = np.bincount(np.concatenate([b.request for b in blocks] or [np.zeros(0, "int64")]), minlength=len(logged))
+    given = pc.fill_null(pc.list_value_length(predictions), -1).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(predictions)
+    bad = np.flatnonzero((counts != given) | (np.add.reduceat(pc.is_null(values).to_numpy(zero_copy_only=False), np.r_[0, np.cumsum(given.clip(0))[:-1]]) > 0
+                                              if len(values) else counts != given))
+    if len(bad):
+        i = bad[0]
+        if given[i] < 0: raise MonitoringError(f"{where(i)}: the response has no predictions (a list of numbers): {responses[logged[i]]!r:.100}")
+        if counts[i] != given[i]: raise MonitoringError(f"{where(i)}: {counts[i]} rows but {given[i]} predictions; expected one per row")
+        raise MonitoringError(f"{where(i)}: predictions are not numbers; expected one probability per row")
+    start = np.r_[0, np.cumsum(given)[:-1]]
+    value = values.to_numpy(zero_copy_only=False)
     frames = []
-    for lo in range(0, len(logged), PARSE_CHUNK):
-        part = slice(lo, lo + PARSE_CHUNK)
-        frames += _frames_of_chunk(ids[part], entities[part], requests[logged[part]], responses[logged[part]], columns or {}, lo)
+    for b in blocks:
+        order = np.argsort(b.request, kind="stable")
+        rank = np.arange(len(order)) - np.searchsorted(b.request[order], b.request[order])  # row number within its request
+        frame = b.frame.iloc[order].reset_index(drop=True)
+        frame["prediction"] = value[start[b.request[order]] + rank]
+        frame["_request"], frame["_sent"] = b.request[order], ",".join(b.frame.columns)
+        frames.append(frame)
     if not frames:
         out = pd.DataFrame({"prediction": pd.Series(dtype="float64"), "_sent": pd.Series(dtype=object)})
         position = np.zeros(0, dtype="int64")
@@ -176,6 +323,7 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     out["served_entity_id"], out["databricks_request_id"] = entities[position], ids[position]
     out.attrs["not_logged"] = len(ok) - len(logged)
     return out
+
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #5791285b
 def _own_spec(path: Path) -> dict:
