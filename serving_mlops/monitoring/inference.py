@@ -197,7 +197,7 @@ def _split_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, numeric: set, w
         requests = np.repeat(at[members], _lengths(data))
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or (widths != len(names)).any() or rows.null_count:
             bad = requests[np.flatnonzero((widths != len(names)) | rows.is_null().to_numpy(zero_copy_only=False))[0]] if isinstance(names, list) else at[members[0]]
-            raise _request_error(t.column("request")[bad].as_py(), [], where(bad))
+            raise _request_error(t.column("request")[bad].as_py(), names if isinstance(names, list) else [], where(bad))
         cells = pc.list_flatten(rows).to_numpy(zero_copy_only=False).reshape(-1, len(names))
         nulls = np.isnan(cells).any(axis=1)
         if set(names) <= numeric and not nulls.any():
@@ -295,14 +295,15 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     counts = np.bincount(np.concatenate([b.request for b in blocks] or [np.zeros(0, "int64")]), minlength=len(logged))
     given = pc.fill_null(pc.list_value_length(predictions), -1).to_numpy(zero_copy_only=False)
     values = pc.list_flatten(predictions)
-    bad = np.flatnonzero((counts != given) | (np.add.reduceat(pc.is_null(values).to_numpy(zero_copy_only=False), np.r_[0, np.cumsum(given.clip(0))[:-1]]) > 0
-                                              if len(values) else counts != given))
+    not_numbers = np.zeros(len(given), dtype=bool)
+    not_numbers[np.repeat(np.arange(len(given)), given.clip(0))[pc.is_null(values).to_numpy(zero_copy_only=False)]] = True
+    bad = np.flatnonzero((counts != given) | not_numbers)
     if len(bad):
         i = bad[0]
         if given[i] < 0: raise MonitoringError(f"{where(i)}: the response has no predictions (a list of numbers): {responses[logged[i]]!r:.100}")
         if counts[i] != given[i]: raise MonitoringError(f"{where(i)}: {counts[i]} rows but {given[i]} predictions; expected one per row")
         raise MonitoringError(f"{where(i)}: predictions are not numbers; expected one probability per row")
-    start = np.r_[0, np.cumsum(given)[:-1]]
+    start = np.cumsum(given) - given
     value = values.to_numpy(zero_copy_only=False)
     frames = []
     for b in blocks:
