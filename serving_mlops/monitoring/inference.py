@@ -183,6 +183,12 @@ def _row_entries(request: np.ndarray, data: pa.Array, names: Sequence) -> tuple:
     width = len(names)
     return np.repeat(owner, width), np.repeat(row, width), np.tile(np.asarray(names, dtype=object), len(row)), pc.list_flatten(pc.list_flatten(data))
 
+def _typed_split(t: pa.Table, at: np.ndarray, names: list) -> list[_Block]:
+    "Blocks of the `dataframe_split` requests at `at` (rows of `names`), each value read as JSON typed it."
+    data = _query('SELECT json_transform(request, \'{"dataframe_split": {"data": [["JSON"]]}}\').dataframe_split.data AS d FROM t',
+                  t=t.take(at).select(["request"])).column("d").combine_chunks()
+    return _entry_blocks(*_row_entries(at, data, names))
+
 def _split_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, numeric: set, where) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
     split = pc.struct_field(parsed.column("q").combine_chunks(), "dataframe_split").take(at)
@@ -200,21 +206,21 @@ def _split_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, numeric: set, w
             raise _request_error(t.column("request")[bad].as_py(), names if isinstance(names, list) else [], where(bad))
         cells = pc.list_flatten(rows).to_numpy(zero_copy_only=False).reshape(-1, len(names))
         nulls = np.isnan(cells).any(axis=1)
-        if set(names) <= numeric and not nulls.any():
-            blocks.append(_Block(pd.DataFrame(cells, columns=names), requests))
-            continue
-        again = np.unique(requests if not set(names) <= numeric else requests[nulls])  # read again only what the numbers cannot tell
-        texts = _query('SELECT json_transform(request, \'{"dataframe_split": {"data": [["JSON"]]}}\').dataframe_split.data AS d FROM t',
-                       t=t.take(again).select(["request"])).column("d").combine_chunks()
-        read = _entry_blocks(*_row_entries(again, texts, names))
-        if set(names) <= numeric:  # each null must be JSON null, not a value that is no number
-            for b in read:
-                bad = [c for c in b.frame if not (pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all())]
-                if bad: raise MonitoringError(f"{where(b.request[0])}: column '{bad[0]}' has a value that is not a number; expected numbers or null")
-            read = [_Block(b.frame.astype("float64"), b.request) for b in read]
-            keep = ~np.isin(requests, again)
-            blocks.append(_Block(pd.DataFrame(cells[keep], columns=names), requests[keep]))
-        blocks += read
+        if set(names) <= (numeric or set(names)):  # model inputs are numbers (the endpoint checked them); a model of unknown inputs: tried so
+            if not nulls.any():
+                blocks.append(_Block(pd.DataFrame(cells, columns=names), requests))
+                continue
+            again = np.unique(requests[nulls])  # a null is JSON null or a value that is no number: read those requests again
+            read = _typed_split(t, again, names)
+            if all(pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all() for b in read for c in b.frame):
+                keep = ~np.isin(requests, again)
+                blocks += [_Block(pd.DataFrame(cells[keep], columns=names), requests[keep])] + [_Block(b.frame.astype("float64"), b.request) for b in read]
+                continue
+            if numeric:
+                b = next(b for b in read if not all(pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all() for c in b.frame))
+                bad = next(c for c in b.frame if not (pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all()))
+                raise MonitoringError(f"{where(b.request[0])}: column '{bad}' has a value that is not a number; expected numbers or null")
+        blocks += _typed_split(t, np.unique(requests), names)  # keys and other columns: each value as JSON typed it
     return blocks
 
 def _other_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, columns: list, where) -> list[_Block]:
