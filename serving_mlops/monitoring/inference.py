@@ -115,6 +115,26 @@ def _values(payload, column: str) -> np.ndarray:
     if isinstance(payload, pa.Table): return payload.column(column).to_numpy(zero_copy_only=False)
     return payload[column].to_numpy()
 
+def _arrow(payload, columns: list) -> pa.Table:
+    "Some `columns` of a pandas or Arrow frame as an Arrow table (request texts stay in Arrow: no Python string per request)."
+    if isinstance(payload, pa.Table): return payload.select(columns)
+    return pa.Table.from_pandas(payload[columns], preserve_index=False)
+
+def _take(values, at: np.ndarray):
+    "The Arrow `values` (array or table, in chunks or not) at the ascending positions `at`: none copied when `at` is all of them, else filtered chunk by chunk (a take joins the chunks first: seconds for a million nested rows)."
+    if len(at) == len(values): return values
+    keep = np.zeros(len(values), dtype=bool)
+    keep[at] = True
+    return values.filter(pa.array(keep))
+
+def _groups(texts: pa.ChunkedArray) -> list[tuple[str, np.ndarray]]:
+    "Each distinct text (nulls aside) and its positions: one comparison when all are the same, the usual window."
+    at = np.flatnonzero(texts.is_valid().to_numpy(zero_copy_only=False))
+    if len(at) and pc.all(pc.equal(texts, texts[int(at[0])])).as_py(): return [(texts[int(at[0])].as_py(), at)]
+    distinct = pc.unique(texts).drop_null()
+    codes = pc.fill_null(pc.index_in(texts, value_set=distinct), -1).to_numpy(zero_copy_only=False)
+    return [(text, np.flatnonzero(codes == g)) for g, text in enumerate(distinct.to_pylist())]
+
 def _query(sql: str, **tables) -> pa.Table:
     "`sql` run by DuckDB over the given Arrow tables (its JSON functions parse each document once, on every core)."
     with duckdb.connect() as con:
@@ -186,25 +206,26 @@ def _row_entries(request: np.ndarray, data: pa.Array, names: Sequence) -> tuple:
 def _typed_split(t: pa.Table, at: np.ndarray, names: list) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at` (rows of `names`), each value read as JSON typed it."
     data = _query('SELECT json_transform(request, \'{"dataframe_split": {"data": [["JSON"]]}}\').dataframe_split.data AS d FROM t',
-                  t=t.take(at).select(["request"])).column("d").combine_chunks()
+                  t=_take(t.select(["request"]), at)).column("d").combine_chunks()
     return _entry_blocks(*_row_entries(at, data, names))
 
-def _split_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, numeric: set, where) -> list[_Block]:
+def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
-    split = pc.struct_field(parsed.column("q").combine_chunks(), "dataframe_split").take(at)
-    encoded = pc.dictionary_encode(pc.struct_field(split, "columns"))
+    split = pc.struct_field(q, "dataframe_split")  # of every request (null for the others): no rows copied
+    data = pc.struct_field(split, "data")
+    all_rows = pc.list_flatten(data)  # the rows of the requests at `at`, in request order
+    owner, all_widths = np.repeat(np.arange(len(data)), _lengths(data)), _lengths(all_rows)
+    all_nulls, first = all_rows.is_null().to_numpy(zero_copy_only=False), np.cumsum(all_widths) - all_widths
+    numbers = pc.list_flatten(all_rows).to_numpy(zero_copy_only=False)
     blocks = []
-    for g, text in enumerate(encoded.dictionary.to_pylist()):
-        members = np.flatnonzero(encoded.indices.to_numpy(zero_copy_only=False) == g)
+    for text, members in _groups(pc.struct_field(split, "columns")):  # the requests at `at` by the columns they sent
         names = orjson.loads(text)
-        data = pc.struct_field(split, "data").take(members)
-        rows = pc.list_flatten(data)
-        widths = _lengths(rows)
-        requests = np.repeat(at[members], _lengths(data))
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or (widths != len(names)).any() or rows.null_count:
-            bad = requests[np.flatnonzero((widths != len(names)) | rows.is_null().to_numpy(zero_copy_only=False))[0]] if isinstance(names, list) else at[members[0]]
+        mine = slice(None) if len(members) == len(at) else np.isin(owner, members, kind="table")  # the rows of these requests
+        requests, widths, null_rows = owner[mine], all_widths[mine], all_nulls[mine]
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or (widths != len(names)).any() or null_rows.any():
+            bad = requests[np.flatnonzero((widths != len(names)) | null_rows)[0]] if isinstance(names, list) else members[0]
             raise _request_error(t.column("request")[bad].as_py(), names if isinstance(names, list) else [], where(bad))
-        cells = pc.list_flatten(rows).to_numpy(zero_copy_only=False).reshape(-1, len(names))
+        cells = numbers.reshape(-1, len(names)) if len(members) == len(at) else numbers[first[mine][:, None] + np.arange(len(names))]
         nulls = np.isnan(cells).any(axis=1)
         if set(names) <= (numeric or set(names)):  # model inputs are numbers (the endpoint checked them); a model of unknown inputs: tried so
             if not nulls.any():
@@ -223,9 +244,9 @@ def _split_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, numeric: set, w
         blocks += _typed_split(t, np.unique(requests), names)  # keys and other columns: each value as JSON typed it
     return blocks
 
-def _other_blocks(parsed: pa.Table, at: np.ndarray, t: pa.Table, columns: list, where) -> list[_Block]:
+def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where) -> list[_Block]:
     "Blocks of the requests at `at` in the other formats: records, columns of values (`inputs`) or rows of values in the model's column order."
-    q = parsed.column("q").combine_chunks().take(at)
+    q = _take(q, at)
     body = pc.coalesce(*(pc.struct_field(q, k) for k in PAYLOAD_KEYS[1:]))
     shapes = ", ".join(f"CASE WHEN shape = '{s}' THEN json_transform(body, '{OTHER_SHAPES[s]}') END AS {s}" for s in OTHER_SHAPES)
     read = _query(f"""SELECT shape, {shapes} FROM (SELECT body, CASE WHEN json_type(body) = 'OBJECT' THEN 'columns' WHEN json_type(body, '$[0]') = 'OBJECT'
@@ -279,45 +300,47 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
                    ) -> pd.DataFrame:
     "One row per prediction of the successful requests logged in full: the columns sent, `prediction`, request time, served entity and request id."
     columns = columns or {}
-    status, requests, responses = _values(payload, "status_code"), _values(payload, "request"), _values(payload, "response")
-    ok = np.flatnonzero(status == 200)
-    logged = ok[pd.notna(requests[ok]) & pd.notna(responses[ok])]
-    ids, entities = _values(payload, "databricks_request_id")[logged], _values(payload, "served_entity_id")[logged]
-    t = pa.table({"request": pa.array(requests[logged], pa.string()), "response": pa.array(responses[logged], pa.string())})
+    t = _arrow(payload, ["status_code", "request", "response", "databricks_request_id", "served_entity_id", "request_time"])
+    ok = pc.fill_null(pc.equal(t.column("status_code"), 200), False)
+    logged = pc.and_(ok, pc.and_(t.column("request").is_valid(), t.column("response").is_valid()))  # the rows read (positions stay the table's)
+    ids, entities = t.column("databricks_request_id").to_numpy(zero_copy_only=False), t.column("served_entity_id").to_numpy(zero_copy_only=False)
     where = lambda i: f"request {ids[i]}"
-    parsed = _query(f"SELECT try(json_transform(request, '{REQUEST_SHAPE}')) AS q, "
-                    "try(json_transform(response, '{\"predictions\": [\"DOUBLE\"]}').predictions) AS p FROM t", t=t)
-    q = parsed.column("q").combine_chunks()
+    parsed = _query(f"SELECT CASE WHEN logged THEN try(json_transform(request, '{REQUEST_SHAPE}')) END AS q, CASE WHEN logged "
+                    "THEN try(json_transform(response, '{\"predictions\": [\"DOUBLE\"]}').predictions) END AS p FROM t",
+                    t=t.select(["request", "response"]).append_column("logged", logged))
+    q, logged = parsed.column("q"), logged.to_numpy(zero_copy_only=False)  # q stays in DuckDB's chunks: only the numbers are copied out
     split = pc.struct_field(q, "dataframe_split")
     is_split = pc.and_(pc.struct_field(split, "columns").is_valid(), pc.struct_field(split, "data").is_valid()).to_numpy(zero_copy_only=False)
     is_other = np.logical_or.reduce([pc.struct_field(q, k).is_valid().to_numpy(zero_copy_only=False) for k in PAYLOAD_KEYS[1:]]) & ~split.is_valid().to_numpy(zero_copy_only=False)
-    unread = np.flatnonzero(~is_split & ~is_other)
+    unread = np.flatnonzero(logged & ~is_split & ~is_other)
     if len(unread): raise _request_error(t.column("request")[unread[0]].as_py(), columns.get(entities[unread[0]], []), where(unread[0]))
     numeric = set(chain.from_iterable(columns.values()))
     at_other = np.flatnonzero(is_other)
-    blocks = _split_blocks(parsed, np.flatnonzero(is_split), t, numeric, where) + \
-             _other_blocks(parsed, at_other, t, [columns.get(e, []) for e in entities[at_other]], where)
+    blocks = _split_blocks(q, np.flatnonzero(is_split), t, numeric, where) + \
+             _other_blocks(q, at_other, t, [columns.get(e, []) for e in entities[at_other]], where)
     predictions = parsed.column("p").combine_chunks()
-    counts = np.bincount(np.concatenate([b.request for b in blocks] or [np.zeros(0, "int64")]), minlength=len(logged))
+    counts = np.bincount(np.concatenate([b.request for b in blocks] or [np.zeros(0, "int64")]), minlength=t.num_rows)
     given = pc.fill_null(pc.list_value_length(predictions), -1).to_numpy(zero_copy_only=False)
     values = pc.list_flatten(predictions)
     not_numbers = np.zeros(len(given), dtype=bool)
     not_numbers[np.repeat(np.arange(len(given)), given.clip(0))[pc.is_null(values).to_numpy(zero_copy_only=False)]] = True
-    bad = np.flatnonzero((counts != given) | not_numbers)
+    bad = np.flatnonzero(logged & ((counts != given) | not_numbers))
     if len(bad):
         i = bad[0]
-        if given[i] < 0: raise MonitoringError(f"{where(i)}: the response has no predictions (a list of numbers): {responses[logged[i]]!r:.100}")
+        if given[i] < 0: raise MonitoringError(f"{where(i)}: the response has no predictions (a list of numbers): {t.column('response')[i].as_py()!r:.100}")
         if counts[i] != given[i]: raise MonitoringError(f"{where(i)}: {counts[i]} rows but {given[i]} predictions; expected one per row")
         raise MonitoringError(f"{where(i)}: predictions are not numbers; expected one probability per row")
-    start = np.cumsum(given) - given
+    start = np.cumsum(given.clip(0)) - given.clip(0)  # -1: no predictions (requests not read)
     value = values.to_numpy(zero_copy_only=False)
     frames = []
     for b in blocks:
-        order = np.argsort(b.request, kind="stable")
-        rank = np.arange(len(order)) - np.searchsorted(b.request[order], b.request[order])  # row number within its request
-        frame = b.frame.iloc[order].reset_index(drop=True)
-        frame["prediction"] = value[start[b.request[order]] + rank]
-        frame["_request"], frame["_sent"] = b.request[order], ",".join(b.frame.columns)
+        frame, request, sent = b.frame, b.request, ",".join(b.frame.columns)
+        if (np.diff(request) < 0).any():  # rows in request order (a block is, unless some of its requests were read again)
+            order = np.argsort(request, kind="stable")
+            frame, request = frame.iloc[order].reset_index(drop=True), request[order]
+        rank = np.arange(len(request)) - np.searchsorted(request, request)  # row number within its request
+        frame["prediction"] = value[start[request] + rank]
+        frame["_request"], frame["_sent"] = request, sent
         frames.append(frame)
     if not frames:
         out = pd.DataFrame({"prediction": pd.Series(dtype="float64"), "_sent": pd.Series(dtype=object)})
@@ -326,9 +349,9 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
         out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
         if len(frames) > 1: out = out.sort_values("_request", kind="stable", ignore_index=True)
         position = out.pop("_request").to_numpy()
-    out["request_time"] = pd.to_datetime(_values(payload, "request_time")[logged][position], utc=True)
+    out["request_time"] = pd.to_datetime(t.column("request_time").to_numpy(zero_copy_only=False)[position], utc=True)
     out["served_entity_id"], out["databricks_request_id"] = entities[position], ids[position]
-    out.attrs["not_logged"] = len(ok) - len(logged)
+    out.attrs["not_logged"] = (pc.sum(ok).as_py() or 0) - int(logged.sum())
     return out
 
 
