@@ -412,21 +412,27 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
                     ) -> pd.DataFrame:
     "One row per prediction of the successful requests: the model's inputs (sent, or looked up as of the request), `prediction`, request, served entity, model and version."
     endpoint = endpoint or env.var("endpoint_name")
-    status = _values(payload, "status_code")
-    ids = set(_values(payload, "served_entity_id")[status == 200])
+    rows = _arrow(payload, ["status_code", "served_entity_id"])
+    ids = set(pc.unique(rows.column("served_entity_id").filter(pc.fill_null(pc.equal(rows.column("status_code"), 200), False))).to_pylist())
     entities = served_entities(env, endpoint, ids) if ids else pd.DataFrame(columns=ENTITY_COLUMNS)
     versions = entities.drop_duplicates(["model_name", "model_version"])
     specs = {(r.model_name, r.model_version): model_spec(env, r.model_name, r.model_version) for r in versions.itertuples()}
     columns = {r.served_entity_id: specs[r.model_name, r.model_version]["columns"] for r in entities.itertuples()}
     frame = parse_requests(payload, columns)
     by_id = entities.set_index("served_entity_id")
-    for c in ("served_entity_name", "model_name", "model_version"): frame[c] = frame.served_entity_id.map(by_id[c])
-    groups = frame.groupby(["model_name", "model_version", "_sent"], sort=False).indices
+    entity, known = pd.factorize(frame.served_entity_id)  # one hash per row, the rest once per served entity
+    for c in ("served_entity_name", "model_name", "model_version"):
+        frame[c] = np.append(by_id[c].reindex(known).to_numpy(dtype=object), np.nan)[entity]  # -1 (no entity): NaN
     complete = lambda key, rows: _with_features(env, specs[key[0], key[1]], rows, f"{key[0]} version {key[1]}")
-    if len(groups) == 1: out = complete(next(iter(groups)), frame)  # the usual case: no copies
-    elif groups: out = pd.concat([complete(key, frame.iloc[idx]) for key, idx in groups.items()]).sort_index()
-    else: out = frame
-    out = out.drop(columns="_sent")
+    sent = frame["_sent"].to_numpy()
+    if len(frame) and (entity == 0).all() and (sent == sent[0]).all():  # the usual window: one served entity, one set of columns
+        out = complete((frame.model_name.iat[0], frame.model_version.iat[0]), frame)
+    else:
+        groups = frame.groupby(["model_name", "model_version", "_sent"], sort=False).indices
+        if len(groups) == 1: out = complete(next(iter(groups)), frame)  # no copies
+        elif groups: out = pd.concat([complete(key, frame.iloc[idx]) for key, idx in groups.items()]).sort_index()
+        else: out = frame
+    del out["_sent"]  # a frame made here: dropped in place, not copied
     for k in keys:
         if k not in out: out[k] = None
     out.attrs["not_logged"] = frame.attrs.get("not_logged", 0)
