@@ -110,11 +110,6 @@ REQUEST_SHAPE = ('{"dataframe_split": {"columns": "JSON", "data": [["DOUBLE"]]},
                  '"dataframe_records": "JSON", "instances": "JSON", "inputs": "JSON"}')  # the other formats: their JSON, read apart
 OTHER_SHAPES = {"columns": '"MAP(VARCHAR, JSON[])"', "records": '["MAP(VARCHAR, JSON)"]', "rows": '[["JSON"]]'}
 
-def _values(payload, column: str) -> np.ndarray:
-    "A column of a pandas or Arrow frame as a numpy array."
-    if isinstance(payload, pa.Table): return payload.column(column).to_numpy(zero_copy_only=False)
-    return payload[column].to_numpy()
-
 def _arrow(payload, columns: list) -> pa.Table:
     "Some `columns` of a pandas or Arrow frame as an Arrow table (request texts stay in Arrow: no Python string per request)."
     if isinstance(payload, pa.Table): return payload.select(columns)
