@@ -15,7 +15,7 @@ from scipy import stats
 # %% auto #0
 __all__ = ['DRIFT_RULES', 'category_label', 'category_counts', 'numeric_values', 'numeric_baseline', 'categorical_baseline',
            'training_baseline', 'psi', 'bin_labels', 'bucket_shares', 'ks_pvalue', 'chi2_pvalue', 'drift_row',
-           'check_window', 'feature_drift', 'drift_summary']
+           'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
 
 # %% ../../nbs/12a_monitoring_baseline.ipynb #4e002cd3
 def category_label(value) -> str:
@@ -134,12 +134,19 @@ def check_window(baseline: dict, window: pd.DataFrame):
     missing = [f for f in baseline["features"] if f not in window.columns]
     if missing: raise KeyError(f"features {missing} of the baseline are not in the window; its columns are {list(window.columns)}")
 
+def window_buckets(baseline: dict, window: pd.DataFrame) -> dict:
+    "`bucket_shares` of every baseline feature in `window`, by name: counted once for the statistics and the report."
+    check_window(baseline, window)
+    return {name: bucket_shares(feature, window[name]) for name, feature in baseline["features"].items()}
+
 def feature_drift(baseline: dict, # from `training_baseline` (or its JSON)
                   window: pd.DataFrame, # inference rows; columns beyond the baseline's features are ignored
                   psi_threshold: float, # PSI above which a feature has drifted
                   pvalue_threshold: float, # test p-value below which a feature has drifted
                   large_sample: int = 5_000, # above this many rows the tests use a random sample of this size
-                  seed: int = 0) -> pd.DataFrame:
+                  seed: int = 0,
+                  buckets: dict | None = None, # `window_buckets(baseline, window)` when already counted
+                  ) -> pd.DataFrame:
     "PSI and test p-value of every baseline feature in `window`: feature, kind, method, value, threshold, drifted, n."
     check_window(baseline, window)
     tested = window
@@ -148,7 +155,7 @@ def feature_drift(baseline: dict, # from `training_baseline` (or its JSON)
     rows = []
     for name, feature in baseline["features"].items():
         kind = feature["kind"]
-        _, expected, actual = bucket_shares(feature, window[name])
+        _, expected, actual = buckets[name] if buckets else bucket_shares(feature, window[name])
         rows.append(drift_row(name, kind, "psi", psi(expected, actual), psi_threshold, len(window)))
         test, method = (ks_pvalue, "ks_pvalue") if kind == "numeric" else (chi2_pvalue, "chi2_pvalue")
         pvalue, n = test(feature, tested[name])

@@ -23,7 +23,7 @@ from ..config import Environment, using_mlflow
 from ..deploy import entity_stats
 from ..errors import StepFailed
 from ..feature_store import in_experiment
-from .baseline import drift_summary, feature_drift
+from .baseline import drift_summary, feature_drift, window_buckets
 from .inference import MonitoringError, as_utc, inference_frame, read_payload, served_entities
 from .report import drift_report_html
 from ..registry import registry_client
@@ -174,14 +174,18 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
     "`feature_drift` of each model version's predictions against its baseline, and its HTML report: results, rows and report per version."
     results, rows, reports = [], {}, {}
     folder = monitoring_dir(env, endpoint)
-    for (name, version), window in frame.groupby(["model_name", "model_version"], sort=True):
+    versions = frame.groupby(["model_name", "model_version"], sort=True).indices
+    for name, version in sorted(versions):
+        at = versions[name, version]
+        window = frame if len(at) == len(frame) else frame.iloc[at]  # one version, the usual window: not copied
         baseline = model_baseline(env, version, name)
-        r = feature_drift(baseline, window, psi_threshold, pvalue_threshold, large_sample, seed)
+        buckets = window_buckets(baseline, window)  # counted once, for the statistics and the report
+        r = feature_drift(baseline, window, psi_threshold, pvalue_threshold, large_sample, seed, buckets)
         results.append(r.assign(model_name=name, model_version=version))
         rows[version] = len(window)
         title = f"Drift of {endpoint}, {name} version {version}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
         reports[version] = folder / f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}.html"
-        reports[version].write_text(drift_report_html(baseline, window, r, title))
+        reports[version].write_text(drift_report_html(baseline, window, r, title, buckets))
     return pd.concat(results, ignore_index=True), rows, reports
 
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame, rows: dict, reports: dict,

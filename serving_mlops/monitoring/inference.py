@@ -5,19 +5,21 @@
 # %% ../../nbs/12c_monitoring_inference.ipynb #69f07827
 from __future__ import annotations
 
-import gc
 import json
 import tempfile
 import uuid
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Sequence
 
+import duckdb
 import mlflow
 import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from mlflow.exceptions import MlflowException
 
 from ..config import Environment, using_mlflow
@@ -30,8 +32,8 @@ from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns
 from ..tables import get_spark, tables_for
 
 # %% auto #0
-__all__ = ['ENTITY_COLUMNS', 'PARSE_CHUNK', 'MonitoringError', 'as_utc', 'served_entities', 'synthetic_entity', 'payload_rows',
-           'parse_requests', 'engineering_spec', 'model_spec', 'inference_frame', 'read_payload']
+__all__ = ['ENTITY_COLUMNS', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'MonitoringError', 'as_utc', 'served_entities', 'synthetic_entity',
+           'payload_rows', 'parse_requests', 'engineering_spec', 'model_spec', 'inference_frame', 'read_payload']
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #c7f44206
 class MonitoringError(InputError):
@@ -104,67 +106,237 @@ def payload_rows(features: pd.DataFrame, # model input rows: the model's (numeri
         "served_entity_id": [served_entity_id] * m, "requester": ["synthetic"] * m}, schema=PAYLOAD_SCHEMA)
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #d80f30fe
-PARSE_CHUNK = 20_000  # requests parsed at a time
+REQUEST_SHAPE = ('{"dataframe_split": {"columns": "JSON", "data": [["DOUBLE"]]}, '  # model inputs are numbers (the endpoint checked them)
+                 '"dataframe_records": "JSON", "instances": "JSON", "inputs": "JSON"}')  # the other formats: their JSON, read apart
+OTHER_SHAPES = {"columns": '"MAP(VARCHAR, JSON[])"', "records": '["MAP(VARCHAR, JSON)"]', "rows": '[["JSON"]]'}
 
-def _values(payload, column: str) -> np.ndarray:
-    "A column of a pandas or Arrow frame as a numpy array."
-    if isinstance(payload, pa.Table): return payload.column(column).to_numpy(zero_copy_only=False)
-    return payload[column].to_numpy()
+def _arrow(payload, columns: list) -> pa.Table:
+    "Some `columns` of a pandas or Arrow frame as an Arrow table (request texts stay in Arrow: no Python string per request)."
+    if isinstance(payload, pa.Table): return payload.select(columns)
+    return pa.Table.from_pandas(payload[columns], preserve_index=False)
 
-def _request_rows(body: str, columns: list, where: str) -> tuple[tuple, list]:
-    "Column names and rows of a request body in any of the four payload formats (rows without names take `columns`)."
-    payload = orjson.loads(body)
+def _take(values, at: np.ndarray):
+    "The Arrow `values` (array or table, in chunks or not) at the ascending positions `at`: none copied when `at` is all of them, else filtered chunk by chunk (a take joins the chunks first: seconds for a million nested rows)."
+    if len(at) == len(values): return values
+    keep = np.zeros(len(values), dtype=bool)
+    keep[at] = True
+    return values.filter(pa.array(keep))
+
+def _groups(texts: pa.ChunkedArray) -> list[tuple[str, np.ndarray]]:
+    "Each distinct text (nulls aside) and its positions: one comparison when all are the same, the usual window."
+    at = np.flatnonzero(texts.is_valid().to_numpy(zero_copy_only=False))
+    if len(at) and pc.all(pc.equal(texts, texts[int(at[0])])).as_py(): return [(texts[int(at[0])].as_py(), at)]
+    distinct = pc.unique(texts).drop_null()
+    codes = pc.fill_null(pc.index_in(texts, value_set=distinct), -1).to_numpy(zero_copy_only=False)
+    return [(text, np.flatnonzero(codes == g)) for g, text in enumerate(distinct.to_pylist())]
+
+def _query(sql: str, **tables) -> pa.Table:
+    "`sql` run by DuckDB over the given Arrow tables (its JSON functions parse each document once, on every core)."
+    with duckdb.connect() as con:
+        for name, table in tables.items(): con.register(name, table)
+        return con.sql(sql).to_arrow_table()
+
+def _request_error(body: str, columns: list, where: str) -> MonitoringError:
+    "Why one request cannot be read, as the runtime's own parser words it."
+    hint = "" if columns else " (its model's input columns are unknown: rows without names cannot be read)"
+    try: payload = orjson.loads(body)
+    except orjson.JSONDecodeError as e: return MonitoringError(f"{where}: the request is not valid JSON: {e}")
     key = next((k for k in PAYLOAD_KEYS if k in payload), None) if isinstance(payload, dict) else None
-    if key is None: raise MonitoringError(f"{where}: the request has none of {', '.join(PAYLOAD_KEYS)}")
-    data = payload[key]
-    if key == "dataframe_split" and isinstance(data, dict) and isinstance(data.get("columns"), list) and isinstance(data.get("data"), list):
-        return tuple(data["columns"]), data["data"]  # rows as sent (the endpoint accepted them): the common format, kept fast
-    try: parsed = payload_columns(key, data, InputSpec(columns=columns))
-    except MlopsError as e:
-        hint = "" if columns else " (its model's input columns are unknown: rows without names cannot be read)"
-        raise MonitoringError(f"{where}: {e}{hint}") from None
-    return tuple(parsed), [list(row) for row in zip(*parsed.values())]
+    if key is None: return MonitoringError(f"{where}: the request has none of {', '.join(PAYLOAD_KEYS)}")
+    try: payload_columns(key, payload[key], InputSpec(columns=columns))
+    except MlopsError as e: return MonitoringError(f"{where}: {e}{hint}")
+    return MonitoringError(f"{where}: its {key} could not be read as rows of columns{hint}")
 
-def _frames_of_chunk(ids, entities, requests, responses, columns: dict, offset: int) -> list[pd.DataFrame]:
-    "Frames of the prediction rows of one chunk of logged successful requests, one per set of sent columns."
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        sent = [_request_rows(b, columns.get(e, []), f"request {i}") for i, e, b in zip(ids, entities, requests)]
-        predictions = [orjson.loads(r)["predictions"] for r in responses]
-    except (orjson.JSONDecodeError, KeyError, TypeError) as e:
-        raise MonitoringError(f"a successful request in this chunk (ids {ids[0]}..{ids[-1]}) has a malformed request or response: {e!r}") from None
-    finally:
-        if gc_was_enabled: gc.enable()
-    counts = np.fromiter((len(rows) for _, rows in sent), dtype="int64", count=len(sent))
-    bad = np.flatnonzero(counts != np.fromiter(map(len, predictions), dtype="int64", count=len(predictions)))
-    if len(bad): raise MonitoringError(f"request {ids[bad[0]]}: {counts[bad[0]]} rows but {len(predictions[bad[0]])} predictions; expected one per row")
-    groups: dict[tuple, list[int]] = {}
-    for i, (names, _) in enumerate(sent): groups.setdefault(names, []).append(i)
-    out = []
-    for names, idx in groups.items():
-        rows = list(chain.from_iterable(sent[i][1] for i in idx))
-        try: frame = pd.DataFrame(rows, columns=list(names))
-        except (ValueError, AssertionError): raise MonitoringError(f"requests {ids[idx[0]]}..: rows do not match their {len(names)} columns") from None
-        try: frame["prediction"] = np.fromiter(chain.from_iterable(predictions[i] for i in idx), dtype="float64", count=len(frame))
-        except (TypeError, ValueError): raise MonitoringError(f"requests {ids[idx[0]]}..: predictions are not numbers; expected one probability per row") from None
-        frame["_request"] = np.repeat(np.asarray(idx) + offset, counts[idx])
-        frame["_sent"] = ",".join(names)
-        out.append(frame)
-    return out
+def _typed(texts: pa.Array) -> np.ndarray:
+    "JSON values (text, null for null) as pandas would hold them: int64, float64 (NaN for null), or objects."
+    for t in (pa.int64(), pa.float64()):
+        try: return pc.cast(texts, t).to_pandas().to_numpy()
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError): pass
+    return pd.Series(orjson.loads("[" + ",".join(pc.fill_null(texts, "null").to_pylist()) + "]")).to_numpy()
+
+@dataclass
+class _Block:
+    "Rows of some requests, one frame of the columns those requests sent."
+    frame: pd.DataFrame  # one row per prediction row, in request order
+    request: np.ndarray  # position of each row's request in the parsed window
+
+def _entry_blocks(request: np.ndarray, row: np.ndarray, column: np.ndarray, text: pa.Array) -> list[_Block]:
+    "Blocks of (request, row id, column, JSON value) entries: requests that sent the same columns share a block; a column a row lacks is null."
+    code, names = pd.factorize(column)  # columns in the order they were first sent
+    rows, row = np.unique(row, return_inverse=True)  # row ids are in request order
+    row_request = np.zeros(len(rows), dtype="int64")
+    row_request[row] = request
+    cell = np.full((len(rows), len(names)), -1, dtype="int64")
+    cell[row, code] = np.arange(len(code))
+    _, first = np.unique(row_request, return_index=True)
+    sent = np.logical_or.reduceat(cell >= 0, first, axis=0)  # the columns each request sent (in any of its rows)
+    signatures, group = np.unique(np.repeat(sent, np.diff(np.append(first, len(rows))), axis=0), axis=0, return_inverse=True)
+    blocks = []
+    for g, mask in enumerate(signatures):
+        members = np.flatnonzero(group.ravel() == g)
+        frame = {str(names[j]): _typed(text.take(pa.array(cell[members, j], mask=cell[members, j] < 0))) for j in np.flatnonzero(mask)}
+        blocks.append(_Block(pd.DataFrame(frame), row_request[members]))
+    return blocks
+
+def _lengths(lists: pa.Array) -> np.ndarray:
+    "Length of each list (0 for null)."
+    return pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype("int64")
+
+def _as_lists(maps: pa.Array) -> pa.Array:
+    "Maps as lists of key-value structs (what Arrow's list kernels take)."
+    return maps.cast(pa.list_(pa.struct([("key", maps.type.key_type), ("value", maps.type.item_type)])))
+
+def _rows(request: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    "The request and a request-ordered row id of each of the `counts` rows of each request."
+    owner = np.repeat(request, counts)
+    position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return owner, owner.astype("int64") * 2**32 + position
+
+def _row_entries(request: np.ndarray, data: pa.Array, names: Sequence) -> tuple:
+    "Entries of each request's rows (lists of JSON values, `names` in order): request, row id, column, value."
+    owner, row = _rows(request, _lengths(data))
+    width = len(names)
+    return np.repeat(owner, width), np.repeat(row, width), np.tile(np.asarray(names, dtype=object), len(row)), pc.list_flatten(pc.list_flatten(data))
+
+def _typed_split(t: pa.Table, at: np.ndarray, names: list) -> list[_Block]:
+    "Blocks of the `dataframe_split` requests at `at` (rows of `names`), each value read as JSON typed it."
+    data = _query('SELECT json_transform(request, \'{"dataframe_split": {"data": [["JSON"]]}}\').dataframe_split.data AS d FROM t',
+                  t=_take(t.select(["request"]), at)).column("d").combine_chunks()
+    return _entry_blocks(*_row_entries(at, data, names))
+
+def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where) -> list[_Block]:
+    "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
+    split = pc.struct_field(q, "dataframe_split")  # of every request (null for the others): no rows copied
+    data = pc.struct_field(split, "data")
+    all_rows = pc.list_flatten(data)  # the rows of the requests at `at`, in request order
+    owner, all_widths = np.repeat(np.arange(len(data)), _lengths(data)), _lengths(all_rows)
+    all_nulls, first = all_rows.is_null().to_numpy(zero_copy_only=False), np.cumsum(all_widths) - all_widths
+    numbers = pc.list_flatten(all_rows).to_numpy(zero_copy_only=False)
+    blocks = []
+    for text, members in _groups(pc.struct_field(split, "columns")):  # the requests at `at` by the columns they sent
+        names = orjson.loads(text)
+        mine = slice(None) if len(members) == len(at) else np.isin(owner, members, kind="table")  # the rows of these requests
+        requests, widths, null_rows = owner[mine], all_widths[mine], all_nulls[mine]
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or (widths != len(names)).any() or null_rows.any():
+            bad = requests[np.flatnonzero((widths != len(names)) | null_rows)[0]] if isinstance(names, list) else members[0]
+            raise _request_error(t.column("request")[bad].as_py(), names if isinstance(names, list) else [], where(bad))
+        cells = numbers.reshape(-1, len(names)) if len(members) == len(at) else numbers[first[mine][:, None] + np.arange(len(names))]
+        nulls = np.isnan(cells).any(axis=1)
+        if set(names) <= (numeric or set(names)):  # model inputs are numbers (the endpoint checked them); a model of unknown inputs: tried so
+            if not nulls.any():
+                blocks.append(_Block(pd.DataFrame(cells, columns=names), requests))
+                continue
+            again = np.unique(requests[nulls])  # a null is JSON null or a value that is no number: read those requests again
+            read = _typed_split(t, again, names)
+            if all(pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all() for b in read for c in b.frame):
+                keep = ~np.isin(requests, again)
+                blocks += [_Block(pd.DataFrame(cells[keep], columns=names), requests[keep])] + [_Block(b.frame.astype("float64"), b.request) for b in read]
+                continue
+            if numeric:
+                b = next(b for b in read if not all(pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all() for c in b.frame))
+                bad = next(c for c in b.frame if not (pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all()))
+                raise MonitoringError(f"{where(b.request[0])}: column '{bad}' has a value that is not a number; expected numbers or null")
+        blocks += _typed_split(t, np.unique(requests), names)  # keys and other columns: each value as JSON typed it
+    return blocks
+
+def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where) -> list[_Block]:
+    "Blocks of the requests at `at` in the other formats: records, columns of values (`inputs`) or rows of values in the model's column order."
+    q = _take(q, at)
+    body = pc.coalesce(*(pc.struct_field(q, k) for k in PAYLOAD_KEYS[1:]))
+    shapes = ", ".join(f"CASE WHEN shape = '{s}' THEN json_transform(body, '{OTHER_SHAPES[s]}') END AS {s}" for s in OTHER_SHAPES)
+    read = _query(f"""SELECT shape, {shapes} FROM (SELECT body, CASE WHEN json_type(body) = 'OBJECT' THEN 'columns' WHEN json_type(body, '$[0]') = 'OBJECT'
+                      THEN 'records' WHEN json_type(body, '$[0]') = 'ARRAY' THEN 'rows' WHEN json_array_length(body) = 0 THEN 'records' END AS shape FROM b)""",
+                  b=pa.table({"body": body}))
+    shape = read.column("shape").to_numpy(zero_copy_only=False)
+    ok = np.zeros(len(at), dtype=bool)
+    entries = []
+    records = read.column("records").combine_chunks()
+    maps = _as_lists(pc.list_flatten(records))
+    owner = np.repeat(np.arange(len(at)), _lengths(records))
+    ok[shape == "records"] = records.is_valid().to_numpy(zero_copy_only=False)[shape == "records"]
+    ok[np.unique(owner[maps.is_null().to_numpy(zero_copy_only=False)])] = False
+    _, row = _rows(at, _lengths(records))
+    counts = _lengths(maps)
+    entries.append((np.repeat(at[owner], counts), np.repeat(row, counts), pc.list_flatten(maps).field("key").to_numpy(zero_copy_only=False),
+                    pc.list_flatten(maps).field("value")))
+    by_column = _as_lists(read.column("columns").combine_chunks())
+    items = pc.list_flatten(by_column)
+    owner = np.repeat(np.arange(len(at)), _lengths(by_column))
+    lengths = pc.fill_null(pc.list_value_length(items.field("value")), -1).to_numpy(zero_copy_only=False)
+    k = _lengths(by_column)
+    n = np.zeros(len(at), dtype="int64")
+    n[k > 0] = lengths[(np.cumsum(k) - k)[k > 0]]  # rows: the length of the first column
+    inputs = pc.struct_field(q, "inputs").is_valid().to_numpy(zero_copy_only=False) & ~pc.struct_field(q, "dataframe_records").is_valid().to_numpy(zero_copy_only=False) \
+             & ~pc.struct_field(q, "instances").is_valid().to_numpy(zero_copy_only=False)  # only `inputs` may be columns of values
+    ok[shape == "columns"] = (by_column.is_valid().to_numpy(zero_copy_only=False) & inputs)[shape == "columns"]
+    ok[np.unique(owner[lengths != n[owner]])] = False
+    position = np.arange(lengths.clip(0).sum()) - np.repeat(np.cumsum(lengths.clip(0)) - lengths.clip(0), lengths.clip(0))
+    entries.append((np.repeat(at[owner], lengths.clip(0)), np.repeat(at[owner], lengths.clip(0)).astype("int64") * 2**32 + position,
+                    np.repeat(items.field("key").to_numpy(zero_copy_only=False), lengths.clip(0)), pc.list_flatten(items.field("value"))))
+    tensor = read.column("rows").combine_chunks()
+    names = np.array([",".join(c) for c in columns], dtype=object)
+    for signature in np.unique(names[shape == "rows"]):
+        members = np.flatnonzero((shape == "rows") & (names == signature))
+        width = len(columns[members[0]])
+        rows = tensor.take(members)
+        inner = pc.list_flatten(rows)
+        fits = (_lengths(inner) == width) & inner.is_valid().to_numpy(zero_copy_only=False)
+        ok[members] = rows.is_valid().to_numpy(zero_copy_only=False) & (width > 0)
+        ok[np.unique(np.repeat(members, _lengths(rows))[~fits])] = False
+        if ok[members].all(): entries.append(_row_entries(at[members], rows, columns[members[0]]))
+    if not ok.all():
+        bad = np.flatnonzero(~ok)[0]
+        raise _request_error(t.column("request")[at[bad]].as_py(), columns[bad], where(at[bad]))
+    if not entries: return []
+    return _entry_blocks(*(np.concatenate([e[k] for e in entries]) for k in range(3)), pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
 
 def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
                    columns: dict | None = None, # served_entity_id -> its model's input columns, for rows sent without names
                    ) -> pd.DataFrame:
     "One row per prediction of the successful requests logged in full: the columns sent, `prediction`, request time, served entity and request id."
-    status, requests, responses = _values(payload, "status_code"), _values(payload, "request"), _values(payload, "response")
-    ok = np.flatnonzero(status == 200)
-    logged = ok[np.fromiter((q is not None and r is not None for q, r in zip(requests[ok], responses[ok])), dtype=bool, count=len(ok))]
-    ids, entities = _values(payload, "databricks_request_id")[logged], _values(payload, "served_entity_id")[logged]
+    columns = columns or {}
+    t = _arrow(payload, ["status_code", "request", "response", "databricks_request_id", "served_entity_id", "request_time"])
+    ok = pc.fill_null(pc.equal(t.column("status_code"), 200), False)
+    logged = pc.and_(ok, pc.and_(t.column("request").is_valid(), t.column("response").is_valid()))  # the rows read (positions stay the table's)
+    ids, entities = t.column("databricks_request_id").to_numpy(zero_copy_only=False), t.column("served_entity_id").to_numpy(zero_copy_only=False)
+    where = lambda i: f"request {ids[i]}"
+    parsed = _query(f"SELECT CASE WHEN logged THEN try(json_transform(request, '{REQUEST_SHAPE}')) END AS q, CASE WHEN logged "
+                    "THEN try(json_transform(response, '{\"predictions\": [\"DOUBLE\"]}').predictions) END AS p FROM t",
+                    t=t.select(["request", "response"]).append_column("logged", logged))
+    q, logged = parsed.column("q"), logged.to_numpy(zero_copy_only=False)  # q stays in DuckDB's chunks: only the numbers are copied out
+    split = pc.struct_field(q, "dataframe_split")
+    is_split = pc.and_(pc.struct_field(split, "columns").is_valid(), pc.struct_field(split, "data").is_valid()).to_numpy(zero_copy_only=False)
+    is_other = np.logical_or.reduce([pc.struct_field(q, k).is_valid().to_numpy(zero_copy_only=False) for k in PAYLOAD_KEYS[1:]]) & ~split.is_valid().to_numpy(zero_copy_only=False)
+    unread = np.flatnonzero(logged & ~is_split & ~is_other)
+    if len(unread): raise _request_error(t.column("request")[unread[0]].as_py(), columns.get(entities[unread[0]], []), where(unread[0]))
+    numeric = set(chain.from_iterable(columns.values()))
+    at_other = np.flatnonzero(is_other)
+    blocks = _split_blocks(q, np.flatnonzero(is_split), t, numeric, where) + \
+             _other_blocks(q, at_other, t, [columns.get(e, []) for e in entities[at_other]], where)
+    predictions = parsed.column("p").combine_chunks()
+    counts = np.bincount(np.concatenate([b.request for b in blocks] or [np.zeros(0, "int64")]), minlength=t.num_rows)
+    given = pc.fill_null(pc.list_value_length(predictions), -1).to_numpy(zero_copy_only=False)
+    values = pc.list_flatten(predictions)
+    not_numbers = np.zeros(len(given), dtype=bool)
+    not_numbers[np.repeat(np.arange(len(given)), given.clip(0))[pc.is_null(values).to_numpy(zero_copy_only=False)]] = True
+    bad = np.flatnonzero(logged & ((counts != given) | not_numbers))
+    if len(bad):
+        i = bad[0]
+        if given[i] < 0: raise MonitoringError(f"{where(i)}: the response has no predictions (a list of numbers): {t.column('response')[i].as_py()!r:.100}")
+        if counts[i] != given[i]: raise MonitoringError(f"{where(i)}: {counts[i]} rows but {given[i]} predictions; expected one per row")
+        raise MonitoringError(f"{where(i)}: predictions are not numbers; expected one probability per row")
+    start = np.cumsum(given.clip(0)) - given.clip(0)  # -1: no predictions (requests not read)
+    value = values.to_numpy(zero_copy_only=False)
     frames = []
-    for lo in range(0, len(logged), PARSE_CHUNK):
-        part = slice(lo, lo + PARSE_CHUNK)
-        frames += _frames_of_chunk(ids[part], entities[part], requests[logged[part]], responses[logged[part]], columns or {}, lo)
+    for b in blocks:
+        frame, request, sent = b.frame, b.request, ",".join(b.frame.columns)
+        if (np.diff(request) < 0).any():  # rows in request order (a block is, unless some of its requests were read again)
+            order = np.argsort(request, kind="stable")
+            frame, request = frame.iloc[order].reset_index(drop=True), request[order]
+        rank = np.arange(len(request)) - np.searchsorted(request, request)  # row number within its request
+        frame["prediction"] = value[start[request] + rank]
+        frame["_request"], frame["_sent"] = request, sent
+        frames.append(frame)
     if not frames:
         out = pd.DataFrame({"prediction": pd.Series(dtype="float64"), "_sent": pd.Series(dtype=object)})
         position = np.zeros(0, dtype="int64")
@@ -172,10 +344,11 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
         out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
         if len(frames) > 1: out = out.sort_values("_request", kind="stable", ignore_index=True)
         position = out.pop("_request").to_numpy()
-    out["request_time"] = pd.to_datetime(_values(payload, "request_time")[logged][position], utc=True)
+    out["request_time"] = pd.to_datetime(t.column("request_time").to_numpy(zero_copy_only=False)[position], utc=True)
     out["served_entity_id"], out["databricks_request_id"] = entities[position], ids[position]
-    out.attrs["not_logged"] = len(ok) - len(logged)
+    out.attrs["not_logged"] = (pc.sum(ok).as_py() or 0) - int(logged.sum())
     return out
+
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #5791285b
 def _own_spec(path: Path) -> dict:
@@ -234,21 +407,27 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
                     ) -> pd.DataFrame:
     "One row per prediction of the successful requests: the model's inputs (sent, or looked up as of the request), `prediction`, request, served entity, model and version."
     endpoint = endpoint or env.var("endpoint_name")
-    status = _values(payload, "status_code")
-    ids = set(_values(payload, "served_entity_id")[status == 200])
+    rows = _arrow(payload, ["status_code", "served_entity_id"])
+    ids = set(pc.unique(rows.column("served_entity_id").filter(pc.fill_null(pc.equal(rows.column("status_code"), 200), False))).to_pylist())
     entities = served_entities(env, endpoint, ids) if ids else pd.DataFrame(columns=ENTITY_COLUMNS)
     versions = entities.drop_duplicates(["model_name", "model_version"])
     specs = {(r.model_name, r.model_version): model_spec(env, r.model_name, r.model_version) for r in versions.itertuples()}
     columns = {r.served_entity_id: specs[r.model_name, r.model_version]["columns"] for r in entities.itertuples()}
     frame = parse_requests(payload, columns)
     by_id = entities.set_index("served_entity_id")
-    for c in ("served_entity_name", "model_name", "model_version"): frame[c] = frame.served_entity_id.map(by_id[c])
-    groups = frame.groupby(["model_name", "model_version", "_sent"], sort=False).indices
+    entity, known = pd.factorize(frame.served_entity_id)  # one hash per row, the rest once per served entity
+    for c in ("served_entity_name", "model_name", "model_version"):
+        frame[c] = np.append(by_id[c].reindex(known).to_numpy(dtype=object), np.nan)[entity]  # -1 (no entity): NaN
     complete = lambda key, rows: _with_features(env, specs[key[0], key[1]], rows, f"{key[0]} version {key[1]}")
-    if len(groups) == 1: out = complete(next(iter(groups)), frame)  # the usual case: no copies
-    elif groups: out = pd.concat([complete(key, frame.iloc[idx]) for key, idx in groups.items()]).sort_index()
-    else: out = frame
-    out = out.drop(columns="_sent")
+    sent = frame["_sent"].to_numpy()
+    if len(frame) and (entity == 0).all() and (sent == sent[0]).all():  # the usual window: one served entity, one set of columns
+        out = complete((frame.model_name.iat[0], frame.model_version.iat[0]), frame)
+    else:
+        groups = frame.groupby(["model_name", "model_version", "_sent"], sort=False).indices
+        if len(groups) == 1: out = complete(next(iter(groups)), frame)  # no copies
+        elif groups: out = pd.concat([complete(key, frame.iloc[idx]) for key, idx in groups.items()]).sort_index()
+        else: out = frame
+    del out["_sent"]  # a frame made here: dropped in place, not copied
     for k in keys:
         if k not in out: out[k] = None
     out.attrs["not_logged"] = frame.attrs.get("not_logged", 0)

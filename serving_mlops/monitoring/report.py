@@ -13,16 +13,20 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .baseline import bucket_shares, check_window, drift_summary
+from .baseline import drift_summary, window_buckets
 
 # %% auto #0
 __all__ = ['shares_figure', 'results_table_html', 'drift_report_html']
 
 # %% ../../nbs/12b_monitoring_report.ipynb #e0d30232
-def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np.ndarray, drifted: bool) -> str:
+def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np.ndarray, drifted: bool,
+                  fig: Figure | None = None, # drawn on again (cleared) when given: a report reuses one figure for all its features
+                  ) -> str:
     "A small bar chart of training and window shares per bucket, as a base64 PNG."
-    fig = Figure(figsize=(5, 2.4), dpi=80)
+    fig = fig or Figure(figsize=(5, 2.4), dpi=80)
+    fig.clear()
     ax = fig.add_subplot()
+    fig.subplots_adjust(left=0.15, right=0.98, top=0.9, bottom=0.42)  # fixed margins with room for the slanted bucket names (a tight layout draws twice)
     x = np.arange(len(labels))
     ax.bar(x - 0.2, expected, 0.4, label="training", color="#7f9fbf")
     ax.bar(x + 0.2, actual, 0.4, label="window", color="#d9534f" if drifted else "#5cb85c")
@@ -30,9 +34,8 @@ def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np
     ax.tick_params(axis="y", labelsize=7)
     ax.set_title(name, fontsize=9)
     ax.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", pil_kwargs={"compress_level": 1})  # small plots: fast compression costs a few hundred bytes
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 def results_table_html(results: pd.DataFrame) -> str:
@@ -43,14 +46,16 @@ def results_table_html(results: pd.DataFrame) -> str:
     body = "".join(('<tr class="drifted">' if r.drifted else "<tr>") + row(r) + "</tr>" for r in results.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-def drift_report_html(baseline: dict, window: pd.DataFrame, results: pd.DataFrame, title: str = "Drift report") -> str:
+def drift_report_html(baseline: dict, window: pd.DataFrame, results: pd.DataFrame, title: str = "Drift report",
+                      buckets: dict | None = None, # `window_buckets(baseline, window)` when already counted (by `feature_drift`)
+                      ) -> str:
     "A self-contained HTML page: summary line, results table and one plot per feature."
-    check_window(baseline, window)
+    buckets = buckets or window_buckets(baseline, window)
     drifted = set(results[results.drifted].feature)
-    plots = []
+    plots, fig = [], Figure(figsize=(5, 2.4), dpi=80)
     for name, feature in baseline["features"].items():
-        labels, expected, actual = bucket_shares(feature, window[name])
-        png = shares_figure(f"{name} ({feature['kind']})", labels, expected, actual, name in drifted)
+        labels, expected, actual = buckets[name]
+        png = shares_figure(f"{name} ({feature['kind']})", labels, expected, actual, name in drifted, fig)
         plots.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{png}"></figure>')
     style = ("body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left} tr.drifted{background:#f8d7da}"
