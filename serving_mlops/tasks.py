@@ -209,5 +209,5 @@ def monitoring_task(env: Environment,
         values["metrics_windows"] = len(run.metrics)
     if run.drift is not None: values.update(drifted=run.drift.drifted, drift_run_id=run.drift.run_id)
     task_values(**values)
-    if alert and run.drift is not None: run.drift.raise_alert()
+    if alert and run.drift is not None: run.drift.raise_alert(shown=True)  # its summary is in the output above: printed once
     return values

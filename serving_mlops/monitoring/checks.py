@@ -122,10 +122,14 @@ class DriftAlert(StepFailed):
     "Drift was found in a window; the message is the summary and the report paths, `.result` the whole `DriftResult`."
     exit_code = 3  # `serving-mlops monitor` and scripts tell found drift (3) from errors (1)
     label = "DRIFT"
-    def __init__(self, result: "DriftResult"):
+    def __init__(self, result: "DriftResult", shown: bool = False):  # shown: the summary and reports were printed already (a job task's output)
         self.result = result
         webhook = f"; alert webhook: {result.webhook}" if result.webhook else ""
-        super().__init__(f"{result.summary()}; reports: {', '.join(map(str, result.reports.values()))}{webhook}")
+        if shown:
+            hits = result.results[result.results.drifted]
+            super().__init__(f"drift found in {result.endpoint}: {', '.join(hits.feature.unique())} (version(s) "
+                             f"{', '.join(map(str, hits.model_version.unique()))}; the summary and reports are above){webhook}")
+        else: super().__init__(f"{result.summary()}; reports: {', '.join(map(str, result.reports.values()))}{webhook}")
 
 @dataclass
 class DriftResult:
@@ -151,9 +155,9 @@ class DriftResult:
                          f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r)}"
                          for v, r in self.results.groupby("model_version", sort=True))
 
-    def raise_alert(self):
+    def raise_alert(self, shown: bool = False):  # shown: the summary was printed already; the alert then only names what drifted
         "Raise `DriftAlert` when a feature drifted."
-        if self.drifted: raise DriftAlert(self)
+        if self.drifted: raise DriftAlert(self, shown)
 
 def post_alert(url: str, payload: dict, timeout: float = 5.0) -> str:
     "POST `payload` as JSON to `url`; returns what happened (it never raises: a failing webhook must not hide the alert)."
@@ -170,10 +174,11 @@ def monitoring_dir(env: Environment, endpoint: str) -> Path:
 # %% ../../nbs/12d_monitoring_checks.ipynb #7847750a
 def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `inference_frame` rows of the window
                      start: pd.Timestamp, end: pd.Timestamp, psi_threshold: float, pvalue_threshold: float,
-                     large_sample: int = 5_000, seed: int = 0) -> tuple[pd.DataFrame, dict, dict]:
+                     large_sample: int = 5_000, seed: int = 0,
+                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict]:  # when the check ran (default: now): in each report's name
     "`feature_drift` of each model version's predictions against its baseline, and its HTML report: results, rows and report per version."
     results, rows, reports = [], {}, {}
-    folder = monitoring_dir(env, endpoint)
+    folder, checked = monitoring_dir(env, endpoint), checked or pd.Timestamp.now(tz="UTC")
     versions = frame.groupby(["model_name", "model_version"], sort=True).indices
     for name, version in sorted(versions):
         at = versions[name, version]
@@ -184,16 +189,17 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
         results.append(r.assign(model_name=name, model_version=version))
         rows[version] = len(window)
         title = f"Drift of {endpoint}, {name} version {version}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
-        reports[version] = folder / f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}.html"
+        reports[version] = folder / f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_checked{checked:%Y%m%dT%H%M%S}.html"  # a re-check keeps the earlier report
         reports[version].write_text(drift_report_html(baseline, window, r, title, buckets))
     return pd.concat(results, ignore_index=True), rows, reports
 
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame, rows: dict, reports: dict,
                   params: dict, # the check's thresholds and sample size
+                  checked: pd.Timestamp | None = None, # when the check ran (default: now): in the run's name
                   ) -> str:
     "One MLflow run in `experiment_name(env, 'monitoring')`: the check's parameters, PSI and drifted-feature metrics, the reports; returns its id."
     with in_experiment(env, experiment_name(env, "monitoring")), \
-         mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}", tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
+         mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}-{end:%H:%M} checked {(checked or pd.Timestamp.now(tz='UTC')):%H:%M:%S}", tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
         mlflow.log_params({"endpoint": endpoint, "window_start": str(start), "window_end": str(end), "model_versions": ",".join(rows), **params})
         psi_rows = results[results.method == "psi"]
         metrics = {"rows": float(sum(rows.values())), "drifted_features": float(results[results.drifted].groupby(["model_version", "feature"]).ngroups),
@@ -224,12 +230,13 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     if frame.empty:
         raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful requests between {start} and {end} "
                               f"({payload.num_rows} rows in the window in all); expected predictions to compare with the baseline")
-    results, rows, reports = drift_by_version(env, endpoint, frame, start, end, psi_threshold, pvalue_threshold, large_sample, seed)
+    checked = pd.Timestamp.now(tz="UTC")  # names this check's reports and run apart from any other check of the window
+    results, rows, reports = drift_by_version(env, endpoint, frame, start, end, psi_threshold, pvalue_threshold, large_sample, seed, checked)
     run_id = log_drift_run(env, endpoint, start, end, results, rows, reports,
-                           {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold, "large_sample": large_sample})
+                           {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold, "large_sample": large_sample}, checked)
     table = inference_table(env, endpoint, "drift")
     written = results.assign(endpoint_name=endpoint, window_start=start, window_end=end, rows=results.model_version.map(rows).astype("int64"),
-                             checked_at=pd.Timestamp.now(tz="UTC"), run_id=run_id)[DRIFT_COLUMNS]
+                             checked_at=checked, run_id=run_id)[DRIFT_COLUMNS]
     tables_for(env).append(table, written.astype({"value": "float64", "threshold": "float64", "n": "int64"}))
     result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table, not_logged=frame.attrs.get("not_logged", 0))
     if result.drifted and webhook_url:
