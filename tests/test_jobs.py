@@ -95,7 +95,8 @@ def test_a_local_job_run_prints_the_tasks_own_lines_and_keeps_kernel_and_spark_o
     assert lines[0].startswith("[features/features] features.ipynb {'env_name': 'staging'")
     own = [l for l in lines if l.startswith("   ")]  # the task's printed lines, each after the time since it started (m:ss)
     assert own[0].split(None, 1)[1] == f"building feature tables in staging: local workspace {staging.root} (catalog staging, schema credit)"
-    assert any(l.split(None, 1)[1].startswith("  staging.credit.behaviour_features: 600 rows") for l in own), own
+    assert any(l.endswith("  staging.credit.behaviour_features: 600 rows, 13 features, keys ['customer_id'] + snapshot_date; online: 600 keys")
+               for l in own), own
     assert all(l[:7].strip().replace(":", "").isdigit() for l in own), own
     (run_dir,) = (staging.root / "jobs" / "features").iterdir()
     log = (run_dir / "features.log").read_text()
