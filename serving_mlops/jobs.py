@@ -35,10 +35,10 @@ from .errors import StepFailed
 
 # %% auto #0
 __all__ = ['VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'LoggedKernelManager', 'quiet_kernel',
-           'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'JobRun', 'jobs_folder', 'run_folder', 'notebook_defaults',
-           'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'job_parameters', 'check_job_parameters',
-           'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries', 'submit_tasks',
-           'notebook_values', 'workspace_task_run', 'submit_job']
+           'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'process_alive', 'JobRun', 'jobs_folder', 'run_folder',
+           'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'job_parameters',
+           'check_job_parameters', 'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels',
+           'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -159,6 +159,13 @@ class TaskRun:
 
 ACTIVE = ("PENDING", "RUNNING", "QUEUED", "BLOCKED")  # task states of a run that has not finished
 
+def process_alive(pid: int) -> bool:
+    "Whether process `pid` of this machine still exists."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # it exists, another user's
+    return True
+
 @dataclass
 class JobRun:
     "A run of a job: local (its folder of executed notebooks) or on a workspace (its run page)."
@@ -169,14 +176,16 @@ class JobRun:
     tasks: dict
     url: str = ""  # the run page of a workspace run
     started: str = ""  # ISO time (UTC) the run started
+    pid: int = 0  # the process running a local run
 
     @property
     def state(self) -> str:
-        "SUCCESS, RUNNING (no task failed, some not finished), CANCELED (interrupted) or FAILED."
+        "SUCCESS, FAILED, CANCELED (Ctrl-C), RUNNING (no task failed, some not finished) or ABORTED (its process ended before it did)."
         states = {t.state for t in self.tasks.values()}
         if states <= {"SUCCESS"}: return "SUCCESS"
         if "CANCELED" in states: return "CANCELED"
-        return "RUNNING" if states <= {"SUCCESS", *ACTIVE} else "FAILED"
+        if not states <= {"SUCCESS", *ACTIVE}: return "FAILED"
+        return "ABORTED" if self.pid and not process_alive(self.pid) else "RUNNING"
 
     @property
     def seconds(self) -> float: return sum(t.seconds for t in self.tasks.values())
@@ -197,7 +206,7 @@ class JobRun:
 
     def save(self):
         (self.folder / "run.json").write_text(json.dumps({"job": self.job, "run_id": self.run_id, "environment": self.environment,
-                                                          "state": self.state, "started": self.started, "url": self.url,
+                                                          "state": self.state, "started": self.started, "url": self.url, "pid": self.pid,
                                                           "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
 
     @classmethod
@@ -208,7 +217,7 @@ class JobRun:
         known = TaskRun.__dataclass_fields__
         return cls(data["job"], data["run_id"], data["environment"], folder,
                    {t["key"]: TaskRun(**{k: v for k, v in t.items() if k in known}) for t in data["tasks"]},
-                   data.get("url", ""), data.get("started", ""))
+                   data.get("url", ""), data.get("started", ""), data.get("pid", 0))
 
 def jobs_folder(env: Environment) -> Path:
     "Where the records of `env`'s job runs are kept: `jobs/` of the local workspace, or for a workspace target of its folder on this machine."
@@ -266,7 +275,7 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
     if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     run = JobRun(job, run_id, env.name, run_folder(env, job, run_id), {k: TaskRun(k) for k in spec.tasks},
-                 started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                 started=datetime.now(timezone.utc).isoformat(timespec="seconds"), pid=os.getpid())
     run.save()  # listed as RUNNING from now on
     values = {}
     for key in TopologicalSorter({k: t.depends_on for k, t in spec.tasks.items()}).static_order():
