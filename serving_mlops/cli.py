@@ -22,7 +22,7 @@ from .tables import tables_for
 # %% auto #0
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate', 'table_summary', 'ingest',
            'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'deploy',
-           'id_range', 'query_keys', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run']
+           'id_range', 'query_keys', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run', 'jobs_runs']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
@@ -328,6 +328,19 @@ def jobs_run(job: str = typer.Argument(..., help="Job name, e.g. model_build (se
             typer.secho(f"interrupted: job {job} stopped; its run is recorded as CANCELED, run it again to start afresh", err=True, fg=typer.colors.RED)
             raise typer.Exit(130) from None
         typer.echo(run.summary())
+
+@jobs_app.command("runs")
+def jobs_runs(job: Optional[str] = typer.Option(None, "--job", "-j", help="Only the runs of this job (see `serving-mlops jobs list`)."),
+              env: Optional[str] = EnvOption,
+              last: int = typer.Option(20, "--last", "-n", min=1, help="How many runs to list, newest first.")):
+    "The job runs made in an environment (from each run folder's run.json), newest first: state, start time, duration of each task."
+    from serving_mlops.jobs import jobs_folder, past_runs
+    with clear_errors():
+        environment = get_environment(env)
+        runs = past_runs(environment, job)
+        if not runs: typer.echo(f"no runs{f' of job {job}' if job else ''} recorded in {jobs_folder(environment)}")
+        for run in runs[:last]: typer.echo(run.overview())
+        if len(runs) > last: typer.echo(f"(older runs not shown: {len(runs) - last}; --last {len(runs)} lists them all)")
 
 # %% ../nbs/90_cli.ipynb #cbf5d98c
 #| eval: false

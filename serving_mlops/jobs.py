@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import re
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import papermill as pm
 import yaml
+from jupyter_client import AsyncKernelManager
+from traitlets import Unicode
+from traitlets.config import Config
 from databricks.sdk.errors import DatabricksError, OperationFailed
 from databricks.sdk.service.compute import ClusterSpec, Library
 from databricks.sdk.service.jobs import NotebookTask, RunOutput, RunTask, SubmitTask, TaskDependency
@@ -30,10 +34,11 @@ from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, Co
 from .errors import StepFailed
 
 # %% auto #0
-__all__ = ['VALUE_REF', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'JobFailed', 'TaskRun', 'JobRun', 'run_folder',
+__all__ = ['VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'LoggedKernelManager', 'quiet_kernel',
+           'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'process_alive', 'JobRun', 'jobs_folder', 'run_folder',
            'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'job_parameters',
-           'check_job_parameters', 'sync_root', 'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries',
-           'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
+           'check_job_parameters', 'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels',
+           'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -100,6 +105,41 @@ def load_jobs(env: Environment) -> dict[str, JobSpec]:
                 jobs[name] = JobSpec(name, substitute(job.get("name", name), env, where), tasks, path)
     return jobs
 
+# %% ../nbs/10_jobs.ipynb #f9b4a23b
+class LoggedKernelManager(AsyncKernelManager):
+    "A kernel manager that launches the kernel with its stdout and stderr appended to `log_path`, not on the terminal."
+    log_path = Unicode("", help="file the kernel process's own output is appended to").tag(config=True)
+
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw):  # jupyter_client's hook for launching differently
+        with open(self.log_path, "ab") as log:  # the kernel process keeps its own copy of the descriptor
+            await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
+
+def quiet_kernel(log_path: Path) -> dict:
+    "papermill `execute_notebook` options: the kernel's own output (and a JVM's it starts) to `log_path`, not into the notebook."
+    return {"kernel_manager_class": LoggedKernelManager, "config": Config({"LoggedKernelManager": {"log_path": str(log_path)}}),
+            "extra_arguments": ["--IPKernelApp.capture_fd_output=False"]}
+
+def elapsed(seconds: float) -> str:
+    "`seconds` as m:ss."
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+
+class TaskOutput:
+    "A running task's printed text as papermill streams it: to its log file, and each line to `console` after the time since `start`."
+    def __init__(self, log, console=None, start: float | None = None):
+        self.log, self.console, self.start, self.line_start = log, console, time.monotonic() if start is None else start, True
+
+    def write(self, text: str):
+        self.log.write(text)
+        if self.console is None: return
+        for line in text.splitlines(keepends=True):
+            if self.line_start: self.console.write(f"  {elapsed(time.monotonic() - self.start):>5}  ")
+            self.console.write(line)
+            self.line_start = line.endswith("\n")
+
+    def flush(self):
+        self.log.flush()
+        if self.console is not None: self.console.flush()
+
 # %% ../nbs/10_jobs.ipynb #d78bf43f
 VALUE_REF = re.compile(r"\{\{\s*tasks\.([A-Za-z0-9_\-]+)\.values\.([A-Za-z0-9_\-]+)\s*\}\}")
 
@@ -115,6 +155,16 @@ class TaskRun:
     seconds: float = 0.0
     values: dict = field(default_factory=dict)
     error: str = ""
+    log: str = ""  # everything the task and its kernel printed (local runs)
+
+ACTIVE = ("PENDING", "RUNNING", "QUEUED", "BLOCKED")  # task states of a run that has not finished
+
+def process_alive(pid: int) -> bool:
+    "Whether process `pid` of this machine still exists."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # it exists, another user's
+    return True
 
 @dataclass
 class JobRun:
@@ -125,24 +175,57 @@ class JobRun:
     folder: Path | None
     tasks: dict
     url: str = ""  # the run page of a workspace run
+    started: str = ""  # ISO time (UTC) the run started
+    pid: int = 0  # the process running a local run
 
     @property
-    def state(self) -> str: return "SUCCESS" if all(t.state == "SUCCESS" for t in self.tasks.values()) else "FAILED"
+    def state(self) -> str:
+        "SUCCESS, FAILED, CANCELED (Ctrl-C), RUNNING (no task failed, some not finished) or ABORTED (its process ended before it did)."
+        states = {t.state for t in self.tasks.values()}
+        if states <= {"SUCCESS"}: return "SUCCESS"
+        if "CANCELED" in states: return "CANCELED"
+        if not states <= {"SUCCESS", *ACTIVE}: return "FAILED"
+        return "ABORTED" if self.pid and not process_alive(self.pid) else "RUNNING"
+
+    @property
+    def seconds(self) -> float: return sum(t.seconds for t in self.tasks.values())
 
     def summary(self) -> str:
         lines = [f"job {self.job} in {self.environment}, run {self.run_id}: {self.state} ({self.url or self.folder})"]
         for t in self.tasks.values():
             lines.append(f"  {t.key}: {t.state}" + (f" in {t.seconds:.0f} s" if t.seconds else "") + (f": {t.error}" if t.error else "")
-                         + (f" -> {t.values}" if t.values else ""))
+                         + (f" -> {t.values}" if t.values else "") + (f"; log: {t.log}" if t.log and t.state == "FAILED" else ""))
+        if self.folder is not None and not self.url: lines.append(f"  logs (kernel, Spark and library output): {self.folder}/<task>.log")
         return "\n".join(lines)
+
+    def overview(self) -> str:
+        "Two lines for a list of runs: the run, its state, start and duration; each task's state and duration."
+        started = "started " + self.started.replace("T", " ").replace("+00:00", " UTC") if self.started else "start time not recorded"
+        head = f"{self.job} run {self.run_id} ({self.environment}): {self.state}, {started}, {elapsed(self.seconds)}"
+        return head + "\n  " + " · ".join(f"{t.key} {t.state}" + (f" {elapsed(t.seconds)}" if t.seconds else "") for t in self.tasks.values())
 
     def save(self):
         (self.folder / "run.json").write_text(json.dumps({"job": self.job, "run_id": self.run_id, "environment": self.environment,
-                                                          "state": self.state, "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
+                                                          "state": self.state, "started": self.started, "url": self.url, "pid": self.pid,
+                                                          "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> JobRun:
+        "The run recorded in `folder`/run.json."
+        try: data = json.loads((folder / "run.json").read_text())
+        except ValueError as e: raise ConfigError(f"{folder / 'run.json'} is not a run record (JSON): {e}") from None
+        known = TaskRun.__dataclass_fields__
+        return cls(data["job"], data["run_id"], data["environment"], folder,
+                   {t["key"]: TaskRun(**{k: v for k, v in t.items() if k in known}) for t in data["tasks"]},
+                   data.get("url", ""), data.get("started", ""), data.get("pid", 0))
+
+def jobs_folder(env: Environment) -> Path:
+    "Where the records of `env`'s job runs are kept: `jobs/` of the local workspace, or for a workspace target of its folder on this machine."
+    return (env.root if env.is_local else local_root(env.name, env.bundle_path)) / "jobs"
 
 def run_folder(env: Environment, job: str, run_id: str) -> Path:
-    "The folder of a run's record: `jobs/<job>/<run id>/` of the local workspace, or for a workspace target of its folder on this machine."
-    folder = (env.root if env.is_local else local_root(env.name, env.bundle_path)) / "jobs" / job / run_id
+    "The folder of a run's record: `<jobs folder>/<job>/<run id>/`."
+    folder = jobs_folder(env) / job / run_id
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -191,21 +274,25 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
     check_job_parameters(spec, parameters)
     if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    run = JobRun(job, run_id, env.name, run_folder(env, job, run_id), {k: TaskRun(k) for k in spec.tasks})
+    run = JobRun(job, run_id, env.name, run_folder(env, job, run_id), {k: TaskRun(k) for k in spec.tasks},
+                 started=datetime.now(timezone.utc).isoformat(timespec="seconds"), pid=os.getpid())
+    run.save()  # listed as RUNNING from now on
     values = {}
     for key in TopologicalSorter({k: t.depends_on for k, t in spec.tasks.items()}).static_order():
         task, state = spec.tasks[key], run.tasks[key]
         failed = [d for d in task.depends_on if run.tasks[d].state != "SUCCESS"]
         if failed: state.state, state.error = "SKIPPED", f"upstream task(s) {failed} did not succeed"; continue
         args = task_arguments(task, values, f"{spec.source}: job {job} task {key}", parameters)
-        out, values_file = run.folder / f"{key}.ipynb", run.folder / f"{key}.values.json"
-        state.state, state.notebook = "RUNNING", str(out)
+        out, values_file, log = run.folder / f"{key}.ipynb", run.folder / f"{key}.values.json", run.folder / f"{key}.log"
+        state.state, state.notebook, state.log = "RUNNING", str(out), str(log)
+        run.save()
         if progress: print(f"[{job}/{key}] {task.notebook.name} {args}", flush=True)
         start = time.monotonic()
         try:
-            with task_environment(env, values_file):
-                pm.execute_notebook(str(task.notebook), str(out), parameters=args, cwd=str(task.notebook.parent),
-                                    kernel_name="python3", progress_bar=False)
+            with task_environment(env, values_file), open(log, "a") as log_file:
+                pm.execute_notebook(str(task.notebook), str(out), parameters=args, cwd=str(task.notebook.parent), kernel_name="python3",
+                                    progress_bar=False, stdout_file=TaskOutput(log_file, sys.stdout if progress else None, start),
+                                    stderr_file=log_file, **quiet_kernel(log))
             state.state = "SUCCESS"
         except pm.PapermillExecutionError as e:
             state.state, state.error = "FAILED", f"cell {e.exec_count} of {task.notebook.name} raised {e.ename}: {e.evalue}"
@@ -215,7 +302,8 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         state.seconds = time.monotonic() - start
         state.values = values[key] = json.loads(values_file.read_text()) if values_file.exists() else {}
         run.save()
-        if progress: print(f"[{job}/{key}] {state.state} in {state.seconds:.0f} s" + (f": {state.error}" if state.error else ""), flush=True)
+        if progress: print(f"[{job}/{key}] {state.state} in {state.seconds:.0f} s" + (f": {state.error}" if state.error else "")
+                           + f" (log: {log})", flush=True)
     run.save()
     if run.state != "SUCCESS":
         failed = next(t for t in run.tasks.values() if t.state == "FAILED")
@@ -237,6 +325,16 @@ def check_job_parameters(spec: JobSpec, parameters: dict | None):
     if unknown:
         raise ConfigError(f"job {spec.name} has no parameter {', '.join(map(repr, unknown))}; its tasks take: "
                           + "; ".join(f"{k} ({', '.join(v)})" for k, v in known.items()))
+
+# %% ../nbs/10_jobs.ipynb #1c508ab3
+def past_runs(env: Environment, job: str | None = None) -> list[JobRun]:
+    "The runs recorded for `env` (of `job` only, if given), newest first."
+    if job is not None and job not in load_jobs(env) and not (jobs_folder(env) / job).is_dir():
+        raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} and no recorded runs of it (jobs: {', '.join(sorted(load_jobs(env)))})")
+    records = sorted(jobs_folder(env).glob(f"{job or '*'}/*/run.json"))
+    runs = [JobRun.load(r.parent) for r in records]
+    mtime = {id(r): datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds") for r, p in zip(runs, records)}
+    return sorted(runs, key=lambda r: r.started or mtime[id(r)], reverse=True)  # a record without its start time: by when it was written
 
 # %% ../nbs/10_jobs.ipynb #3068ea38
 def sync_root(env: Environment) -> Path:
@@ -350,7 +448,8 @@ def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, 
         show(run)
         tasks = {t.task_key: workspace_task_run(w, t) for t in run.tasks or []}
     except DatabricksError as e: raise JobFailed(f"{where}: {type(e).__name__}: {e}") from None
-    result = JobRun(spec.name, str(run.run_id), env.name, run_folder(env, spec.name, str(run.run_id)), tasks, run.run_page_url or "")
+    started = datetime.fromtimestamp(run.start_time / 1000, timezone.utc).isoformat(timespec="seconds") if run.start_time else ""
+    result = JobRun(spec.name, str(run.run_id), env.name, run_folder(env, spec.name, str(run.run_id)), tasks, run.run_page_url or "", started)
     result.save()
     if result.state != "SUCCESS":
         failed = next((t for t in result.tasks.values() if t.state != "SUCCESS" and not t.state.startswith("UPSTREAM_")), None)

@@ -151,7 +151,7 @@ def copy_model_version(source: Environment, target: Environment, version=None, a
     renamed = (target_store or feature_store_for(target)).retarget_model(local)  # look features up in the target's own tables
     tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or ""}
     with in_experiment(target, experiment_name(target, "promotions")):
-        with mlflow.start_run(run_name=f"copy {name} v{src.version}", tags=tags) as run: mlflow.log_artifacts(str(local), "model")
+        with mlflow.start_run(run_name=f"promote {name} v{src.version} {source.name} -> {target.name}", tags=tags) as run: mlflow.log_artifacts(str(local), "model")
         copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.var("model_name"), tags=tags)
     tables = ", ".join(sorted(set(renamed.values())))
     registry_client(target).update_model_version(copy.name, copy.version, description=f"Copied from {name} version {src.version} of "

@@ -229,6 +229,10 @@ class Tables:
         "Number of rows in table `name`."
         return self.read_arrow(name).num_rows
 
+    def dataset_id(self, name: str) -> str | None:
+        "The id an MLflow Delta dataset source records for table `name`; None: MLflow looks the Unity Catalog table up itself."
+        return None
+
     def _require(self, name: str):
         split_name(name)
         if not self.exists(name): raise TableError(f"table {name} does not exist")
@@ -309,6 +313,8 @@ class LocalTables(Tables):
         return self._delta(name).history()
 
     def version(self, name: str) -> int: return self._delta(name).version()
+
+    def dataset_id(self, name: str) -> str | None: return self._delta(name).metadata().id  # the Delta log's table id
 
     def list(self, catalog: str | None = None, schema: str | None = None) -> list[str]:
         "Names of the tables in this workspace (optionally of one catalog and schema)."

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from dataclasses import dataclass
 
 import matplotlib
@@ -16,6 +17,7 @@ import mlflow
 import numpy as np
 import optuna
 import pandas as pd
+from mlflow.data.delta_dataset_source import DeltaDatasetSource
 from sklearn.calibration import calibration_curve
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -37,8 +39,8 @@ from .tables import get_spark
 
 # %% auto #0
 __all__ = ['LABEL', 'CATEGORICAL', 'training_set', 'split_by_customer', 'feature_columns', 'make_pipeline', 'evaluate',
-           'evaluation_figures', 'importance_figure', 'frame_hash', 'git_commit', 'lineage', 'suggest',
-           'model_signature', 'TrainingResult', 'train']
+           'evaluation_figures', 'importance_figure', 'frame_hash', 'git_commit', 'lineage', 'TableVersionSource',
+           'split_datasets', 'suggest', 'model_signature', 'TrainingResult', 'train']
 
 # %% ../nbs/06_train.ipynb #3eaceb73
 LABEL = "label"
@@ -93,30 +95,32 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, prefix: str =
     return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
 
 # %% ../nbs/06_train.ipynb #7660cccf
-def evaluation_figures(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, plt.Figure]:
+def evaluation_figures(y: np.ndarray, p: np.ndarray, threshold: float = 0.5,
+                       split: str = "test", # the split `y` and `p` are of, named in every title
+                       ) -> dict[str, plt.Figure]:
     "ROC, precision-recall, calibration and confusion-matrix figures by file name."
-    figs = {}
+    figs, of = {}, f"{split} split, {len(y):,} rows"
     fig, ax = plt.subplots(figsize=(5, 5)); fpr, tpr, _ = roc_curve(y, p)
     ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(y, p):.3f}"); ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC"); ax.legend(); figs["roc.png"] = fig
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({of})"); ax.legend(); figs["roc.png"] = fig
     fig, ax = plt.subplots(figsize=(5, 5)); prec, rec, _ = precision_recall_curve(y, p)
     ax.plot(rec, prec, label=f"AP {average_precision_score(y, p):.3f}"); ax.axhline(np.mean(y), ls="--", color="grey")
-    ax.set(xlabel="recall", ylabel="precision", title="Precision-recall"); ax.legend(); figs["precision_recall.png"] = fig
+    ax.set(xlabel="recall", ylabel="precision", title=f"Precision-recall ({of})"); ax.legend(); figs["precision_recall.png"] = fig
     fig, ax = plt.subplots(figsize=(5, 5)); frac, mean = calibration_curve(y, p, n_bins=10, strategy="quantile")
     ax.plot(mean, frac, "o-"); ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.set(xlabel="predicted probability", ylabel="observed default rate", title="Calibration"); figs["calibration.png"] = fig
+    ax.set(xlabel="predicted probability", ylabel="observed default rate", title=f"Calibration ({of})"); figs["calibration.png"] = fig
     fig, ax = plt.subplots(figsize=(5, 5))
     ConfusionMatrixDisplay.from_predictions(y, (np.asarray(p) >= threshold).astype(int), ax=ax, colorbar=False)
-    ax.set_title(f"Confusion matrix at {threshold:.2f}"); figs["confusion_matrix.png"] = fig
+    ax.set_title(f"Confusion matrix at {threshold:.2f} ({of})"); figs["confusion_matrix.png"] = fig
     return figs
 
-def importance_figure(model: Pipeline, X: pd.DataFrame, y: np.ndarray, seed: int = 42) -> plt.Figure:
+def importance_figure(model: Pipeline, X: pd.DataFrame, y: np.ndarray, seed: int = 42, split: str = "validation") -> plt.Figure:
     "Permutation importance (drop in ROC AUC) of each input column."
     result = permutation_importance(model, X, y, scoring="roc_auc", n_repeats=3, random_state=seed, n_jobs=1)
     order = np.argsort(result.importances_mean)
     fig, ax = plt.subplots(figsize=(6, max(3, 0.3 * len(order))))
     ax.barh(np.array(X.columns)[order], result.importances_mean[order], xerr=result.importances_std[order])
-    ax.set(xlabel="drop in ROC AUC when shuffled", title="Permutation importance")
+    ax.set(xlabel="drop in ROC AUC when shuffled", title=f"Permutation importance ({split} split, {len(y):,} rows)")
     fig.tight_layout()
     return fig
 
@@ -136,6 +140,16 @@ def lineage(env: Environment, store, ts: TrainingSet, df: pd.DataFrame) -> dict[
     silver = env.table_name("silver_clients")
     tags[f"table_version.{silver}"] = str(store.tables.version(silver))
     return {**tags, "training_data_sha256": frame_hash(df), "git_commit": git_commit(), "environment": env.name}
+
+class TableVersionSource(DeltaDatasetSource):
+    "MLflow's Delta table dataset source that records version 0 too (MLflow's own leaves a falsy version out)."
+    def to_dict(self) -> dict: return {**super().to_dict(), "delta_table_version": self._delta_table_version}
+
+def split_datasets(env: Environment, store, splits: dict[str, pd.DataFrame]) -> dict[str, mlflow.data.pandas_dataset.PandasDataset]:
+    "Each split as an MLflow dataset whose source is the silver table at the Delta version the training set read."
+    silver = env.table_name("silver_clients")
+    source = TableVersionSource(delta_table_name=silver, delta_table_version=store.tables.version(silver), delta_table_id=store.tables.dataset_id(silver))
+    return {split: mlflow.data.from_pandas(df, source=source, targets=LABEL, name=f"credit_default_{split}") for split, df in splits.items()}
 
 # %% ../nbs/06_train.ipynb #ed43a6d0
 def suggest(trial: optuna.Trial) -> dict:
@@ -166,25 +180,34 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
     splits = split_by_customer(df, seed)
     cols = feature_columns(df)
     (Xt, yt), (Xv, yv), (Xs, ys) = [(splits[k][cols], splits[k][LABEL].to_numpy()) for k in ("train", "validation", "test")]
+    if progress: print(f"training set: {len(df):,} rows, {len(cols)} features: train {len(Xt):,}, validation {len(Xv):,}, test {len(Xs):,} rows", flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with in_experiment(env, experiment or experiment_name(env, "training")), mlflow.start_run(run_name="training") as parent:
+    run_name = f"train {env.var('model_name').split('.')[-1]} {env.name} {n_trials} trials"
+    with in_experiment(env, experiment or experiment_name(env, "training")), mlflow.start_run(run_name=run_name) as parent:
+        for split, dataset in split_datasets(env, store, splits).items(): mlflow.log_input(dataset, context=split)
         def objective(trial):
             params = suggest(trial)
-            with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+            with mlflow.start_run(run_name=f"trial {trial.number + 1}/{n_trials}", nested=True):
                 model = make_pipeline(cols, seed=seed, **params).fit(Xt, yt)
                 auc = roc_auc_score(yv, model.predict_proba(Xv)[:, 1])
                 mlflow.log_params(params); mlflow.log_metric("val_roc_auc", auc)
             return auc
         study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
-        study.optimize(objective, n_trials=n_trials, show_progress_bar=progress)
+        def report(study, trial):
+            print(f"trial {trial.number + 1}/{n_trials}: validation ROC AUC {trial.value:.4f}, best {study.best_value:.4f} "
+                  f"(trial {study.best_trial.number + 1}), {trial.duration.total_seconds():.1f} s", flush=True)
+        study.optimize(objective, n_trials=n_trials, callbacks=[report] if progress else [])
         model = make_pipeline(cols, seed=seed, **study.best_params).fit(Xt, yt)
         pv, ps = model.predict_proba(Xv)[:, 1], model.predict_proba(Xs)[:, 1]
         metrics = {**evaluate(yv, pv, threshold, "val_"), **evaluate(ys, ps, threshold, "test_")}
         mlflow.log_params({**study.best_params, "n_trials": n_trials, "seed": seed, "threshold": threshold,
                            "rows_train": len(Xt), "rows_validation": len(Xv), "rows_test": len(Xs)})
         mlflow.log_metrics(metrics)
+        if progress: print(f"final model: validation ROC AUC {metrics['val_roc_auc']:.4f}, test {metrics['test_roc_auc']:.4f}; "
+                           "logging plots, baseline and model", flush=True)
         mlflow.set_tags(lineage(env, store, ts, df))
-        for file, fig in {**evaluation_figures(ys, ps, threshold), "feature_importance.png": importance_figure(model, Xv, yv, seed)}.items():
+        figures = {**evaluation_figures(ys, ps, threshold, "test"), "feature_importance.png": importance_figure(model, Xv, yv, seed, "validation")}
+        for file, fig in figures.items():
             mlflow.log_figure(fig, f"plots/{file}"); plt.close(fig)
         example = Xs.head(5)
         signature = model_signature(model, example)

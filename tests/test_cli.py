@@ -108,3 +108,22 @@ def test_jobs_run_refuses_a_parameter_no_task_takes_and_runs_nothing(home):
     assert "job model_build has no parameter 'bogus'; its tasks take: " in proc.stderr + proc.stdout
     assert "max_bad_fraction (ingest)" in proc.stderr + proc.stdout  # the valid names, with the tasks that take them
     assert not (home / "staging" / "jobs").exists() or not any((home / "staging" / "jobs").rglob("run.json"))
+
+
+def test_jobs_runs_lists_the_runs_made_newest_first_with_their_states(home):
+    from pathlib import Path
+    from serving_mlops.data import write_credit_data
+    staging = get_environment("staging")
+    assert "no runs of job ingest recorded in " in cli("jobs", "runs", "--env", "staging", "--job", "ingest").stdout
+    write_credit_data(Path(staging.landing_dir) / "clients.csv", 300, seed=3, progress=False)
+    cli("jobs", "run", "ingest", "--env", "staging")
+    write_credit_data(Path(staging.landing_dir) / "clients.csv", 300, seed=4, progress=False, bad_fraction=0.3)
+    assert cli("jobs", "run", "ingest", "--env", "staging", check=False).returncode == 1
+    lines = cli("jobs", "runs", "--env", "staging", "--job", "ingest").stdout.splitlines()
+    runs = sorted(p.name for p in (staging.root / "jobs" / "ingest").iterdir())  # run ids begin with their start time
+    assert len(lines) == 4 and lines[0].startswith(f"ingest run {runs[1]} (staging): FAILED, started 20") and lines[1].startswith("  ingest FAILED 0:")
+    assert lines[2].startswith(f"ingest run {runs[0]} (staging): SUCCESS, started 20") and lines[3].startswith("  ingest SUCCESS 0:")
+    assert cli("jobs", "runs", "--env", "staging").stdout.splitlines() == lines  # every job's runs: only ingest ran
+    assert cli("jobs", "runs", "--env", "staging", "--last", "1").stdout.splitlines()[:2] == lines[:2]
+    proc = cli("jobs", "runs", "--env", "staging", "--job", "ingset", check=False)
+    assert proc.returncode == 1 and "no job 'ingset' in the bundle" in proc.stderr

@@ -81,6 +81,34 @@ def test_spark_reads_what_ingest_wrote(home):
     assert joined.count() == 12000
 
 
+NOISE = ("IPKernelApp", "NativeCodeLoader", "Setting default log level")  # the kernel's and Spark's, not the task's
+
+
+def test_a_local_job_run_prints_the_tasks_own_lines_and_keeps_kernel_and_spark_output_in_the_tasks_log(home):
+    staging = get_environment("staging")
+    write_credit_data(Path(staging.landing_dir) / "clients.csv", 600, seed=3, progress=False)
+    cli("ingest", "--env", "staging")
+    r = cli("jobs", "run", "features", "--env", "staging")
+    printed = r.stdout + r.stderr
+    assert not [line for line in printed.splitlines() if any(n in line for n in NOISE)], printed
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("[features/features] features.ipynb {'env_name': 'staging'")
+    own = [l for l in lines if l.startswith("   ")]  # the task's printed lines, each after the time since it started (m:ss)
+    assert own[0].split(None, 1)[1] == f"building feature tables in staging: local workspace {staging.root} (catalog staging, schema credit)"
+    assert any(l.endswith("  staging.credit.behaviour_features: 600 rows, 13 features, keys ['customer_id'] + snapshot_date; online: 600 keys")
+               for l in own), own
+    assert all(l[:7].strip().replace(":", "").isdigit() for l in own), own
+    (run_dir,) = (staging.root / "jobs" / "features").iterdir()
+    log = (run_dir / "features.log").read_text()
+    assert all(n in log for n in NOISE), log  # where they went
+    assert "staging.credit.behaviour_features: 600 rows" in log  # with the task's own lines
+    assert "[features/features] SUCCESS in " in r.stdout and f"(log: {run_dir / 'features.log'})" in r.stdout
+    assert f"logs (kernel, Spark and library output): {run_dir}/<task>.log" in r.stdout
+    assert "NativeCodeLoader" not in (run_dir / "features.ipynb").read_text()  # nor in the executed notebook
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["state"] == "SUCCESS" and run["started"].startswith("20") and run["tasks"][0]["log"] == str(run_dir / "features.log")
+
+
 def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependents(home):
     staging = get_environment("staging")
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 400, seed=3, progress=False, bad_fraction=0.3)
@@ -109,6 +137,7 @@ def test_ctrl_c_cancels_a_local_job_run_and_records_it(home):
 @pytest.mark.timeout(1800)
 def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
     "Steps 2-7 of the scenario, offline: model_build and deploy_serving_endpoint in staging, promote into prod; then batch inference in prod."
+    from mlflow import MlflowClient
     from serving_mlops.registry import alias_version
     from serving_mlops.serving.process import stop_server, workspace_client
     # the project's bundle, its runtimes on free ports: `make demo`'s runtimes may hold the targets' own ports (8712, 8713)
@@ -121,8 +150,21 @@ def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
     assert (staging.var("serving_port", int), prod.var("serving_port", int)) == (0, 0)
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 3000, seed=3, progress=False)
     try:
-        out = cli("jobs", "run", "model_build", "--env", "staging", "-p", "n_trials=1").stdout
+        r = cli("jobs", "run", "model_build", "--env", "staging", "-p", "n_trials=2")
+        out = r.stdout
         assert "job model_build in staging" in out and "validate: SUCCESS" in out and "{'model_version': '1'}" in out
+        assert not [l for l in (out + r.stderr).splitlines() if any(n in l for n in NOISE)], out + r.stderr
+        assert "trial 1/2: validation ROC AUC " in out and "trial 2/2: validation ROC AUC " in out  # as each trial ends
+        assert "final model: validation ROC AUC " in out and "Best trial" not in out + r.stderr  # not Optuna's progress bar
+        trained = MlflowClient(staging.tracking_uri).get_run(registry_version(staging, 1).run_id)
+        assert trained.info.run_name == "train default_model staging 2 trials"
+        inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in trained.inputs.dataset_inputs}
+        assert sorted(inputs) == ["test", "train", "validation"]
+        source = json.loads(inputs["train"].source)
+        silver = tables_for(staging)
+        assert inputs["train"].source_type == "delta_table" and source["delta_table_name"] == "staging.credit.silver_clients"
+        assert source["delta_table_version"] == silver.version("staging.credit.silver_clients")  # the version it trained on (ingest wrote it)
+        assert inputs["train"].digest and json.loads(inputs["train"].profile)["num_rows"] == int(trained.data.params["rows_train"])
         (run_dir,) = (staging.root / "jobs" / "model_build").iterdir()
         assert sorted(p.name for p in run_dir.glob("*.ipynb")) == ["features.ipynb", "ingest.ipynb", "train.ipynb", "validate.ipynb"]
         assert int(alias_version(staging, "champion").version) == 1
