@@ -5,28 +5,34 @@
 # %% ../nbs/01_tables.ipynb #5a14a381
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 from deltalake import Schema as DeltaSchema
+from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from .config import ConfigError, Environment, get_environment, on_databricks
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['Frame', 'FILTER_OPS', 'Filters', 'java_version', 'require_java', 'spark_master', 'require_single_node',
-           'connect_spark', 'get_spark', 'TableError', 'split_name', 'to_arrow', 'delta_types', 'check_schema',
-           'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'Tables', 'LocalTables', 'merge_metrics',
-           'SparkTables', 'tables_for']
+__all__ = ['Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
+           'require_single_node', 'connect_spark', 'get_spark', 'TableError', 'split_name', 'to_arrow', 'delta_types',
+           'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'is_spark_frame',
+           'spark_arrow_schema', 'check_rows', 'delta_stats', 'write_parquet_files', 'Tables', 'LocalTables',
+           'merge_metrics', 'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
 def java_version() -> int | None:
@@ -199,6 +205,56 @@ def check_keys(name: str, table: pa.Table, keys: Sequence[str]) -> pa.Table:
         raise TableError(f"writing {name}: {dupes.num_rows} key(s) occur more than once in the frame, e.g. {example}; nothing was written")
     return table
 
+# %% ../nbs/01_tables.ipynb #a5314a1e
+PARQUET_FILES = "path string, size long, rows long, modified long, stats string"  # one row per file an executor wrote
+
+def is_spark_frame(df) -> bool: return hasattr(df, "mapInArrow")  # classic or Spark Connect; pyspark is not imported otherwise
+
+def spark_arrow_schema(df) -> pa.Schema:
+    "The Arrow schema of Spark frame `df`, as `to_arrow` would make it."
+    from pyspark.sql.pandas.types import to_arrow_schema
+    return to_arrow(to_arrow_schema(df.schema).empty_table()).schema
+
+def check_rows(name: str, got: int, expected: int | None):
+    "Refuse a write of `got` rows into table `name` when `expected` rows were announced."
+    if expected is not None and got != expected:
+        raise TableError(f"writing {name}: the frame has {got:,} rows, expected {expected:,}; nothing was written")
+
+_STATS_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_date)
+
+def delta_stats(table: pa.Table, stats: dict | None = None) -> dict:
+    "Delta file statistics of `table` (numRecords, nullCount; minValues and maxValues of numbers and dates), added to `stats`."
+    import pyarrow.compute as pc
+    out = stats or {"numRecords": 0, "minValues": {}, "maxValues": {}, "nullCount": {}}
+    out["numRecords"] += table.num_rows
+    for name, column in zip(table.column_names, table.columns):
+        out["nullCount"][name] = out["nullCount"].get(name, 0) + column.null_count
+        if not any(is_type(column.type) for is_type in _STATS_TYPES): continue
+        bounds = pc.min_max(column)
+        low, high = bounds["min"].as_py(), bounds["max"].as_py()
+        if low is None or any(isinstance(v, float) and not math.isfinite(v) for v in (low, high)): continue  # all null, NaN or infinite
+        out["minValues"][name] = min(low, out["minValues"].get(name, low))
+        out["maxValues"][name] = max(high, out["maxValues"].get(name, high))
+    return out
+
+def write_parquet_files(folder: str, # the table's folder
+                        schema: pa.Schema, # the schema to write (the table's types, checked on the driver)
+                        batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    "Write one partition's `batches` as a Parquet file in `folder` (run by `mapInArrow` on an executor); yields the file's row of PARQUET_FILES."
+    import pyarrow.parquet as pq
+    path, writer, stats = f"part-{uuid.uuid4()}-c000.snappy.parquet", None, None
+    for batch in batches:
+        if not batch.num_rows: continue
+        table = pa.Table.from_batches([batch]).cast(schema)
+        if writer is None: writer = pq.ParquetWriter(f"{folder}/{path}", schema, compression="snappy")
+        writer.write_table(table)
+        stats = delta_stats(table, stats)
+    if writer is None: return  # an empty partition writes nothing
+    writer.close()
+    written = os.stat(f"{folder}/{path}")
+    yield pa.RecordBatch.from_pylist([{"path": path, "size": written.st_size, "rows": stats["numRecords"],
+                                       "modified": int(written.st_mtime * 1000), "stats": json.dumps(stats, default=str)}])
+
 # %% ../nbs/01_tables.ipynb #726dd52a
 class Tables:
     "Delta tables by three-part name; subclasses implement the storage."
@@ -232,12 +288,17 @@ class Tables:
         split_name(name)
         if not self.exists(name): raise TableError(f"table {name} does not exist")
 
-    def _prepared(self, name: str, df: Frame, allow_new: bool = True) -> pa.Table:
+    def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None): raise NotImplementedError
+
+    def _target_schema(self, name: str, frame: pa.Schema) -> pa.Schema:
+        "The schema a frame with schema `frame` is written into `name` with: the table's types (checked), or its own for a new table."
         split_name(name)
+        if self.exists(name): return check_schema(name, self.schema(name), frame)
+        return pa.schema([f.with_nullable(True) for f in frame])
+
+    def _prepared(self, name: str, df: Frame) -> pa.Table:
         table = to_arrow(df)
-        if self.exists(name): table = table.cast(check_schema(name, self.schema(name), table.schema))
-        elif not allow_new: raise TableError(f"table {name} does not exist")
-        return table
+        return table.cast(self._target_schema(name, table.schema))
 
     def overwrite(self, name: str, df: Frame, keys: Sequence[str] | None = None) -> int:
         "Replace the contents of `name` with `df` (creating it; unique non-null `keys` if given); returns the new version."
@@ -245,9 +306,16 @@ class Tables:
         self._write(name, self._prepared(name, table), "overwrite")
         return self.version(name)
 
-    def append(self, name: str, df: Frame) -> int:
-        "Add the rows of `df` to `name` (creating it); returns the new version."
-        self._write(name, self._prepared(name, df), "append")
+    def append(self, name: str, df: Frame,
+               rows: int | None = None, # refuse the write (nothing written) unless `df` has exactly this many rows
+               ) -> int:
+        "Add the rows of `df` to `name` (creating it) in one commit; returns the new version. A Spark frame is written by its executors, never collected."
+        if is_spark_frame(df):
+            self._append_spark(name, df, self._target_schema(name, spark_arrow_schema(df)), rows)
+            return self.version(name)
+        table = self._prepared(name, df)
+        check_rows(name, table.num_rows, rows)
+        self._write(name, table, "append")
         return self.version(name)
 
     def merge(self, name: str, df: Frame, keys: Sequence[str], update: bool = True) -> dict:
@@ -335,6 +403,19 @@ class LocalTables(Tables):
     def _write(self, name: str, table: pa.Table, mode: str):
         write_deltalake(str(self.path(name)), table, mode=mode)
 
+    def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None):
+        "Spark's executors write `df` as Parquet files into the table's folder; the driver, which gets one row per file, commits them."
+        folder = self.path(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = df.mapInArrow(partial(write_parquet_files, str(folder), schema), PARQUET_FILES).collect()
+        try: check_rows(name, sum(f.rows for f in files), rows)
+        except TableError:
+            for f in files: (folder / f.path).unlink(missing_ok=True)
+            raise
+        actions = [AddAction(f.path, f.size, {}, f.modified, True, f.stats) for f in files]
+        if self.exists(name): self._delta(name).create_write_transaction(actions, "append", self._delta(name).schema())
+        else: create_table_with_add_actions(str(folder), DeltaSchema.from_arrow(schema), actions, mode="append")
+
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         merger = self._delta(name).merge(table, predicate=merge_condition(keys), source_alias="s", target_alias="t")
         if update: merger = merger.when_matched_update_all()
@@ -397,6 +478,13 @@ class SparkTables(Tables):
 
     def _write(self, name: str, table: pa.Table, mode: str):
         self.spark.createDataFrame(table.to_pandas()).write.format("delta").mode(mode).saveAsTable(name)
+
+    def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None):
+        from pyspark.sql import functions as F
+        from pyspark.sql.pandas.types import from_arrow_schema
+        if rows is not None: check_rows(name, df.count(), rows)  # a pass of its own: Delta commits when the write ends
+        typed = df.select(*[F.col(f.name).cast(f.dataType) for f in from_arrow_schema(schema)])
+        typed.write.format("delta").mode("append").saveAsTable(name)
 
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         from delta.tables import DeltaTable as SparkDeltaTable
