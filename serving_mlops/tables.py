@@ -205,7 +205,7 @@ def check_keys(name: str, table: pa.Table, keys: Sequence[str]) -> pa.Table:
         raise TableError(f"writing {name}: {dupes.num_rows} key(s) occur more than once in the frame, e.g. {example}; nothing was written")
     return table
 
-# %% ../nbs/01_tables.ipynb #a5314a1e
+# %% ../nbs/01_tables.ipynb #66d3c97f
 PARQUET_FILES = "path string, size long, rows long, modified long, stats string"  # one row per file an executor wrote
 
 def is_spark_frame(df) -> bool: return hasattr(df, "mapInArrow")  # classic or Spark Connect; pyspark is not imported otherwise
