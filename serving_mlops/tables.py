@@ -212,8 +212,10 @@ def is_spark_frame(df) -> bool: return hasattr(df, "mapInArrow")  # classic or S
 
 def spark_arrow_schema(df) -> pa.Schema:
     "The Arrow schema of Spark frame `df`, as `to_arrow` would make it."
+    import inspect
     from pyspark.sql.pandas.types import to_arrow_schema
-    return to_arrow(to_arrow_schema(df.schema).empty_table()).schema
+    utc = {"timezone": "UTC"} if "timezone" in inspect.signature(to_arrow_schema).parameters else {}  # Spark 4.0 has no choice: UTC
+    return to_arrow(to_arrow_schema(df.schema, **utc).empty_table()).schema  # TIMESTAMP is an instant, as Delta stores it
 
 def check_rows(name: str, got: int, expected: int | None):
     "Refuse a write of `got` rows into table `name` when `expected` rows were announced."
