@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -31,8 +30,8 @@ from .errors import InputError
 __all__ = ['Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
            'require_single_node', 'connect_spark', 'get_spark', 'TableError', 'split_name', 'to_arrow', 'delta_types',
            'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'is_spark_frame',
-           'spark_arrow_schema', 'check_rows', 'delta_stats', 'write_parquet_files', 'Tables', 'LocalTables',
-           'merge_metrics', 'SparkTables', 'tables_for']
+           'spark_arrow_schema', 'check_rows', 'write_delta_files', 'Tables', 'LocalTables', 'merge_metrics',
+           'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
 def java_version() -> int | None:
@@ -205,7 +204,7 @@ def check_keys(name: str, table: pa.Table, keys: Sequence[str]) -> pa.Table:
         raise TableError(f"writing {name}: {dupes.num_rows} key(s) occur more than once in the frame, e.g. {example}; nothing was written")
     return table
 
-# %% ../nbs/01_tables.ipynb #66d3c97f
+# %% ../nbs/01_tables.ipynb #20439190
 PARQUET_FILES = "path string, size long, rows long, modified long, stats string"  # one row per file an executor wrote
 
 def is_spark_frame(df) -> bool: return hasattr(df, "mapInArrow")  # classic or Spark Connect; pyspark is not imported otherwise
@@ -222,40 +221,24 @@ def check_rows(name: str, got: int, expected: int | None):
     if expected is not None and got != expected:
         raise TableError(f"writing {name}: the frame has {got:,} rows, expected {expected:,}; nothing was written")
 
-_STATS_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_date)
-
-def delta_stats(table: pa.Table, stats: dict | None = None) -> dict:
-    "Delta file statistics of `table` (numRecords, nullCount; minValues and maxValues of numbers and dates), added to `stats`."
-    import pyarrow.compute as pc
-    out = stats or {"numRecords": 0, "minValues": {}, "maxValues": {}, "nullCount": {}}
-    out["numRecords"] += table.num_rows
-    for name, column in zip(table.column_names, table.columns):
-        out["nullCount"][name] = out["nullCount"].get(name, 0) + column.null_count
-        if not any(is_type(column.type) for is_type in _STATS_TYPES): continue
-        bounds = pc.min_max(column)
-        low, high = bounds["min"].as_py(), bounds["max"].as_py()
-        if low is None or any(isinstance(v, float) and not math.isfinite(v) for v in (low, high)): continue  # all null, NaN or infinite
-        out["minValues"][name] = min(low, out["minValues"].get(name, low))
-        out["maxValues"][name] = max(high, out["maxValues"].get(name, high))
-    return out
-
-def write_parquet_files(folder: str, # the table's folder
-                        schema: pa.Schema, # the schema to write (the table's types, checked on the driver)
-                        batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    "Write one partition's `batches` as a Parquet file in `folder` (run by `mapInArrow` on an executor); yields the file's row of PARQUET_FILES."
-    import pyarrow.parquet as pq
-    path, writer, stats = f"part-{uuid.uuid4()}-c000.snappy.parquet", None, None
-    for batch in batches:
-        if not batch.num_rows: continue
-        table = pa.Table.from_batches([batch]).cast(schema)
-        if writer is None: writer = pq.ParquetWriter(f"{folder}/{path}", schema, compression="snappy")
-        writer.write_table(table)
-        stats = delta_stats(table, stats)
-    if writer is None: return  # an empty partition writes nothing
-    writer.close()
-    written = os.stat(f"{folder}/{path}")
-    yield pa.RecordBatch.from_pylist([{"path": path, "size": written.st_size, "rows": stats["numRecords"],
-                                       "modified": int(written.st_mtime * 1000), "stats": json.dumps(stats, default=str)}])
+def write_delta_files(folder: str, # the table's folder
+                      schema: pa.Schema, # the schema to write (the table's types, checked on the driver)
+                      batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    "Write one partition's `batches` as Parquet files of the table in `folder`, uncommitted (run by `mapInArrow` on an executor); yields their PARQUET_FILES rows."
+    import itertools
+    typed = (t for b in batches if b.num_rows for t in pa.Table.from_batches([b]).cast(schema).to_batches())
+    first = next(typed, None)
+    if first is None: return  # an empty partition writes nothing
+    staging = Path(folder) / "_staging" / uuid.uuid4().hex
+    write_deltalake(str(staging), pa.RecordBatchReader.from_batches(schema, itertools.chain([first], typed)))  # streamed
+    log = (staging / "_delta_log" / "00000000000000000000.json").read_text().splitlines()
+    files = []
+    for add in (a["add"] for a in map(json.loads, log) if "add" in a):  # the staging commit's files, with their statistics
+        os.replace(staging / add["path"], Path(folder) / add["path"])
+        files.append({"path": add["path"], "size": add["size"], "rows": json.loads(add["stats"])["numRecords"],
+                      "modified": add["modificationTime"], "stats": add["stats"]})
+    shutil.rmtree(staging)
+    yield pa.RecordBatch.from_pylist(files)
 
 # %% ../nbs/01_tables.ipynb #726dd52a
 class Tables:
@@ -409,7 +392,7 @@ class LocalTables(Tables):
         "Spark's executors write `df` as Parquet files into the table's folder; the driver, which gets one row per file, commits them."
         folder = self.path(name)
         folder.mkdir(parents=True, exist_ok=True)
-        files = df.mapInArrow(partial(write_parquet_files, str(folder), schema), PARQUET_FILES).collect()
+        files = df.mapInArrow(partial(write_delta_files, str(folder), schema), PARQUET_FILES).collect()
         try: check_rows(name, sum(f.rows for f in files), rows)
         except TableError:
             for f in files: (folder / f.path).unlink(missing_ok=True)
@@ -417,6 +400,7 @@ class LocalTables(Tables):
         actions = [AddAction(f.path, f.size, {}, f.modified, True, f.stats) for f in files]
         if self.exists(name): self._delta(name).create_write_transaction(actions, "append", self._delta(name).schema())
         else: create_table_with_add_actions(str(folder), DeltaSchema.from_arrow(schema), actions, mode="append")
+        shutil.rmtree(folder / "_staging", ignore_errors=True)
 
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         merger = self._delta(name).merge(table, predicate=merge_condition(keys), source_alias="s", target_alias="t")
