@@ -204,7 +204,7 @@ def check_keys(name: str, table: pa.Table, keys: Sequence[str]) -> pa.Table:
         raise TableError(f"writing {name}: {dupes.num_rows} key(s) occur more than once in the frame, e.g. {example}; nothing was written")
     return table
 
-# %% ../nbs/01_tables.ipynb #20439190
+# %% ../nbs/01_tables.ipynb #8589212e
 PARQUET_FILES = "path string, size long, rows long, modified long, stats string"  # one row per file an executor wrote
 
 def is_spark_frame(df) -> bool: return hasattr(df, "mapInArrow")  # classic or Spark Connect; pyspark is not imported otherwise
