@@ -10,6 +10,7 @@ import uuid
 from dataclasses import dataclass
 
 import pandas as pd
+from pyspark.sql import functions as F
 
 from .config import Environment
 from .deploy import DeploymentFailed, resolve_version
@@ -17,7 +18,7 @@ from .errors import InputError
 from .naming import model_uri
 from .feature_store import feature_store_for
 from .features import KEY
-from .tables import get_spark
+from .tables import TableError, get_spark
 
 # %% auto #0
 __all__ = ['OUTPUT_COMMENTS', 'BatchError', 'BatchScores', 'scoring_keys', 'batch_inference']
@@ -71,16 +72,16 @@ def batch_inference(env: Environment, input_table: str = "silver_clients", outpu
     keys = scoring_keys(env, source, getattr(store, "spark", None))
     start, batch_id = time.monotonic(), uuid.uuid4().hex[:12]
     if progress: print(f"scoring {source} with {model} version {number} ({version}) ...", flush=True)
-    scored = store.score_batch(model_uri(model, number), keys).toPandas()
     expected = keys.count()
-    if len(scored) != expected: raise BatchError(f"scoring {source} returned {len(scored)} rows for {expected} keys; nothing was written")
-    frame = scored[[*KEY, "prediction"]].assign(model_name=model, model_version=int(number),
-                                                 scored_at=pd.Timestamp.now(tz="UTC"), batch_id=batch_id)
+    scored = store.score_batch(model_uri(model, number), keys).select(*KEY, "prediction")  # a plan: Spark's workers predict
+    frame = scored.withColumns({"model_name": F.lit(model), "model_version": F.lit(int(number)).cast("long"),
+                                "scored_at": F.lit(pd.Timestamp.now(tz="UTC")).cast("timestamp"), "batch_id": F.lit(batch_id)})
     new = not store.tables.exists(target)
-    table_version = store.tables.append(target, frame)
+    try: table_version = store.tables.append(target, frame, rows=expected)  # written by the executors, in one commit
+    except TableError as short: raise BatchError(f"scoring {source} ({expected:,} keys): {short}") from None
     if new:
         store.tables.set_metadata(target, description=f"Batch predictions of {model} (batch_inference job)", column_comments=OUTPUT_COMMENTS)
         table_version = store.tables.version(target)
-    scores = BatchScores(source, target, model, number, batch_id, len(frame), table_version, time.monotonic() - start)
+    scores = BatchScores(source, target, model, number, batch_id, expected, table_version, time.monotonic() - start)
     if progress: print(scores.summary(), flush=True)
     return scores

@@ -393,16 +393,16 @@ def own_table(self, table: str) -> str:
                             f" does not exist; run the features job of environment '{self.env.name}'")
 
 def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
-    "`df` (keys, optionally some features) with the looked-up features and a `prediction` column."
-    with using_mlflow(self.env): model = mlflow.pyfunc.load_model(model_uri)
-    spec = model.unwrap_python_model().feature_spec
+    "`df` (keys, optionally some features) with the looked-up features and a `prediction` column, predicted in Spark's Python workers."
+    with using_mlflow(self.env), tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
+        spec = mlflow.pyfunc.load_model(path).unwrap_python_model().feature_spec
+        predict = mlflow.pyfunc.spark_udf(self.spark, path, result_type=result_type, env_manager="local")  # copies the model for the workers
     full = df
     for lookup in _spec_lookups(spec, df.columns):
         table = self.own_table(lookup.table_name)
         full = _lookup_frame(full, lookup, self.get_table(table), self.read_table(table))
-    rows = full.toPandas()
-    rows["prediction"] = pd.Series(model.predict(rows), index=rows.index).astype(result_type)
-    return self.spark.createDataFrame(rows)
+    return full.withColumn("prediction", predict(F.struct(*full.columns)))  # the model gets every column by name, as in-process
 
 def lookup_online(spec: dict, store: OnlineStore, records: Sequence[dict]) -> tuple[pd.DataFrame, list]:
     "Model input for `records` (keys, optionally features) from the online store, and the keys not found."

@@ -5,27 +5,32 @@
 # %% ../nbs/01_tables.ipynb #5a14a381
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
+from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from .config import ConfigError, Environment, get_environment, on_databricks
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['Frame', 'FILTER_OPS', 'Filters', 'java_version', 'require_java', 'spark_master', 'require_single_node',
-           'connect_spark', 'get_spark', 'TableError', 'split_name', 'to_arrow', 'delta_types', 'check_schema',
-           'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'Tables', 'LocalTables', 'merge_metrics',
+__all__ = ['Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
+           'require_single_node', 'connect_spark', 'get_spark', 'TableError', 'split_name', 'to_arrow', 'delta_types',
+           'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'is_spark_frame',
+           'spark_arrow_schema', 'check_rows', 'write_delta_files', 'Tables', 'LocalTables', 'merge_metrics',
            'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
@@ -199,6 +204,42 @@ def check_keys(name: str, table: pa.Table, keys: Sequence[str]) -> pa.Table:
         raise TableError(f"writing {name}: {dupes.num_rows} key(s) occur more than once in the frame, e.g. {example}; nothing was written")
     return table
 
+# %% ../nbs/01_tables.ipynb #8589212e
+PARQUET_FILES = "path string, size long, rows long, modified long, stats string"  # one row per file an executor wrote
+
+def is_spark_frame(df) -> bool: return hasattr(df, "mapInArrow")  # classic or Spark Connect; pyspark is not imported otherwise
+
+def spark_arrow_schema(df) -> pa.Schema:
+    "The Arrow schema of Spark frame `df`, as `to_arrow` would make it."
+    import inspect
+    from pyspark.sql.pandas.types import to_arrow_schema
+    utc = {"timezone": "UTC"} if "timezone" in inspect.signature(to_arrow_schema).parameters else {}  # Spark 4.0 has no choice: UTC
+    return to_arrow(to_arrow_schema(df.schema, **utc).empty_table()).schema  # TIMESTAMP is an instant, as Delta stores it
+
+def check_rows(name: str, got: int, expected: int | None):
+    "Refuse a write of `got` rows into table `name` when `expected` rows were announced."
+    if expected is not None and got != expected:
+        raise TableError(f"writing {name}: the frame has {got:,} rows, expected {expected:,}; nothing was written")
+
+def write_delta_files(folder: str, # the table's folder
+                      schema: pa.Schema, # the schema to write (the table's types, checked on the driver)
+                      batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    "Write one partition's `batches` as Parquet files of the table in `folder`, uncommitted (run by `mapInArrow` on an executor); yields their PARQUET_FILES rows."
+    import itertools
+    typed = (t for b in batches if b.num_rows for t in pa.Table.from_batches([b]).cast(schema).to_batches())
+    first = next(typed, None)
+    if first is None: return  # an empty partition writes nothing
+    staging = Path(folder) / "_staging" / uuid.uuid4().hex
+    write_deltalake(str(staging), pa.RecordBatchReader.from_batches(schema, itertools.chain([first], typed)))  # streamed
+    log = (staging / "_delta_log" / "00000000000000000000.json").read_text().splitlines()
+    files = []
+    for add in (a["add"] for a in map(json.loads, log) if "add" in a):  # the staging commit's files, with their statistics
+        os.replace(staging / add["path"], Path(folder) / add["path"])
+        files.append({"path": add["path"], "size": add["size"], "rows": json.loads(add["stats"])["numRecords"],
+                      "modified": add["modificationTime"], "stats": add["stats"]})
+    shutil.rmtree(staging)
+    yield pa.RecordBatch.from_pylist(files)
+
 # %% ../nbs/01_tables.ipynb #726dd52a
 class Tables:
     "Delta tables by three-part name; subclasses implement the storage."
@@ -237,12 +278,17 @@ class Tables:
         split_name(name)
         if not self.exists(name): raise TableError(f"table {name} does not exist")
 
-    def _prepared(self, name: str, df: Frame, allow_new: bool = True) -> pa.Table:
+    def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None): raise NotImplementedError
+
+    def _target_schema(self, name: str, frame: pa.Schema) -> pa.Schema:
+        "The schema a frame with schema `frame` is written into `name` with: the table's types (checked), or its own for a new table."
         split_name(name)
+        if self.exists(name): return check_schema(name, self.schema(name), frame)
+        return pa.schema([f.with_nullable(True) for f in frame])
+
+    def _prepared(self, name: str, df: Frame) -> pa.Table:
         table = to_arrow(df)
-        if self.exists(name): table = table.cast(check_schema(name, self.schema(name), table.schema))
-        elif not allow_new: raise TableError(f"table {name} does not exist")
-        return table
+        return table.cast(self._target_schema(name, table.schema))
 
     def overwrite(self, name: str, df: Frame, keys: Sequence[str] | None = None) -> int:
         "Replace the contents of `name` with `df` (creating it; unique non-null `keys` if given); returns the new version."
@@ -252,9 +298,16 @@ class Tables:
 
     def append(self, name: str, df: Frame,
                txn: tuple[str, int] | None = None,  # (app id, version): Delta idempotent write, once per version
+               rows: int | None = None, # refuse the write (nothing written) unless `df` has exactly this many rows
                ) -> int:
-        "Add the rows of `df` to `name` (creating it); returns the new version. With `txn`, a no-op if the table has that version of the app or a later one."
-        self._write(name, self._prepared(name, df), "append", txn)
+        "Add the rows of `df` to `name` (creating it) in one commit; returns the new version. With `txn`, a no-op if the table has that version of the app or a later one. A Spark frame is written by its executors, never collected."
+        if is_spark_frame(df):
+            if txn is not None: raise TableError(f"appending to {name}: a transaction id goes with an Arrow or pandas frame, not a Spark frame")
+            self._append_spark(name, df, self._target_schema(name, spark_arrow_schema(df)), rows)
+            return self.version(name)
+        table = self._prepared(name, df)
+        check_rows(name, table.num_rows, rows)
+        self._write(name, table, "append", txn)
         return self.version(name)
 
     def merge(self, name: str, df: Frame, keys: Sequence[str], update: bool = True) -> dict:
@@ -350,6 +403,20 @@ class LocalTables(Tables):
         write_deltalake(str(self.path(name)), table, mode=mode,
                         commit_properties=CommitProperties(app_transactions=[Transaction(*txn)]) if txn else None)
 
+    def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None):
+        "Spark's executors write `df` as Parquet files into the table's folder; the driver, which gets one row per file, commits them."
+        folder = self.path(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        files = df.mapInArrow(partial(write_delta_files, str(folder), schema), PARQUET_FILES).collect()
+        try: check_rows(name, sum(f.rows for f in files), rows)
+        except TableError:
+            for f in files: (folder / f.path).unlink(missing_ok=True)
+            raise
+        actions = [AddAction(f.path, f.size, {}, f.modified, True, f.stats) for f in files]
+        if self.exists(name): self._delta(name).create_write_transaction(actions, "append", self._delta(name).schema())
+        else: create_table_with_add_actions(str(folder), DeltaSchema.from_arrow(schema), actions, mode="append")
+        shutil.rmtree(folder / "_staging", ignore_errors=True)
+
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         merger = self._delta(name).merge(table, predicate=merge_condition(keys), source_alias="s", target_alias="t")
         if update: merger = merger.when_matched_update_all()
@@ -414,6 +481,13 @@ class SparkTables(Tables):
         writer = self.spark.createDataFrame(table.to_pandas()).write.format("delta").mode(mode)
         if txn: writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])  # Delta skips a version it has
         writer.saveAsTable(name)
+
+    def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None):
+        from pyspark.sql import functions as F
+        from pyspark.sql.pandas.types import from_arrow_schema
+        if rows is not None: check_rows(name, df.count(), rows)  # a pass of its own: Delta commits when the write ends
+        typed = df.select(*[F.col(f.name).cast(f.dataType) for f in from_arrow_schema(schema)])
+        typed.write.format("delta").mode("append").saveAsTable(name)
 
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         from delta.tables import DeltaTable as SparkDeltaTable
