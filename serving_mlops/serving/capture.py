@@ -237,7 +237,7 @@ class InferenceLog:
             else:
                 if self.flush_error is not None: log.warning("inference table %s: flushing again", self.table)
                 self.flush_error = None
-            wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 60))  # a minute at most
+            wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 10))  # 10 s at most
 
     def status(self) -> dict:
         "What the endpoint's GET shows of its capture: OK or what fails, and the records it could not log or had to skip."
