@@ -2,7 +2,7 @@
 
 The same registered model version, the same payloads and the same HTTP client for both servers.
 
-Run: .venv/bin/python benchmarks/serving_latency.py [--requests 500] [--seconds 10] [--customers 300] [--omp-threads 1]
+Run: .venv/bin/python benchmarks/serving_latency.py [--requests 500] [--seconds 10] [--customers 300] [--omp-threads 1] [--no-baseline]
 
 What it does, in one run (about 2-3 minutes with the defaults on 2 cores):
 - builds a throwaway local workspace (synthetic clients; feature tables published to the online store), trains a
@@ -12,8 +12,12 @@ What it does, in one run (about 2-3 minutes with the defaults on 2 cores):
 - one-row latency, sequential calls (50 warm-up, then 500 each) for (a) our runtime with all 18 features in the
   request, (b) our runtime with only `{"customer_id": id}` (features looked up in the online store), (c) mlflow serve
   with all features (byte-for-byte the request bodies of (a)), each on its own keep-alive `httpx.Client`, and
-  (d) in-process `mlflow.pyfunc.load_model(uri).predict(one_row_df)` (no HTTP). The four take turns in chunks of
-  50 calls, so that a change in background load on the machine hits them alike;
+  (d) in-process `mlflow.pyfunc.load_model(uri).predict(one_row_df)` (no HTTP), and (e) the floor of HTTP here: a
+  do-nothing Starlette app on uvicorn (uvloop, httptools, as the runtime) that reads the body and returns a fixed JSON.
+  They take turns in chunks of 50 calls, so that a change in background load on the machine hits them alike;
+- first (unless --no-baseline), the same latency and throughput runs against the runtime started with
+  SERVING_MLOPS_FAST_PATH=0: today's path before issue 14 (no tree compiler, every request scored on the predicting
+  thread), for comparison in the same run; then the runtime is restarted with its defaults for everything below;
 - the same version on a second endpoint whose inference table is enabled (every request and response captured to
   Delta through the write-ahead log) takes part in the latency and throughput runs, so the cost of capture shows
   as the difference; at the end the payload table must hold every answered request;
@@ -23,7 +27,9 @@ What it does, in one run (about 2-3 minutes with the defaults on 2 cores):
 - checks that every response is a 200 whose prediction equals in-process `pyfunc.predict` of the same row within
   1e-9, counts errors and mismatches, and prints Markdown tables with PASS/MISS against the targets:
   runtime p50 <= 0.5 x mlflow serve p50; runtime throughput >= 3 x mlflow serve at 8 clients; runtime p50 at most
-  1 ms above in-process pyfunc; key-only p50 at most 0.3 ms above features-in-request p50.
+  1 ms above in-process pyfunc; key-only p50 at most 0.3 ms above features-in-request p50; and issue 14's: runtime p50
+  (features, and key only) at most 0.5 ms above the do-nothing app's, p99 at most 2 x p50; inference table throughput
+  >= 0.95 x the same endpoint without it at every concurrency; runtime throughput at 8 clients >= 2 x the baseline's.
 
 Both servers and the client share this machine's cores, so absolute numbers depend on it and on whatever else runs
 (the "other CPU" figures show that); the ratios are the point. `--omp-threads N` exports OMP_NUM_THREADS=N to this
@@ -50,7 +56,20 @@ import orjson
 import pandas as pd
 
 TOLERANCE = 1e-9
-LABELS = {"runtime": "runtime", "captured": "runtime with inference table", "mlflow": "mlflow models serve"}
+LABELS = {"runtime": "runtime", "captured": "runtime with inference table", "mlflow": "mlflow models serve",
+          "baseline runtime": "baseline runtime (FAST_PATH=0)", "baseline captured": "baseline runtime with inference table (FAST_PATH=0)"}
+ECHO_APP = """
+import sys, uvicorn
+from starlette.applications import Starlette
+from starlette.responses import Response
+from starlette.routing import Route
+async def invocations(request):
+    await request.body()
+    return Response(b'{"predictions": [0.5]}', media_type="application/json")
+async def ping(request): return Response(b"ok")
+app = Starlette(routes=[Route("/invocations", invocations, methods=["POST"]), Route("/ping", ping)])
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", access_log=False)
+"""
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -161,11 +180,15 @@ def post(client: httpx.Client, url: str, body: bytes, expected: float, tally: Ta
 
 
 class HttpTarget:
-    "One-row requests to `url` on one keep-alive client."
-    def __init__(self, url: str, headers: dict, bodies: list, expected: list):
-        self.client, self.url, self.bodies, self.expected = httpx.Client(headers=headers, timeout=30), url, bodies, expected
+    "One-row requests to `url` on one keep-alive client (`checked`: its predictions must be the model's)."
+    def __init__(self, url: str, headers: dict, bodies: list, expected: list, checked: bool = True):
+        self.client, self.url, self.bodies, self.expected, self.checked = httpx.Client(headers=headers, timeout=30), url, bodies, expected, checked
 
-    def __call__(self, k: int, tally: Tally): post(self.client, self.url, self.bodies[k], self.expected[k], tally)
+    def __call__(self, k: int, tally: Tally):
+        if self.checked: post(self.client, self.url, self.bodies[k], self.expected[k], tally)
+        else:
+            response = self.client.post(self.url, content=self.bodies[k])
+            if response.status_code != 200: tally.add(f"HTTP {response.status_code}")
 
     def close(self): self.client.close()
 
@@ -278,6 +301,22 @@ def wait_ready(proc: subprocess.Popen, url: str, log_path: Path, timeout: float 
     raise TimeoutError(f"mlflow models serve did not answer {url} within {timeout:g} s; see {log_path}")
 
 
+def start_echo(port: int, log_path: Path) -> subprocess.Popen:
+    "The floor of HTTP: a do-nothing Starlette app on uvicorn that reads the body and answers a fixed JSON."
+    with open(log_path, "ab") as out:
+        return subprocess.Popen([sys.executable, "-c", ECHO_APP, str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def wait_endpoints(w, names: list, timeout: float = 180):
+    "Wait until every endpoint in `names` is ready (after a restart, the runtime restores and loads them)."
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while str(getattr(w.serving_endpoints.get(name).state.ready, "value", "")) != "READY":
+            if time.monotonic() > deadline: raise TimeoutError(f"endpoint {name} not ready within {timeout:g} s")
+            time.sleep(0.3)
+
+
 def stop_process_group(proc: subprocess.Popen, timeout: float = 15):
     "SIGTERM the session we started for `proc` (mlflow and its uvicorn child), SIGKILL after `timeout`."
     if proc.poll() is None:
@@ -296,7 +335,8 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15):
 # --- the benchmark ---
 
 def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seconds: float, warmup_seconds: float,
-         trials: int, concurrency: list, payload: str, mlflow_workers: int, omp_threads: int | None, keep: bool):
+         trials: int, concurrency: list, payload: str, mlflow_workers: int, omp_threads: int | None, keep: bool,
+         baseline: bool = True):
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if omp_threads:  # before scikit-learn loads OpenMP; inherited by both servers
         os.environ["OMP_NUM_THREADS"] = str(omp_threads)
@@ -312,7 +352,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
     say(f"building a throwaway workspace with {rows:,} clients (Spark) ...")
     spark = get_spark()
     env, store = example_workspace(rows, seed=3, spark=spark)
-    mlflow_proc, runtime_started, endpoint, captured = None, False, "bench", "bench-captured"
+    mlflow_proc, echo_proc, runtime_started, endpoint, captured = None, None, False, "bench", "bench-captured"
     try:
         tables = [env.table_name("behaviour_features"), env.table_name("demographic_features")]
         for t in tables: store.publish_table(t)
@@ -328,6 +368,9 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         mlflow_url = f"http://127.0.0.1:{mlflow_port}"
         log_path = env.path("serving", create=True) / "mlflow-serve.log"
         mlflow_proc = start_mlflow_serve(uri, env, mlflow_port, mlflow_workers, log_path)
+        echo_port = free_port()
+        echo_proc = start_echo(echo_port, env.path("serving", create=True) / "echo.log")
+        if baseline: os.environ["SERVING_MLOPS_FAST_PATH"] = "0"  # the runtime started first serves today's path
         info = start_server(env)
         runtime_started = True
         from databricks.sdk.service.serving import AiGatewayConfig, EndpointCoreConfigInput, ServedEntityInput
@@ -367,9 +410,32 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         say(f"{len(ids)} customers, {len(columns)} feature columns ({nulls} null values), payload dataframe_{payload} "
             f"of {statistics.mean(map(len, feature_bodies)):.0f} bytes (key-only {statistics.mean(map(len, key_bodies)):.0f})")
 
+        baseline_latency, baseline_tallies, baseline_throughput = {}, {}, {}
+        if baseline:
+            say("baseline: the runtime with SERVING_MLOPS_FAST_PATH=0 (no tree compiler, no inline scoring) ...")
+            base_targets = {"baseline runtime, features in request": HttpTarget(runtime_url, headers, feature_bodies, expected),
+                            "baseline runtime, key only (online lookup)": HttpTarget(runtime_url, headers, key_bodies, expected)}
+            base_meter = {"runtime": process_tree(info["pid"])}
+            try: baseline_latency, baseline_tallies = sequential(base_targets, len(ids), requests, warmup, chunk)
+            finally:
+                for t in base_targets.values(): t.close()
+            for clients in concurrency:
+                for name, url in (("baseline runtime", runtime_url), ("baseline captured", captured_url)):
+                    say(f"throughput: {name}, {clients} concurrent clients, {warmup_seconds:g} s warm-up + {seconds:g} s ...")
+                    baseline_throughput[name, clients] = concurrent(url, headers, feature_bodies, expected, clients, seconds,
+                                                                    warmup_seconds, CpuMeter(base_meter), "runtime")
+            say("restarting the runtime with its defaults ...")
+            stop_server(env)
+            del os.environ["SERVING_MLOPS_FAST_PATH"]
+            info = start_server(env)  # on a new port
+            w = workspace_client(env)
+            runtime_url = f"{info['url']}/serving-endpoints/{endpoint}/invocations"
+            captured_url = f"{info['url']}/serving-endpoints/{captured}/invocations"
+            wait_endpoints(w, [endpoint, captured])
         ready = wait_ready(mlflow_proc, f"{mlflow_url}/ping", log_path)
         mlflow_invocations = f"{mlflow_url}/invocations"
         say(f"mlflow models serve at {mlflow_url} answered /ping {ready:.1f} s after launch (pid {mlflow_proc.pid})")
+        wait_ready(echo_proc, f"http://127.0.0.1:{echo_port}/ping", env.path("serving") / "echo.log")
         runtime_pids = process_tree(info["pid"])
         mlflow_pids = process_tree(mlflow_proc.pid)
 
@@ -380,7 +446,9 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
                    "runtime, key only (online lookup)": HttpTarget(runtime_url, headers, key_bodies, expected),
                    "runtime with inference table, features in request": HttpTarget(captured_url, headers, feature_bodies, expected),
                    "mlflow models serve, features in request": HttpTarget(mlflow_invocations, headers, feature_bodies, expected),
-                   "in-process pyfunc.predict (no HTTP)": PyfuncTarget(pyfunc, frames, expected)}
+                   "in-process pyfunc.predict (no HTTP)": PyfuncTarget(pyfunc, frames, expected),
+                   "do-nothing Starlette app (the floor of HTTP)": HttpTarget(f"http://127.0.0.1:{echo_port}/invocations", headers,
+                                                                             feature_bodies, expected, checked=False)}
         say(f"latency: {warmup} warm-up + {requests} sequential one-row calls for each of {len(targets)} targets, "
             f"taking turns in chunks of {chunk} ...")
         try:
@@ -405,7 +473,8 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         total_rows, total_calls = batch_rows(info["url"], endpoint, auth)
         from serving_mlops.tables import tables_for
         sent = tallies["runtime with inference table, features in request"].answered + \
-            sum(r["tally"].answered for (n, _), r in throughput.items() if n == "captured")
+            sum(r["tally"].answered for (n, _), r in [*throughput.items(), *baseline_throughput.items()] if n.endswith("captured"))
+        latency.update(baseline_latency); tallies.update(baseline_tallies); throughput.update(baseline_throughput)
         payload_table, deadline = inference_table(env, captured), time.monotonic() + 60
         while time.monotonic() < deadline and tables_for(env).count(payload_table) < sent: time.sleep(0.5)
         captured_rows = tables_for(env).count(payload_table)
@@ -413,6 +482,8 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         if mlflow_proc is not None:
             say("stopping mlflow models serve ...")
             stop_process_group(mlflow_proc)
+        if echo_proc is not None: stop_process_group(echo_proc)
+        os.environ.pop("SERVING_MLOPS_FAST_PATH", None)
         if runtime_started:
             say("stopping the runtime ...")
             stop_server(env)
@@ -455,10 +526,20 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         ("runtime p50 - in-process pyfunc p50", f"{ours - inproc:+.2f} ms", "<= 1 ms", ours - inproc <= 1),
         ("runtime key-only p50 - features p50", f"{keyed - ours:+.2f} ms", "<= 0.3 ms", keyed - ours <= 0.3)]
     capture_p50 = p50["runtime with inference table, features in request"]
-    capture_rps = throughput["captured", c]["rps"] / throughput["runtime", c]["rps"] if throughput["runtime", c]["rps"] else float("nan")
     goals += [("inference table p50 - runtime p50", f"{capture_p50 - ours:+.2f} ms", "<= 0.3 ms", capture_p50 - ours <= 0.3),
-              (f"inference table throughput / runtime throughput, {c} clients", f"{capture_rps:.2f}", ">= 0.9", capture_rps >= 0.9),
               ("inference table rows >= answered requests", f"{captured_rows:,} / {sent:,}", "all", captured_rows >= sent)]
+    floor = p50["do-nothing Starlette app (the floor of HTTP)"]
+    for label in ("runtime, features in request", "runtime, key only (online lookup)"):
+        p50_, p99_ = (x / 1000 for x in percentiles(latency[label]))
+        goals += [(f"{label}: p50 - do-nothing app p50", f"{p50_ - floor:+.2f} ms", "<= 0.5 ms", p50_ - floor <= 0.5),
+                  (f"{label}: p99 / p50", f"{p99_ / p50_:.2f}", "<= 2", p99_ <= 2 * p50_)]
+    for k in concurrency:
+        r = throughput["captured", k]["rps"] / throughput["runtime", k]["rps"] if throughput["runtime", k]["rps"] else float("nan")
+        goals.append((f"inference table throughput / runtime throughput, {k} clients", f"{r:.2f}", ">= 0.95", r >= 0.95))
+        if ("baseline runtime", k) in throughput and throughput["baseline runtime", k]["rps"]:
+            b = throughput["runtime", k]["rps"] / throughput["baseline runtime", k]["rps"]
+            goals.append((f"runtime throughput / baseline (FAST_PATH=0), {k} clients", f"{b:.2f}x", ">= 2x" if k == 8 else "(no target)",
+                          b >= 2 if k == 8 else None))
     for other in concurrency:
         if other != c:
             r = throughput["runtime", other]["rps"] / throughput["mlflow", other]["rps"] if throughput["mlflow", other]["rps"] else float("inf")
@@ -489,7 +570,9 @@ if __name__ == "__main__":
     parser.add_argument("--mlflow-workers", type=int, default=1, help="uvicorn workers of mlflow models serve (its default is 1)")
     parser.add_argument("--omp-threads", type=int, default=None,
                         help="set OMP_NUM_THREADS for this process and both servers (diagnostic; default: leave it unset)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the runs of today's path (the runtime with SERVING_MLOPS_FAST_PATH=0) before the main ones")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway workspace (logs, request logs) for inspection")
     args = parser.parse_args()
     sys.exit(main(args.rows, args.customers, args.requests, args.warmup, args.chunk, args.seconds, args.warmup_seconds,
-                  args.trials, args.concurrency, args.payload, args.mlflow_workers, args.omp_threads, args.keep))
+                  args.trials, args.concurrency, args.payload, args.mlflow_workers, args.omp_threads, args.keep, args.baseline))

@@ -11,6 +11,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import uuid
 import zlib
 from pathlib import Path
@@ -128,8 +129,10 @@ def write_whole(fd: int, data: bytes):
 class InferenceLog:
     "An endpoint's write-ahead log of inference records, flushed to its Delta payload table by a background thread."
     def __init__(self, folder: Path, table: str, tables, interval: float = 1.0,  # seconds between flushes
-                 segment_bytes: int = 64 << 20):  # a new segment after this many bytes (and at every flush)
+                 segment_bytes: int = 64 << 20,  # a new segment after this many bytes (and at every flush)
+                 flush_share: float = 0.05):  # at most this share of the time goes to flushing (a flush of s seconds waits s / share)
         self.folder, self.table, self.tables, self.interval, self.segment_bytes = Path(folder), table, tables, interval, segment_bytes
+        self.flush_share = flush_share
         self.app_id = f"serving-mlops inference log {self.folder.name}"  # the Delta txn application of this endpoint's flushes
         self.folder.mkdir(parents=True, exist_ok=True)
         if legacy := sorted(self.folder.glob("*.jsonl")):
@@ -172,10 +175,12 @@ class InferenceLog:
 
     def write(self, record: dict) -> bool:
         "Append one record whole before its response is sent; False when it could not be (it is counted as lost, nothing half written stays)."
+        try: data = frame_record(record)  # outside the lock: the flushing thread waits for no encoding
+        except Exception as e:
+            with self.lock: return self._lost(e)
         with self.lock:
             if self.closed: return self._lost(RuntimeError("the inference log is closed"))
             try:
-                data = frame_record(record)
                 if self.fd is None: self._next_segment()
                 write_whole(self.fd, data)
             except Exception as e:
@@ -220,7 +225,9 @@ class InferenceLog:
         return len(records)
 
     def _run(self):
-        while not self.stopped.wait(self.interval):
+        wait = self.interval
+        while not self.stopped.wait(wait):
+            start = time.monotonic()
             try: self.flush()
             except Exception as e:  # the records stay in the log; the next flush tries again
                 if f"{type(e).__name__}: {e}" != self.flush_error:
@@ -230,6 +237,7 @@ class InferenceLog:
             else:
                 if self.flush_error is not None: log.warning("inference table %s: flushing again", self.table)
                 self.flush_error = None
+            wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 10))  # 10 s at most
 
     def status(self) -> dict:
         "What the endpoint's GET shows of its capture: OK or what fails, and the records it could not log or had to skip."

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
@@ -21,13 +22,15 @@ from ..naming import model_uri, same_table_in
 from .protocol import MAX_ROWS, InputSpec, ParsedRequest, bad_request
 
 # %% auto #0
-__all__ = ['MicroBatcher', 'compile_pipeline', 'verified', 'entity_uri', 'online_table', 'ServedModel']
+__all__ = ['INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees', 'entity_uri', 'online_table',
+           'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
     "Scores concurrent requests in one call of `score(list_of_requests)` on a worker thread, keeping results apart."
-    def __init__(self, score, max_rows: int = 4096, name: str = "model", initializer=None):
-        self.score, self.max_rows = score, max_rows
+    def __init__(self, score, max_rows: int = 4096, name: str = "model", initializer=None,
+                 inline=None):  # inline(request) -> True: a request alone may be scored on the event loop itself
+        self.score, self.max_rows, self.inline = score, max_rows, inline
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"predict-{name}", initializer=initializer)
         self.waiting: list = []
         self.running = False
@@ -48,7 +51,8 @@ class MicroBatcher:
                 batch, rows = [], 0
                 while self.waiting and (not batch or rows + getattr(self.waiting[0][0], "rows", 1) <= self.max_rows):
                     item = self.waiting.pop(0); batch.append(item); rows += getattr(item[0], "rows", 1)
-                results = await self._run([r for r, _ in batch])
+                here = len(batch) == 1 and self.inline is not None and self.inline(batch[0][0])
+                results = await self._run([r for r, _ in batch], here)
                 if isinstance(results, BaseException) and len(batch) > 1:  # one by one: only the culprit fails
                     results = [await self._run([r]) for r, _ in batch]
                     results = [r if isinstance(r, BaseException) else r[0] for r in results]
@@ -59,9 +63,9 @@ class MicroBatcher:
                     else: future.set_result(result)
         finally: self.running = False
 
-    async def _run(self, requests: list):
+    async def _run(self, requests: list, here: bool = False):  # here: on the event loop, not the worker thread
         "The results of scoring `requests` in one call, or the exception it raised (also when it gave a result per request too few or many)."
-        try: results = await asyncio.get_running_loop().run_in_executor(self.executor, self.score, requests)
+        try: results = self.score(requests) if here else await asyncio.get_running_loop().run_in_executor(self.executor, self.score, requests)
         except BaseException as e: return e
         if len(results) != len(requests): return RuntimeError(f"the scorer gave {len(results)} results for {len(requests)} requests")
         return results
@@ -97,7 +101,7 @@ def _compile_step(step):
         return lambda A: np.hstack([(A[:, [j]] == c[None, :]).astype(step.dtype) for j, c in enumerate(cats)])
     return None
 
-def compile_pipeline(pipeline, columns: list):
+def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the final estimator through `compile_trees` when it can
     "For a fitted Pipeline(ColumnTransformer, classifier): `f(X)` -> positive-class probabilities from a float matrix, or None."
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
@@ -113,17 +117,52 @@ def compile_pipeline(pipeline, columns: list):
         f = (lambda A: A) if isinstance(step, str) and step == "passthrough" else _compile_step(step)
         if f is None: return None
         parts.append(([index[c] for c in cols], f))
-    return lambda X: estimator.predict_proba(np.hstack([f(X[:, idx]) for idx, f in parts]))[:, 1]
+    predict = (trees and compile_trees(estimator)) or (lambda A: estimator.predict_proba(A)[:, 1])
+    return lambda X: predict(np.hstack([f(X[:, idx]) for idx, f in parts]))
 
 def verified(fast, pipeline, columns: list, example=None, seed: int = 0):
-    "`fast` if it predicts exactly what `pipeline` does on `example` and on rows with missing and unseen values, else None."
+    "`fast` if it predicts what `pipeline` does (within 1e-12) on `example` and on rows with missing, unseen and far out-of-range values, one at a time and together, else None."
     rng = np.random.default_rng(seed)
     base = np.asarray(example, dtype=float) if example is not None and len(example) else np.zeros((1, len(columns)))
+    base = base[rng.integers(0, len(base), max(len(base), 8))]
     holes = np.where(rng.random(base.shape) < 0.3, np.nan, base)
     unseen = base + rng.choice([0.5, 97.0, -3.0], size=base.shape)
-    X = np.vstack([base, holes, unseen, np.full((1, len(columns)), np.nan)])
+    far = np.where(rng.random(base.shape) < 0.3, base * rng.choice([-1e6, 1e6], size=base.shape), holes)
+    X = np.vstack([base, holes, unseen, far, np.full((1, len(columns)), np.nan)])
     want = pipeline.predict_proba(pd.DataFrame(X, columns=columns))[:, 1]
-    return fast if np.array_equal(fast(X), want) else None
+    try: got = np.concatenate([fast(X), *(fast(X[j:j + 1]) for j in range(len(X)))])
+    except Exception: return None
+    return fast if got.shape == (2 * len(X),) and np.allclose(got, np.concatenate([want, want]), rtol=0, atol=1e-12) else None
+
+# %% ../../nbs/08b_serving_models.ipynb #e11d3982
+def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-learn's compiled loop is faster
+    "For a fitted binary `HistGradientBoostingClassifier` of numerical features: `f(X)` -> positive-class probabilities from its trees' node arrays, or None."
+    from scipy.special import expit  # what scikit-learn's logit link inverts with
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    if type(model) is not HistGradientBoostingClassifier or getattr(model, "n_trees_per_iteration_", 0) != 1 \
+            or getattr(model, "_preprocessor", None) is not None or not getattr(model, "_predictors", None): return None
+    trees = [p[0].nodes for p in model._predictors]
+    if any(t["is_categorical"].any() for t in trees): return None
+    nodes, sizes, width = np.concatenate(trees), [len(t) for t in trees], 2 * model.n_features_in_
+    roots = np.cumsum([0] + sizes[:-1])
+    first, leaf, own = np.repeat(roots, sizes), nodes["is_leaf"].astype(bool), np.arange(len(nodes))
+    # a walk's state is 2 x node, plus 1 when the row goes left; a leaf leads to itself
+    after = 2 * np.stack([np.where(leaf, own, nodes["right"] + first), np.where(leaf, own, nodes["left"] + first)], axis=1).ravel()
+    # a node that sends missing values left reads its feature's copy where NaN is -inf (NaN <= t is False: right)
+    column = np.repeat(np.where(leaf, 0, nodes["feature_idx"] + width // 2 * nodes["missing_go_to_left"].astype(np.intp)), 2)
+    threshold, value = np.repeat(nodes["num_threshold"], 2), np.repeat(nodes["value"], 2)
+    depth, baseline, start = int(nodes["depth"].max()), float(np.ravel(model._baseline_prediction)[0]), 2 * roots
+    def predict(X):
+        X = np.asarray(X, dtype=float)
+        n = len(X)
+        if n > max_rows: return model.predict_proba(X)[:, 1]
+        wide = np.hstack([X, np.where(np.isnan(X), -np.inf, X)]).ravel()
+        offset = (np.arange(n) * width)[:, None]
+        state = np.broadcast_to(start, (n, len(start)))
+        for _ in range(depth): state = after[state + (wide[column[state] + offset] <= threshold[state])]
+        raw = np.cumsum(np.hstack([np.full((n, 1), baseline), value[state]]), axis=1)[:, -1]  # scikit-learn's order: baseline, then tree by tree
+        return expit(raw)
+    return predict
 
 # %% ../../nbs/08b_serving_models.ipynb #55164baa
 def entity_uri(entity: dict) -> str:
@@ -140,6 +179,8 @@ def online_table(online: OnlineStore, table: str, env: Environment | None = None
                      f"'{env.name if env else '?'}'")
 
 # %% ../../nbs/08b_serving_models.ipynb #2d692bf0
+INLINE_ROWS = 16  # at most this many rows are scored on the event loop (a few hundred microseconds)
+
 class ServedModel:
     "One served entity: a loaded model version, its input spec, online lookups and a micro-batcher."
     def __init__(self, entity: dict, online: OnlineStore | None = None, max_rows: int = MAX_ROWS, on_batch=None,
@@ -149,12 +190,15 @@ class ServedModel:
         try: inner = self.pyfunc.unwrap_python_model()
         except Exception: inner = None
         spec = getattr(inner, "feature_spec", None)
-        self.fast = None
+        self.fast, self.trees = None, False
+        fast_path = os.environ.get("SERVING_MLOPS_FAST_PATH", "1") != "0"  # 0: no tree compiler, always the predicting thread (to compare)
         if spec is not None:
             self.pipeline, self.lookups = inner.model, spec["lookups"]
             columns = list(spec["model_columns"])
-            compiled = compile_pipeline(self.pipeline, columns)
-            self.fast = compiled and verified(compiled, self.pipeline, columns, self.pyfunc.input_example)
+            for trees in ((True, False) if fast_path else (False,)):  # the trees compiled too, else the pipeline's own estimator
+                compiled = compile_pipeline(self.pipeline, columns, trees)
+                self.fast = compiled and verified(compiled, self.pipeline, columns, self.pyfunc.input_example)
+                if self.fast is not None: self.trees = trees; break
             keys = list(dict.fromkeys(k for l in self.lookups for k in l["lookup_key"]))
             passthrough = [c for c in spec.get("input_columns", []) if c not in keys and c not in columns]
         else:
@@ -170,7 +214,9 @@ class ServedModel:
         self.spec = InputSpec(columns, keys, passthrough, domains, key_types)
         self.index = {c: j for j, c in enumerate(columns)}
         # OpenMP limits are per thread: one thread on the predicting thread (tree models on a few rows lose with more)
-        self.batcher = MicroBatcher(self.score, max_rows=max_rows, name=self.name, initializer=lambda: threadpool_limits(1))
+        # a small request alone is scored on the event loop when the model is plain numpy (no OpenMP, no GIL-free work to overlap)
+        inline = (lambda r: r.rows <= INLINE_ROWS) if self.trees and fast_path else None
+        self.batcher = MicroBatcher(self.score, max_rows=max_rows, name=self.name, initializer=lambda: threadpool_limits(1), inline=inline)
 
     def key_types(self) -> dict:
         "Type of each lookup key column ('integer' or 'string') as the online tables declare their primary keys."
