@@ -237,7 +237,7 @@ class InferenceLog:
             else:
                 if self.flush_error is not None: log.warning("inference table %s: flushing again", self.table)
                 self.flush_error = None
-            wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 10))  # 10 s at most
+            wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 3))  # 3 s at most: rows stay seconds behind, as monitoring expects
 
     def status(self) -> dict:
         "What the endpoint's GET shows of its capture: OK or what fails, and the records it could not log or had to skip."
