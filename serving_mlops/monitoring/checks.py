@@ -303,6 +303,9 @@ def model_quality(env: Environment, endpoint: str | None, labels_table: str, sta
     return quality
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #006c0679
+def _ms(x: float) -> str:  # the payload table has whole milliseconds (BIGINT, as on Databricks): under one is "<1 ms"
+    return "<1 ms" if x < 1 else f"{x:.1f} ms"
+
 @dataclass
 class MonitoringRun:
     "What one monitoring run found: the period, metrics per window, the drift check and the model quality."
@@ -323,7 +326,7 @@ class MonitoringRun:
                          f"{(self.end - self.complete).total_seconds() / 60:.0f} min may not have arrived yet")
         for m in (self.metrics.itertuples() if self.metrics is not None else []):
             lines.append(f"  {m.window_start:%H:%M} {m.served_entity_name}: {m.requests:,} requests, {m.qps:.2f}/s, errors {m.error_rate:.1%}, "
-                         f"p50 {m.p50_ms:.1f} ms, p95 {m.p95_ms:.1f} ms, p99 {m.p99_ms:.1f} ms")
+                         f"p50 {_ms(m.p50_ms)}, p95 {_ms(m.p95_ms)}, p99 {_ms(m.p99_ms)}")
         if self.drift is not None:
             lines.append(f"  drift: {self.drift.summary()}")
             lines += [f"  report (version {v}): {path}" for v, path in self.drift.reports.items()]
