@@ -37,10 +37,16 @@ class WorkspaceStandIn(ThreadingHTTPServer):
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
-        self.requests, self.folders, self.experiments, self.versions = [], {"/", "/Shared"}, {}, {}
+        self.requests, self.folders, self.experiments, self.versions, self.experiment_tags = [], {"/", "/Shared"}, {}, {}, {}
 
     # MLflow experiments (api/2.0/mlflow/experiments/...)
-    def experiment(self, i): return {"experiment_id": i, "name": self.experiments[i], "lifecycle_stage": "active", "artifact_location": f"dbfs:/databricks/mlflow-tracking/{i}"}
+    def experiment(self, i): return {"experiment_id": i, "name": self.experiments[i], "lifecycle_stage": "active", "artifact_location": f"dbfs:/databricks/mlflow-tracking/{i}",
+                                     "tags": [{"key": k, "value": v} for k, v in self.experiment_tags.get(i, {}).items()]}
+
+    def POST_api_2_0_mlflow_experiments_set_experiment_tag(self, _, body):
+        if body.get("experiment_id") not in self.experiments: return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"No experiment {body.get('experiment_id')}"}
+        self.experiment_tags.setdefault(body["experiment_id"], {})[body["key"]] = body["value"]
+        return 200, {}
 
     def GET_api_2_0_mlflow_experiments_get_by_name(self, q, _):
         found = [i for i, n in self.experiments.items() if n == q["experiment_name"]]
@@ -115,6 +121,8 @@ def test_experiments_are_made_in_a_folder_made_first(workspace):
     assert [b for m, p, _, b in workspace.requests if p == "/api/2.0/workspace/mkdirs"] == [{"path": "/Shared/serving-mlops/prod"}]
     with in_experiment(prod, name): pass  # it exists now: no folder made again
     assert [p for _, p, _, _ in workspace.requests].count("/api/2.0/workspace/mkdirs") == 1
+    tags = [b for _, p, _, b in workspace.requests if p == "/api/2.0/mlflow/experiments/set-experiment-tag"]  # the training view, tagged once
+    assert [(b["key"], b["value"]) for b in tags] == [("mlflow.experimentKind", "custom_model_development")]
     with pytest.raises(mlflow.exceptions.MlflowException, match="Parent directory /serving-mlops/prod does not exist"):
         mlflow.MlflowClient("databricks").create_experiment("/serving-mlops/prod/training")  # the old name, as a workspace answers it
 
