@@ -292,7 +292,7 @@ class ServingRuntime:
             if capture: capture.close()
             raise
         self.endpoints[name] = ep
-        if capture: self.captures[name] = ep.metrics.capture = capture  # its counters in the metrics export, its status in GET
+        self.attach_capture(ep, capture)
         self.start_update(ep, config)
         return ep
 
@@ -344,9 +344,13 @@ class ServingRuntime:
         old = self.captures.get(ep.name)
         if old is not None and old.table == payload_table_name(ep.record.get("ai_gateway")): return
         self.close_capture(ep.name)  # what it logged goes to its table first
-        capture = self.open_capture(ep.name, ep.record.get("ai_gateway"))
-        if capture: self.captures[ep.name] = capture
-        ep.metrics.capture = self.captures.get(ep.name)  # its counters in the metrics export, its status in GET
+        self.attach_capture(ep, self.open_capture(ep.name, ep.record.get("ai_gateway")))
+
+    def attach_capture(self, ep: Endpoint, capture: InferenceLog | None):
+        "Make `capture` (None: none) the endpoint's inference log: where its invocations write, what its metrics and GET report."
+        if capture is None: self.captures.pop(ep.name, None)
+        else: self.captures[ep.name] = capture
+        ep.metrics.capture = capture
 
     def delete(self, name: str):
         "Remove the endpoint's saved state, then the endpoint; its inference log is flushed and its models closed."
