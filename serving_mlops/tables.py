@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import uuid
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -28,10 +29,10 @@ from .errors import InputError
 
 # %% auto #0
 __all__ = ['Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
-           'require_single_node', 'connect_spark', 'get_spark', 'TableError', 'split_name', 'to_arrow', 'delta_types',
-           'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'is_spark_frame',
-           'spark_arrow_schema', 'check_rows', 'write_delta_files', 'Tables', 'LocalTables', 'merge_metrics',
-           'SparkTables', 'tables_for']
+           'require_single_node', 'connect_spark', 'jvm_output_to', 'get_spark', 'TableError', 'split_name', 'to_arrow',
+           'delta_types', 'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys',
+           'is_spark_frame', 'spark_arrow_schema', 'check_rows', 'write_delta_files', 'Tables', 'LocalTables',
+           'merge_metrics', 'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
 def java_version() -> int | None:
@@ -82,6 +83,17 @@ def connect_spark(env: Environment):
     if "profile" in kwargs: builder = builder.profile(kwargs["profile"])
     return builder.getOrCreate()
 
+@contextmanager
+def jvm_output_to(path: Path):
+    "Send what a process started now prints (the JVM of a local Spark: its banner and log4j's console lines) to `path`."
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)  # the JVM inherits stdout and stderr when pyspark launches it; ours come back after
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1); os.dup2(log.fileno(), 2)
+    try: yield
+    finally:
+        for fd, saved_fd in zip((1, 2), saved): os.dup2(saved_fd, fd); os.close(saved_fd)
+
 def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
     "The Spark session for `env`: the cluster's on Databricks, Databricks Connect's for a workspace from elsewhere, else a local one."
     if on_databricks():
@@ -104,7 +116,8 @@ def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
                .config("spark.sql.session.timeZone", "UTC")
                .config("spark.sql.warehouse.dir", str(warehouse))
                .config("spark.driver.memory", os.environ.get("SERVING_MLOPS_SPARK_MEMORY", "4g")))
-    spark = builder.getOrCreate()
+    with jvm_output_to(env.path("logs", create=True) / "spark.log" if env is not None else Path(tempfile.gettempdir()) / "serving-mlops-spark.log"):
+        spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
 
