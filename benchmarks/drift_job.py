@@ -12,7 +12,7 @@ categorical) scored by a logistic regression fitted on the training rows, regist
 scoring and writing the payload rows (`payload_rows`, one Delta append) is timed apart and not counted.
 Then the whole check once more with today's parser swapped for the orjson loop it replaced (benchmarks/reference_parse.py),
 and the goal of issue 14: the whole check over 1,000,000 requests in at most 6 s on the 2-core machine, with the same results.
-Prints Markdown tables for the README.
+Prints Markdown tables for docs/benchmarks.md.
 """
 import argparse
 import os

@@ -1,7 +1,7 @@
 """Throughput of data generation and ingest on this machine, against plain pandas reading the same file.
 
 Run: .venv/bin/python benchmarks/ingest_throughput.py [--rows 1000000]
-Writes into a throwaway local workspace; prints a Markdown table for the README.
+Writes into a throwaway local workspace; prints a Markdown table for docs/benchmarks.md.
 """
 import argparse
 import tempfile

@@ -3,7 +3,7 @@ would otherwise reach for (a filtered read of the Delta feature table with delta
 DataFrame indexed by key held in memory).
 
 Run: .venv/bin/python benchmarks/online_lookup.py [--customers 30000] [--lookups 20000]
-Builds the dev feature tables in a throwaway local workspace; prints a Markdown table for the README.
+Builds the dev feature tables in a throwaway local workspace; prints a Markdown table for docs/benchmarks.md.
 """
 import argparse
 import statistics

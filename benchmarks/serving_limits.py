@@ -14,7 +14,7 @@ What it does:
 - the request log's size and files after both runs, and the in-process cost of one `RequestLog.write` against the
   unbounded append it replaced (`os.write` of the line to an O_APPEND file).
 The model costs microseconds, so the figures are the runtime's own overhead; the client shares the machine's cores.
-Prints Markdown tables for the README.
+Prints Markdown tables for docs/benchmarks.md.
 """
 import argparse
 import os
