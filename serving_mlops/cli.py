@@ -5,6 +5,7 @@
 # %% ../nbs/90_cli.ipynb #d7ef7f24
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -34,6 +35,7 @@ app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit defaul
 @app.callback()
 def main():
     "Run `serving-mlops COMMAND --help` for a command's options."
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small artifact read (baselines, specs) says nothing
 
 EnvOption = typer.Option(None, "--env", "-e", envvar="SERVING_MLOPS_ENV", show_default="the bundle's default target",
                          help="Environment: a target of databricks_jobs/databricks.yml (dev, staging, prod).")

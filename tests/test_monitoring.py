@@ -64,7 +64,8 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
         assert "quality" in clean.stdout and "ROC AUC 0." in clean.stdout, clean.stdout  # their outcomes came with the batch
         drifted = cli("monitor", "--env", "prod", "--start", t2, "--end", t3, "--window-minutes", "1", "--lag-minutes", "0", check=False)
         assert drifted.returncode == 3, drifted.stdout + drifted.stderr
-        assert "DRIFT: drift found in credit-default-prod: " in drifted.stderr and "age" in drifted.stderr, drifted.stderr
+        assert "DRIFT: drift found in credit-default-prod: " in drifted.stderr and "of 19 features of version(s) 1" in drifted.stderr, drifted.stderr
+        assert "age (psi" in drifted.stdout, drifted.stdout  # the features are named in the summary above the alert
         assert (drifted.stdout + drifted.stderr).count("age (psi") == 1, drifted.stdout + drifted.stderr  # the summary, printed once
         report = Path(next(line.split(": ", 1)[1] for line in drifted.stdout.splitlines() if "report (version 1)" in line))
         html = report.read_text()

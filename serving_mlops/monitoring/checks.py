@@ -127,8 +127,8 @@ class DriftAlert(StepFailed):
         webhook = f"; alert webhook: {result.webhook}" if result.webhook else ""
         if shown:
             hits = result.results[result.results.drifted]
-            super().__init__(f"drift found in {result.endpoint}: {', '.join(hits.feature.unique())} (version(s) "
-                             f"{', '.join(map(str, hits.model_version.unique()))}; the summary and reports are above){webhook}")
+            super().__init__(f"drift found in {result.endpoint}: {hits.feature.nunique()} of {result.results.feature.nunique()} features "
+                             f"of version(s) {', '.join(map(str, hits.model_version.unique()))} (the summary and reports are above){webhook}")
         else: super().__init__(f"{result.summary()}; reports: {', '.join(map(str, result.reports.values()))}{webhook}")
 
 @dataclass
