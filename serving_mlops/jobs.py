@@ -32,6 +32,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
                                   _as_type, get_environment, load_bundle, local_root)
 from .errors import StepFailed
+from .tables import SPARK_LOG_ENV_VAR
 
 # %% auto #0
 __all__ = ['VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'LoggedKernelManager', 'quiet_kernel',
@@ -256,10 +257,11 @@ def task_arguments(task: JobTask, values: dict, where: str, overrides: dict | No
     return out
 
 @contextmanager
-def task_environment(env: Environment, values_file: Path):
-    "Environment variables of a task's kernel: this environment's workspaces and bundle, its task-values file."
-    keep = {k: os.environ.get(k) for k in (HOME_ENV_VAR, BUNDLE_ENV_VAR, TASK_VALUES_ENV_VAR)}
+def task_environment(env: Environment, values_file: Path, log: Path | None = None):
+    "Environment variables of a task's kernel: this environment's workspaces and bundle, its task-values file, its log (for Spark's own output)."
+    keep = {k: os.environ.get(k) for k in (HOME_ENV_VAR, BUNDLE_ENV_VAR, TASK_VALUES_ENV_VAR, SPARK_LOG_ENV_VAR)}
     os.environ.update({HOME_ENV_VAR: str(env.root.parent), BUNDLE_ENV_VAR: str(env.bundle_path), TASK_VALUES_ENV_VAR: str(values_file)})
+    if log is not None: os.environ[SPARK_LOG_ENV_VAR] = str(log)
     try: yield
     finally:
         for k, v in keep.items():
@@ -289,7 +291,7 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         if progress: print(f"[{job}/{key}] {task.notebook.name} {args}", flush=True)
         start = time.monotonic()
         try:
-            with task_environment(env, values_file), open(log, "a") as log_file:
+            with task_environment(env, values_file, log), open(log, "a") as log_file:
                 pm.execute_notebook(str(task.notebook), str(out), parameters=args, cwd=str(task.notebook.parent), kernel_name="python3",
                                     progress_bar=False, stdout_file=TaskOutput(log_file, sys.stdout if progress else None, start),
                                     stderr_file=log_file, **quiet_kernel(log))
@@ -303,7 +305,7 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         state.values = values[key] = json.loads(values_file.read_text()) if values_file.exists() else {}
         run.save()
         if progress: print(f"[{job}/{key}] {state.state} in {state.seconds:.0f} s" + (f": {state.error}" if state.error else "")
-                           + f" (log: {log})", flush=True)
+                           + (f" (log: {log})" if state.state != "SUCCESS" else ""), flush=True)
     run.save()
     if run.state != "SUCCESS":
         failed = next(t for t in run.tasks.values() if t.state == "FAILED")

@@ -28,7 +28,7 @@ from .config import ConfigError, Environment, get_environment, on_databricks
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
+__all__ = ['SPARK_LOG_ENV_VAR', 'Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
            'require_single_node', 'connect_spark', 'jvm_output_to', 'get_spark', 'TableError', 'split_name', 'to_arrow',
            'delta_types', 'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys',
            'is_spark_frame', 'spark_arrow_schema', 'check_rows', 'write_delta_files', 'Tables', 'LocalTables',
@@ -83,6 +83,8 @@ def connect_spark(env: Environment):
     if "profile" in kwargs: builder = builder.profile(kwargs["profile"])
     return builder.getOrCreate()
 
+SPARK_LOG_ENV_VAR = "SERVING_MLOPS_SPARK_LOG"  # where a local Spark's own output goes (a job task's log); default .mlops/<env>/logs/spark.log
+
 @contextmanager
 def jvm_output_to(path: Path):
     "Send what a process started now prints (the JVM of a local Spark: its banner and log4j's console lines) to `path`."
@@ -116,7 +118,8 @@ def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
                .config("spark.sql.session.timeZone", "UTC")
                .config("spark.sql.warehouse.dir", str(warehouse))
                .config("spark.driver.memory", os.environ.get("SERVING_MLOPS_SPARK_MEMORY", "4g")))
-    with jvm_output_to(env.path("logs", create=True) / "spark.log" if env is not None else Path(tempfile.gettempdir()) / "serving-mlops-spark.log"):
+    log = os.environ.get(SPARK_LOG_ENV_VAR) or (env.path("logs", create=True) / "spark.log" if env is not None else Path(tempfile.gettempdir()) / "serving-mlops-spark.log")
+    with jvm_output_to(log):
         spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark

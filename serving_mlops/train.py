@@ -193,8 +193,11 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
                 mlflow.log_params(params); mlflow.log_metric("val_roc_auc", auc)
             return auc
         study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+        every = max(5, n_trials // 5)  # a line per new best, and one every `every` trials to show it is moving
         def report(study, trial):
-            print(f"trial {trial.number + 1}/{n_trials}: validation ROC AUC {trial.value:.4f}, best {study.best_value:.4f} "
+            n, best = trial.number + 1, study.best_trial.number == trial.number
+            if not (best or n % every == 0 or n == n_trials): return
+            print(f"trial {n}/{n_trials}: validation ROC AUC {trial.value:.4f}{' (new best)' if best else ''}, best {study.best_value:.4f} "
                   f"(trial {study.best_trial.number + 1}), {trial.duration.total_seconds():.1f} s", flush=True)
         study.optimize(objective, n_trials=n_trials, callbacks=[report] if progress else [])
         model = make_pipeline(cols, seed=seed, **study.best_params).fit(Xt, yt)
