@@ -274,12 +274,15 @@ def get_environment(name: str | None = None, bundle: Path | str | None = None) -
     if name not in targets:
         raise ConfigError(f"unknown environment '{name}': {path} defines targets {', '.join(targets)} (key 'targets.{name}' is missing)")
     target = targets[name] or {}
-    workspace = target.get("workspace") or {}
-    if not isinstance(workspace, dict): raise ConfigError(f"{path}: key 'targets.{name}.workspace' must be a mapping")
+    top, own = spec.get("workspace") or {}, target.get("workspace") or {}
+    for key, value in (("workspace", top), (f"targets.{name}.workspace", own)):
+        if not isinstance(value, dict): raise ConfigError(f"{path}: key '{key}' must be a mapping")
+    workspace = {**top, **own}  # as the CLI merges them: the target's fields over the top-level ones
     variables = resolve_variables(spec, name, path)
     for key in ("catalog", "schema"):
         if key not in variables: raise ConfigError(f"{path}: variable '{key}' is required (declare it under 'variables.{key}')")
-    try: ws = find_workspace(workspace, f"targets.{name}.workspace")
+    named_by = f"targets.{name}.workspace" if own.get("host") or own.get("profile") else "workspace"  # the key errors name
+    try: ws = find_workspace(workspace, named_by)
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
     return Environment(name=name, variables=variables, bundle_path=path.resolve(), workspace=ws,
                        root=None if ws else local_root(name, path), mode=target.get("mode"))

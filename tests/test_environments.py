@@ -102,6 +102,20 @@ def test_host_from_the_bundle(laptop):
     assert (env.tracking_uri, env.registry_uri) == ("databricks", "databricks-uc")
 
 
+def test_a_top_level_workspace_applies_to_every_target_and_a_targets_own_fields_win(laptop):
+    "The CLI merges `targets.<t>.workspace` over the top-level `workspace` mapping: a host there makes every target a workspace."
+    import yaml
+    spec = yaml.safe_load(laptop.read_text())
+    spec["workspace"] = {"host": "https://adb-3333333333333333.3.azuredatabricks.net"}
+    laptop.write_text(yaml.safe_dump(spec))
+    plain = get_environment("plain", laptop)
+    assert not plain.is_local and plain.host == "https://adb-3333333333333333.3.azuredatabricks.net"
+    assert get_environment("bundled", laptop).host == "https://adb-1111111111111111.1.azuredatabricks.net"  # its own host wins
+    spec["workspace"] = ["not", "a", "mapping"]
+    laptop.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="key 'workspace' must be a mapping"): get_environment("plain", laptop)
+
+
 def test_host_from_the_targets_profile(laptop, metadata_server):
     env = get_environment("profiled", laptop)
     assert env.host == f"{metadata_server}/ws-test" == sdk_host(profile="ws-test")
