@@ -22,6 +22,7 @@ from serving_mlops.console import base, views
 from serving_mlops.jobs import JobFailed, jobs_folder, run_job
 
 browser = pytest.fixture(scope="module")(browser)
+pytestmark = pytest.mark.timeout(1800)  # the first test pays for the workspace: training, validation and two job runs (about 6 min on a busy machine)
 CLEAN, DRIFTED = ("2026-01-05 10:00", "2026-01-05 11:00"), ("2026-01-05 11:00", "2026-01-05 12:00")
 
 
