@@ -37,7 +37,7 @@ def job_argument(value, hint, name: str):
     if kind in (bool, int, float): return _as_type(value, kind(), name)
     return str(value) if kind is str else value
 
-def run_task(task: Callable, env_name: str, **parameters) -> dict:
+def run_task(task: Callable, env_name: str, /, **parameters) -> dict:  # positional: a task function's own `task` parameter (monitoring's) passes through
     "Run `task` as a job task: parameters from the task's widgets on Databricks (else as given), typed by the task's signature."
     given = task_parameters(env_name=env_name, **parameters)
     hints = get_type_hints(task)
