@@ -38,8 +38,9 @@ from .tables import SPARK_LOG_ENV_VAR
 __all__ = ['VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'LoggedKernelManager', 'quiet_kernel',
            'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'process_alive', 'JobRun', 'jobs_folder', 'run_folder',
            'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'job_parameters',
-           'check_job_parameters', 'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels',
-           'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
+           'check_job_parameters', 'RunRecordError', 'read_run', 'past_runs', 'sync_root', 'bundle_workspace_paths',
+           'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run',
+           'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -329,14 +330,35 @@ def check_job_parameters(spec: JobSpec, parameters: dict | None):
                           + "; ".join(f"{k} ({', '.join(v)})" for k, v in known.items()))
 
 # %% ../nbs/10_jobs.ipynb #1c508ab3
-def past_runs(env: Environment, job: str | None = None) -> list[JobRun]:
-    "The runs recorded for `env` (of `job` only, if given), newest first."
+@dataclass
+class RunRecordError:
+    "A run folder whose record could not be read."
+    job: str
+    run_id: str
+    folder: Path
+    error: str
+    def overview(self) -> str: return f"{self.job} run {self.run_id}: unreadable record: {self.error}"
+
+def read_run(folder: Path) -> JobRun | RunRecordError:
+    "The run recorded in `folder`, or what is wrong with its record."
+    try:
+        run = JobRun.load(folder)
+        run.state  # a record whose tasks are not what a run records fails here, not later on the page
+        return run
+    except ConfigError as e: return RunRecordError(folder.parent.name, folder.name, folder, str(e))  # it names the file
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return RunRecordError(folder.parent.name, folder.name, folder, f"{folder / 'run.json'}: {type(e).__name__}: {e}")
+
+def past_runs(env: Environment, job: str | None = None) -> list[JobRun | RunRecordError]:
+    "The runs recorded for `env` (of `job` only, if given), newest first (by start time, else by when the record was written); a damaged record is a `RunRecordError` in its place."
     if job is not None and job not in load_jobs(env) and not (jobs_folder(env) / job).is_dir():
         raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} and no recorded runs of it (jobs: {', '.join(sorted(load_jobs(env)))})")
-    records = sorted(jobs_folder(env).glob(f"{job or '*'}/*/run.json"))
-    runs = [JobRun.load(r.parent) for r in records]
-    mtime = {id(r): datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds") for r, p in zip(runs, records)}
-    return sorted(runs, key=lambda r: r.started or mtime[id(r)], reverse=True)  # a record without its start time: by when it was written
+    records = list(jobs_folder(env).glob(f"{job or '*'}/*/run.json"))
+    def when(p: Path) -> str:
+        run = read_run(p.parent)
+        return (getattr(run, "started", "") or datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")), run
+    return [run for _, run in sorted((when(p) for p in records), key=lambda x: x[0], reverse=True)]
+
 
 # %% ../nbs/10_jobs.ipynb #3068ea38
 def sync_root(env: Environment) -> Path:

@@ -24,7 +24,7 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
 from ..config import ConfigError, Environment
-from ..jobs import JobRun, elapsed, jobs_folder, load_jobs
+from ..jobs import JobRun, RunRecordError, elapsed, jobs_folder, load_jobs, past_runs, read_run
 from ..monitoring.baseline import DRIFT_RULES
 from ..naming import inference_table
 from ..registry import registry_client
@@ -36,10 +36,9 @@ __all__ = ['MONITORING_KINDS', 'MISSING_LOOKUP_COLUMN', 'METRIC_COLUMNS', 'ANSI'
            'MLFLOW_UI', 'error_line', 'guarded', 'monitored_endpoints', 'monitoring_frames', 'latest_checks',
            'window_label', 'drift_heatmap', 'drift_reports', 'report_url', 'BadName', 'safe_name', 'quality_figure',
            'missing_lookups', 'drift_section', 'reports_section', 'quality_section', 'missing_lookup_section',
-           'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'RunRecordError', 'read_run', 'recorded_runs',
-           'ExecutedTask', 'executed_task', 'task_timeline', 'notebook_html', 'run_url', 'jobs_page', 'run_of',
-           'failure_box', 'run_page', 'task_file', 'mlflow_ui_command', 'mlflow_links', 'lineage', 'version_card',
-           'registry_page', 'routes']
+           'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask', 'executed_task',
+           'task_timeline', 'notebook_html', 'run_url', 'jobs_page', 'run_of', 'failure_box', 'run_page', 'task_file',
+           'mlflow_ui_command', 'mlflow_links', 'lineage', 'version_card', 'registry_page', 'routes']
 
 # %% ../../nbs/14c_console_views.ipynb #ccbf0955
 def error_line(what: str, e: Exception) -> Markup:
@@ -210,33 +209,6 @@ def monitoring_page(env: Environment) -> str:
     except Exception as e: return page(env, "Monitoring", error_line("the monitored endpoints", e), "Monitoring")
     return page(env, "Monitoring", Markup("").join(guarded(f"endpoint {e}", endpoint_monitoring, env, e) for e in endpoints), "Monitoring")
 
-# %% ../../nbs/14c_console_views.ipynb #b67e4a54
-@dataclass
-class RunRecordError:
-    "A run folder whose record could not be read."
-    job: str
-    run_id: str
-    folder: Path
-    error: str
-
-def read_run(folder: Path) -> JobRun | RunRecordError:
-    "The run recorded in `folder`, or what is wrong with its record."
-    try:
-        run = JobRun.load(folder)
-        run.state  # a record whose tasks are not what a run records fails here, not later on the page
-        return run
-    except ConfigError as e: return RunRecordError(folder.parent.name, folder.name, folder, str(e))  # it names the file
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return RunRecordError(folder.parent.name, folder.name, folder, f"{folder / 'run.json'}: {type(e).__name__}: {e}")
-
-def recorded_runs(env: Environment) -> list[JobRun | RunRecordError]:
-    "Every run recorded in `env`'s jobs folder, newest first (by start time, else by when its record was written)."
-    records = list(jobs_folder(env).glob("*/*/run.json"))
-    def when(p: Path) -> str:
-        run = read_run(p.parent)
-        return (getattr(run, "started", "") or datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")), run
-    return [run for _, run in sorted((when(p) for p in records), key=lambda x: x[0], reverse=True)]
-
 # %% ../../nbs/14c_console_views.ipynb #8265e818
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the colour codes of an IPython traceback
 
@@ -308,7 +280,7 @@ def jobs_page(env: Environment) -> str:
     try: jobs = list(load_jobs(env))
     except Exception as e: jobs, problem = [], error_line("the bundle's jobs", e)
     else: problem = Markup("")
-    runs = recorded_runs(env)
+    runs = past_runs(env)
     parts = [problem]
     if not runs:
         parts.append(_muted(f"no job runs recorded in {jobs_folder(env)} yet: run one, e.g. `serving-mlops jobs run model_build --env {env.name}` "
