@@ -75,7 +75,7 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
 
         unknown = cli("monitor", "--env", "prod", "--start", t4, "--end", t5, "--window-minutes", "1", "--lag-minutes", "0", check=False)
         assert unknown.returncode == 3, unknown.stdout + unknown.stderr
-        assert "500 predictions" in unknown.stdout and "; 300 of 500 rows (60.0%) had keys not found in the feature tables: their features " \
+        assert "500 predictions" in unknown.stdout and ". 300 of 500 rows (60.0%) had keys not found in the feature tables: their features " \
                "are missing, which can explain drift in " in unknown.stdout, unknown.stdout
 
         results = tables_for(prod).read_pandas(inference_table(prod, None, "drift"))

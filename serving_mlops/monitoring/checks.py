@@ -159,7 +159,7 @@ class DriftResult:
         hits = self.results[(self.results.model_version == version) & self.results.drifted].feature.unique()
         explained = [f for f in hits if f in self.looked_up.get(version, ()) or f == "prediction"]
         named = ", ".join(explained[:5]) + (f" and {len(explained) - 5} more" if len(explained) > 5 else "")
-        return (f"; {n:,} of {m:,} rows ({n / m:.1%}) had keys not found in the feature tables: their features are missing"
+        return (f". {n:,} of {m:,} rows ({n / m:.1%}) had keys not found in the feature tables: their features are missing"
                 + (f", which can explain drift in {named}" if explained else ""))
 
     def summary(self) -> str:
