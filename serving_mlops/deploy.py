@@ -16,6 +16,7 @@ from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
 from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route, ServedEntityInput,
                                             ServingEndpointDetailed, TrafficConfig)
 from mlflow.types import DataType
+from tqdm import tqdm
 
 from .config import Environment, using_mlflow
 from .errors import StepFailed
@@ -24,9 +25,10 @@ from .registry import GateReport, alias_version, scores
 from .serving.process import workspace_client
 
 # %% auto #0
-__all__ = ['ENTITY_LABELS', 'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config',
-           'get_endpoint', 'failure_reason', 'apply_config', 'inference_table_config', 'deploy', 'EndpointReport',
-           'golden_sample', 'endpoint_tests', 'rollback', 'deploy_and_test', 'entity_stats', 'window_stats', 'canary']
+__all__ = ['ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities',
+           'target_config', 'get_endpoint', 'failure_reason', 'apply_config', 'inference_table_config', 'deploy',
+           'EndpointReport', 'golden_sample', 'endpoint_tests', 'rollback', 'deploy_and_test', 'entity_stats',
+           'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -222,6 +224,8 @@ def window_stats(readings: dict, # entity -> minute -> values, from `entity_stat
     return {"requests": int(n), "error_rate": total("errors") / n if n else 0.0,
             "mean_ms": total("latency_sum_ms") / count if count else float("nan")}
 
+CANARY_PROGRESS = "{desc}: {bar:20} {n:.0f} of {total:.0f} s of the window, {elapsed} elapsed{postfix}"  # a tqdm bar, as `query --ids` shows
+
 def canary(env: Environment, version: str | int, traffic: int = 10, window_seconds: float = 60, min_requests: int = 20,
            max_latency_ratio: float = 1.5, max_extra_error_rate: float = 0.01, endpoint: str | None = None, client=None,
            timeout_minutes: float = 10, rollback_timeout_minutes: float = 30) -> EndpointReport:
@@ -236,13 +240,17 @@ def canary(env: Environment, version: str | int, traffic: int = 10, window_secon
         deployed = deploy(env, resolved, traffic, name, timeout_minutes, client=w)
         new = next(r.served_entity_name for r in deployed.config.traffic_config.routes if r.served_entity_name.endswith(f"-{resolved}"))
         since, start, readings = time.time(), time.monotonic(), {}
-        while True:
-            time.sleep(min(5.0, window_seconds / 4))
-            for entity, minutes in entity_stats(w.serving_endpoints.export_metrics(name).contents.read().decode()).items():
-                readings.setdefault(entity, {}).update(minutes)  # a minute's values, once, however often it was read
-            old_w, new_w = window_stats(readings, incumbent, since), window_stats(readings, new, since)
-            elapsed = time.monotonic() - start
-            if elapsed >= window_seconds and new_w["requests"] >= min_requests or elapsed >= 3 * window_seconds: break
+        with tqdm(total=window_seconds, desc=f"canary {new} at {traffic}% of traffic", bar_format=CANARY_PROGRESS) as bar:
+            while True:
+                time.sleep(min(5.0, window_seconds / 4))
+                for entity, minutes in entity_stats(w.serving_endpoints.export_metrics(name).contents.read().decode()).items():
+                    readings.setdefault(entity, {}).update(minutes)  # a minute's values, once, however often it was read
+                old_w, new_w = window_stats(readings, incumbent, since), window_stats(readings, new, since)
+                elapsed = time.monotonic() - start
+                waiting = f"; waiting for {min_requests} (at most {3 * window_seconds:.0f} s)" if elapsed >= window_seconds else ""
+                bar.set_postfix_str(f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent}{waiting}", refresh=False)
+                bar.update(min(elapsed, window_seconds) - bar.n)  # past the window: full, elapsed goes on
+                if elapsed >= window_seconds and new_w["requests"] >= min_requests or elapsed >= 3 * window_seconds: break
         enough = new_w["requests"] >= min_requests and old_w["requests"] >= min_requests
         report.checks.append(("traffic", enough, f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent} in {elapsed:.0f} s (at least {min_requests} each)"))
         report.checks.append(("error_rate", new_w["error_rate"] <= old_w["error_rate"] + max_extra_error_rate,

@@ -11,7 +11,7 @@ from conftest import cli
 
 from serving_mlops.config import get_environment
 from serving_mlops.data import write_credit_data
-from serving_mlops.monitoring.checks import endpoint_metrics, monitoring_period, run_monitoring
+from serving_mlops.monitoring.checks import endpoint_metrics, missing_lookups, monitoring_period, run_monitoring
 from serving_mlops.monitoring.inference import as_utc, inference_frame, model_spec, payload_rows, synthetic_entity
 from serving_mlops.naming import inference_table
 from serving_mlops.serving.capture import PAYLOAD_SCHEMA
@@ -53,7 +53,8 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
         t0 = now(); out = cli("query", "--env", "prod", "--ids", "100001:101000").stdout; t1 = now()
         assert "1,000 customers scored" in out, out
         t2 = now(); cli("query", "--env", "prod", "--ids", "200001:201000"); t3 = now()
-        assert wait_for_rows(prod, payload, 2000) == 2000  # every request, once
+        t4 = now(); cli("query", "--env", "prod", "--ids", "100801:101300"); t5 = now()  # 200 known clients, 300 keys no feature table has
+        assert wait_for_rows(prod, payload, 2500) == 2500  # every request, once
         assert tables_for(prod).schema(payload) == PAYLOAD_SCHEMA and PAYLOAD_SCHEMA.names == [
             "request_date", "databricks_request_id", "client_request_id", "request_time", "status_code", "sampling_fraction",
             "execution_duration_ms", "request", "response", "logging_error_codes", "served_entity_id", "requester"]
@@ -62,6 +63,7 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
         assert "no drift in" in clean.stdout and "1,000 predictions" in clean.stdout, clean.stdout
         assert "(rows arrive up to 0 min late: complete until" in clean.stdout, clean.stdout  # the run says which window it checked
         assert "quality" in clean.stdout and "ROC AUC 0." in clean.stdout, clean.stdout  # their outcomes came with the batch
+        assert "keys not found" not in clean.stdout, clean.stdout  # every key known: no missing lookups to name
         drifted = cli("monitor", "--env", "prod", "--start", t2, "--end", t3, "--window-minutes", "1", "--lag-minutes", "0", check=False)
         assert drifted.returncode == 3, drifted.stdout + drifted.stderr
         assert "DRIFT: drift found in credit-default-prod: " in drifted.stderr and "of 19 features of version(s) 1" in drifted.stderr, drifted.stderr
@@ -70,9 +72,18 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
         report = Path(next(line.split(": ", 1)[1] for line in drifted.stdout.splitlines() if "report (version 1)" in line))
         html = report.read_text()
         assert report.exists() and html.count("<img ") >= 10 and 'class="drifted"' in html
+        assert "keys not found" not in drifted.stdout + drifted.stderr  # a drifted population, every key known
+
+        unknown = cli("monitor", "--env", "prod", "--start", t4, "--end", t5, "--window-minutes", "1", "--lag-minutes", "0", check=False)
+        assert unknown.returncode == 3, unknown.stdout + unknown.stderr
+        assert "500 predictions" in unknown.stdout and ". 300 of 500 rows (60.0%) had keys not found in the feature tables: their features " \
+               "are missing, which can explain drift in " in unknown.stdout, unknown.stdout
 
         results = tables_for(prod).read_pandas(inference_table(prod, None, "drift"))
         assert set(results.groupby("window_start").drifted.any()) == {False, True}  # one clean check, one drifted
+        assert sorted(results.groupby("window_start").missing_lookups.agg(["min", "max"]).itertuples(index=False)) == [(0, 0), (0, 0), (300, 300)]
+        shares = missing_lookups(prod, None, t0, t5, 60)  # what a page reads: per window of the inference table
+        assert (shares.rows.sum(), shares.missing_lookups.sum()) == (2500, 300), shares
         written = tables_for(prod).read_pandas(inference_table(prod, None, "metrics"))
         assert len(written) >= 1 and not written.duplicated(["endpoint_name", "served_entity_name", "window_start"]).any()
         metrics = endpoint_metrics(prod, None, t0, t3, 1)  # per minute over the whole traffic
@@ -142,5 +153,6 @@ def test_a_model_logged_by_the_feature_engineering_client_is_monitored_from_keys
     frame = inference_frame(env, rows)  # requests sent only customer_id
     assert frame.customer_id.tolist() == clients.customer_id.tolist() and (frame.model_version == version).all()
     assert frame.recent_delay.tolist() == clients.recent_delay.tolist() and frame.limit.tolist() == clients.limit_balance.tolist()
+    assert not frame.missing_lookup.any()  # every key found
     early = inference_frame(env, payload_rows(clients[["recent_delay"]].head(3), [0.5] * 3, served, "2001-01-01", 60, keys=clients[["customer_id"]].head(3)))
-    assert early.recent_delay.isna().all()  # before the features existed: nothing to look up, as of the request time
+    assert early.recent_delay.isna().all() and early.missing_lookup.all()  # before the features existed: nothing found as of the request time

@@ -408,7 +408,7 @@ def test_cli_serve_background_endpoints_and_stop(home):
     assert "Serve the environment's endpoints" in cli("serve", "--help").stdout
 
 
-def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws):
+def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws, capsys):
     from serving_mlops.deploy import DeploymentFailed, canary, deploy
     env, w = ws["env"], ws["w"]
     name = env.var("endpoint_name")
@@ -431,6 +431,9 @@ def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws)
         try:
             report = canary(env, ws["v2"], traffic=30, window_seconds=4, min_requests=10, max_latency_ratio=3, client=w)
             assert report.passed, report.summary()
+            progress = capsys.readouterr().err  # the window's progress bar: version, traffic share, seconds of the window, elapsed, requests
+            assert f"canary default_model-{ws['v2']} at 30% of traffic: " in progress and "of 4 s of the window, 00:0" in progress, progress
+            assert f" to default_model-{ws['v1']}" in progress and "4 of 4 s of the window" in progress, progress
             routes = w.serving_endpoints.get(name).config.traffic_config.routes
             assert [(r.served_entity_name, r.traffic_percentage) for r in routes] == [(f"default_model-{ws['v2']}", 100)]
             with pytest.raises(DeploymentFailed, match=r"\[FAILED\] latency(.|\n)*rolled back: restored the previous config"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -32,11 +32,11 @@ from ..serving.process import workspace_client
 from ..tables import tables_for
 
 # %% auto #0
-__all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'BASELINE_PATHS', 'DRIFT_COLUMNS', 'QUALITY_KEYS', 'check_period',
-           'endpoint_metrics', 'write_endpoint_metrics', 'runtime_counters', 'model_baseline', 'DriftAlert',
-           'DriftResult', 'post_alert', 'monitoring_dir', 'drift_by_version', 'log_drift_run', 'check_drift',
-           'expected_calibration_error', 'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun',
-           'monitoring_period', 'run_monitoring']
+__all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'BASELINE_PATHS', 'DRIFT_COLUMNS', 'FRAME_COLUMNS', 'MISSING_LOOKUPS_NOTED',
+           'MISSING_LOOKUP_COLUMNS', 'QUALITY_KEYS', 'check_period', 'endpoint_metrics', 'write_endpoint_metrics',
+           'runtime_counters', 'model_baseline', 'DriftAlert', 'DriftResult', 'post_alert', 'monitoring_dir',
+           'drift_by_version', 'log_drift_run', 'check_drift', 'missing_lookups', 'expected_calibration_error',
+           'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun', 'monitoring_period', 'run_monitoring']
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #2400aa17
 METRICS_KEYS = ["endpoint_name", "served_entity_name", "window_start"]
@@ -116,7 +116,9 @@ def model_baseline(env: Environment, version: str | int, model_name: str | None 
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #c90fb178
 DRIFT_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_name", "model_version", "feature", "kind", "method",
-                 "value", "threshold", "drifted", "n", "rows", "checked_at", "run_id"]
+                 "value", "threshold", "drifted", "n", "rows", "missing_lookups", "checked_at", "run_id"]
+FRAME_COLUMNS = ["databricks_request_id", "request_time", "status_code", "served_entity_id", "request", "response"]  # what `inference_frame` reads
+MISSING_LOOKUPS_NOTED = 0.01  # a version's summary names its missing lookups above this share of its rows
 
 class DriftAlert(StepFailed):
     "Drift was found in a window; the message is the summary and the report paths, `.result` the whole `DriftResult`."
@@ -144,15 +146,27 @@ class DriftResult:
     table: str  # the drift table the results were appended to
     webhook: str | None = None  # what the alert webhook answered, when one was called
     not_logged: int = 0  # successful requests the inference table could not log in full (left out)
+    missing: dict = field(default_factory=dict)  # model version -> its rows whose feature lookup found nothing (`missing_lookup`)
+    looked_up: dict = field(default_factory=dict)  # model version -> the features it looks up
 
     @property
     def drifted(self) -> bool: return bool(self.results.drifted.any())
 
+    def missing_note(self, version: str) -> str:
+        "What the version's missing lookups mean for its drift, when they are more than `MISSING_LOOKUPS_NOTED` of its rows; else ''."
+        n, m = self.missing.get(version, 0), self.rows[version]
+        if not m or n / m <= MISSING_LOOKUPS_NOTED: return ""
+        hits = self.results[(self.results.model_version == version) & self.results.drifted].feature.unique()
+        explained = [f for f in hits if f in self.looked_up.get(version, ()) or f == "prediction"]
+        named = ", ".join(explained[:5]) + (f" and {len(explained) - 5} more" if len(explained) > 5 else "")
+        return (f". {n:,} of {m:,} rows ({n / m:.1%}) had keys not found in the feature tables: their features are missing"
+                + (f", which can explain drift in {named}" if explained else ""))
+
     def summary(self) -> str:
-        "One line per model version: what drifted in the window."
+        "One line per model version: what drifted in the window, and the rows whose lookups found nothing when they may be why."
         left_out = f", {self.not_logged:,} requests not logged in full left out" if self.not_logged else ""
         return "\n".join(f"{self.endpoint} version {v} ({self.rows[v]:,} predictions{left_out}, {self.window_start:%Y-%m-%d %H:%M} to "
-                         f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r)}"
+                         f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r)}{self.missing_note(v)}"
                          for v, r in self.results.groupby("model_version", sort=True))
 
     def raise_alert(self, shown: bool = False):  # shown: the summary was printed already; the alert then only names what drifted
@@ -196,6 +210,7 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame, rows: dict, reports: dict,
                   params: dict, # the check's thresholds and sample size
                   checked: pd.Timestamp | None = None, # when the check ran (default: now): in the run's name
+                  missing: dict | None = None, # model version -> rows whose feature lookup found nothing
                   ) -> str:
     "One MLflow run in `experiment_name(env, 'monitoring')`: the check's parameters, PSI and drifted-feature metrics, the reports; returns its id."
     with in_experiment(env, experiment_name(env, "monitoring")), \
@@ -204,7 +219,8 @@ def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.
         psi_rows = results[results.method == "psi"]
         metrics = {"rows": float(sum(rows.values())), "drifted_features": float(results[results.drifted].groupby(["model_version", "feature"]).ngroups),
                    **{f"v{r.model_version}.psi.{r.feature}": r.value for r in psi_rows.itertuples()},
-                   **{f"v{v}.drifted_features": float(g[g.drifted].feature.nunique()) for v, g in results.groupby("model_version")}}
+                   **{f"v{v}.drifted_features": float(g[g.drifted].feature.nunique()) for v, g in results.groupby("model_version")},
+                   **{f"v{v}.missing_lookup_share": (missing or {}).get(v, 0) / n for v, n in rows.items()}}
         mlflow.log_metrics(metrics)
         for path in reports.values(): mlflow.log_artifact(str(path), "drift")
     return run.info.run_id
@@ -224,21 +240,23 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     psi_threshold = env.var("drift_psi_threshold", float) if psi_threshold is None else psi_threshold
     pvalue_threshold = env.var("drift_pvalue_threshold", float) if pvalue_threshold is None else pvalue_threshold
     webhook_url = env.var("alert_webhook_url") if webhook_url is None else webhook_url
-    payload = read_payload(env, endpoint, start, end, ["databricks_request_id", "request_time", "status_code", "served_entity_id",
-                                                       "request", "response"])
+    payload = read_payload(env, endpoint, start, end, FRAME_COLUMNS)
     frame = inference_frame(env, payload, endpoint)
     if frame.empty:
         raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful requests between {start} and {end} "
                               f"({payload.num_rows} rows in the window in all); expected predictions to compare with the baseline")
     checked = pd.Timestamp.now(tz="UTC")  # names this check's reports and run apart from any other check of the window
     results, rows, reports = drift_by_version(env, endpoint, frame, start, end, psi_threshold, pvalue_threshold, large_sample, seed, checked)
+    missing = {v: int(n) for v, n in frame.groupby("model_version").missing_lookup.sum().items()}
     run_id = log_drift_run(env, endpoint, start, end, results, rows, reports,
-                           {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold, "large_sample": large_sample}, checked)
+                           {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold, "large_sample": large_sample}, checked, missing)
     table = inference_table(env, endpoint, "drift")
     written = results.assign(endpoint_name=endpoint, window_start=start, window_end=end, rows=results.model_version.map(rows).astype("int64"),
-                             checked_at=checked, run_id=run_id)[DRIFT_COLUMNS]
+                             missing_lookups=results.model_version.map(missing).astype("int64"), checked_at=checked, run_id=run_id)[DRIFT_COLUMNS]
     tables_for(env).append(table, written.astype({"value": "float64", "threshold": "float64", "n": "int64"}))
-    result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table, not_logged=frame.attrs.get("not_logged", 0))
+    looked_up = {v: features for (_, v), features in frame.attrs.get("looked_up", {}).items()}
+    result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table, not_logged=frame.attrs.get("not_logged", 0),
+                         missing=missing, looked_up=looked_up)
     if result.drifted and webhook_url:
         hits = results[results.drifted]
         result.webhook = post_alert(webhook_url, {
@@ -247,6 +265,25 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
             "reports": {v: str(p) for v, p in reports.items()}, "mlflow_run_id": run_id, "drift_table": table})
     if alert: result.raise_alert()
     return result
+
+# %% ../../nbs/12d_monitoring_checks.ipynb #a73de592
+MISSING_LOOKUP_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_name", "model_version", "rows", "missing_lookups",
+                          "missing_lookup_share"]
+
+def missing_lookups(env: Environment, endpoint: str | None, start, end, window_minutes: int = 60) -> pd.DataFrame:
+    "Predictions and those whose feature lookup found nothing (keys not in the feature tables as of the request), with their share, per window and model version."
+    endpoint = endpoint or env.var("endpoint_name")
+    start, end = as_utc(start), as_utc(end)
+    check_period(start, end, window_minutes)
+    frame = inference_frame(env, read_payload(env, endpoint, start, end, FRAME_COLUMNS), endpoint)
+    if frame.empty: return pd.DataFrame(columns=MISSING_LOOKUP_COLUMNS)
+    frame["window_start"] = frame.request_time.dt.floor(f"{window_minutes}min")
+    out = frame.groupby(["window_start", "model_name", "model_version"], sort=True) \
+               .agg(rows=("missing_lookup", "size"), missing_lookups=("missing_lookup", "sum")).reset_index()
+    out["window_end"], out["endpoint_name"] = out.window_start + pd.Timedelta(minutes=window_minutes), endpoint
+    out["rows"], out["missing_lookups"] = out.rows.astype("int64"), out.missing_lookups.astype("int64")
+    out["missing_lookup_share"] = out.missing_lookups / out.rows
+    return out[MISSING_LOOKUP_COLUMNS]
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #f2716b2d
 QUALITY_KEYS = ["endpoint_name", "model_version", "window_start"]
@@ -284,8 +321,7 @@ def model_quality(env: Environment, endpoint: str | None, labels_table: str, sta
     endpoint = endpoint or env.var("endpoint_name")
     start, end = as_utc(start), as_utc(end)
     check_period(start, end, window_minutes)
-    payload = read_payload(env, endpoint, start, end, ["databricks_request_id", "request_time", "status_code", "served_entity_id",
-                                                       "request", "response"])
+    payload = read_payload(env, endpoint, start, end, FRAME_COLUMNS)
     frame = inference_frame(env, payload, endpoint, keys=[key])
     if frame.empty: raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful requests between {start} and {end}")
     labels = latest_labels(env, labels_table, key, label)

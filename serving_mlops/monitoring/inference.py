@@ -384,7 +384,7 @@ def model_spec(env: Environment, model_name: str, version: str | int) -> dict:
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #e341c806
 def _with_features(env: Environment, spec: dict, rows: pd.DataFrame, model: str) -> pd.DataFrame:
-    "`rows` (of requests that sent the same columns) with the features of `spec` they lack, looked up as of their request time."
+    "`rows` (of requests that sent the same columns) with the features of `spec` they lack, looked up as of their request time, and `missing_lookup`."
     sent = [c for c in rows["_sent"].iat[0].split(",") if c]
     missing = [o for l in spec["lookups"] for o in l["features"].values() if o not in sent]
     if not missing: return rows
@@ -399,13 +399,17 @@ def _with_features(env: Environment, spec: dict, rows: pd.DataFrame, model: str)
         found = features_as_of(feature_store_for(env), spec, get_spark(env).createDataFrame(asked))
         found = found.select("_row", *missing).toPandas().set_index("_row").reindex(np.arange(len(rows)))
     except FeatureStoreError as e: raise MonitoringError(f"looking up the features of {model} as of the request times: {e}") from None
-    return rows.assign(**{c: found[c].to_numpy() for c in missing})
+    nothing = np.zeros(len(rows), dtype=bool)  # a lookup found nothing: every feature it brings is null (no row of the key as of the time)
+    for l in spec["lookups"]:
+        brought = [o for o in l["features"].values() if o in missing]
+        if brought: nothing |= found[brought].isna().all(axis=1).to_numpy()
+    return rows.assign(**{c: found[c].to_numpy() for c in missing}, missing_lookup=nothing)
 
 def inference_frame(env: Environment, payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
                     endpoint: str | None = None, # whose served entities the rows name; default: the environment's endpoint_name
                     keys: Sequence[str] = (), # request columns every row must have (e.g. customer_id); null where not sent
                     ) -> pd.DataFrame:
-    "One row per prediction of the successful requests: the model's inputs (sent, or looked up as of the request), `prediction`, request, served entity, model and version."
+    "One row per prediction of the successful requests: the model's inputs (sent, or looked up as of the request), `missing_lookup`, `prediction`, request, served entity, model and version."
     endpoint = endpoint or env.var("endpoint_name")
     rows = _arrow(payload, ["status_code", "served_entity_id"])
     ids = set(pc.unique(rows.column("served_entity_id").filter(pc.fill_null(pc.equal(rows.column("status_code"), 200), False))).to_pylist())
@@ -428,9 +432,11 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
         elif groups: out = pd.concat([complete(key, frame.iloc[idx]) for key, idx in groups.items()]).sort_index()
         else: out = frame
     del out["_sent"]  # a frame made here: dropped in place, not copied
+    out["missing_lookup"] = out["missing_lookup"].eq(True).to_numpy() if "missing_lookup" in out else False  # False: nothing looked up
     for k in keys:
         if k not in out: out[k] = None
     out.attrs["not_logged"] = frame.attrs.get("not_logged", 0)
+    out.attrs["looked_up"] = {key: [o for l in s["lookups"] for o in l["features"].values()] for key, s in specs.items()}  # (model, version) -> features
     return out
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #3960fa7a
