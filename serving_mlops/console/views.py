@@ -35,7 +35,7 @@ from .base import figure, page, table
 __all__ = ['MONITORING_KINDS', 'MISSING_LOOKUP_COLUMN', 'METRIC_COLUMNS', 'ANSI', 'STATE_COLOURS', 'OFFLINE_TEMPLATE',
            'MLFLOW_UI', 'error_line', 'guarded', 'monitored_endpoints', 'monitoring_frames', 'latest_checks',
            'window_label', 'drift_heatmap', 'drift_reports', 'report_url', 'BadName', 'safe_name', 'quality_figure',
-           'missing_lookups', 'drift_section', 'reports_section', 'quality_section', 'missing_lookup_section',
+           'missing_lookup_shares', 'drift_section', 'reports_section', 'quality_section', 'missing_lookup_section',
            'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask', 'executed_task',
            'task_timeline', 'notebook_html', 'run_url', 'jobs_page', 'run_of', 'failure_box', 'run_page', 'task_file',
            'mlflow_ui_command', 'mlflow_links', 'lineage', 'version_card', 'registry_page', 'routes']
@@ -134,14 +134,13 @@ def quality_figure(quality: pd.DataFrame, endpoint: str) -> go.Figure:
 
 MISSING_LOOKUP_COLUMN = "missing_lookup_share"  # the share of a window's requests whose keys the online store did not know
 
-def missing_lookups(frames: dict[str, pd.DataFrame]) -> pd.DataFrame | None:
-    "Windows with their missing-lookup share, from whichever monitoring table records it; None when none does."
-    for kind in ("metrics", "drift", "quality"):
-        rows = frames.get(kind)
-        if rows is not None and MISSING_LOOKUP_COLUMN in rows:
-            keys = [c for c in ("window_start", "window_end", "served_entity_name", "model_version") if c in rows]
-            return rows[[*keys, MISSING_LOOKUP_COLUMN]].drop_duplicates(keys, keep="last").sort_values("window_start", ascending=False)
-    return None
+def missing_lookup_shares(drift: pd.DataFrame | None) -> pd.DataFrame | None:
+    "Per checked window and model version: its rows, those whose lookup found nothing (`_drift.missing_lookups`) and their share; None when not recorded."
+    if drift is None or drift.empty or "missing_lookups" not in drift: return None
+    per = (latest_checks(drift).groupby(["window_start", "window_end", "model_version"], as_index=False)
+           .agg(rows=("rows", "max"), missing_lookups=("missing_lookups", "max")))
+    per[MISSING_LOOKUP_COLUMN] = per.missing_lookups / per.rows.where(per.rows > 0)
+    return per.sort_values("window_start", ascending=False)
 
 # %% ../../nbs/14c_console_views.ipynb #15ff3e9d
 METRIC_COLUMNS = ["window_start", "served_entity_name", "requests", "qps", "errors", "error_rate", "p50_ms", "p95_ms", "p99_ms"]
@@ -184,8 +183,8 @@ def quality_section(env: Environment, endpoint: str, quality: pd.DataFrame | Non
         ["window_start", "model_version", "predictions", "labelled", "roc_auc", "brier", "ece", "mean_prediction", "observed_rate"])
 
 def missing_lookup_section(frames: dict[str, pd.DataFrame]) -> Markup:
-    shares = missing_lookups(frames)
-    if shares is None: return _muted(f"not recorded: monitoring's tables have no {MISSING_LOOKUP_COLUMN} column yet")
+    shares = missing_lookup_shares(frames.get("drift"))
+    if shares is None: return _muted("not recorded yet: each drift check records the rows whose keys the feature tables did not have")
     return table(shares.head(48), id="missing-lookups")
 
 def metrics_section(env: Environment, endpoint: str, metrics: pd.DataFrame | None) -> Markup:
