@@ -302,6 +302,14 @@ class Tables:
         if self.exists(name): return check_schema(name, self.schema(name), frame)
         return pa.schema([f.with_nullable(True) for f in frame])
 
+    def _add_new_columns(self, name: str, frame: pa.Schema):
+        "Add the columns of `frame` that table `name` lacks (ALTER TABLE ... ADD COLUMNS), nullable, in `frame`'s types."
+        have = set(self.schema(name).names)
+        new = pa.schema([f.with_nullable(True) for f in frame if f.name not in have])
+        if len(new): self._alter_add(name, new)
+
+    def _alter_add(self, name: str, columns: pa.Schema): raise NotImplementedError
+
     def _prepared(self, name: str, df: Frame) -> pa.Table:
         table = to_arrow(df)
         return table.cast(self._target_schema(name, table.schema))
@@ -315,8 +323,10 @@ class Tables:
     def append(self, name: str, df: Frame,
                txn: tuple[str, int] | None = None,  # (app id, version): Delta idempotent write, once per version
                rows: int | None = None, # refuse the write (nothing written) unless `df` has exactly this many rows
+               add_columns: bool = False, # columns of `df` the table lacks are added to it first (nullable; older rows get null)
                ) -> int:
         "Add the rows of `df` to `name` (creating it) in one commit; returns the new version. With `txn`, a no-op if the table has that version of the app or a later one. A Spark frame is written by its executors, never collected."
+        if add_columns and self.exists(name): self._add_new_columns(name, spark_arrow_schema(df) if is_spark_frame(df) else to_arrow(df).schema)
         if is_spark_frame(df):
             if txn is not None: raise TableError(f"appending to {name}: a transaction id goes with an Arrow or pandas frame, not a Spark frame")
             self._append_spark(name, df, self._target_schema(name, spark_arrow_schema(df)), rows)
@@ -414,6 +424,9 @@ class LocalTables(Tables):
         "The last version application `app_id` wrote to table `name` with a txn (None: none yet, or no table)."
         return DeltaTable(str(self.path(name))).transaction_version(app_id) if self.exists(name) else None
 
+    def _alter_add(self, name: str, columns: pa.Schema):
+        DeltaTable(str(self.path(name))).alter.add_columns(list(DeltaSchema.from_arrow(columns).fields))
+
     def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
         if txn and (self.transaction_version(name, txn[0]) or -1) >= txn[1]: return  # delta-rs records a txn; its writer checks it
         write_deltalake(str(self.path(name)), table, mode=mode,
@@ -492,6 +505,10 @@ class SparkTables(Tables):
         if description is not None: self.spark.sql(f"COMMENT ON TABLE {name} IS {quote(description)}")
         if properties: self.spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({', '.join(f'{quote(k)} = {quote(v)}' for k, v in properties.items())})")
         for column, comment in (column_comments or {}).items(): self.spark.sql(f"ALTER TABLE {name} ALTER COLUMN `{column}` COMMENT {quote(comment)}")
+
+    def _alter_add(self, name: str, columns: pa.Schema):
+        from pyspark.sql.pandas.types import from_arrow_schema
+        self.spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({', '.join(f'`{f.name}` {f.dataType.simpleString()}' for f in from_arrow_schema(columns))})")
 
     def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
         writer = self.spark.createDataFrame(table.to_pandas()).write.format("delta").mode(mode)

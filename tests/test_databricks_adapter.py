@@ -467,3 +467,16 @@ def test_monitoring_finds_the_baseline_inside_the_clients_model(trained):
     (artifacts / "monitoring" / "baseline.json").unlink()  # only the model's own copy is left, as for a promoted copy
     assert model_baseline(env, version) == inside
     assert {"features", "prediction", "rows"} <= set(inside) and inside["rows"] > 0  # what training_baseline wrote
+
+
+def test_a_workspace_table_gets_new_columns_by_alter_table(spark):
+    "`append(..., add_columns=True)` on a workspace table: the columns it lacks are added with Spark's own ALTER TABLE ADD COLUMNS (a local parquet table stands in for the Delta table: the statement is the same)."
+    import pyarrow as pa
+    spark.sql("DROP TABLE IF EXISTS default.adapter_drift")
+    spark.sql("CREATE TABLE default.adapter_drift (feature STRING, `rows` BIGINT) USING parquet")
+    try:
+        SparkTables(spark)._add_new_columns("spark_catalog.default.adapter_drift", pa.schema([("feature", pa.string()), ("rows", pa.int64()),
+                                                                               ("missing_lookups", pa.int64()), ("note", pa.string())]))
+        assert [(f.name, f.dataType.simpleString()) for f in spark.table("default.adapter_drift").schema] == [
+            ("feature", "string"), ("rows", "bigint"), ("missing_lookups", "bigint"), ("note", "string")]
+    finally: spark.sql("DROP TABLE IF EXISTS default.adapter_drift")

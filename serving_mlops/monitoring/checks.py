@@ -253,7 +253,8 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     table = inference_table(env, endpoint, "drift")
     written = results.assign(endpoint_name=endpoint, window_start=start, window_end=end, rows=results.model_version.map(rows).astype("int64"),
                              missing_lookups=results.model_version.map(missing).astype("int64"), checked_at=checked, run_id=run_id)[DRIFT_COLUMNS]
-    tables_for(env).append(table, written.astype({"value": "float64", "threshold": "float64", "n": "int64"}))
+    tables_for(env).append(table, written.astype({"value": "float64", "threshold": "float64", "n": "int64"}),
+                           add_columns=True)  # a _drift table from before a column was added (missing_lookups) gets it
     looked_up = {v: features for (_, v), features in frame.attrs.get("looked_up", {}).items()}
     result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table, not_logged=frame.attrs.get("not_logged", 0),
                          missing=missing, looked_up=looked_up)
