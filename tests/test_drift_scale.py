@@ -101,6 +101,7 @@ def test_the_same_large_window_as_the_reference():
     ('{"dataframe_split": {"columns": ["age"], "data": [[1.0]]', '{"predictions": [0.1]}', "not valid JSON"),
     ('{"rows": [[1.0]]}', '{"predictions": [0.1]}', "none of dataframe_split"),
     ('{"dataframe_split": {"columns": ["age", "limit"], "data": [[1.0]]}}', '{"predictions": [0.1]}', "expected 2 (one per column)"),
+    ('{"dataframe_split": {"columns": [], "data": [[]]}}', '{"predictions": [0.1]}', "could not be read as rows of columns"),
     ('{"dataframe_split": {"columns": ["age"], "data": [["old"]]}}', '{"predictions": [0.1]}', "column 'age' has a value that is not a number"),
     ('{"instances": [[1.0, 2.0]]}', '{"predictions": [0.1]}', "has 2 values; the model takes 3"),
     ('{"inputs": {"age": [1.0, 2.0], "limit": [3.0]}}', '{"predictions": [0.1, 0.2]}', "different lengths"),

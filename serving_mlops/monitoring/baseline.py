@@ -13,9 +13,9 @@ import pandas as pd
 from scipy import stats
 
 # %% auto #0
-__all__ = ['DRIFT_RULES', 'category_label', 'category_counts', 'numeric_values', 'numeric_baseline', 'categorical_baseline',
-           'training_baseline', 'psi', 'bin_labels', 'bucket_shares', 'ks_pvalue', 'chi2_pvalue', 'drift_row',
-           'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
+__all__ = ['DRIFT_RULES', 'category_label', 'category_counts', 'numeric_values', 'bin_counts', 'numeric_baseline',
+           'categorical_baseline', 'training_baseline', 'psi', 'bin_labels', 'bucket_shares', 'ks_pvalue',
+           'chi2_pvalue', 'drift_row', 'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
 
 # %% ../../nbs/12a_monitoring_baseline.ipynb #4e002cd3
 def category_label(value) -> str:
@@ -38,13 +38,20 @@ def numeric_values(values: pd.Series, name: str) -> np.ndarray:
         raise TypeError(f"feature '{name}': expected numbers, got dtype {values.dtype}; list it as categorical if it is a code")
     return values.to_numpy(dtype="float64", na_value=np.nan)
 
+def bin_counts(x: np.ndarray, # float64 values, NaN for nulls
+               cuts: Sequence[float], # ascending cut points: len(cuts) + 1 bins, a value equal to a cut counted in the bin above it
+               ) -> np.ndarray:
+    "Non-null values of `x` in each bin between `cuts`."
+    below = [np.count_nonzero(x < c) for c in cuts]  # one comparison per cut (NaN is below none): for a few cuts about 10x faster than a binary search per value
+    return np.diff([0, *below, np.count_nonzero(~np.isnan(x))])
+
 # %% ../../nbs/12a_monitoring_baseline.ipynb #725b9cb8
 def numeric_baseline(values: np.ndarray, name: str, bins: int, sample_size: int, rng: np.random.Generator) -> dict:
     "Quantile cut points, bin shares, null share, moments and a value sample of one numeric training column."
     present = values[~np.isnan(values)]
     if len(present) == 0: raise ValueError(f"feature '{name}': no non-null training values, expected at least one")
     cuts = np.unique(np.quantile(present, np.arange(1, bins) / bins))
-    counts = np.bincount(np.searchsorted(cuts, present, side="right"), minlength=len(cuts) + 1)
+    counts = bin_counts(present, cuts)
     sample = rng.choice(present, min(sample_size, len(present)), replace=False)
     return {"kind": "numeric", "rows": len(values), "null_share": 1 - len(present) / len(values),
             "cuts": cuts.tolist(), "shares": (counts / len(values)).tolist(),
@@ -94,10 +101,8 @@ def bucket_shares(feature: dict, values: pd.Series) -> tuple[list[str], np.ndarr
     n = len(values)
     if feature["kind"] == "numeric":
         x = numeric_values(values, values.name)
-        nulls = np.isnan(x)
-        counts = np.bincount(np.searchsorted(feature["cuts"], x[~nulls], side="right"), minlength=len(feature["cuts"]) + 1)
         return (["null", *bin_labels(feature["cuts"])], np.array([feature["null_share"], *feature["shares"]]),
-                np.concatenate([[nulls.sum()], counts]) / n)
+                np.concatenate([[np.isnan(x).sum()], bin_counts(x, feature["cuts"])]) / n)
     counts, nulls = category_counts(values)
     known = list(feature["shares"])
     unseen = sum(c for label, c in counts.items() if label not in feature["shares"])

@@ -204,6 +204,18 @@ def _typed_split(t: pa.Table, at: np.ndarray, names: list) -> list[_Block]:
                   t=_take(t.select(["request"]), at)).column("d").combine_chunks()
     return _entry_blocks(*_row_entries(at, data, names))
 
+def _rows_by_column(flat: pa.ChunkedArray, width: int) -> np.ndarray:
+    "The numbers `flat` (rows of `width` values one after another, in chunks of whole rows) as a (rows, width) array laid out column by column: one copy, chunk by chunk."
+    out, start = np.empty((len(flat) // width, width), order="F"), 0
+    for chunk in flat.chunks:
+        rows = chunk.to_numpy(zero_copy_only=False).reshape(-1, width)
+        out[start:start + len(rows)], start = rows, start + len(rows)
+    return out
+
+def _numbers_frame(cells: np.ndarray, names: list) -> pd.DataFrame:
+    "Rows of numbers as a frame whose columns each lie contiguous in memory (the drift statistics read column by column: some 30x faster than across rows)."
+    return pd.DataFrame(np.asfortranarray(cells), columns=names)  # no copy when laid out so already
+
 def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
     split = pc.struct_field(q, "dataframe_split")  # of every request (null for the others): no rows copied
@@ -211,26 +223,29 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where)
     all_rows = pc.list_flatten(data)  # the rows of the requests at `at`, in request order
     owner, all_widths = np.repeat(np.arange(len(data)), _lengths(data)), _lengths(all_rows)
     all_nulls, first = all_rows.is_null().to_numpy(zero_copy_only=False), np.cumsum(all_widths) - all_widths
-    numbers = pc.list_flatten(all_rows).to_numpy(zero_copy_only=False)
+    flat, numbers = pc.list_flatten(all_rows), None  # every number, row after row; copied out of Arrow for one set of columns at a time
     blocks = []
     for text, members in _groups(pc.struct_field(split, "columns")):  # the requests at `at` by the columns they sent
         names = orjson.loads(text)
         mine = slice(None) if len(members) == len(at) else np.isin(owner, members, kind="table")  # the rows of these requests
         requests, widths, null_rows = owner[mine], all_widths[mine], all_nulls[mine]
-        if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or (widths != len(names)).any() or null_rows.any():
-            bad = requests[np.flatnonzero((widths != len(names)) | null_rows)[0]] if isinstance(names, list) else members[0]
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)) or (widths != len(names)).any() or null_rows.any():
+            bad = requests[np.flatnonzero((widths != len(names)) | null_rows)[0]] if isinstance(names, list) and names else members[0]
             raise _request_error(t.column("request")[bad].as_py(), names if isinstance(names, list) else [], where(bad))
-        cells = numbers.reshape(-1, len(names)) if len(members) == len(at) else numbers[first[mine][:, None] + np.arange(len(names))]
+        if len(members) == len(at): cells = _rows_by_column(flat, len(names))  # the usual window: one set of columns
+        else:
+            numbers = flat.to_numpy(zero_copy_only=False) if numbers is None else numbers
+            cells = numbers[first[mine][:, None] + np.arange(len(names))]
         nulls = np.isnan(cells).any(axis=1)
         if set(names) <= (numeric or set(names)):  # model inputs are numbers (the endpoint checked them); a model of unknown inputs: tried so
             if not nulls.any():
-                blocks.append(_Block(pd.DataFrame(cells, columns=names), requests))
+                blocks.append(_Block(_numbers_frame(cells, names), requests))
                 continue
             again = np.unique(requests[nulls])  # a null is JSON null or a value that is no number: read those requests again
             read = _typed_split(t, again, names)
             if all(pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all() for b in read for c in b.frame):
                 keep = ~np.isin(requests, again)
-                blocks += [_Block(pd.DataFrame(cells[keep], columns=names), requests[keep])] + [_Block(b.frame.astype("float64"), b.request) for b in read]
+                blocks += [_Block(_numbers_frame(cells[keep], names), requests[keep])] + [_Block(b.frame.astype("float64"), b.request) for b in read]
                 continue
             if numeric:
                 b = next(b for b in read if not all(pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all() for c in b.frame))

@@ -11,6 +11,7 @@ import io
 
 import numpy as np
 import pandas as pd
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 from .baseline import drift_summary, window_buckets
@@ -19,23 +20,40 @@ from .baseline import drift_summary, window_buckets
 __all__ = ['shares_figure', 'results_table_html', 'drift_report_html']
 
 # %% ../../nbs/12b_monitoring_report.ipynb #e0d30232
-def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np.ndarray, drifted: bool,
-                  fig: Figure | None = None, # drawn on again (cleared) when given: a report reuses one figure for all its features
-                  ) -> str:
-    "A small bar chart of training and window shares per bucket, as a base64 PNG."
-    fig = fig or Figure(figsize=(5, 2.4), dpi=80)
-    fig.clear()
+def _shares_axes(buckets: int) -> tuple:
+    "A figure of `buckets` pairs of bars (training, window) with legend and slanted bucket names: drawn on again for every feature."
+    fig = Figure(figsize=(5, 2.4), dpi=80)
     ax = fig.add_subplot()
     fig.subplots_adjust(left=0.15, right=0.98, top=0.9, bottom=0.42)  # fixed margins with room for the slanted bucket names (a tight layout draws twice)
-    x = np.arange(len(labels))
-    ax.bar(x - 0.2, expected, 0.4, label="training", color="#7f9fbf")
-    ax.bar(x + 0.2, actual, 0.4, label="window", color="#d9534f" if drifted else "#5cb85c")
-    ax.set_xticks(x, labels, rotation=40, ha="right", fontsize=7)
+    x, zero = np.arange(buckets), np.zeros(buckets)
+    training = ax.bar(x - 0.2, zero, 0.4, label="training", color="#7f9fbf")
+    window = ax.bar(x + 0.2, zero, 0.4, label="window", color="#5cb85c")
+    ax.set_xticks(x, [""] * buckets, rotation=40, ha="right", fontsize=7)
     ax.tick_params(axis="y", labelsize=7)
-    ax.set_title(name, fontsize=9)
+    ax.set_title("", fontsize=9, y=1.0)  # placed once: no search for overlapping tick labels at every draw
     ax.legend(fontsize=7, loc="upper right")
+    return fig, ax, training, window
+
+def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np.ndarray, drifted: bool,
+                  figures: dict | None = None, # figures by number of buckets, drawn on again when given: a report reuses them for all its features
+                  ) -> str:
+    "A small bar chart of training and window shares per bucket, as a base64 SVG (its text kept as text)."
+    figures = {} if figures is None else figures
+    if len(labels) not in figures: figures[len(labels)] = _shares_axes(len(labels))
+    fig, ax, training, window = figures[len(labels)]
+    color = "#d9534f" if drifted else "#5cb85c"
+    for bar, share in zip(training, expected): bar.set_height(share)
+    for bar, share in zip(window, actual):
+        bar.set_height(share)
+        bar.set_facecolor(color)
+    ax.get_legend().legend_handles[1].set_facecolor(color)
+    ax.set_xticklabels(labels)
+    top = max(np.max(expected), np.max(actual))
+    ax.set_ylim(0, 1.05 * top if top > 0 else 1.0)  # as autoscaling bars from 0 would, without measuring every bar again
+    ax.title.set_text(name)
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", pil_kwargs={"compress_level": 1})  # small plots: fast compression costs a few hundred bytes
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "drift-report"}):  # text as text, not glyph outlines; the same page for the same data
+        fig.savefig(buffer, format="svg", metadata={"Date": None})
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 def results_table_html(results: pd.DataFrame) -> str:
@@ -52,14 +70,14 @@ def drift_report_html(baseline: dict, window: pd.DataFrame, results: pd.DataFram
     "A self-contained HTML page: summary line, results table and one plot per feature."
     buckets = buckets or window_buckets(baseline, window)
     drifted = set(results[results.drifted].feature)
-    plots, fig = [], Figure(figsize=(5, 2.4), dpi=80)
+    plots, figures = [], {}
     for name, feature in baseline["features"].items():
         labels, expected, actual = buckets[name]
-        png = shares_figure(f"{name} ({feature['kind']})", labels, expected, actual, name in drifted, fig)
-        plots.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{png}"></figure>')
+        svg = shares_figure(f"{name} ({feature['kind']})", labels, expected, actual, name in drifted, figures)
+        plots.append(f'<figure><img alt="{html.escape(name)}" src="data:image/svg+xml;base64,{svg}"></figure>')
     style = ("body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left} tr.drifted{background:#f8d7da}"
-             "figure{display:inline-block;margin:4px}")
+             "figure{display:inline-block;margin:4px} figure img{width:400px}")  # the plots at the size of 80 dpi PNGs
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
             f"<body><h1>{html.escape(title)}</h1><p>{html.escape(drift_summary(results))} "
             f"({len(window):,} window rows, baseline of {baseline['rows']:,} training rows)</p>"
