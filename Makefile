@@ -10,7 +10,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test java export clean
+.PHONY: help demo test java chromium export clean
 # demo and test use the local workspaces even when the shell names a Databricks workspace: like the Databricks CLI,
 # serving-mlops takes DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE as the workspace of every target without a host
 demo test: export DATABRICKS_HOST :=
@@ -40,6 +40,9 @@ $(VENV)/node/.installed: | $(BIN)/python
 
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
+
+chromium: ## Chromium for the console's browser tests (Debian's package with apt-get as root; without it those tests skip)
+	@bash .ci/ensure-chromium
 
 demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, deploy and test staging, promote to prod, deploy prod, score through prod, monitor drift
 	@echo "== 1-3 Model Build in staging: ingest, features, train, register and validate (the model_build job)"
@@ -79,8 +82,12 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	@echo "  $(BIN)/serving-mlops tables --env prod     tables, with the inference table credit_default_prod_payload and _metrics, _drift"
 	@echo "  $(BIN)/serving-mlops serve --env staging --stop; $(BIN)/serving-mlops serve --env prod --stop    stop the serving runtimes"
 	@echo "  $(BIN)/serving-mlops --help              every command"
+	@echo "  $(BIN)/serving-mlops console --env prod --stop    stop the console"
+	@echo
+	@echo "== the production console: endpoints with live charts, requests, monitoring, job runs, registry (open the link)"
+	@$(BIN)/serving-mlops console --env prod --background
 
-test: $(VENV)/.installed-dev $(VENV)/node/.installed java ## import layers, nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
+test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium ## import layers, nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/nbdev_test
 	$(BIN)/pytest tests --timeout 900 --durations=8

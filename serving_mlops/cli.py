@@ -22,8 +22,8 @@ from .tables import tables_for
 
 # %% auto #0
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate', 'table_summary', 'ingest',
-           'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'deploy',
-           'id_range', 'query_keys', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run', 'jobs_runs']
+           'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'console',
+           'deploy', 'id_range', 'query_keys', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run', 'jobs_runs']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
@@ -208,6 +208,31 @@ def serve(env: Optional[str] = EnvOption,
         typer.echo(f"  token: {e.path('tokens', 'serving-token')}")
         typer.echo(f"  log:   {e.path('serving', 'server.log')}")
         typer.echo(f"  stop:  serving-mlops serve --env {e.name} --stop")
+
+@app.command()
+def console(env: Optional[str] = EnvOption,
+            port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.", show_default="the target's console_port"),
+            background: bool = typer.Option(False, "--background", "-b", help="Start as a background process, wait until it answers, print its login link."),
+            stop: bool = typer.Option(False, "--stop", help="Stop the environment's running console.")):
+    """Open the environment's web console on 127.0.0.1: endpoints (state, traffic, live charts of requests, errors, latency, rows per call), recent requests, monitoring, job runs and the registry.
+
+    The console is behind a login link printed here (valid while the console runs; also in .mlops/<env>/console/console.json) or the environment's serving token as `Authorization: Bearer`. Local environments only: a Databricks workspace has its own UI."""
+    from serving_mlops.console.app import check_local, serve_console, start_console, stop_console
+    with clear_errors():
+        e = get_environment(env)
+        check_local(e)
+        if stop:
+            typer.echo(f"stopped the console of '{e.name}'" if stop_console(e) else f"no console of '{e.name}' is running")
+            return
+        port = e.var("console_port", int) if port is None else port
+        if not background:
+            serve_console(e, port, announce=typer.echo)
+            return
+        try: info = start_console(e, port)
+        except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
+        typer.echo(f"console of '{e.name}': {info['url']} (pid {info['pid']})")
+        typer.echo(f"  stop:  serving-mlops console --env {e.name} --stop")
+        typer.echo(f"  open:  {info['login']}")
 
 @app.command()
 def deploy(env: Optional[str] = EnvOption,

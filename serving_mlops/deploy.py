@@ -27,8 +27,8 @@ from .serving.process import workspace_client
 # %% auto #0
 __all__ = ['ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities',
            'target_config', 'get_endpoint', 'failure_reason', 'apply_config', 'inference_table_config', 'deploy',
-           'EndpointReport', 'golden_sample', 'endpoint_tests', 'rollback', 'deploy_and_test', 'entity_stats',
-           'window_stats', 'canary']
+           'EndpointReport', 'golden_sample', 'endpoint_tests', 'rollback', 'deploy_and_test', 'metric_families',
+           'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -199,13 +199,17 @@ ENTITY_LABELS = ("served_model_name", "served_entity_name")  # the served entity
 _FIELDS = {"request_count_total": "requests", "request_4xx_count_total": "errors", "request_5xx_count_total": "errors",
            "request_latency_ms_sum": "latency_sum_ms", "request_latency_ms_count": "latency_count"}
 
-def entity_stats(metrics: str, # the metrics export (Prometheus text)
+def metric_families(metrics: str) -> list:
+    "The metric families of a metrics export (Prometheus text), parsed once for every reader of the same reading."
+    from prometheus_client.parser import text_string_to_metric_families
+    return list(text_string_to_metric_families(metrics))
+
+def entity_stats(metrics: str | list, # the metrics export (Prometheus text), or its `metric_families`
                  now: float | None = None, # time of the reading: the minute of samples without a timestamp
                  ) -> dict:
     "Requests, failed requests (4xx and 5xx) and latency sum and count (ms) per served entity and minute (end, epoch seconds)."
-    from prometheus_client.parser import text_string_to_metric_families
     stats, now = {}, time.time() if now is None else now
-    for family in text_string_to_metric_families(metrics):
+    for family in (metric_families(metrics) if isinstance(metrics, str) else metrics):
         for s in family.samples:
             entity, field = next((s.labels[k] for k in ENTITY_LABELS if k in s.labels), None), _FIELDS.get(s.name)
             if entity is None or field is None: continue

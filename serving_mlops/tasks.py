@@ -205,7 +205,7 @@ def monitoring_task(env: Environment,
     print(run.summary())
     values = {}
     if run.metrics is not None:
-        if (live := runtime_counters(env, run.endpoint)) is not None: print(f"  metrics export, last complete minute: {live}")
+        if (live := runtime_counters(env, run.endpoint)) is not None: print(f"  metrics export (last complete minute; model calls and rows since the runtime started): {live}")
         values["metrics_windows"] = len(run.metrics)
     if run.drift is not None: values.update(drifted=run.drift.drifted, drift_run_id=run.drift.run_id)
     task_values(**values)

@@ -5,7 +5,7 @@ from serving_mlops.config import get_environment
 from serving_mlops.data import generate_credit_data
 from serving_mlops.tables import tables_for
 
-COMMANDS = ["env", "generate", "ingest", "features", "train", "validate", "promote", "tables", "serve", "deploy", "endpoints", "query"]
+COMMANDS = ["env", "generate", "ingest", "features", "train", "validate", "promote", "tables", "serve", "deploy", "endpoints", "query", "console"]
 
 
 def test_help_explains_every_command():

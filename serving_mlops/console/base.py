@@ -93,6 +93,7 @@ def figure(fig: go.Figure | Mapping, # what to draw
 
 # %% ../../nbs/14a_console_base.ipynb #73aa45cf
 def _cell(v) -> str:
+    if isinstance(v, Markup): return v  # HTML a page made safe (e.g. a collapsible request body)
     if v is None or (isinstance(v, float) and v != v): return ""
     if isinstance(v, float): return f"{v:.4g}"
     if isinstance(v, pd.Timestamp): return v.strftime("%Y-%m-%d %H:%M:%S")

@@ -20,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from ..config import Environment, using_mlflow
-from ..deploy import entity_stats
+from ..deploy import entity_stats, metric_families
 from ..errors import StepFailed
 from ..feature_store import in_experiment
 from .baseline import drift_summary, feature_drift, window_buckets
@@ -33,10 +33,11 @@ from ..tables import tables_for
 
 # %% auto #0
 __all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'BASELINE_PATHS', 'DRIFT_COLUMNS', 'FRAME_COLUMNS', 'MISSING_LOOKUPS_NOTED',
-           'MISSING_LOOKUP_COLUMNS', 'QUALITY_KEYS', 'check_period', 'endpoint_metrics', 'write_endpoint_metrics',
-           'runtime_counters', 'model_baseline', 'DriftAlert', 'DriftResult', 'post_alert', 'monitoring_dir',
-           'drift_by_version', 'log_drift_run', 'check_drift', 'missing_lookups', 'expected_calibration_error',
-           'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun', 'monitoring_period', 'run_monitoring']
+           'MISSING_LOOKUP_COLUMNS', 'QUALITY_KEYS', 'check_period', 'request_stats', 'endpoint_metrics',
+           'write_endpoint_metrics', 'runtime_counters', 'model_baseline', 'DriftAlert', 'DriftResult', 'post_alert',
+           'monitoring_dir', 'drift_by_version', 'log_drift_run', 'check_drift', 'missing_lookups',
+           'expected_calibration_error', 'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun',
+           'monitoring_period', 'run_monitoring']
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #2400aa17
 METRICS_KEYS = ["endpoint_name", "served_entity_name", "window_start"]
@@ -48,30 +49,39 @@ def check_period(start: pd.Timestamp, end: pd.Timestamp, window_minutes: int):
     if window_minutes <= 0: raise MonitoringError(f"window_minutes is {window_minutes}; expected a positive number of minutes")
     if end <= start: raise MonitoringError(f"window [{start}, {end}) is empty: expected start before end")
 
-def endpoint_metrics(env: Environment, endpoint: str | None, start, end, window_minutes: int = 60) -> pd.DataFrame:
-    "Requests, QPS, error rate and latency percentiles per window and served entity, from the inference table."
-    start, end = as_utc(start), as_utc(end)
-    check_period(start, end, window_minutes)
+def request_stats(env: Environment, endpoint: str | None, start, end,
+                  every: pd.Timedelta) -> pd.DataFrame: # length of a window (the console's live charts use seconds)
+    "Requests, QPS, failed (4xx and 5xx apart) and latency percentiles per window of `every` and served entity, from the inference table."
+    start, end, every = as_utc(start), as_utc(end), pd.Timedelta(every)
+    if every <= pd.Timedelta(0): raise MonitoringError(f"window length is {every}; expected a positive length")
+    check_period(start, end, 1)
     endpoint = endpoint or env.var("endpoint_name")
     rows = read_payload(env, endpoint, start, end, ["request_time", "status_code", "execution_duration_ms", "served_entity_id"]).to_pandas()
-    if rows.empty: return pd.DataFrame(columns=METRICS_COLUMNS)
+    if rows.empty: return pd.DataFrame(columns=[*METRICS_COLUMNS, "errors_4xx", "errors_5xx"])
     entities = served_entities(env, endpoint, rows.served_entity_id.unique()).set_index("served_entity_id")
     for c in ("served_entity_name", "model_name", "model_version"): rows[c] = rows.served_entity_id.map(entities[c])
     rows["endpoint_name"] = endpoint
-    rows["window_start"] = rows.request_time.dt.floor(f"{window_minutes}min")
+    rows["window_start"] = rows.request_time.dt.floor(every)
     rows["failed"], rows["execution_duration_ms"] = rows.status_code != 200, rows.execution_duration_ms.astype("float64")
+    rows["errors_4xx"], rows["errors_5xx"] = rows.status_code.between(400, 499), rows.status_code >= 500
     g = rows.groupby(METRICS_KEYS, sort=True)
     out = g.agg(model_name=("model_name", "first"), model_version=("model_version", "first"), requests=("failed", "size"),
-                errors=("failed", "sum"), mean_ms=("execution_duration_ms", "mean"))
+                errors=("failed", "sum"), errors_4xx=("errors_4xx", "sum"), errors_5xx=("errors_5xx", "sum"),
+                mean_ms=("execution_duration_ms", "mean"))
     q = g.execution_duration_ms.quantile([0.5, 0.95, 0.99]).unstack()
     out[["p50_ms", "p95_ms", "p99_ms"]] = q.to_numpy()
     out = out.reset_index()
-    out["window_end"] = out.window_start + pd.Timedelta(minutes=window_minutes)
+    out["window_end"] = out.window_start + every
     seconds = (out.window_end.clip(upper=end) - out.window_start.clip(lower=start)).dt.total_seconds()
-    out["requests"], out["errors"] = out.requests.astype("int64"), out.errors.astype("int64")
+    for c in ("requests", "errors", "errors_4xx", "errors_5xx"): out[c] = out[c].astype("int64")
     out["qps"], out["error_rate"] = out.requests / seconds, out.errors / out.requests
     out["computed_at"] = pd.Timestamp.now(tz="UTC")
-    return out[METRICS_COLUMNS]
+    return out[[*METRICS_COLUMNS, "errors_4xx", "errors_5xx"]]
+
+def endpoint_metrics(env: Environment, endpoint: str | None, start, end, window_minutes: int = 60) -> pd.DataFrame:
+    "Requests, QPS, error rate and latency percentiles per window and served entity, from the inference table."
+    if window_minutes <= 0: raise MonitoringError(f"window_minutes is {window_minutes}; expected a positive number of minutes")
+    return request_stats(env, endpoint, start, end, pd.Timedelta(minutes=window_minutes))[METRICS_COLUMNS]
 
 def write_endpoint_metrics(env: Environment, endpoint: str | None, metrics: pd.DataFrame) -> int:
     "Merge `metrics` into the endpoint's `<prefix>_metrics` table (one row per endpoint, entity and window); returns the rows written."
@@ -80,17 +90,22 @@ def write_endpoint_metrics(env: Environment, endpoint: str | None, metrics: pd.D
     return len(metrics)
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #4e03d6c1
-def runtime_counters(env: Environment, endpoint: str | None = None) -> dict | None:
-    "Requests, failed requests and mean latency (ms) per served entity in the last complete minute of the metrics export; None when unreachable."
+def runtime_counters(env: Environment, endpoint: str | None = None,
+                     client=None) -> dict | None: # a WorkspaceClient to reuse (default: a new one for `env`)
+    "Per served entity: requests, failed requests and mean latency (ms) of the last complete minute of the metrics export, and the model calls and rows since the runtime started (our own counters, where the runtime has them); None when unreachable."
     try:
-        text = workspace_client(env, retry_timeout_seconds=10).serving_endpoints.export_metrics(endpoint or env.var("endpoint_name")).contents.read().decode()
+        w = client or workspace_client(env, retry_timeout_seconds=10)
+        families = metric_families(w.serving_endpoints.export_metrics(endpoint or env.var("endpoint_name")).contents.read().decode())
     except (RuntimeError, DatabricksError, OSError): return None
     out = {}
-    for entity, minutes in entity_stats(text).items():
+    for entity, minutes in entity_stats(families).items():
         end = max(minutes)
         s = minutes[end]
         out[entity] = {"minute_end": str(pd.Timestamp(end, unit="s", tz="UTC")), "requests": int(s["requests"]), "errors": int(s["errors"]),
                        "mean_ms": s["latency_sum_ms"] / s["latency_count"] if s["latency_count"] else math.nan}
+    calls = {"serving_model_batch_rows_count": "model_calls", "serving_model_batch_rows_sum": "rows"}
+    for s in (s for f in families if f.name == "serving_model_batch_rows" for s in f.samples if s.name in calls):
+        out.setdefault(s.labels["served_entity"], {})[calls[s.name]] = int(s.value)
     return out
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #63a38e81

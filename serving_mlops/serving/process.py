@@ -29,8 +29,9 @@ from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, now_ms
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'READ_TIMEOUT', 'ReadTimeoutProtocol', 'server_file', 'serve', 'runtime_on_port', 'server_info', 'start_server',
-           'stop_server', 'wait_exit', 'workspace_client']
+__all__ = ['log', 'READ_TIMEOUT', 'SERVICES', 'ReadTimeoutProtocol', 'service_file', 'server_file', 'write_info', 'drop_info',
+           'bind_port', 'serve', 'service_on_port', 'service_info', 'server_info', 'start_service', 'start_server',
+           'stop_service', 'stop_server', 'wait_exit', 'workspace_client']
 
 # %% ../../nbs/08g_serving_process.ipynb #96f1cc6f
 READ_TIMEOUT = 20.0  # seconds a client has to send a whole request, headers and body
@@ -62,7 +63,43 @@ class ReadTimeoutProtocol(AutoHTTPProtocol):
         if cycle is None or cycle.response_complete or cycle.more_body: self.transport.close()
 
 # %% ../../nbs/08g_serving_process.ipynb #670dbb7d
-def server_file(env: Environment) -> Path: return env.path("serving", create=True) / "server.json"
+SERVICES = {"serving runtime": ("serving", "server.json", "serve"),  # what runs beside a local workspace: folder, info file, command
+            "console": ("console", "console.json", "console")}
+
+def service_file(env: Environment, what: str = "serving runtime") -> Path:
+    "Where `what` (a name of `SERVICES`) of `env` writes its address and pid while it runs."
+    folder, name, _ = SERVICES[what]
+    return env.path(folder, create=True) / name
+
+def server_file(env: Environment) -> Path: return service_file(env, "serving runtime")
+
+def write_info(path: Path, info: dict):
+    "Write a running service's info file whole (readable by its owner only: the console's holds its login link)."
+    tmp = path.with_suffix(".tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f: f.write(orjson.dumps(info))
+    os.replace(tmp, path)
+
+def drop_info(path: Path):
+    "Remove this process's info file as it stops (uvicorn re-raises SIGTERM after its shutdown, so servers clean up themselves)."
+    try:
+        if orjson.loads(path.read_bytes()).get("pid") == os.getpid(): path.unlink()
+    except (FileNotFoundError, ValueError): pass
+
+def bind_port(env: Environment, host: str, port: int,
+              doing: str) -> socket.socket: # what the socket is for, as the error says it, e.g. "serve environment 'dev'"
+    "A socket bound to `host:port`; a busy port is refused naming the serving runtime or console that holds it and how to stop it."
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try: sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno != errno.EADDRINUSE: raise
+        what, holder = service_on_port(env, port) or (None, None)
+        who = (f"the {what} of environment '{holder['environment']}' (pid {holder['pid']}) holds it; stop it with "
+               f"`serving-mlops {SERVICES[what][2]} --env {holder['environment']} --stop`" if holder else
+               "a program other than these workspaces' serving runtimes and consoles holds it; stop it, or use another port (--port, 0 for any free one)")
+        raise InputError(f"cannot {doing} on {host}:{port}: the port is in use: {who}") from None
+    return sock
 
 def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: int = MAX_ROWS,
           metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
@@ -73,32 +110,18 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
     if (running := server_info(env)) is not None:
         raise InputError(f"the serving runtime of environment '{env.name}' is already running at {running['url']} (pid {running['pid']}); "
                          f"stop it with `serving-mlops serve --env {env.name} --stop`")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try: sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        if e.errno != errno.EADDRINUSE: raise
-        holder = runtime_on_port(env, port)
-        who = (f"the serving runtime of environment '{holder['environment']}' (pid {holder['pid']}) holds it; stop it with "
-               f"`serving-mlops serve --env {holder['environment']} --stop`" if holder else
-               "a program other than these workspaces' serving runtimes holds it; stop it, or serve on another port (--port, 0 for any free one)")
-        raise InputError(f"cannot serve environment '{env.name}' on {host}:{port}: the port is in use: {who}") from None
+    sock = bind_port(env, host, port, f"serve environment '{env.name}'")
     url = f"http://{host}:{sock.getsockname()[1]}"
     info = server_file(env)
 
     def started(runtime):
         runtime.base_url = url
-        tmp = info.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps({"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms()}))
-        os.replace(tmp, info)
+        write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms()})
         log.info("serving runtime of environment %s at %s", env.name, url)
         if metrics_interval != 60: log.warning("endpoint metrics per %g s, not per minute as on Databricks", metrics_interval)
 
-    def stopped(runtime):  # uvicorn re-raises SIGTERM after its shutdown, so clean up here
-        try:
-            if orjson.loads(info.read_bytes()).get("pid") == os.getpid(): info.unlink()
-        except (FileNotFoundError, ValueError): pass
+    def stopped(runtime):
+        drop_info(info)
         log.info("serving runtime of environment %s stopped", env.name)
 
     app = make_app(env, max_rows, on_started=started, on_stopped=stopped, metrics_interval=metrics_interval,
@@ -107,13 +130,17 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
                             timeout_graceful_shutdown=30, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
 
-def runtime_on_port(env: Environment, port: int) -> dict | None:
-    "`server.json` of the live serving runtime of any local environment beside `env` that listens on `port`, or None."
-    for path in sorted(env.root.parent.glob("*/serving/server.json")):
-        try: info = orjson.loads(path.read_bytes())
-        except (OSError, orjson.JSONDecodeError): continue
-        pid = info.get("pid") if isinstance(info, dict) else None
-        if isinstance(pid, int) and pid > 0 and str(info.get("url", "")).endswith(f":{port}") and _alive(pid): return info
+def _read_info(path: Path) -> dict | None:
+    try: info = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError): return None
+    return info if isinstance(info, dict) and isinstance(info.get("pid"), int) and info["pid"] > 0 else None
+
+def service_on_port(env: Environment, port: int) -> tuple[str, dict] | None:
+    "Which live serving runtime or console of any local environment beside `env` listens on `port`: its kind and info, or None."
+    for what, (folder, name, _) in SERVICES.items():
+        for path in sorted(env.root.parent.glob(f"*/{folder}/{name}")):
+            info = _read_info(path)
+            if info and str(info.get("url", "")).endswith(f":{port}") and _alive(info["pid"]): return what, info
     return None
 
 def _alive(pid: int) -> bool:
@@ -121,49 +148,61 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError: return False
     except PermissionError: return True
 
-def server_info(env: Environment) -> dict | None:
-    "Address and pid of `env`'s running serving runtime, or None when none answers."
-    try: info = orjson.loads(server_file(env).read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError): return None
-    if not _alive(info["pid"]): return None
+def service_info(env: Environment, what: str = "serving runtime") -> dict | None:
+    "Info (address, pid, ...) of `env`'s running `what` (a name of `SERVICES`), or None when none answers its health check."
+    info = _read_info(service_file(env, what))
+    if info is None or not _alive(info["pid"]): return None
     try: ok = httpx.get(info["url"] + "/health", timeout=2).status_code == 200
     except httpx.HTTPError: ok = False
     return info if ok else None
+
+def server_info(env: Environment) -> dict | None:
+    "Address and pid of `env`'s running serving runtime, or None when none answers."
+    return service_info(env, "serving runtime")
+
+def start_service(env: Environment, what: str, # a name of `SERVICES`
+                  args: list[str], # the `serving-mlops` command line that runs it in the foreground
+                  timeout: float = 120) -> dict:
+    "Start `env`'s `what` as a background process (or find the running one); wait for its health check; its output goes to a log beside its info file."
+    if (info := service_info(env, what)) is not None: return info
+    log_path = service_file(env, what).with_suffix(".log")
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "serving_mlops.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "SERVING_MLOPS_HOME": str(env.root.parent)})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{what} of environment '{env.name}' exited with status {proc.returncode}; {log_path}:\n{tail}")
+        info = service_info(env, what)
+        if info is not None and info["pid"] == proc.pid: return info
+        time.sleep(0.2)
+    proc.terminate()
+    raise TimeoutError(f"{what} of environment '{env.name}' did not answer within {timeout:g} s; see {log_path}")
 
 def start_server(env: Environment, port: int = 0, timeout: float = 120,
                  metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics; tests shorten it
                  read_timeout: float = READ_TIMEOUT, request_log_mb: float = REQUEST_LOG_BYTES / 2**20,
                  request_log_files: int = REQUEST_LOG_FILES) -> dict:  # as `serve` takes them (a running runtime keeps its own)
     "Start `env`'s serving runtime as a background process (or find the running one); wait for its health check."
-    if (info := server_info(env)) is not None: return info
-    log_path = env.path("serving", create=True) / "server.log"
-    with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port),
-                                 *(["--metrics-interval", f"{metrics_interval:g}"] if metrics_interval != 60 else []),
-                                 "--read-timeout", f"{read_timeout:g}", "--request-log-mb", f"{request_log_mb:g}",
-                                 "--request-log-files", str(request_log_files)],
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "SERVING_MLOPS_HOME": str(env.root.parent)})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"serving runtime of environment '{env.name}' exited with status {proc.returncode}; {log_path}:\n{tail}")
-        info = server_info(env)
-        if info is not None and info["pid"] == proc.pid: return info
-        time.sleep(0.2)
-    proc.terminate()
-    raise TimeoutError(f"serving runtime of environment '{env.name}' did not answer within {timeout:g} s; see {log_path}")
+    return start_service(env, "serving runtime", ["serve", "--env", env.name, "--port", str(port),
+                         *(["--metrics-interval", f"{metrics_interval:g}"] if metrics_interval != 60 else []),
+                         "--read-timeout", f"{read_timeout:g}", "--request-log-mb", f"{request_log_mb:g}",
+                         "--request-log-files", str(request_log_files)], timeout)
+
+def stop_service(env: Environment, what: str = "serving runtime", timeout: float = 60) -> bool:
+    "Stop `env`'s `what` (a name of `SERVICES`) gracefully (SIGTERM, wait); False when none was running."
+    path = service_file(env, what)
+    if (info := _read_info(path)) is None: return False
+    pid = info["pid"]
+    if not _alive(pid): path.unlink(missing_ok=True); return False
+    os.kill(pid, signal.SIGTERM)
+    if not wait_exit(pid, timeout): raise TimeoutError(f"{what} pid {pid} of environment '{env.name}' did not stop within {timeout:g} s")
+    return True
 
 def stop_server(env: Environment, timeout: float = 60) -> bool:
     "Stop `env`'s serving runtime gracefully (SIGTERM, wait); False when none was running."
-    try: info = orjson.loads(server_file(env).read_bytes())
-    except (FileNotFoundError, orjson.JSONDecodeError): return False
-    pid = info["pid"]
-    if not _alive(pid): server_file(env).unlink(missing_ok=True); return False
-    os.kill(pid, signal.SIGTERM)
-    if not wait_exit(pid, timeout): raise TimeoutError(f"serving runtime pid {pid} of environment '{env.name}' did not stop within {timeout:g} s")
-    return True
+    return stop_service(env, "serving runtime", timeout)
 
 def wait_exit(pid: int, timeout: float = 60) -> bool:
     "Wait until process `pid` has exited (reaping it when it is our child); False on timeout."

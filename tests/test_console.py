@@ -1,0 +1,178 @@
+"""The console end to end: a real serving runtime with traffic, the console started through the CLI as a background
+process, its JSON over HTTP and its pages in headless Chromium (pages load without console errors, charts drawn with
+data that grows under more traffic, the requests page filtered by status, the login). Screenshots of the pages go to
+.mlops/console-screenshots/ for a person to look at."""
+import os
+import subprocess
+import time
+
+import httpx
+import pytest
+from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTableConfig
+
+from browser import Page, browser, chart_points
+from conftest import BIN, ROOT, cli
+from served import create, entity, invoke, served_workspace
+from serving_mlops.serving.process import service_info
+
+ws = pytest.fixture(scope="module")(served_workspace)
+browser = pytest.fixture(scope="module")(browser)
+
+NAME = "consoleep"  # an endpoint of the credit model with its inference table
+
+
+def gateway(prefix):
+    return AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(catalog_name="dev", schema_name="credit",
+                                                                               table_name_prefix=prefix, enabled=True))
+
+
+def traffic(ws, ok=20, unknown=4, bad=3, spread=0.0):
+    "Requests of known customers, of unknown ones (keys_not_found) and malformed ones (4xx; the runtime answers no 5xx to a client's input)."
+    sent = {"ok": 0, "4xx": 0}
+    with httpx.Client() as client:
+        for i in range(ok + unknown):
+            r = invoke(ws, NAME, {"dataframe_records": [{"customer_id": 1 + i % 50 if i < ok else 90_000_000 + i}]}, client)
+            assert r.status_code == 200, r.text
+            sent["ok"] += 1
+            time.sleep(spread)
+        for _ in range(bad):
+            r = invoke(ws, NAME, {"dataframe_records": [{"no_such_key": 1}]}, client)
+            assert 400 <= r.status_code < 500, r.text
+            sent["4xx"] += 1
+    return sent
+
+
+@pytest.fixture(scope="module")
+def console(ws):
+    "The console of the served workspace, started by `serving-mlops console --background`; endpoints with inference tables."
+    env = ws["env"]
+    create(ws, NAME, entity(ws, ws["v1"]), ai_gateway=gateway(NAME))
+    old = os.environ.get("SERVING_MLOPS_HOME")
+    os.environ["SERVING_MLOPS_HOME"] = str(env.root.parent)
+    try:
+        out = cli("console", "--env", env.name, "--background", "--port", "0").stdout
+        info = service_info(env, "console")
+        assert info is not None and info["login"] in out and info["url"].startswith("http://127.0.0.1:"), out
+        yield {**info, "env": env, "sent": traffic(ws)}
+        assert "stopped the console" in cli("console", "--env", env.name, "--stop").stdout
+        assert service_info(env, "console") is None
+    finally:
+        if old is None: os.environ.pop("SERVING_MLOPS_HOME", None)
+        else: os.environ["SERVING_MLOPS_HOME"] = old
+
+
+def bearer(ws): return {"Authorization": f"Bearer {ws['token']}"}
+
+
+def series(console, ws, name=NAME):
+    r = httpx.get(f"{console['url']}/api/endpoints/{name}/series", headers=bearer(ws), timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_for(what, check, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value: return value
+        if time.monotonic() > deadline: raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(1)
+
+
+def total(rows, key): return sum(r[key] for r in rows)
+
+
+def test_unauthenticated_requests_get_401_and_the_login_link_or_the_token_lets_in(console, ws):
+    url = console["url"]
+    for path in ("/", "/requests", "/monitoring", f"/api/endpoints/{NAME}/series"):
+        r = httpx.get(url + path)
+        assert r.status_code == 401, path
+        assert f"serving-mlops console --env {console['env'].name}" in (r.json()["message"] if path.startswith("/api/") else r.text)
+    assert httpx.get(url + "/", headers={"Authorization": "Bearer dapi0000"}).status_code == 401
+    assert httpx.get(url + "/login?token=guess").status_code == 401
+    assert httpx.get(url + "/", headers=bearer(ws)).status_code == 200
+    with httpx.Client() as client:
+        r = client.get(console["login"])
+        assert r.status_code == 303 and r.headers["location"] == "/"
+        assert "httponly" in r.headers["set-cookie"].lower() and "samesite=strict" in r.headers["set-cookie"].lower()
+        page = client.get(url + "/")
+        assert page.status_code == 200 and NAME in page.text
+
+
+def test_series_count_every_request_by_status_and_the_runtime_counters(console, ws):
+    sent = console["sent"]
+    live = wait_for("the inference table's rows", lambda: (s := series(console, ws)["live"]) and total(s, "requests") >= sent["ok"] + sent["4xx"] and s)
+    assert total(live, "requests") == sent["ok"] + sent["4xx"] and total(live, "errors_4xx") == sent["4xx"] and total(live, "errors_5xx") == 0
+    assert all(r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in live) and {r["served_entity_name"] for r in live} == {f"default_model-{ws['v1']}"}
+    traffic(ws, ok=6, unknown=0, bad=0)  # the sampler sees model calls between two of its readings
+    rows = wait_for("rows per model call", lambda: [r for r in series(console, ws)["rows_per_call"] if r["model_calls"]])
+    assert all(r["rows_per_call"] >= 1 for r in rows)
+    r = httpx.get(f"{console['url']}/api/endpoints/nope/series", headers=bearer(ws))
+    assert r.status_code == 404 and "serving endpoint 'nope' does not exist" in r.json()["message"]
+    r = httpx.get(f"{console['url']}/api/endpoints/{NAME}/charts/pie", headers=bearer(ws))
+    assert r.status_code == 404 and "expected one of rate, errors, latency, rows, history" in r.json()["message"]
+    fig = httpx.get(f"{console['url']}/api/endpoints/{NAME}/charts/latency", headers=bearer(ws)).json()
+    assert "Latency (ms" in fig["layout"]["title"]["text"] and len(fig["data"]) == 3
+
+
+def test_the_cli_refuses_a_busy_port_and_a_workspace_target(console):
+    port = console["url"].rsplit(":", 1)[1]
+    r = cli("console", "--env", "staging", "--port", port, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"cannot start the console of environment 'staging' on 127.0.0.1:{port}: the port is in use: the console of environment 'dev'" in r.stderr
+    assert "serving-mlops console --env dev --stop" in r.stderr
+    r = subprocess.run([str(BIN / "serving-mlops"), "console", "--env", "prod"], capture_output=True, text=True, cwd=ROOT,
+                       env={**{k: v for k, v in os.environ.items() if k != "SERVING_MLOPS_HOME"},  # a folder of local workspaces makes every target local
+                            "DATABRICKS_HOST": "https://adb-1.azuredatabricks.net"}, timeout=120)
+    assert r.returncode == 1 and "Databricks has its own UI" in r.stderr, r.stderr
+    assert "--background" in cli("console", "--help").stdout
+
+
+def test_endpoint_charts_render_and_grow_under_more_traffic(console, ws, browser):
+    wait_for("the first requests in the table", lambda: total(series(console, ws)["live"], "requests") > 0)
+    page = Page(browser)
+    try:
+        tab = page.open(console["login"])  # the login link lands on the endpoints page
+        assert tab.url.rstrip("/") == console["url"]
+        assert "READY" in tab.locator("#endpoints").inner_text()
+        for kind in ("rate", "errors", "latency"):
+            assert chart_points(tab, f"{kind}-{NAME}") > 0, kind
+        before = chart_points(tab, f"latency-{NAME}")
+        traffic(ws, ok=24, unknown=0, bad=0, spread=0.5)  # about 12 s: requests in new 10 s windows
+        wait_for("the latency chart to grow", lambda: chart_points(tab, f"latency-{NAME}") > before, timeout=40)
+        wait_for("the rows per call chart", lambda: chart_points(tab, f"rows-{NAME}") > 0, timeout=30)
+        assert "Request rate (requests/s" in tab.locator(f"#rate-{NAME} .gtitle").text_content()
+        assert not page.errors, page.errors
+        page.screenshot("endpoints")
+    finally: page.close()
+
+
+def test_requests_page_filters_by_status_and_shows_missing_lookups(console, ws, browser):
+    sent = console["sent"]
+    wait_for("the malformed requests in the table", lambda: total(series(console, ws)["live"], "errors_4xx") >= sent["4xx"])
+    page = Page(browser)
+    try:
+        page.open(console["login"])
+        tab = page.open(f"{console['url']}/requests?endpoint={NAME}")
+        assert "keys the online feature store did not know" in tab.locator("#missing-lookups").inner_text()
+        assert f"<b>{4}</b> of" in tab.locator("#missing-lookups").inner_html()  # the 4 unknown customers of the first traffic
+        tab.select_option("#status", "4xx")
+        with tab.expect_navigation(): tab.click("#filter button")
+        statuses = tab.locator("#requests tbody tr td:nth-child(2)").all_inner_texts()
+        assert len(statuses) == sent["4xx"] and all(s.startswith("4") for s in statuses), statuses
+        assert "no_such_key" in tab.locator("#requests").inner_text()  # the request body is shown
+        tab.select_option("#status", "2xx")
+        with tab.expect_navigation(): tab.click("#filter button")
+        statuses = tab.locator("#requests tbody tr td:nth-child(2)").all_inner_texts()
+        assert statuses and all(s == "200" for s in statuses)
+        assert not page.errors, page.errors
+        page.screenshot("requests")
+    finally: page.close()
+
+
+def test_a_browser_without_the_login_gets_the_401_page(console, browser):
+    tab = browser.new_page()
+    try:
+        response = tab.goto(console["url"] + "/")
+        assert response.status == 401 and "login link" in tab.locator("#login-needed").inner_text()
+    finally: tab.close()
