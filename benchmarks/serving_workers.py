@@ -6,7 +6,8 @@ What it does, in one run (about 4 minutes with the defaults on 2 cores):
 - builds a throwaway workspace (synthetic clients, feature tables published online), trains (3 Optuna trials) and registers
   a model, and creates one endpoint serving it (features in the request, `dataframe_split` of one row, as
   benchmarks/serving_latency.py sends them);
-- runs the same endpoint three ways, one after the other, restarting the runtime in between (the endpoint is restored):
+- runs the same endpoint three ways, one after the other (--rounds R: R times in turn, so that background load changes hit
+  every variant alike), restarting the runtime in between (the endpoint is restored):
   (a) the runtime as it starts by default (one process), (b) `--workers N` (N processes on one port with SO_REUSEPORT,
   metrics summed across them), (c) one process with SERVING_MLOPS_FAST_PATH=0 (the path before issue 14: the goal's
   "today's runtime");
@@ -88,7 +89,17 @@ def light_concurrent(port: int, path: str, token: str, bodies: list, expected: l
             "server_cpu": meter.server["runtime"], "other_cpu": meter.other}
 
 
-def main(rows: int, customers: int, workers: int, seconds: float, warmup: float, concurrency: list, clients: list, trials: int, keep: bool) -> int:
+def pooled(runs: list) -> dict:
+    "The runs of one measurement over several rounds as one: requests/s and CPU averaged, latencies and tallies pooled."
+    tally = Tally()
+    for r in runs: tally.merge(r["tally"])
+    mean = lambda k: statistics.mean(r[k] for r in runs)
+    return {"rps": mean("rps"), "latencies": [x for r in runs for x in r["latencies"]], "tally": tally, "client_cpu": mean("client_cpu"),
+            "server_cpu": mean("server_cpu"), "other_cpu": mean("other_cpu"), "batch_rows": mean("batch_rows")}
+
+
+def main(rows: int, customers: int, workers: int, seconds: float, warmup: float, concurrency: list, clients: list, trials: int, keep: bool,
+         rounds: int = 1) -> int:
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     wall_start = time.perf_counter()
     import mlflow
@@ -103,7 +114,7 @@ def main(rows: int, customers: int, workers: int, seconds: float, warmup: float,
     say(f"building a throwaway workspace with {rows:,} clients (Spark), training ({trials} trials) ...")
     spark = get_spark()
     env, store = example_workspace(rows, seed=3, spark=spark)
-    endpoint, results, started = "bench", {}, False
+    endpoint, runs, started = "bench", {}, False
     try:
         tables = [env.table_name("behaviour_features"), env.table_name("demographic_features")]
         for t in tables: store.publish_table(t)
@@ -130,11 +141,11 @@ def main(rows: int, customers: int, workers: int, seconds: float, warmup: float,
 
         variants = {"runtime, 1 process": ({}, 1), f"runtime, --workers {workers}": ({}, workers),
                     "previous path (FAST_PATH=0), 1 process": ({"SERVING_MLOPS_FAST_PATH": "0"}, 1)}
-        for label, (environ, n) in variants.items():
+        for label, (environ, n) in [v for _ in range(rounds) for v in variants.items()]:  # rounds: every variant meets like load
             os.environ.update(environ)
             info = start_server(env, workers=n); started = True
             w = workspace_client(env)
-            if not results:
+            if not runs:
                 w.serving_endpoints.create_and_wait(endpoint, config=EndpointCoreConfigInput(
                     name=endpoint, served_entities=[ServedEntityInput(entity_name=model_name, entity_version=str(version))]))
             wait_endpoints(w, [endpoint])
@@ -150,7 +161,7 @@ def main(rows: int, customers: int, workers: int, seconds: float, warmup: float,
                     else: r = concurrent(info["url"] + path, {**auth, "Content-Type": "application/json"}, bodies, expected, c, seconds, warmup, meter, "runtime")
                     after = batch_rows(info["url"], endpoint, auth)
                     r["batch_rows"] = (after[0] - before[0]) / (after[1] - before[1]) if after[1] > before[1] else float("nan")
-                    results[label, client, c] = r
+                    runs.setdefault((label, client, c), []).append(r)
             stop_server(env); started = False
             for k in environ: os.environ.pop(k, None)
     finally:
@@ -160,7 +171,8 @@ def main(rows: int, customers: int, workers: int, seconds: float, warmup: float,
         if not keep and home.name.startswith("serving-mlops-") and Path(tempfile.gettempdir()) in home.parents: shutil.rmtree(home, ignore_errors=True)
         elif keep: say(f"workspace kept at {home}")
 
-    print(f"\nOne-row requests, features in the request; {os.cpu_count()} cores shared by the client and the servers; "
+    results = {k: pooled(rs) for k, rs in runs.items()}
+    print(f"\nOne-row requests, features in the request; {rounds} round(s) of the variants in turn, figures summed over them; {os.cpu_count()} cores shared by the client and the servers; "
           f"load average at the end {os.getloadavg()[0]:.1f}.\n")
     print("| variant | client | connections | requests/s | p50 | p99 | client CPU | server CPU | server CPU per request | other CPU | rows per model call | errors | mismatches |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -198,7 +210,8 @@ if __name__ == "__main__":
     parser.add_argument("--client", choices=["light", "httpx", "both"], default="both",
                         help="load generator: asyncio raw HTTP (light), httpx threads (as serving_latency.py), or both")
     parser.add_argument("--trials", type=int, default=3, help="Optuna trials when training the model")
+    parser.add_argument("--rounds", type=int, default=1, help="run the three variants in turn this many times (like load for each)")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway workspace")
     args = parser.parse_args()
     sys.exit(main(args.rows, args.customers, args.workers, args.seconds, args.warmup_seconds, args.concurrency,
-                  ["light", "httpx"] if args.client == "both" else [args.client], args.trials, args.keep))
+                  ["light", "httpx"] if args.client == "both" else [args.client], args.trials, args.keep, args.rounds))
