@@ -186,7 +186,9 @@ def serve(env: Optional[str] = EnvOption,
           metrics_interval: float = typer.Option(60, min=0.1, help="Seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it)."),
           read_timeout: float = typer.Option(20, min=0.1, help="Seconds a client has to send a whole request (headers and body) before its connection is closed."),
           request_log_mb: float = typer.Option(10, min=0.001, help="Size at which an endpoint's request log (serving/requests/<endpoint>.jsonl) is rotated."),
-          request_log_files: int = typer.Option(3, min=1, help="Rotated request log files kept per endpoint besides the current one.")):
+          request_log_files: int = typer.Option(3, min=1, help="Rotated request log files kept per endpoint besides the current one."),
+          workers: int = typer.Option(1, min=1, help="Processes serving on the port (SO_REUSEPORT; metrics summed over them); 1 serves in this process."),
+          worker: Optional[int] = typer.Option(None, hidden=True, help="(internal) serve as this worker of a set started with --workers.")):
     "Serve the environment's endpoints: the Databricks serving-endpoints REST API and invocations, on 127.0.0.1."
     from serving_mlops.serving.app import serving_token
     from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
@@ -199,12 +201,12 @@ def serve(env: Optional[str] = EnvOption,
         port = e.var("serving_port", int) if port is None else port
         limits = dict(read_timeout=read_timeout, request_log_mb=request_log_mb, request_log_files=request_log_files)
         if not background:
-            serve_forever(e, port=port, metrics_interval=metrics_interval, **limits)
+            serve_forever(e, port=port, metrics_interval=metrics_interval, workers=workers, worker=worker, **limits)
             return
-        try: info = start_server(e, port=port, metrics_interval=metrics_interval, **limits)
+        try: info = start_server(e, port=port, metrics_interval=metrics_interval, workers=workers, **limits)
         except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
         serving_token(e)
-        typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']})")
+        typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']}" + (f", workers {info['workers']})" if info.get("workers") else ")"))
         typer.echo(f"  token: {e.path('tokens', 'serving-token')}")
         typer.echo(f"  log:   {e.path('serving', 'server.log')}")
         typer.echo(f"  stop:  serving-mlops serve --env {e.name} --stop")

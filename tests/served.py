@@ -71,8 +71,8 @@ class MetricReadings:
         return sum(v[field] for v in self.readings.get(entity, {}).values())
 
 
-def served_workspace():
-    "A workspace with two registered versions, an exploding model, published online tables and a running runtime (a generator: yields the dict the tests use, then stops the runtime)."
+def served_workspace(workers: int = 1):
+    "A workspace with two registered versions, an exploding model, published online tables and a running runtime of `workers` processes (a generator: yields the dict the tests use, then stops the runtime)."
     env, store = example_workspace(2_000, seed=3, spark=get_spark())
     for t in ("behaviour_features", "demographic_features"): store.publish_table(env.table_name(t))
     v1 = register_challenger(env, train(env, n_trials=1, seed=1, store=store, progress=False)).version
@@ -82,7 +82,7 @@ def served_workspace():
         x = pd.DataFrame({"x": [1.0, 2.0]})
         mlflow.pyfunc.log_model(name="exploding", python_model=Exploding(), registered_model_name="dev.credit.exploding_model",
                                 signature=mlflow.models.infer_signature(x, x["x"] * 2), pip_requirements=["mlflow"])
-    info = start_server(env, metrics_interval=METRICS_INTERVAL)
+    info = start_server(env, metrics_interval=METRICS_INTERVAL, workers=workers)
     w = workspace_client(env)
     model = mlflow.pyfunc.load_model(f"models:/{env.var('model_name')}/{v1}")
     columns = model.unwrap_python_model().feature_spec["model_columns"]

@@ -5,6 +5,7 @@
 # %% ../../nbs/08f_serving_app.ipynb #099ac53f
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -103,7 +104,9 @@ async def well_known(request): return json_response({"workspace_id": "0", "oidc_
 
 async def health(request):
     runtime = _runtime(request)
-    return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints)})
+    runtime.sync()
+    worker = {} if runtime.shared is None else {"worker": runtime.shared.index, "pid": os.getpid()}  # which of several workers answered
+    return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints), **worker})
 
 async def create_endpoint(request):
     runtime = _runtime(request)
@@ -111,6 +114,7 @@ async def create_endpoint(request):
 
 async def list_endpoints(request):
     runtime = _runtime(request)
+    runtime.sync()
     return json_response({"endpoints": [ep.to_json(runtime.base_url, summary=True) for ep in runtime.endpoints.values()]})
 
 async def get_endpoint(request):
@@ -169,7 +173,8 @@ def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_sto
 
     @asynccontextmanager
     async def lifespan(app):
-        runtime.restore()
+        loading = runtime.restore()
+        if runtime.shared is not None: await asyncio.gather(*loading)  # one of several workers listens once it can serve
         if on_started: on_started(runtime)
         try: yield
         finally:

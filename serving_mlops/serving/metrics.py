@@ -11,12 +11,15 @@ import threading
 import time
 from bisect import bisect_left
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'CAPTURE_COUNTERS', 'EndpointMetrics',
-           'capture_families']
+__all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'CAPTURE_COUNTERS', 'WINDOW_FIELDS', 'WINDOW',
+           'WINDOW_START', 'WINDOW_CPU', 'CAPTURE_TOTALS', 'CAPTURE_FAILING', 'CAPTURE_SHARED', 'EndpointMetrics',
+           'capture_families', 'pid_alive', 'multiprocess_families', 'family_of', 'SharedCounts',
+           'publish_capture_state']
 
 # %% ../../nbs/08d_serving_metrics.ipynb #4e8a3a0d
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 600000)
@@ -28,9 +31,9 @@ class _Minute:
     __slots__ = ("count", "c4xx", "c5xx", "buckets", "sum_ms")
     def __init__(self): self.count = self.c4xx = self.c5xx = 0; self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1); self.sum_ms = 0.0
 
-def _memory_percentage() -> float:
-    "Resident memory of this process as a share of the machine's memory (percent)."
-    try: pages = int(open("/proc/self/statm").read().split()[1])
+def _memory_percentage(pid="self") -> float:
+    "Resident memory of process `pid` (this one by default) as a share of the machine's memory (percent)."
+    try: pages = int(open(f"/proc/{pid}/statm").read().split()[1])
     except (OSError, ValueError, IndexError):
         import resource
         return 100 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -49,8 +52,11 @@ class EndpointMetrics:
         self.last: dict = {}
         self.cpu_mark, self.cpu_last = (self.start, sum(os.times()[:2])), 0.0
         self.registry = CollectorRegistry()
+        self.shared = values.ValueClass is not values.MutexValue  # PROMETHEUS_MULTIPROC_DIR was set: several workers, values in shared files
         self.rows = Histogram("serving_model_batch_rows", "Rows per model call (after micro-batching), since the runtime started",
-                              ["endpoint", "served_entity"], registry=self.registry, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 10000))
+                              ["endpoint", "served_entity"], registry=None if self.shared else self.registry,
+                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 10000))
+        self.slots: dict = {}  # (entity, slot) -> the children of WINDOW for each of WINDOW_FIELDS (shared mode)
         self.registry.register(self)
 
     def _roll(self, now: float):
@@ -58,10 +64,19 @@ class EndpointMetrics:
         if now < self.start + self.interval: return
         start = math.floor(now / self.interval) * self.interval
         self.last = self.current if start == self.start + self.interval else {}  # a gap: the last interval had no requests
-        self.current, self.start = {}, start
+        finished, self.current, self.start = self.start, {}, start
         cpu = sum(os.times()[:2])
         self.cpu_last = 100 * (cpu - self.cpu_mark[1]) / max(now - self.cpu_mark[0], 1e-9) / (os.cpu_count() or 1)
         self.cpu_mark = (now, cpu)
+        if self.shared:
+            WINDOW_CPU.labels(self.endpoint, self._slot(finished)).set(self.cpu_last)
+            slot = self._slot(start)
+            WINDOW_START.labels(self.endpoint, slot).set(start)  # first: a reader no longer takes the slot's values for the older window
+            for (entity, s), children in self.slots.items():
+                if s == slot:
+                    for child in children: child.set(0)
+
+    def _slot(self, start: float) -> str: return str(int(round(start / self.interval)) % 2)
 
     def observe(self, entity: str, ms: float, status: int):
         "Count one request of `entity` that took `ms` milliseconds and was answered with `status`."
@@ -71,14 +86,26 @@ class EndpointMetrics:
             m.count += 1; m.sum_ms += ms; m.buckets[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
             if 400 <= status < 500: m.c4xx += 1
             elif status >= 500: m.c5xx += 1
+            if self.shared:
+                key = (entity, self._slot(self.start))
+                children = self.slots.get(key) or self.slots.setdefault(key, [WINDOW.labels(self.endpoint, entity, key[1], f) for f in WINDOW_FIELDS])
+                children[0].inc(); children[3].inc(ms); children[4 + bisect_left(LATENCY_BUCKETS_MS, ms)].inc()
+                if 400 <= status < 500: children[1].inc()
+                elif status >= 500: children[2].inc()
+        if self.shared and self.capture is not None: publish_capture_state(self.endpoint, self.capture)
 
     def collect(self):
         "The Databricks families of the last complete interval (a prometheus_client collector)."
         with self.lock:
             self._roll(self.clock())
             last, end, cpu = dict(self.last), self.start, self.cpu_last
+        mem, shared = _memory_percentage(), None
+        if self.shared:  # every worker's share of the last complete interval
+            shared = multiprocess_families()
+            last, cpu, pids = self._shared_window(shared, end - self.interval)
+            mem = sum(_memory_percentage(pid) for pid in pids if pid_alive(pid)) or mem
         entities = {**{e: None for e in last}, **self.entities}
-        labels, mem = ["endpoint_name", ENTITY_LABEL], _memory_percentage()
+        labels = ["endpoint_name", ENTITY_LABEL]
         families = {name: GaugeMetricFamily(name, doc, labels=labels) for name, doc in (
             ("request_count_total", "Requests in the last minute"), ("request_4xx_count_total", "4xx responses in the last minute"),
             ("request_5xx_count_total", "5xx responses in the last minute"), ("cpu_usage_percentage", "Average CPU use in the last minute"),
@@ -96,7 +123,25 @@ class EndpointMetrics:
             latency.add_metric(key, buckets, m.sum_ms, timestamp=end)
         yield from families.values()
         yield latency
-        if self.capture is not None: yield from capture_families(self.endpoint, self.capture)
+        if shared is not None:
+            yield from (family_of(shared[name], self.endpoint) for name in ("serving_model_batch_rows", *CAPTURE_SHARED) if name in shared)
+        elif self.capture is not None: yield from capture_families(self.endpoint, self.capture)
+
+    def _shared_window(self, families: dict, start: float) -> tuple[dict, float, set]:
+        "Every worker's values of the interval beginning at `start` (from prometheus-client's files), their CPU summed, and the workers' pids."
+        slot, starts, cpu, out = self._slot(start), {}, 0.0, {}
+        for s in getattr(families.get("serving_window_start"), "samples", ()):
+            if s.labels["endpoint"] == self.endpoint and s.labels["slot"] == slot: starts[s.labels["pid"]] = s.value
+        current = {pid for pid, v in starts.items() if abs(v - start) < self.interval / 2}  # workers whose slot holds that interval
+        for s in getattr(families.get("serving_window_cpu"), "samples", ()):
+            if s.labels["endpoint"] == self.endpoint and s.labels["slot"] == slot and s.labels["pid"] in current: cpu += s.value
+        for s in getattr(families.get("serving_window"), "samples", ()):
+            if s.labels["endpoint"] != self.endpoint or s.labels["slot"] != slot or s.labels["pid"] not in current: continue
+            m, field = out.get(s.labels["entity"]) or out.setdefault(s.labels["entity"], _Minute()), s.labels["field"]
+            if field.startswith("le"): m.buckets[int(field[2:])] += int(s.value)
+            elif field == "sum_ms": m.sum_ms += s.value
+            else: setattr(m, field, getattr(m, field) + int(s.value))
+        return out, cpu, {int(p) for p in starts}
 
     def export(self) -> bytes: return generate_latest(self.registry)
 
@@ -118,3 +163,51 @@ def capture_families(endpoint: str, capture) -> list:
     failing.add_metric([endpoint, "write"], int(capture.write_error is not None))
     failing.add_metric([endpoint, "flush"], int(capture.flush_error is not None))
     return families + [failing]
+
+# %% ../../nbs/08d_serving_metrics.ipynb #9aceb918
+def pid_alive(pid) -> bool:
+    "Whether process `pid` exists."
+    try: pid = int(pid)
+    except (TypeError, ValueError): return False
+    if pid <= 0: return False
+    try: os.kill(pid, 0); return True
+    except ProcessLookupError: return False
+    except PermissionError: return True
+
+WINDOW_FIELDS = ("count", "c4xx", "c5xx", "sum_ms", *[f"le{i}" for i in range(len(LATENCY_BUCKETS_MS) + 1)])
+WINDOW = Gauge("serving_window", "A worker's counts of an interval (internal)", ["endpoint", "entity", "slot", "field"],
+               multiprocess_mode="all", registry=None)
+WINDOW_START = Gauge("serving_window_start", "Start of the interval a worker's slot holds (internal)", ["endpoint", "slot"],
+                     multiprocess_mode="all", registry=None)
+WINDOW_CPU = Gauge("serving_window_cpu", "A worker's CPU percentage in the interval of a slot (internal)", ["endpoint", "slot"],
+                   multiprocess_mode="all", registry=None)
+CAPTURE_TOTALS = {key: Counter(name, doc, ["endpoint"], registry=None) for key, (name, doc) in CAPTURE_COUNTERS.items()}
+CAPTURE_FAILING = Gauge("serving_capture_failing", "1 while the inference log cannot write (stage write) or flush (stage flush)",
+                        ["endpoint", "stage"], multiprocess_mode="livemax", registry=None)
+CAPTURE_SHARED = [*(name for name, _ in CAPTURE_COUNTERS.values()), "serving_capture_failing"]
+
+def multiprocess_families() -> dict:
+    "Every worker's metric families, merged by prometheus-client's multiprocess collector, by name."
+    return {f.name: f for f in MultiProcessCollector(None).collect()}
+
+def family_of(family, endpoint: str):
+    "`family` with the samples of `endpoint` only."
+    out = Metric(family.name, family.documentation, family.type)
+    out.samples = [s for s in family.samples if s.labels.get("endpoint") == endpoint]
+    return out
+
+class SharedCounts(dict):
+    "An inference log's counts that also add to the workers' shared counters."
+    def __init__(self, endpoint: str, counts: dict):
+        super().__init__(counts)
+        self.children = {key: CAPTURE_TOTALS[key].labels(endpoint) for key in counts}
+        for key, n in counts.items():
+            if n: self.children[key].inc(n)
+
+    def __setitem__(self, key, value):
+        self.children[key].inc(value - self[key]); super().__setitem__(key, value)
+
+def publish_capture_state(endpoint: str, capture):
+    "Whether this worker's inference log fails to write or flush now, for the shared `serving_capture_failing`."
+    CAPTURE_FAILING.labels(endpoint, "write").set(int(capture.write_error is not None))
+    CAPTURE_FAILING.labels(endpoint, "flush").set(int(capture.flush_error is not None))

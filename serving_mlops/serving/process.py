@@ -12,26 +12,29 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import orjson
 import uvicorn
+from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from ..config import Environment
 from ..errors import InputError
 from .app import make_app, serving_token
+from .metrics import pid_alive
 from .protocol import MAX_ROWS
-from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, now_ms
+from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, SharedState, now_ms
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'READ_TIMEOUT', 'SERVICES', 'ReadTimeoutProtocol', 'service_file', 'server_file', 'write_info', 'drop_info',
-           'bind_port', 'serve', 'service_on_port', 'service_info', 'server_info', 'start_service', 'start_server',
-           'stop_service', 'stop_server', 'wait_exit', 'workspace_client']
+           'bind_port', 'serve', 'workers_folder', 'supervise', 'service_on_port', 'service_info', 'server_info',
+           'start_service', 'start_server', 'stop_service', 'stop_server', 'wait_exit', 'workspace_client']
 
 # %% ../../nbs/08g_serving_process.ipynb #96f1cc6f
 READ_TIMEOUT = 20.0  # seconds a client has to send a whole request, headers and body
@@ -86,11 +89,19 @@ def drop_info(path: Path):
     except (FileNotFoundError, ValueError): pass
 
 def bind_port(env: Environment, host: str, port: int,
-              doing: str) -> socket.socket: # what the socket is for, as the error says it, e.g. "serve environment 'dev'"
+              doing: str = "serve", # what the socket is for, as the error says it, e.g. "serve environment 'dev'"
+              shared: bool = False,  # SO_REUSEPORT: the workers of one runtime each bind the port
+              probe: bool = True) -> socket.socket:  # with `shared`: refuse a port another such set listens on
     "A socket bound to `host:port`; a busy port is refused naming the serving runtime or console that holds it and how to stop it."
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try: sock.bind((host, port))
+    if shared: sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        if shared and probe and port:  # a set of workers of this user on the port lets us bind too: is anyone listening?
+            with socket.socket() as s:
+                s.settimeout(1)
+                if s.connect_ex((host, port)) == 0: raise OSError(errno.EADDRINUSE, "in use")
     except OSError as e:
         sock.close()
         if e.errno != errno.EADDRINUSE: raise
@@ -104,31 +115,101 @@ def bind_port(env: Environment, host: str, port: int,
 def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: int = MAX_ROWS,
           metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
           read_timeout: float = READ_TIMEOUT,  # seconds a client has to send a whole request
-          request_log_mb: float = REQUEST_LOG_BYTES / 2**20, request_log_files: int = REQUEST_LOG_FILES):  # bound of each endpoint's request log
+          request_log_mb: float = REQUEST_LOG_BYTES / 2**20, request_log_files: int = REQUEST_LOG_FILES,  # bound of each endpoint's request log
+          workers: int = 1,  # processes serving on the port (SO_REUSEPORT); more than 1: this process starts and watches them
+          worker: int | None = None):  # this process is worker number `worker` of such a set (started by its first process)
     "Run `env`'s serving runtime in the foreground until SIGTERM or Ctrl-C."
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if (running := server_info(env)) is not None:
+    if worker is None and (running := server_info(env)) is not None:
         raise InputError(f"the serving runtime of environment '{env.name}' is already running at {running['url']} (pid {running['pid']}); "
                          f"stop it with `serving-mlops serve --env {env.name} --stop`")
-    sock = bind_port(env, host, port, f"serve environment '{env.name}'")
+    sock = bind_port(env, host, port, f"serve environment '{env.name}'", shared=workers > 1 or worker is not None, probe=worker is None)
     url = f"http://{host}:{sock.getsockname()[1]}"
     info = server_file(env)
+    if worker is None and workers > 1:
+        options = ["--metrics-interval", f"{metrics_interval:g}", "--read-timeout", f"{read_timeout:g}", "--request-log-mb", f"{request_log_mb:g}",
+                   "--request-log-files", str(request_log_files)]
+        return supervise(env, sock, workers, options)
+    shared = None if worker is None else SharedState(workers_folder(env), worker)
+    if shared is not None: threading.Thread(target=_stop_with_parent, name="parent-watch", daemon=True).start()
 
     def started(runtime):
         runtime.base_url = url
+        if shared is not None:
+            shared.serving = True; shared.publish()  # the first process writes server.json once every worker serves
+            log.info("worker %d of the serving runtime of environment %s at %s", worker, env.name, url); return
         write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms()})
         log.info("serving runtime of environment %s at %s", env.name, url)
         if metrics_interval != 60: log.warning("endpoint metrics per %g s, not per minute as on Databricks", metrics_interval)
 
     def stopped(runtime):
+        if shared is not None: return
         drop_info(info)
         log.info("serving runtime of environment %s stopped", env.name)
 
     app = make_app(env, max_rows, on_started=started, on_stopped=stopped, metrics_interval=metrics_interval,
-                   request_log_bytes=int(request_log_mb * 2**20), request_log_files=request_log_files)
+                   request_log_bytes=int(request_log_mb * 2**20), request_log_files=request_log_files, shared=shared)
     config = uvicorn.Config(app, http=ReadTimeoutProtocol.within(read_timeout), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
+
+def workers_folder(env: Environment) -> Path: return env.path("serving", "workers")
+
+def supervise(env: Environment, sock: socket.socket, workers: int, options: list,  # `serve` options passed on to each worker
+              startup: float = 300):  # seconds the workers have to restore every endpoint and listen
+    "Run `workers` processes serving `env` on `sock`'s port, restart one that dies, and stop them all on SIGTERM or Ctrl-C."
+    port, folder, metrics = sock.getsockname()[1], workers_folder(env), env.path("serving", "metrics")
+    for f in (folder, metrics):  # what a set that ran before left
+        f.mkdir(parents=True, exist_ok=True)
+        for p in f.iterdir(): p.unlink()
+    environ = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics), "SERVING_MLOPS_HOME": str(env.root.parent)}
+    command = [sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port), *options]
+    spawn = lambda i: subprocess.Popen([*command, "--worker", str(i)], env=environ, stdin=subprocess.DEVNULL)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: stop.set())
+    procs, info, url = {i: spawn(i) for i in range(workers)}, server_file(env), f"http://{sock.getsockname()[0]}:{port}"
+    try:
+        deadline = time.monotonic() + startup
+        while not stop.is_set() and not _serving(folder, procs):
+            failed = {i: p.returncode for i, p in procs.items() if p.poll() is not None}
+            if failed or time.monotonic() > deadline:
+                raise RuntimeError(f"serving runtime of environment '{env.name}': worker(s) {failed or 'all'} "
+                                   f"{'exited with status ' + str(list(failed.values())) if failed else f'did not serve within {startup:g} s'}")
+            time.sleep(0.1)
+        write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms(),
+                          "workers": [p.pid for p in procs.values()]})
+        log.info("serving runtime of environment %s at %s: %d workers (pids %s)", env.name, url, workers, [p.pid for p in procs.values()])
+        while not stop.wait(0.5):
+            for i, p in list(procs.items()):
+                if p.poll() is None: continue
+                log.error("worker %d (pid %d) of the serving runtime exited with status %s; starting it again", i, p.pid, p.returncode)
+                mark_process_dead(p.pid, str(metrics))
+                procs[i] = spawn(i)
+                write_info(info, {**orjson.loads(info.read_bytes()), "workers": [p.pid for p in procs.values()]})
+    finally:
+        for p in procs.values():
+            if p.poll() is None: p.terminate()  # each finishes its requests in flight, then flushes its inference logs
+        for p in procs.values():
+            try: p.wait(60)
+            except subprocess.TimeoutExpired: p.kill(); p.wait()
+        sock.close()
+        drop_info(info)
+        log.info("serving runtime of environment %s stopped", env.name)
+
+def _stop_with_parent(parent: int | None = None):
+    "A worker stops gracefully (SIGTERM to itself) when the process that started it is gone, killed or not."
+    parent = parent or os.getppid()
+    while os.getppid() == parent: time.sleep(0.5)
+    log.warning("the first process of the serving runtime (pid %d) is gone: this worker stops", parent)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+def _serving(folder: Path, procs: dict) -> bool:
+    "Whether every worker in `procs` says it serves (in its file in `folder`)."
+    for i, p in procs.items():
+        try: w = orjson.loads((folder / f"{i}.json").read_bytes())
+        except (OSError, orjson.JSONDecodeError): return False
+        if w.get("pid") != p.pid or not w.get("serving"): return False
+    return True
 
 def _read_info(path: Path) -> dict | None:
     try: info = orjson.loads(path.read_bytes())
@@ -140,18 +221,13 @@ def service_on_port(env: Environment, port: int) -> tuple[str, dict] | None:
     for what, (folder, name, _) in SERVICES.items():
         for path in sorted(env.root.parent.glob(f"*/{folder}/{name}")):
             info = _read_info(path)
-            if info and str(info.get("url", "")).endswith(f":{port}") and _alive(info["pid"]): return what, info
+            if info and str(info.get("url", "")).endswith(f":{port}") and pid_alive(info["pid"]): return what, info
     return None
-
-def _alive(pid: int) -> bool:
-    try: os.kill(pid, 0); return True
-    except ProcessLookupError: return False
-    except PermissionError: return True
 
 def service_info(env: Environment, what: str = "serving runtime") -> dict | None:
     "Info (address, pid, ...) of `env`'s running `what` (a name of `SERVICES`), or None when none answers its health check."
     info = _read_info(service_file(env, what))
-    if info is None or not _alive(info["pid"]): return None
+    if info is None or not pid_alive(info["pid"]): return None
     try: ok = httpx.get(info["url"] + "/health", timeout=2).status_code == 200
     except httpx.HTTPError: ok = False
     return info if ok else None
@@ -183,21 +259,25 @@ def start_service(env: Environment, what: str, # a name of `SERVICES`
 def start_server(env: Environment, port: int = 0, timeout: float = 120,
                  metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics; tests shorten it
                  read_timeout: float = READ_TIMEOUT, request_log_mb: float = REQUEST_LOG_BYTES / 2**20,
-                 request_log_files: int = REQUEST_LOG_FILES) -> dict:  # as `serve` takes them (a running runtime keeps its own)
+                 request_log_files: int = REQUEST_LOG_FILES,  # as `serve` takes them (a running runtime keeps its own)
+                 workers: int = 1) -> dict:  # processes serving on the port
     "Start `env`'s serving runtime as a background process (or find the running one); wait for its health check."
     return start_service(env, "serving runtime", ["serve", "--env", env.name, "--port", str(port),
                          *(["--metrics-interval", f"{metrics_interval:g}"] if metrics_interval != 60 else []),
                          "--read-timeout", f"{read_timeout:g}", "--request-log-mb", f"{request_log_mb:g}",
-                         "--request-log-files", str(request_log_files)], timeout)
+                         "--request-log-files", str(request_log_files), *(["--workers", str(workers)] if workers > 1 else [])], timeout)
 
 def stop_service(env: Environment, what: str = "serving runtime", timeout: float = 60) -> bool:
     "Stop `env`'s `what` (a name of `SERVICES`) gracefully (SIGTERM, wait); False when none was running."
     path = service_file(env, what)
     if (info := _read_info(path)) is None: return False
     pid = info["pid"]
-    if not _alive(pid): path.unlink(missing_ok=True); return False
-    os.kill(pid, signal.SIGTERM)
-    if not wait_exit(pid, timeout): raise TimeoutError(f"{what} pid {pid} of environment '{env.name}' did not stop within {timeout:g} s")
+    pids = [p for p in [pid, *info.get("workers", [])] if pid_alive(p)]  # a serving runtime with workers lists them
+    if not pids: path.unlink(missing_ok=True); return False
+    for p in pids[:1] if pids[0] == pid else pids: os.kill(p, signal.SIGTERM)  # the first process stops its workers; orphans: each
+    late = [p for p in pids if not wait_exit(p, timeout)]
+    if late: raise TimeoutError(f"{what} pid(s) {late} of environment '{env.name}' did not stop within {timeout:g} s")
+    path.unlink(missing_ok=True)
     return True
 
 def stop_server(env: Environment, timeout: float = 60) -> bool:
@@ -211,7 +291,7 @@ def wait_exit(pid: int, timeout: float = 60) -> bool:
         try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid: return True
         except ChildProcessError:
-            if not _alive(pid): return True
+            if not pid_alive(pid): return True
         time.sleep(0.1)
     return False
 

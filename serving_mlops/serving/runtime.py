@@ -6,12 +6,16 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import functools
+import mmap
 import logging
 import os
 import random
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from logging.handlers import RotatingFileHandler
 from pathlib import Path
@@ -22,7 +26,7 @@ import orjson
 from ..config import Environment
 from ..feature_store import OnlineStore
 from .capture import InferenceLog, entity_ids, payload_table_name, record_served_entities, served_entity_rows
-from .metrics import EndpointMetrics
+from .metrics import EndpointMetrics, SharedCounts, pid_alive
 from .models import ServedModel, entity_uri
 from serving_mlops.serving.protocol import (
     MAX_ROWS, ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, invalid_parameter,
@@ -33,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'REQUEST_LOG_BYTES', 'REQUEST_LOG_FILES', 'now_ms', 'Snapshot', 'Endpoint', 'sync_folder', 'write_atomic',
-           'remove_durably', 'read_record', 'RequestLog', 'read_request_log', 'ServingRuntime']
+           'remove_durably', 'read_record', 'RequestLog', 'read_request_log', 'SharedState', 'changes_state',
+           'ServingRuntime']
 
 # %% ../../nbs/08e_serving_runtime.ipynb #f1ce20d1
 def now_ms() -> int: return int(time.time() * 1000)
@@ -73,6 +78,8 @@ class Endpoint:
     failure: str | None = None
     metrics: EndpointMetrics | None = None
     broken: str | None = None  # why its saved state could not be restored: it answers GET and DELETE only
+    shared: bool = False  # served by several workers: ready once a config is committed (every worker has loaded it)
+    prepared: tuple | None = None  # (config version, models) loaded by this worker, served once every worker has loaded them
 
     @property
     def name(self) -> str: return self.record["name"]
@@ -85,7 +92,7 @@ class Endpoint:
         "The endpoint as the API returns it (ServingEndpointDetailed, or ServingEndpoint in a list)."
         r = self.record
         out = {k: r[k] for k in ("name", "id", "creator", "creation_timestamp", "last_updated_timestamp", "description") if r.get(k) is not None}
-        out["state"] = {"ready": "READY" if self.snapshot else "NOT_READY",
+        out["state"] = {"ready": "READY" if self.snapshot or (self.shared and self.record.get("config") and not self.broken) else "NOT_READY",
                         "config_update": "IN_PROGRESS" if self.updating else "UPDATE_FAILED" if self.failure else "NOT_UPDATING"}
         if not summary and self.metrics is not None and self.metrics.capture is not None:
             out["state"]["inference_table"] = self.metrics.capture.status()  # ours: is capture writing, and what it could not log
@@ -173,12 +180,80 @@ def read_request_log(folder: Path, endpoint: str) -> list[dict]:
     rotated = sorted(folder.glob(f"{endpoint}.jsonl.*"), key=lambda p: int(p.suffix[1:]), reverse=True)
     return [orjson.loads(line) for p in [*rotated, folder / f"{endpoint}.jsonl"] if p.exists() for line in p.read_bytes().splitlines()]
 
+# %% ../../nbs/08e_serving_runtime.ipynb #857ee439
+class SharedState:
+    "What the worker processes serving one environment share in `folder`: a lock on the saved state, a counter of its changes, the versions each worker has loaded."
+    def __init__(self, folder: Path, index: int):  # index: this worker's number, 0..N-1
+        self.folder, self.index, self.seen, self.versions, self.depth = Path(folder), index, -1, {}, 0
+        self.serving = False  # set once this worker has restored every endpoint and is about to listen
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.lock_fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(self.folder / "generation", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < 8: os.ftruncate(fd, 8)
+            self.counter = mmap.mmap(fd, 8)
+        finally: os.close(fd)
+        self.publish()
+
+    def generation(self) -> int: return int.from_bytes(self.counter[:8], "little")
+    def changed(self) -> bool: return self.generation() != self.seen
+
+    def bump(self):
+        "Announce a change of the saved state (under the lock): the other workers follow it at their next request."
+        self.seen = self.generation() + 1
+        self.counter[:8] = self.seen.to_bytes(8, "little")
+
+    @contextmanager
+    def locked(self):
+        "Hold the workers' common lock (re-entrant within this worker)."
+        if self.depth == 0: fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+        self.depth += 1
+        try: yield
+        finally:
+            self.depth -= 1
+            if self.depth == 0: fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+
+    def publish(self):
+        "Save this worker's file: its pid, whether it serves, and the config version it has loaded of each endpoint (by endpoint id)."
+        path = self.folder / f"{self.index}.json"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(orjson.dumps({"pid": os.getpid(), "serving": self.serving, "loaded": self.versions}))
+        os.replace(tmp, path)
+
+    def loaded(self, endpoint_id: str, version: int):
+        "Tell the other workers this one has loaded config `version` of the endpoint."
+        self.versions[endpoint_id] = version; self.publish()
+
+    def workers(self) -> list[dict]:
+        "The files of the live workers."
+        found = []
+        for path in self.folder.glob("*.json"):
+            try: w = orjson.loads(path.read_bytes())
+            except (OSError, orjson.JSONDecodeError): continue
+            if pid_alive(w.get("pid")): found.append(w)
+        return found
+
+    def all_loaded(self, endpoint_id: str, version: int) -> bool:
+        return all(w["loaded"].get(endpoint_id) == version for w in self.workers())
+
+    def close(self):
+        (self.folder / f"{self.index}.json").unlink(missing_ok=True)
+        self.counter.close(); os.close(self.lock_fd)
+
+def changes_state(method):
+    "A control-plane change of the runtime: with other workers, made under their lock after following what they saved (alone: as it is)."
+    @functools.wraps(method)
+    def change(self, *args, **kwargs):
+        with self.changing(): return method(self, *args, **kwargs)
+    return change
+
 # %% ../../nbs/08e_serving_runtime.ipynb #4fe548a7
 class ServingRuntime:
     "The endpoints of one local environment: create, update, delete, persist, restore, invoke."
     def __init__(self, env: Environment, max_rows: int = MAX_ROWS, capture_interval: float = 1.0,  # seconds between inference table flushes
                  metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
-                 request_log_bytes: int = REQUEST_LOG_BYTES, request_log_files: int = REQUEST_LOG_FILES):  # the request log's bound
+                 request_log_bytes: int = REQUEST_LOG_BYTES, request_log_files: int = REQUEST_LOG_FILES,  # the request log's bound
+                 shared: SharedState | None = None):  # one of several worker processes serving the environment (None: the only one)
         self.env, self.max_rows, self.capture_interval, self.metrics_interval = env, max_rows, capture_interval, metrics_interval
         self.requester = os.environ.get("USER", "local")  # whom the environment's token belongs to: the `requester` of its requests
         self.captures: dict[str, InferenceLog] = {}  # endpoint -> its inference log, when its inference table is enabled
@@ -189,6 +264,7 @@ class ServingRuntime:
         self._online = None
         self.request_log = RequestLog(self.requests_dir, request_log_bytes, request_log_files)
         self.base_url = ""
+        self.shared = shared
         # a serving runtime process serves one environment for its whole life: its models load from that environment's registry
         mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
 
@@ -199,6 +275,7 @@ class ServingRuntime:
         return self._online
 
     def get(self, name: str) -> Endpoint:
+        if self.shared is not None: self.sync()
         if name not in self.endpoints: raise no_endpoint(name)
         return self.endpoints[name]
 
@@ -243,8 +320,10 @@ class ServingRuntime:
         "Load `config` in the background; save it, then switch to it at once when every entity is loaded."
         loop = asyncio.get_running_loop()
         config = {k: v for k, v in config.items() if k != "start_time"}
-        try: models = await loop.run_in_executor(self.loader, self.load_models, ep.name, config, ep.snapshot, ep.metrics, record)
+        try: models = await loop.run_in_executor(self.loader, self.load_models, ep.name, config, ep.snapshot, ep.metrics,
+                                                 record and self.shared is None)  # shared: the worker that commits records them
         except Exception as e: return self._update_failed(ep, config, str(e))
+        if self.shared is not None: return self._prepared(ep, config, models)
         fresh = [m for n, m in models.items() if not ep.snapshot or ep.snapshot.models.get(n) is not m]
         try:
             if self.endpoints.get(ep.name) is not ep: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", "the endpoint was deleted")
@@ -252,16 +331,21 @@ class ServingRuntime:
         except ServingError as e:
             for model in fresh: model.close()
             return self._update_failed(ep, config, e.message)
+        ep.pending, ep.updating, ep.failure = None, False, None
+        self._switch(ep, config, models)
+
+    def _switch(self, ep: Endpoint, config: dict, models: dict):
+        "Serve `config` with its loaded `models` from now on; the models it no longer uses close once requests in flight are done."
         old = ep.snapshot
         ep.snapshot = Snapshot.of(config, models)  # the switch
         ep.metrics.entities = {e["name"]: e["workload_size"] for e in config["served_entities"]}
-        ep.pending, ep.updating, ep.failure = None, False, None
         log.info("endpoint %s: serving config version %s", ep.name, config["config_version"])
         if old:
             for name, model in old.models.items():
-                if models.get(name) is not model: loop.call_later(30, model.close)  # after requests in flight
+                if models.get(name) is not model: asyncio.get_running_loop().call_later(30, model.close)  # after requests in flight
 
     def _update_failed(self, ep: Endpoint, config: dict, reason: str):
+        if self.shared is not None: return self._shared_failure(ep, config, reason)
         ep.failure, ep.updating = reason, False
         log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], reason)
 
@@ -273,8 +357,10 @@ class ServingRuntime:
         version = max(ep.record.get("config", {}).get("config_version", 0), (ep.pending or {}).get("config_version", 0)) + 1
         ep.pending = {**config, "served_entity_ids": entity_ids(config, ep.record.get("config")), "config_version": version, "start_time": now_ms()}
         ep.updating, ep.failure = True, None
+        if self.shared is not None: self.commit(ep, {**ep.record, "pending": ep.pending})  # the other workers load it too
         asyncio.get_running_loop().create_task(self.apply(ep, ep.pending))
 
+    @changes_state
     def create(self, body: dict) -> Endpoint:
         "A new endpoint: the whole body checked, its inference log opened, its record saved, then its config loading."
         name = check_endpoint_name(body.get("name"))
@@ -285,7 +371,8 @@ class ServingRuntime:
         if name in self.endpoints: raise ServingError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint '{name}' already exists")
         now = now_ms()
         ep = Endpoint({"name": name, "id": uuid.uuid4().hex, "creator": os.environ.get("USER", "local"), "creation_timestamp": now,
-                       "last_updated_timestamp": now, "description": description, "tags": tags, "ai_gateway": gateway}, metrics=self.new_metrics(name))
+                       "last_updated_timestamp": now, "description": description, "tags": tags, "ai_gateway": gateway}, metrics=self.new_metrics(name),
+                      shared=self.shared is not None)
         capture = self.open_capture(name, gateway)
         try: self.persist(ep.record)
         except ServingError:
@@ -296,12 +383,14 @@ class ServingRuntime:
         self.start_update(ep, config)
         return ep
 
+    @changes_state
     def update_config(self, name: str, body: dict) -> Endpoint:
         "Begin applying a new config (saved when it is switched to)."
         ep = self.changeable(name)
         self.start_update(ep, check_config(body))
         return ep
 
+    @changes_state
     def set_ai_gateway(self, name: str, body: dict) -> dict:
         "Save the endpoint's AI Gateway config and capture as it says; when capture cannot start, both stay as they were."
         ep = self.changeable(name)
@@ -315,6 +404,7 @@ class ServingRuntime:
             raise
         return ep.record["ai_gateway"]
 
+    @changes_state
     def patch_tags(self, name: str, body: dict) -> dict:
         "Add and delete tags; the tags after the change."
         ep = self.changeable(name)
@@ -327,7 +417,7 @@ class ServingRuntime:
         "The inference log `gateway` asks for (None: capture off); a 500 naming the folder when it cannot be opened."
         table = payload_table_name(gateway)
         if not table: return None
-        folder = self.env.path("serving", "inference", name)
+        folder = self.env.path("serving", "inference", name if self.shared is None or self.shared.index == 0 else f"{name}@{self.shared.index}")
         try: return InferenceLog(folder, table, tables_for(self.env), self.capture_interval)
         except Exception as e:
             raise ServingError(500, "INTERNAL_ERROR", f"endpoint '{name}': cannot open its inference log in {folder}: {type(e).__name__}: {e}") from None
@@ -350,40 +440,58 @@ class ServingRuntime:
         "Make `capture` (None: none) the endpoint's inference log: where its invocations write, what its metrics and GET report."
         if capture is None: self.captures.pop(ep.name, None)
         else: self.captures[ep.name] = capture
+        if capture is not None and self.shared is not None: capture.counts = SharedCounts(ep.name, capture.counts)  # summed over the workers
         ep.metrics.capture = capture
 
+    @changes_state
     def delete(self, name: str):
         "Remove the endpoint's saved state, then the endpoint; its inference log is flushed and its models closed."
         ep = self.get(name)
         path = self.state_file(name)
         try: remove_durably(path)
         except OSError as e: raise ServingError(500, "INTERNAL_ERROR", f"cannot delete serving endpoint '{name}': {path}: {e}") from None
-        del self.endpoints[name]
+        self._drop(name)
+        if ep.snapshot: self.loader.submit(self._record_deleted, name, ep.snapshot.config, now_ms())
+
+    def _drop(self, name: str):
+        "Stop serving endpoint `name` here: its inference log flushed, its models closed once requests in flight are done."
+        ep = self.endpoints.pop(name)
         self.close_capture(name)
-        if ep.snapshot:
-            self.loader.submit(self._record_deleted, name, ep.snapshot.config, now_ms())
-            for model in ep.snapshot.models.values(): asyncio.get_running_loop().call_later(30, model.close)
+        for model in (ep.snapshot.models.values() if ep.snapshot else ()): asyncio.get_running_loop().call_later(30, model.close)
 
     def _record_deleted(self, name: str, config: dict, when_ms: int):
         try: record_served_entities(tables_for(self.env), served_entity_rows(name, config, when_ms, deleted=True))
         except Exception as x: log.error("endpoint %s: cannot record its deletion in system.serving.served_entities: %s", name, x)
 
-    def restore(self):
-        "Recreate every saved endpoint and load its applied config; one that cannot be restored is reported, and the rest start."
-        for path in sorted(self.state_dir.glob("*.json")):
-            try: record = read_record(path)
-            except Exception as e:
-                self._unrestorable(path, path.stem, str(e)); continue
-            ep = self.endpoints[record["name"]] = Endpoint(record, metrics=self.new_metrics(record["name"]))
-            try: self.configure_capture(ep)  # replays what a killed process logged but had not flushed
-            except ServingError as e:
-                self._unrestorable(path, ep.name, e.message, record); continue
-            config = record.get("config")
-            if config:
-                known = "served_entity_ids" in config  # recorded when it was first applied
-                if not known: config = {**config, "served_entity_ids": entity_ids(config, None)}
-                ep.pending, ep.updating = {**config, "start_time": now_ms()}, True
-                asyncio.get_running_loop().create_task(self.apply(ep, ep.pending, record=not known))
+    def restore(self) -> list:
+        "Recreate every saved endpoint and load its applied config; one that cannot be restored is reported, and the rest start. The loading tasks."
+        if self.shared is not None:
+            with self.changing() as started: return started  # following every saved endpoint is restoring it
+        return [t for path in sorted(self.state_dir.glob("*.json")) for t in self._restore(path)]
+
+    def _restore(self, path: Path, record: dict | None = None) -> list:
+        "Recreate the endpoint saved in `path` (`record`: as already read) and start loading its config; the loading tasks."
+        try: record = record or read_record(path)
+        except Exception as e:
+            self._unrestorable(path, path.stem, str(e)); return []
+        if self.shared is None: record.pop("pending", None)  # an update in progress when the workers stopped: gone, as in a single process
+        ep = self.endpoints[record["name"]] = Endpoint(record, metrics=self.new_metrics(record["name"]), shared=self.shared is not None)
+        try: self.configure_capture(ep)  # replays what a killed process logged but had not flushed
+        except ServingError as e:
+            self._unrestorable(path, ep.name, e.message, record); return []
+        config, loop, tasks = record.get("config"), asyncio.get_running_loop(), []
+        if config:
+            known = "served_entity_ids" in config  # recorded when it was first applied
+            if not known:
+                config = {**config, "served_entity_ids": entity_ids(config, None)}
+                if self.shared is not None:  # every worker must give its rows the same ids: save them first
+                    self.commit(ep, {**record, "config": config}); config, known = ep.record["config"], True
+            ep.pending, ep.updating = {**config, "start_time": now_ms()}, True
+            tasks.append(loop.create_task(self.apply(ep, ep.pending, record=not known)))
+        if self.shared is not None:
+            self._mirror(ep)
+            if ep.updating and ep.record.get("pending"): tasks.append(loop.create_task(self.apply(ep, ep.record["pending"])))  # resume it
+        return tasks
 
     def _unrestorable(self, path: Path, name: str, reason: str, record: dict | None = None):
         "Keep endpoint `name` as NOT_READY / UPDATE_FAILED with why `path` could not be restored (GET shows it, DELETE removes it)."
@@ -393,6 +501,88 @@ class ServingRuntime:
         config = record.get("config") or {"served_entities": [{"name": name}], "traffic_config": {"routes": []}, "config_version": 0}
         self.endpoints[name] = Endpoint(record, pending={**config, "start_time": now_ms()}, failure=message, broken=message,
                                         metrics=self.new_metrics(name))
+
+    @contextmanager
+    def changing(self):
+        "A change of the saved state; with other workers: under their common lock, after following what they saved, announced to them after."
+        if self.shared is None: yield []; return
+        with self.shared.locked():
+            try: yield self.sync()
+            finally: self.shared.bump()
+
+    def sync(self) -> list:
+        "With other workers: follow what they saved since this one last looked (one read of a shared counter when nothing changed); the loading tasks started."
+        if self.shared is None or not self.shared.changed(): return []
+        generation, started = self.shared.generation(), []
+        paths = {p.stem: p for p in self.state_dir.glob("*.json")}
+        for name in [n for n in self.endpoints if n not in paths]: self._drop(name)  # deleted by another worker
+        for name, path in sorted(paths.items()):
+            ep = self.endpoints.get(name)
+            try: record = read_record(path)
+            except Exception as e:
+                if ep is None or not ep.broken: self._unrestorable(path, name, str(e))
+                continue
+            if ep is not None and not ep.broken and record.get("id") != ep.record.get("id"): self._drop(name); ep = None  # deleted and made anew
+            if ep is None or ep.broken: started += self._restore(path, record)
+            elif record != ep.record: started += self._follow(ep, record)
+        self.shared.seen = generation
+        return started
+
+    def _follow(self, ep: Endpoint, record: dict) -> list:
+        "Follow what another worker saved in `ep`'s record: its capture, and an update it began, failed or committed; the loading tasks started."
+        old, ep.record, loop, started = ep.record, record, asyncio.get_running_loop(), []
+        if old.get("ai_gateway") != record.get("ai_gateway"):
+            try: self.configure_capture(ep)
+            except ServingError as e: log.error("endpoint %s: %s", ep.name, e.message)
+        config, pending = record.get("config"), record.get("pending") or {}
+        if config and config["config_version"] != (ep.snapshot.config["config_version"] if ep.snapshot else None):
+            if ep.prepared and ep.prepared[0] == config["config_version"]: self._switch(ep, config, ep.prepared[1]); ep.prepared = None
+            else: started.append(loop.create_task(self.apply(ep, config)))  # committed while this worker had not loaded it
+        if pending and not pending.get("failure") and pending != old.get("pending"): started.append(loop.create_task(self.apply(ep, pending)))
+        if pending.get("failure") and ep.prepared: self._discard(ep)
+        self._mirror(ep)
+        return started
+
+    def _mirror(self, ep: Endpoint):
+        "An update's state as the record saves it: what every worker answers alike."
+        pending = ep.record.get("pending")
+        ep.pending, ep.updating, ep.failure = pending, bool(pending) and not pending.get("failure"), (pending or {}).get("failure")
+
+    def _discard(self, ep: Endpoint):
+        "Close the models loaded for an update that will not be served."
+        version, models = ep.prepared
+        ep.prepared = None
+        for name, model in models.items():
+            if not ep.snapshot or ep.snapshot.models.get(name) is not model: model.close()
+
+    def _prepared(self, ep: Endpoint, config: dict, models: dict):
+        "With other workers: serve a committed config at once; an update once every worker has loaded it (the last to load commits it)."
+        version, ep.prepared = config["config_version"], (config["config_version"], models)
+        if self.endpoints.get(ep.name) is not ep: return self._discard(ep)  # deleted meanwhile
+        if (ep.record.get("config") or {}).get("config_version") == version:  # restored, or committed while this worker loaded it
+            self._switch(ep, config, models); ep.prepared = None; return
+        if (ep.record.get("pending") or {}).get("config_version") != version: return self._discard(ep)  # superseded
+        self.shared.loaded(ep.record["id"], version)
+        with self.changing():
+            pending = ep.record.get("pending") or {}
+            if self.endpoints.get(ep.name) is not ep or ep.prepared is None or pending.get("config_version") != version or pending.get("failure"): return
+            if not self.shared.all_loaded(ep.record["id"], version): return  # the last worker to load it commits
+            applied = {k: v for k, v in pending.items() if k != "start_time"}
+            try: record_served_entities(tables_for(self.env), served_entity_rows(ep.name, applied, now_ms()))
+            except Exception as x:
+                reason = f"cannot record the served entities in system.serving.served_entities: {type(x).__name__}: {x}"
+                self.commit(ep, {**ep.record, "pending": {**pending, "failure": reason}}); self._discard(ep); self._mirror(ep); return
+            self.commit(ep, {**{k: v for k, v in ep.record.items() if k != "pending"}, "config": applied, "last_updated_timestamp": now_ms()})
+            self._switch(ep, applied, models); ep.prepared = None; self._mirror(ep)
+
+    def _shared_failure(self, ep: Endpoint, config: dict, reason: str):
+        "With other workers: an update this worker could not load fails for all (a committed config it could not load: it is logged)."
+        log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], reason)
+        with self.changing():
+            pending = ep.record.get("pending") or {}
+            if self.endpoints.get(ep.name) is ep and pending.get("config_version") == config["config_version"] and not pending.get("failure"):
+                self.commit(ep, {**ep.record, "pending": {**pending, "failure": reason}})
+            self._mirror(ep)
 
     def record_outcome(self, endpoint: str, outcome: dict):
         "Append one invocation's outcome to the endpoint's request log (one write, before the response)."
@@ -440,3 +630,4 @@ class ServingRuntime:
                 try: m.close()
                 except Exception as e: log.error("endpoint %s: served entity %s did not close: %s", ep.name, m.name, e)
         self.loader.shutdown(wait=False)
+        if self.shared is not None: self.shared.close()
