@@ -74,16 +74,10 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	    if [ $$rc -eq 3 ]; then echo "   drift found in the drifted batch, as it should be (exit status 3): the report is above"; else exit $$rc; fi; }
 	@echo
 	@echo "Done. Where to look:"
-	@echo "  .mlops/staging/jobs/, .mlops/prod/jobs/   job runs: executed notebooks and run.json"
+	@echo "  .mlops/<env>/jobs/   job runs (executed notebooks, task logs); .mlops/prod/monitoring/   drift reports"
 	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/staging/mlflow/mlflow.db    staging runs and registry (prod: .mlops/prod/...)"
-	@echo "  http://127.0.0.1:8712/serving-endpoints/credit-default-staging/invocations   staging endpoint (token: .mlops/staging/tokens/serving-token)"
-	@echo "  http://127.0.0.1:8713/serving-endpoints/credit-default-prod/invocations      production endpoint (token: .mlops/prod/tokens/serving-token)"
-	@echo "  .mlops/prod/monitoring/credit-default-prod/   drift reports (HTML, also artifacts of the MLflow runs in /Shared/serving-mlops/prod/monitoring)"
-	@echo "  $(BIN)/serving-mlops tables --env prod     tables, with the inference table credit_default_prod_payload and _metrics, _drift"
-	@echo "  $(BIN)/serving-mlops serve --env staging --stop; $(BIN)/serving-mlops serve --env prod --stop    stop the serving runtimes"
-	@echo "  $(BIN)/serving-mlops --help              every command"
-	@echo "  $(BIN)/serving-mlops console --env prod --stop    stop the console"
-	@echo
+	@echo "  http://127.0.0.1:8713/serving-endpoints/credit-default-prod/invocations   production endpoint (token: .mlops/prod/tokens/serving-token; staging: 8712)"
+	@echo "  $(BIN)/serving-mlops --help   every command; serve --env staging|prod --stop ends a serving runtime"
 	@echo "== the production console: endpoints with live charts, requests, monitoring, job runs, registry (open the link)"
 	@$(BIN)/serving-mlops console --env prod --background
 
