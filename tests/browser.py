@@ -60,9 +60,13 @@ class Page:
 
 def chart_points(tab, chart_id: str) -> int:
     "How many data points Plotly drew in the chart `chart_id` (0 when it is not drawn)."
+    # plotly.js's full data: arrays sent as typed arrays ({dtype, bdata} in the figure's JSON) are decoded there
     return tab.evaluate("""id => { const el = document.getElementById(id);
-        if (!el || !el.data) return 0;
-        return el.data.reduce((n, t) => n + ((t.y || t.z || t.x || []).length || 0), 0); }""", chart_id)
+        const traces = el && (el._fullData || el.data);
+        if (!traces) return 0;
+        const size = a => !a ? 0 : (a.length !== undefined && a.length > 0 && a[0] !== null && typeof a[0] === "object")
+            ? Array.from(a).reduce((m, row) => m + (row ? row.length || 0 : 0), 0) : (a.length || 0);
+        return traces.reduce((n, t) => n + (t.z ? size(t.z) : size(t.y || t.x)), 0); }""", chart_id)
 
 
 @contextlib.contextmanager
