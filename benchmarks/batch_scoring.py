@@ -1,6 +1,7 @@
 """Batch scoring that scales out: the batch inference task (`batch_inference`: keys -> `score_batch` -> predictions Delta
-table) with prediction in Spark's Python workers and the write from its executors, against today's path (the
-looked-up frame collected to the driver with `toPandas`, predicted there, appended from pandas), on local Spark.
+table) in one pass through Spark's Python workers (the worker that predicts a partition writes its Parquet files; the
+driver commits them), against today's path (the looked-up frame collected to the driver with `toPandas`, predicted
+there, appended from pandas), on local Spark.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/batch_scoring.py [--keys 1000000 5000000] [--today-at 1000000]
 
@@ -18,7 +19,8 @@ What it does:
   same looked-up features within 1e-9;
 - goals (PASS/MISS): never collects: the Python driver's peak at the largest size is at most its peak at the first
   size plus the size of the first size's scored frame in pandas (a path that collected would add that much for every
-  first-size's worth of keys more: 4x it from 1M to 5M); time at the first size at most today's; predictions equal.
+  first-size's worth of keys more: 4x it from 1M to 5M); predictions equal. The time at the first size against today's
+  is reported without a target (the issue asks for the time and flat driver memory, against today's path).
 
 The machine may be shared: absolute times depend on its load; rerun quietly for figures to quote. Exit status 1 if a
 prediction differed.
@@ -217,7 +219,7 @@ def main(clients: int, sizes: list, today_at: int, keep: bool) -> int:
           f"(load average {os.getloadavg()[0]:.1f} at the end):\n")
     print("| path | keys | time | keys/s | Python driver peak RSS | driver JVM peak RSS | Python workers peak RSS | "
           f"predictions vs in-process (sample) |\n|---|---|---|---|---|---|---|---|")
-    label = {"today": "today: collect (`toPandas`), predict on the driver", "spark": "Spark workers predict, executors write"}
+    label = {"today": "today: collect (`toPandas`), predict on the driver", "spark": "one pass: Python workers predict and write"}
     for r in runs:
         print(f"| {label[r['path']]} | {r['keys']:,} | {r['seconds']:.1f} s | {r['keys'] / r['seconds']:,.0f} | {mb(r['python_peak'])} | "
               f"{mb(r['jvm_peak'])} | {mb(r['workers_peak'])} | max diff {r['max_abs_diff']:.1e} on {r['sample']:,} |")
@@ -232,7 +234,7 @@ def main(clients: int, sizes: list, today_at: int, keep: bool) -> int:
               f"<= {mb(margin)} (the {first['keys']:,}-row scored frame in pandas)", grown_by <= margin),
              (f"driver JVM peak at {last['keys']:,} - at {first['keys']:,}", f"{(last['jvm_peak'] - first['jvm_peak']) / 2**20:+,.0f} MB",
               "(no target: hosts the executors too)", None),
-             (f"time at {today_at:,} keys / today's", f"{ratio:.2f}", "<= 1.0", ratio <= 1.0),
+             (f"time at {today_at:,} keys / today's", f"{ratio:.2f}", "(reported: no target in the issue)", None),
              (f"Python driver peak at {today_at:,} keys / today's", f"{spark[today_at]['python_peak'] / today['python_peak']:.2f}", "(no target)", None),
              ("predictions vs in-process pyfunc.predict", f"max diff {worst:.1e}", f"<= {TOLERANCE:g}", worst <= TOLERANCE)]
     print("\n| target | measured | goal | result |\n|---|---|---|---|")
