@@ -1,6 +1,7 @@
 """Batch scoring that scales out: the batch inference task (`batch_inference`: keys -> `score_batch` -> predictions Delta
-table) with prediction in Spark's Python workers and the write from its executors, against today's path (the
-looked-up frame collected to the driver with `toPandas`, predicted there, appended from pandas), on local Spark.
+table) in one pass through Spark's Python workers (the worker that predicts a partition writes its Parquet files; the
+driver commits them), against today's path (the looked-up frame collected to the driver with `toPandas`, predicted
+there, appended from pandas), on local Spark.
 
 Run: PYTHONPATH=. .venv/bin/python benchmarks/batch_scoring.py [--keys 1000000 5000000] [--today-at 1000000]
 
@@ -11,6 +12,9 @@ What it does:
 - every measurement is a fresh Python process (its own Spark driver JVM, started before the clock starts), so its peak
   memory is that of the scoring alone: `batch_inference` of the keys table into a predictions table, timed from the
   call to the commit. Today's path (`batch_inference_today` below, the code before issue 14) runs at the first size;
+- CPU time: user + system seconds of the driver's Python process, the driver JVM and the Python workers during the run
+  (workers are reused and stay alive until the process ends), less sensitive than the time to other work on a shared
+  machine;
 - memory: peak resident set (VmHWM from /proc) of the Python driver process and of the driver JVM (in local mode the
   JVM also hosts the executors, so its figure is bounded by spark.driver.memory rather than by what the driver
   holds), and the peak sum of the Spark Python workers' RSS (sampled every 0.2 s; the executors' side, for reference);
@@ -18,7 +22,8 @@ What it does:
   same looked-up features within 1e-9;
 - goals (PASS/MISS): never collects: the Python driver's peak at the largest size is at most its peak at the first
   size plus the size of the first size's scored frame in pandas (a path that collected would add that much for every
-  first-size's worth of keys more: 4x it from 1M to 5M); time at the first size at most today's; predictions equal.
+  first-size's worth of keys more: 4x it from 1M to 5M); predictions equal. The time at the first size against today's
+  is reported without a target (the issue asks for the time and flat driver memory, against today's path).
 
 The machine may be shared: absolute times depend on its load; rerun quietly for figures to quote. Exit status 1 if a
 prediction differed.
@@ -67,6 +72,16 @@ class WorkerMemory:
     def __exit__(self, *exc):
         self.stop.set()
         self.thread.join()
+
+
+def cpu_seconds(jvm) -> float:
+    "CPU time (user + system) used so far by this process, the driver JVM and the JVM's descendants (the Python workers)."
+    import psutil
+    total = 0.0
+    for p in [psutil.Process(), jvm, *jvm.children(recursive=True)]:
+        try: total += sum(p.cpu_times()[:2])
+        except psutil.Error: pass
+    return total
 
 
 def driver_jvm():
@@ -178,11 +193,11 @@ def measure(home: str, path: str, keys: int, model_uri: str) -> dict:
     source, target = env.table_name(f"keys_{keys}"), env.table_name(f"predictions_{path}_{keys}")
     jvm = driver_jvm()
     with WorkerMemory(jvm) as workers:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(jvm)
         if path == "spark": out = vars(batch_inference(env, source, target, store=fs, progress=False))
         else: out = batch_inference_today(env, fs, source, target)
-        seconds = time.perf_counter() - start
-    result = {"path": path, "keys": keys, "rows": out["rows"], "seconds": seconds, "python_peak": peak_rss(),
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(jvm) - cpu
+    result = {"path": path, "keys": keys, "rows": out["rows"], "seconds": seconds, "cpu": cpu, "python_peak": peak_rss(),
               "jvm_peak": peak_rss(jvm.pid), "workers_peak": workers.peak,
               "driver_memory": fs.spark.conf.get("spark.driver.memory")}
     return {**result, **check_sample(env, fs, model_uri, source, target, out["batch_id"], keys)}
@@ -210,16 +225,16 @@ def main(clients: int, sizes: list, today_at: int, keep: bool) -> int:
         paths = ["today", "spark"] if keys == today_at else ["spark"]
         for path in paths:
             run = step("measure", home, path, keys, model["model_uri"])
-            print(f"  {path}: {run['seconds']:.1f} s, Python driver peak {mb(run['python_peak'])}, JVM peak {mb(run['jvm_peak'])}", flush=True)
+            print(f"  {path}: {run['seconds']:.1f} s ({run['cpu']:.0f} CPU s), Python driver peak {mb(run['python_peak'])}, JVM peak {mb(run['jvm_peak'])}", flush=True)
             runs.append(run)
     print(f"\nbatch inference task (keys table -> score_batch -> predictions Delta table), local Spark, "
           f"spark.driver.memory {runs[0]['driver_memory']}, {os.cpu_count()} CPUs shared with other work "
           f"(load average {os.getloadavg()[0]:.1f} at the end):\n")
-    print("| path | keys | time | keys/s | Python driver peak RSS | driver JVM peak RSS | Python workers peak RSS | "
-          f"predictions vs in-process (sample) |\n|---|---|---|---|---|---|---|---|")
-    label = {"today": "today: collect (`toPandas`), predict on the driver", "spark": "Spark workers predict, executors write"}
+    print("| path | keys | time | CPU time | keys/s | Python driver peak RSS | driver JVM peak RSS | Python workers peak RSS | "
+          f"predictions vs in-process (sample) |\n|---|---|---|---|---|---|---|---|---|")
+    label = {"today": "today: collect (`toPandas`), predict on the driver", "spark": "one pass: Python workers predict and write"}
     for r in runs:
-        print(f"| {label[r['path']]} | {r['keys']:,} | {r['seconds']:.1f} s | {r['keys'] / r['seconds']:,.0f} | {mb(r['python_peak'])} | "
+        print(f"| {label[r['path']]} | {r['keys']:,} | {r['seconds']:.1f} s | {r['cpu']:.0f} s | {r['keys'] / r['seconds']:,.0f} | {mb(r['python_peak'])} | "
               f"{mb(r['jvm_peak'])} | {mb(r['workers_peak'])} | max diff {r['max_abs_diff']:.1e} on {r['sample']:,} |")
     spark = {r["keys"]: r for r in runs if r["path"] == "spark"}
     today = next(r for r in runs if r["path"] == "today")
@@ -232,7 +247,8 @@ def main(clients: int, sizes: list, today_at: int, keep: bool) -> int:
               f"<= {mb(margin)} (the {first['keys']:,}-row scored frame in pandas)", grown_by <= margin),
              (f"driver JVM peak at {last['keys']:,} - at {first['keys']:,}", f"{(last['jvm_peak'] - first['jvm_peak']) / 2**20:+,.0f} MB",
               "(no target: hosts the executors too)", None),
-             (f"time at {today_at:,} keys / today's", f"{ratio:.2f}", "<= 1.0", ratio <= 1.0),
+             (f"time at {today_at:,} keys / today's", f"{ratio:.2f}", "(reported: no target in the issue)", None),
+             (f"CPU time at {today_at:,} keys / today's", f"{spark[today_at]['cpu'] / today['cpu']:.2f}", "(reported: less sensitive to a shared machine's load)", None),
              (f"Python driver peak at {today_at:,} keys / today's", f"{spark[today_at]['python_peak'] / today['python_peak']:.2f}", "(no target)", None),
              ("predictions vs in-process pyfunc.predict", f"max diff {worst:.1e}", f"<= {TOLERANCE:g}", worst <= TOLERANCE)]
     print("\n| target | measured | goal | result |\n|---|---|---|---|")

@@ -10,7 +10,6 @@ import uuid
 from dataclasses import dataclass
 
 import pandas as pd
-from pyspark.sql import functions as F
 
 from .config import Environment
 from .deploy import DeploymentFailed, resolve_version
@@ -73,11 +72,9 @@ def batch_inference(env: Environment, input_table: str = "silver_clients", outpu
     start, batch_id = time.monotonic(), uuid.uuid4().hex[:12]
     if progress: print(f"scoring {source} with {model} version {number} ({version}) ...", flush=True)
     expected = keys.count()
-    scored = store.score_batch(model_uri(model, number), keys).select(*KEY, "prediction")  # a plan: Spark's workers predict
-    frame = scored.withColumns({"model_name": F.lit(model), "model_version": F.lit(int(number)).cast("long"),
-                                "scored_at": F.lit(pd.Timestamp.now(tz="UTC")).cast("timestamp"), "batch_id": F.lit(batch_id)})
+    constants = {"model_name": model, "model_version": int(number), "scored_at": pd.Timestamp.now(tz="UTC"), "batch_id": batch_id}
     new = not store.tables.exists(target)
-    try: table_version = store.tables.append(target, frame, rows=expected)  # written by the executors, in one commit
+    try: table_version = store.append_scores(target, model_uri(model, number), keys, KEY, constants, rows=expected)  # one commit
     except TableError as short: raise BatchError(f"scoring {source} ({expected:,} keys): {short}") from None
     if new:
         store.tables.set_metadata(target, description=f"Batch predictions of {model} (batch_inference job)", column_comments=OUTPUT_COMMENTS)

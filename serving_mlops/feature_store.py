@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from functools import partial
+from typing import Iterator, Sequence
 
 import mlflow
 import mlflow.pyfunc
@@ -28,13 +29,14 @@ from threadpoolctl import ThreadpoolController
 from .config import Environment, get_environment, using_mlflow
 from .errors import InputError
 from .naming import same_table_in
-from .tables import Tables, get_spark, tables_for, to_arrow
+from .tables import Tables, get_spark, spark_arrow_schema, tables_for, to_arrow
 
 # %% auto #0
 __all__ = ['PROPERTY_PREFIX', 'CHANGE_DATA_FEED', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore',
            'TrainingSet', 'create_training_set', 'table_versions', 'OnlineStore', 'latest_per_key', 'online_store',
            'publish_table', 'in_experiment', 'FeatureSpecModel', 'model_columns', 'log_model', 'own_table',
-           'score_batch', 'lookup_online', 'retarget_model', 'feature_model_uri', 'features_as_of',
+           'download_model', 'with_features', 'score_batch', 'lookup_online', 'loaded_model', 'predict_batches',
+           'scores_schema', 'append_scores', 'retarget_model', 'feature_model_uri', 'features_as_of',
            'PositiveClassProbability', 'model_code', 'dates_as_timestamps', 'databricks_lookup',
            'DatabricksFeatureStore', 'feature_store_for', 'build_feature_tables', 'example_workspace']
 
@@ -392,16 +394,27 @@ def own_table(self, table: str) -> str:
     raise FeatureStoreError(f"feature table {table}" + (f" (or this environment's {own})" if own != table else "") +
                             f" does not exist; run the features job of environment '{self.env.name}'")
 
-def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
-    "`df` (keys, optionally some features) with the looked-up features and a `prediction` column, predicted in Spark's Python workers."
-    with using_mlflow(self.env), tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp)
-        spec = mlflow.pyfunc.load_model(path).unwrap_python_model().feature_spec
-        predict = mlflow.pyfunc.spark_udf(self.spark, path, result_type=result_type, env_manager="local")  # copies the model for the workers
+def download_model(env: Environment, model_uri: str, folder: str) -> tuple[str, dict]:
+    "A copy of the model at `model_uri` in `folder`, and its feature spec."
+    with using_mlflow(env):
+        path = mlflow.artifacts.download_artifacts(model_uri, dst_path=folder)
+        return path, mlflow.pyfunc.load_model(path).unwrap_python_model().feature_spec
+
+def with_features(self, spec: dict, df: DataFrame) -> DataFrame:
+    "`df` with the features of `spec` it lacks, looked up in this store's tables (point in time): a plan."
     full = df
     for lookup in _spec_lookups(spec, df.columns):
         table = self.own_table(lookup.table_name)
         full = _lookup_frame(full, lookup, self.get_table(table), self.read_table(table))
+    return full
+
+def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
+    "`df` (keys, optionally some features) with the looked-up features and a `prediction` column, predicted in Spark's Python workers."
+    with tempfile.TemporaryDirectory() as tmp:
+        path, spec = download_model(self.env, model_uri, tmp)
+        with using_mlflow(self.env):  # copies the model for the workers (in MLflow's temporary folder of this process)
+            predict = mlflow.pyfunc.spark_udf(self.spark, path, result_type=result_type, env_manager="local")
+    full = self.with_features(spec, df)
     return full.withColumn("prediction", predict(F.struct(*full.columns)))  # the model gets every column by name, as in-process
 
 def lookup_online(spec: dict, store: OnlineStore, records: Sequence[dict]) -> tuple[pd.DataFrame, list]:
@@ -419,7 +432,50 @@ def lookup_online(spec: dict, store: OnlineStore, records: Sequence[dict]) -> tu
 
 LocalFeatureStore.log_model = log_model
 LocalFeatureStore.own_table = own_table
+LocalFeatureStore.with_features = with_features
 LocalFeatureStore.score_batch = score_batch
+
+# %% ../nbs/05_feature_store.ipynb #5fa8f742
+_loaded: dict = {}  # in a Python worker: the model of the current scoring, loaded once for all the partitions it predicts
+
+def loaded_model(path: str):
+    "The pyfunc model saved at `path`, loaded once per process (only the latest is kept)."
+    if path not in _loaded:
+        _loaded.clear()
+        _loaded[path] = mlflow.pyfunc.load_model(path)
+    return _loaded[path]
+
+def predict_batches(path: str, # a local copy of the model (`download_model`)
+                    keep: Sequence[str], # input columns copied to the output, e.g. the keys
+                    constants: dict, # output columns with one value for every row, e.g. the model version
+                    batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    "For each batch of model input (keys and features): its `keep` columns, the model's `prediction` and the `constants`."
+    model = loaded_model(path)
+    for b in batches:
+        prediction = pa.array(model.predict(b.to_pandas()), type=pa.float64())
+        yield pa.RecordBatch.from_arrays([*(b.column(k) for k in keep), prediction, *(pa.repeat(pa.scalar(v), b.num_rows) for v in constants.values())],
+                                         names=[*keep, "prediction", *constants])
+
+def scores_schema(keys: pa.Schema, # schema of the `keep` columns
+                  constants: dict) -> pa.Schema:
+    "Schema of the batches `predict_batches` yields."
+    return pa.schema([*keys, pa.field("prediction", pa.float64()), *(pa.field(k, pa.scalar(v).type) for k, v in constants.items())])
+
+def append_scores(self, table: str, # the table the scores are appended to (created if new)
+                  model_uri: str, df: DataFrame, # keys (optionally some features) to score
+                  keep: Sequence[str], # columns of `df` written with each prediction, e.g. the keys
+                  constants: dict | None = None, # columns with one value for every row, e.g. {"model_version": 3}
+                  rows: int | None = None) -> int: # refuse the write (nothing written) unless `df` has exactly this many rows
+    "Score `df` with the model at `model_uri` into `table` in one commit, in one pass: the Python worker that predicts a partition writes its files; returns the table's new version."
+    keep, constants = list(keep), dict(constants or {})
+    missing = [k for k in keep if k not in df.columns]
+    if missing: raise FeatureStoreError(f"scoring into {table}: the frame lacks column(s) {missing} to keep; it has {df.columns}")
+    with tempfile.TemporaryDirectory(prefix="scoring-model-") as tmp:  # the workers' copy of the model, gone after the write
+        path, spec = download_model(self.env, model_uri, tmp)
+        schema = scores_schema(spark_arrow_schema(df.select(*keep)), constants)
+        return self.tables.append_transformed(table, self.with_features(spec, df), partial(predict_batches, path, keep, constants), schema, rows)
+
+LocalFeatureStore.append_scores = append_scores
 
 # %% ../nbs/05_feature_store.ipynb #4f7a12c0
 def retarget_model(self, path: Path | str) -> dict[str, str]:
@@ -581,6 +637,14 @@ class DatabricksFeatureStore:
 
     def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
         return self.client.score_batch(model_uri=model_uri, df=dates_as_timestamps(df), result_type=result_type)
+
+    def append_scores(self, table: str, model_uri: str, df: DataFrame, keep: Sequence[str], constants: dict | None = None,
+                      rows: int | None = None) -> int:
+        "Score `df` with the client's `score_batch` and append its `keep` columns, the predictions and `constants` to `table` with Spark's Delta writer."
+        from pyspark.sql.pandas.types import from_arrow_type
+        scored = self.score_batch(model_uri, df).select(*keep, "prediction")
+        fixed = {k: F.lit(v).cast(from_arrow_type(pa.scalar(v).type)) for k, v in (constants or {}).items()}  # the types the local store writes
+        return self.tables.append(table, scored.withColumns(fixed), rows=rows)
 
     def own_table(self, table: str) -> str:
         "`table` when it is this environment's: promotion retargets a copy's feature spec, so a spec naming another catalog's table is refused."

@@ -31,8 +31,8 @@ from .errors import InputError
 __all__ = ['SPARK_LOG_ENV_VAR', 'Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
            'require_single_node', 'connect_spark', 'jvm_output_to', 'get_spark', 'TableError', 'split_name', 'to_arrow',
            'delta_types', 'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys',
-           'is_spark_frame', 'spark_arrow_schema', 'check_rows', 'write_delta_files', 'Tables', 'LocalTables',
-           'merge_metrics', 'SparkTables', 'tables_for']
+           'is_spark_frame', 'spark_arrow_schema', 'check_rows', 'write_delta_files', 'process_alive', 'staging_folder',
+           'Tables', 'LocalTables', 'merge_metrics', 'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
 def java_version() -> int | None:
@@ -237,24 +237,38 @@ def check_rows(name: str, got: int, expected: int | None):
     if expected is not None and got != expected:
         raise TableError(f"writing {name}: the frame has {got:,} rows, expected {expected:,}; nothing was written")
 
-def write_delta_files(folder: str, # the table's folder
+def write_delta_files(staging: str, # the write's staging folder (`staging_folder`); the driver moves the files into the table
                       schema: pa.Schema, # the schema to write (the table's types, checked on the driver)
                       batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    "Write one partition's `batches` as Parquet files of the table in `folder`, uncommitted (run by `mapInArrow` on an executor); yields their PARQUET_FILES rows."
+    "Write one partition's `batches` as Parquet files under `staging`, uncommitted (run by `mapInArrow` on an executor); yields their PARQUET_FILES rows, paths relative to `staging`."
     import itertools
     typed = (t for b in batches if b.num_rows for t in pa.Table.from_batches([b]).cast(schema).to_batches())
     first = next(typed, None)
     if first is None: return  # an empty partition writes nothing
-    staging = Path(folder) / "_staging" / uuid.uuid4().hex
-    write_deltalake(str(staging), pa.RecordBatchReader.from_batches(schema, itertools.chain([first], typed)))  # streamed
-    log = (staging / "_delta_log" / "00000000000000000000.json").read_text().splitlines()
-    files = []
-    for add in (a["add"] for a in map(json.loads, log) if "add" in a):  # the staging commit's files, with their statistics
-        os.replace(staging / add["path"], Path(folder) / add["path"])
-        files.append({"path": add["path"], "size": add["size"], "rows": json.loads(add["stats"])["numRecords"],
-                      "modified": add["modificationTime"], "stats": add["stats"]})
-    shutil.rmtree(staging)
+    part = Path(staging) / uuid.uuid4().hex
+    write_deltalake(str(part), pa.RecordBatchReader.from_batches(schema, itertools.chain([first], typed)))  # streamed
+    log = (part / "_delta_log" / "00000000000000000000.json").read_text().splitlines()
+    files = [{"path": f"{part.name}/{add['path']}", "size": add["size"], "rows": json.loads(add["stats"])["numRecords"],
+              "modified": add["modificationTime"], "stats": add["stats"]}
+             for add in (a["add"] for a in map(json.loads, log) if "add" in a)]  # the part's commit: its files, with their statistics
     yield pa.RecordBatch.from_pylist(files)
+
+def process_alive(pid: int) -> bool:
+    "Whether process `pid` runs on this machine."
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # another user's
+    return True
+
+def staging_folder(folder: Path) -> Path:
+    "A new folder for the uncommitted files of one write into the table at `folder` (`_staging/<pid>-<id>`), made after removing those of writers no longer running."
+    root = Path(folder) / "_staging"
+    for old in root.glob("*"):
+        pid = old.name.split("-")[0]
+        if not (pid.isdigit() and process_alive(int(pid))): shutil.rmtree(old, ignore_errors=True)  # a killed run's files
+    run = root / f"{os.getpid()}-{uuid.uuid4().hex}"
+    run.mkdir(parents=True)
+    return run
 
 # %% ../nbs/01_tables.ipynb #726dd52a
 class Tables:
@@ -432,19 +446,27 @@ class LocalTables(Tables):
         write_deltalake(str(self.path(name)), table, mode=mode,
                         commit_properties=CommitProperties(app_transactions=[Transaction(*txn)]) if txn else None)
 
-    def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None):
-        "Spark's executors write `df` as Parquet files into the table's folder; the driver, which gets one row per file, commits them."
+    def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None,
+                      transform=None): # Arrow batches -> Arrow batches of `schema`, applied by the worker before it writes
+        "Spark's Python workers write `df` (`transform`ed) as Parquet files into the write's staging folder; the driver, which gets one row per file, moves them into the table and commits them."
         folder = self.path(name)
-        folder.mkdir(parents=True, exist_ok=True)
-        files = df.mapInArrow(partial(write_delta_files, str(folder), schema), PARQUET_FILES).collect()
-        try: check_rows(name, sum(f.rows for f in files), rows)
-        except TableError:
-            for f in files: (folder / f.path).unlink(missing_ok=True)
-            raise
-        actions = [AddAction(f.path, f.size, {}, f.modified, True, f.stats) for f in files]
-        if self.exists(name): self._delta(name).create_write_transaction(actions, "append", self._delta(name).schema())
-        else: create_table_with_add_actions(str(folder), DeltaSchema.from_arrow(schema), actions, mode="append")
-        shutil.rmtree(folder / "_staging", ignore_errors=True)
+        staging = staging_folder(folder)
+        write = partial(write_delta_files, str(staging), schema)
+        try:
+            files = df.mapInArrow(write if transform is None else lambda batches: write(transform(batches)), PARQUET_FILES).collect()
+            check_rows(name, sum(f.rows for f in files), rows)
+            for f in files: os.replace(staging / f.path, folder / Path(f.path).name)
+            actions = [AddAction(Path(f.path).name, f.size, {}, f.modified, True, f.stats) for f in files]
+            if self.exists(name): self._delta(name).create_write_transaction(actions, "append", self._delta(name).schema())
+            else: create_table_with_add_actions(str(folder), DeltaSchema.from_arrow(schema), actions, mode="append")
+        finally: shutil.rmtree(staging, ignore_errors=True)  # uncommitted files of a refused or failed write go with it
+
+    def append_transformed(self, name: str, df, # a Spark frame
+                           transform, # one partition's Arrow batches -> Arrow batches of `schema` (e.g. predictions)
+                           schema: pa.Schema, rows: int | None = None) -> int:
+        "Add `transform` of the rows of `df` to `name` in one commit; the Python worker that transforms a partition writes its files, so the rows leave the JVM once."
+        self._append_spark(name, df, self._target_schema(name, schema), rows, transform)
+        return self.version(name)
 
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         merger = self._delta(name).merge(table, predicate=merge_condition(keys), source_alias="s", target_alias="t")

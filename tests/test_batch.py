@@ -1,6 +1,6 @@
 """Batch scoring inside Spark: `score_batch` returns a plan that reads the feature tables and predicts in Spark's Python
 workers (it never starts from rows collected to the driver), with the same numbers as the model's in-process `predict`;
-`batch_inference` writes those predictions from the executors, one row per key, in one commit."""
+`batch_inference` predicts and writes in one pass of Spark's Python workers, one row per key, in one commit."""
 import contextlib
 import io
 
@@ -58,7 +58,11 @@ def test_score_batch_predicts_in_spark_what_the_model_predicts_in_process(worksp
 def test_batch_inference_writes_one_prediction_per_key_from_the_executors(workspace):
     env, fs, uri = workspace
     target = env.table_name("predictions")
+    killed = fs.tables.path(target) / "_staging" / "999999999-0123abcd" / "part"  # files of an earlier run killed before its commit
+    killed.mkdir(parents=True)
+    (killed / "part-0.parquet").write_bytes(b"PAR1")
     scores = batch_inference(env, store=fs, progress=False)
+    assert list((fs.tables.path(target) / "_staging").iterdir()) == []  # the killed run's files and this run's staging are gone
     assert scores.rows == 1_500
     assert scores.table_version == fs.tables.version(target)
     written = fs.tables.read_pandas(target)
