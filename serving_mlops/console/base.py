@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 from functools import cache
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import orjson
 import pandas as pd
-import plotly
 import plotly.graph_objects as go
 from jinja2 import Environment as Templates
 from markupsafe import Markup, escape

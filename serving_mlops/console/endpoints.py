@@ -13,7 +13,7 @@ import orjson
 import pandas as pd
 import plotly.graph_objects as go
 from databricks.sdk.errors import DatabricksError, NotFound
-from markupsafe import Markup, escape
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -23,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
-from ..config import ConfigError, Environment
+from ..config import Environment
 from ..jobs import JobRun, RunRecordError, elapsed, jobs_folder, load_jobs, past_runs, read_run
 from ..monitoring.baseline import DRIFT_RULES
 from ..naming import inference_table
