@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 
 import mlflow
-
 import pytest
 from browser import Page, browser, chart_points, serve_app
 from conftest import ROOT
