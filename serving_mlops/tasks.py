@@ -14,7 +14,7 @@ from .config import ConfigError, Environment, _as_type, get_environment, noteboo
 # %% auto #0
 __all__ = ['MADE_BY', 'task_values', 'exit_with_values', 'job_argument', 'run_task', 'require_tables', 'ingest_task',
            'features_task', 'train_task', 'validate_task', 'deploy_task', 'promote_task', 'batch_inference_task',
-           'monitoring_task']
+           'export_line', 'monitoring_task']
 
 # %% ../nbs/13_tasks.ipynb #e961235f
 def task_values(**values) -> dict:
@@ -188,6 +188,13 @@ def batch_inference_task(env: Environment,
     return task_values(model_version=scores.version, rows=str(scores.rows))
 
 # %% ../nbs/13_tasks.ipynb #930f8c31
+def export_line(entity: str, s: dict) -> str:
+    "One served entity's line of the runtime's metrics export (`runtime_counters`): its last complete minute, and its model calls since start."
+    minute = (f"minute to {s['minute_end'][11:16]} UTC: {s['requests']:,} requests, {s['errors']:,} failed, mean {s['mean_ms']:.2f} ms"
+              if "minute_end" in s else "no complete minute yet")
+    calls = f"; {s['model_calls']:,} model calls for {s['rows']:,} rows since the runtime started" if "model_calls" in s else ""
+    return f"  metrics export of {entity}, {minute}{calls}"
+
 def monitoring_task(env: Environment,
                     task: str = "all", # metrics | drift | all (metrics, then drift)
                     endpoint_name: str | None = None, # default: the environment's endpoint_name
@@ -205,7 +212,7 @@ def monitoring_task(env: Environment,
     print(run.summary())
     values = {}
     if run.metrics is not None:
-        if (live := runtime_counters(env, run.endpoint)) is not None: print(f"  metrics export (last complete minute; model calls and rows since the runtime started): {live}")
+        for entity, s in (runtime_counters(env, run.endpoint) or {}).items(): print(export_line(entity, s))
         values["metrics_windows"] = len(run.metrics)
     if run.drift is not None: values.update(drifted=run.drift.drifted, drift_run_id=run.drift.run_id)
     task_values(**values)

@@ -168,11 +168,18 @@ def feature_drift(baseline: dict, # from `training_baseline` (or its JSON)
     return pd.DataFrame(rows, columns=["feature", "kind", "method", "value", "threshold", "drifted", "n"])
 
 # %% ../../nbs/12a_monitoring_baseline.ipynb #3c399284
-def drift_summary(results: pd.DataFrame) -> str:
+def _excess(r) -> float:  # how far past its threshold a flagged value is, in orders of magnitude (the larger, the stronger)
+    return math.log10(max(r.value, 1e-300) / r.threshold) * (1 if DRIFT_RULES[r.method] == ">" else -1)
+
+def drift_summary(results: pd.DataFrame,
+                  most: int | None = None) -> str:  # name at most this many drifted features, the strongest first (the rest counted)
     "One line naming the drifted features with each flagging method's value against its threshold."
     features = results.feature.nunique()
     hits = results[results.drifted]
     if hits.empty: return f"no drift in {features} features"
+    groups = list(hits.groupby("feature", sort=False))
+    if most is not None: groups = sorted(groups, key=lambda g: -max(_excess(r) for r in g[1].itertuples()))
     parts = [f"{name} (" + ", ".join(f"{r.method} {r.value:.3g} {DRIFT_RULES[r.method]} {r.threshold:g}" for r in rows.itertuples()) + ")"
-             for name, rows in hits.groupby("feature", sort=False)]
-    return f"drift in {hits.feature.nunique()} of {features} features: " + "; ".join(parts)
+             for name, rows in groups[:most]]
+    more = f"; and {len(groups) - most} more (the report has them all)" if most is not None and len(groups) > most else ""
+    return f"drift in {hits.feature.nunique()} of {features} features: " + "; ".join(parts) + more

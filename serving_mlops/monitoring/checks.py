@@ -178,10 +178,10 @@ class DriftResult:
                 + (f", which can explain drift in {named}" if explained else ""))
 
     def summary(self) -> str:
-        "One line per model version: what drifted in the window, and the rows whose lookups found nothing when they may be why."
+        "One line per model version: what drifted in the window (the five strongest named, the report has all), and the rows whose lookups found nothing when they may be why."
         left_out = f", {self.not_logged:,} requests not logged in full left out" if self.not_logged else ""
         return "\n".join(f"{self.endpoint} version {v} ({self.rows[v]:,} predictions{left_out}, {self.window_start:%Y-%m-%d %H:%M} to "
-                         f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r)}{self.missing_note(v)}"
+                         f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r, most=5)}{self.missing_note(v)}"
                          for v, r in self.results.groupby("model_version", sort=True))
 
     def raise_alert(self, shown: bool = False):  # shown: the summary was printed already; the alert then only names what drifted
