@@ -50,8 +50,7 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	$(BIN)/serving-mlops jobs run model_build --env staging
 	@echo "== 4-5 Deploy Serving Endpoint in staging, with endpoint tests (the deploy_serving_endpoint job)"
 	$(BIN)/serving-mlops jobs run deploy_serving_endpoint --env staging
-	@echo "== production's own data: its book of 30,000 clients and the 2,000 newest applicants (1,000 like the training"
-	@echo "   population, 1,000 younger and riskier, with their outcomes), ingested and their features published online"
+	@echo "== production's own data: 30,000 clients and 2,000 new applicants (1,000 like the training population, 1,000 riskier)"
 	$(BIN)/serving-mlops generate --env prod --rows 30000 --seed 7
 	$(BIN)/serving-mlops generate --env prod --kind train --rows 1000 --seed 11 --first-id 100001
 	$(BIN)/serving-mlops generate --env prod --kind drifted --labels --rows 1000 --seed 12 --first-id 200001
@@ -61,10 +60,8 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	$(BIN)/serving-mlops jobs run promote --env prod
 	@echo "== predictions from the production endpoint, through its REST API (keys only: features from the online store)"
 	$(BIN)/serving-mlops query --env prod -c 1 -c 2 -c 3
-	$(BIN)/serving-mlops endpoints --env staging
 	$(BIN)/serving-mlops endpoints --env prod
-	@echo "== 8 monitoring: the new applicants are scored through the production endpoint, whose inference table captures"
-	@echo "   every request; first the 1,000 like the training population, then the 1,000 younger and riskier ones"
+	@echo "== 8 monitoring: each batch of applicants scored through the prod endpoint (its inference table captures them), then checked"
 	@start=$$(date -u +%Y-%m-%dT%H:%M:%S) && set -x && \
 	  $(BIN)/serving-mlops query --env prod --ids 100001:101000 && \
 	  $(BIN)/serving-mlops monitor --env prod --start $$start --window-minutes 1 --lag-minutes 0 --labels-table silver_clients
