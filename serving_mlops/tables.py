@@ -5,6 +5,7 @@
 # %% ../nbs/01_tables.ipynb #5a14a381
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from contextlib import contextmanager
 from functools import partial
@@ -362,15 +364,56 @@ class Tables:
 # %% ../nbs/01_tables.ipynb #17e08d40
 class LocalTables(Tables):
     "Delta tables of a local workspace, read and written with delta-rs."
-    def __init__(self, root: Path | str): self.root = Path(root)
+    def __init__(self, root: Path | str):
+        self.root, self._open = Path(root), threading.local()
+        self._kept: dict[str, tuple] = {}  # name -> (stamp of its last commit file, DeltaTable) as this object's last append left it
 
     def path(self, name: str) -> Path:
         "Folder of table `name`."
         return self.root.joinpath(*split_name(name))
 
-    def exists(self, name: str) -> bool: return DeltaTable.is_deltatable(str(self.path(name)))
+    def _held(self, name: str) -> DeltaTable | None:
+        "The table `name` as this thread's current operation opened it (see `_reading_once`), or None."
+        held = getattr(self._open, "table", None)
+        return held[1] if held is not None and held[0] == name else None
+
+    def _commit_stamp(self, name: str, version: int) -> tuple:
+        "When and how big the commit file of `version` is: a commit file never changes, so another stamp means another table."
+        s = os.stat(self.path(name) / "_delta_log" / f"{version:020d}.json")
+        return s.st_mtime_ns, s.st_size, s.st_ino
+
+    def _kept_table(self, name: str) -> DeltaTable | None:
+        "The DeltaTable of `name` this object's last append left, brought up to date with the commits since (None: none, or the table was made anew)."
+        kept = self._kept.pop(name, None)  # taken while in use: another thread appending through this object opens its own
+        if kept is None: return None
+        try:
+            if self._commit_stamp(name, kept[1].version()) != kept[0]: return None  # the folder was removed and the table made anew
+            kept[1].update_incremental()  # reads the new commits only
+            return kept[1]
+        except Exception: return None
+
+    @contextmanager
+    def _reading_once(self, name: str):
+        "Within the block, this thread reads `name`'s Delta log once: every look at the table uses one `DeltaTable`, which its own writes update (and the next append of this object reuses)."
+        path = str(self.path(name))
+        if getattr(self._open, "table", None) is not None: yield; return
+        dt = self._kept_table(name)
+        if dt is None and not DeltaTable.is_deltatable(path): yield; return
+        self._open.table = (name, dt or DeltaTable(path))
+        try: yield
+        finally:
+            held, self._open.table = self._open.table[1], None
+            with contextlib.suppress(OSError): self._kept[name] = (self._commit_stamp(name, held.version()), held)
+
+    def append(self, name: str, df: Frame, txn: tuple[str, int] | None = None, rows: int | None = None, add_columns: bool = False) -> int:
+        if is_spark_frame(df): return super().append(name, df, txn=txn, rows=rows, add_columns=add_columns)  # its commit is not the writer's
+        with self._reading_once(name): return super().append(name, df, txn=txn, rows=rows, add_columns=add_columns)
+    append.__doc__ = Tables.append.__doc__ + " (An Arrow or pandas frame: the log is read once, not once per check.)"
+
+    def exists(self, name: str) -> bool: return self._held(name) is not None or DeltaTable.is_deltatable(str(self.path(name)))
 
     def _delta(self, name: str, version: int | None = None) -> DeltaTable:
+        if version is None and (held := self._held(name)) is not None: return held
         self._require(name)
         dt = DeltaTable(str(self.path(name)))
         if version is not None:
@@ -436,14 +479,14 @@ class LocalTables(Tables):
 
     def transaction_version(self, name: str, app_id: str) -> int | None:
         "The last version application `app_id` wrote to table `name` with a txn (None: none yet, or no table)."
-        return DeltaTable(str(self.path(name))).transaction_version(app_id) if self.exists(name) else None
+        return self._delta(name).transaction_version(app_id) if self.exists(name) else None
 
     def _alter_add(self, name: str, columns: pa.Schema):
-        DeltaTable(str(self.path(name))).alter.add_columns(list(DeltaSchema.from_arrow(columns).fields))
+        self._delta(name).alter.add_columns(list(DeltaSchema.from_arrow(columns).fields))  # (an append's own DeltaTable: it sees the new columns)
 
     def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
         if txn and (self.transaction_version(name, txn[0]) or -1) >= txn[1]: return  # delta-rs records a txn; its writer checks it
-        write_deltalake(str(self.path(name)), table, mode=mode,
+        write_deltalake(self._held(name) or str(self.path(name)), table, mode=mode,
                         commit_properties=CommitProperties(app_transactions=[Transaction(*txn)]) if txn else None)
 
     def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None,
