@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import struct
@@ -16,14 +17,17 @@ import uuid
 import zlib
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
+import pyarrow.json
 
 # %% auto #0
-__all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'SERVED_ENTITIES_TABLE', 'SERVED_ENTITIES_SCHEMA', 'MAGIC', 'HEADER',
-           'payload_table_name', 'payload_frame', 'entity_ids', 'served_entity_rows', 'record_served_entities',
-           'frame_record', 'read_records', 'write_whole', 'InferenceLog']
+__all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'RECORD_SCHEMA', 'SERVED_ENTITIES_TABLE', 'SERVED_ENTITIES_SCHEMA',
+           'MAGIC', 'HEADER', 'payload_table_name', 'json_text', 'payload_frame', 'payload_rows', 'entity_ids',
+           'served_entity_rows', 'record_served_entities', 'frame_record', 'read_records', 'read_bodies', 'write_whole',
+           'InferenceLog']
 
 # %% ../../nbs/08c_serving_capture.ipynb #b7c1c0a4
 log = logging.getLogger(__name__)
@@ -46,22 +50,40 @@ def payload_table_name(ai_gateway: dict) -> str | None:
     t = (ai_gateway or {}).get("inference_table_config") or {}
     return f"{t['catalog_name']}.{t['schema_name']}.{t['table_name_prefix']}_payload" if t.get("enabled") else None
 
-def _json_text(value) -> str | None:
+def json_text(value) -> str | None:
+    "A request or response as the payload table holds it: JSON text (text stays as it is)."
     return None if value is None else value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
+RECORD_SCHEMA = pa.schema([  # a log record (JSON): the payload columns but the derived ones, and when the request arrived
+    ("databricks_request_id", pa.string()), ("client_request_id", pa.string()), ("request_time_us", pa.int64()),
+    ("status_code", pa.int32()), ("execution_duration_ms", pa.int64()), ("request", pa.string()), ("response", pa.string()),
+    ("logging_error_codes", pa.list_(pa.string())), ("served_entity_id", pa.string()), ("requester", pa.string())])
 _US_PER_DAY = 86_400_000_000
 
+def _payload(records: pa.Table) -> pa.Table:
+    "Records (`RECORD_SCHEMA`) as rows of the payload table: the derived columns added."
+    times, n = records.column("request_time_us"), records.num_rows
+    codes = records.column("logging_error_codes")
+    derived = dict(request_date=pa.compute.divide(times, _US_PER_DAY).cast(pa.int32()).cast(pa.date32()),
+                   request_time=times.cast(PAYLOAD_SCHEMA.field("request_time").type), sampling_fraction=pa.array(np.ones(n)),
+                   logging_error_codes=codes.fill_null(pa.scalar([], codes.type)))  # none: logged in full
+    return pa.table({f.name: derived[f.name] if f.name in derived else records.column(f.name) for f in PAYLOAD_SCHEMA}, schema=PAYLOAD_SCHEMA)
+
 def payload_frame(records: list) -> pa.Table:
-    "Log records (`request_time_us`, and the payload columns but the derived ones) as rows of the payload table."
-    times = pa.array([r["request_time_us"] for r in records], pa.int64())
-    cols = {f.name: pa.array([r.get(f.name) for r in records], f.type) for f in PAYLOAD_SCHEMA
-            if f.name in ("databricks_request_id", "client_request_id", "status_code", "execution_duration_ms", "served_entity_id", "requester")}
-    cols.update(request_date=pa.compute.divide(times, _US_PER_DAY).cast(pa.int32()).cast(pa.date32()), request_time=times.cast(PAYLOAD_SCHEMA.field("request_time").type),
-                sampling_fraction=pa.array([1.0] * len(records), pa.float64()),
-                request=pa.array([_json_text(r.get("request")) for r in records], pa.string()),
-                response=pa.array([_json_text(r.get("response")) for r in records], pa.string()),
-                logging_error_codes=pa.array([r.get("logging_error_codes") or [] for r in records], pa.list_(pa.string())))
-    return pa.table({f.name: cols[f.name] for f in PAYLOAD_SCHEMA}, schema=PAYLOAD_SCHEMA)
+    "Log records (dicts of `RECORD_SCHEMA`'s fields; a request or response may be JSON rather than text) as rows of the payload table."
+    text = ("request", "response")
+    return _payload(pa.table({f.name: pa.array([json_text(r.get(f.name)) if f.name in text else r.get(f.name) for r in records], f.type)
+                              for f in RECORD_SCHEMA}, schema=RECORD_SCHEMA))
+
+def payload_rows(bodies: list) -> pa.Table:
+    "Log records as JSON bytes (one object each) as rows of the payload table, parsed all at once by Arrow's JSON reader."
+    try:
+        records = pyarrow.json.read_json(io.BytesIO(b"\n".join(bodies)),  # a block must hold the longest record
+                                         read_options=pyarrow.json.ReadOptions(block_size=max(1 << 20, 2 * max(map(len, bodies), default=0))),
+                                         parse_options=pyarrow.json.ParseOptions(explicit_schema=RECORD_SCHEMA, unexpected_field_behavior="ignore"))
+    except pa.ArrowInvalid:  # e.g. records of earlier versions, which logged the response as a JSON object: one by one
+        return payload_frame([orjson.loads(b) for b in bodies])
+    return _payload(records)
 
 # %% ../../nbs/08c_serving_capture.ipynb #a41919f6
 SERVED_ENTITIES_TABLE = "system.serving.served_entities"  # the Databricks system table (locally: a table of the environment)
@@ -102,20 +124,25 @@ def frame_record(record: dict) -> bytes:
 
 def read_records(data: bytes) -> tuple[list[dict], list[tuple[int, int]]]:
     "The intact records in a log segment's bytes, and the (offset, length) of every damaged or torn run skipped."
-    records, damaged, pos = [], [], 0
+    bodies, damaged = read_bodies(data)
+    return [orjson.loads(b) for b in bodies], damaged
+
+def read_bodies(data: bytes) -> tuple[list[bytes], list[tuple[int, int]]]:
+    "The JSON of the intact records in a log segment's bytes, and the (offset, length) of every damaged or torn run skipped."
+    bodies, damaged, pos = [], [], 0
     while pos < len(data):
         if data.startswith(MAGIC, pos) and pos + HEADER.size <= len(data):
             _, n, crc = HEADER.unpack_from(data, pos)
             body = data[pos + HEADER.size:pos + HEADER.size + n]
             if len(body) == n and zlib.crc32(body) == crc:
-                records.append(orjson.loads(body)); pos += HEADER.size + n
+                bodies.append(body); pos += HEADER.size + n
                 continue
         end = data.find(MAGIC, pos + 1)
         end = len(data) if end < 0 else end
         if damaged and sum(damaged[-1]) == pos: damaged[-1] = (damaged[-1][0], end - damaged[-1][0])  # one run
         else: damaged.append((pos, end - pos))
         pos = end
-    return records, damaged
+    return bodies, damaged
 
 # %% ../../nbs/08c_serving_capture.ipynb #05052afb
 def write_whole(fd: int, data: bytes):
@@ -212,9 +239,9 @@ class InferenceLog:
     def _append(self, segment: int) -> int:
         "Append one segment's intact records (a no-op when the table has the segment); report what was skipped."
         path = self._path(segment)
-        records, damaged = read_records(path.read_bytes())
+        records, damaged = read_bodies(path.read_bytes())
         if records:
-            self.tables.append(self.table, payload_frame(records), txn=(self.app_id, segment))
+            self.tables.append(self.table, payload_rows(records), txn=(self.app_id, segment))
             if self.counts["flushed"] == 0 and self.tables.describe(self.table).get("description") is None:
                 self.tables.set_metadata(self.table, description="Inference table: requests and responses of a serving endpoint",
                                          column_comments=PAYLOAD_COMMENTS)
