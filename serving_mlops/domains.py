@@ -53,11 +53,10 @@ class DomainCheck:
     def __call__(self, X: np.ndarray, index=None) -> tuple[np.ndarray, np.ndarray]:
         "Masks of the values of `X` (columns: the domains, or those at `index`) not whole where they must be, and of the others outside their domain."
         lo, hi, whole = (self.lo, self.hi, self.whole) if index is None else (self.lo[index], self.hi[index], self.whole[index])
-        checked = ~np.isnan(X)
-        fractional = checked & whole & (np.floor(X) != X)
-        outside = checked & ~fractional & ((X < lo) | (X > hi))
-        for k, j in enumerate(range(len(self.domains)) if index is None else index):
-            if j in self.sparse: outside[:, k] |= checked[:, k] & ~fractional[:, k] & ~np.isin(X[:, k], self.sparse[j])
+        fractional = whole & (X - np.floor(X) > 0)  # NaN (missing) compares False: neither fractional nor outside
+        outside = ~fractional & ((X < lo) | (X > hi))
+        for k, j in enumerate(range(len(self.domains)) if index is None else index) if self.sparse else ():
+            if j in self.sparse: outside[:, k] |= ~np.isnan(X[:, k]) & ~fractional[:, k] & ~np.isin(X[:, k], self.sparse[j])
         return fractional, outside
 
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")

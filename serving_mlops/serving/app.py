@@ -18,7 +18,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.exceptions import ExceptionMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -29,10 +29,10 @@ from .runtime import ServingRuntime
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'API', 'AUTH', 'routes', 'json_response', 'error_response', 'serving_error', 'internal_error', 'serving_token',
-           'BearerAuth', 'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints',
-           'get_endpoint', 'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics',
-           'invocations', 'make_app']
+__all__ = ['log', 'invocations', 'API', 'AUTH', 'routes', 'json_response', 'error_response', 'serving_error', 'internal_error',
+           'serving_token', 'BearerAuth', 'receive_body', 'read_body', 'read_json', 'well_known', 'health',
+           'create_endpoint', 'list_endpoints', 'get_endpoint', 'delete_endpoint', 'update_config', 'put_ai_gateway',
+           'patch_tags', 'export_metrics', 'Invocations', 'make_app']
 
 # %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -77,17 +77,24 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 # %% ../../nbs/08f_serving_app.ipynb #2eb133e2
-async def read_body(request: Request, limit: int) -> bytes:
-    "The request body, refused with 413 once it passes `limit` bytes."
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
+async def receive_body(scope, receive, limit: int) -> bytes:
+    "The body of an ASGI request, refused with 413 once it passes `limit` bytes."
+    length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+    if length.isdigit() and int(length) > limit:
         raise ServingError(413, "BAD_REQUEST", f"request body is {int(length)} bytes; the limit is {limit} bytes ({limit // 2**20} MB)")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect": raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit: raise ServingError(413, "BAD_REQUEST", f"request body is over the limit of {limit} bytes ({limit // 2**20} MB)")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False): return b"".join(chunks)
+
+async def read_body(request: Request, limit: int) -> bytes:
+    "The request body, refused with 413 once it passes `limit` bytes."
+    return await receive_body(request.scope, request.receive, limit)
 
 async def read_json(request: Request) -> dict:
     "A control-plane body: a JSON object (an empty body is `{}`)."
@@ -139,18 +146,23 @@ async def export_metrics(request):
     ep = _runtime(request).get(request.path_params["name"])
     return Response(ep.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-async def invocations(request):
-    request_id, runtime, name = uuid.uuid4().hex, _runtime(request), request.path_params["name"]
-    runtime.get(name)
-    body = await read_body(request, MAX_BODY_BYTES)
-    out, served = await runtime.invoke(name, body, request_id)
-    return json_response(out, headers={"served-model-name": served, "x-request-id": request_id})
+class Invocations:
+    "The data plane, the hot path, as a plain ASGI app: no `Request` object, no body stream, no handler wrapper (errors go to the app's handlers all the same)."
+    async def __call__(self, scope, receive, send):
+        request_id, runtime, name = uuid.uuid4().hex, scope["app"].state.runtime, scope["path_params"]["name"]
+        runtime.get(name)
+        body = await receive_body(scope, receive, MAX_BODY_BYTES)
+        out, served = await runtime.invoke(name, body, request_id)
+        await json_response(out, headers={"served-model-name": served, "x-request-id": request_id})(scope, receive, send)
+
+invocations = Invocations()
 
 # %% ../../nbs/08f_serving_app.ipynb #764ec2cf
 API = "/api/2.0/serving-endpoints"
 AUTH = [Middleware(BearerAuth)]
 
-routes = [
+routes = [  # the invocations first: a request tries the routes in order (each a regular expression)
+    Route("/serving-endpoints/{name}/invocations", invocations, methods=["POST"], middleware=AUTH),
     Route("/.well-known/databricks-config", well_known),  # read by databricks-sdk when a client is made
     Route("/health", health),
     Route(API, create_endpoint, methods=["POST"], middleware=AUTH),
@@ -161,7 +173,6 @@ routes = [
     Route(API + "/{name}/ai-gateway", put_ai_gateway, methods=["PUT"], middleware=AUTH),
     Route(API + "/{name}/tags", patch_tags, methods=["PATCH"], middleware=AUTH),
     Route(API + "/{name}/metrics", export_metrics, methods=["GET"], middleware=AUTH),
-    Route("/serving-endpoints/{name}/invocations", invocations, methods=["POST"], middleware=AUTH),
 ]
 
 # %% ../../nbs/08f_serving_app.ipynb #df68cc8e

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import operator
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,6 +39,10 @@ class MicroBatcher:
 
     async def submit(self, request):
         "The result of scoring `request` (an exception of the scorer is raised here)."
+        if not self.running and self.inline is not None and self.inline(request):  # idle, and small enough: score it here and now
+            results = await self._run([request], here=True)  # (runs to the end without giving the loop a turn)
+            if isinstance(results, BaseException): raise results
+            return results[0]
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.waiting.append((request, future))
@@ -89,16 +95,14 @@ def _compile_step(step):
         try: stats = np.asarray(step.statistics_, dtype=float)
         except (TypeError, ValueError): return None
         if np.isnan(stats).any(): return None  # the imputer drops all-missing columns
-        def impute(A):
-            A = A.copy(); rows, cols = np.nonzero(np.isnan(A)); A[rows, cols] = stats[cols]
-            return A
-        return impute
+        return lambda A: np.where(np.isnan(A), stats, A)
     if type(step) is OneHotEncoder and step.drop is None and not step.sparse_output and step.handle_unknown == "ignore" \
             and not getattr(step, "_infrequent_enabled", False):
         try: cats = [np.asarray(c, dtype=float) for c in step.categories_]
         except (TypeError, ValueError): return None
         if any(np.isnan(c).any() for c in cats): return None
-        return lambda A: np.hstack([(A[:, [j]] == c[None, :]).astype(step.dtype) for j, c in enumerate(cats)])
+        source, values = np.repeat(np.arange(len(cats)), [len(c) for c in cats]), np.concatenate(cats)  # output column k: column source[k] == values[k]
+        return lambda A: (A[:, source] == values).astype(step.dtype)
     return None
 
 def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the final estimator through `compile_trees` when it can
@@ -116,7 +120,7 @@ def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the
         if not isinstance(cols, list) or any(c not in index for c in cols): return None
         f = (lambda A: A) if isinstance(step, str) and step == "passthrough" else _compile_step(step)
         if f is None: return None
-        parts.append(([index[c] for c in cols], f))
+        parts.append((np.array([index[c] for c in cols], dtype=np.intp), f))
     predict = (trees and compile_trees(estimator)) or (lambda A: estimator.predict_proba(A)[:, 1])
     return lambda X: predict(np.hstack([f(X[:, idx]) for idx, f in parts]))
 
@@ -152,11 +156,20 @@ def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-lear
     column = np.repeat(np.where(leaf, 0, nodes["feature_idx"] + width // 2 * nodes["missing_go_to_left"].astype(np.intp)), 2)
     threshold, value = np.repeat(nodes["num_threshold"], 2), np.repeat(nodes["value"], 2)
     depth, baseline, start = int(nodes["depth"].max()), float(np.ravel(model._baseline_prediction)[0]), 2 * roots
+    # one row: every node's test at once, then each tree's path is `depth` lookups of the child each node chose
+    node_column, node_threshold, left, right = column[::2], threshold[::2], after[1::2] // 2, after[::2] // 2
+    node_value = value[::2]
+    def one_row(x):
+        chosen = np.where(x.take(node_column) <= node_threshold, left, right)
+        state = roots
+        for _ in range(depth): state = chosen[state]
+        return np.array([expit(functools.reduce(operator.add, node_value[state].tolist(), baseline))])  # baseline, then tree by tree
     def predict(X):
         X = np.asarray(X, dtype=float)
         n = len(X)
         if n > max_rows: return model.predict_proba(X)[:, 1]
         wide = np.hstack([X, np.where(np.isnan(X), -np.inf, X)]).ravel()
+        if n == 1: return one_row(wide)
         offset = (np.arange(n) * width)[:, None]
         state = np.broadcast_to(start, (n, len(start)))
         for _ in range(depth): state = after[state + (wide[column[state] + offset] <= threshold[state])]
@@ -230,20 +243,22 @@ class ServedModel:
         "Model input matrix of `request`: given values, then online lookups for the rest; and the keys not found."
         cols, n = request.columns, request.rows
         X = np.full((n, len(self.spec.columns)), np.nan)
-        for c, j in self.index.items():
-            if c in cols: X[:, j] = np.array(cols[c], dtype=float)
+        given = [c for c in self.spec.columns if c in cols]
+        if len(given) == len(self.spec.columns): X[:] = np.array([cols[c] for c in given], dtype=float).T  # (null: NaN)
+        elif given: X[:, [self.index[c] for c in given]] = np.array([cols[c] for c in given], dtype=float).T
         not_found = []
         if self.lookups and all(k in cols for k in self.spec.keys):
             for lookup in self.lookups:
                 wanted = [(f, self.index[o]) for f, o in lookup["features"].items() if o in self.index]
                 keys = list(zip(*(cols[k] for k in lookup["lookup_key"])))
                 for i, key in enumerate(keys):
-                    todo = [(f, j) for f, j in wanted if np.isnan(X[i, j])]  # given values override lookups
+                    missing = np.isnan(X[i]).tolist()
+                    todo = [(f, j) for f, j in wanted if missing[j]]  # given values override lookups
                     if not todo: continue
                     values = self.online.lookup(self.tables[lookup["table_name"]], *key)
                     if values is None: not_found.append({"row": i, "table": lookup["table_name"], "key": list(key)}); continue
-                    for f, j in todo:
-                        if values[f] is not None: X[i, j] = values[f]
+                    found = [(j, values[f]) for f, j in todo if values[f] is not None]
+                    if found: X[i, [j for j, _ in found]] = [v for _, v in found]
         return X, not_found
 
     def predict(self, X: np.ndarray, params: dict | None = None) -> np.ndarray:

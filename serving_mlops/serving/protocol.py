@@ -181,6 +181,7 @@ class InputSpec:
     def __post_init__(self):  # the numeric domains compiled once, for one vectorised check per request
         self.numeric = [c for c, d in self.domains.items() if d.kind != "date"]
         self.check = DomainCheck([self.domains[c] for c in self.numeric])
+        self.known = frozenset([*self.columns, *self.keys, *self.passthrough])  # every column a request may give
 
 @dataclass
 class ParsedRequest:
@@ -209,15 +210,16 @@ def payload_columns(key: str, data, spec: InputSpec) -> dict:
         if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
             raise bad_request("dataframe_split must be an object with 'columns' (names) and 'data' (rows)")
         cols, rows = data["columns"], data["data"]
-        seen = set()
-        for j, c in enumerate(cols):
-            if type(c) is not str: raise bad_request(f"dataframe_split.columns[{j}] is {_type_name(c)}; expected a column name (string)")
-            if c in seen: raise bad_request(f"dataframe_split.columns[{j}] repeats column {c!r:.80}; name each column once")
-            seen.add(c)
+        if not all(type(c) is str for c in cols) or len(set(cols)) != len(cols):  # (the loop names the first culprit)
+            seen = set()
+            for j, c in enumerate(cols):
+                if type(c) is not str: raise bad_request(f"dataframe_split.columns[{j}] is {_type_name(c)}; expected a column name (string)")
+                if c in seen: raise bad_request(f"dataframe_split.columns[{j}] repeats column {c!r:.80}; name each column once")
+                seen.add(c)
         for i, row in enumerate(rows):
-            if not isinstance(row, list) or len(row) != len(cols):
+            if type(row) is not list or len(row) != len(cols):
                 raise bad_request(f"dataframe_split.data[{i}] has {len(row) if isinstance(row, list) else _type_name(row)} values; expected {len(cols)} (one per column)")
-        return {c: [row[j] for row in rows] for j, c in enumerate(cols)}
+        return dict(zip(cols, map(list, zip(*rows)))) if rows else {c: [] for c in cols}
     if isinstance(data, dict) and key == "inputs":  # columnar: {column: [values]}
         lengths = {c: len(v) if isinstance(v, list) else None for c, v in data.items()}
         bad = [c for c, n in lengths.items() if n is None]
@@ -234,12 +236,15 @@ def payload_columns(key: str, data, spec: InputSpec) -> dict:
 # %% ../../nbs/08a_serving_protocol.ipynb #059ef702
 def _shown(v) -> str: return f"{_type_name(v)} {reprlib.repr(v)}"  # reprlib: short, and safe for values nested 1000 deep
 
-def _check_numbers(name: str, values: list):
-    "Raise naming the first value of column `name` that is not a finite number or null."
-    for i, v in enumerate(values):  # orjson has already refused NaN and infinities
-        t = type(v)
-        if t is not float and t is not int and v is not None:
-            raise bad_request(f"column '{name}' row {i}: expected a number or null, got {_shown(v)}")
+_NUMBERS = frozenset((float, int, type(None)))  # a value's type where a number or null is expected (bool is not int here)
+
+def _check_numbers(columns: dict, names: list):
+    "Raise naming the first value of the columns `names` (those given) that is not a finite number or null."
+    given = [columns[c] for c in names if c in columns]
+    if all(type(v) in _NUMBERS for values in given for v in values): return  # orjson has already refused NaN and infinities
+    for name in (c for c in names if c in columns):
+        for i, v in enumerate(columns[name]):
+            if type(v) not in _NUMBERS: raise bad_request(f"column '{name}' row {i}: expected a number or null, got {_shown(v)}")
 
 def _check_keys(name: str, values: list, key_type: str | None):
     "Raise naming the first value of key column `name` that is not of the feature tables' `key_type` ('integer', 'string'; None: either)."
@@ -260,9 +265,8 @@ def _check_domains(columns: dict, spec: InputSpec):
     index = [j for j, c in enumerate(spec.numeric) if c in columns]
     if not index: return
     names = [spec.numeric[j] for j in index]
-    for c in names:
-        if c not in spec.columns: _check_numbers(c, columns[c])  # model columns are checked already
-    fractional, outside = spec.check(np.array([columns[c] for c in names], dtype=float).T, index)
+    _check_numbers(columns, [c for c in names if c not in spec.columns])  # model columns are checked already
+    fractional, outside = spec.check(np.array([columns[c] for c in names], dtype=float).T, None if len(index) == len(spec.numeric) else index)
     bad = fractional | outside
     if bad.any():
         i, k = np.argwhere(bad)[0]
@@ -290,8 +294,7 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
     rows = len(next(iter(columns.values()))) if columns else 0
     if rows == 0: raise bad_request(f"{given[0]} has no rows; send at least one")
     if rows > max_rows: raise bad_request(f"{given[0]} has {rows} rows; an endpoint takes at most {max_rows} per request (use batch inference for more)")
-    known = set(spec.columns) | set(spec.keys) | set(spec.passthrough)
-    extra = [c for c in columns if c not in known]
+    extra = [c for c in columns if c not in spec.known]
     if extra: raise bad_request(f"unknown column(s) {extra}; the model takes {spec.columns}" + (f" or the key(s) {spec.keys}" if spec.keys else ""))
     has_keys = bool(spec.keys) and all(k in columns for k in spec.keys)
     missing = [c for c in spec.columns if c not in columns]
@@ -299,7 +302,6 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
         raise bad_request(f"missing column(s) {missing}" + (f"; give them, or the key(s) {spec.keys} to look them up" if spec.keys else ""))
     for k in spec.keys:
         if k in columns: _check_keys(k, columns[k], spec.key_types.get(k))
-    for c in spec.columns:
-        if c in columns: _check_numbers(c, columns[c])
+    _check_numbers(columns, spec.columns)
     _check_domains(columns, spec)
     return ParsedRequest(columns, rows, params, client_id, params_json)

@@ -17,7 +17,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from logging.handlers import RotatingFileHandler
 from pathlib import Path
 
 import mlflow
@@ -25,7 +24,7 @@ import orjson
 
 from ..config import Environment
 from ..feature_store import OnlineStore
-from .capture import InferenceLog, entity_ids, payload_table_name, record_served_entities, served_entity_rows
+from .capture import InferenceLog, entity_ids, json_text, write_whole, payload_table_name, record_served_entities, served_entity_rows
 from .metrics import EndpointMetrics, SharedCounts, pid_alive
 from .models import ServedModel, entity_uri
 from serving_mlops.serving.protocol import (
@@ -157,23 +156,49 @@ REQUEST_LOG_BYTES = 10 * 2**20  # size at which an endpoint's request log is rot
 REQUEST_LOG_FILES = 3  # rotated files kept besides the current one
 
 class RequestLog:
-    "Per-endpoint JSON-lines logs of invocation outcomes in `folder`, rotated by size."
+    "Per-endpoint JSON-lines logs of invocation outcomes in `folder`, rotated by size (by whichever of several workers fills a file)."
     def __init__(self, folder: Path, max_bytes: int = REQUEST_LOG_BYTES, files: int = REQUEST_LOG_FILES):  # files: rotated ones kept
         self.folder, self.max_bytes, self.files = Path(folder), max_bytes, files
-        self.handlers: dict[str, RotatingFileHandler] = {}
-        self.folder.chmod(0o700)  # the files are created with the default mode: the folder keeps them the owner's
+        self.fds: dict[str, int] = {}
+        self.failing: str | None = None  # why writes fail, while they do
+        self.folder.chmod(0o700)
+
+    def path(self, endpoint: str, rotated: int = 0) -> Path:
+        return self.folder / (f"{endpoint}.jsonl.{rotated}" if rotated else f"{endpoint}.jsonl")
 
     def write(self, endpoint: str, outcome: dict):
-        "Append one outcome to `endpoint`'s log (one line, flushed)."
-        handler = self.handlers.get(endpoint)
-        if handler is None:
-            handler = self.handlers[endpoint] = RotatingFileHandler(
-                self.folder / f"{endpoint}.jsonl", maxBytes=self.max_bytes, backupCount=self.files, encoding="utf-8")
-        handler.handle(logging.makeLogRecord({"msg": orjson.dumps(outcome).decode()}))
+        "Append one outcome to `endpoint`'s log: one line in one write, before the response; a failure is logged, never the request's."
+        line = orjson.dumps(outcome) + b"\n"
+        try:
+            fd = self.fds.get(endpoint)
+            if fd is None: fd = self.fds[endpoint] = os.open(self.path(endpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            size = os.fstat(fd).st_size  # other workers append to the same file
+            if size and size + len(line) > self.max_bytes: fd = self._rotate(endpoint, fd)
+            write_whole(fd, line)
+        except OSError as e:
+            if self.failing is None: log.error("request log of endpoint %s in %s: cannot write outcomes (requests are answered): %s", endpoint, self.folder, e)
+            self.failing = f"{type(e).__name__}: {e}"
+            return
+        if self.failing is not None:
+            log.warning("request log of endpoint %s: writing again", endpoint); self.failing = None
+
+    def _rotate(self, endpoint: str, fd: int) -> int:
+        "Move the full file to `.1` (`.1` to `.2`, ..., the oldest dropped) unless another worker just did; the new file's descriptor."
+        fcntl.flock(fd, fcntl.LOCK_EX)  # workers holding the same full file take turns; the first rotates it
+        try:
+            current = self.path(endpoint)
+            if current.exists() and current.stat().st_ino == os.fstat(fd).st_ino:
+                for k in range(self.files - 1, 0, -1):
+                    if self.path(endpoint, k).exists(): os.replace(self.path(endpoint, k), self.path(endpoint, k + 1))
+                os.replace(current, self.path(endpoint, 1))
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd); self.fds.pop(endpoint, None)
+        fd = self.fds[endpoint] = os.open(self.path(endpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return fd
 
     def close(self):
-        for handler in self.handlers.values(): handler.close()
-        self.handlers.clear()
+        for fd in self.fds.values(): os.close(fd)
+        self.fds.clear()
 
 def read_request_log(folder: Path, endpoint: str) -> list[dict]:
     "The outcomes in `endpoint`'s request log in `folder`, oldest first (rotated files included)."
@@ -618,7 +643,7 @@ class ServingRuntime:
             else: capture.write({"databricks_request_id": request_id, "client_request_id": request.client_request_id if request else None,
                                  "request_time_us": arrived, "status_code": status, "execution_duration_ms": round(ms),
                                  "request": body.decode("utf-8", "replace"),
-                                 "response": out if error is None else {"error_code": error.error_code, "message": error.message},
+                                 "response": json_text(out if error is None else {"error_code": error.error_code, "message": error.message}),
                                  "served_entity_id": snapshot.ids[model.name], "requester": self.requester})
 
     def close(self):
