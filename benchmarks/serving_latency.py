@@ -37,6 +37,7 @@ process and both servers (a diagnostic: the default leaves the environment as it
 failed or any prediction differed.
 """
 import argparse
+import asyncio
 import os
 import re
 import shutil
@@ -258,6 +259,65 @@ def concurrent(url: str, headers: dict, bodies: list, expected: list, clients: i
                 v for n, v in meter.server.items() if n != server)}
 
 
+CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+async def _connection(port: int, requests: list, expected: list, k: int, begin: float, end: float, tally: Tally, latencies: list) -> int:
+    "One keep-alive connection sending `requests` back to back until `end`; the checked answers after `begin`."
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    ok = 0
+    try:
+        while True:
+            j = k % len(requests); k += 1
+            start = time.perf_counter()
+            writer.write(requests[j])
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.readexactly(int(CONTENT_LENGTH.search(head).group(1)))
+            done = time.perf_counter()
+            if done >= end: break
+            if start < begin: continue
+            latencies.append((done - start) * 1e6)
+            if head[9:12] != b"200": tally.add(f"HTTP {head[9:12].decode()}: {body[:200]!r}"); continue
+            try: got = orjson.loads(body)["predictions"][0]
+            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError): tally.add(f"HTTP 200 without predictions: {body[:200]!r}"); continue
+            if abs(got - expected[j]) > TOLERANCE: tally.add(f"prediction {got!r} != {expected[j]!r}"); continue
+            tally.answer(); ok += 1
+    finally: writer.close()
+    return ok
+
+
+def light_concurrent(port: int, path: str, token: str, bodies: list, expected: list, clients: int, seconds: float, warmup: float,
+                     meter: CpuMeter, server: str = "runtime") -> dict:
+    "Requests/s of `clients` keep-alive connections driven by one asyncio (uvloop) loop, raw HTTP/1.1."
+    import uvloop
+    requests = [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+    tally, latencies = Tally(), []
+
+    async def run():
+        begin = time.perf_counter() + warmup
+        end = begin + seconds
+        tasks = [asyncio.ensure_future(_connection(port, requests, expected, i * 7919, begin, end, tally, latencies)) for i in range(clients)]
+        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
+        with meter: await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        return sum(await asyncio.gather(*tasks))
+
+    ok = uvloop.run(run())
+    return {"rps": ok / seconds, "ok": ok, "latencies": latencies, "tally": tally, "client_cpu": meter.client,
+            "server_cpu": meter.server[server], "other_cpu": meter.other + sum(
+                v for n, v in meter.server.items() if n != server)}
+
+
+def pooled(runs: list) -> dict:
+    "The runs of one measurement over several rounds as one: requests/s and CPU averaged, latencies and tallies pooled."
+    tally = Tally()
+    for r in runs: tally.merge(r["tally"])
+    mean = lambda k: statistics.mean(r[k] for r in runs)
+    return {"rps": mean("rps"), "latencies": [x for r in runs for x in r["latencies"]], "tally": tally, "client_cpu": mean("client_cpu"),
+            "server_cpu": mean("server_cpu"), "other_cpu": mean("other_cpu"),
+            **({"batch_rows": mean("batch_rows")} if all("batch_rows" in r for r in runs) else {})}
+
+
 # --- the runtime's Prometheus metrics ---
 
 def batch_rows(base_url: str, endpoint: str, headers: dict) -> tuple[float, float]:
@@ -336,7 +396,7 @@ def stop_process_group(proc: subprocess.Popen, timeout: float = 15):
 
 def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seconds: float, warmup_seconds: float,
          trials: int, concurrency: list, payload: str, mlflow_workers: int, omp_threads: int | None, keep: bool,
-         baseline: bool = True):
+         baseline: bool = True, rounds: int = 3, client: str = "httpx"):
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if omp_threads:  # before scikit-learn loads OpenMP; inherited by both servers
         os.environ["OMP_NUM_THREADS"] = str(omp_threads)
@@ -383,6 +443,16 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
                 ai_gateway=AiGatewayConfig(inference_table_config=inference_table_config(env, name)) if name == captured else None)
         auth = {"Authorization": f"Bearer {serving_token(env)}"}
         headers = {**auth, "Content-Type": "application/json"}
+        token = serving_token(env)
+
+        def load(url: str, clients: int, meter: dict, server: str = "runtime") -> dict:
+            "One throughput run against `url`: the light client for the runtime when asked, httpx threads otherwise."
+            if client == "light" and server == "runtime":
+                port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+                return light_concurrent(port, "/" + url.split("://", 1)[1].split("/", 1)[1], token, feature_bodies, expected, clients, seconds,
+                                        warmup_seconds, CpuMeter(meter), server)
+            return concurrent(url, headers, feature_bodies, expected, clients, seconds, warmup_seconds, CpuMeter(meter), server)
+
         runtime_url = f"{info['url']}/serving-endpoints/{endpoint}/invocations"
         captured_url = f"{info['url']}/serving-endpoints/{captured}/invocations"
         say(f"runtime at {info['url']} (pid {info['pid']}), endpoint '{endpoint}' ready")
@@ -422,8 +492,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
             for clients in concurrency:
                 for name, url in (("baseline runtime", runtime_url), ("baseline captured", captured_url)):
                     say(f"throughput: {name}, {clients} concurrent clients, {warmup_seconds:g} s warm-up + {seconds:g} s ...")
-                    baseline_throughput[name, clients] = concurrent(url, headers, feature_bodies, expected, clients, seconds,
-                                                                    warmup_seconds, CpuMeter(base_meter), "runtime")
+                    baseline_throughput[name, clients] = load(url, clients, base_meter)
             say("restarting the runtime with its defaults ...")
             stop_server(env)
             del os.environ["SERVING_MLOPS_FAST_PATH"]
@@ -457,19 +526,22 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         finally:
             for t in targets.values(): t.close()
 
-        # 2. throughput under concurrency
-        throughput = {}
+        # 2. throughput under concurrency: the runtime's two endpoints `rounds` times in turn (their order alternating), mlflow once
+        runs = {}
         for clients in concurrency:
-            for name, url in (("runtime", runtime_url), ("captured", captured_url), ("mlflow", mlflow_invocations)):
-                say(f"throughput: {name}, {clients} concurrent clients, {warmup_seconds:g} s warm-up + {seconds:g} s ...")
-                before = batch_rows(info["url"], endpoint, auth) if name == "runtime" else None
-                r = concurrent(url, headers, feature_bodies, expected, clients, seconds, warmup_seconds, CpuMeter(servers),
-                               "mlflow" if name == "mlflow" else "runtime")  # both endpoints live in the runtime's process
-                if before is not None:
-                    after = batch_rows(info["url"], endpoint, auth)
-                    calls = after[1] - before[1]
-                    r["batch_rows"] = (after[0] - before[0]) / calls if calls else float("nan")  # warm-up included
-                throughput[name, clients] = r
+            for rnd in range(rounds):
+                pair = [("runtime", runtime_url), ("captured", captured_url)]
+                for name, url in [*(pair if rnd % 2 == 0 else pair[::-1]), *([("mlflow", mlflow_invocations)] if rnd == 0 else [])]:
+                    say(f"throughput: {name}, {clients} concurrent clients, {warmup_seconds:g} s warm-up + {seconds:g} s"
+                        f"{f' (round {rnd + 1} of {rounds})' if name != 'mlflow' and rounds > 1 else ''} ...")
+                    before = batch_rows(info["url"], endpoint, auth) if name == "runtime" else None
+                    r = load(url, clients, servers, "mlflow" if name == "mlflow" else "runtime")  # both endpoints live in the runtime's process
+                    if before is not None:
+                        after = batch_rows(info["url"], endpoint, auth)
+                        calls = after[1] - before[1]
+                        r["batch_rows"] = (after[0] - before[0]) / calls if calls else float("nan")  # warm-up included
+                    runs.setdefault((name, clients), []).append(r)
+        throughput = {k: pooled(rs) for k, rs in runs.items()}
         total_rows, total_calls = batch_rows(info["url"], endpoint, auth)
         from serving_mlops.tables import tables_for
         sent = tallies["runtime with inference table, features in request"].answered + \
@@ -503,7 +575,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         print(f"| {label} | {p50 / 1000:.2f} ms | {p99 / 1000:.2f} ms | {tallies[label].errors} | {tallies[label].mismatches} |")
     print(f"\nCPU during the latency runs (1.0 = one core): client {latency_cpu.client:.2f}, runtime {latency_cpu.server['runtime']:.2f}, "
           f"mlflow serve {latency_cpu.server['mlflow']:.2f}, other processes on the machine {latency_cpu.other:.2f}")
-    print(f"\n| throughput, features in request ({seconds:g} s each) | requests/s | p50 | p99 | client CPU | server CPU | server CPU per request | other CPU | rows per model call | errors | mismatches |")
+    print(f"\n| throughput, features in request ({seconds:g} s each; the runtime's endpoints {rounds} rounds in turn, pooled; client {client}) | requests/s | p50 | p99 | client CPU | server CPU | server CPU per request | other CPU | rows per model call | errors | mismatches |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, clients), r in throughput.items():
         p50, p99 = percentiles(r["latencies"]) if len(r["latencies"]) > 1 else (float("nan"), float("nan"))
@@ -572,7 +644,13 @@ if __name__ == "__main__":
                         help="set OMP_NUM_THREADS for this process and both servers (diagnostic; default: leave it unset)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the runs of today's path (the runtime with SERVING_MLOPS_FAST_PATH=0) before the main ones")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="throughput: run the runtime's endpoints without and with an inference table this many times in turn (figures pooled)")
+    parser.add_argument("--client", choices=["httpx", "light"], default="httpx",
+                        help="throughput load generator for the runtime: httpx threads, or the light asyncio client of serving_workers.py "
+                             "(raw HTTP/1.1; leaves more of the 2 cores to the server); mlflow serve always gets httpx")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway workspace (logs, request logs) for inspection")
     args = parser.parse_args()
     sys.exit(main(args.rows, args.customers, args.requests, args.warmup, args.chunk, args.seconds, args.warmup_seconds,
-                  args.trials, args.concurrency, args.payload, args.mlflow_workers, args.omp_threads, args.keep, args.baseline))
+                  args.trials, args.concurrency, args.payload, args.mlflow_workers, args.omp_threads, args.keep, args.baseline,
+                  args.rounds, args.client))

@@ -24,9 +24,7 @@ The machine is shared by client and server (and whatever else runs): absolute fi
 shows how much else ran. Exit status 1 if any request failed or any prediction differed.
 """
 import argparse
-import asyncio
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -39,64 +37,7 @@ import orjson
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_latency import TOLERANCE, CpuMeter, Tally, batch_rows, concurrent, percentiles, process_tree, say, wait_endpoints  # noqa: E402
-
-CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
-
-
-async def _connection(port: int, requests: list, expected: list, k: int, begin: float, end: float, tally: Tally, latencies: list) -> int:
-    "One keep-alive connection sending `requests` back to back until `end`; the checked answers after `begin`."
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    ok = 0
-    try:
-        while True:
-            j = k % len(requests); k += 1
-            start = time.perf_counter()
-            writer.write(requests[j])
-            head = await reader.readuntil(b"\r\n\r\n")
-            body = await reader.readexactly(int(CONTENT_LENGTH.search(head).group(1)))
-            done = time.perf_counter()
-            if done >= end: break
-            if start < begin: continue
-            latencies.append((done - start) * 1e6)
-            if head[9:12] != b"200": tally.add(f"HTTP {head[9:12].decode()}: {body[:200]!r}"); continue
-            try: got = orjson.loads(body)["predictions"][0]
-            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError): tally.add(f"HTTP 200 without predictions: {body[:200]!r}"); continue
-            if abs(got - expected[j]) > TOLERANCE: tally.add(f"prediction {got!r} != {expected[j]!r}"); continue
-            tally.answer(); ok += 1
-    finally: writer.close()
-    return ok
-
-
-def light_concurrent(port: int, path: str, token: str, bodies: list, expected: list, clients: int, seconds: float, warmup: float,
-                     meter: CpuMeter) -> dict:
-    "Requests/s of `clients` keep-alive connections driven by one asyncio (uvloop) loop, raw HTTP/1.1."
-    import uvloop
-    requests = [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
-    tally, latencies = Tally(), []
-
-    async def run():
-        begin = time.perf_counter() + warmup
-        end = begin + seconds
-        tasks = [asyncio.ensure_future(_connection(port, requests, expected, i * 7919, begin, end, tally, latencies)) for i in range(clients)]
-        await asyncio.sleep(max(0.0, begin - time.perf_counter()))
-        with meter: await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        return sum(await asyncio.gather(*tasks))
-
-    ok = uvloop.run(run())
-    return {"rps": ok / seconds, "ok": ok, "latencies": latencies, "tally": tally, "client_cpu": meter.client,
-            "server_cpu": meter.server["runtime"], "other_cpu": meter.other}
-
-
-def pooled(runs: list) -> dict:
-    "The runs of one measurement over several rounds as one: requests/s and CPU averaged, latencies and tallies pooled."
-    tally = Tally()
-    for r in runs: tally.merge(r["tally"])
-    mean = lambda k: statistics.mean(r[k] for r in runs)
-    return {"rps": mean("rps"), "latencies": [x for r in runs for x in r["latencies"]], "tally": tally, "client_cpu": mean("client_cpu"),
-            "server_cpu": mean("server_cpu"), "other_cpu": mean("other_cpu"), "batch_rows": mean("batch_rows")}
-
+from serving_latency import CpuMeter, batch_rows, concurrent, light_concurrent, percentiles, pooled, process_tree, say, wait_endpoints  # noqa: E402
 
 def main(rows: int, customers: int, workers: int, seconds: float, warmup: float, concurrency: list, clients: list, trials: int, keep: bool,
          rounds: int = 1) -> int:
