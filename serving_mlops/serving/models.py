@@ -221,6 +221,8 @@ class ServedModel:
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
         if self.lookups and online is None: raise ValueError(f"{entity_uri(entity)} looks features up, but the environment has no online store")
         self.tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in self.lookups}
+        # per lookup: the online table it reads and (feature, model column index) of what it gives the model
+        self.plan = [(l, self.tables[l["table_name"]], [(f, columns.index(o)) for f, o in l["features"].items() if o in columns]) for l in self.lookups]
         key_types = self.key_types()
         domains = {c: FEATURE_DOMAINS[c] for c in [*columns, *keys, *passthrough] if c in FEATURE_DOMAINS and  # a key's if it fits its type
                    (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer"))}
@@ -248,14 +250,13 @@ class ServedModel:
         elif given: X[:, [self.index[c] for c in given]] = np.array([cols[c] for c in given], dtype=float).T
         not_found = []
         if self.lookups and all(k in cols for k in self.spec.keys):
-            for lookup in self.lookups:
-                wanted = [(f, self.index[o]) for f, o in lookup["features"].items() if o in self.index]
+            for lookup, online, wanted in self.plan:
                 keys = list(zip(*(cols[k] for k in lookup["lookup_key"])))
+                missing = np.isnan(X).tolist()
                 for i, key in enumerate(keys):
-                    missing = np.isnan(X[i]).tolist()
-                    todo = [(f, j) for f, j in wanted if missing[j]]  # given values override lookups
+                    todo = [(f, j) for f, j in wanted if missing[i][j]]  # given values override lookups
                     if not todo: continue
-                    values = self.online.lookup(self.tables[lookup["table_name"]], *key)
+                    values = self.online.lookup(online, *key)
                     if values is None: not_found.append({"row": i, "table": lookup["table_name"], "key": list(key)}); continue
                     found = [(j, values[f]) for f, j in todo if values[f] is not None]
                     if found: X[i, [j for j, _ in found]] = [v for _, v in found]
