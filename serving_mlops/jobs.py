@@ -32,15 +32,14 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
                                   _as_type, get_environment, load_bundle, local_root)
 from .errors import StepFailed
-from .tables import SPARK_LOG_ENV_VAR
+from .tables import SPARK_LOG_ENV_VAR, process_alive
 
 # %% auto #0
 __all__ = ['VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'LoggedKernelManager', 'quiet_kernel',
-           'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'process_alive', 'JobRun', 'jobs_folder', 'run_folder',
-           'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'job_parameters',
-           'check_job_parameters', 'RunRecordError', 'read_run', 'past_runs', 'sync_root', 'bundle_workspace_paths',
-           'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run',
-           'submit_job']
+           'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'JobRun', 'jobs_folder', 'run_folder', 'notebook_defaults',
+           'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'job_parameters', 'check_job_parameters',
+           'RunRecordError', 'read_run', 'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels',
+           'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -160,13 +159,6 @@ class TaskRun:
     log: str = ""  # everything the task and its kernel printed (local runs)
 
 ACTIVE = ("PENDING", "RUNNING", "QUEUED", "BLOCKED")  # task states of a run that has not finished
-
-def process_alive(pid: int) -> bool:
-    "Whether process `pid` of this machine still exists."
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True  # it exists, another user's
-    return True
 
 @dataclass
 class JobRun:

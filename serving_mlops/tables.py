@@ -255,8 +255,11 @@ def write_delta_files(staging: str, # the write's staging folder (`staging_folde
              for add in (a["add"] for a in map(json.loads, log) if "add" in a)]  # the part's commit: its files, with their statistics
     yield pa.RecordBatch.from_pylist(files)
 
-def process_alive(pid: int) -> bool:
-    "Whether process `pid` runs on this machine."
+def process_alive(pid) -> bool:
+    "Whether process `pid` (an int or its text, as read from a pid file; None or 0 is none) runs on this machine."
+    try: pid = int(pid)
+    except (TypeError, ValueError): return False
+    if pid <= 0: return False  # 0 and -1 would ask about process groups
     try: os.kill(pid, 0)
     except ProcessLookupError: return False
     except PermissionError: return True  # another user's
@@ -267,7 +270,7 @@ def staging_folder(folder: Path) -> Path:
     root = Path(folder) / "_staging"
     for old in root.glob("*"):
         pid = old.name.split("-")[0]
-        if not (pid.isdigit() and process_alive(int(pid))): shutil.rmtree(old, ignore_errors=True)  # a killed run's files
+        if not process_alive(pid): shutil.rmtree(old, ignore_errors=True)  # a killed run's files
     run = root / f"{os.getpid()}-{uuid.uuid4().hex}"
     run.mkdir(parents=True)
     return run

@@ -18,8 +18,7 @@ from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTa
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_mlops.serving.process import server_file, server_info, start_server, stop_server, wait_exit, workspace_client
-from serving_mlops.serving.metrics import pid_alive
-from serving_mlops.tables import tables_for
+from serving_mlops.tables import process_alive, tables_for
 
 from served import METRICS_INTERVAL, MetricReadings, create, entity, in_process, invoke, served_workspace
 from test_serving import (test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config,  # noqa: F401
@@ -41,7 +40,7 @@ def fresh(ws, method: str, path: str, **kw) -> tuple[httpx.Response, int]:
 def test_every_worker_serves_what_one_created_updated_and_deleted_and_metrics_sum_over_them(ws):
     env, w, name = ws["env"], ws["w"], "shared"
     workers = server_info(env)["workers"]
-    assert len(workers) == 2 and all(pid_alive(p) for p in workers)
+    assert len(workers) == 2 and all(process_alive(p) for p in workers)
     create(ws, name, entity(ws, ws["v1"]))  # one control-plane call (and its GETs) on one worker
     served, sent = {}, 0
     with MetricReadings(ws, name) as metrics:
@@ -122,6 +121,6 @@ def test_stop_ends_every_worker_and_removes_server_json(ws):
     info = server_info(env)
     pids = [info["pid"], *info["workers"]]
     assert stop_server(env)
-    assert not any(pid_alive(p) for p in pids) and not server_file(env).exists()
+    assert not any(process_alive(p) for p in pids) and not server_file(env).exists()
     assert not any(p.suffix == ".json" for p in env.path("serving", "workers").iterdir())  # the workers' files went with them
     assert stop_server(env) is False

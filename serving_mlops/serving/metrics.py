@@ -15,11 +15,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from ..tables import process_alive
+
 # %% auto #0
 __all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'CAPTURE_COUNTERS', 'WINDOW_FIELDS', 'WINDOW',
            'WINDOW_START', 'WINDOW_CPU', 'CAPTURE_TOTALS', 'CAPTURE_FAILING', 'CAPTURE_SHARED', 'EndpointMetrics',
-           'capture_families', 'pid_alive', 'multiprocess_families', 'family_of', 'SharedCounts',
-           'publish_capture_state']
+           'capture_families', 'multiprocess_families', 'family_of', 'SharedCounts', 'publish_capture_state']
 
 # %% ../../nbs/08d_serving_metrics.ipynb #4e8a3a0d
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 600000)
@@ -103,7 +104,7 @@ class EndpointMetrics:
         if self.shared:  # every worker's share of the last complete interval
             shared = multiprocess_families()
             last, cpu, pids = self._shared_window(shared, end - self.interval)
-            mem = sum(_memory_percentage(pid) for pid in pids if pid_alive(pid)) or mem
+            mem = sum(_memory_percentage(pid) for pid in pids if process_alive(pid)) or mem
         entities = {**{e: None for e in last}, **self.entities}
         labels = ["endpoint_name", ENTITY_LABEL]
         families = {name: GaugeMetricFamily(name, doc, labels=labels) for name, doc in (
@@ -165,15 +166,6 @@ def capture_families(endpoint: str, capture) -> list:
     return families + [failing]
 
 # %% ../../nbs/08d_serving_metrics.ipynb #9aceb918
-def pid_alive(pid) -> bool:
-    "Whether process `pid` exists."
-    try: pid = int(pid)
-    except (TypeError, ValueError): return False
-    if pid <= 0: return False
-    try: os.kill(pid, 0); return True
-    except ProcessLookupError: return False
-    except PermissionError: return True
-
 WINDOW_FIELDS = ("count", "c4xx", "c5xx", "sum_ms", *[f"le{i}" for i in range(len(LATENCY_BUCKETS_MS) + 1)])
 WINDOW = Gauge("serving_window", "A worker's counts of an interval (internal)", ["endpoint", "entity", "slot", "field"],
                multiprocess_mode="all", registry=None)

@@ -25,7 +25,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from ..config import Environment
 from ..errors import InputError
 from .app import make_app, serving_token
-from .metrics import pid_alive
+from ..tables import process_alive
 from .protocol import MAX_ROWS
 from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, SharedState, now_ms
 
@@ -221,13 +221,13 @@ def service_on_port(env: Environment, port: int) -> tuple[str, dict] | None:
     for what, (folder, name, _) in SERVICES.items():
         for path in sorted(env.root.parent.glob(f"*/{folder}/{name}")):
             info = _read_info(path)
-            if info and str(info.get("url", "")).endswith(f":{port}") and pid_alive(info["pid"]): return what, info
+            if info and str(info.get("url", "")).endswith(f":{port}") and process_alive(info["pid"]): return what, info
     return None
 
 def service_info(env: Environment, what: str = "serving runtime") -> dict | None:
     "Info (address, pid, ...) of `env`'s running `what` (a name of `SERVICES`), or None when none answers its health check."
     info = _read_info(service_file(env, what))
-    if info is None or not pid_alive(info["pid"]): return None
+    if info is None or not process_alive(info["pid"]): return None
     try: ok = httpx.get(info["url"] + "/health", timeout=2).status_code == 200
     except httpx.HTTPError: ok = False
     return info if ok else None
@@ -272,7 +272,7 @@ def stop_service(env: Environment, what: str = "serving runtime", timeout: float
     path = service_file(env, what)
     if (info := _read_info(path)) is None: return False
     pid = info["pid"]
-    pids = [p for p in [pid, *info.get("workers", [])] if pid_alive(p)]  # a serving runtime with workers lists them
+    pids = [p for p in [pid, *info.get("workers", [])] if process_alive(p)]  # a serving runtime with workers lists them
     if not pids: path.unlink(missing_ok=True); return False
     for p in pids[:1] if pids[0] == pid else pids: os.kill(p, signal.SIGTERM)  # the first process stops its workers; orphans: each
     late = [p for p in pids if not wait_exit(p, timeout)]
@@ -291,7 +291,7 @@ def wait_exit(pid: int, timeout: float = 60) -> bool:
         try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid: return True
         except ChildProcessError:
-            if not pid_alive(pid): return True
+            if not process_alive(pid): return True
         time.sleep(0.1)
     return False
 

@@ -25,12 +25,12 @@ import orjson
 from ..config import Environment
 from ..feature_store import OnlineStore
 from .capture import InferenceLog, entity_ids, json_text, write_whole, payload_table_name, record_served_entities, served_entity_rows
-from .metrics import EndpointMetrics, SharedCounts, pid_alive
+from .metrics import EndpointMetrics, SharedCounts
 from .models import ServedModel, entity_uri
 from serving_mlops.serving.protocol import (
     MAX_ROWS, ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, invalid_parameter,
     no_endpoint, parse_request)
-from ..tables import tables_for
+from ..tables import process_alive, tables_for
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class RequestLog:
         self.folder, self.max_bytes, self.files = Path(folder), max_bytes, files
         self.fds: dict[str, int] = {}
         self.failing: str | None = None  # why writes fail, while they do
+        self.torn: set[str] = set()  # endpoints whose last write failed, perhaps after writing part of its line
         self.folder.chmod(0o700)
 
     def path(self, endpoint: str, rotated: int = 0) -> Path:
@@ -174,8 +175,10 @@ class RequestLog:
             if fd is None: fd = self.fds[endpoint] = os.open(self.path(endpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             size = os.fstat(fd).st_size  # other workers append to the same file
             if size and size + len(line) > self.max_bytes: fd = self._rotate(endpoint, fd)
-            write_whole(fd, line)
+            write_whole(fd, b"\n" + line if endpoint in self.torn else line)  # a newline first ends a line a failed write cut short
+            self.torn.discard(endpoint)
         except OSError as e:
+            self.torn.add(endpoint)  # the write may have put part of the line
             if self.failing is None: log.error("request log of endpoint %s in %s: cannot write outcomes (requests are answered): %s", endpoint, self.folder, e)
             self.failing = f"{type(e).__name__}: {e}"
             return
@@ -203,7 +206,16 @@ class RequestLog:
 def read_request_log(folder: Path, endpoint: str) -> list[dict]:
     "The outcomes in `endpoint`'s request log in `folder`, oldest first (rotated files included)."
     rotated = sorted(folder.glob(f"{endpoint}.jsonl.*"), key=lambda p: int(p.suffix[1:]), reverse=True)
-    return [orjson.loads(line) for p in [*rotated, folder / f"{endpoint}.jsonl"] if p.exists() for line in p.read_bytes().splitlines()]
+    outcomes = []
+    for p in [*rotated, folder / f"{endpoint}.jsonl"]:
+        try: data = p.read_bytes()
+        except FileNotFoundError: continue  # none yet, or rotated away meanwhile
+        for number, line in enumerate(data.splitlines(), 1):
+            if not line: continue  # the newline that ends a torn line
+            try: outcomes.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                log.warning("request log %s, line %d: not a whole outcome (a write cut short, e.g. by a full disk); skipped: %r", p, number, line[:200])
+    return outcomes
 
 # %% ../../nbs/08e_serving_runtime.ipynb #857ee439
 class SharedState:
@@ -255,7 +267,7 @@ class SharedState:
         for path in self.folder.glob("*.json"):
             try: w = orjson.loads(path.read_bytes())
             except (OSError, orjson.JSONDecodeError): continue
-            if pid_alive(w.get("pid")): found.append(w)
+            if process_alive(w.get("pid")): found.append(w)
         return found
 
     def all_loaded(self, endpoint_id: str, version: int) -> bool:
