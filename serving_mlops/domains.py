@@ -5,6 +5,7 @@
 # %% ../nbs/02a_domains.ipynb #58d5374e
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import date
@@ -49,6 +50,9 @@ class DomainCheck:
         self.whole = np.array([d.kind != "number" for d in domains])
         self.sparse = {j: np.array(d.allowed, dtype=float) for j, d in enumerate(domains)  # codes with gaps, e.g. (1, 3)
                        if d.kind == "code" and len(set(d.allowed)) != max(d.allowed) - min(d.allowed) + 1}
+        # the same rules per column for `first`: (lo, hi, whole, the codes of a code with gaps or None)
+        self.rules = [(lo, hi, whole, frozenset(self.sparse[j].tolist()) if j in self.sparse else None)
+                      for j, (lo, hi, whole) in enumerate(zip(self.lo.tolist(), self.hi.tolist(), self.whole.tolist()))]
 
     def __call__(self, X: np.ndarray, index=None) -> tuple[np.ndarray, np.ndarray]:
         "Masks of the values of `X` (columns: the domains, or those at `index`) not whole where they must be, and of the others outside their domain."
@@ -58,6 +62,15 @@ class DomainCheck:
         for k, j in enumerate(range(len(self.domains)) if index is None else index) if self.sparse else ():
             if j in self.sparse: outside[:, k] |= ~np.isnan(X[:, k]) & ~fractional[:, k] & ~np.isin(X[:, k], self.sparse[j])
         return fractional, outside
+
+    def first(self, values, index=None) -> tuple[int, bool] | None:
+        "For one row of Python numbers (None: missing) in the domains' columns, or those at `index`: (position, fractional) of the first value `__call__` flags, or None."
+        for k, v in enumerate(values):  # a loop: numpy's fixed cost per call is most of the time of a one-row check
+            if v is None: continue
+            lo, hi, whole, codes = self.rules[k if index is None else index[k]]
+            if whole and v != math.floor(v): return k, True
+            if v < lo or v > hi or codes is not None and v not in codes: return k, False
+        return None
 
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 

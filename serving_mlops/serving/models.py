@@ -79,31 +79,42 @@ class MicroBatcher:
     def close(self): self.executor.shutdown(wait=False)
 
 # %% ../../nbs/08b_serving_models.ipynb #16185034
-def _compile_step(step):
-    "A numpy function doing what fitted `step` does to a float matrix, or None for a step it does not know."
+def _compile_step(step, programs: list) -> list | None:
+    "What fitted `step` makes of columns given as programs (source column, fill for a missing value, one-hot value or None): its output columns' programs, or None for a step it does not know."
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder
+    if isinstance(step, str) and step == "passthrough" or type(step) is FunctionTransformer and step.func is None: return programs  # (fitted: the latter)
     if isinstance(step, Pipeline):
-        parts = [_compile_step(s) for _, s in step.steps]
-        if any(p is None for p in parts): return None
-        def chain(A):
-            for p in parts: A = p(A)
-            return A
-        return chain
+        for _, s in step.steps:
+            programs = _compile_step(s, programs)
+            if programs is None: return None
+        return programs
     if type(step) is SimpleImputer and not step.add_indicator and isinstance(step.missing_values, float) and np.isnan(step.missing_values):
         try: stats = np.asarray(step.statistics_, dtype=float)
         except (TypeError, ValueError): return None
-        if np.isnan(stats).any(): return None  # the imputer drops all-missing columns
-        return lambda A: np.where(np.isnan(A), stats, A)
+        if len(stats) != len(programs) or np.isnan(stats).any(): return None  # the imputer drops all-missing columns
+        # a column already filled, or one-hot (0 or 1), has no missing value left
+        return [(s, fill if value is not None or not np.isnan(fill) else stat, value) for (s, fill, value), stat in zip(programs, stats)]
     if type(step) is OneHotEncoder and step.drop is None and not step.sparse_output and step.handle_unknown == "ignore" \
-            and not getattr(step, "_infrequent_enabled", False):
+            and not getattr(step, "_infrequent_enabled", False) and np.issubdtype(step.dtype, np.number):
         try: cats = [np.asarray(c, dtype=float) for c in step.categories_]
         except (TypeError, ValueError): return None
-        if any(np.isnan(c).any() for c in cats): return None
-        source, values = np.repeat(np.arange(len(cats)), [len(c) for c in cats]), np.concatenate(cats)  # output column k: column source[k] == values[k]
-        return lambda A: (A[:, source] == values).astype(step.dtype)
+        if len(cats) != len(programs) or any(np.isnan(c).any() for c in cats) or any(v is not None for _, _, v in programs): return None
+        return [(s, fill, float(v)) for (s, fill, _), c in zip(programs, cats) for v in c]  # a missing or unknown value: all zeros
     return None
+
+def _transform(programs: list):
+    "A numpy function computing columns given as programs from a float matrix: one gather, one fill, one comparison for all."
+    source = np.array([s for s, _, _ in programs], dtype=np.intp)
+    fill = np.array([f for _, f, _ in programs], dtype=float)
+    onehot = np.array([v is not None for _, _, v in programs])
+    value = np.array([np.nan if v is None else v for _, _, v in programs], dtype=float)
+    def transform(X):
+        Z = X.take(source, axis=1)
+        Z = np.where(np.isnan(Z), fill, Z)
+        return np.where(onehot, Z == value, Z)
+    return transform
 
 def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the final estimator through `compile_trees` when it can
     "For a fitted Pipeline(ColumnTransformer, classifier): `f(X)` -> positive-class probabilities from a float matrix, or None."
@@ -114,15 +125,21 @@ def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the
     if not isinstance(prep, ColumnTransformer) or prep.remainder != "drop" or not hasattr(estimator, "predict_proba") \
             or hasattr(estimator, "feature_names_in_"): return None
     index = {c: j for j, c in enumerate(columns)}
-    parts = []
+    programs = []  # the transformed matrix's columns, in the ColumnTransformer's order
     for name, step, cols in prep.transformers_:
         if isinstance(step, str) and step == "drop": continue
         if not isinstance(cols, list) or any(c not in index for c in cols): return None
-        f = (lambda A: A) if isinstance(step, str) and step == "passthrough" else _compile_step(step)
-        if f is None: return None
-        parts.append((np.array([index[c] for c in cols], dtype=np.intp), f))
-    predict = (trees and compile_trees(estimator)) or (lambda A: estimator.predict_proba(A)[:, 1])
-    return lambda X: predict(np.hstack([f(X[:, idx]) for idx, f in parts]))
+        out = _compile_step(step, [(index[c], np.nan, None) for c in cols])
+        if out is None: return None
+        programs += out
+    walk = compile_trees(estimator) if trees else None
+    if walk is None:
+        transform = _transform(programs)
+        return lambda X: estimator.predict_proba(transform(np.asarray(X, dtype=float)))[:, 1]
+    # the trees read the transformed columns and a copy where missing is -inf (see `compile_trees`): one program makes both
+    copy = [(s, -np.inf if v is None and np.isnan(f) else f, v) for s, f, v in programs]
+    transform = _transform(programs + copy)
+    return lambda X: walk.wide(transform(np.asarray(X, dtype=float)))
 
 def verified(fast, pipeline, columns: list, example=None, seed: int = 0):
     "`fast` if it predicts what `pipeline` does (within 1e-12) on `example` and on rows with missing, unseen and far out-of-range values, one at a time and together, else None."
@@ -150,31 +167,35 @@ def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-lear
     nodes, sizes, width = np.concatenate(trees), [len(t) for t in trees], 2 * model.n_features_in_
     roots = np.cumsum([0] + sizes[:-1])
     first, leaf, own = np.repeat(roots, sizes), nodes["is_leaf"].astype(bool), np.arange(len(nodes))
-    # a walk's state is 2 x node, plus 1 when the row goes left; a leaf leads to itself
-    after = 2 * np.stack([np.where(leaf, own, nodes["right"] + first), np.where(leaf, own, nodes["left"] + first)], axis=1).ravel()
+    # per node, numbered across all trees: its children (a leaf leads to itself), the column it tests, threshold and value;
     # a node that sends missing values left reads its feature's copy where NaN is -inf (NaN <= t is False: right)
-    column = np.repeat(np.where(leaf, 0, nodes["feature_idx"] + width // 2 * nodes["missing_go_to_left"].astype(np.intp)), 2)
-    threshold, value = np.repeat(nodes["num_threshold"], 2), np.repeat(nodes["value"], 2)
-    depth, baseline, start = int(nodes["depth"].max()), float(np.ravel(model._baseline_prediction)[0]), 2 * roots
-    # one row: every node's test at once, then each tree's path is `depth` lookups of the child each node chose
-    node_column, node_threshold, left, right = column[::2], threshold[::2], after[1::2] // 2, after[::2] // 2
-    node_value = value[::2]
+    left, right = np.where(leaf, own, nodes["left"] + first), np.where(leaf, own, nodes["right"] + first)
+    node_column = np.where(leaf, 0, nodes["feature_idx"] + width // 2 * nodes["missing_go_to_left"].astype(np.intp))
+    node_threshold, node_value = nodes["num_threshold"], nodes["value"]
+    depth, baseline = int(nodes["depth"].max()), float(np.ravel(model._baseline_prediction)[0])
+    # a batch walk's state is 2 x node, plus 1 when the row goes left: one gather per level for all rows and trees
+    after, start = 2 * np.stack([right, left], axis=1).ravel(), 2 * roots
+    column, threshold, value = (np.repeat(a, 2) for a in (node_column, node_threshold, node_value))
+    # one row: every node's test at once, then each tree's leaf: following the chosen child `depth` times, by doubling
+    # (`chosen[chosen]` is two steps from every node; a leaf leads to itself, so steps past a leaf change nothing)
+    jumps = max(depth - 1, 0).bit_length()  # 2 ** jumps >= depth
     def one_row(x):
         chosen = np.where(x.take(node_column) <= node_threshold, left, right)
-        state = roots
-        for _ in range(depth): state = chosen[state]
-        return np.array([expit(functools.reduce(operator.add, node_value[state].tolist(), baseline))])  # baseline, then tree by tree
-    def predict(X):
-        X = np.asarray(X, dtype=float)
-        n = len(X)
-        if n > max_rows: return model.predict_proba(X)[:, 1]
-        wide = np.hstack([X, np.where(np.isnan(X), -np.inf, X)]).ravel()
-        if n == 1: return one_row(wide)
-        offset = (np.arange(n) * width)[:, None]
+        for _ in range(jumps): chosen = chosen[chosen]
+        return np.array([expit(functools.reduce(operator.add, node_value[chosen[roots]].tolist(), baseline))])  # baseline, then tree by tree
+    def wide(W):  # the input matrix beside its copy where missing is -inf
+        n = len(W)
+        if n > max_rows: return model.predict_proba(W[:, :width // 2])[:, 1]
+        if n == 1: return one_row(W[0])
+        flat, offset = W.ravel(), (np.arange(n) * width)[:, None]
         state = np.broadcast_to(start, (n, len(start)))
-        for _ in range(depth): state = after[state + (wide[column[state] + offset] <= threshold[state])]
+        for _ in range(depth): state = after[state + (flat[column[state] + offset] <= threshold[state])]
         raw = np.cumsum(np.hstack([np.full((n, 1), baseline), value[state]]), axis=1)[:, -1]  # scikit-learn's order: baseline, then tree by tree
         return expit(raw)
+    def predict(X):
+        X = np.asarray(X, dtype=float)
+        return wide(np.hstack([X, np.where(np.isnan(X), -np.inf, X)]))
+    predict.wide = wide  # for a caller that builds the copy itself (`compile_pipeline`)
     return predict
 
 # %% ../../nbs/08b_serving_models.ipynb #55164baa
@@ -221,13 +242,14 @@ class ServedModel:
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
         if self.lookups and online is None: raise ValueError(f"{entity_uri(entity)} looks features up, but the environment has no online store")
         self.tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in self.lookups}
+        self.index = {c: j for j, c in enumerate(columns)}  # model column -> position in the model matrix
         # per lookup: the online table it reads and (feature, model column index) of what it gives the model
-        self.plan = [(l, self.tables[l["table_name"]], [(f, columns.index(o)) for f, o in l["features"].items() if o in columns]) for l in self.lookups]
+        self.plan = [(l, self.tables[l["table_name"]], [(f, self.index[o]) for f, o in l["features"].items() if o in self.index])
+                     for l in self.lookups]
         key_types = self.key_types()
         domains = {c: FEATURE_DOMAINS[c] for c in [*columns, *keys, *passthrough] if c in FEATURE_DOMAINS and  # a key's if it fits its type
                    (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer"))}
         self.spec = InputSpec(columns, keys, passthrough, domains, key_types)
-        self.index = {c: j for j, c in enumerate(columns)}
         # OpenMP limits are per thread: one thread on the predicting thread (tree models on a few rows lose with more)
         # a small request alone is scored on the event loop when the model is plain numpy (no OpenMP, no GIL-free work to overlap)
         inline = (lambda r: r.rows <= INLINE_ROWS) if self.trees and fast_path else None

@@ -180,6 +180,7 @@ class InputSpec:
 
     def __post_init__(self):  # the numeric domains compiled once, for one vectorised check per request
         self.numeric = [c for c, d in self.domains.items() if d.kind != "date"]
+        self.dates = [c for c, d in self.domains.items() if d.kind == "date"]
         self.check = DomainCheck([self.domains[c] for c in self.numeric])
         self.known = frozenset([*self.columns, *self.keys, *self.passthrough])  # every column a request may give
 
@@ -258,19 +259,24 @@ def _check_keys(name: str, values: list, key_type: str | None):
 
 def _check_domains(columns: dict, spec: InputSpec):
     "Raise naming the first value outside its column's domain (null is allowed: a missing value); numbers are checked all at once."
-    for c, d in spec.domains.items():
-        if d.kind == "date" and c in columns:
-            for i, v in enumerate(columns[c]):
-                if v is not None and iso_date(v) is None: raise bad_request(f"column '{c}' row {i}: expected a date as text YYYY-MM-DD, got {_shown(v)}")
+    for c in spec.dates:
+        for i, v in enumerate(columns.get(c, ())):
+            if v is not None and iso_date(v) is None: raise bad_request(f"column '{c}' row {i}: expected a date as text YYYY-MM-DD, got {_shown(v)}")
     index = [j for j, c in enumerate(spec.numeric) if c in columns]
     if not index: return
-    names = [spec.numeric[j] for j in index]
+    names, some = [spec.numeric[j] for j in index], None if len(index) == len(spec.numeric) else index
     _check_numbers(columns, [c for c in names if c not in spec.columns])  # model columns are checked already
-    fractional, outside = spec.check(np.array([columns[c] for c in names], dtype=float).T, None if len(index) == len(spec.numeric) else index)
-    bad = fractional | outside
-    if bad.any():
+    if len(columns[names[0]]) == 1:  # one row: a loop over its values beats numpy's fixed cost per call
+        found = spec.check.first([columns[c][0] for c in names], some)
+        if found is None: return
+        (k, fractional), i = found, 0
+    else:
+        fractional, outside = spec.check(np.array([columns[c] for c in names], dtype=float).T, some)
+        bad = fractional | outside
+        if not bad.any(): return
         i, k = np.argwhere(bad)[0]
-        raise bad_request(f"column '{names[k]}' row {i}: {columns[names[k]][i]!r:.40} {spec.domains[names[k]].wrong(fractional[i, k])}")
+        fractional = fractional[i, k]
+    raise bad_request(f"column '{names[k]}' row {i}: {columns[names[k]][i]!r:.40} {spec.domains[names[k]].wrong(fractional)}")
 
 def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> ParsedRequest:
     "Parse and validate an invocation body against `spec`; raise a 400 ServingError naming what is wrong."
