@@ -15,8 +15,11 @@ What it does, in one run (about 2-3 minutes with the defaults on 2 cores):
   (d) in-process `mlflow.pyfunc.load_model(uri).predict(one_row_df)` (no HTTP), and (e) the floor of HTTP here: a
   do-nothing Starlette app on uvicorn (uvloop, httptools, as the runtime) that reads the body and returns a fixed JSON.
   They take turns in chunks of 50 calls, so that a change in background load on the machine hits them alike, in two
-  phases: (a), (b), the runtime with its inference table and (e) first; then (a) again with (c) and (d), whose
-  scikit-learn calls leave OpenMP threads spinning after each call (they would take CPU from the floor comparison);
+  phases: (a), (b), the runtime with its inference table and (e) first, with (a), (b) and (e) also from a raw-socket
+  HTTP/1.1 client (a few microseconds of client work per call: httpx spends several hundred microseconds of CPU per
+  call, which on 2 cores leaves the server colder for the next request; the floor comparison is printed for both
+  clients); then (a) again with (c) and (d), whose scikit-learn calls leave OpenMP threads spinning after each call
+  (they would take CPU from the floor comparison);
 - first (unless --no-baseline), the same latency and throughput runs against the runtime started with
   SERVING_MLOPS_FAST_PATH=0: today's path before issue 14 (no tree compiler, every request scored on the predicting
   thread), for comparison in the same run; then the runtime is restarted with its defaults for everything below;
@@ -30,7 +33,7 @@ What it does, in one run (about 2-3 minutes with the defaults on 2 cores):
   1e-9, counts errors and mismatches, and prints Markdown tables with PASS/MISS against the targets:
   runtime p50 <= 0.5 x mlflow serve p50; runtime throughput >= 3 x mlflow serve at 8 clients; runtime p50 at most
   1 ms above in-process pyfunc; key-only p50 at most 0.3 ms above features-in-request p50; and issue 14's: runtime p50
-  (features, and key only) at most 0.5 ms above the do-nothing app's, p99 at most 2 x p50; inference table throughput
+  (features, and key only) at most 0.5 ms above the do-nothing app's, p99 at most 2 x p50 (with each client); inference table throughput
   >= 0.95 x the same endpoint without it at every concurrency; runtime throughput at 8 clients >= 2 x the baseline's.
 
 Both servers and the client share this machine's cores, so absolute numbers depend on it and on whatever else runs
@@ -62,6 +65,7 @@ TOLERANCE = 1e-9
 LABELS = {"runtime": "runtime", "captured": "runtime with inference table", "mlflow": "mlflow models serve",
           "baseline runtime": "baseline runtime (FAST_PATH=0)", "baseline captured": "baseline runtime with inference table (FAST_PATH=0)"}
 VERSUS = "runtime, features in request (in turns with mlflow serve and pyfunc)"
+RAW = "raw-socket client"  # the latency targets measured again with `RawTarget`
 ECHO_APP = """
 import sys, uvicorn
 from starlette.applications import Starlette
@@ -143,9 +147,14 @@ class CpuMeter:
 
 def check(response: httpx.Response, expected: float) -> str | None:
     "None if `response` is a 200 with one prediction equal to `expected`, else what is wrong."
-    if response.status_code != 200: return f"HTTP {response.status_code}: {response.text[:200]}"
-    try: predictions = orjson.loads(response.content)["predictions"]
-    except (orjson.JSONDecodeError, TypeError, KeyError): return f"HTTP 200 without predictions: {response.text[:200]}"
+    return check_answer(response.status_code, response.content, expected)
+
+
+def check_answer(status: int, content: bytes, expected: float) -> str | None:
+    "None if an answer of HTTP `status` with body `content` is a 200 with one prediction equal to `expected`, else what is wrong."
+    if status != 200: return f"HTTP {status}: {content[:200]!r}"
+    try: predictions = orjson.loads(content)["predictions"]
+    except (orjson.JSONDecodeError, TypeError, KeyError): return f"HTTP 200 without predictions: {content[:200]!r}"
     if isinstance(predictions, dict): predictions = next(iter(predictions.values()))  # (a named-output model)
     if not isinstance(predictions, list) or len(predictions) != 1: return f"unexpected predictions {predictions!r:.200}"
     got = predictions[0]
@@ -195,6 +204,29 @@ class HttpTarget:
             if response.status_code != 200: tally.add(f"HTTP {response.status_code}")
 
     def close(self): self.client.close()
+
+
+class RawTarget:
+    "The same requests as `HttpTarget` from a raw HTTP/1.1 client on one keep-alive socket: a few microseconds of client work per call instead of httpx's hundreds."
+    def __init__(self, url: str, headers: dict, bodies: list, expected: list, checked: bool = True):
+        parts = httpx.URL(url)
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{parts.host}:{parts.port}", "Content-Type": "application/json", **headers}.items())
+        self.requests = [f"POST {parts.raw_path.decode()} HTTP/1.1\r\n{head}Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
+        self.socket = socket.create_connection((parts.host, parts.port))
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.file, self.expected, self.checked = self.socket.makefile("rb"), expected, checked
+
+    def __call__(self, k: int, tally: Tally):
+        self.socket.sendall(self.requests[k])
+        status, length = int(self.file.readline().split()[1]), 0
+        while (line := self.file.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"): length = int(line.split(b":")[1])
+        content = self.file.read(length)
+        problem = check_answer(status, content, self.expected[k]) if self.checked else None if status == 200 else f"HTTP {status}"
+        if problem: tally.add(problem)
+        elif status == 200: tally.answer()
+
+    def close(self): self.file.close(); self.socket.close()
 
 
 class PyfuncTarget:
@@ -517,10 +549,14 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
         # in-process pyfunc (whose scikit-learn calls run OpenMP threads that keep spinning after a call and would take
         # CPU from whichever contender comes next in the turns)
         echo_url = f"http://127.0.0.1:{echo_port}/invocations"
+        RAW_TARGETS = [("runtime, features in request", runtime_url, feature_bodies, True),  # the floor comparison again, another client
+                       ("runtime, key only (online lookup)", runtime_url, key_bodies, True),
+                       ("do-nothing Starlette app (the floor of HTTP)", echo_url, feature_bodies, False)]
         phases = [{"runtime, features in request": HttpTarget(runtime_url, headers, feature_bodies, expected),
                    "runtime, key only (online lookup)": HttpTarget(runtime_url, headers, key_bodies, expected),
                    "runtime with inference table, features in request": HttpTarget(captured_url, headers, feature_bodies, expected),
-                   "do-nothing Starlette app (the floor of HTTP)": HttpTarget(echo_url, headers, feature_bodies, expected, checked=False)},
+                   "do-nothing Starlette app (the floor of HTTP)": HttpTarget(echo_url, headers, feature_bodies, expected, checked=False),
+                   **{f"{label} ({RAW})": RawTarget(url, headers, bodies, expected, checked) for label, url, bodies, checked in RAW_TARGETS}},
                   {VERSUS: HttpTarget(runtime_url, headers, feature_bodies, expected),
                    "mlflow models serve, features in request": HttpTarget(mlflow_invocations, headers, feature_bodies, expected),
                    "in-process pyfunc.predict (no HTTP)": PyfuncTarget(pyfunc, frames, expected)}]
@@ -609,11 +645,12 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
     capture_p50 = p50["runtime with inference table, features in request"]
     goals += [("inference table p50 - runtime p50", f"{capture_p50 - ours:+.2f} ms", "<= 0.3 ms", capture_p50 - ours <= 0.3),
               ("inference table rows >= answered requests", f"{captured_rows:,} / {sent:,}", "all", captured_rows >= sent)]
-    floor = p50["do-nothing Starlette app (the floor of HTTP)"]
-    for label in ("runtime, features in request", "runtime, key only (online lookup)"):
-        p50_, p99_ = (x / 1000 for x in percentiles(latency[label]))
-        goals += [(f"{label}: p50 - do-nothing app p50", f"{p50_ - floor:+.2f} ms", "<= 0.5 ms", p50_ - floor <= 0.5),
-                  (f"{label}: p99 / p50", f"{p99_ / p50_:.2f}", "<= 2", p99_ <= 2 * p50_)]
+    for client in ("", f" ({RAW})"):  # httpx, the client of every other measurement; then the raw client
+        floor = p50[f"do-nothing Starlette app (the floor of HTTP){client}"]
+        for label in ("runtime, features in request", "runtime, key only (online lookup)"):
+            p50_, p99_ = (x / 1000 for x in percentiles(latency[label + client]))
+            goals += [(f"{label}{client}: p50 - do-nothing app p50", f"{p50_ - floor:+.2f} ms", "<= 0.5 ms", p50_ - floor <= 0.5),
+                      (f"{label}{client}: p99 / p50", f"{p99_ / p50_:.2f}", "<= 2", p99_ <= 2 * p50_)]
     for k in concurrency:
         r = throughput["captured", k]["rps"] / throughput["runtime", k]["rps"] if throughput["runtime", k]["rps"] else float("nan")
         goals.append((f"inference table throughput / runtime throughput, {k} clients", f"{r:.2f}", ">= 0.95", r >= 0.95))
