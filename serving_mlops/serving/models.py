@@ -116,6 +116,10 @@ def _transform(programs: list):
         return np.where(onehot, Z == value, Z)
     return transform
 
+def _with_missing_copy(programs: list) -> list:
+    "The programs, then each again where a missing value becomes -inf: the matrix `compile_trees` walks (see there)."
+    return programs + [(s, -np.inf if v is None and np.isnan(f) else f, v) for s, f, v in programs]
+
 def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the final estimator through `compile_trees` when it can
     "For a fitted Pipeline(ColumnTransformer, classifier): `f(X)` -> positive-class probabilities from a float matrix, or None."
     from sklearn.compose import ColumnTransformer
@@ -137,8 +141,7 @@ def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the
         transform = _transform(programs)
         return lambda X: estimator.predict_proba(transform(np.asarray(X, dtype=float)))[:, 1]
     # the trees read the transformed columns and a copy where missing is -inf (see `compile_trees`): one program makes both
-    copy = [(s, -np.inf if v is None and np.isnan(f) else f, v) for s, f, v in programs]
-    transform = _transform(programs + copy)
+    transform = _transform(_with_missing_copy(programs))
     return lambda X: walk.wide(transform(np.asarray(X, dtype=float)))
 
 def verified(fast, pipeline, columns: list, example=None, seed: int = 0):
@@ -192,9 +195,8 @@ def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-lear
         for _ in range(depth): state = after[state + (flat[column[state] + offset] <= threshold[state])]
         raw = np.cumsum(np.hstack([np.full((n, 1), baseline), value[state]]), axis=1)[:, -1]  # scikit-learn's order: baseline, then tree by tree
         return expit(raw)
-    def predict(X):
-        X = np.asarray(X, dtype=float)
-        return wide(np.hstack([X, np.where(np.isnan(X), -np.inf, X)]))
+    beside = _transform(_with_missing_copy([(j, np.nan, None) for j in range(width // 2)]))
+    def predict(X): return wide(beside(np.asarray(X, dtype=float)))
     predict.wide = wide  # for a caller that builds the copy itself (`compile_pipeline`)
     return predict
 
