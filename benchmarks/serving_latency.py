@@ -145,11 +145,6 @@ class CpuMeter:
 
 # --- the client: identical code for both servers ---
 
-def check(response: httpx.Response, expected: float) -> str | None:
-    "None if `response` is a 200 with one prediction equal to `expected`, else what is wrong."
-    return check_answer(response.status_code, response.content, expected)
-
-
 def check_answer(status: int, content: bytes, expected: float) -> str | None:
     "None if an answer of HTTP `status` with body `content` is a 200 with one prediction equal to `expected`, else what is wrong."
     if status != 200: return f"HTTP {status}: {content[:200]!r}"
@@ -183,13 +178,33 @@ class Tally:
         self.samples += other.samples[:3 - len(self.samples)]
 
 
-def post(client: httpx.Client, url: str, body: bytes, expected: float, tally: Tally) -> bool:
-    try: response = client.post(url, content=body)
-    except httpx.HTTPError as e: tally.add(f"transport {type(e).__name__}: {e}"); return False
-    if response.status_code == 200: tally.answer()
-    problem = check(response, expected)
+def record(tally: Tally, status: int, content: bytes, expected: float, checked: bool = True) -> bool:
+    "Counts one answer in `tally`: True if it is a 200 carrying (when `checked`) the prediction `expected`."
+    if status == 200: tally.answer()
+    problem = check_answer(status, content, expected) if checked else None if status == 200 else f"HTTP {status}: {content[:200]!r}"
     if problem: tally.add(problem)
     return problem is None
+
+
+def post(client: httpx.Client, url: str, body: bytes, expected: float, tally: Tally, checked: bool = True) -> bool:
+    try: response = client.post(url, content=body)
+    except httpx.HTTPError as e: tally.add(f"transport {type(e).__name__}: {e}"); return False
+    return record(tally, response.status_code, response.content, expected, checked)
+
+
+CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
+
+
+def raw_requests(url: str, headers: dict, bodies: list) -> list:
+    "Each body as the bytes of one HTTP/1.1 keep-alive POST to `url` with `headers`, for a raw-socket client."
+    parts = httpx.URL(url)
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{parts.host}:{parts.port}", "Content-Type": "application/json", **headers}.items())
+    return [f"POST {parts.raw_path.decode()} HTTP/1.1\r\n{head}Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
+
+
+def parse_head(head: bytes) -> tuple[int, int]:
+    "The status and content length of a response head (through its blank line)."
+    return int(head[9:12]), int(CONTENT_LENGTH.search(head).group(1))
 
 
 class HttpTarget:
@@ -197,11 +212,7 @@ class HttpTarget:
     def __init__(self, url: str, headers: dict, bodies: list, expected: list, checked: bool = True):
         self.client, self.url, self.bodies, self.expected, self.checked = httpx.Client(headers=headers, timeout=30), url, bodies, expected, checked
 
-    def __call__(self, k: int, tally: Tally):
-        if self.checked: post(self.client, self.url, self.bodies[k], self.expected[k], tally)
-        else:
-            response = self.client.post(self.url, content=self.bodies[k])
-            if response.status_code != 200: tally.add(f"HTTP {response.status_code}")
+    def __call__(self, k: int, tally: Tally): post(self.client, self.url, self.bodies[k], self.expected[k], tally, self.checked)
 
     def close(self): self.client.close()
 
@@ -209,22 +220,16 @@ class HttpTarget:
 class RawTarget:
     "The same requests as `HttpTarget` from a raw HTTP/1.1 client on one keep-alive socket: a few microseconds of client work per call instead of httpx's hundreds."
     def __init__(self, url: str, headers: dict, bodies: list, expected: list, checked: bool = True):
-        parts = httpx.URL(url)
-        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": f"{parts.host}:{parts.port}", "Content-Type": "application/json", **headers}.items())
-        self.requests = [f"POST {parts.raw_path.decode()} HTTP/1.1\r\n{head}Content-Length: {len(b)}\r\n\r\n".encode() + b for b in bodies]
+        parts, self.requests = httpx.URL(url), raw_requests(url, headers, bodies)
         self.socket = socket.create_connection((parts.host, parts.port))
         self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file, self.expected, self.checked = self.socket.makefile("rb"), expected, checked
 
     def __call__(self, k: int, tally: Tally):
         self.socket.sendall(self.requests[k])
-        status, length = int(self.file.readline().split()[1]), 0
-        while (line := self.file.readline()) != b"\r\n":
-            if line.lower().startswith(b"content-length:"): length = int(line.split(b":")[1])
-        content = self.file.read(length)
-        problem = check_answer(status, content, self.expected[k]) if self.checked else None if status == 200 else f"HTTP {status}"
-        if problem: tally.add(problem)
-        elif status == 200: tally.answer()
+        head = b"".join(iter(lambda: self.file.readline(), b"\r\n")) + b"\r\n"
+        status, length = parse_head(head)
+        record(tally, status, self.file.read(length), self.expected[k], self.checked)
 
     def close(self): self.file.close(); self.socket.close()
 
@@ -294,9 +299,6 @@ def concurrent(url: str, headers: dict, bodies: list, expected: list, clients: i
                 v for n, v in meter.server.items() if n != server)}
 
 
-CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length: *(\d+)")
-
-
 async def _connection(port: int, requests: list, expected: list, k: int, begin: float, end: float, tally: Tally, latencies: list) -> int:
     "One keep-alive connection sending `requests` back to back until `end`; the checked answers after `begin`."
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -306,17 +308,13 @@ async def _connection(port: int, requests: list, expected: list, k: int, begin: 
             j = k % len(requests); k += 1
             start = time.perf_counter()
             writer.write(requests[j])
-            head = await reader.readuntil(b"\r\n\r\n")
-            body = await reader.readexactly(int(CONTENT_LENGTH.search(head).group(1)))
+            status, length = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            body = await reader.readexactly(length)
             done = time.perf_counter()
             if done >= end: break
             if start < begin: continue
             latencies.append((done - start) * 1e6)
-            if head[9:12] != b"200": tally.add(f"HTTP {head[9:12].decode()}: {body[:200]!r}"); continue
-            try: got = orjson.loads(body)["predictions"][0]
-            except (orjson.JSONDecodeError, KeyError, IndexError, TypeError): tally.add(f"HTTP 200 without predictions: {body[:200]!r}"); continue
-            if abs(got - expected[j]) > TOLERANCE: tally.add(f"prediction {got!r} != {expected[j]!r}"); continue
-            tally.answer(); ok += 1
+            ok += record(tally, status, body, expected[j])
     finally: writer.close()
     return ok
 
@@ -325,8 +323,7 @@ def light_concurrent(port: int, path: str, token: str, bodies: list, expected: l
                      meter: CpuMeter, server: str = "runtime") -> dict:
     "Requests/s of `clients` keep-alive connections driven by one asyncio (uvloop) loop, raw HTTP/1.1."
     import uvloop
-    requests = [(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
-                 f"Content-Length: {len(b)}\r\n\r\n").encode() + b for b in bodies]
+    requests = raw_requests(f"http://127.0.0.1:{port}{path}", {"Authorization": f"Bearer {token}"}, bodies)
     tally, latencies = Tally(), []
 
     async def run():
