@@ -23,7 +23,8 @@ from .errors import InputError
 __all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'HOST_ENV_VAR', 'PROFILE_ENV_VAR',
            'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle', 'load_bundle', 'resolve_variables', 'on_databricks',
            'Workspace', 'profile_host', 'runtime_host', 'find_workspace', 'Environment', 'local_root',
-           'get_environment', 'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow']
+           'get_environment', 'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow',
+           'process_alive']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -350,3 +351,14 @@ def using_mlflow(env: Environment):
     mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
     try: yield
     finally: mlflow.set_tracking_uri(before[0]); mlflow.set_registry_uri(before[1])
+
+# %% ../nbs/00_config.ipynb #07884abf
+def process_alive(pid) -> bool:
+    "Whether process `pid` (an int or its text, as read from a pid file; None or 0 is none) runs on this machine."
+    try: pid = int(pid)
+    except (TypeError, ValueError): return False
+    if pid <= 0: return False  # 0 and -1 would ask about process groups
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True  # another user's
+    return True

@@ -30,9 +30,9 @@ from databricks.sdk.service.jobs import NotebookTask, RunOutput, RunTask, Submit
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
-                                  _as_type, get_environment, load_bundle, local_root)
+                                  _as_type, get_environment, load_bundle, local_root, process_alive)
 from .errors import StepFailed
-from .tables import SPARK_LOG_ENV_VAR, process_alive
+from .tables import SPARK_LOG_ENV_VAR
 
 # %% auto #0
 __all__ = ['VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'LoggedKernelManager', 'quiet_kernel',

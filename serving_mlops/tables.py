@@ -26,15 +26,15 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
-from .config import ConfigError, Environment, get_environment, on_databricks
+from .config import ConfigError, Environment, get_environment, on_databricks, process_alive
 from .errors import InputError
 
 # %% auto #0
 __all__ = ['SPARK_LOG_ENV_VAR', 'Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
            'require_single_node', 'connect_spark', 'jvm_output_to', 'get_spark', 'TableError', 'split_name', 'to_arrow',
            'delta_types', 'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys',
-           'is_spark_frame', 'spark_arrow_schema', 'check_rows', 'write_delta_files', 'process_alive', 'staging_folder',
-           'Tables', 'LocalTables', 'merge_metrics', 'SparkTables', 'tables_for']
+           'is_spark_frame', 'spark_arrow_schema', 'check_rows', 'write_delta_files', 'staging_folder', 'Tables',
+           'LocalTables', 'merge_metrics', 'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
 def java_version() -> int | None:
@@ -254,16 +254,6 @@ def write_delta_files(staging: str, # the write's staging folder (`staging_folde
               "modified": add["modificationTime"], "stats": add["stats"]}
              for add in (a["add"] for a in map(json.loads, log) if "add" in a)]  # the part's commit: its files, with their statistics
     yield pa.RecordBatch.from_pylist(files)
-
-def process_alive(pid) -> bool:
-    "Whether process `pid` (an int or its text, as read from a pid file; None or 0 is none) runs on this machine."
-    try: pid = int(pid)
-    except (TypeError, ValueError): return False
-    if pid <= 0: return False  # 0 and -1 would ask about process groups
-    try: os.kill(pid, 0)
-    except ProcessLookupError: return False
-    except PermissionError: return True  # another user's
-    return True
 
 def staging_folder(folder: Path) -> Path:
     "A new folder for the uncommitted files of one write into the table at `folder` (`_staging/<pid>-<id>`), made after removing those of writers no longer running."

@@ -17,8 +17,9 @@ import pytest
 from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTableConfig
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving_mlops.config import process_alive
 from serving_mlops.serving.process import server_file, server_info, start_server, stop_server, wait_exit, workspace_client
-from serving_mlops.tables import process_alive, tables_for
+from serving_mlops.tables import tables_for
 
 from served import METRICS_INTERVAL, MetricReadings, create, entity, in_process, invoke, served_workspace
 from test_serving import (test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config,  # noqa: F401

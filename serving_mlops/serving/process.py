@@ -22,10 +22,9 @@ import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from ..config import Environment
+from ..config import Environment, process_alive
 from ..errors import InputError
 from .app import make_app, serving_token
-from ..tables import process_alive
 from .protocol import MAX_ROWS
 from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, SharedState, now_ms
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import mlflow
 import orjson
 
-from ..config import Environment
+from ..config import Environment, process_alive
 from ..feature_store import OnlineStore
 from .capture import InferenceLog, entity_ids, json_text, write_whole, payload_table_name, record_served_entities, served_entity_rows
 from .metrics import EndpointMetrics, SharedCounts
@@ -30,7 +30,7 @@ from .models import ServedModel, entity_uri
 from serving_mlops.serving.protocol import (
     MAX_ROWS, ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, invalid_parameter,
     no_endpoint, parse_request)
-from ..tables import process_alive, tables_for
+from ..tables import tables_for
 
 log = logging.getLogger(__name__)
 
