@@ -352,7 +352,7 @@ def using_mlflow(env: Environment):
     try: yield
     finally: mlflow.set_tracking_uri(before[0]); mlflow.set_registry_uri(before[1])
 
-# %% ../nbs/00_config.ipynb #07884abf
+# %% ../nbs/00_config.ipynb #41e1f2bd
 def process_alive(pid) -> bool:
     "Whether process `pid` (an int or its text, as read from a pid file; None or 0 is none) runs on this machine."
     try: pid = int(pid)

@@ -4,9 +4,11 @@ The module's runtime is the shared served workspace started with two workers. So
 run here unchanged (imported from test_serving: pytest runs them with this module's fixture). The others check what is
 particular to several workers: every worker answers, endpoints and updates made through one worker are what the others
 serve and answer, the metrics export sums every worker's requests, capture loses nothing acknowledged when every process
-is killed, and stopping removes every process and server.json.
+is killed, a killed worker comes back (later each time it dies again soon), and stopping removes every process and
+server.json.
 """
 import os
+import re
 import signal
 import threading
 import time
@@ -115,6 +117,29 @@ def test_capture_loses_no_acknowledged_request_when_every_process_is_killed(ws):
     assert not set(acked) - set(rows.databricks_request_id), "acknowledged requests missing from the inference table"
     assert rows.databricks_request_id.is_unique
     ws["w"].serving_endpoints.delete("captured2")
+
+
+def test_a_killed_worker_comes_back_later_each_time_it_dies_again(ws):
+    env = ws["env"]
+    log_path = server_file(env).with_suffix(".log")
+    before, delays = log_path.read_text(errors="replace"), []
+    for _ in range(2):  # the second death comes within STABLE_SECONDS of the restart: it waits twice as long
+        info = server_info(env)
+        old = info["workers"][0]
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and old in (server_info(env) or {"workers": [old]})["workers"]: time.sleep(0.1)
+        workers = server_info(env)["workers"]
+        assert old not in workers and len(workers) == 2 and all(process_alive(p) for p in workers), workers
+        text = log_path.read_text(errors="replace")[len(before):]
+        found = re.findall(rf"worker 0 \(pid {old}\) of the serving runtime exited with status -9 after [0-9.]+ s; starting it again in ([0-9.]+) s", text)
+        assert len(found) == 1, text[-2000:]
+        delays.append(float(found[0]))
+    assert delays[1] == 2 * delays[0], delays
+    deadline, answered = time.monotonic() + 60, set()
+    while time.monotonic() < deadline and answered != set(workers):  # the new worker listens once it restored every endpoint
+        answered.add(fresh(ws, "GET", "/api/2.0/serving-endpoints")[1])
+    assert answered == set(workers), (answered, workers)
 
 
 def test_stop_ends_every_worker_and_removes_server_json(ws):

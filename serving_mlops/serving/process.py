@@ -31,9 +31,10 @@ from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, SharedState, now_ms
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'READ_TIMEOUT', 'SERVICES', 'ReadTimeoutProtocol', 'service_file', 'server_file', 'write_info', 'drop_info',
-           'bind_port', 'serve', 'workers_folder', 'supervise', 'service_on_port', 'service_info', 'server_info',
-           'start_service', 'start_server', 'stop_service', 'stop_server', 'wait_exit', 'workspace_client']
+__all__ = ['log', 'READ_TIMEOUT', 'SERVICES', 'STABLE_SECONDS', 'ReadTimeoutProtocol', 'service_file', 'server_file',
+           'write_info', 'drop_info', 'bind_port', 'serve', 'workers_folder', 'restart_delay', 'supervise',
+           'service_on_port', 'service_info', 'server_info', 'start_service', 'start_server', 'stop_service',
+           'stop_server', 'wait_exit', 'workspace_client']
 
 # %% ../../nbs/08g_serving_process.ipynb #96f1cc6f
 READ_TIMEOUT = 20.0  # seconds a client has to send a whole request, headers and body
@@ -154,9 +155,15 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
 
 def workers_folder(env: Environment) -> Path: return env.path("serving", "workers")
 
+STABLE_SECONDS = 60  # a worker that dies sooner after its start counts as crash-looping: its restarts back off
+
+def restart_delay(quick: int) -> float:
+    "Seconds before a dead worker starts again: 0.5 s, doubled for each death in a row within STABLE_SECONDS of its start, at most a minute."
+    return min(0.5 * 2 ** quick, 60.0)
+
 def supervise(env: Environment, sock: socket.socket, workers: int, options: list,  # `serve` options passed on to each worker
               startup: float = 300):  # seconds the workers have to restore every endpoint and listen
-    "Run `workers` processes serving `env` on `sock`'s port, restart one that dies, and stop them all on SIGTERM or Ctrl-C."
+    "Run `workers` processes serving `env` on `sock`'s port, restart one that dies (later and later while it keeps dying: `restart_delay`), and stop them all on SIGTERM or Ctrl-C."
     port, folder, metrics = sock.getsockname()[1], workers_folder(env), env.path("serving", "metrics")
     for f in (folder, metrics):  # what a set that ran before left
         f.mkdir(parents=True, exist_ok=True)
@@ -178,13 +185,22 @@ def supervise(env: Environment, sock: socket.socket, workers: int, options: list
         write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms(),
                           "workers": [p.pid for p in procs.values()]})
         log.info("serving runtime of environment %s at %s: %d workers (pids %s)", env.name, url, workers, [p.pid for p in procs.values()])
+        started, quick, due = dict.fromkeys(procs, time.monotonic()), dict.fromkeys(procs, 0), {}
         while not stop.wait(0.5):
             for i, p in list(procs.items()):
+                now = time.monotonic()
+                if i in due:
+                    if now < due[i]: continue
+                    del due[i]; procs[i], started[i] = spawn(i), now
+                    write_info(info, {**orjson.loads(info.read_bytes()), "workers": [p.pid for p in procs.values()]})
+                    continue
                 if p.poll() is None: continue
-                log.error("worker %d (pid %d) of the serving runtime exited with status %s; starting it again", i, p.pid, p.returncode)
+                quick[i] = quick[i] + 1 if now - started[i] < STABLE_SECONDS else 0
+                delay = restart_delay(quick[i])
+                log.error("worker %d (pid %d) of the serving runtime exited with status %s after %.1f s; starting it again in %g s",
+                          i, p.pid, p.returncode, now - started[i], delay)
+                due[i] = now + delay
                 mark_process_dead(p.pid, str(metrics))
-                procs[i] = spawn(i)
-                write_info(info, {**orjson.loads(info.read_bytes()), "workers": [p.pid for p in procs.values()]})
     finally:
         for p in procs.values():
             if p.poll() is None: p.terminate()  # each finishes its requests in flight, then flushes its inference logs
