@@ -169,16 +169,17 @@ class RequestLog:
 
     def write(self, endpoint: str, outcome: dict):
         "Append one outcome to `endpoint`'s log: one line in one write, before the response; a failure is logged, never the request's."
-        line = orjson.dumps(outcome) + b"\n"
+        line, writing = orjson.dumps(outcome) + b"\n", False
         try:
             fd = self.fds.get(endpoint)
             if fd is None: fd = self.fds[endpoint] = os.open(self.path(endpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             size = os.fstat(fd).st_size  # other workers append to the same file
             if size and size + len(line) > self.max_bytes: fd = self._rotate(endpoint, fd)
+            writing = True
             write_whole(fd, b"\n" + line if endpoint in self.torn else line)  # a newline first ends a line a failed write cut short
             self.torn.discard(endpoint)
         except OSError as e:
-            self.torn.add(endpoint)  # the write may have put part of the line
+            if writing: self.torn.add(endpoint)  # the write may have put part of the line (not so a failed open, stat or rotation)
             if self.failing is None: log.error("request log of endpoint %s in %s: cannot write outcomes (requests are answered): %s", endpoint, self.folder, e)
             self.failing = f"{type(e).__name__}: {e}"
             return
