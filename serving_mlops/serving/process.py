@@ -189,18 +189,17 @@ def supervise(env: Environment, sock: socket.socket, workers: int, options: list
         while not stop.wait(0.5):
             for i, p in list(procs.items()):
                 now = time.monotonic()
-                if i in due:
-                    if now < due[i]: continue
-                    del due[i]; procs[i], started[i] = spawn(i), now
-                    write_info(info, {**orjson.loads(info.read_bytes()), "workers": [p.pid for p in procs.values()]})
-                    continue
-                if p.poll() is None: continue
-                quick[i] = quick[i] + 1 if now - started[i] < STABLE_SECONDS else 0
-                delay = restart_delay(quick[i])
-                log.error("worker %d (pid %d) of the serving runtime exited with status %s after %.1f s; starting it again in %g s",
-                          i, p.pid, p.returncode, now - started[i], delay)
-                due[i] = now + delay
-                mark_process_dead(p.pid, str(metrics))
+                if i in due:  # dead, waiting for its restart
+                    if now >= due[i]:
+                        del due[i]; procs[i], started[i] = spawn(i), now
+                        write_info(info, {**orjson.loads(info.read_bytes()), "workers": [p.pid for p in procs.values()]})
+                elif p.poll() is not None:
+                    quick[i] = quick[i] + 1 if now - started[i] < STABLE_SECONDS else 0
+                    delay = restart_delay(quick[i])
+                    due[i] = now + delay
+                    log.error("worker %d (pid %d) of the serving runtime exited with status %s after %.1f s; starting it again in %g s",
+                              i, p.pid, p.returncode, now - started[i], delay)
+                    mark_process_dead(p.pid, str(metrics))
     finally:
         for p in procs.values():
             if p.poll() is None: p.terminate()  # each finishes its requests in flight, then flushes its inference logs
