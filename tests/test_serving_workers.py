@@ -20,41 +20,58 @@ from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTa
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_mlops.config import process_alive
-from serving_mlops.serving.process import server_file, server_info, start_server, stop_server, wait_exit, workspace_client
+from serving_mlops.serving.process import server_file, server_info, stop_server, wait_exit
 from serving_mlops.tables import tables_for
 
-from served import METRICS_INTERVAL, MetricReadings, create, entity, in_process, invoke, served_workspace
+from served import MetricReadings, ServedWorkspace, create, entity, in_process, invoke
 from test_serving import (test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config,  # noqa: F401
                           test_config_update_under_load_fails_no_request, test_control_plane_create_get_list_update_delete)
 
 
 @pytest.fixture(scope="module")
-def ws():
-    yield from served_workspace(workers=2)
+def ws(trained_world):
+    "The trained world served by two worker processes."
+    served = ServedWorkspace(trained_world, workers=2)
+    yield served
+    served.close()
 
 
 def fresh(ws, method: str, path: str, **kw) -> tuple[httpx.Response, int]:
     "One request on a new connection (the kernel picks a worker per connection), and the pid of the worker that answered it."
-    with httpx.Client(headers={"Authorization": f"Bearer {ws['token']}"}, timeout=60) as c:
-        r = c.request(method, ws["url"] + path, **kw)
-        return r, c.get(ws["url"] + "/health").json()["pid"]  # the same connection: the same worker
+    with httpx.Client(headers={"Authorization": f"Bearer {ws.token}"}, timeout=60) as c:
+        r = c.request(method, ws.url + path, **kw)
+        return r, c.get(ws.url + "/health").json()["pid"]  # the same connection: the same worker
+
+
+def test_an_endpoint_gets_ready_while_only_one_worker_is_asked(ws):
+    "The other worker gets no request: it follows the saved state by itself, loads the config, and the endpoint is committed."
+    body = {"name": "quiet", "config": {"served_entities": [{"entity_name": ws.env.var("model_name"), "entity_version": ws.v1}]}}
+    with httpx.Client(headers={"Authorization": f"Bearer {ws.token}"}, timeout=60) as c:  # one keep-alive connection: one worker
+        asker = c.get(ws.url + "/health").json()["pid"]
+        assert c.post(ws.url + "/api/2.0/serving-endpoints", json=body).status_code == 200
+        deadline = time.monotonic() + 60
+        while (state := c.get(ws.url + "/api/2.0/serving-endpoints/quiet").json()["state"])["config_update"] == "IN_PROGRESS":
+            assert time.monotonic() < deadline, "the endpoint stayed IN_PROGRESS: the worker that was not asked never loaded it"
+            time.sleep(0.2)
+        assert state == {"ready": "READY", "config_update": "NOT_UPDATING"} and c.get(ws.url + "/health").json()["pid"] == asker
+    ws.w.serving_endpoints.delete("quiet")
 
 
 def test_every_worker_serves_what_one_created_updated_and_deleted_and_metrics_sum_over_them(ws):
-    env, w, name = ws["env"], ws["w"], "shared"
+    env, w, name = ws.env, ws.w, "shared"
     workers = server_info(env)["workers"]
     assert len(workers) == 2 and all(process_alive(p) for p in workers)
-    create(ws, name, entity(ws, ws["v1"]))  # one control-plane call (and its GETs) on one worker
+    create(ws, name, entity(ws, ws.v1))  # one control-plane call (and its GETs) on one worker
     served, sent = {}, 0
     with MetricReadings(ws, name) as metrics:
         for k in range(60):
             cid = 1 + k % 40
-            r, pid = fresh(ws, "POST", f"/serving-endpoints/{name}/invocations", json={"dataframe_records": [ws["features"](cid)]})
+            r, pid = fresh(ws, "POST", f"/serving-endpoints/{name}/invocations", json={"dataframe_records": [ws.features(cid)]})
             assert r.status_code == 200, r.text
-            assert abs(r.json()["predictions"][0] - float(in_process(ws, [ws["features"](cid)])[0])) < 1e-9
+            assert abs(r.json()["predictions"][0] - float(in_process(ws, [ws.features(cid)])[0])) < 1e-9
             served.setdefault(pid, 0); served[pid] += 1; sent += 1
     assert set(served) == set(workers), served  # both workers answered
-    version = f"default_model-{ws['v1']}"
+    version = f"default_model-{ws.v1}"
     assert metrics.total(version) == sent and metrics.total(version, "latency_count") == sent  # every worker's requests, summed
     text = w.serving_endpoints.export_metrics(name).contents.read().decode()
     rows = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
@@ -62,15 +79,15 @@ def test_every_worker_serves_what_one_created_updated_and_deleted_and_metrics_su
     assert rows["serving_model_batch_rows_sum"] == sent  # one row per request, over both workers
 
     # an update made through one worker: GET answers the same from every worker, and every worker serves the new version
-    w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws["v2"])])
+    w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v2)])
     seen = {}
     for _ in range(30):
         r, pid = fresh(ws, "GET", f"/api/2.0/serving-endpoints/{name}")
         j = r.json()
         seen[pid] = (j["state"]["ready"], j["state"]["config_update"], j["config"]["config_version"], j["config"]["served_entities"][0]["entity_version"])
         r, pid = fresh(ws, "POST", f"/serving-endpoints/{name}/invocations", json={"dataframe_records": [{"customer_id": 3}]})
-        assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws['v2']}", (pid, r.text)
-    assert set(seen) == set(workers) and set(seen.values()) == {("READY", "NOT_UPDATING", 2, ws["v2"])}, seen
+        assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws.v2}", (pid, r.text)
+    assert set(seen) == set(workers) and set(seen.values()) == {("READY", "NOT_UPDATING", 2, ws.v2)}, seen
     listed = {fresh(ws, "GET", "/api/2.0/serving-endpoints")[1] for _ in range(20)}
     assert listed == set(workers)
 
@@ -83,10 +100,10 @@ def test_every_worker_serves_what_one_created_updated_and_deleted_and_metrics_su
 
 
 def test_capture_loses_no_acknowledged_request_when_every_process_is_killed(ws):
-    env = ws["env"]
+    env = ws.env
     gateway = AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
         catalog_name="dev", schema_name="credit", table_name_prefix="workers", enabled=True))
-    create(ws, "captured2", entity(ws, ws["v1"]), ai_gateway=gateway)
+    create(ws, "captured2", entity(ws, ws.v1), ai_gateway=gateway)
     stop, acked, lock = threading.Event(), {}, threading.Lock()
     def client_loop(k):
         i = 0
@@ -107,8 +124,7 @@ def test_capture_loses_no_acknowledged_request_when_every_process_is_killed(ws):
         for f in loops: f.result()
     assert all(wait_exit(p, 30) for p in [info["pid"], *info["workers"]]) and len(acked) > 100
     assert {p.name for p in env.path("serving", "inference").iterdir()} >= {"captured2", "captured2@1"}  # one log per worker
-    info = start_server(env, metrics_interval=METRICS_INTERVAL, workers=2)  # each worker replays its own log
-    ws["url"], ws["w"] = info["url"], workspace_client(env)
+    ws.start()  # each worker replays its own log
     table, deadline = "dev.credit.workers_payload", time.monotonic() + 60
     while time.monotonic() < deadline:
         rows = tables_for(env).read_pandas(table)
@@ -116,11 +132,11 @@ def test_capture_loses_no_acknowledged_request_when_every_process_is_killed(ws):
         time.sleep(0.5)
     assert not set(acked) - set(rows.databricks_request_id), "acknowledged requests missing from the inference table"
     assert rows.databricks_request_id.is_unique
-    ws["w"].serving_endpoints.delete("captured2")
+    ws.w.serving_endpoints.delete("captured2")
 
 
 def test_a_killed_worker_comes_back_later_each_time_it_dies_again(ws):
-    env = ws["env"]
+    env = ws.env
     log_path = server_file(env).with_suffix(".log")
     before, delays = log_path.read_text(errors="replace"), []
     for _ in range(2):  # the second death comes within STABLE_SECONDS of the restart: it waits twice as long
@@ -143,10 +159,11 @@ def test_a_killed_worker_comes_back_later_each_time_it_dies_again(ws):
 
 
 def test_stop_ends_every_worker_and_removes_server_json(ws):
-    env = ws["env"]
+    env = ws.env
     info = server_info(env)
     pids = [info["pid"], *info["workers"]]
     assert stop_server(env)
     assert not any(process_alive(p) for p in pids) and not server_file(env).exists()
     assert not any(p.suffix == ".json" for p in env.path("serving", "workers").iterdir())  # the workers' files went with them
     assert stop_server(env) is False
+    ws.start()  # for the module's other tests, whatever their order

@@ -29,11 +29,11 @@ from .runtime import ServingRuntime
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'routes', 'INVOCATIONS', 'json_response',
-           'error_response', 'serving_error', 'internal_error', 'serving_token', 'BearerAuth', 'receive_body',
-           'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints', 'get_endpoint',
-           'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics', 'Invocations',
-           'ServingApp', 'make_app']
+__all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'routes', 'INVOCATIONS', 'FOLLOW_INTERVAL',
+           'json_response', 'error_response', 'serving_error', 'internal_error', 'serving_token', 'BearerAuth',
+           'receive_body', 'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints',
+           'get_endpoint', 'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics',
+           'Invocations', 'ServingApp', 'follow_workers', 'make_app']
 
 # %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -194,6 +194,15 @@ class ServingApp(Starlette):
                 return await response(scope, receive, send)
         await super().__call__(scope, receive, send)
 
+FOLLOW_INTERVAL = 0.1  # seconds between a worker's looks at what the other workers saved, between requests
+
+async def follow_workers(runtime: ServingRuntime):
+    "One of several workers: follow what the others save even while no request comes (an update is committed once every worker has loaded it)."
+    while True:
+        await asyncio.sleep(FOLLOW_INTERVAL)
+        try: runtime.sync()  # one read of a shared counter when nothing changed
+        except Exception: log.exception("following the other workers' saved state failed; trying again")
+
 def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_stopped=None,
              metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
              **runtime_options) -> ServingApp:  # more `ServingRuntime` arguments, e.g. the request log's bound
@@ -204,9 +213,11 @@ def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_sto
     async def lifespan(app):
         loading = runtime.restore()
         if runtime.shared is not None: await asyncio.gather(*loading)  # one of several workers listens once it can serve
+        follower = asyncio.get_running_loop().create_task(follow_workers(runtime)) if runtime.shared is not None else None
         if on_started: on_started(runtime)
         try: yield
         finally:
+            if follower is not None: follower.cancel()
             try: runtime.close()
             finally:
                 if on_stopped: on_stopped(runtime)  # e.g. remove server.json, whatever happened before

@@ -237,7 +237,7 @@ class SharedState:
     def changed(self) -> bool: return self.generation() != self.seen
 
     def bump(self):
-        "Announce a change of the saved state (under the lock): the other workers follow it at their next request."
+        "Announce a change of the saved state (under the lock): the other workers follow it at their next request or look (`follow_workers`)."
         self.seen = self.generation() + 1
         self.counter[:8] = self.seen.to_bytes(8, "little")
 
