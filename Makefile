@@ -10,11 +10,15 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test java chromium export clean
+.PHONY: help demo test check java chromium export clean
 # demo and test use the local workspaces even when the shell names a Databricks workspace: like the Databricks CLI,
 # serving-mlops takes DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE as the workspace of every target without a host
-demo test: export DATABRICKS_HOST :=
-demo test: export DATABRICKS_CONFIG_PROFILE :=
+demo test check: export DATABRICKS_HOST :=
+demo test check: export DATABRICKS_CONFIG_PROFILE :=
+# pytest on both cores: each module runs whole on one worker, the modules of the trained world together (tests/conftest.py)
+PYTEST := $(BIN)/pytest tests -n 2 --dist loadgroup -p no:randomly --timeout 900
+# `make check NB=nbs/06_train.ipynb` tests that notebook; by default the notebooks changed since the last commit
+NB ?= $(shell git status --porcelain -- nbs 2>/dev/null | awk '/\.ipynb$$/ {print $$NF}')
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -78,10 +82,16 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	@echo "== the production console: endpoints with live charts, requests, monitoring, job runs, registry (open the link)"
 	@$(BIN)/serving-mlops console --env prod --background
 
-test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium ## import layers, nbdev_test (the notebooks) and pytest (CLI, processes, end to end)
+test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium ## the whole suite (CI runs it): import layers, every notebook (nbdev_test), every test (pytest)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/nbdev_test
-	$(BIN)/pytest tests --timeout 900 --durations=8
+	$(BIN)/nbdev_test --n_workers 2 --timing
+	$(PYTEST) --durations=15
+
+check: $(VENV)/.installed-dev java ## the inner loop while editing, about 2 min: import layers, the changed notebooks (or NB=...), the fast tests
+	$(BIN)/lint-imports --no-cache
+	@if [ -n "$(strip $(NB))" ]; then set -x; for nb in $(NB); do $(BIN)/nbdev_test --path $$nb || exit 1; done; \
+	 else echo "no notebook changed since the last commit (NB=nbs/<name>.ipynb tests one)"; fi
+	$(PYTEST) -m "not slow" -q
 
 export: $(VENV)/.installed-dev ## notebooks -> serving_mlops/, then nbdev_clean (literate and task notebooks) before committing
 	$(BIN)/nbdev_export

@@ -18,6 +18,47 @@ BIN = Path(sys.executable).parent
 for _var in ("DATABRICKS_HOST", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_RUNTIME_VERSION"): os.environ.pop(_var, None)
 
 
+def expensive(fixture_function):
+    "Mark a fixture that builds an expensive world (a trained model, a runtime process, job runs): every test that uses it is `slow`."
+    fixture_function.expensive = True
+    return fixture_function
+
+
+@pytest.fixture(scope="session")
+@expensive
+def trained_world(tmp_path_factory):
+    "The served workspace's trained world, built once per session (per pytest-xdist worker) for every module that serves it."
+    from served import TrainedWorld
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPARK_LOCAL_IP", "127.0.0.1"); mp.chdir(ROOT)
+        return TrainedWorld(tmp_path_factory.mktemp("trained") / "workspaces")
+
+
+@pytest.fixture(scope="module")
+@expensive
+def ws(trained_world):
+    "A serving runtime of the trained world for the module (one process; a module may define its own `ws` with other options)."
+    from served import ServedWorkspace
+    served = ServedWorkspace(trained_world)
+    yield served
+    served.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use an `expensive` fixture are `slow` (`make check` leaves them out). With pytest-xdist's `--dist loadgroup`,
+    each module runs whole on one worker (its module fixtures are built once), and every module that serves the trained
+    world runs on the same worker, which builds that world once."""
+    for item in items:
+        fixtures = [d for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        if any(getattr(d.func, "expensive", False) for d in fixtures): item.add_marker(pytest.mark.slow)
+        group = "trained_world" if "trained_world" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: needs an expensive world, a process or a Spark job (over a few seconds); `make check` skips it")
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch):
     "A SERVING_MLOPS_HOME of its own for the test (and the processes it starts)."
@@ -27,8 +68,28 @@ def home(tmp_path, monkeypatch):
     return tmp_path / "workspaces"
 
 
-def cli(*args, check=True):
-    "Run the installed `serving-mlops` console script; returns the completed process."
+def cli(*args, check=True, process=False):
+    """Run `serving-mlops *args`; returns a CompletedProcess (returncode, stdout, stderr).
+
+    In process by default (typer's CliRunner: the command's own code, parsing and error messages, without a new Python and
+    JVM each time); `process=True` runs the installed console script as a separate process, for what only a process shows
+    (the entry point, exit statuses as a shell sees them). An exception the CLI lets through is printed as the process would."""
+    if process: return cli_process(*args, check=check)
+    import traceback
+    from typer.testing import CliRunner
+    from serving_mlops.cli import app
+    result = CliRunner().invoke(app, list(args), env=None, catch_exceptions=True)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    proc = subprocess.CompletedProcess(["serving-mlops", *args], result.exit_code, result.stdout, stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"serving-mlops {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def cli_process(*args, check=True):
+    "Run the installed `serving-mlops` console script as a separate process; returns the completed process."
     exe = BIN / "serving-mlops"
     if not exe.exists(): exe = shutil.which("serving-mlops")
     proc = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=600)

@@ -7,6 +7,7 @@ import io
 import mlflow
 import numpy as np
 import pytest
+from conftest import expensive
 
 from serving_mlops.batch import batch_inference, scoring_keys
 from serving_mlops.config import using_mlflow
@@ -31,6 +32,7 @@ def in_process(env, uri: str, rows):
 
 
 @pytest.fixture(scope="module")
+@expensive
 def workspace(tmp_path_factory):
     "A throwaway workspace of 1,500 clients whose champion is a model trained on its features."
     env, fs = example_workspace(1_500, seed=8, spark=get_spark(), home=tmp_path_factory.mktemp("workspaces"))

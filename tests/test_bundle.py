@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, expensive
 from packaging.requirements import Requirement
 
 BUNDLE = ROOT / "databricks_jobs" / "databricks.yml"
@@ -286,6 +286,7 @@ def test_job_clusters_run_one_ml_runtime_with_spark_4_on_the_node_type_variable(
 
 
 @pytest.fixture(scope="module")
+@expensive
 def wheel(tmp_path_factory):
     "The wheel `databricks bundle deploy` builds: the artifact's own build command, run on a copy of the project."
     src = tmp_path_factory.mktemp("project")

@@ -1,4 +1,6 @@
-"""The `serving-mlops` console script as users run it: a separate process, real files, real Delta tables."""
+"""The `serving-mlops` commands as users run them, on real files and real Delta tables: in process (typer's CliRunner), and
+the installed console script as a separate process once per command family (here `--help`; serve, jobs and ingest in their modules)."""
+import pytest
 from conftest import cli
 
 from serving_mlops.config import get_environment
@@ -11,7 +13,7 @@ COMMANDS = ["env", "generate", "ingest", "features", "train", "validate", "promo
 def test_help_explains_every_command():
     from typer.testing import CliRunner
     from serving_mlops.cli import app
-    out = cli("--help").stdout  # the installed command, as a process
+    out = cli("--help", process=True).stdout  # the installed command, as a process
     for command in COMMANDS:
         assert command in out
         sub = CliRunner().invoke(app, [command, "--help"]).output  # each command's help, in process (a process each costs 1.5 s)
@@ -80,6 +82,7 @@ def test_parquet_inference_batch(home, tmp_path):
     assert (silver.snapshot_date.astype(str) == "2005-11-01").all()
 
 
+@pytest.mark.slow
 def test_promote_copies_once_and_verifies(home):
     "The scenario's step 6 from a shell: staging champion -> prod registry, idempotent."
     from serving_mlops.tasks import features_task, ingest_task, train_task, validate_task
@@ -110,6 +113,7 @@ def test_jobs_run_refuses_a_parameter_no_task_takes_and_runs_nothing(home):
     assert not (home / "staging" / "jobs").exists() or not any((home / "staging" / "jobs").rglob("run.json"))
 
 
+@pytest.mark.slow
 def test_jobs_runs_lists_the_runs_made_newest_first_with_their_states(home):
     from pathlib import Path
     from serving_mlops.data import write_credit_data

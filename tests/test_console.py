@@ -11,12 +11,11 @@ import pytest
 from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTableConfig
 
 from browser import Page, browser, chart_points
-from conftest import BIN, ROOT, cli
-from served import create, entity, invoke, served_workspace
+from conftest import BIN, ROOT, cli, expensive
+from served import create, entity, invoke
 from serving_mlops.serving.process import service_info
 
-ws = pytest.fixture(scope="module")(served_workspace)
-browser = pytest.fixture(scope="module")(browser)
+browser = pytest.fixture(scope="module")(expensive(browser))
 
 NAME = "consoleep"  # an endpoint of the credit model with its inference table
 
@@ -45,8 +44,8 @@ def traffic(ws, ok=20, unknown=4, bad=3, spread=0.0):
 @pytest.fixture(scope="module")
 def console(ws):
     "The console of the served workspace, started by `serving-mlops console --background`; endpoints with inference tables."
-    env = ws["env"]
-    create(ws, NAME, entity(ws, ws["v1"]), ai_gateway=gateway(NAME))
+    env = ws.env
+    create(ws, NAME, entity(ws, ws.v1), ai_gateway=gateway(NAME))
     old = os.environ.get("SERVING_MLOPS_HOME")
     os.environ["SERVING_MLOPS_HOME"] = str(env.root.parent)
     try:
@@ -61,7 +60,7 @@ def console(ws):
         else: os.environ["SERVING_MLOPS_HOME"] = old
 
 
-def bearer(ws): return {"Authorization": f"Bearer {ws['token']}"}
+def bearer(ws): return {"Authorization": f"Bearer {ws.token}"}
 
 
 def series(console, ws, name=NAME):
@@ -103,7 +102,7 @@ def test_series_count_every_request_by_status_and_the_runtime_counters(console, 
     sent = console["sent"]
     live = wait_for("the inference table's rows", lambda: (s := series(console, ws)["live"]) and total(s, "requests") >= sent["ok"] + sent["4xx"] and s)
     assert total(live, "requests") == sent["ok"] + sent["4xx"] and total(live, "errors_4xx") == sent["4xx"] and total(live, "errors_5xx") == 0
-    assert all(r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in live) and {r["served_entity_name"] for r in live} == {f"default_model-{ws['v1']}"}
+    assert all(r["p50_ms"] <= r["p95_ms"] <= r["p99_ms"] for r in live) and {r["served_entity_name"] for r in live} == {f"default_model-{ws.v1}"}
     traffic(ws, ok=6, unknown=0, bad=0)  # the sampler sees model calls between two of its readings
     rows = wait_for("rows per model call", lambda: [r for r in series(console, ws)["rows_per_call"] if r["model_calls"]])
     assert all(r["rows_per_call"] >= 1 for r in rows)

@@ -10,7 +10,7 @@ from pathlib import Path
 import mlflow
 import pytest
 from browser import Page, browser, chart_points, serve_app
-from conftest import ROOT
+from conftest import ROOT, expensive
 from starlette.applications import Starlette
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,7 +20,7 @@ from serving_mlops.config import get_environment, using_mlflow, workspace_home
 from serving_mlops.console import base, views
 from serving_mlops.jobs import JobFailed, jobs_folder, run_job
 
-browser = pytest.fixture(scope="module")(browser)
+browser = pytest.fixture(scope="module")(expensive(browser))
 pytestmark = pytest.mark.timeout(1800)  # the first test pays for the workspace: training, validation and two job runs (about 6 min on a busy machine)
 CLEAN, DRIFTED = ("2026-01-05 10:00", "2026-01-05 11:00"), ("2026-01-05 11:00", "2026-01-05 12:00")
 
@@ -32,6 +32,7 @@ def console(env) -> Starlette:
 
 
 @pytest.fixture(scope="module")
+@expensive
 def world(tmp_path_factory):
     "A dev workspace with champion v1 and challenger v2, two hours of traffic, and a successful and a failed monitoring job run."
     from serving_mlops.data import write_credit_data

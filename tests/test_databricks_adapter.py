@@ -27,6 +27,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from conftest import expensive
 import yaml
 
 fe = pytest.importorskip("databricks.feature_engineering")
@@ -326,6 +327,7 @@ class CheckedClient:
 
 
 @pytest.fixture(scope="module")
+@expensive
 def databricks_workspace(tmp_path_factory, spark):
     "A workspace's staging and prod on this machine: silver tables ingested locally, feature tables built through the adapter."
     from serving_mlops.data import write_credit_data
@@ -354,6 +356,7 @@ def test_feature_tables_are_created_for_the_online_store(databricks_workspace):
 
 
 @pytest.fixture(scope="module")
+@expensive
 def trained(databricks_workspace, tmp_path_factory):
     "A model trained and logged through the adapter (the client's TrainingSet and log_model), registered as challenger."
     from serving_mlops.registry import register_challenger

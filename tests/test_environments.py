@@ -305,12 +305,14 @@ except ConfigError as e: print("REFUSED", e)
 """
 
 
+@pytest.mark.slow
 def test_the_examples_on_a_single_node_cluster_use_its_session(tmp_path):
     proc = run_python(CLUSTER_EXAMPLE.format(master="local[1]"), clean_env(tmp_path), ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "LOCAL True" in proc.stdout and "SESSION True 3" in proc.stdout
 
 
+@pytest.mark.slow
 def test_the_examples_on_a_multi_node_cluster_are_refused_with_the_reason(tmp_path):
     "local-cluster runs executors in their own JVMs and reports a non-local master, as a multi-node cluster does."
     proc = run_python(CLUSTER_EXAMPLE.format(master="local-cluster[1,1,1024]"), clean_env(tmp_path), ROOT)

@@ -49,6 +49,7 @@ def test_every_job_task_runs_a_task_notebook(home):
                 assert set(t.parameters) <= set(pm.inspect_notebook(str(t.notebook))), (job.name, t.key, t.parameters)
 
 
+@pytest.mark.slow
 def test_papermill_runs_ingest_in_staging(home, tmp_path):
     staging = get_environment("staging")
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 1500, seed=3, progress=False)
@@ -84,11 +85,12 @@ def test_spark_reads_what_ingest_wrote(home):
 NOISE = ("IPKernelApp", "NativeCodeLoader", "Setting default log level")  # the kernel's and Spark's, not the task's
 
 
+@pytest.mark.slow
 def test_a_local_job_run_prints_the_tasks_own_lines_and_keeps_kernel_and_spark_output_in_the_tasks_log(home):
     staging = get_environment("staging")
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 600, seed=3, progress=False)
     cli("ingest", "--env", "staging")
-    r = cli("jobs", "run", "features", "--env", "staging")
+    r = cli("jobs", "run", "features", "--env", "staging", process=True)
     printed = r.stdout + r.stderr
     assert not [line for line in printed.splitlines() if any(n in line for n in NOISE)], printed
     lines = r.stdout.splitlines()
@@ -109,6 +111,7 @@ def test_a_local_job_run_prints_the_tasks_own_lines_and_keeps_kernel_and_spark_o
     assert run["state"] == "SUCCESS" and run["started"].startswith("20") and run["tasks"][0]["log"] == str(run_dir / "features.log")
 
 
+@pytest.mark.slow
 def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependents(home):
     staging = get_environment("staging")
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 400, seed=3, progress=False, bad_fraction=0.3)
@@ -121,6 +124,7 @@ def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependen
     assert (run_dir / "ingest.ipynb").exists()  # the executed notebook, with the error in its outputs
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_a_local_job_run_and_records_it(home):
     staging = get_environment("staging")
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 500, seed=3, progress=False)
@@ -134,6 +138,7 @@ def test_ctrl_c_cancels_a_local_job_run_and_records_it(home):
     (run_dir,) = (staging.root / "jobs" / "ingest").iterdir()
     assert [t["state"] for t in json.loads((run_dir / "run.json").read_text())["tasks"]] == ["CANCELED"]
 
+@pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
     "Steps 2-7 of the scenario, offline: model_build and deploy_serving_endpoint in staging, promote into prod; then batch inference in prod."

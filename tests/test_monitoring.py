@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 from conftest import cli
 
+pytestmark = pytest.mark.slow  # every test: a runtime process, traffic and the drift check on Spark
+
 from serving_mlops.config import get_environment
 from serving_mlops.data import write_credit_data
 from serving_mlops.monitoring.checks import endpoint_metrics, missing_lookups, monitoring_period, run_monitoring

@@ -21,9 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_mlops.serving.capture import MAGIC, InferenceLog, frame_record, read_records
 from serving_mlops.tables import LocalTables, tables_for
 
-from served import create, entity, invoke, served_workspace
+from served import create, entity, invoke
 
-ws = pytest.fixture(scope="module")(served_workspace)
 
 TABLE = "dev.credit.reliable_payload"
 
@@ -205,22 +204,22 @@ def test_a_full_disk_loses_only_the_records_it_reports_and_writing_resumes_when_
 
 def metric(ws, name: str, family: str, **labels) -> float:
     "One sample of the endpoint's metrics export."
-    text = httpx.get(f"{ws['url']}/api/2.0/serving-endpoints/{name}/metrics", headers={"Authorization": f"Bearer {ws['token']}"}).text
+    text = httpx.get(f"{ws.url}/api/2.0/serving-endpoints/{name}/metrics", headers={"Authorization": f"Bearer {ws.token}"}).text
     return next(s.value for f in text_string_to_metric_families(text) for s in f.samples
                 if s.name == family and labels.items() <= s.labels.items())
 
 
 def capture_state(ws, name: str) -> dict:
-    r = httpx.get(f"{ws['url']}/api/2.0/serving-endpoints/{name}", headers={"Authorization": f"Bearer {ws['token']}"})
+    r = httpx.get(f"{ws.url}/api/2.0/serving-endpoints/{name}", headers={"Authorization": f"Bearer {ws.token}"})
     return r.json()["state"]["inference_table"]
 
 
 def test_a_runtime_with_a_full_disk_answers_every_request_counts_what_it_could_not_log_and_resumes(ws):
-    env, name = ws["env"], "fulldisk"
+    env, name = ws.env, "fulldisk"
     folder, table = env.path("serving", "inference", name), "dev.credit.fulldisk_payload"
     mount_tmpfs(folder, "256k")  # before the endpoint exists: its inference log lives on it
     try:
-        create(ws, name, entity(ws, ws["v1"]), ai_gateway=AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
+        create(ws, name, entity(ws, ws.v1), ai_gateway=AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
             catalog_name="dev", schema_name="credit", table_name_prefix="fulldisk", enabled=True)))
         answered, seen = [], []
         def send(n, full=False):
@@ -253,5 +252,5 @@ def test_a_runtime_with_a_full_disk_answers_every_request_counts_what_it_could_n
         assert 75 <= lost <= 150 and after["status"] == "OK" and "message" not in after  # capture resumed by itself
         assert metric(ws, name, "serving_capture_failing", stage="write") == metric(ws, name, "serving_capture_failing", stage="flush") == 0
     finally:
-        try: ws["w"].serving_endpoints.delete(name)  # closes the log's files on the tmpfs
+        try: ws.w.serving_endpoints.delete(name)  # closes the log's files on the tmpfs
         finally: unmount(folder)

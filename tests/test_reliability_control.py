@@ -13,12 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving_mlops.serving.app import API
-from serving_mlops.serving.process import server_file, server_info, start_server, stop_server, workspace_client
+from serving_mlops.serving.process import server_file, stop_server
 from serving_mlops.tables import tables_for
 
-from served import METRICS_INTERVAL, create, entity, invoke, served_workspace  # noqa: E402
+from served import create, entity, invoke  # noqa: E402
 
-ws = pytest.fixture(scope="module")(served_workspace)
 
 ENTITY_KEYS = ("name", "entity_name", "entity_version", "workload_size", "scale_to_zero_enabled", "environment_vars")
 
@@ -26,15 +25,15 @@ ENTITY_KEYS = ("name", "entity_name", "entity_version", "workload_size", "scale_
 @pytest.fixture(scope="module")
 def api(ws):
     "A keep-alive client of the runtime's control plane: api(method, path, body) -> response."
-    with httpx.Client(headers={"Authorization": f"Bearer {ws['token']}"}, timeout=60) as client:
+    with httpx.Client(headers={"Authorization": f"Bearer {ws.token}"}, timeout=60) as client:
         def call(method, path="", body=None):
             content = body if isinstance(body, bytes) else orjson.dumps(body) if body is not None else None
-            return client.request(method, ws["url"] + API + path, content=content)
+            return client.request(method, ws.url + API + path, content=content)
         yield call
 
 
 def state_file(ws, name):
-    return ws["env"].path("serving", "endpoints") / f"{name}.json"
+    return ws.env.path("serving", "endpoints") / f"{name}.json"
 
 
 def saved(ws, name):
@@ -65,13 +64,12 @@ def settled(api, name, timeout=60):
 def restart(ws):
     "Stop the runtime gracefully and start it again (the process restores every saved endpoint)."
     log_size = server_log(ws).stat().st_size
-    assert stop_server(ws["env"]) and not server_file(ws["env"]).exists()
-    info = start_server(ws["env"], metrics_interval=METRICS_INTERVAL)
-    ws["url"], ws["w"] = info["url"], workspace_client(ws["env"])
+    assert stop_server(ws.env) and not server_file(ws.env).exists()
+    ws.start()
     return log_size
 
 
-def server_log(ws): return ws["env"].path("serving") / "server.log"
+def server_log(ws): return ws.env.path("serving") / "server.log"
 
 
 def refused(r, status, field):
@@ -84,7 +82,7 @@ def refused(r, status, field):
 
 
 def create_body(ws, name, version=None, **kw):
-    return {"name": name, "config": {"served_entities": [{"entity_name": ws["env"].var("model_name"), "entity_version": version or ws["v1"]}]}, **kw}
+    return {"name": name, "config": {"served_entities": [{"entity_name": ws.env.var("model_name"), "entity_version": version or ws.v1}]}, **kw}
 
 
 def gateway(prefix=None, catalog="dev", schema="credit", enabled=True):
@@ -139,10 +137,10 @@ def test_an_endpoint_name_with_a_trailing_newline_is_refused(ws, api):
 
 def test_malformed_bodies_answer_400_naming_the_field_and_change_nothing(ws, api):
     "Finding 6: traffic_config as a string or list, a served entity name that is not a string and malformed tags answered 500."
-    create(ws, "shapes", entity(ws, ws["v1"]))
+    create(ws, "shapes", entity(ws, ws.v1))
     assert api("PATCH", "/shapes/tags", {"add_tags": [{"key": "team", "value": "risk"}]}).status_code == 200
     before, on_disk = served(api, "shapes"), state_file(ws, "shapes").read_bytes()
-    entities = [{"entity_name": ws["env"].var("model_name"), "entity_version": ws["v1"]}]
+    entities = [{"entity_name": ws.env.var("model_name"), "entity_version": ws.v1}]
     for config, field in [({"served_entities": entities, "traffic_config": "routes"}, "config.traffic_config must be an object"),
                           ({"served_entities": entities, "traffic_config": []}, "config.traffic_config must be an object"),
                           ({"served_entities": [{**entities[0], "name": 7}]}, "config.served_entities[0].name must be a string"),
@@ -165,16 +163,16 @@ def test_malformed_bodies_answer_400_naming_the_field_and_change_nothing(ws, api
 
 def test_a_refused_change_leaves_what_is_served_what_is_saved_and_what_a_restart_brings_back_equal(ws, api):
     "Finding 4: an integer tag key answered 500 but stayed in memory; PUT config then served version 2 while the file kept 1."
-    create(ws, "drift", entity(ws, ws["v1"]))
+    create(ws, "drift", entity(ws, ws.v1))
     refused(api("PATCH", "/drift/tags", {"add_tags": [{"key": 5, "value": "x"}]}), 400, "add_tags[0].key")
     assert served(api, "drift")["tags"] == {}
-    r = api("PUT", "/drift/config", {"served_entities": [{"entity_name": ws["env"].var("model_name"), "entity_version": ws["v2"]}]})
+    r = api("PUT", "/drift/config", {"served_entities": [{"entity_name": ws.env.var("model_name"), "entity_version": ws.v2}]})
     assert r.status_code == 200, r.text
     assert settled(api, "drift")["config"]["config_version"] == 2
-    assert served(api, "drift") == saved(ws, "drift") and saved(ws, "drift")["config"]["served_entities"][0]["entity_version"] == ws["v2"]
+    assert served(api, "drift") == saved(ws, "drift") and saved(ws, "drift")["config"]["served_entities"][0]["entity_version"] == ws.v2
     assert api("PATCH", "/drift/tags", {"add_tags": [{"key": "stage", "value": "canary"}, {"key": "pii"}]}).status_code == 200
     # PUT ai-gateway whose inference log cannot open: a 500 naming the folder, and capture stays off on disk and in memory
-    folder = ws["env"].path("serving", "inference", "drift")
+    folder = ws.env.path("serving", "inference", "drift")
     block_folder(folder)
     before, on_disk = served(api, "drift"), state_file(ws, "drift").read_bytes()
     refused(api("PUT", "/drift/ai-gateway", gateway("drift")), 500, str(folder))
@@ -187,7 +185,7 @@ def test_a_refused_change_leaves_what_is_served_what_is_saved_and_what_a_restart
 
 def test_a_create_that_fails_leaves_no_ghost(ws, api):
     "Finding 4: a create that failed with 500 left a NOT_READY endpoint that blocked re-creation until a restart."
-    folder = ws["env"].path("serving", "inference", "ghost")
+    folder = ws.env.path("serving", "inference", "ghost")
     block_folder(folder)
     refused(api("POST", "", create_body(ws, "ghost", ai_gateway=gateway("ghost"))), 500, f"cannot open its inference log in {folder}")
     assert api("GET", "/ghost").status_code == 404 and not state_file(ws, "ghost").exists()
@@ -201,7 +199,7 @@ def test_an_inference_table_that_cannot_be_written_fails_neither_delete_nor_a_gr
     "Finding 5: deleting an endpoint whose records could not flush answered 500; a graceful stop failed and left server.json."
     for name in ("unflushed", "unflushed2"):
         assert api("POST", "", create_body(ws, name, ai_gateway=gateway(name))).status_code == 200
-        block_folder(tables_for(ws["env"]).path(f"dev.credit.{name}_payload"))  # the Delta table cannot be made there
+        block_folder(tables_for(ws.env).path(f"dev.credit.{name}_payload"))  # the Delta table cannot be made there
         settled(api, name)
         assert invoke(ws, name, {"dataframe_records": [{"customer_id": 1}]}).status_code == 200
     time.sleep(1.5)  # a flush or two fail, and are logged
@@ -212,19 +210,19 @@ def test_an_inference_table_that_cannot_be_written_fails_neither_delete_nor_a_gr
     log = server_log(ws).read_text(errors="replace")[log_size:]
     assert "Application shutdown failed" not in log and "kept for a later flush to dev.credit.unflushed2_payload" in log
     api("DELETE", "/unflushed2")
-    for name in ("unflushed", "unflushed2"): os.remove(tables_for(ws["env"]).path(f"dev.credit.{name}_payload"))
+    for name in ("unflushed", "unflushed2"): os.remove(tables_for(ws.env).path(f"dev.credit.{name}_payload"))
 
 
 def test_unreadable_saved_state_is_reported_and_every_other_endpoint_serves(ws, api):
     "Finding 1: a truncated, empty or name-less state file, or an unwritable inference folder, kept the runtime from starting."
-    create(ws, "healthy", entity(ws, ws["v1"]))
+    create(ws, "healthy", entity(ws, ws.v1))
     good = state_file(ws, "healthy").read_bytes()
     record = orjson.loads(good)
     broken = {"truncated": good[: len(good) // 2], "empty": b"", "nameless": orjson.dumps({k: v for k, v in record.items() if k != "name"}),
               "listed": b"[]", "misnamed": good, "badtags": orjson.dumps({**record, "name": "badtags", "tags": {"k": 1}})}
     for name, data in broken.items(): state_file(ws, name).write_bytes(data)
     state_file(ws, "capturing").write_bytes(orjson.dumps({**record, "name": "capturing", "ai_gateway": gateway("capturing")}))
-    block_folder(ws["env"].path("serving", "inference", "capturing"))
+    block_folder(ws.env.path("serving", "inference", "capturing"))
     log_size = restart(ws)
     assert settled(api, "healthy")["state"]["ready"] == "READY"
     assert invoke(ws, "healthy", {"dataframe_records": [{"customer_id": 4}]}).status_code == 200
@@ -241,7 +239,7 @@ def test_unreadable_saved_state_is_reported_and_every_other_endpoint_serves(ws, 
     assert "cannot open its inference log" in log and "tags[0].value must be a string" in log
     for name in [*broken, "capturing"]:
         assert api("DELETE", f"/{name}").status_code == 200 and not state_file(ws, name).exists()
-    os.remove(ws["env"].path("serving", "inference", "capturing"))
+    os.remove(ws.env.path("serving", "inference", "capturing"))
     assert {e["name"] for e in api("GET").json()["endpoints"]}.isdisjoint([*broken, "capturing"])
 
 
@@ -281,8 +279,8 @@ def bodies(valid):
 
 
 def test_fuzzed_control_plane_bodies_never_get_a_5xx_and_what_is_served_stays_what_is_saved(ws, api):
-    model = ws["env"].var("model_name")
-    create(ws, "fz", entity(ws, ws["v1"]))
+    model = ws.env.var("model_name")
+    create(ws, "fz", entity(ws, ws.v1))
     earlier = [e["name"] for e in api("GET").json()["endpoints"]]
     statuses = {}
     absent = [{"entity_name": model, "entity_version": "999", "name": "a"}, {"entity_name": model, "entity_version": "998", "name": "b"}]

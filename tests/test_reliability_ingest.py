@@ -30,7 +30,7 @@ def test_duplicate_header_is_refused_naming_file_and_columns(env, tmp_path):
         ingest_file(path, env)
     assert str(e.value).startswith(f"{path}: column(s) named more than once in the header: AGE (columns 6, 26)"), e.value
     assert written_tables(env) == {}
-    proc = cli("ingest", "--env", "dev", str(path), check=False)  # as users see it: one line, no traceback
+    proc = cli("ingest", "--env", "dev", str(path), check=False, process=True)  # as users see it: one line, no traceback
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "KeyError" not in proc.stderr, proc.stderr
     assert "AGE (columns 6, 26)" in proc.stderr
 

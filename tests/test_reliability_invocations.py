@@ -23,9 +23,8 @@ from hypothesis import strategies as st
 from serving_mlops.domains import FEATURE_DOMAINS
 from serving_mlops.serving.process import server_info
 
-from served import create, entity, in_process, invoke, served_workspace  # noqa: E402
+from served import create, entity, in_process, invoke  # noqa: E402
 
-ws = pytest.fixture(scope="module")(served_workspace)
 
 DEEP_PARAMS = b'{"dataframe_records": [{"customer_id": 1}], "params": {"p": ' + b"[" * 300 + b"]" * 300 + b"}}"  # finding 3
 
@@ -33,9 +32,9 @@ DEEP_PARAMS = b'{"dataframe_records": [{"customer_id": 1}], "params": {"p": ' + 
 @pytest.fixture(scope="module")
 def door(ws):
     "An endpoint serving the credit model, and the in-process predictions of the first 200 clients by key."
-    create(ws, "door", entity(ws, ws["v1"]))
+    create(ws, "door", entity(ws, ws.v1))
     cids = list(range(1, 201))
-    rows = [ws["features"](cid) for cid in cids]
+    rows = [ws.features(cid) for cid in cids]
     return {"name": "door", "rows": dict(zip(cids, rows)), "expected": dict(zip(cids, in_process(ws, rows)))}
 
 
@@ -75,8 +74,8 @@ def test_finding_8_loose_types_and_values_ingest_would_quarantine_are_400(ws, do
                                         ("pay_ratio_1m", 1.5, "is outside 0..1"), ("recent_delay", 9, "is outside 0..8")]:
             rows = [{"customer_id": 3}, {"customer_id": 4, column: value}]
             refused(invoke(ws, "door", {"dataframe_records": rows}, client), f"column '{column}' row 1: {value!r} {expected}")
-            full = {c: door["rows"][4][c] for c in ws["columns"]}  # the same value among all the features, as instances
-            refused(invoke(ws, "door", {"instances": [[{**full, column: value}[c] for c in ws["columns"]]]}, client),
+            full = {c: door["rows"][4][c] for c in ws.columns}  # the same value among all the features, as instances
+            refused(invoke(ws, "door", {"instances": [[{**full, column: value}[c] for c in ws.columns]]}, client),
                     f"column '{column}' row 0")
         refused(invoke(ws, "door", {"dataframe_split": {"columns": ["customer_id", "age", "age"], "data": [[1, 30, 40]]}}, client),
                 "dataframe_split.columns[2] repeats column 'age'")
@@ -204,7 +203,7 @@ def mutate(body: bytes, payload: dict) -> bytes:
 
 
 def test_fuzzed_invocations_never_answer_5xx(ws, door):
-    log = ws["env"].root / "serving" / "server.log"
+    log = ws.env.root / "serving" / "server.log"
     tracebacks = log.read_text(errors="replace").count("Traceback")
     statuses, fives = Counter(), []
     client = httpx.Client()
@@ -227,6 +226,6 @@ def test_fuzzed_invocations_never_answer_5xx(ws, door):
     assert fives == [], f"{len(fives)} answers >= 500, e.g. {fives[:3]}"
     assert sum(statuses.values()) >= 5_000 and statuses[200] > 0 and statuses[400] > 0
     assert log.read_text(errors="replace").count("Traceback") == tracebacks  # no unexpected exception was logged
-    assert server_info(ws["env"]) is not None
+    assert server_info(ws.env) is not None
     r = invoke(ws, "door", {"dataframe_records": [{"customer_id": 7}]})  # still serving, still right
     np.testing.assert_allclose(r.json()["predictions"], [door["expected"][7]], rtol=0, atol=1e-12)

@@ -10,6 +10,7 @@ import httpx
 import mlflow
 import pandas as pd
 import pytest
+from conftest import expensive
 from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput
 
 from serving_mlops.config import get_environment
@@ -30,6 +31,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the runtime proce
 
 
 @pytest.fixture
+@expensive
 def runtime(home):
     env = get_environment("dev")
     info = start_server(env, read_timeout=READ_TIMEOUT, request_log_mb=0.01, request_log_files=2)

@@ -26,33 +26,30 @@ from scipy.stats import binomtest
 
 from conftest import cli
 from serving_mlops.config import get_environment
-from serving_mlops.serving.process import (server_file, server_info, start_server,
-                                           wait_exit, workspace_client)
+from serving_mlops.serving.process import server_file, server_info, wait_exit
 from serving_mlops.monitoring.inference import inference_frame, served_entities
 from serving_mlops.serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE
 from serving_mlops.serving.runtime import read_request_log
 from serving_mlops.tables import tables_for
 
-from served import (METRICS_INTERVAL, MetricReadings, Slow, SlowToLoad, create, entity, in_process, invoke,  # noqa: E402
-                    served_workspace)
+from served import MetricReadings, Slow, SlowToLoad, create, entity, in_process, invoke  # noqa: E402
 
-ws = pytest.fixture(scope="module")(served_workspace)
 
 
 def test_control_plane_create_get_list_update_delete(ws):
-    w, name = ws["w"], "crud"
-    ep = create(ws, name, entity(ws, ws["v1"]), tags=None)
+    w, name = ws.w, "crud"
+    ep = create(ws, name, entity(ws, ws.v1), tags=None)
     assert (ep.state.ready.value, ep.state.config_update.value) == ("READY", "NOT_UPDATING")
-    assert ep.config.served_entities[0].entity_version == ws["v1"] and ep.config.config_version == 1
+    assert ep.config.served_entities[0].entity_version == ws.v1 and ep.config.config_version == 1
     assert ep.config.traffic_config.routes[0].traffic_percentage == 100
     assert name in [e.name for e in w.serving_endpoints.list()]
     with pytest.raises(ResourceAlreadyExists, match="already exists"):
-        create(ws, name, entity(ws, ws["v1"]))
+        create(ws, name, entity(ws, ws.v1))
     with pytest.raises(InvalidParameterValue, match="add up to 110%"):
-        w.serving_endpoints.update_config(name, served_entities=[entity(ws, ws["v1"], "a"), entity(ws, ws["v2"], "b")],
+        w.serving_endpoints.update_config(name, served_entities=[entity(ws, ws.v1, "a"), entity(ws, ws.v2, "b")],
                                           traffic_config=TrafficConfig(routes=[Route(90, served_entity_name="a"), Route(20, served_entity_name="b")]))
-    ep = w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws["v2"])])
-    assert ep.config.served_entities[0].entity_version == ws["v2"] and ep.config.config_version == 2 and ep.pending_config is None
+    ep = w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v2)])
+    assert ep.config.served_entities[0].entity_version == ws.v2 and ep.config.config_version == 2 and ep.pending_config is None
     gateway = w.serving_endpoints.put_ai_gateway(name, inference_table_config=AiGatewayInferenceTableConfig(
         catalog_name="dev", schema_name="credit", table_name_prefix="crud", enabled=True))
     assert gateway.inference_table_config.table_name_prefix == "crud"
@@ -64,9 +61,9 @@ def test_control_plane_create_get_list_update_delete(ws):
 
 
 def test_invocations_in_all_four_formats_match_in_process_predictions(ws):
-    create(ws, "formats", entity(ws, ws["v1"]))
-    rows = [ws["features"](cid) for cid in (1, 2, 3)]
-    cols = ws["columns"]
+    create(ws, "formats", entity(ws, ws.v1))
+    rows = [ws.features(cid) for cid in (1, 2, 3)]
+    cols = ws.columns
     expected = in_process(ws, rows)
     payloads = {"dataframe_split": {"columns": cols, "data": [[r[c] for c in cols] for r in rows]},
                 "dataframe_records": rows,
@@ -76,15 +73,15 @@ def test_invocations_in_all_four_formats_match_in_process_predictions(ws):
         r = invoke(ws, "formats", {key: data})
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["predictions"], expected, rtol=0, atol=1e-12, err_msg=key)
-        assert r.headers["served-model-name"] == f"default_model-{ws['v1']}"
-    q = ws["w"].serving_endpoints.query("formats", dataframe_records=rows)  # the SDK's own parsing of the response
+        assert r.headers["served-model-name"] == f"default_model-{ws.v1}"
+    q = ws.w.serving_endpoints.query("formats", dataframe_records=rows)  # the SDK's own parsing of the response
     np.testing.assert_allclose(q.predictions, expected, atol=1e-12)
-    assert q.served_model_name == f"default_model-{ws['v1']}"
+    assert q.served_model_name == f"default_model-{ws.v1}"
 
 
 def test_key_only_requests_look_features_up_and_request_values_override(ws):
-    create(ws, "keys", entity(ws, ws["v1"]))
-    rows = [ws["features"](cid) for cid in (5, 6)]
+    create(ws, "keys", entity(ws, ws.v1))
+    rows = [ws.features(cid) for cid in (5, 6)]
     r = invoke(ws, "keys", {"dataframe_records": [{"customer_id": 5}, {"customer_id": 6}]})
     assert r.status_code == 200 and "metadata" not in r.json()
     np.testing.assert_allclose(r.json()["predictions"], in_process(ws, rows), atol=1e-12)
@@ -96,12 +93,12 @@ def test_key_only_requests_look_features_up_and_request_values_override(ws):
     missing = r.json()["metadata"]["keys_not_found"]
     assert {m["table"] for m in missing} == {"dev.credit.behaviour_features", "dev.credit.demographic_features"}
     assert all(m["key"] == [987654321] for m in missing)
-    nan_row = pd.DataFrame([[np.nan] * len(ws["columns"])], columns=ws["columns"])
-    np.testing.assert_allclose(r.json()["predictions"], ws["model"].predict(nan_row), atol=1e-12)  # imputed like the pipeline does
+    nan_row = pd.DataFrame([[np.nan] * len(ws.columns)], columns=ws.columns)
+    np.testing.assert_allclose(r.json()["predictions"], ws.model.predict(nan_row), atol=1e-12)  # imputed like the pipeline does
 
 
 def test_traffic_split_90_10(ws):
-    create(ws, "split", entity(ws, ws["v1"], "old"), entity(ws, ws["v2"], "new"),
+    create(ws, "split", entity(ws, ws.v1, "old"), entity(ws, ws.v2, "new"),
            routes=[Route(90, served_entity_name="old"), Route(10, served_entity_name="new")])
     n, served = 1_000, []
     with MetricReadings(ws, "split") as metrics, httpx.Client() as client:
@@ -116,7 +113,7 @@ def test_traffic_split_90_10(ws):
     assert {e: metrics.total(e) for e in ("old", "new")} == {"old": n - new, "new": new}
     assert {e: metrics.total(e, "latency_count") for e in ("old", "new")} == {"old": n - new, "new": new}
     assert len(metrics.readings["old"]) >= 2  # the requests spread over several intervals
-    families = {f.name: f for f in text_string_to_metric_families(ws["w"].serving_endpoints.export_metrics("split").contents.read().decode())}
+    families = {f.name: f for f in text_string_to_metric_families(ws.w.serving_endpoints.export_metrics("split").contents.read().decode())}
     assert {"request_count_total", "request_4xx_count_total", "request_5xx_count_total", "request_latency_ms", "cpu_usage_percentage",
             "mem_usage_percentage", "provisioned_concurrent_requests_total"} <= set(families)
     assert {(f, s.labels["served_model_name"]) for f in ("request_count_total", "provisioned_concurrent_requests_total")
@@ -127,25 +124,25 @@ def test_traffic_split_90_10(ws):
 
 
 def test_auth_failures_never_reach_a_model(ws):
-    env = ws["env"]
-    create(ws, "auth", entity(ws, ws["v1"]))
+    env = ws.env
+    create(ws, "auth", entity(ws, ws.v1))
     ok = {"dataframe_records": [{"customer_id": 1}]}
-    r = httpx.post(f"{ws['url']}/serving-endpoints/auth/invocations", json=ok)
+    r = httpx.post(f"{ws.url}/serving-endpoints/auth/invocations", json=ok)
     assert (r.status_code, r.json()["error_code"]) == (401, "UNAUTHENTICATED")
     r = invoke(ws, "auth", ok, token="dapi" + "0" * 32)
     assert (r.status_code, r.json()["error_code"]) == (403, "PERMISSION_DENIED")
-    r = httpx.get(f"{ws['url']}/api/2.0/serving-endpoints", headers={"Authorization": "Basic abc"})
+    r = httpx.get(f"{ws.url}/api/2.0/serving-endpoints", headers={"Authorization": "Basic abc"})
     assert r.status_code == 403
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.config import Config
-    stranger = WorkspaceClient(config=Config(host=ws["url"], token="dapi-wrong", auth_type="pat", retry_timeout_seconds=5))
+    stranger = WorkspaceClient(config=Config(host=ws.url, token="dapi-wrong", auth_type="pat", retry_timeout_seconds=5))
     with pytest.raises(PermissionDenied):
         list(stranger.serving_endpoints.list())
     assert not (env.root / "serving" / "requests" / "auth.jsonl").exists()  # nothing reached a model: no outcome was recorded
     token_file = env.root / "tokens" / "serving-token"
     assert oct(token_file.stat().st_mode & 0o777) == "0o600"
     assert invoke(ws, "auth", ok).status_code == 200
-    assert ws["token"] not in (env.root / "serving" / "server.log").read_text()
+    assert ws.token not in (env.root / "serving" / "server.log").read_text()
 
 
 BAD_INPUTS = [
@@ -171,7 +168,7 @@ BAD_INPUTS = [
 
 
 def test_bad_input_gets_400_naming_the_problem_and_the_server_keeps_serving(ws):
-    create(ws, "bad", entity(ws, ws["v1"]))
+    create(ws, "bad", entity(ws, ws.v1))
     create(ws, "exploding", ServedEntityInput(entity_name="dev.credit.exploding_model", entity_version="1"))
     with MetricReadings(ws, "bad") as metrics, httpx.Client() as client:
         for body, message in BAD_INPUTS:
@@ -190,17 +187,17 @@ def test_bad_input_gets_400_naming_the_problem_and_the_server_keeps_serving(ws):
     assert r.status_code == 400 and "failed on this input: ValueError: x must be non-negative" in r.json()["message"]
     assert invoke(ws, "exploding", {"dataframe_records": [{"x": 1.5}]}).json()["predictions"] == [3.0]
     assert invoke(ws, "bad", {"dataframe_records": [{"customer_id": 1}]}).status_code == 200  # still serving
-    assert server_info(ws["env"]) is not None
-    served = f"default_model-{ws['v1']}"
+    assert server_info(ws.env) is not None
+    served = f"default_model-{ws.v1}"
     # each bad body once (+ the huge batch) is a 4xx; 404 and 413 never reached the endpoint; one request succeeded
     assert (metrics.total(served, "errors"), metrics.total(served)) == (len(BAD_INPUTS) + 1, len(BAD_INPUTS) + 2)
-    outcomes = read_request_log(ws["env"].root / "serving" / "requests", "bad")
+    outcomes = read_request_log(ws.env.root / "serving" / "requests", "bad")
     assert len(outcomes) == len(BAD_INPUTS) + 3 and sum(o["status_code"] == 200 for o in outcomes) == 2
 
 
 def test_config_update_under_load_fails_no_request(ws):
-    w = ws["w"]
-    create(ws, "live", entity(ws, ws["v1"]))
+    w = ws.w
+    create(ws, "live", entity(ws, ws.v1))
     stop, results = threading.Event(), []
     def client_loop(k):
         with httpx.Client() as client:
@@ -212,26 +209,26 @@ def test_config_update_under_load_fails_no_request(ws):
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(client_loop, k) for k in range(4)]
         time.sleep(1)
-        w.serving_endpoints.update_config_and_wait("live", served_entities=[entity(ws, ws["v2"])])
+        w.serving_endpoints.update_config_and_wait("live", served_entities=[entity(ws, ws.v2)])
         time.sleep(1)
-        w.serving_endpoints.update_config_and_wait("live", served_entities=[entity(ws, ws["v1"])])
+        w.serving_endpoints.update_config_and_wait("live", served_entities=[entity(ws, ws.v1)])
         time.sleep(1)
         stop.set()
         for f in futures: f.result()
     statuses = [s for s, _ in results]
     assert len(statuses) > 50 and set(statuses) == {200}, f"{len([s for s in statuses if s != 200])} failed"
     served = [m for _, m in results]
-    assert f"default_model-{ws['v2']}" in served and served[-1] == f"default_model-{ws['v1']}"
+    assert f"default_model-{ws.v2}" in served and served[-1] == f"default_model-{ws.v1}"
 
 
 def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config(ws):
-    w = ws["w"]
-    create(ws, "sturdy", entity(ws, ws["v1"]))
-    w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws["v2"])])  # loading takes a while
+    w = ws.w
+    create(ws, "sturdy", entity(ws, ws.v1))
+    w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws.v2)])  # loading takes a while
     with pytest.raises(ResourceConflict, match="config update in progress"):
-        w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws["v1"])])
+        w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws.v1)])
     ep = w.serving_endpoints.wait_get_serving_endpoint_not_updating("sturdy")
-    assert ep.config.served_entities[0].entity_version == ws["v2"]
+    assert ep.config.served_entities[0].entity_version == ws.v2
     w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, "999")])
     deadline = time.monotonic() + 60
     while (ep := w.serving_endpoints.get("sturdy")).state.config_update.value == "IN_PROGRESS" and time.monotonic() < deadline:
@@ -239,16 +236,16 @@ def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_co
     assert (ep.state.ready.value, ep.state.config_update.value) == ("READY", "UPDATE_FAILED")
     failed = ep.pending_config.served_entities[0]
     assert failed.state.deployment.value == "DEPLOYMENT_FAILED" and "cannot load models:/dev.credit.default_model/999" in failed.state.deployment_state_message
-    assert ep.config.served_entities[0].entity_version == ws["v2"]
+    assert ep.config.served_entities[0].entity_version == ws.v2
     r = invoke(ws, "sturdy", {"dataframe_records": [{"customer_id": 1}]})
-    assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws['v2']}"
-    ep = w.serving_endpoints.update_config_and_wait("sturdy", served_entities=[entity(ws, ws["v1"])])  # a failed update does not block the next
-    assert ep.state.config_update.value == "NOT_UPDATING" and ep.config.served_entities[0].entity_version == ws["v1"]
+    assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws.v2}"
+    ep = w.serving_endpoints.update_config_and_wait("sturdy", served_entities=[entity(ws, ws.v1)])  # a failed update does not block the next
+    assert ep.state.config_update.value == "NOT_UPDATING" and ep.config.served_entities[0].entity_version == ws.v1
 
 
 def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoint(ws):
-    env, w = ws["env"], ws["w"]
-    create(ws, "durable", entity(ws, ws["v1"], "one"), entity(ws, ws["v2"], "two"),
+    env, w = ws.env, ws.w
+    create(ws, "durable", entity(ws, ws.v1, "one"), entity(ws, ws.v2, "two"),
            routes=[Route(50, served_entity_name="one"), Route(50, served_entity_name="two")])
     before = {e.name for e in w.serving_endpoints.list()}
     big = {"inputs": {"customer_id": [1 + i % 500 for i in range(5_000)]}}
@@ -261,9 +258,8 @@ def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoi
     assert [r.status_code for r in responses] == [200, 200, 200]
     assert all(len(r.json()["predictions"]) == 5_000 for r in responses)
     assert wait_exit(pid, 60) and not server_file(env).exists()
-    info = start_server(env, metrics_interval=METRICS_INTERVAL)
-    ws["url"] = info["url"]
-    ws["w"] = w = workspace_client(env)
+    ws.start()
+    w = ws.w
     assert {e.name for e in w.serving_endpoints.list()} == before
     ep = w.serving_endpoints.wait_get_serving_endpoint_not_updating("durable")
     assert ep.state.ready.value == "READY" and [r.traffic_percentage for r in ep.config.traffic_config.routes] == [50, 50]
@@ -272,10 +268,10 @@ def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoi
 
 
 def test_inference_table_has_every_acknowledged_request_exactly_once_after_sigkill(ws):
-    env = ws["env"]
+    env = ws.env
     gateway = AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
         catalog_name="dev", schema_name="credit", table_name_prefix="captured", enabled=True))
-    create(ws, "captured", entity(ws, ws["v1"]), ai_gateway=gateway)
+    create(ws, "captured", entity(ws, ws.v1), ai_gateway=gateway)
     stop, acked, lock = threading.Event(), {}, threading.Lock()
     def client_loop(k):
         with httpx.Client() as client:
@@ -295,8 +291,7 @@ def test_inference_table_has_every_acknowledged_request_exactly_once_after_sigki
         time.sleep(0.5); stop.set()
         for f in loops: f.result()
     assert wait_exit(pid, 30) and len(acked) > 100
-    info = start_server(env, metrics_interval=METRICS_INTERVAL)  # replays the log the killed process left
-    ws["url"], ws["w"] = info["url"], workspace_client(env)
+    ws.start()  # replays the log the killed process left
     table, deadline = "dev.credit.captured_payload", time.monotonic() + 60
     while time.monotonic() < deadline:
         rows = tables_for(env).read_pandas(table) if tables_for(env).exists(table) else pd.DataFrame({"databricks_request_id": []})
@@ -315,20 +310,20 @@ def test_inference_table_has_every_acknowledged_request_exactly_once_after_sigki
     assert orjson.loads(mine.loc[first, "request"])["dataframe_records"] == [{"customer_id": acked[first][1]}]
     # what monitoring makes of the rows: the served entity's version from the history, the features looked up as of the request
     resolved = served_entities(env, "captured", mine.served_entity_id.unique())
-    assert resolved[["served_entity_name", "model_name", "model_version"]].values.tolist() == [[f"default_model-{ws['v1']}", env.var("model_name"), ws["v1"]]]
+    assert resolved[["served_entity_name", "model_name", "model_version"]].values.tolist() == [[f"default_model-{ws.v1}", env.var("model_name"), ws.v1]]
     frame = inference_frame(env, rows.loc[rows.databricks_request_id.isin(list(acked)[:20])], endpoint="captured").set_index("databricks_request_id")
     for rid in frame.index:
-        expected = ws["features"](acked[rid][1])
-        assert [frame.loc[rid, c] for c in ws["columns"]] == [expected[c] for c in ws["columns"]]  # the values the model saw online
+        expected = ws.features(acked[rid][1])
+        assert [frame.loc[rid, c] for c in ws.columns] == [expected[c] for c in ws.columns]  # the values the model saw online
         assert frame.loc[rid, "prediction"] == acked[rid][2]
-    ws["w"].serving_endpoints.delete("captured")
+    ws.w.serving_endpoints.delete("captured")
 
 def test_every_payload_row_resolves_to_the_version_that_answered_through_the_served_entity_history(ws):
     "Databricks' API does not return served_entity_id: rows resolve through system.serving.served_entities, old configs included."
-    env, w, name = ws["env"], ws["w"], "history"
+    env, w, name = ws.env, ws.w, "history"
     gateway = AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
         catalog_name="dev", schema_name="credit", table_name_prefix="history", enabled=True))
-    create(ws, name, entity(ws, ws["v1"]), ai_gateway=gateway)
+    create(ws, name, entity(ws, ws.v1), ai_gateway=gateway)
     answered = {}
     def send(k):
         for i in range(k):
@@ -336,11 +331,11 @@ def test_every_payload_row_resolves_to_the_version_that_answered_through_the_ser
             assert r.status_code == 200
             answered[r.headers["x-request-id"]] = r.headers["served-model-name"]
     send(5)
-    one, two = f"default_model-{ws['v1']}", f"default_model-{ws['v2']}"
-    w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws["v1"]), entity(ws, ws["v2"])],
+    one, two = f"default_model-{ws.v1}", f"default_model-{ws.v2}"
+    w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v1), entity(ws, ws.v2)],
                                                traffic_config=TrafficConfig(routes=[Route(50, served_entity_name=one), Route(50, served_entity_name=two)]))
     send(30)
-    ep = w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws["v2"])])
+    ep = w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v2)])
     send(5)
     assert ep.config.config_version == 3 and {one, two} <= set(answered.values())
     w.serving_endpoints.delete(name)  # flushes the inference log and records the deletion
@@ -350,7 +345,7 @@ def test_every_payload_row_resolves_to_the_version_that_answered_through_the_ser
     assert len(entities) == 2  # one id per entity: v1 kept its id through the update that added v2, v2 kept its own after
     got = rows.served_entity_id.map(entities.served_entity_name)
     assert dict(zip(rows.databricks_request_id, got)) == answered  # every row names the entity that answered it
-    assert rows.served_entity_id.map(entities.model_version).isin([ws["v1"], ws["v2"]]).all()
+    assert rows.served_entity_id.map(entities.model_version).isin([ws.v1, ws.v2]).all()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         history = tables_for(env).read_pandas(SERVED_ENTITIES_TABLE, filters=[("endpoint_name", "=", name)])
@@ -364,22 +359,22 @@ def test_every_payload_row_resolves_to_the_version_that_answered_through_the_ser
 def test_a_deployment_that_times_out_is_rolled_back_and_the_error_names_the_endpoint(ws):
     "databricks-sdk's waiters raise the built-in TimeoutError: deploy_and_test catches it, rolls back and says what timed out."
     from serving_mlops.deploy import DeploymentFailed, deploy_and_test
-    env, w = ws["env"], ws["w"]
+    env, w = ws.env, ws.w
     mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
-    rows = pd.DataFrame([ws["features"](cid) for cid in range(1, 4)])
+    rows = pd.DataFrame([ws.features(cid) for cid in range(1, 4)])
     with mlflow.start_run():
         slow = mlflow.pyfunc.log_model(name="slow_to_load", python_model=SlowToLoad(), registered_model_name=env.var("model_name"),
                                        signature=mlflow.models.infer_signature(rows, np.zeros(len(rows))), pip_requirements=["mlflow"])
     version = str(slow.registered_model_version)
-    create(ws, "timeouts", entity(ws, ws["v1"]))
+    create(ws, "timeouts", entity(ws, ws.v1))
     with pytest.raises(DeploymentFailed) as failed:
         deploy_and_test(env, version, endpoint="timeouts", timeout_minutes=0.05, requests=5)  # 3 s for an 8 s load
     message = str(failed.value)
     assert f"endpoint timeouts: the config update to default_model-{version} 100% was not ready within 0:00:03" in message, message
-    assert f"rolled back: restored the previous config: default_model-{ws['v1']} 100%" in message, message
+    assert f"rolled back: restored the previous config: default_model-{ws.v1} 100%" in message, message
     ep = w.serving_endpoints.get("timeouts")
-    assert ep.state.config_update.value == "NOT_UPDATING" and [s.entity_version for s in ep.config.served_entities] == [ws["v1"]]
-    assert invoke(ws, "timeouts", {"dataframe_records": [{"customer_id": 1}]}).headers["served-model-name"] == f"default_model-{ws['v1']}"
+    assert ep.state.config_update.value == "NOT_UPDATING" and [s.entity_version for s in ep.config.served_entities] == [ws.v1]
+    assert invoke(ws, "timeouts", {"dataframe_records": [{"customer_id": 1}]}).headers["served-model-name"] == f"default_model-{ws.v1}"
     with pytest.raises(DeploymentFailed) as failed:  # an endpoint the deployment would have created is deleted
         deploy_and_test(env, version, endpoint="timeouts-new", timeout_minutes=0.05, requests=5)
     assert "endpoint timeouts-new: creating it to" in str(failed.value) and "deleted endpoint timeouts-new" in str(failed.value), str(failed.value)
@@ -390,12 +385,12 @@ def test_a_deployment_that_times_out_is_rolled_back_and_the_error_names_the_endp
 
 def test_cli_serve_background_endpoints_and_stop(home):
     env = get_environment("staging")
-    out = cli("serve", "--env", "staging", "--background", "--port", "0").stdout
+    out = cli("serve", "--env", "staging", "--background", "--port", "0", process=True).stdout
     info = server_info(env)
     assert info is not None and info["url"] in out and "serving-token" in out
     assert "no serving endpoints in environment 'staging'" in cli("endpoints", "--env", "staging").stdout
     port = info["url"].rsplit(":", 1)[1]
-    r = cli("serve", "--env", "prod", "--port", port, check=False)  # another environment on the busy port: who holds it, how to stop it
+    r = cli("serve", "--env", "prod", "--port", port, check=False, process=True)  # another environment on the busy port: who holds it, how to stop it
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"cannot serve environment 'prod' on 127.0.0.1:{port}: the port is in use: the serving runtime of environment 'staging'" in r.stderr
     assert "serving-mlops serve --env staging --stop" in r.stderr
@@ -410,11 +405,11 @@ def test_cli_serve_background_endpoints_and_stop(home):
 
 def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws, capsys):
     from serving_mlops.deploy import DeploymentFailed, canary, deploy
-    env, w = ws["env"], ws["w"]
+    env, w = ws.env, ws.w
     name = env.var("endpoint_name")
-    deploy(env, ws["v1"], client=w)
+    deploy(env, ws.v1, client=w)
     mlflow.set_tracking_uri(env.tracking_uri)
-    rows = pd.DataFrame([ws["features"](cid) for cid in range(1, 6)])
+    rows = pd.DataFrame([ws.features(cid) for cid in range(1, 6)])
     with mlflow.start_run():
         slow = mlflow.pyfunc.log_model(name="slow", python_model=Slow(), registered_model_name=env.var("model_name"),
                                        signature=mlflow.models.infer_signature(rows, np.zeros(len(rows))), pip_requirements=["mlflow"])
@@ -424,22 +419,22 @@ def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws,
         with httpx.Client() as client:
             i = 0
             while not stop.is_set():
-                statuses.append(invoke(ws, name, {"dataframe_records": [ws["features"](1 + i % 40)]}, client).status_code)
+                statuses.append(invoke(ws, name, {"dataframe_records": [ws.features(1 + i % 40)]}, client).status_code)
                 i += 1
     with ThreadPoolExecutor(2) as pool:
         senders = [pool.submit(traffic) for _ in range(2)]
         try:
-            report = canary(env, ws["v2"], traffic=30, window_seconds=4, min_requests=10, max_latency_ratio=3, client=w)
+            report = canary(env, ws.v2, traffic=30, window_seconds=4, min_requests=10, max_latency_ratio=3, client=w)
             assert report.passed, report.summary()
             progress = capsys.readouterr().err  # the window's progress bar: version, traffic share, seconds of the window, elapsed, requests
-            assert f"canary default_model-{ws['v2']} at 30% of traffic: " in progress and "of 4 s of the window, 00:0" in progress, progress
-            assert f" to default_model-{ws['v1']}" in progress and "4 of 4 s of the window" in progress, progress
+            assert f"canary default_model-{ws.v2} at 30% of traffic: " in progress and "of 4 s of the window, 00:0" in progress, progress
+            assert f" to default_model-{ws.v1}" in progress and "4 of 4 s of the window" in progress, progress
             routes = w.serving_endpoints.get(name).config.traffic_config.routes
-            assert [(r.served_entity_name, r.traffic_percentage) for r in routes] == [(f"default_model-{ws['v2']}", 100)]
+            assert [(r.served_entity_name, r.traffic_percentage) for r in routes] == [(f"default_model-{ws.v2}", 100)]
             with pytest.raises(DeploymentFailed, match=r"\[FAILED\] latency(.|\n)*rolled back: restored the previous config"):
                 canary(env, slow_version, traffic=30, window_seconds=4, min_requests=10, max_latency_ratio=3, client=w)
             routes = w.serving_endpoints.get(name).config.traffic_config.routes
-            assert [(r.served_entity_name, r.traffic_percentage) for r in routes] == [(f"default_model-{ws['v2']}", 100)]
+            assert [(r.served_entity_name, r.traffic_percentage) for r in routes] == [(f"default_model-{ws.v2}", 100)]
         finally:
             stop.set()
             for f in senders: f.result()
@@ -447,8 +442,8 @@ def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws,
 
 
 def test_cli_query_names_customers_the_feature_tables_do_not_know(ws, monkeypatch):
-    env = ws["env"]
-    create(ws, "cli-query", entity(ws, ws["v1"]))
+    env = ws.env
+    create(ws, "cli-query", entity(ws, ws.v1))
     monkeypatch.setenv("SERVING_MLOPS_HOME", str(env.root.parent))  # the CLI process finds the module's workspace and runtime
     r = cli("query", "--env", env.name, "--endpoint", "cli-query", "-c", "1", "-c", "99999999")
     assert "customer 99999999: probability of default" in r.stdout and "(NOT FOUND: features imputed)" in r.stdout
@@ -456,4 +451,4 @@ def test_cli_query_names_customers_the_feature_tables_do_not_know(ws, monkeypatc
     assert "1 of 2 customers not found in the online feature tables: 99999999" in r.stderr
     r = cli("query", "--env", env.name, "--endpoint", "cli-query", "-c", "99999998", "-c", "99999999", check=False)
     assert r.returncode == 1 and "none of the customers is known to endpoint cli-query's feature tables" in r.stderr
-    ws["w"].serving_endpoints.delete("cli-query")
+    ws.w.serving_endpoints.delete("cli-query")

