@@ -15,6 +15,8 @@ export PYTHONUNBUFFERED := 1
 # serving-mlops takes DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE as the workspace of every target without a host
 demo test check: export DATABRICKS_HOST :=
 demo test check: export DATABRICKS_CONFIG_PROFILE :=
+# the tests' Spark JVMs (pytest's and every job kernel's) live seconds: C1 only and the serial collector halve their CPU
+test check: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
 # pytest on both cores: each module runs whole on one worker, the modules of the trained world together (tests/conftest.py)
 PYTEST := $(BIN)/pytest tests -n 2 --dist loadgroup -p no:randomly --timeout 900
 # `make check NB=nbs/06_train.ipynb` tests that notebook; by default the notebooks changed since the last commit

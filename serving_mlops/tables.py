@@ -120,6 +120,8 @@ def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
                .config("spark.sql.session.timeZone", "UTC")
                .config("spark.sql.warehouse.dir", str(warehouse))
                .config("spark.driver.memory", os.environ.get("SERVING_MLOPS_SPARK_MEMORY", "4g")))
+    if java_options := os.environ.get("SERVING_MLOPS_SPARK_JAVA_OPTIONS"):  # e.g. the tests' `-XX:TieredStopAtLevel=1`: half the CPU of a short JVM
+        builder = builder.config("spark.driver.extraJavaOptions", java_options)
     log = os.environ.get(SPARK_LOG_ENV_VAR) or (env.path("logs", create=True) / "spark.log" if env is not None else Path(tempfile.gettempdir()) / "serving-mlops-spark.log")
     with jvm_output_to(log):
         spark = builder.getOrCreate()
