@@ -100,5 +100,6 @@ export: $(VENV)/.installed-dev ## notebooks -> serving_mlops/, then nbdev_clean 
 	$(BIN)/nbdev_clean
 	$(BIN)/nbdev_clean --fname databricks_jobs/notebooks
 
-clean: ## remove the virtual environment and every local workspace
+clean: ## stop the local workspaces' serving runtimes and consoles, then remove them and the virtual environment
+	@if [ -x $(BIN)/serving-mlops ]; then SERVING_MLOPS_HOME=$(CURDIR)/.mlops $(BIN)/serving-mlops stop || true; fi
 	rm -rf $(VENV) .mlops

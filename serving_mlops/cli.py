@@ -23,7 +23,8 @@ from .tables import tables_for
 # %% auto #0
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate', 'table_summary', 'ingest',
            'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'console',
-           'deploy', 'id_range', 'query_keys', 'query', 'endpoints', 'monitor', 'jobs_list', 'jobs_run', 'jobs_runs']
+           'deploy', 'id_range', 'query_keys', 'query', 'endpoints', 'stop_services', 'monitor', 'jobs_list',
+           'jobs_run', 'jobs_runs']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
@@ -309,6 +310,18 @@ def endpoints(env: Optional[str] = EnvOption):
             traffic = {r.served_entity_name: r.traffic_percentage for r in (ep.config.traffic_config.routes if ep.config else [])}
             for s in (ep.config.served_entities if ep.config else []):
                 typer.echo(f"  {s.name}: {s.entity_name} version {s.entity_version}, {traffic.get(s.name, 0)}% of traffic")
+
+# %% ../nbs/90_cli.ipynb #2cc37036
+@app.command("stop")
+def stop_services():
+    "Stop every serving runtime and console of the local workspaces (.mlops/, or $SERVING_MLOPS_HOME), info file or not."
+    from serving_mlops.config import find_bundle, local_root
+    from serving_mlops.serving.process import stop_local_services
+    with clear_errors():
+        home = local_root("any", find_bundle()).parent
+        stopped = [s for s in stop_local_services(home) if not s["worker"]]
+        for s in stopped: typer.echo(f"stopped the {s['what']} of '{s['environment']}' (pid {s['pid']})")
+        if not stopped: typer.echo(f"no serving runtime or console of the local workspaces under {home} is running")
 
 # %% ../nbs/90_cli.ipynb #68a429d5
 @app.command()

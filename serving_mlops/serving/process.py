@@ -5,6 +5,7 @@
 # %% ../../nbs/08g_serving_process.ipynb #e890483a
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -18,11 +19,12 @@ from pathlib import Path
 
 import httpx
 import orjson
+import psutil
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from ..config import Environment, process_alive
+from ..config import HOME_ENV_VAR, Environment, process_alive
 from ..errors import InputError
 from .app import make_app, serving_token
 from .protocol import MAX_ROWS
@@ -31,10 +33,10 @@ from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, SharedState, now_ms
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'READ_TIMEOUT', 'SERVICES', 'STABLE_SECONDS', 'ReadTimeoutProtocol', 'service_file', 'server_file',
-           'write_info', 'drop_info', 'bind_port', 'serve', 'workers_folder', 'restart_delay', 'supervise',
-           'service_on_port', 'service_info', 'server_info', 'start_service', 'start_server', 'stop_service',
-           'stop_server', 'wait_exit', 'workspace_client']
+__all__ = ['log', 'READ_TIMEOUT', 'SERVICES', 'STABLE_SECONDS', 'SERVICE_COMMANDS', 'ReadTimeoutProtocol', 'service_file',
+           'server_file', 'write_info', 'drop_info', 'bind_port', 'serve', 'workers_folder', 'restart_delay',
+           'supervise', 'service_on_port', 'service_info', 'server_info', 'start_service', 'start_server',
+           'stop_service', 'stop_server', 'wait_exit', 'workspace_client', 'local_services', 'stop_local_services']
 
 # %% ../../nbs/08g_serving_process.ipynb #96f1cc6f
 READ_TIMEOUT = 20.0  # seconds a client has to send a whole request, headers and body
@@ -106,8 +108,11 @@ def bind_port(env: Environment, host: str, port: int,
         sock.close()
         if e.errno != errno.EADDRINUSE: raise
         what, holder = service_on_port(env, port) or (None, None)
+        orphan = None if holder else next((o for o in local_services(env.root.parent) if port in o["ports"]), None)
         who = (f"the {what} of environment '{holder['environment']}' (pid {holder['pid']}) holds it; stop it with "
                f"`serving-mlops {SERVICES[what][2]} --env {holder['environment']} --stop`" if holder else
+               f"the {orphan['what']} of environment '{orphan['environment']}' (pid {orphan['pid']}, its info file is gone) holds it; "
+               "stop it with `serving-mlops stop`" if orphan else
                "a program other than these workspaces' serving runtimes and consoles holds it; stop it, or use another port (--port, 0 for any free one)")
         raise InputError(f"cannot {doing} on {host}:{port}: the port is in use: {who}") from None
     return sock
@@ -320,3 +325,35 @@ def workspace_client(env: Environment, retry_timeout_seconds: int = 60):
                            f"`serving-mlops serve --env {env.name} --background`")
     return WorkspaceClient(config=Config(host=info["url"], token=serving_token(env), auth_type="pat",
                                          retry_timeout_seconds=retry_timeout_seconds))
+
+# %% ../../nbs/08g_serving_process.ipynb #e3e4f199
+SERVICE_COMMANDS = {command: what for what, (_, _, command) in SERVICES.items()}  # `serve` -> "serving runtime", ...
+
+def _service_of(proc: psutil.Process, home: Path) -> dict | None:
+    "What `proc` is, when it is a serving runtime or console (or a worker of one) of the workspaces under `home`; else None."
+    cmd = proc.info["cmdline"] or []
+    at = next((i for i, a in enumerate(cmd) if a == "serving_mlops.cli" or a.endswith("/serving-mlops")), None)
+    if at is None or at + 1 >= len(cmd) or cmd[at + 1] not in SERVICE_COMMANDS or "--env" not in cmd[at:-1]: return None
+    try:
+        if Path(proc.environ().get(HOME_ENV_VAR, "/nonexistent")).resolve() != home: return None
+        ports = {c.laddr.port for c in proc.net_connections("tcp") if c.laddr}
+    except (psutil.Error, OSError): return None
+    return {"what": SERVICE_COMMANDS[cmd[at + 1]], "environment": cmd[cmd.index("--env", at) + 1], "pid": proc.pid,
+            "worker": "--worker" in cmd, "ports": ports}
+
+def local_services(home: Path | str) -> list[dict]:
+    "The serving runtimes and consoles of the local workspaces under `home` that are running: kind, environment, pid, ports."
+    home = Path(home).expanduser().resolve()
+    found = (_service_of(p, home) for p in psutil.process_iter(["pid", "cmdline"]) if p.pid != os.getpid())
+    return [s for s in found if s is not None]
+
+def stop_local_services(home: Path | str, timeout: float = 60) -> list[dict]:
+    "Stop every serving runtime and console of the workspaces under `home` (SIGTERM, then wait); returns what was stopped."
+    services = local_services(home)
+    for s in sorted(services, key=lambda s: s["worker"]):  # first processes first: each stops its own workers
+        if process_alive(s["pid"]):
+            with contextlib.suppress(ProcessLookupError): os.kill(s["pid"], signal.SIGTERM)
+        if not s["worker"]: wait_exit(s["pid"], timeout)
+    late = [s["pid"] for s in services if not wait_exit(s["pid"], timeout)]
+    if late: raise TimeoutError(f"pid(s) {late} of the local workspaces under {home} did not stop within {timeout:g} s")
+    return services
