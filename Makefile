@@ -86,8 +86,8 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 
 test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium ## the whole suite (CI runs it): import layers, every notebook (nbdev_test), every test (pytest)
 	$(BIN)/lint-imports --no-cache
-	$(BIN)/nbdev_test --n_workers 2 --timing
-	$(PYTEST) --durations=15
+	@echo "== nbdev_test: every notebook" && t=$$(date +%s) && $(BIN)/nbdev_test --n_workers 2 --timing && echo "nbdev_test: $$(( $$(date +%s) - t )) s"
+	@echo "== pytest" && t=$$(date +%s) && $(PYTEST) --durations=15 && echo "pytest: $$(( $$(date +%s) - t )) s"
 
 check: $(VENV)/.installed-dev java ## the inner loop while editing, about 2 min: import layers, the changed notebooks (or NB=...), the fast tests
 	$(BIN)/lint-imports --no-cache
