@@ -173,19 +173,21 @@ def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
         (run_dir,) = (staging.root / "jobs" / "model_build").iterdir()
         assert sorted(p.name for p in run_dir.glob("*.ipynb")) == ["features.ipynb", "ingest.ipynb", "train.ipynb", "validate.ipynb"]
         assert int(alias_version(staging, "champion").version) == 1
-        cli("jobs", "run", "deploy_serving_endpoint", "--env", "staging")
+        out = cli("jobs", "run", "deploy_serving_endpoint", "--env", "staging").stdout  # the task values 13_tasks' examples show
+        assert "-> {'endpoint': 'credit-default-staging', 'model_version': '1'}" in out, out
         ep = workspace_client(staging).serving_endpoints.get("credit-default-staging")
         assert ep.state.ready.value == "READY" and ep.config.served_entities[0].entity_version == "1"
         write_credit_data(Path(prod.landing_dir) / "clients.csv", 3000, seed=4, progress=False)  # production's own data
         cli("ingest", "--env", "prod"); cli("features", "--env", "prod")  # and its features, published online
         out = cli("jobs", "run", "promote", "--env", "prod").stdout
         assert "copy: SUCCESS" in out and "deploy: SUCCESS" in out
+        assert "-> {'model_version': '1'}" in out and "-> {'endpoint': 'credit-default-prod', 'model_version': '1'}" in out, out
         copy = registry_version(prod, 1)
         assert copy.tags["source_environment"] == "staging" and copy.tags["source_version"] == "1"
         out = cli("query", "--env", "prod", "-c", "1", "-c", "2").stdout
         assert "customer 1: probability of default" in out and "served by default_model-1 of endpoint credit-default-prod" in out
         out = cli("jobs", "run", "batch_inference", "--env", "prod").stdout  # the promoted champion over prod's clients
-        assert "score: SUCCESS" in out and "'rows': '3000'" in out
+        assert "score: SUCCESS" in out and "-> {'model_version': '1', 'rows': '3000'}" in out, out
         predictions = tables_for(prod).read_pandas(prod.table_name("predictions"))
         assert len(predictions) == 3000 and predictions.customer_id.is_unique and set(predictions.model_version) == {1}
     finally:
