@@ -17,8 +17,9 @@ demo test check: export DATABRICKS_HOST :=
 demo test check: export DATABRICKS_CONFIG_PROFILE :=
 # the tests' Spark JVMs (pytest's and every job kernel's) live seconds: C1 only and the serial collector halve their CPU
 test check: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
-# pytest on both cores: each module runs whole on one worker, the modules of the trained world together (tests/conftest.py)
-PYTEST := $(BIN)/pytest tests -n 2 --dist loadgroup -p no:randomly --timeout 900
+# pytest on both cores, each module whole on one worker (its module fixtures built once). Not --dist loadgroup: with
+# pytest 9, pytest-xdist 3.8 cannot rename the tests of a group, and loadgroup falls back to sending tests one by one.
+PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile -p no:randomly --timeout 900
 # `make check NB=nbs/06_train.ipynb` tests that notebook; by default the notebooks changed since the last commit
 NB ?= $(shell git status --porcelain -- nbs 2>/dev/null | awk '/\.ipynb$$/ {print $$NF}')
 

@@ -58,6 +58,11 @@ class Page:
     def close(self): self.tab.close()
 
 
+def drawn(tab, chart_id: str, timeout_ms: float = 30_000):
+    "Wait until Plotly has drawn the chart `chart_id` (its script may still run after the network went idle on a busy machine)."
+    tab.wait_for_function("id => { const el = document.getElementById(id); return !!(el && el.data); }", arg=chart_id, timeout=timeout_ms)
+
+
 def chart_points(tab, chart_id: str) -> int:
     "How many data points Plotly drew in the chart `chart_id` (0 when it is not drawn)."
     # plotly.js's full data: arrays sent as typed arrays ({dtype, bdata} in the figure's JSON) are decoded there

@@ -27,7 +27,7 @@ def expensive(fixture_function):
 @pytest.fixture(scope="session")
 @expensive
 def trained_world(tmp_path_factory):
-    "The served workspace's trained world, built once per session (per pytest-xdist worker) for every module that serves it."
+    "The served workspace's trained world, built once per session for every module that serves it (once per pytest-xdist worker that runs one)."
     from served import TrainedWorld
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPARK_LOCAL_IP", "127.0.0.1"); mp.chdir(ROOT)
@@ -44,15 +44,10 @@ def ws(trained_world):
     served.close()
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests that use an `expensive` fixture are `slow` (`make check` leaves them out). With pytest-xdist's `--dist loadgroup`,
-    each module runs whole on one worker (its module fixtures are built once), and every module that serves the trained
-    world runs on the same worker, which builds that world once."""
-    for item in items:
-        fixtures = [d for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
-        if any(getattr(d.func, "expensive", False) for d in fixtures): item.add_marker(pytest.mark.slow)
-        group = "trained_world" if "trained_world" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item):
+    "A test that uses an `expensive` fixture is `slow`: `make check` leaves it out."
+    fixtures = [d for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+    if any(getattr(d.func, "expensive", False) for d in fixtures): item.add_marker(pytest.mark.slow)
 
 
 def pytest_configure(config):

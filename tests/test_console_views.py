@@ -9,7 +9,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from browser import Page, browser, chart_points, serve_app
+from browser import Page, browser, chart_points, drawn, serve_app
 from conftest import ROOT, expensive
 from starlette.applications import Starlette
 from starlette.responses import Response
@@ -89,6 +89,7 @@ def test_monitoring_page_draws_the_drift_heat_map_and_embeds_the_latest_report(w
     page = Page(browser)
     tab = page.open(f"{url}/monitoring")
     chart = f"drift-{env.var('endpoint_name')}-v1"
+    drawn(tab, chart)
     heat = tab.evaluate("id => document.getElementById(id).data[0]", chart)
     assert chart_points(tab, chart) > 0 and len(heat["x"]) == 2 and "age" in heat["y"], heat  # the two hours checked
     crosses = tab.evaluate("id => document.getElementById(id).data[1]", chart)
