@@ -311,7 +311,7 @@ def endpoints(env: Optional[str] = EnvOption):
             for s in (ep.config.served_entities if ep.config else []):
                 typer.echo(f"  {s.name}: {s.entity_name} version {s.entity_version}, {traffic.get(s.name, 0)}% of traffic")
 
-# %% ../nbs/90_cli.ipynb #2cc37036
+# %% ../nbs/90_cli.ipynb #cf98fe91
 @app.command("stop")
 def stop_services():
     "Stop every serving runtime and console of the local workspaces (.mlops/, or $SERVING_MLOPS_HOME), info file or not."

@@ -326,7 +326,7 @@ def workspace_client(env: Environment, retry_timeout_seconds: int = 60):
     return WorkspaceClient(config=Config(host=info["url"], token=serving_token(env), auth_type="pat",
                                          retry_timeout_seconds=retry_timeout_seconds))
 
-# %% ../../nbs/08g_serving_process.ipynb #e3e4f199
+# %% ../../nbs/08g_serving_process.ipynb #313b9ce7
 SERVICE_COMMANDS = {command: what for what, (_, _, command) in SERVICES.items()}  # `serve` -> "serving runtime", ...
 
 def _service_of(proc: psutil.Process, home: Path) -> dict | None:
