@@ -64,33 +64,34 @@ def home(tmp_path, monkeypatch):
 
 
 def cli(*args, check=True, process=False):
-    """Run `serving-mlops *args`; returns a CompletedProcess (returncode, stdout, stderr).
+    """Run `serving-mlops *args`; returns a CompletedProcess (returncode, stdout, stderr); with `check`, a non-zero exit fails.
 
     In process by default (typer's CliRunner: the command's own code, parsing and error messages, without a new Python and
     JVM each time); `process=True` runs the installed console script as a separate process, for what only a process shows
     (the entry point, exit statuses as a shell sees them). An exception the CLI lets through is printed as the process would."""
-    if process: return cli_process(*args, check=check)
+    proc = cli_process(*args) if process else cli_in_process(*args)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"serving-mlops {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def cli_in_process(*args) -> subprocess.CompletedProcess:
+    "The command run by typer's CliRunner in this process, as the process would end (an escaping exception's traceback on stderr)."
     import traceback
     from typer.testing import CliRunner
     from serving_mlops.cli import app
-    result = CliRunner().invoke(app, list(args), env=None, catch_exceptions=True)
+    result = CliRunner().invoke(app, list(args), catch_exceptions=True)
     stderr = result.stderr
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(result.exception))
-    proc = subprocess.CompletedProcess(["serving-mlops", *args], result.exit_code, result.stdout, stderr)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"serving-mlops {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return subprocess.CompletedProcess(["serving-mlops", *args], result.exit_code, result.stdout, stderr)
 
 
-def cli_process(*args, check=True):
-    "Run the installed `serving-mlops` console script as a separate process; returns the completed process."
+def cli_process(*args) -> subprocess.CompletedProcess:
+    "The installed `serving-mlops` console script run as a separate process."
     exe = BIN / "serving-mlops"
     if not exe.exists(): exe = shutil.which("serving-mlops")
-    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"serving-mlops {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=ROOT, env=os.environ.copy(), timeout=600)
 
 
 class RestStandIn(BaseHTTPRequestHandler):
