@@ -13,8 +13,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
-from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, Route, ServedEntityInput,
-                                            ServingEndpointDetailed, TrafficConfig)
+from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, EndpointStateConfigUpdate, Route,
+                                            ServedEntityInput, ServingEndpointDetailed, TrafficConfig)
 from mlflow.types import DataType
 from tqdm import tqdm
 
@@ -25,10 +25,10 @@ from .registry import GateReport, alias_version, scores
 from .serving.process import workspace_client
 
 # %% auto #0
-__all__ = ['ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities',
-           'target_config', 'get_endpoint', 'failure_reason', 'apply_config', 'inference_table_config', 'deploy',
-           'EndpointReport', 'golden_sample', 'endpoint_tests', 'rollback', 'deploy_and_test', 'metric_families',
-           'entity_stats', 'window_stats', 'canary']
+__all__ = ['DEPLOY_TIMEOUT_MINUTES', 'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for',
+           'current_entities', 'target_config', 'get_endpoint', 'failure_reason', 'apply_config',
+           'inference_table_config', 'deploy', 'EndpointReport', 'golden_sample', 'endpoint_tests', 'being_created',
+           'rollback', 'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -77,6 +77,9 @@ def failure_reason(w, name: str) -> str:
 
 def _routes_text(routes: list) -> str: return ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%" for r in routes)
 
+DEPLOY_TIMEOUT_MINUTES = 30  # Databricks waits up to 30 minutes for a CPU deployment once its container is built (the build
+# itself has no hard limit): https://docs.databricks.com/aws/machine-learning/model-serving/model-serving-timeouts
+
 def apply_config(w, name: str, entities: list, routes: list, exists: bool, timeout: timedelta) -> ServingEndpointDetailed:
     "Create endpoint `name` or update its config and wait until it is done; a failure or a timeout is DeploymentFailed naming both."
     traffic, target = TrafficConfig(routes=routes), _routes_text(routes)
@@ -101,7 +104,7 @@ def inference_table_config(env: Environment, endpoint: str) -> AiGatewayInferenc
     return AiGatewayInferenceTableConfig(catalog_name=catalog, schema_name=schema, table_name_prefix=table.removesuffix("_payload"), enabled=True)
 
 def deploy(env: Environment, version: str | int = "champion", traffic: int = 100, endpoint: str | None = None,
-           timeout_minutes: float = 10, client=None) -> ServingEndpointDetailed:
+           timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, client=None) -> ServingEndpointDetailed:
     "Serve `version` (number or alias) of the environment's model on its endpoint with `traffic` percent; wait until READY."
     if not 0 < traffic <= 100: raise DeploymentFailed(f"traffic must be 1..100 percent, got {traffic}")
     w = client or workspace_client(env)
@@ -165,18 +168,29 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     return report
 
 # %% ../nbs/09_deploy.ipynb #088f1dc4
+def being_created(ep: ServingEndpointDetailed | None) -> bool:
+    "Whether `ep` is an endpoint whose first config is still being deployed: it has served nothing yet."
+    return ep is not None and ep.config is None and ep.state is not None and ep.state.config_update == EndpointStateConfigUpdate.IN_PROGRESS
+
 def rollback(w, name: str, previous: ServingEndpointDetailed | None, # the endpoint before the deployment; None: it did not exist
              timeout: timedelta) -> str:
-    "Put endpoint `name` back as `previous` was; says what it did."
-    if previous is None or previous.config is None:
-        if get_endpoint(w, name) is not None: w.serving_endpoints.delete(name)
-        return f"deleted endpoint {name}, which this deployment created"
-    entities, routes = current_entities(previous)
-    apply_config(w, name, entities, routes, True, timeout)
-    return "restored the previous config: " + _routes_text(routes)
+    "Put endpoint `name` back as `previous` was, except that an endpoint still being created is never deleted; says what it did."
+    if previous is not None and previous.config is not None:
+        entities, routes = current_entities(previous)
+        apply_config(w, name, entities, routes, True, timeout)
+        return "restored the previous config: " + _routes_text(routes)
+    current = get_endpoint(w, name)
+    if current is None: return f"nothing to undo: endpoint {name} does not exist"
+    if previous is not None:  # it existed before this deployment, serving nothing yet: not this deployment's to delete
+        return f"left endpoint {name} in place: it existed before this deployment and had not served a config yet"
+    if being_created(current):  # deleting it would throw its container build away, and every retry would do the same again
+        return (f"left endpoint {name} in place: its first deployment is still in progress (Databricks allows up to "
+                f"{DEPLOY_TIMEOUT_MINUTES} minutes after the container build); deploy again once it is READY, or delete it yourself")
+    w.serving_endpoints.delete(name)
+    return f"deleted endpoint {name}, which this deployment created"
 
 def deploy_and_test(env: Environment, version: str | int = "champion", traffic: int = 100, endpoint: str | None = None,
-                    timeout_minutes: float = 10, requests: int = 50,
+                    timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, requests: int = 50,
                     rollback_timeout_minutes: float = 30, # how long a rollback waits for an update still in progress
                     ) -> EndpointReport:
     "Deploy `version`, run the endpoint tests, roll back on failure (raising DeploymentFailed with the report)."
@@ -232,7 +246,7 @@ CANARY_PROGRESS = "{desc}: {bar:20} {n:.0f} of {total:.0f} s of the window, {ela
 
 def canary(env: Environment, version: str | int, traffic: int = 10, window_seconds: float = 60, min_requests: int = 20,
            max_latency_ratio: float = 1.5, max_extra_error_rate: float = 0.01, endpoint: str | None = None, client=None,
-           timeout_minutes: float = 10, rollback_timeout_minutes: float = 30) -> EndpointReport:
+           timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, rollback_timeout_minutes: float = 30) -> EndpointReport:
     "Route `traffic` percent to `version`, compare it with the incumbent over a window, then promote it to 100% or roll back."
     w = client or workspace_client(env)
     name, resolved = endpoint or env.var("endpoint_name"), resolve_version(env, version)

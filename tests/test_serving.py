@@ -5,11 +5,13 @@ credit model and a small pyfunc model that raises on negative input (to see a mo
 The runtime's metrics export gives per-interval values as Databricks' does per minute; the module's runtime uses
 1-second intervals (`--metrics-interval 1`) so that the tests of the per-minute semantics and the canary run in seconds.
 """
+import dataclasses
 import os
 import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import httpx
 import mlflow
@@ -375,12 +377,21 @@ def test_a_deployment_that_times_out_is_rolled_back_and_the_error_names_the_endp
     ep = w.serving_endpoints.get("timeouts")
     assert ep.state.config_update.value == "NOT_UPDATING" and [s.entity_version for s in ep.config.served_entities] == [ws.v1]
     assert invoke(ws, "timeouts", {"dataframe_records": [{"customer_id": 1}]}).headers["served-model-name"] == f"default_model-{ws.v1}"
-    with pytest.raises(DeploymentFailed) as failed:  # an endpoint the deployment would have created is deleted
+    with pytest.raises(DeploymentFailed) as failed:  # the first-deploy rule: an endpoint still being created is never deleted
         deploy_and_test(env, version, endpoint="timeouts-new", timeout_minutes=0.05, requests=5)
-    assert "endpoint timeouts-new: creating it to" in str(failed.value) and "deleted endpoint timeouts-new" in str(failed.value), str(failed.value)
+    message = str(failed.value)
+    assert "endpoint timeouts-new: creating it to" in message, message
+    assert "rolled back: left endpoint timeouts-new in place: its first deployment is still in progress" in message, message
+    assert w.serving_endpoints.get("timeouts-new").state.config_update.value == "IN_PROGRESS"  # still loading, not deleted
+    ready = w.serving_endpoints.wait_get_serving_endpoint_not_updating("timeouts-new", timeout=timedelta(minutes=2))
+    assert ready.state.ready.value == "READY" and [s.entity_version for s in ready.config.served_entities] == [version]
+    strict = dataclasses.replace(env, variables={**env.variables, "endpoint_latency_budget_ms": 0.001})
+    with pytest.raises(DeploymentFailed) as failed:  # an endpoint this deployment created, ready but failing its tests, is deleted
+        deploy_and_test(strict, ws.v1, endpoint="timeouts-created", requests=5)
+    assert "rolled back: deleted endpoint timeouts-created, which this deployment created" in str(failed.value), str(failed.value)
     with pytest.raises(NotFound):
-        w.serving_endpoints.get("timeouts-new")
-    w.serving_endpoints.delete("timeouts")
+        w.serving_endpoints.get("timeouts-created")
+    w.serving_endpoints.delete("timeouts"); w.serving_endpoints.delete("timeouts-new")
 
 
 def test_cli_serve_background_endpoints_and_stop(home):
