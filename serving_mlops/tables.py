@@ -570,8 +570,12 @@ class SparkTables(Tables):
         from pyspark.sql.pandas.types import from_arrow_schema
         self.spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({', '.join(f'`{f.name}` {f.dataType.simpleString()}' for f in from_arrow_schema(columns))})")
 
+    def frame(self, table: pa.Table):
+        "`table` as a Spark DataFrame with its own Arrow types (from pandas, an empty or all-null column would be inferred as void)."
+        return self.spark.createDataFrame(table)  # Spark 4 takes a pyarrow Table as it is
+
     def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
-        writer = self.spark.createDataFrame(table.to_pandas()).write.format("delta").mode(mode)
+        writer = self.frame(table).write.format("delta").mode(mode)
         if txn: writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])  # Delta skips a version it has
         writer.saveAsTable(name)
 
@@ -584,7 +588,7 @@ class SparkTables(Tables):
 
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         from delta.tables import DeltaTable as SparkDeltaTable
-        source = self.spark.createDataFrame(table.to_pandas())
+        source = self.frame(table)
         merger = SparkDeltaTable.forName(self.spark, name).alias("t").merge(source.alias("s"), merge_condition(keys))
         if update: merger = merger.whenMatchedUpdateAll()
         merger.whenNotMatchedInsertAll().execute()

@@ -486,3 +486,19 @@ def test_a_workspace_table_gets_new_columns_by_alter_table(spark):
         assert [(f.name, f.dataType.simpleString()) for f in spark.table("default.adapter_drift").schema] == [
             ("feature", "string"), ("rows", "bigint"), ("missing_lookups", "bigint"), ("note", "string")]
     finally: spark.sql("DROP TABLE IF EXISTS default.adapter_drift")
+
+
+def test_workspace_writes_keep_the_arrow_types_of_empty_and_all_null_columns(spark):
+    "Issue 26 item 4: SparkTables writes (and merges) a DataFrame built from the Arrow table, not from pandas: a first ingest's empty quarantine and an all-null text column keep their types (Spark's Delta writer itself needs jars from Maven: not run here)."
+    import pyarrow as pa
+    from pyspark.errors import PySparkValueError
+    from pyspark.sql.pandas.types import to_arrow_schema
+    empty = pa.table({"customer_id": pa.array([], pa.int64()), "reason": pa.array([], pa.string())})
+    nulls = pa.table({"customer_id": pa.array([1, 2], pa.int64()), "reason": pa.array([None, None], pa.string()),
+                      "snapshot_date": pa.array([None, None], pa.date32())})
+    for table in (empty, nulls):
+        df = SparkTables(spark).frame(table)
+        assert to_arrow_schema(df.schema).types == table.schema.types and df.count() == table.num_rows
+    # what the writes did before, with this machine's pandas and pyarrow: no type at all for an empty frame, void for all-null text
+    with pytest.raises(PySparkValueError, match="CANNOT_INFER_EMPTY_SCHEMA"): spark.createDataFrame(empty.to_pandas())
+    assert {f.name: f.dataType.simpleString() for f in spark.createDataFrame(nulls.to_pandas()).schema}["reason"] == "void"
