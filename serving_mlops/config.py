@@ -20,9 +20,9 @@ import yaml
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'HOST_ENV_VAR', 'PROFILE_ENV_VAR',
-           'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle', 'load_bundle', 'resolve_variables', 'on_databricks',
-           'Workspace', 'profile_host', 'runtime_host', 'find_workspace', 'Environment', 'local_root',
+__all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'VARIABLE_ENV_PREFIX', 'HOST_ENV_VAR',
+           'PROFILE_ENV_VAR', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle', 'load_bundle', 'resolve_variables',
+           'on_databricks', 'Workspace', 'profile_host', 'runtime_host', 'find_workspace', 'Environment', 'local_root',
            'get_environment', 'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow',
            'process_alive']
 
@@ -37,18 +37,22 @@ BUNDLE_RELPATH = Path("databricks_jobs") / "databricks.yml"
 
 # %% ../nbs/00_config.ipynb #d23e3922
 def find_bundle(start: Path | str | None = None) -> Path:
-    "Path of the project's `databricks_jobs/databricks.yml`."
+    "Path of the project's `databricks_jobs/databricks.yml`, or of the `databricks.yml` of a bundle folder as `databricks bundle deploy` syncs it."
     if os.environ.get(BUNDLE_ENV_VAR):
         path = Path(os.environ[BUNDLE_ENV_VAR]).expanduser()
         if not path.is_file(): raise ConfigError(f"{BUNDLE_ENV_VAR}={path}: no such file (expected a databricks.yml)")
         return path.resolve()
     here = Path(start or Path.cwd()).resolve()
-    candidates = [d / BUNDLE_RELPATH for d in (here, *here.parents)]
+    # in a checkout: <project>/databricks_jobs/databricks.yml. On a cluster, the CLI has synced the bundle folder itself (its
+    # sync root is the folder of databricks.yml) to `workspace.file_path`, and a job task's notebook runs in its own folder
+    # (Databricks Runtime 14+): <file_path>/notebooks/<task>, with <file_path>/databricks.yml one folder up
+    names = (BUNDLE_RELPATH, Path(BUNDLE_RELPATH.name)) if on_databricks() else (BUNDLE_RELPATH,)
+    candidates = [d / name for d in (here, *here.parents) for name in names]
     package = importlib.util.find_spec("serving_mlops")
     if package and package.origin: candidates.append(Path(package.origin).resolve().parent.parent / BUNDLE_RELPATH)  # editable install
     for path in candidates:
         if path.is_file(): return path
-    raise ConfigError(f"no {BUNDLE_RELPATH} in {here} or its parents; run from the project or set {BUNDLE_ENV_VAR}")
+    raise ConfigError(f"no {BUNDLE_RELPATH} or {BUNDLE_RELPATH.name} in {here} or its parents; run from the project or set {BUNDLE_ENV_VAR}")
 
 # %% ../nbs/00_config.ipynb #26cad98d
 def load_bundle(path: Path | str) -> dict:
@@ -76,8 +80,10 @@ def load_bundle(path: Path | str) -> dict:
 # %% ../nbs/00_config.ipynb #8ccf2d35
 _REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 
+VARIABLE_ENV_PREFIX = "BUNDLE_VAR_"  # BUNDLE_VAR_<name> sets a variable, as for the Databricks CLI (bundle/config/mutator/set_variables.go)
+
 def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.yml") -> dict[str, Any]:
-    "The variables of `target`, with defaults applied and `${...}` references resolved."
+    "The variables of `target` as the Databricks CLI sets them: BUNDLE_VAR_<name>, else the target's value, else the default; `${...}` resolved."
     declared = bundle.get("variables") or {}
     overrides = (bundle["targets"].get(target) or {}).get("variables") or {}
     if not isinstance(overrides, dict): raise ConfigError(f"{path}: key 'targets.{target}.variables' must be a mapping")
@@ -85,9 +91,11 @@ def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.
         if name not in declared: raise ConfigError(f"{path}: key 'targets.{target}.variables.{name}' sets a variable not declared under 'variables'")
     raw = {}
     for name, spec in declared.items():
-        if name in overrides: raw[name] = overrides[name]
+        if VARIABLE_ENV_PREFIX + name in os.environ: raw[name] = os.environ[VARIABLE_ENV_PREFIX + name]
+        elif name in overrides: raw[name] = overrides[name]
         elif spec and "default" in spec: raw[name] = spec["default"]
-        else: raise ConfigError(f"{path}: variable '{name}' has no default and no value in 'targets.{target}.variables.{name}'")
+        else: raise ConfigError(f"{path}: variable '{name}' has no default and no value in 'targets.{target}.variables.{name}' "
+                                f"or {VARIABLE_ENV_PREFIX}{name}")
     context = {"bundle.target": target, "bundle.name": (bundle.get("bundle") or {}).get("name", "")}
     resolved: dict[str, Any] = {}
 

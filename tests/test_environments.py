@@ -183,7 +183,7 @@ def test_on_a_databricks_runtime_a_target_without_host_is_a_workspace(laptop, mo
         assert env.workspace.source == "the Databricks runtime" and env.workspace.sdk_kwargs == {}  # the runtime authenticates
         assert (env.tracking_uri, env.registry_uri) == ("databricks", "databricks-uc")
     assert "workspace of this cluster (host from the Databricks runtime)" in get_environment("plain", laptop).describe()
-    assert not get_environment("dev").is_local  # the project's targets: a deployed job never runs in a local workspace
+    assert not get_environment("dev", ROOT / "databricks_jobs" / "databricks.yml").is_local  # a deployed job never runs in a local workspace
     monkeypatch.setenv("DATABRICKS_HOST", "https://adb-3333333333333333.3.azuredatabricks.net")
     assert get_environment("plain", laptop).host == "https://adb-3333333333333333.3.azuredatabricks.net"
     assert get_environment("bundled", laptop).workspace.sdk_kwargs == {"host": "https://adb-1111111111111111.1.azuredatabricks.net"}
@@ -349,3 +349,27 @@ def test_make_demo_and_test_ignore_a_workspace_named_by_the_shell(goal, tmp_path
     proc = subprocess.run(["make", "--no-print-directory", *skip, f"--eval={goal}: env-check", f"--eval={show}", goal],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert "host=[] profile=[]" in proc.stdout, proc.stdout + proc.stderr
+
+
+# --- issue 26 item 1: a job task finds the bundle as the CLI deployed it --------------------------------------------------
+
+def test_a_task_on_a_cluster_finds_the_bundle_folder_the_cli_synced(tmp_path, monkeypatch):
+    "`databricks bundle deploy` syncs the bundle folder itself to <file_path> (the sync root is the folder of databricks.yml); a task's notebook runs in <file_path>/notebooks (DBR 14+)."
+    from serving_mlops.config import find_bundle
+    files = tmp_path / "Workspace/Users/someone/.bundle/serving-mlops/staging/files"
+    shutil.copytree(ROOT / "databricks_jobs", files)
+    for var in ENV_VARS: monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "18.0")
+    monkeypatch.chdir(files / "notebooks")
+    assert find_bundle() == files / "databricks.yml"  # not the checkout beside this editable install: a cluster has none
+    assert get_environment("staging").var("catalog") == "staging"
+    monkeypatch.delenv("DATABRICKS_RUNTIME_VERSION")  # off a cluster a databricks.yml of another folder is not taken for the project's
+    assert find_bundle() == ROOT / "databricks_jobs" / "databricks.yml"
+
+
+def test_bundle_var_environment_variables_set_variables_as_for_the_cli(laptop, monkeypatch):
+    "BUNDLE_VAR_<name> wins over the target's value and the default (the CLI's bundle/config/mutator/set_variables.go); references follow."
+    monkeypatch.setenv("BUNDLE_VAR_catalog", "sandbox")
+    env = get_environment("staging")
+    assert (env.var("catalog"), env.var("model_name"), env.var("ingest_max_bad_fraction", float)) == ("sandbox", "sandbox.credit.default_model", 0.02)
+    assert get_environment("plain", laptop).var("catalog") == "sandbox"
