@@ -23,8 +23,8 @@ from .tables import tables_for
 # %% auto #0
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate', 'table_summary', 'ingest',
            'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'console',
-           'deploy', 'id_range', 'query_keys', 'query', 'endpoints', 'stop_services', 'monitor', 'jobs_list',
-           'jobs_run', 'jobs_runs']
+           'deploy', 'id_range', 'key_records', 'query_keys', 'query', 'endpoints', 'stop_services', 'monitor',
+           'jobs_list', 'jobs_run', 'jobs_runs']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
@@ -259,16 +259,22 @@ def id_range(text: str) -> list[int]:
         raise InputError(f"--ids {text!r}: expected FIRST:LAST, two customer ids with FIRST <= LAST (e.g. 100001:101000)")
     return list(range(int(first), int(last) + 1))
 
-def query_keys(w, endpoint: str, customers: list) -> dict:
+def key_records(customers: list, snapshot_date: str) -> dict:
+    "The request for `customers` by their lookup keys: a feature-store model's signature requires every key, the timestamp key `snapshot_date` too."
+    return {"dataframe_records": [{"customer_id": c, "snapshot_date": snapshot_date} for c in customers]}
+
+def query_keys(w, endpoint: str, customers: list, snapshot_date: str) -> dict:
     "The endpoint's answer for `customers` by key as sent: `predictions`, `served-model-name`, and `metadata.keys_not_found` where our runtime reports unknown keys (the SDK's `query` drops `metadata`)."
-    return w.api_client.do("POST", f"/serving-endpoints/{endpoint}/invocations", body={"dataframe_records": [{"customer_id": c} for c in customers]},
+    return w.api_client.do("POST", f"/serving-endpoints/{endpoint}/invocations", body=key_records(customers, snapshot_date),
                            headers={"Accept": "application/json", "Content-Type": "application/json"}, response_headers=["served-model-name"])
 
 @app.command()
 def query(env: Optional[str] = EnvOption,
           customer_id: list[int] = typer.Option([], "--customer-id", "-c", help="Customer to score (repeat for several)."),
           ids: Optional[str] = typer.Option(None, help="A range of customers FIRST:LAST, sent one request per customer (traffic for monitoring)."),
-          endpoint: Optional[str] = typer.Option(None, help="Endpoint name.", show_default="the target's endpoint_name")):
+          endpoint: Optional[str] = typer.Option(None, help="Endpoint name.", show_default="the target's endpoint_name"),
+          snapshot_date: Optional[str] = typer.Option(None, help="The feature snapshot to score as of (YYYY-MM-DD), sent with each key.",
+                                                      show_default="the target's snapshot_date variable, the snapshot ingest and features build")):
     "Score customers by key through the endpoint's REST API (features come from the online store)."
     from serving_mlops.serving.process import workspace_client
     with clear_errors():
@@ -279,7 +285,8 @@ def query(env: Optional[str] = EnvOption,
         except RuntimeError as failure: raise InputError(str(failure)) from None
         name = endpoint or e.var("endpoint_name")
         batches = [wanted] if ids is None else [[c] for c in wanted]
-        responses = [query_keys(w, name, b) for b in (batches if ids is None else tqdm(batches, desc=f"requests to {name}", unit="request"))]
+        as_of = snapshot_date or str(e.var("snapshot_date"))
+        responses = [query_keys(w, name, b, as_of) for b in (batches if ids is None else tqdm(batches, desc=f"requests to {name}", unit="request"))]
         predictions = [p for r in responses for p in r["predictions"]]
         unknown = {b[k["row"]] for b, r in zip(batches, responses) for k in (r.get("metadata") or {}).get("keys_not_found", [])}
         if len(wanted) <= 10:

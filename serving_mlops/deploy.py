@@ -27,8 +27,8 @@ from .serving.process import workspace_client
 # %% auto #0
 __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for',
            'current_entities', 'target_config', 'get_endpoint', 'failure_reason', 'apply_config',
-           'inference_table_config', 'deploy', 'EndpointReport', 'golden_sample', 'endpoint_tests', 'being_created',
-           'rollback', 'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
+           'inference_table_config', 'deploy', 'EndpointReport', 'payload_problem', 'golden_sample', 'endpoint_tests',
+           'being_created', 'rollback', 'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -127,6 +127,18 @@ class EndpointReport(GateReport):
     def subject(self) -> str: return f"endpoint {self.endpoint}, model version {self.version}"
 
     def summary(self) -> str: return super().summary() + (f"\n  rolled back: {self.rolled_back}" if self.rolled_back else "")
+
+def payload_problem(signature, # the served model's `mlflow.models.ModelSignature`
+                    payload: dict) -> str | None:
+    "Why Model Serving would refuse `payload` for a model of `signature`, or None: MLflow's own parsing and schema enforcement, without predicting."
+    from mlflow.models.utils import _enforce_schema  # what PyFuncModel.predict runs first on a served model's input
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data  # the scoring server's reading of the four request formats
+    if signature is None or signature.inputs is None: return None  # nothing is enforced for a model without one
+    try:
+        data = infer_and_parse_data(payload, signature.inputs)
+        _enforce_schema(data[0] if isinstance(data, tuple) else data, signature.inputs)
+    except Exception as e: return f"{type(e).__name__}: {e}"  # MlflowException, as the endpoint's 400 would say
+    return None
 
 def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndarray]:
     "The model version's logged input example and the in-process predictions for it."

@@ -400,6 +400,19 @@ def test_the_logged_model_takes_keys_and_has_an_input_example_of_keys(trained):
     assert set(example) == set(KEY)
 
 
+def test_what_we_send_to_a_feature_store_model_passes_mlflow_schema_enforcement(trained):
+    "Issue 26 item 2: `query` (and the prod smoke test of deploy-serving-endpoint.yml) sends every lookup key the client's model requires, snapshot_date included; checked with MLflow's own parsing and enforcement, as Model Serving applies them."
+    from serving_mlops.cli import key_records
+    from serving_mlops.deploy import payload_problem
+    env = trained["env"]
+    with using_mlflow(env): model = mlflow.models.Model.load(trained["result"].model_uri)
+    assert payload_problem(model.signature, key_records([1, 2, 3], str(env.var("snapshot_date")))) is None
+    refused = payload_problem(model.signature, {"dataframe_records": [{"customer_id": 1}]})  # what `query` sent before
+    assert refused is not None and "missing inputs" in refused and "snapshot_date" in refused, refused
+    with using_mlflow(env): example = model.load_input_example(mlflow.artifacts.download_artifacts(trained["result"].model_uri))
+    assert payload_problem(model.signature, {"dataframe_records": [example]}) is None  # the endpoint tests send the input example
+
+
 @pytest.fixture
 def client_model_loads_here(trained, monkeypatch):
     "The client's model, loaded, builds a FeatureEngineeringClient(): here it gets the stood-in one."
