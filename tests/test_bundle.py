@@ -279,7 +279,7 @@ def test_job_clusters_run_one_ml_runtime_with_spark_4_on_the_node_type_variable(
     config = merged(target)
     specs = [c for _, c in clusters(config)]
     assert len(specs) == 7
-    assert {c["spark_version"] for c in specs} == {"17.3.x-cpu-ml-scala2.13"}  # 17.3 LTS ML: Spark 4.0, MLflow 3 (16.4 had Spark 3.5, MLflow 2)
+    assert {c["spark_version"] for c in specs} == {"18.0.x-cpu-ml-scala2.13"}  # 18 LTS ML: Spark 4.1, MLflow 3.8.1, FE 0.13.0 (17.3: FE 0.12.1)
     assert all(int(RUNTIME.match(c["spark_version"]).group(1)) >= 17 for c in specs)
     assert {c["node_type_id"] for c in specs} == {"${var.node_type_id}"}
     assert config["variables"]["node_type_id"]["default"] == "Standard_D4ds_v5"  # Azure Databricks, the scenario's cloud
@@ -312,13 +312,28 @@ def test_the_wheel_forces_no_spark_onto_a_cluster(wheel):
 
 
 def test_every_task_installs_the_wheel_and_feature_engineering_0_13(wheel):
-    "The online-store API needs databricks-feature-engineering 0.13 (17.3 LTS ML ships 0.12): each task installs the databricks extra's version."
+    "The online-store API needs databricks-feature-engineering 0.13 (18 LTS ML ships 0.13.0, so nothing is upgraded; 17.3 shipped 0.12.1): each task names the databricks extra's version."
     (fe,) = [r for r in wheel if r.name == "databricks-feature-engineering"]
     for target in TARGETS:
         for job, t in tasks(merged(target)):
             libs = t.get("libraries") or []
             assert {"whl": "../../dist/*.whl"} in libs, (job, t["task_key"])
             assert {"pypi": {"package": f"{fe.name}{fe.specifier}"}} in libs, (job, t["task_key"], libs)
+
+
+def test_a_job_task_imports_nothing_of_the_local_extra(wheel):
+    "Issue 26 item 7: a cluster installs the wheel's own requirements only; the modules every task function imports load with the `local` extra's libraries missing (pyspark aside: the runtime has its own)."
+    import re
+    local = [r for r in wheel if r.marker is not None and "local" in str(r.marker) and r.name != "pyspark"]
+    assert {r.name for r in local} >= {"papermill", "ipykernel", "nbconvert"} and not {r.name for r in local} & {r.name for r in wheel if r.marker is None}
+    tasks = (ROOT / "serving_mlops" / "tasks.py").read_text()
+    modules = sorted(set(re.findall(r"from (serving_mlops\.[\w.]+) import", tasks))) + ["serving_mlops.tasks"]
+    blocked = [r.name.replace("-", "_") for r in local]
+    script = (f"import sys, importlib\nfor b in {blocked!r}: sys.modules[b] = None\n"  # importing one raises ImportError
+              f"for m in {modules!r}: importlib.import_module(m)\nprint('imported', len({modules!r}))")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and "imported" in r.stdout, r.stderr[-2000:]
+    assert len(modules) >= 8, modules
 
 
 def test_make_installs_spark_for_the_local_default_and_everything_for_tests():

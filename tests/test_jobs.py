@@ -302,7 +302,7 @@ def test_jobs_run_submits_a_one_time_run_to_a_workspace_target(workspace):
     validate = tasks["validate"]["notebook_task"]["base_parameters"]
     assert validate["run_id"] == "{{tasks.train.values.run_id}}" and validate["model_uri"] == "{{tasks.train.values.model_uri}}"
     assert tasks["ingest"]["notebook_task"]["base_parameters"]["max_bad_fraction"] == "0.02"  # staging's variable
-    assert tasks["features"]["new_cluster"] == {"spark_version": "17.3.x-cpu-ml-scala2.13", "node_type_id": "Standard_D4ds_v5",
+    assert tasks["features"]["new_cluster"] == {"spark_version": "18.0.x-cpu-ml-scala2.13", "node_type_id": "Standard_D4ds_v5",
                                                 "num_workers": 1, "data_security_mode": "SINGLE_USER"}
     assert tasks["features"]["libraries"] == [{"whl": f"/Workspace/Users/{USER}/.bundle/serving-mlops/staging/artifacts/.internal/{WHEEL}"},
                                               {"pypi": {"package": "databricks-feature-engineering>=0.13"}}]
