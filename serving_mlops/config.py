@@ -21,10 +21,10 @@ from .errors import InputError
 
 # %% auto #0
 __all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'VARIABLE_ENV_PREFIX', 'HOST_ENV_VAR',
-           'PROFILE_ENV_VAR', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'find_bundle', 'load_bundle', 'resolve_variables',
-           'on_databricks', 'Workspace', 'profile_host', 'runtime_host', 'find_workspace', 'Environment', 'local_root',
-           'get_environment', 'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow',
-           'process_alive']
+           'PROFILE_ENV_VAR', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'on_databricks', 'find_bundle', 'load_bundle',
+           'resolve_variables', 'Workspace', 'profile_host', 'runtime_host', 'find_workspace', 'Environment',
+           'mlflow_schema_template', 'mlflow_database', 'local_root', 'get_environment', 'workspace_home',
+           'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow', 'process_alive']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -36,6 +36,10 @@ ENV_ENV_VAR = "SERVING_MLOPS_ENV"  # environment used when none is named
 BUNDLE_RELPATH = Path("databricks_jobs") / "databricks.yml"
 
 # %% ../nbs/00_config.ipynb #d23e3922
+def on_databricks() -> bool:
+    "True inside a Databricks runtime (notebook or job cluster)."
+    return "DATABRICKS_RUNTIME_VERSION" in os.environ
+
 def find_bundle(start: Path | str | None = None) -> Path:
     "Path of the project's `databricks_jobs/databricks.yml`, or of the `databricks.yml` of a bundle folder as `databricks bundle deploy` syncs it."
     if os.environ.get(BUNDLE_ENV_VAR):
@@ -117,10 +121,6 @@ def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.
 # %% ../nbs/00_config.ipynb #de613d15
 HOST_ENV_VAR = "DATABRICKS_HOST"  # workspace URL, read by the Databricks CLI and SDK
 PROFILE_ENV_VAR = "DATABRICKS_CONFIG_PROFILE"  # ~/.databrickscfg profile, read by the Databricks CLI and SDK
-
-def on_databricks() -> bool:
-    "True inside a Databricks runtime (notebook or job cluster)."
-    return "DATABRICKS_RUNTIME_VERSION" in os.environ
 
 @dataclass(frozen=True)
 class Workspace:
@@ -248,7 +248,7 @@ class Environment:
     @property
     def tracking_uri(self) -> str:
         "MLflow tracking URI: a sqlite database in the local workspace, or the workspace (through its profile, when one names it)."
-        if self.is_local: return f"sqlite:///{self.path('mlflow', create=True) / 'mlflow.db'}"
+        if self.is_local: return f"sqlite:///{mlflow_database(self.path('mlflow', create=True) / 'mlflow.db', self.artifact_location)}"
         return f"databricks://{self.workspace.profile}" if self.workspace.profile else "databricks"
 
     @property
@@ -265,6 +265,32 @@ class Environment:
     def describe(self) -> str:
         "One line saying what this environment is."
         return f"{self.name}: {self.where} (catalog {self.catalog}, schema {self.schema})"
+
+# %% ../nbs/00_config.ipynb #ab13ab3c
+def mlflow_schema_template() -> Path:
+    "An empty MLflow database of the installed MLflow's schema, made by MLflow once per version in the user's cache folder."
+    import mlflow, tempfile
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "serving-mlops"
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if template.exists(): return template
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # made aside, then put in place whole (another process may race)
+        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        mlflow.MlflowClient(uri, registry_uri=uri).search_experiments()  # MLflow creates its tables and the Default experiment
+        os.replace(Path(tmp) / "mlflow.db", template)
+    return template
+
+def mlflow_database(db: Path, artifact_location: str) -> Path:
+    "`db`, created first (if it does not exist) as a copy of the empty template whose Default experiment keeps its artifacts under `artifact_location`."
+    if db.exists(): return db
+    import shutil, sqlite3
+    fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
+    shutil.copyfile(mlflow_schema_template(), fresh)
+    with sqlite3.connect(fresh) as con: con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (f"{artifact_location}/0",))
+    try: os.link(fresh, db)  # only if no other process made it meanwhile (it may have written to it already)
+    except FileExistsError: pass
+    finally: fresh.unlink()
+    return db
 
 # %% ../nbs/00_config.ipynb #3ae5f693
 def local_root(target: str, bundle_path: Path) -> Path:
