@@ -95,7 +95,10 @@ def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.
         if name not in declared: raise ConfigError(f"{path}: key 'targets.{target}.variables.{name}' sets a variable not declared under 'variables'")
     raw = {}
     for name, spec in declared.items():
-        if VARIABLE_ENV_PREFIX + name in os.environ: raw[name] = os.environ[VARIABLE_ENV_PREFIX + name]
+        if VARIABLE_ENV_PREFIX + name in os.environ:
+            if (spec or {}).get("type") == "complex":  # as the CLI: a complex variable takes no text value
+                raise ConfigError(f"{VARIABLE_ENV_PREFIX}{name}: variable '{name}' is of type complex; set it in {path} instead")
+            raw[name] = os.environ[VARIABLE_ENV_PREFIX + name]
         elif name in overrides: raw[name] = overrides[name]
         elif spec and "default" in spec: raw[name] = spec["default"]
         else: raise ConfigError(f"{path}: variable '{name}' has no default and no value in 'targets.{target}.variables.{name}' "
@@ -106,10 +109,16 @@ def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.
     def value(name, chain=()):
         if name in resolved: return resolved[name]
         if name in chain: raise ConfigError(f"{path}: variable '{name}' refers to itself through {' -> '.join(chain)}")
-        v = raw[name]
-        if isinstance(v, str) and "${" in v: v = _REF.sub(lambda m: str(reference(m.group(1), name, (*chain, name))), v)
-        resolved[name] = v
-        return v
+        resolved[name] = filled(raw[name], name, (*chain, name))
+        return resolved[name]
+
+    def filled(v, owner, chain):  # a complex variable's mappings and lists are filled in throughout
+        if isinstance(v, dict): return {k: filled(x, owner, chain) for k, x in v.items()}
+        if isinstance(v, list): return [filled(x, owner, chain) for x in v]
+        if not isinstance(v, str) or "${" not in v: return v
+        whole = _REF.fullmatch(v)  # `${var.x}` alone is x's value itself, a mapping or a number included
+        if whole: return reference(whole.group(1), owner, chain)
+        return _REF.sub(lambda m: str(reference(m.group(1), owner, chain)), v)
 
     def reference(ref, owner, chain):
         if ref in context: return context[ref]

@@ -35,11 +35,12 @@ from .errors import StepFailed
 from .tables import SPARK_LOG_ENV_VAR
 
 # %% auto #0
-__all__ = ['VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'load_jobs', 'LoggedKernelManager', 'quiet_kernel',
-           'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'JobRun', 'jobs_folder', 'run_folder', 'notebook_defaults',
-           'base_parameters', 'task_arguments', 'task_environment', 'run_job', 'job_parameters', 'check_job_parameters',
-           'RunRecordError', 'read_run', 'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels',
-           'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
+__all__ = ['TEXT_MAPS', 'VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'cluster_spec', 'load_jobs',
+           'LoggedKernelManager', 'quiet_kernel', 'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'JobRun',
+           'jobs_folder', 'run_folder', 'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment',
+           'run_job', 'job_parameters', 'check_job_parameters', 'RunRecordError', 'read_run', 'past_runs', 'sync_root',
+           'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values',
+           'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -65,6 +66,9 @@ def substitute(value, env: Environment, where: str):
     if isinstance(value, dict): return {k: substitute(v, env, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list): return [substitute(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, str): return value
+    whole = _REF.fullmatch(value)
+    if whole and whole.group(1).startswith("var.") and isinstance(env.variables.get(whole.group(1)[4:]), (dict, list)):
+        return env.variables[whole.group(1)[4:]]  # a complex variable in place of a whole mapping or list (the CLI's new_cluster: ${var.x})
     def ref(m):
         name = m.group(1)
         if name == "bundle.target": return env.name
@@ -72,6 +76,13 @@ def substitute(value, env: Environment, where: str):
         if name.startswith(("workspace.", "bundle.")): return m.group(0)  # resolved by the Databricks CLI on deploy
         raise ConfigError(f"{where}: unknown reference '${{{name}}}'")
     return _REF.sub(ref, value)
+
+TEXT_MAPS = ("spark_conf", "spark_env_vars", "custom_tags")  # a cluster's mappings whose values the Jobs API takes as text
+
+def cluster_spec(cluster: dict) -> dict:
+    "`cluster` with the values of its text mappings as text, as the CLI converts them to the fields' types (a complex variable may hold numbers)."
+    return {k: {n: str(v).lower() if isinstance(v, bool) else str(v) for n, v in x.items()} if k in TEXT_MAPS and isinstance(x, dict) else x
+            for k, x in cluster.items()}
 
 def load_jobs(env: Environment) -> dict[str, JobSpec]:
     "Every job the bundle includes, resolved for `env`, by resource key."
@@ -97,7 +108,8 @@ def load_jobs(env: Environment) -> dict[str, JobSpec]:
                             raise ConfigError(f"{where}.tasks[{i}].job_cluster_key: '{t['job_cluster_key']}' is not one of the job's job_clusters ({list(clusters)})")
                         cluster = clusters[t["job_cluster_key"]]
                     tasks[key] = JobTask(key, notebook, {k: str(v) for k, v in params.items()}, [d["task_key"] for d in t.get("depends_on") or []],
-                                         substitute(cluster, env, f"{where}.tasks[{i}]"), substitute(t.get("libraries") or [], env, f"{where}.tasks[{i}].libraries"))
+                                         cluster_spec(substitute(cluster, env, f"{where}.tasks[{i}]")),
+                                         substitute(t.get("libraries") or [], env, f"{where}.tasks[{i}].libraries"))
                 for t in tasks.values():
                     unknown = [d for d in t.depends_on if d not in tasks]
                     if unknown: raise ConfigError(f"{where}: task '{t.key}' depends on {unknown}, which are not tasks of the job ({list(tasks)})")

@@ -368,3 +368,36 @@ def test_library_and_artifact_paths_name_the_same_dist_wherever_deploy_runs(tmp_
     env = get_environment("staging", project / "databricks_jobs" / "databricks.yml")
     spec = load_jobs(env)["model_build"]
     assert workspace_libraries(spec, spec.tasks["train"], "/Workspace/x/artifacts")[0] == {"whl": "/Workspace/x/artifacts/.internal/serving_mlops-0.1.2-py3-none-any.whl"}
+
+
+# --- issue 26 item 1: the values a deployment resolved reach the task's code on the cluster ------------------------------
+
+def test_every_job_cluster_carries_every_variable_as_the_deployment_resolved_it(tmp_path, monkeypatch):
+    """`task_environment` (a complex variable: its default may reference other variables, acceptance test
+    bundle/variables/complex of the CLI) names every other variable as BUNDLE_VAR_<name>; every job cluster sets it as its
+    spark_env_vars. On the cluster, serving_mlops reads BUNDLE_VAR_<name> first, so an override given at deploy time
+    (--var, BUNDLE_VAR_) reaches the code although the synced databricks.yml has only the defaults."""
+    from serving_mlops.config import get_environment
+    from serving_mlops.jobs import load_jobs
+    variables = yaml.safe_load(BUNDLE.read_text())["variables"]
+    carried = variables["task_environment"]
+    assert carried["type"] == "complex"
+    assert carried["default"] == {f"BUNDLE_VAR_{n}": f"${{var.{n}}}" for n in variables if n != "task_environment"}
+    for target in TARGETS:
+        specs = [c for _, c in clusters(merged(target))]
+        assert specs and all(c.get("spark_env_vars") == "${var.task_environment}" for c in specs), target
+    # deploying staging with an override, as `databricks bundle deploy -t staging --var catalog=sandbox` resolves it
+    monkeypatch.setenv("BUNDLE_VAR_catalog", "sandbox")
+    deployed = load_jobs(get_environment("staging"))["model_build"].tasks["train"].cluster["spark_env_vars"]
+    assert deployed["BUNDLE_VAR_catalog"] == "sandbox" and deployed["BUNDLE_VAR_model_name"] == "sandbox.credit.default_model"
+    assert all(isinstance(v, str) for v in deployed.values()) and deployed["BUNDLE_VAR_n_trials"] == "10"  # the Jobs API's text
+    # the cluster: the synced bundle folder, the notebook's folder as working directory, the cluster's environment variables
+    monkeypatch.delenv("BUNDLE_VAR_catalog")
+    files = tmp_path / "files"
+    shutil.copytree(ROOT / "databricks_jobs", files)
+    monkeypatch.chdir(files / "notebooks")
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "18.0")
+    for name, value in deployed.items(): monkeypatch.setenv(name, value)
+    on_cluster = get_environment("staging")
+    assert on_cluster.bundle_path == files / "databricks.yml"
+    assert (on_cluster.catalog, on_cluster.var("model_name"), on_cluster.var("n_trials", int)) == ("sandbox", "sandbox.credit.default_model", 10)

@@ -302,8 +302,10 @@ def test_jobs_run_submits_a_one_time_run_to_a_workspace_target(workspace):
     validate = tasks["validate"]["notebook_task"]["base_parameters"]
     assert validate["run_id"] == "{{tasks.train.values.run_id}}" and validate["model_uri"] == "{{tasks.train.values.model_uri}}"
     assert tasks["ingest"]["notebook_task"]["base_parameters"]["max_bad_fraction"] == "0.02"  # staging's variable
+    carried = tasks["features"]["new_cluster"].pop("spark_env_vars")  # the variables as resolved, for the task's code on the cluster
     assert tasks["features"]["new_cluster"] == {"spark_version": "18.0.x-cpu-ml-scala2.13", "node_type_id": "Standard_D4ds_v5",
                                                 "num_workers": 1, "data_security_mode": "SINGLE_USER"}
+    assert carried["BUNDLE_VAR_catalog"] == "staging" and carried["BUNDLE_VAR_ingest_max_bad_fraction"] == "0.02"
     assert tasks["features"]["libraries"] == [{"whl": f"/Workspace/Users/{USER}/.bundle/serving-mlops/staging/artifacts/.internal/{WHEEL}"},
                                               {"pypi": {"package": "databricks-feature-engineering>=0.13"}}]
     assert {auth for _, path, *_, auth in workspace.requests if path.startswith("/api/")} == {"Bearer dapi-stand-in"}  # unified auth: DATABRICKS_TOKEN
