@@ -10,6 +10,7 @@ import json
 import sqlite3
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,11 +33,11 @@ from .naming import same_table_in
 from .tables import Tables, get_spark, spark_arrow_schema, tables_for, to_arrow
 
 # %% auto #0
-__all__ = ['PROPERTY_PREFIX', 'CHANGE_DATA_FEED', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore',
-           'TrainingSet', 'create_training_set', 'table_versions', 'OnlineStore', 'latest_per_key', 'online_store',
-           'publish_table', 'in_experiment', 'FeatureSpecModel', 'model_columns', 'log_model', 'own_table',
-           'download_model', 'with_features', 'score_batch', 'lookup_online', 'loaded_model', 'predict_batches',
-           'scores_schema', 'append_scores', 'retarget_model', 'feature_model_uri', 'features_as_of',
+__all__ = ['PROPERTY_PREFIX', 'CHANGE_DATA_FEED', 'ONLINE_STORE_WAIT_MINUTES', 'FeatureStoreError', 'FeatureTable',
+           'FeatureLookup', 'LocalFeatureStore', 'TrainingSet', 'create_training_set', 'table_versions', 'OnlineStore',
+           'latest_per_key', 'online_store', 'publish_table', 'in_experiment', 'FeatureSpecModel', 'model_columns',
+           'log_model', 'own_table', 'download_model', 'with_features', 'score_batch', 'lookup_online', 'loaded_model',
+           'predict_batches', 'scores_schema', 'append_scores', 'retarget_model', 'feature_model_uri', 'features_as_of',
            'PositiveClassProbability', 'model_code', 'dates_as_timestamps', 'databricks_lookup',
            'DatabricksFeatureStore', 'feature_store_for', 'build_feature_tables', 'example_workspace']
 
@@ -544,6 +545,8 @@ def databricks_lookup(lookup: FeatureLookup):
     return DatabricksFeatureLookup(table_name=lookup.table_name, lookup_key=lookup.lookup_key, feature_names=lookup.feature_names,
                                    rename_outputs=lookup.rename_outputs, timestamp_lookup_key=lookup.timestamp_lookup_key)
 
+ONLINE_STORE_WAIT_MINUTES = 30  # a new Lakebase-backed online store takes minutes to become AVAILABLE
+
 class DatabricksFeatureStore:
     "The feature store API over FeatureEngineeringClient, for targets with a workspace host."
     def __init__(self, env: Environment, client=None, tables: Tables | None = None, spark=None):
@@ -681,11 +684,25 @@ class DatabricksFeatureStore:
         FeatureSpec.from_proto(proto).save(str(folder))
         return renamed
 
+    def ensure_online_store(self, wait_minutes: float = ONLINE_STORE_WAIT_MINUTES, poll_seconds: float = 15):
+        "The environment's online store (variable online_store_name), created first when the workspace has none; once it is AVAILABLE."
+        from databricks.ml_features.entities.online_store import DatabricksOnlineStore
+        name, capacity = self.env.var("online_store_name"), self.env.var("online_store_capacity")
+        store = self.client.get_online_store(name=name)
+        if store is None:  # the bundle cannot declare one (no resource type for it): the first publish makes it
+            print(f"creating online store {name} ({capacity}) in {self.env.where}", flush=True)
+            store = self.client.create_online_store(name=name, capacity=capacity)
+        deadline = time.monotonic() + wait_minutes * 60
+        while store.state not in (None, DatabricksOnlineStore.State.AVAILABLE):  # a new store starts for minutes
+            if time.monotonic() > deadline:
+                raise FeatureStoreError(f"online store {name} of {self.env.where} is {store.state.value}, not AVAILABLE, "
+                                        f"after {wait_minutes:g} minutes; publish again once it is")
+            time.sleep(poll_seconds)
+            store = self.client.get_online_store(name=name)
+        return store
+
     def publish_table(self, name: str):
-        store_name = self.env.var("online_store_name")
-        store = self.client.get_online_store(name=store_name)
-        if store is None: raise FeatureStoreError(f"{self.env.where} has no online store {store_name!r} "
-                                                  f"(targets.{self.env.name}.variables.online_store_name): create it first")
+        store = self.ensure_online_store()
         self.enable_change_data_feed(name)  # a table created before the adapter set it
         return self.client.publish_table(online_store=store, source_table_name=name, online_table_name=f"{name}_online")
 

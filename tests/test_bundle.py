@@ -401,3 +401,19 @@ def test_every_job_cluster_carries_every_variable_as_the_deployment_resolved_it(
     on_cluster = get_environment("staging")
     assert on_cluster.bundle_path == files / "databricks.yml"
     assert (on_cluster.catalog, on_cluster.var("model_name"), on_cluster.var("n_trials", int)) == ("sandbox", "sandbox.credit.default_model", 10)
+
+
+def test_the_bundle_creates_the_schema_and_volume_the_jobs_use():
+    "Issue 26 item 5: `bundle deploy` creates the schema and landing volume (resources/unity_catalog.yml) under the names the code reads, in every target (development mode would prefix the schema: the bundle skips that)."
+    from serving_mlops.config import get_environment
+    for target in TARGETS:
+        config = merged(target)
+        assert config["experimental"]["skip_name_prefix_for_schema"] is True
+        (schema,) = config["resources"]["schemas"].values()
+        (volume,) = config["resources"]["volumes"].values()
+        assert (schema["catalog_name"], schema["name"]) == ("${var.catalog}", "${var.schema}")
+        assert volume["schema_name"] == "${resources.schemas.credit.name}" and volume["volume_type"] == "MANAGED"  # after the schema
+        env = get_environment(target)
+        made = f"/Volumes/{env.catalog}/{env.schema}/{env.var('landing_volume')}"
+        assert volume["catalog_name"] == "${var.catalog}" and volume["name"] == "${var.landing_volume}"
+        assert made.startswith(f"/Volumes/{target}/credit/")  # what a workspace target's landing_dir names

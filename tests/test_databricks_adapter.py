@@ -150,6 +150,7 @@ variables:
   catalog: {default: prod}
   schema: {default: credit}
   online_store_name: {default: credit-online}
+  online_store_capacity: {default: CU_1}
 targets:
   prod: {workspace: {host: "https://example.cloud.databricks.com"}}
 """)
@@ -214,6 +215,39 @@ def test_create_table_turns_change_data_feed_on_and_publish_keeps_it(workspace_e
     assert method == "publish_table" and isinstance(kwargs["online_store"], DatabricksOnlineStore)
     assert (kwargs["online_store"].name, kwargs["source_table_name"], kwargs["online_table_name"]) == \
            ("credit-online", "prod.credit.behaviour_features", "prod.credit.behaviour_features_online")
+
+
+class NewWorkspaceClient(RecordingClient):
+    "A workspace without the online store: get_online_store finds none until create_online_store made it, then it starts."
+    def __init__(self):
+        super().__init__()
+        self.states = []
+
+    def __getattr__(self, method):
+        record = super().__getattr__(method)
+        def call(**kwargs):
+            record(**kwargs)  # checked against the client's signature and recorded
+            if method == "create_online_store": self.states = ["STARTING", "STARTING", "AVAILABLE"]
+            if method in ("get_online_store", "create_online_store"):
+                if not self.states: return None
+                state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+                return DatabricksOnlineStore(name=kwargs["name"], capacity="CU_1", state=DatabricksOnlineStore.State(state))
+            return f"{method} result"
+        return call
+
+
+def test_the_first_publish_creates_the_online_store_and_waits_until_it_is_available(workspace_env, uc_table, capsys):
+    "Issue 26 item 5: the bundle cannot declare an online store, so the features job makes it (online_store_name, online_store_capacity)."
+    client = NewWorkspaceClient()
+    store = DatabricksFeatureStore(workspace_env, client=client, tables=SparkTables(uc_table))
+    available = store.ensure_online_store(poll_seconds=0)
+    assert available.state == DatabricksOnlineStore.State.AVAILABLE
+    assert [m for m, _ in client.calls] == ["get_online_store", "create_online_store", "get_online_store", "get_online_store"]
+    assert client.calls[1][1] == {"name": "credit-online", "capacity": "CU_1"}
+    assert "creating online store credit-online (CU_1)" in capsys.readouterr().out
+    client.states = ["STARTING"]  # one that never gets there: the wait is bounded and says what to do
+    with pytest.raises(FeatureStoreError, match=r"online store credit-online of .* is STARTING, not AVAILABLE, after 0 minutes; publish again once it is"):
+        store.ensure_online_store(wait_minutes=0, poll_seconds=0)
 
 
 def test_publish_turns_change_data_feed_on_for_an_older_table(workspace_env, uc_table):
