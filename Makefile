@@ -21,6 +21,8 @@ demo test check: export DATABRICKS_CONFIG_PROFILE :=
 SPARK_TEST_JAVA := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
 SPARK_CLASSES := $(VENV)/spark-classes.jsa
 test check: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := $(SPARK_TEST_JAVA) -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
+# the demo keeps the JVM's defaults for its longer jobs; the archive only saves each job kernel's Spark start
+demo: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
 # pytest on both cores, each module whole on one worker (its module fixtures built once). Not --dist loadgroup: with
 # pytest 9, pytest-xdist 3.8 cannot rename the tests of a group, and loadgroup falls back to sending tests one by one.
 PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile -p no:randomly --timeout 900
@@ -60,7 +62,7 @@ java: ## check for Java 17+ (Spark 4), installing the OS package where possible
 chromium: ## Chromium for the console's browser tests (Debian's package with apt-get as root; without it those tests skip)
 	@bash .ci/ensure-chromium
 
-demo: $(VENV)/.installed java ## the scenario's loop offline: build in staging, deploy and test staging, promote to prod, deploy prod, score through prod, monitor drift
+demo: $(VENV)/.installed java $(SPARK_CLASSES) ## the scenario's loop offline: build in staging, deploy and test staging, promote to prod, deploy prod, score through prod, monitor drift
 	@echo "== 1-3 Model Build in staging: ingest, features, train, register and validate (the model_build job)"
 	$(BIN)/serving-mlops generate --env staging --rows 30000 --seed 42 --bad-fraction 0.01
 	$(BIN)/serving-mlops jobs run model_build --env staging
