@@ -213,6 +213,7 @@ class Environment:
     workspace: Workspace | None = None  # the Databricks workspace; None for a local workspace
     root: Path | None = None  # local workspace directory; None on Databricks
     mode: str | None = None  # the target's `mode` (development, production)
+    registry: str | None = None  # MLflow registry URI of another workspace that holds this environment's models (a promotion's source)
 
     @property
     def is_local(self) -> bool: return self.workspace is None
@@ -262,7 +263,8 @@ class Environment:
 
     @property
     def registry_uri(self) -> str:
-        "MLflow registry URI: the local database, or Unity Catalog."
+        "MLflow registry URI: the local database, or Unity Catalog (of another workspace, for a promotion's source there)."
+        if self.registry: return self.registry
         if self.is_local: return self.tracking_uri
         return f"databricks-uc://{self.workspace.profile}" if self.workspace.profile else "databricks-uc"
 

@@ -5,6 +5,7 @@
 # %% ../nbs/07_registry.ipynb #acb3c7bf
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import roc_auc_score
 
-from .config import Environment, using_mlflow
+from .config import ConfigError, Environment, get_environment, using_mlflow
 from .errors import StepFailed
 from .feature_store import feature_store_for, in_experiment
 from .naming import experiment_name, model_uri
@@ -25,7 +26,7 @@ from .train import KEY, LABEL, TrainingResult, split_by_customer, training_set
 # %% auto #0
 __all__ = ['registry_client', 'alias_version', 'register_challenger', 'GateReport', 'GateFailed', 'held_out', 'scores',
            'p95_latency_ms', 'validate_challenger', 'set_champion', 'promote_challenger', 'copied_version',
-           'copy_model_version', 'verify_copy', 'promote_version']
+           'copy_model_version', 'verify_copy', 'promotion_source', 'verified_on', 'promote_version']
 
 # %% ../nbs/07_registry.ipynb #a6786306
 def registry_client(env: Environment) -> MlflowClient:
@@ -167,10 +168,29 @@ def verify_copy(source: Environment, source_version, target: Environment, target
                          f"{source.var('model_name')} version {source_version} of '{source.name}'")
     return len(X)
 
+def promotion_source(target: Environment, source_name: str) -> Environment:
+    "The environment a promotion into `target` copies from: target `source_name` of the same bundle, read through another workspace's registry when `target`'s `promote_source_registry` names one."
+    source = get_environment(source_name, target.bundle_path)
+    uri = target.var("promote_source_registry") if "promote_source_registry" in target.variables else ""
+    if not uri: return source  # the same workspace: the source's catalog through this workspace's Unity Catalog
+    from mlflow.utils.databricks_utils import get_db_info_from_uri  # how MLflow reads the secret scope and key prefix
+    scope, prefix = get_db_info_from_uri(uri) if uri.startswith("databricks-uc://") else (None, None)
+    if not (scope and prefix):
+        raise ConfigError(f"{target.bundle_path}: variable 'promote_source_registry' of target '{target.name}' is {uri!r}: expected "
+                          "databricks-uc://<secret scope>:<key prefix>, whose secrets <key prefix>-host and <key prefix>-token "
+                          "name the source workspace and a token that can read its models")
+    if target.is_local: raise ConfigError(f"variable 'promote_source_registry' is for workspace targets; '{target.name}' is a {target.where}")
+    return dataclasses.replace(source, registry=uri)
+
+def verified_on(source: Environment, target: Environment) -> Environment:
+    "Whose held-out data a promotion verifies the copy on: the source's, or the target's own when the source is another workspace."
+    return target if source.registry else source
+
 def promote_version(source: Environment, target: Environment, version=None, seed: int = 42, store=None):
-    "Copy the source's champion (or `version`) into the target's registry, verify it on the source's held-out data and make it the target's champion; returns (copy, rows)."
+    "Copy the source's champion (or `version`) into the target's registry, verify it on held-out data and make it the target's champion; returns (copy, rows)."
     copy = copy_model_version(source, target, version)
-    X, _ = held_out(source, store or feature_store_for(source), seed)
+    data = verified_on(source, target)
+    X, _ = held_out(data, store or feature_store_for(data), seed)
     rows = verify_copy(source, copy.tags["source_version"], target, copy.version, X)
     set_champion(target, copy.version)  # it passed staging's gate and predicts identically
     return copy, rows

@@ -417,3 +417,14 @@ def test_the_bundle_creates_the_schema_and_volume_the_jobs_use():
         made = f"/Volumes/{env.catalog}/{env.schema}/{env.var('landing_volume')}"
         assert volume["catalog_name"] == "${var.catalog}" and volume["name"] == "${var.landing_volume}"
         assert made.startswith(f"/Volumes/{target}/credit/")  # what a workspace target's landing_dir names
+
+
+def test_production_schedules_run_and_the_others_stay_paused():
+    "Issue 26 item 8: prod's hourly monitoring and daily batch scoring run once deployed; staging's are paused by its preset and dev's by development mode (the CLI's ApplyPresets sets a schedule's pause_status only where the job leaves it empty)."
+    for target, expected in (("dev", None), ("staging", "PAUSED"), ("prod", "UNPAUSED")):
+        config = merged(target)
+        scheduled = [j for j in config["resources"]["jobs"].values() if "schedule" in j]
+        assert sorted(j["name"].split("-${")[0] for j in scheduled) == ["serving-mlops-batch-inference", "serving-mlops-monitoring"]
+        assert all("pause_status" not in j["schedule"] for j in scheduled)  # the target's preset decides
+        assert (config.get("presets") or {}).get("trigger_pause_status") == expected, target
+    assert merged("dev")["targets"]["dev"]["mode"] == "development"  # which pauses every schedule

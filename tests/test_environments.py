@@ -291,8 +291,10 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from serving_mlops.config import ConfigError, get_environment, workspace_home
 from serving_mlops.tables import get_spark, tables_for
+jvm = os.environ.get("SERVING_MLOPS_SPARK_JAVA_OPTIONS", "")  # make test's short-JVM flags and class archive, as get_spark applies them
 spark = SparkSession.builder.master({master!r}).config("spark.driver.host", "127.0.0.1").config("spark.ui.enabled", "false") \\
-    .config("spark.executor.memory", "512m").getOrCreate()
+    .config("spark.executor.memory", "512m").config("spark.driver.extraJavaOptions", jvm) \\
+    .config("spark.executor.extraJavaOptions", jvm).getOrCreate()
 os.environ["DATABRICKS_RUNTIME_VERSION"] = "17.3"  # from here on, this process is a (simulated) Databricks cluster
 with workspace_home(tempfile.mkdtemp()): env = get_environment("dev")
 print("LOCAL", env.is_local)
@@ -373,3 +375,38 @@ def test_bundle_var_environment_variables_set_variables_as_for_the_cli(laptop, m
     env = get_environment("staging")
     assert (env.var("catalog"), env.var("model_name"), env.var("ingest_max_bad_fraction", float)) == ("sandbox", "sandbox.credit.default_model", 0.02)
     assert get_environment("plain", laptop).var("catalog") == "sandbox"
+
+
+# --- issue 26 item 6: promotion from another workspace --------------------------------------------------------------------
+
+class SecretsStandIn:
+    "Stands in for a Databricks runtime's `dbutils` (cannot exist here): `secrets.get(scope, key)` from a dict."
+    def __init__(self, secrets): self.secrets = type("Secrets", (), {"get": lambda _, scope, key: secrets[(scope, key)]})()
+
+
+def test_a_promotion_from_another_workspace_reads_the_source_registry_through_a_secret_scope(tmp_path, monkeypatch):
+    "On prod's cluster every target without a host is prod's workspace; `promote_source_registry` points the source's registry at staging's workspace, with credentials MLflow reads from a secret scope."
+    from mlflow.utils import databricks_utils
+    from serving_mlops.registry import promotion_source, verified_on
+    for var in ENV_VARS: monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "18.0")
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(tmp_path / "no-databrickscfg"))
+    bundle = ROOT / "databricks_jobs" / "databricks.yml"
+    same = promotion_source(get_environment("prod", bundle), "staging")  # by default: staging's catalog in this workspace
+    assert (same.registry, same.registry_uri, same.catalog) == (None, "databricks-uc", "staging")
+    assert verified_on(same, get_environment("prod", bundle)) is same  # on the source's held-out data, as before
+    monkeypatch.setenv("BUNDLE_VAR_promote_source_registry", "databricks-uc://mlops:staging")  # as deployed for prod
+    prod = get_environment("prod", bundle)
+    source = promotion_source(prod, "staging")
+    assert (source.registry_uri, source.tracking_uri, source.var("model_name")) == ("databricks-uc://mlops:staging", "databricks",
+                                                                                    "staging.credit.default_model")
+    assert verified_on(source, prod) is prod  # prod's own tables: the cluster cannot read another workspace's
+    # what MLflow does with the URI on a cluster (its dbutils stood in): the source workspace and token from the scope
+    monkeypatch.setattr(databricks_utils, "_get_dbutils", lambda: SecretsStandIn(
+        {("mlops", "staging-host"): "https://adb-2222222222222222.2.azuredatabricks.net", ("mlops", "staging-token"): "dapi-staging"}))
+    config = databricks_utils.TrackingURIConfigProvider(source.registry_uri).get_config()
+    assert (config.host, config.token) == ("https://adb-2222222222222222.2.azuredatabricks.net", "dapi-staging")
+    for wrong in ("databricks://mlops:staging", "databricks-uc://mlops", "staging"):
+        monkeypatch.setenv("BUNDLE_VAR_promote_source_registry", wrong)
+        with pytest.raises(ConfigError, match=r"promote_source_registry' of target 'prod' is .*expected databricks-uc://<secret scope>:<key prefix>"):
+            promotion_source(get_environment("prod", bundle), "staging")
