@@ -23,9 +23,11 @@ SPARK_CLASSES := $(VENV)/spark-classes.jsa
 test check: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := $(SPARK_TEST_JAVA) -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
 # the demo keeps the JVM's defaults for its longer jobs; the archive only saves each job kernel's Spark start
 demo: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
-# pytest on both cores, each module whole on one worker (its module fixtures built once). Not --dist loadgroup: with
-# pytest 9, pytest-xdist 3.8 cannot rename the tests of a group, and loadgroup falls back to sending tests one by one.
-PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile -p no:randomly --timeout 900
+# pytest on both cores, each module whole on one worker (its module fixtures built once), the longest modules first
+# (tests/conftest.py orders them by their last time; xdist's own reorder would put the modules with most tests first).
+# Not --dist loadgroup: with pytest 9, pytest-xdist 3.8 cannot rename the tests of a group, and loadgroup falls back to
+# sending tests one by one.
+PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile --no-loadscope-reorder -p no:randomly --timeout 900
 # `make check NB=nbs/06_train.ipynb` tests that notebook; by default the notebooks changed since the last commit
 NB ?= $(shell git status --porcelain -- nbs 2>/dev/null | awk '/\.ipynb$$/ {print $$NF}')
 

@@ -50,6 +50,38 @@ def pytest_itemcollected(item):
     if any(getattr(d.func, "expensive", False) for d in fixtures): item.add_marker(pytest.mark.slow)
 
 
+# --- the longest modules first --------------------------------------------------------------------------------------------
+# `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: each module whole on one worker, in the order of
+# the collection. Ordered longest first (their time on the last whole passing run, kept in pytest's cache; a module not
+# timed yet first, by its number of slow tests), the two workers end together instead of one running a long module alone.
+
+def module_of(nodeid: str) -> str: return nodeid.split("::")[0]
+
+def _seconds_key(module: str) -> str: return "serving_mlops/module_seconds/" + module.replace("/", "_")
+
+
+def pytest_collection_modifyitems(config, items):
+    modules = list(dict.fromkeys(module_of(i.nodeid) for i in items))
+    slow = {m: sum(1 for i in items if module_of(i.nodeid) == m and i.get_closest_marker("slow")) for m in modules}
+    seconds = {m: config.cache.get(_seconds_key(m), None) if config.cache else None for m in modules}
+    rank = {m: (1, -seconds[m]) if isinstance(seconds[m], (int, float)) else (0, -slow[m]) for m in modules}
+    items.sort(key=lambda i: rank[module_of(i.nodeid)])  # stable: a module's tests keep their order
+
+
+_spent: dict = {}
+
+
+def pytest_runtest_logreport(report):
+    _spent[module_of(report.nodeid)] = _spent.get(module_of(report.nodeid), 0.0) + report.duration
+
+
+def pytest_sessionfinish(session, exitstatus):
+    "Remember each module's time, from the controller (or a run without workers), after a passing run of whole modules."
+    config = session.config
+    if hasattr(config, "workerinput") or exitstatus != 0 or config.option.markexpr or config.option.keyword or not config.cache: return
+    for module, spent in _spent.items(): config.cache.set(_seconds_key(module), round(spent, 1))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: needs an expensive world, a process or a Spark job (over a few seconds); `make check` skips it")
 
