@@ -20,11 +20,11 @@ import yaml
 from .errors import InputError
 
 # %% auto #0
-__all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'VARIABLE_ENV_PREFIX', 'HOST_ENV_VAR',
-           'PROFILE_ENV_VAR', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'on_databricks', 'find_bundle', 'load_bundle',
-           'resolve_variables', 'Workspace', 'profile_host', 'runtime_host', 'find_workspace', 'Environment',
-           'mlflow_schema_template', 'mlflow_database', 'local_root', 'get_environment', 'workspace_home',
-           'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow', 'process_alive']
+__all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'VARIABLE_ENV_PREFIX', 'VARIABLES_TARGET_ENV_VAR',
+           'HOST_ENV_VAR', 'PROFILE_ENV_VAR', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'on_databricks', 'find_bundle',
+           'load_bundle', 'resolve_variables', 'Workspace', 'profile_host', 'runtime_host', 'find_workspace',
+           'Environment', 'mlflow_schema_template', 'mlflow_database', 'local_root', 'get_environment',
+           'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow', 'process_alive']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -85,6 +85,7 @@ def load_bundle(path: Path | str) -> dict:
 _REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 
 VARIABLE_ENV_PREFIX = "BUNDLE_VAR_"  # BUNDLE_VAR_<name> sets a variable, as for the Databricks CLI (bundle/config/mutator/set_variables.go)
+VARIABLES_TARGET_ENV_VAR = "SERVING_MLOPS_BUNDLE_TARGET"  # on a job cluster: the one target its BUNDLE_VAR_* values were resolved for
 
 def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.yml") -> dict[str, Any]:
     "The variables of `target` as the Databricks CLI sets them: BUNDLE_VAR_<name>, else the target's value, else the default; `${...}` resolved."
@@ -94,8 +95,9 @@ def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.
     for name in overrides:
         if name not in declared: raise ConfigError(f"{path}: key 'targets.{target}.variables.{name}' sets a variable not declared under 'variables'")
     raw = {}
+    from_env = os.environ.get(VARIABLES_TARGET_ENV_VAR, target) == target  # a prod cluster reading staging (promotion) takes staging's own
     for name, spec in declared.items():
-        if VARIABLE_ENV_PREFIX + name in os.environ:
+        if from_env and VARIABLE_ENV_PREFIX + name in os.environ:
             if (spec or {}).get("type") == "complex":  # as the CLI: a complex variable takes no text value
                 raise ConfigError(f"{VARIABLE_ENV_PREFIX}{name}: variable '{name}' is of type complex; set it in {path} instead")
             raw[name] = os.environ[VARIABLE_ENV_PREFIX + name]

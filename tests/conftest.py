@@ -63,7 +63,8 @@ def _seconds_key(module: str) -> str: return "serving_mlops/module_seconds/" + m
 def pytest_collection_modifyitems(config, items):
     modules = list(dict.fromkeys(module_of(i.nodeid) for i in items))
     slow = {m: sum(1 for i in items if module_of(i.nodeid) == m and i.get_closest_marker("slow")) for m in modules}
-    seconds = {m: config.cache.get(_seconds_key(m), None) if config.cache else None for m in modules}
+    cache = getattr(config, "cache", None)  # none with -p no:cacheprovider
+    seconds = {m: cache.get(_seconds_key(m), None) if cache else None for m in modules}
     rank = {m: (1, -seconds[m]) if isinstance(seconds[m], (int, float)) else (0, -slow[m]) for m in modules}
     items.sort(key=lambda i: rank[module_of(i.nodeid)])  # stable: a module's tests keep their order
 
@@ -78,7 +79,8 @@ def pytest_runtest_logreport(report):
 def pytest_sessionfinish(session, exitstatus):
     "Remember each module's time, from the controller (or a run without workers), after a passing run of whole modules."
     config = session.config
-    if hasattr(config, "workerinput") or exitstatus != 0 or config.option.markexpr or config.option.keyword or not config.cache: return
+    if hasattr(config, "workerinput") or exitstatus != 0 or config.option.markexpr or config.option.keyword: return
+    if getattr(config, "cache", None) is None: return
     for module, spent in _spent.items(): config.cache.set(_seconds_key(module), round(spent, 1))
 
 

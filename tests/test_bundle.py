@@ -382,7 +382,8 @@ def test_every_job_cluster_carries_every_variable_as_the_deployment_resolved_it(
     variables = yaml.safe_load(BUNDLE.read_text())["variables"]
     carried = variables["task_environment"]
     assert carried["type"] == "complex"
-    assert carried["default"] == {f"BUNDLE_VAR_{n}": f"${{var.{n}}}" for n in variables if n != "task_environment"}
+    assert carried["default"] == {"SERVING_MLOPS_BUNDLE_TARGET": "${bundle.target}",
+                                  **{f"BUNDLE_VAR_{n}": f"${{var.{n}}}" for n in variables if n != "task_environment"}}
     for target in TARGETS:
         specs = [c for _, c in clusters(merged(target))]
         assert specs and all(c.get("spark_env_vars") == "${var.task_environment}" for c in specs), target
@@ -390,6 +391,7 @@ def test_every_job_cluster_carries_every_variable_as_the_deployment_resolved_it(
     monkeypatch.setenv("BUNDLE_VAR_catalog", "sandbox")
     deployed = load_jobs(get_environment("staging"))["model_build"].tasks["train"].cluster["spark_env_vars"]
     assert deployed["BUNDLE_VAR_catalog"] == "sandbox" and deployed["BUNDLE_VAR_model_name"] == "sandbox.credit.default_model"
+    assert deployed["SERVING_MLOPS_BUNDLE_TARGET"] == "staging"
     assert all(isinstance(v, str) for v in deployed.values()) and deployed["BUNDLE_VAR_n_trials"] == "10"  # the Jobs API's text
     # the cluster: the synced bundle folder, the notebook's folder as working directory, the cluster's environment variables
     monkeypatch.delenv("BUNDLE_VAR_catalog")
@@ -401,6 +403,7 @@ def test_every_job_cluster_carries_every_variable_as_the_deployment_resolved_it(
     on_cluster = get_environment("staging")
     assert on_cluster.bundle_path == files / "databricks.yml"
     assert (on_cluster.catalog, on_cluster.var("model_name"), on_cluster.var("n_trials", int)) == ("sandbox", "sandbox.credit.default_model", 10)
+    assert get_environment("prod").catalog == "prod"  # the values are staging's: another target read there keeps its own
 
 
 def test_the_bundle_creates_the_schema_and_volume_the_jobs_use():

@@ -395,7 +395,8 @@ def test_a_promotion_from_another_workspace_reads_the_source_registry_through_a_
     same = promotion_source(get_environment("prod", bundle), "staging")  # by default: staging's catalog in this workspace
     assert (same.registry, same.registry_uri, same.catalog) == (None, "databricks-uc", "staging")
     assert verified_on(same, get_environment("prod", bundle)) is same  # on the source's held-out data, as before
-    monkeypatch.setenv("BUNDLE_VAR_promote_source_registry", "databricks-uc://mlops:staging")  # as deployed for prod
+    monkeypatch.setenv("BUNDLE_VAR_promote_source_registry", "databricks-uc://mlops:staging")  # as deployed for prod:
+    monkeypatch.setenv("BUNDLE_VAR_catalog", "prod"); monkeypatch.setenv("SERVING_MLOPS_BUNDLE_TARGET", "prod")  # prod's values
     prod = get_environment("prod", bundle)
     source = promotion_source(prod, "staging")
     assert (source.registry_uri, source.tracking_uri, source.var("model_name")) == ("databricks-uc://mlops:staging", "databricks",
