@@ -10,24 +10,27 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test check java chromium export clean
+.PHONY: help demo test check replay java chromium export clean
 # demo and test use the local workspaces even when the shell names a Databricks workspace: like the Databricks CLI,
 # serving-mlops takes DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE as the workspace of every target without a host
-demo test check: export DATABRICKS_HOST :=
-demo test check: export DATABRICKS_CONFIG_PROFILE :=
+demo test check replay: export DATABRICKS_HOST :=
+demo test check replay: export DATABRICKS_CONFIG_PROFILE :=
 # the tests' Spark JVMs (pytest's and every job kernel's) live seconds: C1 only and the serial collector halve their CPU,
 # and a class-data sharing archive of Spark's classes (made once per install by .ci/spark-class-archive) takes about 45%
 # off each start (a JVM given a missing or stale archive runs without it)
 SPARK_TEST_JAVA := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
 SPARK_CLASSES := $(VENV)/spark-classes.jsa
 test check: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := $(SPARK_TEST_JAVA) -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
+# the replay's JVMs are the runtime's Spark 4.1, whose classes the archive does not hold
+replay: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := $(SPARK_TEST_JAVA)
 # the demo keeps the JVM's defaults for its longer jobs; the archive only saves each job kernel's Spark start
 demo: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
 # pytest on both cores, each module whole on one worker (its module fixtures built once), the longest modules first
 # (tests/conftest.py orders them by their last time; xdist's own reorder would put the modules with most tests first).
 # Not --dist loadgroup: with pytest 9, pytest-xdist 3.8 cannot rename the tests of a group, and loadgroup falls back to
 # sending tests one by one.
-PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile --no-loadscope-reorder -p no:randomly --timeout 900
+# tests/test_replay.py is `make replay`'s (its own tier: it builds Databricks Runtime 18 ML's library set once, then runs the loop)
+PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile --no-loadscope-reorder -p no:randomly --timeout 900 --ignore=tests/test_replay.py
 # `make check NB=nbs/06_train.ipynb` tests that notebook; by default the notebooks changed since the last commit
 NB ?= $(shell git status --porcelain -- nbs 2>/dev/null | awk '/\.ipynb$$/ {print $$NF}')
 
@@ -102,6 +105,10 @@ test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASS
 	$(BIN)/lint-imports --no-cache
 	@echo "== nbdev_test: every notebook" && t=$$(date +%s) && $(BIN)/nbdev_test --n_workers 2 --timing && echo "nbdev_test: $$(( $$(date +%s) - t )) s"
 	@echo "== pytest" && t=$$(date +%s) && $(PYTEST) --durations=15 && echo "pytest: $$(( $$(date +%s) - t )) s"
+
+replay: $(VENV)/.installed-dev java ## Databricks first contact, offline: the deployed bundle's whole loop on Databricks Runtime 18 ML's library versions (CI runs it)
+	@echo "== replay: the wheel and synced notebooks as a job cluster runs them (the first run builds the runtime's libraries, about 2.5 min)"
+	@t=$$(date +%s) && $(BIN)/pytest tests/test_replay.py -p no:randomly --timeout 1800 -q --durations=5 && echo "replay: $$(( $$(date +%s) - t )) s"
 
 check: $(VENV)/.installed-dev java $(SPARK_CLASSES) ## the inner loop while editing, about 2 min: import layers, the changed notebooks (or NB=...), the fast tests
 	$(BIN)/lint-imports --no-cache

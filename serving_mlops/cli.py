@@ -24,7 +24,7 @@ from .tables import tables_for
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate', 'table_summary', 'ingest',
            'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'console',
            'deploy', 'id_range', 'key_records', 'query_keys', 'query', 'endpoints', 'stop_services', 'monitor',
-           'jobs_list', 'jobs_run', 'jobs_runs']
+           'jobs_list', 'jobs_run', 'jobs_runs', 'replay_command']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
@@ -390,6 +390,33 @@ def jobs_runs(job: Optional[str] = typer.Option(None, "--job", "-j", help="Only 
         if not runs: typer.echo(f"no runs{f' of job {job}' if job else ''} recorded in {jobs_folder(environment)}")
         for run in runs[:last]: typer.echo(run.overview())
         if len(runs) > last: typer.echo(f"(older runs not shown: {len(runs) - last}; --last {len(runs)} lists them all)")
+
+# %% ../nbs/90_cli.ipynb #db803650
+@app.command("replay")
+def replay_command(steps: Optional[list[str]] = typer.Argument(None, metavar="TARGET/JOB", show_default=False,
+                                                                help="Jobs to run, in order, e.g. staging/model_build; default: the whole loop, "
+                                                                     "staging/model_build staging/deploy_serving_endpoint prod/ingest prod/features prod/promote "
+                                                                     "prod/batch_inference prod/monitoring."),
+                   var: list[str] = typer.Option([], "--var", help="A deploy-time variable, name=value, as `databricks bundle deploy --var` "
+                                                                   "(over the replay's own n_trials=1 serving_port=0)."),
+                   rows: int = typer.Option(2000, min=100, help="Clients written to a target's landing folder before its first ingest."),
+                   folder: Optional[Path] = typer.Option(None, help="The replay's folder (emptied first): synced files, cluster home, "
+                                                                    "workspaces, task outputs.", show_default=".mlops/replay")):
+    "Replay a deployment as Databricks runs it: the wheel on Databricks Runtime 18 ML's libraries, the synced files, each task with dbutils."
+    import shutil
+    from serving_mlops.config import find_bundle
+    from serving_mlops.replay import LOOP, SMALL, loop_inputs, replay
+    with clear_errors():
+        bad = [s for s in (steps or []) if s.count("/") != 1] + [v for v in var if "=" not in v]
+        if bad: raise InputError(f"{bad[0]!r}: expected TARGET/JOB for a step, name=value for --var")
+        plan = [tuple(s.split("/")) for s in steps] if steps else LOOP
+        variables = {**SMALL, **dict(v.split("=", 1) for v in var)}
+        root = folder or find_bundle().parent.parent / ".mlops" / "replay"
+        if root.exists(): shutil.rmtree(root)
+        results = replay(plan, root, variables, loop_inputs(rows, variables))
+        for (target, job), tasks in results.items():
+            typer.echo(f"{target}/{job}: " + ", ".join(f"{t.key} {t.state} {t.seconds:.0f} s" for t in tasks.values()))
+        typer.echo(f"replayed on Databricks Runtime 18.0 ML's libraries; task outputs in {root / 'runs'}")
 
 # %% ../nbs/90_cli.ipynb #cbf5d98c
 #| eval: false

@@ -1,0 +1,93 @@
+"""The deployed bundle replayed as Databricks runs it (serving_mlops.replay): the wheel built as the bundle's `artifacts` say,
+installed on Databricks Runtime 18.0 ML's library versions, the files laid out as the CLI syncs them, every task notebook of
+the loop run in its own folder with `dbutils` and the job cluster's environment.
+
+Its own tier: `make replay` (CI runs it after `make test`); `make test` leaves this module out. The runtime's libraries are a
+virtual environment built once per version of replay/databricks-runtime-18.0-ml.txt (about 2.5 minutes); the loop about 4.
+No Databricks workspace exists here: the workspaces' data, models and endpoints are local workspaces on the replay's driver
+(see the table in nbs/15b_replay.ipynb and docs/databricks.md).
+"""
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from serving_mlops.config import get_environment
+from serving_mlops.replay import (LOOP, SMALL, ReplayFailed, build_artifacts, canonical, constraints_path, install_libraries,
+                                  loop_inputs, replay, runtime_packages, runtime_python)
+from serving_mlops.jobs import load_jobs
+
+pytestmark = [pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    "Python of the runtime's library set (built once per constraints file)."
+    return runtime_python(constraints_path(get_environment("staging")), ROOT / ".venv")
+
+
+@pytest.fixture(scope="module")
+def loop(runtime, tmp_path_factory):
+    "The whole loop, replayed once for the module: (results, the replay's folder)."
+    root = tmp_path_factory.mktemp("replay")
+    return replay(LOOP, root, SMALL, loop_inputs(1000, SMALL)), root
+
+
+def test_the_runtime_environment_has_the_runtimes_own_versions(runtime):
+    "What the constraints file pins is what the environment holds (pip could have resolved something else for a transitive)."
+    pinned = dict(re.match(r"([A-Za-z0-9_.\-]+)==(\S+)", line).groups()
+                  for line in constraints_path(get_environment("staging")).read_text().splitlines() if "==" in line and not line.startswith("#"))
+    have = runtime_packages(runtime)
+    assert {canonical(n): v for n, v in pinned.items()} == {canonical(n): have.get(canonical(n)) for n in pinned}
+    assert have["mlflow-skinny"] == "3.8.1" and have["pyspark"] == "4.1.0" and "mlflow" not in have  # the runtime has MLflow's skinny package
+
+
+def test_every_task_of_the_loop_succeeds_on_the_runtime(loop):
+    results, root = loop
+    assert list(results) == LOOP
+    states = {f"{t}/{j}/{k}": task.state for (t, j), tasks in results.items() for k, task in tasks.items()}
+    assert set(states.values()) == {"SUCCESS"}, states
+    validate = results["staging", "model_build"]["validate"].values
+    copy = results["prod", "promote"]["copy"].values
+    assert results["prod", "promote"]["deploy"].values["model_version"] == copy["model_version"]  # {{tasks.copy.values.model_version}}
+    assert results["staging", "deploy_serving_endpoint"]["deploy"].values["endpoint"] == "credit-default-staging"
+    assert results["prod", "monitoring"]["drift"].values["drifted"] is False and validate, validate
+
+
+def test_the_tasks_read_the_configuration_the_deployment_gave_them(loop):
+    "Issue 26 item 1: each task found the synced databricks.yml beside its notebook's folder, and the --var overrides reached the code."
+    results, root = loop
+    deploy_log = Path(results["staging", "deploy_serving_endpoint"]["deploy"].log).read_text()
+    port = int(re.search(r"invocations: http://127\.0\.0\.1:(\d+)/serving-endpoints/credit-default-staging", deploy_log).group(1))
+    assert port != 8712  # serving_port=0 given at deploy time reaches the task only through the cluster's spark_env_vars
+    drift_log = Path(results["prod", "monitoring"]["drift"].log).read_text()
+    request = json.loads((root / "runs" / "monitoring" / "drift.request.json").read_text())
+    assert request["parameters"]["window_minutes"] == "1"  # the run's notebook_params over the base parameter ${var.monitoring_window_minutes}
+    files = next(root.glob("Workspace/Users/*/.bundle/serving-mlops/prod/files"))
+    assert (files / "databricks.yml").is_file() and (files / "notebooks" / "monitoring.ipynb").is_file()
+    assert not list(files.rglob("*.whl")) and not (files / "dist").exists()  # the wheel is an artifact, not a synced file
+    assert "Traceback" not in drift_log
+
+
+def test_a_wheel_that_would_change_a_runtime_library_is_refused(runtime, tmp_path):
+    "Issue 26 item 7: the job's libraries are pip-installed as a cluster does; a requirement that would upgrade MLflow fails the replay, naming it."
+    project = tmp_path / "project"
+    (project / "greedy").mkdir(parents=True)
+    (project / "greedy" / "__init__.py").write_text("")
+    (project / "setup.py").write_text("from setuptools import setup\nsetup(name='greedy', version='1.0', packages=['greedy'], "
+                                      "install_requires=['mlflow-skinny>3.8.1'])\n")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(tmp_path / "dist"), str(project), "-q"], check=True)
+    env = get_environment("staging")
+    spec = load_jobs(env)["ingest"]
+    for task in spec.tasks.values(): task.libraries = [{"whl": "/Workspace/artifacts/.internal/greedy-1.0-py3-none-any.whl"}]
+    (tmp_path / "Workspace" / "artifacts" / ".internal").mkdir(parents=True)
+    shutil.copy(tmp_path / "dist" / "greedy-1.0-py3-none-any.whl", tmp_path / "Workspace" / "artifacts" / ".internal")
+    with pytest.raises(ReplayFailed, match=r"would change the runtime's own mlflow-skinny 3\.8\.1 -> 3\.\d+"):
+        install_libraries(runtime, runtime_packages(runtime), tmp_path, spec, "/Workspace/artifacts")
+    assert runtime_packages(runtime)["mlflow-skinny"] == "3.8.1"
+    assert "Version: 3.8.1" in subprocess.run([str(runtime), "-m", "pip", "show", "mlflow-skinny"], capture_output=True, text=True).stdout
