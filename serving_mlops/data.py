@@ -125,15 +125,19 @@ def write_credit_data(path: Path | str, rows: int, seed: int = 42, first_id: int
     if path.suffix not in (".csv", ".parquet"): raise ValueError(f"{path}: expected a .csv or .parquet file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    writer = None
+    writer = sink = None
     try:
         for i, chunk in enumerate(generate_clients(rows, seed, first_id, drift, labelled, progress)):
             if bad_fraction > 0: chunk = corrupt_rows(chunk, bad_fraction, np.random.default_rng([seed, i, 1]))
             table = pa.Table.from_pandas(chunk, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema) if path.suffix == ".parquet" else pacsv.CSVWriter(tmp, table.schema, write_options=pacsv.WriteOptions(quoting_header="none"))
+            if writer is None and path.suffix == ".parquet": writer = pq.ParquetWriter(tmp, table.schema)
+            elif writer is None:  # the header unquoted, as the UCI file has it (pyarrow's quoting_header option is newer than
+                sink = pa.OSFile(str(tmp), "wb")  # the pyarrow 21 of Databricks Runtime 18 ML)
+                sink.write((",".join(table.schema.names) + "\n").encode())
+                writer = pacsv.CSVWriter(sink, table.schema, write_options=pacsv.WriteOptions(include_header=False))
             writer.write_table(table)
     finally:
         if writer is not None: writer.close()
+        if sink is not None: sink.close()
     os.replace(tmp, path)
     return path

@@ -634,9 +634,11 @@ class DatabricksFeatureStore:
                 Path(tmp, "baseline.json").write_text(json.dumps(baseline, allow_nan=False))
                 artifacts["baseline"] = f"{tmp}/baseline.json"
             requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}", f"pandas=={pd.__version__}"]
-            return self.client.log_model(model=str(code), artifact_path=artifact_path, flavor=mlflow.pyfunc, training_set=training_set,
+            info = self.client.log_model(model=str(code), artifact_path=artifact_path, flavor=mlflow.pyfunc, training_set=training_set,
                                          registered_model_name=registered_model_name, infer_input_example=True,
                                          artifacts=artifacts, pip_requirements=list(requirements))
+        # the client of Databricks Runtime 18 ML (0.13) returns nothing: the model it logged is MLflow's last logged model
+        return info if info is not None else mlflow.models.get_model_info(mlflow.last_logged_model().model_uri)
 
     def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
         return self.client.score_batch(model_uri=model_uri, df=dates_as_timestamps(df), result_type=result_type)

@@ -291,6 +291,19 @@ class UnityCatalog:
                 "table_constraints": [{"primary_key_constraint": {"name": "pk", "child_columns": pk + tk, "timeseries_columns": tk}}]}
 
 
+def information_schema():
+    "Unity Catalog's information schema as databricks-feature-engineering 0.13 asks it (the Spark SQL client of UC functions): no functions here."
+    try: from databricks.ml_features._information_schema_spark_client._information_schema_spark_client import InformationSchemaSparkClient
+    except ImportError: return None  # later clients ask the SDK's functions API (their workspace_client) instead
+
+    @lambda c: same_signature(c, InformationSchemaSparkClient)
+    class InformationSchema:
+        def get_functions(self, full_function_names):
+            assert not full_function_names, f"no Unity Catalog functions exist here: {full_function_names}"
+            return []
+    return InformationSchema()
+
+
 def stood_in_client(uc: UnityCatalog) -> FeatureEngineeringClient:
     "The real FeatureEngineeringClient over `uc`: only its REST calls and Unity Catalog table access are stood in."
 
@@ -333,8 +346,15 @@ def stood_in_client(uc: UnityCatalog) -> FeatureEngineeringClient:
     client._compute_client = ComputeClient(catalog_client=client._catalog_client, catalog_client_helper=client._catalog_client_helper,
                                            spark_client=client._spark_client, spark_client_helper=client._spark_client_helper,
                                            databricks_client=client._databricks_client)
-    client._training_scoring_client = TrainingScoringClient(client._catalog_client, client._catalog_client_helper, client._spark_client,
-                                                            client._spark_client_helper, None, client._databricks_client, None, None)
+    # built by its parameters' names, which differ between client versions (0.13, the runtime's: an information-schema client;
+    # later: a WorkspaceClient for Unity Catalog functions); neither is asked anything here but "which functions", of none
+    parts = {"catalog_client": client._catalog_client, "catalog_client_helper": client._catalog_client_helper,
+             "spark_client": client._spark_client, "spark_client_helper": client._spark_client_helper, "materialization_client": None,
+             "databricks_client": client._databricks_client, "workspace_client": None, "model_registry_uri": None,
+             "information_schema_spark_client": information_schema()}
+    wanted = [p for p in inspect.signature(TrainingScoringClient.__init__).parameters if p != "self"]
+    assert set(wanted) <= set(parts), f"this client's TrainingScoringClient also takes {sorted(set(wanted) - set(parts))}: stand them in"
+    client._training_scoring_client = TrainingScoringClient(**{p: parts[p] for p in wanted})
     client._model_registry_uri = None
     return client
 
@@ -461,10 +481,14 @@ def test_the_gate_and_the_endpoint_sample_score_through_the_client(client_model_
     from serving_mlops.registry import validate_challenger
     ws = client_model_loads_here
     report = validate_challenger(ws["env"], ws["store"], seed=1, latency_budget_ms=1_000)  # timed: the model inside, not a Spark job
-    assert report.passed, report.summary()
     assert [c for c, _, _ in report.checks] == ["min_roc_auc", "latency"]
     auc = float(report.checks[0][2].split()[2])
     assert abs(auc - ws["result"].metrics["test_roc_auc"]) < 1e-4  # (4 decimals in the report) the client's scoring gives what training measured
+    # one trial on 1,200 clients passes the 0.70 gate with this machine's scikit-learn, not always with the runtime's 1.6.1 (make replay
+    # runs this module there): the verdict must follow the threshold, and the latency check pass
+    checks = {c: bool(ok) for c, ok, _ in report.checks}
+    assert checks == {"min_roc_auc": auc >= ws["env"].var("min_roc_auc", float), "latency": True}, report.summary()
+    assert report.passed == checks["min_roc_auc"]
     sample, expected = golden_sample(ws["env"], str(ws["version"].version))
     assert list(sample.columns) == KEY and len(sample) == len(expected) == 1
     assert 0 <= expected[0] <= 1
