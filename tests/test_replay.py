@@ -8,6 +8,7 @@ No Databricks workspace exists here: the workspaces' data, models and endpoints 
 (see the table in nbs/15b_replay.ipynb and docs/databricks.md).
 """
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,7 +36,7 @@ def runtime():
 def loop(runtime, tmp_path_factory):
     "The whole loop, replayed once for the module: (results, the replay's folder)."
     root = tmp_path_factory.mktemp("replay")
-    return replay(LOOP, root, SMALL, loop_inputs(1000, SMALL)), root
+    return replay(LOOP, root, SMALL, loop_inputs(2000, SMALL)), root
 
 
 def test_the_runtime_environment_has_the_runtimes_own_versions(runtime):
@@ -68,10 +69,25 @@ def test_the_tasks_read_the_configuration_the_deployment_gave_them(loop):
     drift_log = Path(results["prod", "monitoring"]["drift"].log).read_text()
     request = json.loads((root / "runs" / "monitoring" / "drift.request.json").read_text())
     assert request["parameters"]["window_minutes"] == "1"  # the run's notebook_params over the base parameter ${var.monitoring_window_minutes}
-    files = next(root.glob("Workspace/Users/*/.bundle/serving-mlops/prod/files"))
+    files = root / "Workspace/Shared/.bundle/serving-mlops/prod/files"  # prod's workspace.root_path in the bundle (production mode)
     assert (files / "databricks.yml").is_file() and (files / "notebooks" / "monitoring.ipynb").is_file()
     assert not list(files.rglob("*.whl")) and not (files / "dist").exists()  # the wheel is an artifact, not a synced file
     assert "Traceback" not in drift_log
+    assert (root / "Workspace/Users/replay@serving-mlops.invalid/.bundle/serving-mlops/staging/files/notebooks/train.ipynb").is_file()
+
+
+def test_the_databricks_contract_tests_pass_on_the_runtimes_libraries(loop, runtime):
+    """tests/test_databricks_adapter.py again, with the runtime's Python, libraries and the wheel the loop installed (no checkout
+    on the path): the feature-engineering client's signatures and entities are 0.13.0.1's, MLflow's schema enforcement 3.8.1's,
+    Spark's Arrow conversion 4.1.0's with pandas 2.2.3 and pyarrow 21 (issue 26 items 2 and 4 on the runtime's versions)."""
+    done = subprocess.run([str(runtime), "-P", "-m", "pytest", "tests/test_databricks_adapter.py", "-q", "-p", "no:cacheprovider",
+                           "-W", "ignore::DeprecationWarning"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "SERVING_MLOPS_HOME": str(loop[1] / "contracts"), "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert re.search(r"\b\d+ passed", done.stdout) and " skipped" not in done.stdout, done.stdout[-2000:]
+    where = subprocess.run([str(runtime), "-P", "-c", "import serving_mlops, mlflow; print(serving_mlops.__file__, mlflow.__version__)"],
+                           cwd=ROOT, capture_output=True, text=True).stdout
+    assert "site-packages" in where and where.split()[1] == "3.8.1", where
 
 
 def test_a_wheel_that_would_change_a_runtime_library_is_refused(runtime, tmp_path):
