@@ -50,7 +50,8 @@ def canonical(name: str) -> str:
 
 def pip(python: Path, args: list[str], what: str) -> str:
     "Run pip of `python`; ReplayFailed saying `what` was being done, with pip's own message, if it fails."
-    done = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "--quiet", *args], capture_output=True, text=True)
+    quiet = ["--quiet"] if args[0] in ("install", "uninstall") else []  # `pip --quiet list` prints nothing
+    done = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", *quiet, *args], capture_output=True, text=True)
     if done.returncode: raise ReplayFailed(f"{what}: pip failed:\n{(done.stdout + done.stderr).strip()[-3000:]}")
     return done.stdout
 
