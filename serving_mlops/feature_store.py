@@ -647,7 +647,8 @@ class DatabricksFeatureStore:
                       rows: int | None = None) -> int:
         "Score `df` with the client's `score_batch` and append its `keep` columns, the predictions and `constants` to `table` with Spark's Delta writer."
         from pyspark.sql.pandas.types import from_arrow_type
-        scored = self.score_batch(model_uri, df).select(*keep, "prediction")
+        # the client looks features up by TIMESTAMP keys (score_batch casts DATE ones): the kept columns get their own types back
+        scored = self.score_batch(model_uri, df).select(*[F.col(k).cast(df.schema[k].dataType) for k in keep], "prediction")
         fixed = {k: F.lit(v).cast(from_arrow_type(pa.scalar(v).type)) for k, v in (constants or {}).items()}  # the types the local store writes
         return self.tables.append(table, scored.withColumns(fixed), rows=rows)
 

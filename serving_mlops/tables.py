@@ -575,16 +575,22 @@ class SparkTables(Tables):
         return self.spark.createDataFrame(table)  # Spark 4 takes a pyarrow Table as it is
 
     def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
-        writer = self.frame(table).write.format("delta").mode(mode)
+        writer = self.frame(table).write.format(self.FORMAT).mode(mode)
         if txn: writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])  # Delta skips a version it has
         writer.saveAsTable(name)
+
+    FORMAT = "delta"  # the tables' format (Spark's Delta writer; a test without Delta's jars writes Parquet tables)
 
     def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None):
         from pyspark.sql import functions as F
         from pyspark.sql.pandas.types import from_arrow_schema
-        if rows is not None: check_rows(name, df.count(), rows)  # a pass of its own: Delta commits when the write ends
         typed = df.select(*[F.col(f.name).cast(f.dataType) for f in from_arrow_schema(schema)])
-        typed.write.format("delta").mode("append").saveAsTable(name)
+        if rows is None: return typed.write.format(self.FORMAT).mode("append").saveAsTable(name)
+        typed = typed.persist()  # counted, then written: one computation of `df` (a model's predictions), not two
+        try:
+            check_rows(name, typed.count(), rows)  # before the write: Delta commits when it ends
+            typed.write.format(self.FORMAT).mode("append").saveAsTable(name)
+        finally: typed.unpersist()
 
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict:
         from delta.tables import DeltaTable as SparkDeltaTable

@@ -52,7 +52,7 @@ from serving_mlops.config import get_environment, using_mlflow, workspace_home
 from serving_mlops.feature_store import (CHANGE_DATA_FEED, DatabricksFeatureStore, FeatureLookup, FeatureStoreError,
                                          LocalFeatureStore, build_feature_tables, databricks_lookup, feature_store_for)
 from serving_mlops.features import KEY
-from serving_mlops.tables import SparkTables, get_spark, tables_for, to_arrow
+from serving_mlops.tables import SparkTables, TableError, get_spark, spark_arrow_schema, tables_for, to_arrow
 
 
 def test_builds_real_feature_lookups():
@@ -573,3 +573,43 @@ def test_workspace_writes_keep_the_arrow_types_of_empty_and_all_null_columns(spa
     # what the writes did before, with this machine's pandas and pyarrow: no type at all for an empty frame, void for all-null text
     with pytest.raises(PySparkValueError, match="CANNOT_INFER_EMPTY_SCHEMA"): spark.createDataFrame(empty.to_pandas())
     assert {f.name: f.dataType.simpleString() for f in spark.createDataFrame(nulls.to_pandas()).schema}["reason"] == "void"
+
+
+class ParquetSparkTables(SparkTables):
+    "SparkTables writing Spark's Parquet tables: the same frames and writer calls, without Delta's writer (its jars come from Maven: not here)."
+    FORMAT = "parquet"
+
+
+def test_a_counted_append_computes_its_frame_once(spark):
+    """Issue 26 item 8: batch scoring appends its predictions with the row count it expects; the count and the write share one
+    computation of the frame. A Python filter stands in for the client's feature lookups (joins: Spark cannot prune them from
+    a count, as it prunes an unused prediction column); counted and written apart, it ran twice per row (80 here)."""
+    from pyspark.sql import functions as F
+    calls = spark.sparkContext.accumulator(0)
+    def looked_up(x):
+        calls.add(1)
+        return True
+    scored = spark.range(40).filter(F.udf(looked_up, "boolean")("id")).withColumn("prediction", F.col("id") / 2)
+    name, tables = "spark_catalog.default.adapter_scores", ParquetSparkTables(spark)
+    spark.sql("DROP TABLE IF EXISTS default.adapter_scores")
+    try:
+        tables._append_spark(name, scored, spark_arrow_schema(scored), rows=40)
+        assert spark.table(name).count() == 40 and calls.value == 40
+        with pytest.raises(TableError, match="the frame has 40 rows, expected 41; nothing was written"):
+            tables._append_spark(name, scored, spark_arrow_schema(scored), rows=41)
+        assert spark.table(name).count() == 40
+    finally: spark.sql("DROP TABLE IF EXISTS default.adapter_scores")
+
+
+def test_scores_keep_the_types_of_the_keys_they_were_asked_for(client_model_loads_here, spark):
+    "Issue 26 item 8: the client looks features up by TIMESTAMP keys, yet the predictions table keeps snapshot_date as the DATE it was given (as locally)."
+    import pyarrow as pa
+    ws = client_model_loads_here
+    keys = spark.createDataFrame(pd.DataFrame({"customer_id": [1, 2, 3], "snapshot_date": pd.to_datetime(["2005-10-01"] * 3).date}))
+    assert dict(keys.dtypes)["snapshot_date"] == "date"
+    table = ws["env"].table_name("adapter_predictions")
+    with using_mlflow(ws["env"]):
+        ws["store"].append_scores(table, f"models:/{ws['version'].name}/{ws['version'].version}", keys, KEY, {"model_version": 1}, rows=3)
+    schema = ws["store"].tables.schema(table)
+    assert schema.field("snapshot_date").type == pa.date32() and schema.field("customer_id").type == pa.int64(), schema
+    assert ws["store"].tables.count(table) == 3
