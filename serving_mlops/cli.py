@@ -285,7 +285,7 @@ def query(env: Optional[str] = EnvOption,
         except RuntimeError as failure: raise InputError(str(failure)) from None
         name = endpoint or e.var("endpoint_name")
         batches = [wanted] if ids is None else [[c] for c in wanted]
-        as_of = snapshot_date or str(e.var("snapshot_date"))
+        as_of = snapshot_date or e.var("snapshot_date")
         responses = [query_keys(w, name, b, as_of) for b in (batches if ids is None else tqdm(batches, desc=f"requests to {name}", unit="request"))]
         predictions = [p for r in responses for p in r["predictions"]]
         unknown = {b[k["row"]] for b, r in zip(batches, responses) for k in (r.get("metadata") or {}).get("keys_not_found", [])}

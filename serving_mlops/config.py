@@ -22,9 +22,10 @@ from .errors import InputError
 # %% auto #0
 __all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'VARIABLE_ENV_PREFIX', 'VARIABLES_TARGET_ENV_VAR',
            'HOST_ENV_VAR', 'PROFILE_ENV_VAR', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'on_databricks', 'find_bundle',
-           'load_bundle', 'resolve_variables', 'Workspace', 'profile_host', 'runtime_host', 'find_workspace',
-           'Environment', 'mlflow_schema_template', 'mlflow_database', 'local_root', 'get_environment',
-           'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow', 'process_alive']
+           'load_bundle', 'fill_references', 'resolve_variables', 'Workspace', 'profile_host', 'runtime_host',
+           'find_workspace', 'Environment', 'mlflow_schema_template', 'mlflow_database', 'local_root',
+           'get_environment', 'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow',
+           'process_alive']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -87,6 +88,15 @@ _REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 VARIABLE_ENV_PREFIX = "BUNDLE_VAR_"  # BUNDLE_VAR_<name> sets a variable, as for the Databricks CLI (bundle/config/mutator/set_variables.go)
 VARIABLES_TARGET_ENV_VAR = "SERVING_MLOPS_BUNDLE_TARGET"  # on a job cluster: the one target its BUNDLE_VAR_* values were resolved for
 
+def fill_references(value, reference: Callable[[str, str], Any], where: str = ""):
+    "`value` with each `${name}` replaced by `reference(name, where)`, in mappings and lists too (`where` names the place); a text that is one whole reference takes the value itself (a mapping, a number), as the CLI fills complex variables."
+    if isinstance(value, dict): return {k: fill_references(x, reference, f"{where}.{k}") for k, x in value.items()}
+    if isinstance(value, list): return [fill_references(x, reference, f"{where}[{i}]") for i, x in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value: return value
+    whole = _REF.fullmatch(value)
+    if whole: return reference(whole.group(1), where)
+    return _REF.sub(lambda m: str(reference(m.group(1), where)), value)
+
 def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.yml") -> dict[str, Any]:
     "The variables of `target` as the Databricks CLI sets them: BUNDLE_VAR_<name>, else the target's value, else the default; `${...}` resolved."
     declared = bundle.get("variables") or {}
@@ -111,21 +121,13 @@ def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.
     def value(name, chain=()):
         if name in resolved: return resolved[name]
         if name in chain: raise ConfigError(f"{path}: variable '{name}' refers to itself through {' -> '.join(chain)}")
-        resolved[name] = filled(raw[name], name, (*chain, name))
+        chain = (*chain, name)
+        def reference(ref, where):  # a complex variable's mappings and lists are filled in throughout
+            if ref in context: return context[ref]
+            if ref.startswith("var.") and ref[4:] in raw: return value(ref[4:], chain)
+            raise ConfigError(f"{path}: variable '{name}' refers to unknown '${{{ref}}}'")
+        resolved[name] = fill_references(raw[name], reference)
         return resolved[name]
-
-    def filled(v, owner, chain):  # a complex variable's mappings and lists are filled in throughout
-        if isinstance(v, dict): return {k: filled(x, owner, chain) for k, x in v.items()}
-        if isinstance(v, list): return [filled(x, owner, chain) for x in v]
-        if not isinstance(v, str) or "${" not in v: return v
-        whole = _REF.fullmatch(v)  # `${var.x}` alone is x's value itself, a mapping or a number included
-        if whole: return reference(whole.group(1), owner, chain)
-        return _REF.sub(lambda m: str(reference(m.group(1), owner, chain)), v)
-
-    def reference(ref, owner, chain):
-        if ref in context: return context[ref]
-        if ref.startswith("var.") and ref[4:] in raw: return value(ref[4:], chain)
-        raise ConfigError(f"{path}: variable '{owner}' refers to unknown '${{{ref}}}'")
 
     return {name: value(name) for name in raw}
 

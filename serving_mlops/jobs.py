@@ -30,7 +30,7 @@ from databricks.sdk.service.jobs import NotebookTask, RunOutput, RunTask, Submit
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
-                                  _as_type, get_environment, load_bundle, local_root, process_alive)
+                                  _as_type, fill_references, get_environment, load_bundle, local_root, process_alive)
 from .errors import StepFailed
 from .tables import SPARK_LOG_ENV_VAR
 
@@ -62,20 +62,13 @@ class JobSpec:
     source: Path  # the YAML file
 
 def substitute(value, env: Environment, where: str):
-    "`value` with `${var.x}` and `${bundle.target}` resolved for `env` (inside lists and mappings too)."
-    if isinstance(value, dict): return {k: substitute(v, env, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, list): return [substitute(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
-    if not isinstance(value, str): return value
-    whole = _REF.fullmatch(value)
-    if whole and whole.group(1).startswith("var.") and isinstance(env.variables.get(whole.group(1)[4:]), (dict, list)):
-        return env.variables[whole.group(1)[4:]]  # a complex variable in place of a whole mapping or list (the CLI's new_cluster: ${var.x})
-    def ref(m):
-        name = m.group(1)
+    "`value` with `${var.x}` and `${bundle.target}` resolved for `env` (inside lists and mappings too; a whole `${var.x}` is x's value itself, a complex variable's mapping included)."
+    def reference(name, at):
         if name == "bundle.target": return env.name
-        if name.startswith("var.") and name[4:] in env.variables: return str(env.variables[name[4:]])
-        if name.startswith(("workspace.", "bundle.")): return m.group(0)  # resolved by the Databricks CLI on deploy
-        raise ConfigError(f"{where}: unknown reference '${{{name}}}'")
-    return _REF.sub(ref, value)
+        if name.startswith("var.") and name[4:] in env.variables: return env.variables[name[4:]]
+        if name.startswith(("workspace.", "bundle.")): return "${" + name + "}"  # resolved by the Databricks CLI on deploy
+        raise ConfigError(f"{at}: unknown reference '${{{name}}}'")
+    return fill_references(value, reference, where)
 
 TEXT_MAPS = ("spark_conf", "spark_env_vars", "custom_tags")  # a cluster's mappings whose values the Jobs API takes as text
 

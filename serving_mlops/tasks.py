@@ -165,12 +165,9 @@ def promote_task(env: Environment,
                  seed: int = 42, # seed of the held-out split the copy is verified on
                  ) -> dict:
     "Copy a model version of another environment's registry into this one, verify it and make it the champion."
-    from serving_mlops.feature_store import feature_store_for
-    from serving_mlops.registry import promote_version, promotion_source, verified_on
-    from serving_mlops.tables import get_spark
+    from serving_mlops.registry import promote_version, promotion_source
     source = promotion_source(env, source_env)
-    data = verified_on(source, env)
-    copy, rows = promote_version(source, env, version, seed, store=feature_store_for(data, spark=get_spark(data)))
+    copy, rows = promote_version(source, env, version, seed)  # verified on the held-out data of `verified_on(source, env)`
     print(f"{copy.tags['source_model']} version {copy.tags['source_version']} of '{source.name}' is "
           f"{copy.name} version {copy.version} of '{env.name}'; identical predictions on {rows} held-out rows")
     return task_values(model_version=str(copy.version))
