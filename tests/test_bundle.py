@@ -304,7 +304,8 @@ def wheel(tmp_path_factory):
 def test_the_wheel_forces_no_spark_onto_a_cluster(wheel):
     "What a `whl` library pip-installs on a cluster: no pyspark (the runtime has its own); the local default gets it from the `local` extra."
     always = {r.name for r in wheel if r.marker is None}
-    assert "pyspark" not in always and {"mlflow", "databricks-sdk", "pandas"} <= always
+    assert "pyspark" not in always and {"mlflow-skinny", "databricks-sdk", "pandas"} <= always
+    assert "mlflow" not in always  # the full package would replace the runtime's mlflow-skinny (make replay refuses that)
     (local,) = [r for r in wheel if r.name == "pyspark"]
     assert str(local.marker) == 'extra == "local"' and local.specifier.contains("4.0.0")
     (fe,) = [r for r in wheel if r.name == "databricks-feature-engineering"]
@@ -324,7 +325,9 @@ def test_every_task_installs_the_wheel_and_feature_engineering_0_13(wheel):
 def test_a_job_task_imports_nothing_of_the_local_extra(wheel):
     "Issue 26 item 7: a cluster installs the wheel's own requirements only; the modules every task function imports load with the `local` extra's libraries missing (pyspark aside: the runtime has its own)."
     import re
-    local = [r for r in wheel if r.marker is not None and "local" in str(r.marker) and r.name != "pyspark"]
+    # pyspark and mlflow aside: the runtime has its own Spark, and its mlflow-skinny is the same `mlflow` module (the wheel requires
+    # mlflow-skinny; make replay runs every task on the runtime's own)
+    local = [r for r in wheel if r.marker is not None and "local" in str(r.marker) and r.name not in ("pyspark", "mlflow")]
     assert {r.name for r in local} >= {"papermill", "ipykernel", "nbconvert"} and not {r.name for r in local} & {r.name for r in wheel if r.marker is None}
     tasks = (ROOT / "serving_mlops" / "tasks.py").read_text()
     modules = sorted(set(re.findall(r"from (serving_mlops\.[\w.]+) import", tasks))) + ["serving_mlops.tasks"]
@@ -383,7 +386,7 @@ def test_every_job_cluster_carries_every_variable_as_the_deployment_resolved_it(
     carried = variables["task_environment"]
     assert carried["type"] == "complex"
     assert carried["default"] == {"SERVING_MLOPS_BUNDLE_TARGET": "${bundle.target}",
-                                  **{f"BUNDLE_VAR_{n}": f"${{var.{n}}}" for n in variables if n != "task_environment"}}
+                                  **{f"BUNDLE_VAR_{n}": f"${{var.{n}}}" for n, v in variables.items() if v.get("type") != "complex"}}
     for target in TARGETS:
         specs = [c for _, c in clusters(merged(target))]
         assert specs and all(c.get("spark_env_vars") == "${var.task_environment}" for c in specs), target
@@ -431,3 +434,20 @@ def test_production_schedules_run_and_the_others_stay_paused():
         assert all("pause_status" not in j["schedule"] for j in scheduled)  # the target's preset decides
         assert (config.get("presets") or {}).get("trigger_pause_status") == expected, target
     assert merged("dev")["targets"]["dev"]["mode"] == "development"  # which pauses every schedule
+
+
+def test_every_job_emails_the_targets_list_when_a_run_fails(tmp_path, monkeypatch):
+    "Issue 26 item 8: each job's email_notifications.on_failure is the complex variable failure_emails (none by default; a target sets its list)."
+    from serving_mlops.config import get_environment
+    from serving_mlops.jobs import substitute
+    for target in TARGETS:
+        jobs = merged(target)["resources"]["jobs"]
+        assert jobs and all(j.get("email_notifications") == {"on_failure": "${var.failure_emails}"} for j in jobs.values()), target
+    assert get_environment("prod").variables["failure_emails"] == []
+    bundle = yaml.safe_load(BUNDLE.read_text())
+    bundle["targets"]["prod"].setdefault("variables", {})["failure_emails"] = ["ops@example.com", "ml@example.com"]
+    (tmp_path / "databricks.yml").write_text(yaml.safe_dump(bundle))
+    prod = get_environment("prod", tmp_path / "databricks.yml")
+    assert substitute({"on_failure": "${var.failure_emails}"}, prod, "job") == {"on_failure": ["ops@example.com", "ml@example.com"]}
+    monkeypatch.setenv("BUNDLE_VAR_failure_emails", "ops@example.com")  # as the CLI: a complex variable takes no text value
+    with pytest.raises(Exception, match="variable 'failure_emails' is of type complex"): get_environment("prod")
