@@ -68,6 +68,8 @@ def runtime_python(constraints: Path, folder: Path, progress: bool = True) -> Pa
     pip(python, ["install", "--progress-bar", "off", "-r", str(constraints)], f"installing the runtime's libraries from {constraints}")
     listed = json.loads(pip(python, ["list", "--format", "json"], "listing the runtime's libraries"))
     listing.write_text(json.dumps({canonical(p["name"]): p["version"] for p in listed}, indent=1))  # written last: the build is complete
+    for old in folder.glob(f"runtime-{RUNTIME_VERSION}-*"):  # sets of earlier versions of the file (about 2 GB each)
+        if old != venv: shutil.rmtree(old, ignore_errors=True)
     return python
 
 def runtime_packages(python: Path) -> dict[str, str]:
