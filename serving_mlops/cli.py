@@ -21,10 +21,10 @@ from .errors import InputError, MlopsError
 from .tables import tables_for
 
 # %% auto #0
-__all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'clear_errors', 'env_command', 'Kind', 'generate', 'table_summary', 'ingest',
-           'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command', 'serve', 'console',
-           'deploy', 'id_range', 'key_records', 'query_keys', 'query', 'endpoints', 'stop_services', 'monitor',
-           'jobs_list', 'jobs_run', 'jobs_runs', 'replay_command']
+__all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'name_values', 'clear_errors', 'env_command', 'Kind', 'generate',
+           'table_summary', 'ingest', 'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command',
+           'serve', 'console', 'deploy', 'id_range', 'key_records', 'query_keys', 'query', 'endpoints', 'stop_services',
+           'monitor', 'jobs_list', 'jobs_run', 'jobs_runs', 'replay_command']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
@@ -40,6 +40,12 @@ def main():
 
 EnvOption = typer.Option(None, "--env", "-e", envvar="SERVING_MLOPS_ENV", show_default="the bundle's default target",
                          help="Environment: a target of databricks_jobs/databricks.yml (dev, staging, prod).")
+
+def name_values(items: list[str], option: str) -> dict[str, str]:
+    "The `name=value` texts of a repeatable option as a mapping; InputError naming the option and the first text without `=`."
+    bad = [i for i in items if "=" not in i]
+    if bad: raise InputError(f"{option} {bad[0]!r}: expected name=value")
+    return dict(i.split("=", 1) for i in items)
 
 @contextmanager
 def clear_errors():
@@ -370,9 +376,7 @@ def jobs_run(job: str = typer.Argument(..., help="Job name, e.g. model_build (se
     "Run a job: locally with papermill (outputs in .mlops/<env>/jobs/<job>/), on a workspace target as a one-time run of the deployed bundle."
     from serving_mlops.jobs import run_job
     with clear_errors():
-        bad = [p for p in param if "=" not in p]
-        if bad: raise InputError(f"--param {bad[0]!r}: expected name=value")
-        try: run = run_job(get_environment(env), job, dict(p.split("=", 1) for p in param), timeout_minutes=timeout)
+        try: run = run_job(get_environment(env), job, name_values(param, "--param"), timeout_minutes=timeout)
         except KeyboardInterrupt:
             typer.secho(f"interrupted: job {job} stopped; its run is recorded as CANCELED, run it again to start afresh", err=True, fg=typer.colors.RED)
             raise typer.Exit(130) from None
@@ -404,14 +408,14 @@ def replay_command(steps: Optional[list[str]] = typer.Argument(None, metavar="TA
                                                                     "workspaces, task outputs.", show_default=".mlops/replay")):
     "Replay a deployment as Databricks runs it: the wheel on Databricks Runtime 18 ML's libraries, the synced files, each task with dbutils."
     import shutil
-    from serving_mlops.config import find_bundle
+    from serving_mlops.config import find_bundle, local_root
     from serving_mlops.replay import LOOP, SMALL, loop_inputs, replay
     with clear_errors():
-        bad = [s for s in (steps or []) if s.count("/") != 1] + [v for v in var if "=" not in v]
-        if bad: raise InputError(f"{bad[0]!r}: expected TARGET/JOB for a step, name=value for --var")
+        bad = [s for s in (steps or []) if s.count("/") != 1]
+        if bad: raise InputError(f"{bad[0]!r}: expected TARGET/JOB for a step")
         plan = [tuple(s.split("/")) for s in steps] if steps else LOOP
-        variables = {**SMALL, **dict(v.split("=", 1) for v in var)}
-        root = folder or find_bundle().parent.parent / ".mlops" / "replay"
+        variables = {**SMALL, **name_values(var, "--var")}
+        root = folder or local_root("replay", find_bundle())  # beside the local workspaces
         if root.exists(): shutil.rmtree(root)
         results = replay(plan, root, variables, loop_inputs(rows, variables))
         for (target, job), tasks in results.items():

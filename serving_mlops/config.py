@@ -24,8 +24,8 @@ __all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'V
            'HOST_ENV_VAR', 'PROFILE_ENV_VAR', 'TASK_VALUES_ENV_VAR', 'ConfigError', 'on_databricks', 'find_bundle',
            'load_bundle', 'fill_references', 'resolve_variables', 'Workspace', 'profile_host', 'runtime_host',
            'find_workspace', 'Environment', 'mlflow_schema_template', 'mlflow_database', 'local_root',
-           'get_environment', 'workspace_home', 'notebook_dbutils', 'task_parameters', 'set_task_value', 'using_mlflow',
-           'process_alive']
+           'get_environment', 'environment_variables', 'workspace_home', 'notebook_dbutils', 'task_parameters',
+           'set_task_value', 'using_mlflow', 'process_alive']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -339,14 +339,20 @@ def get_environment(name: str | None = None, bundle: Path | str | None = None) -
 
 # %% ../nbs/00_config.ipynb #7c8eb6e6
 @contextmanager
+def environment_variables(values: dict):
+    "Within the block, the process's environment variables `values` (as text); after it, each has its earlier value, or none, again."
+    keep = {k: os.environ.get(k) for k in values}
+    os.environ.update({k: str(v) for k, v in values.items()})
+    try: yield
+    finally:
+        for k, v in keep.items():
+            if v is None: os.environ.pop(k, None)
+            else: os.environ[k] = v
+
+@contextmanager
 def workspace_home(path: Path | str):
     "Within the block, local workspaces live under `path` (sets SERVING_MLOPS_HOME, then restores it)."
-    old = os.environ.get(HOME_ENV_VAR)
-    os.environ[HOME_ENV_VAR] = str(path)
-    try: yield Path(path)
-    finally:
-        if old is None: os.environ.pop(HOME_ENV_VAR, None)
-        else: os.environ[HOME_ENV_VAR] = old
+    with environment_variables({HOME_ENV_VAR: path}): yield Path(path)
 
 # %% ../nbs/00_config.ipynb #d67bfe81
 def _as_type(text: str, like: Any, key: str):

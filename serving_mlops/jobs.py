@@ -30,17 +30,18 @@ from databricks.sdk.service.jobs import NotebookTask, RunOutput, RunTask, Submit
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
-                                  _as_type, fill_references, get_environment, load_bundle, local_root, process_alive)
+                                  _as_type, environment_variables, fill_references, get_environment, load_bundle, local_root,
+                                  process_alive)
 from .errors import StepFailed
 from .tables import SPARK_LOG_ENV_VAR
 
 # %% auto #0
 __all__ = ['TEXT_MAPS', 'VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'cluster_spec', 'load_jobs',
            'LoggedKernelManager', 'quiet_kernel', 'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'JobRun',
-           'jobs_folder', 'run_folder', 'notebook_defaults', 'base_parameters', 'task_arguments', 'task_environment',
-           'run_job', 'job_parameters', 'check_job_parameters', 'RunRecordError', 'read_run', 'past_runs', 'sync_root',
-           'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values',
-           'workspace_task_run', 'submit_job']
+           'jobs_folder', 'run_folder', 'notebook_defaults', 'base_parameters', 'with_task_values', 'task_arguments',
+           'task_environment', 'run_job', 'job_parameters', 'check_job_parameters', 'RunRecordError', 'read_run',
+           'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries', 'submit_tasks',
+           'notebook_values', 'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -241,30 +242,29 @@ def base_parameters(task: JobTask, where: str, overrides: dict | None = None, de
             raise ConfigError(f"{where}: parameter '{name}' is not a parameter of {task.notebook.name} (it takes {list(defaults)})")
     return given
 
+def with_task_values(text: str, values: dict[str, dict], where: str) -> str:
+    "`text` with `{{tasks.<task>.values.<key>}}` filled in from the upstream tasks' `values` (JSON for a value that is not text); ConfigError for a value never set, as the Jobs service fails that task."
+    def ref(m):
+        upstream, key = m.groups()
+        if key not in values.get(upstream, {}): raise ConfigError(f"{where}: '{m.group(0)}' has no value: task '{upstream}' did not set '{key}'")
+        value = values[upstream][key]
+        return value if isinstance(value, str) else json.dumps(value)
+    return VALUE_REF.sub(ref, text)
+
 def task_arguments(task: JobTask, values: dict, where: str, overrides: dict | None = None) -> dict:
     "The task's parameters (then `overrides` it has) with task-value references filled in, typed like the notebook's defaults."
     defaults = notebook_defaults(task.notebook)
     out = {}
     for name, text in base_parameters(task, where, overrides, defaults).items():
-        def ref(m):
-            upstream, key = m.groups()
-            if key not in values.get(upstream, {}):
-                raise ConfigError(f"{where}: '{m.group(0)}' has no value: task '{upstream}' did not set '{key}'")
-            return str(values[upstream][key])
-        out[name] = _as_type(VALUE_REF.sub(ref, text), defaults[name], name)
+        out[name] = _as_type(with_task_values(text, values, where), defaults[name], name)
     return out
 
 @contextmanager
 def task_environment(env: Environment, values_file: Path, log: Path | None = None):
     "Environment variables of a task's kernel: this environment's workspaces and bundle, its task-values file, its log (for Spark's own output)."
-    keep = {k: os.environ.get(k) for k in (HOME_ENV_VAR, BUNDLE_ENV_VAR, TASK_VALUES_ENV_VAR, SPARK_LOG_ENV_VAR)}
-    os.environ.update({HOME_ENV_VAR: str(env.root.parent), BUNDLE_ENV_VAR: str(env.bundle_path), TASK_VALUES_ENV_VAR: str(values_file)})
-    if log is not None: os.environ[SPARK_LOG_ENV_VAR] = str(log)
-    try: yield
-    finally:
-        for k, v in keep.items():
-            if v is None: os.environ.pop(k, None)
-            else: os.environ[k] = v
+    values = {HOME_ENV_VAR: env.root.parent, BUNDLE_ENV_VAR: env.bundle_path, TASK_VALUES_ENV_VAR: values_file}
+    if log is not None: values[SPARK_LOG_ENV_VAR] = log
+    with environment_variables(values): yield
 
 def run_job(env: Environment, job: str, parameters: dict | None = None, progress: bool = True, timeout_minutes: float = 60) -> JobRun:
     "Run `job` of the bundle in `env` (locally, or on its workspace with `submit_job`); raise JobFailed naming the task that failed."

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from graphlib import TopologicalSorter
@@ -21,15 +20,17 @@ from typing import Callable
 
 from packaging.utils import parse_wheel_filename
 
-from .config import HOME_ENV_VAR, VARIABLE_ENV_PREFIX, ConfigError, Environment, get_environment, load_bundle
+from .config import (HOME_ENV_VAR, VARIABLE_ENV_PREFIX, ConfigError, Environment, environment_variables, get_environment,
+                                  load_bundle)
 from .errors import StepFailed
-from .jobs import VALUE_REF, JobSpec, bundle_workspace_paths, latest_wheels, load_jobs, sync_root, workspace_libraries
+from .jobs import (JobSpec, bundle_workspace_paths, latest_wheels, load_jobs, sync_root, with_task_values,
+                                workspace_libraries)
 
 # %% auto #0
 __all__ = ['RUNTIME_VERSION', 'REPLAY_USER', 'LOOP', 'SMALL', 'ReplayFailed', 'constraints_path', 'canonical', 'pip',
            'runtime_python', 'runtime_packages', 'build_artifacts', 'synced_files', 'workspace_folder', 'deploy_bundle',
            'install_libraries', 'cluster_environment', 'driver_script', 'resolved_parameters', 'ReplayedTask',
-           'replay_job', 'deploy_variables', 'replay', 'loop_inputs']
+           'replay_job', 'deploy_time', 'replay', 'loop_inputs']
 
 # %% ../nbs/15b_replay.ipynb #e9c3f4d0
 RUNTIME_VERSION = "18.0"  # the job clusters' spark_version 18.0.x-cpu-ml-scala2.13: Databricks Runtime 18.0 ML
@@ -173,13 +174,8 @@ def driver_script(root: Path) -> Path:
 
 # %% ../nbs/15b_replay.ipynb #8d69f929
 def resolved_parameters(parameters: dict[str, str], values: dict[str, dict], where: str) -> dict[str, str]:
-    "`parameters` with `{{tasks.<task>.values.<key>}}` filled in from the upstream tasks' `values` (JSON text for a value that is not text)."
-    def ref(m):
-        upstream, key = m.groups()
-        if key not in values.get(upstream, {}): raise ReplayFailed(f"{where}: '{m.group(0)}' has no value: task '{upstream}' did not set '{key}'")
-        value = values[upstream][key]
-        return value if isinstance(value, str) else json.dumps(value)
-    return {k: VALUE_REF.sub(ref, v) for k, v in parameters.items()}
+    "`parameters` with `{{tasks.<task>.values.<key>}}` filled in from the upstream tasks' `values`, as a local job run fills them (`jobs.with_task_values`)."
+    return {k: with_task_values(v, values, where) for k, v in parameters.items()}
 
 # %% ../nbs/15b_replay.ipynb #bc8895f2
 @dataclass
@@ -225,16 +221,9 @@ def replay_job(env: Environment, job: str, root: Path, python: Path, paths: dict
     return tasks
 
 # %% ../nbs/15b_replay.ipynb #f37a7580
-@contextmanager
-def deploy_variables(variables: dict[str, str]):
-    "Within the block, `variables` are set as `databricks bundle deploy --var name=value` sets them."
-    keep = {n: os.environ.get(VARIABLE_ENV_PREFIX + n) for n in variables}
-    os.environ.update({VARIABLE_ENV_PREFIX + n: str(v) for n, v in variables.items()})
-    try: yield
-    finally:
-        for n, v in keep.items():
-            if v is None: os.environ.pop(VARIABLE_ENV_PREFIX + n, None)
-            else: os.environ[VARIABLE_ENV_PREFIX + n] = v
+def deploy_time(variables: dict[str, str] | None) -> dict[str, str]:
+    "`variables` as the environment variables `databricks bundle deploy --var name=value` amounts to (BUNDLE_VAR_<name>)."
+    return {VARIABLE_ENV_PREFIX + n: str(v) for n, v in (variables or {}).items()}
 
 def replay(steps: list[tuple[str, str]], # (target, job) in order
            root: Path, # the replay's folder: workspace files, cluster home, local workspaces, task logs
@@ -250,7 +239,7 @@ def replay(steps: list[tuple[str, str]], # (target, job) in order
     workspaces, results, deployed = root / "workspaces", {}, {}
     try:
         for target, job in steps:
-            with deploy_variables(variables or {}):
+            with environment_variables(deploy_time(variables)):
                 env = get_environment(target, bundle)
                 if target not in deployed: deployed[target] = deploy_bundle(env, root, artifacts)
                 params = before(target, job, workspaces) if before else None
@@ -274,7 +263,7 @@ def loop_inputs(rows: int = 2000, variables: dict[str, str] | None = None, progr
             write_credit_data(workspaces / target / "landing" / f"credit_clients_{target}.csv", rows, seed=42 if target == "staging" else 7)
         if job != "monitoring": return None
         start = datetime.now(timezone.utc)
-        env = {**os.environ, HOME_ENV_VAR: str(workspaces), **{VARIABLE_ENV_PREFIX + k: str(v) for k, v in (variables or {}).items()}}
+        env = {**os.environ, HOME_ENV_VAR: str(workspaces), **deploy_time(variables)}
         cli = Path(sys.executable).parent / "serving-mlops"
         done = subprocess.run([str(cli), "query", "--env", target, "--ids", f"1:{min(rows, 200)}"], env=env, capture_output=not progress, text=True)
         if done.returncode: raise ReplayFailed(f"the client's traffic to {target}'s endpoint failed (exit status {done.returncode}): {done.stderr}")
