@@ -15,6 +15,10 @@ export PYTHONUNBUFFERED := 1
 # serving-mlops takes DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE as the workspace of every target without a host
 demo test check replay: export DATABRICKS_HOST :=
 demo test check replay: export DATABRICKS_CONFIG_PROFILE :=
+# scikit-learn's OpenMP threads (histogram gradient boosting's fit and predict) spin while waiting for each other: with
+# pytest's two workers, notebook kernels and runtimes sharing two cores, a training took twice the CPU time with two
+# threads per process (22.6 against 10.8 CPU-s, measured 2026-12-06); one thread per process keeps both cores doing work
+test check replay: export OMP_NUM_THREADS := 1
 # the tests' Spark JVMs (pytest's and every job kernel's) live seconds: C1 only and the serial collector halve their CPU,
 # and a class-data sharing archive of Spark's classes (made once per install by .ci/spark-class-archive) takes about 45%
 # off each start (a JVM given a missing or stale archive runs without it)
