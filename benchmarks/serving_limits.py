@@ -39,7 +39,7 @@ from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.process import start_server, stop_server, workspace_client
-from serving_mlops.serving.runtime import RequestLog, read_request_log
+from serving_mlops.serving.request_log import RequestLog, read_request_log
 
 READ_TIMEOUT = 5.0
 

@@ -17,7 +17,7 @@ from serving_mlops.config import get_environment
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.process import start_server, stop_server, workspace_client
-from serving_mlops.serving.runtime import read_request_log
+from serving_mlops.serving.request_log import read_request_log
 
 READ_TIMEOUT = 2.0  # seconds; the runtime's default is 20
 MARGIN = 15.0  # seconds past the timeout that a closed connection may take to be seen on a shared machine

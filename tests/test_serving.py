@@ -31,7 +31,7 @@ from serving_mlops.config import get_environment
 from serving_mlops.serving.process import server_file, server_info, wait_exit
 from serving_mlops.monitoring.inference import inference_frame, served_entities
 from serving_mlops.serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE
-from serving_mlops.serving.runtime import read_request_log
+from serving_mlops.serving.request_log import read_request_log
 from serving_mlops.tables import tables_for
 
 from served import MetricReadings, Slow, SlowToLoad, create, entity, in_process, invoke  # noqa: E402

@@ -29,11 +29,11 @@ from .runtime import ServingRuntime
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'routes', 'INVOCATIONS', 'FOLLOW_INTERVAL',
-           'json_response', 'error_response', 'serving_error', 'internal_error', 'serving_token', 'BearerAuth',
-           'receive_body', 'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints',
-           'get_endpoint', 'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics',
-           'Invocations', 'ServingApp', 'follow_workers', 'make_app']
+__all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'routes', 'INVOCATIONS', 'json_response',
+           'error_response', 'serving_error', 'internal_error', 'serving_token', 'BearerAuth', 'receive_body',
+           'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints', 'get_endpoint',
+           'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics', 'Invocations',
+           'ServingApp', 'make_app']
 
 # %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -112,8 +112,8 @@ async def well_known(request): return json_response({"workspace_id": "0", "oidc_
 
 async def health(request):
     runtime = _runtime(request)
-    runtime.sync()
-    worker = {} if runtime.shared is None else {"worker": runtime.shared.index, "pid": os.getpid()}  # which of several workers answered
+    runtime.follow()
+    worker = runtime.coordinator.identity()  # with several workers: which one answered
     return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints), **worker})
 
 async def create_endpoint(request):
@@ -122,7 +122,7 @@ async def create_endpoint(request):
 
 async def list_endpoints(request):
     runtime = _runtime(request)
-    runtime.sync()
+    runtime.follow()
     return json_response({"endpoints": [ep.to_json(runtime.base_url, summary=True) for ep in runtime.endpoints.values()]})
 
 async def get_endpoint(request):
@@ -194,15 +194,6 @@ class ServingApp(Starlette):
                 return await response(scope, receive, send)
         await super().__call__(scope, receive, send)
 
-FOLLOW_INTERVAL = 0.1  # seconds between a worker's looks at what the other workers saved, between requests
-
-async def follow_workers(runtime: ServingRuntime):
-    "One of several workers: follow what the others save even while no request comes (an update is committed once every worker has loaded it)."
-    while True:
-        await asyncio.sleep(FOLLOW_INTERVAL)
-        try: runtime.sync()  # one read of a shared counter when nothing changed
-        except Exception: log.exception("following the other workers' saved state failed; trying again")
-
 def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_stopped=None,
              metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
              **runtime_options) -> ServingApp:  # more `ServingRuntime` arguments, e.g. the request log's bound
@@ -211,9 +202,7 @@ def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_sto
 
     @asynccontextmanager
     async def lifespan(app):
-        loading = runtime.restore()
-        if runtime.shared is not None: await asyncio.gather(*loading)  # one of several workers listens once it can serve
-        follower = asyncio.get_running_loop().create_task(follow_workers(runtime)) if runtime.shared is not None else None
+        follower = await runtime.coordinator.serving(runtime, runtime.restore())  # workers: listen once loaded, then keep following
         if on_started: on_started(runtime)
         try: yield
         finally:

@@ -28,7 +28,9 @@ from ..config import HOME_ENV_VAR, Environment, process_alive
 from ..errors import InputError
 from .app import make_app, serving_token
 from .protocol import MAX_ROWS
-from .runtime import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, SharedState, now_ms
+from .endpoint import now_ms
+from .request_log import REQUEST_LOG_BYTES, REQUEST_LOG_FILES
+from .workers import SharedState, Workers
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,8 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
         log.info("serving runtime of environment %s stopped", env.name)
 
     app = make_app(env, max_rows, on_started=started, on_stopped=stopped, metrics_interval=metrics_interval,
-                   request_log_bytes=int(request_log_mb * 2**20), request_log_files=request_log_files, shared=shared)
+                   request_log_bytes=int(request_log_mb * 2**20), request_log_files=request_log_files,
+                   coordinator=None if shared is None else Workers(shared))
     config = uvicorn.Config(app, http=ReadTimeoutProtocol.within(read_timeout), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
