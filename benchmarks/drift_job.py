@@ -30,7 +30,7 @@ from sklearn.preprocessing import StandardScaler
 from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.data import FEATURE_COLUMNS, LABEL_COLUMN, generate_credit_data
 from serving_mlops.feature_store import in_experiment
-from serving_mlops.monitoring.baseline import feature_drift, training_baseline, window_buckets
+from serving_mlops.drift import feature_drift, training_baseline, window_buckets
 from serving_mlops.monitoring.checks import DriftAlert, check_drift, model_baseline
 import serving_mlops.monitoring.inference as inference
 from serving_mlops.monitoring.inference import inference_frame, payload_rows, read_payload, synthetic_entity

@@ -39,6 +39,7 @@ from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.process import start_server, stop_server, workspace_client
+from serving_mlops.serving.settings import RuntimeSettings
 from serving_mlops.serving.request_log import RequestLog, read_request_log
 
 READ_TIMEOUT = 5.0
@@ -137,7 +138,7 @@ def main(seconds: float, clients: int, stalled: int):
             x = pd.DataFrame({"x": [1.0, 2.0]})
             mlflow.pyfunc.log_model(name="doubler", python_model=Doubler(), registered_model_name="dev.credit.doubler",
                                     signature=mlflow.models.infer_signature(x, x["x"] * 2), pip_requirements=["mlflow"])
-        info = start_server(env, read_timeout=READ_TIMEOUT, request_log_mb=1, request_log_files=3)
+        info = start_server(env, settings=RuntimeSettings(read_timeout=READ_TIMEOUT, request_log_mb=1, request_log_files=3))
         try:
             workspace_client(env).serving_endpoints.create_and_wait("limits", config=EndpointCoreConfigInput(
                 name="limits", served_entities=[ServedEntityInput(entity_name="dev.credit.doubler", entity_version="1")]))

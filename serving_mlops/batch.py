@@ -65,7 +65,7 @@ def batch_inference(env: Environment, input_table: str = "silver_clients", outpu
     "Score every key of `input_table` with a version (alias or number) of the environment's model into `output_table`."
     store = store or feature_store_for(env)
     full = lambda t: t if "." in t else env.table_name(t)
-    source, target, model = full(input_table), full(output_table), env.var("model_name")
+    source, target, model = full(input_table), full(output_table), env.model_name
     try: number = resolve_version(env, version)
     except DeploymentFailed as missing: raise BatchError(str(missing)) from None
     keys = scoring_keys(env, source, getattr(store, "spark", None))

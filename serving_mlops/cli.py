@@ -18,6 +18,7 @@ from tqdm import tqdm
 from .config import get_environment, on_databricks
 from .data import write_credit_data
 from .errors import InputError, MlopsError
+from .serving.settings import RuntimeSettings
 from .tables import tables_for
 
 # %% auto #0
@@ -190,11 +191,12 @@ def serve(env: Optional[str] = EnvOption,
           port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.", show_default="the target's serving_port"),
           background: bool = typer.Option(False, "--background", "-b", help="Start as a background process, wait until it answers, print its URL."),
           stop: bool = typer.Option(False, "--stop", help="Stop the environment's running runtime gracefully (requests in flight finish)."),
-          metrics_interval: float = typer.Option(60, min=0.1, help="Seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it)."),
-          read_timeout: float = typer.Option(20, min=0.1, help="Seconds a client has to send a whole request (headers and body) before its connection is closed."),
-          request_log_mb: float = typer.Option(10, min=0.001, help="Size at which an endpoint's request log (serving/requests/<endpoint>.jsonl) is rotated."),
-          request_log_files: int = typer.Option(3, min=1, help="Rotated request log files kept per endpoint besides the current one."),
+          metrics_interval: float = typer.Option(RuntimeSettings.metrics_interval, min=0.1, help="Seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it)."),
+          read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1, help="Seconds a client has to send a whole request (headers and body) before its connection is closed."),
+          request_log_mb: float = typer.Option(RuntimeSettings.request_log_mb, min=0.001, help="Size at which an endpoint's request log (serving/requests/<endpoint>.jsonl) is rotated."),
+          request_log_files: int = typer.Option(RuntimeSettings.request_log_files, min=1, help="Rotated request log files kept per endpoint besides the current one."),
           workers: int = typer.Option(1, min=1, help="Processes serving on the port (SO_REUSEPORT; metrics summed over them); 1 serves in this process."),
+          settings: Optional[str] = typer.Option(None, hidden=True, help="(internal) every setting at once, as JSON: how a background start and each worker get them."),
           worker: Optional[int] = typer.Option(None, hidden=True, help="(internal) serve as this worker of a set started with --workers.")):
     "Serve the environment's endpoints: the Databricks serving-endpoints REST API and invocations, on 127.0.0.1."
     from serving_mlops.serving.app import serving_token
@@ -206,11 +208,13 @@ def serve(env: Optional[str] = EnvOption,
             typer.echo(f"stopped the serving runtime of '{e.name}'" if stop_server(e) else f"no serving runtime of '{e.name}' is running")
             return
         port = e.var("serving_port", int) if port is None else port
-        limits = dict(read_timeout=read_timeout, request_log_mb=request_log_mb, request_log_files=request_log_files)
+        try: chosen = RuntimeSettings.from_json(settings) if settings else RuntimeSettings(
+            metrics_interval=metrics_interval, read_timeout=read_timeout, request_log_mb=request_log_mb, request_log_files=request_log_files)
+        except ValueError as bad: raise InputError(f"--settings: {bad}") from None
         if not background:
-            serve_forever(e, port=port, metrics_interval=metrics_interval, workers=workers, worker=worker, **limits)
+            serve_forever(e, port=port, settings=chosen, workers=workers, worker=worker)
             return
-        try: info = start_server(e, port=port, metrics_interval=metrics_interval, workers=workers, **limits)
+        try: info = start_server(e, port=port, settings=chosen, workers=workers)
         except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
         serving_token(e)
         typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']}" + (f", workers {info['workers']})" if info.get("workers") else ")"))
@@ -289,7 +293,7 @@ def query(env: Optional[str] = EnvOption,
         if not wanted: raise InputError("give customers to score: --customer-id/-c (repeatable) or --ids FIRST:LAST")
         try: w = workspace_client(e)
         except RuntimeError as failure: raise InputError(str(failure)) from None
-        name = endpoint or e.var("endpoint_name")
+        name = endpoint or e.endpoint_name
         batches = [wanted] if ids is None else [[c] for c in wanted]
         as_of = snapshot_date or e.var("snapshot_date")
         responses = [query_keys(w, name, b, as_of) for b in (batches if ids is None else tqdm(batches, desc=f"requests to {name}", unit="request"))]
@@ -351,7 +355,8 @@ def monitor(env: Optional[str] = EnvOption,
     from serving_mlops.tasks import monitoring_task
     with clear_errors():
         # found drift raises DriftAlert after everything is written: "DRIFT: ..." on stderr and exit status 3 (clear_errors)
-        monitoring_task(get_environment(env), "all", endpoint, window_minutes, lookback_minutes, start, end, labels_table, lag_minutes=lag_minutes)
+        monitoring_task(get_environment(env), task="all", endpoint_name=endpoint, window_minutes=window_minutes, lookback_minutes=lookback_minutes,
+                        start=start, end=end, labels_table=labels_table, lag_minutes=lag_minutes)
 
 # %% ../nbs/90_cli.ipynb #e4aefffa
 jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml): run locally with papermill, or on a workspace target as one-time runs.",

@@ -228,6 +228,12 @@ class Environment:
         "Which workspace this is, in words: the local directory, or the host and where it came from."
         return f"local workspace {self.root}" if self.is_local else str(self.workspace)
 
+    @property
+    def model_name(self) -> str: return self.var("model_name")  # the registered model, <catalog>.<schema>.<name>
+
+    @property
+    def endpoint_name(self) -> str: return self.var("endpoint_name")  # the serving endpoint
+
     def var(self, key: str, cast: Callable = str):
         "Variable `key` converted with `cast`; a clear error names the file, target and key."
         if key not in self.variables:

@@ -38,7 +38,7 @@ def resolve_version(env: Environment, version: str | int) -> str:
     "A model version number from a number or an alias of the environment's model."
     if str(version).isdigit(): return str(version)
     found = alias_version(env, str(version))
-    if found is None: raise DeploymentFailed(f"model {env.var('model_name')} of environment '{env.name}' has no version with alias {version!r}")
+    if found is None: raise DeploymentFailed(f"model {env.model_name} of environment '{env.name}' has no version with alias {version!r}")
     return str(found.version)
 
 def entity_for(model: str, version: str) -> ServedEntityInput:
@@ -108,7 +108,7 @@ def deploy(env: Environment, version: str | int = "champion", traffic: int = 100
     "Serve `version` (number or alias) of the environment's model on its endpoint with `traffic` percent; wait until READY."
     if not 0 < traffic <= 100: raise DeploymentFailed(f"traffic must be 1..100 percent, got {traffic}")
     w = client or workspace_client(env)
-    name, model = endpoint or env.var("endpoint_name"), env.var("model_name")
+    name, model = endpoint or env.endpoint_name, env.model_name
     incumbent = get_endpoint(w, name)
     entities, routes = target_config(model, resolve_version(env, version), incumbent, traffic)
     ep = apply_config(w, name, entities, routes, incumbent is not None, timedelta(minutes=timeout_minutes))
@@ -142,9 +142,9 @@ def payload_problem(signature, # the served model's `mlflow.models.ModelSignatur
 
 def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndarray]:
     "The model version's logged input example and the in-process predictions for it."
-    with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.var("model_name"), version))
+    with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.model_name, version))
     sample = model.input_example
-    if sample is None: raise DeploymentFailed(f"model {env.var('model_name')} version {version} has no input example to test the endpoint with")
+    if sample is None: raise DeploymentFailed(f"model {env.model_name} version {version} has no input example to test the endpoint with")
     # a model logged by the Databricks client has one row of its keys (a dict) and answers a one-column frame
     sample = pd.DataFrame([sample] if isinstance(sample, dict) else sample)
     doubles = [c.name for c in model.metadata.get_input_schema().inputs if c.type == DataType.double and c.name in sample]
@@ -154,7 +154,7 @@ def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndar
 def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50, client=None) -> EndpointReport:
     "Run the endpoint tests against the endpoint serving `version`."
     w = client or workspace_client(env)
-    name = endpoint or env.var("endpoint_name")
+    name = endpoint or env.endpoint_name
     report = EndpointReport(str(version), endpoint=name)
     sample, expected = golden_sample(env, str(version))
     records = sample.to_dict(orient="records")
@@ -207,7 +207,7 @@ def deploy_and_test(env: Environment, version: str | int = "champion", traffic: 
                     ) -> EndpointReport:
     "Deploy `version`, run the endpoint tests, roll back on failure (raising DeploymentFailed with the report)."
     w = workspace_client(env)
-    name, resolved = endpoint or env.var("endpoint_name"), resolve_version(env, version)
+    name, resolved = endpoint or env.endpoint_name, resolve_version(env, version)
     previous = get_endpoint(w, name)
     report = EndpointReport(resolved, endpoint=name)
     try:
@@ -261,7 +261,7 @@ def canary(env: Environment, version: str | int, traffic: int = 10, window_secon
            timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, rollback_timeout_minutes: float = 30) -> EndpointReport:
     "Route `traffic` percent to `version`, compare it with the incumbent over a window, then promote it to 100% or roll back."
     w = client or workspace_client(env)
-    name, resolved = endpoint or env.var("endpoint_name"), resolve_version(env, version)
+    name, resolved = endpoint or env.endpoint_name, resolve_version(env, version)
     previous = get_endpoint(w, name)
     if previous is None or previous.config is None: raise DeploymentFailed(f"endpoint {name} serves nothing yet: deploy a first version without a canary")
     incumbent = max(previous.config.traffic_config.routes, key=lambda r: r.traffic_percentage).served_entity_name

@@ -5,10 +5,14 @@
 # %% ../nbs/00b_naming.ipynb #ffa8e095
 from __future__ import annotations
 
+import re
+
 from .config import Environment
+from .errors import InputError
 
 # %% auto #0
-__all__ = ['EXPERIMENT_KINDS', 'experiment_name', 'model_uri', 'served_entity_name', 'inference_table', 'same_table_in']
+__all__ = ['EXPERIMENT_KINDS', 'experiment_name', 'model_uri', 'served_entity_name', 'inference_table', 'same_table_in',
+           'TableError', 'split_name']
 
 # %% ../nbs/00b_naming.ipynb #fd23c8d4
 EXPERIMENT_KINDS = ("training", "promotions", "monitoring")  # the experiments the project writes runs to
@@ -37,9 +41,22 @@ def inference_table(env: Environment, endpoint: str | None = None, # default: th
                     kind: str = "payload", # payload, or a table derived from it: metrics, drift, quality
                     ) -> str:
     "Name of an endpoint's inference table (`payload`) or of a table derived from it."
-    return env.table_name(f"{(endpoint or env.var('endpoint_name')).replace('-', '_')}_{kind}")
+    return env.table_name(f"{(endpoint or env.endpoint_name).replace('-', '_')}_{kind}")
 
 # %% ../nbs/00b_naming.ipynb #0117c0ff
 def same_table_in(env: Environment, table: str) -> str:
     "`env`'s table with the same (last) name as `table`, e.g. prod's twin of a staging feature table."
     return env.table_name(table.rsplit(".", 1)[-1])
+
+# %% ../nbs/00b_naming.ipynb #e8d3da3d
+class TableError(InputError):
+    "A refused table operation; the message names the table and what was expected."
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+def split_name(name: str) -> tuple[str, str, str]:
+    "The (catalog, schema, table) parts of a three-part name."
+    parts = name.split(".") if isinstance(name, str) else []
+    if len(parts) != 3 or not all(_IDENT.fullmatch(p) for p in parts):
+        raise TableError(f"table name {name!r}: expected catalog.schema.table with letters, digits and underscores")
+    return tuple(parts)

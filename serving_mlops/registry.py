@@ -35,12 +35,12 @@ def registry_client(env: Environment) -> MlflowClient:
 
 def alias_version(env: Environment, alias: str):
     "The model version with `alias`, or None."
-    try: return registry_client(env).get_model_version_by_alias(env.var("model_name"), alias)
+    try: return registry_client(env).get_model_version_by_alias(env.model_name, alias)
     except MlflowException: return None
 
 def register_challenger(env: Environment, result: TrainingResult):
     "Register the model of a training run and give it the alias `challenger`."
-    client, name = registry_client(env), env.var("model_name")
+    client, name = registry_client(env), env.model_name
     with using_mlflow(env): version = mlflow.register_model(result.model_uri, name, tags={"source_run_id": result.run_id})
     client.set_registered_model_alias(name, "challenger", version.version)
     return client.get_model_version(name, version.version)
@@ -87,7 +87,7 @@ def p95_latency_ms(model, row, repeats: int = 50) -> float:
 
 def validate_challenger(env: Environment, store=None, seed: int = 42, latency_budget_ms: float | None = None) -> GateReport:
     "Run every check of the gate on the challenger and record the outcome on its model version."
-    client, name, store = registry_client(env), env.var("model_name"), store or feature_store_for(env)
+    client, name, store = registry_client(env), env.model_name, store or feature_store_for(env)
     challenger, champion = alias_version(env, "challenger"), alias_version(env, "champion")
     if challenger is None: raise GateFailed(f"model {name} has no version with alias 'challenger' to validate")
     X, y = held_out(env, store, seed)
@@ -117,7 +117,7 @@ def validate_challenger(env: Environment, store=None, seed: int = 42, latency_bu
 
 def set_champion(env: Environment, version):
     "Give `version` the alias `champion`; the old champion becomes `previous`."
-    client, name = registry_client(env), env.var("model_name")
+    client, name = registry_client(env), env.model_name
     champion = alias_version(env, "champion")
     if champion is not None and str(champion.version) != str(version): client.set_registered_model_alias(name, "previous", champion.version)
     client.set_registered_model_alias(name, "champion", version)
@@ -130,7 +130,7 @@ def promote_challenger(env: Environment, report: GateReport):
 # %% ../nbs/07_registry.ipynb #6493812a
 def copied_version(target: Environment, source: Environment, source_version):
     "The target's version copied from `source_version` of the source environment, or None."
-    client, name = registry_client(target), target.var("model_name")
+    client, name = registry_client(target), target.model_name
     try: found = client.search_model_versions(f"name = '{name}'")
     except MlflowException: return None
     # Unity Catalog answers a search without tags (ModelVersionSearch.tags raises): each version's tags come from get_model_version
@@ -141,7 +141,7 @@ def copied_version(target: Environment, source: Environment, source_version):
 
 def copy_model_version(source: Environment, target: Environment, version=None, alias: str = "champion", target_store=None):
     "Copy a model version (default: the source's `alias`) into the target's registry, once, naming the target's feature tables; returns the target's version."
-    name = source.var("model_name")
+    name = source.model_name
     src_client = registry_client(source)
     src = src_client.get_model_version(name, version) if version is not None else alias_version(source, alias)
     if src is None: raise GateFailed(f"model {name} in environment '{source.name}' has no version with alias {alias!r} to copy")
@@ -153,7 +153,7 @@ def copy_model_version(source: Environment, target: Environment, version=None, a
     tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or ""}
     with in_experiment(target, experiment_name(target, "promotions")):
         with mlflow.start_run(run_name=f"promote {name} v{src.version} {source.name} -> {target.name}", tags=tags) as run: mlflow.log_artifacts(str(local), "model")
-        copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.var("model_name"), tags=tags)
+        copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.model_name, tags=tags)
     tables = ", ".join(sorted(set(renamed.values())))
     registry_client(target).update_model_version(copy.name, copy.version, description=f"Copied from {name} version {src.version} of "
                                                  f"environment '{source.name}'; looks its features up in {tables}.")
@@ -161,11 +161,11 @@ def copy_model_version(source: Environment, target: Environment, version=None, a
 
 def verify_copy(source: Environment, source_version, target: Environment, target_version, X) -> int:
     "Check that both versions load and predict identically on `X`; returns the number of rows compared."
-    with using_mlflow(source): before = scores(mlflow.pyfunc.load_model(model_uri(source.var("model_name"), source_version)), X)
-    with using_mlflow(target): after = scores(mlflow.pyfunc.load_model(model_uri(target.var("model_name"), target_version)), X)
+    with using_mlflow(source): before = scores(mlflow.pyfunc.load_model(model_uri(source.model_name, source_version)), X)
+    with using_mlflow(target): after = scores(mlflow.pyfunc.load_model(model_uri(target.model_name, target_version)), X)
     if not np.array_equal(before, after):
-        raise GateFailed(f"copy {target.var('model_name')} version {target_version} predicts differently from "
-                         f"{source.var('model_name')} version {source_version} of '{source.name}'")
+        raise GateFailed(f"copy {target.model_name} version {target_version} predicts differently from "
+                         f"{source.model_name} version {source_version} of '{source.name}'")
     return len(X)
 
 def promotion_source(target: Environment, source_name: str) -> Environment:

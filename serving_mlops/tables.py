@@ -28,13 +28,14 @@ from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from .config import ConfigError, Environment, get_environment, on_databricks, process_alive
 from .errors import InputError
+from .naming import TableError, split_name  # the name rule, below every layer that names a table
 
 # %% auto #0
 __all__ = ['SPARK_LOG_ENV_VAR', 'Frame', 'FILTER_OPS', 'Filters', 'PARQUET_FILES', 'java_version', 'require_java', 'spark_master',
-           'require_single_node', 'connect_spark', 'jvm_output_to', 'get_spark', 'TableError', 'split_name', 'to_arrow',
-           'delta_types', 'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys',
-           'is_spark_frame', 'spark_arrow_schema', 'check_rows', 'write_delta_files', 'staging_folder', 'Tables',
-           'LocalTables', 'merge_metrics', 'SparkTables', 'tables_for']
+           'require_single_node', 'connect_spark', 'jvm_output_to', 'get_spark', 'to_arrow', 'delta_types',
+           'check_schema', 'check_filters', 'arrow_filter', 'merge_condition', 'check_keys', 'is_spark_frame',
+           'spark_arrow_schema', 'check_rows', 'write_delta_files', 'staging_folder', 'Tables', 'LocalTables',
+           'merge_metrics', 'SparkTables', 'tables_for']
 
 # %% ../nbs/01_tables.ipynb #12f5dcba
 def java_version() -> int | None:
@@ -127,19 +128,6 @@ def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
         spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark
-
-# %% ../nbs/01_tables.ipynb #e8d3da3d
-class TableError(InputError):
-    "A refused table operation; the message names the table and what was expected."
-
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-def split_name(name: str) -> tuple[str, str, str]:
-    "The (catalog, schema, table) parts of a three-part name."
-    parts = name.split(".") if isinstance(name, str) else []
-    if len(parts) != 3 or not all(_IDENT.fullmatch(p) for p in parts):
-        raise TableError(f"table name {name!r}: expected catalog.schema.table with letters, digits and underscores")
-    return tuple(parts)
 
 # %% ../nbs/01_tables.ipynb #cb03ee06
 Frame = Any  # pandas.DataFrame | pyarrow.Table | pyspark.sql.DataFrame

@@ -82,10 +82,9 @@ def features_task(env: Environment,
                   ) -> dict:
     "Build the feature tables from the silver tables and publish them to the online store."
     from serving_mlops.feature_store import build_feature_tables, feature_store_for
-    from serving_mlops.tables import get_spark
     require_tables(env, "silver_clients", "silver_statements")
     print(f"building feature tables in {env.describe()}", flush=True)
-    store = feature_store_for(env, spark=get_spark(env))
+    store = feature_store_for(env)
     built = build_feature_tables(env, store)
     for name in built.values():
         ft = store.get_table(name)
@@ -106,12 +105,11 @@ def train_task(env: Environment,
     "Tune, train and log a model on the environment's feature tables; returns its run and model URI."
     from serving_mlops.feature_store import feature_store_for
     from serving_mlops.registry import register_challenger
-    from serving_mlops.tables import get_spark
     from serving_mlops.train import train
     from serving_mlops.features import FEATURE_TABLES
     require_tables(env, "silver_clients", *FEATURE_TABLES)
     print(f"training in {env.describe()} with {n_trials} Optuna trials", flush=True)
-    result = train(env, n_trials=n_trials, seed=seed, store=feature_store_for(env, spark=get_spark(env)))
+    result = train(env, n_trials=n_trials, seed=seed, store=feature_store_for(env))
     print(", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("val_roc_auc", "test_roc_auc", "test_pr_auc", "test_brier")))
     print(f"run {result.run_id}; model {result.model_uri}")
     if register:
@@ -129,14 +127,13 @@ def validate_task(env: Environment,
     "Register a run's model as challenger, validate it against the champion and promote it when every check passes."
     from serving_mlops.feature_store import feature_store_for
     from serving_mlops.registry import promote_challenger, register_challenger, validate_challenger
-    from serving_mlops.tables import get_spark
     from serving_mlops.train import TrainingResult
     if run_id and not model_uri: raise ConfigError(f"validate: run_id {run_id} given without its model_uri (the train task's values give both)")
     if run_id: register_challenger(env, TrainingResult(run_id, model_uri, {}, {}))
-    report = validate_challenger(env, feature_store_for(env, spark=get_spark(env)), seed, latency_budget_ms)
+    report = validate_challenger(env, feature_store_for(env), seed, latency_budget_ms)
     print(report.summary())
     promote_challenger(env, report)
-    print(f"{env.var('model_name')} version {report.version} is now 'champion'")
+    print(f"{env.model_name} version {report.version} is now 'champion'")
     return task_values(model_version=str(report.version))
 
 # %% ../nbs/13_tasks.ipynb #71937c49
@@ -181,8 +178,7 @@ def batch_inference_task(env: Environment,
     "Score every key of a table with the environment's model into a predictions table."
     from serving_mlops.batch import batch_inference
     from serving_mlops.feature_store import feature_store_for
-    from serving_mlops.tables import get_spark
-    scores = batch_inference(env, input_table, output_table, version, store=feature_store_for(env, spark=get_spark(env)))
+    scores = batch_inference(env, input_table, output_table, version, store=feature_store_for(env))
     return task_values(model_version=scores.version, rows=str(scores.rows))
 
 # %% ../nbs/13_tasks.ipynb #930f8c31

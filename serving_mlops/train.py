@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 from .config import Environment
 from .feature_store import FeatureLookup, TrainingSet, feature_store_for, in_experiment
 from .features import FEATURE_TABLES, KEY
-from .monitoring.baseline import training_baseline
+from .drift import training_baseline
 from .naming import experiment_name
 from .tables import get_spark
 
@@ -182,7 +182,7 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
     (Xt, yt), (Xv, yv), (Xs, ys) = [(splits[k][cols], splits[k][LABEL].to_numpy()) for k in ("train", "validation", "test")]
     if progress: print(f"training set: {len(df):,} rows, {len(cols)} features: train {len(Xt):,}, validation {len(Xv):,}, test {len(Xs):,} rows", flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    run_name = f"train {env.var('model_name').split('.')[-1]} {env.name} {n_trials} trials"
+    run_name = f"train {env.model_name.split('.')[-1]} {env.name} {n_trials} trials"
     with in_experiment(env, experiment or experiment_name(env, "training")), mlflow.start_run(run_name=run_name) as parent:
         for split, dataset in split_datasets(env, store, splits).items(): mlflow.log_input(dataset, context=split)
         def objective(trial):

@@ -25,6 +25,7 @@ from serving_mlops.registry import register_challenger
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.capture import SERVED_ENTITIES_TABLE
 from serving_mlops.serving.process import start_server, stop_server, workspace_client
+from serving_mlops.serving.settings import RuntimeSettings
 from serving_mlops.tables import get_spark, tables_for
 from serving_mlops.train import train
 
@@ -92,7 +93,7 @@ class ServedWorkspace:
 
     def start(self) -> dict:
         "Start the runtime (after a stop or a kill: it restores every saved endpoint); the client follows its new address."
-        info = start_server(self.env, metrics_interval=METRICS_INTERVAL, workers=self.workers)
+        info = start_server(self.env, settings=RuntimeSettings(metrics_interval=METRICS_INTERVAL), workers=self.workers)
         self.url, self.w = info["url"], workspace_client(self.env)
         return info
 

@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from reference_parse import reference_parse_requests  # noqa: E402
 
-from serving_mlops.monitoring.baseline import feature_drift, training_baseline  # noqa: E402
+from serving_mlops.drift import feature_drift, training_baseline  # noqa: E402
 from serving_mlops.monitoring.inference import MonitoringError, parse_requests, payload_rows  # noqa: E402
 
 COLUMNS = ["age", "limit", "sex"]

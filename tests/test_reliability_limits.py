@@ -17,6 +17,7 @@ from serving_mlops.config import get_environment
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.process import start_server, stop_server, workspace_client
+from serving_mlops.serving.settings import RuntimeSettings
 from serving_mlops.serving.request_log import read_request_log
 
 READ_TIMEOUT = 2.0  # seconds; the runtime's default is 20
@@ -34,7 +35,7 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the runtime proce
 @expensive
 def runtime(home):
     env = get_environment("dev")
-    info = start_server(env, read_timeout=READ_TIMEOUT, request_log_mb=0.01, request_log_files=2)
+    info = start_server(env, settings=RuntimeSettings(read_timeout=READ_TIMEOUT, request_log_mb=0.01, request_log_files=2))
     yield env, info["url"]
     stop_server(env)
 

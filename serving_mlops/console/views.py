@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from ..config import Environment
 from ..jobs import JobRun, RunRecordError, elapsed, jobs_folder, load_jobs, past_runs, read_run
-from ..monitoring.baseline import DRIFT_RULES
+from ..drift import DRIFT_RULES
 from ..naming import inference_table
 from ..registry import registry_client
 from ..tables import tables_for
@@ -55,7 +55,7 @@ MONITORING_KINDS = ("drift", "metrics", "quality")  # the tables monitoring writ
 
 def monitored_endpoints(env: Environment) -> list[str]:
     "Endpoints with monitoring tables or reports in `env`, the environment's own endpoint first."
-    names = [env.var("endpoint_name")]
+    names = [env.endpoint_name]
     if env.is_local and env.path("monitoring").is_dir(): names += sorted(p.name for p in env.path("monitoring").iterdir() if p.is_dir())
     tables = tables_for(env)
     for name in tables.list(env.catalog, env.schema):
@@ -402,7 +402,7 @@ def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
 
 def registry_page(env: Environment) -> str:
     "The registry page: the environment's model, its versions with aliases, gate reports and lineage, and how to open MLflow's UI."
-    name, links = env.var("model_name"), mlflow_links(env)
+    name, links = env.model_name, mlflow_links(env)
     ui = (Markup(f'<p class="card">MLflow UI: <code>{escape(mlflow_ui_command(env))}</code>, then <a href="{MLFLOW_UI}/#/models/{escape(quote(name))}">'
                  f"{MLFLOW_UI}</a></p>") if env.is_local else Markup(f'<p class="card">MLflow: <a href="{escape(env.host)}/ml/models">{escape(env.host)}</a></p>'))
     try:

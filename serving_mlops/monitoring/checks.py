@@ -23,7 +23,7 @@ from ..config import Environment, using_mlflow
 from ..deploy import entity_stats, metric_families
 from ..errors import StepFailed
 from ..feature_store import in_experiment
-from .baseline import drift_summary, feature_drift, window_buckets
+from ..drift import drift_summary, feature_drift, window_buckets
 from .inference import MonitoringError, as_utc, inference_frame, read_payload, served_entities
 from .report import drift_report_html
 from ..registry import registry_client
@@ -55,7 +55,7 @@ def request_stats(env: Environment, endpoint: str | None, start, end,
     start, end, every = as_utc(start), as_utc(end), pd.Timedelta(every)
     if every <= pd.Timedelta(0): raise MonitoringError(f"window length is {every}; expected a positive length")
     check_period(start, end, 1)
-    endpoint = endpoint or env.var("endpoint_name")
+    endpoint = endpoint or env.endpoint_name
     rows = read_payload(env, endpoint, start, end, ["request_time", "status_code", "execution_duration_ms", "served_entity_id"]).to_pandas()
     if rows.empty: return pd.DataFrame(columns=[*METRICS_COLUMNS, "errors_4xx", "errors_5xx"])
     entities = served_entities(env, endpoint, rows.served_entity_id.unique()).set_index("served_entity_id")
@@ -95,7 +95,7 @@ def runtime_counters(env: Environment, endpoint: str | None = None,
     "Per served entity: requests, failed requests and mean latency (ms) of the last complete minute of the metrics export, and the model calls and rows since the runtime started (our own counters, where the runtime has them); None when unreachable."
     try:
         w = client or workspace_client(env, retry_timeout_seconds=10)
-        families = metric_families(w.serving_endpoints.export_metrics(endpoint or env.var("endpoint_name")).contents.read().decode())
+        families = metric_families(w.serving_endpoints.export_metrics(endpoint or env.endpoint_name).contents.read().decode())
     except (RuntimeError, DatabricksError, OSError): return None
     out = {}
     for entity, minutes in entity_stats(families).items():
@@ -114,7 +114,7 @@ BASELINE_PATHS = ("artifacts/baseline.json", "data/feature_store/raw_model/artif
 
 def model_baseline(env: Environment, version: str | int, model_name: str | None = None) -> dict:
     "The training baseline logged with `version` of the environment's model (or `model_name`)."
-    client, name = registry_client(env), model_name or env.var("model_name")
+    client, name = registry_client(env), model_name or env.model_name
     try: mv = client.get_model_version(name, str(version))
     except MlflowException: raise MonitoringError(f"model {name} has no version {version} in environment '{env.name}'") from None
     with using_mlflow(env):
@@ -249,7 +249,7 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
                 alert: bool = True, # raise DriftAlert when a feature drifted (after writing everything)
                 ) -> DriftResult:
     "Drift of the window's inputs and predictions per model version against its training baseline: written, reported, logged, alerted."
-    endpoint = endpoint or env.var("endpoint_name")
+    endpoint = endpoint or env.endpoint_name
     start, end = as_utc(start), as_utc(end)
     check_period(start, end, 1)
     psi_threshold = env.var("drift_psi_threshold", float) if psi_threshold is None else psi_threshold
@@ -288,7 +288,7 @@ MISSING_LOOKUP_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_
 
 def missing_lookups(env: Environment, endpoint: str | None, start, end, window_minutes: int = 60) -> pd.DataFrame:
     "Predictions and those whose feature lookup found nothing (keys not in the feature tables as of the request), with their share, per window and model version."
-    endpoint = endpoint or env.var("endpoint_name")
+    endpoint = endpoint or env.endpoint_name
     start, end = as_utc(start), as_utc(end)
     check_period(start, end, window_minutes)
     frame = inference_frame(env, read_payload(env, endpoint, start, end, FRAME_COLUMNS), endpoint)
@@ -334,7 +334,7 @@ def latest_labels(env: Environment, labels_table: str, key: str, label: str) -> 
 def model_quality(env: Environment, endpoint: str | None, labels_table: str, start, end, window_minutes: int = 60,
                   label: str = "default_next_month", key: str = "customer_id", write: bool = True) -> pd.DataFrame:
     "ROC AUC, Brier score and calibration per window and model version, from predictions joined to labels; merged into `<prefix>_quality`."
-    endpoint = endpoint or env.var("endpoint_name")
+    endpoint = endpoint or env.endpoint_name
     start, end = as_utc(start), as_utc(end)
     check_period(start, end, window_minutes)
     payload = read_payload(env, endpoint, start, end, FRAME_COLUMNS)
@@ -409,7 +409,7 @@ def run_monitoring(env: Environment, endpoint: str | None = None, start=None, en
     lag = env.var("monitoring_lag_minutes", int) if lag_minutes is None else int(lag_minutes)
     if lag < 0: raise MonitoringError(f"lag_minutes is {lag}; expected 0 or more minutes")
     now = pd.Timestamp.now(tz="UTC")
-    run = MonitoringRun(endpoint or env.var("endpoint_name"), *monitoring_period(start, end, window_minutes, lookback_minutes or window_minutes, lag, now),
+    run = MonitoringRun(endpoint or env.endpoint_name, *monitoring_period(start, end, window_minutes, lookback_minutes or window_minutes, lag, now),
                         lag_minutes=lag, complete=now - pd.Timedelta(minutes=lag))
     if task in ("metrics", "all"):
         run.metrics = endpoint_metrics(env, run.endpoint, run.start, run.end, window_minutes)

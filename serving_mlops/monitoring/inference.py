@@ -425,7 +425,7 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
                     keys: Sequence[str] = (), # request columns every row must have (e.g. customer_id); null where not sent
                     ) -> pd.DataFrame:
     "One row per prediction of the successful requests: the model's inputs (sent, or looked up as of the request), `missing_lookup`, `prediction`, request, served entity, model and version."
-    endpoint = endpoint or env.var("endpoint_name")
+    endpoint = endpoint or env.endpoint_name
     rows = _arrow(payload, ["status_code", "served_entity_id"])
     ids = set(pc.unique(rows.column("served_entity_id").filter(pc.fill_null(pc.equal(rows.column("status_code"), 200), False))).to_pylist())
     entities = served_entities(env, endpoint, ids) if ids else pd.DataFrame(columns=ENTITY_COLUMNS)
@@ -459,6 +459,6 @@ def read_payload(env: Environment, endpoint: str | None, start, end, columns: Se
     "Rows of the endpoint's inference table with `start <= request_time < end`."
     table, tables = inference_table(env, endpoint), tables_for(env)
     if not tables.exists(table):
-        raise MonitoringError(f"inference table {table} of endpoint {endpoint or env.var('endpoint_name')} does not exist: "
+        raise MonitoringError(f"inference table {table} of endpoint {endpoint or env.endpoint_name} does not exist: "
                               f"expected the endpoint to log its requests there (ai_gateway.inference_table_config)")
     return tables.read_arrow(table, columns=columns, filters=[("request_time", ">=", as_utc(start)), ("request_time", "<", as_utc(end))])

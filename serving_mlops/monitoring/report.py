@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib import rc_context
 from matplotlib.figure import Figure
 
-from .baseline import drift_summary, window_buckets
+from ..drift import drift_summary, window_buckets
 
 # %% auto #0
 __all__ = ['shares_figure', 'results_table_html', 'drift_report_html']

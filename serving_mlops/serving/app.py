@@ -23,8 +23,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from ..config import Environment
-from .protocol import MAX_BODY_BYTES, MAX_ROWS, ServingError, bad_request
+from .protocol import MAX_BODY_BYTES, ServingError, bad_request
 from .runtime import ServingRuntime
+from .settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +195,10 @@ class ServingApp(Starlette):
                 return await response(scope, receive, send)
         await super().__call__(scope, receive, send)
 
-def make_app(env: Environment, max_rows: int = MAX_ROWS, on_started=None, on_stopped=None,
-             metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
-             **runtime_options) -> ServingApp:  # more `ServingRuntime` arguments, e.g. the request log's bound
+def make_app(env: Environment, settings: RuntimeSettings | None = None, on_started=None, on_stopped=None,
+             **runtime_options) -> ServingApp:  # more `ServingRuntime` arguments: its coordinator
     "The ASGI app of `env`'s serving runtime (restores persisted endpoints at startup)."
-    runtime = ServingRuntime(env, max_rows, metrics_interval=metrics_interval, **runtime_options)
+    runtime = ServingRuntime(env, settings, **runtime_options)
 
     @asynccontextmanager
     async def lifespan(app):

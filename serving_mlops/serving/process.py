@@ -27,9 +27,8 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 from ..config import HOME_ENV_VAR, Environment, process_alive
 from ..errors import InputError
 from .app import make_app, serving_token
-from .protocol import MAX_ROWS
 from .endpoint import now_ms
-from .request_log import REQUEST_LOG_BYTES, REQUEST_LOG_FILES
+from .settings import RuntimeSettings
 from .workers import SharedState, Workers
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ __all__ = ['log', 'READ_TIMEOUT', 'SERVICES', 'STABLE_SECONDS', 'SERVICE_COMMAND
            'stop_service', 'stop_server', 'wait_exit', 'workspace_client', 'local_services', 'stop_local_services']
 
 # %% ../../nbs/08g_serving_process.ipynb #96f1cc6f
-READ_TIMEOUT = 20.0  # seconds a client has to send a whole request, headers and body
+READ_TIMEOUT = RuntimeSettings.read_timeout  # seconds a client has to send a whole request, headers and body (by default)
 
 class ReadTimeoutProtocol(AutoHTTPProtocol):
     "uvicorn's HTTP protocol, closing a connection whose request has not fully arrived `read_timeout` seconds after it could start."
@@ -119,13 +118,12 @@ def bind_port(env: Environment, host: str, port: int,
         raise InputError(f"cannot {doing} on {host}:{port}: the port is in use: {who}") from None
     return sock
 
-def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: int = MAX_ROWS,
-          metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
-          read_timeout: float = READ_TIMEOUT,  # seconds a client has to send a whole request
-          request_log_mb: float = REQUEST_LOG_BYTES / 2**20, request_log_files: int = REQUEST_LOG_FILES,  # bound of each endpoint's request log
+def serve(env: Environment, host: str = "127.0.0.1", port: int = 0,
+          settings: RuntimeSettings | None = None,  # how it serves (default: RuntimeSettings())
           workers: int = 1,  # processes serving on the port (SO_REUSEPORT); more than 1: this process starts and watches them
           worker: int | None = None):  # this process is worker number `worker` of such a set (started by its first process)
     "Run `env`'s serving runtime in the foreground until SIGTERM or Ctrl-C."
+    settings = settings or RuntimeSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if worker is None and (running := server_info(env)) is not None:
         raise InputError(f"the serving runtime of environment '{env.name}' is already running at {running['url']} (pid {running['pid']}); "
@@ -133,10 +131,7 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
     sock = bind_port(env, host, port, f"serve environment '{env.name}'", shared=workers > 1 or worker is not None, probe=worker is None)
     url = f"http://{host}:{sock.getsockname()[1]}"
     info = server_file(env)
-    if worker is None and workers > 1:
-        options = ["--metrics-interval", f"{metrics_interval:g}", "--read-timeout", f"{read_timeout:g}", "--request-log-mb", f"{request_log_mb:g}",
-                   "--request-log-files", str(request_log_files)]
-        return supervise(env, sock, workers, options)
+    if worker is None and workers > 1: return supervise(env, sock, workers, settings)
     shared = None if worker is None else SharedState(workers_folder(env), worker)
     if shared is not None: threading.Thread(target=_stop_with_parent, name="parent-watch", daemon=True).start()
 
@@ -147,17 +142,15 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0, max_rows: in
             log.info("worker %d of the serving runtime of environment %s at %s", worker, env.name, url); return
         write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms()})
         log.info("serving runtime of environment %s at %s", env.name, url)
-        if metrics_interval != 60: log.warning("endpoint metrics per %g s, not per minute as on Databricks", metrics_interval)
+        if settings.metrics_interval != 60: log.warning("endpoint metrics per %g s, not per minute as on Databricks", settings.metrics_interval)
 
     def stopped(runtime):
         if shared is not None: return
         drop_info(info)
         log.info("serving runtime of environment %s stopped", env.name)
 
-    app = make_app(env, max_rows, on_started=started, on_stopped=stopped, metrics_interval=metrics_interval,
-                   request_log_bytes=int(request_log_mb * 2**20), request_log_files=request_log_files,
-                   coordinator=None if shared is None else Workers(shared))
-    config = uvicorn.Config(app, http=ReadTimeoutProtocol.within(read_timeout), log_level="warning", access_log=False,
+    app = make_app(env, settings, on_started=started, on_stopped=stopped, coordinator=None if shared is None else Workers(shared))
+    config = uvicorn.Config(app, http=ReadTimeoutProtocol.within(settings.read_timeout), log_level="warning", access_log=False,
                             timeout_graceful_shutdown=30, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
 
@@ -169,7 +162,7 @@ def restart_delay(quick: int) -> float:
     "Seconds before a dead worker starts again: 0.5 s, doubled for each death in a row within STABLE_SECONDS of its start, at most a minute."
     return min(0.5 * 2 ** quick, 60.0)
 
-def supervise(env: Environment, sock: socket.socket, workers: int, options: list,  # `serve` options passed on to each worker
+def supervise(env: Environment, sock: socket.socket, workers: int, settings: RuntimeSettings,  # passed on to each worker whole
               startup: float = 300):  # seconds the workers have to restore every endpoint and listen
     "Run `workers` processes serving `env` on `sock`'s port, restart one that dies (later and later while it keeps dying: `restart_delay`), and stop them all on SIGTERM or Ctrl-C."
     port, folder, metrics = sock.getsockname()[1], workers_folder(env), env.path("serving", "metrics")
@@ -177,7 +170,7 @@ def supervise(env: Environment, sock: socket.socket, workers: int, options: list
         f.mkdir(parents=True, exist_ok=True)
         for p in f.iterdir(): p.unlink()
     environ = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics), "SERVING_MLOPS_HOME": str(env.root.parent)}
-    command = [sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port), *options]
+    command = [sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port), "--settings", settings.to_json()]
     spawn = lambda i: subprocess.Popen([*command, "--worker", str(i)], env=environ, stdin=subprocess.DEVNULL)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: stop.set())
@@ -279,15 +272,11 @@ def start_service(env: Environment, what: str, # a name of `SERVICES`
     raise TimeoutError(f"{what} of environment '{env.name}' did not answer within {timeout:g} s; see {log_path}")
 
 def start_server(env: Environment, port: int = 0, timeout: float = 120,
-                 metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics; tests shorten it
-                 read_timeout: float = READ_TIMEOUT, request_log_mb: float = REQUEST_LOG_BYTES / 2**20,
-                 request_log_files: int = REQUEST_LOG_FILES,  # as `serve` takes them (a running runtime keeps its own)
+                 settings: RuntimeSettings | None = None,  # how it serves (default: RuntimeSettings(); a running runtime keeps its own)
                  workers: int = 1) -> dict:  # processes serving on the port
     "Start `env`'s serving runtime as a background process (or find the running one); wait for its health check."
     return start_service(env, "serving runtime", ["serve", "--env", env.name, "--port", str(port),
-                         *(["--metrics-interval", f"{metrics_interval:g}"] if metrics_interval != 60 else []),
-                         "--read-timeout", f"{read_timeout:g}", "--request-log-mb", f"{request_log_mb:g}",
-                         "--request-log-files", str(request_log_files), *(["--workers", str(workers)] if workers > 1 else [])], timeout)
+                         *(["--settings", settings.to_json()] if settings else []), *(["--workers", str(workers)] if workers > 1 else [])], timeout)
 
 def stop_service(env: Environment, what: str = "serving runtime", timeout: float = 60) -> bool:
     "Stop `env`'s `what` (a name of `SERVICES`) gracefully (SIGTERM, wait); False when none was running."

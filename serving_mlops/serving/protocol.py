@@ -14,13 +14,13 @@ import orjson
 
 from ..domains import DomainCheck, iso_date
 from ..errors import MlopsError
-from ..naming import served_entity_name
-from ..tables import TableError, split_name
+from ..naming import TableError, served_entity_name, split_name
+from .settings import MAX_ROWS
 
 # %% auto #0
 __all__ = ['ENDPOINT_NAME', 'ENTITY_NAME', 'VERSION', 'WORKLOAD_SIZES', 'UC_NAME_FORBIDDEN', 'GATEWAY_FIELDS', 'PAYLOAD_KEYS',
-           'OTHER_KEYS', 'MAX_BODY_BYTES', 'MAX_ROWS', 'INT64', 'ServingError', 'bad_request', 'invalid_parameter',
-           'no_endpoint', 'check_type', 'check_endpoint_name', 'check_entity', 'check_config', 'check_uc_name',
+           'OTHER_KEYS', 'MAX_BODY_BYTES', 'INT64', 'ServingError', 'bad_request', 'invalid_parameter', 'no_endpoint',
+           'check_type', 'check_endpoint_name', 'check_entity', 'check_config', 'check_uc_name',
            'check_inference_table', 'check_ai_gateway', 'check_tags', 'check_tags_patch', 'InputSpec', 'ParsedRequest',
            'payload_columns', 'parse_request']
 
@@ -166,7 +166,6 @@ def check_tags_patch(body: dict) -> tuple[dict, list]:
 PAYLOAD_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 OTHER_KEYS = ("params", "client_request_id", "usage_context")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # Databricks' payload limit
-MAX_ROWS = 10_000  # rows per request; larger batches belong to batch inference
 INT64 = (-2**63, 2**63 - 1)  # what an integer key of the online store (SQLite) holds
 
 @dataclass

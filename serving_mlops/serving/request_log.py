@@ -14,16 +14,14 @@ import orjson
 from fastcore.basics import patch
 
 from .capture import write_whole
+from .settings import REQUEST_LOG_BYTES, REQUEST_LOG_FILES
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'REQUEST_LOG_BYTES', 'REQUEST_LOG_FILES', 'RequestLog', 'read_request_log']
+__all__ = ['log', 'RequestLog', 'read_request_log']
 
 # %% ../../nbs/08e2_serving_request_log.ipynb #331817a3
-REQUEST_LOG_BYTES = 10 * 2**20  # size at which an endpoint's request log is rotated (about 55k outcomes)
-REQUEST_LOG_FILES = 3  # rotated files kept besides the current one
-
 class RequestLog:
     "Per-endpoint JSON-lines logs of invocation outcomes in `folder`, rotated by size (by whichever of several workers fills a file)."
     def __init__(self, folder: Path, max_bytes: int = REQUEST_LOG_BYTES, files: int = REQUEST_LOG_FILES):  # files: rotated ones kept

@@ -27,7 +27,8 @@ from .models import ServedModel, entity_uri
 from serving_mlops.serving.protocol import (
     MAX_ROWS, ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint,
     parse_request)
-from .request_log import REQUEST_LOG_BYTES, REQUEST_LOG_FILES, RequestLog
+from .request_log import RequestLog
+from .settings import RuntimeSettings
 from .workers import Solo, Workers
 from ..tables import tables_for
 
@@ -39,11 +40,10 @@ __all__ = ['log', 'ServingRuntime', 'changes_state']
 # %% ../../nbs/08e_serving_runtime.ipynb #2612cb9c
 class ServingRuntime:
     "The endpoints of one local environment: create, update, delete, persist, restore, invoke."
-    def __init__(self, env: Environment, max_rows: int = MAX_ROWS, capture_interval: float = 1.0,  # seconds between inference table flushes
-                 metrics_interval: float = 60.0,  # seconds per value of the endpoint metrics (a minute, as on Databricks)
-                 request_log_bytes: int = REQUEST_LOG_BYTES, request_log_files: int = REQUEST_LOG_FILES,  # the request log's bound
+    def __init__(self, env: Environment, settings: RuntimeSettings | None = None,  # default: RuntimeSettings()
                  coordinator: Solo | Workers | None = None):  # how it shares the environment: alone (Solo, the default) or as one of Workers
-        self.env, self.max_rows, self.capture_interval, self.metrics_interval = env, max_rows, capture_interval, metrics_interval
+        self.env, self.settings = env, settings or RuntimeSettings()
+        self.max_rows, self.capture_interval, self.metrics_interval = self.settings.max_rows, self.settings.capture_interval, self.settings.metrics_interval
         self.coordinator = coordinator or Solo()
         self.requester = os.environ.get("USER", "local")  # whom the environment's token belongs to: the `requester` of its requests
         self.captures: dict[str, InferenceLog] = {}  # endpoint -> its inference log, when its inference table is enabled
@@ -52,7 +52,7 @@ class ServingRuntime:
         self.requests_dir = env.path("serving", "requests", create=True)
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._online = None
-        self.request_log = RequestLog(self.requests_dir, request_log_bytes, request_log_files)
+        self.request_log = RequestLog(self.requests_dir, int(self.settings.request_log_mb * 2**20), self.settings.request_log_files)
         self.base_url = ""
         # a serving runtime process serves one environment for its whole life: its models load from that environment's registry
         mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
