@@ -26,8 +26,8 @@ import pyarrow.json
 # %% auto #0
 __all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'RECORD_SCHEMA', 'SERVED_ENTITIES_TABLE', 'SERVED_ENTITIES_SCHEMA',
            'MAGIC', 'HEADER', 'payload_table_name', 'json_text', 'payload_frame', 'payload_rows', 'entity_ids',
-           'served_entity_rows', 'record_served_entities', 'frame_record', 'read_records', 'read_bodies', 'write_whole',
-           'InferenceLog']
+           'served_entity_rows', 'record_served_entities', 'frame_record', 'read_records', 'read_bodies', 'sync_folder',
+           'write_whole', 'InferenceLog']
 
 # %% ../../nbs/08c_serving_capture.ipynb #b7c1c0a4
 log = logging.getLogger(__name__)
@@ -145,6 +145,12 @@ def read_bodies(data: bytes) -> tuple[list[bytes], list[tuple[int, int]]]:
     return bodies, damaged
 
 # %% ../../nbs/08c_serving_capture.ipynb #05052afb
+def sync_folder(folder: Path):
+    "Make the names in `folder` (a rename, a removal) durable."
+    fd = os.open(folder, os.O_RDONLY)
+    try: os.fsync(fd)
+    finally: os.close(fd)
+
 def write_whole(fd: int, data: bytes):
     "Write all of `data` to `fd` (`os.write` may write part of it), or raise OSError."
     view = memoryview(data)
@@ -170,16 +176,22 @@ class InferenceLog:
         self.write_error = self.flush_error = None
         try: self.position = self.committed()
         except Exception as e: self.position = None; log.error("inference table %s: cannot read its position yet: %s", table, e)
-        # numbers go on from the table's position too, so a log folder made anew cannot reuse a number the table has
-        self.segment, self.fd, self.size = max([*self.segments(), self.position or 0]), None, 0
+        # numbers go on from the table's position too, so a log folder made anew cannot reuse a number the table has; while the
+        # position cannot be read, segments are numbered apart (`pending-N.wal`) and get their numbers once it can
+        self.pending = self.position is None
+        self.segment = max(self.segments(pending=True), default=0) if self.pending else max([*self.segments(), self.position])
+        self.fd, self.size = None, 0
         with self.lock:
             try: self._next_segment()
             except OSError as e: self._lost(e, count=False)  # the first write tries again
         self.thread = threading.Thread(target=self._run, name=f"inference-log-{self.folder.name}", daemon=True)
         self.thread.start()
 
-    def segments(self) -> list[int]: return sorted(int(p.stem) for p in self.folder.glob("*.wal"))
-    def _path(self, segment: int) -> Path: return self.folder / f"{segment:012d}.wal"
+    def segments(self, pending: bool = False) -> list[int]:
+        "The numbers of the log's segments on disk, in order (`pending`: of those numbered apart while the position was unknown)."
+        return sorted(int(p.stem.removeprefix("pending-")) for p in self.folder.glob("pending-*.wal" if pending else "[0-9]*.wal"))
+
+    def _path(self, segment: int, pending: bool = False) -> Path: return self.folder / f"{'pending-' if pending else ''}{segment:012d}.wal"
 
     def committed(self) -> int:
         "The last segment the payload table has: the version of its Delta txn for this log (0: none)."
@@ -187,9 +199,19 @@ class InferenceLog:
 
     def _next_segment(self):
         "Write to the next segment from now on (under the lock)."
-        fd = os.open(self._path(self.segment + 1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self._path(self.segment + 1, self.pending), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         if self.fd is not None: os.close(self.fd)
         self.fd, self.segment, self.size = fd, self.segment + 1, 0
+
+    def _number_pending(self):
+        "Once the table's position is known: number the segments written while it was not, after it and every numbered one (under the lock)."
+        waiting = self.segments(pending=True)
+        if not waiting and not self.pending: return
+        last, renamed = max([*self.segments(), self.position]), {}
+        for k in waiting:  # in the order they were written; a segment's open descriptor survives its rename
+            last += 1; os.replace(self._path(k, pending=True), self._path(last)); renamed[k] = last
+        if self.pending: self.segment, self.pending = renamed.get(self.segment, last), False  # the one being written keeps its descriptor
+        sync_folder(self.folder)
 
     def _lost(self, e: Exception, count: bool = True) -> bool:
         "Count a record that could not be logged, and log when failures start (under the lock)."
@@ -226,8 +248,9 @@ class InferenceLog:
     def flush(self) -> int:
         "Append the intact records of the closed segments to the payload table, one Delta commit per segment; returns how many."
         with self.flush_lock:
-            if self.position is None: self.position = self.committed()
+            if self.position is None: self.position = self.committed()  # an unreadable position: the records wait for the next flush
             with self.lock:
+                self._number_pending()
                 if self.fd is None or self.size: self._next_segment()  # close the segment being written
                 active = self.segment
             n = 0
@@ -280,4 +303,4 @@ class InferenceLog:
             with self.lock:
                 self.closed = True
                 if self.fd is not None: os.close(self.fd); self.fd = None
-                if self.size == 0: self._path(self.segment).unlink(missing_ok=True)
+                if self.size == 0: self._path(self.segment, self.pending).unlink(missing_ok=True)

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import orjson
 
+from .capture import sync_folder
 from .metrics import EndpointMetrics
 from .models import ServedModel
 from .protocol import ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_type, invalid_parameter
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['now_ms', 'Snapshot', 'Endpoint', 'sync_folder', 'write_atomic', 'remove_durably', 'read_record']
+__all__ = ['now_ms', 'Snapshot', 'Endpoint', 'write_atomic', 'remove_durably', 'read_record']
 
 # %% ../../nbs/08e1_serving_endpoint.ipynb #10b6d4f8
 def now_ms() -> int: return int(time.time() * 1000)
@@ -106,12 +107,6 @@ def to_json(self: Endpoint, base_url: str, summary: bool = False) -> dict:
     return out
 
 # %% ../../nbs/08e1_serving_endpoint.ipynb #dc822d0d
-def sync_folder(folder: Path):
-    "Make the names in `folder` (a rename, a removal) durable."
-    fd = os.open(folder, os.O_RDONLY)
-    try: os.fsync(fd)
-    finally: os.close(fd)
-
 def write_atomic(path: Path, data: bytes):
     "Replace `path` by `data` durably: the old file or the new one survives a crash, never a mix."
     tmp = path.with_name(f".{path.name}.tmp")
