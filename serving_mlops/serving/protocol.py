@@ -22,7 +22,7 @@ __all__ = ['ENDPOINT_NAME', 'ENTITY_NAME', 'VERSION', 'WORKLOAD_SIZES', 'UC_NAME
            'OTHER_KEYS', 'MAX_BODY_BYTES', 'INT64', 'ServingError', 'bad_request', 'invalid_parameter', 'no_endpoint',
            'check_type', 'check_endpoint_name', 'check_entity', 'check_config', 'check_uc_name',
            'check_inference_table', 'check_ai_gateway', 'check_tags', 'check_tags_patch', 'InputSpec', 'ParsedRequest',
-           'payload_columns', 'parse_request']
+           'refuse_rows', 'refuse_unknown', 'payload_columns', 'parse_request']
 
 # %% ../../nbs/08a_serving_protocol.ipynb #73f99e8e
 class ServingError(MlopsError):
@@ -196,26 +196,43 @@ class ParsedRequest:
         if self.params_json is None: self.params_json = orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
 
 # %% ../../nbs/08a_serving_protocol.ipynb #6d587180
-def _rows_to_columns(rows: list, where: str) -> dict:
+def refuse_rows(key: str, rows: int, max_rows: int | None):
+    "A 400 when `rows` is over the endpoint's limit (None: no limit)."
+    if max_rows is not None and rows > max_rows:
+        raise bad_request(f"{key} has {rows} rows; an endpoint takes at most {max_rows} per request (use batch inference for more)")
+
+def refuse_unknown(names, spec: InputSpec):
+    "A 400 naming the columns of `names` the model does not take (the first ten of them)."
+    extra = [c for c in names if c not in spec.known]
+    if extra: raise bad_request(f"unknown column(s) {extra[:10]}" + (f" and {len(extra) - 10} more" if len(extra) > 10 else "") +
+                                f"; the model takes {spec.columns}" + (f" or the key(s) {spec.keys}" if spec.keys else ""))
+
+def _rows_to_columns(rows: list, where: str, spec: InputSpec, known_only: bool) -> dict:
     "Records (a list of objects) as columns; a column missing from a record is null there."
-    names = {}
+    names = {}  # one pass over the keys; with `known_only` unknown names are refused before the per-column work (rows x names was quadratic)
     for i, r in enumerate(rows):
         if not isinstance(r, dict): raise bad_request(f"{where}[{i}] is {_type_name(r)}; expected an object of column: value")
         for k in r: names.setdefault(k, None)
+    if known_only: refuse_unknown(names, spec)
     return {c: [r.get(c) for r in rows] for c in names}
 
-def payload_columns(key: str, data, spec: InputSpec) -> dict:
+def payload_columns(key: str, data, spec: InputSpec,
+                    max_rows: int | None = None, # refuse more rows than this before reading them (None: any number)
+                    known_only: bool = False, # refuse columns the model does not take before building columns
+                    ) -> dict:
     "The columns of one payload format."
     if key == "dataframe_split":
         if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
             raise bad_request("dataframe_split must be an object with 'columns' (names) and 'data' (rows)")
         cols, rows = data["columns"], data["data"]
+        refuse_rows(key, len(rows), max_rows)
         if not all(type(c) is str for c in cols) or len(set(cols)) != len(cols):  # (the loop names the first culprit)
             seen = set()
             for j, c in enumerate(cols):
                 if type(c) is not str: raise bad_request(f"dataframe_split.columns[{j}] is {_type_name(c)}; expected a column name (string)")
                 if c in seen: raise bad_request(f"dataframe_split.columns[{j}] repeats column {c!r:.80}; name each column once")
                 seen.add(c)
+        if known_only: refuse_unknown(cols, spec)
         for i, row in enumerate(rows):
             if type(row) is not list or len(row) != len(cols):
                 raise bad_request(f"dataframe_split.data[{i}] has {len(row) if isinstance(row, list) else _type_name(row)} values; expected {len(cols)} (one per column)")
@@ -225,13 +242,16 @@ def payload_columns(key: str, data, spec: InputSpec) -> dict:
         bad = [c for c, n in lengths.items() if n is None]
         if bad: raise bad_request(f"inputs.{bad[0]} must be an array of values (one per row)")
         if len(set(lengths.values())) > 1: raise bad_request(f"inputs columns have different lengths: {lengths}")
+        refuse_rows(key, max(lengths.values(), default=0), max_rows)
+        if known_only: refuse_unknown(data, spec)
         return dict(data)
     if not isinstance(data, list): raise bad_request(f"{key} must be an array of rows, got {_type_name(data)}")
+    refuse_rows(key, len(data), max_rows)
     if data and all(isinstance(r, list) for r in data):  # tensor rows: values in the model's column order
         for i, row in enumerate(data):
             if len(row) != len(spec.columns): raise bad_request(f"{key}[{i}] has {len(row)} values; the model takes {len(spec.columns)}: {spec.columns}")
         return {c: [row[j] for row in data] for j, c in enumerate(spec.columns)}
-    return _rows_to_columns(data, key)
+    return _rows_to_columns(data, key, spec, known_only)
 
 # %% ../../nbs/08a_serving_protocol.ipynb #059ef702
 def _shown(v) -> str: return f"{_type_name(v)} {reprlib.repr(v)}"  # reprlib: short, and safe for values nested 1000 deep
@@ -295,12 +315,9 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
     except orjson.JSONEncodeError as e: raise bad_request(f"params cannot be passed to a model: {e} (at most 254 levels of nesting)") from None
     client_id = payload.get("client_request_id")
     if client_id is not None and type(client_id) is not str: raise bad_request(f"client_request_id must be a string, got {_shown(client_id)}")
-    columns = payload_columns(given[0], payload[given[0]], spec)
+    columns = payload_columns(given[0], payload[given[0]], spec, max_rows, known_only=True)
     rows = len(next(iter(columns.values()))) if columns else 0
     if rows == 0: raise bad_request(f"{given[0]} has no rows; send at least one")
-    if rows > max_rows: raise bad_request(f"{given[0]} has {rows} rows; an endpoint takes at most {max_rows} per request (use batch inference for more)")
-    extra = [c for c in columns if c not in spec.known]
-    if extra: raise bad_request(f"unknown column(s) {extra}; the model takes {spec.columns}" + (f" or the key(s) {spec.keys}" if spec.keys else ""))
     has_keys = bool(spec.keys) and all(k in columns for k in spec.keys)
     missing = [c for c in spec.columns if c not in columns]
     if missing and not has_keys:
