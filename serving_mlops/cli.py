@@ -222,6 +222,7 @@ def serve(env: Optional[str] = EnvOption,
         typer.echo(f"  log:   {e.path('serving', 'server.log')}")
         typer.echo(f"  stop:  serving-mlops serve --env {e.name} --stop")
 
+# %% ../nbs/90_cli.ipynb #2e6b9d13
 @app.command()
 def console(env: Optional[str] = EnvOption,
             port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.", show_default="the target's console_port"),
@@ -247,6 +248,7 @@ def console(env: Optional[str] = EnvOption,
         typer.echo(f"  stop:  serving-mlops console --env {e.name} --stop")
         typer.echo(f"  open:  {info['login']}")
 
+# %% ../nbs/90_cli.ipynb #75d23bad
 @app.command()
 def deploy(env: Optional[str] = EnvOption,
            version: str = typer.Option("champion", help="Model version number or alias to deploy."),
@@ -262,6 +264,7 @@ def deploy(env: Optional[str] = EnvOption,
             if isinstance(failure, MlopsError): raise
             raise InputError(str(failure)) from None
 
+# %% ../nbs/90_cli.ipynb #f9153ddf
 def id_range(text: str) -> list[int]:
     "Customer ids of `FIRST:LAST` (both included)."
     first, sep, last = text.partition(":")

@@ -219,6 +219,7 @@ class JobRun:
                    {t["key"]: TaskRun(**{k: v for k, v in t.items() if k in known}) for t in data["tasks"]},
                    data.get("url", ""), data.get("started", ""), data.get("pid", 0))
 
+# %% ../nbs/10_jobs.ipynb #c80d42b6
 def jobs_folder(env: Environment) -> Path:
     "Where the records of `env`'s job runs are kept: `jobs/` of the local workspace, or for a workspace target of its folder on this machine."
     return (env.root if env.is_local else local_root(env.name, env.bundle_path)) / "jobs"
@@ -259,6 +260,7 @@ def task_arguments(task: JobTask, values: dict, where: str, overrides: dict | No
         out[name] = _as_type(with_task_values(text, values, where), defaults[name], name)
     return out
 
+# %% ../nbs/10_jobs.ipynb #c1222bef
 @contextmanager
 def task_environment(env: Environment, values_file: Path, log: Path | None = None):
     "Environment variables of a task's kernel: this environment's workspaces and bundle, its task-values file, its log (for Spark's own output)."

@@ -154,6 +154,7 @@ def _typed(texts: pa.Array) -> np.ndarray:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError): pass
     return pd.Series(orjson.loads("[" + ",".join(pc.fill_null(texts, "null").to_pylist()) + "]")).to_numpy()
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #e75888b3
 @dataclass
 class _Block:
     "Rows of some requests, one frame of the columns those requests sent."
@@ -216,6 +217,7 @@ def _numbers_frame(cells: np.ndarray, names: list) -> pd.DataFrame:
     "Rows of numbers as a frame whose columns each lie contiguous in memory (the drift statistics read column by column: some 30x faster than across rows)."
     return pd.DataFrame(np.asfortranarray(cells), columns=names)  # no copy when laid out so already
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #b6c41ac1
 def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
     split = pc.struct_field(q, "dataframe_split")  # of every request (null for the others): no rows copied
@@ -254,6 +256,7 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where)
         blocks += _typed_split(t, np.unique(requests), names)  # keys and other columns: each value as JSON typed it
     return blocks
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #ff23ef56
 def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where) -> list[_Block]:
     "Blocks of the requests at `at` in the other formats: records, columns of values (`inputs`) or rows of values in the model's column order."
     q = _take(q, at)
@@ -305,6 +308,7 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
     if not entries: return []
     return _entry_blocks(*(np.concatenate([e[k] for e in entries]) for k in range(3)), pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #11f78337
 def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
                    columns: dict | None = None, # served_entity_id -> its model's input columns, for rows sent without names
                    ) -> pd.DataFrame:
@@ -363,7 +367,6 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     out["served_entity_id"], out["databricks_request_id"] = entities[position], ids[position]
     out.attrs["not_logged"] = (pc.sum(ok).as_py() or 0) - int(logged.sum())
     return out
-
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #5791285b
 def _own_spec(path: Path) -> dict:

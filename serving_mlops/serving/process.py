@@ -118,6 +118,7 @@ def bind_port(env: Environment, host: str, port: int,
         raise InputError(f"cannot {doing} on {host}:{port}: the port is in use: {who}") from None
     return sock
 
+# %% ../../nbs/08g_serving_process.ipynb #7cfa8f0f
 def serve(env: Environment, host: str = "127.0.0.1", port: int = 0,
           settings: RuntimeSettings | None = None,  # how it serves (default: RuntimeSettings())
           workers: int = 1,  # processes serving on the port (SO_REUSEPORT); more than 1: this process starts and watches them
@@ -154,6 +155,7 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0,
                             timeout_graceful_shutdown=30, lifespan="on")
     uvicorn.Server(config).run(sockets=[sock])
 
+# %% ../../nbs/08g_serving_process.ipynb #cc5ea5d9
 def workers_folder(env: Environment) -> Path: return env.path("serving", "workers")
 
 STABLE_SECONDS = 60  # a worker that dies sooner after its start counts as crash-looping: its restarts back off
@@ -211,6 +213,7 @@ def supervise(env: Environment, sock: socket.socket, workers: int, settings: Run
         drop_info(info)
         log.info("serving runtime of environment %s stopped", env.name)
 
+# %% ../../nbs/08g_serving_process.ipynb #1471269f
 def _stop_with_parent(parent: int | None = None):
     "A worker stops gracefully (SIGTERM to itself) when the process that started it is gone, killed or not."
     parent = parent or os.getppid()
@@ -226,6 +229,7 @@ def _serving(folder: Path, procs: dict) -> bool:
         if w.get("pid") != p.pid or not w.get("serving"): return False
     return True
 
+# %% ../../nbs/08g_serving_process.ipynb #2f4887be
 def _read_info(path: Path) -> dict | None:
     try: info = orjson.loads(path.read_bytes())
     except (OSError, orjson.JSONDecodeError): return None
@@ -278,6 +282,7 @@ def start_server(env: Environment, port: int = 0, timeout: float = 120,
     return start_service(env, "serving runtime", ["serve", "--env", env.name, "--port", str(port),
                          *(["--settings", settings.to_json()] if settings else []), *(["--workers", str(workers)] if workers > 1 else [])], timeout)
 
+# %% ../../nbs/08g_serving_process.ipynb #51a1181d
 def stop_service(env: Environment, what: str = "serving runtime", timeout: float = 60) -> bool:
     "Stop `env`'s `what` (a name of `SERVICES`) gracefully (SIGTERM, wait); False when none was running."
     path = service_file(env, what)
@@ -306,6 +311,7 @@ def wait_exit(pid: int, timeout: float = 60) -> bool:
         time.sleep(0.1)
     return False
 
+# %% ../../nbs/08g_serving_process.ipynb #867bd8e3
 def workspace_client(env: Environment, retry_timeout_seconds: int = 60):
     "A databricks-sdk WorkspaceClient for `env`: its local serving runtime, or its real workspace (unified auth)."
     from databricks.sdk import WorkspaceClient
