@@ -1,6 +1,7 @@
 """The job task notebooks and the local job runner: papermill runs them with parameters, as a job runner does."""
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -149,10 +150,16 @@ def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
     import shutil
     shutil.copytree(ROOT / "databricks_jobs", tmp_path / "databricks_jobs")
     bundle = tmp_path / "databricks_jobs" / "databricks.yml"
-    bundle.write_text(bundle.read_text().replace("serving_port: 8712", "serving_port: 0").replace("serving_port: 8713", "serving_port: 0"))
+    text = bundle.read_text().replace("serving_port: 8712", "serving_port: 0").replace("serving_port: 8713", "serving_port: 0")
+    # the gate's and the endpoint tests' latency budgets (50 and 100 ms) would measure this machine, shared with the suite's
+    # other worker: the gate once saw a p95 of 60 ms here (12.8 ms alone). Their failures have tests of their own (nbs/07's
+    # budget no model meets, test_serving's slow version rolled back); the loop is what this test proves.
+    text, n = re.subn(r"(\n  (?:endpoint_)?latency_budget_ms:\n    description: [^\n]*\n    default: )\d+", r"\g<1>10000", text)
+    bundle.write_text(text)
     monkeypatch.setenv("SERVING_MLOPS_BUNDLE", str(bundle))
     staging, prod = get_environment("staging"), get_environment("prod")
-    assert (staging.var("serving_port", int), prod.var("serving_port", int)) == (0, 0)
+    assert (staging.var("serving_port", int), prod.var("serving_port", int), n) == (0, 0, 2)
+    assert (staging.var("latency_budget_ms", float), prod.var("endpoint_latency_budget_ms", float)) == (10000, 10000)
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 3000, seed=3, progress=False)
     try:
         r = cli("jobs", "run", "model_build", "--env", "staging", "-p", "n_trials=2")
