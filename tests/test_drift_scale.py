@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from reference_parse import reference_parse_requests  # noqa: E402
 
 from serving_mlops.drift import feature_drift, training_baseline  # noqa: E402
-from serving_mlops.monitoring.inference import MonitoringError, parse_requests, payload_rows  # noqa: E402
+from serving_mlops.monitoring.inference import parse_requests, payload_rows  # noqa: E402
 
 COLUMNS = ["age", "limit", "sex"]
 ENTITY, KEYS_ENTITY = "e-features", "e-keys"
@@ -109,8 +109,11 @@ def test_the_same_large_window_as_the_reference():
     ('{"dataframe_records": [{"age": 1.0}]}', '{"predictions": ["high"]}', "predictions are not numbers"),
     ('{"dataframe_records": [{"age": 1.0}]}', '{"answer": [0.1]}', "the response has no predictions"),
 ])
-def test_a_request_that_cannot_be_read_is_refused_by_id(request_, response, message):
+def test_a_request_that_cannot_be_read_is_left_out_by_id_and_the_rest_is_read(request_, response, message):
+    "Issue 28: a request the endpoint answered 200 never fails the window; it is left out, named by its id with why."
     payload = payload_rows(pd.DataFrame({"age": [1.0, 2.0]}), [0.1, 0.2], ENTITY, "2026-01-05 10:00").to_pandas()
     payload.loc[1, "request"], payload.loc[1, "response"] = request_, response
-    with pytest.raises(MonitoringError, match=f"request {payload.databricks_request_id[1]}: .*{re.escape(message)}"):
-        parse_requests(payload, {ENTITY: COLUMNS})
+    read = parse_requests(payload, {ENTITY: COLUMNS})
+    (request_id, why), = read.attrs["unreadable"]
+    assert request_id == payload.databricks_request_id[1] and re.match(f"request {request_id}: .*{re.escape(message)}", why), why
+    assert read.databricks_request_id.tolist() == [payload.databricks_request_id[0]] and read.age.tolist() == [1.0]

@@ -161,6 +161,7 @@ class DriftResult:
     table: str  # the drift table the results were appended to
     webhook: str | None = None  # what the alert webhook answered, when one was called
     not_logged: int = 0  # successful requests the inference table could not log in full (left out)
+    unreadable: list = field(default_factory=list)  # (request id, why) of requests answered 200 that could not be read (left out)
     missing: dict = field(default_factory=dict)  # model version -> its rows whose feature lookup found nothing (`missing_lookup`)
     looked_up: dict = field(default_factory=dict)  # model version -> the features it looks up
 
@@ -179,7 +180,8 @@ class DriftResult:
 
     def summary(self) -> str:
         "One line per model version: what drifted in the window (the five strongest named, the report has all), and the rows whose lookups found nothing when they may be why."
-        left_out = f", {self.not_logged:,} requests not logged in full left out" if self.not_logged else ""
+        left_out = (f", {self.not_logged:,} requests not logged in full left out" if self.not_logged else "") + \
+                   (f", {len(self.unreadable):,} requests that could not be read left out (e.g. {self.unreadable[0][0]})" if self.unreadable else "")
         return "\n".join(f"{self.endpoint} version {v} ({self.rows[v]:,} predictions{left_out}, {self.window_start:%Y-%m-%d %H:%M} to "
                          f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r, most=5)}{self.missing_note(v)}"
                          for v, r in self.results.groupby("model_version", sort=True))
@@ -272,7 +274,7 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
                            add_columns=True)  # a _drift table from before a column was added (missing_lookups) gets it
     looked_up = {v: features for (_, v), features in frame.attrs.get("looked_up", {}).items()}
     result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table, not_logged=frame.attrs.get("not_logged", 0),
-                         missing=missing, looked_up=looked_up)
+                         unreadable=frame.attrs.get("unreadable", []), missing=missing, looked_up=looked_up)
     if result.drifted and webhook_url:
         hits = results[results.drifted]
         result.webhook = post_alert(webhook_url, {

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -31,9 +32,12 @@ from ..serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE, record_serv
 from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns
 from ..tables import get_spark, tables_for
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['ENTITY_COLUMNS', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'MonitoringError', 'as_utc', 'served_entities', 'synthetic_entity',
-           'payload_rows', 'parse_requests', 'engineering_spec', 'model_spec', 'inference_frame', 'read_payload']
+__all__ = ['log', 'ENTITY_COLUMNS', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'MonitoringError', 'as_utc', 'served_entities',
+           'synthetic_entity', 'payload_rows', 'parse_requests', 'engineering_spec', 'model_spec', 'inference_frame',
+           'read_payload']
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #c7f44206
 class MonitoringError(InputError):
@@ -218,7 +222,9 @@ def _numbers_frame(cells: np.ndarray, names: list) -> pd.DataFrame:
     return pd.DataFrame(np.asfortranarray(cells), columns=names)  # no copy when laid out so already
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #b6c41ac1
-def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where) -> list[_Block]:
+def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where,
+                  skipped: dict, # request position -> why: the requests that cannot be read go here, and their rows are left out
+                  ) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
     split = pc.struct_field(q, "dataframe_split")  # of every request (null for the others): no rows copied
     data = pc.struct_field(split, "data")
@@ -229,11 +235,17 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where)
     blocks = []
     for text, members in _groups(pc.struct_field(split, "columns")):  # the requests at `at` by the columns they sent
         names = orjson.loads(text)
+        skip = lambda bad: skipped.update({r: str(_request_error(t.column("request")[r].as_py(), names if isinstance(names, list) else [], where(r)))
+                                           for r in bad})
+        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)): skip(members); continue
         mine = slice(None) if len(members) == len(at) else np.isin(owner, members, kind="table")  # the rows of these requests
         requests, widths, null_rows = owner[mine], all_widths[mine], all_nulls[mine]
-        if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)) or (widths != len(names)).any() or null_rows.any():
-            bad = requests[np.flatnonzero((widths != len(names)) | null_rows)[0]] if isinstance(names, list) and names else members[0]
-            raise _request_error(t.column("request")[bad].as_py(), names if isinstance(names, list) else [], where(bad))
+        if (wrong := (widths != len(names)) | null_rows).any():  # rows of another width, or not lists: those requests are left out
+            skip(np.unique(requests[wrong]))
+            members = np.setdiff1d(members, requests[wrong])
+            if not len(members): continue
+            mine = np.isin(owner, members, kind="table")
+            requests, widths, null_rows = owner[mine], all_widths[mine], all_nulls[mine]
         if len(members) == len(at): cells = _rows_by_column(flat, len(names))  # the usual window: one set of columns
         else:
             numbers = flat.to_numpy(zero_copy_only=False) if numbers is None else numbers
@@ -245,19 +257,22 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where)
                 continue
             again = np.unique(requests[nulls])  # a null is JSON null or a value that is no number: read those requests again
             read = _typed_split(t, again, names)
-            if all(pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all() for b in read for c in b.frame):
+            not_number = lambda b: next((c for c in b.frame if not (pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all())), None)
+            if numeric or all(not_number(b) is None for b in read):  # model inputs: a request with a value that is no number is left out
+                for b in read:
+                    if (c := not_number(b)) is not None:
+                        skipped.update({r: f"{where(r)}: column '{c}' has a value that is not a number; expected numbers or null" for r in np.unique(b.request)})
                 keep = ~np.isin(requests, again)
-                blocks += [_Block(_numbers_frame(cells[keep], names), requests[keep])] + [_Block(b.frame.astype("float64"), b.request) for b in read]
+                blocks += [_Block(_numbers_frame(cells[keep], names), requests[keep])] + \
+                          [_Block(b.frame.astype("float64"), b.request) for b in read if not_number(b) is None]
                 continue
-            if numeric:
-                b = next(b for b in read if not all(pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all() for c in b.frame))
-                bad = next(c for c in b.frame if not (pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all()))
-                raise MonitoringError(f"{where(b.request[0])}: column '{bad}' has a value that is not a number; expected numbers or null")
         blocks += _typed_split(t, np.unique(requests), names)  # keys and other columns: each value as JSON typed it
     return blocks
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #ff23ef56
-def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where) -> list[_Block]:
+def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where,
+                  skipped: dict, # request position -> why: the requests that cannot be read go here, and their rows are left out
+                  ) -> list[_Block]:
     "Blocks of the requests at `at` in the other formats: records, columns of values (`inputs`) or rows of values in the model's column order."
     q = _take(q, at)
     body = pc.coalesce(*(pc.struct_field(q, k) for k in PAYLOAD_KEYS[1:]))
@@ -299,12 +314,16 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
         rows = tensor.take(members)
         inner = pc.list_flatten(rows)
         fits = (_lengths(inner) == width) & inner.is_valid().to_numpy(zero_copy_only=False)
-        ok[members] = rows.is_valid().to_numpy(zero_copy_only=False) & (width > 0)
+        if width == 0:  # not the request's fault: the caller does not know the model's columns, and no row of it can be read
+            raise _request_error(t.column("request")[at[members[0]]].as_py(), [], where(at[members[0]]))
+        ok[members] = rows.is_valid().to_numpy(zero_copy_only=False)
         ok[np.unique(np.repeat(members, _lengths(rows))[~fits])] = False
-        if ok[members].all(): entries.append(_row_entries(at[members], rows, columns[members[0]]))
-    if not ok.all():
-        bad = np.flatnonzero(~ok)[0]
-        raise _request_error(t.column("request")[at[bad]].as_py(), columns[bad], where(at[bad]))
+        if (good := members[ok[members]]).size: entries.append(_row_entries(at[good], tensor.take(good), columns[members[0]]))
+    for bad in np.flatnonzero(~ok):
+        skipped[at[bad]] = str(_request_error(t.column("request")[at[bad]].as_py(), columns[bad], where(at[bad])))
+    if not ok.all():  # the entries of the requests that cannot be read leave
+        entries = [tuple(x.filter(pa.array(keep)) if isinstance(x, pa.Array) else x[keep] for x in e) for e in entries
+                   if (keep := ~np.isin(e[0], at[~ok])).any()]
     if not entries: return []
     return _entry_blocks(*(np.concatenate([e[k] for e in entries]) for k in range(3)), pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
 
@@ -326,12 +345,13 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     split = pc.struct_field(q, "dataframe_split")
     is_split = pc.and_(pc.struct_field(split, "columns").is_valid(), pc.struct_field(split, "data").is_valid()).to_numpy(zero_copy_only=False)
     is_other = np.logical_or.reduce([pc.struct_field(q, k).is_valid().to_numpy(zero_copy_only=False) for k in PAYLOAD_KEYS[1:]]) & ~split.is_valid().to_numpy(zero_copy_only=False)
-    unread = np.flatnonzero(logged & ~is_split & ~is_other)
-    if len(unread): raise _request_error(t.column("request")[unread[0]].as_py(), columns.get(entities[unread[0]], []), where(unread[0]))
+    unreadable = {}  # request position -> why it is skipped: a request the endpoint answered never fails the window
+    for i in np.flatnonzero(logged & ~is_split & ~is_other):
+        unreadable[i] = str(_request_error(t.column("request")[i].as_py(), columns.get(entities[i], []), where(i)))
     numeric = set(chain.from_iterable(columns.values()))
     at_other = np.flatnonzero(is_other)
-    blocks = _split_blocks(q, np.flatnonzero(is_split), t, numeric, where) + \
-             _other_blocks(q, at_other, t, [columns.get(e, []) for e in entities[at_other]], where)
+    blocks = _split_blocks(q, np.flatnonzero(is_split), t, numeric, where, unreadable) + \
+             _other_blocks(q, at_other, t, [columns.get(e, []) for e in entities[at_other]], where, unreadable)
     predictions = parsed.column("p").combine_chunks()
     counts = np.bincount(np.concatenate([b.request for b in blocks] or [np.zeros(0, "int64")]), minlength=t.num_rows)
     given = pc.fill_null(pc.list_value_length(predictions), -1).to_numpy(zero_copy_only=False)
@@ -339,11 +359,14 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     not_numbers = np.zeros(len(given), dtype=bool)
     not_numbers[np.repeat(np.arange(len(given)), given.clip(0))[pc.is_null(values).to_numpy(zero_copy_only=False)]] = True
     bad = np.flatnonzero(logged & ((counts != given) | not_numbers))
-    if len(bad):
-        i = bad[0]
-        if given[i] < 0: raise MonitoringError(f"{where(i)}: the response has no predictions (a list of numbers): {t.column('response')[i].as_py()!r:.100}")
-        if counts[i] != given[i]: raise MonitoringError(f"{where(i)}: {counts[i]} rows but {given[i]} predictions; expected one per row")
-        raise MonitoringError(f"{where(i)}: predictions are not numbers; expected one probability per row")
+    bad = bad[~np.isin(bad, list(unreadable))]  # (those skipped already have their reason)
+    for i in bad:
+        unreadable[i] = (f"{where(i)}: the response has no predictions (a list of numbers): {t.column('response')[i].as_py()!r:.100}" if given[i] < 0 else
+                         f"{where(i)}: {counts[i]} rows but {given[i]} predictions; expected one per row" if counts[i] != given[i] else
+                         f"{where(i)}: predictions are not numbers; expected one probability per row")
+    if len(bad):  # their rows leave the blocks: what is left is matched with predictions as usual
+        blocks = [_Block(b.frame[keep].reset_index(drop=True), b.request[keep]) for b in blocks
+                  if (keep := ~np.isin(b.request, bad)).any()]
     start = np.cumsum(given.clip(0)) - given.clip(0)  # -1: no predictions (requests not read)
     value = values.to_numpy(zero_copy_only=False)
     frames = []
@@ -366,6 +389,8 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     out["request_time"] = pd.to_datetime(t.column("request_time").to_numpy(zero_copy_only=False)[position], utc=True)
     out["served_entity_id"], out["databricks_request_id"] = entities[position], ids[position]
     out.attrs["not_logged"] = (pc.sum(ok).as_py() or 0) - int(logged.sum())
+    out.attrs["unreadable"] = [(ids[i], why) for i, why in sorted(unreadable.items())]  # (request id, why), skipped
+    if unreadable: log.warning("%d request(s) the endpoint answered could not be read and are left out, e.g. %s", len(unreadable), next(iter(unreadable.values())))
     return out
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #5791285b
@@ -453,7 +478,7 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
     out["missing_lookup"] = out["missing_lookup"].eq(True).to_numpy() if "missing_lookup" in out else False  # False: nothing looked up
     for k in keys:
         if k not in out: out[k] = None
-    out.attrs["not_logged"] = frame.attrs.get("not_logged", 0)
+    out.attrs["not_logged"], out.attrs["unreadable"] = frame.attrs.get("not_logged", 0), frame.attrs.get("unreadable", [])
     out.attrs["looked_up"] = {key: [o for l in s["lookups"] for o in l["features"].values()] for key, s in specs.items()}  # (model, version) -> features
     return out
 
