@@ -23,6 +23,7 @@ from ..monitoring.checks import request_stats, runtime_counters
 from ..monitoring.inference import MonitoringError, read_payload, served_entities
 from ..naming import inference_table
 from ..serving.process import workspace_client
+from ..serving.protocol import ServingError, check_endpoint_name
 from ..tables import tables_for
 from .base import figure, figure_json, page, table
 
@@ -329,6 +330,8 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
         if status not in STATUS_CLASSES or window not in WINDOWS:
             body = Markup('<div class="card bad">status must be one of {} and window one of {}</div>').format(", ".join(STATUS_CLASSES), ", ".join(WINDOWS))
             return HTMLResponse(page(env, "Requests", form + body, "Requests"), 400)
+        try: check_endpoint_name(endpoint)  # a name that is no endpoint's (`a.b`, `../../tokens`) names no inference table either
+        except ServingError as e: return HTMLResponse(page(env, "Requests", form + Markup('<div class="card bad">{}</div>').format(e.message), "Requests"), 400)
         try: rows, missing = recent_requests(env, endpoint, status, WINDOWS[window], limit)
         except MonitoringError as e:
             return HTMLResponse(page(env, "Requests", form + Markup('<div class="card bad">{}</div>').format(str(e)), "Requests"))
