@@ -27,7 +27,6 @@ from deltalake import Schema as DeltaSchema
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
 from .config import ConfigError, Environment, get_environment, on_databricks, process_alive
-from .errors import InputError
 from .naming import TableError, split_name  # the name rule, below every layer that names a table
 
 # %% auto #0

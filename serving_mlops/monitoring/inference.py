@@ -140,6 +140,10 @@ def _query(sql: str, **tables) -> pa.Table:
         for name, table in tables.items(): con.register(name, table)
         return con.sql(sql).to_arrow_table()
 
+def _unreadable(t: pa.Table, i: int, columns: list, where) -> str:
+    "Why request `i` of `t` cannot be read, as it is reported when the request is left out."
+    return str(_request_error(t.column("request")[i].as_py(), columns, where(i)))
+
 def _request_error(body: str, columns: list, where: str) -> MonitoringError:
     "Why one request cannot be read, as the runtime's own parser words it."
     hint = "" if columns else " (its model's input columns are unknown: rows without names cannot be read)"
@@ -235,8 +239,7 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where,
     blocks = []
     for text, members in _groups(pc.struct_field(split, "columns")):  # the requests at `at` by the columns they sent
         names = orjson.loads(text)
-        skip = lambda bad: skipped.update({r: str(_request_error(t.column("request")[r].as_py(), names if isinstance(names, list) else [], where(r)))
-                                           for r in bad})
+        skip = lambda bad: skipped.update({r: _unreadable(t, r, names if isinstance(names, list) else [], where) for r in bad})
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)): skip(members); continue
         mine = slice(None) if len(members) == len(at) else np.isin(owner, members, kind="table")  # the rows of these requests
         requests, widths, null_rows = owner[mine], all_widths[mine], all_nulls[mine]
@@ -320,7 +323,7 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
         ok[np.unique(np.repeat(members, _lengths(rows))[~fits])] = False
         if (good := members[ok[members]]).size: entries.append(_row_entries(at[good], tensor.take(good), columns[members[0]]))
     for bad in np.flatnonzero(~ok):
-        skipped[at[bad]] = str(_request_error(t.column("request")[at[bad]].as_py(), columns[bad], where(at[bad])))
+        skipped[at[bad]] = _unreadable(t, at[bad], columns[bad], where)
     if not ok.all():  # the entries of the requests that cannot be read leave
         entries = [tuple(x.filter(pa.array(keep)) if isinstance(x, pa.Array) else x[keep] for x in e) for e in entries
                    if (keep := ~np.isin(e[0], at[~ok])).any()]
@@ -347,7 +350,7 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     is_other = np.logical_or.reduce([pc.struct_field(q, k).is_valid().to_numpy(zero_copy_only=False) for k in PAYLOAD_KEYS[1:]]) & ~split.is_valid().to_numpy(zero_copy_only=False)
     unreadable = {}  # request position -> why it is skipped: a request the endpoint answered never fails the window
     for i in np.flatnonzero(logged & ~is_split & ~is_other):
-        unreadable[i] = str(_request_error(t.column("request")[i].as_py(), columns.get(entities[i], []), where(i)))
+        unreadable[i] = _unreadable(t, i, columns.get(entities[i], []), where)
     numeric = set(chain.from_iterable(columns.values()))
     at_other = np.flatnonzero(is_other)
     blocks = _split_blocks(q, np.flatnonzero(is_split), t, numeric, where, unreadable) + \

@@ -5,7 +5,6 @@
 # %% ../../nbs/08f_serving_app.ipynb #099ac53f
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import os

@@ -25,7 +25,7 @@ from .endpoint import Endpoint, Snapshot, now_ms, read_record, remove_durably, w
 from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri
 from serving_mlops.serving.protocol import (
-    MAX_ROWS, ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint,
+    ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint,
     parse_request)
 from .request_log import RequestLog
 from .settings import RuntimeSettings
@@ -43,7 +43,6 @@ class ServingRuntime:
     def __init__(self, env: Environment, settings: RuntimeSettings | None = None,  # default: RuntimeSettings()
                  coordinator: Solo | Workers | None = None):  # how it shares the environment: alone (Solo, the default) or as one of Workers
         self.env, self.settings = env, settings or RuntimeSettings()
-        self.max_rows, self.capture_interval, self.metrics_interval = self.settings.max_rows, self.settings.capture_interval, self.settings.metrics_interval
         self.coordinator = coordinator or Solo()
         self.requester = os.environ.get("USER", "local")  # whom the environment's token belongs to: the `requester` of its requests
         self.captures: dict[str, InferenceLog] = {}  # endpoint -> its inference log, when its inference table is enabled
@@ -77,7 +76,7 @@ class ServingRuntime:
         return ep
 
     def new_endpoint(self, record: dict, **state) -> Endpoint:
-        return Endpoint(record, metrics=EndpointMetrics(record["name"], self.metrics_interval),
+        return Endpoint(record, metrics=EndpointMetrics(record["name"], self.settings.metrics_interval),
                         committed_is_ready=self.coordinator.committed_is_ready, **state)
 
     def close(self):
@@ -118,7 +117,7 @@ def load_models(self: ServingRuntime, name: str, config: dict, current: Snapshot
         old = current.models.get(e["name"]) if current else None
         if old is not None and old.entity == e: models[e["name"]] = old
         else:
-            try: models[e["name"]] = ServedModel(e, self.online, self.max_rows, metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
+            try: models[e["name"]] = ServedModel(e, self.online, self.settings.max_rows, metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
             except Exception as x:
                 raise RuntimeError(f"served entity '{e['name']}': cannot load {entity_uri(e)}: {type(x).__name__}: {x}") from None
     if record:
@@ -254,7 +253,7 @@ def open_capture(self: ServingRuntime, name: str, gateway: dict) -> InferenceLog
     table = payload_table_name(gateway)
     if not table: return None
     folder = self.env.path("serving", "inference", self.coordinator.capture_folder(name))
-    try: return InferenceLog(folder, table, tables_for(self.env), self.capture_interval)
+    try: return InferenceLog(folder, table, tables_for(self.env), self.settings.capture_interval)
     except Exception as e:
         raise ServingError(500, "INTERNAL_ERROR", f"endpoint '{name}': cannot open its inference log in {folder}: {type(e).__name__}: {e}") from None
 
@@ -329,8 +328,8 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str) 
     start, arrived = time.perf_counter(), time.time_ns() // 1000
     error = request = out = None
     try:
-        request = parse_request(body, model.spec, self.max_rows) if len(body) < 65536 else \
-            await asyncio.to_thread(parse_request, body, model.spec, self.max_rows)
+        request = parse_request(body, model.spec, self.settings.max_rows) if len(body) < 65536 else \
+            await asyncio.to_thread(parse_request, body, model.spec, self.settings.max_rows)
         predictions, not_found, _ = await model.batcher.submit(request)
         out = {"predictions": predictions}
         if not_found: out["metadata"] = {"keys_not_found": not_found,

@@ -47,7 +47,7 @@ class SharedState:
     def changed(self) -> bool: return self.generation() != self.seen
 
     def bump(self):
-        "Announce a change of the saved state (under the lock): the other workers follow it at their next request or look (`follow_workers`)."
+        "Announce a change of the saved state (under the lock): the other workers follow it at their next request or look (`Workers.serving`)."
         self.seen = self.generation() + 1
         self.counter[:8] = self.seen.to_bytes(8, "little")
 
@@ -99,7 +99,6 @@ class Solo:
     "How a runtime serves its environment as the only process: nothing to lock or follow; an update it loaded is saved and served at once."
     records_entities = True  # the process that loads a config records its served entities
     committed_is_ready = False  # READY is what this process serves
-    index = None  # no worker number
 
     def follow(self, runtime) -> list: return []  # before a read: nobody else changes the saved state
     @contextmanager
@@ -149,9 +148,6 @@ class Workers:
     committed_is_ready = True  # a config in the record is one every worker has loaded: READY on each, switched or not
 
     def __init__(self, shared: SharedState): self.shared = shared
-
-    @property
-    def index(self) -> int: return self.shared.index
 
     @contextmanager
     def changing(self, runtime):
