@@ -498,17 +498,20 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
             found = [online.lookup(t, cid) for t in tables]
             if any(f is None for f in found): continue
             merged = {k: v for f in found for k, v in f.items()}
-            records.append({c: None if merged[c] is None else float(merged[c]) for c in columns})
+            # the keys too: the model's signature requires them (as a feature-engineering client's model does), features are optional
+            records.append({"customer_id": cid, "snapshot_date": merged["snapshot_date"],
+                            **{c: None if merged[c] is None else float(merged[c]) for c in columns}})
             ids.append(cid)
         if not ids: raise RuntimeError(f"none of customers 1..{customers} is in the online store")
-        frames = [pd.DataFrame([r], columns=columns).astype("float64") for r in records]
+        sent = list(records[0])  # the request's columns: keys, then the model's
+        frames = [pd.DataFrame([r], columns=sent).astype({c: "float64" for c in columns}) for r in records]
         expected = [float(np.asarray(pyfunc.predict(f)).ravel()[0]) for f in frames]
         if payload == "split":
-            feature_bodies = [orjson.dumps({"dataframe_split": {"columns": columns, "data": [[r[c] for c in columns]]}}) for r in records]
+            feature_bodies = [orjson.dumps({"dataframe_split": {"columns": sent, "data": [[r[c] for c in sent]]}}) for r in records]
         else:
             feature_bodies = [orjson.dumps({"dataframe_records": [r]}) for r in records]
-        key_bodies = [orjson.dumps({"dataframe_records": [{"customer_id": cid}]}) for cid in ids]
-        nulls = sum(v is None for r in records for v in r.values())
+        key_bodies = [orjson.dumps({"dataframe_records": [{"customer_id": r["customer_id"], "snapshot_date": r["snapshot_date"]}]}) for r in records]
+        nulls = sum(r[c] is None for r in records for c in columns)
         say(f"{len(ids)} customers, {len(columns)} feature columns ({nulls} null values), payload dataframe_{payload} "
             f"of {statistics.mean(map(len, feature_bodies)):.0f} bytes (key-only {statistics.mean(map(len, key_bodies)):.0f})")
 

@@ -72,9 +72,11 @@ def main(rows: int, customers: int, workers: int, seconds: float, warmup: float,
             found = [online.lookup(t, cid) for t in tables]
             if all(f is not None for f in found):
                 merged = {k: v for f in found for k, v in f.items()}
-                records.append({c: None if merged[c] is None else float(merged[c]) for c in columns})
-        expected = [float(np.asarray(pyfunc.predict(pd.DataFrame([r], columns=columns).astype("float64"))).ravel()[0]) for r in records]
-        bodies = [orjson.dumps({"dataframe_split": {"columns": columns, "data": [[r[c] for c in columns]]}}) for r in records]
+                records.append({"customer_id": cid, "snapshot_date": merged["snapshot_date"],  # the keys the model's signature requires
+                                **{c: None if merged[c] is None else float(merged[c]) for c in columns}})
+        sent = list(records[0])
+        expected = [float(np.asarray(pyfunc.predict(pd.DataFrame([r], columns=sent).astype({c: "float64" for c in columns}))).ravel()[0]) for r in records]
+        bodies = [orjson.dumps({"dataframe_split": {"columns": sent, "data": [[r[c] for c in sent]]}}) for r in records]
         token = serving_token(env)
         auth = {"Authorization": f"Bearer {token}"}
         path = f"/serving-endpoints/{endpoint}/invocations"

@@ -27,8 +27,8 @@ from .serving.process import workspace_client
 # %% auto #0
 __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for',
            'current_entities', 'target_config', 'get_endpoint', 'failure_reason', 'apply_config',
-           'inference_table_config', 'deploy', 'EndpointReport', 'payload_problem', 'golden_sample', 'endpoint_tests',
-           'being_created', 'rollback', 'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
+           'inference_table_config', 'deploy', 'EndpointReport', 'golden_sample', 'endpoint_tests', 'being_created',
+           'rollback', 'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -128,18 +128,6 @@ class EndpointReport(GateReport):
 
     def summary(self) -> str: return super().summary() + (f"\n  rolled back: {self.rolled_back}" if self.rolled_back else "")
 
-def payload_problem(signature, # the served model's `mlflow.models.ModelSignature`
-                    payload: dict) -> str | None:
-    "Why Model Serving would refuse `payload` for a model of `signature`, or None: MLflow's own parsing and schema enforcement, without predicting."
-    from mlflow.models.utils import _enforce_schema  # what PyFuncModel.predict runs first on a served model's input
-    from mlflow.pyfunc.scoring_server import infer_and_parse_data  # the scoring server's reading of the four request formats
-    if signature is None or signature.inputs is None: return None  # nothing is enforced for a model without one
-    try:
-        data = infer_and_parse_data(payload, signature.inputs)
-        _enforce_schema(data[0] if isinstance(data, tuple) else data, signature.inputs)
-    except Exception as e: return f"{type(e).__name__}: {e}"  # MlflowException, as the endpoint's 400 would say
-    return None
-
 def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndarray]:
     "The model version's logged input example and the in-process predictions for it."
     with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.model_name, version))
@@ -149,6 +137,9 @@ def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndar
     sample = pd.DataFrame([sample] if isinstance(sample, dict) else sample)
     doubles = [c.name for c in model.metadata.get_input_schema().inputs if c.type == DataType.double and c.name in sample]
     sample = sample.astype({c: float for c in doubles})  # integer codes go as the doubles the signature declares
+    for c in sample.select_dtypes("datetime").columns:  # JSON has no dates: a day as YYYY-MM-DD (how `query` sends snapshot_date), else ISO 8601
+        day = (sample[c] == sample[c].dt.normalize()).all()
+        sample[c] = sample[c].dt.strftime("%Y-%m-%d") if day else sample[c].map(lambda t: t.isoformat())
     return sample, scores(model, sample)
 
 def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50, client=None) -> EndpointReport:

@@ -18,6 +18,7 @@ import numpy as np
 import optuna
 import pandas as pd
 from mlflow.data.delta_dataset_source import DeltaDatasetSource
+from mlflow.types import ColSpec, Schema
 from sklearn.calibration import calibration_curve
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
@@ -40,7 +41,7 @@ from .tables import get_spark
 # %% auto #0
 __all__ = ['LABEL', 'CATEGORICAL', 'training_set', 'split_by_customer', 'feature_columns', 'make_pipeline', 'evaluate',
            'evaluation_figures', 'importance_figure', 'frame_hash', 'git_commit', 'lineage', 'TableVersionSource',
-           'split_datasets', 'suggest', 'model_signature', 'TrainingResult', 'train']
+           'split_datasets', 'suggest', 'model_example', 'model_signature', 'TrainingResult', 'train']
 
 # %% ../nbs/06_train.ipynb #3eaceb73
 LABEL = "label"
@@ -159,9 +160,19 @@ def suggest(trial: optuna.Trial) -> dict:
             "min_samples_leaf": trial.suggest_int("min_samples_leaf", 10, 200, log=True),
             "l2_regularization": trial.suggest_float("l2_regularization", 1e-4, 10.0, log=True)}
 
+def model_example(df: pd.DataFrame, columns: list, rows: int = 5) -> pd.DataFrame:
+    "A model's input example: `rows` rows of the keys and the feature `columns` of `df`, snapshot dates as timestamps (as the feature-engineering client's training set has them)."
+    return df[[*KEY, *columns]].head(rows).astype({KEY[0]: "int64", KEY[1]: "datetime64[ns]"})
+
 def model_signature(model: Pipeline, example: pd.DataFrame):
-    "MLflow signature with every feature a double: integer codes convert safely, and NaN (a key missing online) is valid."
-    return mlflow.models.infer_signature(example.astype("float64"), model.predict_proba(example)[:, 1])
+    """The signature the feature-engineering client gives a model from its FeatureSpec (`get_mlflow_signature_from_feature_spec`:
+    "source data columns are required inputs, feature columns are optional inputs"): the keys of `example` required, its
+    features optional doubles (integer codes convert safely; NaN is a key missing online)."""
+    features = [c for c in example.columns if c not in KEY]
+    frame = example.astype({c: "float64" for c in features})
+    signature = mlflow.models.infer_signature(frame, model.predict_proba(example[features])[:, 1])
+    signature.inputs = Schema([ColSpec(c.type, c.name, required=c.name in KEY) for c in signature.inputs.inputs])
+    return signature
 
 @dataclass
 class TrainingResult:
@@ -212,7 +223,7 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
         figures = {**evaluation_figures(ys, ps, threshold, "test"), "feature_importance.png": importance_figure(model, Xv, yv, seed, "validation")}
         for file, fig in figures.items():
             mlflow.log_figure(fig, f"plots/{file}"); plt.close(fig)
-        example = Xs.head(5)
+        example = model_example(splits["test"], cols)
         signature = model_signature(model, example)
         held = pd.concat([Xv.assign(prediction=pv), Xs.assign(prediction=ps)], ignore_index=True)
         baseline = training_baseline(held, [c for c in cols if c in CATEGORICAL], prediction="prediction", seed=seed)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput, TrafficConfig
 
+from serving_mlops.config import find_bundle, load_bundle
 from serving_mlops.deploy import entity_stats
 from serving_mlops.feature_store import example_workspace
 from serving_mlops.registry import register_challenger
@@ -39,17 +40,26 @@ class Exploding(mlflow.pyfunc.PythonModel):
         return model_input["x"] * 2
 
 
-class Slow(mlflow.pyfunc.PythonModel):
-    "A worse version: right columns, 40 ms per call."
-    def predict(self, context, model_input, params=None):
+class SlowClassifier:
+    "A worse estimator for the feature store's model: the same columns, P(default) 0.5 for every row, 40 ms per call."
+    def predict_proba(self, X):
         time.sleep(0.04)
-        return np.full(len(model_input), 0.5)
+        return np.tile([0.5, 0.5], (len(X), 1))
 
 
 class SlowToLoad(mlflow.pyfunc.PythonModel):
     "A version that takes 8 s to load (a served entity that is not ready within a short deployment timeout)."
     def load_context(self, context): time.sleep(8)
     def predict(self, context, model_input, params=None): return np.full(len(model_input), 0.5)
+
+
+# what `serving-mlops query` sends as snapshot_date: the bundle's variable (a feature-store model's signature requires every key)
+SNAPSHOT_DATE = str(load_bundle(find_bundle())["variables"]["snapshot_date"]["default"])
+
+
+def key(cid, **values) -> dict:
+    "A request row of customer `cid` by its lookup keys, with any feature `values` given (they override the lookups)."
+    return {"customer_id": cid, "snapshot_date": SNAPSHOT_DATE, **values}
 
 
 METRICS_INTERVAL = 1.0  # seconds per value of the runtime's metrics export (a minute on Databricks)
@@ -77,10 +87,10 @@ class TrainedWorld:
         mlflow.set_tracking_uri(self.env.tracking_uri); mlflow.set_registry_uri(self.env.registry_uri)
 
     def features(self, cid: int) -> dict:
-        "The model's columns of customer `cid`, as the online store has them."
+        "A request's row for customer `cid`: its keys (the model's signature requires them) and the model's columns as the online store has them."
         row = {**self.online.lookup(self.env.table_name("behaviour_features"), cid),
                **self.online.lookup(self.env.table_name("demographic_features"), cid)}
-        return {c: float(row[c]) for c in self.columns}
+        return {"customer_id": cid, "snapshot_date": row["snapshot_date"], **{c: float(row[c]) for c in self.columns}}
 
 
 class ServedWorkspace:
@@ -133,7 +143,8 @@ def invoke(ws, name, payload, client=None, token=None):
 
 
 def in_process(ws, rows):
-    return ws.model.predict(pd.DataFrame(rows, columns=ws.columns).astype(float))
+    "The registered model's predictions for request `rows` (keys and feature values), in this process."
+    return ws.model.predict(pd.DataFrame(rows).astype({c: float for c in ws.columns}))
 
 
 class MetricReadings:

@@ -12,7 +12,7 @@ from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTa
 
 from browser import Page, browser, chart_points
 from conftest import BIN, ROOT, cli, expensive
-from served import create, entity, invoke
+from served import create, entity, invoke, key
 from serving_mlops.serving.process import service_info
 
 browser = pytest.fixture(scope="module")(expensive(browser))
@@ -33,7 +33,7 @@ def traffic(ws, ok=20, unknown=4, bad=3, spread=0.0):
     sent = {"ok": 0, "4xx": 0}
     with httpx.Client() as client:
         for i in range(ok + unknown):
-            r = invoke(ws, NAME, {"dataframe_records": [{"customer_id": 1 + i % 50 if i < ok else 90_000_000 + i}]}, client)
+            r = invoke(ws, NAME, {"dataframe_records": [key(1 + i % 50 if i < ok else 90_000_000 + i)]}, client)
             assert r.status_code == 200, r.text
             sent["ok"] += 1
             time.sleep(spread)

@@ -58,7 +58,7 @@ def world(tmp_path_factory):
         entity = synthetic_entity(env, env.var("endpoint_name"), env.var("model_name"), "1")
         for (start, _), rows in zip((CLEAN, DRIFTED), (clients[clients.customer_id < 200_001], clients[clients.customer_id >= 200_001])):
             X = rows[feature_columns(rows)]
-            fs.tables.append(inference_table(env), payload_rows(X, model.predict(X), entity, start, 3600, keys=rows[["customer_id"]],
+            fs.tables.append(inference_table(env), payload_rows(X, model.predict(rows), entity, start, 3600, keys=rows[["customer_id"]],
                                                                 error_share=0.02, seed=1))
         runs = {}
         for name, (start, end) in (("clean", CLEAN), ("drifted", DRIFTED)):

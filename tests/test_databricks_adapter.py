@@ -457,7 +457,7 @@ def test_the_logged_model_takes_keys_and_has_an_input_example_of_keys(trained):
 def test_what_we_send_to_a_feature_store_model_passes_mlflow_schema_enforcement(trained):
     "Issue 26 item 2: `query` (and the prod smoke test of deploy-serving-endpoint.yml) sends every lookup key the client's model requires, snapshot_date included; checked with MLflow's own parsing and enforcement, as Model Serving applies them."
     from serving_mlops.cli import key_records
-    from serving_mlops.deploy import payload_problem
+    from serving_mlops.serving.models import payload_problem
     env = trained["env"]
     with using_mlflow(env): model = mlflow.models.Model.load(trained["result"].model_uri)
     assert payload_problem(model.signature, key_records([1, 2, 3], str(env.var("snapshot_date")))) is None

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_mlops.serving.capture import MAGIC, InferenceLog, frame_record, read_records
 from serving_mlops.tables import LocalTables, tables_for
 
-from served import create, entity, invoke
+from served import create, entity, invoke, key
 
 
 TABLE = "dev.credit.reliable_payload"
@@ -226,7 +226,7 @@ def test_a_runtime_with_a_full_disk_answers_every_request_counts_what_it_could_n
             with httpx.Client() as client:
                 for i in range(n):
                     if full: fill(folder / "filler")  # a flush frees the pages of the segments it deletes: full again
-                    r = invoke(ws, name, {"dataframe_records": [{"customer_id": 1 + i % 300}]}, client)
+                    r = invoke(ws, name, {"dataframe_records": [key(1 + i % 300)]}, client)
                     assert r.status_code == 200, r.text
                     answered.append(r.headers["x-request-id"])
                     if full and i % 10 == 9: seen.append(capture_state(ws, name))

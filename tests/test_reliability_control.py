@@ -16,7 +16,7 @@ from serving_mlops.serving.app import API
 from serving_mlops.serving.process import server_file, stop_server
 from serving_mlops.tables import tables_for
 
-from served import create, entity, invoke  # noqa: E402
+from served import create, entity, invoke, key  # noqa: E402
 
 
 ENTITY_KEYS = ("name", "entity_name", "entity_version", "workload_size", "scale_to_zero_enabled", "environment_vars")
@@ -107,7 +107,7 @@ def test_an_inference_table_without_prefix_takes_the_endpoint_name_and_survives_
     assert before == saved(ws, "noprefix")
     restart(ws)
     assert settled(api, "noprefix")["state"]["ready"] == "READY" and served(api, "noprefix") == before
-    assert invoke(ws, "noprefix", {"dataframe_records": [{"customer_id": 3}]}).status_code == 200
+    assert invoke(ws, "noprefix", {"dataframe_records": [key(3)]}).status_code == 200
     message = refused(api("POST", "", create_body(ws, "no-prefix", ai_gateway=gateway())), 400, "table name 'dev.credit.no-prefix_payload'")
     assert "letters, digits and underscores" in message and not state_file(ws, "no-prefix").exists()
 
@@ -201,7 +201,7 @@ def test_an_inference_table_that_cannot_be_written_fails_neither_delete_nor_a_gr
         assert api("POST", "", create_body(ws, name, ai_gateway=gateway(name))).status_code == 200
         block_folder(tables_for(ws.env).path(f"dev.credit.{name}_payload"))  # the Delta table cannot be made there
         settled(api, name)
-        assert invoke(ws, name, {"dataframe_records": [{"customer_id": 1}]}).status_code == 200
+        assert invoke(ws, name, {"dataframe_records": [key(1)]}).status_code == 200
     time.sleep(1.5)  # a flush or two fail, and are logged
     r = api("DELETE", "/unflushed")
     assert r.status_code == 200, r.text
@@ -225,7 +225,7 @@ def test_unreadable_saved_state_is_reported_and_every_other_endpoint_serves(ws, 
     block_folder(ws.env.path("serving", "inference", "capturing"))
     log_size = restart(ws)
     assert settled(api, "healthy")["state"]["ready"] == "READY"
-    assert invoke(ws, "healthy", {"dataframe_records": [{"customer_id": 4}]}).status_code == 200
+    assert invoke(ws, "healthy", {"dataframe_records": [key(4)]}).status_code == 200
     log = server_log(ws).read_text(errors="replace")[log_size:]
     for name in [*broken, "capturing"]:
         j = api("GET", f"/{name}").json()
@@ -234,7 +234,7 @@ def test_unreadable_saved_state_is_reported_and_every_other_endpoint_serves(ws, 
         assert str(state_file(ws, name)) in message and f"cannot restore serving endpoint '{name}'" in message and message in log
         r = api("PATCH", f"/{name}/tags", {"add_tags": [{"key": "a"}]})
         assert (r.status_code, r.json()["error_code"]) == (400, "INVALID_STATE") and str(state_file(ws, name)) in r.json()["message"]
-        assert invoke(ws, name, {"dataframe_records": [{"customer_id": 4}]}).status_code == 400
+        assert invoke(ws, name, {"dataframe_records": [key(4)]}).status_code == 400
     assert "not JSON" in log and "it names endpoint None" in log and "it names endpoint 'healthy'; its file name says 'misnamed'" in log
     assert "cannot open its inference log" in log and "tags[0].value must be a string" in log
     for name in [*broken, "capturing"]:
@@ -308,7 +308,7 @@ def test_fuzzed_control_plane_bodies_never_get_a_5xx_and_what_is_served_stays_wh
     now = [e["name"] for e in api("GET").json()["endpoints"]]
     for name in now: settled(api, name)
     for name in earlier:
-        assert invoke(ws, name, {"dataframe_records": [{"customer_id": 2}]}).status_code == 200, name
+        assert invoke(ws, name, {"dataframe_records": [key(2)]}).status_code == 200, name
     before = {name: served(api, name) for name in now}
     assert before == {name: saved(ws, name) for name in now}  # GET == disk, for every endpoint
     restart(ws)

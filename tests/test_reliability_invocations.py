@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from serving_mlops.domains import FEATURE_DOMAINS
 from serving_mlops.serving.process import server_info
 
-from served import create, entity, in_process, invoke  # noqa: E402
+from served import create, entity, in_process, invoke, key  # noqa: E402
 
 
 DEEP_PARAMS = b'{"dataframe_records": [{"customer_id": 1}], "params": {"p": ' + b"[" * 300 + b"]" * 300 + b"}}"  # finding 3
@@ -48,23 +48,23 @@ def refused(r, *words):
 
 def test_finding_6_keys_beyond_64_bits_and_non_string_columns_are_400(ws, door):
     with httpx.Client() as client:
-        for key in (2**63, 2**64 - 1):  # orjson reads both as integers; SQLite raised OverflowError (500)
-            refused(invoke(ws, "door", {"dataframe_records": [{"customer_id": 1}, {"customer_id": key}]}, client),
+        for big in (2**63, 2**64 - 1):  # orjson reads both as integers; SQLite raised OverflowError (500)
+            refused(invoke(ws, "door", {"dataframe_records": [key(1), key(big)]}, client),
                     "key column 'customer_id' row 1", "outside the 64-bit integers")
-        for key in (b"18446744073709551616", b"-9223372036854775809"):  # beyond 64 bits JSON reads them as floats
-            refused(invoke(ws, "door", b'{"inputs": {"customer_id": [' + key + b"]}}", client),
+        for big in (b"18446744073709551616", b"-9223372036854775809"):  # beyond 64 bits JSON reads them as floats
+            refused(invoke(ws, "door", b'{"inputs": {"customer_id": [' + big + b"]}}", client),
                     "key column 'customer_id' row 0: expected an integer")
         for column in (["age"], {"a": 1}, 3, None):
             refused(invoke(ws, "door", {"dataframe_split": {"columns": ["customer_id", column], "data": [[1, 30]]}}, client),
                     "dataframe_split.columns[1]", "expected a column name (string)")
-        ok = invoke(ws, "door", {"dataframe_records": [{"customer_id": 2**62}]}, client)  # a 64-bit key that is just unknown
+        ok = invoke(ws, "door", {"dataframe_records": [key(2**62)]}, client)  # a 64-bit key that is just unknown
         assert ok.status_code == 200 and ok.json()["metadata"]["keys_not_found"][0]["key"] == [2**62]
 
 
 def test_finding_8_loose_types_and_values_ingest_would_quarantine_are_400(ws, door):
     with httpx.Client() as client:
-        for key in ("1", " 1", "01", "1.0", "not-a-number", 1.0, True, [1], {"id": 1}):  # each resolved to client 1 or was imputed
-            refused(invoke(ws, "door", {"dataframe_records": [{"customer_id": key}]}, client),
+        for wrong in ("1", " 1", "01", "1.0", "not-a-number", 1.0, True, [1], {"id": 1}):  # each resolved to client 1 or was imputed
+            refused(invoke(ws, "door", {"dataframe_records": [key(wrong)]}, client),
                     "key column 'customer_id' row 0: expected an integer", "key type")
         refused(invoke(ws, "door", {"inputs": {"customer_id": [1, 0]}}, client), "column 'customer_id' row 1: 0 is not at least 1")
         for column, value, expected in [("age", -1, "is outside 18..100"), ("age", 1e308, "is outside 18..100"),
@@ -72,7 +72,7 @@ def test_finding_8_loose_types_and_values_ingest_would_quarantine_are_400(ws, do
                                         ("education_level", 99, "is not one of 1, 2, 3, 4"),
                                         ("marital_status", 0, "is not one of 1, 2, 3"), ("limit_balance", 0, "is not at least 1"),
                                         ("pay_ratio_1m", 1.5, "is outside 0..1"), ("recent_delay", 9, "is outside 0..8")]:
-            rows = [{"customer_id": 3}, {"customer_id": 4, column: value}]
+            rows = [key(3), {"customer_id": 4, column: value}]
             refused(invoke(ws, "door", {"dataframe_records": rows}, client), f"column '{column}' row 1: {value!r} {expected}")
             full = {c: door["rows"][4][c] for c in ws.columns}  # the same value among all the features, as instances
             refused(invoke(ws, "door", {"instances": [[{**full, column: value}[c] for c in ws.columns]]}, client),
@@ -85,7 +85,7 @@ def test_finding_8_loose_types_and_values_ingest_would_quarantine_are_400(ws, do
         r = invoke(ws, "door", {"dataframe_records": [{"customer_id": 1, "snapshot_date": "2005-10-01"}, {"customer_id": 2, "snapshot_date": None}]}, client)
         assert r.status_code == 200, r.text
         np.testing.assert_allclose(r.json()["predictions"], [door["expected"][1], door["expected"][2]], rtol=0, atol=1e-12)
-        r = invoke(ws, "door", {"dataframe_records": [{"customer_id": 5, "age": 18.0, "sex": 2, "education_level": 4}]}, client)
+        r = invoke(ws, "door", {"dataframe_records": [key(5, age=18.0, sex=2, education_level=4)]}, client)
         assert r.status_code == 200  # the edges of the domains, integral floats included, are accepted
         np.testing.assert_allclose(r.json()["predictions"], in_process(ws, [{**door["rows"][5], "age": 18.0, "sex": 2.0, "education_level": 4.0}]),
                                    rtol=0, atol=1e-12)
@@ -93,12 +93,12 @@ def test_finding_8_loose_types_and_values_ingest_would_quarantine_are_400(ws, do
 
 POISON = [  # (body, words of the 400 message)
     (DEEP_PARAMS, ["params cannot be passed to a model"]),
-    (json.dumps({"dataframe_records": [{"customer_id": 2**63}]}).encode(), ["key column 'customer_id' row 0"]),
-    (json.dumps({"dataframe_records": [{"customer_id": "1"}]}).encode(), ["key column 'customer_id' row 0"]),
+    (json.dumps({"dataframe_records": [key(2**63)]}).encode(), ["key column 'customer_id' row 0"]),
+    (json.dumps({"dataframe_records": [key("1")]}).encode(), ["key column 'customer_id' row 0"]),
     (json.dumps({"dataframe_split": {"columns": [["customer_id"]], "data": [[1]]}}).encode(), ["dataframe_split.columns[0]"]),
     (json.dumps({"dataframe_records": [{"customer_id": 1, "age": -1}]}).encode(), ["column 'age' row 0"]),
     (b'{"dataframe_records": [{"customer_id": 1}], "client_request_id": ' + b"[" * 1000 + b"]" * 1000 + b"}", ["client_request_id"]),
-    (b'{"dataframe_records": [{"customer_id": 1}], "params": {"temperature": 18446744073709551615}}', None),  # odd, harmless params
+    (json.dumps({"dataframe_records": [key(1)], "params": {"temperature": 18446744073709551615}}).encode(), None),  # odd, harmless params
 ]
 
 
@@ -116,7 +116,7 @@ def test_bad_neighbours_fail_only_themselves(ws, door):
     def send(job):
         kind, arg = job
         client = local.__dict__.setdefault("client", httpx.Client())
-        if kind == "valid": return job, invoke(ws, "door", {"dataframe_records": [{"customer_id": arg}]}, client)
+        if kind == "valid": return job, invoke(ws, "door", {"dataframe_records": [key(arg)]}, client)
         if kind == "full": return job, invoke(ws, "door", {"dataframe_records": [{"customer_id": arg, **door["rows"][arg]}]}, client)
         if kind == "explode": return job, invoke(ws, "door-exploding", {"dataframe_records": [{"x": arg}]}, client)
         return job, invoke(ws, "door", POISON[arg][0], client)
@@ -134,7 +134,7 @@ def test_bad_neighbours_fail_only_themselves(ws, door):
             body, words = POISON[arg]
             if words is None: assert r.status_code == 200, r.text
             else: refused(r, *words)
-    assert invoke(ws, "door", {"dataframe_records": [{"customer_id": 1}]}).status_code == 200
+    assert invoke(ws, "door", {"dataframe_records": [key(1)]}).status_code == 200
 
 
 # --- fuzz: random invocation bodies in the four formats --------------------------------------------------------------
@@ -227,5 +227,5 @@ def test_fuzzed_invocations_never_answer_5xx(ws, door):
     assert sum(statuses.values()) >= 5_000 and statuses[200] > 0 and statuses[400] > 0
     assert log.read_text(errors="replace").count("Traceback") == tracebacks  # no unexpected exception was logged
     assert server_info(ws.env) is not None
-    r = invoke(ws, "door", {"dataframe_records": [{"customer_id": 7}]})  # still serving, still right
+    r = invoke(ws, "door", {"dataframe_records": [key(7)]})  # still serving, still right
     np.testing.assert_allclose(r.json()["predictions"], [door["expected"][7]], rtol=0, atol=1e-12)

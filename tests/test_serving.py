@@ -33,8 +33,9 @@ from serving_mlops.monitoring.inference import inference_frame, served_entities
 from serving_mlops.serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE
 from serving_mlops.serving.request_log import read_request_log
 from serving_mlops.tables import tables_for
+from serving_mlops.train import model_example, model_signature, training_set
 
-from served import MetricReadings, Slow, SlowToLoad, create, entity, in_process, invoke  # noqa: E402
+from served import SNAPSHOT_DATE, MetricReadings, SlowClassifier, SlowToLoad, create, entity, in_process, invoke, key  # noqa: E402
 
 
 
@@ -64,18 +65,21 @@ def test_control_plane_create_get_list_update_delete(ws):
 
 def test_invocations_in_all_four_formats_match_in_process_predictions(ws):
     create(ws, "formats", entity(ws, ws.v1))
-    rows = [ws.features(cid) for cid in (1, 2, 3)]
-    cols = ws.columns
+    rows = [ws.features(cid) for cid in (1, 2, 3)]  # keys and features
+    cols = list(rows[0])
     expected = in_process(ws, rows)
     payloads = {"dataframe_split": {"columns": cols, "data": [[r[c] for c in cols] for r in rows]},
                 "dataframe_records": rows,
-                "instances": [[r[c] for c in cols] for r in rows],
+                "instances": rows,
                 "inputs": {c: [r[c] for r in rows] for c in cols}}
-    for key, data in payloads.items():
-        r = invoke(ws, "formats", {key: data})
+    for form, data in payloads.items():
+        r = invoke(ws, "formats", {form: data})
         assert r.status_code == 200, r.text
-        np.testing.assert_allclose(r.json()["predictions"], expected, rtol=0, atol=1e-12, err_msg=key)
+        np.testing.assert_allclose(r.json()["predictions"], expected, rtol=0, atol=1e-12, err_msg=form)
         assert r.headers["served-model-name"] == f"default_model-{ws.v1}"
+    # rows of bare values carry no column names: MLflow's scoring server refuses them for a model whose signature names its columns
+    tensor = invoke(ws, "formats", {"instances": [[r[c] for c in ws.columns] for r in rows]})
+    assert tensor.status_code == 400 and "missing inputs" in tensor.json()["message"] and "snapshot_date" in tensor.json()["message"], tensor.text
     q = ws.w.serving_endpoints.query("formats", dataframe_records=rows)  # the SDK's own parsing of the response
     np.testing.assert_allclose(q.predictions, expected, atol=1e-12)
     assert q.served_model_name == f"default_model-{ws.v1}"
@@ -84,18 +88,18 @@ def test_invocations_in_all_four_formats_match_in_process_predictions(ws):
 def test_key_only_requests_look_features_up_and_request_values_override(ws):
     create(ws, "keys", entity(ws, ws.v1))
     rows = [ws.features(cid) for cid in (5, 6)]
-    r = invoke(ws, "keys", {"dataframe_records": [{"customer_id": 5}, {"customer_id": 6}]})
+    r = invoke(ws, "keys", {"dataframe_records": [key(5), key(6)]})
     assert r.status_code == 200 and "metadata" not in r.json()
     np.testing.assert_allclose(r.json()["predictions"], in_process(ws, rows), atol=1e-12)
     override = {**rows[0], "limit_balance": 1_000_000.0, "recent_delay": 4.0}
-    r = invoke(ws, "keys", {"dataframe_records": [{"customer_id": 5, "limit_balance": 1_000_000.0, "recent_delay": 4}]})
+    r = invoke(ws, "keys", {"dataframe_records": [key(5, limit_balance=1_000_000.0, recent_delay=4)]})
     np.testing.assert_allclose(r.json()["predictions"], in_process(ws, [override]), atol=1e-12)
-    r = invoke(ws, "keys", {"dataframe_records": [{"customer_id": 987654321}]})
+    r = invoke(ws, "keys", {"dataframe_records": [key(987654321)]})
     assert r.status_code == 200
     missing = r.json()["metadata"]["keys_not_found"]
     assert {m["table"] for m in missing} == {"dev.credit.behaviour_features", "dev.credit.demographic_features"}
     assert all(m["key"] == [987654321] for m in missing)
-    nan_row = pd.DataFrame([[np.nan] * len(ws.columns)], columns=ws.columns)
+    nan_row = pd.DataFrame([[np.nan] * len(ws.columns)], columns=ws.columns).assign(**key(987654321))
     np.testing.assert_allclose(r.json()["predictions"], ws.model.predict(nan_row), atol=1e-12)  # imputed like the pipeline does
 
 
@@ -105,7 +109,7 @@ def test_traffic_split_90_10(ws):
     n, served = 1_000, []
     with MetricReadings(ws, "split") as metrics, httpx.Client() as client:
         for i in range(n):
-            r = invoke(ws, "split", {"dataframe_records": [{"customer_id": 1 + i % 50}]}, client)
+            r = invoke(ws, "split", {"dataframe_records": [key(1 + i % 50)]}, client)
             assert r.status_code == 200
             served.append(r.headers["served-model-name"])
     new = served.count("new")
@@ -128,7 +132,7 @@ def test_traffic_split_90_10(ws):
 def test_auth_failures_never_reach_a_model(ws):
     env = ws.env
     create(ws, "auth", entity(ws, ws.v1))
-    ok = {"dataframe_records": [{"customer_id": 1}]}
+    ok = {"dataframe_records": [key(1)]}
     r = httpx.post(f"{ws.url}/serving-endpoints/auth/invocations", json=ok)
     assert (r.status_code, r.json()["error_code"]) == (401, "UNAUTHENTICATED")
     r = invoke(ws, "auth", ok, token="dapi" + "0" * 32)
@@ -177,18 +181,18 @@ def test_bad_input_gets_400_naming_the_problem_and_the_server_keeps_serving(ws):
             r = invoke(ws, "bad", body, client)
             assert r.status_code == 400, (body, r.status_code, r.text)
             assert r.json()["error_code"] == "BAD_REQUEST" and message in r.json()["message"], (body, r.json())
-        huge = {"inputs": {"customer_id": list(range(10_001))}}
+        huge = {"inputs": {"customer_id": list(range(10_001)), "snapshot_date": [SNAPSHOT_DATE] * 10_001}}
         r = invoke(ws, "bad", huge, client)
         assert r.status_code == 400 and "10001 rows" in r.json()["message"]
-        r = invoke(ws, "nowhere", {"dataframe_records": [{"customer_id": 1}]}, client)
+        r = invoke(ws, "nowhere", {"dataframe_records": [key(1)]}, client)
         assert (r.status_code, r.json()["error_code"]) == (404, "RESOURCE_DOES_NOT_EXIST")
         r = invoke(ws, "bad", b'{"inputs": {"customer_id": [' + b"1," * (8 * 2**20) + b"1]}}", client)
         assert r.status_code == 413 and "limit" in r.json()["message"]
-        assert invoke(ws, "bad", {"dataframe_records": [{"customer_id": 1}]}, client).status_code == 200
+        assert invoke(ws, "bad", {"dataframe_records": [key(1)]}, client).status_code == 200
     r = invoke(ws, "exploding", {"dataframe_records": [{"x": -1.0}]})
     assert r.status_code == 400 and "failed on this input: ValueError: x must be non-negative" in r.json()["message"]
     assert invoke(ws, "exploding", {"dataframe_records": [{"x": 1.5}]}).json()["predictions"] == [3.0]
-    assert invoke(ws, "bad", {"dataframe_records": [{"customer_id": 1}]}).status_code == 200  # still serving
+    assert invoke(ws, "bad", {"dataframe_records": [key(1)]}).status_code == 200  # still serving
     assert server_info(ws.env) is not None
     served = f"default_model-{ws.v1}"
     # each bad body once (+ the huge batch) is a 4xx; 404 and 413 never reached the endpoint; one request succeeded
@@ -205,7 +209,7 @@ def test_config_update_under_load_fails_no_request(ws):
         with httpx.Client() as client:
             i = 0
             while not stop.is_set():
-                r = invoke(ws, "live", {"dataframe_records": [{"customer_id": 1 + (i + k) % 40}]}, client)
+                r = invoke(ws, "live", {"dataframe_records": [key(1 + (i + k) % 40)]}, client)
                 results.append((r.status_code, r.headers.get("served-model-name")))
                 i += 1
     with ThreadPoolExecutor(4) as pool:
@@ -239,7 +243,7 @@ def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_co
     failed = ep.pending_config.served_entities[0]
     assert failed.state.deployment.value == "DEPLOYMENT_FAILED" and "cannot load models:/dev.credit.default_model/999" in failed.state.deployment_state_message
     assert ep.config.served_entities[0].entity_version == ws.v2
-    r = invoke(ws, "sturdy", {"dataframe_records": [{"customer_id": 1}]})
+    r = invoke(ws, "sturdy", {"dataframe_records": [key(1)]})
     assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws.v2}"
     ep = w.serving_endpoints.update_config_and_wait("sturdy", served_entities=[entity(ws, ws.v1)])  # a failed update does not block the next
     assert ep.state.config_update.value == "NOT_UPDATING" and ep.config.served_entities[0].entity_version == ws.v1
@@ -250,7 +254,7 @@ def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoi
     create(ws, "durable", entity(ws, ws.v1, "one"), entity(ws, ws.v2, "two"),
            routes=[Route(50, served_entity_name="one"), Route(50, served_entity_name="two")])
     before = {e.name for e in w.serving_endpoints.list()}
-    big = {"inputs": {"customer_id": [1 + i % 500 for i in range(5_000)]}}
+    big = {"inputs": {"customer_id": [1 + i % 500 for i in range(5_000)], "snapshot_date": [SNAPSHOT_DATE] * 5_000}}
     pid = server_info(env)["pid"]
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(invoke, ws, "durable", big) for _ in range(3)]
@@ -265,7 +269,7 @@ def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoi
     assert {e.name for e in w.serving_endpoints.list()} == before
     ep = w.serving_endpoints.wait_get_serving_endpoint_not_updating("durable")
     assert ep.state.ready.value == "READY" and [r.traffic_percentage for r in ep.config.traffic_config.routes] == [50, 50]
-    r = invoke(ws, "durable", {"dataframe_records": [{"customer_id": 7}]})
+    r = invoke(ws, "durable", {"dataframe_records": [key(7)]})
     assert r.status_code == 200 and r.headers["served-model-name"] in ("one", "two")
 
 
@@ -280,7 +284,7 @@ def test_inference_table_has_every_acknowledged_request_exactly_once_after_sigki
             i = 0
             while not stop.is_set():
                 cid = 1 + (i * 7 + k) % 300
-                try: r = invoke(ws, "captured", {"dataframe_records": [{"customer_id": cid}], "client_request_id": f"c{k}-{i}"}, client)
+                try: r = invoke(ws, "captured", {"dataframe_records": [key(cid)], "client_request_id": f"c{k}-{i}"}, client)
                 except httpx.TransportError: return  # the server is gone: this request was never acknowledged
                 if r.status_code == 200:
                     with lock: acked[r.headers["x-request-id"]] = (f"c{k}-{i}", cid, r.json()["predictions"][0])
@@ -309,7 +313,7 @@ def test_inference_table_has_every_acknowledged_request_exactly_once_after_sigki
     assert (mine.request_date == mine.request_time.dt.date).all() and all(len(codes) == 0 for codes in mine.logging_error_codes)
     first = next(iter(acked))
     assert orjson.loads(mine.loc[first, "response"])["predictions"] == [acked[first][2]]
-    assert orjson.loads(mine.loc[first, "request"])["dataframe_records"] == [{"customer_id": acked[first][1]}]
+    assert orjson.loads(mine.loc[first, "request"])["dataframe_records"] == [key(acked[first][1])]
     # what monitoring makes of the rows: the served entity's version from the history, the features looked up as of the request
     resolved = served_entities(env, "captured", mine.served_entity_id.unique())
     assert resolved[["served_entity_name", "model_name", "model_version"]].values.tolist() == [[f"default_model-{ws.v1}", env.var("model_name"), ws.v1]]
@@ -329,7 +333,7 @@ def test_every_payload_row_resolves_to_the_version_that_answered_through_the_ser
     answered = {}
     def send(k):
         for i in range(k):
-            r = invoke(ws, name, {"dataframe_records": [{"customer_id": 1 + i}]})
+            r = invoke(ws, name, {"dataframe_records": [key(1 + i)]})
             assert r.status_code == 200
             answered[r.headers["x-request-id"]] = r.headers["served-model-name"]
     send(5)
@@ -376,7 +380,7 @@ def test_a_deployment_that_times_out_is_rolled_back_and_the_error_names_the_endp
     assert f"rolled back: restored the previous config: default_model-{ws.v1} 100%" in message, message
     ep = w.serving_endpoints.get("timeouts")
     assert ep.state.config_update.value == "NOT_UPDATING" and [s.entity_version for s in ep.config.served_entities] == [ws.v1]
-    assert invoke(ws, "timeouts", {"dataframe_records": [{"customer_id": 1}]}).headers["served-model-name"] == f"default_model-{ws.v1}"
+    assert invoke(ws, "timeouts", {"dataframe_records": [key(1)]}).headers["served-model-name"] == f"default_model-{ws.v1}"
     with pytest.raises(DeploymentFailed) as failed:  # the first-deploy rule: an endpoint still being created is never deleted
         deploy_and_test(env, version, endpoint="timeouts-new", timeout_minutes=0.05, requests=5)
     message = str(failed.value)
@@ -420,11 +424,12 @@ def test_canary_promotes_a_sound_version_and_rolls_a_slow_one_back_by_itself(ws,
     name = env.var("endpoint_name")
     deploy(env, ws.v1, client=w)
     mlflow.set_tracking_uri(env.tracking_uri)
-    rows = pd.DataFrame([ws.features(cid) for cid in range(1, 6)])
+    ts = training_set(env, ws.store)  # the slow version is logged as a data scientist swaps the estimator: through the feature store
+    example = model_example(ts.load_df().toPandas(), ws.columns)
     with mlflow.start_run():
-        slow = mlflow.pyfunc.log_model(name="slow", python_model=Slow(), registered_model_name=env.var("model_name"),
-                                       signature=mlflow.models.infer_signature(rows, np.zeros(len(rows))), pip_requirements=["mlflow"])
-    slow_version = str(slow.registered_model_version)
+        slow = ws.store.log_model(SlowClassifier(), "model", mlflow.sklearn, training_set=ts, feature_columns=ws.columns,
+                                  input_example=example, signature=model_signature(SlowClassifier(), example))
+    slow_version = str(mlflow.register_model(slow.model_uri, env.model_name).version)
     stop, statuses = threading.Event(), []
     def traffic():
         with httpx.Client() as client:

@@ -23,7 +23,7 @@ from serving_mlops.config import process_alive
 from serving_mlops.serving.process import server_file, server_info, stop_server, wait_exit
 from serving_mlops.tables import tables_for
 
-from served import MetricReadings, ServedWorkspace, create, entity, in_process, invoke
+from served import MetricReadings, ServedWorkspace, create, entity, in_process, invoke, key
 from test_serving import (test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config,  # noqa: F401
                           test_config_update_under_load_fails_no_request, test_control_plane_create_get_list_update_delete)
 
@@ -85,7 +85,7 @@ def test_every_worker_serves_what_one_created_updated_and_deleted_and_metrics_su
         r, pid = fresh(ws, "GET", f"/api/2.0/serving-endpoints/{name}")
         j = r.json()
         seen[pid] = (j["state"]["ready"], j["state"]["config_update"], j["config"]["config_version"], j["config"]["served_entities"][0]["entity_version"])
-        r, pid = fresh(ws, "POST", f"/serving-endpoints/{name}/invocations", json={"dataframe_records": [{"customer_id": 3}]})
+        r, pid = fresh(ws, "POST", f"/serving-endpoints/{name}/invocations", json={"dataframe_records": [key(3)]})
         assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws.v2}", (pid, r.text)
     assert set(seen) == set(workers) and set(seen.values()) == {("READY", "NOT_UPDATING", 2, ws.v2)}, seen
     listed = {fresh(ws, "GET", "/api/2.0/serving-endpoints")[1] for _ in range(20)}
@@ -94,7 +94,7 @@ def test_every_worker_serves_what_one_created_updated_and_deleted_and_metrics_su
     w.serving_endpoints.delete(name)
     gone = {}
     for _ in range(20):
-        r, pid = fresh(ws, "POST", f"/serving-endpoints/{name}/invocations", json={"dataframe_records": [{"customer_id": 3}]})
+        r, pid = fresh(ws, "POST", f"/serving-endpoints/{name}/invocations", json={"dataframe_records": [key(3)]})
         gone[pid] = r.status_code
     assert set(gone) == set(workers) and set(gone.values()) == {404}
 
@@ -110,7 +110,7 @@ def test_capture_loses_no_acknowledged_request_when_every_process_is_killed(ws):
         while not stop.is_set():
             with httpx.Client() as client:  # new connections: both workers capture
                 for _ in range(20):
-                    try: r = invoke(ws, "captured2", {"dataframe_records": [{"customer_id": 1 + (i + k) % 300}]}, client)
+                    try: r = invoke(ws, "captured2", {"dataframe_records": [key(1 + (i + k) % 300)]}, client)
                     except httpx.TransportError: return  # never acknowledged
                     if r.status_code == 200:
                         with lock: acked[r.headers["x-request-id"]] = r.json()["predictions"][0]

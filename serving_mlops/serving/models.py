@@ -9,11 +9,14 @@ import asyncio
 import functools
 import operator
 import os
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
+import orjson
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
@@ -21,11 +24,11 @@ from ..config import Environment
 from ..domains import FEATURE_DOMAINS
 from ..feature_store import OnlineStore
 from ..naming import model_uri, same_table_in
-from .protocol import MAX_ROWS, InputSpec, ParsedRequest, bad_request
+from .protocol import INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, invalid_parameter, parse_request
 
 # %% auto #0
 __all__ = ['INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees', 'entity_uri', 'online_table',
-           'ServedModel']
+           'payload_problem', 'request_shape', 'SignatureCheck', 'example_rows', 'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
@@ -214,7 +217,63 @@ def online_table(online: OnlineStore, table: str, env: Environment | None = None
                      f" is not published in the online store {online.path}; run the features job of environment "
                      f"'{env.name if env else '?'}'")
 
+# %% ../../nbs/08b_serving_models.ipynb #d033afee
+def payload_problem(signature, # the served model's `mlflow.models.ModelSignature`
+                    payload: dict) -> str | None:
+    "Why Model Serving would refuse `payload` for a model of `signature`, or None: MLflow's own parsing and schema enforcement, without predicting."
+    from mlflow.exceptions import MlflowException
+    from mlflow.models.utils import _enforce_schema  # what PyFuncModel.predict runs first on a served model's input
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data  # the scoring server's reading of the four request formats
+    if signature is None or signature.inputs is None: return None  # nothing is enforced for a model without one
+    try:
+        data = infer_and_parse_data(payload, signature.inputs)
+        _enforce_schema(data[0] if isinstance(data, tuple) else data, signature.inputs)
+    except MlflowException as e: return e.message[:2000]  # as the endpoint's 400 would say
+    except Exception as e: return f"{type(e).__name__}: {e}"[:2000]
+    return None
+
+# %% ../../nbs/08b_serving_models.ipynb #90624e22
+_UNSHAPED = ("a value whose", "verdict cannot be shared")  # an array or object inside a row: MLflow is asked about the request itself
+
+def _value_kind(v):
+    "What MLflow's verdict on a value can depend on: its JSON type, whether a number is whole and fits 64 bits, and text itself."
+    t = type(v)
+    if t is str: return v
+    if t is int: return int if INT64[0] <= v <= INT64[1] else (int, "beyond 64 bits")
+    if t is float: return (float, v.is_integer())
+    return t if v is None or t is bool else _UNSHAPED
+
+def request_shape(request: ParsedRequest, max_kinds: int = 64):
+    "A key under which every request gets the same verdict from MLflow's parsing and enforcement, or None when it cannot be stated."
+    shape = []
+    for column, values in request.columns.items():
+        kinds = frozenset(map(_value_kind, values))
+        if _UNSHAPED in kinds or len(kinds) > max_kinds: return None
+        shape.append((column, kinds))
+    return request.form, tuple(sorted(shape, key=lambda s: s[0]))
+
+class SignatureCheck:
+    "MLflow's verdict (`payload_problem`) on requests for a model of `signature`, asked once per request shape and kept for the last `size` shapes."
+    def __init__(self, signature, size: int = 4096):
+        self.signature, self.size, self.verdicts, self.lock = signature, size, OrderedDict(), threading.Lock()
+
+    def __call__(self, request: ParsedRequest, payload) -> str | None: # payload(): the request's JSON payload, read again only when MLflow is asked
+        if self.signature is None or self.signature.inputs is None: return None
+        shape = request_shape(request)
+        with self.lock:
+            if shape in self.verdicts: self.verdicts.move_to_end(shape); return self.verdicts[shape]
+        verdict = payload_problem(self.signature, payload())
+        if shape is not None:
+            with self.lock:
+                self.verdicts[shape] = verdict
+                if len(self.verdicts) > self.size: self.verdicts.popitem(last=False)
+        return verdict
+
 # %% ../../nbs/08b_serving_models.ipynb #2d692bf0
+def example_rows(example, columns: list):
+    "The model `columns` of a logged input example (a frame that may also hold its keys), or None when it lacks one of them."
+    return example[columns] if isinstance(example, pd.DataFrame) and set(columns) <= set(example.columns) else None
+
 INLINE_ROWS = 16  # at most this many rows are scored on the event loop (a few hundred microseconds)
 
 class ServedModel:
@@ -233,7 +292,7 @@ class ServedModel:
             columns = list(spec["model_columns"])
             for trees in ((True, False) if fast_path else (False,)):  # the trees compiled too, else the pipeline's own estimator
                 compiled = compile_pipeline(self.pipeline, columns, trees)
-                self.fast = compiled and verified(compiled, self.pipeline, columns, self.pyfunc.input_example)
+                self.fast = compiled and verified(compiled, self.pipeline, columns, example_rows(self.pyfunc.input_example, columns))
                 if self.fast is not None: self.trees = trees; break
             keys = list(dict.fromkeys(k for l in self.lookups for k in l["lookup_key"]))
             passthrough = [c for c in spec.get("input_columns", []) if c not in keys and c not in columns]
@@ -252,10 +311,19 @@ class ServedModel:
         domains = {c: FEATURE_DOMAINS[c] for c in [*columns, *keys, *passthrough] if c in FEATURE_DOMAINS and  # a key's if it fits its type
                    (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer"))}
         self.spec = InputSpec(columns, keys, passthrough, domains, key_types)
+        self.signature = SignatureCheck(self.pyfunc.metadata.signature)
         # OpenMP limits are per thread: one thread on the predicting thread (tree models on a few rows lose with more)
         # a small request alone is scored on the event loop when the model is plain numpy (no OpenMP, no GIL-free work to overlap)
         inline = (lambda r: r.rows <= INLINE_ROWS) if self.trees and fast_path else None
         self.batcher = MicroBatcher(self.score, max_rows=max_rows, name=self.name, initializer=lambda: threadpool_limits(1), inline=inline)
+
+    def parse(self, body: bytes, max_rows: int = MAX_ROWS) -> ParsedRequest:
+        "The invocation in `body` as the runtime reads it, then as Model Serving would: a 400 naming what the model's signature refuses."
+        request = parse_request(body, self.spec, max_rows)
+        problem = self.signature(request, lambda: orjson.loads(body))
+        if problem: raise invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
+                                            f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
+        return request
 
     def key_types(self) -> dict:
         "Type of each lookup key column ('integer' or 'string') as the online tables declare their primary keys."

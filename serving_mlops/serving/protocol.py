@@ -191,6 +191,7 @@ class ParsedRequest:
     params: dict | None = None
     client_request_id: str | None = None
     params_json: bytes | None = None  # params as canonical JSON: requests with equal params are scored in one model call
+    form: str = ""  # how the payload was given: its key and JSON shape ("dataframe_records:list", "instances:rows", "inputs:dict")
 
     def __post_init__(self):
         if self.params_json is None: self.params_json = orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
@@ -315,7 +316,8 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
     except orjson.JSONEncodeError as e: raise bad_request(f"params cannot be passed to a model: {e} (at most 254 levels of nesting)") from None
     client_id = payload.get("client_request_id")
     if client_id is not None and type(client_id) is not str: raise bad_request(f"client_request_id must be a string, got {_shown(client_id)}")
-    columns = payload_columns(given[0], payload[given[0]], spec, max_rows, known_only=True)
+    data = payload[given[0]]
+    columns = payload_columns(given[0], data, spec, max_rows, known_only=True)
     rows = len(next(iter(columns.values()))) if columns else 0
     if rows == 0: raise bad_request(f"{given[0]} has no rows; send at least one")
     has_keys = bool(spec.keys) and all(k in columns for k in spec.keys)
@@ -326,4 +328,5 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
         if k in columns: _check_keys(k, columns[k], spec.key_types.get(k))
     _check_numbers(columns, spec.columns)
     _check_domains(columns, spec)
-    return ParsedRequest(columns, rows, params, client_id, params_json)
+    form = f"{given[0]}:{'rows' if isinstance(data, list) and data and isinstance(data[0], list) else type(data).__name__}"
+    return ParsedRequest(columns, rows, params, client_id, params_json, form)

@@ -24,9 +24,8 @@ from .capture import InferenceLog, entity_ids, json_text, payload_table_name, re
 from .endpoint import Endpoint, Snapshot, now_ms, read_record, remove_durably, write_atomic
 from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri
-from serving_mlops.serving.protocol import (
-    ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint,
-    parse_request)
+from .protocol import (
+    ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint)
 from .request_log import RequestLog
 from .settings import RuntimeSettings
 from .workers import Solo, Workers
@@ -328,8 +327,8 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str) 
     start, arrived = time.perf_counter(), time.time_ns() // 1000
     error = request = out = None
     try:
-        request = parse_request(body, model.spec, self.settings.max_rows) if len(body) < 65536 else \
-            await asyncio.to_thread(parse_request, body, model.spec, self.settings.max_rows)
+        request = model.parse(body, self.settings.max_rows) if len(body) < 65536 else \
+            await asyncio.to_thread(model.parse, body, self.settings.max_rows)
         predictions, not_found, _ = await model.batcher.submit(request)
         out = {"predictions": predictions}
         if not_found: out["metadata"] = {"keys_not_found": not_found,
