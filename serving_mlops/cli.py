@@ -170,10 +170,11 @@ def validate(env: Optional[str] = EnvOption,
 def promote(env: Optional[str] = typer.Option("prod", "--env", "-e", help="Target environment (receives the copy)."),
             source: str = typer.Option("staging", "--from", help="Source environment."),
             version: Optional[int] = typer.Option(None, help="Source version; default: the source's champion."),
-            seed: int = typer.Option(42, help="Seed of the held-out split used to verify the copy.")):
-    "Copy a model version from the source environment's registry into the target's and verify it."
+            seed: int = typer.Option(42, help="Seed of the held-out split used to verify the copy."),
+            force: Optional[str] = typer.Option(None, metavar="REASON", help="Promote a version whose validation gate failed or never ran; the reason, and who gave it, are recorded in the target's registry and the promotion run.")):
+    "Copy a model version that passed its validation gate from the source environment's registry into the target's, verify it and make it the champion."
     from serving_mlops.tasks import promote_task
-    with clear_errors(): promote_task(get_environment(env), source, version, seed)
+    with clear_errors(): promote_task(get_environment(env), source, version, seed, force or "")
 
 # %% ../nbs/90_cli.ipynb #b4c8e505
 @app.command("batch-inference")

@@ -25,7 +25,7 @@ from .train import KEY, LABEL, TrainingResult, split_by_customer, training_set
 
 # %% auto #0
 __all__ = ['registry_client', 'alias_version', 'register_challenger', 'GateReport', 'GateFailed', 'held_out', 'scores',
-           'p95_latency_ms', 'validate_challenger', 'set_champion', 'promote_challenger', 'copied_version',
+           'p95_latency_ms', 'validate_challenger', 'set_champion', 'promote_challenger', 'copied_version', 'gate_tags',
            'copy_model_version', 'verify_copy', 'promotion_source', 'verified_on', 'promote_version']
 
 # %% ../nbs/07_registry.ipynb #a6786306
@@ -139,20 +139,39 @@ def copied_version(target: Environment, source: Environment, source_version):
         if full.tags.get("source_environment") == source.name and full.tags.get("source_version") == str(source_version): return full
     return None
 
-def copy_model_version(source: Environment, target: Environment, version=None, alias: str = "champion", target_store=None):
+def gate_tags(source: Environment, src, force: str | None = None) -> dict:
+    "What a copy of the source's version `src` carries of its validation gate; GateFailed unless the gate passed or `force` gives a reason."
+    status = src.tags.get("validation.status", "never validated")
+    checks = {k.removeprefix("validation."): v for k, v in src.tags.items() if k.startswith("validation.") and k != "validation.status"}
+    reason = (force or "").strip()
+    if status != "passed" and not reason:
+        failed = [f"{check} {detail}" for check, detail in checks.items() if detail.startswith("failed")]
+        raise GateFailed(f"model {src.name} version {src.version} of '{source.name}' did not pass its validation gate (validation.status: "
+                         f"{status}{''.join('; ' + f for f in failed)}; training run {src.run_id or 'unknown'}): promote a version that "
+                         "passed, or force this one with a reason (--force \"...\"), which the target's registry records")
+    tags = {"source_validation.status": status, **{f"source_validation.{check}": detail for check, detail in checks.items()}}
+    return tags if status == "passed" else {**tags, "promotion.forced": "true", "promotion.forced_reason": reason}
+
+def copy_model_version(source: Environment, target: Environment, version=None, alias: str = "champion", target_store=None,
+                       force: str | None = None): # a reason to copy a version whose gate failed or never ran (recorded); None: only one that passed
     "Copy a model version (default: the source's `alias`) into the target's registry, once, naming the target's feature tables; returns the target's version."
     name = source.model_name
     src_client = registry_client(source)
     src = src_client.get_model_version(name, version) if version is not None else alias_version(source, alias)
     if src is None: raise GateFailed(f"model {name} in environment '{source.name}' has no version with alias {alias!r} to copy")
+    gate = gate_tags(source, src, force)
     done = copied_version(target, source, src.version)
     if done is not None: return done
     with using_mlflow(source): local = Path(mlflow.artifacts.download_artifacts(model_uri(name, src.version), dst_path=tempfile.mkdtemp()))
     (local / "registered_model_meta").unlink(missing_ok=True)  # names the source registry's model
     renamed = (target_store or feature_store_for(target)).retarget_model(local)  # look features up in the target's own tables
-    tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or ""}
+    tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or "", **gate}
     with in_experiment(target, experiment_name(target, "promotions")):
-        with mlflow.start_run(run_name=f"promote {name} v{src.version} {source.name} -> {target.name}", tags=tags) as run: mlflow.log_artifacts(str(local), "model")
+        with mlflow.start_run(run_name=f"promote {name} v{src.version} {source.name} -> {target.name}", tags=tags) as run:
+            if "promotion.forced" in tags:  # who: the user MLflow resolved for this run (on Databricks, the principal that runs the job)
+                tags["promotion.forced_by"] = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.user", "unknown")
+                mlflow.set_tag("promotion.forced_by", tags["promotion.forced_by"])
+            mlflow.log_artifacts(str(local), "model")
         copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.model_name, tags=tags)
     tables = ", ".join(sorted(set(renamed.values())))
     registry_client(target).update_model_version(copy.name, copy.version, description=f"Copied from {name} version {src.version} of "
@@ -186,11 +205,12 @@ def verified_on(source: Environment, target: Environment) -> Environment:
     "Whose held-out data a promotion verifies the copy on: the source's, or the target's own when the source is another workspace."
     return target if source.registry else source
 
-def promote_version(source: Environment, target: Environment, version=None, seed: int = 42, store=None):
+def promote_version(source: Environment, target: Environment, version=None, seed: int = 42, store=None,
+                    force: str | None = None): # a reason to promote a version whose gate failed or never ran (recorded in the copy's tags)
     "Copy the source's champion (or `version`) into the target's registry, verify it on held-out data and make it the target's champion; returns (copy, rows)."
-    copy = copy_model_version(source, target, version)
+    copy = copy_model_version(source, target, version, force=force)
     data = verified_on(source, target)
     X, _ = held_out(data, store or feature_store_for(data), seed)
     rows = verify_copy(source, copy.tags["source_version"], target, copy.version, X)
-    set_champion(target, copy.version)  # it passed staging's gate and predicts identically
+    set_champion(target, copy.version)  # it passed staging's gate (or was forced, on record) and predicts identically
     return copy, rows

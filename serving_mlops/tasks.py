@@ -160,13 +160,15 @@ def promote_task(env: Environment,
                  source_env: str = "staging", # the environment whose model is copied into `env`
                  version: int | None = None, # the source's version; default: its champion
                  seed: int = 42, # seed of the held-out split the copy is verified on
+                 force: str = "", # a reason to promote a version whose gate failed or never ran (recorded); empty: only a version that passed
                  ) -> dict:
     "Copy a model version of another environment's registry into this one, verify it and make it the champion."
     from serving_mlops.registry import promote_version, promotion_source
     source = promotion_source(env, source_env)
-    copy, rows = promote_version(source, env, version, seed)  # verified on the held-out data of `verified_on(source, env)`
+    copy, rows = promote_version(source, env, version, seed, force=force or None)  # verified on the held-out data of `verified_on(source, env)`
     print(f"{copy.tags['source_model']} version {copy.tags['source_version']} of '{source.name}' is "
-          f"{copy.name} version {copy.version} of '{env.name}'; identical predictions on {rows} held-out rows")
+          f"{copy.name} version {copy.version} of '{env.name}'; identical predictions on {rows} held-out rows; its gate in "
+          f"'{source.name}': {copy.tags.get('source_validation.status')}" + (f" (forced: {copy.tags['promotion.forced_reason']})" if "promotion.forced" in copy.tags else ""))
     return task_values(model_version=str(copy.version))
 
 # %% ../nbs/13_tasks.ipynb #e4fd7892

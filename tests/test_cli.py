@@ -98,9 +98,21 @@ def test_promote_copies_once_and_verifies(home):
     ingest_task(prod); features_task(prod, publish=False)
     first = cli("promote", "--from", "staging", "--env", "prod").stdout
     assert "staging.credit.default_model version 1 of 'staging' is prod.credit.default_model version 1 of 'prod'" in first
-    assert "identical predictions" in first
+    assert "identical predictions" in first and "its gate in 'staging': passed" in first
     again = cli("promote", "--from", "staging", "--env", "prod").stdout
     assert "prod.credit.default_model version 1" in again  # no second copy
+    # issue 29: a version whose gate never ran is refused, unless forced with a reason (recorded)
+    import mlflow
+    from serving_mlops.config import using_mlflow
+    from serving_mlops.registry import alias_version, registry_client
+    with using_mlflow(staging): unchecked = mlflow.register_model(trained["model_uri"], staging.model_name).version
+    proc = cli("promote", "--from", "staging", "--env", "prod", "--version", str(unchecked), check=False)
+    assert proc.returncode == 1 and f"version {unchecked} of 'staging' did not pass its validation gate (validation.status: never validated" in proc.stderr, proc.stderr
+    assert "--force" in proc.stderr and str(alias_version(prod, "champion").version) == "1"  # nothing moved
+    forced = cli("promote", "--from", "staging", "--env", "prod", "--version", str(unchecked), "--force", "demo of a forced promotion").stdout
+    assert "its gate in 'staging': never validated (forced: demo of a forced promotion)" in forced, forced
+    copy = registry_client(prod).get_model_version(prod.model_name, alias_version(prod, "champion").version)
+    assert copy.tags["promotion.forced_reason"] == "demo of a forced promotion" and copy.tags["promotion.forced_by"]
     proc = cli("promote", "--from", "dev", "--env", "prod", check=False)
     assert proc.returncode == 1 and "no version with alias 'champion'" in proc.stderr
 

@@ -37,7 +37,7 @@ __all__ = ['MONITORING_KINDS', 'MISSING_LOOKUP_COLUMN', 'METRIC_COLUMNS', 'ANSI'
            'missing_lookup_shares', 'drift_section', 'reports_section', 'quality_section', 'missing_lookup_section',
            'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask', 'executed_task',
            'task_timeline', 'notebook_html', 'run_url', 'jobs_page', 'run_of', 'failure_box', 'run_page', 'task_file',
-           'mlflow_ui_command', 'mlflow_links', 'lineage', 'version_card', 'registry_page', 'routes']
+           'mlflow_ui_command', 'mlflow_links', 'lineage', 'gate_summary', 'version_card', 'registry_page', 'routes']
 
 # %% ../../nbs/14c_console_views.ipynb #ccbf0955
 def error_line(what: str, e: Exception) -> Markup:
@@ -373,14 +373,25 @@ def lineage(client, run_id: str) -> dict:
             "data": tags.get("training_data_sha256", ""), "commit": tags.get("git_commit", "")}
 
 # %% ../../nbs/14c_console_views.ipynb #21f762cb
+def gate_summary(tags: dict) -> str:
+    "A version's gate in a word: its own, or for a copy its source's (and whether it was forced through)."
+    if "validation.status" in tags or not tags.get("source_environment"): return tags.get("validation.status", "")
+    return f"{tags.get('source_validation.status', 'unknown')} in {tags['source_environment']}" + (" (forced)" if tags.get("promotion.forced") else "")
+
 def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
     "One version: aliases, the gate's checks, where it came from, its training run and datasets."
     tags, parts = v.tags or {}, []
-    gate = [{"check": k.removeprefix("validation."), "outcome": t.split(":", 1)[0], "detail": t.split(": ", 1)[-1]}
-            for k, t in sorted(tags.items()) if k.startswith("validation.") and k != "validation.status"]
-    status = tags.get("validation.status")
-    parts.append(Markup(f"<p>validation gate: <b class=\"{'good' if status == 'passed' else 'bad'}\">{escape(status)}</b></p>") if status
-                 else _muted(f"not validated: `serving-mlops validate --env {env.name}` runs the gate on the challenger"))
+    source = tags.get("source_environment")
+    prefix = "source_validation." if source and "validation.status" not in tags else "validation."  # a copy carries its source's gate
+    gate = [{"check": k.removeprefix(prefix), "outcome": t.split(":", 1)[0], "detail": t.split(": ", 1)[-1]}
+            for k, t in sorted(tags.items()) if k.startswith(prefix) and k != prefix + "status"]
+    status, where = tags.get(prefix + "status"), f" in {source}, before the copy" if prefix == "source_validation." else ""
+    parts.append(Markup(f"<p>validation gate{escape(where)}: <b class=\"{'good' if status == 'passed' else 'bad'}\">{escape(status)}</b></p>") if status
+                 else _muted(f"no gate result travelled with this copy (copied before promotions checked it): see version {tags.get('source_version')} in {source}")
+                 if source else _muted(f"not validated: `serving-mlops validate --env {env.name}` runs the gate on the challenger"))
+    if tags.get("promotion.forced"):
+        parts.append(Markup(f'<p class="bad">promoted by force by {escape(tags.get("promotion.forced_by", "unknown"))}: '
+                            f'{escape(tags.get("promotion.forced_reason", ""))}</p>'))
     parts.append(table(gate, empty="no gate checks recorded"))
     if tags.get("source_environment"):
         parts.append(Markup(f"<p>copied from {escape(tags.get('source_model', name))} version {escape(tags.get('source_version'))} of "
@@ -415,7 +426,7 @@ def registry_page(env: Environment) -> str:
     versions = sorted((client.get_model_version(name, v.version) for v in client.search_model_versions(f"name = '{name}'")),
                       key=lambda v: int(v.version), reverse=True)  # read one by one: a Unity Catalog search answers without tags
     rows = [{"version": v.version, "aliases": " ".join(f"@{a}" for a, n in sorted(model.aliases.items()) if str(n) == str(v.version)),
-             "created": pd.Timestamp(v.creation_timestamp, unit="ms", tz="UTC"), "status": v.status, "gate": (v.tags or {}).get("validation.status", ""),
+             "created": pd.Timestamp(v.creation_timestamp, unit="ms", tz="UTC"), "status": v.status, "gate": gate_summary(v.tags or {}),
              "from": f"{v.tags['source_environment']} v{v.tags.get('source_version')}" if (v.tags or {}).get("source_environment") else "",
              "run": v.run_id} for v in versions]
     for v in versions: v.aliases = [a for a, n in sorted(model.aliases.items()) if str(n) == str(v.version)]
