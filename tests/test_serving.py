@@ -28,7 +28,7 @@ from scipy.stats import binomtest
 
 from conftest import cli
 from serving_mlops.config import get_environment
-from serving_mlops.serving.process import server_file, server_info, wait_exit
+from serving_mlops.serving.process import server_file, server_info, stop_server, wait_exit
 from serving_mlops.monitoring.inference import inference_frame, served_entities
 from serving_mlops.serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE
 from serving_mlops.serving.request_log import read_request_log
@@ -225,6 +225,31 @@ def test_config_update_under_load_fails_no_request(ws):
     assert len(statuses) > 50 and set(statuses) == {200}, f"{len([s for s in statuses if s != 200])} failed"
     served = [m for _, m in results]
     assert f"default_model-{ws.v2}" in served and served[-1] == f"default_model-{ws.v1}"
+
+
+def test_a_saved_config_whose_model_version_is_gone_is_not_ready_and_says_why(ws):
+    "Issue 28 item 4: a config restored after a restart that cannot load is NOT_READY / UPDATE_FAILED with the reason, from one process and from every worker."
+    create(ws, "gone", entity(ws, ws.v1))
+    path = ws.env.path("serving", "endpoints") / "gone.json"
+    assert stop_server(ws.env)
+    record = orjson.loads(path.read_bytes())
+    record["config"]["served_entities"][0]["entity_version"] = "99"  # a version the registry does not have
+    path.write_bytes(orjson.dumps(record))
+    ws.start()
+    url, headers = f"{ws.url}/api/2.0/serving-endpoints/gone", {"Authorization": f"Bearer {ws.token}"}
+    deadline = time.monotonic() + 60
+    while httpx.get(url, headers=headers).json()["state"]["config_update"] == "IN_PROGRESS":
+        assert time.monotonic() < deadline, "the endpoint stayed IN_PROGRESS"
+        time.sleep(0.2)
+    time.sleep(0.5)  # every worker has followed the one that failed
+    for _ in range(8):  # a new connection each: with several workers, the kernel picks one for each
+        j = httpx.get(url, headers=headers).json()
+        assert j["state"] == {"ready": "NOT_READY", "config_update": "UPDATE_FAILED"}, j
+        message = j["pending_config"]["served_entities"][0]["state"]["deployment_state_message"]
+        assert "99" in message, message
+        r = invoke(ws, "gone", {"dataframe_records": [key(1)]})
+        assert r.status_code == 400 and "is not ready: " in r.json()["message"] and "99" in r.json()["message"], r.text
+    ws.w.serving_endpoints.delete("gone")
 
 
 def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config(ws):

@@ -24,7 +24,8 @@ from serving_mlops.serving.process import server_file, server_info, stop_server,
 from serving_mlops.tables import tables_for
 
 from served import MetricReadings, ServedWorkspace, create, entity, in_process, invoke, key
-from test_serving import (test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config,  # noqa: F401
+from test_serving import (test_a_saved_config_whose_model_version_is_gone_is_not_ready_and_says_why,  # noqa: F401
+                          test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config,
                           test_config_update_under_load_fails_no_request, test_control_plane_create_get_list_update_delete)
 
 

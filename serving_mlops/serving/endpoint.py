@@ -63,6 +63,7 @@ class Endpoint:
     broken: str | None = None  # why its saved state could not be restored: it answers GET and DELETE only
     committed_is_ready: bool = False  # several workers: a config in the record is one every worker has loaded
     prepared: tuple | None = None  # several workers: (config version, models) loaded here, served once every worker has loaded them
+    unloadable: bool = False  # several workers: one could not load the committed config (NOT_READY on all, as one process reports it)
 
     @property
     def name(self) -> str: return self.record["name"]
@@ -70,6 +71,7 @@ class Endpoint:
     @property
     def ready(self) -> bool:
         "READY: it serves a config (with several workers: one they all loaded, committed in its record)."
+        if self.unloadable: return False
         return self.snapshot is not None or (self.committed_is_ready and bool(self.record.get("config")) and not self.broken)
 
     @property

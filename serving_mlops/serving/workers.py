@@ -34,6 +34,7 @@ class SharedState:
     def __init__(self, folder: Path, index: int):  # index: this worker's number, 0..N-1
         self.folder, self.index, self.seen, self.versions, self.depth = Path(folder), index, -1, {}, 0
         self.serving = False  # set once this worker has restored every endpoint and is about to listen
+        self.failures = {}  # endpoint id -> [config version, reason]: a committed config this worker could not load
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock_fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         fd = os.open(self.folder / "generation", os.O_RDWR | os.O_CREAT, 0o600)
@@ -67,13 +68,26 @@ def publish(self: SharedState):
     "Save this worker's file: its pid, whether it serves, and the config version it has loaded of each endpoint (by endpoint id)."
     path = self.folder / f"{self.index}.json"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(orjson.dumps({"pid": os.getpid(), "serving": self.serving, "loaded": self.versions}))
+    tmp.write_bytes(orjson.dumps({"pid": os.getpid(), "serving": self.serving, "loaded": self.versions, "failed": self.failures}))
     os.replace(tmp, path)
 
 @patch
 def loaded(self: SharedState, endpoint_id: str, version: int):
     "Tell the other workers this one has loaded config `version` of the endpoint."
-    self.versions[endpoint_id] = version; self.publish()
+    self.versions[endpoint_id] = version; self.failures.pop(endpoint_id, None); self.publish()
+
+@patch
+def failed_load(self: SharedState, endpoint_id: str, version: int, reason: str):
+    "Tell the other workers this one could not load config `version` of the endpoint, the one committed in its record, and why."
+    self.failures[endpoint_id] = [version, reason]; self.publish()
+
+@patch
+def load_failures(self: SharedState) -> dict:
+    "Endpoint id -> (config version, reason) of a committed config some live worker could not load."
+    found = {}
+    for w in self.workers():
+        for endpoint_id, (version, reason) in (w.get("failed") or {}).items(): found.setdefault(endpoint_id, (version, reason))
+    return found
 
 @patch
 def workers(self: SharedState) -> list[dict]:
@@ -208,6 +222,9 @@ def follow(self: Workers, runtime) -> list:
         if ep is not None and not ep.broken and record.get("id") != ep.record.get("id"): runtime._drop(name); ep = None  # deleted and made anew
         if ep is None or ep.broken: started += runtime._restore(path, record)
         elif record != ep.record: started += self._follow_record(runtime, ep, record)
+    failures = self.shared.load_failures()  # a committed config another worker could not load: NOT_READY here too
+    for ep in runtime.endpoints.values():
+        if not ep.broken: self._mirror(ep, failures)
     self.shared.seen = generation
     return started
 
@@ -228,9 +245,12 @@ def _follow_record(self: Workers, runtime, ep, record: dict) -> list:
     return started
 
 @patch
-def _mirror(self: Workers, ep):
-    "An update's state as the record saves it: what every worker answers alike."
-    pending = ep.record.get("pending")
+def _mirror(self: Workers, ep, failures: dict | None = None): # failures: `SharedState.load_failures()`, when already read
+    "An update's state as the record saves it, and a committed config a worker could not load: what every worker answers alike."
+    pending, config = ep.record.get("pending"), ep.record.get("config") or {}
+    version, reason = (self.shared.load_failures() if failures is None else failures).get(ep.record.get("id"), (None, None))
+    ep.unloadable = not pending and reason is not None and version == config.get("config_version")
+    if ep.unloadable: pending = {**config, "start_time": ep.record.get("last_updated_timestamp") or 0, "failure": reason}  # as one process shows it
     ep.pending, ep.updating, ep.failure = pending, bool(pending) and not pending.get("failure"), (pending or {}).get("failure")
 
 @patch
@@ -265,10 +285,12 @@ def loaded(self: Workers, runtime, ep, config: dict, models: dict):
 
 @patch
 def failed(self: Workers, runtime, ep, config: dict, reason: str):
-    "An update this worker could not load fails for all (a committed config it could not load: it is logged)."
+    "An update this worker could not load fails for all; so does a committed config it could not load (restored after a restart)."
     log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], reason)
     with self.changing(runtime):
-        pending = ep.record.get("pending") or {}
-        if runtime.endpoints.get(ep.name) is ep and pending.get("config_version") == config["config_version"] and not pending.get("failure"):
+        pending, ours = ep.record.get("pending") or {}, runtime.endpoints.get(ep.name) is ep
+        if ours and pending.get("config_version") == config["config_version"] and not pending.get("failure"):
             runtime.commit(ep, {**ep.record, "pending": {**pending, "failure": reason}})
+        elif ours and (ep.record.get("config") or {}).get("config_version") == config["config_version"]:
+            self.shared.failed_load(ep.record["id"], config["config_version"], reason)  # NOT_READY / UPDATE_FAILED on every worker
         self._mirror(ep)
