@@ -114,7 +114,8 @@ async def health(request):
     runtime = _runtime(request)
     runtime.follow()
     worker = runtime.coordinator.identity()  # with several workers: which one answered
-    return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints), **worker})
+    failing = {"request_log": runtime.request_log.failing} if runtime.request_log.failing else {}  # outcomes it cannot log, and why
+    return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints), **worker, **failing})
 
 async def create_endpoint(request):
     runtime = _runtime(request)

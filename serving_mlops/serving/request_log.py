@@ -29,7 +29,10 @@ class RequestLog:
         self.fds: dict[str, int] = {}
         self.failing: str | None = None  # why writes fail, while they do
         self.torn: set[str] = set()  # endpoints whose last write failed, perhaps after writing part of its line
-        self.folder.chmod(0o700)
+        try: self.folder.chmod(0o700)
+        except OSError as e:  # a folder it may not change (a read-only mount: EROFS): the runtime starts and answers requests all the same
+            self.failing = f"cannot use the request log folder {self.folder}: {type(e).__name__}: {e}"
+            log.error("%s; requests are answered, their outcomes are not logged until it can be written", self.failing)
 
     def path(self, endpoint: str, rotated: int = 0) -> Path:
         return self.folder / (f"{endpoint}.jsonl.{rotated}" if rotated else f"{endpoint}.jsonl")
