@@ -252,6 +252,30 @@ def test_a_saved_config_whose_model_version_is_gone_is_not_ready_and_says_why(ws
     ws.w.serving_endpoints.delete("gone")
 
 
+def test_a_version_whose_online_table_lacks_a_feature_does_not_load_and_a_column_gone_later_is_a_400(ws, tmp_path):
+    "Issue 29 item 6: a feature the online table does not have fails the load (the endpoint keeps what it served); a column gone after the load is a 400 naming it, never a 500."
+    from serving_mlops.feature_store import OnlineStore, latest_per_key
+    from serving_mlops.serving.models import ServedModel
+    from serving_mlops.serving.protocol import ServingError
+    ws.world.use_mlflow()
+    tables, online = tables_for(ws.env), OnlineStore(tmp_path / "online_store.db")
+    latest = {t: latest_per_key(tables.read_arrow(t), ["customer_id"], "snapshot_date")
+              for t in (ws.env.table_name("behaviour_features"), ws.env.table_name("demographic_features"))}
+    demographic = ws.env.table_name("demographic_features")
+    for t, rows in latest.items(): online.publish(t, rows.drop(["age"]) if t == demographic else rows, ["customer_id"], 1)
+    entity = {"name": "lacking", "entity_name": ws.env.var("model_name"), "entity_version": ws.v1}
+    with pytest.raises(ValueError, match=rf"looks up \['age'\] in the online table {demographic}, which has no such column"):
+        ServedModel(entity, online=online, env=ws.env)
+    online.publish(demographic, latest[demographic], ["customer_id"], 2)
+    model = ServedModel(entity, online=online, env=ws.env)
+    request = model.parse(orjson.dumps({"dataframe_records": [key(1)]}))
+    assert len(model.features(request)[0]) == 1
+    online.publish(demographic, latest[demographic].drop(["age"]), ["customer_id"], 3)  # republished without it, while serving
+    with pytest.raises(ServingError, match=r"served entity 'lacking' .* looks up \['age'\] in the online table .*, which no longer has"):
+        model.features(request)
+    model.close()
+
+
 def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config(ws):
     w = ws.w
     create(ws, "sturdy", entity(ws, ws.v1))

@@ -303,6 +303,11 @@ class ServedModel:
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
         if self.lookups and online is None: raise ValueError(f"{entity_uri(entity)} looks features up, but the environment has no online store")
         self.tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in self.lookups}
+        for l in self.lookups:  # a version must not load where its online table lacks a feature it looks up: every request would fail
+            gone = [f for f in l["features"] if f not in (online.published(self.tables[l["table_name"]]) or {}).get("columns", [])]
+            if gone: raise ValueError(f"{entity_uri(entity)} looks up {gone} in the online table {self.tables[l['table_name']]}, which has no "
+                                      f"such column; publish it with them (the features job of environment '{env.name if env else '?'}') "
+                                      "before serving this version")
         self.index = {c: j for j, c in enumerate(columns)}  # model column -> position in the model matrix
         # per lookup: the online table it reads and (feature, model column index) of what it gives the model
         self.plan = [(l, self.tables[l["table_name"]], [(f, self.index[o]) for f, o in l["features"].items() if o in self.index])
@@ -350,6 +355,10 @@ class ServedModel:
                     if not todo: continue
                     values = self.online.lookup(online, *key)
                     if values is None: not_found.append({"row": i, "table": lookup["table_name"], "key": list(key)}); continue
+                    gone = [f for f, _ in todo if f not in values]
+                    if gone: raise bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) looks up {gone} in the online table "
+                                               f"{online}, which no longer has them (published again without them): publish it with them, "
+                                               "or serve a version that does not look them up")
                     found = [(j, values[f]) for f, j in todo if values[f] is not None]
                     if found: X[i, [j for j, _ in found]] = [v for _, v in found]
         return X, not_found
