@@ -221,6 +221,9 @@ def test_unreadable_saved_state_is_reported_and_every_other_endpoint_serves(ws, 
     broken = {"truncated": good[: len(good) // 2], "empty": b"", "nameless": orjson.dumps({k: v for k, v in record.items() if k != "name"}),
               "listed": b"[]", "misnamed": good, "badtags": orjson.dumps({**record, "name": "badtags", "tags": {"k": 1}})}
     for name, data in broken.items(): state_file(ws, name).write_bytes(data)
+    state_file(ws, "folder").mkdir()  # issue 28 item 8: a folder where the state file should be (DELETE answered 500)
+    (state_file(ws, "folder") / "x").write_bytes(good)
+    broken["folder"] = None
     state_file(ws, "capturing").write_bytes(orjson.dumps({**record, "name": "capturing", "ai_gateway": gateway("capturing")}))
     block_folder(ws.env.path("serving", "inference", "capturing"))
     log_size = restart(ws)
@@ -235,7 +238,7 @@ def test_unreadable_saved_state_is_reported_and_every_other_endpoint_serves(ws, 
         r = api("PATCH", f"/{name}/tags", {"add_tags": [{"key": "a"}]})
         assert (r.status_code, r.json()["error_code"]) == (400, "INVALID_STATE") and str(state_file(ws, name)) in r.json()["message"]
         assert invoke(ws, name, {"dataframe_records": [key(4)]}).status_code == 400
-    assert "not JSON" in log and "it names endpoint None" in log and "it names endpoint 'healthy'; its file name says 'misnamed'" in log
+    assert "Is a directory" in log and "not JSON" in log and "it names endpoint None" in log and "it names endpoint 'healthy'; its file name says 'misnamed'" in log
     assert "cannot open its inference log" in log and "tags[0].value must be a string" in log
     for name in [*broken, "capturing"]:
         assert api("DELETE", f"/{name}").status_code == 200 and not state_file(ws, name).exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +121,10 @@ def write_atomic(path: Path, data: bytes):
     sync_folder(path.parent)
 
 def remove_durably(path: Path):
-    path.unlink(missing_ok=True); sync_folder(path.parent)
+    "Remove a saved file for good; a folder in its place (a broken endpoint's state, never one the runtime saved) with what it holds."
+    if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
+    else: path.unlink(missing_ok=True)
+    sync_folder(path.parent)
 
 def read_record(path: Path) -> dict:
     "The endpoint record saved in `path`, checked as the API checks what it saves; ValueError saying what is wrong."
