@@ -27,8 +27,8 @@ from .serving.process import workspace_client
 # %% auto #0
 __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for',
            'current_entities', 'target_config', 'get_endpoint', 'failure_reason', 'apply_config',
-           'inference_table_config', 'deploy', 'EndpointReport', 'golden_sample', 'endpoint_tests', 'being_created',
-           'rollback', 'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
+           'inference_table_config', 'deploy', 'EndpointReport', 'golden_sample', 'required_inputs', 'endpoint_tests',
+           'being_created', 'rollback', 'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -142,6 +142,12 @@ def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndar
         sample[c] = sample[c].dt.strftime("%Y-%m-%d") if day else sample[c].map(lambda t: t.isoformat())
     return sample, scores(model, sample)
 
+def required_inputs(env: Environment, version: str) -> list[str]:
+    "The inputs the signature of the model version requires: a feature-store model's lookup keys (the features are optional)."
+    with using_mlflow(env): signature = mlflow.models.get_model_info(model_uri(env.model_name, version)).signature
+    inputs = signature.inputs if signature is not None else None
+    return [c.name for c in inputs.inputs if c.required] if inputs is not None and inputs.has_input_names() else []
+
 def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50, client=None) -> EndpointReport:
     "Run the endpoint tests against the endpoint serving `version`."
     w = client or workspace_client(env)
@@ -161,6 +167,12 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     if ok:
         diff = float(np.max(np.abs(np.asarray(got) - expected)))
         report.checks.append(("golden_sample", diff <= 1e-9, f"largest difference from the in-process model {diff:.2e} on {len(records)} rows"))
+    keys = required_inputs(env, str(version))
+    if keys and set(keys) < set(sample.columns):  # as real clients call: the lookup keys alone, the endpoint looks the features up
+        by_key = query([{k: r[k] for k in keys} for r in records])
+        ok = isinstance(by_key, list) and len(by_key) == len(records) and all(isinstance(p, float) and 0 <= p <= 1 for p in by_key)
+        report.checks.append(("keys_only", ok, f"{len(records)} rows of {keys} alone, features looked up by the endpoint: " +
+                              (f"{len(by_key)} probabilities out" if isinstance(by_key, list) else f"request failed: {by_key}")))
     times = []
     for i in range(requests):
         start = time.perf_counter(); query(records[i % len(records):][:1]); times.append((time.perf_counter() - start) * 1000)
