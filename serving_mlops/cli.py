@@ -228,7 +228,8 @@ def serve(env: Optional[str] = EnvOption,
 def console(env: Optional[str] = EnvOption,
             port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.", show_default="the target's console_port"),
             background: bool = typer.Option(False, "--background", "-b", help="Start as a background process, wait until it answers, print its login link."),
-            stop: bool = typer.Option(False, "--stop", help="Stop the environment's running console.")):
+            stop: bool = typer.Option(False, "--stop", help="Stop the environment's running console."),
+            read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1, help="Seconds a client has to send a whole request (headers and body) before its connection is closed.")):
     """Open the environment's web console on 127.0.0.1: endpoints (state, traffic, live charts of requests, errors, latency, rows per call), recent requests, monitoring, job runs and the registry.
 
     The console is behind a login link printed here (valid while the console runs; also in .mlops/<env>/console/console.json) or the environment's serving token as `Authorization: Bearer`. Local environments only: a Databricks workspace has its own UI."""
@@ -241,9 +242,9 @@ def console(env: Optional[str] = EnvOption,
             return
         port = e.var("console_port", int) if port is None else port
         if not background:
-            serve_console(e, port, announce=typer.echo)
+            serve_console(e, port, announce=typer.echo, read_timeout=read_timeout)
             return
-        try: info = start_console(e, port)
+        try: info = start_console(e, port, read_timeout=read_timeout)
         except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
         typer.echo(f"console of '{e.name}': {info['url']} (pid {info['pid']})")
         typer.echo(f"  stop:  serving-mlops console --env {e.name} --stop")

@@ -84,6 +84,20 @@ def test_half_sent_requests_are_disconnected_and_others_are_served(runtime):
             time.sleep(READ_TIMEOUT / 2)
 
 
+def test_the_console_closes_half_sent_requests_too(home):
+    "Issue 28 item 7: the console had no read timeout (0 of 50 slow-header connections closed within 60 s); it has the runtime's now."
+    from serving_mlops.console.app import start_console, stop_console
+    env = get_environment("dev")
+    url = start_console(env, read_timeout=READ_TIMEOUT)["url"]
+    try:
+        sockets = [stalled(url, b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Never: ends") for _ in range(20)]
+        opened = time.monotonic()
+        assert httpx.get(f"{url}/login", timeout=10).status_code < 500  # others are answered meanwhile
+        answers = [closed_by_server(s, opened + READ_TIMEOUT + MARGIN) for s in sockets]
+        assert answers.count(None) == 0 and set(answers) == {b""}, f"{answers.count(None)} of 20 half-sent requests still open"
+    finally: stop_console(env)
+
+
 def test_request_log_is_bounded_and_rotated(runtime):
     env, url = runtime
     with in_experiment(env, "/Shared/limits"), mlflow.start_run():  # artifacts in the workspace

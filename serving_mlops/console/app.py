@@ -24,7 +24,8 @@ from starlette.routing import Route
 from ..config import Environment
 from ..errors import InputError
 from ..serving.app import serving_token
-from ..serving.process import bind_port, drop_info, service_file, service_info, start_service, stop_service, write_info
+from ..serving.process import (READ_TIMEOUT, ReadTimeoutProtocol, bind_port, drop_info, service_file, service_info, start_service,
+                                           stop_service, write_info)
 from . import endpoints, views
 from .base import page, plotly_js
 
@@ -107,7 +108,8 @@ def _private_folder(env: Environment):  # console.json and the background consol
 
 def login_link(url: str, secret: str) -> str: return f"{url}/login?token={quote(secret)}"
 
-def serve_console(env: Environment, port: int = 0, announce=print):
+def serve_console(env: Environment, port: int = 0, announce=print,
+                  read_timeout: float = READ_TIMEOUT): # seconds a client has to send a whole request, as the serving runtime allows
     "Run `env`'s console in the foreground on 127.0.0.1:`port` until SIGTERM or Ctrl-C; `announce` gets its login link."
     check_local(env)
     _private_folder(env)
@@ -119,14 +121,15 @@ def serve_console(env: Environment, port: int = 0, announce=print):
     started = lambda: write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "login": login_link(url, secret)})
     app = console_app(env, secret, on_started=started, on_stopped=lambda: drop_info(info))
     announce(f"console of environment '{env.name}': {login_link(url, secret)}")
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, http=ReadTimeoutProtocol.within(read_timeout), log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=5)  # a connection whose request does not arrive whole in time is closed
     uvicorn.Server(config).run(sockets=[sock])
 
-def start_console(env: Environment, port: int = 0, timeout: float = 60) -> dict:
+def start_console(env: Environment, port: int = 0, timeout: float = 60, read_timeout: float = READ_TIMEOUT) -> dict:
     "Start `env`'s console as a background process (or find the running one); its info: url, pid, login link."
     check_local(env)
     _private_folder(env)
-    return start_service(env, "console", ["console", "--env", env.name, "--port", str(port)], timeout)
+    return start_service(env, "console", ["console", "--env", env.name, "--port", str(port), "--read-timeout", str(read_timeout)], timeout)
 
 def stop_console(env: Environment, timeout: float = 30) -> bool:
     "Stop `env`'s console; False when none was running."
