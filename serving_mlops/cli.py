@@ -160,10 +160,12 @@ def train(env: Optional[str] = EnvOption,
 @app.command()
 def validate(env: Optional[str] = EnvOption,
              seed: int = typer.Option(42, help="The seed the challenger was trained with (same held-out split)."),
-             latency_budget_ms: Optional[float] = typer.Option(None, help="Override the target's latency_budget_ms.")):
+             latency_budget_ms: Optional[float] = typer.Option(None, help="Override the target's latency_budget_ms."),
+             allow_request_schema_change: bool = typer.Option(False, "--allow-request-schema-change", help="Pass the gate although the challenger requires other inputs than the champion (existing callers would have to change what they send).")):
     "Validate the challenger against the champion and promote it when every check passes."
     from serving_mlops.tasks import validate_task
-    with clear_errors(): validate_task(get_environment(env), seed=seed, latency_budget_ms=latency_budget_ms)
+    with clear_errors(): validate_task(get_environment(env), seed=seed, latency_budget_ms=latency_budget_ms,
+                                       allow_request_schema_change=allow_request_schema_change)
 
 # %% ../nbs/90_cli.ipynb #009d9717
 @app.command()

@@ -25,8 +25,9 @@ from .train import KEY, LABEL, TrainingResult, split_by_customer, training_set
 
 # %% auto #0
 __all__ = ['registry_client', 'alias_version', 'register_challenger', 'GateReport', 'GateFailed', 'held_out', 'scores',
-           'p95_latency_ms', 'validate_challenger', 'set_champion', 'promote_challenger', 'copied_version', 'gate_tags',
-           'copy_model_version', 'verify_copy', 'promotion_source', 'verified_on', 'promote_version']
+           'p95_latency_ms', 'request_schema', 'schema_check', 'validate_challenger', 'set_champion',
+           'promote_challenger', 'copied_version', 'gate_tags', 'copy_model_version', 'verify_copy', 'promotion_source',
+           'verified_on', 'promote_version']
 
 # %% ../nbs/07_registry.ipynb #a6786306
 def registry_client(env: Environment) -> MlflowClient:
@@ -85,7 +86,24 @@ def p95_latency_ms(model, row, repeats: int = 50) -> float:
         start = time.perf_counter(); model.predict(row); times.append((time.perf_counter() - start) * 1000)
     return float(np.percentile(times, 95))
 
-def validate_challenger(env: Environment, store=None, seed: int = 42, latency_budget_ms: float | None = None) -> GateReport:
+def request_schema(schema) -> list | None:
+    "What callers must send a model of input `schema`: its required inputs and their types (a feature-store model's lookup keys)."
+    return [(c.name, str(c.type)) for c in schema.inputs if c.required] if schema is not None and schema.has_input_names() else None
+
+def schema_check(new, old, champion_version, allow_change: bool = False) -> tuple:
+    "The gate's `request_schema` check of input schemas `new` and `old`: callers' requests must stay valid; a changed feature set is reported."
+    same = request_schema(new) == request_schema(old) and (request_schema(new) is not None or new == old)
+    names = lambda s: set(s.input_names()) if s is not None and s.has_input_names() else set()
+    added, removed = sorted(names(new) - names(old)), sorted(names(old) - names(new))
+    detail = (f"callers send what they sent to champion version {champion_version}: {[n for n, _ in request_schema(new) or []]}" if same else
+              f"callers would have to send other inputs than to champion version {champion_version}: {request_schema(new)} instead of "
+              f"{request_schema(old)}" + ("; allowed by --allow-request-schema-change" if allow_change else "; existing callers would break"))
+    features = "; ".join(f"features {what}: {', '.join(cols)}" for what, cols in (("added", added), ("removed", removed)) if cols)
+    return ("request_schema", same or allow_change, detail + (f"; {features}" if features else ""))
+
+def validate_challenger(env: Environment, store=None, seed: int = 42, latency_budget_ms: float | None = None,
+                        allow_request_schema_change: bool = False, # pass the gate although callers would have to send other inputs
+                        ) -> GateReport:
     "Run every check of the gate on the challenger and record the outcome on its model version."
     client, name, store = registry_client(env), env.model_name, store or feature_store_for(env)
     challenger, champion = alias_version(env, "challenger"), alias_version(env, "champion")
@@ -101,9 +119,8 @@ def validate_challenger(env: Environment, store=None, seed: int = 42, latency_bu
         old_auc, allowed = roc_auc_score(y, scores(old, X)), env.var("max_auc_degradation", float)
         report.checks.append(("max_auc_degradation", old_auc - auc <= allowed,
                               f"ROC AUC {auc:.4f} vs champion version {champion.version} {old_auc:.4f} (largest allowed drop {allowed})"))
-        same = new.metadata.get_input_schema() == old.metadata.get_input_schema()
-        report.checks.append(("signature", same, "same input signature as the champion" if same else
-                              f"inputs differ from champion version {champion.version}: {new.metadata.get_input_schema()} vs {old.metadata.get_input_schema()}"))
+        report.checks.append(schema_check(new.metadata.get_input_schema(), old.metadata.get_input_schema(), champion.version,
+                                          allow_request_schema_change))
     budget = env.var("latency_budget_ms", float) if latency_budget_ms is None else latency_budget_ms
     # the model that predicts from features, alone: a model logged by the Databricks client runs a Spark lookup job per predict
     with using_mlflow(env): inner = mlflow.pyfunc.load_model(store.feature_model_uri(model_uri(name, challenger.version)))

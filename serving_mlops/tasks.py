@@ -123,6 +123,7 @@ def validate_task(env: Environment,
                   model_uri: str | None = None, # that run's model
                   seed: int = 42, # the seed the challenger was trained with (same held-out split)
                   latency_budget_ms: float | None = None, # default: the target's latency_budget_ms
+                  allow_request_schema_change: bool = False, # pass the gate although callers would have to send other inputs
                   ) -> dict:
     "Register a run's model as challenger, validate it against the champion and promote it when every check passes."
     from serving_mlops.feature_store import feature_store_for
@@ -130,7 +131,7 @@ def validate_task(env: Environment,
     from serving_mlops.train import TrainingResult
     if run_id and not model_uri: raise ConfigError(f"validate: run_id {run_id} given without its model_uri (the train task's values give both)")
     if run_id: register_challenger(env, TrainingResult(run_id, model_uri, {}, {}))
-    report = validate_challenger(env, feature_store_for(env), seed, latency_budget_ms)
+    report = validate_challenger(env, feature_store_for(env), seed, latency_budget_ms, allow_request_schema_change)
     print(report.summary())
     promote_challenger(env, report)
     print(f"{env.model_name} version {report.version} is now 'champion'")
