@@ -144,7 +144,8 @@ def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndar
 
 def required_inputs(env: Environment, version: str) -> list[str]:
     "The inputs the signature of the model version requires: a feature-store model's lookup keys (the features are optional)."
-    with using_mlflow(env): signature = mlflow.models.get_model_info(model_uri(env.model_name, version)).signature
+    # the MLmodel file alone (get_model_info would also look up its logged model, which a promoted copy's registry does not hold)
+    with using_mlflow(env): signature = mlflow.models.Model.load(model_uri(env.model_name, version)).signature
     inputs = signature.inputs if signature is not None else None
     return [c.name for c in inputs.inputs if c.required] if inputs is not None and inputs.has_input_names() else []
 
