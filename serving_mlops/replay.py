@@ -266,7 +266,9 @@ def loop_inputs(rows: int = 2000, variables: dict[str, str] | None = None, progr
         env = {**os.environ, HOME_ENV_VAR: str(workspaces), **deploy_time(variables)}
         cli = Path(sys.executable).parent / "serving-mlops"
         done = subprocess.run([str(cli), "query", "--env", target, "--ids", f"1:{min(rows, 200)}"], env=env, capture_output=not progress, text=True)
-        if done.returncode: raise ReplayFailed(f"the client's traffic to {target}'s endpoint failed (exit status {done.returncode}): {done.stderr}")
+        if done.returncode:  # with progress shown, the command's own output (its error included) went to the console above
+            raise ReplayFailed(f"the client's traffic to {target}'s endpoint failed (exit status {done.returncode}): "
+                               f"{done.stderr.strip() if done.stderr else 'its error is printed above'}")
         end = datetime.now(timezone.utc) + timedelta(seconds=1)
         return {"start": start.isoformat(timespec="seconds"), "end": end.isoformat(timespec="seconds"), "window_minutes": "1", "lag_minutes": "0"}
     return before
