@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .config import Environment, using_mlflow
 from .errors import StepFailed
 from .naming import inference_table, model_uri, served_entity_name
-from .registry import GateReport, alias_version, scores
+from .registry import GateReport, alias_version, request_schema, scores
 from .serving.process import workspace_client
 
 # %% auto #0
@@ -145,9 +145,8 @@ def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndar
 def required_inputs(env: Environment, version: str) -> list[str]:
     "The inputs the signature of the model version requires: a feature-store model's lookup keys (the features are optional)."
     # the MLmodel file alone (get_model_info would also look up its logged model, which a promoted copy's registry does not hold)
-    with using_mlflow(env): signature = mlflow.models.Model.load(model_uri(env.model_name, version)).signature
-    inputs = signature.inputs if signature is not None else None
-    return [c.name for c in inputs.inputs if c.required] if inputs is not None and inputs.has_input_names() else []
+    with using_mlflow(env): schema = mlflow.models.Model.load(model_uri(env.model_name, version)).get_input_schema()
+    return [name for name, _ in request_schema(schema) or []]  # what the gate compares with the champion's
 
 def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50, client=None) -> EndpointReport:
     "Run the endpoint tests against the endpoint serving `version`."
