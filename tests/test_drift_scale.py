@@ -117,3 +117,97 @@ def test_a_request_that_cannot_be_read_is_left_out_by_id_and_the_rest_is_read(re
     (request_id, why), = read.attrs["unreadable"]
     assert request_id == payload.databricks_request_id[1] and re.match(f"request {request_id}: .*{re.escape(message)}", why), why
     assert read.databricks_request_id.tolist() == [payload.databricks_request_id[0]] and read.age.tolist() == [1.0]
+
+
+# --- what the endpoint answers, monitoring reads (issue 28, item 2) ---------------------------------------------------
+
+def _door_spec():
+    "The credit model's input spec as the runtime builds it: features, the key customer_id (an integer), snapshot_date passed through."
+    from bodies import KNOWN
+    from serving_mlops.domains import FEATURE_DOMAINS
+    from serving_mlops.serving.protocol import InputSpec
+    columns = KNOWN[2:]  # the feature tables' columns
+    return InputSpec(columns, ["customer_id"], ["snapshot_date"], {c: FEATURE_DOMAINS[c] for c in [*columns, "customer_id", "snapshot_date"]},
+                     {"customer_id": "integer"})
+
+
+def _window_of(bodies: list, rows: list) -> pd.DataFrame:
+    "Inference table rows of `bodies` answered 200 with one prediction per row."
+    n = len(bodies)
+    table = payload_rows(pd.DataFrame({"x": np.zeros(n)}), np.zeros(n), ENTITY, "2026-01-05 10:00", 600).to_pandas()
+    table["request"] = [b.decode() for b in bodies]
+    table["response"] = [orjson.dumps({"predictions": [0.25] * k}).decode() for k in rows]
+    return table
+
+
+def _same_values(read: pd.DataFrame, parsed: list):
+    "The rows monitoring read are the rows the runtime parsed, request by request, column by column (numbers as numbers)."
+    for (request_id, columns), (_, got) in zip(parsed, read.groupby("databricks_request_id", sort=False)):
+        assert got.databricks_request_id.iloc[0] == request_id
+        for c, values in columns.items():
+            expected = pd.Series(values, dtype=object)
+            np.testing.assert_array_equal(got[c].isna().to_numpy(), expected.isna().to_numpy(), err_msg=f"{request_id} {c}")
+            seen, want = got[c][~expected.isna().to_numpy()].tolist(), expected.dropna().tolist()
+            assert seen == want if c == "snapshot_date" else np.allclose(np.asarray(seen, float), np.asarray(want, float), rtol=0, atol=0), (c, seen, want)
+
+
+@pytest.mark.parametrize("body, accepted", [
+    (b'{"dataframe_records": [{"customer_id": 7, "customer_id": 8}]}', False),  # a key repeated inside a record
+    (b'{"dataframe_records": [{"customer_id": 7}], "dataframe_records": [{"customer_id": 8}]}', False),  # a repeated payload key
+    (b'{"inputs": {"customer_id": [7], "customer_id": [8]}}', False),
+    (b'{"dataframe_records": [{}, {"customer_id": 7, "snapshot_date": "2026-01-05"}]}', False),  # {}: a null key
+    (b'{"instances": [{}, {"customer_id": 7, "snapshot_date": "2026-01-05"}]}', False),
+    (b'{"dataframe_records": [{"customer_id": 7}, {"customer_id": 8, "age": 30}]}', True),  # a column some rows lack: null there
+])
+def test_each_request_shape_is_refused_at_the_door_or_monitored(body, accepted):
+    "Decided once (docs/serving.md, 'Where this runtime differs from MLflow'): what the runtime answers, monitoring reads as it was scored."
+    from serving_mlops.serving.protocol import ServingError, parse_request
+    spec = _door_spec()
+    try: parsed = parse_request(body, spec)
+    except ServingError as e:
+        assert not accepted and e.status == 400, e
+        return
+    assert accepted
+    read = parse_requests(_window_of([body], [parsed.rows]), {ENTITY: spec.columns})
+    assert read.attrs["unreadable"] == [] and len(read) == parsed.rows
+    _same_values(read, [(read.databricks_request_id.iloc[0], parsed.columns)])
+
+
+def test_empty_records_beside_full_ones_are_rows_of_nulls():
+    "For a model without lookup keys `[{}, {...}]` is scored (a row of nulls, as MLflow's pandas reads it): monitoring reads both rows."
+    from serving_mlops.serving.protocol import InputSpec, parse_request
+    body = b'{"dataframe_records": [{}, {"age": 30, "limit": 5, "sex": 1}]}'
+    parsed = parse_request(body, InputSpec(columns=COLUMNS))
+    read = parse_requests(_window_of([body], [parsed.rows]), {ENTITY: COLUMNS})
+    assert read.attrs["unreadable"] == [] and len(read) == 2 and read.age.isna().tolist() == [True, False] and read.prediction.tolist() == [0.25] * 2
+
+
+def test_whatever_the_runtime_accepts_monitoring_reads_with_the_values_it_scored():
+    "Fuzzed bodies in the four formats (the HTTP fuzz's strategies), in windows of 50: every body the runtime's parser accepts is read by monitoring, none left out, the same values."
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from bodies import encode, extras, mutate, mutate_inner, payloads
+    from serving_mlops.serving.protocol import ServingError, parse_request
+    spec, counts = _door_spec(), {"accepted": 0, "refused": 0}
+
+    @settings(max_examples=30, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.tuples(payloads, extras, st.integers(0, 5), st.sampled_from(["none"] * 6 + ["dup", "inner"])), min_size=50, max_size=50))
+    def monitoring_reads_what_was_accepted(drawn):
+        bodies, rows, parsed = [], [], []
+        for payload, extra, where, mutation in drawn:
+            body = encode(payload, extra, 0, where)
+            body = mutate(body, payload) if mutation == "dup" else mutate_inner(body) if mutation == "inner" else body
+            try: request = parse_request(body, spec)
+            except ServingError: counts["refused"] += 1; continue
+            counts["accepted"] += 1
+            bodies.append(body); rows.append(request.rows); parsed.append(request.columns)
+        if not bodies: return
+        window = _window_of(bodies, rows)
+        read = parse_requests(window, {ENTITY: spec.columns})
+        assert read.attrs["unreadable"] == [], read.attrs["unreadable"][:3]
+        assert len(read) == sum(rows)
+        _same_values(read, list(zip(window.databricks_request_id, parsed)))
+
+    monitoring_reads_what_was_accepted()
+    print(f"contract: {counts}")
+    assert counts["accepted"] > 200 and counts["refused"] > 200  # both kinds were tried

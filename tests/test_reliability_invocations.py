@@ -10,19 +10,23 @@ finds no answer >= 500.
 import json
 import random
 import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
-from databricks.sdk.service.serving import ServedEntityInput
+from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTableConfig, ServedEntityInput
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving_mlops.domains import FEATURE_DOMAINS
+from serving_mlops.monitoring.checks import DriftAlert, run_monitoring
+from serving_mlops.monitoring.inference import parse_requests, read_payload
 from serving_mlops.serving.process import server_info
 
+from bodies import encode, extras, mutate, mutate_inner, payloads
 from served import create, entity, in_process, invoke, key  # noqa: E402
 
 
@@ -31,8 +35,9 @@ DEEP_PARAMS = b'{"dataframe_records": [{"customer_id": 1}], "params": {"p": ' + 
 
 @pytest.fixture(scope="module")
 def door(ws):
-    "An endpoint serving the credit model, and the in-process predictions of the first 200 clients by key."
-    create(ws, "door", entity(ws, ws.v1))
+    "An endpoint serving the credit model, its inference table on, and the in-process predictions of the first 200 clients by key."
+    create(ws, "door", entity(ws, ws.v1), ai_gateway=AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
+        catalog_name="dev", schema_name="credit", table_name_prefix="door", enabled=True)))
     cids = list(range(1, 201))
     rows = [ws.features(cid) for cid in cids]
     return {"name": "door", "rows": dict(zip(cids, rows)), "expected": dict(zip(cids, in_process(ws, rows)))}
@@ -106,10 +111,10 @@ def test_bad_neighbours_fail_only_themselves(ws, door):
     "Valid requests concurrently with poisonous ones (finding 3: 10 of 300 valid requests alongside 300-deep params got 500)."
     create(ws, "door-exploding", ServedEntityInput(entity_name="dev.credit.exploding_model", entity_version="1"))
     rng = random.Random(16)
-    jobs = [("valid", cid) for cid in rng.choices(list(door["expected"]), k=900)]
-    jobs += [("full", cid) for cid in rng.choices(list(door["expected"]), k=150)]
-    jobs += [("poison", i % len(POISON)) for i in range(210)]
-    jobs += [("explode", x) for x in [1.5] * 150 + [-1.0] * 30]  # the model raises on negative x, failing its whole batch
+    jobs = [("valid", cid) for cid in rng.choices(list(door["expected"]), k=300)]
+    jobs += [("full", cid) for cid in rng.choices(list(door["expected"]), k=60)]
+    jobs += [("poison", i % len(POISON)) for i in range(90)]
+    jobs += [("explode", x) for x in [1.5] * 60 + [-1.0] * 15]  # the model raises on negative x, failing its whole batch
     rng.shuffle(jobs)
     local = threading.local()
 
@@ -139,81 +144,19 @@ def test_bad_neighbours_fail_only_themselves(ws, door):
 
 # --- fuzz: random invocation bodies in the four formats --------------------------------------------------------------
 
-KNOWN = ["customer_id", "snapshot_date"] + [c for c in FEATURE_DOMAINS if c not in ("customer_id", "snapshot_date")]
-scalars = (st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False, allow_infinity=False)
-           | st.text(max_size=12) | st.sampled_from(["1", " 1", "01", "1.0", "2005-10-01", "2005-02-30", "NaN", "\u00e9\u20ac\U0001f600", ""]))
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                           max_leaves=8)
-odd = json_values | st.sampled_from([2**63, 2**64 - 1, -2**63 - 1, 10**30, 1e308, -0.0, -1, 0, 99])
-
-
-def in_domain(column):
-    "Values of `column` inside its domain (keys: clients of the workspace, and a few unknown)."
-    d = FEATURE_DOMAINS[column]
-    if column == "customer_id": return st.integers(1, 2_100)
-    if d.kind == "date": return st.dates().map(str)
-    if d.kind == "code": return st.sampled_from(d.allowed)
-    lo, hi = (-1e6 if d.allowed[0] is None else d.allowed[0]), (1e6 if d.allowed[1] is None else d.allowed[1])
-    return st.integers(lo, hi).flatmap(lambda i: st.sampled_from([i, float(i)])) if d.kind == "integer" else st.floats(lo, hi)
-
-
-def cell_of(column):
-    "Mostly values in the column's domain, so that the checks after the first are reached; sometimes null or anything."
-    kinds = {"valid": in_domain(column), "null": st.none(), "odd": odd}
-    return st.sampled_from(["valid"] * 17 + ["null", "odd", "odd"]).flatmap(kinds.__getitem__)
-
-
-cell = {c: cell_of(c) for c in KNOWN}
-rows = st.fixed_dictionaries({"customer_id": cell["customer_id"]}, optional={c: cell[c] for c in KNOWN[1:]})
-names = st.sampled_from(KNOWN) | st.sampled_from(KNOWN) | st.text(max_size=8) | json_values
-tensors = st.lists(st.lists(st.sampled_from([c for c in KNOWN[2:]]).flatmap(lambda c: cell[c]), min_size=len(KNOWN) - 3, max_size=len(KNOWN) - 1)
-                   | st.lists(odd, max_size=3), max_size=3)
-records = st.lists(rows | rows | st.dictionaries(names.filter(lambda n: isinstance(n, str)), odd, max_size=4) | json_values, max_size=4)
-columnar = st.integers(0, 3).flatmap(lambda n: st.fixed_dictionaries(
-    {"customer_id": st.lists(cell["customer_id"], min_size=n, max_size=n)},
-    optional={c: st.lists(cell[c], min_size=n, max_size=n) | st.lists(odd, max_size=3) | odd for c in KNOWN[1:]}))
-payloads = st.one_of(
-    st.builds(lambda rs: {"dataframe_split": {"columns": list(dict.fromkeys(k for r in rs for k in r)), "data": [[r.get(k) for k in dict.fromkeys(k for r in rs for k in r)] for r in rs]}},
-              st.lists(rows, min_size=1, max_size=3)),
-    st.builds(lambda cols, data: {"dataframe_split": {"columns": cols, "data": data}}, st.lists(names, max_size=4),
-              st.lists(st.lists(odd, max_size=4), max_size=3) | odd),
-    st.builds(lambda r: {"dataframe_records": r}, records | odd),
-    st.builds(lambda r: {"instances": r}, tensors | records | odd),
-    st.builds(lambda c: {"inputs": c}, columnar | columnar | tensors | odd),
-    st.dictionaries(st.sampled_from(["dataframe_split", "dataframe_records", "instances", "inputs", "params", "client_request_id", "x"]),
-                    json_values, max_size=3),
-)
-extras = st.just({}) | st.just({}) | st.fixed_dictionaries({}, optional={
-    "params": st.dictionaries(st.text(max_size=5), json_values, max_size=3) | json_values,
-    "client_request_id": st.text(max_size=12) | json_values, "usage_context": json_values})
-
-
-def encode(payload, extra, depth: int, where: int) -> bytes:
-    "The body as JSON text (big integers kept; unicode escaped or not), one value nested `depth` levels deep when `depth`."
-    if depth:
-        key = ["params", "client_request_id", "usage_context"][where % 3]
-        deep = "[" * depth + "1" + "]" * depth
-        return json.dumps({**payload, **extra, key: "@@"}, ensure_ascii=where % 2 == 0).replace('"@@"', deep).encode()
-    return json.dumps({**payload, **extra}, ensure_ascii=where % 2 == 0).encode()
-
-
-def mutate(body: bytes, payload: dict) -> bytes:
-    "`body` with its first key given twice, the first time as null (JSON readers keep the last)."
-    return b'{' + json.dumps(next(iter(payload))).encode() + b": null, " + body[1:] if payload else body
-
-
 def test_fuzzed_invocations_never_answer_5xx(ws, door):
     log = ws.env.root / "serving" / "server.log"
     tracebacks = log.read_text(errors="replace").count("Traceback")
     statuses, fives = Counter(), []
     client = httpx.Client()
+    start = pd.Timestamp.now(tz="UTC")
 
     @settings(max_examples=5_000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(payloads, extras, st.sampled_from([0] * 12 + [300, 1_100]), st.integers(0, 5),
-           st.sampled_from(["none", "none", "none", "dup"]))
+           st.sampled_from(["none"] * 6 + ["dup", "inner"]))
     def body_is_never_a_server_error(payload, extra, depth, where, mutation):
         body = encode(payload, extra, depth, where)
-        if mutation == "dup": body = mutate(body, payload)
+        body = mutate(body, payload) if mutation == "dup" else mutate_inner(body) if mutation == "inner" else body
         r = invoke(ws, "door", body, client)
         statuses[r.status_code] += 1
         if r.status_code >= 500: fives.append((body[:300], r.status_code, r.text[:300]))
@@ -229,3 +172,14 @@ def test_fuzzed_invocations_never_answer_5xx(ws, door):
     assert server_info(ws.env) is not None
     r = invoke(ws, "door", {"dataframe_records": [key(7)]})  # still serving, still right
     np.testing.assert_allclose(r.json()["predictions"], [door["expected"][7]], rtol=0, atol=1e-12)
+    # issue 28, item 2: what the endpoint answered, monitoring reads; the window's monitoring ends 0 (no drift) or 3 (drift), never 1
+    end = pd.Timestamp.now(tz="UTC")
+    sent, answered = sum(statuses.values()) + 1, statuses[200] + 1  # and the request that checked it still serves
+    deadline = time.monotonic() + 60
+    while (got := read_payload(ws.env, "door", start, end)).num_rows < sent and time.monotonic() < deadline: time.sleep(0.5)
+    assert got.num_rows == sent, (got.num_rows, dict(statuses))  # every request once (the 400s too)
+    read = parse_requests(got, {entity_id: ws.columns for entity_id in set(got.column("served_entity_id").to_pylist())})
+    assert read.attrs["unreadable"] == [] and read.databricks_request_id.nunique() == answered, read.attrs["unreadable"][:3]
+    try: monitored = run_monitoring(ws.env, "door", start.isoformat(), end.isoformat(), 60, None, "", "all", 0)  # what `monitor` runs
+    except DriftAlert as alert: monitored = alert.result  # `monitor` would exit 3: drift found; any other error (exit 1) fails the test
+    assert monitored.drift is not None and sum(monitored.drift.rows.values()) == len(read), monitored.summary()

@@ -29,7 +29,7 @@ from ..feature_store import FeatureStoreError, feature_store_for, features_as_of
 from ..naming import inference_table, model_uri
 from ..registry import registry_client
 from ..serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE, record_served_entities, served_entity_rows
-from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns
+from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns, repeated_key
 from ..tables import get_spark, tables_for
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,8 @@ def _request_error(body: str, columns: list, where: str) -> MonitoringError:
     except orjson.JSONDecodeError as e: return MonitoringError(f"{where}: the request is not valid JSON: {e}")
     key = next((k for k in PAYLOAD_KEYS if k in payload), None) if isinstance(payload, dict) else None
     if key is None: return MonitoringError(f"{where}: the request has none of {', '.join(PAYLOAD_KEYS)}")
+    if (repeated := repeated_key(body.encode(), payload)) is not None:  # (this runtime refuses such a request; another may have logged it)
+        return MonitoringError(f"{where}: the request gives the key {repeated!r:.80} twice in one JSON object, which JSON readers resolve differently")
     try: payload_columns(key, payload[key], InputSpec(columns=columns))
     except MlopsError as e: return MonitoringError(f"{where}: {e}{hint}")
     return MonitoringError(f"{where}: its {key} could not be read as rows of columns{hint}")
@@ -169,6 +171,8 @@ class _Block:
     frame: pd.DataFrame  # one row per prediction row, in request order
     request: np.ndarray  # position of each row's request in the parsed window
 
+_NO_COLUMN = object()  # the column of an entry that only says its row exists: an empty record `{}`, a row of nulls as MLflow reads it
+
 def _entry_blocks(request: np.ndarray, row: np.ndarray, column: np.ndarray, text: pa.Array) -> list[_Block]:
     "Blocks of (request, row id, column, JSON value) entries: requests that sent the same columns share a block; a column a row lacks is null."
     code, names = pd.factorize(column)  # columns in the order they were first sent
@@ -183,8 +187,9 @@ def _entry_blocks(request: np.ndarray, row: np.ndarray, column: np.ndarray, text
     blocks = []
     for g, mask in enumerate(signatures):
         members = np.flatnonzero(group.ravel() == g)
-        frame = {str(names[j]): _typed(text.take(pa.array(cell[members, j], mask=cell[members, j] < 0))) for j in np.flatnonzero(mask)}
-        blocks.append(_Block(pd.DataFrame(frame), row_request[members]))
+        frame = {str(names[j]): _typed(text.take(pa.array(cell[members, j], mask=cell[members, j] < 0))) for j in np.flatnonzero(mask)
+                 if names[j] is not _NO_COLUMN}
+        blocks.append(_Block(pd.DataFrame(frame, index=pd.RangeIndex(len(members))), row_request[members]))
     return blocks
 
 def _lengths(lists: pa.Array) -> np.ndarray:
@@ -295,6 +300,8 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
     counts = _lengths(maps)
     entries.append((np.repeat(at[owner], counts), np.repeat(row, counts), pc.list_flatten(maps).field("key").to_numpy(zero_copy_only=False),
                     pc.list_flatten(maps).field("value")))
+    if (empty := (counts == 0) & maps.is_valid().to_numpy(zero_copy_only=False)).any():  # `{}`: a row of nulls, as the endpoint scored it
+        entries.append((at[owner[empty]], row[empty], np.full(empty.sum(), _NO_COLUMN, dtype=object), pa.nulls(int(empty.sum()), pa.string())))
     by_column = _as_lists(read.column("columns").combine_chunks())
     items = pc.list_flatten(by_column)
     owner = np.repeat(np.arange(len(at)), _lengths(by_column))

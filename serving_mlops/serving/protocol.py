@@ -5,6 +5,7 @@
 # %% ../../nbs/08a_serving_protocol.ipynb #45f6793f
 from __future__ import annotations
 
+import json
 import re
 import reprlib
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ __all__ = ['ENDPOINT_NAME', 'ENTITY_NAME', 'VERSION', 'WORKLOAD_SIZES', 'UC_NAME
            'OTHER_KEYS', 'MAX_BODY_BYTES', 'INT64', 'ServingError', 'bad_request', 'invalid_parameter', 'no_endpoint',
            'check_type', 'check_endpoint_name', 'check_entity', 'check_config', 'check_uc_name',
            'check_inference_table', 'check_ai_gateway', 'check_tags', 'check_tags_patch', 'InputSpec', 'ParsedRequest',
-           'refuse_rows', 'refuse_unknown', 'payload_columns', 'parse_request']
+           'refuse_rows', 'refuse_unknown', 'payload_columns', 'repeated_key', 'parse_request']
 
 # %% ../../nbs/08a_serving_protocol.ipynb #73f99e8e
 class ServingError(MlopsError):
@@ -298,6 +299,38 @@ def _check_domains(columns: dict, spec: InputSpec):
         fractional = fractional[i, k]
     raise bad_request(f"column '{names[k]}' row {i}: {columns[names[k]][i]!r:.40} {spec.domains[names[k]].wrong(fractional)}")
 
+def _keys_read(payload: dict) -> int:
+    "How many keys the objects of a request hold where requests have objects: the body, its payload object, records, params (not nested)."
+    n = len(payload)
+    for v in payload.values():
+        if type(v) is dict: n += len(v)
+        elif type(v) is list and v and type(v[0]) is dict: n += sum(len(r) for r in v if type(r) is dict)
+    return n
+
+class _Repeated(Exception): pass
+
+def _no_repeats(pairs: list) -> dict:
+    "An object of `pairs` (json's `object_pairs_hook`), raising `_Repeated` with the first key given twice."
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        raise _Repeated(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+def repeated_key(body: bytes, payload: dict) -> str | None:
+    """The first key given twice in one JSON object of `body` (whose parse is `payload`), or None.
+
+    JSON readers disagree on a repeated key: orjson and Python's json (MLflow's scoring server) keep the last value, DuckDB's
+    and Spark's JSON readers of the inference table may keep the first or fail, so a request scored on one value would be
+    monitored on another. Every key is followed by one colon: when the body has exactly as many colons as the keys read
+    (the common request), no key was repeated; otherwise (colons in text, nested objects) Python's json reads it again and
+    names the repeated key."""
+    if body.count(b":") == _keys_read(payload): return None
+    try: json.loads(body, object_pairs_hook=_no_repeats)
+    except _Repeated as e: return e.args[0]
+    except (ValueError, RecursionError): return None  # what orjson read but Python's json does not (e.g. 1,100 levels deep)
+    return None
+
 def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> ParsedRequest:
     "Parse and validate an invocation body against `spec`; raise a 400 ServingError naming what is wrong."
     try: payload = orjson.loads(body)
@@ -305,6 +338,9 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
         hint = "; NaN and Infinity are not JSON, send null for a missing value" if re.search(rb"NaN|Infinity", body[:1_000_000]) else ""
         raise bad_request(f"request body is not valid JSON: {e}{hint}") from None
     if not isinstance(payload, dict): raise bad_request(f"request body must be a JSON object with one of {', '.join(PAYLOAD_KEYS)}")
+    if (repeated := repeated_key(body, payload)) is not None:
+        raise bad_request(f"the request gives the key {repeated!r:.80} twice in one JSON object; give each key once "
+                          "(readers of the inference table would not all keep the same value)")
     given = [k for k in PAYLOAD_KEYS if k in payload]
     if len(given) != 1:
         raise bad_request(f"request must have exactly one of {', '.join(PAYLOAD_KEYS)}; it has {', '.join(given) if given else 'none'}")
