@@ -198,6 +198,8 @@ def serve(env: Optional[str] = EnvOption,
           read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1, help="Seconds a client has to send a whole request (headers and body) before its connection is closed."),
           request_log_mb: float = typer.Option(RuntimeSettings.request_log_mb, min=0.001, help="Size at which an endpoint's request log (serving/requests/<endpoint>.jsonl) is rotated."),
           request_log_files: int = typer.Option(RuntimeSettings.request_log_files, min=1, help="Rotated request log files kept per endpoint besides the current one."),
+          max_header_kb: float = typer.Option(RuntimeSettings.max_header_kb, min=1, help="KiB a request's line and headers may take; more is answered 431."),
+          max_connections: int = typer.Option(RuntimeSettings.max_connections, min=0, help="Connections each process keeps open (the oldest idle one makes room for a new one); 0: the descriptor limit less 256 kept for files.", show_default="0"),
           workers: int = typer.Option(1, min=1, help="Processes serving on the port (SO_REUSEPORT; metrics summed over them); 1 serves in this process."),
           settings: Optional[str] = typer.Option(None, hidden=True, help="(internal) every setting at once, as JSON: how a background start and each worker get them."),
           worker: Optional[int] = typer.Option(None, hidden=True, help="(internal) serve as this worker of a set started with --workers.")):
@@ -212,7 +214,8 @@ def serve(env: Optional[str] = EnvOption,
             return
         port = e.var("serving_port", int) if port is None else port
         try: chosen = RuntimeSettings.from_json(settings) if settings else RuntimeSettings(
-            metrics_interval=metrics_interval, read_timeout=read_timeout, request_log_mb=request_log_mb, request_log_files=request_log_files)
+            metrics_interval=metrics_interval, read_timeout=read_timeout, request_log_mb=request_log_mb, request_log_files=request_log_files,
+            max_header_kb=max_header_kb, max_connections=max_connections)
         except ValueError as bad: raise InputError(f"--settings: {bad}") from None
         if not background:
             serve_forever(e, port=port, settings=chosen, workers=workers, worker=worker)

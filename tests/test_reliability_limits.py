@@ -1,6 +1,8 @@
 """Limits of a long-running serving runtime, against a real runtime process on loopback: a client that never finishes
 its request is disconnected after the read timeout (and others are served meanwhile), and an endpoint's request log
-stays within its bound, rotated into the configured number of files, readable oldest first."""
+stays within its bound, rotated into the configured number of files, readable oldest first; header and connection floods
+are bounded (431, the oldest idle connection closed for a new one) and leave descriptors for the inference table's flush."""
+import resource
 import socket
 import sys
 import time
@@ -9,9 +11,11 @@ import cloudpickle
 import httpx
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 from conftest import expensive
-from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput
+from databricks.sdk.service.serving import (AiGatewayConfig, AiGatewayInferenceTableConfig, EndpointCoreConfigInput,
+                                            ServedEntityInput)
 
 from serving_mlops.config import get_environment
 from serving_mlops.feature_store import in_experiment
@@ -19,6 +23,7 @@ from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.process import start_server, stop_server, workspace_client
 from serving_mlops.serving.settings import RuntimeSettings
 from serving_mlops.serving.request_log import read_request_log
+from serving_mlops.tables import tables_for
 
 READ_TIMEOUT = 2.0  # seconds; the runtime's default is 20
 MARGIN = 15.0  # seconds past the timeout that a closed connection may take to be seen on a shared machine
@@ -98,12 +103,17 @@ def test_the_console_closes_half_sent_requests_too(home):
     finally: stop_console(env)
 
 
-def test_request_log_is_bounded_and_rotated(runtime):
-    env, url = runtime
+def log_doubler(env):
+    "dev.credit.doubler version 1: twice its column x."
     with in_experiment(env, "/Shared/limits"), mlflow.start_run():  # artifacts in the workspace
         x = pd.DataFrame({"x": [1.0, 2.0]})
         mlflow.pyfunc.log_model(name="doubler", python_model=Doubler(), registered_model_name="dev.credit.doubler",
                                 signature=mlflow.models.infer_signature(x, x["x"] * 2), pip_requirements=["mlflow"])
+
+
+def test_request_log_is_bounded_and_rotated(runtime):
+    env, url = runtime
+    log_doubler(env)
     w = workspace_client(env)
     w.serving_endpoints.create_and_wait("log", config=EndpointCoreConfigInput(
         name="log", served_entities=[ServedEntityInput(entity_name="dev.credit.doubler", entity_version="1")]))
@@ -123,3 +133,60 @@ def test_request_log_is_bounded_and_rotated(runtime):
     assert [o["status_code"] for o in kept] == [s for _, s in sent[-len(kept):]]  # the newest outcomes, oldest first
     assert [o["databricks_request_id"] for o in kept if o["status_code"] == 200] == [i for i, s in sent[-len(kept):] if s == 200]
     assert {o["error_code"] for o in kept if o["status_code"] == 400} == {"BAD_REQUEST"}
+
+
+@pytest.mark.slow  # a runtime process and 2,000 connections
+def test_header_and_connection_floods_are_bounded_and_a_valid_client_is_served(home):
+    """Issue 28 item 6: a 128 MB header grew the runtime by 246 MB; 20,400 idle connections used every descriptor, a valid client
+    was refused and the inference table's flush failed with "Too many open files". Now, with 1,024 descriptors and 2,000 idle
+    connections: the oldest idle ones are closed for new ones, a valid client is answered, the flush writes, a 128 MB header
+    gets 431 (or its connection closed) after 64 KiB, and the runtime grows by under 50 MB."""
+    env = get_environment("dev")
+    log_doubler(env)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the runtime process inherits it (this process needs more: restored)
+    try: info = start_server(env, settings=RuntimeSettings(read_timeout=120))  # idle connections outlive the test: only the bound closes them
+    finally: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    url, runtime = info["url"], psutil.Process(info["pid"])
+    host, port = url.removeprefix("http://").split(":")
+    token = {"Authorization": f"Bearer {serving_token(env)}"}
+    try:
+        workspace_client(env).serving_endpoints.create_and_wait("flood", config=EndpointCoreConfigInput(
+            name="flood", served_entities=[ServedEntityInput(entity_name="dev.credit.doubler", entity_version="1")]),
+            ai_gateway=AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
+                catalog_name="dev", schema_name="credit", table_name_prefix="flood", enabled=True)))
+        before = runtime.memory_info().rss
+        idle = [socket.create_connection((host, int(port))) for _ in range(2_000)]
+        with httpx.Client(headers=token, timeout=30) as client:  # a valid client, with the flood open
+            for i in range(20):
+                r = client.post(f"{url}/serving-endpoints/flood/invocations", json={"dataframe_records": [{"x": float(i)}]})
+                assert r.status_code == 200 and r.json()["predictions"] == [2.0 * i], r.text
+        assert len(runtime.open_files()) + len(runtime.net_connections()) < 1024 - 100  # room left for files
+
+        def huge_header() -> bytes:
+            with socket.create_connection((host, int(port))) as s:
+                try:
+                    s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
+                    chunk = b"a" * 2**20
+                    for _ in range(128): s.sendall(chunk)  # 128 MB, unless the server closes first
+                except (BrokenPipeError, ConnectionResetError): pass
+                try: return s.recv(4096)
+                except ConnectionResetError: return b""
+        answer = huge_header()
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        assert runtime.memory_info().rss - before < 50 * 2**20, (before, runtime.memory_info().rss)
+        closed = 0
+        for s in idle:  # the oldest idle connections were closed to make room
+            s.setblocking(False)
+            try: closed += s.recv(1) == b""
+            except BlockingIOError: pass
+            except ConnectionResetError: closed += 1
+            s.close()
+        assert closed >= 2_000 - (1024 - 256), closed
+        payload, deadline = env.table_name("flood_payload"), time.monotonic() + 60
+        while time.monotonic() < deadline and not (tables_for(env).exists(payload) and tables_for(env).count(payload) >= 20): time.sleep(0.5)
+        assert tables_for(env).count(payload) == 20  # the flush found its descriptors
+        log = (env.root / "serving" / "server.log").read_text(errors="replace")
+        assert "Too many open files" not in log and "Traceback" not in log, log[-2000:]
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    finally: stop_server(env)

@@ -24,7 +24,7 @@ from starlette.routing import Route
 from ..config import Environment
 from ..errors import InputError
 from ..serving.app import serving_token
-from ..serving.process import (READ_TIMEOUT, ReadTimeoutProtocol, bind_port, drop_info, service_file, service_info, start_service,
+from ..serving.process import (READ_TIMEOUT, GuardedHTTPProtocol, bind_port, drop_info, service_file, service_info, start_service,
                                            stop_service, write_info)
 from . import endpoints, views
 from .base import page, plotly_js
@@ -121,7 +121,7 @@ def serve_console(env: Environment, port: int = 0, announce=print,
     started = lambda: write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "login": login_link(url, secret)})
     app = console_app(env, secret, on_started=started, on_stopped=lambda: drop_info(info))
     announce(f"console of environment '{env.name}': {login_link(url, secret)}")
-    config = uvicorn.Config(app, http=ReadTimeoutProtocol.within(read_timeout), log_level="warning", access_log=False, lifespan="on",
+    config = uvicorn.Config(app, http=GuardedHTTPProtocol.within(read_timeout), log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=5)  # a connection whose request does not arrive whole in time is closed
     uvicorn.Server(config).run(sockets=[sock])
 

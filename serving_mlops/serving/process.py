@@ -9,6 +9,7 @@ import contextlib
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -34,33 +35,89 @@ from .workers import SharedState, Workers
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'READ_TIMEOUT', 'SERVICES', 'STABLE_SECONDS', 'SERVICE_COMMANDS', 'ReadTimeoutProtocol', 'service_file',
-           'server_file', 'write_info', 'drop_info', 'bind_port', 'serve', 'workers_folder', 'restart_delay',
-           'supervise', 'service_on_port', 'service_info', 'server_info', 'start_service', 'start_server',
-           'stop_service', 'stop_server', 'wait_exit', 'workspace_client', 'local_services', 'stop_local_services']
+__all__ = ['log', 'READ_TIMEOUT', 'FD_RESERVE', 'SERVICES', 'STABLE_SECONDS', 'SERVICE_COMMANDS', 'connection_cap', 'raw_answer',
+           'GuardedHTTPProtocol', 'service_file', 'server_file', 'write_info', 'drop_info', 'bind_port', 'serve',
+           'workers_folder', 'restart_delay', 'supervise', 'service_on_port', 'service_info', 'server_info',
+           'start_service', 'start_server', 'stop_service', 'stop_server', 'wait_exit', 'workspace_client',
+           'local_services', 'stop_local_services']
 
 # %% ../../nbs/08g_serving_process.ipynb #96f1cc6f
 READ_TIMEOUT = RuntimeSettings.read_timeout  # seconds a client has to send a whole request, headers and body (by default)
+FD_RESERVE = 256  # descriptors a serving process keeps for files (the inference table's flush, request logs, models, SQLite)
+_HEADERS_COUNTED = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"  # (without httptools, h11 bounds headers itself: h11_max_incomplete_event_size)
 
-class ReadTimeoutProtocol(AutoHTTPProtocol):
-    "uvicorn's HTTP protocol, closing a connection whose request has not fully arrived `read_timeout` seconds after it could start."
-    read_timeout = READ_TIMEOUT
+def connection_cap(max_connections: int = 0) -> int:
+    "Connections one process keeps open: `max_connections` (0: no bound of its own), at most its descriptor limit less `FD_RESERVE`."
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = 1 << 20 if soft == resource.RLIM_INFINITY else max(soft - FD_RESERVE, 16)
+    return min(max_connections, room) if max_connections > 0 else room
+
+def raw_answer(status: str, error_code: str, message: str, headers: bytes = b"") -> bytes:
+    "A whole HTTP/1.1 answer with a Databricks-shaped error body that closes the connection: what the protocol says before any app sees a request."
+    body = orjson.dumps({"error_code": error_code, "message": message})
+    return f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {len(body)}\r\n".encode() + headers + b"\r\n" + body
+
+class GuardedHTTPProtocol(AutoHTTPProtocol):
+    """uvicorn's HTTP protocol with the bounds it leaves out: a deadline for receiving each request, the bytes of its line and headers
+    (431 beyond), and the connections kept open (the oldest without a request being answered makes room; else 503)."""
+    read_timeout, max_header_bytes, max_connections = READ_TIMEOUT, int(RuntimeSettings.max_header_kb * 1024), connection_cap()
+    _open: dict = {}  # this server's connections, the longest idle first (each `within` class has its own)
 
     @classmethod
-    def within(cls, seconds: float) -> type:
-        "This protocol with a deadline of `seconds`."
-        return type(cls.__name__, (cls,), {"read_timeout": seconds})
+    def within(cls, read_timeout: float = READ_TIMEOUT, max_header_kb: float = RuntimeSettings.max_header_kb, max_connections: int = 0) -> type:
+        "This protocol with these bounds, for one server."
+        return type(cls.__name__, (cls,), {"read_timeout": read_timeout, "max_header_bytes": int(max_header_kb * 1024),
+                                           "max_connections": connection_cap(max_connections), "_open": {}})
 
     def connection_made(self, transport):
+        self._admitted = len(self._open) < self.max_connections or self._make_room()
+        if not self._admitted:
+            transport.write(raw_answer("503 Service Unavailable", "TEMPORARILY_UNAVAILABLE", f"the server has {self.max_connections} connections "
+                                       "open, each with a request being answered; retry shortly", b"retry-after: 1\r\n"))
+            return transport.close()  # its descriptor is free again at once
+        self._open[self] = None
+        self._header_bytes, self._in_headers = 0, _HEADERS_COUNTED
         super().connection_made(transport)
         self._deadline = self.loop.call_later(self.read_timeout, self._expire)
 
-    def on_response_complete(self):  # the next request on the connection gets a deadline of its own
+    def _make_room(self) -> bool:
+        "Close the longest idle connection without a request being answered (waiting for one, or its headers still arriving)."
+        for other in self._open:
+            if other.cycle is None or other.cycle.response_complete:
+                del self._open[other]
+                other.transport.close()
+                return True
+        return False
+
+    def data_received(self, data: bytes):
+        if self._in_headers and len(data) > (room := self.max_header_bytes - self._header_bytes):
+            super().data_received(data[:room])  # the parser never holds more of a header section than the bound
+            if self._in_headers:
+                self.transport.write(raw_answer("431 Request Header Fields Too Large", "BAD_REQUEST", "the request line and headers are over "
+                                                f"{self.max_header_bytes // 1024} KiB; send less in headers (a body may have up to 16 MiB)"))
+                return self.transport.close()
+            if len(data) > room and not self.transport.is_closing(): self.data_received(data[room:])  # the body, or the next request
+            return
+        if self._in_headers: self._header_bytes += len(data)
+        super().data_received(data)
+
+    def on_headers_complete(self):  # (httptools' parser calls these three)
+        self._in_headers = False
+        super().on_headers_complete()
+
+    def on_message_complete(self):  # what follows starts another request: its header bytes are counted afresh
+        super().on_message_complete()
+        self._in_headers, self._header_bytes = True, 0
+
+    def on_response_complete(self):  # the next request on the connection gets a deadline of its own; the connection is the newest idle one
         super().on_response_complete()
         self._deadline.cancel()
         self._deadline = self.loop.call_later(self.read_timeout, self._expire)
+        if self in self._open: self._open[self] = self._open.pop(self)
 
     def connection_lost(self, exc):
+        if not self._admitted: return
+        self._open.pop(self, None)
         self._deadline.cancel()
         super().connection_lost(exc)
 
@@ -151,8 +208,9 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0,
         log.info("serving runtime of environment %s stopped", env.name)
 
     app = make_app(env, settings, on_started=started, on_stopped=stopped, coordinator=None if shared is None else Workers(shared))
-    config = uvicorn.Config(app, http=ReadTimeoutProtocol.within(settings.read_timeout), log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=30, lifespan="on")
+    http = GuardedHTTPProtocol.within(settings.read_timeout, settings.max_header_kb, settings.max_connections)
+    config = uvicorn.Config(app, http=http, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="on",
+                            h11_max_incomplete_event_size=http.max_header_bytes)
     uvicorn.Server(config).run(sockets=[sock])
 
 # %% ../../nbs/08g_serving_process.ipynb #cc5ea5d9

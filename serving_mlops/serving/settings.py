@@ -27,6 +27,8 @@ class RuntimeSettings:
     request_log_files: int = REQUEST_LOG_FILES  # rotated request log files kept per endpoint besides the current one
     max_rows: int = MAX_ROWS  # rows of one invocation
     capture_interval: float = 1.0  # seconds between inference table flushes
+    max_header_kb: float = 64.0  # request line and headers of one request; more is answered 431 (nginx allows 32 KiB, Node.js 16)
+    max_connections: int = 0  # connections each process keeps open (0: its descriptor limit less 256 kept for files)
 
     def to_json(self) -> str: return orjson.dumps(dataclasses.asdict(self)).decode()
 
