@@ -15,7 +15,7 @@ import numpy as np
 from .data import BILL_COLUMNS, LABEL_COLUMN, PAY_AMT_COLUMNS, PAY_COLUMNS
 
 # %% auto #0
-__all__ = ['RULES', 'FEATURE_DOMAINS', 'Domain', 'DomainCheck', 'iso_date']
+__all__ = ['AMOUNT_MAX', 'RULES', 'FEATURE_DOMAINS', 'Domain', 'DomainCheck', 'iso_date']
 
 # %% ../nbs/02a_domains.ipynb #6f631187
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Domain:
         "What a (whole) number outside the domain is, e.g. 'is outside 18..100' or 'is not one of 1, 2'."
         if self.kind == "code": return f"is not one of {', '.join(map(str, self.allowed))}"
         lo, hi = self.allowed
-        return f"is outside {lo}..{hi}" if lo is not None and hi is not None else f"is not at least {lo}" if lo is not None else f"is not at most {hi}"
+        return f"is outside {lo:,}..{hi:,}" if lo is not None and hi is not None else f"is not at least {lo:,}" if lo is not None else f"is not at most {hi:,}"
 
     def wrong(self, fractional: bool) -> str: return "is not a whole number" if fractional else self.outside
 
@@ -81,16 +81,18 @@ def iso_date(value) -> date | None:
     except ValueError: return None
 
 # %% ../nbs/02a_domains.ipynb #a0bacc3b
+AMOUNT_MAX = 10**9  # NT$ in one credit limit, bill or payment: a thousand times the dataset's largest limit (1,000,000)
+
 RULES = {  # raw UCI column -> its domain
     "ID": Domain("integer", (1, None)),
-    "LIMIT_BAL": Domain("number", (1, None)),
+    "LIMIT_BAL": Domain("number", (1, AMOUNT_MAX)),
     "SEX": Domain("code", (1, 2)),
     "EDUCATION": Domain("code", (0, 1, 2, 3, 4, 5, 6)),
     "MARRIAGE": Domain("code", (0, 1, 2, 3)),
     "AGE": Domain("integer", (18, 100)),
     **{c: Domain("integer", (-2, 8)) for c in PAY_COLUMNS},
-    **{c: Domain("number", (None, None)) for c in BILL_COLUMNS},
-    **{c: Domain("number", (0, None)) for c in PAY_AMT_COLUMNS},
+    **{c: Domain("number", (-AMOUNT_MAX, AMOUNT_MAX)) for c in BILL_COLUMNS},
+    **{c: Domain("number", (0, AMOUNT_MAX)) for c in PAY_AMT_COLUMNS},
     LABEL_COLUMN: Domain("code", (0, 1)),
 }
 
@@ -108,7 +110,8 @@ FEATURE_DOMAINS = {  # column of the feature tables (keys and features) -> its d
     "marital_status": Domain("code", (1, 2, 3)),  # MARRIAGE with 0 (unknown) as 3 (others)
     "months_observed": _MONTHS, "months_delinquent_6m": _MONTHS, "months_paid_in_full_6m": _MONTHS,
     "max_delay_6m": _DELAY, "recent_delay": _DELAY,
-    **{c: Domain("number", (0, None)) for c in ("utilisation_1m", "utilisation_mean_6m", "utilisation_max_6m")},
+    **{c: Domain("number", (0, AMOUNT_MAX)) for c in ("utilisation_1m", "utilisation_mean_6m", "utilisation_max_6m")},
     **{c: Domain("number", (0, 1)) for c in ("pay_ratio_1m", "pay_ratio_mean_6m")},
-    **{c: Domain("number") for c in ("utilisation_trend_6m", "bill_growth_1m", "bill_growth_6m")},
+    "utilisation_trend_6m": Domain("number", (-AMOUNT_MAX, AMOUNT_MAX)),
+    **{c: Domain("number", (-2 * AMOUNT_MAX, 2 * AMOUNT_MAX)) for c in ("bill_growth_1m", "bill_growth_6m")},
 }

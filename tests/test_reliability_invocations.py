@@ -75,7 +75,10 @@ def test_finding_8_loose_types_and_values_ingest_would_quarantine_are_400(ws, do
         for column, value, expected in [("age", -1, "is outside 18..100"), ("age", 1e308, "is outside 18..100"),
                                         ("age", 35.5, "is not a whole number"), ("sex", 7, "is not one of 1, 2"),
                                         ("education_level", 99, "is not one of 1, 2, 3, 4"),
-                                        ("marital_status", 0, "is not one of 1, 2, 3"), ("limit_balance", 0, "is not at least 1"),
+                                        ("marital_status", 0, "is not one of 1, 2, 3"), ("limit_balance", 0, "is outside 1..1,000,000,000"),
+                                        ("limit_balance", 1e308, "is outside 1..1,000,000,000"),  # it changed the score (issue 28)
+                                        ("utilisation_1m", 1e308, "is outside 0..1,000,000,000"),
+                                        ("bill_growth_1m", -1e308, "is outside -2,000,000,000..2,000,000,000"),
                                         ("pay_ratio_1m", 1.5, "is outside 0..1"), ("recent_delay", 9, "is outside 0..8")]:
             rows = [key(3), {"customer_id": 4, column: value}]
             refused(invoke(ws, "door", {"dataframe_records": rows}, client), f"column '{column}' row 1: {value!r} {expected}")
