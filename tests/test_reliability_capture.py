@@ -103,7 +103,7 @@ def test_a_torn_tail_is_skipped_reported_once_and_later_records_arrive(tmp_path,
         again.write(record(8)); again.flush()
     assert sorted(table_ids(tables)) == [f"r{i}" for i in (0, 1, 2, 3, 5, 6, 7, 8)]
     assert len(skipped_warnings(caplog)) == 1 and segment.name in skipped_warnings(caplog)[0]  # logged once, naming the file
-    assert again.counts["damaged"] == 1 and again.status() == {"status": "OK", "records_lost": 0, "damaged_regions": 1}
+    assert again.counts["damaged"] == 1 and again.status() == {"status": "OK", "records_waiting": 0, "records_lost": 0, "damaged_regions": 1}
     again.close()
 
 
@@ -251,6 +251,7 @@ def test_a_runtime_with_a_full_disk_answers_every_request_counts_what_it_could_n
         assert set(answered[:20]) <= in_table and set(answered[-30:]) <= in_table  # before the disk filled, and after space returned
         assert 75 <= lost <= 150 and after["status"] == "OK" and "message" not in after  # capture resumed by itself
         assert metric(ws, name, "serving_capture_failing", stage="write") == metric(ws, name, "serving_capture_failing", stage="flush") == 0
+        assert after["records_waiting"] == metric(ws, name, "serving_capture_records_waiting") == 0  # every acknowledged record is in the table
     finally:
         try: ws.w.serving_endpoints.delete(name)  # closes the log's files on the tmpfs
         finally: unmount(folder)

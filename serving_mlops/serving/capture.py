@@ -180,6 +180,8 @@ class InferenceLog:
         # position cannot be read, segments are numbered apart (`pending-N.wal`) and get their numbers once it can
         self.pending = self.position is None
         self.segment = max(self.segments(pending=True), default=0) if self.pending else max([*self.segments(), self.position])
+        self.held = {(pending, k): len(read_bodies(self._path(k, pending).read_bytes())[0])  # (pending, segment) -> acknowledged records
+                     for pending in (False, True) for k in self.segments(pending)}       # in it that the table does not have yet
         self.fd, self.size = None, 0
         with self.lock:
             try: self._next_segment()
@@ -210,6 +212,7 @@ class InferenceLog:
         last, renamed = max([*self.segments(), self.position]), {}
         for k in waiting:  # in the order they were written; a segment's open descriptor survives its rename
             last += 1; os.replace(self._path(k, pending=True), self._path(last)); renamed[k] = last
+            self.held[(False, last)] = self.held.pop((True, k), 0)
         if self.pending: self.segment, self.pending = renamed.get(self.segment, last), False  # the one being written keeps its descriptor
         sync_folder(self.folder)
 
@@ -238,6 +241,7 @@ class InferenceLog:
                     except OSError: os.close(self.fd); self.fd = None  # leave the segment: its torn tail is skipped when flushed
                 return self._lost(e)
             self.size += len(data); self.counts["written"] += 1
+            at = (self.pending, self.segment); self.held[at] = self.held.get(at, 0) + 1
             if self.write_error is not None:
                 log.warning("inference log %s: writing again (%d records lost in all)", self.folder, self.counts["lost"])
                 self.write_error = None
@@ -257,6 +261,7 @@ class InferenceLog:
             for s in [s for s in self.segments() if s < active]:
                 if s > self.position: n += self._append(s); self.position = s
                 self._path(s).unlink(missing_ok=True)
+                self.held.pop((False, s), None)
             return n
 
     def _append(self, segment: int) -> int:
@@ -289,11 +294,17 @@ class InferenceLog:
                 self.flush_error = None
             wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 3))  # 3 s at most: rows stay seconds behind, as monitoring expects
 
+    @property
+    def waiting(self) -> int:
+        "Records acknowledged (their requests answered) that the table does not have yet: in the log's segments, flushed or not."
+        return sum(list(self.held.values()))  # (list(): one step under the GIL, while writes add to the dict)
+
     def status(self) -> dict:
-        "What the endpoint's GET shows of its capture: OK or what fails, and the records it could not log or had to skip."
+        "What the endpoint's GET shows of its capture: OK or what fails, the records waiting for the table, those it could not log or had to skip."
         error = self.write_error or self.flush_error
         return {"status": "WRITE_FAILING" if self.write_error else "FLUSH_FAILING" if self.flush_error else "OK",
-                "records_lost": self.counts["lost"], "damaged_regions": self.counts["damaged"], **({"message": error} if error else {})}
+                "records_waiting": self.waiting, "records_lost": self.counts["lost"], "damaged_regions": self.counts["damaged"],
+                **({"message": error} if error else {})}
 
     def close(self):
         "Stop the thread and flush what is left."

@@ -18,9 +18,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from ..config import process_alive
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'CAPTURE_COUNTERS', 'WINDOW_FIELDS', 'WINDOW',
-           'WINDOW_START', 'WINDOW_CPU', 'CAPTURE_TOTALS', 'CAPTURE_FAILING', 'CAPTURE_SHARED', 'EndpointMetrics',
-           'capture_families', 'multiprocess_families', 'family_of', 'SharedCounts', 'publish_capture_state']
+__all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'CAPTURE_COUNTERS', 'CAPTURE_WAITING_DOC',
+           'WINDOW_FIELDS', 'WINDOW', 'WINDOW_START', 'WINDOW_CPU', 'CAPTURE_TOTALS', 'CAPTURE_FAILING',
+           'CAPTURE_WAITING', 'CAPTURE_SHARED', 'EndpointMetrics', 'capture_families', 'multiprocess_families',
+           'family_of', 'SharedCounts', 'publish_capture_state']
 
 # %% ../../nbs/08d_serving_metrics.ipynb #4e8a3a0d
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 600000)
@@ -153,6 +154,8 @@ CAPTURE_COUNTERS = {  # InferenceLog.counts key -> metric name (without _total) 
     "flushed": ("serving_capture_records_flushed", "Records appended to the endpoint's inference table"),
     "damaged": ("serving_capture_damaged_regions", "Torn or damaged runs of bytes skipped in the inference log")}
 
+CAPTURE_WAITING_DOC = ("serving_capture_records_waiting", "Records acknowledged (their requests answered) that the endpoint's inference table does not have yet")
+
 def capture_families(endpoint: str, capture) -> list:
     "The metric families of an endpoint's capture (an `InferenceLog`): its counters, and whether writing or flushing fails now."
     families = []
@@ -163,7 +166,9 @@ def capture_families(endpoint: str, capture) -> list:
                                 labels=["endpoint", "stage"])
     failing.add_metric([endpoint, "write"], int(capture.write_error is not None))
     failing.add_metric([endpoint, "flush"], int(capture.flush_error is not None))
-    return families + [failing]
+    waiting = GaugeMetricFamily(*CAPTURE_WAITING_DOC, labels=["endpoint"])
+    waiting.add_metric([endpoint], capture.waiting)
+    return families + [failing, waiting]
 
 # %% ../../nbs/08d_serving_metrics.ipynb #9aceb918
 WINDOW_FIELDS = ("count", "c4xx", "c5xx", "sum_ms", *[f"le{i}" for i in range(len(LATENCY_BUCKETS_MS) + 1)])
@@ -176,7 +181,8 @@ WINDOW_CPU = Gauge("serving_window_cpu", "A worker's CPU percentage in the inter
 CAPTURE_TOTALS = {key: Counter(name, doc, ["endpoint"], registry=None) for key, (name, doc) in CAPTURE_COUNTERS.items()}
 CAPTURE_FAILING = Gauge("serving_capture_failing", "1 while the inference log cannot write (stage write) or flush (stage flush)",
                         ["endpoint", "stage"], multiprocess_mode="livemax", registry=None)
-CAPTURE_SHARED = [*(name for name, _ in CAPTURE_COUNTERS.values()), "serving_capture_failing"]
+CAPTURE_WAITING = Gauge(*CAPTURE_WAITING_DOC, ["endpoint"], multiprocess_mode="livesum", registry=None)  # summed over the live workers
+CAPTURE_SHARED = [*(name for name, _ in CAPTURE_COUNTERS.values()), "serving_capture_failing", CAPTURE_WAITING_DOC[0]]
 
 def multiprocess_families() -> dict:
     "Every worker's metric families, merged by prometheus-client's multiprocess collector, by name."
@@ -203,3 +209,4 @@ def publish_capture_state(endpoint: str, capture):
     "Whether this worker's inference log fails to write or flush now, for the shared `serving_capture_failing`."
     CAPTURE_FAILING.labels(endpoint, "write").set(int(capture.write_error is not None))
     CAPTURE_FAILING.labels(endpoint, "flush").set(int(capture.flush_error is not None))
+    CAPTURE_WAITING.labels(endpoint).set(capture.waiting)
