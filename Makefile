@@ -35,6 +35,9 @@ demo: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:SharedArchiveFile=$(CURDIR)
 # sending tests one by one.
 # tests/test_replay.py is `make replay`'s (its own tier: it builds Databricks Runtime 18 ML's library set once, then runs the loop)
 PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile --no-loadscope-reorder -p no:randomly --timeout 900 --ignore=tests/test_replay.py
+# the notebooks' tests run beside pytest: pytest's workers wait on processes, servers and JVMs about a third of the time,
+# and one notebook at a time fills much of it (sequentially, the two took 136 s + 536 s on 2026-12-06)
+NBDEV_LOG := $(VENV)/nbdev_test.log
 # `make check NB=nbs/06_train.ipynb` tests that notebook; by default the notebooks changed since the last commit
 NB ?= $(shell git status --porcelain -- nbs 2>/dev/null | awk '/\.ipynb$$/ {print $$NF}')
 
@@ -107,8 +110,10 @@ demo: $(VENV)/.installed java $(SPARK_CLASSES) ## the scenario's loop offline: b
 
 test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASSES) ## the whole suite (CI runs it): import layers, every notebook (nbdev_test), every test (pytest)
 	$(BIN)/lint-imports --no-cache
-	@echo "== nbdev_test: every notebook" && t=$$(date +%s) && $(BIN)/nbdev_test --n_workers 2 --timing && echo "nbdev_test: $$(( $$(date +%s) - t )) s"
-	@echo "== pytest" && t=$$(date +%s) && $(PYTEST) --durations=15 && echo "pytest: $$(( $$(date +%s) - t )) s"
+	@echo "== nbdev_test (every notebook, one at a time, output in $(NBDEV_LOG)) beside pytest"; t=$$(date +%s); \
+	 ( $(BIN)/nbdev_test --n_workers 1 --timing > $(NBDEV_LOG) 2>&1; s=$$?; echo "nbdev_test: $$(( $$(date +%s) - t )) s" >> $(NBDEV_LOG); exit $$s ) & nb=$$!; \
+	 $(PYTEST) --durations=15; pt=$$?; echo "pytest: $$(( $$(date +%s) - t )) s"; \
+	 wait $$nb; nbs=$$?; echo "== nbdev_test"; cat $(NBDEV_LOG); [ $$pt -eq 0 ] && [ $$nbs -eq 0 ]
 
 replay: $(VENV)/.installed-dev java ## Databricks first contact, offline: the deployed bundle's whole loop on Databricks Runtime 18 ML's library versions (CI runs it)
 	@echo "== replay: the wheel and synced notebooks as a job cluster runs them (the first run builds the runtime's libraries, about 2.5 min)"
