@@ -33,8 +33,12 @@ demo: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:SharedArchiveFile=$(CURDIR)
 # (tests/conftest.py orders them by their last time; xdist's own reorder would put the modules with most tests first).
 # Not --dist loadgroup: with pytest 9, pytest-xdist 3.8 cannot rename the tests of a group, and loadgroup falls back to
 # sending tests one by one.
+# `make test` runs three workers beside the notebooks' tests on two cores: a third of a worker's time is waiting on processes,
+# servers and JVMs, which the others fill; `make check`'s fast tests keep two
+PYTEST_WORKERS := 2
+test: PYTEST_WORKERS := 3
 # tests/test_replay.py is `make replay`'s (its own tier: it builds Databricks Runtime 18 ML's library set once, then runs the loop)
-PYTEST := $(BIN)/pytest tests -n 2 --dist loadfile --no-loadscope-reorder -p no:randomly --timeout 900 --ignore=tests/test_replay.py
+PYTEST = $(BIN)/pytest tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -p no:randomly --timeout 900 --ignore=tests/test_replay.py
 # the notebooks' tests run beside pytest: pytest's workers wait on processes, servers and JVMs about a third of the time,
 # and one notebook at a time fills much of it (sequentially, the two took 136 s + 536 s on 2026-12-06)
 NBDEV_LOG := $(VENV)/nbdev_test.log
