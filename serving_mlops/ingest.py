@@ -142,7 +142,7 @@ def parse_column(values: pa.Array | pa.ChunkedArray | pd.Series, column: str, re
 
 
 # %% ../nbs/03_ingest.ipynb #fa1b8ebb
-_ID_TEXT = r"^\s*\+?[0-9]{1,15}\s*$"  # digits only: an ID is a name, and 15 digits stay exact as a float
+_ID_TEXT = r"^\s*[1-9][0-9]{0,14}\s*$"  # digits only, no sign or leading zero: an ID is a name ('05' and '+5' are not client 5); 15 digits stay exact as a float
 
 def _written_ids(values: pa.Array | pa.ChunkedArray | pd.Series, ids: np.ndarray, reasons: np.ndarray) -> np.ndarray:
     "`ids` with NaN where the file does not write the ID as digits (`1e6`, `7.0`), adding why to `reasons`."
@@ -150,7 +150,7 @@ def _written_ids(values: pa.Array | pa.ChunkedArray | pd.Series, ids: np.ndarray
     text = pc.fill_null(pc.cast(values, pa.string()), "")
     bad = ~np.isnan(ids) & ~pc.match_substring_regex(text, _ID_TEXT).to_numpy(zero_copy_only=False)  # other bad IDs have their reason
     shown = np.asarray(pc.utf8_trim_whitespace(text.filter(pa.array(bad))).to_pylist(), dtype=object)
-    _add(reasons, bad, "ID=" + shown + " is not written as 1 to 15 digits")
+    _add(reasons, bad, "ID=" + shown + " is not written as 1 to 15 digits without a sign or leading zero")
     return np.where(bad, np.nan, ids)
 
 def validate_clients(raw: pa.Table | pd.DataFrame, labelled: bool = True) -> tuple[pd.DataFrame, np.ndarray]:

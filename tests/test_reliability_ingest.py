@@ -54,15 +54,15 @@ def test_ids_not_written_as_digits_are_quarantined_with_file_column_and_line(env
     result = ingest_file(path, env, max_bad_fraction=1.0)
     assert (result.rows, result.quarantined) == (8, 4)
     summary = result.summary()
-    assert "quarantined 2 x ID=<value> is not written as 1 to 15 digits (first at line 3)" in summary, summary
+    assert "quarantined 2 x ID=<value> is not written as 1 to 15 digits without a sign or leading zero (first at line 3)" in summary, summary
     assert "quarantined 1 x ID=<value> is not a whole number (first at line 4)" in summary, summary
     assert "quarantined 1 x ID=<value> is not a number (first at line 5)" in summary, summary
     tables = tables_for(env)
     q = tables.read_pandas("dev.credit.quarantine_clients").sort_values("_source_row")
     assert q._source_file.unique().tolist() == [str(path.resolve())]
     assert q._source_row.tolist() == [2, 3, 4, 6]  # row n of the file is on line n + 1, under the header
-    assert q.reason.tolist() == ["ID=1e6 is not written as 1 to 15 digits", "ID=1.5 is not a whole number", "ID=abc is not a number",
-                                 "ID=12345678901234567 is not written as 1 to 15 digits"]
+    assert q.reason.tolist() == ["ID=1e6 is not written as 1 to 15 digits without a sign or leading zero", "ID=1.5 is not a whole number", "ID=abc is not a number",
+                                 "ID=12345678901234567 is not written as 1 to 15 digits without a sign or leading zero"]
     assert q.ID.tolist() == ["1e6", "1.5", "abc", "12345678901234567"]  # as received
     silver = tables.read_pandas("dev.credit.silver_clients")
     assert sorted(silver.customer_id) == [500, 504, 506, 507]  # nothing became customer 1000000, 1 or 12345678901234568
