@@ -20,15 +20,18 @@ from tqdm import tqdm
 
 from .config import Environment, using_mlflow
 from .errors import StepFailed
+from .feature_store import OnlineStore
 from .naming import inference_table, model_uri, served_entity_name
 from .registry import GateReport, alias_version, request_schema, scores
+from .serving.models import lookup_tables, version_lookups
 from .serving.process import workspace_client
 
 # %% auto #0
 __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for',
            'current_entities', 'target_config', 'get_endpoint', 'failure_reason', 'apply_config',
-           'inference_table_config', 'deploy', 'EndpointReport', 'golden_sample', 'required_inputs', 'endpoint_tests',
-           'being_created', 'rollback', 'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
+           'inference_table_config', 'serving_problem', 'deploy', 'EndpointReport', 'golden_sample', 'required_inputs',
+           'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families', 'entity_stats',
+           'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -103,14 +106,29 @@ def inference_table_config(env: Environment, endpoint: str) -> AiGatewayInferenc
     catalog, schema, table = inference_table(env, endpoint).split(".")
     return AiGatewayInferenceTableConfig(catalog_name=catalog, schema_name=schema, table_name_prefix=table.removesuffix("_payload"), enabled=True)
 
+def serving_problem(env: Environment, version: str) -> str | None:
+    """Why serving could not load `version` in `env`, or None: the runtime's own check of the online tables it would look
+    features up in (`lookup_tables`: published, with every feature the version looks up), made before the endpoint is touched.
+    A local target only: on Databricks, Model Serving's own load decides (the deployment fails and `deploy_and_test` rolls back)."""
+    if not env.is_local: return None
+    with using_mlflow(env): lookups = version_lookups(model_uri(env.model_name, version))
+    path = env.path("online", "online_store.db")
+    try: lookup_tables(lookups, OnlineStore(path) if path.exists() else None, env, model_uri(env.model_name, version))
+    except ValueError as e: return str(e)
+    return None
+
 def deploy(env: Environment, version: str | int = "champion", traffic: int = 100, endpoint: str | None = None,
            timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, client=None) -> ServingEndpointDetailed:
     "Serve `version` (number or alias) of the environment's model on its endpoint with `traffic` percent; wait until READY."
     if not 0 < traffic <= 100: raise DeploymentFailed(f"traffic must be 1..100 percent, got {traffic}")
     w = client or workspace_client(env)
     name, model = endpoint or env.endpoint_name, env.model_name
+    resolved = resolve_version(env, version)
+    if (problem := serving_problem(env, resolved)) is not None:  # what serving will need, before any traffic moves
+        raise DeploymentFailed(f"version {resolved} of {model} cannot be served in environment '{env.name}', so endpoint {name} was not "
+                               f"changed: {problem}")
     incumbent = get_endpoint(w, name)
-    entities, routes = target_config(model, resolve_version(env, version), incumbent, traffic)
+    entities, routes = target_config(model, resolved, incumbent, traffic)
     ep = apply_config(w, name, entities, routes, incumbent is not None, timedelta(minutes=timeout_minutes))
     capture = ep.ai_gateway.inference_table_config if ep.ai_gateway else None
     if not (capture and capture.enabled):  # monitoring reads the inference table: every deployed endpoint has one

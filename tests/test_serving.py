@@ -276,6 +276,29 @@ def test_a_version_whose_online_table_lacks_a_feature_does_not_load_and_a_column
     model.close()
 
 
+def test_deploy_checks_the_online_tables_before_it_touches_the_endpoint(ws):
+    "Issue 29 item 2: a version whose online table lacks a feature it looks up is refused by deploy, naming table and column, and the endpoint is not changed."
+    from serving_mlops.deploy import DeploymentFailed, deploy
+    from serving_mlops.feature_store import OnlineStore, latest_per_key
+    ws.world.use_mlflow()
+    demographic = ws.env.table_name("demographic_features")
+    online = OnlineStore(ws.env.path("online", "online_store.db"))  # the runtime's own online store
+    rows, version = latest_per_key(tables_for(ws.env).read_arrow(demographic), ["customer_id"], "snapshot_date"), online.published(demographic)["delta_version"]
+    create(ws, "needs", entity(ws, ws.v1))
+    before = ws.w.serving_endpoints.get("needs")
+    online.publish(demographic, rows.drop(["age"]), ["customer_id"], version + 1000)  # published again without a feature the model looks up
+    try:
+        with pytest.raises(DeploymentFailed, match=rf"version {ws.v2} of .* endpoint needs was not changed: .* looks up \['age'\] in the online table "
+                                                   rf"{demographic}, which has no such column; publish it"):
+            deploy(ws.env, ws.v2, endpoint="needs", client=ws.w)
+        after = ws.w.serving_endpoints.get("needs")
+        assert after.pending_config is None and after.config.config_version == before.config.config_version
+        assert after.config.served_entities[0].entity_version == ws.v1
+    finally: online.publish(demographic, rows, ["customer_id"], version + 1001)
+    assert invoke(ws, "needs", {"dataframe_records": [key(1)]}).status_code == 200
+    ws.w.serving_endpoints.delete("needs")
+
+
 def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config(ws):
     w = ws.w
     create(ws, "sturdy", entity(ws, ws.v1))

@@ -9,9 +9,11 @@ import asyncio
 import functools
 import operator
 import os
+import tempfile
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
@@ -28,7 +30,8 @@ from .protocol import INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, in
 
 # %% auto #0
 __all__ = ['INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees', 'entity_uri', 'online_table',
-           'payload_problem', 'request_shape', 'SignatureCheck', 'example_rows', 'ServedModel']
+           'lookup_tables', 'version_lookups', 'payload_problem', 'request_shape', 'SignatureCheck', 'example_rows',
+           'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
@@ -217,6 +220,26 @@ def online_table(online: OnlineStore, table: str, env: Environment | None = None
                      f" is not published in the online store {online.path}; run the features job of environment "
                      f"'{env.name if env else '?'}'")
 
+def lookup_tables(lookups: list, # a version's feature lookups (its feature spec's `lookups`)
+                  online: OnlineStore | None, env: Environment | None, uri: str) -> dict:
+    """Feature table -> the online table serving reads it from, checked as serving needs it: an online store, each table
+    published, with every feature the version looks up; else a ValueError naming the table and column and what publishes them."""
+    if lookups and online is None:
+        raise ValueError(f"{uri} looks features up, but the environment has no online store; run the features job of environment "
+                         f"'{env.name if env else '?'}' (`serving-mlops features`), which publishes the feature tables")
+    tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in lookups}
+    for l in lookups:  # a version must not load where its online table lacks a feature it looks up: every request would fail
+        gone = [f for f in l["features"] if f not in (online.published(tables[l["table_name"]]) or {}).get("columns", [])]
+        if gone: raise ValueError(f"{uri} looks up {gone} in the online table {tables[l['table_name']]}, which has no such column; "
+                                  f"publish it with them (the features job of environment '{env.name if env else '?'}') before serving this version")
+    return tables
+
+def version_lookups(uri: str) -> list:
+    "The feature lookups of the model at `uri` (its `feature_spec` artifact, as the local feature store logs it), read without loading the model; none without one."
+    try: path = mlflow.artifacts.download_artifacts(f"{uri}/artifacts/feature_spec.json", dst_path=tempfile.mkdtemp())
+    except (mlflow.exceptions.MlflowException, OSError): return []
+    return orjson.loads(Path(path).read_bytes())["lookups"]
+
 # %% ../../nbs/08b_serving_models.ipynb #d033afee
 def payload_problem(signature, # the served model's `mlflow.models.ModelSignature`
                     payload: dict) -> str | None:
@@ -301,13 +324,7 @@ class ServedModel:
             if schema is None or not schema.has_input_names():
                 raise ValueError(f"{entity_uri(entity)} has no input signature with column names; log the model with a signature")
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
-        if self.lookups and online is None: raise ValueError(f"{entity_uri(entity)} looks features up, but the environment has no online store")
-        self.tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in self.lookups}
-        for l in self.lookups:  # a version must not load where its online table lacks a feature it looks up: every request would fail
-            gone = [f for f in l["features"] if f not in (online.published(self.tables[l["table_name"]]) or {}).get("columns", [])]
-            if gone: raise ValueError(f"{entity_uri(entity)} looks up {gone} in the online table {self.tables[l['table_name']]}, which has no "
-                                      f"such column; publish it with them (the features job of environment '{env.name if env else '?'}') "
-                                      "before serving this version")
+        self.tables = lookup_tables(self.lookups, online, env, entity_uri(entity))
         self.index = {c: j for j, c in enumerate(columns)}  # model column -> position in the model matrix
         # per lookup: the online table it reads and (feature, model column index) of what it gives the model
         self.plan = [(l, self.tables[l["table_name"]], [(f, self.index[o]) for f, o in l["features"].items() if o in self.index])
