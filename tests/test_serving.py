@@ -328,15 +328,21 @@ def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoi
     before = {e.name for e in w.serving_endpoints.list()}
     big = {"inputs": {"customer_id": [1 + i % 500 for i in range(5_000)], "snapshot_date": [SNAPSHOT_DATE] * 5_000}}
     pid = server_info(env)["pid"]
-    with ThreadPoolExecutor(3) as pool:
-        futures = [pool.submit(invoke, ws, "durable", big) for _ in range(3)]
-        time.sleep(0.3)  # the requests are in the server
-        os.kill(pid, signal.SIGTERM)
-        responses = [f.result() for f in futures]
-    assert [r.status_code for r in responses] == [200, 200, 200]
-    assert all(len(r.json()["predictions"]) == 5_000 for r in responses)
-    assert wait_exit(pid, 60) and not server_file(env).exists()
-    ws.start()
+    clients, killed = [httpx.Client(timeout=120) for _ in range(3)], False
+    try:
+        for c in clients: assert c.get(f"{ws.url}/health").status_code == 200  # each connection accepted and served: the server's
+        with ThreadPoolExecutor(3) as pool:  # (a fixed sleep after starting the threads lost the race on a loaded machine: the
+            futures = [pool.submit(invoke, ws, "durable", big, c) for c in clients]  # connections came after the stop, refused)
+            time.sleep(0.5)  # the requests are in the server
+            os.kill(pid, signal.SIGTERM); killed = True
+            responses = [f.result() for f in futures]
+        assert [r.status_code for r in responses] == [200, 200, 200]
+        assert all(len(r.json()["predictions"]) == 5_000 for r in responses)
+        assert wait_exit(pid, 60) and not server_file(env).exists()
+    finally:
+        for c in clients: c.close()
+        if killed: wait_exit(pid, 60)
+        if server_info(env) is None: ws.start()  # the module's later tests need the runtime, whatever happened here
     w = ws.w
     assert {e.name for e in w.serving_endpoints.list()} == before
     ep = w.serving_endpoints.wait_get_serving_endpoint_not_updating("durable")
