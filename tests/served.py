@@ -10,6 +10,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cloudpickle
@@ -48,8 +49,8 @@ class SlowClassifier:
 
 
 class SlowToLoad(mlflow.pyfunc.PythonModel):
-    "A version that takes 8 s to load (a served entity that is not ready within a short deployment timeout)."
-    def load_context(self, context): time.sleep(8)
+    "A version that takes 5 s to load (a served entity that is not ready within a short deployment timeout)."
+    def load_context(self, context): time.sleep(5)
     def predict(self, context, model_input, params=None): return np.full(len(model_input), 0.5)
 
 
@@ -140,6 +141,19 @@ def invoke(ws, name, payload, client=None, token=None):
     body = payload if isinstance(payload, (bytes, str)) else None
     return client.post(f"{ws.url}/serving-endpoints/{name}/invocations", headers=headers,
                        content=body, json=None if body is not None else payload, timeout=60)
+
+
+class Pipeline:
+    """Sends requests on one thread, in order, while the test makes the next (a fuzz's hypothesis takes about as long to
+    draw a body as the runtime to answer it, 5 ms each); `results()` gives (what was sent, the response) in sending order.
+    A test asserts on the results after the loop, so hypothesis reports no shrunk example: the test names the bodies."""
+    def __init__(self): self.pool, self.sent = ThreadPoolExecutor(1, thread_name_prefix="pipeline"), []
+    def __enter__(self): return self
+    def __exit__(self, *exc): self.pool.shutdown(wait=True, cancel_futures=any(exc))
+    def submit(self, sent, call, *args): self.sent.append((sent, self.pool.submit(call, *args)))
+    def results(self) -> list:
+        self.pool.shutdown(wait=True)
+        return [(sent, future.result()) for sent, future in self.sent]
 
 
 def in_process(ws, rows):

@@ -87,32 +87,6 @@ NOISE = ("IPKernelApp", "NativeCodeLoader", "Setting default log level")  # the 
 
 
 @pytest.mark.slow
-def test_a_local_job_run_prints_the_tasks_own_lines_and_keeps_kernel_and_spark_output_in_the_tasks_log(home):
-    staging = get_environment("staging")
-    write_credit_data(Path(staging.landing_dir) / "clients.csv", 600, seed=3, progress=False)
-    cli("ingest", "--env", "staging")
-    r = cli("jobs", "run", "features", "--env", "staging", process=True)
-    printed = r.stdout + r.stderr
-    assert not [line for line in printed.splitlines() if any(n in line for n in NOISE)], printed
-    lines = r.stdout.splitlines()
-    assert lines[0].startswith("[features/features] features.ipynb {'env_name': 'staging'")
-    own = [l for l in lines if l.startswith("   ")]  # the task's printed lines, each after the time since it started (m:ss)
-    assert own[0].split(None, 1)[1] == f"building feature tables in staging: local workspace {staging.root} (catalog staging, schema credit)"
-    assert any(l.endswith("  staging.credit.behaviour_features: 600 rows, 13 features, keys ['customer_id'] + snapshot_date; online: 600 keys")
-               for l in own), own
-    assert all(l[:7].strip().replace(":", "").isdigit() for l in own), own
-    (run_dir,) = (staging.root / "jobs" / "features").iterdir()
-    log = (run_dir / "features.log").read_text()
-    assert all(n in log for n in NOISE), log  # where they went
-    assert "staging.credit.behaviour_features: 600 rows" in log  # with the task's own lines
-    assert "[features/features] SUCCESS in " in r.stdout and "(log: " not in r.stdout  # a task that succeeded: the logs line below
-    assert f"logs (kernel, Spark and library output): {run_dir}/<task>.log" in r.stdout
-    assert "NativeCodeLoader" not in (run_dir / "features.ipynb").read_text()  # nor in the executed notebook
-    run = json.loads((run_dir / "run.json").read_text())
-    assert run["state"] == "SUCCESS" and run["started"].startswith("20") and run["tasks"][0]["log"] == str(run_dir / "features.log")
-
-
-@pytest.mark.slow
 def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependents(home):
     staging = get_environment("staging")
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 400, seed=3, progress=False, bad_fraction=0.3)
@@ -162,10 +136,25 @@ def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
     assert (staging.var("latency_budget_ms", float), prod.var("endpoint_latency_budget_ms", float)) == (10000, 10000)
     write_credit_data(Path(staging.landing_dir) / "clients.csv", 3000, seed=3, progress=False)
     try:
-        r = cli("jobs", "run", "model_build", "--env", "staging", "-p", "n_trials=2")
+        r = cli("jobs", "run", "model_build", "--env", "staging", "-p", "n_trials=2", process=True)  # as a shell runs it
         out = r.stdout
         assert "job model_build in staging" in out and "validate: SUCCESS" in out and "{'model_version': '1'}" in out
+        # each task's own lines on the terminal (after the time since it started, m:ss); the kernel's and Spark's in its log
         assert not [l for l in (out + r.stderr).splitlines() if any(n in l for n in NOISE)], out + r.stderr
+        lines = out.splitlines()
+        features = lines[lines.index(next(l for l in lines if l.startswith("[model_build/features] features.ipynb {'env_name': 'staging'"))) + 1:]
+        own = features[:features.index(next(l for l in features if l.startswith("[model_build/features] SUCCESS in ")))]
+        assert own[0].split(None, 1)[1] == f"building feature tables in staging: local workspace {staging.root} (catalog staging, schema credit)"
+        assert any(l.endswith("  staging.credit.behaviour_features: 3,000 rows, 13 features, keys ['customer_id'] + snapshot_date; "
+                              "online: 3,000 keys") for l in own), own
+        assert all(l.startswith("   ") and l[:7].strip().replace(":", "").isdigit() for l in own), own
+        (run_dir,) = (staging.root / "jobs" / "model_build").iterdir()
+        log = (run_dir / "features.log").read_text()
+        assert all(n in log for n in NOISE) and "staging.credit.behaviour_features: 3,000 rows" in log, log  # where they went
+        assert "NativeCodeLoader" not in (run_dir / "features.ipynb").read_text()  # nor in the executed notebook
+        assert f"logs (kernel, Spark and library output): {run_dir}/<task>.log" in out and "(log: " not in out  # the runs succeeded
+        run = json.loads((run_dir / "run.json").read_text())
+        assert run["state"] == "SUCCESS" and run["started"].startswith("20") and run["tasks"][1]["log"] == str(run_dir / "features.log")
         assert "trial 1/2: validation ROC AUC " in out and "trial 2/2: validation ROC AUC " in out  # as each trial ends
         assert "final model: validation ROC AUC " in out and "Best trial" not in out + r.stderr  # not Optuna's progress bar
         trained = MlflowClient(staging.tracking_uri).get_run(registry_version(staging, 1).run_id)
@@ -177,7 +166,6 @@ def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
         assert inputs["train"].source_type == "delta_table" and source["delta_table_name"] == "staging.credit.silver_clients"
         assert source["delta_table_version"] == silver.version("staging.credit.silver_clients")  # the version it trained on (ingest wrote it)
         assert inputs["train"].digest and json.loads(inputs["train"].profile)["num_rows"] == int(trained.data.params["rows_train"])
-        (run_dir,) = (staging.root / "jobs" / "model_build").iterdir()
         assert sorted(p.name for p in run_dir.glob("*.ipynb")) == ["features.ipynb", "ingest.ipynb", "train.ipynb", "validate.ipynb"]
         assert int(alias_version(staging, "champion").version) == 1
         out = cli("jobs", "run", "deploy_serving_endpoint", "--env", "staging").stdout  # the task values 13_tasks' examples show

@@ -27,7 +27,7 @@ from serving_mlops.monitoring.inference import parse_requests, read_payload
 from serving_mlops.serving.process import server_info
 
 from bodies import encode, extras, mutate, mutate_inner, payloads
-from served import create, entity, in_process, invoke, key  # noqa: E402
+from served import Pipeline, create, entity, in_process, invoke, key  # noqa: E402
 
 
 DEEP_PARAMS = b'{"dataframe_records": [{"customer_id": 1}], "params": {"p": ' + b"[" * 300 + b"]" * 300 + b"}}"  # finding 3
@@ -150,27 +150,28 @@ def test_bad_neighbours_fail_only_themselves(ws, door):
 def test_fuzzed_invocations_never_answer_5xx(ws, door):
     log = ws.env.root / "serving" / "server.log"
     tracebacks = log.read_text(errors="replace").count("Traceback")
-    statuses, fives = Counter(), []
-    client = httpx.Client()
     start = pd.Timestamp.now(tz="UTC")
 
-    @settings(max_examples=5_000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(payloads, extras, st.sampled_from([0] * 12 + [300, 1_100]), st.integers(0, 5),
-           st.sampled_from(["none"] * 6 + ["dup", "inner"]))
-    def body_is_never_a_server_error(payload, extra, depth, where, mutation):
-        body = encode(payload, extra, depth, where)
-        body = mutate(body, payload) if mutation == "dup" else mutate_inner(body) if mutation == "inner" else body
-        r = invoke(ws, "door", body, client)
-        statuses[r.status_code] += 1
-        if r.status_code >= 500: fives.append((body[:300], r.status_code, r.text[:300]))
-        elif r.status_code == 200: assert all(p is None or isinstance(p, float) for p in r.json()["predictions"])
-        else: assert r.json()["error_code"] in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE"), r.text
+    with httpx.Client() as client, Pipeline() as sender:
+        @settings(max_examples=5_000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(payloads, extras, st.sampled_from([0] * 12 + [300, 1_100]), st.integers(0, 5),
+               st.sampled_from(["none"] * 6 + ["dup", "inner"]))
+        def body_is_never_a_server_error(payload, extra, depth, where, mutation):
+            body = encode(payload, extra, depth, where)
+            body = mutate(body, payload) if mutation == "dup" else mutate_inner(body) if mutation == "inner" else body
+            sender.submit(body, invoke, ws, "door", body, client)
 
-    try: body_is_never_a_server_error()
-    finally: client.close()
-    print(f"fuzz: {sum(statuses.values())} bodies, statuses {dict(statuses)}")
+        body_is_never_a_server_error()
+        answers = sender.results()
+    statuses = Counter(r.status_code for _, r in answers)
+    print(f"fuzz: {len(answers)} bodies, statuses {dict(statuses)}")
+    fives = [(body[:300], r.status_code, r.text[:300]) for body, r in answers if r.status_code >= 500]
     assert fives == [], f"{len(fives)} answers >= 500, e.g. {fives[:3]}"
-    assert sum(statuses.values()) >= 5_000 and statuses[200] > 0 and statuses[400] > 0
+    wrong = [(body[:300], r.status_code, r.text[:300]) for body, r in answers if r.status_code < 500 and not (
+             all(p is None or isinstance(p, float) for p in r.json()["predictions"]) if r.status_code == 200
+             else r.json()["error_code"] in ("BAD_REQUEST", "INVALID_PARAMETER_VALUE"))]
+    assert wrong == [], f"{len(wrong)} answers of the wrong shape, e.g. {wrong[:3]}"
+    assert len(answers) >= 5_000 and statuses[200] > 0 and statuses[400] > 0
     assert log.read_text(errors="replace").count("Traceback") == tracebacks  # no unexpected exception was logged
     assert server_info(ws.env) is not None
     r = invoke(ws, "door", {"dataframe_records": [key(7)]})  # still serving, still right

@@ -452,15 +452,15 @@ def test_a_deployment_that_times_out_is_rolled_back_and_the_error_names_the_endp
     version = str(slow.registered_model_version)
     create(ws, "timeouts", entity(ws, ws.v1))
     with pytest.raises(DeploymentFailed) as failed:
-        deploy_and_test(env, version, endpoint="timeouts", timeout_minutes=0.05, requests=5)  # 3 s for an 8 s load
+        deploy_and_test(env, version, endpoint="timeouts", timeout_minutes=1 / 30, requests=5)  # 2 s for a 5 s load
     message = str(failed.value)
-    assert f"endpoint timeouts: the config update to default_model-{version} 100% was not ready within 0:00:03" in message, message
+    assert f"endpoint timeouts: the config update to default_model-{version} 100% was not ready within 0:00:02" in message, message
     assert f"rolled back: restored the previous config: default_model-{ws.v1} 100%" in message, message
     ep = w.serving_endpoints.get("timeouts")
     assert ep.state.config_update.value == "NOT_UPDATING" and [s.entity_version for s in ep.config.served_entities] == [ws.v1]
     assert invoke(ws, "timeouts", {"dataframe_records": [key(1)]}).headers["served-model-name"] == f"default_model-{ws.v1}"
     with pytest.raises(DeploymentFailed) as failed:  # the first-deploy rule: an endpoint still being created is never deleted
-        deploy_and_test(env, version, endpoint="timeouts-new", timeout_minutes=0.05, requests=5)
+        deploy_and_test(env, version, endpoint="timeouts-new", timeout_minutes=1 / 30, requests=5)
     message = str(failed.value)
     assert "endpoint timeouts-new: creating it to" in message, message
     assert "rolled back: left endpoint timeouts-new in place: its first deployment is still in progress" in message, message
