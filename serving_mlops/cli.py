@@ -136,12 +136,13 @@ def tables(env: Optional[str] = EnvOption):
 # %% ../nbs/90_cli.ipynb #1c8e335f
 @app.command()
 def features(env: Optional[str] = EnvOption,
-             publish: bool = typer.Option(True, help="Also publish the feature tables to the online store.")):
-    "Build the feature tables from the silver tables and publish them to the online store."
+             publish: bool = typer.Option(True, help="Also publish the feature tables to the online store."),
+             rebuild: list[str] = typer.Option([], metavar="TABLE", help="Rewrite this feature table (short name, e.g. behaviour_features; repeatable) in the features' new columns: how a feature is removed or retyped. Its earlier versions keep their columns; the online store follows when published.")):
+    "Build the feature tables from the silver tables (a new feature becomes a new column) and publish them to the online store."
     from serving_mlops.tasks import features_task
     with clear_errors():
         e = get_environment(env)
-        features_task(e, publish)
+        features_task(e, publish, ",".join(rebuild))
 
 # %% ../nbs/90_cli.ipynb #46dce27f
 @app.command()

@@ -30,16 +30,17 @@ from threadpoolctl import ThreadpoolController
 from .config import Environment, get_environment, using_mlflow
 from .errors import InputError
 from .naming import same_table_in
-from .tables import Tables, get_spark, spark_arrow_schema, tables_for, to_arrow
+from .tables import TableError, Tables, delta_types, get_spark, is_spark_frame, spark_arrow_schema, tables_for, to_arrow
 
 # %% auto #0
 __all__ = ['PROPERTY_PREFIX', 'CHANGE_DATA_FEED', 'ONLINE_STORE_WAIT_MINUTES', 'FeatureStoreError', 'FeatureTable',
            'FeatureLookup', 'LocalFeatureStore', 'TrainingSet', 'create_training_set', 'table_versions', 'OnlineStore',
-           'latest_per_key', 'online_store', 'publish_table', 'in_experiment', 'FeatureSpecModel', 'model_columns',
-           'log_model', 'own_table', 'download_model', 'with_features', 'score_batch', 'lookup_online', 'loaded_model',
-           'predict_batches', 'scores_schema', 'append_scores', 'retarget_model', 'feature_model_uri', 'features_as_of',
-           'PositiveClassProbability', 'model_code', 'dates_as_timestamps', 'databricks_lookup',
-           'DatabricksFeatureStore', 'feature_store_for', 'build_feature_tables', 'example_workspace']
+           'latest_per_key', 'online_store', 'publish_table', 'schema_changes', 'rebuild_table', 'in_experiment',
+           'FeatureSpecModel', 'model_columns', 'log_model', 'own_table', 'download_model', 'with_features',
+           'score_batch', 'lookup_online', 'loaded_model', 'predict_batches', 'scores_schema', 'append_scores',
+           'retarget_model', 'feature_model_uri', 'features_as_of', 'PositiveClassProbability', 'model_code',
+           'dates_as_timestamps', 'databricks_lookup', 'DatabricksFeatureStore', 'feature_store_for',
+           'build_feature_tables', 'example_workspace']
 
 # %% ../nbs/05_feature_store.ipynb #6207f239
 class FeatureStoreError(InputError):
@@ -117,11 +118,17 @@ class LocalFeatureStore:
                             info["column_comments"], props.get(f"{PROPERTY_PREFIX}produced_by") or None)
 
     def write_table(self, name: str, df, mode: str = "merge") -> int:
-        "Merge (upsert on the keys) or overwrite rows of feature table `name`; returns the Delta version."
+        """Merge (upsert on the keys) or overwrite rows of feature table `name`; returns the Delta version. A merge adds the
+        columns `df` brings, as the Databricks client's `write_table` does (Delta's mergeSchema); a frame that lacks or
+        retypes a column is refused: dropping or retyping a feature is `rebuild_table`."""
         ft = self.get_table(name)
-        if mode == "merge": return self.tables.merge(name, df, ft.keys)["version"]
-        if mode == "overwrite": return self.tables.overwrite(name, df, keys=ft.keys)
-        raise FeatureStoreError(f"feature table {name}: mode must be 'merge' or 'overwrite', not {mode!r}")
+        if mode not in ("merge", "overwrite"): raise FeatureStoreError(f"feature table {name}: mode must be 'merge' or 'overwrite', not {mode!r}")
+        try: return self.tables.merge(name, df, ft.keys, add_columns=True)["version"] if mode == "merge" else self.tables.overwrite(name, df, keys=ft.keys)
+        except TableError as e:
+            if "schema mismatch" not in str(e): raise
+            raise FeatureStoreError(f"{e}. Removing or retyping a feature is deliberate: rebuild the table (`serving-mlops features --env "
+                                    f"{self.env.name} --rebuild {name.rsplit('.', 1)[-1]}`, or the store's rebuild_table); its earlier "
+                                    f"versions keep their columns") from None
 
     def read_table(self, name: str, version: int | None = None) -> DataFrame:
         "Feature table `name` (as of `version`) as a Spark DataFrame."
@@ -309,6 +316,32 @@ def publish_table(self, name: str) -> dict:
 
 LocalFeatureStore.online_store = online_store
 LocalFeatureStore.publish_table = publish_table
+
+# %% ../nbs/05_feature_store.ipynb #c4a55d47
+def schema_changes(old: pa.Schema, new: pa.Schema) -> dict:
+    "The columns added, removed and retyped from schema `old` to `new` (Delta type names)."
+    was, now = delta_types(old), delta_types(new)
+    return {"added": [f"{c} ({t})" for c, t in now.items() if c not in was], "removed": [c for c in was if c not in now],
+            "retyped": [f"{c} ({was[c]} -> {t})" for c, t in now.items() if c in was and t != was[c]]}
+
+def rebuild_table(self, name: str, df, # every row of the table, in its new columns and types
+                  feature_descriptions: dict | None = None, # descriptions of new features
+                  ) -> dict:
+    """Rewrite feature table `name` with `df`'s columns and types: the deliberate way to drop or retype a feature. Its
+    definition (keys, description, the comments of the columns it keeps) stays, its earlier Delta versions keep their
+    columns (time travel: models trained on them still read them), and the online store takes the new columns at the
+    next publish. Returns the schema changes and the new version."""
+    ft = self.get_table(name)
+    schema = spark_arrow_schema(df) if is_spark_frame(df) else to_arrow(df).schema
+    lacking = [k for k in ft.keys if k not in schema.names]
+    if lacking: raise FeatureStoreError(f"rebuilding feature table {name}: the frame lacks its key column(s) {lacking}")
+    changes = schema_changes(self.tables.schema(name), schema)
+    version = self.tables.overwrite(name, df, keys=ft.keys, replace_schema=True)
+    comments = {c: d for c, d in {**ft.feature_descriptions, **(feature_descriptions or {})}.items() if c in schema.names}
+    if comments: self.tables.set_metadata(name, column_comments=comments)  # an overwrite of the schema drops the columns' comments
+    return {**changes, "version": version}
+
+LocalFeatureStore.rebuild_table = rebuild_table
 
 # %% ../nbs/05_feature_store.ipynb #99b22177
 @contextmanager
@@ -594,7 +627,11 @@ class DatabricksFeatureStore:
 
     def write_table(self, name: str, df, mode: str = "merge"):
         if mode != "merge": raise FeatureStoreError(f"feature table {name}: Unity Catalog feature tables are written with mode='merge' only")
-        return self.client.write_table(name=name, df=dates_as_timestamps(df), mode="merge")
+        return self.client.write_table(name=name, df=dates_as_timestamps(df), mode="merge")  # adds new columns: the client's mergeSchema
+
+    def rebuild_table(self, name: str, df, feature_descriptions: dict | None = None) -> dict:
+        "As the local store's: the client has no call that drops or retypes a column, so Spark overwrites the Unity Catalog table with Delta's overwriteSchema (not tried on a workspace)."
+        return rebuild_table(self, name, dates_as_timestamps(df), feature_descriptions)
 
     def read_table(self, name: str, version: int | None = None) -> DataFrame:
         return self.client.read_table(name=name) if version is None else self.tables.read_spark(name, version)
@@ -714,9 +751,13 @@ def feature_store_for(env: Environment, spark=None):
     return LocalFeatureStore(env, spark=spark) if env.is_local else DatabricksFeatureStore(env, spark=spark)
 
 # %% ../nbs/05_feature_store.ipynb #5e4e1672
-def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/05_feature_store.ipynb") -> dict[str, str]:
-    "Compute every feature table from the silver tables and write it; returns short name -> full name."
+def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/05_feature_store.ipynb",
+                         rebuild: Sequence[str] = (), # feature tables (short names) to rewrite in their new columns: how a feature is dropped or retyped
+                         ) -> dict[str, str]:
+    "Compute every feature table from the silver tables and write it (new features become new columns); returns short name -> full name."
     from serving_mlops.features import FEATURE_TABLES, KEY, customer_features
+    unknown = sorted(set(rebuild) - set(FEATURE_TABLES))
+    if unknown: raise FeatureStoreError(f"no feature table(s) {unknown} to rebuild in environment '{env.name}': its feature tables are {sorted(FEATURE_TABLES)}")
     store = store or feature_store_for(env)
     spark = get_spark(env)
     silver = {t: store.tables.read_spark(env.table_name(t), spark=spark) for t in ("silver_clients", "silver_statements")}
@@ -724,9 +765,19 @@ def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/0
     for short, frame in customer_features(silver["silver_clients"], silver["silver_statements"]).items():
         name = names[short] = env.table_name(short)
         description, features = FEATURE_TABLES[short]
-        if store.tables.exists(name): store.write_table(name, frame, mode="merge")
-        else: store.create_table(name, KEY[0], frame, timeseries_column=KEY[1], description=description,
-                                 feature_descriptions=features, produced_by=produced_by)
+        if not store.tables.exists(name):
+            store.create_table(name, KEY[0], frame, timeseries_column=KEY[1], description=description,
+                               feature_descriptions=features, produced_by=produced_by)
+        elif short in rebuild:
+            changed = store.rebuild_table(name, frame, features)
+            what = "; ".join(f"{k} {', '.join(v)}" for k, v in changed.items() if k != "version" and v) or "same columns"
+            print(f"  rebuilt {name} (version {changed['version']}): {what}; earlier versions keep their columns", flush=True)
+        else:
+            new = [c for c in spark_arrow_schema(frame).names if c not in store.tables.schema(name).names]
+            store.write_table(name, frame, mode="merge")
+            if new:
+                store.tables.set_metadata(name, column_comments={c: features[c] for c in new if c in features})
+                print(f"  {name}: added {', '.join(new)} (rows the features do not cover read null)", flush=True)
     return names
 
 # %% ../nbs/05_feature_store.ipynb #9e8a9f10

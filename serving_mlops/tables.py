@@ -268,7 +268,8 @@ class Tables:
     def set_metadata(self, name: str, description: str | None = None, properties: dict | None = None,
                      column_comments: dict | None = None): raise NotImplementedError
     def transaction_version(self, name: str, app_id: str) -> int | None: raise NotImplementedError
-    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None): raise NotImplementedError
+    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None,
+               replace_schema: bool = False): raise NotImplementedError  # replace_schema: an overwrite that may drop or retype columns
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict: raise NotImplementedError
 
     def read_pandas(self, name: str, version: int | None = None, columns: Sequence[str] | None = None,
@@ -301,10 +302,12 @@ class Tables:
         return pa.schema([f.with_nullable(True) for f in frame])
 
     def _add_new_columns(self, name: str, frame: pa.Schema):
-        "Add the columns of `frame` that table `name` lacks (ALTER TABLE ... ADD COLUMNS), nullable, in `frame`'s types."
-        have = set(self.schema(name).names)
-        new = pa.schema([f.with_nullable(True) for f in frame if f.name not in have])
-        if len(new): self._alter_add(name, new)
+        "Add the columns of `frame` that table `name` lacks (ALTER TABLE ... ADD COLUMNS), nullable, in `frame`'s types; refused, with nothing changed, when `frame` lacks or retypes a column of the table."
+        have = self.schema(name)
+        new = pa.schema([f.with_nullable(True) for f in frame if f.name not in set(have.names)])
+        if not len(new): return
+        check_schema(name, pa.schema([*have, *new]), frame)  # before the ALTER: a write refused afterwards would leave the columns added
+        self._alter_add(name, new)
 
     def _alter_add(self, name: str, columns: pa.Schema): raise NotImplementedError
 
@@ -312,10 +315,14 @@ class Tables:
         table = to_arrow(df)
         return table.cast(self._target_schema(name, table.schema))
 
-    def overwrite(self, name: str, df: Frame, keys: Sequence[str] | None = None) -> int:
+    def overwrite(self, name: str, df: Frame, keys: Sequence[str] | None = None,
+                  replace_schema: bool = False, # take `df`'s columns and types, dropping or retyping the table's (earlier versions keep theirs)
+                  ) -> int:
         "Replace the contents of `name` with `df` (creating it; unique non-null `keys` if given); returns the new version."
-        table = check_keys(name, to_arrow(df), keys) if keys else df
-        self._write(name, self._prepared(name, table), "overwrite")
+        table = check_keys(name, to_arrow(df), keys) if keys else to_arrow(df)
+        if replace_schema and self.exists(name):
+            self._write(name, table.cast(pa.schema([f.with_nullable(True) for f in table.schema])), "overwrite", replace_schema=True)
+        else: self._write(name, self._prepared(name, table), "overwrite")
         return self.version(name)
 
     def append(self, name: str, df: Frame,
@@ -334,10 +341,14 @@ class Tables:
         self._write(name, table, "append", txn)
         return self.version(name)
 
-    def merge(self, name: str, df: Frame, keys: Sequence[str], update: bool = True) -> dict:
+    def merge(self, name: str, df: Frame, keys: Sequence[str], update: bool = True,
+              add_columns: bool = False, # columns of `df` the table lacks are added to it first (rows it does not update get null)
+              ) -> dict:
         "Upsert `df` into `name` on `keys`: new rows are inserted, matched rows updated (or kept, with `update=False`)."
         keys = list(keys)
-        table = self._prepared(name, check_keys(name, to_arrow(df), keys))
+        table = check_keys(name, to_arrow(df), keys)
+        if add_columns and self.exists(name): self._add_new_columns(name, table.schema)
+        table = self._prepared(name, table)
         if not self.exists(name):
             self._write(name, table, "overwrite")
             return {"num_target_rows_inserted": table.num_rows, "num_target_rows_updated": 0, "version": self.version(name)}
@@ -466,9 +477,9 @@ class LocalTables(Tables):
     def _alter_add(self, name: str, columns: pa.Schema):
         self._delta(name).alter.add_columns(list(DeltaSchema.from_arrow(columns).fields))  # (an append's own DeltaTable: it sees the new columns)
 
-    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
+    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None, replace_schema: bool = False):
         if txn and (self.transaction_version(name, txn[0]) or -1) >= txn[1]: return  # delta-rs records a txn; its writer checks it
-        write_deltalake(self._held(name) or str(self.path(name)), table, mode=mode,
+        write_deltalake(self._held(name) or str(self.path(name)), table, mode=mode, schema_mode="overwrite" if replace_schema else None,
                         commit_properties=CommitProperties(app_transactions=[Transaction(*txn)]) if txn else None)
 
     def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None,
@@ -561,9 +572,10 @@ class SparkTables(Tables):
         "`table` as a Spark DataFrame with its own Arrow types (from pandas, an empty or all-null column would be inferred as void)."
         return self.spark.createDataFrame(table)  # Spark 4 takes a pyarrow Table as it is
 
-    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None):
+    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None, replace_schema: bool = False):
         writer = self.frame(table).write.format(self.FORMAT).mode(mode)
         if txn: writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])  # Delta skips a version it has
+        if replace_schema: writer = writer.option("overwriteSchema", "true")  # Delta's switch for an overwrite that changes the schema
         writer.saveAsTable(name)
 
     FORMAT = "delta"  # the tables' format (Spark's Delta writer; a test without Delta's jars writes Parquet tables)

@@ -79,13 +79,14 @@ def ingest_task(env: Environment,
 # %% ../nbs/13_tasks.ipynb #eb3b9047
 def features_task(env: Environment,
                   publish: bool = True, # also publish the feature tables to the online store
+                  rebuild: str = "", # feature tables to rewrite in their new columns, comma-separated (e.g. behaviour_features): dropping or retyping a feature
                   ) -> dict:
-    "Build the feature tables from the silver tables and publish them to the online store."
+    "Build the feature tables from the silver tables (new features become new columns) and publish them to the online store."
     from serving_mlops.feature_store import build_feature_tables, feature_store_for
     require_tables(env, "silver_clients", "silver_statements")
     print(f"building feature tables in {env.describe()}", flush=True)
     store = feature_store_for(env)
-    built = build_feature_tables(env, store)
+    built = build_feature_tables(env, store, rebuild=[t.strip() for t in rebuild.split(",") if t.strip()])
     for name in built.values():
         ft = store.get_table(name)
         line = f"  {name}: {store.tables.count(name):,} rows, {len(ft.features)} features, keys {ft.primary_keys} + {ft.timeseries_column}"

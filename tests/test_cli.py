@@ -143,3 +143,21 @@ def test_jobs_runs_lists_the_runs_made_newest_first_with_their_states(home):
     assert cli("jobs", "runs", "--env", "staging", "--last", "1").stdout.splitlines()[:2] == lines[:2]
     proc = cli("jobs", "runs", "--env", "staging", "--job", "ingset", check=False)
     assert proc.returncode == 1 and "no job 'ingset' in the bundle" in proc.stderr
+
+
+@pytest.mark.slow
+def test_features_rebuild_rewrites_a_named_table_and_refuses_an_unknown_one(home):
+    "The deliberate way to drop or retype a feature, as a user types it (what it changes: nbs/05_feature_store's examples)."
+    cli("generate", "--env", "dev", "--rows", "300", "--seed", "5")
+    cli("ingest", "--env", "dev")
+    cli("features", "--env", "dev")
+    env = get_environment("dev")
+    version = tables_for(env).version("dev.credit.behaviour_features")
+    r = cli("features", "--env", "dev", "--rebuild", "behaviour", check=False)
+    assert r.returncode == 1 and "no feature table(s) ['behaviour'] to rebuild in environment 'dev': its feature tables are " \
+        "['behaviour_features', 'demographic_features']" in r.stderr, r.stderr
+    assert tables_for(env).version("dev.credit.behaviour_features") == version  # nothing was written
+    out = cli("features", "--env", "dev", "--rebuild", "behaviour_features").stdout
+    assert f"rebuilt dev.credit.behaviour_features (version {version + 1}): same columns; earlier versions keep their columns" in out, out
+    assert "dev.credit.behaviour_features: 300 rows, 13 features" in out and "online: 300 keys" in out, out
+    assert "rebuilt dev.credit.demographic_features" not in out
