@@ -111,9 +111,9 @@ def serving_problem(env: Environment, version: str) -> str | None:
     features up in (`lookup_tables`: published, with every feature the version looks up), made before the endpoint is touched.
     A local target only: on Databricks, Model Serving's own load decides (the deployment fails and `deploy_and_test` rolls back)."""
     if not env.is_local: return None
-    with using_mlflow(env): lookups = version_lookups(model_uri(env.model_name, version))
-    path = env.path("online", "online_store.db")
-    try: lookup_tables(lookups, OnlineStore(path) if path.exists() else None, env, model_uri(env.model_name, version))
+    uri, path = model_uri(env.model_name, version), env.path("online", "online_store.db")
+    with using_mlflow(env): lookups = version_lookups(uri)
+    try: lookup_tables(lookups, OnlineStore(path) if path.exists() else None, env, uri)
     except ValueError as e: return str(e)
     return None
 

@@ -236,9 +236,10 @@ def lookup_tables(lookups: list, # a version's feature lookups (its feature spec
 
 def version_lookups(uri: str) -> list:
     "The feature lookups of the model at `uri` (its `feature_spec` artifact, as the local feature store logs it), read without loading the model; none without one."
-    try: path = mlflow.artifacts.download_artifacts(f"{uri}/artifacts/feature_spec.json", dst_path=tempfile.mkdtemp())
-    except (mlflow.exceptions.MlflowException, OSError): return []
-    return orjson.loads(Path(path).read_bytes())["lookups"]
+    with tempfile.TemporaryDirectory() as folder:
+        try: path = mlflow.artifacts.download_artifacts(f"{uri}/artifacts/feature_spec.json", dst_path=folder)
+        except (mlflow.exceptions.MlflowException, OSError): return []
+        return orjson.loads(Path(path).read_bytes())["lookups"]
 
 # %% ../../nbs/08b_serving_models.ipynb #d033afee
 def payload_problem(signature, # the served model's `mlflow.models.ModelSignature`
