@@ -5,6 +5,7 @@
 # %% ../nbs/03_ingest.ipynb #474a8d9c
 from __future__ import annotations
 
+import codecs
 import csv
 import hashlib
 from dataclasses import dataclass, field
@@ -28,9 +29,9 @@ from .tables import Tables, tables_for
 
 # %% auto #0
 __all__ = ['TABLES', 'SOURCE_KEY', 'SILVER_KEY', 'STATEMENTS_KEY', 'LABEL_ALIASES', 'MISSING_TOKENS', 'OTHER_DELIMITERS',
-           'SILVER_NAMES', 'INT_COLUMNS', 'IngestError', 'read_landing_file', 'parse_column', 'validate_clients',
-           'file_sha256', 'bronze_frame', 'silver_frame', 'statements_frame', 'IngestResult', 'ingest_file',
-           'landing_files', 'ingest_landing']
+           'SHOWN_CHARS', 'SILVER_NAMES', 'INT_COLUMNS', 'IngestError', 'read_landing_file', 'parse_column',
+           'validate_clients', 'file_sha256', 'bronze_frame', 'silver_frame', 'statements_frame', 'IngestResult',
+           'ingest_file', 'landing_files', 'ingest_landing']
 
 # %% ../nbs/03_ingest.ipynb #e4ef431d
 class IngestError(InputError):
@@ -52,8 +53,8 @@ def _is_code_row(cells: Sequence[str]) -> bool:
 OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}  # separators a landing file may use instead of ',', as errors name them
 
 def _head(path: Path, delimiter: str = ",") -> list[list[str]]:
-    "The first two rows of a CSV file, split on `delimiter`."
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    "The first two rows of a CSV file, split on `delimiter` (bytes that are not UTF-8 read as U+FFFD: a header that has one names a missing column)."
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
         return [r for _, r in zip(range(2), csv.reader(f, delimiter=delimiter))]
 
 def _uci_names(rows: list[list[str]]) -> int:
@@ -75,9 +76,18 @@ def _csv_header(path: Path) -> tuple[int, list[str]]:
 
 def _read_csv(path: Path) -> pa.Table:
     skip, header = _csv_header(path)
-    return pacsv.read_csv(path, read_options=pacsv.ReadOptions(skip_rows=skip + 1, column_names=header),
-                          convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
-                                                               strings_can_be_null=False))
+    def read(source, block_size: int = 1 << 20) -> pa.Table:  # Arrow's default block: 1 MiB
+        return pacsv.read_csv(source, read_options=pacsv.ReadOptions(skip_rows=skip + 1, column_names=header, block_size=block_size),
+                              convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                                   strings_can_be_null=False))
+    try: return read(path)
+    except pa.ArrowInvalid as e:
+        if "straddl" not in str(e) and "UTF8" not in str(e): raise
+    # a field longer than Arrow's block ("straddling object") or bytes that are not UTF-8 ("invalid UTF8 data", naming a
+    # column, not a line): read again as one block with such bytes as U+FFFD, so that validation quarantines the row,
+    # naming its line and column, and the file's other rows are ingested
+    with open(path, "rb") as raw:
+        return read(codecs.EncodedFile(raw, "utf-8", "utf-8", errors="replace"), block_size=min(path.stat().st_size + 1, 2**31 - 1))
 
 def _first_line(path: Path) -> int | None:
     "The file line of the first data row: a CSV's rows are lines (None for Parquet, whose rows are not)."
@@ -119,6 +129,12 @@ def _add(reasons: np.ndarray, mask: np.ndarray, messages) -> None:
     reasons[mask] = np.where(old == "", messages, old + "; " + np.asarray(messages, dtype=object))
 
 _NUMBER = r"^[+-]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][+-]?[0-9]+)?$"
+SHOWN_CHARS = 40  # of a bad value in its reason: a corrupt 5 MB field is named by its start and length
+
+def _shown(column: str, text: pa.Array, mask: np.ndarray) -> np.ndarray:
+    "`column=value` for the rows in `mask`, a value longer than SHOWN_CHARS cut, with its length."
+    cut = lambda v: v if len(v) <= SHOWN_CHARS else f"{v[:SHOWN_CHARS]}... ({len(v):,} characters)"
+    return np.asarray([f"{column}={cut(v)}" for v in text.filter(pa.array(mask)).to_pylist()], dtype=object)
 
 def parse_column(values: pa.Array | pa.ChunkedArray | pd.Series, column: str, reasons: np.ndarray) -> np.ndarray:
     "Values of `column` as floats (NaN where invalid), adding what is wrong to `reasons`."
@@ -130,7 +146,7 @@ def parse_column(values: pa.Array | pa.ChunkedArray | pd.Series, column: str, re
     number = pc.cast(pc.if_else(pa.array(numeric), text, "0"), pa.float64()).to_numpy(zero_copy_only=False)
     numeric &= np.isfinite(number)  # 1e400 parses as inf: not a usable number
     number = np.where(numeric, number, np.nan)
-    shown = lambda mask: column + "=" + np.asarray(text.filter(pa.array(mask)).to_pylist(), dtype=object)  # only for bad rows
+    shown = lambda mask: _shown(column, text, mask)  # only for bad rows
     _add(reasons, missing, f"{column} is missing")
     not_number = ~missing & ~numeric
     _add(reasons, not_number, shown(not_number) + " is not a number")
@@ -149,8 +165,7 @@ def _written_ids(values: pa.Array | pa.ChunkedArray | pd.Series, ids: np.ndarray
     if isinstance(values, pd.Series): values = pa.array(values.astype(object), pa.string(), from_pandas=True)
     text = pc.fill_null(pc.cast(values, pa.string()), "")
     bad = ~np.isnan(ids) & ~pc.match_substring_regex(text, _ID_TEXT).to_numpy(zero_copy_only=False)  # other bad IDs have their reason
-    shown = np.asarray(pc.utf8_trim_whitespace(text.filter(pa.array(bad))).to_pylist(), dtype=object)
-    _add(reasons, bad, "ID=" + shown + " is not written as 1 to 15 digits without a sign or leading zero")
+    _add(reasons, bad, _shown("ID", pc.utf8_trim_whitespace(text), bad) + " is not written as 1 to 15 digits without a sign or leading zero")
     return np.where(bad, np.nan, ids)
 
 def validate_clients(raw: pa.Table | pd.DataFrame, labelled: bool = True) -> tuple[pd.DataFrame, np.ndarray]:

@@ -83,3 +83,24 @@ def test_a_bad_file_in_a_folder_loses_nothing_and_half_writes_nothing(env, tmp_p
     ingest_landing(env, landing, progress=False)
     assert {n: c for n, (c, _) in written_tables(env).items()} == {
         "dev.credit.bronze_clients": 80, "dev.credit.quarantine_clients": 0, "dev.credit.silver_clients": 80, "dev.credit.silver_statements": 480}
+
+
+def test_a_huge_field_or_a_byte_that_is_not_utf8_quarantines_its_row_and_the_file_is_ingested(env, tmp_path):
+    "Arrow's reader refused the whole file: 'straddling object ... block size' for a 5 MB field, 'invalid UTF8 data' naming column #1, no line."
+    huge, latin = tmp_path / "huge.csv", tmp_path / "latin.csv"
+    clients = generate_credit_data(20, seed=6).astype(str)
+    clients.loc[3, "BILL_AMT1"] = "9" * 5_000_000  # past Arrow's 1 MiB block; digits: the number is out of range, not text
+    clients.to_csv(huge, index=False)
+    lines = generate_credit_data(20, seed=7, first_id=100).to_csv(index=False).encode().split(b"\n")
+    lines[5] = lines[5].replace(b",", b",\xe9", 1)  # a Latin-1 'é' before LIMIT_BAL of row 5 (line 6)
+    latin.write_bytes(b"\n".join(lines))
+    for path, row, reason in [(huge, 4, "BILL_AMT1=" + "9" * 40 + "... (5,000,000 characters) is "),
+                              (latin, 5, "LIMIT_BAL=\ufffd")]:
+        result = ingest_file(path, env, max_bad_fraction=1.0)
+        assert (result.rows, result.quarantined) == (20, 1), result.summary()
+        q = tables_for(env).read_pandas("dev.credit.quarantine_clients")
+        bad = q[q._source_file == str(path.resolve())]
+        assert bad._source_row.tolist() == [row] and bad.reason.iat[0].startswith(reason), bad.reason.tolist()
+        assert len(bad.reason.iat[0]) < 200  # the reason names the value, it does not repeat 5 MB
+        assert f"(first at line {row + 1})" in result.summary(), result.summary()
+    assert tables_for(env).count("dev.credit.silver_clients") == 38 and tables_for(env).count("dev.credit.bronze_clients") == 40
