@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_mlops.serving.capture import MAGIC, InferenceLog, frame_record, read_records
 from serving_mlops.tables import LocalTables, tables_for
 
-from served import create, entity, invoke, key
+from served import SlowToLoad, create, entity, invoke, key
 
 
 TABLE = "dev.credit.reliable_payload"
@@ -255,3 +255,39 @@ def test_a_runtime_with_a_full_disk_answers_every_request_counts_what_it_could_n
     finally:
         try: ws.w.serving_endpoints.delete(name)  # closes the log's files on the tmpfs
         finally: unmount(folder)
+
+
+def test_requests_refused_while_the_endpoint_loads_are_captured_without_a_served_entity(ws):
+    "Issue 28 item 8: a 503 while an endpoint's served entities load was answered but never reached its inference table."
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    from databricks.sdk.service.serving import EndpointCoreConfigInput
+    from serving_mlops.monitoring.checks import request_stats
+    env, name = ws.env, "loading"
+    rows = pd.DataFrame([{c: ws.features(cid)[c] for c in ws.columns} for cid in range(1, 4)])  # features only: a plain pyfunc (issue 30)
+    ws.world.use_mlflow()
+    with mlflow.start_run():
+        slow = mlflow.pyfunc.log_model(name="slow_to_load", python_model=SlowToLoad(), registered_model_name=env.var("model_name"),
+                                       signature=mlflow.models.infer_signature(rows, np.zeros(len(rows))), pip_requirements=["mlflow"])
+    gateway = AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(catalog_name="dev", schema_name="credit",
+                                                                                   table_name_prefix=name, enabled=True))
+    start = pd.Timestamp.now(tz="UTC")
+    ws.w.serving_endpoints.create(name, config=EndpointCoreConfigInput(name=name, served_entities=[entity(ws, str(slow.registered_model_version))]),
+                                  ai_gateway=gateway)  # not waited for: it loads for 5 s
+    body = {"dataframe_records": rows.head(1).to_dict("records")}
+    refused = invoke(ws, name, body)
+    assert (refused.status_code, refused.json()["error_code"]) == (503, "TEMPORARILY_UNAVAILABLE"), refused.text
+    ws.w.serving_endpoints.wait_get_serving_endpoint_not_updating(name)
+    answered = invoke(ws, name, body)
+    assert answered.status_code == 200, answered.text
+    table, deadline = f"dev.credit.{name}_payload", time.monotonic() + 60
+    while time.monotonic() < deadline and not (tables_for(env).exists(table) and tables_for(env).count(table) == 2): time.sleep(0.3)
+    got = tables_for(env).read_pandas(table).set_index("databricks_request_id")
+    first, second = got.loc[refused.headers["x-request-id"]], got.loc[answered.headers["x-request-id"]]
+    assert (first.status_code, first.served_entity_id, "is not ready" in first.response) == (503, None, True), first.to_dict()
+    assert second.status_code == 200 and second.served_entity_id is not None and first.request == second.request
+    metrics = request_stats(env, name, start, pd.Timestamp.now(tz="UTC") + pd.Timedelta(seconds=1), pd.Timedelta(hours=1))
+    assert (metrics.requests.sum(), metrics.errors_5xx.sum()) == (2, 1), metrics.to_dict("records")  # the refusal counts, apart
+    assert metrics.served_entity_name.isna().sum() == 1, metrics.to_dict("records")
+    ws.w.serving_endpoints.delete(name)

@@ -64,7 +64,7 @@ def request_stats(env: Environment, endpoint: str | None, start, end,
     rows["window_start"] = rows.request_time.dt.floor(every)
     rows["failed"], rows["execution_duration_ms"] = rows.status_code != 200, rows.execution_duration_ms.astype("float64")
     rows["errors_4xx"], rows["errors_5xx"] = rows.status_code.between(400, 499), rows.status_code >= 500
-    g = rows.groupby(METRICS_KEYS, sort=True)
+    g = rows.groupby(METRICS_KEYS, sort=True, dropna=False)  # a request refused before a served entity was chosen has none (null)
     out = g.agg(model_name=("model_name", "first"), model_version=("model_version", "first"), requests=("failed", "size"),
                 errors=("failed", "sum"), errors_4xx=("errors_4xx", "sum"), errors_5xx=("errors_5xx", "sum"),
                 mean_ms=("execution_duration_ms", "mean"))

@@ -154,7 +154,11 @@ class Invocations:
         request_id, runtime, name = uuid.uuid4().hex, scope["app"].state.runtime, scope["path_params"]["name"]
         runtime.get(name)
         body = await receive_body(scope, receive, MAX_BODY_BYTES)
-        out, served = await runtime.invoke(name, body, request_id)
+        try: out, served = await runtime.invoke(name, body, request_id)
+        except ServingError as e:  # recorded too (the inference table's row): its id lets the caller find it
+            response = error_response(e)
+            response.headers["x-request-id"] = request_id
+            return await response(scope, receive, send)
         await json_response(out, headers={"served-model-name": served, "x-request-id": request_id})(scope, receive, send)
 
 invocations = Invocations()

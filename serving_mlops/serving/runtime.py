@@ -34,7 +34,7 @@ from ..tables import tables_for
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ServingRuntime', 'changes_state']
+__all__ = ['log', 'ServingRuntime', 'changes_state', 'outcome_of']
 
 # %% ../../nbs/08e_serving_runtime.ipynb #2612cb9c
 class ServingRuntime:
@@ -315,13 +315,22 @@ def _unrestorable(self: ServingRuntime, path: Path, name: str, reason: str, reco
     self.endpoints[name] = self.new_endpoint(record, pending={**config, "start_time": now_ms()}, failure=message, broken=message)
 
 # %% ../../nbs/08e_serving_runtime.ipynb #79935288
+def outcome_of(request_id: str, body: bytes, arrived_us: int, ms: float, error: ServingError | None = None, out: dict | None = None,
+               client_request_id: str | None = None) -> dict:
+    "What is recorded of one invocation: its request, its answer (or error), when it arrived and how long it took."
+    return {"databricks_request_id": request_id, "client_request_id": client_request_id, "request_time_us": arrived_us,
+            "status_code": error.status if error else 200, "execution_duration_ms": ms, "error_code": error.error_code if error else None,
+            "request": body, "response": out if error is None else {"error_code": error.error_code, "message": error.message}}
+
 @patch
 async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str) -> tuple[dict, str]:
     "Predictions for an invocation body, and the served entity that made them; the outcome is recorded either way."
     ep = self.get(name)
-    if ep.snapshot is None:
-        raise ServingError(503 if ep.updating else 400, "TEMPORARILY_UNAVAILABLE" if ep.updating else "BAD_REQUEST",
-                           f"serving endpoint '{name}' is not ready" + (f": {ep.failure}" if ep.failure else " (its served entities are loading)"))
+    if ep.snapshot is None:  # refused before a served entity is chosen: captured with none (Databricks' inference tables log failed requests too)
+        error = ServingError(503 if ep.updating else 400, "TEMPORARILY_UNAVAILABLE" if ep.updating else "BAD_REQUEST",
+                             f"serving endpoint '{name}' is not ready" + (f": {ep.failure}" if ep.failure else " (its served entities are loading)"))
+        self.record_outcome(ep, None, None, outcome_of(request_id, body, time.time_ns() // 1000, 0.0, error))
+        raise error
     snapshot = ep.snapshot
     model = snapshot.route()
     start, arrived = time.perf_counter(), time.time_ns() // 1000
@@ -337,16 +346,15 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str) 
     except Exception as e:
         error = e if isinstance(e, ServingError) else ServingError(500, "INTERNAL_ERROR", f"{type(e).__name__}: {e}"); raise
     finally:
-        self.record_outcome(ep, snapshot, model.name, {
-            "databricks_request_id": request_id, "client_request_id": request.client_request_id if request else None,
-            "request_time_us": arrived, "status_code": error.status if error else 200, "execution_duration_ms": (time.perf_counter() - start) * 1000,
-            "error_code": error.error_code if error else None, "request": body,
-            "response": out if error is None else {"error_code": error.error_code, "message": error.message}})
+        self.record_outcome(ep, snapshot, model.name, outcome_of(request_id, body, arrived, (time.perf_counter() - start) * 1000, error, out,
+                                                                 request.client_request_id if request else None))
 
 @patch
-def record_outcome(self: ServingRuntime, ep: Endpoint, snapshot: Snapshot, entity: str, outcome: dict):
+def record_outcome(self: ServingRuntime, ep: Endpoint,
+                   snapshot: Snapshot | None, entity: str | None, # None: refused before a served entity was chosen (no metrics: they count per entity)
+                   outcome: dict):
     "One invocation's outcome, written once each to its metrics and to its inference log (a payload row) or else its request log."
-    ep.metrics.observe(entity, outcome["execution_duration_ms"], outcome["status_code"])
+    if entity is not None: ep.metrics.observe(entity, outcome["execution_duration_ms"], outcome["status_code"])
     capture = self.captures.get(ep.name)
     if capture is None:  # Databricks keeps nothing for an endpoint without an inference table; ours keeps the outcome, to the microsecond
         self.request_log.write(ep.name, {"databricks_request_id": outcome["databricks_request_id"], "request_time_us": outcome["request_time_us"],
@@ -356,4 +364,5 @@ def record_outcome(self: ServingRuntime, ep: Endpoint, snapshot: Snapshot, entit
         capture.write({"databricks_request_id": outcome["databricks_request_id"], "client_request_id": outcome["client_request_id"],
                        "request_time_us": outcome["request_time_us"], "status_code": outcome["status_code"],
                        "execution_duration_ms": round(outcome["execution_duration_ms"]), "request": outcome["request"].decode("utf-8", "replace"),
-                       "response": json_text(outcome["response"]), "served_entity_id": snapshot.ids[entity], "requester": self.requester})
+                       "response": json_text(outcome["response"]), "requester": self.requester,
+                       "served_entity_id": snapshot.ids[entity] if snapshot is not None else None})
