@@ -112,8 +112,11 @@ def serving_problem(env: Environment, version: str) -> str | None:
     A local target only: on Databricks, Model Serving's own load decides (the deployment fails and `deploy_and_test` rolls back)."""
     if not env.is_local: return None
     uri, path = model_uri(env.model_name, version), env.path("online", "online_store.db")
-    with using_mlflow(env): lookups = version_lookups(uri)
-    try: lookup_tables(lookups, OnlineStore(path) if path.exists() else None, env, uri)
+    with using_mlflow(env):
+        lookups = version_lookups(uri)
+        try: signature = mlflow.models.get_model_info(uri).signature
+        except (mlflow.exceptions.MlflowException, OSError): signature = None  # no such version: the deployment's own load says so
+    try: lookup_tables(lookups, OnlineStore(path) if path.exists() else None, env, uri, signature)
     except ValueError as e: return str(e)
     return None
 

@@ -29,9 +29,9 @@ from ..naming import model_uri, same_table_in
 from .protocol import INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, invalid_parameter, parse_request
 
 # %% auto #0
-__all__ = ['INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees', 'entity_uri', 'online_table',
-           'lookup_tables', 'version_lookups', 'payload_problem', 'request_shape', 'SignatureCheck', 'example_rows',
-           'ServedModel']
+__all__ = ['KEY_SQL_TYPES', 'INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees', 'entity_uri',
+           'online_table', 'lookup_tables', 'version_lookups', 'payload_problem', 'request_shape', 'SignatureCheck',
+           'example_rows', 'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
@@ -220,10 +220,15 @@ def online_table(online: OnlineStore, table: str, env: Environment | None = None
                      f" is not published in the online store {online.path}; run the features job of environment "
                      f"'{env.name if env else '?'}'")
 
+KEY_SQL_TYPES = {"long": "INTEGER", "integer": "INTEGER", "boolean": "INTEGER", "double": "REAL", "float": "REAL", "string": "TEXT"}  # MLflow -> the online store's
+
 def lookup_tables(lookups: list, # a version's feature lookups (its feature spec's `lookups`)
-                  online: OnlineStore | None, env: Environment | None, uri: str) -> dict:
+                  online: OnlineStore | None, env: Environment | None, uri: str,
+                  signature=None, # the version's `ModelSignature`: its lookup keys' types are checked against the online tables' keys
+                  ) -> dict:
     """Feature table -> the online table serving reads it from, checked as serving needs it: an online store, each table
-    published, with every feature the version looks up; else a ValueError naming the table and column and what publishes them."""
+    published, with every feature the version looks up and keys of the types its signature sends; else a ValueError naming
+    the table and column and what publishes them."""
     if lookups and online is None:
         raise ValueError(f"{uri} looks features up, but the environment has no online store; run the features job of environment "
                          f"'{env.name if env else '?'}' (`serving-mlops features`), which publishes the feature tables")
@@ -232,6 +237,15 @@ def lookup_tables(lookups: list, # a version's feature lookups (its feature spec
         gone = [f for f in l["features"] if f not in (online.published(tables[l["table_name"]]) or {}).get("columns", [])]
         if gone: raise ValueError(f"{uri} looks up {gone} in the online table {tables[l['table_name']]}, which has no such column; "
                                   f"publish it with them (the features job of environment '{env.name if env else '?'}') before serving this version")
+    inputs = signature.inputs if signature is not None else None
+    sent = {c.name: repr(c.type) for c in inputs.inputs} if inputs is not None and inputs.has_input_names() else {}
+    for l in lookups:  # a key sent as another type than the table's finds no row: every request would be scored on imputed features
+        for key, sql in zip(l["lookup_key"], online.key_types(tables[l["table_name"]]).values()):
+            want = KEY_SQL_TYPES.get(sent.get(key))
+            if want and sql and want != sql:
+                raise ValueError(f"{uri} sends lookup key {key!r} as {sent[key]}, but the online table {tables[l['table_name']]} keys its rows "
+                                 f"by {key} {sql}: no request would find its features; rebuild and publish the feature table with {key} "
+                                 f"as {sent[key]} (the features job of environment '{env.name if env else '?'}'), or log the model from it again")
     return tables
 
 def version_lookups(uri: str) -> list:
@@ -325,7 +339,7 @@ class ServedModel:
             if schema is None or not schema.has_input_names():
                 raise ValueError(f"{entity_uri(entity)} has no input signature with column names; log the model with a signature")
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
-        self.tables = lookup_tables(self.lookups, online, env, entity_uri(entity))
+        self.tables = lookup_tables(self.lookups, online, env, entity_uri(entity), self.pyfunc.metadata.signature)
         self.index = {c: j for j, c in enumerate(columns)}  # model column -> position in the model matrix
         # per lookup: the online table it reads and (feature, model column index) of what it gives the model
         self.plan = [(l, self.tables[l["table_name"]], [(f, self.index[o]) for f, o in l["features"].items() if o in self.index])
