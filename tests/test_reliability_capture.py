@@ -291,3 +291,29 @@ def test_requests_refused_while_the_endpoint_loads_are_captured_without_a_served
     assert (metrics.requests.sum(), metrics.errors_5xx.sum()) == (2, 1), metrics.to_dict("records")  # the refusal counts, apart
     assert metrics.served_entity_name.isna().sum() == 1, metrics.to_dict("records")
     ws.w.serving_endpoints.delete(name)
+
+
+def test_an_update_whose_config_cannot_be_saved_adds_nothing_to_the_served_entities_history(ws):
+    "Issue 28 item 8: a config update whose save failed (a full disk) had already appended its served entities to the history."
+    from serving_mlops.serving.capture import SERVED_ENTITIES_TABLE
+    env, name = ws.env, "unsaved"
+    create(ws, name, entity(ws, ws.v1))
+    history = lambda: tables_for(env).read_pandas(SERVED_ENTITIES_TABLE, filters=[("endpoint_name", "=", name)])
+    before, state = history(), env.path("serving", "endpoints")
+    saved = (state / f"{name}.json").read_bytes()
+    mount_tmpfs(state, "64k")  # over the saved records (the runtime holds them): the update's save goes to a full disk
+    try:
+        fill(state / "filler")
+        ws.w.serving_endpoints.update_config(name, served_entities=[entity(ws, ws.v2)])
+        deadline = time.monotonic() + 60
+        while (ep := ws.w.serving_endpoints.get(name)).state.config_update.value == "IN_PROGRESS" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ep.state.config_update.value == "UPDATE_FAILED" and ep.config.served_entities[0].entity_version == ws.v1
+        assert "cannot save serving endpoint 'unsaved'" in ep.pending_config.served_entities[0].state.deployment_state_message
+        assert history().equals(before)  # no row for a config that was never saved, so never served
+        assert invoke(ws, name, {"dataframe_records": [key(1)]}).headers["served-model-name"] == f"default_model-{ws.v1}"
+    finally: unmount(state)
+    assert (state / f"{name}.json").read_bytes() == saved
+    ep = ws.w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v2)])  # with room again, it goes through
+    assert ep.config.served_entities[0].entity_version == ws.v2 and len(history()) == len(before) + 1
+    ws.w.serving_endpoints.delete(name)

@@ -109,8 +109,8 @@ def commit(self: ServingRuntime, ep: Endpoint, record: dict):
 
 # %% ../../nbs/08e_serving_runtime.ipynb #4ff31520
 @patch
-def load_models(self: ServingRuntime, name: str, config: dict, current: Snapshot | None, metrics: EndpointMetrics, record: bool = True) -> dict:
-    "Served entities of `config`, reusing already loaded ones with the same model version; recorded in the served entities history."
+def load_models(self: ServingRuntime, name: str, config: dict, current: Snapshot | None, metrics: EndpointMetrics) -> dict:
+    "Served entities of `config`, reusing already loaded ones with the same model version."
     models = {}
     for e in config["served_entities"]:
         old = current.models.get(e["name"]) if current else None
@@ -119,18 +119,21 @@ def load_models(self: ServingRuntime, name: str, config: dict, current: Snapshot
             try: models[e["name"]] = ServedModel(e, self.online, self.settings.max_rows, metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
             except Exception as x:
                 raise RuntimeError(f"served entity '{e['name']}': cannot load {entity_uri(e)}: {type(x).__name__}: {x}") from None
-    if record:
-        try: record_served_entities(tables_for(self.env), served_entity_rows(name, config, now_ms()))
-        except Exception as x: raise RuntimeError(f"cannot record the served entities in system.serving.served_entities: {type(x).__name__}: {x}") from None
     return models
 
 @patch
-async def apply(self: ServingRuntime, ep: Endpoint, config: dict, record: bool = True):
-    "Load `config` in the background; the coordinator saves and serves it (alone: at once; workers: once all have loaded it)."
+def record_entities(self: ServingRuntime, name: str, config: dict):
+    "Append the served entities of `config`, just saved as endpoint `name`'s, to the history the inference table's rows resolve through."
+    try: record_served_entities(tables_for(self.env), served_entity_rows(name, config, now_ms()))
+    except Exception as x:
+        raise ServingError(500, "INTERNAL_ERROR", f"cannot record the served entities in system.serving.served_entities: {type(x).__name__}: {x}") from None
+
+@patch
+async def apply(self: ServingRuntime, ep: Endpoint, config: dict):
+    "Load `config` in the background; the coordinator saves it, records its served entities and serves it (alone: at once; workers: once all have loaded it)."
     loop = asyncio.get_running_loop()
     config = {k: v for k, v in config.items() if k != "start_time"}
-    try: models = await loop.run_in_executor(self.loader, self.load_models, ep.name, config, ep.snapshot, ep.metrics,
-                                             record and self.coordinator.records_entities)
+    try: models = await loop.run_in_executor(self.loader, self.load_models, ep.name, config, ep.snapshot, ep.metrics)
     except Exception as e: return self.coordinator.failed(self, ep, config, str(e))
     self.coordinator.loaded(self, ep, config, models)
 
@@ -302,7 +305,7 @@ def _restore(self: ServingRuntime, path: Path, record: dict | None = None) -> li
         known = "served_entity_ids" in config  # recorded when it was first applied
         if not known: config, known = self.coordinator.first_ids(self, ep, {**config, "served_entity_ids": entity_ids(config, None)})
         ep.pending, ep.updating = {**config, "start_time": now_ms()}, True
-        tasks.append(asyncio.get_running_loop().create_task(self.apply(ep, ep.pending, record=not known)))
+        tasks.append(asyncio.get_running_loop().create_task(self.apply(ep, ep.pending)))  # one without ids is saved with them, and recorded
     return tasks + self.coordinator.restored(self, ep)
 
 @patch

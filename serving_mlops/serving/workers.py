@@ -17,11 +17,9 @@ import orjson
 from fastcore.basics import patch
 
 from ..config import process_alive
-from .capture import record_served_entities, served_entity_rows
 from .endpoint import now_ms, read_record
 from .metrics import SharedCounts
 from .protocol import ServingError
-from ..tables import tables_for
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +109,6 @@ def close(self: SharedState):
 # %% ../../nbs/08e3_serving_workers.ipynb #082fe870
 class Solo:
     "How a runtime serves its environment as the only process: nothing to lock or follow; an update it loaded is saved and served at once."
-    records_entities = True  # the process that loads a config records its served entities
     committed_is_ready = False  # READY is what this process serves
 
     def follow(self, runtime) -> list: return []  # before a read: nobody else changes the saved state
@@ -130,11 +127,17 @@ class Solo:
     def began(self, runtime, ep): pass  # an update began: it lives in memory until it is applied
 
     def loaded(self, runtime, ep, config: dict, models: dict):
-        "After a load: save the config as the endpoint's, then serve it (a failed save fails the update, nothing switches)."
+        """After a load: save the config as the endpoint's, record its served entities, then serve it. A failed save or
+        record fails the update and nothing switches; a failed record puts the saved record back, so the history never
+        names a config that was not saved, nor is a saved config missing from it."""
         fresh = [m for n, m in models.items() if not ep.snapshot or ep.snapshot.models.get(n) is not m]
         try:
             if runtime.endpoints.get(ep.name) is not ep: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", "the endpoint was deleted")
-            if ep.record.get("config") != config: runtime.commit(ep, {**ep.record, "config": config, "last_updated_timestamp": now_ms()})
+            if ep.record.get("config") != config:  # an update (or a restored config saved before its ids were)
+                before = ep.record
+                runtime.commit(ep, {**ep.record, "config": config, "last_updated_timestamp": now_ms()})
+                try: runtime.record_entities(ep.name, config)
+                except ServingError: runtime.commit(ep, before); raise
         except ServingError as e:
             for model in fresh: model.close()
             return self.failed(runtime, ep, config, e.message)
@@ -158,7 +161,6 @@ FOLLOW_INTERVAL = 0.1  # seconds between a worker's looks at what the other work
 
 class Workers:
     "How a runtime serves as one of several worker processes: changes under their common lock, following what the others saved."
-    records_entities = False  # the worker that commits an update records its served entities, once
     committed_is_ready = True  # a config in the record is one every worker has loaded: READY on each, switched or not
 
     def __init__(self, shared: SharedState): self.shared = shared
@@ -276,11 +278,14 @@ def loaded(self: Workers, runtime, ep, config: dict, models: dict):
         if runtime.endpoints.get(ep.name) is not ep or ep.prepared is None or pending.get("config_version") != version or pending.get("failure"): return
         if not self.shared.all_loaded(ep.record["id"], version): return  # the last worker to load it commits
         applied = {k: v for k, v in pending.items() if k != "start_time"}
-        try: record_served_entities(tables_for(runtime.env), served_entity_rows(ep.name, applied, now_ms()))
-        except Exception as x:
-            reason = f"cannot record the served entities in system.serving.served_entities: {type(x).__name__}: {x}"
-            runtime.commit(ep, {**ep.record, "pending": {**pending, "failure": reason}}); self._discard(ep); self._mirror(ep); return
-        runtime.commit(ep, {**{k: v for k, v in ep.record.items() if k != "pending"}, "config": applied, "last_updated_timestamp": now_ms()})
+        before = ep.record
+        try:  # saved, then recorded in the history (once, by the worker that commits): as one process does
+            runtime.commit(ep, {**{k: v for k, v in before.items() if k != "pending"}, "config": applied, "last_updated_timestamp": now_ms()})
+            runtime.record_entities(ep.name, applied)
+        except ServingError as e:  # the update fails for every worker; what was saved before stays (a record that cannot be saved: logged)
+            try: runtime.commit(ep, {**before, "pending": {**pending, "failure": e.message}})
+            except ServingError as again: log.error("endpoint %s: config version %s failed (%s) and its failure cannot be saved: %s", ep.name, version, e.message, again.message)
+            self._discard(ep); self._mirror(ep); return
         runtime._switch(ep, applied, models); ep.prepared = None; self._mirror(ep)
 
 @patch
