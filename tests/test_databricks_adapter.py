@@ -578,6 +578,22 @@ def test_workspace_writes_keep_the_arrow_types_of_empty_and_all_null_columns(spa
 class ParquetSparkTables(SparkTables):
     "SparkTables writing Spark's Parquet tables: the same frames and writer calls, without Delta's writer (its jars come from Maven: not here)."
     FORMAT = "parquet"
+    def version(self, name: str) -> int: return -1  # a Parquet table has no Delta history (DESCRIBE HISTORY) to number its writes
+
+
+def test_a_workspace_feature_table_is_rebuilt_in_new_columns_by_an_overwrite(spark):
+    "`overwrite(..., replace_schema=True)` (a feature table's rebuild) on a workspace table drops and retypes columns through Spark's writer; Delta's own `overwriteSchema` switch, which the writer also gets, needs Delta's jars (from Maven: not run here)."
+    import pyarrow as pa
+    name, tables = "spark_catalog.default.adapter_rebuilt", ParquetSparkTables(spark)
+    spark.sql("DROP TABLE IF EXISTS default.adapter_rebuilt")
+    try:
+        tables.overwrite(name, pa.table({"customer_id": [1, 2], "old": [0.1, 0.2], "score": [1, 2]}), keys=["customer_id"])
+        with pytest.raises(TableError, match="missing column 'old'"):
+            tables.overwrite(name, pa.table({"customer_id": [1, 2], "score": ["a", "b"]}), keys=["customer_id"])
+        tables.overwrite(name, pa.table({"customer_id": [1, 2], "score": ["a", "b"]}), keys=["customer_id"], replace_schema=True)
+        assert [(f.name, f.dataType.simpleString()) for f in spark.table(name).schema] == [("customer_id", "bigint"), ("score", "string")]
+        assert sorted(spark.table(name).toPandas().score) == ["a", "b"]
+    finally: spark.sql("DROP TABLE IF EXISTS default.adapter_rebuilt")
 
 
 def test_a_counted_append_computes_its_frame_once(spark):
