@@ -546,3 +546,20 @@ def test_cli_query_names_customers_the_feature_tables_do_not_know(ws, monkeypatc
     r = cli("query", "--env", env.name, "--endpoint", "cli-query", "-c", "99999998", "-c", "99999999", check=False)
     assert r.returncode == 1 and "none of the customers is known to endpoint cli-query's feature tables" in r.stderr
     ws.w.serving_endpoints.delete("cli-query")
+
+
+def test_the_sdk_reads_a_served_models_logs_and_build_logs_and_an_unknown_api_gets_json_it_can_read(ws):
+    "Issue 31: `logs`, `build_logs` and `get_open_api` got Starlette's plain-text 404, which the SDK cannot parse ('unable to parse response')."
+    from databricks.sdk.errors import NotFound
+    w, served = ws.w, f"default_model-{ws.v1}"
+    create(ws, "logged", entity(ws, ws.v1))
+    logs = w.serving_endpoints.logs("logged", served).logs
+    assert "INFO serving_mlops.serving.runtime: endpoint logged: serving config version 1" in logs, logs
+    build = w.serving_endpoints.build_logs("logged", served).logs.splitlines()
+    assert build[0].startswith(f"no container build: this local serving runtime loads models:/dev.credit.default_model/{ws.v1} "), build
+    sklearn = next(l for l in build if l.startswith("scikit-learn=="))
+    assert sklearn.endswith("installed " + sklearn.split("==")[1].split(":")[0]), build  # the version it was trained with is the one here
+    with pytest.raises(NotFound, match="serving endpoint 'logged' has no served model 'nope' \\(it has default_model-"):
+        w.serving_endpoints.logs("logged", "nope")
+    with pytest.raises(NotFound, match="No API found for 'GET /api/2.0/serving-endpoints/logged/openapi'"):
+        w.serving_endpoints.get_open_api("logged")

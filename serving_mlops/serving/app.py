@@ -5,6 +5,7 @@
 # %% ../../nbs/08f_serving_app.ipynb #099ac53f
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -15,6 +16,7 @@ from contextlib import asynccontextmanager
 import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import ClientDisconnect, Request
@@ -30,10 +32,10 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'routes', 'INVOCATIONS', 'json_response',
-           'error_response', 'serving_error', 'internal_error', 'serving_token', 'BearerAuth', 'receive_body',
-           'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints', 'get_endpoint',
-           'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics', 'Invocations',
-           'ServingApp', 'make_app']
+           'error_response', 'serving_error', 'no_route', 'internal_error', 'serving_token', 'BearerAuth',
+           'receive_body', 'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints',
+           'get_endpoint', 'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics',
+           'server_logs', 'build_logs', 'Invocations', 'ServingApp', 'make_app']
 
 # %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -45,6 +47,11 @@ def error_response(e: ServingError) -> Response:
     return json_response({"error_code": e.error_code, "message": e.message}, e.status)
 
 async def serving_error(request: Request, e: ServingError) -> Response: return error_response(e)
+
+async def no_route(request: Request, e: HTTPException) -> Response:
+    "A path or method the runtime does not serve, answered as Databricks' REST API does (JSON the SDK reads), not Starlette's plain text."
+    if e.status_code == 404: return error_response(ServingError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {request.url.path}'"))
+    return error_response(ServingError(e.status_code, "BAD_REQUEST", f"{request.method} is not allowed on {request.url.path}"))
 
 async def internal_error(request: Request, e: Exception) -> Response:
     "An unexpected exception: logged with its traceback, answered as a 500 `INTERNAL_ERROR`."
@@ -148,6 +155,12 @@ async def export_metrics(request):
     ep = _runtime(request).get(request.path_params["name"])
     return Response(ep.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+async def server_logs(request):
+    return json_response({"logs": _runtime(request).server_logs(request.path_params["name"], request.path_params["served"])})
+
+async def build_logs(request):  # reads the model's requirements from the registry: off the event loop
+    return json_response({"logs": await asyncio.to_thread(_runtime(request).build_logs, request.path_params["name"], request.path_params["served"])})
+
 class Invocations:
     "The data plane, the hot path, as a plain ASGI app: no `Request` object, no body stream, no handler wrapper (errors go to the app's handlers all the same)."
     async def __call__(self, scope, receive, send):
@@ -180,6 +193,8 @@ routes = [  # the invocations first: a request tries the routes in order (each a
     Route(API + "/{name}/ai-gateway", put_ai_gateway, methods=["PUT"], middleware=AUTH),
     Route(API + "/{name}/tags", patch_tags, methods=["PATCH"], middleware=AUTH),
     Route(API + "/{name}/metrics", export_metrics, methods=["GET"], middleware=AUTH),
+    Route(API + "/{name}/served-models/{served}/logs", server_logs, methods=["GET"], middleware=AUTH),
+    Route(API + "/{name}/served-models/{served}/build-logs", build_logs, methods=["GET"], middleware=AUTH),
 ]
 
 # %% ../../nbs/08f_serving_app.ipynb #df68cc8e
@@ -217,7 +232,7 @@ def make_app(env: Environment, settings: RuntimeSettings | None = None, on_start
 
     # Starlette hands a handler of `Exception` to its ServerErrorMiddleware, which answers and then re-raises
     # (uvicorn would close the connection); its ExceptionMiddleware around the routes answers and stops there
-    app = ServingApp(routes=routes, lifespan=lifespan, exception_handlers={ServingError: serving_error},
+    app = ServingApp(routes=routes, lifespan=lifespan, exception_handlers={ServingError: serving_error, 404: no_route, 405: no_route},
                     middleware=[Middleware(ExceptionMiddleware, handlers={Exception: internal_error})])
     app.state.runtime, app.state.token = runtime, serving_token(env).encode()
     return app

@@ -5,6 +5,7 @@
 # %% ../../nbs/08e2_serving_request_log.ipynb #c2e84333
 from __future__ import annotations
 
+import collections
 import fcntl
 import logging
 import os
@@ -19,7 +20,7 @@ from .settings import REQUEST_LOG_BYTES, REQUEST_LOG_FILES
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RequestLog', 'read_request_log']
+__all__ = ['log', 'RequestLog', 'read_request_log', 'RecentLog']
 
 # %% ../../nbs/08e2_serving_request_log.ipynb #331817a3
 class RequestLog:
@@ -91,3 +92,19 @@ def read_request_log(folder: Path, endpoint: str) -> list[dict]:
             except orjson.JSONDecodeError:
                 log.warning("request log %s, line %d: not a whole outcome (a write cut short, e.g. by a full disk); skipped: %r", p, number, line[:200])
     return outcomes
+
+# %% ../../nbs/08e2_serving_request_log.ipynb #b2426b39
+class RecentLog(logging.Handler):
+    "The most recent lines of a logger, formatted as the runtime's log file has them (a bounded ring: old lines drop off)."
+    def __init__(self, lines: int = 2_000):
+        super().__init__(logging.INFO)
+        self.lines = collections.deque(maxlen=lines)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord):
+        try: self.lines.append(self.format(record))
+        except Exception: self.handleError(record)
+
+    def about(self, *words: str) -> str:
+        "The kept lines that contain any of `words`, oldest first."
+        return "\n".join(line for line in list(self.lines) if any(w in line for w in words))

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import importlib.metadata
 import logging
 import os
+import platform
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +29,7 @@ from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri
 from .protocol import (
     ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint)
-from .request_log import RequestLog
+from .request_log import RecentLog, RequestLog
 from .settings import RuntimeSettings
 from .workers import Solo, Workers
 from ..tables import tables_for
@@ -52,6 +55,8 @@ class ServingRuntime:
         self._online = None
         self.request_log = RequestLog(self.requests_dir, int(self.settings.request_log_mb * 2**20), self.settings.request_log_files)
         self.base_url = ""
+        self.recent = RecentLog()  # the serving loggers' latest lines, for the endpoints' `logs` API
+        logging.getLogger("serving_mlops.serving").addHandler(self.recent)
         # a serving runtime process serves one environment for its whole life: its models load from that environment's registry
         mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
 
@@ -87,6 +92,7 @@ class ServingRuntime:
                 try: m.close()
                 except Exception as e: log.error("endpoint %s: served entity %s did not close: %s", ep.name, m.name, e)
         self.loader.shutdown(wait=False)
+        logging.getLogger("serving_mlops.serving").removeHandler(self.recent)
         self.coordinator.close()
 
 # %% ../../nbs/08e_serving_runtime.ipynb #e6bb4466
@@ -369,3 +375,38 @@ def record_outcome(self: ServingRuntime, ep: Endpoint,
                        "execution_duration_ms": round(outcome["execution_duration_ms"]), "request": outcome["request"].decode("utf-8", "replace"),
                        "response": json_text(outcome["response"]), "requester": self.requester,
                        "served_entity_id": snapshot.ids[entity] if snapshot is not None else None})
+
+# %% ../../nbs/08e_serving_runtime.ipynb #a1fdb644
+@patch
+def served_entity(self: ServingRuntime, name: str, served_model_name: str) -> dict:
+    "The served entity `served_model_name` of endpoint `name` (its config's, or the update's it is loading); else a 404 naming those it has."
+    ep = self.get(name)
+    entities = {e["name"]: e for c in (ep.record.get("config"), ep.pending) if c for e in c.get("served_entities", [])}
+    if served_model_name not in entities:
+        raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' has no served model '{served_model_name}' "
+                                                           f"(it has {', '.join(sorted(entities)) or 'none'})")
+    return entities[served_model_name]
+
+@patch
+def server_logs(self: ServingRuntime, name: str, served_model_name: str) -> str:
+    "The endpoints' `logs` API: this process's latest log lines about endpoint `name` or its served model."
+    self.served_entity(name, served_model_name)
+    return self.recent.about(f"endpoint {name}:", f"'{served_model_name}'")
+
+@patch
+def build_logs(self: ServingRuntime, name: str, served_model_name: str) -> str:
+    "The endpoints' `build_logs` API: where the model runs, and its pip requirements against the versions installed here."
+    from packaging.requirements import InvalidRequirement, Requirement
+    uri = entity_uri(self.served_entity(name, served_model_name))
+    lines = [f"no container build: this local serving runtime loads {uri} into its own Python environment "
+             f"({sys.executable}, Python {platform.python_version()})"]
+    try: wanted = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().splitlines()
+    except Exception as e: return "\n".join([*lines, f"the model's requirements could not be read: {type(e).__name__}: {e}"])
+    for text in (t.strip() for t in wanted):
+        if not text or text.startswith(("#", "-")): continue
+        try: req = Requirement(text)
+        except InvalidRequirement: lines.append(f"{text}: not a requirement this runtime can check"); continue
+        try: have = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError: lines.append(f"{text}: not installed"); continue
+        lines.append(f"{text}: installed {have}" + ("" if req.specifier.contains(have, prereleases=True) else " (not what the model asks for)"))
+    return "\n".join(lines)
