@@ -179,17 +179,18 @@ def copy_model_version(source: Environment, target: Environment, version=None, a
     gate = gate_tags(source, src, force)
     done = copied_version(target, source, src.version)
     if done is not None: return done
-    with using_mlflow(source): local = Path(mlflow.artifacts.download_artifacts(model_uri(name, src.version), dst_path=tempfile.mkdtemp()))
-    (local / "registered_model_meta").unlink(missing_ok=True)  # names the source registry's model
-    renamed = (target_store or feature_store_for(target)).retarget_model(local)  # look features up in the target's own tables
-    tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or "", **gate}
-    with in_experiment(target, experiment_name(target, "promotions")):
-        with mlflow.start_run(run_name=f"promote {name} v{src.version} {source.name} -> {target.name}", tags=tags) as run:
-            if "promotion.forced" in tags:  # who: the user MLflow resolved for this run (on Databricks, the principal that runs the job)
-                tags["promotion.forced_by"] = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.user", "unknown")
-                mlflow.set_tag("promotion.forced_by", tags["promotion.forced_by"])
-            mlflow.log_artifacts(str(local), "model")
-        copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.model_name, tags=tags)
+    with tempfile.TemporaryDirectory() as folder:  # the version's files, until they are logged in the target
+        with using_mlflow(source): local = Path(mlflow.artifacts.download_artifacts(model_uri(name, src.version), dst_path=folder))
+        (local / "registered_model_meta").unlink(missing_ok=True)  # names the source registry's model
+        renamed = (target_store or feature_store_for(target)).retarget_model(local)  # look features up in the target's own tables
+        tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or "", **gate}
+        with in_experiment(target, experiment_name(target, "promotions")):
+            with mlflow.start_run(run_name=f"promote {name} v{src.version} {source.name} -> {target.name}", tags=tags) as run:
+                if "promotion.forced" in tags:  # who: the user MLflow resolved for this run (on Databricks, the principal that runs the job)
+                    tags["promotion.forced_by"] = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.user", "unknown")
+                    mlflow.set_tag("promotion.forced_by", tags["promotion.forced_by"])
+                mlflow.log_artifacts(str(local), "model")
+            copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.model_name, tags=tags)
     tables = ", ".join(sorted(set(renamed.values())))
     registry_client(target).update_model_version(copy.name, copy.version, description=f"Copied from {name} version {src.version} of "
                                                  f"environment '{source.name}'; looks its features up in {tables}.")

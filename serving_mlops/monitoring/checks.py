@@ -119,10 +119,9 @@ def model_baseline(env: Environment, version: str | int, model_name: str | None 
     except MlflowException: raise MonitoringError(f"model {name} has no version {version} in environment '{env.name}'") from None
     with using_mlflow(env):
         for inside in BASELINE_PATHS:
-            try:
-                local = Path(mlflow.artifacts.download_artifacts(model_uri(name, version, inside), dst_path=tempfile.mkdtemp()))
-                return orjson.loads(local.read_bytes())
-            except (MlflowException, OSError): pass
+            with tempfile.TemporaryDirectory() as folder:
+                try: return orjson.loads(Path(mlflow.artifacts.download_artifacts(model_uri(name, version, inside), dst_path=folder)).read_bytes())
+                except (MlflowException, OSError): pass
         if mv.run_id:
             try: return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/monitoring/baseline.json")
             except (MlflowException, OSError): pass

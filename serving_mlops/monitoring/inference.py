@@ -425,8 +425,7 @@ def model_spec(env: Environment, model_name: str, version: str | int) -> dict:
     "The feature `lookups` and input `columns` of a model version (no lookups without a feature spec)."
     try: registry_client(env).get_model_version(model_name, str(version))
     except MlflowException: raise MonitoringError(f"model {model_name} has no version {version} in environment '{env.name}'") from None
-    with using_mlflow(env):
-        folder = tempfile.mkdtemp()
+    with using_mlflow(env), tempfile.TemporaryDirectory() as folder:
         for path, read in (("data/feature_store/feature_spec.yaml", engineering_spec), ("artifacts/feature_spec.json", _own_spec)):
             try: local = mlflow.artifacts.download_artifacts(model_uri(model_name, version, path), dst_path=folder)
             except (MlflowException, OSError): continue
