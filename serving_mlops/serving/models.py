@@ -233,13 +233,14 @@ def lookup_tables(lookups: list, # a version's feature lookups (its feature spec
         raise ValueError(f"{uri} looks features up, but the environment has no online store; run the features job of environment "
                          f"'{env.name if env else '?'}' (`serving-mlops features`), which publishes the feature tables")
     tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in lookups}
-    for l in lookups:  # a version must not load where its online table lacks a feature it looks up: every request would fail
+    inputs = signature.inputs if signature is not None else None
+    sent = {c.name: repr(c.type) for c in inputs.inputs} if inputs is not None and inputs.has_input_names() else {}
+    for l in lookups:
+        # a version must not load where its online table lacks a feature it looks up: every request would fail
         gone = [f for f in l["features"] if f not in (online.published(tables[l["table_name"]]) or {}).get("columns", [])]
         if gone: raise ValueError(f"{uri} looks up {gone} in the online table {tables[l['table_name']]}, which has no such column; "
                                   f"publish it with them (the features job of environment '{env.name if env else '?'}') before serving this version")
-    inputs = signature.inputs if signature is not None else None
-    sent = {c.name: repr(c.type) for c in inputs.inputs} if inputs is not None and inputs.has_input_names() else {}
-    for l in lookups:  # a key sent as another type than the table's finds no row: every request would be scored on imputed features
+        # nor where its key is sent as another type than the table's: it would find no row, every request scored on imputed features
         for key, sql in zip(l["lookup_key"], online.key_types(tables[l["table_name"]]).values()):
             want = KEY_SQL_TYPES.get(sent.get(key))
             if want and sql and want != sql:

@@ -115,7 +115,7 @@ def commit(self: ServingRuntime, ep: Endpoint, record: dict):
 
 # %% ../../nbs/08e_serving_runtime.ipynb #4ff31520
 @patch
-def load_models(self: ServingRuntime, name: str, config: dict, current: Snapshot | None, metrics: EndpointMetrics) -> dict:
+def load_models(self: ServingRuntime, config: dict, current: Snapshot | None, metrics: EndpointMetrics) -> dict:
     "Served entities of `config`, reusing already loaded ones with the same model version."
     models = {}
     for e in config["served_entities"]:
@@ -139,7 +139,7 @@ async def apply(self: ServingRuntime, ep: Endpoint, config: dict):
     "Load `config` in the background; the coordinator saves it, records its served entities and serves it (alone: at once; workers: once all have loaded it)."
     loop = asyncio.get_running_loop()
     config = {k: v for k, v in config.items() if k != "start_time"}
-    try: models = await loop.run_in_executor(self.loader, self.load_models, ep.name, config, ep.snapshot, ep.metrics)
+    try: models = await loop.run_in_executor(self.loader, self.load_models, config, ep.snapshot, ep.metrics)
     except Exception as e: return self.coordinator.failed(self, ep, config, str(e))
     self.coordinator.loaded(self, ep, config, models)
 
@@ -308,8 +308,8 @@ def _restore(self: ServingRuntime, path: Path, record: dict | None = None) -> li
         self._unrestorable(path, ep.name, e.message, record); return []
     config, tasks = record.get("config"), []
     if config:
-        known = "served_entity_ids" in config  # recorded when it was first applied
-        if not known: config, known = self.coordinator.first_ids(self, ep, {**config, "served_entity_ids": entity_ids(config, None)})
+        if "served_entity_ids" not in config:  # saved before ids were: given them (saved now by workers; by one process when applied)
+            config = self.coordinator.first_ids(self, ep, {**config, "served_entity_ids": entity_ids(config, None)})
         ep.pending, ep.updating = {**config, "start_time": now_ms()}, True
         tasks.append(asyncio.get_running_loop().create_task(self.apply(ep, ep.pending)))  # one without ids is saved with them, and recorded
     return tasks + self.coordinator.restored(self, ep)

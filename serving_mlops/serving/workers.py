@@ -122,7 +122,7 @@ class Solo:
         "A saved record as it restarts: an update in progress when the process stopped went with it."
         return {k: v for k, v in record.items() if k != "pending"}
 
-    def first_ids(self, runtime, ep, config: dict) -> tuple[dict, bool]: return config, False  # saved when it is applied
+    def first_ids(self, runtime, ep, config: dict) -> dict: return config  # saved, and recorded, when it is applied
     def restored(self, runtime, ep) -> list: return []
     def began(self, runtime, ep): pass  # an update began: it lives in memory until it is applied
 
@@ -177,10 +177,10 @@ class Workers:
 
     def restoring(self, record: dict) -> dict: return record  # an update in progress: the others may be loading it too
 
-    def first_ids(self, runtime, ep, config: dict) -> tuple[dict, bool]:
+    def first_ids(self, runtime, ep, config: dict) -> dict:
         "Every worker must give its rows the same served entity ids: save them before loading."
         runtime.commit(ep, {**ep.record, "config": config})
-        return ep.record["config"], True
+        return ep.record["config"]
 
     def restored(self, runtime, ep) -> list:
         "Answer from the record like every worker; resume an update the workers were loading."
