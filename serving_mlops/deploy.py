@@ -27,11 +27,11 @@ from .serving.models import lookup_tables, version_lookups
 from .serving.process import workspace_client
 
 # %% auto #0
-__all__ = ['DEPLOY_TIMEOUT_MINUTES', 'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for',
-           'current_entities', 'target_config', 'get_endpoint', 'failure_reason', 'apply_config',
-           'inference_table_config', 'serving_problem', 'deploy', 'EndpointReport', 'golden_sample', 'required_inputs',
-           'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families', 'entity_stats',
-           'window_stats', 'canary']
+__all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 'ENTITY_LABELS', 'CANARY_PROGRESS',
+           'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',
+           'failure_reason', 'wait_not_updating', 'apply_config', 'inference_table_config', 'serving_problem', 'deploy',
+           'EndpointReport', 'golden_sample', 'required_inputs', 'endpoint_tests', 'being_created', 'rollback',
+           'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -83,21 +83,43 @@ def _routes_text(routes: list) -> str: return ", ".join(f"{r.served_entity_name}
 DEPLOY_TIMEOUT_MINUTES = 30  # Databricks waits up to 30 minutes for a CPU deployment once its container is built (the build
 # itself has no hard limit): https://docs.databricks.com/aws/machine-learning/model-serving/model-serving-timeouts
 
+FIRST_POLL_SECONDS, LAST_POLL_SECONDS = 0.1, 10.0
+
+def wait_not_updating(w, name: str, timeout: timedelta) -> ServingEndpointDetailed:
+    """Endpoint `name` once no config update is in progress: the SDK's `wait_get_serving_endpoint_not_updating` (the same
+    states and errors: OperationFailed when the update failed or was canceled, the built-in TimeoutError after `timeout`),
+    polled from 0.1 s doubling to the SDK's 10 s cap instead of its 1, 2, 3... s (+ up to 1 s of jitter,
+    `databricks/sdk/service/serving.py`). A local deployment is ready within about a second, which the SDK's first two sleeps
+    overshoot by 1-4 s on every deploy; against a workspace, where a deployment takes minutes, it reaches the 10 s interval
+    after 13 s (seven GETs where the SDK makes four)."""
+    deadline, pause = time.monotonic() + timeout.total_seconds(), FIRST_POLL_SECONDS
+    while True:
+        ep = w.serving_endpoints.get(name)
+        status = ep.state.config_update if ep.state else None
+        if status == EndpointStateConfigUpdate.NOT_UPDATING: return ep
+        if status in (EndpointStateConfigUpdate.UPDATE_FAILED, EndpointStateConfigUpdate.UPDATE_CANCELED):
+            raise OperationFailed(f"failed to reach NOT_UPDATING, got {status}")
+        if time.monotonic() + pause > deadline: raise TimeoutError(f"timed out after {timeout}: current status: {status}")
+        time.sleep(pause)
+        pause = min(LAST_POLL_SECONDS, 2 * pause)
+
 def apply_config(w, name: str, entities: list, routes: list, exists: bool, timeout: timedelta) -> ServingEndpointDetailed:
     "Create endpoint `name` or update its config and wait until it is done; a failure or a timeout is DeploymentFailed naming both."
     traffic, target = TrafficConfig(routes=routes), _routes_text(routes)
     try:
         if not exists:
-            return w.serving_endpoints.create_and_wait(name, config=EndpointCoreConfigInput(name=name, served_entities=entities, traffic_config=traffic), timeout=timeout)
-        try: w.serving_endpoints.wait_get_serving_endpoint_not_updating(name, timeout=timeout)  # an update in flight finishes first
+            w.serving_endpoints.create(name, config=EndpointCoreConfigInput(name=name, served_entities=entities, traffic_config=traffic))
+            return wait_not_updating(w, name, timeout)
+        try: wait_not_updating(w, name, timeout)  # an update in flight finishes first
         except OperationFailed: pass  # the last update failed: the endpoint serves its old config and takes a new one
         except TimeoutError as e:
             raise DeploymentFailed(f"endpoint {name}: an earlier config update was still in progress after {timeout} ({e}); "
                                    f"nothing was changed") from None
-        return w.serving_endpoints.update_config_and_wait(name, served_entities=entities, traffic_config=traffic, timeout=timeout)
+        w.serving_endpoints.update_config(name, served_entities=entities, traffic_config=traffic)
+        return wait_not_updating(w, name, timeout)
     except OperationFailed:
         raise DeploymentFailed(f"endpoint {name}: config update to {target} failed: {failure_reason(w, name)}") from None
-    except TimeoutError as e:  # the SDK's waiters raise the built-in TimeoutError
+    except TimeoutError as e:  # as the SDK's waiters, `wait_not_updating` raises the built-in TimeoutError
         what = "creating it" if not exists else "the config update"
         raise DeploymentFailed(f"endpoint {name}: {what} to {target} was not ready within {timeout} ({e}); it may still be in progress") from None
 

@@ -10,6 +10,7 @@ import shutil
 import sys
 import threading
 import time
+from datetime import timedelta
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pandas as pd
 from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntityInput, TrafficConfig
 
 from serving_mlops.config import find_bundle, load_bundle
-from serving_mlops.deploy import entity_stats
+from serving_mlops.deploy import entity_stats, wait_not_updating
 from serving_mlops.feature_store import example_workspace
 from serving_mlops.registry import register_challenger
 from serving_mlops.serving.app import serving_token
@@ -127,11 +128,21 @@ def entity(ws, version, name=None):
     return ServedEntityInput(entity_name=ws.env.var("model_name"), entity_version=version, name=name)
 
 
+WAIT = timedelta(minutes=20)  # the SDK waiters' default
+
+
 def create(ws, name, *entities, routes=None, **kw):
-    "Create an endpoint through the SDK and wait until it is ready."
+    "Create an endpoint through the SDK and wait until it is ready (polled as `deploy` polls: `wait_not_updating`)."
     config = EndpointCoreConfigInput(name=name, served_entities=list(entities),
                                      traffic_config=TrafficConfig(routes=routes) if routes else None)
-    return ws.w.serving_endpoints.create_and_wait(name, config=config, **kw)
+    ws.w.serving_endpoints.create(name, config=config, **kw)
+    return wait_not_updating(ws.w, name, WAIT)
+
+
+def update(w, name, **kw):
+    "Update an endpoint's config through the SDK and wait until it is done (`wait_not_updating`)."
+    w.serving_endpoints.update_config(name, **kw)
+    return wait_not_updating(w, name, WAIT)
 
 
 def invoke(ws, name, payload, client=None, token=None):

@@ -21,7 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving_mlops.serving.capture import MAGIC, InferenceLog, frame_record, read_records
 from serving_mlops.tables import LocalTables, tables_for
 
-from served import SlowToLoad, create, entity, invoke, key
+from served import WAIT, SlowToLoad, create, entity, invoke, key, update
+from serving_mlops.deploy import wait_not_updating
 
 
 TABLE = "dev.credit.reliable_payload"
@@ -278,7 +279,7 @@ def test_requests_refused_while_the_endpoint_loads_are_captured_without_a_served
     body = {"dataframe_records": rows.head(1).to_dict("records")}
     refused = invoke(ws, name, body)
     assert (refused.status_code, refused.json()["error_code"]) == (503, "TEMPORARILY_UNAVAILABLE"), refused.text
-    ws.w.serving_endpoints.wait_get_serving_endpoint_not_updating(name)
+    wait_not_updating(ws.w, name, WAIT)
     answered = invoke(ws, name, body)
     assert answered.status_code == 200, answered.text
     table, deadline = f"dev.credit.{name}_payload", time.monotonic() + 60
@@ -314,6 +315,6 @@ def test_an_update_whose_config_cannot_be_saved_adds_nothing_to_the_served_entit
         assert invoke(ws, name, {"dataframe_records": [key(1)]}).headers["served-model-name"] == f"default_model-{ws.v1}"
     finally: unmount(state)
     assert (state / f"{name}.json").read_bytes() == saved
-    ep = ws.w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v2)])  # with room again, it goes through
+    ep = update(ws.w, name, served_entities=[entity(ws, ws.v2)])  # with room again, it goes through
     assert ep.config.served_entities[0].entity_version == ws.v2 and len(history()) == len(before) + 1
     ws.w.serving_endpoints.delete(name)

@@ -35,7 +35,8 @@ from serving_mlops.serving.request_log import read_request_log
 from serving_mlops.tables import tables_for
 from serving_mlops.train import model_example, model_signature, training_set
 
-from served import SNAPSHOT_DATE, MetricReadings, SlowClassifier, SlowToLoad, create, entity, in_process, invoke, key  # noqa: E402
+from served import WAIT, SNAPSHOT_DATE, MetricReadings, SlowClassifier, SlowToLoad, create, entity, in_process, invoke, key, update  # noqa: E402
+from serving_mlops.deploy import wait_not_updating  # noqa: E402
 
 
 
@@ -51,6 +52,7 @@ def test_control_plane_create_get_list_update_delete(ws):
     with pytest.raises(InvalidParameterValue, match="add up to 110%"):
         w.serving_endpoints.update_config(name, served_entities=[entity(ws, ws.v1, "a"), entity(ws, ws.v2, "b")],
                                           traffic_config=TrafficConfig(routes=[Route(90, served_entity_name="a"), Route(20, served_entity_name="b")]))
+    # the SDK's own waiter reads the runtime's states (the rest of the suite polls faster: `wait_not_updating`)
     ep = w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v2)])
     assert ep.config.served_entities[0].entity_version == ws.v2 and ep.config.config_version == 2 and ep.pending_config is None
     gateway = w.serving_endpoints.put_ai_gateway(name, inference_table_config=AiGatewayInferenceTableConfig(
@@ -215,9 +217,9 @@ def test_config_update_under_load_fails_no_request(ws):
     with ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(client_loop, k) for k in range(4)]
         time.sleep(1)
-        w.serving_endpoints.update_config_and_wait("live", served_entities=[entity(ws, ws.v2)])
+        update(w, "live", served_entities=[entity(ws, ws.v2)])
         time.sleep(1)
-        w.serving_endpoints.update_config_and_wait("live", served_entities=[entity(ws, ws.v1)])
+        update(w, "live", served_entities=[entity(ws, ws.v1)])
         time.sleep(1)
         stop.set()
         for f in futures: f.result()
@@ -305,7 +307,7 @@ def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_co
     w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws.v2)])  # loading takes a while
     with pytest.raises(ResourceConflict, match="config update in progress"):
         w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, ws.v1)])
-    ep = w.serving_endpoints.wait_get_serving_endpoint_not_updating("sturdy")
+    ep = wait_not_updating(w, "sturdy", WAIT)
     assert ep.config.served_entities[0].entity_version == ws.v2
     w.serving_endpoints.update_config("sturdy", served_entities=[entity(ws, "999")])
     deadline = time.monotonic() + 60
@@ -317,7 +319,7 @@ def test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_co
     assert ep.config.served_entities[0].entity_version == ws.v2
     r = invoke(ws, "sturdy", {"dataframe_records": [key(1)]})
     assert r.status_code == 200 and r.headers["served-model-name"] == f"default_model-{ws.v2}"
-    ep = w.serving_endpoints.update_config_and_wait("sturdy", served_entities=[entity(ws, ws.v1)])  # a failed update does not block the next
+    ep = update(w, "sturdy", served_entities=[entity(ws, ws.v1)])  # a failed update does not block the next
     assert ep.state.config_update.value == "NOT_UPDATING" and ep.config.served_entities[0].entity_version == ws.v1
 
 
@@ -345,7 +347,7 @@ def test_sigterm_finishes_requests_in_flight_and_a_restart_restores_every_endpoi
         if server_info(env) is None: ws.start()  # the module's later tests need the runtime, whatever happened here
     w = ws.w
     assert {e.name for e in w.serving_endpoints.list()} == before
-    ep = w.serving_endpoints.wait_get_serving_endpoint_not_updating("durable")
+    ep = wait_not_updating(w, "durable", WAIT)
     assert ep.state.ready.value == "READY" and [r.traffic_percentage for r in ep.config.traffic_config.routes] == [50, 50]
     r = invoke(ws, "durable", {"dataframe_records": [key(7)]})
     assert r.status_code == 200 and r.headers["served-model-name"] in ("one", "two")
@@ -416,10 +418,10 @@ def test_every_payload_row_resolves_to_the_version_that_answered_through_the_ser
             answered[r.headers["x-request-id"]] = r.headers["served-model-name"]
     send(5)
     one, two = f"default_model-{ws.v1}", f"default_model-{ws.v2}"
-    w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v1), entity(ws, ws.v2)],
-                                               traffic_config=TrafficConfig(routes=[Route(50, served_entity_name=one), Route(50, served_entity_name=two)]))
+    update(w, name, served_entities=[entity(ws, ws.v1), entity(ws, ws.v2)],
+           traffic_config=TrafficConfig(routes=[Route(50, served_entity_name=one), Route(50, served_entity_name=two)]))
     send(30)
-    ep = w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v2)])
+    ep = update(w, name, served_entities=[entity(ws, ws.v2)])
     send(5)
     assert ep.config.config_version == 3 and {one, two} <= set(answered.values())
     w.serving_endpoints.delete(name)  # flushes the inference log and records the deletion
@@ -465,7 +467,7 @@ def test_a_deployment_that_times_out_is_rolled_back_and_the_error_names_the_endp
     assert "endpoint timeouts-new: creating it to" in message, message
     assert "rolled back: left endpoint timeouts-new in place: its first deployment is still in progress" in message, message
     assert w.serving_endpoints.get("timeouts-new").state.config_update.value == "IN_PROGRESS"  # still loading, not deleted
-    ready = w.serving_endpoints.wait_get_serving_endpoint_not_updating("timeouts-new", timeout=timedelta(minutes=2))
+    ready = wait_not_updating(w, "timeouts-new", timedelta(minutes=2))
     assert ready.state.ready.value == "READY" and [s.entity_version for s in ready.config.served_entities] == [version]
     strict = dataclasses.replace(env, variables={**env.variables, "endpoint_latency_budget_ms": 0.001})
     with pytest.raises(DeploymentFailed) as failed:  # an endpoint this deployment created, ready but failing its tests, is deleted

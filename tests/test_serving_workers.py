@@ -23,7 +23,7 @@ from serving_mlops.config import process_alive
 from serving_mlops.serving.process import server_file, server_info, stop_server, wait_exit
 from serving_mlops.tables import tables_for
 
-from served import MetricReadings, ServedWorkspace, create, entity, in_process, invoke, key
+from served import MetricReadings, ServedWorkspace, create, entity, in_process, invoke, key, update
 from test_serving import (test_a_saved_config_whose_model_version_is_gone_is_not_ready_and_says_why,  # noqa: F401
                           test_a_second_update_is_refused_and_a_failed_update_keeps_serving_the_old_config,
                           test_config_update_under_load_fails_no_request, test_control_plane_create_get_list_update_delete)
@@ -80,7 +80,7 @@ def test_every_worker_serves_what_one_created_updated_and_deleted_and_metrics_su
     assert rows["serving_model_batch_rows_sum"] == sent  # one row per request, over both workers
 
     # an update made through one worker: GET answers the same from every worker, and every worker serves the new version
-    w.serving_endpoints.update_config_and_wait(name, served_entities=[entity(ws, ws.v2)])
+    update(w, name, served_entities=[entity(ws, ws.v2)])
     seen = {}
     for _ in range(30):
         r, pid = fresh(ws, "GET", f"/api/2.0/serving-endpoints/{name}")
