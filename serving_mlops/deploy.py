@@ -13,8 +13,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
-from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, EndpointCoreConfigInput, EndpointStateConfigUpdate, Route,
-                                            ServedEntityInput, ServingEndpointDetailed, TrafficConfig)
+from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, DataframeSplitInput, EndpointCoreConfigInput,
+                                            EndpointStateConfigUpdate, Route, ServedEntityInput, ServingEndpointDetailed, TrafficConfig)
 from mlflow.types import DataType
 from tqdm import tqdm
 
@@ -27,11 +27,12 @@ from .serving.models import lookup_tables, version_lookups
 from .serving.process import workspace_client
 
 # %% auto #0
-__all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 'ENTITY_LABELS', 'CANARY_PROGRESS',
+__all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 'UNKNOWN_ID', 'ENTITY_LABELS', 'CANARY_PROGRESS',
            'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',
            'failure_reason', 'wait_not_updating', 'apply_config', 'inference_table_config', 'serving_problem', 'deploy',
-           'EndpointReport', 'golden_sample', 'required_inputs', 'endpoint_tests', 'being_created', 'rollback',
-           'deploy_and_test', 'metric_families', 'entity_stats', 'window_stats', 'canary']
+           'EndpointReport', 'as_sent', 'golden_sample', 'unknown_key', 'looked_up', 'keys_only_check',
+           'required_inputs', 'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families',
+           'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -171,19 +172,65 @@ class EndpointReport(GateReport):
 
     def summary(self) -> str: return super().summary() + (f"\n  rolled back: {self.rolled_back}" if self.rolled_back else "")
 
-def golden_sample(env: Environment, version: str) -> tuple[pd.DataFrame, np.ndarray]:
+def as_sent(model, frame: pd.DataFrame) -> pd.DataFrame:
+    "`frame` as a JSON client sends it to `model`: integer codes as the doubles its signature declares, days as YYYY-MM-DD, other times ISO 8601."
+    doubles = [c.name for c in model.metadata.get_input_schema().inputs if c.type == DataType.double and c.name in frame]
+    frame = frame.astype({c: float for c in doubles})
+    for c in frame.select_dtypes("datetime").columns:  # JSON has no dates: a day as YYYY-MM-DD (how `query` sends snapshot_date)
+        day = (frame[c] == frame[c].dt.normalize()).all()
+        frame[c] = frame[c].dt.strftime("%Y-%m-%d") if day else frame[c].map(lambda t: t.isoformat())
+    return frame
+
+def golden_sample(env: Environment, version: str, model=None) -> tuple[pd.DataFrame, np.ndarray]:
     "The model version's logged input example and the in-process predictions for it."
-    with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.model_name, version))
+    if model is None:
+        with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.model_name, version))
     sample = model.input_example
     if sample is None: raise DeploymentFailed(f"model {env.model_name} version {version} has no input example to test the endpoint with")
     # a model logged by the Databricks client has one row of its keys (a dict) and answers a one-column frame
-    sample = pd.DataFrame([sample] if isinstance(sample, dict) else sample)
-    doubles = [c.name for c in model.metadata.get_input_schema().inputs if c.type == DataType.double and c.name in sample]
-    sample = sample.astype({c: float for c in doubles})  # integer codes go as the doubles the signature declares
-    for c in sample.select_dtypes("datetime").columns:  # JSON has no dates: a day as YYYY-MM-DD (how `query` sends snapshot_date), else ISO 8601
-        day = (sample[c] == sample[c].dt.normalize()).all()
-        sample[c] = sample[c].dt.strftime("%Y-%m-%d") if day else sample[c].map(lambda t: t.isoformat())
+    sample = as_sent(model, pd.DataFrame([sample] if isinstance(sample, dict) else sample))
     return sample, scores(model, sample)
+
+UNKNOWN_ID = 2**31 - 1  # an id no table holds in practice, valid as a long or an integer and within an id's domain (at least 1)
+
+def unknown_key(row: dict, schema) -> dict: # schema: the model's input `mlflow.types.Schema`
+    "`row`'s required inputs with each integer one `UNKNOWN_ID` and each text one marked: a key no feature table holds (dates kept)."
+    changed = {}
+    for c in schema.inputs:
+        if not c.required or c.name not in row: continue
+        if c.type in (DataType.long, DataType.integer): changed[c.name] = UNKNOWN_ID
+        elif c.type == DataType.string: changed[c.name] = f"unknown-{row[c.name]}"
+        else: changed[c.name] = row[c.name]
+    return changed
+
+def looked_up(env: Environment, version: str, keys: pd.DataFrame) -> pd.DataFrame | None:
+    """`keys` with the features the local serving runtime looks up for them: each lookup's online table as `lookup_tables`
+    resolves it, missing keys as nulls. None on a workspace target (Model Serving's lookups are its own) or for a version that
+    looks nothing up."""
+    if not env.is_local: return None
+    uri, path = model_uri(env.model_name, version), env.path("online", "online_store.db")
+    with using_mlflow(env): lookups = version_lookups(uri)
+    if not lookups or not path.exists(): return None
+    online = OnlineStore(path)
+    tables, rows = lookup_tables(lookups, online, env, uri), keys.copy()
+    for l in lookups:
+        found = [online.lookup(tables[l["table_name"]], *[r[k] for k in l["lookup_key"]]) or {} for r in keys.to_dict(orient="records")]
+        for feature, column in l["features"].items(): rows[column] = [f.get(feature) for f in found]
+    return rows
+
+def _split(rows: pd.DataFrame) -> DataframeSplitInput:
+    return DataframeSplitInput(columns=list(rows.columns), data=rows.to_numpy(dtype=object).tolist())
+
+def keys_only_check(form: str, got, rows: pd.DataFrame, expected: np.ndarray | None) -> tuple:
+    "The check of one keys-only request in `form`: a probability per row and, where `expected` is known, the in-process model's."
+    what = f"{len(rows)} rows of {list(rows.columns)} alone in {form} (one key no table holds), features looked up by the endpoint: "
+    if not isinstance(got, list): return (f"keys_only {form}", False, what + f"request failed: {got}")
+    ok = len(got) == len(rows) and all(isinstance(p, float) and 0 <= p <= 1 for p in got)
+    if not ok or expected is None:
+        return (f"keys_only {form}", ok, what + f"{len(got)} probabilities out" + ("" if expected is not None else
+                " (compared with the in-process model on local targets only: Model Serving's lookups are its own)"))
+    diff = float(np.max(np.abs(np.asarray(got) - expected)))
+    return (f"keys_only {form}", diff <= 1e-9, what + f"largest difference from the in-process model on the rows it looks up {diff:.2e}")
 
 def required_inputs(env: Environment, version: str) -> list[str]:
     "The inputs the signature of the model version requires: a feature-store model's lookup keys (the features are optional)."
@@ -196,13 +243,15 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     w = client or workspace_client(env)
     name = endpoint or env.endpoint_name
     report = EndpointReport(str(version), endpoint=name)
-    sample, expected = golden_sample(env, str(version))
+    with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.model_name, str(version)))
+    sample, expected = golden_sample(env, str(version), model)
     records = sample.to_dict(orient="records")
     sent = failed = 0
-    def query(rows):
+    def query(rows, form: str = "dataframe_records"):  # the formats the project's own callers send (query, monitoring's traffic)
         nonlocal sent, failed
         sent += 1
-        try: return w.serving_endpoints.query(name, dataframe_records=rows).predictions
+        body = {"dataframe_records": rows} if form == "dataframe_records" else {"dataframe_split": _split(rows)}
+        try: return w.serving_endpoints.query(name, **body).predictions
         except DatabricksError as e: failed += 1; return e
     got = query(records)
     ok = isinstance(got, list) and len(got) == len(records) and all(isinstance(p, float) and 0 <= p <= 1 for p in got)
@@ -212,10 +261,11 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
         report.checks.append(("golden_sample", diff <= 1e-9, f"largest difference from the in-process model {diff:.2e} on {len(records)} rows"))
     keys = required_inputs(env, str(version))
     if keys and set(keys) < set(sample.columns):  # as real clients call: the lookup keys alone, the endpoint looks the features up
-        by_key = query([{k: r[k] for k in keys} for r in records])
-        ok = isinstance(by_key, list) and len(by_key) == len(records) and all(isinstance(p, float) and 0 <= p <= 1 for p in by_key)
-        report.checks.append(("keys_only", ok, f"{len(records)} rows of {keys} alone, features looked up by the endpoint: " +
-                              (f"{len(by_key)} probabilities out" if isinstance(by_key, list) else f"request failed: {by_key}")))
+        rows = pd.concat([sample[keys], pd.DataFrame([unknown_key(records[0], model.metadata.get_input_schema())])], ignore_index=True)
+        full = looked_up(env, str(version), rows)
+        want = scores(model, as_sent(model, full)) if full is not None else None
+        report.checks.append(keys_only_check("dataframe_records", query(rows.to_dict(orient="records")), rows, want))
+        report.checks.append(keys_only_check("dataframe_split", query(rows, "dataframe_split"), rows, want))
     times = []
     for i in range(requests):
         start = time.perf_counter(); query(records[i % len(records):][:1]); times.append((time.perf_counter() - start) * 1000)
