@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import matplotlib
@@ -183,8 +184,12 @@ class TrainingResult:
     metrics: dict
 
 def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float = 0.5, store=None,
-          experiment: str | None = None, progress: bool = True) -> TrainingResult:
-    "Tune, train, evaluate and log a model on the environment's feature store; returns the run's result."
+          experiment: str | None = None, progress: bool = True,
+          pipeline: Callable[..., Pipeline] = make_pipeline, # the model: `pipeline(columns, seed=seed, **params)`, a scikit-learn estimator with `predict_proba`
+          space: Callable[[optuna.Trial], dict] = suggest, # its hyperparameters: `space(trial)` -> `pipeline`'s keyword arguments
+          ) -> TrainingResult:
+    """Tune, train, evaluate and log a model on the environment's feature store; returns the run's result. The job's
+    `train` task trains `make_pipeline` over `suggest`: to swap the model, change those two (docs/training-and-registry.md)."""
     store = store or feature_store_for(env)
     ts = training_set(env, store)
     df = ts.load_df().toPandas().sort_values(KEY, ignore_index=True)
@@ -197,9 +202,9 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
     with in_experiment(env, experiment or experiment_name(env, "training")), mlflow.start_run(run_name=run_name) as parent:
         for split, dataset in split_datasets(env, store, splits).items(): mlflow.log_input(dataset, context=split)
         def objective(trial):
-            params = suggest(trial)
+            params = space(trial)
             with mlflow.start_run(run_name=f"trial {trial.number + 1}/{n_trials}", nested=True):
-                model = make_pipeline(cols, seed=seed, **params).fit(Xt, yt)
+                model = pipeline(cols, seed=seed, **params).fit(Xt, yt)
                 auc = roc_auc_score(yv, model.predict_proba(Xv)[:, 1])
                 mlflow.log_params(params); mlflow.log_metric("val_roc_auc", auc)
             return auc
@@ -211,7 +216,7 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
             print(f"trial {n}/{n_trials}: validation ROC AUC {trial.value:.4f}{' (new best)' if best else ''}, best {study.best_value:.4f} "
                   f"(trial {study.best_trial.number + 1}), {trial.duration.total_seconds():.1f} s", flush=True)
         study.optimize(objective, n_trials=n_trials, callbacks=[report] if progress else [])
-        model = make_pipeline(cols, seed=seed, **study.best_params).fit(Xt, yt)
+        model = pipeline(cols, seed=seed, **study.best_params).fit(Xt, yt)
         pv, ps = model.predict_proba(Xv)[:, 1], model.predict_proba(Xs)[:, 1]
         metrics = {**evaluate(yv, pv, threshold, "val_"), **evaluate(ys, ps, threshold, "test_")}
         mlflow.log_params({**study.best_params, "n_trials": n_trials, "seed": seed, "threshold": threshold,
