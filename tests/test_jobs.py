@@ -263,23 +263,48 @@ class StandInWorkspace(ThreadingHTTPServer):
                 "state": {"life_cycle_state": "TERMINATED" if over else "RUNNING", **result, "state_message": ""}}
 
 
-@pytest.fixture
-def workspace(tmp_path, monkeypatch):
-    "A copy of the project whose staging target is the stand-in workspace, deployed as far as this machine can tell (a wheel in dist/)."
+def stand_in_project(tmp_path, monkeypatch, staging_workspace: str):
+    """A copy of the project whose staging target names the stand-in workspace as `staging_workspace` says (YAML lines
+    under `workspace:`, `{url}` for the stand-in's), deployed as far as this machine can tell (a wheel in dist/)."""
     server = StandInWorkspace()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     project = tmp_path / "project"
     for d in ("databricks_jobs",): shutil.copytree(ROOT / d, project / d, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
     (project / "dist").mkdir(); (project / "dist" / WHEEL).write_bytes(b"stands in for the wheel the deploy builds")
     bundle = project / "databricks_jobs" / "databricks.yml"
-    bundle.write_text(bundle.read_text().replace("\n  staging:\n", f"\n  staging:\n    workspace:\n      host: {server.url}\n"))
-    for var in ("DATABRICKS_HOST", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET"): monkeypatch.delenv(var, raising=False)
+    lines = "".join(f"      {line}\n" for line in staging_workspace.format(url=server.url).splitlines())
+    bundle.write_text(bundle.read_text().replace("\n  staging:\n", f"\n  staging:\n    workspace:\n{lines}"))
+    for var in ("DATABRICKS_HOST", "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(tmp_path / "no-databrickscfg"))
-    monkeypatch.setenv("DATABRICKS_TOKEN", "dapi-stand-in")
     monkeypatch.setenv("SERVING_MLOPS_BUNDLE", str(bundle))
     monkeypatch.setenv("SERVING_MLOPS_HOME", str(tmp_path / "workspaces"))
+    return server
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    "The project with its staging target's host the stand-in workspace, a token in DATABRICKS_TOKEN."
+    server = stand_in_project(tmp_path, monkeypatch, "host: {url}")
+    monkeypatch.setenv("DATABRICKS_TOKEN", "dapi-stand-in")
     yield server
     server.shutdown(); server.server_close()
+
+
+def test_the_workspace_how_to_reaches_the_first_job_run_through_a_profile(tmp_path, monkeypatch):
+    "docs/databricks.md's how-to, steps 1-2 and 5: a profile from `databricks auth login`, named by the target; `jobs run` submits with its credentials."
+    server = stand_in_project(tmp_path, monkeypatch, "profile: staging")
+    try:
+        config = tmp_path / "databrickscfg"  # what `databricks auth login --host <url> --profile staging` leaves (a PAT here: no OAuth server)
+        config.write_text(f"[staging]\nhost = {server.url}\ntoken = dapi-from-the-profile\n")
+        monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(config))
+        shown = cli("env", "--env", "staging").stdout
+        assert server.url in shown and "profile staging" in shown, shown
+        r = cli("jobs", "run", "model_build", "--env", "staging")
+        assert "[model_build] submitted run 42: " + server.url in r.stdout and "run 42: SUCCESS" in r.stdout, r.stdout
+        assert {auth for _, path, *_, auth in server.requests if path.startswith("/api/")} == {"Bearer dapi-from-the-profile"}
+    finally:
+        server.shutdown(); server.server_close()
 
 
 def test_jobs_run_submits_a_one_time_run_to_a_workspace_target(workspace):
