@@ -1,7 +1,7 @@
 """The `serving-mlops` commands as users run them, on real files and real Delta tables: in process (typer's CliRunner), and
 the installed console script as a separate process once per command family (here `--help`; serve, jobs and ingest in their modules)."""
 import pytest
-from conftest import cli
+from conftest import ROOT, cli, expensive
 
 from serving_mlops.config import get_environment
 from serving_mlops.data import generate_credit_data
@@ -82,20 +82,32 @@ def test_parquet_inference_batch(home, tmp_path):
     assert (silver.snapshot_date.astype(str) == "2005-11-01").all()
 
 
-@pytest.mark.slow
-def test_promote_copies_once_and_verifies(home):
-    "The scenario's step 6 from a shell: staging champion -> prod registry, idempotent."
+@pytest.fixture(scope="module")
+@expensive
+def two_targets(tmp_path_factory):
+    """Staging with a validated champion trained on 1,500 clients, prod with its own 300 clients and feature tables (not
+    published), and whether promoting before prod had feature tables was refused as it should be."""
     from serving_mlops.tasks import features_task, ingest_task, train_task, validate_task
-    staging = get_environment("staging")  # its champion, made in process by the task functions the commands call
-    cli("generate", "--env", "staging", "--rows", "1500")
-    ingest_task(staging); features_task(staging, publish=False)
-    trained = train_task(staging, n_trials=1)
-    validate_task(staging, trained["run_id"], trained["model_uri"], latency_budget_ms=10_000)
-    proc = cli("promote", "--from", "staging", "--env", "prod", check=False)  # the copy would look its features up in prod's tables
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SERVING_MLOPS_HOME", str(tmp_path_factory.mktemp("two_targets") / "workspaces"))
+        mp.setenv("SPARK_LOCAL_IP", "127.0.0.1"); mp.setenv("BUNDLE_VAR_serving_port", "0"); mp.chdir(ROOT)  # free ports: `make demo`'s runtimes may hold 8712, 8713
+        staging = get_environment("staging")  # its champion, made in process by the task functions the commands call
+        cli("generate", "--env", "staging", "--rows", "1500")
+        ingest_task(staging); features_task(staging, publish=False)
+        trained = train_task(staging, n_trials=1)
+        validate_task(staging, trained["run_id"], trained["model_uri"], latency_budget_ms=10_000)
+        early = cli("promote", "--from", "staging", "--env", "prod", check=False)  # the copy would look its features up in prod's tables
+        prod = get_environment("prod")
+        cli("generate", "--env", "prod", "--rows", "300")
+        ingest_task(prod); features_task(prod, publish=False)
+        yield staging, prod, trained, early
+
+
+@pytest.mark.slow
+def test_promote_copies_once_and_verifies(two_targets):
+    "The scenario's step 6 from a shell: staging champion -> prod registry, idempotent."
+    staging, prod, trained, proc = two_targets
     assert proc.returncode == 1 and "feature table prod.credit.behaviour_features (the model's staging.credit.behaviour_features) does not exist" in proc.stderr
-    prod = get_environment("prod")
-    cli("generate", "--env", "prod", "--rows", "300")
-    ingest_task(prod); features_task(prod, publish=False)
     first = cli("promote", "--from", "staging", "--env", "prod").stdout
     assert "staging.credit.default_model version 1 of 'staging' is prod.credit.default_model version 1 of 'prod'" in first
     assert "identical predictions" in first and "its gate in 'staging': passed" in first
@@ -115,6 +127,77 @@ def test_promote_copies_once_and_verifies(home):
     assert copy.tags["promotion.forced_reason"] == "demo of a forced promotion" and copy.tags["promotion.forced_by"]
     proc = cli("promote", "--from", "dev", "--env", "prod", check=False)
     assert proc.returncode == 1 and "no version with alias 'champion'" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_feature_added_in_staging_only_never_reaches_prod_clients(two_targets, monkeypatch):
+    """Issue 29's broken path, replayed: prod serves staging's champion to a client calling by keys (as `query` does);
+    staging adds a feature, trains, and the gate fails the version. Its promotion is refused; forced, its copy is refused by
+    the deploy job's function before traffic moves (prod's feature table lacks the column) and the endpoint keeps its
+    version; pushed past that check through the SDK, as on a workspace where no check runs first, the runtime does not load
+    it and the endpoint keeps serving. The client never sees anything but a 200."""
+    import re
+    import threading
+    import httpx
+    from pyspark.sql import functions as F
+    import serving_mlops.features as features
+    from serving_mlops.deploy import DeploymentFailed, deploy_and_test, wait_not_updating
+    from serving_mlops.feature_store import feature_store_for
+    from serving_mlops.registry import GateFailed, alias_version
+    from serving_mlops.serving.app import serving_token
+    from serving_mlops.serving.process import start_server, stop_server, workspace_client
+    from serving_mlops.tasks import features_task, train_task, validate_task
+    from databricks.sdk.errors import OperationFailed
+    from databricks.sdk.service.serving import ServedEntityInput
+    from datetime import timedelta
+    staging, prod, _, _ = two_targets
+    store = feature_store_for(prod)
+    for t in ("behaviour_features", "demographic_features"): store.publish_table(prod.table_name(t))
+    copied = cli("promote", "--from", "staging", "--env", "prod").stdout  # staging's champion (the copy made once)
+    served = re.search(r"is prod\.credit\.default_model version (\d+) of 'prod'", copied).group(1)
+    url = start_server(prod)["url"]
+    statuses, stop = [], threading.Event()
+    def client():  # a real caller: keys only, the target's snapshot date, all the time
+        body = {"dataframe_records": [{"customer_id": c, "snapshot_date": prod.var("snapshot_date")} for c in (1, 2, 3)]}
+        with httpx.Client(headers={"Authorization": f"Bearer {serving_token(prod)}"}, timeout=30) as http:
+            while not stop.is_set():
+                statuses.append(http.post(f"{url}/serving-endpoints/{prod.endpoint_name}/invocations", json=body).status_code)
+                stop.wait(0.05)
+    caller = threading.Thread(target=client)
+    try:
+        deploy_and_test(prod, served, requests=5)
+        caller.start()
+        # staging only: a new feature (the notebook edit of docs/data-and-features.md), a model trained with it, a failed gate
+        built = features.customer_features
+        monkeypatch.setattr(features, "customer_features", lambda clients, statements: {
+            **(f := built(clients, statements)), "behaviour_features": f["behaviour_features"].withColumn("pay_ratio_min_6m", F.col("pay_ratio_1m") / 2)})
+        assert "added pay_ratio_min_6m" in cli("features", "--env", "staging").stdout
+        trained = train_task(staging, n_trials=1)
+        with pytest.raises(GateFailed, match="failed the validation gate: latency"):  # a budget no model meets: the gate fails the version
+            validate_task(staging, trained["run_id"], trained["model_uri"], latency_budget_ms=1e-6)
+        failed = str(alias_version(staging, "challenger").version)  # the version the gate failed (the champion did not move)
+        proc = cli("promote", "--from", "staging", "--env", "prod", "--version", failed, check=False)
+        assert proc.returncode == 1 and f"version {failed} of 'staging' did not pass its validation gate (validation.status: failed" in proc.stderr, proc.stderr
+        forced = cli("promote", "--from", "staging", "--env", "prod", "--version", failed, "--force", "trying the broken path").stdout
+        copy = re.search(r"is prod\.credit\.default_model version (\d+) of 'prod'", forced).group(1)
+        with pytest.raises(DeploymentFailed) as refused:  # the deploy job's own function: stopped before any traffic moved
+            deploy_and_test(prod, copy, requests=5)
+        assert "looks up ['pay_ratio_min_6m'] in the online table prod.credit.behaviour_features, which has no such column" in str(refused.value)
+        w = workspace_client(prod)
+        assert [e.entity_version for e in w.serving_endpoints.get(prod.endpoint_name).config.served_entities] == [served]
+        # past that check, through the SDK: Model Serving's own load decides, and the runtime's refuses it
+        w.serving_endpoints.update_config(prod.endpoint_name, served_entities=[ServedEntityInput(entity_name=prod.model_name, entity_version=copy)])
+        with pytest.raises(OperationFailed):
+            wait_not_updating(w, prod.endpoint_name, timedelta(minutes=5))
+        ep = w.serving_endpoints.get(prod.endpoint_name)
+        assert [e.entity_version for e in ep.config.served_entities] == [served] and ep.state.ready.value == "READY"
+        assert "pay_ratio_min_6m" in (ep.pending_config.served_entities[0].state.deployment_state_message or ""), ep.pending_config
+        stop.wait(0.5)
+    finally:
+        stop.set()
+        if caller.is_alive(): caller.join()
+        stop_server(prod)
+    assert statuses and set(statuses) == {200}, sorted(set(statuses))  # every call, before, during and after: answered
 
 
 def test_jobs_run_refuses_a_parameter_no_task_takes_and_runs_nothing(home):
