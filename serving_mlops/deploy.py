@@ -282,7 +282,7 @@ def being_created(ep: ServingEndpointDetailed | None) -> bool:
 
 def rollback(w, name: str, previous: ServingEndpointDetailed | None, # the endpoint before the deployment; None: it did not exist
              timeout: timedelta) -> str:
-    "Put endpoint `name` back as `previous` was, except that an endpoint still being created is never deleted; says what it did."
+    "Put endpoint `name` back as `previous` was; an endpoint this deployment created is left in place, never deleted; says what it did."
     if previous is not None and previous.config is not None:
         entities, routes = current_entities(previous)
         apply_config(w, name, entities, routes, True, timeout)
@@ -294,8 +294,9 @@ def rollback(w, name: str, previous: ServingEndpointDetailed | None, # the endpo
     if being_created(current):  # deleting it would throw its container build away, and every retry would do the same again
         return (f"left endpoint {name} in place: its first deployment is still in progress (Databricks allows up to "
                 f"{DEPLOY_TIMEOUT_MINUTES} minutes after the container build); deploy again once it is READY, or delete it yourself")
-    w.serving_endpoints.delete(name)
-    return f"deleted endpoint {name}, which this deployment created"
+    # the first-deploy rule: an endpoint is never deleted by a rollback; one this deployment created has no config to go back to
+    return (f"left endpoint {name} in place: this deployment created it, so it has no earlier config to return to; it serves the "
+            f"version that failed until a deployment passes (or delete it yourself)")
 
 def deploy_and_test(env: Environment, version: str | int = "champion", traffic: int = 100, endpoint: str | None = None,
                     timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, requests: int = 50,
