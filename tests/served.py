@@ -182,7 +182,7 @@ class MetricReadings:
             self.readings.setdefault(entity, {}).update(minutes)
 
     def _poll(self):
-        while not self.stop.wait(METRICS_INTERVAL / 4): self.read()
+        while not self.stop.wait(METRICS_INTERVAL / 8): self.read()  # each interval is shown for one interval: read it several times
 
     def __enter__(self):
         self.thread = threading.Thread(target=self._poll, daemon=True); self.thread.start()

@@ -550,7 +550,7 @@ def test_cli_query_names_customers_the_feature_tables_do_not_know(ws, monkeypatc
 
 
 def test_the_sdk_reads_a_served_models_logs_and_build_logs_and_an_unknown_api_gets_json_it_can_read(ws):
-    "Issue 31: `logs`, `build_logs` and `get_open_api` got Starlette's plain-text 404, which the SDK cannot parse ('unable to parse response')."
+    "Issue 31: `logs`, `build_logs` and `get_open_api` got Starlette's plain-text 404, which the SDK cannot parse ('unable to parse response'); the OpenAPI document describes what the endpoint takes."
     from databricks.sdk.errors import NotFound
     w, served = ws.w, f"default_model-{ws.v1}"
     create(ws, "logged", entity(ws, ws.v1))
@@ -562,5 +562,15 @@ def test_the_sdk_reads_a_served_models_logs_and_build_logs_and_an_unknown_api_ge
     assert sklearn.endswith("installed " + sklearn.split("==")[1].split(":")[0]), build  # the version it was trained with is the one here
     with pytest.raises(NotFound, match="serving endpoint 'logged' has no served model 'nope' \\(it has default_model-"):
         w.serving_endpoints.logs("logged", "nope")
-    with pytest.raises(NotFound, match="No API found for 'GET /api/2.0/serving-endpoints/logged/openapi'"):
-        w.serving_endpoints.get_open_api("logged")
+    with pytest.raises(NotFound, match="No API found for 'GET /api/2.0/serving-endpoints/logged/permissions'"):
+        w.api_client.do("GET", "/api/2.0/serving-endpoints/logged/permissions")
+    # the query schema, from the served model's signature: what it accepts, the endpoint accepts, and what it refuses, the endpoint refuses
+    from jsonschema import Draft202012Validator
+    doc = orjson.loads(w.serving_endpoints.get_open_api("logged").contents.read())
+    assert doc["openapi"] == "3.1.0" and f"/serving-endpoints/logged/served-models/{served}/invocations" in doc["paths"], sorted(doc["paths"])
+    body = Draft202012Validator(doc["paths"]["/serving-endpoints/logged/invocations"]["post"]["requestBody"]["content"]["application/json"]["schema"])
+    for request in ({"dataframe_records": [key(1)]}, {"dataframe_records": [{"snapshot_date": SNAPSHOT_DATE}]},
+                    {"dataframe_split": {"columns": ["customer_id", "snapshot_date"], "data": [[1, SNAPSHOT_DATE]]}}):
+        assert body.is_valid(request) == (invoke(ws, "logged", request).status_code == 200), request
+    with pytest.raises(NotFound, match="serving endpoint 'nope' does not exist"):
+        w.serving_endpoints.get_open_api("nope")

@@ -35,7 +35,7 @@ __all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'route
            'error_response', 'serving_error', 'no_route', 'internal_error', 'serving_token', 'BearerAuth',
            'receive_body', 'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints',
            'get_endpoint', 'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics',
-           'server_logs', 'build_logs', 'Invocations', 'ServingApp', 'make_app']
+           'server_logs', 'open_api', 'build_logs', 'Invocations', 'ServingApp', 'make_app']
 
 # %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -158,6 +158,9 @@ async def export_metrics(request):
 async def server_logs(request):
     return json_response({"logs": _runtime(request).server_logs(request.path_params["name"], request.path_params["served"])})
 
+async def open_api(request):  # reads the served models' MLmodel files: off the event loop
+    return json_response(await asyncio.to_thread(_runtime(request).open_api, request.path_params["name"]))
+
 async def build_logs(request):  # reads the model's requirements from the registry: off the event loop
     return json_response({"logs": await asyncio.to_thread(_runtime(request).build_logs, request.path_params["name"], request.path_params["served"])})
 
@@ -195,6 +198,7 @@ routes = [  # the invocations first: a request tries the routes in order (each a
     Route(API + "/{name}/metrics", export_metrics, methods=["GET"], middleware=AUTH),
     Route(API + "/{name}/served-models/{served}/logs", server_logs, methods=["GET"], middleware=AUTH),
     Route(API + "/{name}/served-models/{served}/build-logs", build_logs, methods=["GET"], middleware=AUTH),
+    Route(API + "/{name}/openapi", open_api, methods=["GET"], middleware=AUTH),
 ]
 
 # %% ../../nbs/08f_serving_app.ipynb #df68cc8e

@@ -29,9 +29,9 @@ from ..naming import model_uri, same_table_in
 from .protocol import INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, invalid_parameter, parse_request
 
 # %% auto #0
-__all__ = ['KEY_SQL_TYPES', 'INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees', 'entity_uri',
-           'online_table', 'lookup_tables', 'version_lookups', 'payload_problem', 'request_shape', 'SignatureCheck',
-           'example_rows', 'ServedModel']
+__all__ = ['KEY_SQL_TYPES', 'JSON_TYPES', 'INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees',
+           'entity_uri', 'online_table', 'lookup_tables', 'version_lookups', 'payload_problem', 'request_body_schema',
+           'response_schema', 'openapi_document', 'request_shape', 'SignatureCheck', 'example_rows', 'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
@@ -270,6 +270,53 @@ def payload_problem(signature, # the served model's `mlflow.models.ModelSignatur
     except MlflowException as e: return e.message[:2000]  # as the endpoint's 400 would say
     except Exception as e: return f"{type(e).__name__}: {e}"[:2000]
     return None
+
+# %% ../../nbs/08b_serving_models.ipynb #76e94f44
+JSON_TYPES = {"boolean": {"type": "boolean"}, "integer": {"type": "integer"}, "long": {"type": "integer"},
+              "float": {"type": "number"}, "double": {"type": "number"}, "string": {"type": "string"},
+              "binary": {"type": "string", "contentEncoding": "base64"}, "datetime": {"type": "string", "format": "date-time"}}
+
+def _json_type(spec, optional: bool) -> dict:
+    "JSON Schema of one MLflow column or tensor type; null allowed where the input is optional."
+    kind = JSON_TYPES.get(getattr(getattr(spec, "type", None), "name", None) or str(getattr(spec, "type", "")), {})
+    if not kind: return {}  # an array, object or tensor type: any JSON value (MLflow's own enforcement checks it)
+    return {**kind, "type": [kind["type"], "null"]} if optional else kind
+
+def request_body_schema(signature) -> dict:
+    "JSON Schema of an invocation body for a model of `signature`: one of the scoring server's four formats, rows typed by its inputs."
+    inputs = signature.inputs if signature is not None else None
+    if inputs is None or not inputs.has_input_names():  # no column names: any of the formats, values unchecked here
+        return {"type": "object", "minProperties": 1}
+    row = {"type": "object", "properties": {c.name: _json_type(c, not c.required) for c in inputs.inputs},
+           "required": [c.name for c in inputs.inputs if c.required]}
+    rows = {"type": "array", "items": row, "minItems": 1}
+    split = {"type": "object", "required": ["columns", "data"], "properties": {
+        "columns": {"type": "array", "items": {"type": "string", "enum": inputs.input_names()}},
+        "data": {"type": "array", "items": {"type": "array"}}, "index": {"type": "array"}}}
+    return {"oneOf": [{"type": "object", "required": [k], "properties": {k: v, "params": {"type": "object"}}}
+                      for k, v in (("dataframe_records", rows), ("dataframe_split", split), ("instances", rows), ("inputs", rows))]}
+
+def response_schema(signature) -> dict:
+    "JSON Schema of a 200 answer: `predictions`, typed by the signature's one unnamed output where it has one."
+    outputs = signature.outputs if signature is not None else None
+    one = outputs.inputs[0] if outputs is not None and len(outputs.inputs) == 1 else None
+    return {"type": "object", "required": ["predictions"],
+            "properties": {"predictions": {"type": "array", "items": _json_type(one, False) if one is not None else {}}}}
+
+def openapi_document(endpoint: str, signatures: dict, # served entity name -> its model's `ModelSignature`
+                     version: str = "1") -> dict:
+    "The OpenAPI 3.1 document of endpoint `endpoint`'s invocations: the endpoint's path and each served entity's."
+    def post(signature, what: str) -> dict:
+        return {"post": {"summary": what, "security": [{"bearer": []}],
+                         "requestBody": {"required": True, "content": {"application/json": {"schema": request_body_schema(signature)}}},
+                         "responses": {"200": {"description": "predictions", "content": {"application/json": {"schema": response_schema(signature)}}},
+                                       "400": {"description": "a request the model's signature refuses: error_code and message"}}}}
+    shared = next(iter(signatures.values())) if len({repr(s) for s in signatures.values()}) == 1 else None  # one shape for the endpoint
+    paths = {f"/serving-endpoints/{endpoint}/invocations": post(shared, f"score with the endpoint's traffic split over {', '.join(signatures)}")}
+    for name, signature in signatures.items():
+        paths[f"/serving-endpoints/{endpoint}/served-models/{name}/invocations"] = post(signature, f"score with served entity {name}")
+    return {"openapi": "3.1.0", "info": {"title": f"serving endpoint {endpoint}", "version": version},
+            "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}, "paths": paths}
 
 # %% ../../nbs/08b_serving_models.ipynb #90624e22
 _UNSHAPED = ("a value whose", "verdict cannot be shared")  # an array or object inside a row: MLflow is asked about the request itself

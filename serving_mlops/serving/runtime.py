@@ -26,7 +26,7 @@ from ..feature_store import OnlineStore
 from .capture import InferenceLog, entity_ids, json_text, payload_table_name, record_served_entities, served_entity_rows
 from .endpoint import Endpoint, Snapshot, now_ms, read_record, remove_durably, write_atomic
 from .metrics import EndpointMetrics
-from .models import ServedModel, entity_uri
+from .models import ServedModel, entity_uri, openapi_document
 from .protocol import (
     ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint)
 from .request_log import RecentLog, RequestLog
@@ -392,6 +392,20 @@ def server_logs(self: ServingRuntime, name: str, served_model_name: str) -> str:
     "The endpoints' `logs` API: this process's latest log lines about endpoint `name` or its served model."
     self.served_entity(name, served_model_name)
     return self.recent.about(f"endpoint {name}:", f"'{served_model_name}'")
+
+@patch
+def open_api(self: ServingRuntime, name: str) -> dict:
+    "The endpoints' `get_open_api`: the OpenAPI document of endpoint `name`'s invocations, from its served models' signatures (their MLmodel files)."
+    ep = self.get(name)
+    config = ep.record.get("config") or ep.pending
+    if not config: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' serves no model yet")
+    signatures = {}
+    for e in config["served_entities"]:
+        try: signatures[e["name"]] = mlflow.models.Model.load(entity_uri(e)).signature
+        except Exception as x:
+            raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}': the model of served entity '{e['name']}' "
+                                                               f"({entity_uri(e)}) could not be read: {type(x).__name__}: {x}"[:2000]) from None
+    return openapi_document(name, signatures, str(config.get("config_version", 1)))
 
 @patch
 def build_logs(self: ServingRuntime, name: str, served_model_name: str) -> str:
