@@ -170,7 +170,8 @@ class Invocations:
         request_id, runtime, name = uuid.uuid4().hex, scope["app"].state.runtime, scope["path_params"]["name"]
         runtime.get(name)
         body = await receive_body(scope, receive, MAX_BODY_BYTES)
-        try: out, served = await runtime.invoke(name, body, request_id)
+        kind = next((v for k, v in scope["headers"] if k == b"content-type"), b"").split(b";")[0].strip().lower()
+        try: out, served = await runtime.invoke(name, body, request_id, csv=kind == b"text/csv")  # else JSON, whatever it says
         except ServingError as e:  # recorded too (the inference table's row): its id lets the caller find it
             response = error_response(e)
             response.headers["x-request-id"] = request_id

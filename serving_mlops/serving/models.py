@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import io
 import operator
 import os
 import tempfile
@@ -30,8 +31,9 @@ from .protocol import INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, in
 
 # %% auto #0
 __all__ = ['KEY_SQL_TYPES', 'JSON_TYPES', 'INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees',
-           'entity_uri', 'online_table', 'lookup_tables', 'version_lookups', 'payload_problem', 'request_body_schema',
-           'response_schema', 'openapi_document', 'request_shape', 'SignatureCheck', 'example_rows', 'ServedModel']
+           'entity_uri', 'online_table', 'lookup_tables', 'version_lookups', 'payload_problem', 'csv_as_json',
+           'request_body_schema', 'response_schema', 'openapi_document', 'request_shape', 'SignatureCheck',
+           'example_rows', 'jsonable', 'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
@@ -272,6 +274,18 @@ def payload_problem(signature, # the served model's `mlflow.models.ModelSignatur
     return None
 
 # %% ../../nbs/08b_serving_models.ipynb #76e94f44
+def csv_as_json(body: bytes, signature) -> bytes:
+    """A `text/csv` invocation body as the `dataframe_split` JSON body of the same rows: read by MLflow's scoring server's
+    own `parse_csv_input` with the model's input schema (column types from the signature), as `mlflow models serve` reads it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc.scoring_server import parse_csv_input
+    inputs = signature.inputs if signature is not None else None
+    try: frame = parse_csv_input(io.BytesIO(body), inputs if inputs is not None and inputs.has_input_names() else None)
+    except MlflowException as e: raise bad_request(e.message[:2000]) from None
+    data = frame.astype(object).where(frame.notna(), None).to_numpy().tolist()
+    return orjson.dumps({"dataframe_split": {"columns": [str(c) for c in frame.columns], "data": data}},
+                        default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v))
+
 JSON_TYPES = {"boolean": {"type": "boolean"}, "integer": {"type": "integer"}, "long": {"type": "integer"},
               "float": {"type": "number"}, "double": {"type": "number"}, "string": {"type": "string"},
               "binary": {"type": "string", "contentEncoding": "base64"}, "datetime": {"type": "string", "format": "date-time"}}
@@ -362,6 +376,11 @@ def example_rows(example, columns: list):
 
 INLINE_ROWS = 16  # at most this many rows are scored on the event loop (a few hundred microseconds)
 
+def jsonable(predictions):
+    "A model's predictions as MLflow's scoring server answers them (`predictions_to_json`: a frame or series as records, an array as lists)."
+    from mlflow.utils.proto_json_utils import _get_jsonable_obj
+    return predictions.tolist() if isinstance(predictions, np.ndarray) else _get_jsonable_obj(predictions, pandas_orient="records")
+
 class ServedModel:
     "One served entity: a loaded model version, its input spec, online lookups and a micro-batcher."
     def __init__(self, entity: dict, online: OnlineStore | None = None, max_rows: int = MAX_ROWS, on_batch=None,
@@ -402,8 +421,9 @@ class ServedModel:
         inline = (lambda r: r.rows <= INLINE_ROWS) if self.trees and fast_path else None
         self.batcher = MicroBatcher(self.score, max_rows=max_rows, name=self.name, initializer=lambda: threadpool_limits(1), inline=inline)
 
-    def parse(self, body: bytes, max_rows: int = MAX_ROWS) -> ParsedRequest:
-        "The invocation in `body` as the runtime reads it, then as Model Serving would: a 400 naming what the model's signature refuses."
+    def parse(self, body: bytes, max_rows: int = MAX_ROWS, csv: bool = False) -> ParsedRequest:
+        "The invocation in `body` (JSON, or `csv`) as the runtime reads it, then as Model Serving would: a 400 naming what the model's signature refuses."
+        if csv: body = csv_as_json(body, self.pyfunc.metadata.signature)
         request = parse_request(body, self.spec, max_rows)
         problem = self.signature(request, lambda: orjson.loads(body))
         if problem: raise invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
@@ -448,7 +468,7 @@ class ServedModel:
         if self.on_batch: self.on_batch(len(X))
         if self.fast is not None: return self.fast(X)
         frame = pd.DataFrame(X, columns=self.spec.columns)
-        if self.pipeline is None: return np.asarray(self.pyfunc.predict(frame, params=params))
+        if self.pipeline is None: return self.pyfunc.predict(frame, params=params)  # as the model answers: a frame, a series, an array, ...
         return self.pipeline.predict_proba(frame)[:, 1] if hasattr(self.pipeline, "predict_proba") else self.pipeline.predict(frame)
 
     def score(self, requests: list) -> list:
@@ -468,11 +488,11 @@ class ServedModel:
                     start = 0
                     for i in members:
                         n = requests[i].rows
-                        results[i] = (preds[start:start + n].tolist(), prepared[i][1], prepared[i][0]); start += n
+                        results[i] = (jsonable(preds[start:start + n]), prepared[i][1], prepared[i][0]); start += n
                     continue
                 except Exception: pass  # score one by one, so that one request's failure stays its own
             for i in members:
-                try: results[i] = (self.predict(prepared[i][0], requests[i].params).tolist(), prepared[i][1], prepared[i][0])
+                try: results[i] = (jsonable(self.predict(prepared[i][0], requests[i].params)), prepared[i][1], prepared[i][0])
                 except Exception as e:
                     results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this input: {type(e).__name__}: {e}")
         return results

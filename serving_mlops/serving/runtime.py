@@ -332,7 +332,9 @@ def outcome_of(request_id: str, body: bytes, arrived_us: int, ms: float, error: 
             "request": body, "response": out if error is None else {"error_code": error.error_code, "message": error.message}}
 
 @patch
-async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str) -> tuple[dict, str]:
+async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
+                 csv: bool = False, # a `text/csv` body, read as MLflow's scoring server reads one (`csv_as_json`)
+                 ) -> tuple[dict, str]:
     "Predictions for an invocation body, and the served entity that made them; the outcome is recorded either way."
     ep = self.get(name)
     if ep.snapshot is None:  # refused before a served entity is chosen: captured with none (Databricks' inference tables log failed requests too)
@@ -345,8 +347,8 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str) 
     start, arrived = time.perf_counter(), time.time_ns() // 1000
     error = request = out = None
     try:
-        request = model.parse(body, self.settings.max_rows) if len(body) < 65536 else \
-            await asyncio.to_thread(model.parse, body, self.settings.max_rows)
+        request = model.parse(body, self.settings.max_rows, csv) if len(body) < 65536 and not csv else \
+            await asyncio.to_thread(model.parse, body, self.settings.max_rows, csv)
         predictions, not_found, _ = await model.batcher.submit(request)
         out = {"predictions": predictions}
         if not_found: out["metadata"] = {"keys_not_found": not_found,
