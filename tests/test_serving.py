@@ -600,3 +600,16 @@ def test_the_sdk_reads_a_served_models_logs_and_build_logs_and_an_unknown_api_ge
         assert body.is_valid(request) == (invoke(ws, "logged", request).status_code == 200), request
     with pytest.raises(NotFound, match="serving endpoint 'nope' does not exist"):
         w.serving_endpoints.get_open_api("nope")
+    # who may do what: the one token's owner manages every endpoint (the creator, as on Databricks); nothing else can be granted here
+    from databricks.sdk.errors import InvalidParameterValue as Invalid
+    from databricks.sdk.service.serving import ServingEndpointAccessControlRequest, ServingEndpointPermissionLevel
+    me = w.current_user.me()
+    ep = w.serving_endpoints.get("logged")
+    acl = w.serving_endpoints.get_permissions(ep.id).access_control_list
+    assert [(a.user_name, [p.permission_level.value for p in a.all_permissions]) for a in acl] == [(me.user_name, ["CAN_MANAGE"])] == [(ep.creator, ["CAN_MANAGE"])]
+    assert [l.permission_level.value for l in w.serving_endpoints.get_permission_levels(ep.id).permission_levels] == ["CAN_MANAGE", "CAN_QUERY", "CAN_VIEW"]
+    with pytest.raises(Invalid, match="permissions cannot be granted to others here"):
+        w.serving_endpoints.set_permissions(ep.id, access_control_list=[ServingEndpointAccessControlRequest(
+            user_name="someone@example.com", permission_level=ServingEndpointPermissionLevel.CAN_QUERY)])
+    with pytest.raises(NotFound, match="no serving endpoint has id 'nope'"):
+        w.serving_endpoints.get_permissions("nope")

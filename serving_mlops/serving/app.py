@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from ..config import Environment
 from .protocol import MAX_BODY_BYTES, ServingError, bad_request
-from .runtime import ServingRuntime
+from .runtime import PERMISSION_LEVELS, ServingRuntime, token_owner
 from .settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ __all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'route
            'error_response', 'serving_error', 'no_route', 'internal_error', 'serving_token', 'BearerAuth',
            'receive_body', 'read_body', 'read_json', 'well_known', 'health', 'create_endpoint', 'list_endpoints',
            'get_endpoint', 'delete_endpoint', 'update_config', 'put_ai_gateway', 'patch_tags', 'export_metrics',
-           'server_logs', 'open_api', 'build_logs', 'Invocations', 'ServingApp', 'make_app']
+           'server_logs', 'me', 'permissions', 'permission_levels', 'change_permissions', 'open_api', 'build_logs',
+           'Invocations', 'ServingApp', 'make_app']
 
 # %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
@@ -158,6 +159,23 @@ async def export_metrics(request):
 async def server_logs(request):
     return json_response({"logs": _runtime(request).server_logs(request.path_params["name"], request.path_params["served"])})
 
+async def me(request):  # databricks-sdk's `current_user.me()`: the token's owner
+    owner = token_owner()
+    return json_response({"id": owner, "userName": owner, "displayName": owner, "active": True,
+                          "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"]})
+
+async def permissions(request):
+    return json_response(_runtime(request).permissions(request.path_params["id"]))
+
+async def permission_levels(request):
+    _runtime(request).permissions(request.path_params["id"])  # the endpoint exists
+    return json_response({"permission_levels": [{"permission_level": p} for p in PERMISSION_LEVELS]})
+
+async def change_permissions(request):
+    _runtime(request).permissions(request.path_params["id"])
+    raise ServingError(400, "INVALID_PARAMETER_VALUE", f"the local serving runtime has one bearer token, {token_owner()}'s, which "
+                                                       f"manages every endpoint; permissions cannot be granted to others here")
+
 async def open_api(request):  # reads the served models' MLmodel files: off the event loop
     return json_response(await asyncio.to_thread(_runtime(request).open_api, request.path_params["name"]))
 
@@ -200,6 +218,10 @@ routes = [  # the invocations first: a request tries the routes in order (each a
     Route(API + "/{name}/served-models/{served}/logs", server_logs, methods=["GET"], middleware=AUTH),
     Route(API + "/{name}/served-models/{served}/build-logs", build_logs, methods=["GET"], middleware=AUTH),
     Route(API + "/{name}/openapi", open_api, methods=["GET"], middleware=AUTH),
+    Route("/api/2.0/permissions/serving-endpoints/{id}", permissions, methods=["GET"], middleware=AUTH),
+    Route("/api/2.0/permissions/serving-endpoints/{id}", change_permissions, methods=["PUT", "PATCH"], middleware=AUTH),
+    Route("/api/2.0/permissions/serving-endpoints/{id}/permissionLevels", permission_levels, methods=["GET"], middleware=AUTH),
+    Route("/api/2.0/preview/scim/v2/Me", me, methods=["GET"], middleware=AUTH),
 ]
 
 # %% ../../nbs/08f_serving_app.ipynb #df68cc8e

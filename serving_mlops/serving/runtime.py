@@ -37,7 +37,7 @@ from ..tables import tables_for
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'ServingRuntime', 'changes_state', 'outcome_of']
+__all__ = ['log', 'PERMISSION_LEVELS', 'ServingRuntime', 'changes_state', 'outcome_of', 'token_owner']
 
 # %% ../../nbs/08e_serving_runtime.ipynb #2612cb9c
 class ServingRuntime:
@@ -185,7 +185,7 @@ def create(self: ServingRuntime, body: dict) -> Endpoint:
     description = check_type(body.get("description"), str, "description", "a string")
     if name in self.endpoints: raise ServingError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint '{name}' already exists")
     now = now_ms()
-    ep = self.new_endpoint({"name": name, "id": uuid.uuid4().hex, "creator": os.environ.get("USER", "local"), "creation_timestamp": now,
+    ep = self.new_endpoint({"name": name, "id": uuid.uuid4().hex, "creator": token_owner(), "creation_timestamp": now,
                             "last_updated_timestamp": now, "description": description, "tags": tags, "ai_gateway": gateway})
     capture = self.open_capture(name, gateway)
     try: self.persist(ep.record)
@@ -394,6 +394,23 @@ def server_logs(self: ServingRuntime, name: str, served_model_name: str) -> str:
     "The endpoints' `logs` API: this process's latest log lines about endpoint `name` or its served model."
     self.served_entity(name, served_model_name)
     return self.recent.about(f"endpoint {name}:", f"'{served_model_name}'")
+
+def token_owner() -> str:
+    "Who the runtime's one bearer token stands for: the user running it (the local stand-in of a workspace user)."
+    return os.environ.get("USER") or "local"
+
+PERMISSION_LEVELS = ("CAN_MANAGE", "CAN_QUERY", "CAN_VIEW")  # a serving endpoint's, in the permissions API reference
+
+@patch
+def permissions(self: ServingRuntime, endpoint_id: str) -> dict:
+    "The permissions API's answer for the endpoint with id `endpoint_id`: its creator manages it; the one token is the creator's."
+    self.follow()
+    ep = next((e for e in list(self.endpoints.values()) if e.record.get("id") == endpoint_id), None)
+    if ep is None: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"no serving endpoint has id '{endpoint_id}'")
+    owner = ep.record.get("creator") or token_owner()
+    return {"object_id": f"/serving-endpoints/{endpoint_id}", "object_type": "serving-endpoint",
+            "access_control_list": [{"user_name": owner, "display_name": owner,
+                                     "all_permissions": [{"permission_level": "CAN_MANAGE", "inherited": False}]}]}
 
 @patch
 def open_api(self: ServingRuntime, name: str) -> dict:
