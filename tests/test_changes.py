@@ -1,10 +1,14 @@
-"""Change is the everyday job: the model swapped for another estimator, as docs/training-and-registry.md's how-to does it.
+"""Change is the everyday job: the model swapped for another estimator, as docs/training-and-registry.md's how-to does it,
+and models unlike the demo's served with the answers MLflow's scoring server gives.
 
 The module serves the session's trained world (tests/served.py) in a runtime of its own; each swapped model is trained
 through `train` with the how-to's two replacements (the pipeline and its search space), registered without moving an
 alias (the world's aliases belong to the other modules), deployed to an endpoint of its own and tested as the deploy job
 tests every version: schema, golden sample, keys only in both callers' formats compared with the in-process model.
 """
+import sys
+
+import cloudpickle
 import mlflow
 import pytest
 from lightgbm import LGBMClassifier
@@ -64,3 +68,69 @@ def test_a_swapped_model_trains_serves_and_passes_its_endpoint_tests(ws, kind):
         assert "largest difference from the in-process model on the rows it looks up" in checks["keys_only dataframe_split"][1]
     finally:
         ws.w.serving_endpoints.delete(endpoint)
+
+
+# --- any MLflow model, answered as MLflow's scoring server answers --------------------------------------------------------
+
+class Labeller(mlflow.pyfunc.PythonModel):
+    "A custom pyfunc returning a DataFrame of a score and a text label."
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        score = model_input["n"].astype(float) * (params or {}).get("scale", 1.0)
+        return pd.DataFrame({"score": score, "label": ["high" if s > 2 else "low" for s in score]})
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the runtime process cannot import this test module
+
+
+def colour_pipeline():
+    "A scikit-learn classifier over a text column (one-hot encoded) and an integer column."
+    import pandas as pd
+    X = pd.DataFrame({"colour": ["red", "blue", "green", "red", "blue", "green"] * 5, "n": list(range(30))})
+    y = (X.n % 3 == 0).astype(int)
+    model = Pipeline([("prep", ColumnTransformer([("onehot", OneHotEncoder(handle_unknown="ignore"), ["colour"])], remainder="passthrough")),
+                      ("model", LogisticRegression(max_iter=500))]).fit(X, y)
+    return model, X
+
+
+def log_models(ws) -> dict:
+    "Two models unlike the demo's, registered in the world's registry: name -> (registered model, requests in every format it allows)."
+    import pandas as pd
+    from mlflow.models import infer_signature
+    ws.world.use_mlflow()
+    model, X = colour_pipeline()
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(model, name="m", signature=infer_signature(X, model.predict(X)),
+                                 registered_model_name="dev.credit.colours", pip_requirements=["scikit-learn"])
+    frame = pd.DataFrame({"n": [1, 2, 3]})
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(name="m", python_model=Labeller(), registered_model_name="dev.credit.labeller", pip_requirements=["mlflow"],
+                                signature=infer_signature(frame, Labeller().predict(None, frame), params={"scale": 1.0}))
+    rows = [{"colour": "red", "n": 3}, {"colour": "purple", "n": 4}]  # an unknown category too
+    split = {"columns": ["colour", "n"], "data": [["red", 3], ["purple", 4]]}
+    return {"colours": ["dev.credit.colours", [{"dataframe_records": rows}, {"dataframe_split": split}, {"instances": rows},
+                                              {"inputs": {"colour": ["red", "purple"], "n": [3, 4]}},
+                                              {"dataframe_records": [{"colour": "red", "n": 3.5}]},  # not a long
+                                              {"dataframe_records": [{"colour": 7, "n": 3}]}]],
+            "labeller": ["dev.credit.labeller", [{"dataframe_records": [{"n": 1}, {"n": 5}]}, {"dataframe_records": [{"n": 1}], "params": {"scale": 4.0}},
+                                                {"inputs": {"n": [2, 3]}}, {"dataframe_records": [{"n": "one"}]}]]}
+
+
+def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws):
+    """Issue 30: text and integer columns, a DataFrame answer with text in it, params; each request sent to the runtime over
+    HTTP and to MLflow's own scoring server in process: the same status, the same predictions (or error code)."""
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+    from served import create, invoke
+    from databricks.sdk.service.serving import ServedEntityInput
+    for name, (model, requests) in log_models(ws).items():
+        create(ws, name, ServedEntityInput(entity_name=model, entity_version="1"))
+        try:
+            with TestClient(scoring_server.init(mlflow.pyfunc.load_model(f"models:/{model}/1"))) as mlflow_server:
+                for request in requests:
+                    theirs, ours = mlflow_server.post("/invocations", json=request), invoke(ws, name, request)
+                    assert ours.status_code == theirs.status_code, (name, request, ours.text, theirs.text)
+                    if theirs.status_code == 200: assert ours.json()["predictions"] == theirs.json()["predictions"], (name, request, ours.text)
+                    else: assert ours.status_code == 400, (name, request, ours.text)
+        finally:
+            ws.w.serving_endpoints.delete(name)

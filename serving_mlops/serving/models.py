@@ -30,10 +30,10 @@ from ..naming import model_uri, same_table_in
 from .protocol import INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, invalid_parameter, parse_request
 
 # %% auto #0
-__all__ = ['KEY_SQL_TYPES', 'JSON_TYPES', 'INLINE_ROWS', 'MicroBatcher', 'compile_pipeline', 'verified', 'compile_trees',
-           'entity_uri', 'online_table', 'lookup_tables', 'version_lookups', 'payload_problem', 'csv_as_json',
-           'request_body_schema', 'response_schema', 'openapi_document', 'request_shape', 'SignatureCheck',
-           'example_rows', 'jsonable', 'ServedModel']
+__all__ = ['KEY_SQL_TYPES', 'JSON_TYPES', 'INLINE_ROWS', 'NUMERIC_TYPES', 'MicroBatcher', 'compile_pipeline', 'verified',
+           'compile_trees', 'entity_uri', 'online_table', 'lookup_tables', 'version_lookups', 'payload_problem',
+           'csv_as_json', 'request_body_schema', 'response_schema', 'openapi_document', 'request_shape',
+           'SignatureCheck', 'example_rows', 'mlflow_input', 'jsonable', 'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
@@ -375,6 +375,15 @@ def example_rows(example, columns: list):
     return example[columns] if isinstance(example, pd.DataFrame) and set(columns) <= set(example.columns) else None
 
 INLINE_ROWS = 16  # at most this many rows are scored on the event loop (a few hundred microseconds)
+NUMERIC_TYPES = frozenset(("integer", "long", "float", "double"))  # MLflow column types whose JSON values are numbers
+
+def mlflow_input(body: bytes, schema):
+    "An invocation body as MLflow's scoring server reads it for a model of input `schema` (`infer_and_parse_data`: typed by the schema)."
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+    try: data = infer_and_parse_data(orjson.loads(body), schema)
+    except MlflowException as e: raise invalid_parameter(e.message[:2000]) from None
+    return data[0] if isinstance(data, tuple) else data
 
 def jsonable(predictions):
     "A model's predictions as MLflow's scoring server answers them (`predictions_to_json`: a frame or series as records, an array as lists)."
@@ -406,15 +415,18 @@ class ServedModel:
             if schema is None or not schema.has_input_names():
                 raise ValueError(f"{entity_uri(entity)} has no input signature with column names; log the model with a signature")
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
+            numbers = [c.name for c in schema.inputs if getattr(c.type, "name", None) in NUMERIC_TYPES]  # other columns: MLflow's types decide
         self.tables = lookup_tables(self.lookups, online, env, entity_uri(entity), self.pyfunc.metadata.signature)
         self.index = {c: j for j, c in enumerate(columns)}  # model column -> position in the model matrix
         # per lookup: the online table it reads and (feature, model column index) of what it gives the model
         self.plan = [(l, self.tables[l["table_name"]], [(f, self.index[o]) for f, o in l["features"].items() if o in self.index])
                      for l in self.lookups]
         key_types = self.key_types()
+        numbers = columns if spec is not None else numbers
         domains = {c: FEATURE_DOMAINS[c] for c in [*columns, *keys, *passthrough] if c in FEATURE_DOMAINS and  # a key's if it fits its type
-                   (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer"))}
-        self.spec = InputSpec(columns, keys, passthrough, domains, key_types)
+                   (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer")) and
+                   (c not in columns or c in numbers or FEATURE_DOMAINS[c].kind == "date")}
+        self.spec = InputSpec(columns, keys, passthrough, domains, key_types, None if spec is not None else numbers)
         self.signature = SignatureCheck(self.pyfunc.metadata.signature)
         # OpenMP limits are per thread: one thread on the predicting thread (tree models on a few rows lose with more)
         # a small request alone is scored on the event loop when the model is plain numpy (no OpenMP, no GIL-free work to overlap)
@@ -428,6 +440,7 @@ class ServedModel:
         problem = self.signature(request, lambda: orjson.loads(body))
         if problem: raise invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
                                             f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
+        if self.pipeline is None: request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())  # any other model: as MLflow reads it
         return request
 
     def key_types(self) -> dict:
@@ -438,9 +451,11 @@ class ServedModel:
             for k, sql in zip(l["lookup_key"], declared.values()): types.setdefault(k, {"INTEGER": "integer", "TEXT": "string"}.get(sql))
         return types
 
-    def features(self, request: ParsedRequest) -> tuple[np.ndarray, list]:
-        "Model input matrix of `request`: given values, then online lookups for the rest; and the keys not found."
+    def features(self, request: ParsedRequest) -> tuple[np.ndarray | pd.DataFrame, list]:
+        """Model input of `request`: for a feature-store model the matrix of given values, then online lookups for the rest,
+        and the keys not found; for any other model its columns as a frame, typed by MLflow's enforcement when it predicts."""
         cols, n = request.columns, request.rows
+        if self.pipeline is None: return request.frame, []
         X = np.full((n, len(self.spec.columns)), np.nan)
         given = [c for c in self.spec.columns if c in cols]
         if len(given) == len(self.spec.columns): X[:] = np.array([cols[c] for c in given], dtype=float).T  # (null: NaN)
@@ -468,7 +483,7 @@ class ServedModel:
         if self.on_batch: self.on_batch(len(X))
         if self.fast is not None: return self.fast(X)
         frame = pd.DataFrame(X, columns=self.spec.columns)
-        if self.pipeline is None: return self.pyfunc.predict(frame, params=params)  # as the model answers: a frame, a series, an array, ...
+        if self.pipeline is None: return self.pyfunc.predict(X if isinstance(X, pd.DataFrame) else frame, params=params)  # as it answers: a frame, a series, ...
         return self.pipeline.predict_proba(frame)[:, 1] if hasattr(self.pipeline, "predict_proba") else self.pipeline.predict(frame)
 
     def score(self, requests: list) -> list:
@@ -484,7 +499,9 @@ class ServedModel:
         for members in groups.values():
             if len(members) > 1:
                 try:
-                    preds = self.predict(np.vstack([prepared[i][0] for i in members]), requests[members[0]].params)
+                    parts = [prepared[i][0] for i in members]
+                    preds = self.predict(pd.concat(parts, ignore_index=True) if isinstance(parts[0], pd.DataFrame) else np.vstack(parts),
+                                         requests[members[0]].params)
                     start = 0
                     for i in members:
                         n = requests[i].rows

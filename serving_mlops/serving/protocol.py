@@ -177,6 +177,7 @@ class InputSpec:
     passthrough: list = field(default_factory=list)  # other accepted columns (e.g. snapshot_date)
     domains: dict = field(default_factory=dict)  # column -> `Domain` its values must be in (as ingest checks them)
     key_types: dict = field(default_factory=dict)  # key column -> "integer" or "string": the feature tables' key type
+    numbers: list | None = None  # the model columns whose values must be numbers (None: every one; a plain model's signature says which)
 
     def __post_init__(self):  # the numeric domains compiled once, for one vectorised check per request
         self.numeric = [c for c, d in self.domains.items() if d.kind != "date"]
@@ -193,6 +194,7 @@ class ParsedRequest:
     client_request_id: str | None = None
     params_json: bytes | None = None  # params as canonical JSON: requests with equal params are scored in one model call
     form: str = ""  # how the payload was given: its key and JSON shape ("dataframe_records:list", "instances:rows", "inputs:dict")
+    frame: object = None  # for a model without a feature spec: its input as MLflow's scoring server reads it (`models.mlflow_input`)
 
     def __post_init__(self):
         if self.params_json is None: self.params_json = orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
@@ -362,7 +364,7 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
         raise bad_request(f"missing column(s) {missing}" + (f"; give them, or the key(s) {spec.keys} to look them up" if spec.keys else ""))
     for k in spec.keys:
         if k in columns: _check_keys(k, columns[k], spec.key_types.get(k))
-    _check_numbers(columns, spec.columns)
+    _check_numbers(columns, spec.columns if spec.numbers is None else spec.numbers)
     _check_domains(columns, spec)
     form = f"{given[0]}:{'rows' if isinstance(data, list) and data and isinstance(data[0], list) else type(data).__name__}"
     return ParsedRequest(columns, rows, params, client_id, params_json, form)
