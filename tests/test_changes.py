@@ -83,6 +83,11 @@ class Labeller(mlflow.pyfunc.PythonModel):
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the runtime process cannot import this test module
 
 
+class Summer(mlflow.pyfunc.PythonModel):
+    "A model of arrays (a tensor signature): each row's sum."
+    def predict(self, context, model_input, params=None): return model_input.sum(axis=1)
+
+
 def colour_pipeline():
     "A scikit-learn classifier over a text column (one-hot encoded) and an integer column."
     import pandas as pd
@@ -106,18 +111,27 @@ def log_models(ws) -> dict:
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Labeller(), registered_model_name="dev.credit.labeller", pip_requirements=["mlflow"],
                                 signature=infer_signature(frame, Labeller().predict(None, frame), params={"scale": 1.0}))
+    import numpy as np
+    from mlflow.types import Schema, TensorSpec
+    with mlflow.start_run():
+        mlflow.pyfunc.log_model(name="m", python_model=Summer(), registered_model_name="dev.credit.summer", pip_requirements=["mlflow"],
+                                signature=mlflow.models.ModelSignature(inputs=Schema([TensorSpec(np.dtype("float64"), (-1, 3))]),
+                                                                       outputs=Schema([TensorSpec(np.dtype("float64"), (-1,))])))
     rows = [{"colour": "red", "n": 3}, {"colour": "purple", "n": 4}]  # an unknown category too
     split = {"columns": ["colour", "n"], "data": [["red", 3], ["purple", 4]]}
     return {"colours": ["dev.credit.colours", [{"dataframe_records": rows}, {"dataframe_split": split}, {"instances": rows},
                                               {"inputs": {"colour": ["red", "purple"], "n": [3, 4]}},
                                               {"dataframe_records": [{"colour": "red", "n": 3.5}]},  # not a long
                                               {"dataframe_records": [{"colour": 7, "n": 3}]}]],
+            "summer": ["dev.credit.summer", [{"instances": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.5]]}, {"inputs": [[1.0, 2.0, 3.0]]},
+                                            {"instances": [[1.0, 2.0]]}, {"inputs": {"x": [[1.0, 2.0, 3.0]]}},
+                                            {"dataframe_split": {"columns": ["a", "b", "c"], "data": [[1.0, 2.0, 3.0]]}}]],
             "labeller": ["dev.credit.labeller", [{"dataframe_records": [{"n": 1}, {"n": 5}]}, {"dataframe_records": [{"n": 1}], "params": {"scale": 4.0}},
                                                 {"inputs": {"n": [2, 3]}}, {"dataframe_records": [{"n": "one"}]}]]}
 
 
 def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws):
-    """Issue 30: text and integer columns, a DataFrame answer with text in it, params; each request sent to the runtime over
+    """Issue 30: text and integer columns, a DataFrame answer with text in it, params, a tensor signature; each request sent to the runtime over
     HTTP and to MLflow's own scoring server in process: the same status, the same predictions (or error code)."""
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient

@@ -27,7 +27,8 @@ from ..config import Environment
 from ..domains import FEATURE_DOMAINS
 from ..feature_store import OnlineStore
 from ..naming import model_uri, same_table_in
-from .protocol import INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, invalid_parameter, parse_request
+from .protocol import (INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, invalid_parameter, parse_request,
+                                           read_envelope, tensor_rows)
 
 # %% auto #0
 __all__ = ['KEY_SQL_TYPES', 'JSON_TYPES', 'INLINE_ROWS', 'NUMERIC_TYPES', 'MicroBatcher', 'compile_pipeline', 'verified',
@@ -399,7 +400,7 @@ class ServedModel:
         try: inner = self.pyfunc.unwrap_python_model()
         except Exception: inner = None
         spec = getattr(inner, "feature_spec", None)
-        self.fast, self.trees = None, False
+        self.fast, self.trees, self.tensor = None, False, False
         fast_path = os.environ.get("SERVING_MLOPS_FAST_PATH", "1") != "0"  # 0: no tree compiler, always the predicting thread (to compare)
         if spec is not None:
             self.pipeline, self.lookups = inner.model, spec["lookups"]
@@ -412,10 +413,13 @@ class ServedModel:
             passthrough = [c for c in spec.get("input_columns", []) if c not in keys and c not in columns]
         else:
             schema = self.pyfunc.metadata.get_input_schema()
-            if schema is None or not schema.has_input_names():
-                raise ValueError(f"{entity_uri(entity)} has no input signature with column names; log the model with a signature")
-            self.pipeline, self.lookups, columns, keys, passthrough = None, [], schema.input_names(), [], []
-            numbers = [c.name for c in schema.inputs if getattr(c.type, "name", None) in NUMERIC_TYPES]  # other columns: MLflow's types decide
+            if schema is None:  # Unity Catalog, and so Model Serving, takes only models with a signature
+                raise ValueError(f"{entity_uri(entity)} has no input signature; log the model with one (mlflow.models.infer_signature)")
+            self.tensor = schema.is_tensor_spec()  # arrays: MLflow's reading of instances / inputs alone decides
+            if not self.tensor and not schema.has_input_names():
+                raise ValueError(f"{entity_uri(entity)} has an input signature without column names; log the model with named columns or tensors")
+            self.pipeline, self.lookups, columns, keys, passthrough = None, [], [] if self.tensor else schema.input_names(), [], []
+            numbers = [c.name for c in schema.inputs if getattr(c.type, "name", None) in NUMERIC_TYPES] if not self.tensor else []
         self.tables = lookup_tables(self.lookups, online, env, entity_uri(entity), self.pyfunc.metadata.signature)
         self.index = {c: j for j, c in enumerate(columns)}  # model column -> position in the model matrix
         # per lookup: the online table it reads and (feature, model column index) of what it gives the model
@@ -436,11 +440,22 @@ class ServedModel:
     def parse(self, body: bytes, max_rows: int = MAX_ROWS, csv: bool = False) -> ParsedRequest:
         "The invocation in `body` (JSON, or `csv`) as the runtime reads it, then as Model Serving would: a 400 naming what the model's signature refuses."
         if csv: body = csv_as_json(body, self.pyfunc.metadata.signature)
+        if self.tensor: return self.parse_tensors(body, max_rows)
         request = parse_request(body, self.spec, max_rows)
         problem = self.signature(request, lambda: orjson.loads(body))
         if problem: raise invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
                                             f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
         if self.pipeline is None: request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())  # any other model: as MLflow reads it
+        return request
+
+    def parse_tensors(self, body: bytes, max_rows: int = MAX_ROWS) -> ParsedRequest:
+        "A tensor model's invocation: the envelope and row limit checked here, the arrays read and enforced by MLflow (no shape to keep per request)."
+        key, data, params, params_json, client_id = read_envelope(body)
+        request = ParsedRequest({}, tensor_rows(key, data, max_rows), params, client_id, params_json, f"{key}:tensor")
+        problem = payload_problem(self.pyfunc.metadata.signature, orjson.loads(body))
+        if problem: raise invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
+                                            f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
+        request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())
         return request
 
     def key_types(self) -> dict:
@@ -480,10 +495,10 @@ class ServedModel:
 
     def predict(self, X: np.ndarray, params: dict | None = None) -> np.ndarray:
         "Positive-class probabilities (or the model's predictions) for input matrix `X`."
-        if self.on_batch: self.on_batch(len(X))
+        if self.on_batch: self.on_batch(len(next(iter(X.values()))) if isinstance(X, dict) else len(X))
         if self.fast is not None: return self.fast(X)
+        if self.pipeline is None: return self.pyfunc.predict(X, params=params)  # MLflow's reading of the request; answered as the model answers
         frame = pd.DataFrame(X, columns=self.spec.columns)
-        if self.pipeline is None: return self.pyfunc.predict(X if isinstance(X, pd.DataFrame) else frame, params=params)  # as it answers: a frame, a series, ...
         return self.pipeline.predict_proba(frame)[:, 1] if hasattr(self.pipeline, "predict_proba") else self.pipeline.predict(frame)
 
     def score(self, requests: list) -> list:
@@ -500,7 +515,7 @@ class ServedModel:
             if len(members) > 1:
                 try:
                     parts = [prepared[i][0] for i in members]
-                    preds = self.predict(pd.concat(parts, ignore_index=True) if isinstance(parts[0], pd.DataFrame) else np.vstack(parts),
+                    preds = self.predict(pd.concat(parts, ignore_index=True) if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts),
                                          requests[members[0]].params)
                     start = 0
                     for i in members:

@@ -23,7 +23,8 @@ __all__ = ['ENDPOINT_NAME', 'ENTITY_NAME', 'VERSION', 'WORKLOAD_SIZES', 'UC_NAME
            'OTHER_KEYS', 'MAX_BODY_BYTES', 'INT64', 'ServingError', 'bad_request', 'invalid_parameter', 'no_endpoint',
            'check_type', 'check_endpoint_name', 'check_entity', 'check_config', 'check_uc_name',
            'check_inference_table', 'check_ai_gateway', 'check_tags', 'check_tags_patch', 'InputSpec', 'ParsedRequest',
-           'refuse_rows', 'refuse_unknown', 'payload_columns', 'repeated_key', 'parse_request']
+           'refuse_rows', 'refuse_unknown', 'payload_columns', 'repeated_key', 'read_envelope', 'tensor_rows',
+           'parse_request']
 
 # %% ../../nbs/08a_serving_protocol.ipynb #73f99e8e
 class ServingError(MlopsError):
@@ -333,8 +334,8 @@ def repeated_key(body: bytes, payload: dict) -> str | None:
     except (ValueError, RecursionError): return None  # what orjson read but Python's json does not (e.g. 1,100 levels deep)
     return None
 
-def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> ParsedRequest:
-    "Parse and validate an invocation body against `spec`; raise a 400 ServingError naming what is wrong."
+def read_envelope(body: bytes) -> tuple:
+    "An invocation body's JSON checked around its data: (payload key, its data, params, params as canonical JSON, client_request_id); else a 400."
     try: payload = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         hint = "; NaN and Infinity are not JSON, send null for a missing value" if re.search(rb"NaN|Infinity", body[:1_000_000]) else ""
@@ -354,10 +355,23 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
     except orjson.JSONEncodeError as e: raise bad_request(f"params cannot be passed to a model: {e} (at most 254 levels of nesting)") from None
     client_id = payload.get("client_request_id")
     if client_id is not None and type(client_id) is not str: raise bad_request(f"client_request_id must be a string, got {_shown(client_id)}")
-    data = payload[given[0]]
-    columns = payload_columns(given[0], data, spec, max_rows, known_only=True)
+    return given[0], payload[given[0]], params, params_json, client_id
+
+def tensor_rows(key: str, data, max_rows: int | None = MAX_ROWS) -> int:
+    "The rows of a payload for a model whose signature names no columns (a tensor model: MLflow reads it), checked against the limit."
+    if key == "dataframe_split": data = data.get("data") if isinstance(data, dict) else data
+    sizes = [len(v) if isinstance(v, list) else 1 for v in data.values()] if isinstance(data, dict) else [len(data) if isinstance(data, list) else 1]
+    if len(set(sizes)) > 1: raise bad_request(f"{key} arrays have different lengths: {sizes[:10]}")
+    refuse_rows(key, sizes[0] if sizes else 0, max_rows)
+    if not sizes or sizes[0] == 0: raise bad_request(f"{key} has no rows; send at least one")
+    return sizes[0]
+
+def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> ParsedRequest:
+    "Parse and validate an invocation body against `spec`; raise a 400 ServingError naming what is wrong."
+    key, data, params, params_json, client_id = read_envelope(body)
+    columns = payload_columns(key, data, spec, max_rows, known_only=True)
     rows = len(next(iter(columns.values()))) if columns else 0
-    if rows == 0: raise bad_request(f"{given[0]} has no rows; send at least one")
+    if rows == 0: raise bad_request(f"{key} has no rows; send at least one")
     has_keys = bool(spec.keys) and all(k in columns for k in spec.keys)
     missing = [c for c in spec.columns if c not in columns]
     if missing and not has_keys:
@@ -366,5 +380,5 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
         if k in columns: _check_keys(k, columns[k], spec.key_types.get(k))
     _check_numbers(columns, spec.columns if spec.numbers is None else spec.numbers)
     _check_domains(columns, spec)
-    form = f"{given[0]}:{'rows' if isinstance(data, list) and data and isinstance(data[0], list) else type(data).__name__}"
+    form = f"{key}:{'rows' if isinstance(data, list) and data and isinstance(data[0], list) else type(data).__name__}"
     return ParsedRequest(columns, rows, params, client_id, params_json, form)
