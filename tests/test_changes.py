@@ -9,6 +9,7 @@ tests every version: schema, golden sample, keys only in both callers' formats c
 import sys
 
 import cloudpickle
+import httpx
 import mlflow
 import pytest
 from lightgbm import LGBMClassifier
@@ -130,14 +131,19 @@ def log_models(ws) -> dict:
                                                 {"inputs": {"n": [2, 3]}}, {"dataframe_records": [{"n": "one"}]}]]}
 
 
-def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws):
+@pytest.fixture(scope="module")
+def unlike(ws):
+    return log_models(ws)
+
+
+def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws, unlike):
     """Issue 30: text and integer columns, a DataFrame answer with text in it, params, a tensor signature; each request sent to the runtime over
     HTTP and to MLflow's own scoring server in process: the same status, the same predictions (or error code)."""
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient
     from served import create, invoke
     from databricks.sdk.service.serving import ServedEntityInput
-    for name, (model, requests) in log_models(ws).items():
+    for name, (model, requests) in unlike.items():
         create(ws, name, ServedEntityInput(entity_name=model, entity_version="1"))
         try:
             with TestClient(scoring_server.init(mlflow.pyfunc.load_model(f"models:/{model}/1"))) as mlflow_server:
@@ -148,3 +154,33 @@ def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws
                     else: assert ours.status_code == 400, (name, request, ours.text)
         finally:
             ws.w.serving_endpoints.delete(name)
+
+
+def test_one_endpoint_serves_different_models_each_in_its_own_format(ws, unlike):
+    """Issue 30 item 4: served entities of different registered models behind one endpoint with a traffic split; each
+    served model is also reachable alone (`/served-models/{name}/invocations`, as on Databricks) and answers in its own format;
+    the endpoint's OpenAPI document gives each its own request schema."""
+    import orjson
+    from jsonschema import Draft202012Validator
+    from databricks.sdk.service.serving import Route, ServedEntityInput
+    from served import create
+    colours, summer = (ServedEntityInput(entity_name=unlike[n][0], entity_version="1", name=n) for n in ("colours", "summer"))
+    create(ws, "mixed", colours, summer, routes=[Route(50, served_entity_name="colours"), Route(50, served_entity_name="summer")])
+    try:
+        asks = {"colours": {"dataframe_records": [{"colour": "red", "n": 3}]}, "summer": {"instances": [[1.0, 2.0, 3.0]]}}
+        doc = orjson.loads(ws.w.serving_endpoints.get_open_api("mixed").contents.read())
+        with httpx.Client(headers={"Authorization": f"Bearer {ws.token}"}, timeout=30) as client:
+            for name, body in asks.items():
+                r = client.post(f"{ws.url}/serving-endpoints/mixed/served-models/{name}/invocations", json=body)
+                assert r.status_code == 200 and r.headers["served-model-name"] == name, r.text
+                assert r.json()["predictions"] == ([1] if name == "colours" else [6.0]), r.text
+                path = doc["paths"][f"/serving-endpoints/mixed/served-models/{name}/invocations"]["post"]
+                schema = Draft202012Validator(path["requestBody"]["content"]["application/json"]["schema"])
+                assert schema.is_valid(body), (name, path)
+                if name == "colours": assert not schema.is_valid(asks["summer"])  # (a tensor model's document checks only the envelope)
+            seen = {client.post(f"{ws.url}/serving-endpoints/mixed/invocations", json=asks["summer"]).status_code for _ in range(20)}
+            assert seen == {200, 400}, seen  # the split sends a summer request to colours about half the time: refused there, by its signature
+            r = client.post(f"{ws.url}/serving-endpoints/mixed/served-models/nope/invocations", json=asks["summer"])
+            assert (r.status_code, r.json()["error_code"]) == (404, "RESOURCE_DOES_NOT_EXIST") and "colours, summer" in r.json()["message"]
+    finally:
+        ws.w.serving_endpoints.delete("mixed")

@@ -189,7 +189,8 @@ class Invocations:
         runtime.get(name)
         body = await receive_body(scope, receive, MAX_BODY_BYTES)
         kind = next((v for k, v in scope["headers"] if k == b"content-type"), b"").split(b";")[0].strip().lower()
-        try: out, served = await runtime.invoke(name, body, request_id, csv=kind == b"text/csv")  # else JSON, whatever it says
+        try: out, served = await runtime.invoke(name, body, request_id, csv=kind == b"text/csv",  # else JSON, whatever it says
+                                                served=scope["path_params"].get("served"))
         except ServingError as e:  # recorded too (the inference table's row): its id lets the caller find it
             response = error_response(e)
             response.headers["x-request-id"] = request_id
@@ -205,6 +206,7 @@ AUTH = [Middleware(BearerAuth)]
 
 routes = [  # the invocations first: a request tries the routes in order (each a regular expression)
     Route("/serving-endpoints/{name}/invocations", authorized_invocations, methods=["POST"]),  # (`ServingApp` answers them first)
+    Route("/serving-endpoints/{name}/served-models/{served}/invocations", authorized_invocations, methods=["POST"]),  # one served entity
     Route("/.well-known/databricks-config", well_known),  # read by databricks-sdk when a client is made
     Route("/health", health),
     Route(API, create_endpoint, methods=["POST"], middleware=AUTH),

@@ -334,6 +334,7 @@ def outcome_of(request_id: str, body: bytes, arrived_us: int, ms: float, error: 
 @patch
 async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
                  csv: bool = False, # a `text/csv` body, read as MLflow's scoring server reads one (`csv_as_json`)
+                 served: str | None = None, # one served entity to answer (`/served-models/{served}/invocations`), not the traffic split
                  ) -> tuple[dict, str]:
     "Predictions for an invocation body, and the served entity that made them; the outcome is recorded either way."
     ep = self.get(name)
@@ -343,7 +344,10 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
         self.record_outcome(ep, None, None, outcome_of(request_id, body, time.time_ns() // 1000, 0.0, error))
         raise error
     snapshot = ep.snapshot
-    model = snapshot.route()
+    if served is not None and served not in snapshot.models:
+        raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' has no served model '{served}' (it serves "
+                                                           f"{', '.join(sorted(snapshot.models))})")
+    model = snapshot.models[served] if served is not None else snapshot.route()
     start, arrived = time.perf_counter(), time.time_ns() // 1000
     error = request = out = None
     try:
