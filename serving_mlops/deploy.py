@@ -22,17 +22,17 @@ from .config import Environment, using_mlflow
 from .errors import StepFailed
 from .feature_store import OnlineStore
 from .naming import inference_table, model_uri, served_entity_name
-from .registry import GateReport, alias_version, request_schema, scores
-from .serving.models import lookup_tables, version_lookups
+from .registry import GateReport, alias_version, request_schema
+from .serving.models import jsonable, lookup_tables, version_lookups
 from .serving.process import workspace_client
 
 # %% auto #0
 __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 'UNKNOWN_ID', 'ENTITY_LABELS', 'CANARY_PROGRESS',
            'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',
            'failure_reason', 'wait_not_updating', 'apply_config', 'inference_table_config', 'serving_problem', 'deploy',
-           'EndpointReport', 'as_sent', 'golden_sample', 'unknown_key', 'looked_up', 'keys_only_check',
-           'required_inputs', 'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families',
-           'entity_stats', 'window_stats', 'canary']
+           'EndpointReport', 'as_sent', 'answers', 'difference', 'golden_sample', 'unknown_key', 'looked_up',
+           'keys_only_check', 'required_inputs', 'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test',
+           'metric_families', 'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -181,15 +181,29 @@ def as_sent(model, frame: pd.DataFrame) -> pd.DataFrame:
         frame[c] = frame[c].dt.strftime("%Y-%m-%d") if day else frame[c].map(lambda t: t.isoformat())
     return frame
 
-def golden_sample(env: Environment, version: str, model=None) -> tuple[pd.DataFrame, np.ndarray]:
-    "The model version's logged input example and the in-process predictions for it."
+def answers(model, frame: pd.DataFrame) -> list:
+    "The in-process model's predictions for `frame` as an endpoint answers them (MLflow's `predictions_to_json`: any model's output)."
+    return jsonable(model.predict(frame))
+
+def difference(got, want) -> float:
+    "Largest absolute difference between two JSON answers of one shape (numbers within them); infinite where shapes or other values differ."
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if number(got) and number(want): return abs(float(got) - float(want)) if not (np.isnan(got) and np.isnan(want)) else 0.0
+    if isinstance(got, list) and isinstance(want, list):
+        return max((difference(a, b) for a, b in zip(got, want)), default=0.0) if len(got) == len(want) else float("inf")
+    if isinstance(got, dict) and isinstance(want, dict):
+        return max((difference(got[k], want[k]) for k in want), default=0.0) if got.keys() == want.keys() else float("inf")
+    return 0.0 if got == want else float("inf")
+
+def golden_sample(env: Environment, version: str, model=None) -> tuple[pd.DataFrame, list]:
+    "The model version's logged input example and the in-process model's answer for it (as an endpoint writes it)."
     if model is None:
         with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.model_name, version))
     sample = model.input_example
     if sample is None: raise DeploymentFailed(f"model {env.model_name} version {version} has no input example to test the endpoint with")
     # a model logged by the Databricks client has one row of its keys (a dict) and answers a one-column frame
     sample = as_sent(model, pd.DataFrame([sample] if isinstance(sample, dict) else sample))
-    return sample, scores(model, sample)
+    return sample, answers(model, sample)
 
 UNKNOWN_ID = 2**31 - 1  # an id no table holds in practice, valid as a long or an integer and within an id's domain (at least 1)
 
@@ -221,15 +235,15 @@ def looked_up(env: Environment, version: str, keys: pd.DataFrame) -> pd.DataFram
 def _split(rows: pd.DataFrame) -> DataframeSplitInput:
     return DataframeSplitInput(columns=list(rows.columns), data=rows.to_numpy(dtype=object).tolist())
 
-def keys_only_check(form: str, got, rows: pd.DataFrame, expected: np.ndarray | None) -> tuple:
-    "The check of one keys-only request in `form`: a probability per row and, where `expected` is known, the in-process model's."
+def keys_only_check(form: str, got, rows: pd.DataFrame, expected: list | None) -> tuple:
+    "The check of one keys-only request in `form`: a prediction per row and, where `expected` is known, the in-process model's."
     what = f"{len(rows)} rows of {list(rows.columns)} alone in {form} (one key no table holds), features looked up by the endpoint: "
     if not isinstance(got, list): return (f"keys_only {form}", False, what + f"request failed: {got}")
-    ok = len(got) == len(rows) and all(isinstance(p, float) and 0 <= p <= 1 for p in got)
+    ok = len(got) == len(rows)
     if not ok or expected is None:
-        return (f"keys_only {form}", ok, what + f"{len(got)} probabilities out" + ("" if expected is not None else
+        return (f"keys_only {form}", ok, what + f"{len(got)} predictions out" + ("" if expected is not None else
                 " (compared with the in-process model on local targets only: Model Serving's lookups are its own)"))
-    diff = float(np.max(np.abs(np.asarray(got) - expected)))
+    diff = difference(got, expected)
     return (f"keys_only {form}", diff <= 1e-9, what + f"largest difference from the in-process model on the rows it looks up {diff:.2e}")
 
 def required_inputs(env: Environment, version: str) -> list[str]:
@@ -254,16 +268,16 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
         try: return w.serving_endpoints.query(name, **body).predictions
         except DatabricksError as e: failed += 1; return e
     got = query(records)
-    ok = isinstance(got, list) and len(got) == len(records) and all(isinstance(p, float) and 0 <= p <= 1 for p in got)
-    report.checks.append(("schema", ok, f"{len(records)} rows in, {len(got)} probabilities out" if isinstance(got, list) else f"request failed: {got}"))
+    ok = isinstance(got, list) and len(got) == len(records)  # a prediction per row, in whatever form the model answers
+    report.checks.append(("schema", ok, f"{len(records)} rows in, {len(got)} predictions out" if isinstance(got, list) else f"request failed: {got}"))
     if ok:
-        diff = float(np.max(np.abs(np.asarray(got) - expected)))
+        diff = difference(got, expected)
         report.checks.append(("golden_sample", diff <= 1e-9, f"largest difference from the in-process model {diff:.2e} on {len(records)} rows"))
     keys = required_inputs(env, str(version))
     if keys and set(keys) < set(sample.columns):  # as real clients call: the lookup keys alone, the endpoint looks the features up
         rows = pd.concat([sample[keys], pd.DataFrame([unknown_key(records[0], model.metadata.get_input_schema())])], ignore_index=True)
         full = looked_up(env, str(version), rows)
-        want = scores(model, as_sent(model, full)) if full is not None else None
+        want = answers(model, as_sent(model, full)) if full is not None else None
         report.checks.append(keys_only_check("dataframe_records", query(rows.to_dict(orient="records")), rows, want))
         report.checks.append(keys_only_check("dataframe_split", query(rows, "dataframe_split"), rows, want))
     times = []

@@ -6,6 +6,7 @@ through `train` with the how-to's two replacements (the pipeline and its search 
 alias (the world's aliases belong to the other modules), deployed to an endpoint of its own and tested as the deploy job
 tests every version: schema, golden sample, keys only in both callers' formats compared with the in-process model.
 """
+import dataclasses
 import sys
 
 import cloudpickle
@@ -106,12 +107,12 @@ def log_models(ws) -> dict:
     ws.world.use_mlflow()
     model, X = colour_pipeline()
     with mlflow.start_run():
-        mlflow.sklearn.log_model(model, name="m", signature=infer_signature(X, model.predict(X)),
+        mlflow.sklearn.log_model(model, name="m", signature=infer_signature(X, model.predict(X)), input_example=X.head(3),
                                  registered_model_name="dev.credit.colours", pip_requirements=["scikit-learn"])
     frame = pd.DataFrame({"n": [1, 2, 3]})
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Labeller(), registered_model_name="dev.credit.labeller", pip_requirements=["mlflow"],
-                                signature=infer_signature(frame, Labeller().predict(None, frame), params={"scale": 1.0}))
+                                signature=infer_signature(frame, Labeller().predict(None, frame), params={"scale": 1.0}), input_example=frame)
     import numpy as np
     from mlflow.types import Schema, TensorSpec
     with mlflow.start_run():
@@ -152,6 +153,11 @@ def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws
                     assert ours.status_code == theirs.status_code, (name, request, ours.text, theirs.text)
                     if theirs.status_code == 200: assert ours.json()["predictions"] == theirs.json()["predictions"], (name, request, ours.text)
                     else: assert ours.status_code == 400, (name, request, ours.text)
+            if name != "summer":  # the deploy job's endpoint tests work for any model with a column signature and an input example
+                report = endpoint_tests(dataclasses.replace(ws.env, variables={**ws.env.variables, "model_name": model}), "1", name,
+                                        requests=3, client=ws.w)
+                assert [c for c, ok, _ in report.checks if not ok and c != "latency"] == [], report.summary()
+                assert [c for c, _, _ in report.checks] == ["schema", "golden_sample", "latency", "error_rate"], report.summary()
         finally:
             ws.w.serving_endpoints.delete(name)
 
