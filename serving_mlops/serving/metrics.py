@@ -18,10 +18,10 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from ..config import process_alive
 
 # %% auto #0
-__all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'CAPTURE_COUNTERS', 'CAPTURE_WAITING_DOC',
-           'WINDOW_FIELDS', 'WINDOW', 'WINDOW_START', 'WINDOW_CPU', 'CAPTURE_TOTALS', 'CAPTURE_FAILING',
-           'CAPTURE_WAITING', 'CAPTURE_SHARED', 'EndpointMetrics', 'capture_families', 'multiprocess_families',
-           'family_of', 'SharedCounts', 'publish_capture_state']
+__all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'WINDOW_CHILDREN', 'CAPTURE_COUNTERS',
+           'CAPTURE_WAITING_DOC', 'WINDOW_FIELDS', 'WINDOW', 'WINDOW_START', 'WINDOW_CPU', 'CAPTURE_TOTALS',
+           'CAPTURE_FAILING', 'CAPTURE_WAITING', 'CAPTURE_SHARED', 'EndpointMetrics', 'capture_families',
+           'multiprocess_families', 'family_of', 'SharedCounts', 'publish_capture_state']
 
 # %% ../../nbs/08d_serving_metrics.ipynb #4e8a3a0d
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 600000)
@@ -41,6 +41,8 @@ def _memory_percentage(pid="self") -> float:
         return 100 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return 100 * pages / os.sysconf("SC_PHYS_PAGES")
 
+WINDOW_CHILDREN: dict = {}  # (endpoint, entity, slot) -> this process's children of WINDOW, one per WINDOW_FIELDS (shared mode)
+
 class EndpointMetrics:
     "One endpoint's metrics in Databricks' names: per served entity, the values of the last complete interval (a minute)."
     def __init__(self, endpoint: str, interval: float = 60.0, # seconds per value, as on Databricks
@@ -58,8 +60,9 @@ class EndpointMetrics:
         self.rows = Histogram("serving_model_batch_rows", "Rows per model call (after micro-batching), since the runtime started",
                               ["endpoint", "served_entity"], registry=None if self.shared else self.registry,
                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 10000))
-        self.slots: dict = {}  # (entity, slot) -> the children of WINDOW for each of WINDOW_FIELDS (shared mode)
         self.registry.register(self)
+        if self.shared:  # the interval it starts in is this process's from now: a reader must not take it for an older window's
+            with self.lock: self._claim(self.start)
 
     def _roll(self, now: float):
         "Close the current interval if it has ended (under the lock)."
@@ -72,11 +75,15 @@ class EndpointMetrics:
         self.cpu_mark = (now, cpu)
         if self.shared:
             WINDOW_CPU.labels(self.endpoint, self._slot(finished)).set(self.cpu_last)
-            slot = self._slot(start)
-            WINDOW_START.labels(self.endpoint, slot).set(start)  # first: a reader no longer takes the slot's values for the older window
-            for (entity, s), children in self.slots.items():
-                if s == slot:
-                    for child in children: child.set(0)
+            self._claim(start)
+
+    def _claim(self, start: float):
+        "Make this process's slot of the window at `start` that window's: its start first (a reader then no longer takes the older values), then zeros."
+        slot = self._slot(start)
+        WINDOW_START.labels(self.endpoint, slot).set(start)
+        for (endpoint, _, s), children in list(WINDOW_CHILDREN.items()):  # an earlier object's too: an endpoint deleted and made anew
+            if endpoint == self.endpoint and s == slot:
+                for child in children: child.set(0)
 
     def _slot(self, start: float) -> str: return str(int(round(start / self.interval)) % 2)
 
@@ -89,8 +96,8 @@ class EndpointMetrics:
             if 400 <= status < 500: m.c4xx += 1
             elif status >= 500: m.c5xx += 1
             if self.shared:
-                key = (entity, self._slot(self.start))
-                children = self.slots.get(key) or self.slots.setdefault(key, [WINDOW.labels(self.endpoint, entity, key[1], f) for f in WINDOW_FIELDS])
+                key = (self.endpoint, entity, self._slot(self.start))
+                children = WINDOW_CHILDREN.get(key) or WINDOW_CHILDREN.setdefault(key, [WINDOW.labels(*key, f) for f in WINDOW_FIELDS])
                 children[0].inc(); children[3].inc(ms); children[4 + bisect_left(LATENCY_BUCKETS_MS, ms)].inc()
                 if 400 <= status < 500: children[1].inc()
                 elif status >= 500: children[2].inc()

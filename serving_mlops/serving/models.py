@@ -153,11 +153,12 @@ def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the
     transform = _transform(_with_missing_copy(programs))
     return lambda X: walk.wide(transform(np.asarray(X, dtype=float)))
 
-def verified(fast, pipeline, columns: list, example=None, seed: int = 0):
-    "`fast` if it predicts what `pipeline` does (within 1e-12) on `example` and on rows with missing, unseen and far out-of-range values, one at a time and together, else None."
+def verified(fast, pipeline, columns: list, example=None, seed: int = 0, rows: int = 250):
+    """`fast` if it predicts what `pipeline` does (within 1e-12) on `example` and on 4 x `rows` + 1 generated rows (drawn from
+    the example, then with missing, unseen and far out-of-range values, and one all missing), one at a time and together, else None."""
     rng = np.random.default_rng(seed)
     base = np.asarray(example, dtype=float) if example is not None and len(example) else np.zeros((1, len(columns)))
-    base = base[rng.integers(0, len(base), max(len(base), 8))]
+    base = base[rng.integers(0, len(base), max(len(base), rows))]
     holes = np.where(rng.random(base.shape) < 0.3, np.nan, base)
     unseen = base + rng.choice([0.5, 97.0, -3.0], size=base.shape)
     far = np.where(rng.random(base.shape) < 0.3, base * rng.choice([-1e6, 1e6], size=base.shape), holes)
