@@ -31,8 +31,8 @@ __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 
            'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',
            'failure_reason', 'wait_not_updating', 'apply_config', 'inference_table_config', 'serving_problem', 'deploy',
            'EndpointReport', 'as_sent', 'answers', 'difference', 'golden_sample', 'unknown_key', 'looked_up',
-           'keys_only_check', 'required_inputs', 'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test',
-           'metric_families', 'entity_stats', 'window_stats', 'canary']
+           'keys_only_check', 'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families',
+           'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -246,12 +246,6 @@ def keys_only_check(form: str, got, rows: pd.DataFrame, expected: list | None) -
     diff = difference(got, expected)
     return (f"keys_only {form}", diff <= 1e-9, what + f"largest difference from the in-process model on the rows it looks up {diff:.2e}")
 
-def required_inputs(env: Environment, version: str) -> list[str]:
-    "The inputs the signature of the model version requires: a feature-store model's lookup keys (the features are optional)."
-    # the MLmodel file alone (get_model_info would also look up its logged model, which a promoted copy's registry does not hold)
-    with using_mlflow(env): schema = mlflow.models.Model.load(model_uri(env.model_name, version)).get_input_schema()
-    return [name for name, _ in request_schema(schema) or []]  # what the gate compares with the champion's
-
 def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50, client=None) -> EndpointReport:
     "Run the endpoint tests against the endpoint serving `version`."
     w = client or workspace_client(env)
@@ -273,7 +267,7 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     if ok:
         diff = difference(got, expected)
         report.checks.append(("golden_sample", diff <= 1e-9, f"largest difference from the in-process model {diff:.2e} on {len(records)} rows"))
-    keys = required_inputs(env, str(version))
+    keys = [n for n, _ in request_schema(model.metadata.get_input_schema()) or []]  # what its signature requires: a feature-store model's keys
     if keys and set(keys) < set(sample.columns):  # as real clients call: the lookup keys alone, the endpoint looks the features up
         rows = pd.concat([sample[keys], pd.DataFrame([unknown_key(records[0], model.metadata.get_input_schema())])], ignore_index=True)
         full = looked_up(env, str(version), rows)

@@ -27,14 +27,14 @@ from ..config import Environment
 from ..domains import FEATURE_DOMAINS
 from ..feature_store import OnlineStore
 from ..naming import model_uri, same_table_in
-from .protocol import (INT64, MAX_ROWS, InputSpec, ParsedRequest, bad_request, invalid_parameter, parse_request,
-                                           read_envelope, tensor_rows)
+from .protocol import (INT64, MAX_ROWS, InputSpec, ParsedRequest, ServingError, bad_request, invalid_parameter,
+                                           parse_request, read_envelope, tensor_rows)
 
 # %% auto #0
 __all__ = ['KEY_SQL_TYPES', 'JSON_TYPES', 'INLINE_ROWS', 'NUMERIC_TYPES', 'MicroBatcher', 'compile_pipeline', 'verified',
            'compile_trees', 'entity_uri', 'online_table', 'lookup_tables', 'version_lookups', 'payload_problem',
-           'csv_as_json', 'request_body_schema', 'response_schema', 'openapi_document', 'request_shape',
-           'SignatureCheck', 'example_rows', 'mlflow_input', 'jsonable', 'ServedModel']
+           'mlflow_problem', 'mlflow_read', 'csv_as_json', 'request_body_schema', 'response_schema', 'openapi_document',
+           'request_shape', 'SignatureCheck', 'example_rows', 'mlflow_input', 'jsonable', 'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #0828f41d
 class MicroBatcher:
@@ -264,16 +264,24 @@ def version_lookups(uri: str) -> list:
 def payload_problem(signature, # the served model's `mlflow.models.ModelSignature`
                     payload: dict) -> str | None:
     "Why Model Serving would refuse `payload` for a model of `signature`, or None: MLflow's own parsing and schema enforcement, without predicting."
+    if signature is None or signature.inputs is None: return None  # nothing is enforced for a model without one
+    try: mlflow_read(payload, signature.inputs)
+    except Exception as e: return mlflow_problem(e)
+    return None
+
+def mlflow_problem(e: Exception) -> str:
+    "What MLflow's refusal says, as the endpoint's 400 would (another exception: its type and text)."
     from mlflow.exceptions import MlflowException
+    return (e.message if isinstance(e, MlflowException) else f"{type(e).__name__}: {e}")[:2000]
+
+def mlflow_read(payload: dict, schema, enforce: bool = True):
+    "`payload` as MLflow's scoring server reads it for a model of input `schema` (`infer_and_parse_data`), then `enforce`d as `PyFuncModel.predict` first does."
     from mlflow.models.utils import _enforce_schema  # what PyFuncModel.predict runs first on a served model's input
     from mlflow.pyfunc.scoring_server import infer_and_parse_data  # the scoring server's reading of the four request formats
-    if signature is None or signature.inputs is None: return None  # nothing is enforced for a model without one
-    try:
-        data = infer_and_parse_data(payload, signature.inputs)
-        _enforce_schema(data[0] if isinstance(data, tuple) else data, signature.inputs)
-    except MlflowException as e: return e.message[:2000]  # as the endpoint's 400 would say
-    except Exception as e: return f"{type(e).__name__}: {e}"[:2000]
-    return None
+    data = infer_and_parse_data(payload, schema)
+    data = data[0] if isinstance(data, tuple) else data
+    if enforce: _enforce_schema(data, schema)
+    return data
 
 # %% ../../nbs/08b_serving_models.ipynb #76e94f44
 def csv_as_json(body: bytes, signature) -> bytes:
@@ -380,12 +388,10 @@ INLINE_ROWS = 16  # at most this many rows are scored on the event loop (a few h
 NUMERIC_TYPES = frozenset(("integer", "long", "float", "double"))  # MLflow column types whose JSON values are numbers
 
 def mlflow_input(body: bytes, schema):
-    "An invocation body as MLflow's scoring server reads it for a model of input `schema` (`infer_and_parse_data`: typed by the schema)."
+    "An invocation body as MLflow's scoring server reads it for a model of input `schema` (`mlflow_read`, typed by the schema; `predict` enforces it)."
     from mlflow.exceptions import MlflowException
-    from mlflow.pyfunc.scoring_server import infer_and_parse_data
-    try: data = infer_and_parse_data(orjson.loads(body), schema)
+    try: return mlflow_read(orjson.loads(body), schema, enforce=False)
     except MlflowException as e: raise invalid_parameter(e.message[:2000]) from None
-    return data[0] if isinstance(data, tuple) else data
 
 def jsonable(predictions):
     "A model's predictions as MLflow's scoring server answers them (`predictions_to_json`: a frame or series as records, an array as lists)."
@@ -444,8 +450,7 @@ class ServedModel:
         if self.tensor: return self.parse_tensors(body, max_rows)
         request = parse_request(body, self.spec, max_rows)
         problem = self.signature(request, lambda: orjson.loads(body))
-        if problem: raise invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
-                                            f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
+        if problem: raise self.refused(problem)
         if self.pipeline is None: request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())  # any other model: as MLflow reads it
         return request
 
@@ -453,11 +458,14 @@ class ServedModel:
         "A tensor model's invocation: the envelope and row limit checked here, the arrays read and enforced by MLflow (no shape to keep per request)."
         key, data, params, params_json, client_id = read_envelope(body)
         request = ParsedRequest({}, tensor_rows(key, data, max_rows), params, client_id, params_json, f"{key}:tensor")
-        problem = payload_problem(self.pyfunc.metadata.signature, orjson.loads(body))
-        if problem: raise invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
-                                            f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
-        request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())
+        try: request.frame = mlflow_read(orjson.loads(body), self.pyfunc.metadata.get_input_schema())  # read and enforced once
+        except Exception as e: raise self.refused(mlflow_problem(e)) from None
         return request
+
+    def refused(self, problem: str) -> ServingError:
+        "The 400 of a request this served entity's signature refuses, with MLflow's reason."
+        return invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
+                                 f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
 
     def key_types(self) -> dict:
         "Type of each lookup key column ('integer' or 'string') as the online tables declare their primary keys."

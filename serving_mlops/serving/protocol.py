@@ -21,7 +21,7 @@ from .settings import MAX_ROWS
 # %% auto #0
 __all__ = ['ENDPOINT_NAME', 'ENTITY_NAME', 'VERSION', 'WORKLOAD_SIZES', 'UC_NAME_FORBIDDEN', 'GATEWAY_FIELDS', 'PAYLOAD_KEYS',
            'OTHER_KEYS', 'MAX_BODY_BYTES', 'INT64', 'ServingError', 'bad_request', 'invalid_parameter', 'no_endpoint',
-           'check_type', 'check_endpoint_name', 'check_entity', 'check_config', 'check_uc_name',
+           'no_served_model', 'check_type', 'check_endpoint_name', 'check_entity', 'check_config', 'check_uc_name',
            'check_inference_table', 'check_ai_gateway', 'check_tags', 'check_tags_patch', 'InputSpec', 'ParsedRequest',
            'refuse_rows', 'refuse_unknown', 'payload_columns', 'repeated_key', 'read_envelope', 'tensor_rows',
            'parse_request']
@@ -37,6 +37,8 @@ class ServingError(MlopsError):
 def bad_request(message: str) -> ServingError: return ServingError(400, "BAD_REQUEST", message)
 def invalid_parameter(message: str) -> ServingError: return ServingError(400, "INVALID_PARAMETER_VALUE", message)
 def no_endpoint(name: str) -> ServingError: return ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' does not exist")
+def no_served_model(name: str, served: str, known) -> ServingError:
+    return ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' has no served model '{served}' (it has {', '.join(sorted(known)) or 'none'})")
 
 def _type_name(v) -> str: return "null" if v is None else {bool: "boolean", str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
 

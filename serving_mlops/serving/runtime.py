@@ -27,8 +27,9 @@ from .capture import InferenceLog, entity_ids, json_text, payload_table_name, re
 from .endpoint import Endpoint, Snapshot, now_ms, read_record, remove_durably, write_atomic
 from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri, openapi_document
-from .protocol import (
-    ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint)
+from serving_mlops.serving.protocol import (
+    ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint,
+    no_served_model)
 from .request_log import RecentLog, RequestLog
 from .settings import RuntimeSettings
 from .workers import Solo, Workers
@@ -344,9 +345,7 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
         self.record_outcome(ep, None, None, outcome_of(request_id, body, time.time_ns() // 1000, 0.0, error))
         raise error
     snapshot = ep.snapshot
-    if served is not None and served not in snapshot.models:
-        raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' has no served model '{served}' (it serves "
-                                                           f"{', '.join(sorted(snapshot.models))})")
+    if served is not None and served not in snapshot.models: raise no_served_model(name, served, snapshot.models)
     model = snapshot.models[served] if served is not None else snapshot.route()
     start, arrived = time.perf_counter(), time.time_ns() // 1000
     error = request = out = None
@@ -388,9 +387,7 @@ def served_entity(self: ServingRuntime, name: str, served_model_name: str) -> di
     "The served entity `served_model_name` of endpoint `name` (its config's, or the update's it is loading); else a 404 naming those it has."
     ep = self.get(name)
     entities = {e["name"]: e for c in (ep.record.get("config"), ep.pending) if c for e in c.get("served_entities", [])}
-    if served_model_name not in entities:
-        raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' has no served model '{served_model_name}' "
-                                                           f"(it has {', '.join(sorted(entities)) or 'none'})")
+    if served_model_name not in entities: raise no_served_model(name, served_model_name, entities)
     return entities[served_model_name]
 
 @patch
