@@ -48,7 +48,8 @@ class BatchScores:
 
     def summary(self) -> str:
         return (f"scored {self.rows:,} rows of {self.input_table} with {self.model} version {self.version} into "
-                f"{self.output_table} (Delta version {self.table_version}, batch {self.batch_id}) in {self.seconds:.1f} s")
+                f"{self.output_table} (Delta version {self.table_version}, batch {self.batch_id}) in "
+                f"{self.seconds:.1f} s")
 
 def scoring_keys(env: Environment, table: str, spark=None):
     "The key columns of `table` (a short or full name) as a Spark DataFrame, checked."
@@ -56,7 +57,8 @@ def scoring_keys(env: Environment, table: str, spark=None):
     if not tables.exists(table): raise BatchError(f"input table {table} does not exist in environment '{env.name}'")
     df = tables.read_spark(table, spark=spark or get_spark(env))
     missing = [k for k in KEY if k not in df.columns]
-    if missing: raise BatchError(f"input table {table} lacks key column(s) {missing}: expected {KEY}, it has {df.columns}")
+    if missing: raise BatchError(f"input table {table} lacks key column(s) {missing}: expected {KEY}, it has "
+                                 f"{df.columns}")
     return df.select(*KEY)
 
 # %% ../nbs/11_batch.ipynb #68bb77eb
@@ -72,12 +74,15 @@ def batch_inference(env: Environment, input_table: str = "silver_clients", outpu
     start, batch_id = time.monotonic(), uuid.uuid4().hex[:12]
     if progress: print(f"scoring {source} with {model} version {number} ({version}) ...", flush=True)
     expected = keys.count()
-    constants = {"model_name": model, "model_version": int(number), "scored_at": pd.Timestamp.now(tz="UTC"), "batch_id": batch_id}
+    constants = {"model_name": model, "model_version": int(number), "scored_at": pd.Timestamp.now(tz="UTC"),
+                 "batch_id": batch_id}
     new = not store.tables.exists(target)
-    try: table_version = store.append_scores(target, model_uri(model, number), keys, KEY, constants, rows=expected)  # one commit
+    # one commit
+    try: table_version = store.append_scores(target, model_uri(model, number), keys, KEY, constants, rows=expected)
     except TableError as short: raise BatchError(f"scoring {source} ({expected:,} keys): {short}") from None
     if new:
-        store.tables.set_metadata(target, description=f"Batch predictions of {model} (batch_inference job)", column_comments=OUTPUT_COMMENTS)
+        store.tables.set_metadata(target, description=f"Batch predictions of {model} (batch_inference job)",
+                                  column_comments=OUTPUT_COMMENTS)
         table_version = store.tables.version(target)
     scores = BatchScores(source, target, model, number, batch_id, expected, table_version, time.monotonic() - start)
     if progress: print(scores.summary(), flush=True)

@@ -28,16 +28,20 @@ __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'name_values', 'clear_errors'
            'monitor', 'jobs_list', 'jobs_run', 'jobs_runs', 'replay_command']
 
 # %% ../nbs/90_cli.ipynb #5630ca94
-app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one machine.\n\n"
+app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one "
+                       "machine.\n\n"
                        "Environments are the targets of databricks_jobs/databricks.yml (dev, staging, prod); "
-                       "a target is a local workspace under .mlops/<target>/ unless a workspace is named: by its workspace.host or "
-                       "workspace.profile, by DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE, or by running on a Databricks cluster.",
+                       "a target is a local workspace under .mlops/<target>/ unless a workspace is named: by its "
+                       "workspace.host or "
+                       "workspace.profile, by DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE, or by running on a "
+                       "Databricks cluster.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 @app.callback()
 def main():
     "Run `serving-mlops COMMAND --help` for a command's options."
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small artifact read (baselines, specs) says nothing
+    # a bar per small artifact read (baselines, specs) says nothing
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 EnvOption = typer.Option(None, "--env", "-e", envvar="SERVING_MLOPS_ENV", show_default="the bundle's default target",
                          help="Environment: a target of databricks_jobs/databricks.yml (dev, staging, prod).")
@@ -79,18 +83,25 @@ class Kind(str, Enum):
 def generate(env: Optional[str] = EnvOption,
              rows: int = typer.Option(30_000, min=1, help="Number of clients."),
              seed: int = typer.Option(42, help="Random seed: the same seed gives the same file."),
-             kind: Kind = typer.Option(Kind.train, help="train (labelled), inference (unlabelled) or drifted (unlabelled, shifted)."),
-             drift: float = typer.Option(1.0, min=0.0, help="Strength of the shift for --kind drifted (0 none, 1 strong)."),
+             kind: Kind = typer.Option(Kind.train,
+                                       help="train (labelled), inference (unlabelled) or drifted (unlabelled, shifted)."),
+             drift: float = typer.Option(1.0, min=0.0,
+                                         help="Strength of the shift for --kind drifted (0 none, 1 strong)."),
              first_id: int = typer.Option(1, min=1, help="ID of the first client."),
-             labels: Optional[bool] = typer.Option(None, "--labels/--no-labels", help="Include the outcome column default.payment.next.month "
-                                                   "(ingest needs it: outcomes that arrive with the batch).", show_default="only for --kind train"),
-             bad_fraction: float = typer.Option(0.0, min=0.0, max=1.0, help="Share of rows to damage, to exercise ingest's quarantine."),
-             output: Optional[Path] = typer.Option(None, help="File to write (.csv or .parquet); default: the landing folder.")):
+             labels: Optional[bool] = typer.Option(None, "--labels/--no-labels",
+                                                   help="Include the outcome column default.payment.next.month "
+                                                   "(ingest needs it: outcomes that arrive with the batch).",
+                                                   show_default="only for --kind train"),
+             bad_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
+                                                help="Share of rows to damage, to exercise ingest's quarantine."),
+             output: Optional[Path] = typer.Option(None,
+                                                   help="File to write (.csv or .parquet); default: the landing folder.")):
     "Generate synthetic clients in the UCI credit default schema."
     with clear_errors():
         e = get_environment(env)
         if output is None and not e.is_local and not on_databricks():
-            raise InputError(f"environment '{e.name}' is the {e.where}: its landing folder {e.landing_dir} is a Unity Catalog volume, "
+            raise InputError(f"environment '{e.name}' is the {e.where}: its landing folder {e.landing_dir} is a Unity "
+                             f"Catalog volume, "
                              f"mounted only on Databricks clusters; write the file with --output and upload it with "
                              f"`databricks fs cp FILE dbfs:{e.landing_dir}/`")
         path = output or Path(e.landing_dir) / f"credit_clients_{kind.value}_seed{seed}.csv"
@@ -113,10 +124,17 @@ def _print_tables(env: Optional[str]):
 
 @app.command()
 def ingest(env: Optional[str] = EnvOption,
-           source: Optional[Path] = typer.Argument(None, help="File or folder to ingest; default: the environment's landing folder."),
-           snapshot_date: Optional[str] = typer.Option(None, help="Date the data describes (YYYY-MM-DD); default: the target's snapshot_date."),
-           max_bad_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Fail above this share of quarantined rows; default: the target's ingest_max_bad_fraction."),
-           unlabelled: bool = typer.Option(False, "--unlabelled", help="The files have no label column (scoring batches).")):
+           source: Optional[Path] = typer.Argument(None,
+                                                   help="File or folder to ingest; default: the environment's landing "
+                                                        "folder."),
+           snapshot_date: Optional[str] = typer.Option(None,
+                                                       help="Date the data describes (YYYY-MM-DD); default: the "
+                                                            "target's snapshot_date."),
+           max_bad_fraction: Optional[float] = typer.Option(None, min=0.0, max=1.0,
+                                                            help="Fail above this share of quarantined rows; default: "
+                                                                 "the target's ingest_max_bad_fraction."),
+           unlabelled: bool = typer.Option(False, "--unlabelled",
+                                           help="The files have no label column (scoring batches).")):
     "Ingest landing files (CSV or Parquet, UCI schema) into the bronze, quarantine, silver and statements tables."
     from serving_mlops.tasks import ingest_task
     with clear_errors():
@@ -137,7 +155,11 @@ def tables(env: Optional[str] = EnvOption):
 @app.command()
 def features(env: Optional[str] = EnvOption,
              publish: bool = typer.Option(True, help="Also publish the feature tables to the online store."),
-             rebuild: list[str] = typer.Option([], metavar="TABLE", help="Rewrite this feature table (short name, e.g. behaviour_features; repeatable) in the features' new columns: how a feature is removed or retyped. Its earlier versions keep their columns; the online store follows when published.")):
+             rebuild: list[str] = typer.Option([], metavar="TABLE",
+                                               help="Rewrite this feature table (short name, e.g. behaviour_features; "
+                                                    "repeatable) in the features' new columns: how a feature is "
+                                                    "removed or retyped. Its earlier versions keep their columns; the "
+                                                    "online store follows when published.")):
     "Build the feature tables from the silver tables (a new feature becomes a new column) and publish them to the online store."
     from serving_mlops.tasks import features_task
     with clear_errors():
@@ -162,7 +184,10 @@ def train(env: Optional[str] = EnvOption,
 def validate(env: Optional[str] = EnvOption,
              seed: int = typer.Option(42, help="The seed the challenger was trained with (same held-out split)."),
              latency_budget_ms: Optional[float] = typer.Option(None, help="Override the target's latency_budget_ms."),
-             allow_request_schema_change: bool = typer.Option(False, "--allow-request-schema-change", help="Pass the gate although the challenger requires other inputs than the champion (existing callers would have to change what they send).")):
+             allow_request_schema_change: bool = typer.Option(False, "--allow-request-schema-change",
+                                                              help="Pass the gate although the challenger requires "
+                                                                   "other inputs than the champion (existing callers "
+                                                                   "would have to change what they send).")):
     "Validate the challenger against the champion and promote it when every check passes."
     from serving_mlops.tasks import validate_task
     with clear_errors(): validate_task(get_environment(env), seed=seed, latency_budget_ms=latency_budget_ms,
@@ -174,7 +199,10 @@ def promote(env: Optional[str] = typer.Option("prod", "--env", "-e", help="Targe
             source: str = typer.Option("staging", "--from", help="Source environment."),
             version: Optional[int] = typer.Option(None, help="Source version; default: the source's champion."),
             seed: int = typer.Option(42, help="Seed of the held-out split used to verify the copy."),
-            force: Optional[str] = typer.Option(None, metavar="REASON", help="Promote a version whose validation gate failed or never ran; the reason, and who gave it, are recorded in the target's registry and the promotion run.")):
+            force: Optional[str] = typer.Option(None, metavar="REASON",
+                                                help="Promote a version whose validation gate failed or never ran; "
+                                                     "the reason, and who gave it, are recorded in the target's "
+                                                     "registry and the promotion run.")):
     "Copy a model version that passed its validation gate from the source environment's registry into the target's, verify it and make it the champion."
     from serving_mlops.tasks import promote_task
     with clear_errors(): promote_task(get_environment(env), source, version, seed, force or "")
@@ -182,8 +210,11 @@ def promote(env: Optional[str] = typer.Option("prod", "--env", "-e", help="Targe
 # %% ../nbs/90_cli.ipynb #b4c8e505
 @app.command("batch-inference")
 def batch_inference_command(env: Optional[str] = EnvOption,
-                            input_table: str = typer.Option("silver_clients", "--input", help="Table (short or full name) whose customer_id and snapshot_date are scored."),
-                            output_table: str = typer.Option("predictions", "--output", help="Delta table the predictions are appended to."),
+                            input_table: str = typer.Option("silver_clients", "--input",
+                                                            help="Table (short or full name) whose customer_id and "
+                                                                 "snapshot_date are scored."),
+                            output_table: str = typer.Option("predictions", "--output",
+                                                             help="Delta table the predictions are appended to."),
                             version: str = typer.Option("champion", help="Model alias or version number.")):
     "Score every key of a table with the environment's model into a predictions table (appended, with version and time)."
     from serving_mlops.tasks import batch_inference_task
@@ -192,31 +223,54 @@ def batch_inference_command(env: Optional[str] = EnvOption,
 # %% ../nbs/90_cli.ipynb #61330623
 @app.command()
 def serve(env: Optional[str] = EnvOption,
-          port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.", show_default="the target's serving_port"),
-          background: bool = typer.Option(False, "--background", "-b", help="Start as a background process, wait until it answers, print its URL."),
-          stop: bool = typer.Option(False, "--stop", help="Stop the environment's running runtime gracefully (requests in flight finish)."),
-          metrics_interval: float = typer.Option(RuntimeSettings.metrics_interval, min=0.1, help="Seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it)."),
-          read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1, help="Seconds a client has to send a whole request (headers and body) before its connection is closed."),
-          request_log_mb: float = typer.Option(RuntimeSettings.request_log_mb, min=0.001, help="Size at which an endpoint's request log (serving/requests/<endpoint>.jsonl) is rotated."),
-          request_log_files: int = typer.Option(RuntimeSettings.request_log_files, min=1, help="Rotated request log files kept per endpoint besides the current one."),
-          max_header_kb: float = typer.Option(RuntimeSettings.max_header_kb, min=1, help="KiB a request's line and headers may take; more is answered 431."),
-          max_connections: int = typer.Option(RuntimeSettings.max_connections, min=0, help="Connections each process keeps open (the oldest idle one makes room for a new one); 0: the descriptor limit less 256 kept for files.", show_default="0"),
-          workers: int = typer.Option(1, min=1, help="Processes serving on the port (SO_REUSEPORT; metrics summed over them); 1 serves in this process."),
-          settings: Optional[str] = typer.Option(None, hidden=True, help="(internal) every setting at once, as JSON: how a background start and each worker get them."),
-          worker: Optional[int] = typer.Option(None, hidden=True, help="(internal) serve as this worker of a set started with --workers.")):
+          port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.",
+                                             show_default="the target's serving_port"),
+          background: bool = typer.Option(False, "--background", "-b",
+                                          help="Start as a background process, wait until it answers, print its URL."),
+          stop: bool = typer.Option(False, "--stop",
+                                    help="Stop the environment's running runtime gracefully (requests in flight "
+                                         "finish)."),
+          metrics_interval: float = typer.Option(RuntimeSettings.metrics_interval, min=0.1,
+                                                 help="Seconds per value of the endpoint metrics (a minute, as on "
+                                                      "Databricks; tests shorten it)."),
+          read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1,
+                                             help="Seconds a client has to send a whole request (headers and body) "
+                                                  "before its connection is closed."),
+          request_log_mb: float = typer.Option(RuntimeSettings.request_log_mb, min=0.001,
+                                               help="Size at which an endpoint's request log "
+                                                    "(serving/requests/<endpoint>.jsonl) is rotated."),
+          request_log_files: int = typer.Option(RuntimeSettings.request_log_files, min=1,
+                                                help="Rotated request log files kept per endpoint besides the current "
+                                                     "one."),
+          max_header_kb: float = typer.Option(RuntimeSettings.max_header_kb, min=1,
+                                              help="KiB a request's line and headers may take; more is answered 431."),
+          max_connections: int = typer.Option(RuntimeSettings.max_connections, min=0,
+                                              help="Connections each process keeps open (the oldest idle one makes "
+                                                   "room for a new one); 0: the descriptor limit less 256 kept for "
+                                                   "files.", show_default="0"),
+          workers: int = typer.Option(1, min=1,
+                                      help="Processes serving on the port (SO_REUSEPORT; metrics summed over them); 1 "
+                                           "serves in this process."),
+          settings: Optional[str] = typer.Option(None, hidden=True,
+                                                 help="(internal) every setting at once, as JSON: how a background "
+                                                      "start and each worker get them."),
+          worker: Optional[int] = typer.Option(None, hidden=True,
+                                               help="(internal) serve as this worker of a set started with --workers.")):
     "Serve the environment's endpoints: the Databricks serving-endpoints REST API and invocations, on 127.0.0.1."
     from serving_mlops.serving.app import serving_token
     from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
     with clear_errors():
         e = get_environment(env)
-        if not e.is_local: raise InputError(f"environment '{e.name}' is the {e.where}: its endpoints run in Databricks Model Serving")
+        if not e.is_local: raise InputError(f"environment '{e.name}' is the {e.where}: its endpoints run in "
+                                            f"Databricks Model Serving")
         if stop:
-            typer.echo(f"stopped the serving runtime of '{e.name}'" if stop_server(e) else f"no serving runtime of '{e.name}' is running")
+            typer.echo(f"stopped the serving runtime of '{e.name}'"
+                       if stop_server(e) else f"no serving runtime of '{e.name}' is running")
             return
         port = e.var("serving_port", int) if port is None else port
         try: chosen = RuntimeSettings.from_json(settings) if settings else RuntimeSettings(
-            metrics_interval=metrics_interval, read_timeout=read_timeout, request_log_mb=request_log_mb, request_log_files=request_log_files,
-            max_header_kb=max_header_kb, max_connections=max_connections)
+            metrics_interval=metrics_interval, read_timeout=read_timeout, request_log_mb=request_log_mb,
+            request_log_files=request_log_files, max_header_kb=max_header_kb, max_connections=max_connections)
         except ValueError as bad: raise InputError(f"--settings: {bad}") from None
         if not background:
             serve_forever(e, port=port, settings=chosen, workers=workers, worker=worker)
@@ -224,7 +278,8 @@ def serve(env: Optional[str] = EnvOption,
         try: info = start_server(e, port=port, settings=chosen, workers=workers)
         except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
         serving_token(e)
-        typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']}" + (f", workers {info['workers']})" if info.get("workers") else ")"))
+        typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']}" + (f", workers {info['workers']})"
+                if info.get("workers") else ")"))
         typer.echo(f"  token: {e.path('tokens', 'serving-token')}")
         typer.echo(f"  log:   {e.path('serving', 'server.log')}")
         typer.echo(f"  stop:  serving-mlops serve --env {e.name} --stop")
@@ -232,10 +287,15 @@ def serve(env: Optional[str] = EnvOption,
 # %% ../nbs/90_cli.ipynb #2e6b9d13
 @app.command()
 def console(env: Optional[str] = EnvOption,
-            port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.", show_default="the target's console_port"),
-            background: bool = typer.Option(False, "--background", "-b", help="Start as a background process, wait until it answers, print its login link."),
+            port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.",
+                                               show_default="the target's console_port"),
+            background: bool = typer.Option(False, "--background", "-b",
+                                            help="Start as a background process, wait until it answers, print its "
+                                                 "login link."),
             stop: bool = typer.Option(False, "--stop", help="Stop the environment's running console."),
-            read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1, help="Seconds a client has to send a whole request (headers and body) before its connection is closed.")):
+            read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1,
+                                               help="Seconds a client has to send a whole request (headers and body) "
+                                                    "before its connection is closed.")):
     """Open the environment's web console on 127.0.0.1: endpoints (state, traffic, live charts of requests, errors, latency, rows per call), recent requests, monitoring, job runs and the registry.
 
     The console is behind a login link printed here (valid while the console runs; also in .mlops/<env>/console/console.json) or the environment's serving token as `Authorization: Bearer`. Local environments only: a Databricks workspace has its own UI."""
@@ -244,7 +304,8 @@ def console(env: Optional[str] = EnvOption,
         e = get_environment(env)
         check_local(e)
         if stop:
-            typer.echo(f"stopped the console of '{e.name}'" if stop_console(e) else f"no console of '{e.name}' is running")
+            typer.echo(f"stopped the console of '{e.name}'"
+                       if stop_console(e) else f"no console of '{e.name}' is running")
             return
         port = e.var("console_port", int) if port is None else port
         if not background:
@@ -260,9 +321,14 @@ def console(env: Optional[str] = EnvOption,
 @app.command()
 def deploy(env: Optional[str] = EnvOption,
            version: str = typer.Option("champion", help="Model version number or alias to deploy."),
-           traffic: int = typer.Option(100, min=1, max=100, help="Percent of traffic for this version; below 100 the current version keeps the rest."),
+           traffic: int = typer.Option(100, min=1, max=100,
+                                       help="Percent of traffic for this version; below 100 the current version keeps "
+                                            "the rest."),
            requests: int = typer.Option(50, help="Single-row requests of the endpoint latency test."),
-           canary_window: float = typer.Option(0, "--canary-window", help="With --traffic below 100: compare the new version with the current one for this many seconds of live traffic, then move it to 100% or roll back by itself.")):
+           canary_window: float = typer.Option(0, "--canary-window",
+                                               help="With --traffic below 100: compare the new version with the "
+                                                    "current one for this many seconds of live traffic, then move it "
+                                                    "to 100% or roll back by itself.")):
     "Deploy a model version to the environment's endpoint, test the endpoint, roll back on failure."
     from serving_mlops.tasks import deploy_task
     with clear_errors():
@@ -277,7 +343,8 @@ def id_range(text: str) -> list[int]:
     "Customer ids of `FIRST:LAST` (both included)."
     first, sep, last = text.partition(":")
     if not (sep and first.isdigit() and last.isdigit() and int(first) <= int(last)):
-        raise InputError(f"--ids {text!r}: expected FIRST:LAST, two customer ids with FIRST <= LAST (e.g. 100001:101000)")
+        raise InputError(f"--ids {text!r}: expected FIRST:LAST, two customer ids with FIRST <= LAST (e.g. "
+                         f"100001:101000)")
     return list(range(int(first), int(last) + 1))
 
 def key_records(customers: list, snapshot_date: str) -> dict:
@@ -286,16 +353,25 @@ def key_records(customers: list, snapshot_date: str) -> dict:
 
 def query_keys(w, endpoint: str, customers: list, snapshot_date: str) -> dict:
     "The endpoint's answer for `customers` by key as sent: `predictions`, `served-model-name`, and `metadata.keys_not_found` where our runtime reports unknown keys (the SDK's `query` drops `metadata`)."
-    return w.api_client.do("POST", f"/serving-endpoints/{endpoint}/invocations", body=key_records(customers, snapshot_date),
-                           headers={"Accept": "application/json", "Content-Type": "application/json"}, response_headers=["served-model-name"])
+    return w.api_client.do("POST", f"/serving-endpoints/{endpoint}/invocations",
+                           body=key_records(customers, snapshot_date),
+                           headers={"Accept": "application/json", "Content-Type": "application/json"},
+                           response_headers=["served-model-name"])
 
 @app.command()
 def query(env: Optional[str] = EnvOption,
-          customer_id: list[int] = typer.Option([], "--customer-id", "-c", help="Customer to score (repeat for several)."),
-          ids: Optional[str] = typer.Option(None, help="A range of customers FIRST:LAST, sent one request per customer (traffic for monitoring)."),
-          endpoint: Optional[str] = typer.Option(None, help="Endpoint name.", show_default="the target's endpoint_name"),
-          snapshot_date: Optional[str] = typer.Option(None, help="The feature snapshot to score as of (YYYY-MM-DD), sent with each key.",
-                                                      show_default="the target's snapshot_date variable, the snapshot ingest and features build")):
+          customer_id: list[int] = typer.Option([], "--customer-id", "-c",
+                                                help="Customer to score (repeat for several)."),
+          ids: Optional[str] = typer.Option(None,
+                                            help="A range of customers FIRST:LAST, sent one request per customer "
+                                                 "(traffic for monitoring)."),
+          endpoint: Optional[str] = typer.Option(None, help="Endpoint name.",
+                                                 show_default="the target's endpoint_name"),
+          snapshot_date: Optional[str] = typer.Option(None,
+                                                      help="The feature snapshot to score as of (YYYY-MM-DD), sent "
+                                                           "with each key.",
+                                                      show_default="the target's snapshot_date variable, the snapshot "
+                                                                   "ingest and features build")):
     "Score customers by key through the endpoint's REST API (features come from the online store)."
     from serving_mlops.serving.process import workspace_client
     with clear_errors():
@@ -307,19 +383,25 @@ def query(env: Optional[str] = EnvOption,
         name = endpoint or e.endpoint_name
         batches = [wanted] if ids is None else [[c] for c in wanted]
         as_of = snapshot_date or e.var("snapshot_date")
-        responses = [query_keys(w, name, b, as_of) for b in (batches if ids is None else tqdm(batches, desc=f"requests to {name}", unit="request"))]
+        responses = [query_keys(w, name, b, as_of)
+                     for b in (batches if ids is None else tqdm(batches, desc=f"requests to {name}", unit="request"))]
         predictions = [p for r in responses for p in r["predictions"]]
-        unknown = {b[k["row"]] for b, r in zip(batches, responses) for k in (r.get("metadata") or {}).get("keys_not_found", [])}
+        unknown = {b[k["row"]] for b, r in zip(batches, responses)
+                   for k in (r.get("metadata") or {}).get("keys_not_found", [])}
         if len(wanted) <= 10:
             for c, p in zip(wanted, predictions):
-                typer.echo(f"customer {c}: probability of default {p:.3f}" + ("  (NOT FOUND: features imputed)" if c in unknown else ""))
-        else: typer.echo(f"{len(wanted):,} customers scored, mean probability of default {sum(predictions) / len(predictions):.3f}")
+                typer.echo(f"customer {c}: probability of default {p:.3f}" + ("  (NOT FOUND: features imputed)"
+                        if c in unknown else ""))
+        else: typer.echo(f"{len(wanted):,} customers scored, mean probability of default "
+                         f"{sum(predictions) / len(predictions):.3f}")
         typer.echo(f"served by {', '.join(sorted({r['served-model-name'] for r in responses}))} of endpoint {name}")
         if unknown:
             typer.echo(f"{len(unknown):,} of {len(set(wanted)):,} customers not found in the online feature tables: "
-                       f"{', '.join(map(str, sorted(unknown)[:10]))}{' ...' if len(unknown) > 10 else ''}; their scores use imputed features", err=True)
+                       f"{', '.join(map(str, sorted(unknown)[:10]))}{' ...' if len(unknown) > 10 else ''}; their "
+                       f"scores use imputed features", err=True)
             if unknown >= set(wanted):
-                raise InputError(f"none of the customers is known to endpoint {name}'s feature tables: check the ids, or ingest and "
+                raise InputError(f"none of the customers is known to endpoint {name}'s feature tables: check the ids, "
+                                 f"or ingest and "
                                  f"publish their features first (serving-mlops ingest / features --env {e.name})")
 
 @app.command()
@@ -334,10 +416,13 @@ def endpoints(env: Optional[str] = EnvOption):
         if not found: typer.echo(f"no serving endpoints in environment '{e.name}'")
         for summary in found:
             ep = w.serving_endpoints.get(summary.name)
-            typer.echo(f"{ep.name}: {ep.state.ready.value}, config {ep.state.config_update.value}  {ep.endpoint_url or ''}")
-            traffic = {r.served_entity_name: r.traffic_percentage for r in (ep.config.traffic_config.routes if ep.config else [])}
+            typer.echo(f"{ep.name}: {ep.state.ready.value}, config {ep.state.config_update.value}  "
+                       f"{ep.endpoint_url or ''}")
+            traffic = {r.served_entity_name: r.traffic_percentage
+                       for r in (ep.config.traffic_config.routes if ep.config else [])}
             for s in (ep.config.served_entities if ep.config else []):
-                typer.echo(f"  {s.name}: {s.entity_name} version {s.entity_version}, {traffic.get(s.name, 0)}% of traffic")
+                typer.echo(f"  {s.name}: {s.entity_name} version {s.entity_version}, {traffic.get(s.name, 0)}% of "
+                           f"traffic")
 
 # %% ../nbs/90_cli.ipynb #cf98fe91
 @app.command("stop")
@@ -354,23 +439,36 @@ def stop_services():
 # %% ../nbs/90_cli.ipynb #68a429d5
 @app.command()
 def monitor(env: Optional[str] = EnvOption,
-            endpoint: Optional[str] = typer.Option(None, help="Endpoint name.", show_default="the target's endpoint_name"),
-            start: Optional[str] = typer.Option(None, help="Start of the period (ISO time, UTC).", show_default="end minus --lookback-minutes"),
-            end: Optional[str] = typer.Option(None, help="End of the period (ISO time, UTC).", show_default="now minus the lag; without --start, floored to the window"),
-            window_minutes: Optional[int] = typer.Option(None, min=1, help="Window of the metrics and quality.", show_default="monitoring_window_minutes"),
-            lookback_minutes: Optional[int] = typer.Option(None, min=1, help="Length of the period when --start is not given.", show_default="the window"),
-            labels_table: str = typer.Option("", help="Table with customer_id and default_next_month, for model quality."),
-            lag_minutes: Optional[int] = typer.Option(None, min=0, help="Inference table rows arrive up to this late: the period ends this long before now (the local runtime writes rows within seconds: 0).",
+            endpoint: Optional[str] = typer.Option(None, help="Endpoint name.",
+                                                   show_default="the target's endpoint_name"),
+            start: Optional[str] = typer.Option(None, help="Start of the period (ISO time, UTC).",
+                                                show_default="end minus --lookback-minutes"),
+            end: Optional[str] = typer.Option(None, help="End of the period (ISO time, UTC).",
+                                              show_default="now minus the lag; without --start, floored to the window"),
+            window_minutes: Optional[int] = typer.Option(None, min=1, help="Window of the metrics and quality.",
+                                                         show_default="monitoring_window_minutes"),
+            lookback_minutes: Optional[int] = typer.Option(None, min=1,
+                                                           help="Length of the period when --start is not given.",
+                                                           show_default="the window"),
+            labels_table: str = typer.Option("",
+                                             help="Table with customer_id and default_next_month, for model quality."),
+            lag_minutes: Optional[int] = typer.Option(None, min=0,
+                                                      help="Inference table rows arrive up to this late: the period "
+                                                           "ends this long before now (the local runtime writes rows "
+                                                           "within seconds: 0).",
                                                       show_default="monitoring_lag_minutes")):
     "Monitor an endpoint from its inference table: metrics, drift (report, MLflow run, alert) and model quality."
     from serving_mlops.tasks import monitoring_task
     with clear_errors():
-        # found drift raises DriftAlert after everything is written: "DRIFT: ..." on stderr and exit status 3 (clear_errors)
-        monitoring_task(get_environment(env), task="all", endpoint_name=endpoint, window_minutes=window_minutes, lookback_minutes=lookback_minutes,
+        # found drift raises DriftAlert after everything is written: "DRIFT: ..." on stderr and exit status 3
+        # (clear_errors)
+        monitoring_task(get_environment(env), task="all", endpoint_name=endpoint, window_minutes=window_minutes,
+                        lookback_minutes=lookback_minutes,
                         start=start, end=end, labels_table=labels_table, lag_minutes=lag_minutes)
 
 # %% ../nbs/90_cli.ipynb #e4aefffa
-jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml): run locally with papermill, or on a workspace target as one-time runs.",
+jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml): run locally with papermill, or on "
+                            "a workspace target as one-time runs.",
                        no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 
@@ -382,13 +480,16 @@ def jobs_list(env: Optional[str] = EnvOption):
         for name, spec in load_jobs(get_environment(env)).items():
             typer.echo(f"{name}: {spec.title}")
             for t in spec.tasks.values():
-                typer.echo(f"  {t.key}: {t.notebook.name}" + (f" after {', '.join(t.depends_on)}" if t.depends_on else ""))
+                typer.echo(f"  {t.key}: {t.notebook.name}" + (f" after {', '.join(t.depends_on)}"
+                                                              if t.depends_on else ""))
 
 @jobs_app.command("run")
 def jobs_run(job: str = typer.Argument(..., help="Job name, e.g. model_build (see `serving-mlops jobs list`)."),
              env: Optional[str] = EnvOption,
-             param: list[str] = typer.Option([], "--param", "-p", help="Override a notebook parameter of every task that has it: name=value."),
-             timeout: float = typer.Option(60, "--timeout", min=0.01, help="Workspace targets: minutes to wait for the run before cancelling it.")):
+             param: list[str] = typer.Option([], "--param", "-p",
+                                             help="Override a notebook parameter of every task that has it: name=value."),
+             timeout: float = typer.Option(60, "--timeout", min=0.01,
+                                           help="Workspace targets: minutes to wait for the run before cancelling it.")):
     "Run a job: locally with papermill (outputs in .mlops/<env>/jobs/<job>/), on a workspace target as a one-time run of the deployed bundle."
     from serving_mlops.jobs import run_job
     with clear_errors():
@@ -399,7 +500,8 @@ def jobs_run(job: str = typer.Argument(..., help="Job name, e.g. model_build (se
         typer.echo(run.summary())
 
 @jobs_app.command("runs")
-def jobs_runs(job: Optional[str] = typer.Option(None, "--job", "-j", help="Only the runs of this job (see `serving-mlops jobs list`)."),
+def jobs_runs(job: Optional[str] = typer.Option(None, "--job", "-j",
+                                                help="Only the runs of this job (see `serving-mlops jobs list`)."),
               env: Optional[str] = EnvOption,
               last: int = typer.Option(20, "--last", "-n", min=1, help="How many runs to list, newest first.")):
     "The job runs made in an environment (from each run folder's run.json), newest first: state, start time, duration of each task."
@@ -414,14 +516,23 @@ def jobs_runs(job: Optional[str] = typer.Option(None, "--job", "-j", help="Only 
 # %% ../nbs/90_cli.ipynb #db803650
 @app.command("replay")
 def replay_command(steps: Optional[list[str]] = typer.Argument(None, metavar="TARGET/JOB", show_default=False,
-                                                                help="Jobs to run, in order, e.g. staging/model_build; default: the whole loop, "
-                                                                     "staging/model_build staging/deploy_serving_endpoint prod/ingest prod/features prod/promote "
+                                                                help="Jobs to run, in order, e.g. "
+                                                                     "staging/model_build; default: the whole loop, "
+                                                                     "staging/model_build "
+                                                                     "staging/deploy_serving_endpoint prod/ingest "
+                                                                     "prod/features prod/promote "
                                                                      "prod/batch_inference prod/monitoring."),
-                   var: list[str] = typer.Option([], "--var", help="A deploy-time variable, name=value, as `databricks bundle deploy --var` "
+                   var: list[str] = typer.Option([], "--var",
+                                                 help="A deploy-time variable, name=value, as `databricks bundle "
+                                                      "deploy --var` "
                                                                    "(over the replay's own n_trials=1 serving_port=0)."),
-                   rows: int = typer.Option(2000, min=100, help="Clients written to a target's landing folder before its first ingest."),
-                   folder: Optional[Path] = typer.Option(None, help="The replay's folder (emptied first): synced files, cluster home, "
-                                                                    "workspaces, task outputs.", show_default=".mlops/replay")):
+                   rows: int = typer.Option(2000, min=100,
+                                            help="Clients written to a target's landing folder before its first ingest."),
+                   folder: Optional[Path] = typer.Option(None,
+                                                         help="The replay's folder (emptied first): synced files, "
+                                                              "cluster home, "
+                                                                    "workspaces, task outputs.",
+                                                         show_default=".mlops/replay")):
     "Replay a deployment as Databricks runs it: the wheel on Databricks Runtime 18 ML's libraries, the synced files, each task with dbutils."
     import shutil
     from serving_mlops.config import find_bundle, local_root

@@ -48,16 +48,20 @@ def find_bundle(start: Path | str | None = None) -> Path:
         if not path.is_file(): raise ConfigError(f"{BUNDLE_ENV_VAR}={path}: no such file (expected a databricks.yml)")
         return path.resolve()
     here = Path(start or Path.cwd()).resolve()
-    # in a checkout: <project>/databricks_jobs/databricks.yml. On a cluster, the CLI has synced the bundle folder itself (its
-    # sync root is the folder of databricks.yml) to `workspace.file_path`, and a job task's notebook runs in its own folder
+    # in a checkout: <project>/databricks_jobs/databricks.yml. On a cluster, the CLI has synced the bundle folder itself
+    # (its
+    # sync root is the folder of databricks.yml) to `workspace.file_path`, and a job task's notebook runs in its own
+    # folder
     # (Databricks Runtime 14+): <file_path>/notebooks/<task>, with <file_path>/databricks.yml one folder up
     names = (BUNDLE_RELPATH, Path(BUNDLE_RELPATH.name)) if on_databricks() else (BUNDLE_RELPATH,)
     candidates = [d / name for d in (here, *here.parents) for name in names]
     package = importlib.util.find_spec("serving_mlops")
-    if package and package.origin: candidates.append(Path(package.origin).resolve().parent.parent / BUNDLE_RELPATH)  # editable install
+    # editable install
+    if package and package.origin: candidates.append(Path(package.origin).resolve().parent.parent / BUNDLE_RELPATH)
     for path in candidates:
         if path.is_file(): return path
-    raise ConfigError(f"no {BUNDLE_RELPATH} or {BUNDLE_RELPATH.name} in {here} or its parents; run from the project or set {BUNDLE_ENV_VAR}")
+    raise ConfigError(f"no {BUNDLE_RELPATH} or {BUNDLE_RELPATH.name} in {here} or its parents; run from the project "
+                      f"or set {BUNDLE_ENV_VAR}")
 
 # %% ../nbs/00_config.ipynb #26cad98d
 def load_bundle(path: Path | str) -> dict:
@@ -79,14 +83,18 @@ def load_bundle(path: Path | str) -> dict:
         if spec is not None and not isinstance(spec, dict):
             raise ConfigError(f"{path}: key 'variables.{name}' must be a mapping with 'description' and 'default'")
     for name, target in targets.items():
-        if target is not None and not isinstance(target, dict): raise ConfigError(f"{path}: key 'targets.{name}' must be a mapping")
+        if target is not None and not isinstance(target,
+                                                 dict): raise ConfigError(f"{path}: key 'targets.{name}' must be a "
+                                                                          f"mapping")
     return bundle
 
 # %% ../nbs/00_config.ipynb #8ccf2d35
 _REF = re.compile(r"\$\{([A-Za-z0-9_.\-]+)\}")
 
-VARIABLE_ENV_PREFIX = "BUNDLE_VAR_"  # BUNDLE_VAR_<name> sets a variable, as for the Databricks CLI (bundle/config/mutator/set_variables.go)
-VARIABLES_TARGET_ENV_VAR = "SERVING_MLOPS_BUNDLE_TARGET"  # on a job cluster: the one target its BUNDLE_VAR_* values were resolved for
+# BUNDLE_VAR_<name> sets a variable, as for the Databricks CLI (bundle/config/mutator/set_variables.go)
+VARIABLE_ENV_PREFIX = "BUNDLE_VAR_"
+# on a job cluster: the one target its BUNDLE_VAR_* values were resolved for
+VARIABLES_TARGET_ENV_VAR = "SERVING_MLOPS_BUNDLE_TARGET"
 
 def fill_references(value, reference: Callable[[str, str], Any], where: str = ""):
     "`value` with each `${name}` replaced by `reference(name, where)`, in mappings and lists too (`where` names the place); a text that is one whole reference takes the value itself (a mapping, a number), as the CLI fills complex variables."
@@ -103,17 +111,21 @@ def resolve_variables(bundle: dict, target: str, path: Path | str = "databricks.
     overrides = (bundle["targets"].get(target) or {}).get("variables") or {}
     if not isinstance(overrides, dict): raise ConfigError(f"{path}: key 'targets.{target}.variables' must be a mapping")
     for name in overrides:
-        if name not in declared: raise ConfigError(f"{path}: key 'targets.{target}.variables.{name}' sets a variable not declared under 'variables'")
+        if name not in declared: raise ConfigError(f"{path}: key 'targets.{target}.variables.{name}' sets a variable "
+                                                   f"not declared under 'variables'")
     raw = {}
-    from_env = os.environ.get(VARIABLES_TARGET_ENV_VAR, target) == target  # a prod cluster reading staging (promotion) takes staging's own
+    # a prod cluster reading staging (promotion) takes staging's own
+    from_env = os.environ.get(VARIABLES_TARGET_ENV_VAR, target) == target
     for name, spec in declared.items():
         if from_env and VARIABLE_ENV_PREFIX + name in os.environ:
             if (spec or {}).get("type") == "complex":  # as the CLI: a complex variable takes no text value
-                raise ConfigError(f"{VARIABLE_ENV_PREFIX}{name}: variable '{name}' is of type complex; set it in {path} instead")
+                raise ConfigError(f"{VARIABLE_ENV_PREFIX}{name}: variable '{name}' is of type complex; set it in "
+                                  f"{path} instead")
             raw[name] = os.environ[VARIABLE_ENV_PREFIX + name]
         elif name in overrides: raw[name] = overrides[name]
         elif spec and "default" in spec: raw[name] = spec["default"]
-        else: raise ConfigError(f"{path}: variable '{name}' has no default and no value in 'targets.{target}.variables.{name}' "
+        else: raise ConfigError(f"{path}: variable '{name}' has no default and no value in "
+                                f"'targets.{target}.variables.{name}' "
                                 f"or {VARIABLE_ENV_PREFIX}{name}")
     context = {"bundle.target": target, "bundle.name": (bundle.get("bundle") or {}).get("name", "")}
     resolved: dict[str, Any] = {}
@@ -163,14 +175,18 @@ def _profile_host(profile: str, config_file: str, mtime: int | None) -> str | No
 
     sdk_log = logging.getLogger("databricks.sdk")
     level = sdk_log.level
-    sdk_log.setLevel(logging.ERROR)  # Config probes the host's metadata endpoint; out of reach it only warns, and the host is known anyway
-    try: return Config(profile=profile, config_file=config_file, credentials_strategy=HostOnly(), retry_timeout_seconds=1).host
+    # Config probes the host's metadata endpoint; out of reach it only warns, and the host is known anyway
+    sdk_log.setLevel(logging.ERROR)
+    try: return Config(profile=profile, config_file=config_file, credentials_strategy=HostOnly(),
+                       retry_timeout_seconds=1).host
     finally: sdk_log.setLevel(level)
 
 def profile_host(profile: str, named_by: str = PROFILE_ENV_VAR) -> str:
     "Workspace URL of `profile` (named by `named_by`, for messages), read from the Databricks config file by databricks-sdk."
     file = Path(os.environ.get("DATABRICKS_CONFIG_FILE") or "~/.databrickscfg").expanduser()
-    if not file.is_file(): raise ConfigError(f"{named_by} names profile '{profile}', but there is no Databricks config file {file} (create it with `databricks configure` or `databricks auth login`)")
+    if not file.is_file(): raise ConfigError(f"{named_by} names profile '{profile}', but there is no Databricks "
+                                             f"config file {file} (create it with `databricks configure` or "
+                                             f"`databricks auth login`)")
     try: host = _profile_host(profile, str(file), file.stat().st_mtime_ns)
     except ValueError as e: raise ConfigError(f"{named_by} names profile '{profile}': {str(e).split('. Config:')[0]}") from None
     if not host: raise ConfigError(f"{named_by} names profile '{profile}', which has no host in {file}")
@@ -200,7 +216,8 @@ def find_workspace(workspace: dict | None, key: str = "workspace") -> Workspace 
         return None if explicit_local and not profile else Workspace(runtime_host(), "the Databricks runtime")
     if host: return Workspace(host, "the bundle", profile)
     if profile:
-        if env_host: return Workspace(env_host, HOST_ENV_VAR, profile)  # the SDK reads DATABRICKS_HOST before the profile
+        # the SDK reads DATABRICKS_HOST before the profile
+        if env_host: return Workspace(env_host, HOST_ENV_VAR, profile)
         return Workspace(profile_host(profile, f"key '{key}.profile'"), f"profile {profile}", profile)
     if explicit_local: return None
     if env_host: return Workspace(env_host, HOST_ENV_VAR, env_profile)
@@ -217,7 +234,8 @@ class Environment:
     workspace: Workspace | None = None  # the Databricks workspace; None for a local workspace
     root: Path | None = None  # local workspace directory; None on Databricks
     mode: str | None = None  # the target's `mode` (development, production)
-    registry: str | None = None  # MLflow registry URI of another workspace that holds this environment's models (a promotion's source)
+    # MLflow registry URI of another workspace that holds this environment's models (a promotion's source)
+    registry: str | None = None
 
     @property
     def is_local(self) -> bool: return self.workspace is None
@@ -254,7 +272,8 @@ class Environment:
 
     def path(self, *parts: str, create: bool = False) -> Path:
         "A path inside the local workspace (optionally created as a directory)."
-        if not self.is_local: raise ConfigError(f"environment '{self.name}' is the {self.where}; it has no local directory")
+        if not self.is_local: raise ConfigError(f"environment '{self.name}' is the {self.where}; it has no local "
+                                                f"directory")
         p = self.root.joinpath(*parts)
         if create: p.mkdir(parents=True, exist_ok=True)
         return p
@@ -295,9 +314,11 @@ def mlflow_schema_template() -> Path:
     template = cache / f"mlflow-{mlflow.__version__}-empty.db"
     if template.exists(): return template
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # made aside, then put in place whole (another process may race)
+    # made aside, then put in place whole (another process may race)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
-        mlflow.MlflowClient(uri, registry_uri=uri).search_experiments()  # MLflow creates its tables and the Default experiment
+        # MLflow creates its tables and the Default experiment
+        mlflow.MlflowClient(uri, registry_uri=uri).search_experiments()
         os.replace(Path(tmp) / "mlflow.db", template)
     return template
 
@@ -307,7 +328,8 @@ def mlflow_database(db: Path, artifact_location: str) -> Path:
     import shutil, sqlite3
     fresh = db.with_name(f".{db.name}.{os.getpid()}.new")
     shutil.copyfile(mlflow_schema_template(), fresh)
-    with sqlite3.connect(fresh) as con: con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (f"{artifact_location}/0",))
+    with sqlite3.connect(fresh) as con: con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id "
+                                                    "= 0", (f"{artifact_location}/0",))
     try: os.link(fresh, db)  # only if no other process made it meanwhile (it may have written to it already)
     except FileExistsError: pass
     finally: fresh.unlink()
@@ -325,10 +347,12 @@ def get_environment(name: str | None = None, bundle: Path | str | None = None) -
     path = Path(bundle) if bundle else find_bundle()
     spec = load_bundle(path)
     targets = spec["targets"]
-    name = name or os.environ.get(ENV_ENV_VAR) or next((t for t, v in targets.items() if (v or {}).get("default")), None)
+    name = name or os.environ.get(ENV_ENV_VAR) or next((t for t, v in targets.items() if (v or {}).get("default")),
+                                                       None)
     if name is None: raise ConfigError(f"{path}: no environment given and no target has 'default: true'")
     if name not in targets:
-        raise ConfigError(f"unknown environment '{name}': {path} defines targets {', '.join(targets)} (key 'targets.{name}' is missing)")
+        raise ConfigError(f"unknown environment '{name}': {path} defines targets {', '.join(targets)} (key "
+                          f"'targets.{name}' is missing)")
     target = targets[name] or {}
     top, own = spec.get("workspace") or {}, target.get("workspace") or {}
     for key, value in (("workspace", top), (f"targets.{name}.workspace", own)):
@@ -336,8 +360,10 @@ def get_environment(name: str | None = None, bundle: Path | str | None = None) -
     workspace = {**top, **own}  # as the CLI merges them: the target's fields over the top-level ones
     variables = resolve_variables(spec, name, path)
     for key in ("catalog", "schema"):
-        if key not in variables: raise ConfigError(f"{path}: variable '{key}' is required (declare it under 'variables.{key}')")
-    named_by = f"targets.{name}.workspace" if own.get("host") or own.get("profile") else "workspace"  # the key errors name
+        if key not in variables: raise ConfigError(f"{path}: variable '{key}' is required (declare it under "
+                                                   f"'variables.{key}')")
+    # the key errors name
+    named_by = f"targets.{name}.workspace" if own.get("host") or own.get("profile") else "workspace"
     try: ws = find_workspace(workspace, named_by)
     except ConfigError as e: raise ConfigError(f"{path}: {e}") from None
     return Environment(name=name, variables=variables, bundle_path=path.resolve(), workspace=ws,

@@ -131,7 +131,8 @@ def write_credit_data(path: Path | str, rows: int, seed: int = 42, first_id: int
             if bad_fraction > 0: chunk = corrupt_rows(chunk, bad_fraction, np.random.default_rng([seed, i, 1]))
             table = pa.Table.from_pandas(chunk, preserve_index=False)
             if writer is None and path.suffix == ".parquet": writer = pq.ParquetWriter(tmp, table.schema)
-            elif writer is None:  # the header unquoted, as the UCI file has it (pyarrow's quoting_header option is newer than
+            # the header unquoted, as the UCI file has it (pyarrow's quoting_header option is newer than
+            elif writer is None:
                 sink = pa.OSFile(str(tmp), "wb")  # the pyarrow 21 of Databricks Runtime 18 ML)
                 sink.write((",".join(table.schema.names) + "\n").encode())
                 writer = pacsv.CSVWriter(sink, table.schema, write_options=pacsv.WriteOptions(include_header=False))

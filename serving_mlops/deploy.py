@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
 from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, DataframeSplitInput, EndpointCoreConfigInput,
-                                            EndpointStateConfigUpdate, Route, ServedEntityInput, ServingEndpointDetailed, TrafficConfig)
+                                            EndpointStateConfigUpdate, Route, ServedEntityInput,
+                                            ServingEndpointDetailed, TrafficConfig)
 from mlflow.types import DataType
 from tqdm import tqdm
 
@@ -42,7 +43,8 @@ def resolve_version(env: Environment, version: str | int) -> str:
     "A model version number from a number or an alias of the environment's model."
     if str(version).isdigit(): return str(version)
     found = alias_version(env, str(version))
-    if found is None: raise DeploymentFailed(f"model {env.model_name} of environment '{env.name}' has no version with alias {version!r}")
+    if found is None: raise DeploymentFailed(f"model {env.model_name} of environment '{env.name}' has no version with "
+                                             f"alias {version!r}")
     return str(found.version)
 
 def entity_for(model: str, version: str) -> ServedEntityInput:
@@ -58,7 +60,8 @@ def current_entities(ep: ServingEndpointDetailed | None) -> tuple[list, list]:
                                   environment_vars=s.environment_vars) for s in ep.config.served_entities]
     return entities, list(ep.config.traffic_config.routes)
 
-def target_config(model: str, version: str, incumbent: ServingEndpointDetailed | None, traffic: int) -> tuple[list, list]:
+def target_config(model: str, version: str, incumbent: ServingEndpointDetailed | None,
+                  traffic: int) -> tuple[list, list]:
     "Served entities and routes that give `version` `traffic` percent and the incumbent's main entity the rest."
     new = entity_for(model, version)
     entities, routes = current_entities(incumbent)
@@ -77,11 +80,14 @@ def failure_reason(w, name: str) -> str:
     "Why the endpoint's last config update failed, as it reports it."
     ep = get_endpoint(w, name)
     pending = ep.pending_config.served_entities if ep and ep.pending_config else []
-    return "; ".join(f"{s.name}: {s.state.deployment_state_message}" for s in pending if s.state and s.state.deployment_state_message) or "no reason given"
+    return "; ".join(f"{s.name}: {s.state.deployment_state_message}"
+                     for s in pending if s.state and s.state.deployment_state_message) or "no reason given"
 
-def _routes_text(routes: list) -> str: return ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%" for r in routes)
+def _routes_text(routes: list) -> str: return ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%"
+                                                        for r in routes)
 
-DEPLOY_TIMEOUT_MINUTES = 30  # Databricks waits up to 30 minutes for a CPU deployment once its container is built (the build
+# Databricks waits up to 30 minutes for a CPU deployment once its container is built (the build
+DEPLOY_TIMEOUT_MINUTES = 30
 # itself has no hard limit): https://docs.databricks.com/aws/machine-learning/model-serving/model-serving-timeouts
 
 FIRST_POLL_SECONDS, LAST_POLL_SECONDS = 0.1, 10.0
@@ -100,21 +106,26 @@ def wait_not_updating(w, name: str, timeout: timedelta) -> ServingEndpointDetail
         if status == EndpointStateConfigUpdate.NOT_UPDATING: return ep
         if status in (EndpointStateConfigUpdate.UPDATE_FAILED, EndpointStateConfigUpdate.UPDATE_CANCELED):
             raise OperationFailed(f"failed to reach NOT_UPDATING, got {status}")
-        if time.monotonic() + pause > deadline: raise TimeoutError(f"timed out after {timeout}: current status: {status}")
+        if time.monotonic() + pause > deadline: raise TimeoutError(f"timed out after {timeout}: current status: "
+                                                                   f"{status}")
         time.sleep(pause)
         pause = min(LAST_POLL_SECONDS, 2 * pause)
 
-def apply_config(w, name: str, entities: list, routes: list, exists: bool, timeout: timedelta) -> ServingEndpointDetailed:
+def apply_config(w, name: str, entities: list, routes: list, exists: bool,
+                 timeout: timedelta) -> ServingEndpointDetailed:
     "Create endpoint `name` or update its config and wait until it is done; a failure or a timeout is DeploymentFailed naming both."
     traffic, target = TrafficConfig(routes=routes), _routes_text(routes)
     try:
         if not exists:
-            w.serving_endpoints.create(name, config=EndpointCoreConfigInput(name=name, served_entities=entities, traffic_config=traffic))
+            w.serving_endpoints.create(name,
+                                       config=EndpointCoreConfigInput(name=name, served_entities=entities,
+                                                                      traffic_config=traffic))
             return wait_not_updating(w, name, timeout)
         try: wait_not_updating(w, name, timeout)  # an update in flight finishes first
         except OperationFailed: pass  # the last update failed: the endpoint serves its old config and takes a new one
         except TimeoutError as e:
-            raise DeploymentFailed(f"endpoint {name}: an earlier config update was still in progress after {timeout} ({e}); "
+            raise DeploymentFailed(f"endpoint {name}: an earlier config update was still in progress after {timeout} "
+                                   f"({e}); "
                                    f"nothing was changed") from None
         w.serving_endpoints.update_config(name, served_entities=entities, traffic_config=traffic)
         return wait_not_updating(w, name, timeout)
@@ -122,12 +133,14 @@ def apply_config(w, name: str, entities: list, routes: list, exists: bool, timeo
         raise DeploymentFailed(f"endpoint {name}: config update to {target} failed: {failure_reason(w, name)}") from None
     except TimeoutError as e:  # as the SDK's waiters, `wait_not_updating` raises the built-in TimeoutError
         what = "creating it" if not exists else "the config update"
-        raise DeploymentFailed(f"endpoint {name}: {what} to {target} was not ready within {timeout} ({e}); it may still be in progress") from None
+        raise DeploymentFailed(f"endpoint {name}: {what} to {target} was not ready within {timeout} ({e}); it may "
+                               f"still be in progress") from None
 
 def inference_table_config(env: Environment, endpoint: str) -> AiGatewayInferenceTableConfig:
     "Where `endpoint` captures its requests: `inference_table(env, endpoint)`, `<catalog>.<schema>.<endpoint, with underscores>_payload`."
     catalog, schema, table = inference_table(env, endpoint).split(".")
-    return AiGatewayInferenceTableConfig(catalog_name=catalog, schema_name=schema, table_name_prefix=table.removesuffix("_payload"), enabled=True)
+    return AiGatewayInferenceTableConfig(catalog_name=catalog, schema_name=schema,
+                                         table_name_prefix=table.removesuffix("_payload"), enabled=True)
 
 def serving_problem(env: Environment, version: str) -> str | None:
     """Why serving could not load `version` in `env`, or None: the runtime's own check of the online tables it would look
@@ -138,7 +151,8 @@ def serving_problem(env: Environment, version: str) -> str | None:
     with using_mlflow(env):
         lookups = version_lookups(uri)
         try: signature = mlflow.models.get_model_info(uri).signature
-        except (mlflow.exceptions.MlflowException, OSError): signature = None  # no such version: the deployment's own load says so
+        # no such version: the deployment's own load says so
+        except (mlflow.exceptions.MlflowException, OSError): signature = None
     try: lookup_tables(lookups, OnlineStore(path) if path.exists() else None, env, uri, signature)
     except ValueError as e: return str(e)
     return None
@@ -151,7 +165,8 @@ def deploy(env: Environment, version: str | int = "champion", traffic: int = 100
     name, model = endpoint or env.endpoint_name, env.model_name
     resolved = resolve_version(env, version)
     if (problem := serving_problem(env, resolved)) is not None:  # what serving will need, before any traffic moves
-        raise DeploymentFailed(f"version {resolved} of {model} cannot be served in environment '{env.name}', so endpoint {name} was not "
+        raise DeploymentFailed(f"version {resolved} of {model} cannot be served in environment '{env.name}', so "
+                               f"endpoint {name} was not "
                                f"changed: {problem}")
     incumbent = get_endpoint(w, name)
     entities, routes = target_config(model, resolved, incumbent, traffic)
@@ -170,13 +185,16 @@ class EndpointReport(GateReport):
 
     def subject(self) -> str: return f"endpoint {self.endpoint}, model version {self.version}"
 
-    def summary(self) -> str: return super().summary() + (f"\n  rolled back: {self.rolled_back}" if self.rolled_back else "")
+    def summary(self) -> str: return super().summary() + (f"\n  rolled back: {self.rolled_back}"
+                                                          if self.rolled_back else "")
 
 def as_sent(model, frame: pd.DataFrame) -> pd.DataFrame:
     "`frame` as a JSON client sends it to `model`: integer codes as the doubles its signature declares, days as YYYY-MM-DD, other times ISO 8601."
-    doubles = [c.name for c in model.metadata.get_input_schema().inputs if c.type == DataType.double and c.name in frame]
+    doubles = [c.name for c in model.metadata.get_input_schema().inputs if c.type == DataType.double
+               and c.name in frame]
     frame = frame.astype({c: float for c in doubles})
-    for c in frame.select_dtypes("datetime").columns:  # JSON has no dates: a day as YYYY-MM-DD (how `query` sends snapshot_date)
+    # JSON has no dates: a day as YYYY-MM-DD (how `query` sends snapshot_date)
+    for c in frame.select_dtypes("datetime").columns:
         day = (frame[c] == frame[c].dt.normalize()).all()
         frame[c] = frame[c].dt.strftime("%Y-%m-%d") if day else frame[c].map(lambda t: t.isoformat())
     return frame
@@ -188,11 +206,14 @@ def answers(model, frame: pd.DataFrame) -> list:
 def difference(got, want) -> float:
     "Largest absolute difference between two JSON answers of one shape (numbers within them); infinite where shapes or other values differ."
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    if number(got) and number(want): return abs(float(got) - float(want)) if not (np.isnan(got) and np.isnan(want)) else 0.0
+    if number(got) and number(want): return abs(float(got) - float(want)) if not (np.isnan(got)
+            and np.isnan(want)) else 0.0
     if isinstance(got, list) and isinstance(want, list):
-        return max((difference(a, b) for a, b in zip(got, want)), default=0.0) if len(got) == len(want) else float("inf")
+        return max((difference(a, b) for a, b in zip(got, want)),
+                   default=0.0) if len(got) == len(want) else float("inf")
     if isinstance(got, dict) and isinstance(want, dict):
-        return max((difference(got[k], want[k]) for k in want), default=0.0) if got.keys() == want.keys() else float("inf")
+        return max((difference(got[k], want[k]) for k in want),
+                   default=0.0) if got.keys() == want.keys() else float("inf")
     return 0.0 if got == want else float("inf")
 
 def golden_sample(env: Environment, version: str, model=None) -> tuple[pd.DataFrame, list]:
@@ -200,12 +221,14 @@ def golden_sample(env: Environment, version: str, model=None) -> tuple[pd.DataFr
     if model is None:
         with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.model_name, version))
     sample = model.input_example
-    if sample is None: raise DeploymentFailed(f"model {env.model_name} version {version} has no input example to test the endpoint with")
+    if sample is None: raise DeploymentFailed(f"model {env.model_name} version {version} has no input example to test "
+                                              f"the endpoint with")
     # a model logged by the Databricks client has one row of its keys (a dict) and answers a one-column frame
     sample = as_sent(model, pd.DataFrame([sample] if isinstance(sample, dict) else sample))
     return sample, answers(model, sample)
 
-UNKNOWN_ID = 2**31 - 1  # an id no table holds in practice, valid as a long or an integer and within an id's domain (at least 1)
+# an id no table holds in practice, valid as a long or an integer and within an id's domain (at least 1)
+UNKNOWN_ID = 2**31 - 1
 
 def unknown_key(row: dict, schema) -> dict: # schema: the model's input `mlflow.types.Schema`
     "`row`'s required inputs with each integer one `UNKNOWN_ID` and each text one marked: a key no feature table holds (dates kept)."
@@ -228,7 +251,8 @@ def looked_up(env: Environment, version: str, keys: pd.DataFrame) -> pd.DataFram
     online = OnlineStore(path)
     tables, rows = lookup_tables(lookups, online, env, uri), keys.copy()
     for l in lookups:
-        found = [online.lookup(tables[l["table_name"]], *[r[k] for k in l["lookup_key"]]) or {} for r in keys.to_dict(orient="records")]
+        found = [online.lookup(tables[l["table_name"]], *[r[k] for k in l["lookup_key"]]) or {}
+                 for r in keys.to_dict(orient="records")]
         for feature, column in l["features"].items(): rows[column] = [f.get(feature) for f in found]
     return rows
 
@@ -244,9 +268,11 @@ def keys_only_check(form: str, got, rows: pd.DataFrame, expected: list | None) -
         return (f"keys_only {form}", ok, what + f"{len(got)} predictions out" + ("" if expected is not None else
                 " (compared with the in-process model on local targets only: Model Serving's lookups are its own)"))
     diff = difference(got, expected)
-    return (f"keys_only {form}", diff <= 1e-9, what + f"largest difference from the in-process model on the rows it looks up {diff:.2e}")
+    return (f"keys_only {form}", diff <= 1e-9,
+            what + f"largest difference from the in-process model on the rows it looks up {diff:.2e}")
 
-def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50, client=None) -> EndpointReport:
+def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50,
+                   client=None) -> EndpointReport:
     "Run the endpoint tests against the endpoint serving `version`."
     w = client or workspace_client(env)
     name = endpoint or env.endpoint_name
@@ -255,7 +281,8 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     sample, expected = golden_sample(env, str(version), model)
     records = sample.to_dict(orient="records")
     sent = failed = 0
-    def query(rows, form: str = "dataframe_records"):  # the formats the project's own callers send (query, monitoring's traffic)
+    # the formats the project's own callers send (query, monitoring's traffic)
+    def query(rows, form: str = "dataframe_records"):
         nonlocal sent, failed
         sent += 1
         body = {"dataframe_records": rows} if form == "dataframe_records" else {"dataframe_split": _split(rows)}
@@ -263,13 +290,19 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
         except DatabricksError as e: failed += 1; return e
     got = query(records)
     ok = isinstance(got, list) and len(got) == len(records)  # a prediction per row, in whatever form the model answers
-    report.checks.append(("schema", ok, f"{len(records)} rows in, {len(got)} predictions out" if isinstance(got, list) else f"request failed: {got}"))
+    report.checks.append(("schema", ok,
+                          f"{len(records)} rows in, {len(got)} predictions out"
+                          if isinstance(got, list) else f"request failed: {got}"))
     if ok:
         diff = difference(got, expected)
-        report.checks.append(("golden_sample", diff <= 1e-9, f"largest difference from the in-process model {diff:.2e} on {len(records)} rows"))
-    keys = [n for n, _ in request_schema(model.metadata.get_input_schema()) or []]  # what its signature requires: a feature-store model's keys
-    if keys and set(keys) < set(sample.columns):  # as real clients call: the lookup keys alone, the endpoint looks the features up
-        rows = pd.concat([sample[keys], pd.DataFrame([unknown_key(records[0], model.metadata.get_input_schema())])], ignore_index=True)
+        report.checks.append(("golden_sample", diff <= 1e-9,
+                              f"largest difference from the in-process model {diff:.2e} on {len(records)} rows"))
+    # what its signature requires: a feature-store model's keys
+    keys = [n for n, _ in request_schema(model.metadata.get_input_schema()) or []]
+    # as real clients call: the lookup keys alone, the endpoint looks the features up
+    if keys and set(keys) < set(sample.columns):
+        rows = pd.concat([sample[keys], pd.DataFrame([unknown_key(records[0], model.metadata.get_input_schema())])],
+                         ignore_index=True)
         full = looked_up(env, str(version), rows)
         want = answers(model, as_sent(model, full)) if full is not None else None
         report.checks.append(keys_only_check("dataframe_records", query(rows.to_dict(orient="records")), rows, want))
@@ -278,9 +311,11 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     for i in range(requests):
         start = time.perf_counter(); query(records[i % len(records):][:1]); times.append((time.perf_counter() - start) * 1000)
     p95, budget = float(np.percentile(times, 95)), env.var("endpoint_latency_budget_ms", float)
-    report.checks.append(("latency", p95 <= budget, f"single-row p95 {p95:.1f} ms over {requests} requests (budget {budget:g} ms)"))
+    report.checks.append(("latency", p95 <= budget,
+                          f"single-row p95 {p95:.1f} ms over {requests} requests (budget {budget:g} ms)"))
     rate, allowed = failed / sent, env.var("endpoint_max_error_rate", float)
-    report.checks.append(("error_rate", rate <= allowed, f"{failed} of {sent} requests failed (largest allowed share {allowed:g})"))
+    report.checks.append(("error_rate", rate <= allowed,
+                          f"{failed} of {sent} requests failed (largest allowed share {allowed:g})"))
     return report
 
 # %% ../nbs/09_deploy.ipynb #088f1dc4
@@ -288,7 +323,8 @@ def being_created(ep: ServingEndpointDetailed | None) -> bool:
     "Whether `ep` is an endpoint whose first config is still being deployed: it has served nothing yet."
     return ep is not None and ep.config is None and ep.state is not None and ep.state.config_update == EndpointStateConfigUpdate.IN_PROGRESS
 
-def rollback(w, name: str, previous: ServingEndpointDetailed | None, # the endpoint before the deployment; None: it did not exist
+# the endpoint before the deployment; None: it did not exist
+def rollback(w, name: str, previous: ServingEndpointDetailed | None,
              timeout: timedelta) -> str:
     "Put endpoint `name` back as `previous` was; an endpoint this deployment created is left in place, never deleted; says what it did."
     if previous is not None and previous.config is not None:
@@ -299,11 +335,15 @@ def rollback(w, name: str, previous: ServingEndpointDetailed | None, # the endpo
     if current is None: return f"nothing to undo: endpoint {name} does not exist"
     if previous is not None:  # it existed before this deployment, serving nothing yet: not this deployment's to delete
         return f"left endpoint {name} in place: it existed before this deployment and had not served a config yet"
-    if being_created(current):  # deleting it would throw its container build away, and every retry would do the same again
+    # deleting it would throw its container build away, and every retry would do the same again
+    if being_created(current):
         return (f"left endpoint {name} in place: its first deployment is still in progress (Databricks allows up to "
-                f"{DEPLOY_TIMEOUT_MINUTES} minutes after the container build); deploy again once it is READY, or delete it yourself")
-    # the first-deploy rule: an endpoint is never deleted by a rollback; one this deployment created has no config to go back to
-    return (f"left endpoint {name} in place: this deployment created it, so it has no earlier config to return to; it serves the "
+                f"{DEPLOY_TIMEOUT_MINUTES} minutes after the container build); deploy again once it is READY, or "
+                f"delete it yourself")
+    # the first-deploy rule: an endpoint is never deleted by a rollback; one this deployment created has no config to go
+    # back to
+    return (f"left endpoint {name} in place: this deployment created it, so it has no earlier config to return to; it "
+            f"serves the "
             f"version that failed until a deployment passes (or delete it yourself)")
 
 def deploy_and_test(env: Environment, version: str | int = "champion", traffic: int = 100, endpoint: str | None = None,
@@ -345,7 +385,9 @@ def entity_stats(metrics: str | list, # the metrics export (Prometheus text), or
             entity, field = next((s.labels[k] for k in ENTITY_LABELS if k in s.labels), None), _FIELDS.get(s.name)
             if entity is None or field is None: continue
             minute = float(s.timestamp) if s.timestamp is not None else (now // 60) * 60
-            values = stats.setdefault(entity, {}).setdefault(minute, dict.fromkeys(("requests", "errors", "latency_sum_ms", "latency_count"), 0.0))
+            values = stats.setdefault(entity, {}).setdefault(minute,
+                                                             dict.fromkeys(("requests", "errors", "latency_sum_ms",
+                                                                     "latency_count"), 0.0))
             values[field] += s.value
     return stats
 
@@ -359,7 +401,8 @@ def window_stats(readings: dict, # entity -> minute -> values, from `entity_stat
     return {"requests": int(n), "error_rate": total("errors") / n if n else 0.0,
             "mean_ms": total("latency_sum_ms") / count if count else float("nan")}
 
-CANARY_PROGRESS = "{desc}: {bar:20} {n:.0f} of {total:.0f} s of the window, {elapsed} elapsed{postfix}"  # a tqdm bar, as `query --ids` shows
+# a tqdm bar, as `query --ids` shows
+CANARY_PROGRESS = "{desc}: {bar:20} {n:.0f} of {total:.0f} s of the window, {elapsed} elapsed{postfix}"
 
 def canary(env: Environment, version: str | int, traffic: int = 10, window_seconds: float = 60, min_requests: int = 20,
            max_latency_ratio: float = 1.5, max_extra_error_rate: float = 0.01, endpoint: str | None = None, client=None,
@@ -368,30 +411,39 @@ def canary(env: Environment, version: str | int, traffic: int = 10, window_secon
     w = client or workspace_client(env)
     name, resolved = endpoint or env.endpoint_name, resolve_version(env, version)
     previous = get_endpoint(w, name)
-    if previous is None or previous.config is None: raise DeploymentFailed(f"endpoint {name} serves nothing yet: deploy a first version without a canary")
+    if previous is None or previous.config is None: raise DeploymentFailed(f"endpoint {name} serves nothing yet: "
+                                                                           f"deploy a first version without a canary")
     incumbent = max(previous.config.traffic_config.routes, key=lambda r: r.traffic_percentage).served_entity_name
     report = EndpointReport(resolved, endpoint=name)
     try:
         deployed = deploy(env, resolved, traffic, name, timeout_minutes, client=w)
-        new = next(r.served_entity_name for r in deployed.config.traffic_config.routes if r.served_entity_name.endswith(f"-{resolved}"))
+        new = next(r.served_entity_name
+                   for r in deployed.config.traffic_config.routes if r.served_entity_name.endswith(f"-{resolved}"))
         since, start, readings = time.time(), time.monotonic(), {}
-        with tqdm(total=window_seconds, desc=f"canary {new} at {traffic}% of traffic", bar_format=CANARY_PROGRESS) as bar:
+        with tqdm(total=window_seconds, desc=f"canary {new} at {traffic}% of traffic",
+                  bar_format=CANARY_PROGRESS) as bar:
             while True:
                 time.sleep(min(5.0, window_seconds / 4))
                 for entity, minutes in entity_stats(w.serving_endpoints.export_metrics(name).contents.read().decode()).items():
-                    readings.setdefault(entity, {}).update(minutes)  # a minute's values, once, however often it was read
+                    # a minute's values, once, however often it was read
+                    readings.setdefault(entity, {}).update(minutes)
                 old_w, new_w = window_stats(readings, incumbent, since), window_stats(readings, new, since)
                 elapsed = time.monotonic() - start
                 waiting = f"; waiting for {min_requests} (at most {3 * window_seconds:.0f} s)" if elapsed >= window_seconds else ""
-                bar.set_postfix_str(f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent}{waiting}", refresh=False)
+                bar.set_postfix_str(f"{new_w['requests']} requests to {new}, {old_w['requests']} to "
+                                    f"{incumbent}{waiting}", refresh=False)
                 bar.update(min(elapsed, window_seconds) - bar.n)  # past the window: full, elapsed goes on
                 if elapsed >= window_seconds and new_w["requests"] >= min_requests or elapsed >= 3 * window_seconds: break
         enough = new_w["requests"] >= min_requests and old_w["requests"] >= min_requests
-        report.checks.append(("traffic", enough, f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent} in {elapsed:.0f} s (at least {min_requests} each)"))
+        report.checks.append(("traffic", enough,
+                              f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent} in "
+                              f"{elapsed:.0f} s (at least {min_requests} each)"))
         report.checks.append(("error_rate", new_w["error_rate"] <= old_w["error_rate"] + max_extra_error_rate,
-                              f"{new} {new_w['error_rate']:.2%} vs {incumbent} {old_w['error_rate']:.2%} (at most {max_extra_error_rate:.2%} more)"))
+                              f"{new} {new_w['error_rate']:.2%} vs {incumbent} {old_w['error_rate']:.2%} (at most "
+                              f"{max_extra_error_rate:.2%} more)"))
         report.checks.append(("latency", new_w["mean_ms"] <= old_w["mean_ms"] * max_latency_ratio,
-                              f"mean {new_w['mean_ms']:.1f} ms vs {old_w['mean_ms']:.1f} ms (at most {max_latency_ratio:g}x)"))
+                              f"mean {new_w['mean_ms']:.1f} ms vs {old_w['mean_ms']:.1f} ms (at most "
+                              f"{max_latency_ratio:g}x)"))
         if report.passed:
             deploy(env, resolved, 100, name, timeout_minutes, client=w)
             return report

@@ -48,7 +48,8 @@ class DomainCheck:
         self.lo = np.array([bound(d, 0, -np.inf) for d in domains], dtype=float)
         self.hi = np.array([bound(d, 1, np.inf) for d in domains], dtype=float)
         self.whole = np.array([d.kind != "number" for d in domains])
-        self.sparse = {j: np.array(d.allowed, dtype=float) for j, d in enumerate(domains)  # codes with gaps, e.g. (1, 3)
+        # codes with gaps, e.g. (1, 3)
+        self.sparse = {j: np.array(d.allowed, dtype=float) for j, d in enumerate(domains)
                        if d.kind == "code" and len(set(d.allowed)) != max(d.allowed) - min(d.allowed) + 1}
         # the same rules per column for `first`: (lo, hi, whole, the codes of a code with gaps or None)
         self.rules = [(lo, hi, whole, frozenset(self.sparse[j].tolist()) if j in self.sparse else None)
@@ -56,11 +57,13 @@ class DomainCheck:
 
     def __call__(self, X: np.ndarray, index=None) -> tuple[np.ndarray, np.ndarray]:
         "Masks of the values of `X` (columns: the domains, or those at `index`) not whole where they must be, and of the others outside their domain."
-        lo, hi, whole = (self.lo, self.hi, self.whole) if index is None else (self.lo[index], self.hi[index], self.whole[index])
+        lo, hi, whole = (self.lo, self.hi, self.whole) if index is None else (self.lo[index], self.hi[index],
+                self.whole[index])
         fractional = whole & (X - np.floor(X) > 0)  # NaN (missing) compares False: neither fractional nor outside
         outside = ~fractional & ((X < lo) | (X > hi))
         for k, j in enumerate(range(len(self.domains)) if index is None else index) if self.sparse else ():
-            if j in self.sparse: outside[:, k] |= ~np.isnan(X[:, k]) & ~fractional[:, k] & ~np.isin(X[:, k], self.sparse[j])
+            if j in self.sparse: outside[:, k] |= ~np.isnan(X[:, k]) & ~fractional[:, k] & ~np.isin(X[:, k],
+                    self.sparse[j])
         return fractional, outside
 
     def first(self, values, index=None) -> tuple[int, bool] | None:

@@ -35,14 +35,17 @@ def category_counts(values: pd.Series) -> tuple[dict[str, int], int]:
 def numeric_values(values: pd.Series, name: str) -> np.ndarray:
     "`values` as float64 with NaN for nulls; an error naming the column when they are not numbers."
     if not (pd.api.types.is_numeric_dtype(values) or values.isna().all()):
-        raise TypeError(f"feature '{name}': expected numbers, got dtype {values.dtype}; list it as categorical if it is a code")
+        raise TypeError(f"feature '{name}': expected numbers, got dtype {values.dtype}; list it as categorical if it "
+                        f"is a code")
     return values.to_numpy(dtype="float64", na_value=np.nan)
 
 def bin_counts(x: np.ndarray, # float64 values, NaN for nulls
-               cuts: Sequence[float], # ascending cut points: len(cuts) + 1 bins, a value equal to a cut counted in the bin above it
+               # ascending cut points: len(cuts) + 1 bins, a value equal to a cut counted in the bin above it
+               cuts: Sequence[float],
                ) -> np.ndarray:
     "Non-null values of `x` in each bin between `cuts`."
-    below = [np.count_nonzero(x < c) for c in cuts]  # one comparison per cut (NaN is below none): for a few cuts about 10x faster than a binary search per value
+    # one comparison per cut (NaN is below none): for a few cuts about 10x faster than a binary search per value
+    below = [np.count_nonzero(x < c) for c in cuts]
     return np.diff([0, *below, np.count_nonzero(~np.isnan(x))])
 
 # %% ../nbs/05a_drift.ipynb #725b9cb8
@@ -65,7 +68,8 @@ def categorical_baseline(values: pd.Series) -> dict:
 
 def training_baseline(df: pd.DataFrame, # training rows: every column is a feature (drop keys and the label first)
                       categorical: Sequence[str], # columns holding codes or labels; all others must be numeric
-                      prediction: str | None = None, # column of the model's predictions on `df`, checked as a numeric feature
+                      # column of the model's predictions on `df`, checked as a numeric feature
+                      prediction: str | None = None,
                       bins: int = 10, # quantile bins per numeric feature (10: deciles)
                       sample_size: int = 5_000, # values kept per numeric feature for the Kolmogorov-Smirnov test
                       seed: int = 0) -> dict:
@@ -135,9 +139,11 @@ def drift_row(name: str, kind: str, method: str, value: float, threshold: float,
 
 def check_window(baseline: dict, window: pd.DataFrame):
     "Raise an error naming what is wrong when `window` is empty or lacks a baseline feature."
-    if len(window) == 0: raise ValueError("the inference window has no rows; expected at least one to compare with the baseline")
+    if len(window) == 0: raise ValueError("the inference window has no rows; expected at least one to compare with "
+                                          "the baseline")
     missing = [f for f in baseline["features"] if f not in window.columns]
-    if missing: raise KeyError(f"features {missing} of the baseline are not in the window; its columns are {list(window.columns)}")
+    if missing: raise KeyError(f"features {missing} of the baseline are not in the window; its columns are "
+                               f"{list(window.columns)}")
 
 def window_buckets(baseline: dict, window: pd.DataFrame) -> dict:
     "`bucket_shares` of every baseline feature in `window`, by name: counted once for the statistics and the report."
@@ -168,18 +174,21 @@ def feature_drift(baseline: dict, # from `training_baseline` (or its JSON)
     return pd.DataFrame(rows, columns=["feature", "kind", "method", "value", "threshold", "drifted", "n"])
 
 # %% ../nbs/05a_drift.ipynb #3c399284
-def _excess(r) -> float:  # how far past its threshold a flagged value is, in orders of magnitude (the larger, the stronger)
+# how far past its threshold a flagged value is, in orders of magnitude (the larger, the stronger)
+def _excess(r) -> float:
     return math.log10(max(r.value, 1e-300) / r.threshold) * (1 if DRIFT_RULES[r.method] == ">" else -1)
 
 def drift_summary(results: pd.DataFrame,
-                  most: int | None = None) -> str:  # name at most this many drifted features, the strongest first (the rest counted)
+                  # name at most this many drifted features, the strongest first (the rest counted)
+                  most: int | None = None) -> str:
     "One line naming the drifted features with each flagging method's value against its threshold."
     features = results.feature.nunique()
     hits = results[results.drifted]
     if hits.empty: return f"no drift in {features} features"
     groups = list(hits.groupby("feature", sort=False))
     if most is not None: groups = sorted(groups, key=lambda g: -max(_excess(r) for r in g[1].itertuples()))
-    parts = [f"{name} (" + ", ".join(f"{r.method} {r.value:.3g} {DRIFT_RULES[r.method]} {r.threshold:g}" for r in rows.itertuples()) + ")"
+    parts = [f"{name} (" + ", ".join(f"{r.method} {r.value:.3g} {DRIFT_RULES[r.method]} {r.threshold:g}"
+                                     for r in rows.itertuples()) + ")"
              for name, rows in groups[:most]]
     more = f"; and {len(groups) - most} more (the report has them all)" if most is not None and len(groups) > most else ""
     return f"drift in {hits.feature.nunique()} of {features} features: " + "; ".join(parts) + more

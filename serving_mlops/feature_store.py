@@ -73,7 +73,8 @@ class FeatureLookup:
     timestamp_lookup_key: str | None = None  # column of the training frame with the point in time
 
     @property
-    def lookup_keys(self) -> list: return [self.lookup_key] if isinstance(self.lookup_key, str) else list(self.lookup_key)
+    def lookup_keys(self) -> list: return [self.lookup_key] if isinstance(self.lookup_key,
+            str) else list(self.lookup_key)
 
 # %% ../nbs/05_feature_store.ipynb #cc479666
 class LocalFeatureStore:
@@ -93,12 +94,15 @@ class LocalFeatureStore:
                      produced_by: str | None = None) -> FeatureTable:
         "Define feature table `name` (writing `df` if given) and return its definition."
         primary_keys = [primary_keys] if isinstance(primary_keys, str) else list(primary_keys)
-        if self.tables.exists(name): raise FeatureStoreError(f"feature table {name} already exists; use write_table to add rows")
-        if df is None: raise FeatureStoreError(f"feature table {name}: create_table needs a frame (df) to take the schema from")
+        if self.tables.exists(name): raise FeatureStoreError(f"feature table {name} already exists; use write_table "
+                                                             f"to add rows")
+        if df is None: raise FeatureStoreError(f"feature table {name}: create_table needs a frame (df) to take the "
+                                               f"schema from")
         keys = [*primary_keys, *([timeseries_column] if timeseries_column else [])]
         table = to_arrow(df)
         unknown = sorted(set(feature_descriptions or {}) - set(table.column_names))
-        if unknown: raise FeatureStoreError(f"feature table {name}: feature_descriptions name column(s) {unknown} that are not in the frame")
+        if unknown: raise FeatureStoreError(f"feature table {name}: feature_descriptions name column(s) {unknown} "
+                                            f"that are not in the frame")
         self.tables.merge(name, table, keys)
         self.tables.set_metadata(name, description=description, properties={
             f"{PROPERTY_PREFIX}primary_keys": json.dumps(primary_keys),
@@ -111,7 +115,8 @@ class LocalFeatureStore:
         if not self.tables.exists(name): raise FeatureStoreError(f"feature table {name} does not exist")
         info = self.tables.describe(name)
         props = info["properties"]
-        if f"{PROPERTY_PREFIX}primary_keys" not in props: raise FeatureStoreError(f"table {name} is not a feature table (no primary keys recorded)")
+        if f"{PROPERTY_PREFIX}primary_keys" not in props: raise FeatureStoreError(f"table {name} is not a feature "
+                                                                                  f"table (no primary keys recorded)")
         keys, ts = json.loads(props[f"{PROPERTY_PREFIX}primary_keys"]), props.get(f"{PROPERTY_PREFIX}timeseries_column") or None
         columns = self.tables.schema(name).names
         return FeatureTable(name, keys, ts, info["description"], [c for c in columns if c not in keys and c != ts],
@@ -122,12 +127,17 @@ class LocalFeatureStore:
         columns `df` brings, as the Databricks client's `write_table` does (Delta's mergeSchema); a frame that lacks or
         retypes a column is refused: dropping or retyping a feature is `rebuild_table`."""
         ft = self.get_table(name)
-        if mode not in ("merge", "overwrite"): raise FeatureStoreError(f"feature table {name}: mode must be 'merge' or 'overwrite', not {mode!r}")
-        try: return self.tables.merge(name, df, ft.keys, add_columns=True)["version"] if mode == "merge" else self.tables.overwrite(name, df, keys=ft.keys)
+        if mode not in ("merge", "overwrite"): raise FeatureStoreError(f"feature table {name}: mode must be 'merge' "
+                                                                       f"or 'overwrite', not {mode!r}")
+        try: return self.tables.merge(name, df, ft.keys,
+                                      add_columns=True)["version"] if mode == "merge" else self.tables.overwrite(name,
+                                              df, keys=ft.keys)
         except TableError as e:
             if "schema mismatch" not in str(e): raise
-            raise FeatureStoreError(f"{e}. Removing or retyping a feature is deliberate: rebuild the table (`serving-mlops features --env "
-                                    f"{self.env.name} --rebuild {name.rsplit('.', 1)[-1]}`, or the store's rebuild_table); its earlier "
+            raise FeatureStoreError(f"{e}. Removing or retyping a feature is deliberate: rebuild the table "
+                                    f"(`serving-mlops features --env "
+                                    f"{self.env.name} --rebuild {name.rsplit('.', 1)[-1]}`, or the store's "
+                                    f"rebuild_table); its earlier "
                                     f"versions keep their columns") from None
 
     def read_table(self, name: str, version: int | None = None) -> DataFrame:
@@ -140,15 +150,18 @@ def _lookup_frame(df: DataFrame, lookup: FeatureLookup, ft: FeatureTable, featur
     "`df` with the features of one lookup joined (point in time when the lookup has a timestamp)."
     keys = lookup.lookup_keys
     if len(keys) != len(ft.primary_keys):
-        raise FeatureStoreError(f"lookup on {ft.name}: lookup_key {keys} does not match the table's primary keys {ft.primary_keys}")
-    missing = [k for k in keys + ([lookup.timestamp_lookup_key] if lookup.timestamp_lookup_key else []) if k not in df.columns]
+        raise FeatureStoreError(f"lookup on {ft.name}: lookup_key {keys} does not match the table's primary keys "
+                                f"{ft.primary_keys}")
+    missing = [k for k in keys + ([lookup.timestamp_lookup_key] if lookup.timestamp_lookup_key else [])
+               if k not in df.columns]
     if missing: raise FeatureStoreError(f"lookup on {ft.name}: the training frame lacks column(s) {missing}")
     names = list(lookup.feature_names or ft.features)
     unknown = [f for f in names if f not in ft.features]
     if unknown: raise FeatureStoreError(f"lookup on {ft.name}: no feature(s) {unknown}; the table has {ft.features}")
     outputs = {f: (lookup.rename_outputs or {}).get(f, f) for f in names}
     clash = [o for o in outputs.values() if o in df.columns]
-    if clash: raise FeatureStoreError(f"lookup on {ft.name}: output column(s) {clash} already exist in the training frame; use rename_outputs")
+    if clash: raise FeatureStoreError(f"lookup on {ft.name}: output column(s) {clash} already exist in the training "
+                                      f"frame; use rename_outputs")
     right = features.select(*[F.col(pk).alias(f"__key{i}") for i, pk in enumerate(ft.primary_keys)],
                             *([F.col(ft.timeseries_column).alias("__ts")] if ft.timeseries_column else []),
                             *[F.col(f).alias(o) for f, o in outputs.items()])
@@ -158,7 +171,8 @@ def _lookup_frame(df: DataFrame, lookup: FeatureLookup, ft: FeatureTable, featur
         left = df.withColumn("__row", F.monotonically_increasing_id())
         joined = left.join(right, on + [F.col("__ts") <= F.col(lookup.timestamp_lookup_key)], "left")
         newest = Window.partitionBy("__row").orderBy(F.col("__ts").desc_nulls_last())
-        return joined.withColumn("__rank", F.row_number().over(newest)).filter("__rank = 1").drop("__rank", "__row", "__ts", *key_cols)
+        return joined.withColumn("__rank", F.row_number().over(newest)).filter("__rank = 1").drop("__rank", "__row",
+                "__ts", *key_cols)
     if ft.timeseries_column:
         latest = Window.partitionBy(*key_cols).orderBy(F.col("__ts").desc())
         right = right.withColumn("__rank", F.row_number().over(latest)).filter("__rank = 1").drop("__rank", "__ts")
@@ -189,7 +203,8 @@ class TrainingSet:
             ft = self.store.get_table(lookup.table_name)
             names = list(lookup.feature_names or ft.features)
             lookups.append({"table_name": ft.name, "lookup_key": lookup.lookup_keys, "primary_keys": ft.primary_keys,
-                            "timeseries_column": ft.timeseries_column, "timestamp_lookup_key": lookup.timestamp_lookup_key,
+                            "timeseries_column": ft.timeseries_column,
+                            "timestamp_lookup_key": lookup.timestamp_lookup_key,
                             "features": {f: (lookup.rename_outputs or {}).get(f, f) for f in names},
                             "table_version": self.store.tables.version(ft.name)})
         return {"lookups": lookups, "label": self.label, "exclude_columns": list(self.exclude_columns),
@@ -198,7 +213,8 @@ class TrainingSet:
 def create_training_set(self, df: DataFrame, feature_lookups: Sequence[FeatureLookup], label: str | None,
                         exclude_columns: Sequence[str] | None = None) -> TrainingSet:
     "A training set of `df`'s rows with the features of `feature_lookups` (point in time where a timestamp is given)."
-    if label is not None and label not in df.columns: raise FeatureStoreError(f"training set: label column {label!r} is not in the frame")
+    if label is not None and label not in df.columns: raise FeatureStoreError(f"training set: label column {label!r} "
+                                                                              f"is not in the frame")
     for lookup in feature_lookups: self.get_table(lookup.table_name)
     return TrainingSet(self, df, list(feature_lookups), label, list(exclude_columns or []))
 
@@ -212,7 +228,8 @@ def table_versions(self, training_set: TrainingSet) -> dict[str, int]:
 LocalFeatureStore.table_versions = table_versions
 
 # %% ../nbs/05_feature_store.ipynb #dd141dc6
-_SQL_TYPES = {"int": "INTEGER", "uint": "INTEGER", "bool": "INTEGER", "double": "REAL", "float": "REAL", "halffloat": "REAL"}
+_SQL_TYPES = {"int": "INTEGER", "uint": "INTEGER", "bool": "INTEGER", "double": "REAL", "float": "REAL",
+              "halffloat": "REAL"}
 
 def _quote(name: str) -> str: return '"' + name.replace('"', '""') + '"'
 
@@ -245,9 +262,11 @@ class OnlineStore:
 
     def published(self, name: str) -> dict | None:
         "What is published for table `name`: Delta version, keys, columns, rows, time; None if nothing."
-        row = self.db.execute("SELECT delta_version, primary_keys, columns, rows, published_at FROM _published WHERE table_name = ?", (name,)).fetchone()
+        row = self.db.execute("SELECT delta_version, primary_keys, columns, rows, published_at FROM _published WHERE "
+                              "table_name = ?", (name,)).fetchone()
         if row is None: return None
-        return {"delta_version": row[0], "primary_keys": json.loads(row[1]), "columns": json.loads(row[2]), "rows": row[3], "published_at": row[4]}
+        return {"delta_version": row[0], "primary_keys": json.loads(row[1]), "columns": json.loads(row[2]),
+                "rows": row[3], "published_at": row[4]}
 
     def publish(self, name: str, table: pa.Table, primary_keys: Sequence[str], delta_version: int) -> dict:
         "Replace the rows of `name` with `table` (one row per key) atomically; skip a version already published."
@@ -257,18 +276,21 @@ class OnlineStore:
         staging = _quote(name + "__staging")
         db = self.db
         db.execute(f"DROP TABLE IF EXISTS {staging}")
-        db.execute(f"CREATE TABLE {staging} ({', '.join(columns)}, PRIMARY KEY ({', '.join(map(_quote, primary_keys))})) WITHOUT ROWID")
+        db.execute(f"CREATE TABLE {staging} ({', '.join(columns)}, PRIMARY KEY "
+                   f"({', '.join(map(_quote, primary_keys))})) WITHOUT ROWID")
         insert = f"INSERT INTO {staging} VALUES ({', '.join('?' * table.num_columns)})"
         db.execute("BEGIN")
         for batch in table.to_batches(50_000):
-            db.executemany(insert, ([_sql_value(v) for v in row] for row in zip(*(c.to_pylist() for c in batch.columns))))
+            db.executemany(insert, ([_sql_value(v) for v in row]
+                                    for row in zip(*(c.to_pylist() for c in batch.columns))))
         db.execute("COMMIT")
         now = datetime.now(timezone.utc).isoformat()
         db.execute("BEGIN IMMEDIATE")  # the swap: readers see the old table or the new one
         db.execute(f"DROP TABLE IF EXISTS {_quote(name)}")
         db.execute(f"ALTER TABLE {staging} RENAME TO {_quote(name)}")
         db.execute("INSERT OR REPLACE INTO _published VALUES (?, ?, ?, ?, ?, ?)",
-                   (name, delta_version, json.dumps(list(primary_keys)), json.dumps(table.column_names), table.num_rows, now))
+                   (name, delta_version, json.dumps(list(primary_keys)), json.dumps(table.column_names), table.num_rows,
+                    now))
         db.execute("COMMIT")
         return {**self.published(name), "changed": True}
 
@@ -287,7 +309,8 @@ class OnlineStore:
             where = " AND ".join(f"{_quote(k)} = ?" for k in info["primary_keys"])
             statements[name] = (f"SELECT * FROM {_quote(name)} WHERE {where}", len(info["primary_keys"]))
         sql, n = statements[name]
-        if len(key) != n: raise FeatureStoreError(f"online store: table {name} has {n} primary key column(s), got {len(key)} value(s)")
+        if len(key) != n: raise FeatureStoreError(f"online store: table {name} has {n} primary key column(s), got "
+                                                  f"{len(key)} value(s)")
         cursor = self.db.execute(sql, key)
         row = cursor.fetchone()
         return None if row is None else dict(zip([d[0] for d in cursor.description], row))  # columns as now published
@@ -296,12 +319,14 @@ class OnlineStore:
 def latest_per_key(table: pa.Table, primary_keys: Sequence[str], timeseries_column: str | None) -> pa.Table:
     "One row per primary key: the one with the latest timeseries value."
     if not timeseries_column: return table
-    df = table.to_pandas().sort_values(timeseries_column, kind="stable").drop_duplicates(list(primary_keys), keep="last")
+    df = table.to_pandas().sort_values(timeseries_column, kind="stable").drop_duplicates(list(primary_keys),
+            keep="last")
     return pa.Table.from_pandas(df.sort_values(list(primary_keys)), schema=table.schema, preserve_index=False)
 
 def online_store(self) -> OnlineStore:
     "The environment's online store."
-    if getattr(self, "_online", None) is None: self._online = OnlineStore(self.env.path("online", create=True) / "online_store.db")
+    if getattr(self, "_online",
+               None) is None: self._online = OnlineStore(self.env.path("online", create=True) / "online_store.db")
     return self._online
 
 def publish_table(self, name: str) -> dict:
@@ -321,7 +346,8 @@ LocalFeatureStore.publish_table = publish_table
 def schema_changes(old: pa.Schema, new: pa.Schema) -> dict:
     "The columns added, removed and retyped from schema `old` to `new` (Delta type names)."
     was, now = delta_types(old), delta_types(new)
-    return {"added": [f"{c} ({t})" for c, t in now.items() if c not in was], "removed": [c for c in was if c not in now],
+    return {"added": [f"{c} ({t})" for c, t in now.items() if c not in was],
+            "removed": [c for c in was if c not in now],
             "retyped": [f"{c} ({was[c]} -> {t})" for c, t in now.items() if c in was and t != was[c]]}
 
 def rebuild_table(self, name: str, df, # every row of the table, in its new columns and types
@@ -337,8 +363,10 @@ def rebuild_table(self, name: str, df, # every row of the table, in its new colu
     if lacking: raise FeatureStoreError(f"rebuilding feature table {name}: the frame lacks its key column(s) {lacking}")
     changes = schema_changes(self.tables.schema(name), schema)
     version = self.tables.overwrite(name, df, keys=ft.keys, replace_schema=True)
-    comments = {c: d for c, d in {**ft.feature_descriptions, **(feature_descriptions or {})}.items() if c in schema.names}
-    if comments: self.tables.set_metadata(name, column_comments=comments)  # an overwrite of the schema drops the columns' comments
+    comments = {c: d for c, d in {**ft.feature_descriptions, **(feature_descriptions or {})}.items()
+                if c in schema.names}
+    # an overwrite of the schema drops the columns' comments
+    if comments: self.tables.set_metadata(name, column_comments=comments)
     return {**changes, "version": version}
 
 LocalFeatureStore.rebuild_table = rebuild_table
@@ -346,7 +374,8 @@ LocalFeatureStore.rebuild_table = rebuild_table
 # %% ../nbs/05_feature_store.ipynb #99b22177
 @contextmanager
 def in_experiment(env: Environment, name: str, # e.g. `experiment_name(env, "training")`
-                  workspace=None): # databricks.sdk WorkspaceClient of a workspace target (default: one for env's workspace)
+                  # databricks.sdk WorkspaceClient of a workspace target (default: one for env's workspace)
+                  workspace=None):
     "Within the block, MLflow runs go to experiment `name` of `env`, created first (in a local workspace with its artifacts there, on a workspace in its folder, made first)."
     with using_mlflow(env):
         if mlflow.get_experiment_by_name(name) is None:
@@ -355,9 +384,11 @@ def in_experiment(env: Environment, name: str, # e.g. `experiment_name(env, "tra
                 if workspace is None:
                     from databricks.sdk import WorkspaceClient
                     workspace = WorkspaceClient(**env.workspace.sdk_kwargs)
-                workspace.workspace.mkdirs(name.rsplit("/", 1)[0])  # set_experiment fails when the experiment's folder is missing
+                # set_experiment fails when the experiment's folder is missing
+                workspace.workspace.mkdirs(name.rsplit("/", 1)[0])
         experiment = mlflow.set_experiment(name)
-        if experiment.tags.get("mlflow.experimentKind") != "custom_model_development":  # the MLflow UI opens it in its training (runs) view, not GenAI's
+        # the MLflow UI opens it in its training (runs) view, not GenAI's
+        if experiment.tags.get("mlflow.experimentKind") != "custom_model_development":
             mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
         yield experiment
 
@@ -371,11 +402,13 @@ class FeatureSpecModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None):
         columns = self.feature_spec["model_columns"]
         missing = [c for c in columns if c not in model_input.columns]
-        if missing: raise FeatureStoreError(f"model input lacks column(s) {missing}; give keys and let score_batch look them up")
+        if missing: raise FeatureStoreError(f"model input lacks column(s) {missing}; give keys and let score_batch "
+                                            f"look them up")
         X = model_input[columns]
         # Small inputs (online requests) predict on one thread: OpenMP threads of tree models cost far more than
         # they save on a few rows, and on busy cores a single-row prediction went from 2 ms to 80 ms with them.
-        # (one controller per model: threadpool_limits() would look the thread pools up again on every call, 3-5 ms here)
+        # (one controller per model: threadpool_limits() would look the thread pools up again on every call, 3-5 ms
+        # here)
         if getattr(self, "_pools", None) is None: self._pools = ThreadpoolController()
         with self._pools.limit(limits=1 if len(X) < 1_000 else None):
             return self.model.predict_proba(X)[:, 1] if hasattr(self.model, "predict_proba") else self.model.predict(X)
@@ -383,26 +416,30 @@ class FeatureSpecModel(mlflow.pyfunc.PythonModel):
 def model_columns(training_set: TrainingSet) -> list:
     "Columns a model trained on `training_set` takes: looked-up features and the frame's own non-key columns."
     spec = training_set.feature_spec
-    keys = {k for l in spec["lookups"] for k in [*l["lookup_key"], *([l["timestamp_lookup_key"]] if l["timestamp_lookup_key"] else [])]}
+    keys = {k for l in spec["lookups"]
+            for k in [*l["lookup_key"], *([l["timestamp_lookup_key"]] if l["timestamp_lookup_key"] else [])]}
     own = [c for c in spec["input_columns"] if c not in keys]
     return own + [o for l in spec["lookups"] for o in l["features"].values()]
 
 def log_model(self, model, artifact_path: str = "model", flavor=mlflow.sklearn, training_set: TrainingSet | None = None,
-              registered_model_name: str | None = None, feature_columns: Sequence[str] | None = None, input_example=None,
-              signature=None, pip_requirements: Sequence[str] | None = None,
-              baseline: dict | None = None): # training baseline (JSON-serialisable), saved as the model's `baseline.json`
+              registered_model_name: str | None = None, feature_columns: Sequence[str] | None = None,
+              input_example=None, signature=None, pip_requirements: Sequence[str] | None = None,
+              # training baseline (JSON-serialisable), saved as the model's `baseline.json`
+              baseline: dict | None = None):
     "Log `model` to MLflow with `training_set`'s feature spec (and training baseline), so it can be scored from keys; returns the ModelInfo."
     if flavor is not mlflow.sklearn: raise FeatureStoreError("log_model supports flavor=mlflow.sklearn")
     if training_set is None: raise FeatureStoreError("log_model needs the training_set the model was trained on")
     import sklearn
     spec = {**training_set.feature_spec, "model_columns": list(feature_columns or model_columns(training_set))}
     with tempfile.TemporaryDirectory() as tmp:
-        mlflow.sklearn.save_model(model, f"{tmp}/model", serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+        mlflow.sklearn.save_model(model, f"{tmp}/model",
+                                  serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
                                   pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
         Path(tmp, "feature_spec.json").write_text(json.dumps(spec, indent=2, default=str))
         artifacts = {"model": f"{tmp}/model", "feature_spec": f"{tmp}/feature_spec.json"}
         if baseline is not None:
-            Path(tmp, "baseline.json").write_text(json.dumps(baseline, allow_nan=False))  # strict JSON, as training_baseline makes it
+            # strict JSON, as training_baseline makes it
+            Path(tmp, "baseline.json").write_text(json.dumps(baseline, allow_nan=False))
             artifacts["baseline"] = f"{tmp}/baseline.json"
         requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
                                             f"pandas=={pd.__version__}", "serving_mlops"]
@@ -417,7 +454,8 @@ def _spec_lookups(spec: dict, present: Sequence[str]) -> list:
     for l in spec["lookups"]:
         wanted = {f: o for f, o in l["features"].items() if o not in present}
         if wanted: out.append(FeatureLookup(l["table_name"], l["lookup_key"], list(wanted), rename_outputs=wanted,
-                                            timestamp_lookup_key=l["timestamp_lookup_key"] if l["timestamp_lookup_key"] in present else None))
+                                            timestamp_lookup_key=l["timestamp_lookup_key"]
+                                            if l["timestamp_lookup_key"] in present else None))
     return out
 
 def own_table(self, table: str) -> str:
@@ -449,7 +487,8 @@ def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double"
         with using_mlflow(self.env):  # copies the model for the workers (in MLflow's temporary folder of this process)
             predict = mlflow.pyfunc.spark_udf(self.spark, path, result_type=result_type, env_manager="local")
     full = self.with_features(spec, df)
-    return full.withColumn("prediction", predict(F.struct(*full.columns)))  # the model gets every column by name, as in-process
+    # the model gets every column by name, as in-process
+    return full.withColumn("prediction", predict(F.struct(*full.columns)))
 
 def lookup_online(spec: dict, store: OnlineStore, records: Sequence[dict]) -> tuple[pd.DataFrame, list]:
     "Model input for `records` (keys, optionally features) from the online store, and the keys not found."
@@ -470,7 +509,8 @@ LocalFeatureStore.with_features = with_features
 LocalFeatureStore.score_batch = score_batch
 
 # %% ../nbs/05_feature_store.ipynb #5fa8f742
-_loaded: dict = {}  # in a Python worker: the model of the current scoring, loaded once for all the partitions it predicts
+# in a Python worker: the model of the current scoring, loaded once for all the partitions it predicts
+_loaded: dict = {}
 
 def loaded_model(path: str):
     "The pyfunc model saved at `path`, loaded once per process (only the latest is kept)."
@@ -487,27 +527,33 @@ def predict_batches(path: str, # a local copy of the model (`download_model`)
     model = loaded_model(path)
     for b in batches:
         prediction = pa.array(model.predict(b.to_pandas()), type=pa.float64())
-        yield pa.RecordBatch.from_arrays([*(b.column(k) for k in keep), prediction, *(pa.repeat(pa.scalar(v), b.num_rows) for v in constants.values())],
+        yield pa.RecordBatch.from_arrays([*(b.column(k) for k in keep), prediction,
+                                          *(pa.repeat(pa.scalar(v), b.num_rows) for v in constants.values())],
                                          names=[*keep, "prediction", *constants])
 
 def scores_schema(keys: pa.Schema, # schema of the `keep` columns
                   constants: dict) -> pa.Schema:
     "Schema of the batches `predict_batches` yields."
-    return pa.schema([*keys, pa.field("prediction", pa.float64()), *(pa.field(k, pa.scalar(v).type) for k, v in constants.items())])
+    return pa.schema([*keys, pa.field("prediction", pa.float64()),
+                      *(pa.field(k, pa.scalar(v).type) for k, v in constants.items())])
 
 def append_scores(self, table: str, # the table the scores are appended to (created if new)
                   model_uri: str, df: DataFrame, # keys (optionally some features) to score
                   keep: Sequence[str], # columns of `df` written with each prediction, e.g. the keys
                   constants: dict | None = None, # columns with one value for every row, e.g. {"model_version": 3}
-                  rows: int | None = None) -> int: # refuse the write (nothing written) unless `df` has exactly this many rows
+                  # refuse the write (nothing written) unless `df` has exactly this many rows
+                  rows: int | None = None) -> int:
     "Score `df` with the model at `model_uri` into `table` in one commit, in one pass: the Python worker that predicts a partition writes its files; returns the table's new version."
     keep, constants = list(keep), dict(constants or {})
     missing = [k for k in keep if k not in df.columns]
-    if missing: raise FeatureStoreError(f"scoring into {table}: the frame lacks column(s) {missing} to keep; it has {df.columns}")
-    with tempfile.TemporaryDirectory(prefix="scoring-model-") as tmp:  # the workers' copy of the model, gone after the write
+    if missing: raise FeatureStoreError(f"scoring into {table}: the frame lacks column(s) {missing} to keep; it has "
+                                        f"{df.columns}")
+    # the workers' copy of the model, gone after the write
+    with tempfile.TemporaryDirectory(prefix="scoring-model-") as tmp:
         path, spec = download_model(self.env, model_uri, tmp)
         schema = scores_schema(spark_arrow_schema(df.select(*keep)), constants)
-        return self.tables.append_transformed(table, self.with_features(spec, df), partial(predict_batches, path, keep, constants), schema, rows)
+        return self.tables.append_transformed(table, self.with_features(spec, df),
+                                              partial(predict_batches, path, keep, constants), schema, rows)
 
 LocalFeatureStore.append_scores = append_scores
 
@@ -516,7 +562,8 @@ def retarget_model(self, path: Path | str) -> dict[str, str]:
     "Make the model saved at `path` name this environment's feature tables of the same names; returns old -> new names."
     from mlflow.models import Model
     artifacts = Model.load(str(path)).flavors.get("python_function", {}).get("artifacts") or {}
-    if "feature_spec" not in artifacts: raise FeatureStoreError(f"model at {path} has no feature_spec artifact: it was not logged by LocalFeatureStore.log_model")
+    if "feature_spec" not in artifacts: raise FeatureStoreError(f"model at {path} has no feature_spec artifact: it "
+                                                                f"was not logged by LocalFeatureStore.log_model")
     file = Path(path) / artifacts["feature_spec"]["path"]
     spec = json.loads(file.read_text())
     renamed = {}
@@ -524,7 +571,8 @@ def retarget_model(self, path: Path | str) -> dict[str, str]:
         old = lookup["table_name"]
         new = renamed[old] = same_table_in(self.env, old)
         if not self.tables.exists(new):
-            raise FeatureStoreError(f"feature table {new} (the model's {old}) does not exist; run the features job of environment '{self.env.name}' first")
+            raise FeatureStoreError(f"feature table {new} (the model's {old}) does not exist; run the features job of "
+                                    f"environment '{self.env.name}' first")
         if new != old: lookup.update(trained_on_table=lookup.get("trained_on_table", old), table_name=new)
     file.write_text(json.dumps(spec, indent=2, default=str))
     return renamed
@@ -538,8 +586,10 @@ LocalFeatureStore.feature_model_uri = feature_model_uri
 
 # %% ../nbs/05_feature_store.ipynb #cd211a7f
 def features_as_of(store, # the environment's feature store (`feature_store_for`)
-                   spec: dict, # a model's feature spec: `lookups` of table_name, lookup_key, timestamp_lookup_key, features
-                   df: DataFrame, # keys, the lookups' timestamp lookup key columns (the points in time), optionally features
+                   # a model's feature spec: `lookups` of table_name, lookup_key, timestamp_lookup_key, features
+                   spec: dict,
+                   # keys, the lookups' timestamp lookup key columns (the points in time), optionally features
+                   df: DataFrame,
                    ) -> DataFrame:
     "`df` with the spec's features it lacks, looked up in this environment's feature tables as of each row's point in time."
     from dataclasses import replace
@@ -555,8 +605,10 @@ class PositiveClassProbability(mlflow.pyfunc.PythonModel):
         self.classifier = mlflow.sklearn.load_model(context.artifacts["classifier"])
         self.pools = ThreadpoolController()
 
-    def predict(self, context, model_input: pd.DataFrame, params=None):  # typed: MLflow warns at import about an untyped predict
-        with self.pools.limit(limits=1 if len(model_input) < 1_000 else None):  # one thread for requests, as FeatureSpecModel
+    # typed: MLflow warns at import about an untyped predict
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        # one thread for requests, as FeatureSpecModel
+        with self.pools.limit(limits=1 if len(model_input) < 1_000 else None):
             return self.classifier.predict_proba(model_input)[:, 1]
 
 def model_code(cls) -> str:
@@ -564,7 +616,8 @@ def model_code(cls) -> str:
     return f"import mlflow\nimport mlflow.pyfunc\nimport numpy as np\nimport pandas as pd\n\n\n{inspect.getsource(cls)}\n\nmlflow.models.set_model({cls.__name__}())\n"
 
 # %% ../nbs/05_feature_store.ipynb #88c52254
-CHANGE_DATA_FEED = "delta.enableChangeDataFeed"  # table property publish_table needs on a feature table (TRIGGERED and CONTINUOUS modes)
+# table property publish_table needs on a feature table (TRIGGERED and CONTINUOUS modes)
+CHANGE_DATA_FEED = "delta.enableChangeDataFeed"
 
 def dates_as_timestamps(df):
     "Spark frame `df` with its DATE columns as TIMESTAMP (the Databricks client's point-in-time keys)."
@@ -575,8 +628,10 @@ def dates_as_timestamps(df):
 def databricks_lookup(lookup: FeatureLookup):
     "The `databricks.feature_engineering.FeatureLookup` with the same arguments as `lookup`."
     from databricks.feature_engineering import FeatureLookup as DatabricksFeatureLookup
-    return DatabricksFeatureLookup(table_name=lookup.table_name, lookup_key=lookup.lookup_key, feature_names=lookup.feature_names,
-                                   rename_outputs=lookup.rename_outputs, timestamp_lookup_key=lookup.timestamp_lookup_key)
+    return DatabricksFeatureLookup(table_name=lookup.table_name, lookup_key=lookup.lookup_key,
+                                   feature_names=lookup.feature_names,
+                                   rename_outputs=lookup.rename_outputs,
+                                   timestamp_lookup_key=lookup.timestamp_lookup_key)
 
 ONLINE_STORE_WAIT_MINUTES = 30  # a new Lakebase-backed online store takes minutes to become AVAILABLE
 
@@ -585,7 +640,8 @@ class DatabricksFeatureStore:
     def __init__(self, env: Environment, client=None, tables: Tables | None = None, spark=None):
         if client is None:
             try: from databricks.feature_engineering import FeatureEngineeringClient
-            except ImportError: raise FeatureStoreError("environment '%s' is a Databricks workspace: install serving_mlops[databricks] "
+            except ImportError: raise FeatureStoreError("environment '%s' is a Databricks workspace: install "
+                                                        "serving_mlops[databricks] "
                                                         "for databricks-feature-engineering" % env.name) from None
             client = FeatureEngineeringClient()
         self.env, self.client, self._tables, self._spark = env, client, tables, spark
@@ -602,9 +658,11 @@ class DatabricksFeatureStore:
         return self._tables
 
     def create_table(self, name: str, primary_keys: str | Sequence[str], df=None, timeseries_column: str | None = None,
-                     description: str | None = None, feature_descriptions: dict | None = None, produced_by: str | None = None):
+                     description: str | None = None, feature_descriptions: dict | None = None,
+                     produced_by: str | None = None):
         keys = [primary_keys] if isinstance(primary_keys, str) else list(primary_keys)
-        if timeseries_column and timeseries_column not in keys: keys.append(timeseries_column)  # UC: part of the primary key
+        # UC: part of the primary key
+        if timeseries_column and timeseries_column not in keys: keys.append(timeseries_column)
         self.client.create_table(name=name, primary_keys=keys, df=None if df is None else dates_as_timestamps(df),
                                  timeseries_column=timeseries_column, description=description,
                                  tags={"produced_by": produced_by} if produced_by else None)
@@ -623,11 +681,14 @@ class DatabricksFeatureStore:
         ts = (t.timestamp_keys or [None])[0]
         features = [getattr(f, "name", f) for f in t.features]
         return FeatureTable(name, [k for k in t.primary_keys if k != ts], ts, t.description,
-                            [f for f in features if f not in t.primary_keys and f != ts], {}, (t.tags or {}).get("produced_by"))
+                            [f for f in features if f not in t.primary_keys and f != ts], {},
+                            (t.tags or {}).get("produced_by"))
 
     def write_table(self, name: str, df, mode: str = "merge"):
-        if mode != "merge": raise FeatureStoreError(f"feature table {name}: Unity Catalog feature tables are written with mode='merge' only")
-        return self.client.write_table(name=name, df=dates_as_timestamps(df), mode="merge")  # adds new columns: the client's mergeSchema
+        if mode != "merge": raise FeatureStoreError(f"feature table {name}: Unity Catalog feature tables are written "
+                                                    f"with mode='merge' only")
+        # adds new columns: the client's mergeSchema
+        return self.client.write_table(name=name, df=dates_as_timestamps(df), mode="merge")
 
     def rebuild_table(self, name: str, df, feature_descriptions: dict | None = None) -> dict:
         "As the local store's: the client has no call that drops or retypes a column, so Spark overwrites the Unity Catalog table with Delta's overwriteSchema (not tried on a workspace)."
@@ -636,8 +697,10 @@ class DatabricksFeatureStore:
     def read_table(self, name: str, version: int | None = None) -> DataFrame:
         return self.client.read_table(name=name) if version is None else self.tables.read_spark(name, version)
 
-    def create_training_set(self, df: DataFrame, feature_lookups: Sequence[FeatureLookup], label: str | None, exclude_columns=None):
-        return self.client.create_training_set(df=dates_as_timestamps(df), feature_lookups=[databricks_lookup(l) for l in feature_lookups],
+    def create_training_set(self, df: DataFrame, feature_lookups: Sequence[FeatureLookup], label: str | None,
+                            exclude_columns=None):
+        return self.client.create_training_set(df=dates_as_timestamps(df),
+                                               feature_lookups=[databricks_lookup(l) for l in feature_lookups],
                                                label=label, exclude_columns=list(exclude_columns or []))
 
     def table_versions(self, training_set) -> dict[str, int]:
@@ -645,24 +708,31 @@ class DatabricksFeatureStore:
         return {t.table_name: self.tables.version(t.table_name) for t in training_set.feature_spec.table_infos}
 
     def log_model(self, model, artifact_path: str = "model", flavor=mlflow.sklearn, training_set=None,
-                  registered_model_name: str | None = None, feature_columns: Sequence[str] | None = None, input_example=None,
+                  registered_model_name: str | None = None, feature_columns: Sequence[str] | None = None,
+                  input_example=None,
                   signature=None, pip_requirements: Sequence[str] | None = None, baseline: dict | None = None):
         "Log classifier `model` through the client, packaged with `training_set`'s FeatureSpec, predicting P(positive); returns the ModelInfo."
-        # The client's model takes the training set's source columns (keys required) and optional features: its signature
-        # comes from the FeatureSpec and its input example, with infer_input_example=True, is a row of keys. `signature` and
-        # `input_example` describe the feature frame of the model inside, so they are not passed on (the client would hand them to
+        # The client's model takes the training set's source columns (keys required) and optional features: its
+        # signature
+        # comes from the FeatureSpec and its input example, with infer_input_example=True, is a row of keys. `signature`
+        # and
+        # `input_example` describe the feature frame of the model inside, so they are not passed on (the client would
+        # hand them to
         # flavor.save_model for that inner model). `baseline` travels as an artifact of the model inside:
         # data/feature_store/raw_model/artifacts/baseline.json (ours has it at artifacts/baseline.json).
         if flavor is not mlflow.sklearn: raise FeatureStoreError("log_model supports flavor=mlflow.sklearn")
         if training_set is None: raise FeatureStoreError("log_model needs the training_set the model was trained on")
         given = [ci.output_name for ci in training_set.feature_spec.column_infos if ci.include]
         missing = [c for c in feature_columns or [] if c not in given]
-        if missing: raise FeatureStoreError(f"log_model: feature column(s) {missing} are not columns of the training set {given}: "
+        if missing: raise FeatureStoreError(f"log_model: feature column(s) {missing} are not columns of the training "
+                                            f"set {given}: "
                                             "the feature-store model gives the model inside exactly those")
         import sklearn
         with tempfile.TemporaryDirectory() as tmp:
-            # mlflow.sklearn's pyfunc predicts classes; the model inside is our PositiveClassProbability, as code that travels with it
-            mlflow.sklearn.save_model(model, f"{tmp}/classifier", serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+            # mlflow.sklearn's pyfunc predicts classes; the model inside is our PositiveClassProbability, as code that
+            # travels with it
+            mlflow.sklearn.save_model(model, f"{tmp}/classifier",
+                                      serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
                                       pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
             code = Path(tmp, "positive_class_probability.py")
             code.write_text(model_code(PositiveClassProbability))
@@ -670,35 +740,44 @@ class DatabricksFeatureStore:
             if baseline is not None:
                 Path(tmp, "baseline.json").write_text(json.dumps(baseline, allow_nan=False))
                 artifacts["baseline"] = f"{tmp}/baseline.json"
-            requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}", f"pandas=={pd.__version__}"]
-            info = self.client.log_model(model=str(code), artifact_path=artifact_path, flavor=mlflow.pyfunc, training_set=training_set,
+            requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
+                                                f"pandas=={pd.__version__}"]
+            info = self.client.log_model(model=str(code), artifact_path=artifact_path, flavor=mlflow.pyfunc,
+                                         training_set=training_set,
                                          registered_model_name=registered_model_name, infer_input_example=True,
                                          artifacts=artifacts, pip_requirements=list(requirements))
-        # the client of Databricks Runtime 18 ML (0.13) returns nothing: the model it logged is MLflow's last logged model
+        # the client of Databricks Runtime 18 ML (0.13) returns nothing: the model it logged is MLflow's last logged
+        # model
         return info if info is not None else mlflow.models.get_model_info(mlflow.last_logged_model().model_uri)
 
     def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
         return self.client.score_batch(model_uri=model_uri, df=dates_as_timestamps(df), result_type=result_type)
 
-    def append_scores(self, table: str, model_uri: str, df: DataFrame, keep: Sequence[str], constants: dict | None = None,
-                      rows: int | None = None) -> int:
+    def append_scores(self, table: str, model_uri: str, df: DataFrame, keep: Sequence[str],
+                      constants: dict | None = None, rows: int | None = None) -> int:
         "Score `df` with the client's `score_batch` and append its `keep` columns, the predictions and `constants` to `table` with Spark's Delta writer."
         from pyspark.sql.pandas.types import from_arrow_type
-        # the client looks features up by TIMESTAMP keys (score_batch casts DATE ones): the kept columns get their own types back
-        scored = self.score_batch(model_uri, df).select(*[F.col(k).cast(df.schema[k].dataType) for k in keep], "prediction")
-        fixed = {k: F.lit(v).cast(from_arrow_type(pa.scalar(v).type)) for k, v in (constants or {}).items()}  # the types the local store writes
+        # the client looks features up by TIMESTAMP keys (score_batch casts DATE ones): the kept columns get their own
+        # types back
+        scored = self.score_batch(model_uri, df).select(*[F.col(k).cast(df.schema[k].dataType) for k in keep],
+                                                        "prediction")
+        # the types the local store writes
+        fixed = {k: F.lit(v).cast(from_arrow_type(pa.scalar(v).type)) for k, v in (constants or {}).items()}
         return self.tables.append(table, scored.withColumns(fixed), rows=rows)
 
     def own_table(self, table: str) -> str:
         "`table` when it is this environment's: promotion retargets a copy's feature spec, so a spec naming another catalog's table is refused."
         own = same_table_in(self.env, table)
-        if own != table: raise FeatureStoreError(f"feature table {table} is not in environment '{self.env.name}' (catalog {self.env.catalog}): "
-                                                 f"expected {own}; promote the model again so its feature spec names this environment's tables")
+        if own != table: raise FeatureStoreError(f"feature table {table} is not in environment '{self.env.name}' "
+                                                 f"(catalog {self.env.catalog}): "
+                                                 f"expected {own}; promote the model again so its feature spec names "
+                                                 f"this environment's tables")
         return table
 
     def feature_model_uri(self, uri: str) -> str:
         "URI of the model that predicts from features inside the client-logged model at `uri` (its predict runs a Spark lookup job)."
-        return f"{uri}/data/feature_store/raw_model"  # FeatureEngineeringClient.log_model's layout (RAW_MODEL_FOLDER, "never changes")
+        # FeatureEngineeringClient.log_model's layout (RAW_MODEL_FOLDER, "never changes")
+        return f"{uri}/data/feature_store/raw_model"
 
     def retarget_model(self, path: Path | str) -> dict[str, str]:
         "Make the client-logged model saved at `path` name this environment's feature tables of the same names; returns old -> new names."
@@ -707,7 +786,8 @@ class DatabricksFeatureStore:
         data = Model.load(str(path)).flavors.get("python_function", {}).get("data")
         folder = Path(path) / (data or "data/feature_store")
         if not (folder / FeatureSpec.FEATURE_ARTIFACT_FILE).is_file():
-            raise FeatureStoreError(f"model at {path} has no {data or 'data/feature_store'}/{FeatureSpec.FEATURE_ARTIFACT_FILE}: "
+            raise FeatureStoreError(f"model at {path} has no "
+                                    f"{data or 'data/feature_store'}/{FeatureSpec.FEATURE_ARTIFACT_FILE}: "
                                     "it was not logged by FeatureEngineeringClient.log_model")
         proto = FeatureSpec.load(str(folder)).to_proto()
         renamed = {}
@@ -716,7 +796,8 @@ class DatabricksFeatureStore:
             try: table_id = self.client.get_table(name=new).table_id
             except Exception as e:
                 where = f" of {self.env.where}"
-                raise FeatureStoreError(f"feature table {new} (the model's {table.table_name}) is not a feature table{where}: {e}; "
+                raise FeatureStoreError(f"feature table {new} (the model's {table.table_name}) is not a feature "
+                                        f"table{where}: {e}; "
                                         f"run the features job of environment '{self.env.name}' first") from None
             table.table_name, table.table_id = new, table_id
         for column in proto.input_columns:
@@ -735,7 +816,8 @@ class DatabricksFeatureStore:
         deadline = time.monotonic() + wait_minutes * 60
         while store.state not in (None, DatabricksOnlineStore.State.AVAILABLE):  # a new store starts for minutes
             if time.monotonic() > deadline:
-                raise FeatureStoreError(f"online store {name} of {self.env.where} is {store.state.value}, not AVAILABLE, "
+                raise FeatureStoreError(f"online store {name} of {self.env.where} is {store.state.value}, not "
+                                        f"AVAILABLE, "
                                         f"after {wait_minutes:g} minutes; publish again once it is")
             time.sleep(poll_seconds)
             store = self.client.get_online_store(name=name)
@@ -752,15 +834,19 @@ def feature_store_for(env: Environment, spark=None):
 
 # %% ../nbs/05_feature_store.ipynb #5e4e1672
 def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/05_feature_store.ipynb",
-                         rebuild: Sequence[str] = (), # feature tables (short names) to rewrite in their new columns: how a feature is dropped or retyped
+                         # feature tables (short names) to rewrite in their new columns: how a feature is dropped or
+                         # retyped
+                         rebuild: Sequence[str] = (),
                          ) -> dict[str, str]:
     "Compute every feature table from the silver tables and write it (new features become new columns); returns short name -> full name."
     from serving_mlops.features import FEATURE_TABLES, KEY, customer_features
     unknown = sorted(set(rebuild) - set(FEATURE_TABLES))
-    if unknown: raise FeatureStoreError(f"no feature table(s) {unknown} to rebuild in environment '{env.name}': its feature tables are {sorted(FEATURE_TABLES)}")
+    if unknown: raise FeatureStoreError(f"no feature table(s) {unknown} to rebuild in environment '{env.name}': its "
+                                        f"feature tables are {sorted(FEATURE_TABLES)}")
     store = store or feature_store_for(env)
     spark = get_spark(env)
-    silver = {t: store.tables.read_spark(env.table_name(t), spark=spark) for t in ("silver_clients", "silver_statements")}
+    silver = {t: store.tables.read_spark(env.table_name(t), spark=spark)
+              for t in ("silver_clients", "silver_statements")}
     names = {}
     for short, frame in customer_features(silver["silver_clients"], silver["silver_statements"]).items():
         name = names[short] = env.table_name(short)
@@ -770,8 +856,10 @@ def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/0
                                feature_descriptions=features, produced_by=produced_by)
         elif short in rebuild:
             changed = store.rebuild_table(name, frame, features)
-            what = "; ".join(f"{k} {', '.join(v)}" for k, v in changed.items() if k != "version" and v) or "same columns"
-            print(f"  rebuilt {name} (version {changed['version']}): {what}; earlier versions keep their columns", flush=True)
+            what = "; ".join(f"{k} {', '.join(v)}"
+                             for k, v in changed.items() if k != "version" and v) or "same columns"
+            print(f"  rebuilt {name} (version {changed['version']}): {what}; earlier versions keep their columns",
+                  flush=True)
         else:
             new = [c for c in spark_arrow_schema(frame).names if c not in store.tables.schema(name).names]
             store.write_table(name, frame, mode="merge")
@@ -782,8 +870,10 @@ def build_feature_tables(env: Environment, store=None, produced_by: str = "nbs/0
 
 # %% ../nbs/05_feature_store.ipynb #9e8a9f10
 def example_workspace(rows: int = 3_000, seed: int = 3, target: str = "dev", spark=None,
-                      drift: float = 0.0, # 0: the training population; 1: riskier, younger clients (see `generate_chunk`)
-                      home: Path | str | None = None, # folder of the local workspaces (default: a new one); another example's for a sibling environment
+                      # 0: the training population; 1: riskier, younger clients (see `generate_chunk`)
+                      drift: float = 0.0,
+                      # folder of the local workspaces (default: a new one); another example's for a sibling environment
+                      home: Path | str | None = None,
                       ) -> tuple[Environment, LocalFeatureStore]:
     "A throwaway local workspace with `rows` ingested clients and built feature tables."
     from serving_mlops.config import workspace_home

@@ -19,7 +19,8 @@ KEY = ["customer_id", "snapshot_date"]  # primary key of every feature table; sn
 def monthly_history(clients: DataFrame, statements: DataFrame) -> DataFrame:
     "Statements with the customer's limit, utilisation and payment ratio per month."
     limits = clients.select(*KEY, "limit_balance")
-    previous = statements.select(*KEY, (F.col("month_index") - 1).alias("month_index"), F.col("bill_amount").alias("previous_bill"))
+    previous = statements.select(*KEY, (F.col("month_index") - 1).alias("month_index"),
+                                 F.col("bill_amount").alias("previous_bill"))
     return (statements.join(limits, KEY, "inner").join(previous, [*KEY, "month_index"], "left")
             .withColumn("utilisation", F.greatest(F.col("bill_amount"), F.lit(0.0)) / F.col("limit_balance"))
             .withColumn("pay_ratio", F.when(F.col("previous_bill").isNull(), F.lit(None).cast("double"))
@@ -47,7 +48,8 @@ def utilisation_features(history: DataFrame) -> DataFrame:
 def payment_features(history: DataFrame) -> DataFrame:
     "Payment-to-bill ratios per customer and snapshot."
     r, m = F.col("pay_ratio"), F.col("month_index")
-    return history.groupBy(*KEY).agg(F.max(F.when(m == 1, r)).alias("pay_ratio_1m"), F.avg(r).alias("pay_ratio_mean_6m"))
+    return history.groupBy(*KEY).agg(F.max(F.when(m == 1, r)).alias("pay_ratio_1m"),
+                                     F.avg(r).alias("pay_ratio_mean_6m"))
 
 def delinquency_features(history: DataFrame) -> DataFrame:
     "Months delinquent, maximum and most recent delay, months paid in full."
@@ -88,7 +90,8 @@ def behaviour_features(clients: DataFrame, statements: DataFrame) -> DataFrame:
 
 def customer_features(clients: DataFrame, statements: DataFrame) -> dict[str, DataFrame]:
     "Feature frames by feature table: 'behaviour_features' and 'demographic_features'."
-    return {"behaviour_features": behaviour_features(clients, statements), "demographic_features": demographic_features(clients)}
+    return {"behaviour_features": behaviour_features(clients, statements),
+            "demographic_features": demographic_features(clients)}
 
 # %% ../nbs/04_features.ipynb #e2305bea
 FEATURE_TABLES = {  # feature table -> (description, {feature: description})
@@ -96,7 +99,8 @@ FEATURE_TABLES = {  # feature table -> (description, {feature: description})
         "utilisation_1m": "bill / credit limit in the latest month (negative bills count as 0)",
         "utilisation_mean_6m": "mean monthly utilisation over the months observed",
         "utilisation_max_6m": "highest monthly utilisation over the months observed",
-        "utilisation_trend_6m": "least-squares slope of utilisation per month (positive: rising); null with fewer than 2 months",
+        "utilisation_trend_6m": "least-squares slope of utilisation per month (positive: rising); null with fewer "
+                                "than 2 months",
         "months_observed": "number of statement months available (at most 6)",
         "pay_ratio_1m": "latest payment / previous month's bill, capped at 1; 1 when nothing was owed",
         "pay_ratio_mean_6m": "mean payment ratio over the months observed",

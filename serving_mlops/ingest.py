@@ -50,7 +50,8 @@ def _is_code_row(cells: Sequence[str]) -> bool:
     "True for the spreadsheet export's first row: '', X1..X23, Y."
     return len(cells) > 20 and all(c.strip() == "" or c.strip() == "Y" or c.strip()[:1] == "X" for c in cells)
 
-OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}  # separators a landing file may use instead of ',', as errors name them
+# separators a landing file may use instead of ',', as errors name them
+OTHER_DELIMITERS = {";": "';'", "\t": "tab", "|": "'|'"}
 
 def _head(path: Path, delimiter: str = ",") -> list[list[str]]:
     "The first two rows of a CSV file, split on `delimiter` (bytes that are not UTF-8 read as U+FFFD: a header that has one names a missing column)."
@@ -64,7 +65,8 @@ def _uci_names(rows: list[list[str]]) -> int:
 def _csv_header(path: Path) -> tuple[int, list[str]]:
     "Rows above the header (1 under the spreadsheet export's code row, else 0) and the header's cells."
     rows = _head(path)
-    if not rows: raise IngestError(f"{path}: the file is empty (expected a header row with {', '.join(RAW_COLUMNS[:3])}, ...)")
+    if not rows: raise IngestError(f"{path}: the file is empty (expected a header row with "
+                                   f"{', '.join(RAW_COLUMNS[:3])}, ...)")
     found = _uci_names(rows)
     if found < len(RAW_COLUMNS) - 1:  # something is missing: a file separated by another character reads as one column
         for delimiter, name in OTHER_DELIMITERS.items():
@@ -77,7 +79,9 @@ def _csv_header(path: Path) -> tuple[int, list[str]]:
 def _read_csv(path: Path) -> pa.Table:
     skip, header = _csv_header(path)
     def read(source, block_size: int = 1 << 20) -> pa.Table:  # Arrow's default block: 1 MiB
-        return pacsv.read_csv(source, read_options=pacsv.ReadOptions(skip_rows=skip + 1, column_names=header, block_size=block_size),
+        return pacsv.read_csv(source,
+                              read_options=pacsv.ReadOptions(skip_rows=skip + 1, column_names=header,
+                                                             block_size=block_size),
                               convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                                    strings_can_be_null=False))
     try: return read(path)
@@ -87,7 +91,8 @@ def _read_csv(path: Path) -> pa.Table:
     # column, not a line): read again as one block with such bytes as U+FFFD, so that validation quarantines the row,
     # naming its line and column, and the file's other rows are ingested
     with open(path, "rb") as raw:
-        return read(codecs.EncodedFile(raw, "utf-8", "utf-8", errors="replace"), block_size=min(path.stat().st_size + 1, 2**31 - 1))
+        return read(codecs.EncodedFile(raw, "utf-8", "utf-8", errors="replace"),
+                    block_size=min(path.stat().st_size + 1, 2**31 - 1))
 
 def _first_line(path: Path) -> int | None:
     "The file line of the first data row: a CSV's rows are lines (None for Parquet, whose rows are not)."
@@ -113,7 +118,8 @@ def read_landing_file(path: Path | str, require_label: bool = True) -> tuple[pa.
                                    + " (expected each UCI column once: which one holds the values?)")
     required = RAW_COLUMNS if require_label else RAW_COLUMNS[:-1]
     missing = [c for c in required if c not in names]
-    if missing: raise IngestError(f"{path}: missing column(s) {', '.join(missing)} (expected the UCI credit default columns {', '.join(RAW_COLUMNS)})")
+    if missing: raise IngestError(f"{path}: missing column(s) {', '.join(missing)} (expected the UCI credit default "
+                                  f"columns {', '.join(RAW_COLUMNS)})")
     extra = [c for c in names if c not in RAW_COLUMNS]
     if extra: notes.append(f"ignored column(s) not in the UCI schema: {', '.join(extra)}")
     if table.num_rows == 0: raise IngestError(f"{path}: the file has a header but no rows")
@@ -158,14 +164,18 @@ def parse_column(values: pa.Array | pa.ChunkedArray | pd.Series, column: str, re
 
 
 # %% ../nbs/03_ingest.ipynb #fa1b8ebb
-_ID_TEXT = r"^\s*[1-9][0-9]{0,14}\s*$"  # digits only, no sign or leading zero: an ID is a name ('05' and '+5' are not client 5); 15 digits stay exact as a float
+# digits only, no sign or leading zero: an ID is a name ('05' and '+5' are not client 5); 15 digits stay exact as a
+# float
+_ID_TEXT = r"^\s*[1-9][0-9]{0,14}\s*$"
 
 def _written_ids(values: pa.Array | pa.ChunkedArray | pd.Series, ids: np.ndarray, reasons: np.ndarray) -> np.ndarray:
     "`ids` with NaN where the file does not write the ID as digits (`1e6`, `7.0`), adding why to `reasons`."
     if isinstance(values, pd.Series): values = pa.array(values.astype(object), pa.string(), from_pandas=True)
     text = pc.fill_null(pc.cast(values, pa.string()), "")
-    bad = ~np.isnan(ids) & ~pc.match_substring_regex(text, _ID_TEXT).to_numpy(zero_copy_only=False)  # other bad IDs have their reason
-    _add(reasons, bad, _shown("ID", pc.utf8_trim_whitespace(text), bad) + " is not written as 1 to 15 digits without a sign or leading zero")
+    # other bad IDs have their reason
+    bad = ~np.isnan(ids) & ~pc.match_substring_regex(text, _ID_TEXT).to_numpy(zero_copy_only=False)
+    _add(reasons, bad, _shown("ID", pc.utf8_trim_whitespace(text),
+                              bad) + " is not written as 1 to 15 digits without a sign or leading zero")
     return np.where(bad, np.nan, ids)
 
 def validate_clients(raw: pa.Table | pd.DataFrame, labelled: bool = True) -> tuple[pd.DataFrame, np.ndarray]:
@@ -248,7 +258,8 @@ class IngestResult:
 
     def summary(self) -> str:
         "One line per fact, for people reading job output."
-        lines = [f"{self.source}: {self.rows} rows, {self.accepted} accepted, {self.quarantined} quarantined ({self.bad_fraction:.2%})"]
+        lines = [f"{self.source}: {self.rows} rows, {self.accepted} accepted, {self.quarantined} quarantined "
+                 f"({self.bad_fraction:.2%})"]
         lines += [f"  quarantined {n} x {r}" for r, n in self.top_reasons.items()]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
@@ -256,7 +267,8 @@ class IngestResult:
 def _top_reasons(reasons: np.ndarray, first_line: int | None, k: int = 5) -> dict:
     "The commonest failed checks -> rows, each naming where it first occurs: the file line (CSV) or row (Parquet)."
     per_check = pd.Series(reasons).str.split("; ").explode()
-    generic = per_check[per_check != ""].str.replace(r"=[^ ]* ", "=<value> ", regex=True)  # group by check, not by value
+    # group by check, not by value
+    generic = per_check[per_check != ""].str.replace(r"=[^ ]* ", "=<value> ", regex=True)
     first = generic.drop_duplicates()
     where = {r: f"line {i + first_line}" if first_line else f"row {i + 1}" for i, r in first.items()}
     return {f"{r} (first at {where[r]})": n for r, n in generic.value_counts().head(k).items()}
@@ -282,17 +294,22 @@ def ingest_file(path: Path | str, env: Environment | None = None, tables: Tables
     names = {k: env.table_name(v) for k, v in TABLES.items()}
     result.versions[names["bronze"]] = tables.merge(names["bronze"], bronze, SOURCE_KEY, update=False)["version"]
     if bad.any() or not tables.exists(names["quarantine"]):
-        quarantine = bronze.filter(pa.array(bad)).append_column("reason", pa.array(reasons[bad].astype(str), pa.string()))
-        result.versions[names["quarantine"]] = tables.merge(names["quarantine"], quarantine, SOURCE_KEY, update=False)["version"]
+        quarantine = bronze.filter(pa.array(bad)).append_column("reason",
+                                                                pa.array(reasons[bad].astype(str), pa.string()))
+        result.versions[names["quarantine"]] = tables.merge(names["quarantine"], quarantine, SOURCE_KEY,
+                                                            update=False)["version"]
     else: result.versions[names["quarantine"]] = tables.version(names["quarantine"])
     if result.bad_fraction > limit:
-        raise IngestError(f"{path}: {result.quarantined} of {result.rows} rows ({result.bad_fraction:.2%}) failed validation, "
-                          f"more than ingest_max_bad_fraction={limit:g} of environment '{env.name}'; silver tables were not changed. "
+        raise IngestError(f"{path}: {result.quarantined} of {result.rows} rows ({result.bad_fraction:.2%}) failed "
+                          f"validation, "
+                          f"more than ingest_max_bad_fraction={limit:g} of environment '{env.name}'; silver tables "
+                          f"were not changed. "
                           f"Commonest reasons: {result.top_reasons}. The rows and reasons are in {names['quarantine']}.")
     silver = silver_frame(parsed[~bad], snapshot, source, load_time)
     if len(silver):
         result.versions[names["silver"]] = tables.merge(names["silver"], silver, SILVER_KEY)["version"]
-        result.versions[names["statements"]] = tables.merge(names["statements"], statements_frame(silver), STATEMENTS_KEY)["version"]
+        result.versions[names["statements"]] = tables.merge(names["statements"], statements_frame(silver),
+                                                            STATEMENTS_KEY)["version"]
     return result
 
 # %% ../nbs/03_ingest.ipynb #0305fc29
@@ -301,12 +318,15 @@ def landing_files(source: Path | str) -> list[Path]:
     source = Path(source)
     if source.is_file(): return [source]
     if not source.is_dir(): raise IngestError(f"{source}: no such file or folder")
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".csv", ".parquet") and not p.name.startswith("."))
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in (".csv", ".parquet")
+                   and not p.name.startswith("."))
     if not files: raise IngestError(f"{source}: no .csv or .parquet files to ingest")
     return files
 
-def ingest_landing(env: Environment | None = None, source: Path | str | None = None, snapshot_date: date | str | None = None,
-                   max_bad_fraction: float | None = None, require_label: bool = True, progress: bool = True) -> list[IngestResult]:
+def ingest_landing(env: Environment | None = None, source: Path | str | None = None,
+                   snapshot_date: date | str | None = None,
+                   max_bad_fraction: float | None = None, require_label: bool = True,
+                   progress: bool = True) -> list[IngestResult]:
     "Ingest every landing file of `source` (default: the environment's landing folder)."
     env = env or get_environment()
     tables = tables_for(env)

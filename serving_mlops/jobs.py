@@ -30,8 +30,8 @@ from databricks.sdk.service.jobs import NotebookTask, RunOutput, RunTask, Submit
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
-                                  _as_type, environment_variables, fill_references, get_environment, load_bundle, local_root,
-                                  process_alive)
+                                  _as_type, environment_variables, fill_references, get_environment, load_bundle,
+                                  local_root, process_alive)
 from .errors import StepFailed
 from .tables import SPARK_LOG_ENV_VAR
 
@@ -67,15 +67,18 @@ def substitute(value, env: Environment, where: str):
     def reference(name, at):
         if name == "bundle.target": return env.name
         if name.startswith("var.") and name[4:] in env.variables: return env.variables[name[4:]]
-        if name.startswith(("workspace.", "bundle.")): return "${" + name + "}"  # resolved by the Databricks CLI on deploy
+        # resolved by the Databricks CLI on deploy
+        if name.startswith(("workspace.", "bundle.")): return "${" + name + "}"
         raise ConfigError(f"{at}: unknown reference '${{{name}}}'")
     return fill_references(value, reference, where)
 
-TEXT_MAPS = ("spark_conf", "spark_env_vars", "custom_tags")  # a cluster's mappings whose values the Jobs API takes as text
+# a cluster's mappings whose values the Jobs API takes as text
+TEXT_MAPS = ("spark_conf", "spark_env_vars", "custom_tags")
 
 def cluster_spec(cluster: dict) -> dict:
     "`cluster` with the values of its text mappings as text, as the CLI converts them to the fields' types (a complex variable may hold numbers)."
-    return {k: {n: str(v).lower() if isinstance(v, bool) else str(v) for n, v in x.items()} if k in TEXT_MAPS and isinstance(x, dict) else x
+    return {k: {n: str(v).lower() if isinstance(v, bool) else str(v) for n, v in x.items()} if k in TEXT_MAPS
+            and isinstance(x, dict) else x
             for k, x in cluster.items()}
 
 def load_jobs(env: Environment) -> dict[str, JobSpec]:
@@ -92,21 +95,27 @@ def load_jobs(env: Environment) -> dict[str, JobSpec]:
                 for i, t in enumerate(job.get("tasks") or []):
                     key = t.get("task_key")
                     nb = (t.get("notebook_task") or {}).get("notebook_path")
-                    if not key or not nb: raise ConfigError(f"{where}.tasks[{i}]: expected task_key and notebook_task.notebook_path")
+                    if not key or not nb: raise ConfigError(f"{where}.tasks[{i}]: expected task_key and "
+                                                            f"notebook_task.notebook_path")
                     notebook = (path.parent / nb).resolve()
-                    if not notebook.exists(): raise ConfigError(f"{where}.tasks[{i}].notebook_task.notebook_path: {notebook} does not exist")
-                    params = substitute((t.get("notebook_task") or {}).get("base_parameters") or {}, env, f"{where}.tasks[{i}].notebook_task.base_parameters")
+                    if not notebook.exists(): raise ConfigError(f"{where}.tasks[{i}].notebook_task.notebook_path: "
+                                                                f"{notebook} does not exist")
+                    params = substitute((t.get("notebook_task") or {}).get("base_parameters") or {}, env,
+                                        f"{where}.tasks[{i}].notebook_task.base_parameters")
                     cluster = t.get("new_cluster") or {}
                     if t.get("job_cluster_key"):
                         if t["job_cluster_key"] not in clusters:
-                            raise ConfigError(f"{where}.tasks[{i}].job_cluster_key: '{t['job_cluster_key']}' is not one of the job's job_clusters ({list(clusters)})")
+                            raise ConfigError(f"{where}.tasks[{i}].job_cluster_key: '{t['job_cluster_key']}' is not "
+                                              f"one of the job's job_clusters ({list(clusters)})")
                         cluster = clusters[t["job_cluster_key"]]
-                    tasks[key] = JobTask(key, notebook, {k: str(v) for k, v in params.items()}, [d["task_key"] for d in t.get("depends_on") or []],
+                    tasks[key] = JobTask(key, notebook, {k: str(v) for k, v in params.items()},
+                                         [d["task_key"] for d in t.get("depends_on") or []],
                                          cluster_spec(substitute(cluster, env, f"{where}.tasks[{i}]")),
                                          substitute(t.get("libraries") or [], env, f"{where}.tasks[{i}].libraries"))
                 for t in tasks.values():
                     unknown = [d for d in t.depends_on if d not in tasks]
-                    if unknown: raise ConfigError(f"{where}: task '{t.key}' depends on {unknown}, which are not tasks of the job ({list(tasks)})")
+                    if unknown: raise ConfigError(f"{where}: task '{t.key}' depends on {unknown}, which are not tasks "
+                                                  f"of the job ({list(tasks)})")
                 try: list(TopologicalSorter({k: t.depends_on for k, t in tasks.items()}).static_order())
                 except CycleError as e: raise ConfigError(f"{where}: tasks depend on each other in a cycle: {e.args[1]}") from None
                 jobs[name] = JobSpec(name, substitute(job.get("name", name), env, where), tasks, path)
@@ -117,13 +126,15 @@ class LoggedKernelManager(AsyncKernelManager):
     "A kernel manager that launches the kernel with its stdout and stderr appended to `log_path`, not on the terminal."
     log_path = Unicode("", help="file the kernel process's own output is appended to").tag(config=True)
 
-    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw):  # jupyter_client's hook for launching differently
+    # jupyter_client's hook for launching differently
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw):
         with open(self.log_path, "ab") as log:  # the kernel process keeps its own copy of the descriptor
             await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
 
 def quiet_kernel(log_path: Path) -> dict:
     "papermill `execute_notebook` options: the kernel's own output (and a JVM's it starts) to `log_path`, not into the notebook."
-    return {"kernel_manager_class": LoggedKernelManager, "config": Config({"LoggedKernelManager": {"log_path": str(log_path)}}),
+    return {"kernel_manager_class": LoggedKernelManager,
+            "config": Config({"LoggedKernelManager": {"log_path": str(log_path)}}),
             "extra_arguments": ["--IPKernelApp.capture_fd_output=False"]}
 
 def elapsed(seconds: float) -> str:
@@ -193,20 +204,27 @@ class JobRun:
     def summary(self) -> str:
         lines = [f"job {self.job} in {self.environment}, run {self.run_id}: {self.state} ({self.url or self.folder})"]
         for t in self.tasks.values():
-            lines.append(f"  {t.key}: {t.state}" + (f" in {t.seconds:.0f} s" if t.seconds else "") + (f": {t.error}" if t.error else "")
-                         + (f" -> {t.values}" if t.values else "") + (f"; log: {t.log}" if t.log and t.state == "FAILED" else ""))
-        if self.folder is not None and not self.url: lines.append(f"  logs (kernel, Spark and library output): {self.folder}/<task>.log")
+            lines.append(f"  {t.key}: {t.state}" + (f" in {t.seconds:.0f} s" if t.seconds else "") + (f": {t.error}"
+                    if t.error else "")
+                         + (f" -> {t.values}" if t.values else "") + (f"; log: {t.log}" if t.log
+                                                                      and t.state == "FAILED" else ""))
+        if self.folder is not None and not self.url: lines.append(f"  logs (kernel, Spark and library output): "
+                                                                  f"{self.folder}/<task>.log")
         return "\n".join(lines)
 
     def overview(self) -> str:
         "Two lines for a list of runs: the run, its state, start and duration; each task's state and duration."
-        started = "started " + self.started.replace("T", " ").replace("+00:00", " UTC") if self.started else "start time not recorded"
+        started = "started " + self.started.replace("T", " ").replace("+00:00",
+                                                                      " UTC") if self.started else "start time not recorded"
         head = f"{self.job} run {self.run_id} ({self.environment}): {self.state}, {started}, {elapsed(self.seconds)}"
-        return head + "\n  " + " · ".join(f"{t.key} {t.state}" + (f" {elapsed(t.seconds)}" if t.seconds else "") for t in self.tasks.values())
+        return head + "\n  " + " · ".join(f"{t.key} {t.state}" + (f" {elapsed(t.seconds)}" if t.seconds else "")
+                                          for t in self.tasks.values())
 
     def save(self):
-        (self.folder / "run.json").write_text(json.dumps({"job": self.job, "run_id": self.run_id, "environment": self.environment,
-                                                          "state": self.state, "started": self.started, "url": self.url, "pid": self.pid,
+        (self.folder / "run.json").write_text(json.dumps({"job": self.job, "run_id": self.run_id,
+                                                          "environment": self.environment,
+                                                          "state": self.state, "started": self.started, "url": self.url,
+                                                          "pid": self.pid,
                                                           "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
 
     @classmethod
@@ -234,20 +252,24 @@ def notebook_defaults(notebook: Path) -> dict:
     "The parameters of a notebook (its `parameters` cell) and their default values."
     return {name: ast.literal_eval(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
 
-def base_parameters(task: JobTask, where: str, overrides: dict | None = None, defaults: dict | None = None) -> dict[str, str]:
+def base_parameters(task: JobTask, where: str, overrides: dict | None = None,
+                    defaults: dict | None = None) -> dict[str, str]:
     "The task's parameters as text, then the `overrides` its notebook takes; `{{tasks...}}` references left as they are."
     defaults = notebook_defaults(task.notebook) if defaults is None else defaults
     given = {**task.parameters, **{k: str(v) for k, v in (overrides or {}).items() if k in defaults}}
     for name in given:
         if name not in defaults:
-            raise ConfigError(f"{where}: parameter '{name}' is not a parameter of {task.notebook.name} (it takes {list(defaults)})")
+            raise ConfigError(f"{where}: parameter '{name}' is not a parameter of {task.notebook.name} (it takes "
+                              f"{list(defaults)})")
     return given
 
 def with_task_values(text: str, values: dict[str, dict], where: str) -> str:
     "`text` with `{{tasks.<task>.values.<key>}}` filled in from the upstream tasks' `values` (JSON for a value that is not text); ConfigError for a value never set, as the Jobs service fails that task."
     def ref(m):
         upstream, key = m.groups()
-        if key not in values.get(upstream, {}): raise ConfigError(f"{where}: '{m.group(0)}' has no value: task '{upstream}' did not set '{key}'")
+        if key not in values.get(upstream,
+                                 {}): raise ConfigError(f"{where}: '{m.group(0)}' has no value: task '{upstream}' did "
+                                                        f"not set '{key}'")
         value = values[upstream][key]
         return value if isinstance(value, str) else json.dumps(value)
     return VALUE_REF.sub(ref, text)
@@ -268,10 +290,12 @@ def task_environment(env: Environment, values_file: Path, log: Path | None = Non
     if log is not None: values[SPARK_LOG_ENV_VAR] = log
     with environment_variables(values): yield
 
-def run_job(env: Environment, job: str, parameters: dict | None = None, progress: bool = True, timeout_minutes: float = 60) -> JobRun:
+def run_job(env: Environment, job: str, parameters: dict | None = None, progress: bool = True,
+            timeout_minutes: float = 60) -> JobRun:
     "Run `job` of the bundle in `env` (locally, or on its workspace with `submit_job`); raise JobFailed naming the task that failed."
     jobs = load_jobs(env)
-    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: {', '.join(sorted(jobs))})")
+    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
+                                          f"{', '.join(sorted(jobs))})")
     spec = jobs[job]
     check_job_parameters(spec, parameters)
     if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
@@ -292,8 +316,10 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         start = time.monotonic()
         try:
             with task_environment(env, values_file, log), open(log, "a") as log_file:
-                pm.execute_notebook(str(task.notebook), str(out), parameters=args, cwd=str(task.notebook.parent), kernel_name="python3",
-                                    progress_bar=False, stdout_file=TaskOutput(log_file, sys.stdout if progress else None, start),
+                pm.execute_notebook(str(task.notebook), str(out), parameters=args, cwd=str(task.notebook.parent),
+                                    kernel_name="python3",
+                                    progress_bar=False, stdout_file=TaskOutput(log_file,
+                                            sys.stdout if progress else None, start),
                                     stderr_file=log_file, **quiet_kernel(log))
             state.state = "SUCCESS"
         except pm.PapermillExecutionError as e:
@@ -304,12 +330,14 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         state.seconds = time.monotonic() - start
         state.values = values[key] = json.loads(values_file.read_text()) if values_file.exists() else {}
         run.save()
-        if progress: print(f"[{job}/{key}] {state.state} in {state.seconds:.0f} s" + (f": {state.error}" if state.error else "")
+        if progress: print(f"[{job}/{key}] {state.state} in {state.seconds:.0f} s" + (f": {state.error}"
+                if state.error else "")
                            + (f" (log: {log})" if state.state != "SUCCESS" else ""), flush=True)
     run.save()
     if run.state != "SUCCESS":
         failed = next(t for t in run.tasks.values() if t.state == "FAILED")
-        raise JobFailed(f"job {job} failed in task '{failed.key}': {failed.error}; executed notebook: {failed.notebook}\n{run.summary()}")
+        raise JobFailed(f"job {job} failed in task '{failed.key}': {failed.error}; executed notebook: "
+                        f"{failed.notebook}\n{run.summary()}")
     return run
 
 # %% ../nbs/10_jobs.ipynb #c3cf4576
@@ -346,16 +374,19 @@ def read_run(folder: Path) -> JobRun | RunRecordError:
         return run
     except ConfigError as e: return RunRecordError(folder.parent.name, folder.name, folder, str(e))  # it names the file
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        return RunRecordError(folder.parent.name, folder.name, folder, f"{folder / 'run.json'}: {type(e).__name__}: {e}")
+        return RunRecordError(folder.parent.name, folder.name, folder,
+                              f"{folder / 'run.json'}: {type(e).__name__}: {e}")
 
 def past_runs(env: Environment, job: str | None = None) -> list[JobRun | RunRecordError]:
     "The runs recorded for `env` (of `job` only, if given), newest first (by start time, else by when the record was written); a damaged record is a `RunRecordError` in its place."
     if job is not None and job not in load_jobs(env) and not (jobs_folder(env) / job).is_dir():
-        raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} and no recorded runs of it (jobs: {', '.join(sorted(load_jobs(env)))})")
+        raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} and no recorded runs of it (jobs: "
+                          f"{', '.join(sorted(load_jobs(env)))})")
     records = list(jobs_folder(env).glob(f"{job or '*'}/*/run.json"))
     def when(p: Path) -> str:
         run = read_run(p.parent)
-        return (getattr(run, "started", "") or datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")), run
+        return (getattr(run, "started", "")
+                or datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")), run
     return [run for _, run in sorted((when(p) for p in records), key=lambda x: x[0], reverse=True)]
 
 
@@ -364,7 +395,8 @@ def sync_root(env: Environment) -> Path:
     "The local folder `databricks bundle deploy` uploads as `workspace.file_path`: the bundle's, or the innermost one holding its `sync.paths`."
     bundle = load_bundle(env.bundle_path)
     root = env.bundle_path.parent
-    for p in [*((bundle.get("sync") or {}).get("paths") or []), *(((bundle["targets"].get(env.name) or {}).get("sync") or {}).get("paths") or [])]:
+    for p in [*((bundle.get("sync") or {}).get("paths") or []),
+              *(((bundle["targets"].get(env.name) or {}).get("sync") or {}).get("paths") or [])]:
         full = (env.bundle_path.parent / p).resolve()
         while not full.is_relative_to(root): root = root.parent
     return root
@@ -373,15 +405,19 @@ def bundle_workspace_paths(env: Environment, user: str) -> dict[str, str]:
     "Where `databricks bundle deploy` run by `user` puts the bundle in `env`'s workspace: root_path, file_path, artifact_path."
     bundle = load_bundle(env.bundle_path)
     settings = {**(bundle.get("workspace") or {}), **((bundle["targets"].get(env.name) or {}).get("workspace") or {})}
-    known = {"workspace.current_user.userName": user, "bundle.name": (bundle.get("bundle") or {}).get("name", ""), "bundle.target": env.name}
+    known = {"workspace.current_user.userName": user, "bundle.name": (bundle.get("bundle") or {}).get("name", ""),
+             "bundle.target": env.name}
     def path(key, default):
         where = f"{env.bundle_path}: workspace.{key} of target '{env.name}'"
-        text = _REF.sub(lambda m: known.get(m.group(1), m.group(0)), substitute(str(settings.get(key) or default), env, where))
-        if "${" in text: raise ConfigError(f"{where} is {text!r}: expected only ${{var.x}}, ${{bundle.name}}, ${{bundle.target}}, "
+        text = _REF.sub(lambda m: known.get(m.group(1), m.group(0)),
+                        substitute(str(settings.get(key) or default), env, where))
+        if "${" in text: raise ConfigError(f"{where} is {text!r}: expected only ${{var.x}}, ${{bundle.name}}, "
+                                           f"${{bundle.target}}, "
                                            "${workspace.current_user.userName} and ${workspace.root_path} in it")
         return f"/Workspace/Users/{user}/{text[2:]}" if text.startswith("~/") else text
     known["workspace.root_path"] = root = path("root_path", "~/.bundle/${bundle.name}/${bundle.target}")
-    return {"root_path": root, "file_path": path("file_path", f"{root}/files"), "artifact_path": path("artifact_path", f"{root}/artifacts")}
+    return {"root_path": root, "file_path": path("file_path", f"{root}/files"),
+            "artifact_path": path("artifact_path", f"{root}/artifacts")}
 
 # %% ../nbs/10_jobs.ipynb #29e0dfca
 def latest_wheels(paths: list[str]) -> list[str]:
@@ -400,10 +436,13 @@ def workspace_libraries(spec: JobSpec, task: JobTask, artifact_path: str) -> lis
     out = []
     for lib in task.libraries:
         whl = lib.get("whl")
-        if not whl or whl.startswith("/") or "://" in whl: out.append(lib); continue  # already a workspace, volume or remote path
+        # already a workspace, volume or remote path
+        if not whl or whl.startswith("/") or "://" in whl: out.append(lib); continue
         found = latest_wheels(sorted(glob.glob(str(spec.source.parent / whl))))
-        if not found: raise ConfigError(f"{spec.source}: task '{task.key}' of job {spec.name} attaches {whl!r}, but no file matches "
-                                        f"{spec.source.parent / whl}: build the wheel first (`databricks bundle deploy` builds and uploads it)")
+        if not found: raise ConfigError(f"{spec.source}: task '{task.key}' of job {spec.name} attaches {whl!r}, but "
+                                        f"no file matches "
+                                        f"{spec.source.parent / whl}: build the wheel first (`databricks bundle "
+                                        f"deploy` builds and uploads it)")
         out += [{"whl": f"{prefix}/.internal/{Path(f).name}"} for f in found]
     return out
 
@@ -413,14 +452,17 @@ def submit_tasks(env: Environment, spec: JobSpec, user: str, parameters: dict | 
     tasks = []
     for t in spec.tasks.values():
         if not t.notebook.is_relative_to(files):
-            raise ConfigError(f"{spec.source}: notebook {t.notebook} of task '{t.key}' is outside the bundle's sync root {files}, so "
-                              f"`databricks bundle deploy` does not upload it: add its folder to sync.paths in {env.bundle_path}")
+            raise ConfigError(f"{spec.source}: notebook {t.notebook} of task '{t.key}' is outside the bundle's sync "
+                              f"root {files}, so "
+                              f"`databricks bundle deploy` does not upload it: add its folder to sync.paths in "
+                              f"{env.bundle_path}")
         notebook = f"{paths['file_path']}/{t.notebook.relative_to(files).with_suffix('').as_posix()}"
         params = base_parameters(t, f"{spec.source}: job {spec.name} task {t.key}", parameters)
         tasks.append(SubmitTask(task_key=t.key, depends_on=[TaskDependency(task_key=d) for d in t.depends_on] or None,
                                 notebook_task=NotebookTask(notebook_path=notebook, base_parameters=params),
                                 new_cluster=ClusterSpec.from_dict(t.cluster) if t.cluster else None,
-                                libraries=[Library.from_dict(l) for l in workspace_libraries(spec, t, paths["artifact_path"])] or None))
+                                libraries=[Library.from_dict(l)
+                                           for l in workspace_libraries(spec, t, paths["artifact_path"])] or None))
     return tasks
 
 # %% ../nbs/10_jobs.ipynb #a4a762c6
@@ -431,8 +473,10 @@ def notebook_values(output: RunOutput, task_key: str) -> dict:
     try: values = json.loads(result)
     except ValueError: values = None
     if not isinstance(values, dict) or output.notebook_output.truncated:
-        raise JobFailed(f"task '{task_key}' returned {result[:80]!r}{' (truncated)' if output.notebook_output.truncated else ''}: "
-                        "expected the JSON object of its task values (serving_mlops.tasks.run_task ends a task notebook with it)")
+        raise JobFailed(f"task '{task_key}' returned "
+                        f"{result[:80]!r}{' (truncated)' if output.notebook_output.truncated else ''}: "
+                        "expected the JSON object of its task values (serving_mlops.tasks.run_task ends a task "
+                        "notebook with it)")
     return values
 
 def workspace_task_run(w, task: RunTask) -> TaskRun:
@@ -440,7 +484,8 @@ def workspace_task_run(w, task: RunTask) -> TaskRun:
     state = (task.state.result_state or task.state.life_cycle_state).value if task.state else "PENDING"
     run = TaskRun(task.task_key, state, task.notebook_task.notebook_path if task.notebook_task else "",
                   (task.end_time - task.start_time) / 1000 if task.end_time and task.start_time else 0.0)
-    if state == "SUCCESS" and task.run_id: run.values = notebook_values(w.jobs.get_run_output(run_id=task.run_id), task.task_key)
+    if state == "SUCCESS" and task.run_id: run.values = notebook_values(w.jobs.get_run_output(run_id=task.run_id),
+            task.task_key)
     if state not in ("SUCCESS", "PENDING", "RUNNING", "QUEUED", "BLOCKED"):
         run.error = task.state.state_message or state
         if not state.startswith("UPSTREAM_") and task.run_id:
@@ -448,13 +493,15 @@ def workspace_task_run(w, task: RunTask) -> TaskRun:
             if output.error: run.error += f": {output.error}"
     return run
 
-def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, timeout_minutes: float = 60, progress: bool = True) -> JobRun:
+def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, timeout_minutes: float = 60,
+               progress: bool = True) -> JobRun:
     "Run `spec` on `env`'s workspace as a one-time run of the deployed bundle; wait at most `timeout_minutes`, raise JobFailed naming the failed task."
     from serving_mlops.serving.process import workspace_client
     w = workspace_client(env)
     where = f"job {spec.name} in {env.where}"
     try:
-        waiter = w.jobs.submit(run_name=spec.title, tasks=submit_tasks(env, spec, w.current_user.me().user_name, parameters))
+        waiter = w.jobs.submit(run_name=spec.title,
+                               tasks=submit_tasks(env, spec, w.current_user.me().user_name, parameters))
         run = w.jobs.get_run(waiter.run_id)
         if progress: print(f"[{spec.name}] submitted run {run.run_id}: {run.run_page_url}", flush=True)
         seen = {}
@@ -466,16 +513,21 @@ def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, 
         try: run = waiter.result(timeout=timedelta(minutes=timeout_minutes), callback=show)
         except TimeoutError:
             w.jobs.cancel_run(run_id=run.run_id)
-            raise JobFailed(f"{where} did not finish within {timeout_minutes:g} minutes: cancelled run {run.run_id} ({run.run_page_url})") from None
+            raise JobFailed(f"{where} did not finish within {timeout_minutes:g} minutes: cancelled run {run.run_id} "
+                            f"({run.run_page_url})") from None
         except OperationFailed: run = w.jobs.get_run(run.run_id)  # INTERNAL_ERROR: the tasks say which one failed
         show(run)
         tasks = {t.task_key: workspace_task_run(w, t) for t in run.tasks or []}
     except DatabricksError as e: raise JobFailed(f"{where}: {type(e).__name__}: {e}") from None
-    started = datetime.fromtimestamp(run.start_time / 1000, timezone.utc).isoformat(timespec="seconds") if run.start_time else ""
-    result = JobRun(spec.name, str(run.run_id), env.name, run_folder(env, spec.name, str(run.run_id)), tasks, run.run_page_url or "", started)
+    started = datetime.fromtimestamp(run.start_time / 1000,
+                                     timezone.utc).isoformat(timespec="seconds") if run.start_time else ""
+    result = JobRun(spec.name, str(run.run_id), env.name, run_folder(env, spec.name, str(run.run_id)), tasks,
+                    run.run_page_url or "", started)
     result.save()
     if result.state != "SUCCESS":
-        failed = next((t for t in result.tasks.values() if t.state != "SUCCESS" and not t.state.startswith("UPSTREAM_")), None)
-        what = f"task '{failed.key}': {failed.error}" if failed else (run.state.state_message if run.state else "no task state")
+        failed = next((t for t in result.tasks.values() if t.state != "SUCCESS"
+                       and not t.state.startswith("UPSTREAM_")), None)
+        what = f"task '{failed.key}': {failed.error}" if failed else (run.state.state_message
+                                                                      if run.state else "no task state")
         raise JobFailed(f"job {spec.name} failed in {what}; run: {result.url}\n{result.summary()}")
     return result

@@ -42,7 +42,8 @@ def alias_version(env: Environment, alias: str):
 def register_challenger(env: Environment, result: TrainingResult):
     "Register the model of a training run and give it the alias `challenger`."
     client, name = registry_client(env), env.model_name
-    with using_mlflow(env): version = mlflow.register_model(result.model_uri, name, tags={"source_run_id": result.run_id})
+    with using_mlflow(env): version = mlflow.register_model(result.model_uri, name,
+                                                            tags={"source_run_id": result.run_id})
     client.set_registered_model_alias(name, "challenger", version.version)
     return client.get_model_version(name, version.version)
 
@@ -63,7 +64,8 @@ class GateReport:
 
     def summary(self) -> str:
         head = f"{self.subject()}: {'PASSED' if self.passed else 'FAILED'}"
-        return "\n".join([head] + [f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}" for name, ok, detail in self.checks])
+        return "\n".join([head] + [f"  [{'ok' if ok else 'FAILED'}] {name}: {detail}"
+                                   for name, ok, detail in self.checks])
 
 class GateFailed(StepFailed):
     "The challenger failed the validation gate; the message lists each failed check."
@@ -88,21 +90,27 @@ def p95_latency_ms(model, row, repeats: int = 50) -> float:
 
 def request_schema(schema) -> list | None:
     "What callers must send a model of input `schema`: its required inputs and their types (a feature-store model's lookup keys)."
-    return [(c.name, str(c.type)) for c in schema.inputs if c.required] if schema is not None and schema.has_input_names() else None
+    return [(c.name, str(c.type))
+            for c in schema.inputs if c.required] if schema is not None and schema.has_input_names() else None
 
 def schema_check(new, old, champion_version, allow_change: bool = False) -> tuple:
     "The gate's `request_schema` check of input schemas `new` and `old`: callers' requests must stay valid; a changed feature set is reported."
     same = request_schema(new) == request_schema(old) and (request_schema(new) is not None or new == old)
     names = lambda s: set(s.input_names()) if s is not None and s.has_input_names() else set()
     added, removed = sorted(names(new) - names(old)), sorted(names(old) - names(new))
-    detail = (f"callers send what they sent to champion version {champion_version}: {[n for n, _ in request_schema(new) or []]}" if same else
-              f"callers would have to send other inputs than to champion version {champion_version}: {request_schema(new)} instead of "
-              f"{request_schema(old)}" + ("; allowed by --allow-request-schema-change" if allow_change else "; existing callers would break"))
-    features = "; ".join(f"features {what}: {', '.join(cols)}" for what, cols in (("added", added), ("removed", removed)) if cols)
+    detail = (f"callers send what they sent to champion version {champion_version}: "
+              f"{[n for n, _ in request_schema(new) or []]}" if same else
+              f"callers would have to send other inputs than to champion version {champion_version}: "
+              f"{request_schema(new)} instead of "
+              f"{request_schema(old)}" + ("; allowed by --allow-request-schema-change"
+                                          if allow_change else "; existing callers would break"))
+    features = "; ".join(f"features {what}: {', '.join(cols)}"
+                         for what, cols in (("added", added), ("removed", removed)) if cols)
     return ("request_schema", same or allow_change, detail + (f"; {features}" if features else ""))
 
 def validate_challenger(env: Environment, store=None, seed: int = 42, latency_budget_ms: float | None = None,
-                        allow_request_schema_change: bool = False, # pass the gate although callers would have to send other inputs
+                        # pass the gate although callers would have to send other inputs
+                        allow_request_schema_change: bool = False,
                         ) -> GateReport:
     "Run every check of the gate on the challenger and record the outcome on its model version."
     client, name, store = registry_client(env), env.model_name, store or feature_store_for(env)
@@ -118,16 +126,21 @@ def validate_challenger(env: Environment, store=None, seed: int = 42, latency_bu
         with using_mlflow(env): old = mlflow.pyfunc.load_model(model_uri(name, champion.version))
         old_auc, allowed = roc_auc_score(y, scores(old, X)), env.var("max_auc_degradation", float)
         report.checks.append(("max_auc_degradation", old_auc - auc <= allowed,
-                              f"ROC AUC {auc:.4f} vs champion version {champion.version} {old_auc:.4f} (largest allowed drop {allowed})"))
-        report.checks.append(schema_check(new.metadata.get_input_schema(), old.metadata.get_input_schema(), champion.version,
-                                          allow_request_schema_change))
+                              f"ROC AUC {auc:.4f} vs champion version {champion.version} {old_auc:.4f} (largest "
+                              f"allowed drop {allowed})"))
+        report.checks.append(schema_check(new.metadata.get_input_schema(), old.metadata.get_input_schema(),
+                                          champion.version, allow_request_schema_change))
     budget = env.var("latency_budget_ms", float) if latency_budget_ms is None else latency_budget_ms
-    # the model that predicts from features, alone: a model logged by the Databricks client runs a Spark lookup job per predict
-    with using_mlflow(env): inner = mlflow.pyfunc.load_model(store.feature_model_uri(model_uri(name, challenger.version)))
+    # the model that predicts from features, alone: a model logged by the Databricks client runs a Spark lookup job per
+    # predict
+    with using_mlflow(env): inner = mlflow.pyfunc.load_model(store.feature_model_uri(model_uri(name,
+            challenger.version)))
     schema = inner.metadata.get_input_schema()
-    latency = p95_latency_ms(inner, X.head(1)[schema.input_names()] if schema else X.head(1).drop(columns=[LABEL]))  # its columns only
+    # its columns only
+    latency = p95_latency_ms(inner, X.head(1)[schema.input_names()] if schema else X.head(1).drop(columns=[LABEL]))
     report.checks.append(("latency", latency <= budget, f"single-row p95 {latency:.2f} ms (budget {budget:g} ms)"))
-    for check, ok, detail in report.checks: client.set_model_version_tag(name, challenger.version, f"validation.{check}", f"{'passed' if ok else 'failed'}: {detail}")
+    for check, ok, detail in report.checks: client.set_model_version_tag(name, challenger.version,
+            f"validation.{check}", f"{'passed' if ok else 'failed'}: {detail}")
     client.set_model_version_tag(name, challenger.version, "validation.status", "passed" if report.passed else "failed")
     client.update_model_version(name, challenger.version, description=report.summary())
     return report
@@ -136,12 +149,14 @@ def set_champion(env: Environment, version):
     "Give `version` the alias `champion`; the old champion becomes `previous`."
     client, name = registry_client(env), env.model_name
     champion = alias_version(env, "champion")
-    if champion is not None and str(champion.version) != str(version): client.set_registered_model_alias(name, "previous", champion.version)
+    if champion is not None and str(champion.version) != str(version): client.set_registered_model_alias(name,
+            "previous", champion.version)
     client.set_registered_model_alias(name, "champion", version)
 
 def promote_challenger(env: Environment, report: GateReport):
     "Make a passing challenger the champion (the old champion becomes `previous`); raise GateFailed otherwise."
-    if not report.passed: raise GateFailed(f"challenger version {report.version} failed the validation gate: {'; '.join(report.failures)}; it stays 'challenger'")
+    if not report.passed: raise GateFailed(f"challenger version {report.version} failed the validation gate: "
+                                           f"{'; '.join(report.failures)}; it stays 'challenger'")
     set_champion(env, report.version)
 
 # %% ../nbs/07_registry.ipynb #6493812a
@@ -150,7 +165,8 @@ def copied_version(target: Environment, source: Environment, source_version):
     client, name = registry_client(target), target.model_name
     try: found = client.search_model_versions(f"name = '{name}'")
     except MlflowException: return None
-    # Unity Catalog answers a search without tags (ModelVersionSearch.tags raises): each version's tags come from get_model_version
+    # Unity Catalog answers a search without tags (ModelVersionSearch.tags raises): each version's tags come from
+    # get_model_version
     for v in sorted(found, key=lambda v: int(v.version), reverse=True):
         full = client.get_model_version(name, v.version)
         if full.tags.get("source_environment") == source.name and full.tags.get("source_version") == str(source_version): return full
@@ -159,46 +175,63 @@ def copied_version(target: Environment, source: Environment, source_version):
 def gate_tags(source: Environment, src, force: str | None = None) -> dict:
     "What a copy of the source's version `src` carries of its validation gate; GateFailed unless the gate passed or `force` gives a reason."
     status = src.tags.get("validation.status", "never validated")
-    checks = {k.removeprefix("validation."): v for k, v in src.tags.items() if k.startswith("validation.") and k != "validation.status"}
+    checks = {k.removeprefix("validation."): v
+              for k, v in src.tags.items() if k.startswith("validation.") and k != "validation.status"}
     reason = (force or "").strip()
     if status != "passed" and not reason:
         failed = [f"{check} {detail}" for check, detail in checks.items() if detail.startswith("failed")]
-        raise GateFailed(f"model {src.name} version {src.version} of '{source.name}' did not pass its validation gate (validation.status: "
-                         f"{status}{''.join('; ' + f for f in failed)}; training run {src.run_id or 'unknown'}): promote a version that "
-                         "passed, or force this one with a reason (--force \"...\"), which the target's registry records")
-    tags = {"source_validation.status": status, **{f"source_validation.{check}": detail for check, detail in checks.items()}}
+        raise GateFailed(f"model {src.name} version {src.version} of '{source.name}' did not pass its validation gate "
+                         f"(validation.status: "
+                         f"{status}{''.join('; ' + f for f in failed)}; training run {src.run_id or 'unknown'}): "
+                         f"promote a version that "
+                         "passed, or force this one with a reason (--force \"...\"), which the target's registry "
+                         "records")
+    tags = {"source_validation.status": status,
+            **{f"source_validation.{check}": detail for check, detail in checks.items()}}
     return tags if status == "passed" else {**tags, "promotion.forced": "true", "promotion.forced_reason": reason}
 
-def copy_model_version(source: Environment, target: Environment, version=None, alias: str = "champion", target_store=None,
-                       force: str | None = None): # a reason to copy a version whose gate failed or never ran (recorded); None: only one that passed
+def copy_model_version(source: Environment, target: Environment, version=None, alias: str = "champion",
+                       target_store=None,
+                       # a reason to copy a version whose gate failed or never ran (recorded); None: only one that
+                       # passed
+                       force: str | None = None):
     "Copy a model version (default: the source's `alias`) into the target's registry, once, naming the target's feature tables; returns the target's version."
     name = source.model_name
     src_client = registry_client(source)
     src = src_client.get_model_version(name, version) if version is not None else alias_version(source, alias)
-    if src is None: raise GateFailed(f"model {name} in environment '{source.name}' has no version with alias {alias!r} to copy")
+    if src is None: raise GateFailed(f"model {name} in environment '{source.name}' has no version with alias "
+                                     f"{alias!r} to copy")
     gate = gate_tags(source, src, force)
     done = copied_version(target, source, src.version)
     if done is not None: return done
     with tempfile.TemporaryDirectory() as folder:  # the version's files, until they are logged in the target
-        with using_mlflow(source): local = Path(mlflow.artifacts.download_artifacts(model_uri(name, src.version), dst_path=folder))
+        with using_mlflow(source): local = Path(mlflow.artifacts.download_artifacts(model_uri(name, src.version),
+                dst_path=folder))
         (local / "registered_model_meta").unlink(missing_ok=True)  # names the source registry's model
-        renamed = (target_store or feature_store_for(target)).retarget_model(local)  # look features up in the target's own tables
-        tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version), "source_run_id": src.run_id or "", **gate}
+        # look features up in the target's own tables
+        renamed = (target_store or feature_store_for(target)).retarget_model(local)
+        tags = {"source_environment": source.name, "source_model": name, "source_version": str(src.version),
+                "source_run_id": src.run_id or "", **gate}
         with in_experiment(target, experiment_name(target, "promotions")):
-            with mlflow.start_run(run_name=f"promote {name} v{src.version} {source.name} -> {target.name}", tags=tags) as run:
-                if "promotion.forced" in tags:  # who: the user MLflow resolved for this run (on Databricks, the principal that runs the job)
-                    tags["promotion.forced_by"] = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.user", "unknown")
+            with mlflow.start_run(run_name=f"promote {name} v{src.version} {source.name} -> {target.name}",
+                                  tags=tags) as run:
+                # who: the user MLflow resolved for this run (on Databricks, the principal that runs the job)
+                if "promotion.forced" in tags:
+                    tags["promotion.forced_by"] = mlflow.get_run(run.info.run_id).data.tags.get("mlflow.user",
+                            "unknown")
                     mlflow.set_tag("promotion.forced_by", tags["promotion.forced_by"])
                 mlflow.log_artifacts(str(local), "model")
             copy = mlflow.register_model(f"runs:/{run.info.run_id}/model", target.model_name, tags=tags)
     tables = ", ".join(sorted(set(renamed.values())))
-    registry_client(target).update_model_version(copy.name, copy.version, description=f"Copied from {name} version {src.version} of "
+    registry_client(target).update_model_version(copy.name, copy.version,
+                                                 description=f"Copied from {name} version {src.version} of "
                                                  f"environment '{source.name}'; looks its features up in {tables}.")
     return registry_client(target).get_model_version(copy.name, copy.version)
 
 def verify_copy(source: Environment, source_version, target: Environment, target_version, X) -> int:
     "Check that both versions load and predict identically on `X`; returns the number of rows compared."
-    with using_mlflow(source): before = scores(mlflow.pyfunc.load_model(model_uri(source.model_name, source_version)), X)
+    with using_mlflow(source): before = scores(mlflow.pyfunc.load_model(model_uri(source.model_name, source_version)),
+                                               X)
     with using_mlflow(target): after = scores(mlflow.pyfunc.load_model(model_uri(target.model_name, target_version)), X)
     if not np.array_equal(before, after):
         raise GateFailed(f"copy {target.model_name} version {target_version} predicts differently from "
@@ -213,10 +246,13 @@ def promotion_source(target: Environment, source_name: str) -> Environment:
     from mlflow.utils.databricks_utils import get_db_info_from_uri  # how MLflow reads the secret scope and key prefix
     scope, prefix = get_db_info_from_uri(uri) if uri.startswith("databricks-uc://") else (None, None)
     if not (scope and prefix):
-        raise ConfigError(f"{target.bundle_path}: variable 'promote_source_registry' of target '{target.name}' is {uri!r}: expected "
-                          "databricks-uc://<secret scope>:<key prefix>, whose secrets <key prefix>-host and <key prefix>-token "
+        raise ConfigError(f"{target.bundle_path}: variable 'promote_source_registry' of target '{target.name}' is "
+                          f"{uri!r}: expected "
+                          "databricks-uc://<secret scope>:<key prefix>, whose secrets <key prefix>-host and <key "
+                          "prefix>-token "
                           "name the source workspace and a token that can read its models")
-    if target.is_local: raise ConfigError(f"variable 'promote_source_registry' is for workspace targets; '{target.name}' is a {target.where}")
+    if target.is_local: raise ConfigError(f"variable 'promote_source_registry' is for workspace targets; "
+                                          f"'{target.name}' is a {target.where}")
     return dataclasses.replace(source, registry=uri)
 
 def verified_on(source: Environment, target: Environment) -> Environment:
@@ -224,7 +260,8 @@ def verified_on(source: Environment, target: Environment) -> Environment:
     return target if source.registry else source
 
 def promote_version(source: Environment, target: Environment, version=None, seed: int = 42, store=None,
-                    force: str | None = None): # a reason to promote a version whose gate failed or never ran (recorded in the copy's tags)
+                    # a reason to promote a version whose gate failed or never ran (recorded in the copy's tags)
+                    force: str | None = None):
     "Copy the source's champion (or `version`) into the target's registry, verify it on held-out data and make it the target's champion; returns (copy, rows)."
     copy = copy_model_version(source, target, version, force=force)
     data = verified_on(source, target)

@@ -20,8 +20,8 @@ from typing import Callable
 
 from packaging.utils import parse_wheel_filename
 
-from .config import (HOME_ENV_VAR, VARIABLE_ENV_PREFIX, ConfigError, Environment, environment_variables, get_environment,
-                                  load_bundle)
+from .config import (HOME_ENV_VAR, VARIABLE_ENV_PREFIX, ConfigError, Environment, environment_variables,
+                                  get_environment, load_bundle)
 from .errors import StepFailed
 from .jobs import (JobSpec, bundle_workspace_paths, latest_wheels, load_jobs, sync_root, with_task_values,
                                 workspace_libraries)
@@ -34,7 +34,8 @@ __all__ = ['RUNTIME_VERSION', 'REPLAY_USER', 'LOOP', 'SMALL', 'ReplayFailed', 'c
 
 # %% ../nbs/15b_replay.ipynb #e9c3f4d0
 RUNTIME_VERSION = "18.0"  # the job clusters' spark_version 18.0.x-cpu-ml-scala2.13: Databricks Runtime 18.0 ML
-REPLAY_USER = "replay@serving-mlops.invalid"  # who deploys: `~` in the bundle's workspace paths is /Workspace/Users/<this>
+# who deploys: `~` in the bundle's workspace paths is /Workspace/Users/<this>
+REPLAY_USER = "replay@serving-mlops.invalid"
 
 class ReplayFailed(StepFailed):
     "A replayed step failed as it would on Databricks; the message names the step, the file or task, and what happened."
@@ -42,7 +43,8 @@ class ReplayFailed(StepFailed):
 def constraints_path(env: Environment) -> Path:
     "The runtime's library versions: `replay/databricks-runtime-<version>-ml.txt` in the project that holds the bundle."
     path = env.bundle_path.parent.parent / "replay" / f"databricks-runtime-{RUNTIME_VERSION}-ml.txt"
-    if not path.is_file(): raise ConfigError(f"no {path}: the replay installs the job clusters' library versions from it")
+    if not path.is_file(): raise ConfigError(f"no {path}: the replay installs the job clusters' library versions from "
+                                             f"it")
     return path
 
 def canonical(name: str) -> str:
@@ -52,7 +54,8 @@ def canonical(name: str) -> str:
 def pip(python: Path, args: list[str], what: str) -> str:
     "Run pip of `python`; ReplayFailed saying `what` was being done, with pip's own message, if it fails."
     quiet = ["--quiet"] if args[0] in ("install", "uninstall") else []  # `pip --quiet list` prints nothing
-    done = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", *quiet, *args], capture_output=True, text=True)
+    done = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", *quiet, *args], capture_output=True,
+                          text=True)
     if done.returncode: raise ReplayFailed(f"{what}: pip failed:\n{(done.stdout + done.stderr).strip()[-3000:]}")
     return done.stdout
 
@@ -64,11 +67,14 @@ def runtime_python(constraints: Path, folder: Path, progress: bool = True) -> Pa
     python, listing = venv / "bin" / "python", venv / "runtime-packages.json"
     if listing.exists(): return python
     if venv.exists(): shutil.rmtree(venv)  # a build that did not finish
-    if progress: print(f"building Databricks Runtime {RUNTIME_VERSION} ML's library set in {venv} (once; pyspark is a 450 MB download)", flush=True)
+    if progress: print(f"building Databricks Runtime {RUNTIME_VERSION} ML's library set in {venv} (once; pyspark is a "
+                       f"450 MB download)", flush=True)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip(python, ["install", "--progress-bar", "off", "-r", str(constraints)], f"installing the runtime's libraries from {constraints}")
+    pip(python, ["install", "--progress-bar", "off", "-r", str(constraints)],
+        f"installing the runtime's libraries from {constraints}")
     listed = json.loads(pip(python, ["list", "--format", "json"], "listing the runtime's libraries"))
-    listing.write_text(json.dumps({canonical(p["name"]): p["version"] for p in listed}, indent=1))  # written last: the build is complete
+    # written last: the build is complete
+    listing.write_text(json.dumps({canonical(p["name"]): p["version"] for p in listed}, indent=1))
     for old in folder.glob(f"runtime-{RUNTIME_VERSION}-*"):  # sets of earlier versions of the file (about 2 GB each)
         if old != venv: shutil.rmtree(old, ignore_errors=True)
     return python
@@ -87,19 +93,24 @@ def build_artifacts(env: Environment) -> list[Path]:
         folder = (here / artifact.get("path", ".")).resolve()
         if artifact.get("build"):
             shell_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-            done = subprocess.run(artifact["build"], shell=True, cwd=folder, env=shell_env, capture_output=True, text=True)
-            if done.returncode: raise ReplayFailed(f"{where}.build `{artifact['build']}` failed in {folder}:\n{(done.stdout + done.stderr)[-2000:]}")
+            done = subprocess.run(artifact["build"], shell=True, cwd=folder, env=shell_env, capture_output=True,
+                                  text=True)
+            if done.returncode: raise ReplayFailed(f"{where}.build `{artifact['build']}` failed in "
+                                                   f"{folder}:\n{(done.stdout + done.stderr)[-2000:]}")
         for i, f in enumerate(artifact.get("files") or []):
             found = latest_wheels(sorted(str(p) for p in here.glob(f["source"])))
-            if not found: raise ReplayFailed(f"{where}.files[{i}].source {f['source']!r} matches no file after the build")
+            if not found: raise ReplayFailed(f"{where}.files[{i}].source {f['source']!r} matches no file after the "
+                                             f"build")
             files += [Path(p) for p in found]
     return files
 
 # %% ../nbs/15b_replay.ipynb #b2faaadd
 def synced_files(root: Path, bundle: dict, target: str) -> list[Path]:
     "The files `databricks bundle deploy` uploads from the sync root `root` for `target`."
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root, capture_output=True, text=True)
-    files = [root / p for p in listed.stdout.split("\0") if p] if listed.returncode == 0 else [p for p in root.rglob("*") if p.is_file()]
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=root,
+                            capture_output=True, text=True)
+    files = [root / p for p in listed.stdout.split("\0") if p] if listed.returncode == 0 else [p
+            for p in root.rglob("*") if p.is_file()]
     sync = {**(bundle.get("sync") or {}), **((bundle["targets"].get(target) or {}).get("sync") or {})}
     files += [p for pattern in sync.get("include") or [] for p in root.glob(pattern)]
     excluded = lambda p: any(fnmatch(p.relative_to(root).as_posix(), pattern) for pattern in sync.get("exclude") or [])
@@ -123,16 +134,19 @@ def deploy_bundle(env: Environment, root: Path, artifacts: list[Path]) -> dict:
     return paths
 
 # %% ../nbs/15b_replay.ipynb #70ed496e
-def install_libraries(python: Path, runtime: dict[str, str], root: Path, spec: JobSpec, artifact_path: str) -> list[str]:
+def install_libraries(python: Path, runtime: dict[str, str], root: Path, spec: JobSpec,
+                      artifact_path: str) -> list[str]:
     "Install the `libraries` of `spec`'s tasks as a job cluster does; ReplayFailed naming each runtime library that would change."
     wheels, packages = [], []
     for task in spec.tasks.values():
         for lib in workspace_libraries(spec, task, artifact_path):
             if "whl" in lib: wheels.append(str(workspace_folder(root, lib["whl"])))
             elif "pypi" in lib: packages.append(lib["pypi"]["package"])
-            else: raise ReplayFailed(f"{spec.source}: task '{task.key}' attaches {lib}: the replay installs whl and pypi libraries only")
+            else: raise ReplayFailed(f"{spec.source}: task '{task.key}' attaches {lib}: the replay installs whl and "
+                                     f"pypi libraries only")
     wheels, packages = list(dict.fromkeys(wheels)), list(dict.fromkeys(packages))
-    done = root / "runs" / "installed.json"  # the library sets this replay installed: a second job with the same set finds them there
+    # the library sets this replay installed: a second job with the same set finds them there
+    done = root / "runs" / "installed.json"
     digest = hashlib.sha256(json.dumps(packages).encode())
     for w in wheels: digest.update(Path(w).read_bytes())
     key = digest.hexdigest()
@@ -144,11 +158,14 @@ def install_libraries(python: Path, runtime: dict[str, str], root: Path, spec: J
     report = root / "runs" / f"{spec.name}.install.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     pip(python, ["install", "--dry-run", "--report", str(report), *wheels, *packages], what)
-    changed = {canonical(i["metadata"]["name"]): i["metadata"]["version"] for i in json.loads(report.read_text())["install"]}
+    changed = {canonical(i["metadata"]["name"]): i["metadata"]["version"]
+               for i in json.loads(report.read_text())["install"]}
     changed = {n: (runtime[n], v) for n, v in changed.items() if n in runtime and runtime[n] != v}
     if changed:
-        raise ReplayFailed(f"{what} would change the runtime's own " + ", ".join(f"{n} {a} -> {b}" for n, (a, b) in sorted(changed.items()))
-                           + ": the job would run on libraries the runtime was not built with; require versions the runtime has "
+        raise ReplayFailed(f"{what} would change the runtime's own " + ", ".join(f"{n} {a} -> {b}"
+                for n, (a, b) in sorted(changed.items()))
+                           + ": the job would run on libraries the runtime was not built with; require versions the "
+                             "runtime has "
                            "(settings.ini `requirements`), or move the requirement to the `local` extra")
     pip(python, ["install", "--progress-bar", "off", *wheels, *packages], what)
     done.write_text(json.dumps([*installed, key]))
@@ -157,7 +174,8 @@ def install_libraries(python: Path, runtime: dict[str, str], root: Path, spec: J
 # %% ../nbs/15b_replay.ipynb #2a556ec3
 def cluster_environment(python: Path, root: Path, cluster: dict, extra: dict[str, str] | None = None) -> dict[str, str]:
     "Environment variables of a notebook on the job cluster `cluster` (its `new_cluster` spec) of the runtime environment `python`."
-    env = {"PATH": f"{python.parent}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "HOME": str(root / "home"), "LANG": "C.UTF-8", "TZ": "Etc/UTC",
+    env = {"PATH": f"{python.parent}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "HOME": str(root / "home"),
+           "LANG": "C.UTF-8", "TZ": "Etc/UTC",
            "DATABRICKS_RUNTIME_VERSION": RUNTIME_VERSION, "PYSPARK_PYTHON": str(python), "SPARK_LOCAL_IP": "127.0.0.1"}
     for keep in ("JAVA_HOME", "SERVING_MLOPS_SPARK_JAVA_OPTIONS"):
         if os.environ.get(keep): env[keep] = os.environ[keep]
@@ -190,31 +208,40 @@ class ReplayedTask:
 
 def replay_job(env: Environment, job: str, root: Path, python: Path, paths: dict,
                extra: dict[str, str] | None = None, # environment variables added to the cluster's
-               notebook_params: dict[str, str] | None = None, # as `jobs run-now --notebook-params`: over each task's base parameters
+               # as `jobs run-now --notebook-params`: over each task's base parameters
+               notebook_params: dict[str, str] | None = None,
                progress: bool = True) -> dict[str, ReplayedTask]:
     "Run the deployed `job` of `env` as a job run on a cluster with the runtime environment `python`; each task's outcome."
     jobs = load_jobs(env)
-    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: {', '.join(sorted(jobs))})")
+    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
+                                          f"{', '.join(sorted(jobs))})")
     spec = jobs[job]
     install_libraries(python, runtime_packages(python), root, spec, paths["artifact_path"])
-    driver, files, source, run = driver_script(root), workspace_folder(root, paths["file_path"]), sync_root(env), root / "runs" / job
+    driver, files, source, run = driver_script(root), workspace_folder(root,
+            paths["file_path"]), sync_root(env), root / "runs" / job
     run.mkdir(parents=True, exist_ok=True)
     tasks, values = {k: ReplayedTask(k) for k in spec.tasks}, {}
-    job_id, run_id = str(int(hashlib.sha256(f"{env.name}/{job}".encode()).hexdigest()[:8], 16)), str(time.time_ns() // 1000)
+    job_id, run_id = str(int(hashlib.sha256(f"{env.name}/{job}".encode()).hexdigest()[:8],
+                             16)), str(time.time_ns() // 1000)
     for n, key in enumerate(TopologicalSorter({k: t.depends_on for k, t in spec.tasks.items()}).static_order(), 1):
         task, state = spec.tasks[key], tasks[key]
         if any(tasks[d].state != "SUCCESS" for d in task.depends_on): state.state = "UPSTREAM_FAILED"; continue
         notebook = files / task.notebook.relative_to(source)
         request, answer, log = run / f"{key}.request.json", run / f"{key}.outcome.json", run / f"{key}.log"
-        tags = {"jobId": job_id, "multitaskParentRunId": run_id, "idInJob": f"{run_id}{n:02d}", "jobTaskType": "notebook", "taskKey": key}
-        parameters = resolved_parameters({**task.parameters, **(notebook_params or {})}, values, f"{spec.source}: job {job} task {key}")
+        tags = {"jobId": job_id, "multitaskParentRunId": run_id, "idInJob": f"{run_id}{n:02d}",
+                "jobTaskType": "notebook", "taskKey": key}
+        parameters = resolved_parameters({**task.parameters, **(notebook_params or {})}, values,
+                                         f"{spec.source}: job {job} task {key}")
         request.write_text(json.dumps({"parameters": parameters, "upstream": values, "tags": tags}))
         if progress: print(f"[replay {env.name}/{job}/{key}] {notebook.relative_to(root)} {parameters}", flush=True)
         start = time.monotonic()
         with open(log, "w") as out:
-            done = subprocess.run([str(python), str(driver), str(notebook), str(request), str(answer)], cwd=notebook.parent,
-                                  env=cluster_environment(python, root, task.cluster, extra), stdout=out, stderr=subprocess.STDOUT)
-        outcome = json.loads(answer.read_text()) if answer.exists() else {"state": "FAILED", "error": f"the notebook's process ended with exit status {done.returncode}"}
+            done = subprocess.run([str(python), str(driver), str(notebook), str(request), str(answer)],
+                                  cwd=notebook.parent,
+                                  env=cluster_environment(python, root, task.cluster, extra), stdout=out,
+                                  stderr=subprocess.STDOUT)
+        outcome = json.loads(answer.read_text()) if answer.exists() else {"state": "FAILED",
+                "error": f"the notebook's process ended with exit status {done.returncode}"}
         state.state, state.error, state.values = outcome["state"], outcome.get("error"), outcome.get("values") or {}
         state.seconds, state.log, values[key] = time.monotonic() - start, str(log), state.values
         if progress: print(f"[replay {env.name}/{job}/{key}] {state.state} in {state.seconds:.0f} s" + (f": {state.error} (log: {log})" if state.error else ""), flush=True)
@@ -228,7 +255,8 @@ def deploy_time(variables: dict[str, str] | None) -> dict[str, str]:
 def replay(steps: list[tuple[str, str]], # (target, job) in order
            root: Path, # the replay's folder: workspace files, cluster home, local workspaces, task logs
            variables: dict[str, str] | None = None, # deploy-time overrides (--var)
-           before: Callable[[str, str, Path], dict | None] | None = None, # (target, job, workspaces folder) -> the run's notebook_params
+           # (target, job, workspaces folder) -> the run's notebook_params
+           before: Callable[[str, str, Path], dict | None] | None = None,
            bundle: Path | None = None, progress: bool = True) -> dict[tuple[str, str], dict[str, ReplayedTask]]:
     "Deploy the bundle to each target of `steps` and run its jobs there as Databricks would; ReplayFailed names the first task that failed."
     from serving_mlops.serving.process import stop_local_services
@@ -243,9 +271,11 @@ def replay(steps: list[tuple[str, str]], # (target, job) in order
                 env = get_environment(target, bundle)
                 if target not in deployed: deployed[target] = deploy_bundle(env, root, artifacts)
                 params = before(target, job, workspaces) if before else None
-                tasks = results[target, job] = replay_job(env, job, root, python, deployed[target], {HOME_ENV_VAR: str(workspaces)}, params, progress)
+                tasks = results[target, job] = replay_job(env, job, root, python, deployed[target],
+                                                          {HOME_ENV_VAR: str(workspaces)}, params, progress)
             failed = [t for t in tasks.values() if t.state == "FAILED"]
-            if failed: raise ReplayFailed(f"job {job} of target {target} failed in task '{failed[0].key}': {failed[0].error}; its output: {failed[0].log}")
+            if failed: raise ReplayFailed(f"job {job} of target {target} failed in task '{failed[0].key}': "
+                                          f"{failed[0].error}; its output: {failed[0].log}")
     finally: stop_local_services(workspaces)
     return results
 
@@ -254,21 +284,26 @@ LOOP = [("staging", "model_build"), ("staging", "deploy_serving_endpoint"), ("pr
         ("prod", "promote"), ("prod", "batch_inference"), ("prod", "monitoring")]
 SMALL = {"n_trials": "1", "serving_port": "0"}  # one Optuna trial; serving runtimes on free ports
 
-def loop_inputs(rows: int = 2000, variables: dict[str, str] | None = None, progress: bool = True) -> Callable[[str, str, Path], dict | None]:
+def loop_inputs(rows: int = 2000, variables: dict[str, str] | None = None,
+                progress: bool = True) -> Callable[[str, str, Path], dict | None]:
     "The `before` of the loop: `rows` clients in a target's landing folder before its first ingest, a client's traffic before monitoring."
     from datetime import datetime, timedelta, timezone
     from serving_mlops.data import write_credit_data
     def before(target: str, job: str, workspaces: Path) -> dict | None:
         if job in ("model_build", "ingest"):
-            write_credit_data(workspaces / target / "landing" / f"credit_clients_{target}.csv", rows, seed=42 if target == "staging" else 7)
+            write_credit_data(workspaces / target / "landing" / f"credit_clients_{target}.csv", rows,
+                              seed=42 if target == "staging" else 7)
         if job != "monitoring": return None
         start = datetime.now(timezone.utc)
         env = {**os.environ, HOME_ENV_VAR: str(workspaces), **deploy_time(variables)}
         cli = Path(sys.executable).parent / "serving-mlops"
-        done = subprocess.run([str(cli), "query", "--env", target, "--ids", f"1:{min(rows, 200)}"], env=env, capture_output=not progress, text=True)
-        if done.returncode:  # with progress shown, the command's own output (its error included) went to the console above
+        done = subprocess.run([str(cli), "query", "--env", target, "--ids", f"1:{min(rows, 200)}"], env=env,
+                              capture_output=not progress, text=True)
+        # with progress shown, the command's own output (its error included) went to the console above
+        if done.returncode:
             raise ReplayFailed(f"the client's traffic to {target}'s endpoint failed (exit status {done.returncode}): "
                                f"{done.stderr.strip() if done.stderr else 'its error is printed above'}")
         end = datetime.now(timezone.utc) + timedelta(seconds=1)
-        return {"start": start.isoformat(timespec="seconds"), "end": end.isoformat(timespec="seconds"), "window_minutes": "1", "lag_minutes": "0"}
+        return {"start": start.isoformat(timespec="seconds"), "end": end.isoformat(timespec="seconds"),
+                "window_minutes": "1", "lag_minutes": "0"}
     return before

@@ -66,8 +66,8 @@ class _Group:
 
 def _entry_point(tags: dict[str, str]):
     "The part of `dbutils.entry_point` the runtime's libraries read: the command context with the run's tags, no workspace credentials."
-    context = _Group(tags=lambda: _OptionMap(tags), extraContext=lambda: _OptionMap({}), apiUrl=_Option, apiToken=_Option,
-                     aclPathOfAclRoot=_Option, notebookPath=lambda: _Option(tags.get("notebookPath")))
+    context = _Group(tags=lambda: _OptionMap(tags), extraContext=lambda: _OptionMap({}), apiUrl=_Option,
+                     apiToken=_Option, aclPathOfAclRoot=_Option, notebookPath=lambda: _Option(tags.get("notebookPath")))
     return _Group(getDbutils=lambda: _Group(notebook=lambda: _Group(getContext=lambda: context)),
                   getDriverConf=lambda: _Group(workflowSslTrustAll=lambda: False))
 
@@ -86,11 +86,13 @@ def code_cells(notebook: Path) -> list[str]:
     return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
             for c in json.loads(Path(notebook).read_text())["cells"] if c["cell_type"] == "code"]
 
-def run(notebook: Path, parameters: dict[str, str], upstream: dict[str, dict], tags: dict[str, str] | None = None) -> dict:
+def run(notebook: Path, parameters: dict[str, str], upstream: dict[str, dict],
+        tags: dict[str, str] | None = None) -> dict:
     "Run `notebook` as a notebook task: state SUCCESS or FAILED, its exit value, the task values it set, the error of the cell that failed."
     from IPython.core.interactiveshell import InteractiveShell
     shell = InteractiveShell.instance()
-    shell.set_custom_exc((NotebookExit,), lambda shell, kind, value, tb, tb_offset=None: None)  # an exit is no error to print
+    # an exit is no error to print
+    shell.set_custom_exc((NotebookExit,), lambda shell, kind, value, tb, tb_offset=None: None)
     dbutils = shell.user_ns["dbutils"] = dbutils_for(parameters, upstream, tags)
     outcome = {"state": "SUCCESS", "result": None, "values": dbutils.jobs.taskValues.values, "error": None}
     for i, source in enumerate(code_cells(notebook), 1):
@@ -100,7 +102,8 @@ def run(notebook: Path, parameters: dict[str, str], upstream: dict[str, dict], t
             outcome["result"] = error.value
             break
         if error is not None:
-            outcome.update(state="FAILED", error=f"cell {i} of {Path(notebook).name} raised {type(error).__name__}: {error}")
+            outcome.update(state="FAILED",
+                           error=f"cell {i} of {Path(notebook).name} raised {type(error).__name__}: {error}")
             break
     return outcome
 

@@ -53,7 +53,8 @@ def require_java(minimum: int = 17):
     if found is None or found < minimum:
         have = "no java on PATH or in JAVA_HOME" if found is None else f"found Java {found}"
         raise RuntimeError(f"Spark 4 needs Java {minimum}+ ({have}): install the system JDK "
-                           f"(Debian/Ubuntu: apt-get install openjdk-17-jre-headless) or set JAVA_HOME; `make java` does it where it can")
+                           f"(Debian/Ubuntu: apt-get install openjdk-17-jre-headless) or set JAVA_HOME; `make java` "
+                           f"does it where it can")
 
 # %% ../nbs/01_tables.ipynb #2dfbb608
 def spark_master(spark) -> str | None:
@@ -68,24 +69,31 @@ def require_single_node(spark, env: Environment | None = None):
     master = spark_master(spark)
     if master and master.startswith("local["): return spark
     what = f"environment '{env.name}' is a local workspace in {env.root}" if env is not None else "the examples use local workspaces"
-    raise ConfigError(f"{what}: its Delta files are on the driver's local disk, which the executors of this cluster cannot read "
-                      f"(spark.master is {master!r}). The examples run on a single-node cluster: attach the notebook to a "
-                      f"single-node cluster in dedicated (single user) access mode, or use an environment of the workspace")
+    raise ConfigError(f"{what}: its Delta files are on the driver's local disk, which the executors of this cluster "
+                      f"cannot read "
+                      f"(spark.master is {master!r}). The examples run on a single-node cluster: attach the notebook "
+                      f"to a "
+                      f"single-node cluster in dedicated (single user) access mode, or use an environment of the "
+                      f"workspace")
 
 def connect_spark(env: Environment):
     "A Databricks Connect session on `env`'s workspace, for commands run off a cluster."
     try: from databricks.connect import DatabricksSession
     except ImportError:
-        raise ConfigError(f"environment '{env.name}' is the {env.where}: its tables are Unity Catalog tables, which Spark reaches only "
-                          f"on the workspace's compute. Run this on a Databricks cluster (a notebook there, or as a job: "
-                          f"`serving-mlops jobs run <job> --env {env.name}`), or install databricks-connect, in a virtual environment "
+        raise ConfigError(f"environment '{env.name}' is the {env.where}: its tables are Unity Catalog tables, which "
+                          f"Spark reaches only "
+                          f"on the workspace's compute. Run this on a Databricks cluster (a notebook there, or as a "
+                          f"job: "
+                          f"`serving-mlops jobs run <job> --env {env.name}`), or install databricks-connect, in a "
+                          f"virtual environment "
                           f"without pyspark (it brings its own), to use a cluster of the workspace from here") from None
     builder, kwargs = DatabricksSession.builder, env.workspace.sdk_kwargs
     if "host" in kwargs: builder = builder.host(kwargs["host"])
     if "profile" in kwargs: builder = builder.profile(kwargs["profile"])
     return builder.getOrCreate()
 
-SPARK_LOG_ENV_VAR = "SERVING_MLOPS_SPARK_LOG"  # where a local Spark's own output goes (a job task's log); default .mlops/<env>/logs/spark.log
+# where a local Spark's own output goes (a job task's log); default .mlops/<env>/logs/spark.log
+SPARK_LOG_ENV_VAR = "SERVING_MLOPS_SPARK_LOG"
 
 @contextmanager
 def jvm_output_to(path: Path):
@@ -110,7 +118,8 @@ def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
     if active is not None: return active
     require_java()
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # Python workers (UDFs, mapInPandas) run this interpreter, with its packages, not the first python3 on PATH
+    # Python workers (UDFs, mapInPandas) run this interpreter, with its packages, not the first python3 on PATH
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     warehouse = env.path("spark-warehouse") if env is not None else Path(tempfile.gettempdir()) / "spark-warehouse"
     builder = (SparkSession.builder.master(os.environ.get("SERVING_MLOPS_SPARK_MASTER", "local[*]")).appName(app_name)
                .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
@@ -120,9 +129,11 @@ def get_spark(env: Environment | None = None, app_name: str = "serving-mlops"):
                .config("spark.sql.session.timeZone", "UTC")
                .config("spark.sql.warehouse.dir", str(warehouse))
                .config("spark.driver.memory", os.environ.get("SERVING_MLOPS_SPARK_MEMORY", "4g")))
-    if java_options := os.environ.get("SERVING_MLOPS_SPARK_JAVA_OPTIONS"):  # e.g. the tests' `-XX:TieredStopAtLevel=1`: half the CPU of a short JVM
+    # e.g. the tests' `-XX:TieredStopAtLevel=1`: half the CPU of a short JVM
+    if java_options := os.environ.get("SERVING_MLOPS_SPARK_JAVA_OPTIONS"):
         builder = builder.config("spark.driver.extraJavaOptions", java_options)
-    log = os.environ.get(SPARK_LOG_ENV_VAR) or (env.path("logs", create=True) / "spark.log" if env is not None else Path(tempfile.gettempdir()) / "serving-mlops-spark.log")
+    log = os.environ.get(SPARK_LOG_ENV_VAR) or (env.path("logs", create=True) / "spark.log"
+                                                if env is not None else Path(tempfile.gettempdir()) / "serving-mlops-spark.log")
     with jvm_output_to(log):
         spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
@@ -185,7 +196,8 @@ def arrow_filter(filters: Filters):
     "The pyarrow.compute expression of `filters` (None when there are none)."
     import operator
     import pyarrow.compute as pc
-    ops = {"=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
+    ops = {"=": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le, ">": operator.gt,
+           ">=": operator.ge}
     expr = None
     for column, op, value in filters:
         cond = ops[op](pc.field(column), pa.scalar(value))
@@ -208,27 +220,32 @@ def check_keys(name: str, table: pa.Table, keys: Sequence[str]) -> pa.Table:
     dupes = table.group_by(keys).aggregate([([], "count_all")]).filter(pa.compute.field("count_all") > 1)
     if dupes.num_rows:
         example = {k: dupes.column(k)[0].as_py() for k in keys}
-        raise TableError(f"writing {name}: {dupes.num_rows} key(s) occur more than once in the frame, e.g. {example}; nothing was written")
+        raise TableError(f"writing {name}: {dupes.num_rows} key(s) occur more than once in the frame, e.g. {example}; "
+                         f"nothing was written")
     return table
 
 # %% ../nbs/01_tables.ipynb #8589212e
 PARQUET_FILES = "path string, size long, rows long, modified long, stats string"  # one row per file an executor wrote
 
-def is_spark_frame(df) -> bool: return hasattr(df, "mapInArrow")  # classic or Spark Connect; pyspark is not imported otherwise
+# classic or Spark Connect; pyspark is not imported otherwise
+def is_spark_frame(df) -> bool: return hasattr(df, "mapInArrow")
 
 def spark_arrow_schema(df) -> pa.Schema:
     "The Arrow schema of Spark frame `df`, as `to_arrow` would make it."
     import inspect
     from pyspark.sql.pandas.types import to_arrow_schema
-    utc = {"timezone": "UTC"} if "timezone" in inspect.signature(to_arrow_schema).parameters else {}  # Spark 4.0 has no choice: UTC
-    return to_arrow(to_arrow_schema(df.schema, **utc).empty_table()).schema  # TIMESTAMP is an instant, as Delta stores it
+    # Spark 4.0 has no choice: UTC
+    utc = {"timezone": "UTC"} if "timezone" in inspect.signature(to_arrow_schema).parameters else {}
+    # TIMESTAMP is an instant, as Delta stores it
+    return to_arrow(to_arrow_schema(df.schema, **utc).empty_table()).schema
 
 def check_rows(name: str, got: int, expected: int | None):
     "Refuse a write of `got` rows into table `name` when `expected` rows were announced."
     if expected is not None and got != expected:
         raise TableError(f"writing {name}: the frame has {got:,} rows, expected {expected:,}; nothing was written")
 
-def write_delta_files(staging: str, # the write's staging folder (`staging_folder`); the driver moves the files into the table
+# the write's staging folder (`staging_folder`); the driver moves the files into the table
+def write_delta_files(staging: str,
                       schema: pa.Schema, # the schema to write (the table's types, checked on the driver)
                       batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
     "Write one partition's `batches` as Parquet files under `staging`, uncommitted (run by `mapInArrow` on an executor); yields their PARQUET_FILES rows, paths relative to `staging`."
@@ -241,7 +258,8 @@ def write_delta_files(staging: str, # the write's staging folder (`staging_folde
     log = (part / "_delta_log" / "00000000000000000000.json").read_text().splitlines()
     files = [{"path": f"{part.name}/{add['path']}", "size": add["size"], "rows": json.loads(add["stats"])["numRecords"],
               "modified": add["modificationTime"], "stats": add["stats"]}
-             for add in (a["add"] for a in map(json.loads, log) if "add" in a)]  # the part's commit: its files, with their statistics
+             # the part's commit: its files, with their statistics
+             for add in (a["add"] for a in map(json.loads, log) if "add" in a)]
     yield pa.RecordBatch.from_pylist(files)
 
 def staging_folder(folder: Path) -> Path:
@@ -269,7 +287,8 @@ class Tables:
                      column_comments: dict | None = None): raise NotImplementedError
     def transaction_version(self, name: str, app_id: str) -> int | None: raise NotImplementedError
     def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None,
-               replace_schema: bool = False): raise NotImplementedError  # replace_schema: an overwrite that may drop or retype columns
+               # replace_schema: an overwrite that may drop or retype columns
+               replace_schema: bool = False): raise NotImplementedError
     def _merge(self, name: str, table: pa.Table, keys: Sequence[str], update: bool) -> dict: raise NotImplementedError
 
     def read_pandas(self, name: str, version: int | None = None, columns: Sequence[str] | None = None,
@@ -306,7 +325,8 @@ class Tables:
         have = self.schema(name)
         new = pa.schema([f.with_nullable(True) for f in frame if f.name not in set(have.names)])
         if not len(new): return
-        check_schema(name, pa.schema([*have, *new]), frame)  # before the ALTER: a write refused afterwards would leave the columns added
+        # before the ALTER: a write refused afterwards would leave the columns added
+        check_schema(name, pa.schema([*have, *new]), frame)
         self._alter_add(name, new)
 
     def _alter_add(self, name: str, columns: pa.Schema): raise NotImplementedError
@@ -316,24 +336,29 @@ class Tables:
         return table.cast(self._target_schema(name, table.schema))
 
     def overwrite(self, name: str, df: Frame, keys: Sequence[str] | None = None,
-                  replace_schema: bool = False, # take `df`'s columns and types, dropping or retyping the table's (earlier versions keep theirs)
+                  # take `df`'s columns and types, dropping or retyping the table's (earlier versions keep theirs)
+                  replace_schema: bool = False,
                   ) -> int:
         "Replace the contents of `name` with `df` (creating it; unique non-null `keys` if given); returns the new version."
         table = check_keys(name, to_arrow(df), keys) if keys else to_arrow(df)
         if replace_schema and self.exists(name):
-            self._write(name, table.cast(pa.schema([f.with_nullable(True) for f in table.schema])), "overwrite", replace_schema=True)
+            self._write(name, table.cast(pa.schema([f.with_nullable(True) for f in table.schema])), "overwrite",
+                        replace_schema=True)
         else: self._write(name, self._prepared(name, table), "overwrite")
         return self.version(name)
 
     def append(self, name: str, df: Frame,
                txn: tuple[str, int] | None = None,  # (app id, version): Delta idempotent write, once per version
                rows: int | None = None, # refuse the write (nothing written) unless `df` has exactly this many rows
-               add_columns: bool = False, # columns of `df` the table lacks are added to it first (nullable; older rows get null)
+               # columns of `df` the table lacks are added to it first (nullable; older rows get null)
+               add_columns: bool = False,
                ) -> int:
         "Add the rows of `df` to `name` (creating it) in one commit; returns the new version. With `txn`, a no-op if the table has that version of the app or a later one. A Spark frame is written by its executors, never collected."
-        if add_columns and self.exists(name): self._add_new_columns(name, spark_arrow_schema(df) if is_spark_frame(df) else to_arrow(df).schema)
+        if add_columns and self.exists(name): self._add_new_columns(name,
+                                                                    spark_arrow_schema(df) if is_spark_frame(df) else to_arrow(df).schema)
         if is_spark_frame(df):
-            if txn is not None: raise TableError(f"appending to {name}: a transaction id goes with an Arrow or pandas frame, not a Spark frame")
+            if txn is not None: raise TableError(f"appending to {name}: a transaction id goes with an Arrow or pandas "
+                                                 f"frame, not a Spark frame")
             self._append_spark(name, df, self._target_schema(name, spark_arrow_schema(df)), rows)
             return self.version(name)
         table = self._prepared(name, df)
@@ -342,7 +367,8 @@ class Tables:
         return self.version(name)
 
     def merge(self, name: str, df: Frame, keys: Sequence[str], update: bool = True,
-              add_columns: bool = False, # columns of `df` the table lacks are added to it first (rows it does not update get null)
+              # columns of `df` the table lacks are added to it first (rows it does not update get null)
+              add_columns: bool = False,
               ) -> dict:
         "Upsert `df` into `name` on `keys`: new rows are inserted, matched rows updated (or kept, with `update=False`)."
         keys = list(keys)
@@ -351,7 +377,8 @@ class Tables:
         table = self._prepared(name, table)
         if not self.exists(name):
             self._write(name, table, "overwrite")
-            return {"num_target_rows_inserted": table.num_rows, "num_target_rows_updated": 0, "version": self.version(name)}
+            return {"num_target_rows_inserted": table.num_rows, "num_target_rows_updated": 0,
+                    "version": self.version(name)}
         return {**self._merge(name, table, keys, update), "version": self.version(name)}
 
 # %% ../nbs/01_tables.ipynb #17e08d40
@@ -359,7 +386,8 @@ class LocalTables(Tables):
     "Delta tables of a local workspace, read and written with delta-rs."
     def __init__(self, root: Path | str):
         self.root, self._open = Path(root), threading.local()
-        self._kept: dict[str, tuple] = {}  # name -> (stamp of its last commit file, DeltaTable) as this object's last append left it
+        # name -> (stamp of its last commit file, DeltaTable) as this object's last append left it
+        self._kept: dict[str, tuple] = {}
 
     def path(self, name: str) -> Path:
         "Folder of table `name`."
@@ -377,10 +405,12 @@ class LocalTables(Tables):
 
     def _kept_table(self, name: str) -> DeltaTable | None:
         "The DeltaTable of `name` this object's last append left, brought up to date with the commits since (None: none, or the table was made anew)."
-        kept = self._kept.pop(name, None)  # taken while in use: another thread appending through this object opens its own
+        # taken while in use: another thread appending through this object opens its own
+        kept = self._kept.pop(name, None)
         if kept is None: return None
         try:
-            if self._commit_stamp(name, kept[1].version()) != kept[0]: return None  # the folder was removed and the table made anew
+            # the folder was removed and the table made anew
+            if self._commit_stamp(name, kept[1].version()) != kept[0]: return None
             kept[1].update_incremental()  # reads the new commits only
             return kept[1]
         except Exception: return None
@@ -398,8 +428,10 @@ class LocalTables(Tables):
             held, self._open.table = self._open.table[1], None
             with contextlib.suppress(OSError): self._kept[name] = (self._commit_stamp(name, held.version()), held)
 
-    def append(self, name: str, df: Frame, txn: tuple[str, int] | None = None, rows: int | None = None, add_columns: bool = False) -> int:
-        if is_spark_frame(df): return super().append(name, df, txn=txn, rows=rows, add_columns=add_columns)  # its commit is not the writer's
+    def append(self, name: str, df: Frame, txn: tuple[str, int] | None = None, rows: int | None = None,
+               add_columns: bool = False) -> int:
+        # its commit is not the writer's
+        if is_spark_frame(df): return super().append(name, df, txn=txn, rows=rows, add_columns=add_columns)
         with self._reading_once(name): return super().append(name, df, txn=txn, rows=rows, add_columns=add_columns)
     append.__doc__ = Tables.append.__doc__ + " (An Arrow or pandas frame: the log is read once, not once per check.)"
 
@@ -410,7 +442,8 @@ class LocalTables(Tables):
         self._require(name)
         dt = DeltaTable(str(self.path(name)))
         if version is not None:
-            if not 0 <= version <= dt.version(): raise TableError(f"table {name} has versions 0..{dt.version()}, not {version}")
+            if not 0 <= version <= dt.version(): raise TableError(f"table {name} has versions 0..{dt.version()}, not "
+                                                                  f"{version}")
             dt.load_as_version(version)
         return dt
 
@@ -423,7 +456,8 @@ class LocalTables(Tables):
                    filters: Filters | None = None) -> pa.Table:
         "Table `name` (as of `version`; optionally some `columns` of the rows matching `filters`) as Arrow."
         expr = arrow_filter(check_filters(name, filters))
-        return to_arrow(self._delta(name, version).to_pyarrow_table(columns=list(columns) if columns else None, filters=expr))
+        return to_arrow(self._delta(name, version).to_pyarrow_table(columns=list(columns) if columns else None,
+                                                                    filters=expr))
 
     def read_spark(self, name: str, version: int | None = None, spark=None):
         "Table `name` (as of `version`) as a Spark DataFrame reading the snapshot's files."
@@ -435,7 +469,8 @@ class LocalTables(Tables):
         if not files: return spark.createDataFrame([], schema)
         return spark.read.schema(schema).parquet(*files)
 
-    def count(self, name: str) -> int: return self._delta(name).to_pyarrow_dataset().count_rows()  # from the files' statistics; DeltaTable.count() is newer than deltalake 1.1 (Databricks Runtime 18 ML)
+    # from the files' statistics; DeltaTable.count() is newer than deltalake 1.1 (Databricks Runtime 18 ML)
+    def count(self, name: str) -> int: return self._delta(name).to_pyarrow_dataset().count_rows()
 
     def history(self, name: str) -> list[dict]:
         "Commits of table `name`, newest first (version, timestamp, operation, metrics)."
@@ -458,7 +493,8 @@ class LocalTables(Tables):
         dt = self._delta(name)
         meta = dt.metadata()
         comments = {f.name: f.metadata["comment"] for f in dt.schema().fields if "comment" in (f.metadata or {})}
-        return {"name": name, "description": meta.description, "properties": dict(meta.configuration), "column_comments": comments}
+        return {"name": name, "description": meta.description, "properties": dict(meta.configuration),
+                "column_comments": comments}
 
     def set_metadata(self, name: str, description: str | None = None, properties: dict | None = None,
                      column_comments: dict | None = None):
@@ -467,33 +503,43 @@ class LocalTables(Tables):
         unknown = sorted(set(column_comments or {}) - {f.name for f in dt.schema().fields})
         if unknown: raise TableError(f"table {name} has no column(s) {unknown} to comment on")
         if description is not None: dt.alter.set_table_description(description)
-        if properties: dt.alter.set_table_properties({k: str(v) for k, v in properties.items()}, raise_if_not_exists=False)  # custom keys allowed
-        for column, comment in (column_comments or {}).items(): dt.alter.set_column_metadata(column, {"comment": comment})
+        # custom keys allowed
+        if properties: dt.alter.set_table_properties({k: str(v) for k, v in properties.items()},
+                                                     raise_if_not_exists=False)
+        for column, comment in (column_comments or {}).items(): dt.alter.set_column_metadata(column,
+                {"comment": comment})
 
     def transaction_version(self, name: str, app_id: str) -> int | None:
         "The last version application `app_id` wrote to table `name` with a txn (None: none yet, or no table)."
         return self._delta(name).transaction_version(app_id) if self.exists(name) else None
 
     def _alter_add(self, name: str, columns: pa.Schema):
-        self._delta(name).alter.add_columns(list(DeltaSchema.from_arrow(columns).fields))  # (an append's own DeltaTable: it sees the new columns)
+        # (an append's own DeltaTable: it sees the new columns)
+        self._delta(name).alter.add_columns(list(DeltaSchema.from_arrow(columns).fields))
 
-    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None, replace_schema: bool = False):
-        if txn and (self.transaction_version(name, txn[0]) or -1) >= txn[1]: return  # delta-rs records a txn; its writer checks it
-        write_deltalake(self._held(name) or str(self.path(name)), table, mode=mode, schema_mode="overwrite" if replace_schema else None,
+    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None,
+               replace_schema: bool = False):
+        # delta-rs records a txn; its writer checks it
+        if txn and (self.transaction_version(name, txn[0]) or -1) >= txn[1]: return
+        write_deltalake(self._held(name) or str(self.path(name)), table, mode=mode,
+                        schema_mode="overwrite" if replace_schema else None,
                         commit_properties=CommitProperties(app_transactions=[Transaction(*txn)]) if txn else None)
 
     def _append_spark(self, name: str, df, schema: pa.Schema, rows: int | None,
-                      transform=None): # Arrow batches -> Arrow batches of `schema`, applied by the worker before it writes
+                      # Arrow batches -> Arrow batches of `schema`, applied by the worker before it writes
+                      transform=None):
         "Spark's Python workers write `df` (`transform`ed) as Parquet files into the write's staging folder; the driver, which gets one row per file, moves them into the table and commits them."
         folder = self.path(name)
         staging = staging_folder(folder)
         write = partial(write_delta_files, str(staging), schema)
         try:
-            files = df.mapInArrow(write if transform is None else lambda batches: write(transform(batches)), PARQUET_FILES).collect()
+            files = df.mapInArrow(write if transform is None else lambda batches: write(transform(batches)),
+                                  PARQUET_FILES).collect()
             check_rows(name, sum(f.rows for f in files), rows)
             for f in files: os.replace(staging / f.path, folder / Path(f.path).name)
             actions = [AddAction(Path(f.path).name, f.size, {}, f.modified, True, f.stats) for f in files]
-            if self.exists(name): self._delta(name).create_write_transaction(actions, "append", self._delta(name).schema())
+            if self.exists(name): self._delta(name).create_write_transaction(actions, "append",
+                    self._delta(name).schema())
             else: create_table_with_add_actions(str(folder), DeltaSchema.from_arrow(schema), actions, mode="append")
         finally: shutil.rmtree(staging, ignore_errors=True)  # uncommitted files of a refused or failed write go with it
 
@@ -512,7 +558,8 @@ class LocalTables(Tables):
 # %% ../nbs/01_tables.ipynb #fd3c7deb
 def merge_metrics(operation_metrics: dict) -> dict:
     "The counts of a Delta MERGE commit (DESCRIBE HISTORY's `operationMetrics`, camelCase text) under delta-rs's names, as ints."
-    return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): int(v) for k, v in operation_metrics.items() if str(v).isdigit()}
+    return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): int(v)
+            for k, v in operation_metrics.items() if str(v).isdigit()}
 
 class SparkTables(Tables):
     "Native Delta tables in the Spark metastore (Unity Catalog on Databricks)."
@@ -546,36 +593,44 @@ class SparkTables(Tables):
         return [r.asDict(recursive=True) for r in self.spark.sql(f"DESCRIBE HISTORY {name}").collect()]
 
     def list(self, catalog: str | None = None, schema: str | None = None) -> list[str]:
-        if catalog is None or schema is None: raise TableError("listing tables on Databricks needs a catalog and a schema")
+        if catalog is None or schema is None: raise TableError("listing tables on Databricks needs a catalog and a "
+                                                               "schema")
         return [f"{catalog}.{schema}.{t.name}" for t in self.spark.catalog.listTables(f"{catalog}.{schema}")]
 
     def describe(self, name: str) -> dict:
         self._require(name)
         detail = self.spark.sql(f"DESCRIBE DETAIL {name}").collect()[0].asDict()
-        comments = {f.name: f.metadata["comment"] for f in self.read_spark(name).schema.fields if "comment" in f.metadata}
-        return {"name": name, "description": detail.get("description"), "properties": dict(detail.get("properties") or {}),
-                "column_comments": comments}
+        comments = {f.name: f.metadata["comment"]
+                    for f in self.read_spark(name).schema.fields if "comment" in f.metadata}
+        return {"name": name, "description": detail.get("description"),
+                "properties": dict(detail.get("properties") or {}), "column_comments": comments}
 
     def set_metadata(self, name: str, description: str | None = None, properties: dict | None = None,
                      column_comments: dict | None = None):
         self._require(name)
         quote = lambda v: "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
         if description is not None: self.spark.sql(f"COMMENT ON TABLE {name} IS {quote(description)}")
-        if properties: self.spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES ({', '.join(f'{quote(k)} = {quote(v)}' for k, v in properties.items())})")
-        for column, comment in (column_comments or {}).items(): self.spark.sql(f"ALTER TABLE {name} ALTER COLUMN `{column}` COMMENT {quote(comment)}")
+        if properties: self.spark.sql(f"ALTER TABLE {name} SET TBLPROPERTIES "
+                                      f"({', '.join(f'{quote(k)} = {quote(v)}' for k, v in properties.items())})")
+        for column, comment in (column_comments
+                                or {}).items(): self.spark.sql(f"ALTER TABLE {name} ALTER COLUMN `{column}` COMMENT "
+                                                               f"{quote(comment)}")
 
     def _alter_add(self, name: str, columns: pa.Schema):
         from pyspark.sql.pandas.types import from_arrow_schema
-        self.spark.sql(f"ALTER TABLE {name} ADD COLUMNS ({', '.join(f'`{f.name}` {f.dataType.simpleString()}' for f in from_arrow_schema(columns))})")
+        self.spark.sql(f"ALTER TABLE {name} ADD COLUMNS "
+                       f"({', '.join(f'`{f.name}` {f.dataType.simpleString()}' for f in from_arrow_schema(columns))})")
 
     def frame(self, table: pa.Table):
         "`table` as a Spark DataFrame with its own Arrow types (from pandas, an empty or all-null column would be inferred as void)."
         return self.spark.createDataFrame(table)  # Spark 4 takes a pyarrow Table as it is
 
-    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None, replace_schema: bool = False):
+    def _write(self, name: str, table: pa.Table, mode: str, txn: tuple[str, int] | None = None,
+               replace_schema: bool = False):
         writer = self.frame(table).write.format(self.FORMAT).mode(mode)
         if txn: writer = writer.option("txnAppId", txn[0]).option("txnVersion", txn[1])  # Delta skips a version it has
-        if replace_schema: writer = writer.option("overwriteSchema", "true")  # Delta's switch for an overwrite that changes the schema
+        # Delta's switch for an overwrite that changes the schema
+        if replace_schema: writer = writer.option("overwriteSchema", "true")
         writer.saveAsTable(name)
 
     FORMAT = "delta"  # the tables' format (Spark's Delta writer; a test without Delta's jars writes Parquet tables)

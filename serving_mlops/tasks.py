@@ -37,17 +37,20 @@ def job_argument(value, hint, name: str):
     if kind in (bool, int, float): return _as_type(value, kind(), name)
     return str(value) if kind is str else value
 
-def run_task(task: Callable, env_name: str, /, **parameters) -> dict:  # positional: a task function's own `task` parameter (monitoring's) passes through
+# positional: a task function's own `task` parameter (monitoring's) passes through
+def run_task(task: Callable, env_name: str, /, **parameters) -> dict:
     "Run `task` as a job task: parameters from the task's widgets on Databricks (else as given), typed by the task's signature."
     given = task_parameters(env_name=env_name, **parameters)
     hints = get_type_hints(task)
     unknown = [k for k in given if k != "env_name" and k not in hints]
-    if unknown: raise ConfigError(f"{task.__name__} takes no parameter(s) {unknown}: its parameters are {[k for k in hints if k not in ('env', 'return')]}")
+    if unknown: raise ConfigError(f"{task.__name__} takes no parameter(s) {unknown}: its parameters are "
+                                  f"{[k for k in hints if k not in ('env', 'return')]}")
     arguments = {k: job_argument(v, hints[k], k) for k, v in given.items() if k != "env_name"}
     return exit_with_values(task(get_environment(given["env_name"]), **arguments))
 
 # %% ../nbs/13_tasks.ipynb #5694bbbb
-MADE_BY = {"silver_clients": "ingest", "silver_statements": "ingest", "behaviour_features": "features", "demographic_features": "features"}
+MADE_BY = {"silver_clients": "ingest", "silver_statements": "ingest", "behaviour_features": "features",
+           "demographic_features": "features"}
 
 def require_tables(env: Environment, *tables: str):  # short names of input tables, e.g. "silver_clients"
     "Raise InputError naming the first of `tables` missing in `env` and the command (and job) that writes it."
@@ -71,15 +74,19 @@ def ingest_task(env: Environment,
     print(f"ingesting into {env.describe()}", flush=True)
     try: landing_files(source or env.landing_dir)
     except IngestError as e:  # nothing to ingest: say where files go, and how to make a synthetic batch
-        raise IngestError(f"{e}; put the files to ingest there, or write a synthetic batch with `serving-mlops generate --env {env.name}`") from None
+        raise IngestError(f"{e}; put the files to ingest there, or write a synthetic batch with `serving-mlops "
+                          f"generate --env {env.name}`") from None
     results = ingest_landing(env, source, snapshot_date, max_bad_fraction, require_label)
     for r in results: print(r.summary())
-    return task_values(files=len(results), rows=sum(r.rows for r in results), quarantined=sum(r.quarantined for r in results))
+    return task_values(files=len(results), rows=sum(r.rows for r in results),
+                       quarantined=sum(r.quarantined for r in results))
 
 # %% ../nbs/13_tasks.ipynb #eb3b9047
 def features_task(env: Environment,
                   publish: bool = True, # also publish the feature tables to the online store
-                  rebuild: str = "", # feature tables to rewrite in their new columns, comma-separated (e.g. behaviour_features): dropping or retyping a feature
+                  # feature tables to rewrite in their new columns, comma-separated (e.g. behaviour_features): dropping
+                  # or retyping a feature
+                  rebuild: str = "",
                   ) -> dict:
     "Build the feature tables from the silver tables (new features become new columns) and publish them to the online store."
     from serving_mlops.feature_store import build_feature_tables, feature_store_for
@@ -101,7 +108,8 @@ def features_task(env: Environment,
 def train_task(env: Environment,
                n_trials: int = 10, # Optuna trials (each a nested MLflow run)
                seed: int = 42, # random seed for splits, sampler and model
-               register: bool = False, # also register the model as 'challenger' (the model_build job registers in its validate task)
+               # also register the model as 'challenger' (the model_build job registers in its validate task)
+               register: bool = False,
                ) -> dict:
     "Tune, train and log a model on the environment's feature tables; returns its run and model URI."
     from serving_mlops.feature_store import feature_store_for
@@ -111,7 +119,8 @@ def train_task(env: Environment,
     require_tables(env, "silver_clients", *FEATURE_TABLES)
     print(f"training in {env.describe()} with {n_trials} Optuna trials", flush=True)
     result = train(env, n_trials=n_trials, seed=seed, store=feature_store_for(env))
-    print(", ".join(f"{k} {result.metrics[k]:.4f}" for k in ("val_roc_auc", "test_roc_auc", "test_pr_auc", "test_brier")))
+    print(", ".join(f"{k} {result.metrics[k]:.4f}"
+                    for k in ("val_roc_auc", "test_roc_auc", "test_pr_auc", "test_brier")))
     print(f"run {result.run_id}; model {result.model_uri}")
     if register:
         version = register_challenger(env, result)
@@ -120,17 +129,20 @@ def train_task(env: Environment,
 
 # %% ../nbs/13_tasks.ipynb #bb16e08a
 def validate_task(env: Environment,
-                  run_id: str | None = None, # training run whose model becomes the challenger; default: the current challenger
+                  # training run whose model becomes the challenger; default: the current challenger
+                  run_id: str | None = None,
                   model_uri: str | None = None, # that run's model
                   seed: int = 42, # the seed the challenger was trained with (same held-out split)
                   latency_budget_ms: float | None = None, # default: the target's latency_budget_ms
-                  allow_request_schema_change: bool = False, # pass the gate although callers would have to send other inputs
+                  # pass the gate although callers would have to send other inputs
+                  allow_request_schema_change: bool = False,
                   ) -> dict:
     "Register a run's model as challenger, validate it against the champion and promote it when every check passes."
     from serving_mlops.feature_store import feature_store_for
     from serving_mlops.registry import promote_challenger, register_challenger, validate_challenger
     from serving_mlops.train import TrainingResult
-    if run_id and not model_uri: raise ConfigError(f"validate: run_id {run_id} given without its model_uri (the train task's values give both)")
+    if run_id and not model_uri: raise ConfigError(f"validate: run_id {run_id} given without its model_uri (the train "
+                                                   f"task's values give both)")
     if run_id: register_challenger(env, TrainingResult(run_id, model_uri, {}, {}))
     report = validate_challenger(env, feature_store_for(env), seed, latency_budget_ms, allow_request_schema_change)
     print(report.summary())
@@ -143,7 +155,8 @@ def deploy_task(env: Environment,
                 version: str = "champion", # model version number or alias
                 traffic: int = 100, # percent of traffic for this version; below 100 the current version keeps the rest
                 requests: int = 50, # single-row requests of the endpoint latency test
-                canary_window: float = 0.0, # seconds to watch a canary (traffic below 100) before promoting or rolling it back
+                # seconds to watch a canary (traffic below 100) before promoting or rolling it back
+                canary_window: float = 0.0,
                 ) -> dict:
     "Deploy a model version to the environment's endpoint and test it; roll back on failure."
     from serving_mlops.deploy import canary, deploy_and_test
@@ -162,14 +175,18 @@ def promote_task(env: Environment,
                  source_env: str = "staging", # the environment whose model is copied into `env`
                  version: int | None = None, # the source's version; default: its champion
                  seed: int = 42, # seed of the held-out split the copy is verified on
-                 force: str = "", # a reason to promote a version whose gate failed or never ran (recorded); empty: only a version that passed
+                 # a reason to promote a version whose gate failed or never ran (recorded); empty: only a version that
+                 # passed
+                 force: str = "",
                  ) -> dict:
     "Copy a model version of another environment's registry into this one, verify it and make it the champion."
     from serving_mlops.registry import promote_version, promotion_source
     source = promotion_source(env, source_env)
-    copy, rows = promote_version(source, env, version, seed, force=force or None)  # verified on the held-out data of `verified_on(source, env)`
+    # verified on the held-out data of `verified_on(source, env)`
+    copy, rows = promote_version(source, env, version, seed, force=force or None)
     print(f"{copy.tags['source_model']} version {copy.tags['source_version']} of '{source.name}' is "
-          f"{copy.name} version {copy.version} of '{env.name}'; identical predictions on {rows} held-out rows; its gate in "
+          f"{copy.name} version {copy.version} of '{env.name}'; identical predictions on {rows} held-out rows; its "
+          f"gate in "
           f"'{source.name}': {copy.tags.get('source_validation.status')}" + (f" (forced: {copy.tags['promotion.forced_reason']})" if "promotion.forced" in copy.tags else ""))
     return task_values(model_version=str(copy.version))
 
@@ -188,7 +205,8 @@ def batch_inference_task(env: Environment,
 # %% ../nbs/13_tasks.ipynb #930f8c31
 def export_line(entity: str, s: dict) -> str:
     "One served entity's line of the runtime's metrics export (`runtime_counters`): its last complete minute, and its model calls since start."
-    minute = (f"minute to {s['minute_end'][11:16]} UTC: {s['requests']:,} requests, {s['errors']:,} failed, mean {s['mean_ms']:.2f} ms"
+    minute = (f"minute to {s['minute_end'][11:16]} UTC: {s['requests']:,} requests, {s['errors']:,} failed, mean "
+              f"{s['mean_ms']:.2f} ms"
               if "minute_end" in s else "no complete minute yet")
     calls = f"; {s['model_calls']:,} model calls for {s['rows']:,} rows since the runtime started" if "model_calls" in s else ""
     return f"  metrics export of {entity}, {minute}{calls}"
@@ -197,16 +215,19 @@ def monitoring_task(env: Environment,
                     task: str = "all", # metrics | drift | all (metrics, then drift)
                     endpoint_name: str | None = None, # default: the environment's endpoint_name
                     window_minutes: int | None = None, # default: the environment's monitoring_window_minutes
-                    lookback_minutes: int | None = None, # the period ends at `end` and starts this much earlier; default: the window
+                    # the period ends at `end` and starts this much earlier; default: the window
+                    lookback_minutes: int | None = None,
                     start: str | None = None, # ISO time (UTC); default: end minus lookback_minutes
                     end: str | None = None, # ISO time (UTC); default: now minus the lag, floored to the window
                     labels_table: str = "", # table with customer_id and default_next_month; empty: no ground truth yet
                     alert: bool = True, # raise DriftAlert when drift is found
-                    lag_minutes: int | None = None, # inference table rows arrive up to this late; default: the environment's monitoring_lag_minutes
+                    # inference table rows arrive up to this late; default: the environment's monitoring_lag_minutes
+                    lag_minutes: int | None = None,
                     ) -> dict:
     "Endpoint metrics, drift and model quality of one period, written to the monitoring tables; the drift alert when drifted."
     from serving_mlops.monitoring.checks import run_monitoring, runtime_counters
-    run = run_monitoring(env, endpoint_name, start, end, window_minutes, lookback_minutes, labels_table, task, lag_minutes)
+    run = run_monitoring(env, endpoint_name, start, end, window_minutes, lookback_minutes, labels_table, task,
+                         lag_minutes)
     print(run.summary())
     values = {}
     if run.metrics is not None:
@@ -214,5 +235,6 @@ def monitoring_task(env: Environment,
         values["metrics_windows"] = len(run.metrics)
     if run.drift is not None: values.update(drifted=run.drift.drifted, drift_run_id=run.drift.run_id)
     task_values(**values)
-    if alert and run.drift is not None: run.drift.raise_alert(shown=True)  # its summary is in the output above: printed once
+    # its summary is in the output above: printed once
+    if alert and run.drift is not None: run.drift.raise_alert(shown=True)
     return values

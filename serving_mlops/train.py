@@ -25,7 +25,8 @@ from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.impute import SimpleImputer
 from sklearn.inspection import permutation_importance
-from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, average_precision_score, brier_score_loss, f1_score,
+from sklearn.metrics import (ConfusionMatrixDisplay, accuracy_score, average_precision_score, brier_score_loss,
+                             f1_score,
                              log_loss, precision_recall_curve, precision_score, recall_score, roc_auc_score, roc_curve)
 from sklearn.model_selection import train_test_split
 from sklearn.pipeline import Pipeline
@@ -54,16 +55,19 @@ def training_set(env: Environment, store=None) -> TrainingSet:
     labels = (store.tables.read_spark(env.table_name("silver_clients"), spark=store.spark)
               .filter(F.col("default_next_month").isNotNull())
               .select(*KEY, F.col("default_next_month").cast("int").alias(LABEL))
-              .orderBy(F.col(KEY[1]).desc(), KEY[0]))  # newest snapshot first: on Databricks the model's input example is the first row
+              # newest snapshot first: on Databricks the model's input example is the first row
+              .orderBy(F.col(KEY[1]).desc(), KEY[0]))
     lookups = [FeatureLookup(env.table_name(t), KEY[0], timestamp_lookup_key=KEY[1]) for t in FEATURE_TABLES]
     return store.create_training_set(labels, lookups, label=LABEL)
 
 # %% ../nbs/06_train.ipynb #7931ba47
-def split_by_customer(df: pd.DataFrame, seed: int = 42, validation: float = 0.2, test: float = 0.2) -> dict[str, pd.DataFrame]:
+def split_by_customer(df: pd.DataFrame, seed: int = 42, validation: float = 0.2,
+                      test: float = 0.2) -> dict[str, pd.DataFrame]:
     "Train/validation/test frames, disjoint in customers and stratified by the label."
     customers = df.groupby("customer_id")[LABEL].max()
     rest, test_ids = train_test_split(customers.index, test_size=test, stratify=customers, random_state=seed)
-    train_ids, val_ids = train_test_split(rest, test_size=validation / (1 - test), stratify=customers[rest], random_state=seed)
+    train_ids, val_ids = train_test_split(rest, test_size=validation / (1 - test), stratify=customers[rest],
+                                          random_state=seed)
     return {name: df[df.customer_id.isin(ids)].reset_index(drop=True) for name, ids in
             (("train", train_ids), ("validation", val_ids), ("test", test_ids))}
 
@@ -72,18 +76,23 @@ def feature_columns(df: pd.DataFrame) -> list[str]:
     "Model input columns: everything but keys and label."
     return [c for c in df.columns if c not in (*KEY, LABEL)]
 
-def make_pipeline(columns: list[str], learning_rate: float = 0.1, max_leaf_nodes: int = 31, max_depth: int | None = None,
-                  min_samples_leaf: int = 20, l2_regularization: float = 0.0, max_iter: int = 200, seed: int = 42) -> Pipeline:
+def make_pipeline(columns: list[str], learning_rate: float = 0.1, max_leaf_nodes: int = 31,
+                  max_depth: int | None = None,
+                  min_samples_leaf: int = 20, l2_regularization: float = 0.0, max_iter: int = 200,
+                  seed: int = 42) -> Pipeline:
     "Imputation, one-hot encoding and gradient boosting for `columns`."
     categorical = [c for c in columns if c in CATEGORICAL]
     numeric = [c for c in columns if c not in CATEGORICAL]
     prep = ColumnTransformer([
         ("numeric", SimpleImputer(strategy="median"), numeric),
         ("categorical", Pipeline([("impute", SimpleImputer(strategy="most_frequent")),
-                                  ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]), categorical)])
-    clf = HistGradientBoostingClassifier(learning_rate=learning_rate, max_leaf_nodes=max_leaf_nodes, max_depth=max_depth,
+                                  ("onehot", OneHotEncoder(handle_unknown="ignore", sparse_output=False))]),
+         categorical)])
+    clf = HistGradientBoostingClassifier(learning_rate=learning_rate, max_leaf_nodes=max_leaf_nodes,
+                                         max_depth=max_depth,
                                          min_samples_leaf=min_samples_leaf, l2_regularization=l2_regularization,
-                                         max_iter=max_iter, early_stopping=True, validation_fraction=0.1, random_state=seed)
+                                         max_iter=max_iter, early_stopping=True, validation_fraction=0.1,
+                                         random_state=seed)
     return Pipeline([("prep", prep), ("model", clf)])
 
 # %% ../nbs/06_train.ipynb #ff6f23ce
@@ -91,9 +100,12 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, prefix: str =
     "Metrics of probabilities `p` against labels `y`, with `prefix` on every name."
     y, p = np.asarray(y), np.asarray(p)
     decided = (p >= threshold).astype(int)
-    metrics = {"roc_auc": roc_auc_score(y, p), "pr_auc": average_precision_score(y, p), "log_loss": log_loss(y, p, labels=[0, 1]),
-               "brier": brier_score_loss(y, p), "accuracy": accuracy_score(y, decided), "f1": f1_score(y, decided, zero_division=0),
-               "precision": precision_score(y, decided, zero_division=0), "recall": recall_score(y, decided, zero_division=0)}
+    metrics = {"roc_auc": roc_auc_score(y, p), "pr_auc": average_precision_score(y, p),
+               "log_loss": log_loss(y, p, labels=[0, 1]),
+               "brier": brier_score_loss(y, p), "accuracy": accuracy_score(y, decided),
+               "f1": f1_score(y, decided, zero_division=0),
+               "precision": precision_score(y, decided, zero_division=0),
+               "recall": recall_score(y, decided, zero_division=0)}
     return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
 
 # %% ../nbs/06_train.ipynb #7660cccf
@@ -104,19 +116,23 @@ def evaluation_figures(y: np.ndarray, p: np.ndarray, threshold: float = 0.5,
     figs, of = {}, f"{split} split, {len(y):,} rows"
     fig, ax = plt.subplots(figsize=(5, 5)); fpr, tpr, _ = roc_curve(y, p)
     ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(y, p):.3f}"); ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC ({of})"); ax.legend(); figs["roc.png"] = fig
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"ROC ({of})"); ax.legend(); figs["roc.png"] = fig
     fig, ax = plt.subplots(figsize=(5, 5)); prec, rec, _ = precision_recall_curve(y, p)
     ax.plot(rec, prec, label=f"AP {average_precision_score(y, p):.3f}"); ax.axhline(np.mean(y), ls="--", color="grey")
-    ax.set(xlabel="recall", ylabel="precision", title=f"Precision-recall ({of})"); ax.legend(); figs["precision_recall.png"] = fig
+    ax.set(xlabel="recall", ylabel="precision",
+           title=f"Precision-recall ({of})"); ax.legend(); figs["precision_recall.png"] = fig
     fig, ax = plt.subplots(figsize=(5, 5)); frac, mean = calibration_curve(y, p, n_bins=10, strategy="quantile")
     ax.plot(mean, frac, "o-"); ax.plot([0, 1], [0, 1], "--", color="grey")
-    ax.set(xlabel="predicted probability", ylabel="observed default rate", title=f"Calibration ({of})"); figs["calibration.png"] = fig
+    ax.set(xlabel="predicted probability", ylabel="observed default rate",
+           title=f"Calibration ({of})"); figs["calibration.png"] = fig
     fig, ax = plt.subplots(figsize=(5, 5))
     ConfusionMatrixDisplay.from_predictions(y, (np.asarray(p) >= threshold).astype(int), ax=ax, colorbar=False)
     ax.set_title(f"Confusion matrix at {threshold:.2f} ({of})"); figs["confusion_matrix.png"] = fig
     return figs
 
-def importance_figure(model: Pipeline, X: pd.DataFrame, y: np.ndarray, seed: int = 42, split: str = "validation") -> plt.Figure:
+def importance_figure(model: Pipeline, X: pd.DataFrame, y: np.ndarray, seed: int = 42,
+                      split: str = "validation") -> plt.Figure:
     "Permutation importance (drop in ROC AUC) of each input column."
     result = permutation_importance(model, X, y, scoring="roc_auc", n_repeats=3, random_state=seed, n_jobs=1)
     order = np.argsort(result.importances_mean)
@@ -147,11 +163,14 @@ class TableVersionSource(DeltaDatasetSource):
     "MLflow's Delta table dataset source that records version 0 too (MLflow's own leaves a falsy version out)."
     def to_dict(self) -> dict: return {**super().to_dict(), "delta_table_version": self._delta_table_version}
 
-def split_datasets(env: Environment, store, splits: dict[str, pd.DataFrame]) -> dict[str, mlflow.data.pandas_dataset.PandasDataset]:
+def split_datasets(env: Environment, store,
+                   splits: dict[str, pd.DataFrame]) -> dict[str, mlflow.data.pandas_dataset.PandasDataset]:
     "Each split as an MLflow dataset whose source is the silver table at the Delta version the training set read."
     silver = env.table_name("silver_clients")
-    source = TableVersionSource(delta_table_name=silver, delta_table_version=store.tables.version(silver), delta_table_id=store.tables.dataset_id(silver))
-    return {split: mlflow.data.from_pandas(df, source=source, targets=LABEL, name=f"credit_default_{split}") for split, df in splits.items()}
+    source = TableVersionSource(delta_table_name=silver, delta_table_version=store.tables.version(silver),
+                                delta_table_id=store.tables.dataset_id(silver))
+    return {split: mlflow.data.from_pandas(df, source=source, targets=LABEL, name=f"credit_default_{split}")
+            for split, df in splits.items()}
 
 # %% ../nbs/06_train.ipynb #ed43a6d0
 def suggest(trial: optuna.Trial) -> dict:
@@ -185,8 +204,10 @@ class TrainingResult:
 
 def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float = 0.5, store=None,
           experiment: str | None = None, progress: bool = True,
-          pipeline: Callable[..., Pipeline] = make_pipeline, # the model: `pipeline(columns, seed=seed, **params)`, a scikit-learn estimator with `predict_proba`
-          space: Callable[[optuna.Trial], dict] = suggest, # its hyperparameters: `space(trial)` -> `pipeline`'s keyword arguments
+          # the model: `pipeline(columns, seed=seed, **params)`, a scikit-learn estimator with `predict_proba`
+          pipeline: Callable[..., Pipeline] = make_pipeline,
+          # its hyperparameters: `space(trial)` -> `pipeline`'s keyword arguments
+          space: Callable[[optuna.Trial], dict] = suggest,
           ) -> TrainingResult:
     """Tune, train, evaluate and log a model on the environment's feature store; returns the run's result. The job's
     `train` task trains `make_pipeline` over `suggest`: to swap the model, change those two (docs/training-and-registry.md)."""
@@ -195,11 +216,14 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
     df = ts.load_df().toPandas().sort_values(KEY, ignore_index=True)
     splits = split_by_customer(df, seed)
     cols = feature_columns(df)
-    (Xt, yt), (Xv, yv), (Xs, ys) = [(splits[k][cols], splits[k][LABEL].to_numpy()) for k in ("train", "validation", "test")]
-    if progress: print(f"training set: {len(df):,} rows, {len(cols)} features: train {len(Xt):,}, validation {len(Xv):,}, test {len(Xs):,} rows", flush=True)
+    (Xt, yt), (Xv, yv), (Xs, ys) = [(splits[k][cols], splits[k][LABEL].to_numpy())
+                                    for k in ("train", "validation", "test")]
+    if progress: print(f"training set: {len(df):,} rows, {len(cols)} features: train {len(Xt):,}, validation "
+                       f"{len(Xv):,}, test {len(Xs):,} rows", flush=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     run_name = f"train {env.model_name.split('.')[-1]} {env.name} {n_trials} trials"
-    with in_experiment(env, experiment or experiment_name(env, "training")), mlflow.start_run(run_name=run_name) as parent:
+    with in_experiment(env, experiment
+                       or experiment_name(env, "training")), mlflow.start_run(run_name=run_name) as parent:
         for split, dataset in split_datasets(env, store, splits).items(): mlflow.log_input(dataset, context=split)
         def objective(trial):
             params = space(trial)
@@ -213,7 +237,8 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
         def report(study, trial):
             n, best = trial.number + 1, study.best_trial.number == trial.number
             if not (best or n % every == 0 or n == n_trials): return
-            print(f"trial {n}/{n_trials}: validation ROC AUC {trial.value:.4f}{' (new best)' if best else ''}, best {study.best_value:.4f} "
+            print(f"trial {n}/{n_trials}: validation ROC AUC {trial.value:.4f}{' (new best)' if best else ''}, best "
+                  f"{study.best_value:.4f} "
                   f"(trial {study.best_trial.number + 1}), {trial.duration.total_seconds():.1f} s", flush=True)
         study.optimize(objective, n_trials=n_trials, callbacks=[report] if progress else [])
         model = pipeline(cols, seed=seed, **study.best_params).fit(Xt, yt)
@@ -222,10 +247,12 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
         mlflow.log_params({**study.best_params, "n_trials": n_trials, "seed": seed, "threshold": threshold,
                            "rows_train": len(Xt), "rows_validation": len(Xv), "rows_test": len(Xs)})
         mlflow.log_metrics(metrics)
-        if progress: print(f"final model: validation ROC AUC {metrics['val_roc_auc']:.4f}, test {metrics['test_roc_auc']:.4f}; "
+        if progress: print(f"final model: validation ROC AUC {metrics['val_roc_auc']:.4f}, test "
+                           f"{metrics['test_roc_auc']:.4f}; "
                            "logging plots, baseline and model", flush=True)
         mlflow.set_tags(lineage(env, store, ts, df))
-        figures = {**evaluation_figures(ys, ps, threshold, "test"), "feature_importance.png": importance_figure(model, Xv, yv, seed, "validation")}
+        figures = {**evaluation_figures(ys, ps, threshold, "test"),
+                   "feature_importance.png": importance_figure(model, Xv, yv, seed, "validation")}
         for file, fig in figures.items():
             mlflow.log_figure(fig, f"plots/{file}"); plt.close(fig)
         example = model_example(splits["test"], cols)

@@ -24,8 +24,8 @@ from starlette.routing import Route
 from ..config import Environment
 from ..errors import InputError
 from ..serving.app import serving_token
-from ..serving.process import (READ_TIMEOUT, GuardedHTTPProtocol, bind_port, drop_info, service_file, service_info, start_service,
-                                           stop_service, write_info)
+from ..serving.process import (READ_TIMEOUT, GuardedHTTPProtocol, bind_port, drop_info, service_file,
+                                           service_info, start_service, stop_service, write_info)
 from . import endpoints, views
 from .base import page, plotly_js
 
@@ -43,9 +43,11 @@ def _same(given: str, expected: str) -> bool: return hmac.compare_digest(given.e
 
 def unauthorized(env: Environment, request: Request, why: str) -> Response:
     "401 with how to log in: a page for a browser, JSON under /api/."
-    how = (f"open the login link that `serving-mlops console --env {env.name}` printed (it is also in {service_file(env, 'console')}), "
+    how = (f"open the login link that `serving-mlops console --env {env.name}` printed (it is also in "
+           f"{service_file(env, 'console')}), "
            f"or send `Authorization: Bearer <the serving token in {env.path('tokens', 'serving-token')}>`")
-    if request.url.path.startswith("/api/"): return JSONResponse({"error_code": "UNAUTHENTICATED", "message": f"{why}: {how}"}, 401)
+    if request.url.path.startswith("/api/"): return JSONResponse({"error_code": "UNAUTHENTICATED",
+                                                                  "message": f"{why}: {how}"}, 401)
     body = Markup('<div class="card bad" id="login-needed"><p>{}.</p><p>To look at this console, {}.</p></div>').format(why, how)
     return HTMLResponse(page(env, "Log in", body), 401)
 
@@ -92,7 +94,8 @@ def console_app(env: Environment, login_secret: str | None = None, # the login l
                             Route("/static/plotly.min.js", lambda r: Response(plotly_js(), media_type="text/javascript",
                                                                               headers={"cache-control": "max-age=86400"})),
                             *endpoints.routes(env, sampler), *views.routes(env)],
-                    middleware=[Middleware(ConsoleAuth, env=env, session=session, token=serving_token(env))], lifespan=lifespan)
+                    middleware=[Middleware(ConsoleAuth, env=env, session=session, token=serving_token(env))],
+                    lifespan=lifespan)
     app.state.login_secret = login_secret
     return app
 
@@ -100,7 +103,8 @@ def console_app(env: Environment, login_secret: str | None = None, # the login l
 def check_local(env: Environment):
     "Refuse a workspace target: its endpoints, jobs and models have Databricks' own pages."
     if not env.is_local:
-        raise InputError(f"environment '{env.name}' is the {env.where}: the console is for local workspaces; Databricks has its own UI "
+        raise InputError(f"environment '{env.name}' is the {env.where}: the console is for local workspaces; "
+                         f"Databricks has its own UI "
                          "for this (Serving, Jobs & Pipelines, Models and Experiments in the workspace)")
 
 def _private_folder(env: Environment):  # console.json and the background console's log hold the login link: owner only
@@ -109,27 +113,36 @@ def _private_folder(env: Environment):  # console.json and the background consol
 def login_link(url: str, secret: str) -> str: return f"{url}/login?token={quote(secret)}"
 
 def serve_console(env: Environment, port: int = 0, announce=print,
-                  read_timeout: float = READ_TIMEOUT): # seconds a client has to send a whole request, as the serving runtime allows
+                  # seconds a client has to send a whole request, as the serving runtime allows
+                  read_timeout: float = READ_TIMEOUT):
     "Run `env`'s console in the foreground on 127.0.0.1:`port` until SIGTERM or Ctrl-C; `announce` gets its login link."
     check_local(env)
     _private_folder(env)
     if (running := service_info(env, "console")) is not None:
-        raise InputError(f"the console of environment '{env.name}' is already running: {running['login']} (pid {running['pid']}); "
+        raise InputError(f"the console of environment '{env.name}' is already running: {running['login']} (pid "
+                         f"{running['pid']}); "
                          f"stop it with `serving-mlops console --env {env.name} --stop`")
     sock = bind_port(env, "127.0.0.1", port, f"start the console of environment '{env.name}'")
-    url, secret, info = f"http://127.0.0.1:{sock.getsockname()[1]}", secrets.token_urlsafe(24), service_file(env, "console")
-    started = lambda: write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "login": login_link(url, secret)})
+    url, secret, info = f"http://127.0.0.1:{sock.getsockname()[1]}", secrets.token_urlsafe(24), service_file(env,
+            "console")
+    started = lambda: write_info(info,
+                                 {"url": url, "pid": os.getpid(), "environment": env.name,
+                                  "login": login_link(url, secret)})
     app = console_app(env, secret, on_started=started, on_stopped=lambda: drop_info(info))
     announce(f"console of environment '{env.name}': {login_link(url, secret)}")
-    config = uvicorn.Config(app, http=GuardedHTTPProtocol.within(read_timeout), log_level="warning", access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=5)  # a connection whose request does not arrive whole in time is closed
+    config = uvicorn.Config(app, http=GuardedHTTPProtocol.within(read_timeout), log_level="warning", access_log=False,
+                            lifespan="on",
+                            # a connection whose request does not arrive whole in time is closed
+                            timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 
 def start_console(env: Environment, port: int = 0, timeout: float = 60, read_timeout: float = READ_TIMEOUT) -> dict:
     "Start `env`'s console as a background process (or find the running one); its info: url, pid, login link."
     check_local(env)
     _private_folder(env)
-    return start_service(env, "console", ["console", "--env", env.name, "--port", str(port), "--read-timeout", str(read_timeout)], timeout)
+    return start_service(env, "console",
+                         ["console", "--env", env.name, "--port", str(port), "--read-timeout", str(read_timeout)],
+                         timeout)
 
 def stop_console(env: Environment, timeout: float = 30) -> bool:
     "Stop `env`'s console; False when none was running."

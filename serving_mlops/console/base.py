@@ -88,7 +88,8 @@ def figure(fig: go.Figure | Mapping, # what to draw
            every: float = 5) -> Markup:  # seconds between refreshes
     "A chart element of a page: Plotly draws `fig` when the page loads and redraws it from `refresh` every `every` s."
     attrs = f' data-refresh="{escape(refresh)}" data-every="{every:g}"' if refresh else ""
-    return Markup(f'<div class="chart" id="{escape(id)}" data-figure="{escape(figure_json(fig).decode())}"{attrs}></div>')
+    return Markup(f'<div class="chart" id="{escape(id)}" '
+                  f'data-figure="{escape(figure_json(fig).decode())}"{attrs}></div>')
 
 # %% ../../nbs/14a_console_base.ipynb #73aa45cf
 def _cell(v) -> str:

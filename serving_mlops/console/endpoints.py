@@ -38,22 +38,25 @@ LIVE_MINUTES = 15  # the live charts show this many minutes
 LIVE_SECONDS = 10  # in windows of this many seconds
 SAMPLE_SECONDS = 3.0  # the runtime's counters are read this often
 HISTORY_DAYS = 7  # monitoring windows shown from the _metrics table
-_LIVE_COLUMNS = ["served_entity_name", "window_start", "window_end", "requests", "qps", "errors", "errors_4xx", "errors_5xx",
-                 "p50_ms", "p95_ms", "p99_ms"]
+_LIVE_COLUMNS = ["served_entity_name", "window_start", "window_end", "requests", "qps", "errors", "errors_4xx",
+                 "errors_5xx", "p50_ms", "p95_ms", "p99_ms"]
 
 def live_requests(env: Environment, endpoint: str, minutes: float = LIVE_MINUTES, seconds: float = LIVE_SECONDS,
                   now: pd.Timestamp | None = None) -> pd.DataFrame:
     "`request_stats` of the endpoint's last `minutes` in windows of `seconds` (no rows while it has no inference table)."
     end = now or pd.Timestamp.now(tz="UTC")
     if not tables_for(env).exists(inference_table(env, endpoint)): return pd.DataFrame(columns=_LIVE_COLUMNS)
-    return request_stats(env, endpoint, end - pd.Timedelta(minutes=minutes), end, pd.Timedelta(seconds=seconds))[_LIVE_COLUMNS]
+    return request_stats(env, endpoint, end - pd.Timedelta(minutes=minutes), end,
+                         pd.Timedelta(seconds=seconds))[_LIVE_COLUMNS]
 
 def metrics_history(env: Environment, endpoint: str, days: float = HISTORY_DAYS) -> pd.DataFrame:
     "The endpoint's monitoring windows of the last `days` from its `_metrics` table (none before a monitoring run wrote it)."
     name, tables = inference_table(env, endpoint, "metrics"), tables_for(env)
-    if not tables.exists(name): return pd.DataFrame(columns=["served_entity_name", "window_start", "window_end", "requests", "qps", "error_rate", "p95_ms"])
+    if not tables.exists(name): return pd.DataFrame(columns=["served_entity_name", "window_start", "window_end",
+                                                             "requests", "qps", "error_rate", "p95_ms"])
     since = pd.Timestamp.now(tz="UTC") - pd.Timedelta(days=days)
-    return tables.read_pandas(name, filters=[("window_start", ">=", since)]).sort_values("window_start", kind="stable", ignore_index=True)
+    return tables.read_pandas(name, filters=[("window_start", ">=", since)]).sort_values("window_start", kind="stable",
+            ignore_index=True)
 
 # %% ../../nbs/14b_console_endpoints.ipynb #88d8f5ea
 class RuntimeSampler:
@@ -110,19 +113,23 @@ def rows_per_call(readings: list[tuple[float, dict]]) -> pd.DataFrame:
             before, last[entity] = last.get(entity), (c["model_calls"], c["rows"])
             if before is None or c["model_calls"] < before[0]: continue  # the first reading, or the runtime restarted
             calls, rows = c["model_calls"] - before[0], c["rows"] - before[1]
-            out.append({"time": pd.Timestamp(t, unit="s", tz="UTC"), "served_entity_name": entity, "model_calls": calls, "rows": rows,
-                        "rows_per_call": rows / calls if calls else float("nan")})
+            out.append({"time": pd.Timestamp(t, unit="s", tz="UTC"), "served_entity_name": entity, "model_calls": calls,
+                        "rows": rows, "rows_per_call": rows / calls if calls else float("nan")})
     return pd.DataFrame(out, columns=["time", "served_entity_name", "model_calls", "rows", "rows_per_call"])
 
 # %% ../../nbs/14b_console_endpoints.ipynb #a2e853d6
 def _layout(title: str, y: str, **more) -> dict:  # times in UTC (said under the charts); the legend below the axis
-    return dict(title=dict(text=title, font=dict(size=14)), height=300, margin=dict(l=55, r=15, t=45, b=20), yaxis=dict(title=y, rangemode="tozero"),
-                xaxis=dict(type="date"), legend=dict(orientation="h", y=-0.18, yanchor="top"), uirevision="keep", template="plotly_white", **more)
+    return dict(title=dict(text=title, font=dict(size=14)), height=300, margin=dict(l=55, r=15, t=45, b=20),
+                yaxis=dict(title=y, rangemode="tozero"),
+                xaxis=dict(type="date"), legend=dict(orientation="h", y=-0.18, yanchor="top"), uirevision="keep",
+                template="plotly_white", **more)
 
 def unreadable_figure(title: str, why: str, color: str = "#b3261e") -> go.Figure:
     "An empty chart saying why it has nothing to show."
-    return go.Figure().update_layout(**{**_layout(title, ""), "xaxis": dict(visible=False), "yaxis": dict(visible=False)},
-                                     annotations=[dict(text=why[:300], showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5, font=dict(color=color))])
+    return go.Figure().update_layout(**{**_layout(title, ""), "xaxis": dict(visible=False),
+                                        "yaxis": dict(visible=False)},
+                                     annotations=[dict(text=why[:300], showarrow=False, xref="paper", yref="paper",
+                                                       x=0.5, y=0.5, font=dict(color=color))])
 
 def _utc(times: pd.Series) -> list:  # plotly.js draws times as given: naive UTC
     return pd.to_datetime(times, utc=True).dt.tz_localize(None).tolist()
@@ -130,7 +137,8 @@ def _utc(times: pd.Series) -> list:  # plotly.js draws times as given: naive UTC
 def _windows(g: pd.DataFrame, seconds: float, until: pd.Timestamp | None = None, **fill) -> pd.DataFrame:
     "One entity's windows with those without requests added (values `fill`, else missing: a gap in the line), from its first window to its last or `until`."
     every = pd.Timedelta(seconds=seconds)
-    index = pd.date_range(g.window_start.min(), (until or g.window_start.max()).floor(every), freq=every, name="window_start")
+    index = pd.date_range(g.window_start.min(), (until or g.window_start.max()).floor(every), freq=every,
+                          name="window_start")
     out = g.set_index("window_start").reindex(index).reset_index()
     return out.fillna(fill) if fill else out
 
@@ -142,20 +150,24 @@ def rate_figure(live: pd.DataFrame, now: pd.Timestamp | None = None, seconds: fl
         fig.add_scatter(x=_utc(f.window_start), y=f.qps.tolist(), name=entity, mode="lines+markers", line_shape="hv")
     return fig.update_layout(**_layout(f"Request rate (requests/s, {seconds:g} s windows)", "requests/s"))
 
-def _entity_lines(live: pd.DataFrame, seconds: float, lines: list, # (name, function of an entity's windows giving the values, dash)
+# (name, function of an entity's windows giving the values, dash)
+def _entity_lines(live: pd.DataFrame, seconds: float, lines: list,
                   title: str, y: str) -> go.Figure:
     "A line per served entity and item of `lines`, with a gap where a window had no requests."
     fig = go.Figure()
     for entity, g in live.groupby("served_entity_name", sort=True):
         g = _windows(g, seconds)
         for name, values, dash in lines:
-            fig.add_scatter(x=_utc(g.window_start), y=values(g).tolist(), name=f"{entity} {name}", mode="lines+markers", line=dict(dash=dash))
+            fig.add_scatter(x=_utc(g.window_start), y=values(g).tolist(), name=f"{entity} {name}", mode="lines+markers",
+                            line=dict(dash=dash))
     return fig.update_layout(**_layout(title, y))
 
 def errors_figure(live: pd.DataFrame, seconds: float = LIVE_SECONDS) -> go.Figure:
     "Share of requests answered 4xx and 5xx, per served entity."
-    lines = [(k, lambda g, k=k: 100 * g[f"errors_{k}"] / g.requests, dash) for k, dash in (("4xx", "solid"), ("5xx", "dot"))]
-    return _entity_lines(live, seconds, lines, f"Error rate (% of requests, 4xx and 5xx, {seconds:g} s windows)", "% of requests")
+    lines = [(k, lambda g, k=k: 100 * g[f"errors_{k}"] / g.requests, dash)
+             for k, dash in (("4xx", "solid"), ("5xx", "dot"))]
+    return _entity_lines(live, seconds, lines, f"Error rate (% of requests, 4xx and 5xx, {seconds:g} s windows)",
+                         "% of requests")
 
 def latency_figure(live: pd.DataFrame, seconds: float = LIVE_SECONDS) -> go.Figure:
     "Latency percentiles p50, p95 and p99 (ms, as the inference table logs them) per served entity."
@@ -166,20 +178,26 @@ def rows_figure(sampled: pd.DataFrame, every: float = SAMPLE_SECONDS) -> go.Figu
     "Rows per model call (after micro-batching) per served entity, between readings of the runtime's counters."
     fig = go.Figure()
     for entity, g in sampled.groupby("served_entity_name", sort=True):
-        fig.add_scatter(x=_utc(g.time), y=g.rows_per_call.tolist(), name=entity, mode="lines+markers", connectgaps=False)
-    return fig.update_layout(**_layout(f"Rows per model call (rows, runtime counters every {every:g} s)", "rows per call"))
+        fig.add_scatter(x=_utc(g.time), y=g.rows_per_call.tolist(), name=entity, mode="lines+markers",
+                        connectgaps=False)
+    return fig.update_layout(**_layout(f"Rows per model call (rows, runtime counters every {every:g} s)",
+                                       "rows per call"))
 
 def history_figure(history: pd.DataFrame) -> go.Figure:
     "Requests per second (bars) and p95 latency (ms, line) of each monitoring window in the `_metrics` table."
-    fig = go.Figure() if len(history) else unreadable_figure("", "no monitoring windows yet: `serving-mlops monitor` writes them", color="#69737d")
+    fig = go.Figure() if len(history) else unreadable_figure("",
+                                                             "no monitoring windows yet: `serving-mlops monitor` "
+                                                             "writes them", color="#69737d")
     for entity, g in history.groupby("served_entity_name", sort=True):
         fig.add_bar(x=_utc(g.window_start), y=g.qps.tolist(), name=f"{entity} requests/s")
-        fig.add_scatter(x=_utc(g.window_start), y=g.p95_ms.tolist(), name=f"{entity} p95 ms", mode="lines+markers", yaxis="y2")
+        fig.add_scatter(x=_utc(g.window_start), y=g.p95_ms.tolist(), name=f"{entity} p95 ms", mode="lines+markers",
+                        yaxis="y2")
     return fig.update_layout(**_layout("Monitoring windows (_metrics): requests/s, p95 ms", "requests/s",
                                        yaxis2=dict(title="p95 ms", overlaying="y", side="right", rangemode="tozero")))
 
 
-CHARTS = {"rate": "request rate", "errors": "error rate", "latency": "latency", "rows": "rows per model call", "history": "monitoring windows"}
+CHARTS = {"rate": "request rate", "errors": "error rate", "latency": "latency", "rows": "rows per model call",
+          "history": "monitoring windows"}
 
 # %% ../../nbs/14b_console_endpoints.ipynb #7da51b41
 def endpoint_rows(w) -> list[dict]:
@@ -192,7 +210,8 @@ def endpoint_rows(w) -> list[dict]:
         gateway = ep.ai_gateway.inference_table_config if ep.ai_gateway else None
         rows.append({"endpoint": ep.name, "state": state.ready.value if state and state.ready else "",
                      "config update": state.config_update.value if state and state.config_update else "",
-                     "served entities": ", ".join(f"{s.name} ({s.entity_name} version {s.entity_version})" for s in (config.served_entities if config else [])),
+                     "served entities": ", ".join(f"{s.name} ({s.entity_name} version {s.entity_version})"
+                                                  for s in (config.served_entities if config else [])),
                      "traffic": ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%" for r in routes),
                      "inference table": (f"{gateway.catalog_name}.{gateway.schema_name}.{gateway.table_name_prefix}_payload"
                                          + ("" if gateway.enabled else " (disabled)")) if gateway else "none"})
@@ -200,7 +219,8 @@ def endpoint_rows(w) -> list[dict]:
 
 # %% ../../nbs/14b_console_endpoints.ipynb #549577c1
 STATUS_CLASSES = {"all": None, "2xx": (200, 299), "4xx": (400, 499), "5xx": (500, 599)}
-WINDOWS = {"15 min": 15, "1 hour": 60, "24 hours": 1440, "7 days": 10080}  # the requests page's choices of window (minutes)
+# the requests page's choices of window (minutes)
+WINDOWS = {"15 min": 15, "1 hour": 60, "24 hours": 1440, "7 days": 10080}
 
 def keys_not_found(response: str | None) -> int:
     "How many rows of a request had keys the online store did not have, from the response body the inference table logged (0 when none)."
@@ -208,23 +228,28 @@ def keys_not_found(response: str | None) -> int:
     try: body = orjson.loads(response)
     except orjson.JSONDecodeError: return 0
     missing = ((body.get("metadata") or {}) if isinstance(body, dict) else {}).get("keys_not_found") or []
-    return len({k.get("row") if isinstance(k, dict) else i for i, k in enumerate(missing)})  # one entry per row and feature table
+    # one entry per row and feature table
+    return len({k.get("row") if isinstance(k, dict) else i for i, k in enumerate(missing)})
 
 def recent_requests(env: Environment, endpoint: str, status: str = "all", minutes: float = 1440, limit: int = 100,
                     now: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict]:
     "The newest `limit` requests of the last `minutes` with status class `status`, and the window's missing-lookup counts."
-    if status not in STATUS_CLASSES: raise MonitoringError(f"status {status!r}: expected one of {', '.join(STATUS_CLASSES)}")
+    if status not in STATUS_CLASSES: raise MonitoringError(f"status {status!r}: expected one of "
+                                                           f"{', '.join(STATUS_CLASSES)}")
     end = now or pd.Timestamp.now(tz="UTC")
     rows = read_payload(env, endpoint, end - pd.Timedelta(minutes=minutes), end + pd.Timedelta(seconds=1),
-                        ["databricks_request_id", "request_time", "status_code", "execution_duration_ms", "served_entity_id", "request", "response"]).to_pandas()
+                        ["databricks_request_id", "request_time", "status_code", "execution_duration_ms",
+                         "served_entity_id", "request", "response"]).to_pandas()
     rows["keys_not_found"] = rows.response.map(keys_not_found).astype("int64")
     ok = rows.status_code == 200
-    missing = {"requests": len(rows), "successful": int(ok.sum()), "with_missing_keys": int((ok & (rows.keys_not_found > 0)).sum())}
+    missing = {"requests": len(rows), "successful": int(ok.sum()),
+               "with_missing_keys": int((ok & (rows.keys_not_found > 0)).sum())}
     missing["share"] = missing["with_missing_keys"] / missing["successful"] if missing["successful"] else 0.0
     if (bounds := STATUS_CLASSES[status]) is not None: rows = rows[rows.status_code.between(*bounds)]
     rows = rows.sort_values("request_time", ascending=False, kind="stable").head(limit)
     if len(rows):
-        names = served_entities(env, endpoint, rows.served_entity_id.unique()).set_index("served_entity_id").served_entity_name
+        names = served_entities(env, endpoint,
+                                rows.served_entity_id.unique()).set_index("served_entity_id").served_entity_name
         rows["served_entity_name"] = rows.served_entity_id.map(names)
     else: rows["served_entity_name"] = []
     return rows.drop(columns="served_entity_id").reset_index(drop=True), missing
@@ -232,10 +257,12 @@ def recent_requests(env: Environment, endpoint: str, status: str = "all", minute
 # %% ../../nbs/14b_console_endpoints.ipynb #be3035ee
 LIVE_CACHE_SECONDS = 2.0
 
-def _error(status: int, code: str, message: str) -> JSONResponse: return JSONResponse({"error_code": code, "message": message}, status)
+def _error(status: int, code: str,
+           message: str) -> JSONResponse: return JSONResponse({"error_code": code, "message": message}, status)
 
 def _json(value) -> Response:
-    return Response(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC, default=str), media_type="application/json")
+    return Response(orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NAIVE_UTC, default=str),
+                    media_type="application/json")
 
 def _records(frame: pd.DataFrame) -> list[dict]:
     return orjson.loads(frame.to_json(orient="records", date_format="iso")) if len(frame) else []
@@ -243,7 +270,8 @@ def _records(frame: pd.DataFrame) -> list[dict]:
 def _details(text: str | None, short: int = 80) -> Markup:
     text = text or ""
     if len(text) <= short: return Markup("<code>{}</code>").format(text)
-    return Markup("<details><summary><code>{}…</code></summary><pre>{}</pre></details>").format(text[:short], text[:20000])
+    return Markup("<details><summary><code>{}…</code></summary><pre>{}</pre></details>").format(text[:short],
+            text[:20000])
 
 def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Route]:
     "The endpoints and requests pages of `env`'s console and their JSON; `sampler` (default: one started with the first page) reads the runtime's counters."
@@ -264,7 +292,8 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
         "None when the endpoint exists; else the error to answer."
         try: client().serving_endpoints.get(endpoint)
         except RuntimeError as e: return _error(503, "TEMPORARILY_UNAVAILABLE", str(e))
-        except NotFound: return _error(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{endpoint}' does not exist in environment '{env.name}'")
+        except NotFound: return _error(404, "RESOURCE_DOES_NOT_EXIST",
+                                       f"serving endpoint '{endpoint}' does not exist in environment '{env.name}'")
         return None
 
     def chart(endpoint: str, kind: str) -> go.Figure:
@@ -274,14 +303,17 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
             if kind == "latency": return latency_figure(live(endpoint))
             if kind == "rows": return rows_figure(sampler.rows_per_call(endpoint), sampler.every)
             return history_figure(metrics_history(env, endpoint))
-        except MonitoringError as e:  # e.g. a row whose served entity the history lacks: said on the chart, the page still loads
+        # e.g. a row whose served entity the history lacks: said on the chart, the page still loads
+        except MonitoringError as e:
             return unreadable_figure(CHARTS[kind], str(e))
 
     def endpoints_page(request: Request):
         sampler.start()
         try: rows = endpoint_rows(client())
         except (RuntimeError, DatabricksError) as e:  # no runtime, or it refused: the page says why
-            return HTMLResponse(page(env, "Endpoints", Markup('<div class="card bad" id="no-runtime">{}</div>').format(str(e)), "Endpoints"))
+            return HTMLResponse(page(env, "Endpoints",
+                                     Markup('<div class="card bad" id="no-runtime">{}</div>').format(str(e)),
+                                     "Endpoints"))
         parts = [table(rows, id="endpoints", empty=f"no serving endpoints in environment '{env.name}' yet: deploy one "
                                                    f"(serving-mlops deploy --env {env.name})",
                        links={"endpoint": lambda r: f"/requests?endpoint={r['endpoint']}"})]
@@ -289,11 +321,16 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
             name = r["endpoint"]
             charts = [figure(chart(name, kind), f"{kind}-{name}", refresh=f"/api/endpoints/{name}/charts/{kind}",
                              every=5 if kind != "history" else 60) for kind in CHARTS]
-            note = "" if r["inference table"] != "none" else Markup('<p class="muted">no inference table: request, error and latency charts '
-                                                                     'need ai_gateway.inference_table_config (serving-mlops deploy enables it)</p>')
-            parts.append(Markup('<h2 id="endpoint-{0}">{0}</h2>{1}<div class="grid">{2}</div>').format(name, note, Markup("").join(charts)))
-        parts.append(Markup('<p class="muted">Times in UTC. Live charts: the last {} minutes of the inference table in {} s windows and the runtime\'s '
-                            'counters read every {:g} s, redrawn every 5 s. Monitoring windows: the <code>_metrics</code> table.</p>')
+            note = "" if r["inference table"] != "none" else Markup('<p class="muted">no inference table: request, '
+                                                                    'error and latency charts '
+                                                                     'need ai_gateway.inference_table_config '
+                                                                     '(serving-mlops deploy enables it)</p>')
+            parts.append(Markup('<h2 id="endpoint-{0}">{0}</h2>{1}<div class="grid">{2}</div>').format(name, note,
+                    Markup("").join(charts)))
+        parts.append(Markup('<p class="muted">Times in UTC. Live charts: the last {} minutes of the inference table '
+                            'in {} s windows and the runtime\'s '
+                            'counters read every {:g} s, redrawn every 5 s. Monitoring windows: the '
+                            '<code>_metrics</code> table.</p>')
                      .format(LIVE_MINUTES, LIVE_SECONDS, sampler.every))
         return HTMLResponse(page(env, "Endpoints", Markup("").join(parts), "Endpoints"))
 
@@ -305,12 +342,14 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
         endpoint = request.path_params["name"]
         if (refused := known(endpoint)) is not None: return refused
         sampler.start()
-        return _json({"endpoint": endpoint, "live": _records(live(endpoint)), "rows_per_call": _records(sampler.rows_per_call(endpoint)),
+        return _json({"endpoint": endpoint, "live": _records(live(endpoint)),
+                      "rows_per_call": _records(sampler.rows_per_call(endpoint)),
                       "history": _records(metrics_history(env, endpoint))})
 
     def chart_json(request: Request):
         endpoint, kind = request.path_params["name"], request.path_params["kind"]
-        if kind not in CHARTS: return _error(404, "RESOURCE_DOES_NOT_EXIST", f"chart '{kind}' does not exist: expected one of {', '.join(CHARTS)}")
+        if kind not in CHARTS: return _error(404, "RESOURCE_DOES_NOT_EXIST",
+                                             f"chart '{kind}' does not exist: expected one of {', '.join(CHARTS)}")
         if (refused := known(endpoint)) is not None: return refused
         return Response(figure_json(chart(endpoint, kind)), media_type="application/json")
 
@@ -322,30 +361,41 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
         status, window = q.get("status", "all"), q.get("window", "24 hours")
         try: limit = min(max(int(q.get("limit", "100")), 1), 1000)
         except ValueError: limit = 100
-        select = lambda field, options, chosen: Markup('<select name="{}" id="{}">{}</select>').format(field, field, Markup("").join(
+        select = lambda field, options, chosen: Markup('<select name="{}" id="{}">{}</select>').format(field, field,
+                Markup("").join(
             Markup('<option{}>{}</option>').format(Markup(" selected") if o == chosen else "", o) for o in options))
         form = Markup('<form method="get" action="/requests" class="card" id="filter">endpoint {} status {} window {} '
                       'at most <input name="limit" value="{}" size="4"> <button type="submit">show</button></form>').format(
-            select("endpoint", sorted({*names, endpoint}), endpoint), select("status", STATUS_CLASSES, status), select("window", WINDOWS, window), limit)
+            select("endpoint", sorted({*names, endpoint}), endpoint), select("status", STATUS_CLASSES, status),
+                          select("window", WINDOWS, window), limit)
         if status not in STATUS_CLASSES or window not in WINDOWS:
             body = Markup('<div class="card bad">status must be one of {} and window one of {}</div>').format(", ".join(STATUS_CLASSES), ", ".join(WINDOWS))
             return HTMLResponse(page(env, "Requests", form + body, "Requests"), 400)
-        try: check_endpoint_name(endpoint)  # a name that is no endpoint's (`a.b`, `../../tokens`) names no inference table either
-        except ServingError as e: return HTMLResponse(page(env, "Requests", form + Markup('<div class="card bad">{}</div>').format(e.message), "Requests"), 400)
+        # a name that is no endpoint's (`a.b`, `../../tokens`) names no inference table either
+        try: check_endpoint_name(endpoint)
+        except ServingError as e: return HTMLResponse(page(env, "Requests",
+                                                           form + Markup('<div class="card bad">{}</div>').format(e.message), "Requests"), 400)
         try: rows, missing = recent_requests(env, endpoint, status, WINDOWS[window], limit)
         except MonitoringError as e:
-            return HTMLResponse(page(env, "Requests", form + Markup('<div class="card bad">{}</div>').format(str(e)), "Requests"))
-        share = Markup('<div class="card" id="missing-lookups">Missing lookups in the last {}: <b>{}</b> of {} successful requests '
-                       '(<b>{:.1%}</b>) had keys the online feature store did not know (their features were imputed).</div>').format(
+            return HTMLResponse(page(env, "Requests", form + Markup('<div class="card bad">{}</div>').format(str(e)),
+                                     "Requests"))
+        share = Markup('<div class="card" id="missing-lookups">Missing lookups in the last {}: <b>{}</b> of {} '
+                       'successful requests '
+                       '(<b>{:.1%}</b>) had keys the online feature store did not know (their features were '
+                       'imputed).</div>').format(
             window, missing["with_missing_keys"], missing["successful"], missing["share"])
-        shown = rows.assign(time=rows.request_time.dt.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3], status=rows.status_code,
-                            ms=rows.execution_duration_ms, request=rows.request.map(_details), response=rows.response.map(_details))
+        shown = rows.assign(time=rows.request_time.dt.strftime("%Y-%m-%d %H:%M:%S.%f").str[:-3],
+                            status=rows.status_code,
+                            ms=rows.execution_duration_ms, request=rows.request.map(_details),
+                            response=rows.response.map(_details))
         shown = shown.rename(columns={"served_entity_name": "served entity", "keys_not_found": "rows not found"})
-        listing = table(shown, ["time", "status", "ms", "served entity", "rows not found", "request", "response"], id="requests",
+        listing = table(shown, ["time", "status", "ms", "served entity", "rows not found", "request", "response"],
+                        id="requests",
                         empty=f"no {status} requests in the last {window} of {inference_table(env, endpoint)}")
         caption = Markup('<p class="muted">{} newest {} requests of the last {} in <code>{}</code>, newest first.</p>').format(
             len(rows), status, window, inference_table(env, endpoint))
         return HTMLResponse(page(env, "Requests", form + share + caption + listing, "Requests"))
 
     return [Route("/", endpoints_page), Route("/requests", requests_page), Route("/api/endpoints", endpoints_json),
-            Route("/api/endpoints/{name}/series", series_json), Route("/api/endpoints/{name}/charts/{kind}", chart_json)]
+            Route("/api/endpoints/{name}/series", series_json),
+            Route("/api/endpoints/{name}/charts/{kind}", chart_json)]

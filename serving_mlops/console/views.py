@@ -56,7 +56,8 @@ MONITORING_KINDS = ("drift", "metrics", "quality")  # the tables monitoring writ
 def monitored_endpoints(env: Environment) -> list[str]:
     "Endpoints with monitoring tables or reports in `env`, the environment's own endpoint first."
     names = [env.endpoint_name]
-    if env.is_local and env.path("monitoring").is_dir(): names += sorted(p.name for p in env.path("monitoring").iterdir() if p.is_dir())
+    if env.is_local and env.path("monitoring").is_dir(): names += sorted(p.name
+            for p in env.path("monitoring").iterdir() if p.is_dir())
     tables = tables_for(env)
     for name in tables.list(env.catalog, env.schema):
         if name.endswith(tuple(f"_{k}" for k in MONITORING_KINDS)) and "endpoint_name" in tables.schema(name).names:
@@ -88,13 +89,19 @@ def drift_heatmap(drift: pd.DataFrame, # rows of the drift table for one model v
     d = d.assign(window=[window_label(s, e) for s, e in zip(d.window_start, d.window_end)])
     windows, features = list(dict.fromkeys(d.window)), list(dict.fromkeys(d.feature))
     cell = d.groupby(["feature", "window"], sort=False)
-    psi = d[d.method == "psi"].pivot_table(index="feature", columns="window", values="value", aggfunc="last").reindex(index=features, columns=windows)
-    said = cell.apply(lambda g: "<br>".join(f"{r.method} {r.value:.3g} ({'drifted: ' if r.drifted else ''}{DRIFT_RULES.get(r.method, '?')} {r.threshold:g})"
-                                            for r in g.itertuples()) + f"<br>{int(g.n.max()):,} rows", include_groups=False)
+    psi = d[d.method == "psi"].pivot_table(index="feature", columns="window", values="value",
+                                           aggfunc="last").reindex(index=features, columns=windows)
+    said = cell.apply(lambda g: "<br>".join(f"{r.method} {r.value:.3g} "
+                                            f"({'drifted: ' if r.drifted else ''}{DRIFT_RULES.get(r.method, '?')} "
+                                            f"{r.threshold:g})"
+                                            for r in g.itertuples()) + f"<br>{int(g.n.max()):,} rows",
+                      include_groups=False)
     hover = said.unstack().reindex(index=features, columns=windows).fillna("not checked")
     hits = cell.drifted.any().reset_index().query("drifted")
-    fig = go.Figure(go.Heatmap(z=psi.to_numpy(), x=windows, y=features, customdata=hover.to_numpy(), colorscale="YlOrRd", zmin=0,
-                               colorbar={"title": "PSI"}, hovertemplate="%{y} · %{x}<br>%{customdata}<extra></extra>", name="PSI"))
+    fig = go.Figure(go.Heatmap(z=psi.to_numpy(), x=windows, y=features, customdata=hover.to_numpy(),
+                               colorscale="YlOrRd", zmin=0,
+                               colorbar={"title": "PSI"}, hovertemplate="%{y} · %{x}<br>%{customdata}<extra></extra>",
+                               name="PSI"))
     fig.add_trace(go.Scatter(x=hits.window, y=hits.feature, mode="markers", name="drifted", hoverinfo="skip",
                              marker={"symbol": "x-thin-open", "size": 10, "color": "#1b1f24", "line": {"width": 2}}))
     fig.update_layout(title=title, height=140 + 20 * len(features), margin={"l": 150, "r": 20, "t": 40, "b": 60},
@@ -115,7 +122,8 @@ class BadName(ValueError):
 
 def safe_name(name: str, what: str) -> str:
     "`name` when it can be a file or folder name inside a known folder (no path, no `..`); BadName naming `what` otherwise."
-    if not re.fullmatch(r"[A-Za-z0-9_.@+\-]+", name) or name.strip(".") == "": raise BadName(f"{what} {name!r} is not a valid name")
+    if not re.fullmatch(r"[A-Za-z0-9_.@+\-]+",
+                        name) or name.strip(".") == "": raise BadName(f"{what} {name!r} is not a valid name")
     return name
 
 # %% ../../nbs/14c_console_views.ipynb #f1bf1346
@@ -123,15 +131,20 @@ def quality_figure(quality: pd.DataFrame, endpoint: str) -> go.Figure:
     "ROC AUC and Brier score per window, a line per model version."
     fig = go.Figure()
     for version, g in quality.sort_values("window_start").groupby("model_version", sort=True):
-        windows = [w.isoformat() for w in g.window_start]  # lists, not typed arrays: what a test reads back from the page is plain
+        # lists, not typed arrays: what a test reads back from the page is plain
+        windows = [w.isoformat() for w in g.window_start]
         fig.add_trace(go.Scatter(x=windows, y=g.roc_auc.tolist(), mode="lines+markers", name=f"v{version} ROC AUC",
                                  customdata=g[["labelled", "predictions"]].to_numpy().tolist(),
-                                 hovertemplate="%{x}<br>ROC AUC %{y:.3f}<br>%{customdata[0]} of %{customdata[1]} labelled<extra></extra>"))
-        fig.add_trace(go.Scatter(x=windows, y=g.brier.tolist(), mode="lines+markers", name=f"v{version} Brier", line={"dash": "dot"}))
-    fig.update_layout(title=f"Model quality of {endpoint}", height=300, margin={"l": 50, "r": 20, "t": 40, "b": 40}, yaxis={"range": [0, 1]})
+                                 hovertemplate="%{x}<br>ROC AUC %{y:.3f}<br>%{customdata[0]} of %{customdata[1]} "
+                                               "labelled<extra></extra>"))
+        fig.add_trace(go.Scatter(x=windows, y=g.brier.tolist(), mode="lines+markers", name=f"v{version} Brier",
+                                 line={"dash": "dot"}))
+    fig.update_layout(title=f"Model quality of {endpoint}", height=300, margin={"l": 50, "r": 20, "t": 40, "b": 40},
+                      yaxis={"range": [0, 1]})
     return fig
 
-MISSING_LOOKUP_COLUMN = "missing_lookup_share"  # the share of a window's requests whose keys the online store did not know
+# the share of a window's requests whose keys the online store did not know
+MISSING_LOOKUP_COLUMN = "missing_lookup_share"
 
 def missing_lookup_shares(drift: pd.DataFrame | None) -> pd.DataFrame | None:
     "Per checked window and model version: its rows, those whose lookup found nothing (`_drift.missing_lookups`) and their share; None when not recorded."
@@ -142,7 +155,8 @@ def missing_lookup_shares(drift: pd.DataFrame | None) -> pd.DataFrame | None:
     return per.sort_values("window_start", ascending=False)
 
 # %% ../../nbs/14c_console_views.ipynb #15ff3e9d
-METRIC_COLUMNS = ["window_start", "served_entity_name", "requests", "qps", "errors", "error_rate", "p50_ms", "p95_ms", "p99_ms"]
+METRIC_COLUMNS = ["window_start", "served_entity_name", "requests", "qps", "errors", "error_rate", "p50_ms", "p95_ms",
+                  "p99_ms"]
 
 def _muted(text: str) -> Markup: return Markup(f'<p class="muted">{escape(text)}</p>')
 
@@ -153,41 +167,52 @@ def drift_section(env: Environment, endpoint: str, drift: pd.DataFrame | None) -
                       f"(or the job: `serving-mlops jobs run monitoring --env {env.name}`)")
     parts = []
     for version, rows in drift.groupby("model_version", sort=True):
-        parts.append(figure(drift_heatmap(rows, f"Drift of {endpoint} version {version} (PSI; × drifted)"), id=f"drift-{endpoint}-v{version}"))
+        parts.append(figure(drift_heatmap(rows, f"Drift of {endpoint} version {version} (PSI; × drifted)"),
+                            id=f"drift-{endpoint}-v{version}"))
         last = latest_checks(rows)
         last = last[last.window_start == last.window_start.max()]
         hits = last[last.drifted]
         head = f"version {version}, latest window {window_label(last.window_start.iloc[0], last.window_end.iloc[0])} UTC"
-        parts.append(Markup(f"<p><b>{escape(head)}</b>: " + (f"drift in {hits.feature.nunique()} of {last.feature.nunique()} features"
-                                                             if len(hits) else f"no drift in {last.feature.nunique()} features") + "</p>"))
-        parts.append(table(hits, ["feature", "kind", "method", "value", "threshold", "n", "run_id"], empty="nothing drifted"))
+        parts.append(Markup(f"<p><b>{escape(head)}</b>: " + (f"drift in {hits.feature.nunique()} of "
+                                                             f"{last.feature.nunique()} features"
+                                                             if len(hits) else f"no drift in {last.feature.nunique()} "
+                                                                               f"features") + "</p>"))
+        parts.append(table(hits, ["feature", "kind", "method", "value", "threshold", "n", "run_id"],
+                           empty="nothing drifted"))
     return Markup("").join(parts)
 
 def reports_section(env: Environment, endpoint: str) -> Markup:
     "The newest drift report embedded, the others linked."
     reports = drift_reports(env, endpoint)
-    if not reports: return _muted(f"no drift reports yet under {env.path('monitoring', endpoint) if env.is_local else 'the monitoring runs'}: "
+    if not reports: return _muted(f"no drift reports yet under "
+                                  f"{env.path('monitoring', endpoint) if env.is_local else 'the monitoring runs'}: "
                                   f"`serving-mlops monitor --env {env.name}` writes one per check")
     links = "".join(f'<li><a href="{escape(report_url(endpoint, r))}">{escape(r.name)}</a></li>' for r in reports[:20])
     return Markup(f'<p>latest: <a href="{escape(report_url(endpoint, reports[0]))}">{escape(reports[0].name)}</a> '
                   f'({len(reports)} in {escape(str(reports[0].parent))})</p>'
-                  f'<iframe class="card" id="report-{escape(endpoint)}" src="{escape(report_url(endpoint, reports[0]))}" '
-                  f'style="width:100%;height:520px" title="latest drift report"></iframe><details><summary>all reports</summary><ul>{links}</ul></details>')
+                  f'<iframe class="card" id="report-{escape(endpoint)}" '
+                  f'src="{escape(report_url(endpoint, reports[0]))}" '
+                  f'style="width:100%;height:520px" title="latest drift report"></iframe><details><summary>all '
+                  f'reports</summary><ul>{links}</ul></details>')
 
 def quality_section(env: Environment, endpoint: str, quality: pd.DataFrame | None) -> Markup:
     if quality is None or quality.empty:
-        return _muted(f"no model quality yet: it needs labels; run `serving-mlops monitor --env {env.name} --labels-table silver_clients`")
+        return _muted(f"no model quality yet: it needs labels; run `serving-mlops monitor --env {env.name} "
+                      f"--labels-table silver_clients`")
     return figure(quality_figure(quality, endpoint), id=f"quality-{endpoint}") + table(
         quality.sort_values("window_start", ascending=False).head(48),
-        ["window_start", "model_version", "predictions", "labelled", "roc_auc", "brier", "ece", "mean_prediction", "observed_rate"])
+        ["window_start", "model_version", "predictions", "labelled", "roc_auc", "brier", "ece", "mean_prediction",
+         "observed_rate"])
 
 def missing_lookup_section(frames: dict[str, pd.DataFrame]) -> Markup:
     shares = missing_lookup_shares(frames.get("drift"))
-    if shares is None: return _muted("not recorded yet: each drift check records the rows whose keys the feature tables did not have")
+    if shares is None: return _muted("not recorded yet: each drift check records the rows whose keys the feature "
+                                     "tables did not have")
     return table(shares.head(48), id="missing-lookups")
 
 def metrics_section(env: Environment, endpoint: str, metrics: pd.DataFrame | None) -> Markup:
-    if metrics is None or metrics.empty: return _muted(f"no window metrics yet: run `serving-mlops monitor --env {env.name}`")
+    if metrics is None or metrics.empty: return _muted(f"no window metrics yet: run `serving-mlops monitor --env "
+                                                       f"{env.name}`")
     shown = [c for c in [*METRIC_COLUMNS, MISSING_LOOKUP_COLUMN] if c in metrics]
     return table(metrics.sort_values("window_start", ascending=False).head(48), shown)
 
@@ -195,17 +220,21 @@ def endpoint_monitoring(env: Environment, endpoint: str) -> Markup:
     "Every monitoring section of one endpoint."
     frames = monitoring_frames(env, endpoint)
     return Markup(f'<h2 id="endpoint-{escape(endpoint)}">{escape(endpoint)}</h2>').join(["", Markup("").join([
-        Markup("<h3>Drift per window and feature</h3>"), guarded("the drift checks", drift_section, env, endpoint, frames.get("drift")),
+        Markup("<h3>Drift per window and feature</h3>"),
+        guarded("the drift checks", drift_section, env, endpoint, frames.get("drift")),
         Markup("<h3>Latest drift report</h3>"), guarded("the drift reports", reports_section, env, endpoint),
-        Markup("<h3>Model quality</h3>"), guarded("the model quality", quality_section, env, endpoint, frames.get("quality")),
+        Markup("<h3>Model quality</h3>"),
+        guarded("the model quality", quality_section, env, endpoint, frames.get("quality")),
         Markup("<h3>Missing lookups</h3>"), guarded("the missing-lookup share", missing_lookup_section, frames),
-        Markup("<h3>Endpoint metrics per window</h3>"), guarded("the window metrics", metrics_section, env, endpoint, frames.get("metrics"))])])
+        Markup("<h3>Endpoint metrics per window</h3>"),
+        guarded("the window metrics", metrics_section, env, endpoint, frames.get("metrics"))])])
 
 def monitoring_page(env: Environment) -> str:
     "The monitoring page: every monitored endpoint's sections."
     try: endpoints = monitored_endpoints(env)
     except Exception as e: return page(env, "Monitoring", error_line("the monitored endpoints", e), "Monitoring")
-    return page(env, "Monitoring", Markup("").join(guarded(f"endpoint {e}", endpoint_monitoring, env, e) for e in endpoints), "Monitoring")
+    return page(env, "Monitoring",
+                Markup("").join(guarded(f"endpoint {e}", endpoint_monitoring, env, e) for e in endpoints), "Monitoring")
 
 # %% ../../nbs/14c_console_views.ipynb #8265e818
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the colour codes of an IPython traceback
@@ -231,11 +260,13 @@ def executed_task(notebook: Path) -> ExecutedTask:
         for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
             if o.get("output_type") == "error":
                 out.failed_cell, out.failed_count = cell.source, cell.get("execution_count")
-                out.error, out.traceback = f"{o.get('ename')}: {o.get('evalue')}", ANSI.sub("", "\n".join(o.get("traceback", [])))
+                out.error, out.traceback = f"{o.get('ename')}: {o.get('evalue')}", ANSI.sub("",
+                        "\n".join(o.get("traceback", [])))
                 return out
     return out
 
-STATE_COLOURS = {"SUCCESS": "#1e7b34", "FAILED": "#b3261e", "RUNNING": "#1f77b4", "CANCELED": "#8c564b", "SKIPPED": "#b0b7bf",
+STATE_COLOURS = {"SUCCESS": "#1e7b34", "FAILED": "#b3261e", "RUNNING": "#1f77b4", "CANCELED": "#8c564b",
+                 "SKIPPED": "#b0b7bf",
                  "PENDING": "#d0d5db", "ABORTED": "#e377c2"}
 
 def task_timeline(run: JobRun, executed: dict[str, ExecutedTask]) -> go.Figure:
@@ -245,13 +276,18 @@ def task_timeline(run: JobRun, executed: dict[str, ExecutedTask]) -> go.Figure:
     fig = go.Figure()
     for state in dict.fromkeys(s for _, s, _, _ in rows):
         mine = [r for r in rows if r[1] == state]
-        fig.add_trace(go.Bar(y=[k for k, *_ in mine], base=[s.isoformat() for *_, s, _ in mine], orientation="h", name=state,
-                             x=[(e - s).total_seconds() * 1000 for *_, s, e in mine], marker_color=STATE_COLOURS.get(state, "#7f7f7f"),
+        fig.add_trace(go.Bar(y=[k for k, *_ in mine], base=[s.isoformat() for *_, s, _ in mine], orientation="h",
+                             name=state,
+                             x=[(e - s).total_seconds() * 1000 for *_, s, e in mine],
+                             marker_color=STATE_COLOURS.get(state, "#7f7f7f"),
                              customdata=[[state, elapsed((e - s).total_seconds())] for *_, s, e in mine],
-                             hovertemplate="%{y}: %{customdata[0]} in %{customdata[1]}<br>%{base|%H:%M:%S} to %{x|%H:%M:%S}<extra></extra>"))
-    fig.update_layout(title=f"{run.job} run {run.run_id}: tasks", barmode="overlay", height=120 + 40 * max(len(run.tasks), 1),
+                             hovertemplate="%{y}: %{customdata[0]} in %{customdata[1]}<br>%{base|%H:%M:%S} to "
+                                           "%{x|%H:%M:%S}<extra></extra>"))
+    fig.update_layout(title=f"{run.job} run {run.run_id}: tasks", barmode="overlay",
+                      height=120 + 40 * max(len(run.tasks), 1),
                       margin={"l": 120, "r": 20, "t": 40, "b": 40}, xaxis={"type": "date", "title": "time (UTC)"},
-                      yaxis={"autorange": "reversed", "type": "category", "categoryorder": "array", "categoryarray": list(run.tasks)})
+                      yaxis={"autorange": "reversed", "type": "category", "categoryorder": "array",
+                             "categoryarray": list(run.tasks)})
     return fig
 
 # %% ../../nbs/14c_console_views.ipynb #0e4fc69f
@@ -265,13 +301,16 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 
 def notebook_html(notebook: Path) -> str:
     "An executed notebook as a self-contained HTML page (nbconvert's lab template without its CDN scripts)."
-    exporter = HTMLExporter(template_name="lab", extra_loaders=[DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})], template_file="offline.html.j2")
+    exporter = HTMLExporter(template_name="lab", extra_loaders=[DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})],
+                            template_file="offline.html.j2")
     return exporter.from_notebook_node(nbformat.read(notebook, as_version=4))[0]
 
 # %% ../../nbs/14c_console_views.ipynb #2ed77cd9
-def run_url(job: str, run_id: str, tail: str = "") -> str: return f"/jobs/{quote(job)}/{quote(run_id)}" + (f"/{tail}" if tail else "")
+def run_url(job: str, run_id: str,
+            tail: str = "") -> str: return f"/jobs/{quote(job)}/{quote(run_id)}" + (f"/{tail}" if tail else "")
 
-def _started(run: JobRun) -> str: return run.started.replace("T", " ").replace("+00:00", " UTC") if run.started else "not recorded"
+def _started(run: JobRun) -> str: return run.started.replace("T", " ").replace("+00:00",
+        " UTC") if run.started else "not recorded"
 
 def jobs_page(env: Environment) -> str:
     "Every recorded run per job: state, start, duration, tasks; unreadable records as error lines."
@@ -281,19 +320,23 @@ def jobs_page(env: Environment) -> str:
     runs = past_runs(env)
     parts = [problem]
     if not runs:
-        parts.append(_muted(f"no job runs recorded in {jobs_folder(env)} yet: run one, e.g. `serving-mlops jobs run model_build --env {env.name}` "
+        parts.append(_muted(f"no job runs recorded in {jobs_folder(env)} yet: run one, e.g. `serving-mlops jobs run "
+                            f"model_build --env {env.name}` "
                             f"(`serving-mlops jobs list --env {env.name}` lists the jobs)"))
     for job in dict.fromkeys([*jobs, *(r.job for r in runs)]):
         mine = [r for r in runs if r.job == job]
         parts.append(Markup(f'<h2 id="job-{escape(job)}">{escape(job)}</h2>'))
         good = [{"run": r.run_id, "state": r.state, "started": _started(r), "duration": elapsed(r.seconds),
-                 "tasks": " · ".join(f"{t.key} {t.state}" + (f" {elapsed(t.seconds)}" if t.seconds else "") for t in r.tasks.values()),
+                 "tasks": " · ".join(f"{t.key} {t.state}" + (f" {elapsed(t.seconds)}" if t.seconds else "")
+                                     for t in r.tasks.values()),
                  "where": str(r.folder), "workspace run": r.url} for r in mine if isinstance(r, JobRun)]
-        columns = ["run", "state", "started", "duration", "tasks", "where"] + (["workspace run"] if any(r["workspace run"] for r in good) else [])
+        columns = ["run", "state", "started", "duration", "tasks",
+                   "where"] + (["workspace run"] if any(r["workspace run"] for r in good) else [])
         links = {"run": lambda row: run_url(job, row["run"]), "workspace run": lambda row: row["workspace run"]}
         parts.append(table(good, columns, links=links,
                            id=f"runs-{job}", empty=f"no runs yet: `serving-mlops jobs run {job} --env {env.name}`"))
-        parts += [Markup(f'<p class="bad run-error">run {escape(r.run_id)}: {escape(r.error)}</p>') for r in mine if isinstance(r, RunRecordError)]
+        parts += [Markup(f'<p class="bad run-error">run {escape(r.run_id)}: {escape(r.error)}</p>')
+                  for r in mine if isinstance(r, RunRecordError)]
     return page(env, "Jobs", Markup("").join(parts), "Jobs")
 
 # %% ../../nbs/14c_console_views.ipynb #625b9518
@@ -304,34 +347,46 @@ def run_of(env: Environment, job: str, run_id: str) -> JobRun | RunRecordError |
 
 def failure_box(key: str, task, done: ExecutedTask) -> Markup:
     "A failed task's error and the cell that raised it."
-    cell = (f'<p>cell {escape(done.failed_count)} of the executed notebook raised <b class="bad">{escape(done.error)}</b></p>'
-            f'<pre class="card failed-cell">{escape(done.failed_cell)}</pre><details><summary>traceback</summary><pre>{escape(done.traceback)}</pre></details>'
+    cell = (f'<p>cell {escape(done.failed_count)} of the executed notebook raised <b '
+            f'class="bad">{escape(done.error)}</b></p>'
+            f'<pre class="card '
+            f'failed-cell">{escape(done.failed_cell)}</pre><details><summary>traceback</summary><pre>{escape(done.traceback)}</pre></details>'
             if done.failed_cell else "")
-    return Markup(f'<div class="card failure" id="failure-{escape(key)}"><b>task {escape(key)} failed</b>: {escape(task.error)}{cell}</div>')
+    return Markup(f'<div class="card failure" id="failure-{escape(key)}"><b>task {escape(key)} failed</b>: '
+                  f'{escape(task.error)}{cell}</div>')
 
 def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
     "A run's page: timeline, tasks with parameters, values, notebooks and logs, and each failure with its cell; and the status code."
     run = run_of(env, job, run_id)
-    if run is None: return page(env, f"{job} run {run_id}", _muted(f"no run {run_id} of job {job} recorded in {jobs_folder(env)}"), "Jobs"), 404
-    if isinstance(run, RunRecordError): return page(env, f"{job} run {run_id}", Markup(f'<p class="bad run-error">{escape(run.error)}</p>'), "Jobs"), 200
+    if run is None: return page(env, f"{job} run {run_id}",
+                                _muted(f"no run {run_id} of job {job} recorded in {jobs_folder(env)}"), "Jobs"), 404
+    if isinstance(run, RunRecordError): return page(env, f"{job} run {run_id}",
+                                                    Markup(f'<p class="bad run-error">{escape(run.error)}</p>'),
+                                                    "Jobs"), 200
     executed, problems = {}, []
     for key in run.tasks:
         notebook = run.folder / f"{key}.ipynb"
         if not notebook.exists(): continue
         try: executed[key] = executed_task(notebook)
         except Exception as e: problems.append(error_line(f"executed notebook {notebook}", e))
-    head = table([{"state": run.state, "started": _started(run), "duration": elapsed(run.seconds), "environment": run.environment,
+    head = table([{"state": run.state, "started": _started(run), "duration": elapsed(run.seconds),
+                   "environment": run.environment,
                    "record": run.url or str(run.folder / "run.json")}], id="run-summary")
     rows = []
     for key, t in run.tasks.items():
         done = executed.get(key)
-        rows.append({"task": key, "state": t.state, "started": done.start if done else None, "duration": elapsed(t.seconds) if t.seconds else "",
+        rows.append({"task": key, "state": t.state, "started": done.start if done else None,
+                     "duration": elapsed(t.seconds) if t.seconds else "",
                      "parameters": ", ".join(f"{k}={v!r}" for k, v in (done.parameters or {}).items()) if done else "",
-                     "values": ", ".join(f"{k}={v!r}" for k, v in t.values.items()), "notebook": "notebook" if key in executed else "",
+                     "values": ", ".join(f"{k}={v!r}" for k, v in t.values.items()),
+                     "notebook": "notebook" if key in executed else "",
                      "log": "log" if (run.folder / f"{key}.log").exists() else "", "error": t.error})
-    links = {"notebook": lambda r: run_url(job, run_id, f"{quote(r['task'])}/notebook"), "log": lambda r: run_url(job, run_id, f"{quote(r['task'])}/log")}
-    failures = [failure_box(k, t, executed.get(k) or ExecutedTask()) for k, t in run.tasks.items() if t.state == "FAILED"]
-    body = Markup("").join([head, *problems, guarded("the timeline", lambda: figure(task_timeline(run, executed), id="timeline")),
+    links = {"notebook": lambda r: run_url(job, run_id, f"{quote(r['task'])}/notebook"),
+             "log": lambda r: run_url(job, run_id, f"{quote(r['task'])}/log")}
+    failures = [failure_box(k, t, executed.get(k) or ExecutedTask())
+                for k, t in run.tasks.items() if t.state == "FAILED"]
+    body = Markup("").join([head, *problems,
+                            guarded("the timeline", lambda: figure(task_timeline(run, executed), id="timeline")),
                             Markup("<h2>Tasks</h2>"), table(rows, id="tasks", links=links), *failures])
     return page(env, f"{job} run {run_id}", body, "Jobs"), 200
 
@@ -352,9 +407,11 @@ def mlflow_ui_command(env: Environment) -> str:
 def mlflow_links(env: Environment) -> dict:
     "URL makers of MLflow pages: the local UI, or the workspace's pages."
     if env.is_local:
-        return {"model": lambda name, v: f"{MLFLOW_UI}/#/models/{quote(name)}/versions/{v}", "run": lambda exp, run: f"{MLFLOW_UI}/#/experiments/{exp}/runs/{run}"}
+        return {"model": lambda name, v: f"{MLFLOW_UI}/#/models/{quote(name)}/versions/{v}", "run": lambda exp,
+                run: f"{MLFLOW_UI}/#/experiments/{exp}/runs/{run}"}
     host = env.host.rstrip("/")
-    return {"model": lambda name, v: f"{host}/explore/data/models/{name.replace('.', '/')}/version/{v}", "run": lambda exp, run: f"{host}/ml/experiments/{exp}/runs/{run}"}
+    return {"model": lambda name, v: f"{host}/explore/data/models/{name.replace('.', '/')}/version/{v}",
+            "run": lambda exp, run: f"{host}/ml/experiments/{exp}/runs/{run}"}
 
 def lineage(client, run_id: str) -> dict:
     "The training run of a version: name, experiment, ROC AUC, datasets per split, table versions, data hash and commit."
@@ -363,39 +420,52 @@ def lineage(client, run_id: str) -> dict:
     for d in run.inputs.dataset_inputs if run.inputs else []:
         try: source = json.loads(d.dataset.source) if d.dataset.source else {}
         except ValueError: source = {"source": d.dataset.source}
-        datasets.append({"split": next((t.value for t in d.tags if t.key == "mlflow.data.context"), ""), "dataset": d.dataset.name,
-                         "digest": d.dataset.digest, "source table": source.get("delta_table_name") or source.get("path") or d.dataset.source_type,
-                         "Delta version": source.get("delta_table_version"), "rows": (json.loads(d.dataset.profile or "{}") or {}).get("num_rows")})
+        datasets.append({"split": next((t.value for t in d.tags if t.key == "mlflow.data.context"), ""),
+                         "dataset": d.dataset.name,
+                         "digest": d.dataset.digest,
+                         "source table": source.get("delta_table_name") or source.get("path") or d.dataset.source_type,
+                         "Delta version": source.get("delta_table_version"),
+                         "rows": (json.loads(d.dataset.profile or "{}") or {}).get("num_rows")})
     tags = run.data.tags
-    return {"run_id": run_id, "run_name": run.info.run_name, "experiment_id": run.info.experiment_id, "datasets": datasets,
+    return {"run_id": run_id, "run_name": run.info.run_name, "experiment_id": run.info.experiment_id,
+            "datasets": datasets,
             "metrics": {k: v for k, v in sorted(run.data.metrics.items()) if k.endswith("roc_auc")},
-            "tables": {k.removeprefix("table_version."): v for k, v in sorted(tags.items()) if k.startswith("table_version.")},
+            "tables": {k.removeprefix("table_version."): v
+                       for k, v in sorted(tags.items()) if k.startswith("table_version.")},
             "data": tags.get("training_data_sha256", ""), "commit": tags.get("git_commit", "")}
 
 # %% ../../nbs/14c_console_views.ipynb #21f762cb
 def gate_summary(tags: dict) -> str:
     "A version's gate in a word: its own, or for a copy its source's (and whether it was forced through)."
     if "validation.status" in tags or not tags.get("source_environment"): return tags.get("validation.status", "")
-    return f"{tags.get('source_validation.status', 'unknown')} in {tags['source_environment']}" + (" (forced)" if tags.get("promotion.forced") else "")
+    return f"{tags.get('source_validation.status', 'unknown')} in {tags['source_environment']}" + (" (forced)"
+            if tags.get("promotion.forced") else "")
 
 def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
     "One version: aliases, the gate's checks, where it came from, its training run and datasets."
     tags, parts = v.tags or {}, []
     source = tags.get("source_environment")
-    prefix = "source_validation." if source and "validation.status" not in tags else "validation."  # a copy carries its source's gate
+    # a copy carries its source's gate
+    prefix = "source_validation." if source and "validation.status" not in tags else "validation."
     gate = [{"check": k.removeprefix(prefix), "outcome": t.split(":", 1)[0], "detail": t.split(": ", 1)[-1]}
             for k, t in sorted(tags.items()) if k.startswith(prefix) and k != prefix + "status"]
     status, where = tags.get(prefix + "status"), f" in {source}, before the copy" if prefix == "source_validation." else ""
-    parts.append(Markup(f"<p>validation gate{escape(where)}: <b class=\"{'good' if status == 'passed' else 'bad'}\">{escape(status)}</b></p>") if status
-                 else _muted(f"no gate result travelled with this copy (copied before promotions checked it): see version {tags.get('source_version')} in {source}")
-                 if source else _muted(f"not validated: `serving-mlops validate --env {env.name}` runs the gate on the challenger"))
+    parts.append(Markup(f"<p>validation gate{escape(where)}: <b "
+                        f"class=\"{'good' if status == 'passed' else 'bad'}\">{escape(status)}</b></p>") if status
+                 else _muted(f"no gate result travelled with this copy (copied before promotions checked it): see "
+                             f"version {tags.get('source_version')} in {source}")
+                 if source else _muted(f"not validated: `serving-mlops validate --env {env.name}` runs the gate on "
+                                       f"the challenger"))
     if tags.get("promotion.forced"):
-        parts.append(Markup(f'<p class="bad">promoted by force by {escape(tags.get("promotion.forced_by", "unknown"))}: '
+        parts.append(Markup(f'<p class="bad">promoted by force by '
+                            f'{escape(tags.get("promotion.forced_by", "unknown"))}: '
                             f'{escape(tags.get("promotion.forced_reason", ""))}</p>'))
     parts.append(table(gate, empty="no gate checks recorded"))
     if tags.get("source_environment"):
-        parts.append(Markup(f"<p>copied from {escape(tags.get('source_model', name))} version {escape(tags.get('source_version'))} of "
-                            f"environment {escape(tags['source_environment'])} (training run {escape(tags.get('source_run_id', ''))})</p>"))
+        parts.append(Markup(f"<p>copied from {escape(tags.get('source_model', name))} version "
+                            f"{escape(tags.get('source_version'))} of "
+                            f"environment {escape(tags['source_environment'])} (training run "
+                            f"{escape(tags.get('source_run_id', ''))})</p>"))
     run_id = tags.get("source_run_id") if not tags.get("source_environment") else None
     run_id = run_id or v.run_id
     if run_id:
@@ -404,35 +474,50 @@ def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
         else:
             url = links["run"](info["experiment_id"], run_id)
             scores = ", ".join(f"{k} {m:.4f}" for k, m in info["metrics"].items())
-            parts.append(Markup(f'<p>training run <a class="run" href="{escape(url)}">{escape(info["run_name"])}</a> ({escape(run_id)}): {escape(scores)}</p>'))
+            parts.append(Markup(f'<p>training run <a class="run" href="{escape(url)}">{escape(info["run_name"])}</a> '
+                                f'({escape(run_id)}): {escape(scores)}</p>'))
             parts.append(table(info["datasets"], id=f"datasets-v{v.version}", empty="no datasets logged with this run"))
-            if info["tables"]: parts.append(table([{"table": t, "Delta version": n} for t, n in info["tables"].items()]))
+            if info["tables"]: parts.append(table([{"table": t, "Delta version": n}
+                                                   for t, n in info["tables"].items()]))
             if info["data"]: parts.append(_muted(f"training data sha256 {info['data']}, code commit {info['commit']}"))
-    return Markup(f'<div class="card" id="version-{escape(v.version)}"><h3><a href="{escape(links["model"](name, v.version))}">version '
+    return Markup(f'<div class="card" id="version-{escape(v.version)}"><h3><a '
+                  f'href="{escape(links["model"](name, v.version))}">version '
                   f"{escape(v.version)}</a> {escape(' '.join(f'@{a}' for a in (v.aliases or [])))}</h3>") + Markup("").join(parts) + Markup("</div>")
 
 def registry_page(env: Environment) -> str:
     "The registry page: the environment's model, its versions with aliases, gate reports and lineage, and how to open MLflow's UI."
     name, links = env.model_name, mlflow_links(env)
-    ui = (Markup(f'<p class="card">MLflow UI: <code>{escape(mlflow_ui_command(env))}</code>, then <a href="{MLFLOW_UI}/#/models/{escape(quote(name))}">'
-                 f"{MLFLOW_UI}</a></p>") if env.is_local else Markup(f'<p class="card">MLflow: <a href="{escape(env.host)}/ml/models">{escape(env.host)}</a></p>'))
+    ui = (Markup(f'<p class="card">MLflow UI: <code>{escape(mlflow_ui_command(env))}</code>, then <a '
+                 f'href="{MLFLOW_UI}/#/models/{escape(quote(name))}">'
+                 f"{MLFLOW_UI}</a></p>") if env.is_local else Markup(f'<p class="card">MLflow: <a '
+                                                                     f'href="{escape(env.host)}/ml/models">{escape(env.host)}</a></p>'))
     try:
         client = registry_client(env)
         model = client.get_registered_model(name)
     except MlflowException:
-        return page(env, "Registry", ui + _muted(f"nothing yet: model {name} is not registered in environment '{env.name}': run "
-                                                 f"`serving-mlops train --env {env.name}` (it registers a challenger), then `serving-mlops validate --env {env.name}`"), "Registry")
+        return page(env, "Registry",
+                    ui + _muted(f"nothing yet: model {name} is not registered in environment '{env.name}': run "
+                                                 f"`serving-mlops train --env {env.name}` (it registers a "
+                                                 f"challenger), then `serving-mlops validate --env {env.name}`"),
+                    "Registry")
     except Exception as e: return page(env, "Registry", ui + error_line(f"model {name}", e), "Registry")
-    versions = sorted((client.get_model_version(name, v.version) for v in client.search_model_versions(f"name = '{name}'")),
-                      key=lambda v: int(v.version), reverse=True)  # read one by one: a Unity Catalog search answers without tags
-    rows = [{"version": v.version, "aliases": " ".join(f"@{a}" for a, n in sorted(model.aliases.items()) if str(n) == str(v.version)),
-             "created": pd.Timestamp(v.creation_timestamp, unit="ms", tz="UTC"), "status": v.status, "gate": gate_summary(v.tags or {}),
-             "from": f"{v.tags['source_environment']} v{v.tags.get('source_version')}" if (v.tags or {}).get("source_environment") else "",
-             "run": v.run_id} for v in versions]
+    versions = sorted((client.get_model_version(name, v.version)
+                       for v in client.search_model_versions(f"name = '{name}'")),
+                      # read one by one: a Unity Catalog search answers without tags
+                      key=lambda v: int(v.version), reverse=True)
+    rows = [{"version": v.version,
+             "aliases": " ".join(f"@{a}" for a, n in sorted(model.aliases.items()) if str(n) == str(v.version)),
+             "created": pd.Timestamp(v.creation_timestamp, unit="ms", tz="UTC"), "status": v.status,
+             "gate": gate_summary(v.tags or {}),
+             "from": f"{v.tags['source_environment']} v{v.tags.get('source_version')}"
+             if (v.tags or {}).get("source_environment") else "", "run": v.run_id} for v in versions]
     for v in versions: v.aliases = [a for a, n in sorted(model.aliases.items()) if str(n) == str(v.version)]
-    body = ui + Markup(f"<h2>{escape(name)}</h2>") + table(rows, id="versions", links={"version": lambda r: f"#version-{r['version']}"},
-                                                         empty=f"model {name} has no versions: run `serving-mlops train --env {env.name}`")
-    body += Markup("").join(guarded(f"version {v.version}", version_card, env, client, name, v, links) for v in versions[:20])
+    body = ui + Markup(f"<h2>{escape(name)}</h2>") + table(rows, id="versions",
+                                                           links={"version": lambda r: f"#version-{r['version']}"},
+                                                         empty=f"model {name} has no versions: run `serving-mlops "
+                                                               f"train --env {env.name}`")
+    body += Markup("").join(guarded(f"version {v.version}", version_card, env, client, name, v, links)
+                            for v in versions[:20])
     return page(env, "Registry", body, "Registry")
 
 # %% ../../nbs/14c_console_views.ipynb #335cb0f0
@@ -447,18 +532,27 @@ def routes(env: Environment) -> list[Route]:
             return HTMLResponse(html, status)
         return endpoint
     def report(endpoint: str, name: str):
-        path = env.path("monitoring", safe_name(endpoint, "endpoint"), safe_name(name, "report")) if env.is_local else None
-        if path is None or not path.is_file(): return page(env, "Report", _muted(f"no report {name} of endpoint {endpoint}"), "Monitoring"), 404
+        path = env.path("monitoring", safe_name(endpoint, "endpoint"),
+                        safe_name(name, "report")) if env.is_local else None
+        if path is None or not path.is_file(): return page(env, "Report",
+                                                           _muted(f"no report {name} of endpoint {endpoint}"),
+                                                           "Monitoring"), 404
         return FileResponse(path, media_type="text/html")
     def task_notebook(job: str, run_id: str, task: str):
         path = task_file(env, job, run_id, task, ".ipynb")
-        if path is None: return page(env, "Notebook", _muted(f"no executed notebook of task {task} in run {run_id} of {job}"), "Jobs"), 404
+        if path is None: return page(env, "Notebook",
+                                     _muted(f"no executed notebook of task {task} in run {run_id} of {job}"),
+                                     "Jobs"), 404
         try: return notebook_html(path)
-        except Exception as e: return page(env, f"Notebook of {task}", error_line(f"executed notebook {path}", e), "Jobs")  # whatever is wrong with it
+        # whatever is wrong with it
+        except Exception as e: return page(env, f"Notebook of {task}", error_line(f"executed notebook {path}", e),
+                                           "Jobs")
     def task_log(job: str, run_id: str, task: str):
         path = task_file(env, job, run_id, task, ".log")
         if path is None: return page(env, "Log", _muted(f"no log of task {task} in run {run_id} of {job}"), "Jobs"), 404
-        return page(env, f"Log of task {task}, {job} run {run_id}", Markup(f'<p class="muted">{escape(str(path))}</p><pre class="card" id="log">{escape(path.read_text(errors="replace"))}</pre>'), "Jobs")
+        return page(env, f"Log of task {task}, {job} run {run_id}",
+                    Markup(f'<p class="muted">{escape(str(path))}</p><pre class="card" '
+                           f'id="log">{escape(path.read_text(errors="replace"))}</pre>'), "Jobs")
     return [Route("/monitoring", answer(lambda: monitoring_page(env))),
             Route("/monitoring/{endpoint}/reports/{name}", answer(report)),
             Route("/jobs", answer(lambda: jobs_page(env))),

@@ -41,12 +41,13 @@ __all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'BASELINE_PATHS', 'DRIFT_COLUMNS',
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #2400aa17
 METRICS_KEYS = ["endpoint_name", "served_entity_name", "window_start"]
-METRICS_COLUMNS = [*METRICS_KEYS, "window_end", "model_name", "model_version", "requests", "qps", "errors", "error_rate",
-                   "mean_ms", "p50_ms", "p95_ms", "p99_ms", "computed_at"]
+METRICS_COLUMNS = [*METRICS_KEYS, "window_end", "model_name", "model_version", "requests", "qps", "errors",
+                   "error_rate", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "computed_at"]
 
 def check_period(start: pd.Timestamp, end: pd.Timestamp, window_minutes: int):
     "Refuse an empty or reversed time window, or a non-positive window length."
-    if window_minutes <= 0: raise MonitoringError(f"window_minutes is {window_minutes}; expected a positive number of minutes")
+    if window_minutes <= 0: raise MonitoringError(f"window_minutes is {window_minutes}; expected a positive number of "
+                                                  f"minutes")
     if end <= start: raise MonitoringError(f"window [{start}, {end}) is empty: expected start before end")
 
 def request_stats(env: Environment, endpoint: str | None, start, end,
@@ -56,7 +57,8 @@ def request_stats(env: Environment, endpoint: str | None, start, end,
     if every <= pd.Timedelta(0): raise MonitoringError(f"window length is {every}; expected a positive length")
     check_period(start, end, 1)
     endpoint = endpoint or env.endpoint_name
-    rows = read_payload(env, endpoint, start, end, ["request_time", "status_code", "execution_duration_ms", "served_entity_id"]).to_pandas()
+    rows = read_payload(env, endpoint, start, end,
+                        ["request_time", "status_code", "execution_duration_ms", "served_entity_id"]).to_pandas()
     if rows.empty: return pd.DataFrame(columns=[*METRICS_COLUMNS, "errors_4xx", "errors_5xx"])
     entities = served_entities(env, endpoint, rows.served_entity_id.unique()).set_index("served_entity_id")
     for c in ("served_entity_name", "model_name", "model_version"): rows[c] = rows.served_entity_id.map(entities[c])
@@ -64,8 +66,10 @@ def request_stats(env: Environment, endpoint: str | None, start, end,
     rows["window_start"] = rows.request_time.dt.floor(every)
     rows["failed"], rows["execution_duration_ms"] = rows.status_code != 200, rows.execution_duration_ms.astype("float64")
     rows["errors_4xx"], rows["errors_5xx"] = rows.status_code.between(400, 499), rows.status_code >= 500
-    g = rows.groupby(METRICS_KEYS, sort=True, dropna=False)  # a request refused before a served entity was chosen has none (null)
-    out = g.agg(model_name=("model_name", "first"), model_version=("model_version", "first"), requests=("failed", "size"),
+    # a request refused before a served entity was chosen has none (null)
+    g = rows.groupby(METRICS_KEYS, sort=True, dropna=False)
+    out = g.agg(model_name=("model_name", "first"), model_version=("model_version", "first"),
+                requests=("failed", "size"),
                 errors=("failed", "sum"), errors_4xx=("errors_4xx", "sum"), errors_5xx=("errors_5xx", "sum"),
                 mean_ms=("execution_duration_ms", "mean"))
     q = g.execution_duration_ms.quantile([0.5, 0.95, 0.99]).unstack()
@@ -80,7 +84,8 @@ def request_stats(env: Environment, endpoint: str | None, start, end,
 
 def endpoint_metrics(env: Environment, endpoint: str | None, start, end, window_minutes: int = 60) -> pd.DataFrame:
     "Requests, QPS, error rate and latency percentiles per window and served entity, from the inference table."
-    if window_minutes <= 0: raise MonitoringError(f"window_minutes is {window_minutes}; expected a positive number of minutes")
+    if window_minutes <= 0: raise MonitoringError(f"window_minutes is {window_minutes}; expected a positive number of "
+                                                  f"minutes")
     return request_stats(env, endpoint, start, end, pd.Timedelta(minutes=window_minutes))[METRICS_COLUMNS]
 
 def write_endpoint_metrics(env: Environment, endpoint: str | None, metrics: pd.DataFrame) -> int:
@@ -95,13 +100,15 @@ def runtime_counters(env: Environment, endpoint: str | None = None,
     "Per served entity: requests, failed requests and mean latency (ms) of the last complete minute of the metrics export, and the model calls and rows since the runtime started (our own counters, where the runtime has them); None when unreachable."
     try:
         w = client or workspace_client(env, retry_timeout_seconds=10)
-        families = metric_families(w.serving_endpoints.export_metrics(endpoint or env.endpoint_name).contents.read().decode())
+        families = metric_families(w.serving_endpoints.export_metrics(endpoint
+                                                                      or env.endpoint_name).contents.read().decode())
     except (RuntimeError, DatabricksError, OSError): return None
     out = {}
     for entity, minutes in entity_stats(families).items():
         end = max(minutes)
         s = minutes[end]
-        out[entity] = {"minute_end": str(pd.Timestamp(end, unit="s", tz="UTC")), "requests": int(s["requests"]), "errors": int(s["errors"]),
+        out[entity] = {"minute_end": str(pd.Timestamp(end, unit="s", tz="UTC")), "requests": int(s["requests"]),
+                       "errors": int(s["errors"]),
                        "mean_ms": s["latency_sum_ms"] / s["latency_count"] if s["latency_count"] else math.nan}
     calls = {"serving_model_batch_rows_count": "model_calls", "serving_model_batch_rows_sum": "rows"}
     for s in (s for f in families if f.name == "serving_model_batch_rows" for s in f.samples if s.name in calls):
@@ -109,7 +116,8 @@ def runtime_counters(env: Environment, endpoint: str | None = None,
     return out
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #63a38e81
-# where a model carries its baseline: ours (log_model), and the FeatureEngineeringClient's model (inside its raw model, which promotion copies too)
+# where a model carries its baseline: ours (log_model), and the FeatureEngineeringClient's model (inside its raw model,
+# which promotion copies too)
 BASELINE_PATHS = ("artifacts/baseline.json", "data/feature_store/raw_model/artifacts/baseline.json")
 
 def model_baseline(env: Environment, version: str | int, model_name: str | None = None) -> dict:
@@ -120,31 +128,38 @@ def model_baseline(env: Environment, version: str | int, model_name: str | None 
     with using_mlflow(env):
         for inside in BASELINE_PATHS:
             with tempfile.TemporaryDirectory() as folder:
-                try: return orjson.loads(Path(mlflow.artifacts.download_artifacts(model_uri(name, version, inside), dst_path=folder)).read_bytes())
+                try: return orjson.loads(Path(mlflow.artifacts.download_artifacts(model_uri(name, version, inside),
+                        dst_path=folder)).read_bytes())
                 except (MlflowException, OSError): pass
         if mv.run_id:
             try: return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/monitoring/baseline.json")
             except (MlflowException, OSError): pass
-    raise MonitoringError(f"model {name} version {version} has no training baseline (none of {BASELINE_PATHS} in the model, "
-                          f"no monitoring/baseline.json in run {mv.run_id}): log it with train() or log_model(baseline=...)")
+    raise MonitoringError(f"model {name} version {version} has no training baseline (none of {BASELINE_PATHS} in the "
+                          f"model, "
+                          f"no monitoring/baseline.json in run {mv.run_id}): log it with train() or "
+                          f"log_model(baseline=...)")
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #c90fb178
-DRIFT_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_name", "model_version", "feature", "kind", "method",
-                 "value", "threshold", "drifted", "n", "rows", "missing_lookups", "checked_at", "run_id"]
-FRAME_COLUMNS = ["databricks_request_id", "request_time", "status_code", "served_entity_id", "request", "response"]  # what `inference_frame` reads
+DRIFT_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_name", "model_version", "feature", "kind",
+                 "method", "value", "threshold", "drifted", "n", "rows", "missing_lookups", "checked_at", "run_id"]
+# what `inference_frame` reads
+FRAME_COLUMNS = ["databricks_request_id", "request_time", "status_code", "served_entity_id", "request", "response"]
 MISSING_LOOKUPS_NOTED = 0.01  # a version's summary names its missing lookups above this share of its rows
 
 class DriftAlert(StepFailed):
     "Drift was found in a window; the message is the summary and the report paths, `.result` the whole `DriftResult`."
     exit_code = 3  # `serving-mlops monitor` and scripts tell found drift (3) from errors (1)
     label = "DRIFT"
-    def __init__(self, result: "DriftResult", shown: bool = False):  # shown: the summary and reports were printed already (a job task's output)
+    # shown: the summary and reports were printed already (a job task's output)
+    def __init__(self, result: "DriftResult", shown: bool = False):
         self.result = result
         webhook = f"; alert webhook: {result.webhook}" if result.webhook else ""
         if shown:
             hits = result.results[result.results.drifted]
-            super().__init__(f"drift found in {result.endpoint}: {hits.feature.nunique()} of {result.results.feature.nunique()} features "
-                             f"of version(s) {', '.join(map(str, hits.model_version.unique()))} (the summary and reports are above){webhook}")
+            super().__init__(f"drift found in {result.endpoint}: {hits.feature.nunique()} of "
+                             f"{result.results.feature.nunique()} features "
+                             f"of version(s) {', '.join(map(str, hits.model_version.unique()))} (the summary and "
+                             f"reports are above){webhook}")
         else: super().__init__(f"{result.summary()}; reports: {', '.join(map(str, result.reports.values()))}{webhook}")
 
 @dataclass
@@ -160,8 +175,10 @@ class DriftResult:
     table: str  # the drift table the results were appended to
     webhook: str | None = None  # what the alert webhook answered, when one was called
     not_logged: int = 0  # successful requests the inference table could not log in full (left out)
-    unreadable: list = field(default_factory=list)  # (request id, why) of requests answered 200 that could not be read (left out)
-    missing: dict = field(default_factory=dict)  # model version -> its rows whose feature lookup found nothing (`missing_lookup`)
+    # (request id, why) of requests answered 200 that could not be read (left out)
+    unreadable: list = field(default_factory=list)
+    # model version -> its rows whose feature lookup found nothing (`missing_lookup`)
+    missing: dict = field(default_factory=dict)
     looked_up: dict = field(default_factory=dict)  # model version -> the features it looks up
 
     @property
@@ -174,38 +191,45 @@ class DriftResult:
         hits = self.results[(self.results.model_version == version) & self.results.drifted].feature.unique()
         explained = [f for f in hits if f in self.looked_up.get(version, ()) or f == "prediction"]
         named = ", ".join(explained[:5]) + (f" and {len(explained) - 5} more" if len(explained) > 5 else "")
-        return (f". {n:,} of {m:,} rows ({n / m:.1%}) had keys not found in the feature tables: their features are missing"
+        return (f". {n:,} of {m:,} rows ({n / m:.1%}) had keys not found in the feature tables: their features are "
+                f"missing"
                 + (f", which can explain drift in {named}" if explained else ""))
 
     def summary(self) -> str:
         "One line per model version: what drifted in the window (the five strongest named, the report has all), and the rows whose lookups found nothing when they may be why."
         left_out = (f", {self.not_logged:,} requests not logged in full left out" if self.not_logged else "") + \
-                   (f", {len(self.unreadable):,} requests that could not be read left out (e.g. {self.unreadable[0][0]})" if self.unreadable else "")
-        return "\n".join(f"{self.endpoint} version {v} ({self.rows[v]:,} predictions{left_out}, {self.window_start:%Y-%m-%d %H:%M} to "
+                   (f", {len(self.unreadable):,} requests that could not be read left out (e.g. "
+                    f"{self.unreadable[0][0]})" if self.unreadable else "")
+        return "\n".join(f"{self.endpoint} version {v} ({self.rows[v]:,} predictions{left_out}, "
+                         f"{self.window_start:%Y-%m-%d %H:%M} to "
                          f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r, most=5)}{self.missing_note(v)}"
                          for v, r in self.results.groupby("model_version", sort=True))
 
-    def raise_alert(self, shown: bool = False):  # shown: the summary was printed already; the alert then only names what drifted
+    # shown: the summary was printed already; the alert then only names what drifted
+    def raise_alert(self, shown: bool = False):
         "Raise `DriftAlert` when a feature drifted."
         if self.drifted: raise DriftAlert(self, shown)
 
 def post_alert(url: str, payload: dict, timeout: float = 5.0) -> str:
     "POST `payload` as JSON to `url`; returns what happened (it never raises: a failing webhook must not hide the alert)."
     try:
-        response = httpx.post(url, content=orjson.dumps(payload, default=str), headers={"content-type": "application/json"}, timeout=timeout)
+        response = httpx.post(url, content=orjson.dumps(payload, default=str),
+                              headers={"content-type": "application/json"}, timeout=timeout)
         response.raise_for_status()
         return f"posted to {url} ({response.status_code})"
     except httpx.HTTPError as e: return f"FAILED to post to {url}: {type(e).__name__}: {e}"
 
 def monitoring_dir(env: Environment, endpoint: str) -> Path:
     "Folder for an endpoint's reports: inside a local workspace, or a temporary one (the MLflow run keeps them) on Databricks."
-    return env.path("monitoring", endpoint, create=True) if env.is_local else Path(tempfile.mkdtemp(prefix=f"monitoring-{endpoint}-"))
+    return env.path("monitoring", endpoint,
+                    create=True) if env.is_local else Path(tempfile.mkdtemp(prefix=f"monitoring-{endpoint}-"))
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #7847750a
 def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `inference_frame` rows of the window
                      start: pd.Timestamp, end: pd.Timestamp, psi_threshold: float, pvalue_threshold: float,
                      large_sample: int = 5_000, seed: int = 0,
-                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict]:  # when the check ran (default: now): in each report's name
+                     # when the check ran (default: now): in each report's name
+                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict]:
     "`feature_drift` of each model version's predictions against its baseline, and its HTML report: results, rows and report per version."
     results, rows, reports = [], {}, {}
     folder, checked = monitoring_dir(env, endpoint), checked or pd.Timestamp.now(tz="UTC")
@@ -219,23 +243,30 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
         results.append(r.assign(model_name=name, model_version=version))
         rows[version] = len(window)
         title = f"Drift of {endpoint}, {name} version {version}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
-        reports[version] = folder / f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_checked{checked:%Y%m%dT%H%M%S}.html"  # a re-check keeps the earlier report
+        # a re-check keeps the earlier report
+        reports[version] = folder / f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_checked{checked:%Y%m%dT%H%M%S}.html"
         reports[version].write_text(drift_report_html(baseline, window, r, title, buckets))
     return pd.concat(results, ignore_index=True), rows, reports
 
-def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame, rows: dict, reports: dict,
+def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame,
+                  rows: dict, reports: dict,
                   params: dict, # the check's thresholds and sample size
                   checked: pd.Timestamp | None = None, # when the check ran (default: now): in the run's name
                   missing: dict | None = None, # model version -> rows whose feature lookup found nothing
                   ) -> str:
     "One MLflow run in `experiment_name(env, 'monitoring')`: the check's parameters, PSI and drifted-feature metrics, the reports; returns its id."
     with in_experiment(env, experiment_name(env, "monitoring")), \
-         mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}-{end:%H:%M} checked {(checked or pd.Timestamp.now(tz='UTC')):%H:%M:%S}", tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
-        mlflow.log_params({"endpoint": endpoint, "window_start": str(start), "window_end": str(end), "model_versions": ",".join(rows), **params})
+         mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}-{end:%H:%M} checked "
+                                   f"{(checked or pd.Timestamp.now(tz='UTC')):%H:%M:%S}",
+                          tags={"monitoring.check": "drift", "endpoint": endpoint}) as run:
+        mlflow.log_params({"endpoint": endpoint, "window_start": str(start), "window_end": str(end),
+                           "model_versions": ",".join(rows), **params})
         psi_rows = results[results.method == "psi"]
-        metrics = {"rows": float(sum(rows.values())), "drifted_features": float(results[results.drifted].groupby(["model_version", "feature"]).ngroups),
+        metrics = {"rows": float(sum(rows.values())),
+                   "drifted_features": float(results[results.drifted].groupby(["model_version", "feature"]).ngroups),
                    **{f"v{r.model_version}.psi.{r.feature}": r.value for r in psi_rows.itertuples()},
-                   **{f"v{v}.drifted_features": float(g[g.drifted].feature.nunique()) for v, g in results.groupby("model_version")},
+                   **{f"v{v}.drifted_features": float(g[g.drifted].feature.nunique())
+                      for v, g in results.groupby("model_version")},
                    **{f"v{v}.missing_lookup_share": (missing or {}).get(v, 0) / n for v, n in rows.items()}}
         mlflow.log_metrics(metrics)
         for path in reports.values(): mlflow.log_artifact(str(path), "drift")
@@ -259,33 +290,41 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     payload = read_payload(env, endpoint, start, end, FRAME_COLUMNS)
     frame = inference_frame(env, payload, endpoint)
     if frame.empty:
-        raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful requests between {start} and {end} "
-                              f"({payload.num_rows} rows in the window in all); expected predictions to compare with the baseline")
+        raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful requests between "
+                              f"{start} and {end} "
+                              f"({payload.num_rows} rows in the window in all); expected predictions to compare with "
+                              f"the baseline")
     checked = pd.Timestamp.now(tz="UTC")  # names this check's reports and run apart from any other check of the window
-    results, rows, reports = drift_by_version(env, endpoint, frame, start, end, psi_threshold, pvalue_threshold, large_sample, seed, checked)
+    results, rows, reports = drift_by_version(env, endpoint, frame, start, end, psi_threshold, pvalue_threshold,
+                                              large_sample, seed, checked)
     missing = {v: int(n) for v, n in frame.groupby("model_version").missing_lookup.sum().items()}
     run_id = log_drift_run(env, endpoint, start, end, results, rows, reports,
-                           {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold, "large_sample": large_sample}, checked, missing)
+                           {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold,
+                            "large_sample": large_sample}, checked, missing)
     table = inference_table(env, endpoint, "drift")
-    written = results.assign(endpoint_name=endpoint, window_start=start, window_end=end, rows=results.model_version.map(rows).astype("int64"),
-                             missing_lookups=results.model_version.map(missing).astype("int64"), checked_at=checked, run_id=run_id)[DRIFT_COLUMNS]
+    written = results.assign(endpoint_name=endpoint, window_start=start, window_end=end,
+                             rows=results.model_version.map(rows).astype("int64"),
+                             missing_lookups=results.model_version.map(missing).astype("int64"), checked_at=checked,
+                             run_id=run_id)[DRIFT_COLUMNS]
     tables_for(env).append(table, written.astype({"value": "float64", "threshold": "float64", "n": "int64"}),
                            add_columns=True)  # a _drift table from before a column was added (missing_lookups) gets it
     looked_up = {v: features for (_, v), features in frame.attrs.get("looked_up", {}).items()}
-    result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table, not_logged=frame.attrs.get("not_logged", 0),
+    result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table,
+                         not_logged=frame.attrs.get("not_logged", 0),
                          unreadable=frame.attrs.get("unreadable", []), missing=missing, looked_up=looked_up)
     if result.drifted and webhook_url:
         hits = results[results.drifted]
         result.webhook = post_alert(webhook_url, {
-            "environment": env.name, "endpoint": endpoint, "window_start": str(start), "window_end": str(end), "summary": result.summary(),
+            "environment": env.name, "endpoint": endpoint, "window_start": str(start), "window_end": str(end),
+            "summary": result.summary(),
             "drifted": hits[["model_version", "feature", "method", "value", "threshold"]].to_dict("records"),
             "reports": {v: str(p) for v, p in reports.items()}, "mlflow_run_id": run_id, "drift_table": table})
     if alert: result.raise_alert()
     return result
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #a73de592
-MISSING_LOOKUP_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_name", "model_version", "rows", "missing_lookups",
-                          "missing_lookup_share"]
+MISSING_LOOKUP_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_name", "model_version", "rows",
+                          "missing_lookups", "missing_lookup_share"]
 
 def missing_lookups(env: Environment, endpoint: str | None, start, end, window_minutes: int = 60) -> pd.DataFrame:
     "Predictions and those whose feature lookup found nothing (keys not in the feature tables as of the request), with their share, per window and model version."
@@ -316,8 +355,10 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
 def quality_metrics(y: np.ndarray, p: np.ndarray) -> dict:
     "ROC AUC (None with a single class), Brier score, calibration error, mean prediction and observed rate of labelled predictions."
     if len(y) == 0: return {"roc_auc": None, "brier": None, "ece": None, "mean_prediction": None, "observed_rate": None}
-    return {"roc_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None, "brier": float(brier_score_loss(y, p)),
-            "ece": expected_calibration_error(y, p), "mean_prediction": float(np.mean(p)), "observed_rate": float(np.mean(y))}
+    return {"roc_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
+            "brier": float(brier_score_loss(y, p)),
+            "ece": expected_calibration_error(y, p), "mean_prediction": float(np.mean(p)),
+            "observed_rate": float(np.mean(y))}
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #7a4501a2
 def latest_labels(env: Environment, labels_table: str, key: str, label: str) -> pd.DataFrame:
@@ -328,7 +369,9 @@ def latest_labels(env: Environment, labels_table: str, key: str, label: str) -> 
     columns = tables.schema(name).names
     missing = [c for c in (key, label) if c not in columns]
     if missing: raise MonitoringError(f"labels table {name} lacks column(s) {missing}; it has {columns}")
-    labels = tables.read_pandas(name, columns=[key, label, *(["snapshot_date"] if "snapshot_date" in columns else [])]).dropna(subset=[label])
+    labels = tables.read_pandas(name,
+                                columns=[key, label, *(["snapshot_date"]
+                                                       if "snapshot_date" in columns else [])]).dropna(subset=[label])
     if "snapshot_date" in labels: labels = labels.sort_values("snapshot_date", kind="stable")
     return labels.drop_duplicates(key, keep="last")[[key, label]]
 
@@ -340,7 +383,8 @@ def model_quality(env: Environment, endpoint: str | None, labels_table: str, sta
     check_period(start, end, window_minutes)
     payload = read_payload(env, endpoint, start, end, FRAME_COLUMNS)
     frame = inference_frame(env, payload, endpoint, keys=[key])
-    if frame.empty: raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful requests between {start} and {end}")
+    if frame.empty: raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful "
+                                          f"requests between {start} and {end}")
     labels = latest_labels(env, labels_table, key, label)
     joined = frame[[key, "prediction", "request_time", "model_version"]].merge(labels, on=key, how="left")
     joined["window_start"] = joined.request_time.dt.floor(f"{window_minutes}min")
@@ -348,7 +392,8 @@ def model_quality(env: Environment, endpoint: str | None, labels_table: str, sta
     for (window, version), g in joined.groupby(["window_start", "model_version"], sort=True):
         known = g.dropna(subset=[label])
         out.append({"endpoint_name": endpoint, "model_version": version, "window_start": window,
-                    "window_end": window + pd.Timedelta(minutes=window_minutes), "predictions": len(g), "labelled": len(known),
+                    "window_end": window + pd.Timedelta(minutes=window_minutes), "predictions": len(g),
+                    "labelled": len(known),
                     **quality_metrics(known[label].to_numpy(dtype="int64"), known.prediction.to_numpy())})
     quality = pd.DataFrame(out).assign(labels_table=labels_table, computed_at=pd.Timestamp.now(tz="UTC"))
     quality = quality.astype({c: "float64" for c in ("roc_auc", "brier", "ece", "mean_prediction", "observed_rate")})
@@ -373,19 +418,22 @@ class MonitoringRun:
 
     def summary(self) -> str:
         lines = [f"{self.endpoint}, {self.start:%Y-%m-%d %H:%M:%S} to {self.end:%Y-%m-%d %H:%M:%S} UTC"
-                 + (f" (rows arrive up to {self.lag_minutes} min late: complete until {self.complete:%Y-%m-%d %H:%M:%S} UTC)" if self.complete else "")]
+                 + (f" (rows arrive up to {self.lag_minutes} min late: complete until "
+                    f"{self.complete:%Y-%m-%d %H:%M:%S} UTC)" if self.complete else "")]
         if self.complete is not None and self.end > self.complete:
             lines.append(f"  WARNING: the period ends after {self.complete:%H:%M:%S}: rows of its last "
                          f"{(self.end - self.complete).total_seconds() / 60:.0f} min may not have arrived yet")
         for m in (self.metrics.itertuples() if self.metrics is not None else []):
-            lines.append(f"  {m.window_start:%H:%M} {m.served_entity_name}: {m.requests:,} requests, {m.qps:.2f}/s, errors {m.error_rate:.1%}, "
+            lines.append(f"  {m.window_start:%H:%M} {m.served_entity_name}: {m.requests:,} requests, {m.qps:.2f}/s, "
+                         f"errors {m.error_rate:.1%}, "
                          f"p50 {_ms(m.p50_ms)}, p95 {_ms(m.p95_ms)}, p99 {_ms(m.p99_ms)}")
         if self.drift is not None:
             lines.append(f"  drift: {self.drift.summary()}")
             lines += [f"  report (version {v}): {path}" for v, path in self.drift.reports.items()]
         for q in (self.quality.itertuples() if self.quality is not None else []):
             auc = "n/a" if pd.isna(q.roc_auc) else f"{q.roc_auc:.3f}"
-            lines.append(f"  quality {q.window_start:%H:%M} version {q.model_version}: {q.labelled:,} of {q.predictions:,} labelled, "
+            lines.append(f"  quality {q.window_start:%H:%M} version {q.model_version}: {q.labelled:,} of "
+                         f"{q.predictions:,} labelled, "
                          f"ROC AUC {auc}, Brier {q.brier:.3f}, ECE {q.ece:.3f}")
         return "\n".join(lines)
 
@@ -402,20 +450,24 @@ def run_monitoring(env: Environment, endpoint: str | None = None, start=None, en
                    lookback_minutes: int | None = None, # default: window_minutes
                    labels_table: str = "", # table with customer_id and default_next_month; empty: no ground truth yet
                    task: str = "all", # metrics | drift | all
-                   lag_minutes: int | None = None, # rows arrive up to this late; default: the environment's monitoring_lag_minutes
+                   # rows arrive up to this late; default: the environment's monitoring_lag_minutes
+                   lag_minutes: int | None = None,
                    ) -> MonitoringRun:
     "Endpoint metrics, drift and (with labels) model quality of one period, all written; never raises the drift alert itself."
-    if task not in ("metrics", "drift", "all"): raise MonitoringError(f"task must be metrics, drift or all, got {task!r}")
+    if task not in ("metrics", "drift",
+                    "all"): raise MonitoringError(f"task must be metrics, drift or all, got {task!r}")
     window_minutes = window_minutes or env.var("monitoring_window_minutes", int)
     lag = env.var("monitoring_lag_minutes", int) if lag_minutes is None else int(lag_minutes)
     if lag < 0: raise MonitoringError(f"lag_minutes is {lag}; expected 0 or more minutes")
     now = pd.Timestamp.now(tz="UTC")
-    run = MonitoringRun(endpoint or env.endpoint_name, *monitoring_period(start, end, window_minutes, lookback_minutes or window_minutes, lag, now),
+    run = MonitoringRun(endpoint or env.endpoint_name,
+                        *monitoring_period(start, end, window_minutes, lookback_minutes or window_minutes, lag, now),
                         lag_minutes=lag, complete=now - pd.Timedelta(minutes=lag))
     if task in ("metrics", "all"):
         run.metrics = endpoint_metrics(env, run.endpoint, run.start, run.end, window_minutes)
         write_endpoint_metrics(env, run.endpoint, run.metrics)
     if task in ("drift", "all"):
         run.drift = check_drift(env, run.endpoint, run.start, run.end, alert=False)
-        if labels_table: run.quality = model_quality(env, run.endpoint, labels_table, run.start, run.end, window_minutes)
+        if labels_table: run.quality = model_quality(env, run.endpoint, labels_table, run.start, run.end,
+                                                     window_minutes)
     return run

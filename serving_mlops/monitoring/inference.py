@@ -55,22 +55,34 @@ def served_entities(env: Environment, endpoint: str, ids: Sequence[str]) -> pd.D
     "Served entity name, model and version of each of `ids`, from `system.serving.served_entities` (each id's latest row)."
     wanted, tables = {i for i in ids if i is not None}, tables_for(env)
     if not tables.exists(SERVED_ENTITIES_TABLE):
-        raise MonitoringError(f"{SERVED_ENTITIES_TABLE} does not exist in environment '{env.name}': it names the served entity of every "
-                              "inference table row (on Databricks: the serving system schema; locally the serving runtime writes it)")
-    rows = tables.read_pandas(SERVED_ENTITIES_TABLE, columns=["served_entity_id", "served_entity_name", "entity_name", "entity_version", "change_time"],
+        raise MonitoringError(f"{SERVED_ENTITIES_TABLE} does not exist in environment '{env.name}': it names the "
+                              f"served entity of every "
+                              "inference table row (on Databricks: the serving system schema; locally the serving "
+                              "runtime writes it)")
+    rows = tables.read_pandas(SERVED_ENTITIES_TABLE,
+                              columns=["served_entity_id", "served_entity_name", "entity_name", "entity_version",
+                                       "change_time"],
                               filters=[("endpoint_name", "=", endpoint)])
-    rows = rows[rows.served_entity_id.isin(wanted)].sort_values("change_time", kind="stable").drop_duplicates("served_entity_id", keep="last")
+    rows = rows[rows.served_entity_id.isin(wanted)].sort_values("change_time",
+                                                                kind="stable").drop_duplicates("served_entity_id",
+                                                                        keep="last")
     unknown = sorted(wanted - set(rows.served_entity_id))
-    if unknown: raise MonitoringError(f"{SERVED_ENTITIES_TABLE} has no row of endpoint {endpoint} for served_entity_id {unknown[:3]}"
-                                      f"{f' (and {len(unknown) - 3} more)' if len(unknown) > 3 else ''}: expected every served entity of its configs")
-    return rows.rename(columns={"entity_name": "model_name", "entity_version": "model_version"})[ENTITY_COLUMNS].reset_index(drop=True)
+    if unknown: raise MonitoringError(f"{SERVED_ENTITIES_TABLE} has no row of endpoint {endpoint} for "
+                                      f"served_entity_id {unknown[:3]}"
+                                      f"{f' (and {len(unknown) - 3} more)' if len(unknown) > 3 else ''}: expected "
+                                      f"every served entity of its configs")
+    return rows.rename(columns={"entity_name": "model_name",
+                                "entity_version": "model_version"})[ENTITY_COLUMNS].reset_index(drop=True)
 
-def synthetic_entity(env: Environment, endpoint: str, model_name: str, version: str | int, name: str | None = None) -> str:
+def synthetic_entity(env: Environment, endpoint: str, model_name: str, version: str | int,
+                     name: str | None = None) -> str:
     "Record a served entity of `version` in the history, as the runtime does when it applies a config; returns its served_entity_id."
     from serving_mlops.naming import served_entity_name
-    entity = {"name": name or served_entity_name(model_name, version), "entity_name": model_name, "entity_version": str(version)}
+    entity = {"name": name or served_entity_name(model_name, version), "entity_name": model_name,
+              "entity_version": str(version)}
     config = {"served_entities": [entity], "served_entity_ids": {entity["name"]: uuid.uuid4().hex}, "config_version": 1}
-    record_served_entities(tables_for(env), served_entity_rows(endpoint, config, int(pd.Timestamp.now(tz="UTC").timestamp() * 1000)))
+    record_served_entities(tables_for(env),
+                           served_entity_rows(endpoint, config, int(pd.Timestamp.now(tz="UTC").timestamp() * 1000)))
     return config["served_entity_ids"][entity["name"]]
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #62b9f8bd
@@ -79,16 +91,20 @@ def payload_rows(features: pd.DataFrame, # model input rows: the model's (numeri
                  served_entity_id: str, # the served entity that answered (see `synthetic_entity`)
                  start, # time of the first request (UTC)
                  seconds: float = 3600.0, # the requests are spread evenly over this many seconds
-                 keys: pd.DataFrame | None = None, # sent instead of the features (e.g. customer_id), one row per feature row
+                 # sent instead of the features (e.g. customer_id), one row per feature row
+                 keys: pd.DataFrame | None = None,
                  rows_per_request: int = 1,
                  error_share: float = 0.0, # share of requests answered 400 (no predictions)
                  seed: int = 0) -> pa.Table:
     "Inference table rows (`PAYLOAD_SCHEMA`) of requests that sent `keys` (or the `features`) and got `predictions`."
     n = len(features)
-    if len(predictions) != n: raise ValueError(f"payload_rows: {len(predictions)} predictions for {n} feature rows; expected one per row")
-    if keys is not None and len(keys) != n: raise ValueError(f"payload_rows: {len(keys)} key rows for {n} feature rows; expected one per row")
+    if len(predictions) != n: raise ValueError(f"payload_rows: {len(predictions)} predictions for {n} feature rows; "
+                                               f"expected one per row")
+    if keys is not None and len(keys) != n: raise ValueError(f"payload_rows: {len(keys)} key rows for {n} feature "
+                                                             f"rows; expected one per row")
     rng = np.random.default_rng(seed)
-    cols, X = list(features.columns), features.to_numpy(dtype="float64", na_value=np.nan).tolist()  # orjson writes NaN as null
+    # orjson writes NaN as null
+    cols, X = list(features.columns), features.to_numpy(dtype="float64", na_value=np.nan).tolist()
     P, K = np.asarray(predictions, dtype="float64").tolist(), keys.to_dict("records") if keys is not None else None
     starts = range(0, n, rows_per_request)
     m = len(starts)
@@ -97,21 +113,26 @@ def payload_rows(features: pd.DataFrame, # model input rows: the model's (numeri
     request, response = [], []
     for j, i in enumerate(starts):
         rows = slice(i, i + rows_per_request)
-        body = {"dataframe_records": K[rows]} if K is not None else {"dataframe_split": {"columns": cols, "data": X[rows]}}
+        body = {"dataframe_records": K[rows]} if K is not None else {"dataframe_split": {"columns": cols,
+                "data": X[rows]}}
         request.append(dumps(body, option=orjson.OPT_SERIALIZE_NUMPY).decode())
         response.append(dumps({"predictions": P[rows]}).decode() if ok[j] else error)
     prefix = uuid.uuid4().hex[:12]
     times = as_utc(start) + pd.to_timedelta(np.arange(m) * (seconds / m), unit="s")
     return pa.Table.from_pydict({
-        "request_date": times.date, "databricks_request_id": [f"{prefix}-{j:08x}" for j in range(m)], "client_request_id": [None] * m,
+        "request_date": times.date, "databricks_request_id": [f"{prefix}-{j:08x}" for j in range(m)],
+        "client_request_id": [None] * m,
         "request_time": times.astype("datetime64[us, UTC]"), "status_code": np.where(ok, 200, 400).astype("int32"),
-        "sampling_fraction": np.ones(m), "execution_duration_ms": np.round(1.0 + rng.gamma(2.0, 2.5, m)).astype("int64"),
+        "sampling_fraction": np.ones(m),
+        "execution_duration_ms": np.round(1.0 + rng.gamma(2.0, 2.5, m)).astype("int64"),
         "request": request, "response": response, "logging_error_codes": [[] for _ in range(m)],
         "served_entity_id": [served_entity_id] * m, "requester": ["synthetic"] * m}, schema=PAYLOAD_SCHEMA)
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #d80f30fe
-REQUEST_SHAPE = ('{"dataframe_split": {"columns": "JSON", "data": [["DOUBLE"]]}, '  # model inputs are numbers (the endpoint checked them)
-                 '"dataframe_records": "JSON", "instances": "JSON", "inputs": "JSON"}')  # the other formats: their JSON, read apart
+# model inputs are numbers (the endpoint checked them)
+REQUEST_SHAPE = ('{"dataframe_split": {"columns": "JSON", "data": [["DOUBLE"]]}, '
+                 # the other formats: their JSON, read apart
+                 '"dataframe_records": "JSON", "instances": "JSON", "inputs": "JSON"}')
 OTHER_SHAPES = {"columns": '"MAP(VARCHAR, JSON[])"', "records": '["MAP(VARCHAR, JSON)"]', "rows": '[["JSON"]]'}
 
 def _arrow(payload, columns: list) -> pa.Table:
@@ -151,8 +172,10 @@ def _request_error(body: str, columns: list, where: str) -> MonitoringError:
     except orjson.JSONDecodeError as e: return MonitoringError(f"{where}: the request is not valid JSON: {e}")
     key = next((k for k in PAYLOAD_KEYS if k in payload), None) if isinstance(payload, dict) else None
     if key is None: return MonitoringError(f"{where}: the request has none of {', '.join(PAYLOAD_KEYS)}")
-    if (repeated := repeated_key(body.encode(), payload)) is not None:  # (this runtime refuses such a request; another may have logged it)
-        return MonitoringError(f"{where}: the request gives the key {repeated!r:.80} twice in one JSON object, which JSON readers resolve differently")
+    # (this runtime refuses such a request; another may have logged it)
+    if (repeated := repeated_key(body.encode(), payload)) is not None:
+        return MonitoringError(f"{where}: the request gives the key {repeated!r:.80} twice in one JSON object, which "
+                               f"JSON readers resolve differently")
     try: payload_columns(key, payload[key], InputSpec(columns=columns))
     except MlopsError as e: return MonitoringError(f"{where}: {e}{hint}")
     return MonitoringError(f"{where}: its {key} could not be read as rows of columns{hint}")
@@ -171,7 +194,8 @@ class _Block:
     frame: pd.DataFrame  # one row per prediction row, in request order
     request: np.ndarray  # position of each row's request in the parsed window
 
-_NO_COLUMN = object()  # the column of an entry that only says its row exists: an empty record `{}`, a row of nulls as MLflow reads it
+# the column of an entry that only says its row exists: an empty record `{}`, a row of nulls as MLflow reads it
+_NO_COLUMN = object()
 
 def _entry_blocks(request: np.ndarray, row: np.ndarray, column: np.ndarray, text: pa.Array) -> list[_Block]:
     "Blocks of (request, row id, column, JSON value) entries: requests that sent the same columns share a block; a column a row lacks is null."
@@ -183,11 +207,13 @@ def _entry_blocks(request: np.ndarray, row: np.ndarray, column: np.ndarray, text
     cell[row, code] = np.arange(len(code))
     _, first = np.unique(row_request, return_index=True)
     sent = np.logical_or.reduceat(cell >= 0, first, axis=0)  # the columns each request sent (in any of its rows)
-    signatures, group = np.unique(np.repeat(sent, np.diff(np.append(first, len(rows))), axis=0), axis=0, return_inverse=True)
+    signatures, group = np.unique(np.repeat(sent, np.diff(np.append(first, len(rows))), axis=0), axis=0,
+                                  return_inverse=True)
     blocks = []
     for g, mask in enumerate(signatures):
         members = np.flatnonzero(group.ravel() == g)
-        frame = {str(names[j]): _typed(text.take(pa.array(cell[members, j], mask=cell[members, j] < 0))) for j in np.flatnonzero(mask)
+        frame = {str(names[j]): _typed(text.take(pa.array(cell[members, j], mask=cell[members, j] < 0)))
+                 for j in np.flatnonzero(mask)
                  if names[j] is not _NO_COLUMN}
         blocks.append(_Block(pd.DataFrame(frame, index=pd.RangeIndex(len(members))), row_request[members]))
     return blocks
@@ -210,11 +236,13 @@ def _row_entries(request: np.ndarray, data: pa.Array, names: Sequence) -> tuple:
     "Entries of each request's rows (lists of JSON values, `names` in order): request, row id, column, value."
     owner, row = _rows(request, _lengths(data))
     width = len(names)
-    return np.repeat(owner, width), np.repeat(row, width), np.tile(np.asarray(names, dtype=object), len(row)), pc.list_flatten(pc.list_flatten(data))
+    return np.repeat(owner, width), np.repeat(row, width), np.tile(np.asarray(names, dtype=object),
+                                                                   len(row)), pc.list_flatten(pc.list_flatten(data))
 
 def _typed_split(t: pa.Table, at: np.ndarray, names: list) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at` (rows of `names`), each value read as JSON typed it."
-    data = _query('SELECT json_transform(request, \'{"dataframe_split": {"data": [["JSON"]]}}\').dataframe_split.data AS d FROM t',
+    data = _query('SELECT json_transform(request, \'{"dataframe_split": {"data": [["JSON"]]}}\').dataframe_split.data '
+                  'AS d FROM t',
                   t=_take(t.select(["request"]), at)).column("d").combine_chunks()
     return _entry_blocks(*_row_entries(at, data, names))
 
@@ -232,7 +260,8 @@ def _numbers_frame(cells: np.ndarray, names: list) -> pd.DataFrame:
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #b6c41ac1
 def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where,
-                  skipped: dict, # request position -> why: the requests that cannot be read go here, and their rows are left out
+                  # request position -> why: the requests that cannot be read go here, and their rows are left out
+                  skipped: dict,
                   ) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
     split = pc.struct_field(q, "dataframe_split")  # of every request (null for the others): no rows copied
@@ -240,15 +269,19 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where,
     all_rows = pc.list_flatten(data)  # the rows of the requests at `at`, in request order
     owner, all_widths = np.repeat(np.arange(len(data)), _lengths(data)), _lengths(all_rows)
     all_nulls, first = all_rows.is_null().to_numpy(zero_copy_only=False), np.cumsum(all_widths) - all_widths
-    flat, numbers = pc.list_flatten(all_rows), None  # every number, row after row; copied out of Arrow for one set of columns at a time
+    # every number, row after row; copied out of Arrow for one set of columns at a time
+    flat, numbers = pc.list_flatten(all_rows), None
     blocks = []
     for text, members in _groups(pc.struct_field(split, "columns")):  # the requests at `at` by the columns they sent
         names = orjson.loads(text)
-        skip = lambda bad: skipped.update({r: _unreadable(t, r, names if isinstance(names, list) else [], where) for r in bad})
+        skip = lambda bad: skipped.update({r: _unreadable(t, r, names if isinstance(names, list) else [], where)
+                                           for r in bad})
         if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)): skip(members); continue
-        mine = slice(None) if len(members) == len(at) else np.isin(owner, members, kind="table")  # the rows of these requests
+        # the rows of these requests
+        mine = slice(None) if len(members) == len(at) else np.isin(owner, members, kind="table")
         requests, widths, null_rows = owner[mine], all_widths[mine], all_nulls[mine]
-        if (wrong := (widths != len(names)) | null_rows).any():  # rows of another width, or not lists: those requests are left out
+        # rows of another width, or not lists: those requests are left out
+        if (wrong := (widths != len(names)) | null_rows).any():
             skip(np.unique(requests[wrong]))
             members = np.setdiff1d(members, requests[wrong])
             if not len(members): continue
@@ -259,17 +292,23 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where,
             numbers = flat.to_numpy(zero_copy_only=False) if numbers is None else numbers
             cells = numbers[first[mine][:, None] + np.arange(len(names))]
         nulls = np.isnan(cells).any(axis=1)
-        if set(names) <= (numeric or set(names)):  # model inputs are numbers (the endpoint checked them); a model of unknown inputs: tried so
+        # model inputs are numbers (the endpoint checked them); a model of unknown inputs: tried so
+        if set(names) <= (numeric or set(names)):
             if not nulls.any():
                 blocks.append(_Block(_numbers_frame(cells, names), requests))
                 continue
-            again = np.unique(requests[nulls])  # a null is JSON null or a value that is no number: read those requests again
+            # a null is JSON null or a value that is no number: read those requests again
+            again = np.unique(requests[nulls])
             read = _typed_split(t, again, names)
-            not_number = lambda b: next((c for c in b.frame if not (pd.api.types.is_numeric_dtype(b.frame[c]) or b.frame[c].isna().all())), None)
-            if numeric or all(not_number(b) is None for b in read):  # model inputs: a request with a value that is no number is left out
+            not_number = lambda b: next((c
+                                         for c in b.frame if not (pd.api.types.is_numeric_dtype(b.frame[c])
+                                                                  or b.frame[c].isna().all())), None)
+            # model inputs: a request with a value that is no number is left out
+            if numeric or all(not_number(b) is None for b in read):
                 for b in read:
                     if (c := not_number(b)) is not None:
-                        skipped.update({r: f"{where(r)}: column '{c}' has a value that is not a number; expected numbers or null" for r in np.unique(b.request)})
+                        skipped.update({r: f"{where(r)}: column '{c}' has a value that is not a number; expected "
+                                           f"numbers or null" for r in np.unique(b.request)})
                 keep = ~np.isin(requests, again)
                 blocks += [_Block(_numbers_frame(cells[keep], names), requests[keep])] + \
                           [_Block(b.frame.astype("float64"), b.request) for b in read if not_number(b) is None]
@@ -279,12 +318,14 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where,
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #ff23ef56
 def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where,
-                  skipped: dict, # request position -> why: the requests that cannot be read go here, and their rows are left out
+                  # request position -> why: the requests that cannot be read go here, and their rows are left out
+                  skipped: dict,
                   ) -> list[_Block]:
     "Blocks of the requests at `at` in the other formats: records, columns of values (`inputs`) or rows of values in the model's column order."
     q = _take(q, at)
     body = pc.coalesce(*(pc.struct_field(q, k) for k in PAYLOAD_KEYS[1:]))
-    shapes = ", ".join(f"CASE WHEN shape = '{s}' THEN json_transform(body, '{OTHER_SHAPES[s]}') END AS {s}" for s in OTHER_SHAPES)
+    shapes = ", ".join(f"CASE WHEN shape = '{s}' THEN json_transform(body, '{OTHER_SHAPES[s]}') END AS {s}"
+                       for s in OTHER_SHAPES)
     read = _query(f"""SELECT shape, {shapes} FROM (SELECT body, CASE WHEN json_type(body) = 'OBJECT' THEN 'columns' WHEN json_type(body, '$[0]') = 'OBJECT'
                       THEN 'records' WHEN json_type(body, '$[0]') = 'ARRAY' THEN 'rows' WHEN json_array_length(body) = 0 THEN 'records' END AS shape FROM b)""",
                   b=pa.table({"body": body}))
@@ -298,10 +339,13 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
     ok[np.unique(owner[maps.is_null().to_numpy(zero_copy_only=False)])] = False
     _, row = _rows(at, _lengths(records))
     counts = _lengths(maps)
-    entries.append((np.repeat(at[owner], counts), np.repeat(row, counts), pc.list_flatten(maps).field("key").to_numpy(zero_copy_only=False),
+    entries.append((np.repeat(at[owner], counts), np.repeat(row, counts),
+                    pc.list_flatten(maps).field("key").to_numpy(zero_copy_only=False),
                     pc.list_flatten(maps).field("value")))
-    if (empty := (counts == 0) & maps.is_valid().to_numpy(zero_copy_only=False)).any():  # `{}`: a row of nulls, as the endpoint scored it
-        entries.append((at[owner[empty]], row[empty], np.full(empty.sum(), _NO_COLUMN, dtype=object), pa.nulls(int(empty.sum()), pa.string())))
+    # `{}`: a row of nulls, as the endpoint scored it
+    if (empty := (counts == 0) & maps.is_valid().to_numpy(zero_copy_only=False)).any():
+        entries.append((at[owner[empty]], row[empty], np.full(empty.sum(), _NO_COLUMN, dtype=object),
+                        pa.nulls(int(empty.sum()), pa.string())))
     by_column = _as_lists(read.column("columns").combine_chunks())
     items = pc.list_flatten(by_column)
     owner = np.repeat(np.arange(len(at)), _lengths(by_column))
@@ -309,13 +353,17 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
     k = _lengths(by_column)
     n = np.zeros(len(at), dtype="int64")
     n[k > 0] = lengths[(np.cumsum(k) - k)[k > 0]]  # rows: the length of the first column
-    inputs = pc.struct_field(q, "inputs").is_valid().to_numpy(zero_copy_only=False) & ~pc.struct_field(q, "dataframe_records").is_valid().to_numpy(zero_copy_only=False) \
+    inputs = pc.struct_field(q, "inputs").is_valid().to_numpy(zero_copy_only=False) & ~pc.struct_field(q,
+            "dataframe_records").is_valid().to_numpy(zero_copy_only=False) \
              & ~pc.struct_field(q, "instances").is_valid().to_numpy(zero_copy_only=False)  # only `inputs` may be columns of values
     ok[shape == "columns"] = (by_column.is_valid().to_numpy(zero_copy_only=False) & inputs)[shape == "columns"]
     ok[np.unique(owner[lengths != n[owner]])] = False
-    position = np.arange(lengths.clip(0).sum()) - np.repeat(np.cumsum(lengths.clip(0)) - lengths.clip(0), lengths.clip(0))
-    entries.append((np.repeat(at[owner], lengths.clip(0)), np.repeat(at[owner], lengths.clip(0)).astype("int64") * 2**32 + position,
-                    np.repeat(items.field("key").to_numpy(zero_copy_only=False), lengths.clip(0)), pc.list_flatten(items.field("value"))))
+    position = np.arange(lengths.clip(0).sum()) - np.repeat(np.cumsum(lengths.clip(0)) - lengths.clip(0),
+                                                            lengths.clip(0))
+    entries.append((np.repeat(at[owner], lengths.clip(0)),
+                    np.repeat(at[owner], lengths.clip(0)).astype("int64") * 2**32 + position,
+                    np.repeat(items.field("key").to_numpy(zero_copy_only=False), lengths.clip(0)),
+                    pc.list_flatten(items.field("value"))))
     tensor = read.column("rows").combine_chunks()
     names = np.array([",".join(c) for c in columns], dtype=object)
     for signature in np.unique(names[shape == "rows"]):
@@ -324,37 +372,47 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
         rows = tensor.take(members)
         inner = pc.list_flatten(rows)
         fits = (_lengths(inner) == width) & inner.is_valid().to_numpy(zero_copy_only=False)
-        if width == 0:  # not the request's fault: the caller does not know the model's columns, and no row of it can be read
+        # not the request's fault: the caller does not know the model's columns, and no row of it can be read
+        if width == 0:
             raise _request_error(t.column("request")[at[members[0]]].as_py(), [], where(at[members[0]]))
         ok[members] = rows.is_valid().to_numpy(zero_copy_only=False)
         ok[np.unique(np.repeat(members, _lengths(rows))[~fits])] = False
-        if (good := members[ok[members]]).size: entries.append(_row_entries(at[good], tensor.take(good), columns[members[0]]))
+        if (good := members[ok[members]]).size: entries.append(_row_entries(at[good], tensor.take(good),
+                columns[members[0]]))
     for bad in np.flatnonzero(~ok):
         skipped[at[bad]] = _unreadable(t, at[bad], columns[bad], where)
     if not ok.all():  # the entries of the requests that cannot be read leave
         entries = [tuple(x.filter(pa.array(keep)) if isinstance(x, pa.Array) else x[keep] for x in e) for e in entries
                    if (keep := ~np.isin(e[0], at[~ok])).any()]
     if not entries: return []
-    return _entry_blocks(*(np.concatenate([e[k] for e in entries]) for k in range(3)), pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
+    return _entry_blocks(*(np.concatenate([e[k] for e in entries]) for k in range(3)),
+                         pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #11f78337
 def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
-                   columns: dict | None = None, # served_entity_id -> its model's input columns, for rows sent without names
+                   # served_entity_id -> its model's input columns, for rows sent without names
+                   columns: dict | None = None,
                    ) -> pd.DataFrame:
     "One row per prediction of the successful requests logged in full: the columns sent, `prediction`, request time, served entity and request id."
     columns = columns or {}
-    t = _arrow(payload, ["status_code", "request", "response", "databricks_request_id", "served_entity_id", "request_time"])
+    t = _arrow(payload, ["status_code", "request", "response", "databricks_request_id", "served_entity_id",
+                         "request_time"])
     ok = pc.fill_null(pc.equal(t.column("status_code"), 200), False)
-    logged = pc.and_(ok, pc.and_(t.column("request").is_valid(), t.column("response").is_valid()))  # the rows read (positions stay the table's)
+    # the rows read (positions stay the table's)
+    logged = pc.and_(ok, pc.and_(t.column("request").is_valid(), t.column("response").is_valid()))
     ids, entities = t.column("databricks_request_id").to_numpy(zero_copy_only=False), t.column("served_entity_id").to_numpy(zero_copy_only=False)
     where = lambda i: f"request {ids[i]}"
-    parsed = _query(f"SELECT CASE WHEN logged THEN try(json_transform(request, '{REQUEST_SHAPE}')) END AS q, CASE WHEN logged "
+    parsed = _query(f"SELECT CASE WHEN logged THEN try(json_transform(request, '{REQUEST_SHAPE}')) END AS q, CASE "
+                    f"WHEN logged "
                     "THEN try(json_transform(response, '{\"predictions\": [\"DOUBLE\"]}').predictions) END AS p FROM t",
                     t=t.select(["request", "response"]).append_column("logged", logged))
-    q, logged = parsed.column("q"), logged.to_numpy(zero_copy_only=False)  # q stays in DuckDB's chunks: only the numbers are copied out
+    # q stays in DuckDB's chunks: only the numbers are copied out
+    q, logged = parsed.column("q"), logged.to_numpy(zero_copy_only=False)
     split = pc.struct_field(q, "dataframe_split")
-    is_split = pc.and_(pc.struct_field(split, "columns").is_valid(), pc.struct_field(split, "data").is_valid()).to_numpy(zero_copy_only=False)
-    is_other = np.logical_or.reduce([pc.struct_field(q, k).is_valid().to_numpy(zero_copy_only=False) for k in PAYLOAD_KEYS[1:]]) & ~split.is_valid().to_numpy(zero_copy_only=False)
+    is_split = pc.and_(pc.struct_field(split, "columns").is_valid(),
+                       pc.struct_field(split, "data").is_valid()).to_numpy(zero_copy_only=False)
+    is_other = np.logical_or.reduce([pc.struct_field(q, k).is_valid().to_numpy(zero_copy_only=False)
+                                     for k in PAYLOAD_KEYS[1:]]) & ~split.is_valid().to_numpy(zero_copy_only=False)
     unreadable = {}  # request position -> why it is skipped: a request the endpoint answered never fails the window
     for i in np.flatnonzero(logged & ~is_split & ~is_other):
         unreadable[i] = _unreadable(t, i, columns.get(entities[i], []), where)
@@ -367,12 +425,15 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     given = pc.fill_null(pc.list_value_length(predictions), -1).to_numpy(zero_copy_only=False)
     values = pc.list_flatten(predictions)
     not_numbers = np.zeros(len(given), dtype=bool)
-    not_numbers[np.repeat(np.arange(len(given)), given.clip(0))[pc.is_null(values).to_numpy(zero_copy_only=False)]] = True
+    not_numbers[np.repeat(np.arange(len(given)),
+                          given.clip(0))[pc.is_null(values).to_numpy(zero_copy_only=False)]] = True
     bad = np.flatnonzero(logged & ((counts != given) | not_numbers))
     bad = bad[~np.isin(bad, list(unreadable))]  # (those skipped already have their reason)
     for i in bad:
-        unreadable[i] = (f"{where(i)}: the response has no predictions (a list of numbers): {t.column('response')[i].as_py()!r:.100}" if given[i] < 0 else
-                         f"{where(i)}: {counts[i]} rows but {given[i]} predictions; expected one per row" if counts[i] != given[i] else
+        unreadable[i] = (f"{where(i)}: the response has no predictions (a list of numbers): "
+                         f"{t.column('response')[i].as_py()!r:.100}" if given[i] < 0 else
+                         f"{where(i)}: {counts[i]} rows but {given[i]} predictions; expected one per row"
+                         if counts[i] != given[i] else
                          f"{where(i)}: predictions are not numbers; expected one probability per row")
     if len(bad):  # their rows leave the blocks: what is left is matched with predictions as usual
         blocks = [_Block(b.frame[keep].reset_index(drop=True), b.request[keep]) for b in blocks
@@ -382,7 +443,8 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     frames = []
     for b in blocks:
         frame, request, sent = b.frame, b.request, ",".join(b.frame.columns)
-        if (np.diff(request) < 0).any():  # rows in request order (a block is, unless some of its requests were read again)
+        # rows in request order (a block is, unless some of its requests were read again)
+        if (np.diff(request) < 0).any():
             order = np.argsort(request, kind="stable")
             frame, request = frame.iloc[order].reset_index(drop=True), request[order]
         rank = np.arange(len(request)) - np.searchsorted(request, request)  # row number within its request
@@ -400,7 +462,8 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
     out["served_entity_id"], out["databricks_request_id"] = entities[position], ids[position]
     out.attrs["not_logged"] = (pc.sum(ok).as_py() or 0) - int(logged.sum())
     out.attrs["unreadable"] = [(ids[i], why) for i, why in sorted(unreadable.items())]  # (request id, why), skipped
-    if unreadable: log.warning("%d request(s) the endpoint answered could not be read and are left out, e.g. %s", len(unreadable), next(iter(unreadable.values())))
+    if unreadable: log.warning("%d request(s) the endpoint answered could not be read and are left out, e.g. %s",
+                               len(unreadable), next(iter(unreadable.values())))
     return out
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #5791285b
@@ -416,7 +479,8 @@ def engineering_spec(path: Path | str) -> dict:
     for f in spec.feature_column_infos:
         stamp = (f.timestamp_lookup_key or [None])[0]
         l = lookups.setdefault((f.table_name, tuple(f.lookup_key), stamp),
-                               {"table_name": f.table_name, "lookup_key": list(f.lookup_key), "timestamp_lookup_key": stamp, "features": {}})
+                               {"table_name": f.table_name, "lookup_key": list(f.lookup_key),
+                                "timestamp_lookup_key": stamp, "features": {}})
         l["features"][f.feature_name] = f.output_name
     columns = [getattr(c.info, "output_name", None) or c.info.name for c in spec.column_infos if c.include]
     return {"lookups": list(lookups.values()), "columns": columns}
@@ -424,9 +488,11 @@ def engineering_spec(path: Path | str) -> dict:
 def model_spec(env: Environment, model_name: str, version: str | int) -> dict:
     "The feature `lookups` and input `columns` of a model version (no lookups without a feature spec)."
     try: registry_client(env).get_model_version(model_name, str(version))
-    except MlflowException: raise MonitoringError(f"model {model_name} has no version {version} in environment '{env.name}'") from None
+    except MlflowException: raise MonitoringError(f"model {model_name} has no version {version} in environment "
+                                                  f"'{env.name}'") from None
     with using_mlflow(env), tempfile.TemporaryDirectory() as folder:
-        for path, read in (("data/feature_store/feature_spec.yaml", engineering_spec), ("artifacts/feature_spec.json", _own_spec)):
+        for path, read in (("data/feature_store/feature_spec.yaml", engineering_spec),
+                           ("artifacts/feature_spec.json", _own_spec)):
             try: local = mlflow.artifacts.download_artifacts(model_uri(model_name, version, path), dst_path=folder)
             except (MlflowException, OSError): continue
             return read(Path(local))
@@ -442,7 +508,8 @@ def _with_features(env: Environment, spec: dict, rows: pd.DataFrame, model: str)
     if not missing: return rows
     keys = list(dict.fromkeys(k for l in spec["lookups"] for k in l["lookup_key"]))
     lacking = [k for k in keys if k not in sent]
-    if lacking: raise MonitoringError(f"requests to {model} (e.g. {rows.databricks_request_id.iat[0]}) sent neither the features "
+    if lacking: raise MonitoringError(f"requests to {model} (e.g. {rows.databricks_request_id.iat[0]}) sent neither "
+                                      f"the features "
                                       f"{missing[:5]} nor the key(s) {lacking} to look them up")
     stamps = {l["timestamp_lookup_key"] for l in spec["lookups"] if l.get("timestamp_lookup_key")}
     given = [c for c in sent if c in spec["columns"] and c not in keys and c not in stamps]
@@ -450,24 +517,30 @@ def _with_features(env: Environment, spec: dict, rows: pd.DataFrame, model: str)
     try:
         found = features_as_of(feature_store_for(env), spec, get_spark(env).createDataFrame(asked))
         found = found.select("_row", *missing).toPandas().set_index("_row").reindex(np.arange(len(rows)))
-    except FeatureStoreError as e: raise MonitoringError(f"looking up the features of {model} as of the request times: {e}") from None
-    nothing = np.zeros(len(rows), dtype=bool)  # a lookup found nothing: every feature it brings is null (no row of the key as of the time)
+    except FeatureStoreError as e: raise MonitoringError(f"looking up the features of {model} as of the request "
+                                                         f"times: {e}") from None
+    # a lookup found nothing: every feature it brings is null (no row of the key as of the time)
+    nothing = np.zeros(len(rows), dtype=bool)
     for l in spec["lookups"]:
         brought = [o for o in l["features"].values() if o in missing]
         if brought: nothing |= found[brought].isna().all(axis=1).to_numpy()
     return rows.assign(**{c: found[c].to_numpy() for c in missing}, missing_lookup=nothing)
 
 def inference_frame(env: Environment, payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
-                    endpoint: str | None = None, # whose served entities the rows name; default: the environment's endpoint_name
-                    keys: Sequence[str] = (), # request columns every row must have (e.g. customer_id); null where not sent
+                    # whose served entities the rows name; default: the environment's endpoint_name
+                    endpoint: str | None = None,
+                    # request columns every row must have (e.g. customer_id); null where not sent
+                    keys: Sequence[str] = (),
                     ) -> pd.DataFrame:
     "One row per prediction of the successful requests: the model's inputs (sent, or looked up as of the request), `missing_lookup`, `prediction`, request, served entity, model and version."
     endpoint = endpoint or env.endpoint_name
     rows = _arrow(payload, ["status_code", "served_entity_id"])
-    ids = set(pc.unique(rows.column("served_entity_id").filter(pc.fill_null(pc.equal(rows.column("status_code"), 200), False))).to_pylist())
+    ids = set(pc.unique(rows.column("served_entity_id").filter(pc.fill_null(pc.equal(rows.column("status_code"), 200),
+            False))).to_pylist())
     entities = served_entities(env, endpoint, ids) if ids else pd.DataFrame(columns=ENTITY_COLUMNS)
     versions = entities.drop_duplicates(["model_name", "model_version"])
-    specs = {(r.model_name, r.model_version): model_spec(env, r.model_name, r.model_version) for r in versions.itertuples()}
+    specs = {(r.model_name, r.model_version): model_spec(env, r.model_name, r.model_version)
+             for r in versions.itertuples()}
     columns = {r.served_entity_id: specs[r.model_name, r.model_version]["columns"] for r in entities.itertuples()}
     frame = parse_requests(payload, columns)
     by_id = entities.set_index("served_entity_id")
@@ -476,7 +549,8 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
         frame[c] = np.append(by_id[c].reindex(known).to_numpy(dtype=object), np.nan)[entity]  # -1 (no entity): NaN
     complete = lambda key, rows: _with_features(env, specs[key[0], key[1]], rows, f"{key[0]} version {key[1]}")
     sent = frame["_sent"].to_numpy()
-    if len(frame) and (entity == 0).all() and (sent == sent[0]).all():  # the usual window: one served entity, one set of columns
+    # the usual window: one served entity, one set of columns
+    if len(frame) and (entity == 0).all() and (sent == sent[0]).all():
         out = complete((frame.model_name.iat[0], frame.model_version.iat[0]), frame)
     else:
         groups = frame.groupby(["model_name", "model_version", "_sent"], sort=False).indices
@@ -484,11 +558,15 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
         elif groups: out = pd.concat([complete(key, frame.iloc[idx]) for key, idx in groups.items()]).sort_index()
         else: out = frame
     del out["_sent"]  # a frame made here: dropped in place, not copied
-    out["missing_lookup"] = out["missing_lookup"].eq(True).to_numpy() if "missing_lookup" in out else False  # False: nothing looked up
+    # False: nothing looked up
+    out["missing_lookup"] = out["missing_lookup"].eq(True).to_numpy() if "missing_lookup" in out else False
     for k in keys:
         if k not in out: out[k] = None
-    out.attrs["not_logged"], out.attrs["unreadable"] = frame.attrs.get("not_logged", 0), frame.attrs.get("unreadable", [])
-    out.attrs["looked_up"] = {key: [o for l in s["lookups"] for o in l["features"].values()] for key, s in specs.items()}  # (model, version) -> features
+    out.attrs["not_logged"], out.attrs["unreadable"] = frame.attrs.get("not_logged", 0), frame.attrs.get("unreadable",
+            [])
+    # (model, version) -> features
+    out.attrs["looked_up"] = {key: [o for l in s["lookups"] for o in l["features"].values()]
+                              for key, s in specs.items()}
     return out
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #3960fa7a
@@ -498,4 +576,5 @@ def read_payload(env: Environment, endpoint: str | None, start, end, columns: Se
     if not tables.exists(table):
         raise MonitoringError(f"inference table {table} of endpoint {endpoint or env.endpoint_name} does not exist: "
                               f"expected the endpoint to log its requests there (ai_gateway.inference_table_config)")
-    return tables.read_arrow(table, columns=columns, filters=[("request_time", ">=", as_utc(start)), ("request_time", "<", as_utc(end))])
+    return tables.read_arrow(table, columns=columns,
+                             filters=[("request_time", ">=", as_utc(start)), ("request_time", "<", as_utc(end))])

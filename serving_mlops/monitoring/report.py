@@ -24,7 +24,8 @@ def _shares_axes(buckets: int) -> tuple:
     "A figure of `buckets` pairs of bars (training, window) with legend and slanted bucket names: drawn on again for every feature."
     fig = Figure(figsize=(5, 2.4), dpi=80)
     ax = fig.add_subplot()
-    fig.subplots_adjust(left=0.15, right=0.98, top=0.9, bottom=0.42)  # fixed margins with room for the slanted bucket names (a tight layout draws twice)
+    # fixed margins with room for the slanted bucket names (a tight layout draws twice)
+    fig.subplots_adjust(left=0.15, right=0.98, top=0.9, bottom=0.42)
     x, zero = np.arange(buckets), np.zeros(buckets)
     training = ax.bar(x - 0.2, zero, 0.4, label="training", color="#7f9fbf")
     window = ax.bar(x + 0.2, zero, 0.4, label="window", color="#5cb85c")
@@ -35,7 +36,8 @@ def _shares_axes(buckets: int) -> tuple:
     return fig, ax, training, window
 
 def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np.ndarray, drifted: bool,
-                  figures: dict | None = None, # figures by number of buckets, drawn on again when given: a report reuses them for all its features
+                  # figures by number of buckets, drawn on again when given: a report reuses them for all its features
+                  figures: dict | None = None,
                   ) -> str:
     "A small bar chart of training and window shares per bucket, as a base64 SVG (its text kept as text)."
     figures = {} if figures is None else figures
@@ -49,10 +51,12 @@ def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np
     ax.get_legend().legend_handles[1].set_facecolor(color)
     ax.set_xticklabels(labels)
     top = max(np.max(expected), np.max(actual))
-    ax.set_ylim(0, 1.05 * top if top > 0 else 1.0)  # as autoscaling bars from 0 would, without measuring every bar again
+    # as autoscaling bars from 0 would, without measuring every bar again
+    ax.set_ylim(0, 1.05 * top if top > 0 else 1.0)
     ax.title.set_text(name)
     buffer = io.BytesIO()
-    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "drift-report"}):  # text as text, not glyph outlines; the same page for the same data
+    # text as text, not glyph outlines; the same page for the same data
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": "drift-report"}):
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
@@ -61,11 +65,13 @@ def results_table_html(results: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in results.columns)
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     row = lambda r: "".join(f"<td>{html.escape(cell(v))}</td>" for v in r)
-    body = "".join(('<tr class="drifted">' if r.drifted else "<tr>") + row(r) + "</tr>" for r in results.itertuples(index=False))
+    body = "".join(('<tr class="drifted">' if r.drifted else "<tr>") + row(r) + "</tr>"
+                   for r in results.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 def drift_report_html(baseline: dict, window: pd.DataFrame, results: pd.DataFrame, title: str = "Drift report",
-                      buckets: dict | None = None, # `window_buckets(baseline, window)` when already counted (by `feature_drift`)
+                      # `window_buckets(baseline, window)` when already counted (by `feature_drift`)
+                      buckets: dict | None = None,
                       ) -> str:
     "A self-contained HTML page: summary line, results table and one plot per feature."
     buckets = buckets or window_buckets(baseline, window)
@@ -78,7 +84,8 @@ def drift_report_html(baseline: dict, window: pd.DataFrame, results: pd.DataFram
     style = ("body{font-family:sans-serif;margin:1.5em} table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #ccc;padding:2px 8px;text-align:left} tr.drifted{background:#f8d7da}"
              "figure{display:inline-block;margin:4px} figure img{width:400px}")  # the plots at the size of 80 dpi PNGs
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
+    return (f"<!DOCTYPE html><html><head><meta "
+            f"charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head>"
             f"<body><h1>{html.escape(title)}</h1><p>{html.escape(drift_summary(results))} "
             f"({len(window):,} window rows, baseline of {baseline['rows']:,} training rows)</p>"
             f"{results_table_html(results)}<h2>Distributions</h2>{''.join(plots)}</body></html>")

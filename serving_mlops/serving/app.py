@@ -41,7 +41,8 @@ __all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'route
 # %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
     "A JSON response serialised with orjson (numpy arrays included)."
-    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers, media_type="application/json")
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers,
+                    media_type="application/json")
 
 def error_response(e: ServingError) -> Response:
     "`e` as Databricks answers it: `{error_code, message}` with its HTTP status."
@@ -51,8 +52,11 @@ async def serving_error(request: Request, e: ServingError) -> Response: return e
 
 async def no_route(request: Request, e: HTTPException) -> Response:
     "A path or method the runtime does not serve, answered as Databricks' REST API does (JSON the SDK reads), not Starlette's plain text."
-    if e.status_code == 404: return error_response(ServingError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{request.method} {request.url.path}'"))
-    return error_response(ServingError(e.status_code, "BAD_REQUEST", f"{request.method} is not allowed on {request.url.path}"))
+    if e.status_code == 404: return error_response(ServingError(404, "ENDPOINT_NOT_FOUND",
+                                                                f"No API found for '{request.method} "
+                                                                f"{request.url.path}'"))
+    return error_response(ServingError(e.status_code, "BAD_REQUEST",
+                                       f"{request.method} is not allowed on {request.url.path}"))
 
 async def internal_error(request: Request, e: Exception) -> Response:
     "An unexpected exception: logged with its traceback, answered as a 500 `INTERNAL_ERROR`."
@@ -79,7 +83,8 @@ class BearerAuth:
 
     async def __call__(self, scope, receive, send):
         header = Headers(scope=scope).get("authorization")
-        if not header: raise ServingError(401, "UNAUTHENTICATED", "missing credentials: send 'Authorization: Bearer <token>'")
+        if not header: raise ServingError(401, "UNAUTHENTICATED",
+                                          "missing credentials: send 'Authorization: Bearer <token>'")
         scheme, _, given = header.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), scope["app"].state.token):
             raise ServingError(403, "PERMISSION_DENIED", "invalid access token")
@@ -90,14 +95,16 @@ async def receive_body(scope, receive, limit: int) -> bytes:
     "The body of an ASGI request, refused with 413 once it passes `limit` bytes."
     length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
     if length.isdigit() and int(length) > limit:
-        raise ServingError(413, "BAD_REQUEST", f"request body is {int(length)} bytes; the limit is {limit} bytes ({limit // 2**20} MB)")
+        raise ServingError(413, "BAD_REQUEST",
+                           f"request body is {int(length)} bytes; the limit is {limit} bytes ({limit // 2**20} MB)")
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect": raise ClientDisconnect()
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit: raise ServingError(413, "BAD_REQUEST", f"request body is over the limit of {limit} bytes ({limit // 2**20} MB)")
+        if size > limit: raise ServingError(413, "BAD_REQUEST",
+                                            f"request body is over the limit of {limit} bytes ({limit // 2**20} MB)")
         chunks.append(chunk)
         if not message.get("more_body", False): return b"".join(chunks)
 
@@ -122,8 +129,10 @@ async def health(request):
     runtime = _runtime(request)
     runtime.follow()
     worker = runtime.coordinator.identity()  # with several workers: which one answered
-    failing = {"request_log": runtime.request_log.failing} if runtime.request_log.failing else {}  # outcomes it cannot log, and why
-    return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints), **worker, **failing})
+    # outcomes it cannot log, and why
+    failing = {"request_log": runtime.request_log.failing} if runtime.request_log.failing else {}
+    return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints),
+                          **worker, **failing})
 
 async def create_endpoint(request):
     runtime = _runtime(request)
@@ -132,7 +141,8 @@ async def create_endpoint(request):
 async def list_endpoints(request):
     runtime = _runtime(request)
     runtime.follow()
-    return json_response({"endpoints": [ep.to_json(runtime.base_url, summary=True) for ep in runtime.endpoints.values()]})
+    return json_response({"endpoints": [ep.to_json(runtime.base_url, summary=True)
+                                        for ep in runtime.endpoints.values()]})
 
 async def get_endpoint(request):
     runtime = _runtime(request)
@@ -143,7 +153,8 @@ async def delete_endpoint(request):
 
 async def update_config(request):
     runtime = _runtime(request)
-    return json_response(runtime.update_config(request.path_params["name"], await read_json(request)).to_json(runtime.base_url))
+    return json_response(runtime.update_config(request.path_params["name"],
+                                               await read_json(request)).to_json(runtime.base_url))
 
 async def put_ai_gateway(request):
     return json_response(_runtime(request).set_ai_gateway(request.path_params["name"], await read_json(request)))
@@ -157,7 +168,8 @@ async def export_metrics(request):
     return Response(ep.metrics.export(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 async def server_logs(request):
-    return json_response({"logs": _runtime(request).server_logs(request.path_params["name"], request.path_params["served"])})
+    return json_response({"logs": _runtime(request).server_logs(request.path_params["name"],
+                                                                request.path_params["served"])})
 
 async def me(request):  # databricks-sdk's `current_user.me()`: the token's owner
     owner = token_owner()
@@ -173,14 +185,17 @@ async def permission_levels(request):
 
 async def change_permissions(request):
     _runtime(request).permissions(request.path_params["id"])
-    raise ServingError(400, "INVALID_PARAMETER_VALUE", f"the local serving runtime has one bearer token, {token_owner()}'s, which "
-                                                       f"manages every endpoint; permissions cannot be granted to others here")
+    raise ServingError(400, "INVALID_PARAMETER_VALUE",
+                       f"the local serving runtime has one bearer token, {token_owner()}'s, which "
+                                                       f"manages every endpoint; permissions cannot be granted to "
+                                                       f"others here")
 
 async def open_api(request):  # reads the served models' MLmodel files: off the event loop
     return json_response(await asyncio.to_thread(_runtime(request).open_api, request.path_params["name"]))
 
 async def build_logs(request):  # reads the model's requirements from the registry: off the event loop
-    return json_response({"logs": await asyncio.to_thread(_runtime(request).build_logs, request.path_params["name"], request.path_params["served"])})
+    return json_response({"logs": await asyncio.to_thread(_runtime(request).build_logs, request.path_params["name"],
+                                                          request.path_params["served"])})
 
 class Invocations:
     "The data plane, the hot path, as a plain ASGI app: no `Request` object, no body stream, no handler wrapper (errors go to the app's handlers all the same)."
@@ -189,13 +204,15 @@ class Invocations:
         runtime.get(name)
         body = await receive_body(scope, receive, MAX_BODY_BYTES)
         kind = next((v for k, v in scope["headers"] if k == b"content-type"), b"").split(b";")[0].strip().lower()
-        try: out, served = await runtime.invoke(name, body, request_id, csv=kind == b"text/csv",  # else JSON, whatever it says
+        # else JSON, whatever it says
+        try: out, served = await runtime.invoke(name, body, request_id, csv=kind == b"text/csv",
                                                 served=scope["path_params"].get("served"))
         except ServingError as e:  # recorded too (the inference table's row): its id lets the caller find it
             response = error_response(e)
             response.headers["x-request-id"] = request_id
             return await response(scope, receive, send)
-        await json_response(out, headers={"served-model-name": served, "x-request-id": request_id})(scope, receive, send)
+        await json_response(out, headers={"served-model-name": served, "x-request-id": request_id})(scope, receive,
+                send)
 
 invocations = Invocations()
 authorized_invocations = BearerAuth(invocations)
@@ -205,8 +222,10 @@ API = "/api/2.0/serving-endpoints"
 AUTH = [Middleware(BearerAuth)]
 
 routes = [  # the invocations first: a request tries the routes in order (each a regular expression)
-    Route("/serving-endpoints/{name}/invocations", authorized_invocations, methods=["POST"]),  # (`ServingApp` answers them first)
-    Route("/serving-endpoints/{name}/served-models/{served}/invocations", authorized_invocations, methods=["POST"]),  # one served entity
+    # (`ServingApp` answers them first)
+    Route("/serving-endpoints/{name}/invocations", authorized_invocations, methods=["POST"]),
+    # one served entity
+    Route("/serving-endpoints/{name}/served-models/{served}/invocations", authorized_invocations, methods=["POST"]),
     Route("/.well-known/databricks-config", well_known),  # read by databricks-sdk when a client is made
     Route("/health", health),
     Route(API, create_endpoint, methods=["POST"], middleware=AUTH),
@@ -222,7 +241,8 @@ routes = [  # the invocations first: a request tries the routes in order (each a
     Route(API + "/{name}/openapi", open_api, methods=["GET"], middleware=AUTH),
     Route("/api/2.0/permissions/serving-endpoints/{id}", permissions, methods=["GET"], middleware=AUTH),
     Route("/api/2.0/permissions/serving-endpoints/{id}", change_permissions, methods=["PUT", "PATCH"], middleware=AUTH),
-    Route("/api/2.0/permissions/serving-endpoints/{id}/permissionLevels", permission_levels, methods=["GET"], middleware=AUTH),
+    Route("/api/2.0/permissions/serving-endpoints/{id}/permissionLevels", permission_levels, methods=["GET"],
+          middleware=AUTH),
     Route("/api/2.0/preview/scim/v2/Me", me, methods=["GET"], middleware=AUTH),
 ]
 
@@ -250,7 +270,8 @@ def make_app(env: Environment, settings: RuntimeSettings | None = None, on_start
 
     @asynccontextmanager
     async def lifespan(app):
-        follower = await runtime.coordinator.serving(runtime, runtime.restore())  # workers: listen once loaded, then keep following
+        # workers: listen once loaded, then keep following
+        follower = await runtime.coordinator.serving(runtime, runtime.restore())
         if on_started: on_started(runtime)
         try: yield
         finally:
@@ -261,7 +282,8 @@ def make_app(env: Environment, settings: RuntimeSettings | None = None, on_start
 
     # Starlette hands a handler of `Exception` to its ServerErrorMiddleware, which answers and then re-raises
     # (uvicorn would close the connection); its ExceptionMiddleware around the routes answers and stops there
-    app = ServingApp(routes=routes, lifespan=lifespan, exception_handlers={ServingError: serving_error, 404: no_route, 405: no_route},
+    app = ServingApp(routes=routes, lifespan=lifespan,
+                     exception_handlers={ServingError: serving_error, 404: no_route, 405: no_route},
                     middleware=[Middleware(ExceptionMiddleware, handlers={Exception: internal_error})])
     app.state.runtime, app.state.token = runtime, serving_token(env).encode()
     return app

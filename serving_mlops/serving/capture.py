@@ -38,12 +38,17 @@ PAYLOAD_SCHEMA = pa.schema([  # the AI Gateway inference table, column for colum
     ("execution_duration_ms", pa.int64()), ("request", pa.string()), ("response", pa.string()),
     ("logging_error_codes", pa.list_(pa.string())), ("served_entity_id", pa.string()), ("requester", pa.string())])
 PAYLOAD_COMMENTS = {
-    "request_date": "UTC date the request arrived", "databricks_request_id": "id of the request (the x-request-id response header)",
-    "client_request_id": "the request's client_request_id, when it sent one", "request_time": "when the request arrived (UTC)",
+    "request_date": "UTC date the request arrived",
+    "databricks_request_id": "id of the request (the x-request-id response header)",
+    "client_request_id": "the request's client_request_id, when it sent one",
+    "request_time": "when the request arrived (UTC)",
     "status_code": "HTTP status of the response", "sampling_fraction": "share of requests logged (1: every request)",
-    "execution_duration_ms": "time in the runtime, parsing to response (milliseconds)", "request": "the request body as received",
-    "response": "the response body", "logging_error_codes": "why the request or response was not logged in full (empty: it was)",
-    "served_entity_id": "the served entity that answered: see system.serving.served_entities", "requester": "who sent the request"}
+    "execution_duration_ms": "time in the runtime, parsing to response (milliseconds)",
+    "request": "the request body as received",
+    "response": "the response body",
+    "logging_error_codes": "why the request or response was not logged in full (empty: it was)",
+    "served_entity_id": "the served entity that answered: see system.serving.served_entities",
+    "requester": "who sent the request"}
 
 def payload_table_name(ai_gateway: dict) -> str | None:
     "The payload table an endpoint's AI Gateway config asks for, or None when capture is off."
@@ -52,11 +57,14 @@ def payload_table_name(ai_gateway: dict) -> str | None:
 
 def json_text(value) -> str | None:
     "A request or response as the payload table holds it: JSON text (text stays as it is)."
-    return None if value is None else value if isinstance(value, str) else orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+    return None if value is None else value if isinstance(value, str) else orjson.dumps(value,
+            option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
-RECORD_SCHEMA = pa.schema([  # a log record (JSON): the payload columns but the derived ones, and when the request arrived
+# a log record (JSON): the payload columns but the derived ones, and when the request arrived
+RECORD_SCHEMA = pa.schema([
     ("databricks_request_id", pa.string()), ("client_request_id", pa.string()), ("request_time_us", pa.int64()),
-    ("status_code", pa.int32()), ("execution_duration_ms", pa.int64()), ("request", pa.string()), ("response", pa.string()),
+    ("status_code", pa.int32()), ("execution_duration_ms", pa.int64()), ("request", pa.string()),
+    ("response", pa.string()),
     ("logging_error_codes", pa.list_(pa.string())), ("served_entity_id", pa.string()), ("requester", pa.string())])
 _US_PER_DAY = 86_400_000_000
 
@@ -65,28 +73,34 @@ def _payload(records: pa.Table) -> pa.Table:
     times, n = records.column("request_time_us"), records.num_rows
     codes = records.column("logging_error_codes")
     derived = dict(request_date=pa.compute.divide(times, _US_PER_DAY).cast(pa.int32()).cast(pa.date32()),
-                   request_time=times.cast(PAYLOAD_SCHEMA.field("request_time").type), sampling_fraction=pa.array(np.ones(n)),
+                   request_time=times.cast(PAYLOAD_SCHEMA.field("request_time").type),
+                   sampling_fraction=pa.array(np.ones(n)),
                    logging_error_codes=codes.fill_null(pa.scalar([], codes.type)))  # none: logged in full
-    return pa.table({f.name: derived[f.name] if f.name in derived else records.column(f.name) for f in PAYLOAD_SCHEMA}, schema=PAYLOAD_SCHEMA)
+    return pa.table({f.name: derived[f.name] if f.name in derived else records.column(f.name) for f in PAYLOAD_SCHEMA},
+                    schema=PAYLOAD_SCHEMA)
 
 def payload_frame(records: list) -> pa.Table:
     "Log records (dicts of `RECORD_SCHEMA`'s fields; a request or response may be JSON rather than text) as rows of the payload table."
     text = ("request", "response")
-    return _payload(pa.table({f.name: pa.array([json_text(r.get(f.name)) if f.name in text else r.get(f.name) for r in records], f.type)
+    return _payload(pa.table({f.name: pa.array([json_text(r.get(f.name)) if f.name in text else r.get(f.name)
+                                                for r in records], f.type)
                               for f in RECORD_SCHEMA}, schema=RECORD_SCHEMA))
 
 def payload_rows(bodies: list) -> pa.Table:
     "Log records as JSON bytes (one object each) as rows of the payload table, parsed all at once by Arrow's JSON reader."
     try:
         records = pyarrow.json.read_json(io.BytesIO(b"\n".join(bodies)),  # a block must hold the longest record
-                                         read_options=pyarrow.json.ReadOptions(block_size=max(1 << 20, 2 * max(map(len, bodies), default=0))),
-                                         parse_options=pyarrow.json.ParseOptions(explicit_schema=RECORD_SCHEMA, unexpected_field_behavior="ignore"))
+                                         read_options=pyarrow.json.ReadOptions(block_size=max(1 << 20,
+                                                 2 * max(map(len, bodies), default=0))),
+                                         parse_options=pyarrow.json.ParseOptions(explicit_schema=RECORD_SCHEMA,
+                                                 unexpected_field_behavior="ignore"))
     except pa.ArrowInvalid:  # e.g. records of earlier versions, which logged the response as a JSON object: one by one
         return payload_frame([orjson.loads(b) for b in bodies])
     return _payload(records)
 
 # %% ../../nbs/08c_serving_capture.ipynb #a41919f6
-SERVED_ENTITIES_TABLE = "system.serving.served_entities"  # the Databricks system table (locally: a table of the environment)
+# the Databricks system table (locally: a table of the environment)
+SERVED_ENTITIES_TABLE = "system.serving.served_entities"
 SERVED_ENTITIES_SCHEMA = pa.schema([
     ("served_entity_id", pa.string()), ("endpoint_name", pa.string()), ("served_entity_name", pa.string()),
     ("entity_name", pa.string()), ("entity_version", pa.string()), ("endpoint_config_version", pa.int64()),
@@ -96,18 +110,23 @@ def entity_ids(config: dict, applied: dict | None) -> dict:
     "Served entity name -> id for `config`: the id `applied` gave an entity with the same name, model and version, else a new one."
     old = {e["name"]: e for e in (applied or {}).get("served_entities", [])}
     known = (applied or {}).get("served_entity_ids", {})
-    same = lambda e: e["name"] in known and all(old[e["name"]].get(k) == e[k] for k in ("entity_name", "entity_version"))
+    same = lambda e: e["name"] in known and all(old[e["name"]].get(k) == e[k]
+                                                for k in ("entity_name", "entity_version"))
     return {e["name"]: known[e["name"]] if same(e) else uuid.uuid4().hex for e in config["served_entities"]}
 
-def served_entity_rows(endpoint: str, config: dict, # an applied config with its `served_entity_ids` and `config_version`
+# an applied config with its `served_entity_ids` and `config_version`
+def served_entity_rows(endpoint: str, config: dict,
                        change_time_ms: int, deleted: bool = False) -> pa.Table:
     "One history row per served entity of `config` (`deleted`: the endpoint was deleted at `change_time_ms`)."
     entities, ids, n = config["served_entities"], config["served_entity_ids"], len(config["served_entities"])
     when = pa.array([change_time_ms * 1000] * n, pa.int64()).cast(SERVED_ENTITIES_SCHEMA.field("change_time").type)
     return pa.table({"served_entity_id": [ids[e["name"]] for e in entities], "endpoint_name": [endpoint] * n,
-                     "served_entity_name": [e["name"] for e in entities], "entity_name": [e["entity_name"] for e in entities],
-                     "entity_version": [str(e["entity_version"]) for e in entities], "endpoint_config_version": [config["config_version"]] * n,
-                     "change_time": when, "endpoint_delete_time": when if deleted else pa.nulls(n, when.type)}, schema=SERVED_ENTITIES_SCHEMA)
+                     "served_entity_name": [e["name"] for e in entities],
+                     "entity_name": [e["entity_name"] for e in entities],
+                     "entity_version": [str(e["entity_version"]) for e in entities],
+                     "endpoint_config_version": [config["config_version"]] * n,
+                     "change_time": when, "endpoint_delete_time": when if deleted else pa.nulls(n, when.type)},
+                    schema=SERVED_ENTITIES_SCHEMA)
 
 def record_served_entities(tables, rows: pa.Table):
     "Append served entity history rows to the environment's `system.serving.served_entities`."
@@ -163,25 +182,33 @@ class InferenceLog:
     "An endpoint's write-ahead log of inference records, flushed to its Delta payload table by a background thread."
     def __init__(self, folder: Path, table: str, tables, interval: float = 1.0,  # seconds between flushes
                  segment_bytes: int = 64 << 20,  # a new segment after this many bytes (and at every flush)
-                 flush_share: float = 0.05):  # at most this share of the time goes to flushing (a flush of s seconds waits s / share)
+                 # at most this share of the time goes to flushing (a flush of s seconds waits s / share)
+                 flush_share: float = 0.05):
         self.folder, self.table, self.tables, self.interval, self.segment_bytes = Path(folder), table, tables, interval, segment_bytes
         self.flush_share = flush_share
-        self.app_id = f"serving-mlops inference log {self.folder.name}"  # the Delta txn application of this endpoint's flushes
+        # the Delta txn application of this endpoint's flushes
+        self.app_id = f"serving-mlops inference log {self.folder.name}"
         self.folder.mkdir(parents=True, exist_ok=True)
         if legacy := sorted(self.folder.glob("*.jsonl")):
-            log.warning("inference log %s: %d segment(s) of the line-per-record log of earlier versions are not replayed: %s",
+            log.warning("inference log %s: %d segment(s) of the line-per-record log of earlier versions are not "
+                        "replayed: %s",
                         self.folder, len(legacy), ", ".join(p.name for p in legacy))
         self.lock, self.flush_lock, self.stopped, self.closed = threading.Lock(), threading.Lock(), threading.Event(), False
         self.counts = dict.fromkeys(("written", "lost", "flushed", "damaged"), 0)
         self.write_error = self.flush_error = None
         try: self.position = self.committed()
-        except Exception as e: self.position = None; log.error("inference table %s: cannot read its position yet: %s", table, e)
-        # numbers go on from the table's position too, so a log folder made anew cannot reuse a number the table has; while the
+        except Exception as e: self.position = None; log.error("inference table %s: cannot read its position yet: %s",
+                                                               table, e)
+        # numbers go on from the table's position too, so a log folder made anew cannot reuse a number the table has;
+        # while the
         # position cannot be read, segments are numbered apart (`pending-N.wal`) and get their numbers once it can
         self.pending = self.position is None
-        self.segment = max(self.segments(pending=True), default=0) if self.pending else max([*self.segments(), self.position])
-        self.held = {(pending, k): len(read_bodies(self._path(k, pending).read_bytes())[0])  # (pending, segment) -> acknowledged records
-                     for pending in (False, True) for k in self.segments(pending)}       # in it that the table does not have yet
+        self.segment = max(self.segments(pending=True),
+                           default=0) if self.pending else max([*self.segments(), self.position])
+        # (pending, segment) -> acknowledged records
+        self.held = {(pending, k): len(read_bodies(self._path(k, pending).read_bytes())[0])
+                     # in it that the table does not have yet
+                     for pending in (False, True) for k in self.segments(pending)}
         self.fd, self.size = None, 0
         with self.lock:
             try: self._next_segment()
@@ -191,9 +218,11 @@ class InferenceLog:
 
     def segments(self, pending: bool = False) -> list[int]:
         "The numbers of the log's segments on disk, in order (`pending`: of those numbered apart while the position was unknown)."
-        return sorted(int(p.stem.removeprefix("pending-")) for p in self.folder.glob("pending-*.wal" if pending else "[0-9]*.wal"))
+        return sorted(int(p.stem.removeprefix("pending-"))
+                      for p in self.folder.glob("pending-*.wal" if pending else "[0-9]*.wal"))
 
-    def _path(self, segment: int, pending: bool = False) -> Path: return self.folder / f"{'pending-' if pending else ''}{segment:012d}.wal"
+    def _path(self, segment: int,
+              pending: bool = False) -> Path: return self.folder / f"{'pending-' if pending else ''}{segment:012d}.wal"
 
     def committed(self) -> int:
         "The last segment the payload table has: the version of its Delta txn for this log (0: none)."
@@ -213,14 +242,16 @@ class InferenceLog:
         for k in waiting:  # in the order they were written; a segment's open descriptor survives its rename
             last += 1; os.replace(self._path(k, pending=True), self._path(last)); renamed[k] = last
             self.held[(False, last)] = self.held.pop((True, k), 0)
-        if self.pending: self.segment, self.pending = renamed.get(self.segment, last), False  # the one being written keeps its descriptor
+        # the one being written keeps its descriptor
+        if self.pending: self.segment, self.pending = renamed.get(self.segment, last), False
         sync_folder(self.folder)
 
     def _lost(self, e: Exception, count: bool = True) -> bool:
         "Count a record that could not be logged, and log when failures start (under the lock)."
         if count: self.counts["lost"] += 1
         if self.write_error is None:
-            log.error("inference log %s: cannot write records (their requests are answered; each is counted as lost until writes succeed): %s: %s",
+            log.error("inference log %s: cannot write records (their requests are answered; each is counted as lost "
+                      "until writes succeed): %s: %s",
                       self.folder, type(e).__name__, e)
         self.write_error = f"{type(e).__name__}: {e}"
         return False
@@ -238,12 +269,14 @@ class InferenceLog:
             except Exception as e:
                 if self.fd is not None:
                     try: os.ftruncate(self.fd, self.size)  # back to the last whole record
-                    except OSError: os.close(self.fd); self.fd = None  # leave the segment: its torn tail is skipped when flushed
+                    # leave the segment: its torn tail is skipped when flushed
+                    except OSError: os.close(self.fd); self.fd = None
                 return self._lost(e)
             self.size += len(data); self.counts["written"] += 1
             at = (self.pending, self.segment); self.held[at] = self.held.get(at, 0) + 1
             if self.write_error is not None:
-                log.warning("inference log %s: writing again (%d records lost in all)", self.folder, self.counts["lost"])
+                log.warning("inference log %s: writing again (%d records lost in all)", self.folder,
+                            self.counts["lost"])
                 self.write_error = None
             if self.size >= self.segment_bytes:
                 with contextlib.suppress(OSError): self._next_segment()  # else the next flush starts one
@@ -252,7 +285,8 @@ class InferenceLog:
     def flush(self) -> int:
         "Append the intact records of the closed segments to the payload table, one Delta commit per segment; returns how many."
         with self.flush_lock:
-            if self.position is None: self.position = self.committed()  # an unreadable position: the records wait for the next flush
+            # an unreadable position: the records wait for the next flush
+            if self.position is None: self.position = self.committed()
             with self.lock:
                 self._number_pending()
                 if self.fd is None or self.size: self._next_segment()  # close the segment being written
@@ -271,10 +305,12 @@ class InferenceLog:
         if records:
             self.tables.append(self.table, payload_rows(records), txn=(self.app_id, segment))
             if self.counts["flushed"] == 0 and self.tables.describe(self.table).get("description") is None:
-                self.tables.set_metadata(self.table, description="Inference table: requests and responses of a serving endpoint",
+                self.tables.set_metadata(self.table,
+                                         description="Inference table: requests and responses of a serving endpoint",
                                          column_comments=PAYLOAD_COMMENTS)
         for offset, length in damaged:
-            log.warning("inference log %s: skipped %d damaged or torn bytes at offset %d (a write cut short, or bytes changed on disk)",
+            log.warning("inference log %s: skipped %d damaged or torn bytes at offset %d (a write cut short, or bytes "
+                        "changed on disk)",
                         path, length, offset)
         self.counts["flushed"] += len(records); self.counts["damaged"] += len(damaged)
         return len(records)
@@ -292,7 +328,8 @@ class InferenceLog:
             else:
                 if self.flush_error is not None: log.warning("inference table %s: flushing again", self.table)
                 self.flush_error = None
-            wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 3))  # 3 s at most: rows stay seconds behind, as monitoring expects
+            # 3 s at most: rows stay seconds behind, as monitoring expects
+            wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 3))
 
     @property
     def waiting(self) -> int:
@@ -303,8 +340,8 @@ class InferenceLog:
         "What the endpoint's GET shows of its capture: OK or what fails, the records waiting for the table, those it could not log or had to skip."
         error = self.write_error or self.flush_error
         return {"status": "WRITE_FAILING" if self.write_error else "FLUSH_FAILING" if self.flush_error else "OK",
-                "records_waiting": self.waiting, "records_lost": self.counts["lost"], "damaged_regions": self.counts["damaged"],
-                **({"message": error} if error else {})}
+                "records_waiting": self.waiting, "records_lost": self.counts["lost"],
+                "damaged_regions": self.counts["damaged"], **({"message": error} if error else {})}
 
     def close(self):
         "Stop the thread and flush what is left."

@@ -63,8 +63,10 @@ class Endpoint:
     metrics: EndpointMetrics | None = None
     broken: str | None = None  # why its saved state could not be restored: it answers GET and DELETE only
     committed_is_ready: bool = False  # several workers: a config in the record is one every worker has loaded
-    prepared: tuple | None = None  # several workers: (config version, models) loaded here, served once every worker has loaded them
-    unloadable: bool = False  # several workers: one could not load the committed config (NOT_READY on all, as one process reports it)
+    # several workers: (config version, models) loaded here, served once every worker has loaded them
+    prepared: tuple | None = None
+    # several workers: one could not load the committed config (NOT_READY on all, as one process reports it)
+    unloadable: bool = False
 
     @property
     def name(self) -> str: return self.record["name"]
@@ -73,13 +75,15 @@ class Endpoint:
     def ready(self) -> bool:
         "READY: it serves a config (with several workers: one they all loaded, committed in its record)."
         if self.unloadable: return False
-        return self.snapshot is not None or (self.committed_is_ready and bool(self.record.get("config")) and not self.broken)
+        return self.snapshot is not None or (self.committed_is_ready and bool(self.record.get("config"))
+                                             and not self.broken)
 
     @property
     def config_update(self) -> str: return "IN_PROGRESS" if self.updating else "UPDATE_FAILED" if self.failure else "NOT_UPDATING"
 
     def entity_json(self, entity: dict, status: str, message: str = "") -> dict:
-        return {**entity, "creator": self.record.get("creator"), "creation_timestamp": self.record.get("last_updated_timestamp"),
+        return {**entity, "creator": self.record.get("creator"),
+                "creation_timestamp": self.record.get("last_updated_timestamp"),
                 "state": {"deployment": status, "deployment_state_message": message}}
 
 # %% ../../nbs/08e1_serving_endpoint.ipynb #58c03479
@@ -87,23 +91,29 @@ class Endpoint:
 def to_json(self: Endpoint, base_url: str, summary: bool = False) -> dict:
     "The endpoint as the API returns it (ServingEndpointDetailed, or ServingEndpoint in a list)."
     r = self.record
-    out = {k: r[k] for k in ("name", "id", "creator", "creation_timestamp", "last_updated_timestamp", "description") if r.get(k) is not None}
+    out = {k: r[k] for k in ("name", "id", "creator", "creation_timestamp", "last_updated_timestamp", "description")
+           if r.get(k) is not None}
     out["state"] = {"ready": "READY" if self.ready else "NOT_READY", "config_update": self.config_update}
     if not summary and self.metrics is not None and self.metrics.capture is not None:
-        out["state"]["inference_table"] = self.metrics.capture.status()  # ours: is capture writing, and what it could not log
+        # ours: is capture writing, and what it could not log
+        out["state"]["inference_table"] = self.metrics.capture.status()
     out["tags"] = [{"key": k, "value": v} for k, v in r.get("tags", {}).items()]
     if r.get("ai_gateway"): out["ai_gateway"] = r["ai_gateway"]
     applied = self.snapshot.config if self.snapshot else None
     if summary:
-        if applied: out["config"] = {"served_entities": [{k: e[k] for k in ("name", "entity_name", "entity_version")} for e in applied["served_entities"]]}
+        if applied: out["config"] = {"served_entities": [{k: e[k] for k in ("name", "entity_name", "entity_version")}
+                                                         for e in applied["served_entities"]]}
         return out
     if applied:
-        out["config"] = {"served_entities": [self.entity_json(e, "DEPLOYMENT_READY") for e in applied["served_entities"]],
+        out["config"] = {"served_entities": [self.entity_json(e, "DEPLOYMENT_READY")
+                                             for e in applied["served_entities"]],
                          "traffic_config": applied["traffic_config"], "config_version": applied["config_version"]}
     if self.pending:
         status = "DEPLOYMENT_CREATING" if self.updating else "DEPLOYMENT_FAILED"
-        out["pending_config"] = {"served_entities": [self.entity_json(e, status, self.failure or "") for e in self.pending["served_entities"]],
-                                 "traffic_config": self.pending["traffic_config"], "config_version": self.pending["config_version"],
+        out["pending_config"] = {"served_entities": [self.entity_json(e, status, self.failure or "")
+                                                     for e in self.pending["served_entities"]],
+                                 "traffic_config": self.pending["traffic_config"],
+                                 "config_version": self.pending["config_version"],
                                  "start_time": self.pending["start_time"]}
     out["endpoint_url"] = f"{base_url}/serving-endpoints/{r['name']}/invocations"
     out["permission_level"] = "CAN_MANAGE"
@@ -131,15 +141,18 @@ def read_record(path: Path) -> dict:
     try: record = orjson.loads(path.read_bytes())
     except orjson.JSONDecodeError as e: raise ValueError(f"not JSON (empty or cut short?): {e}") from None
     if not isinstance(record, dict): raise ValueError("not a JSON object")
-    if record.get("name") != path.stem: raise ValueError(f"it names endpoint {record.get('name')!r}; its file name says {path.stem!r}")
+    if record.get("name") != path.stem: raise ValueError(f"it names endpoint {record.get('name')!r}; its file name "
+                                                         f"says {path.stem!r}")
     try:
         check_endpoint_name(record["name"])
-        check_tags([{"key": k, "value": v} for k, v in (check_type(record.get("tags"), dict, "tags", "an object") or {}).items()])
+        check_tags([{"key": k, "value": v}
+                    for k, v in (check_type(record.get("tags"), dict, "tags", "an object") or {}).items()])
         config = record.get("config")
         if config is not None:
             check_config(config)
             check_type(config.get("config_version"), int, "config.config_version", "a number", optional=False)
             ids = check_type(config.get("served_entity_ids"), dict, "config.served_entity_ids", "an object") or {}
-            if ids and set(ids) != {e["name"] for e in config["served_entities"]}: raise invalid_parameter("config.served_entity_ids must name every served entity")
+            if ids and set(ids) != {e["name"]
+                                    for e in config["served_entities"]}: raise invalid_parameter("config.served_entity_ids must name every served entity")
         return {**record, "ai_gateway": check_ai_gateway(record.get("ai_gateway") or {}, record["name"])}
     except ServingError as e: raise ValueError(e.message) from None

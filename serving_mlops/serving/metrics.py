@@ -41,7 +41,8 @@ def _memory_percentage(pid="self") -> float:
         return 100 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     return 100 * pages / os.sysconf("SC_PHYS_PAGES")
 
-WINDOW_CHILDREN: dict = {}  # (endpoint, entity, slot) -> this process's children of WINDOW, one per WINDOW_FIELDS (shared mode)
+# (endpoint, entity, slot) -> this process's children of WINDOW, one per WINDOW_FIELDS (shared mode)
+WINDOW_CHILDREN: dict = {}
 
 class EndpointMetrics:
     "One endpoint's metrics in Databricks' names: per served entity, the values of the last complete interval (a minute)."
@@ -56,19 +57,23 @@ class EndpointMetrics:
         self.last: dict = {}
         self.cpu_mark, self.cpu_last = (self.start, sum(os.times()[:2])), 0.0
         self.registry = CollectorRegistry()
-        self.shared = values.ValueClass is not values.MutexValue  # PROMETHEUS_MULTIPROC_DIR was set: several workers, values in shared files
-        self.rows = Histogram("serving_model_batch_rows", "Rows per model call (after micro-batching), since the runtime started",
+        # PROMETHEUS_MULTIPROC_DIR was set: several workers, values in shared files
+        self.shared = values.ValueClass is not values.MutexValue
+        self.rows = Histogram("serving_model_batch_rows",
+                              "Rows per model call (after micro-batching), since the runtime started",
                               ["endpoint", "served_entity"], registry=None if self.shared else self.registry,
                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 10000))
         self.registry.register(self)
-        if self.shared:  # the interval it starts in is this process's from now: a reader must not take it for an older window's
+        # the interval it starts in is this process's from now: a reader must not take it for an older window's
+        if self.shared:
             with self.lock: self._claim(self.start)
 
     def _roll(self, now: float):
         "Close the current interval if it has ended (under the lock)."
         if now < self.start + self.interval: return
         start = math.floor(now / self.interval) * self.interval
-        self.last = self.current if start == self.start + self.interval else {}  # a gap: the last interval had no requests
+        # a gap: the last interval had no requests
+        self.last = self.current if start == self.start + self.interval else {}
         finished, self.current, self.start = self.start, {}, start
         cpu = sum(os.times()[:2])
         self.cpu_last = 100 * (cpu - self.cpu_mark[1]) / max(now - self.cpu_mark[0], 1e-9) / (os.cpu_count() or 1)
@@ -81,7 +86,8 @@ class EndpointMetrics:
         "Make this process's slot of the window at `start` that window's: its start first (a reader then no longer takes the older values), then zeros."
         slot = self._slot(start)
         WINDOW_START.labels(self.endpoint, slot).set(start)
-        for (endpoint, _, s), children in list(WINDOW_CHILDREN.items()):  # an earlier object's too: an endpoint deleted and made anew
+        # an earlier object's too: an endpoint deleted and made anew
+        for (endpoint, _, s), children in list(WINDOW_CHILDREN.items()):
             if endpoint == self.endpoint and s == slot:
                 for child in children: child.set(0)
 
@@ -97,7 +103,8 @@ class EndpointMetrics:
             elif status >= 500: m.c5xx += 1
             if self.shared:
                 key = (self.endpoint, entity, self._slot(self.start))
-                children = WINDOW_CHILDREN.get(key) or WINDOW_CHILDREN.setdefault(key, [WINDOW.labels(*key, f) for f in WINDOW_FIELDS])
+                children = WINDOW_CHILDREN.get(key) or WINDOW_CHILDREN.setdefault(key,
+                        [WINDOW.labels(*key, f) for f in WINDOW_FIELDS])
                 children[0].inc(); children[3].inc(ms); children[4 + bisect_left(LATENCY_BUCKETS_MS, ms)].inc()
                 if 400 <= status < 500: children[1].inc()
                 elif status >= 500: children[2].inc()
@@ -116,15 +123,21 @@ class EndpointMetrics:
         entities = {**{e: None for e in last}, **self.entities}
         labels = ["endpoint_name", ENTITY_LABEL]
         families = {name: GaugeMetricFamily(name, doc, labels=labels) for name, doc in (
-            ("request_count_total", "Requests in the last minute"), ("request_4xx_count_total", "4xx responses in the last minute"),
-            ("request_5xx_count_total", "5xx responses in the last minute"), ("cpu_usage_percentage", "Average CPU use in the last minute"),
-            ("mem_usage_percentage", "Memory use"), ("provisioned_concurrent_requests_total", "Provisioned concurrency"))}
-        latency = HistogramMetricFamily("request_latency_ms", "Request latency in the last minute (milliseconds)", labels=labels)
+            ("request_count_total", "Requests in the last minute"),
+            ("request_4xx_count_total", "4xx responses in the last minute"),
+            ("request_5xx_count_total", "5xx responses in the last minute"),
+            ("cpu_usage_percentage", "Average CPU use in the last minute"),
+            ("mem_usage_percentage", "Memory use"),
+            ("provisioned_concurrent_requests_total", "Provisioned concurrency"))}
+        latency = HistogramMetricFamily("request_latency_ms", "Request latency in the last minute (milliseconds)",
+                                        labels=labels)
         for entity, size in entities.items():
             m, key = last.get(entity) or _Minute(), [self.endpoint, entity]
-            for name, value in (("request_count_total", m.count), ("request_4xx_count_total", m.c4xx), ("request_5xx_count_total", m.c5xx),
+            for name, value in (("request_count_total", m.count), ("request_4xx_count_total", m.c4xx),
+                                ("request_5xx_count_total", m.c5xx),
                                 ("cpu_usage_percentage", cpu), ("mem_usage_percentage", mem),
-                                ("provisioned_concurrent_requests_total", WORKLOAD_CONCURRENCY.get(size or "Small", 4))):
+                                ("provisioned_concurrent_requests_total",
+                                 WORKLOAD_CONCURRENCY.get(size or "Small", 4))):
                 families[name].add_metric(key, value, timestamp=end)
             cumulative, buckets = 0, []
             for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], m.buckets):
@@ -133,7 +146,8 @@ class EndpointMetrics:
         yield from families.values()
         yield latency
         if shared is not None:
-            yield from (family_of(shared[name], self.endpoint) for name in ("serving_model_batch_rows", *CAPTURE_SHARED) if name in shared)
+            yield from (family_of(shared[name], self.endpoint)
+                        for name in ("serving_model_batch_rows", *CAPTURE_SHARED) if name in shared)
         elif self.capture is not None: yield from capture_families(self.endpoint, self.capture)
 
     def _shared_window(self, families: dict, start: float) -> tuple[dict, float, set]:
@@ -141,7 +155,8 @@ class EndpointMetrics:
         slot, starts, cpu, out = self._slot(start), {}, 0.0, {}
         for s in getattr(families.get("serving_window_start"), "samples", ()):
             if s.labels["endpoint"] == self.endpoint and s.labels["slot"] == slot: starts[s.labels["pid"]] = s.value
-        current = {pid for pid, v in starts.items() if abs(v - start) < self.interval / 2}  # workers whose slot holds that interval
+        # workers whose slot holds that interval
+        current = {pid for pid, v in starts.items() if abs(v - start) < self.interval / 2}
         for s in getattr(families.get("serving_window_cpu"), "samples", ()):
             if s.labels["endpoint"] == self.endpoint and s.labels["slot"] == slot and s.labels["pid"] in current: cpu += s.value
         for s in getattr(families.get("serving_window"), "samples", ()):
@@ -156,12 +171,16 @@ class EndpointMetrics:
 
 # %% ../../nbs/08d_serving_metrics.ipynb #d91f1c2d
 CAPTURE_COUNTERS = {  # InferenceLog.counts key -> metric name (without _total) and help
-    "written": ("serving_capture_records_written", "Records written whole to the endpoint's inference log, since the runtime started"),
-    "lost": ("serving_capture_records_lost", "Requests answered whose record the inference log could not take (full disk, I/O error)"),
+    "written": ("serving_capture_records_written",
+                "Records written whole to the endpoint's inference log, since the runtime started"),
+    "lost": ("serving_capture_records_lost",
+             "Requests answered whose record the inference log could not take (full disk, I/O error)"),
     "flushed": ("serving_capture_records_flushed", "Records appended to the endpoint's inference table"),
     "damaged": ("serving_capture_damaged_regions", "Torn or damaged runs of bytes skipped in the inference log")}
 
-CAPTURE_WAITING_DOC = ("serving_capture_records_waiting", "Records acknowledged (their requests answered) that the endpoint's inference table does not have yet")
+CAPTURE_WAITING_DOC = ("serving_capture_records_waiting",
+                       "Records acknowledged (their requests answered) that the endpoint's inference table does not "
+                       "have yet")
 
 def capture_families(endpoint: str, capture) -> list:
     "The metric families of an endpoint's capture (an `InferenceLog`): its counters, and whether writing or flushing fails now."
@@ -169,7 +188,8 @@ def capture_families(endpoint: str, capture) -> list:
     for key, (name, doc) in CAPTURE_COUNTERS.items():
         families.append(CounterMetricFamily(name, doc, labels=["endpoint"]))
         families[-1].add_metric([endpoint], capture.counts[key])
-    failing = GaugeMetricFamily("serving_capture_failing", "1 while the inference log cannot write (stage write) or flush (stage flush)",
+    failing = GaugeMetricFamily("serving_capture_failing",
+                                "1 while the inference log cannot write (stage write) or flush (stage flush)",
                                 labels=["endpoint", "stage"])
     failing.add_metric([endpoint, "write"], int(capture.write_error is not None))
     failing.add_metric([endpoint, "flush"], int(capture.flush_error is not None))
@@ -181,14 +201,16 @@ def capture_families(endpoint: str, capture) -> list:
 WINDOW_FIELDS = ("count", "c4xx", "c5xx", "sum_ms", *[f"le{i}" for i in range(len(LATENCY_BUCKETS_MS) + 1)])
 WINDOW = Gauge("serving_window", "A worker's counts of an interval (internal)", ["endpoint", "entity", "slot", "field"],
                multiprocess_mode="all", registry=None)
-WINDOW_START = Gauge("serving_window_start", "Start of the interval a worker's slot holds (internal)", ["endpoint", "slot"],
-                     multiprocess_mode="all", registry=None)
-WINDOW_CPU = Gauge("serving_window_cpu", "A worker's CPU percentage in the interval of a slot (internal)", ["endpoint", "slot"],
-                   multiprocess_mode="all", registry=None)
+WINDOW_START = Gauge("serving_window_start", "Start of the interval a worker's slot holds (internal)",
+                     ["endpoint", "slot"], multiprocess_mode="all", registry=None)
+WINDOW_CPU = Gauge("serving_window_cpu", "A worker's CPU percentage in the interval of a slot (internal)",
+                   ["endpoint", "slot"], multiprocess_mode="all", registry=None)
 CAPTURE_TOTALS = {key: Counter(name, doc, ["endpoint"], registry=None) for key, (name, doc) in CAPTURE_COUNTERS.items()}
-CAPTURE_FAILING = Gauge("serving_capture_failing", "1 while the inference log cannot write (stage write) or flush (stage flush)",
+CAPTURE_FAILING = Gauge("serving_capture_failing",
+                        "1 while the inference log cannot write (stage write) or flush (stage flush)",
                         ["endpoint", "stage"], multiprocess_mode="livemax", registry=None)
-CAPTURE_WAITING = Gauge(*CAPTURE_WAITING_DOC, ["endpoint"], multiprocess_mode="livesum", registry=None)  # summed over the live workers
+# summed over the live workers
+CAPTURE_WAITING = Gauge(*CAPTURE_WAITING_DOC, ["endpoint"], multiprocess_mode="livesum", registry=None)
 CAPTURE_SHARED = [*(name for name, _ in CAPTURE_COUNTERS.values()), "serving_capture_failing", CAPTURE_WAITING_DOC[0]]
 
 def multiprocess_families() -> dict:

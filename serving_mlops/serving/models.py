@@ -27,7 +27,8 @@ from ..config import Environment
 from ..domains import FEATURE_DOMAINS
 from ..feature_store import OnlineStore
 from ..naming import model_uri, same_table_in
-from .protocol import (INT64, MAX_ROWS, InputSpec, ParsedRequest, ServingError, bad_request, invalid_parameter,
+from .protocol import (INT64, MAX_ROWS, InputSpec, ParsedRequest, ServingError, bad_request,
+                                            invalid_parameter,
                                            parse_request, read_envelope, tensor_rows)
 
 # %% auto #0
@@ -48,7 +49,8 @@ class MicroBatcher:
 
     async def submit(self, request):
         "The result of scoring `request` (an exception of the scorer is raised here)."
-        if not self.running and self.inline is not None and self.inline(request):  # idle, and small enough: score it here and now
+        # idle, and small enough: score it here and now
+        if not self.running and self.inline is not None and self.inline(request):
             results = await self._run([request], here=True)  # (runs to the end without giving the loop a turn)
             if isinstance(results, BaseException): raise results
             return results[0]
@@ -80,9 +82,11 @@ class MicroBatcher:
 
     async def _run(self, requests: list, here: bool = False):  # here: on the event loop, not the worker thread
         "The results of scoring `requests` in one call, or the exception it raised (also when it gave a result per request too few or many)."
-        try: results = self.score(requests) if here else await asyncio.get_running_loop().run_in_executor(self.executor, self.score, requests)
+        try: results = self.score(requests) if here else await asyncio.get_running_loop().run_in_executor(self.executor,
+                self.score, requests)
         except BaseException as e: return e
-        if len(results) != len(requests): return RuntimeError(f"the scorer gave {len(results)} results for {len(requests)} requests")
+        if len(results) != len(requests): return RuntimeError(f"the scorer gave {len(results)} results for "
+                                                              f"{len(requests)} requests")
         return results
 
     def close(self): self.executor.shutdown(wait=False)
@@ -93,24 +97,29 @@ def _compile_step(step, programs: list) -> list | None:
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer, OneHotEncoder
-    if isinstance(step, str) and step == "passthrough" or type(step) is FunctionTransformer and step.func is None: return programs  # (fitted: the latter)
+    # (fitted: the latter)
+    if isinstance(step, str) and step == "passthrough" or type(step) is FunctionTransformer and step.func is None: return programs
     if isinstance(step, Pipeline):
         for _, s in step.steps:
             programs = _compile_step(s, programs)
             if programs is None: return None
         return programs
-    if type(step) is SimpleImputer and not step.add_indicator and isinstance(step.missing_values, float) and np.isnan(step.missing_values):
+    if type(step) is SimpleImputer and not step.add_indicator and isinstance(step.missing_values,
+            float) and np.isnan(step.missing_values):
         try: stats = np.asarray(step.statistics_, dtype=float)
         except (TypeError, ValueError): return None
         if len(stats) != len(programs) or np.isnan(stats).any(): return None  # the imputer drops all-missing columns
         # a column already filled, or one-hot (0 or 1), has no missing value left
-        return [(s, fill if value is not None or not np.isnan(fill) else stat, value) for (s, fill, value), stat in zip(programs, stats)]
+        return [(s, fill if value is not None or not np.isnan(fill) else stat, value)
+                for (s, fill, value), stat in zip(programs, stats)]
     if type(step) is OneHotEncoder and step.drop is None and not step.sparse_output and step.handle_unknown == "ignore" \
             and not getattr(step, "_infrequent_enabled", False) and np.issubdtype(step.dtype, np.number):
         try: cats = [np.asarray(c, dtype=float) for c in step.categories_]
         except (TypeError, ValueError): return None
-        if len(cats) != len(programs) or any(np.isnan(c).any() for c in cats) or any(v is not None for _, _, v in programs): return None
-        return [(s, fill, float(v)) for (s, fill, _), c in zip(programs, cats) for v in c]  # a missing or unknown value: all zeros
+        if len(cats) != len(programs) or any(np.isnan(c).any() for c in cats) or any(v is not None
+                for _, _, v in programs): return None
+        # a missing or unknown value: all zeros
+        return [(s, fill, float(v)) for (s, fill, _), c in zip(programs, cats) for v in c]
     return None
 
 def _transform(programs: list):
@@ -129,7 +138,8 @@ def _with_missing_copy(programs: list) -> list:
     "The programs, then each again where a missing value becomes -inf: the matrix `compile_trees` walks (see there)."
     return programs + [(s, -np.inf if v is None and np.isnan(f) else f, v) for s, f, v in programs]
 
-def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the final estimator through `compile_trees` when it can
+# trees: the final estimator through `compile_trees` when it can
+def compile_pipeline(pipeline, columns: list, trees: bool = True):
     "For a fitted Pipeline(ColumnTransformer, classifier): `f(X)` -> positive-class probabilities from a float matrix, or None."
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
@@ -149,7 +159,8 @@ def compile_pipeline(pipeline, columns: list, trees: bool = True):  # trees: the
     if walk is None:
         transform = _transform(programs)
         return lambda X: estimator.predict_proba(transform(np.asarray(X, dtype=float)))[:, 1]
-    # the trees read the transformed columns and a copy where missing is -inf (see `compile_trees`): one program makes both
+    # the trees read the transformed columns and a copy where missing is -inf (see `compile_trees`): one program makes
+    # both
     transform = _transform(_with_missing_copy(programs))
     return lambda X: walk.wide(transform(np.asarray(X, dtype=float)))
 
@@ -166,7 +177,8 @@ def verified(fast, pipeline, columns: list, example=None, seed: int = 0, rows: i
     want = pipeline.predict_proba(pd.DataFrame(X, columns=columns))[:, 1]
     try: got = np.concatenate([fast(X), *(fast(X[j:j + 1]) for j in range(len(X)))])
     except Exception: return None
-    return fast if got.shape == (2 * len(X),) and np.allclose(got, np.concatenate([want, want]), rtol=0, atol=1e-12) else None
+    return fast if got.shape == (2 * len(X),) and np.allclose(got, np.concatenate([want, want]), rtol=0,
+                                                              atol=1e-12) else None
 
 # %% ../../nbs/08b_serving_models.ipynb #e11d3982
 def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-learn's compiled loop is faster
@@ -180,7 +192,8 @@ def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-lear
     nodes, sizes, width = np.concatenate(trees), [len(t) for t in trees], 2 * model.n_features_in_
     roots = np.cumsum([0] + sizes[:-1])
     first, leaf, own = np.repeat(roots, sizes), nodes["is_leaf"].astype(bool), np.arange(len(nodes))
-    # per node, numbered across all trees: its children (a leaf leads to itself), the column it tests, threshold and value;
+    # per node, numbered across all trees: its children (a leaf leads to itself), the column it tests, threshold and
+    # value;
     # a node that sends missing values left reads its feature's copy where NaN is -inf (NaN <= t is False: right)
     left, right = np.where(leaf, own, nodes["left"] + first), np.where(leaf, own, nodes["right"] + first)
     node_column = np.where(leaf, 0, nodes["feature_idx"] + width // 2 * nodes["missing_go_to_left"].astype(np.intp))
@@ -195,7 +208,8 @@ def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-lear
     def one_row(x):
         chosen = np.where(x.take(node_column) <= node_threshold, left, right)
         for _ in range(jumps): chosen = chosen[chosen]
-        return np.array([expit(functools.reduce(operator.add, node_value[chosen[roots]].tolist(), baseline))])  # baseline, then tree by tree
+        # baseline, then tree by tree
+        return np.array([expit(functools.reduce(operator.add, node_value[chosen[roots]].tolist(), baseline))])
     def wide(W):  # the input matrix beside its copy where missing is -inf
         n = len(W)
         if n > max_rows: return model.predict_proba(W[:, :width // 2])[:, 1]
@@ -203,7 +217,8 @@ def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-lear
         flat, offset = W.ravel(), (np.arange(n) * width)[:, None]
         state = np.broadcast_to(start, (n, len(start)))
         for _ in range(depth): state = after[state + (flat[column[state] + offset] <= threshold[state])]
-        raw = np.cumsum(np.hstack([np.full((n, 1), baseline), value[state]]), axis=1)[:, -1]  # scikit-learn's order: baseline, then tree by tree
+        # scikit-learn's order: baseline, then tree by tree
+        raw = np.cumsum(np.hstack([np.full((n, 1), baseline), value[state]]), axis=1)[:, -1]
         return expit(raw)
     beside = _transform(_with_missing_copy([(j, np.nan, None) for j in range(width // 2)]))
     def predict(X): return wide(beside(np.asarray(X, dtype=float)))
@@ -224,33 +239,44 @@ def online_table(online: OnlineStore, table: str, env: Environment | None = None
                      f" is not published in the online store {online.path}; run the features job of environment "
                      f"'{env.name if env else '?'}'")
 
-KEY_SQL_TYPES = {"long": "INTEGER", "integer": "INTEGER", "boolean": "INTEGER", "double": "REAL", "float": "REAL", "string": "TEXT"}  # MLflow -> the online store's
+# MLflow -> the online store's
+KEY_SQL_TYPES = {"long": "INTEGER", "integer": "INTEGER", "boolean": "INTEGER", "double": "REAL", "float": "REAL",
+                 "string": "TEXT"}
 
 def lookup_tables(lookups: list, # a version's feature lookups (its feature spec's `lookups`)
                   online: OnlineStore | None, env: Environment | None, uri: str,
-                  signature=None, # the version's `ModelSignature`: its lookup keys' types are checked against the online tables' keys
+                  # the version's `ModelSignature`: its lookup keys' types are checked against the online tables' keys
+                  signature=None,
                   ) -> dict:
     """Feature table -> the online table serving reads it from, checked as serving needs it: an online store, each table
     published, with every feature the version looks up and keys of the types its signature sends; else a ValueError naming
     the table and column and what publishes them."""
     if lookups and online is None:
-        raise ValueError(f"{uri} looks features up, but the environment has no online store; run the features job of environment "
+        raise ValueError(f"{uri} looks features up, but the environment has no online store; run the features job of "
+                         f"environment "
                          f"'{env.name if env else '?'}' (`serving-mlops features`), which publishes the feature tables")
     tables = {l["table_name"]: online_table(online, l["table_name"], env) for l in lookups}
     inputs = signature.inputs if signature is not None else None
     sent = {c.name: repr(c.type) for c in inputs.inputs} if inputs is not None and inputs.has_input_names() else {}
     for l in lookups:
         # a version must not load where its online table lacks a feature it looks up: every request would fail
-        gone = [f for f in l["features"] if f not in (online.published(tables[l["table_name"]]) or {}).get("columns", [])]
-        if gone: raise ValueError(f"{uri} looks up {gone} in the online table {tables[l['table_name']]}, which has no such column; "
-                                  f"publish it with them (the features job of environment '{env.name if env else '?'}') before serving this version")
-        # nor where its key is sent as another type than the table's: it would find no row, every request scored on imputed features
+        gone = [f for f in l["features"]
+                if f not in (online.published(tables[l["table_name"]]) or {}).get("columns", [])]
+        if gone: raise ValueError(f"{uri} looks up {gone} in the online table {tables[l['table_name']]}, which has no "
+                                  f"such column; "
+                                  f"publish it with them (the features job of environment "
+                                  f"'{env.name if env else '?'}') before serving this version")
+        # nor where its key is sent as another type than the table's: it would find no row, every request scored on
+        # imputed features
         for key, sql in zip(l["lookup_key"], online.key_types(tables[l["table_name"]]).values()):
             want = KEY_SQL_TYPES.get(sent.get(key))
             if want and sql and want != sql:
-                raise ValueError(f"{uri} sends lookup key {key!r} as {sent[key]}, but the online table {tables[l['table_name']]} keys its rows "
-                                 f"by {key} {sql}: no request would find its features; rebuild and publish the feature table with {key} "
-                                 f"as {sent[key]} (the features job of environment '{env.name if env else '?'}'), or log the model from it again")
+                raise ValueError(f"{uri} sends lookup key {key!r} as {sent[key]}, but the online table "
+                                 f"{tables[l['table_name']]} keys its rows "
+                                 f"by {key} {sql}: no request would find its features; rebuild and publish the "
+                                 f"feature table with {key} "
+                                 f"as {sent[key]} (the features job of environment '{env.name if env else '?'}'), or "
+                                 f"log the model from it again")
     return tables
 
 def version_lookups(uri: str) -> list:
@@ -277,7 +303,8 @@ def mlflow_problem(e: Exception) -> str:
 def mlflow_read(payload: dict, schema, enforce: bool = True):
     "`payload` as MLflow's scoring server reads it for a model of input `schema` (`infer_and_parse_data`), then `enforce`d as `PyFuncModel.predict` first does."
     from mlflow.models.utils import _enforce_schema  # what PyFuncModel.predict runs first on a served model's input
-    from mlflow.pyfunc.scoring_server import infer_and_parse_data  # the scoring server's reading of the four request formats
+    # the scoring server's reading of the four request formats
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
     data = infer_and_parse_data(payload, schema)
     data = data[0] if isinstance(data, tuple) else data
     if enforce: _enforce_schema(data, schema)
@@ -298,7 +325,8 @@ def csv_as_json(body: bytes, signature) -> bytes:
 
 JSON_TYPES = {"boolean": {"type": "boolean"}, "integer": {"type": "integer"}, "long": {"type": "integer"},
               "float": {"type": "number"}, "double": {"type": "number"}, "string": {"type": "string"},
-              "binary": {"type": "string", "contentEncoding": "base64"}, "datetime": {"type": "string", "format": "date-time"}}
+              "binary": {"type": "string", "contentEncoding": "base64"},
+              "datetime": {"type": "string", "format": "date-time"}}
 
 def _json_type(spec, optional: bool) -> dict:
     "JSON Schema of one MLflow column or tensor type; null allowed where the input is optional."
@@ -318,32 +346,42 @@ def request_body_schema(signature) -> dict:
         "columns": {"type": "array", "items": {"type": "string", "enum": inputs.input_names()}},
         "data": {"type": "array", "items": {"type": "array"}}, "index": {"type": "array"}}}
     return {"oneOf": [{"type": "object", "required": [k], "properties": {k: v, "params": {"type": "object"}}}
-                      for k, v in (("dataframe_records", rows), ("dataframe_split", split), ("instances", rows), ("inputs", rows))]}
+                      for k, v in (("dataframe_records", rows), ("dataframe_split", split), ("instances", rows),
+                                   ("inputs", rows))]}
 
 def response_schema(signature) -> dict:
     "JSON Schema of a 200 answer: `predictions`, typed by the signature's one unnamed output where it has one."
     outputs = signature.outputs if signature is not None else None
     one = outputs.inputs[0] if outputs is not None and len(outputs.inputs) == 1 else None
     return {"type": "object", "required": ["predictions"],
-            "properties": {"predictions": {"type": "array", "items": _json_type(one, False) if one is not None else {}}}}
+            "properties": {"predictions": {"type": "array",
+                                           "items": _json_type(one, False) if one is not None else {}}}}
 
 def openapi_document(endpoint: str, signatures: dict, # served entity name -> its model's `ModelSignature`
                      version: str = "1") -> dict:
     "The OpenAPI 3.1 document of endpoint `endpoint`'s invocations: the endpoint's path and each served entity's."
     def post(signature, what: str) -> dict:
         return {"post": {"summary": what, "security": [{"bearer": []}],
-                         "requestBody": {"required": True, "content": {"application/json": {"schema": request_body_schema(signature)}}},
-                         "responses": {"200": {"description": "predictions", "content": {"application/json": {"schema": response_schema(signature)}}},
-                                       "400": {"description": "a request the model's signature refuses: error_code and message"}}}}
-    shared = next(iter(signatures.values())) if len({repr(s) for s in signatures.values()}) == 1 else None  # one shape for the endpoint
-    paths = {f"/serving-endpoints/{endpoint}/invocations": post(shared, f"score with the endpoint's traffic split over {', '.join(signatures)}")}
+                         "requestBody": {"required": True,
+                                         "content": {"application/json": {"schema": request_body_schema(signature)}}},
+                         "responses": {"200": {"description": "predictions",
+                                               "content": {"application/json": {"schema": response_schema(signature)}}},
+                                       "400": {"description": "a request the model's signature refuses: error_code "
+                                                              "and message"}}}}
+    # one shape for the endpoint
+    shared = next(iter(signatures.values())) if len({repr(s) for s in signatures.values()}) == 1 else None
+    paths = {f"/serving-endpoints/{endpoint}/invocations": post(shared,
+                                                                f"score with the endpoint's traffic split over "
+                                                                f"{', '.join(signatures)}")}
     for name, signature in signatures.items():
-        paths[f"/serving-endpoints/{endpoint}/served-models/{name}/invocations"] = post(signature, f"score with served entity {name}")
+        paths[f"/serving-endpoints/{endpoint}/served-models/{name}/invocations"] = post(signature,
+                f"score with served entity {name}")
     return {"openapi": "3.1.0", "info": {"title": f"serving endpoint {endpoint}", "version": version},
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}, "paths": paths}
 
 # %% ../../nbs/08b_serving_models.ipynb #90624e22
-_UNSHAPED = ("a value whose", "verdict cannot be shared")  # an array or object inside a row: MLflow is asked about the request itself
+# an array or object inside a row: MLflow is asked about the request itself
+_UNSHAPED = ("a value whose", "verdict cannot be shared")
 
 def _value_kind(v):
     "What MLflow's verdict on a value can depend on: its JSON type, whether a number is whole and fits 64 bits, and text itself."
@@ -367,7 +405,8 @@ class SignatureCheck:
     def __init__(self, signature, size: int = 4096):
         self.signature, self.size, self.verdicts, self.lock = signature, size, OrderedDict(), threading.Lock()
 
-    def __call__(self, request: ParsedRequest, payload) -> str | None: # payload(): the request's JSON payload, read again only when MLflow is asked
+    # payload(): the request's JSON payload, read again only when MLflow is asked
+    def __call__(self, request: ParsedRequest, payload) -> str | None:
         if self.signature is None or self.signature.inputs is None: return None
         shape = request_shape(request)
         with self.lock:
@@ -396,53 +435,67 @@ def mlflow_input(body: bytes, schema):
 def jsonable(predictions):
     "A model's predictions as MLflow's scoring server answers them (`predictions_to_json`: a frame or series as records, an array as lists)."
     from mlflow.utils.proto_json_utils import _get_jsonable_obj
-    return predictions.tolist() if isinstance(predictions, np.ndarray) else _get_jsonable_obj(predictions, pandas_orient="records")
+    return predictions.tolist() if isinstance(predictions, np.ndarray) else _get_jsonable_obj(predictions,
+            pandas_orient="records")
 
 class ServedModel:
     "One served entity: a loaded model version, its input spec, online lookups and a micro-batcher."
     def __init__(self, entity: dict, online: OnlineStore | None = None, max_rows: int = MAX_ROWS, on_batch=None,
-                 env: Environment | None = None):  # env: where to look a feature table up when the spec's own is not published
-        self.entity, self.name, self.online, self.on_batch = entity, entity["name"], online, on_batch  # on_batch(rows) per model call
+                 # env: where to look a feature table up when the spec's own is not published
+                 env: Environment | None = None):
+        # on_batch(rows) per model call
+        self.entity, self.name, self.online, self.on_batch = entity, entity["name"], online, on_batch
         self.pyfunc = mlflow.pyfunc.load_model(entity_uri(entity))
         try: inner = self.pyfunc.unwrap_python_model()
         except Exception: inner = None
         spec = getattr(inner, "feature_spec", None)
         self.fast, self.trees, self.tensor = None, False, False
-        fast_path = os.environ.get("SERVING_MLOPS_FAST_PATH", "1") != "0"  # 0: no tree compiler, always the predicting thread (to compare)
+        # 0: no tree compiler, always the predicting thread (to compare)
+        fast_path = os.environ.get("SERVING_MLOPS_FAST_PATH", "1") != "0"
         if spec is not None:
             self.pipeline, self.lookups = inner.model, spec["lookups"]
             columns = list(spec["model_columns"])
-            for trees in ((True, False) if fast_path else (False,)):  # the trees compiled too, else the pipeline's own estimator
+            # the trees compiled too, else the pipeline's own estimator
+            for trees in ((True, False) if fast_path else (False,)):
                 compiled = compile_pipeline(self.pipeline, columns, trees)
-                self.fast = compiled and verified(compiled, self.pipeline, columns, example_rows(self.pyfunc.input_example, columns))
+                self.fast = compiled and verified(compiled, self.pipeline, columns,
+                                                  example_rows(self.pyfunc.input_example, columns))
                 if self.fast is not None: self.trees = trees; break
             keys = list(dict.fromkeys(k for l in self.lookups for k in l["lookup_key"]))
             passthrough = [c for c in spec.get("input_columns", []) if c not in keys and c not in columns]
         else:
             schema = self.pyfunc.metadata.get_input_schema()
             if schema is None:  # Unity Catalog, and so Model Serving, takes only models with a signature
-                raise ValueError(f"{entity_uri(entity)} has no input signature; log the model with one (mlflow.models.infer_signature)")
+                raise ValueError(f"{entity_uri(entity)} has no input signature; log the model with one "
+                                 f"(mlflow.models.infer_signature)")
             self.tensor = schema.is_tensor_spec()  # arrays: MLflow's reading of instances / inputs alone decides
             if not self.tensor and not schema.has_input_names():
-                raise ValueError(f"{entity_uri(entity)} has an input signature without column names; log the model with named columns or tensors")
+                raise ValueError(f"{entity_uri(entity)} has an input signature without column names; log the model "
+                                 f"with named columns or tensors")
             self.pipeline, self.lookups, columns, keys, passthrough = None, [], [] if self.tensor else schema.input_names(), [], []
-            numbers = [c.name for c in schema.inputs if getattr(c.type, "name", None) in NUMERIC_TYPES] if not self.tensor else []
+            numbers = [c.name for c in schema.inputs
+                       if getattr(c.type, "name", None) in NUMERIC_TYPES] if not self.tensor else []
         self.tables = lookup_tables(self.lookups, online, env, entity_uri(entity), self.pyfunc.metadata.signature)
         self.index = {c: j for j, c in enumerate(columns)}  # model column -> position in the model matrix
         # per lookup: the online table it reads and (feature, model column index) of what it gives the model
-        self.plan = [(l, self.tables[l["table_name"]], [(f, self.index[o]) for f, o in l["features"].items() if o in self.index])
+        self.plan = [(l, self.tables[l["table_name"]],
+                      [(f, self.index[o]) for f, o in l["features"].items() if o in self.index])
                      for l in self.lookups]
         key_types = self.key_types()
         numbers = columns if spec is not None else numbers
-        domains = {c: FEATURE_DOMAINS[c] for c in [*columns, *keys, *passthrough] if c in FEATURE_DOMAINS and  # a key's if it fits its type
-                   (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer")) and
+        # a key's if it fits its type
+        domains = {c: FEATURE_DOMAINS[c] for c in [*columns, *keys, *passthrough] if c in FEATURE_DOMAINS and
+                   (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer"))
+                   and
                    (c not in columns or c in numbers or FEATURE_DOMAINS[c].kind == "date")}
         self.spec = InputSpec(columns, keys, passthrough, domains, key_types, None if spec is not None else numbers)
         self.signature = SignatureCheck(self.pyfunc.metadata.signature)
         # OpenMP limits are per thread: one thread on the predicting thread (tree models on a few rows lose with more)
-        # a small request alone is scored on the event loop when the model is plain numpy (no OpenMP, no GIL-free work to overlap)
+        # a small request alone is scored on the event loop when the model is plain numpy (no OpenMP, no GIL-free work
+        # to overlap)
         inline = (lambda r: r.rows <= INLINE_ROWS) if self.trees and fast_path else None
-        self.batcher = MicroBatcher(self.score, max_rows=max_rows, name=self.name, initializer=lambda: threadpool_limits(1), inline=inline)
+        self.batcher = MicroBatcher(self.score, max_rows=max_rows, name=self.name,
+                                    initializer=lambda: threadpool_limits(1), inline=inline)
 
     def parse(self, body: bytes, max_rows: int = MAX_ROWS, csv: bool = False) -> ParsedRequest:
         "The invocation in `body` (JSON, or `csv`) as the runtime reads it, then as Model Serving would: a 400 naming what the model's signature refuses."
@@ -451,20 +504,23 @@ class ServedModel:
         request = parse_request(body, self.spec, max_rows)
         problem = self.signature(request, lambda: orjson.loads(body))
         if problem: raise self.refused(problem)
-        if self.pipeline is None: request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())  # any other model: as MLflow reads it
+        # any other model: as MLflow reads it
+        if self.pipeline is None: request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())
         return request
 
     def parse_tensors(self, body: bytes, max_rows: int = MAX_ROWS) -> ParsedRequest:
         "A tensor model's invocation: the envelope and row limit checked here, the arrays read and enforced by MLflow (no shape to keep per request)."
         key, data, params, params_json, client_id = read_envelope(body)
         request = ParsedRequest({}, tensor_rows(key, data, max_rows), params, client_id, params_json, f"{key}:tensor")
-        try: request.frame = mlflow_read(orjson.loads(body), self.pyfunc.metadata.get_input_schema())  # read and enforced once
+        # read and enforced once
+        try: request.frame = mlflow_read(orjson.loads(body), self.pyfunc.metadata.get_input_schema())
         except Exception as e: raise self.refused(mlflow_problem(e)) from None
         return request
 
     def refused(self, problem: str) -> ServingError:
         "The 400 of a request this served entity's signature refuses, with MLflow's reason."
-        return invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
+        return invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served "
+                                 f"entity "
                                  f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
 
     def key_types(self) -> dict:
@@ -472,7 +528,8 @@ class ServedModel:
         types = {}
         for l in self.lookups:
             declared = self.online.key_types(self.tables[l["table_name"]])
-            for k, sql in zip(l["lookup_key"], declared.values()): types.setdefault(k, {"INTEGER": "integer", "TEXT": "string"}.get(sql))
+            for k, sql in zip(l["lookup_key"], declared.values()): types.setdefault(k,
+                    {"INTEGER": "integer", "TEXT": "string"}.get(sql))
         return types
 
     def features(self, request: ParsedRequest) -> tuple[np.ndarray | pd.DataFrame, list]:
@@ -493,10 +550,13 @@ class ServedModel:
                     todo = [(f, j) for f, j in wanted if missing[i][j]]  # given values override lookups
                     if not todo: continue
                     values = self.online.lookup(online, *key)
-                    if values is None: not_found.append({"row": i, "table": lookup["table_name"], "key": list(key)}); continue
+                    if values is None: not_found.append({"row": i, "table": lookup["table_name"],
+                                                         "key": list(key)}); continue
                     gone = [f for f, _ in todo if f not in values]
-                    if gone: raise bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) looks up {gone} in the online table "
-                                               f"{online}, which no longer has them (published again without them): publish it with them, "
+                    if gone: raise bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) looks up "
+                                               f"{gone} in the online table "
+                                               f"{online}, which no longer has them (published again without them): "
+                                               f"publish it with them, "
                                                "or serve a version that does not look them up")
                     found = [(j, values[f]) for f, j in todo if values[f] is not None]
                     if found: X[i, [j for j, _ in found]] = [v for _, v in found]
@@ -506,9 +566,11 @@ class ServedModel:
         "Positive-class probabilities (or the model's predictions) for input matrix `X`."
         if self.on_batch: self.on_batch(len(next(iter(X.values()))) if isinstance(X, dict) else len(X))
         if self.fast is not None: return self.fast(X)
-        if self.pipeline is None: return self.pyfunc.predict(X, params=params)  # MLflow's reading of the request; answered as the model answers
+        # MLflow's reading of the request; answered as the model answers
+        if self.pipeline is None: return self.pyfunc.predict(X, params=params)
         frame = pd.DataFrame(X, columns=self.spec.columns)
-        return self.pipeline.predict_proba(frame)[:, 1] if hasattr(self.pipeline, "predict_proba") else self.pipeline.predict(frame)
+        return self.pipeline.predict_proba(frame)[:, 1] if hasattr(self.pipeline,
+                                                                   "predict_proba") else self.pipeline.predict(frame)
 
     def score(self, requests: list) -> list:
         "Predictions, lookup misses and model input for each request, in one model call where possible."
@@ -524,7 +586,8 @@ class ServedModel:
             if len(members) > 1:
                 try:
                     parts = [prepared[i][0] for i in members]
-                    preds = self.predict(pd.concat(parts, ignore_index=True) if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts),
+                    preds = self.predict(pd.concat(parts, ignore_index=True)
+                                         if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts),
                                          requests[members[0]].params)
                     start = 0
                     for i in members:
@@ -533,9 +596,11 @@ class ServedModel:
                     continue
                 except Exception: pass  # score one by one, so that one request's failure stays its own
             for i in members:
-                try: results[i] = (jsonable(self.predict(prepared[i][0], requests[i].params)), prepared[i][1], prepared[i][0])
+                try: results[i] = (jsonable(self.predict(prepared[i][0], requests[i].params)), prepared[i][1],
+                                   prepared[i][0])
                 except Exception as e:
-                    results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this input: {type(e).__name__}: {e}")
+                    results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this "
+                                             f"input: {type(e).__name__}: {e}")
         return results
 
     def close(self): self.batcher.close()

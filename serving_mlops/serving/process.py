@@ -42,9 +42,12 @@ __all__ = ['log', 'READ_TIMEOUT', 'FD_RESERVE', 'SERVICES', 'STABLE_SECONDS', 'S
            'local_services', 'stop_local_services']
 
 # %% ../../nbs/08g_serving_process.ipynb #96f1cc6f
-READ_TIMEOUT = RuntimeSettings.read_timeout  # seconds a client has to send a whole request, headers and body (by default)
-FD_RESERVE = 256  # descriptors a serving process keeps for files (the inference table's flush, request logs, models, SQLite)
-_HEADERS_COUNTED = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"  # (without httptools, h11 bounds headers itself: h11_max_incomplete_event_size)
+# seconds a client has to send a whole request, headers and body (by default)
+READ_TIMEOUT = RuntimeSettings.read_timeout
+# descriptors a serving process keeps for files (the inference table's flush, request logs, models, SQLite)
+FD_RESERVE = 256
+# (without httptools, h11 bounds headers itself: h11_max_incomplete_event_size)
+_HEADERS_COUNTED = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
 
 def connection_cap(max_connections: int = 0) -> int:
     "Connections one process keeps open: `max_connections` (0: no bound of its own), at most its descriptor limit less `FD_RESERVE`."
@@ -64,7 +67,8 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):
     _open: dict = {}  # this server's connections, the longest idle first (each `within` class has its own)
 
     @classmethod
-    def within(cls, read_timeout: float = READ_TIMEOUT, max_header_kb: float = RuntimeSettings.max_header_kb, max_connections: int = 0) -> type:
+    def within(cls, read_timeout: float = READ_TIMEOUT, max_header_kb: float = RuntimeSettings.max_header_kb,
+               max_connections: int = 0) -> type:
         "This protocol with these bounds, for one server."
         return type(cls.__name__, (cls,), {"read_timeout": read_timeout, "max_header_bytes": int(max_header_kb * 1024),
                                            "max_connections": connection_cap(max_connections), "_open": {}})
@@ -72,8 +76,10 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):
     def connection_made(self, transport):
         self._admitted = len(self._open) < self.max_connections or self._make_room()
         if not self._admitted:
-            transport.write(raw_answer("503 Service Unavailable", "TEMPORARILY_UNAVAILABLE", f"the server has {self.max_connections} connections "
-                                       "open, each with a request being answered; retry shortly", b"retry-after: 1\r\n"))
+            transport.write(raw_answer("503 Service Unavailable", "TEMPORARILY_UNAVAILABLE",
+                                       f"the server has {self.max_connections} connections "
+                                       "open, each with a request being answered; retry shortly",
+                                       b"retry-after: 1\r\n"))
             return transport.close()  # its descriptor is free again at once
         self._open[self] = None
         self._header_bytes, self._in_headers = 0, _HEADERS_COUNTED
@@ -93,10 +99,13 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):
         if self._in_headers and len(data) > (room := self.max_header_bytes - self._header_bytes):
             super().data_received(data[:room])  # the parser never holds more of a header section than the bound
             if self._in_headers:
-                self.transport.write(raw_answer("431 Request Header Fields Too Large", "BAD_REQUEST", "the request line and headers are over "
-                                                f"{self.max_header_bytes // 1024} KiB; send less in headers (a body may have up to 16 MiB)"))
+                self.transport.write(raw_answer("431 Request Header Fields Too Large", "BAD_REQUEST",
+                                                "the request line and headers are over "
+                                                f"{self.max_header_bytes // 1024} KiB; send less in headers (a body "
+                                                f"may have up to 16 MiB)"))
                 return self.transport.close()
-            if len(data) > room and not self.transport.is_closing(): self.data_received(data[room:])  # the body, or the next request
+            # the body, or the next request
+            if len(data) > room and not self.transport.is_closing(): self.data_received(data[room:])
             return
         if self._in_headers: self._header_bytes += len(data)
         super().data_received(data)
@@ -109,7 +118,8 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):
         super().on_message_complete()
         self._in_headers, self._header_bytes = True, 0
 
-    def on_response_complete(self):  # the next request on the connection gets a deadline of its own; the connection is the newest idle one
+    # the next request on the connection gets a deadline of its own; the connection is the newest idle one
+    def on_response_complete(self):
         super().on_response_complete()
         self._deadline.cancel()
         self._deadline = self.loop.call_later(self.read_timeout, self._expire)
@@ -126,7 +136,8 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):
         if cycle is None or cycle.response_complete or cycle.more_body: self.transport.close()
 
 # %% ../../nbs/08g_serving_process.ipynb #670dbb7d
-SERVICES = {"serving runtime": ("serving", "server.json", "serve"),  # what runs beside a local workspace: folder, info file, command
+# what runs beside a local workspace: folder, info file, command
+SERVICES = {"serving runtime": ("serving", "server.json", "serve"),
             "console": ("console", "console.json", "console")}
 
 def service_file(env: Environment, what: str = "serving runtime") -> Path:
@@ -158,7 +169,8 @@ def bind_port(env: Environment, host: str, port: int,
     if shared: sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
-        if shared and probe and port:  # a set of workers of this user on the port lets us bind too: is anyone listening?
+        # a set of workers of this user on the port lets us bind too: is anyone listening?
+        if shared and probe and port:
             with socket.socket() as s:
                 s.settimeout(1)
                 if s.connect_ex((host, port)) == 0: raise OSError(errno.EADDRINUSE, "in use")
@@ -169,24 +181,30 @@ def bind_port(env: Environment, host: str, port: int,
         orphan = None if holder else next((o for o in local_services(env.root.parent) if port in o["ports"]), None)
         who = (f"the {what} of environment '{holder['environment']}' (pid {holder['pid']}) holds it; stop it with "
                f"`serving-mlops {SERVICES[what][2]} --env {holder['environment']} --stop`" if holder else
-               f"the {orphan['what']} of environment '{orphan['environment']}' (pid {orphan['pid']}, its info file is gone) holds it; "
+               f"the {orphan['what']} of environment '{orphan['environment']}' (pid {orphan['pid']}, its info file is "
+               f"gone) holds it; "
                "stop it with `serving-mlops stop`" if orphan else
-               "a program other than these workspaces' serving runtimes and consoles holds it; stop it, or use another port (--port, 0 for any free one)")
+               "a program other than these workspaces' serving runtimes and consoles holds it; stop it, or use "
+               "another port (--port, 0 for any free one)")
         raise InputError(f"cannot {doing} on {host}:{port}: the port is in use: {who}") from None
     return sock
 
 # %% ../../nbs/08g_serving_process.ipynb #7cfa8f0f
 def serve(env: Environment, host: str = "127.0.0.1", port: int = 0,
           settings: RuntimeSettings | None = None,  # how it serves (default: RuntimeSettings())
-          workers: int = 1,  # processes serving on the port (SO_REUSEPORT); more than 1: this process starts and watches them
-          worker: int | None = None):  # this process is worker number `worker` of such a set (started by its first process)
+          # processes serving on the port (SO_REUSEPORT); more than 1: this process starts and watches them
+          workers: int = 1,
+          # this process is worker number `worker` of such a set (started by its first process)
+          worker: int | None = None):
     "Run `env`'s serving runtime in the foreground until SIGTERM or Ctrl-C."
     settings = settings or RuntimeSettings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if worker is None and (running := server_info(env)) is not None:
-        raise InputError(f"the serving runtime of environment '{env.name}' is already running at {running['url']} (pid {running['pid']}); "
+        raise InputError(f"the serving runtime of environment '{env.name}' is already running at {running['url']} "
+                         f"(pid {running['pid']}); "
                          f"stop it with `serving-mlops serve --env {env.name} --stop`")
-    sock = bind_port(env, host, port, f"serve environment '{env.name}'", shared=workers > 1 or worker is not None, probe=worker is None)
+    sock = bind_port(env, host, port, f"serve environment '{env.name}'", shared=workers > 1 or worker is not None,
+                     probe=worker is None)
     url = f"http://{host}:{sock.getsockname()[1]}"
     info = server_file(env)
     if worker is None and workers > 1: return supervise(env, sock, workers, settings)
@@ -200,17 +218,19 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0,
             log.info("worker %d of the serving runtime of environment %s at %s", worker, env.name, url); return
         write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms()})
         log.info("serving runtime of environment %s at %s", env.name, url)
-        if settings.metrics_interval != 60: log.warning("endpoint metrics per %g s, not per minute as on Databricks", settings.metrics_interval)
+        if settings.metrics_interval != 60: log.warning("endpoint metrics per %g s, not per minute as on Databricks",
+                                                        settings.metrics_interval)
 
     def stopped(runtime):
         if shared is not None: return
         drop_info(info)
         log.info("serving runtime of environment %s stopped", env.name)
 
-    app = make_app(env, settings, on_started=started, on_stopped=stopped, coordinator=None if shared is None else Workers(shared))
+    app = make_app(env, settings, on_started=started, on_stopped=stopped,
+                   coordinator=None if shared is None else Workers(shared))
     http = GuardedHTTPProtocol.within(settings.read_timeout, settings.max_header_kb, settings.max_connections)
-    config = uvicorn.Config(app, http=http, log_level="warning", access_log=False, timeout_graceful_shutdown=30, lifespan="on",
-                            h11_max_incomplete_event_size=http.max_header_bytes)
+    config = uvicorn.Config(app, http=http, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
+                            lifespan="on", h11_max_incomplete_event_size=http.max_header_bytes)
     uvicorn.Server(config).run(sockets=[sock])
 
 # %% ../../nbs/08g_serving_process.ipynb #cc5ea5d9
@@ -222,7 +242,8 @@ def restart_delay(quick: int) -> float:
     "Seconds before a dead worker starts again: 0.5 s, doubled for each death in a row within STABLE_SECONDS of its start, at most a minute."
     return min(0.5 * 2 ** quick, 60.0)
 
-def supervise(env: Environment, sock: socket.socket, workers: int, settings: RuntimeSettings,  # passed on to each worker whole
+# passed on to each worker whole
+def supervise(env: Environment, sock: socket.socket, workers: int, settings: RuntimeSettings,
               startup: float = 300):  # seconds the workers have to restore every endpoint and listen
     "Run `workers` processes serving `env` on `sock`'s port, restart one that dies (later and later while it keeps dying: `restart_delay`), and stop them all on SIGTERM or Ctrl-C."
     port, folder, metrics = sock.getsockname()[1], workers_folder(env), env.path("serving", "metrics")
@@ -230,7 +251,8 @@ def supervise(env: Environment, sock: socket.socket, workers: int, settings: Run
         f.mkdir(parents=True, exist_ok=True)
         for p in f.iterdir(): p.unlink()
     environ = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics), "SERVING_MLOPS_HOME": str(env.root.parent)}
-    command = [sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port), "--settings", settings.to_json()]
+    command = [sys.executable, "-m", "serving_mlops.cli", "serve", "--env", env.name, "--port", str(port), "--settings",
+               settings.to_json()]
     spawn = lambda i: subprocess.Popen([*command, "--worker", str(i)], env=environ, stdin=subprocess.DEVNULL)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT): signal.signal(sig, lambda *_: stop.set())
@@ -245,7 +267,8 @@ def supervise(env: Environment, sock: socket.socket, workers: int, settings: Run
             time.sleep(0.1)
         write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms(),
                           "workers": [p.pid for p in procs.values()]})
-        log.info("serving runtime of environment %s at %s: %d workers (pids %s)", env.name, url, workers, [p.pid for p in procs.values()])
+        log.info("serving runtime of environment %s at %s: %d workers (pids %s)", env.name, url, workers,
+                 [p.pid for p in procs.values()])
         started, quick, due = dict.fromkeys(procs, time.monotonic()), dict.fromkeys(procs, 0), {}
         while not stop.wait(0.5):
             for i, p in list(procs.items()):
@@ -253,12 +276,14 @@ def supervise(env: Environment, sock: socket.socket, workers: int, settings: Run
                 if i in due:  # dead, waiting for its restart
                     if now >= due[i]:
                         del due[i]; procs[i], started[i] = spawn(i), now
-                        write_info(info, {**orjson.loads(info.read_bytes()), "workers": [p.pid for p in procs.values()]})
+                        write_info(info, {**orjson.loads(info.read_bytes()),
+                                          "workers": [p.pid for p in procs.values()]})
                 elif p.poll() is not None:
                     quick[i] = quick[i] + 1 if now - started[i] < STABLE_SECONDS else 0
                     delay = restart_delay(quick[i])
                     due[i] = now + delay
-                    log.error("worker %d (pid %d) of the serving runtime exited with status %s after %.1f s; starting it again in %g s",
+                    log.error("worker %d (pid %d) of the serving runtime exited with status %s after %.1f s; starting "
+                              "it again in %g s",
                               i, p.pid, p.returncode, now - started[i], delay)
                     mark_process_dead(p.pid, str(metrics))
     finally:
@@ -320,13 +345,16 @@ def start_service(env: Environment, what: str, # a name of `SERVICES`
     if (info := service_info(env, what)) is not None: return info
     log_path = service_file(env, what).with_suffix(".log")
     with open(log_path, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "serving_mlops.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, "SERVING_MLOPS_HOME": str(env.root.parent)})
+        proc = subprocess.Popen([sys.executable, "-m", "serving_mlops.cli", *args], stdout=out,
+                                stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "SERVING_MLOPS_HOME": str(env.root.parent)})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             tail = log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{what} of environment '{env.name}' exited with status {proc.returncode}; {log_path}:\n{tail}")
+            raise RuntimeError(f"{what} of environment '{env.name}' exited with status {proc.returncode}; "
+                               f"{log_path}:\n{tail}")
         info = service_info(env, what)
         if info is not None and info["pid"] == proc.pid: return info
         time.sleep(0.2)
@@ -334,11 +362,13 @@ def start_service(env: Environment, what: str, # a name of `SERVICES`
     raise TimeoutError(f"{what} of environment '{env.name}' did not answer within {timeout:g} s; see {log_path}")
 
 def start_server(env: Environment, port: int = 0, timeout: float = 120,
-                 settings: RuntimeSettings | None = None,  # how it serves (default: RuntimeSettings(); a running runtime keeps its own)
+                 # how it serves (default: RuntimeSettings(); a running runtime keeps its own)
+                 settings: RuntimeSettings | None = None,
                  workers: int = 1) -> dict:  # processes serving on the port
     "Start `env`'s serving runtime as a background process (or find the running one); wait for its health check."
     return start_service(env, "serving runtime", ["serve", "--env", env.name, "--port", str(port),
-                         *(["--settings", settings.to_json()] if settings else []), *(["--workers", str(workers)] if workers > 1 else [])], timeout)
+                         *(["--settings", settings.to_json()] if settings else []),
+                                                  *(["--workers", str(workers)] if workers > 1 else [])], timeout)
 
 # %% ../../nbs/08g_serving_process.ipynb #51a1181d
 def stop_service(env: Environment, what: str = "serving runtime", timeout: float = 60) -> bool:
@@ -348,7 +378,8 @@ def stop_service(env: Environment, what: str = "serving runtime", timeout: float
     pid = info["pid"]
     pids = [p for p in [pid, *info.get("workers", [])] if process_alive(p)]  # a serving runtime with workers lists them
     if not pids: path.unlink(missing_ok=True); return False
-    for p in pids[:1] if pids[0] == pid else pids: os.kill(p, signal.SIGTERM)  # the first process stops its workers; orphans: each
+    # the first process stops its workers; orphans: each
+    for p in pids[:1] if pids[0] == pid else pids: os.kill(p, signal.SIGTERM)
     late = [p for p in pids if not wait_exit(p, timeout)]
     if late: raise TimeoutError(f"{what} pid(s) {late} of environment '{env.name}' did not stop within {timeout:g} s")
     path.unlink(missing_ok=True)
@@ -374,7 +405,8 @@ def workspace_client(env: Environment, retry_timeout_seconds: int = 60):
     "A databricks-sdk WorkspaceClient for `env`: its local serving runtime, or its real workspace (unified auth)."
     from databricks.sdk import WorkspaceClient
     from databricks.sdk.config import Config
-    if not env.is_local: return WorkspaceClient(**env.workspace.sdk_kwargs)  # host and profile as the bundle, the environment or the cluster give them
+    # host and profile as the bundle, the environment or the cluster give them
+    if not env.is_local: return WorkspaceClient(**env.workspace.sdk_kwargs)
     info = server_info(env)
     if info is None:
         raise RuntimeError(f"no serving runtime is running for environment '{env.name}': start it with "

@@ -36,27 +36,34 @@ class ServingError(MlopsError):
 
 def bad_request(message: str) -> ServingError: return ServingError(400, "BAD_REQUEST", message)
 def invalid_parameter(message: str) -> ServingError: return ServingError(400, "INVALID_PARAMETER_VALUE", message)
-def no_endpoint(name: str) -> ServingError: return ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' does not exist")
+def no_endpoint(name: str) -> ServingError: return ServingError(404, "RESOURCE_DOES_NOT_EXIST",
+                                                                f"serving endpoint '{name}' does not exist")
 def no_served_model(name: str, served: str, known) -> ServingError:
-    return ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' has no served model '{served}' (it has {', '.join(sorted(known)) or 'none'})")
+    return ServingError(404, "RESOURCE_DOES_NOT_EXIST",
+                        f"serving endpoint '{name}' has no served model '{served}' (it has "
+                        f"{', '.join(sorted(known)) or 'none'})")
 
-def _type_name(v) -> str: return "null" if v is None else {bool: "boolean", str: "string", list: "array", dict: "object"}.get(type(v), type(v).__name__)
+def _type_name(v) -> str: return "null" if v is None else {bool: "boolean", str: "string", list: "array",
+                                                           dict: "object"}.get(type(v), type(v).__name__)
 
 # %% ../../nbs/08a_serving_protocol.ipynb #80a6b27e
-ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")  # checked with fullmatch: `$` would let a trailing newline through
+# checked with fullmatch: `$` would let a trailing newline through
+ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 ENTITY_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 VERSION = re.compile(r"[0-9]{1,18}")
 WORKLOAD_SIZES = ("Small", "Medium", "Large")
 
 def check_type(value, kind, where: str, expected: str, optional: bool = True):
     "`value` if it is a `kind` (or None when `optional`); else a 400 naming `where` and the type it is."
-    if (value is None and optional) or (isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)): return value
+    if (value is None and optional) or (isinstance(value, kind)
+                                        and not (isinstance(value, bool) and kind is not bool)): return value
     raise invalid_parameter(f"{where} must be {expected}, got {_type_name(value)}")
 
 def check_endpoint_name(name) -> str:
     "`name` if it is a valid endpoint name (letters, digits, dashes, underscores; at most 63)."
     if not isinstance(name, str) or not ENDPOINT_NAME.fullmatch(name):
-        raise invalid_parameter(f"endpoint name {name!r} is invalid: use letters, digits, '-' and '_' (at most 63 characters)")
+        raise invalid_parameter(f"endpoint name {name!r} is invalid: use letters, digits, '-' and '_' (at most 63 "
+                                f"characters)")
     return name
 
 def check_entity(e, where: str) -> dict:
@@ -64,11 +71,13 @@ def check_entity(e, where: str) -> dict:
     if not isinstance(e, dict): raise invalid_parameter(f"{where} must be an object, got {_type_name(e)}")
     model = e.get("entity_name") or e.get("model_name")
     version = e.get("entity_version") or e.get("model_version")
-    if not isinstance(model, str) or not model: raise invalid_parameter(f"{where}.entity_name is required: the registered model to serve")
+    if not isinstance(model, str) or not model: raise invalid_parameter(f"{where}.entity_name is required: the "
+                                                                        f"registered model to serve")
     if isinstance(version, bool) or not isinstance(version, (int, str)) or not VERSION.fullmatch(str(version)):
         raise invalid_parameter(f"{where}.entity_version must be a model version number, got {version!r}")
     size = e.get("workload_size", "Small")
-    if size not in WORKLOAD_SIZES: raise invalid_parameter(f"{where}.workload_size is {size!r}; expected one of {', '.join(WORKLOAD_SIZES)}")
+    if size not in WORKLOAD_SIZES: raise invalid_parameter(f"{where}.workload_size is {size!r}; expected one of "
+                                                           f"{', '.join(WORKLOAD_SIZES)}")
     env_vars = check_type(e.get("environment_vars"), dict, f"{where}.environment_vars", "an object of strings") or {}
     for k, v in env_vars.items(): check_type(v, str, f"{where}.environment_vars.{k}", "a string", optional=False)
     name = check_type(e.get("name"), str, f"{where}.name", "a string") or served_entity_name(model, version)
@@ -83,37 +92,48 @@ def check_config(config) -> dict:
     "A create/update `config` as the runtime keeps it: served entities with defaults and validated traffic routes."
     if not isinstance(config, dict): raise invalid_parameter("config must be an object with served_entities")
     raw = config.get("served_entities") or config.get("served_models")
-    if not isinstance(raw, list) or not raw: raise invalid_parameter("config.served_entities must list at least one served entity")
+    if not isinstance(raw, list) or not raw: raise invalid_parameter("config.served_entities must list at least one "
+                                                                     "served entity")
     entities = [check_entity(e, f"config.served_entities[{i}]") for i, e in enumerate(raw)]
     names = [e["name"] for e in entities]
     if len(set(names)) < len(names): raise invalid_parameter(f"served entity names must be unique, got {names}")
     traffic = check_type(config.get("traffic_config"), dict, "config.traffic_config", "an object with routes") or {}
     routes = traffic.get("routes")
     if routes is None:
-        if len(entities) > 1: raise invalid_parameter("config.traffic_config.routes is required when an endpoint serves more than one entity")
+        if len(entities) > 1: raise invalid_parameter("config.traffic_config.routes is required when an endpoint "
+                                                      "serves more than one entity")
         routes = [{"served_entity_name": names[0], "traffic_percentage": 100}]
-    if not isinstance(routes, list) or not routes: raise invalid_parameter("config.traffic_config.routes must be a non-empty list")
+    if not isinstance(routes,
+                      list) or not routes: raise invalid_parameter("config.traffic_config.routes must be a non-empty "
+                                                                   "list")
     checked = []
     for i, r in enumerate(routes):
-        if not isinstance(r, dict): raise invalid_parameter(f"config.traffic_config.routes[{i}] must be an object, got {_type_name(r)}")
+        if not isinstance(r, dict): raise invalid_parameter(f"config.traffic_config.routes[{i}] must be an object, "
+                                                            f"got {_type_name(r)}")
         target, pct = r.get("served_entity_name") or r.get("served_model_name"), r.get("traffic_percentage")
-        if target not in names: raise invalid_parameter(f"config.traffic_config.routes[{i}] names served entity {target!r}; the config serves {names}")
+        if target not in names: raise invalid_parameter(f"config.traffic_config.routes[{i}] names served entity "
+                                                        f"{target!r}; the config serves {names}")
         if not isinstance(pct, int) or isinstance(pct, bool) or not 0 <= pct <= 100:
-            raise invalid_parameter(f"config.traffic_config.routes[{i}].traffic_percentage must be an integer 0..100, got {pct!r}")
+            raise invalid_parameter(f"config.traffic_config.routes[{i}].traffic_percentage must be an integer 0..100, "
+                                    f"got {pct!r}")
         checked.append({"served_entity_name": target, "traffic_percentage": pct})
     total = sum(r["traffic_percentage"] for r in checked)
     if total != 100: raise invalid_parameter(f"config.traffic_config.routes add up to {total}%, expected 100%")
     return {"served_entities": entities, "traffic_config": {"routes": checked}}
 
 # %% ../../nbs/08a_serving_protocol.ipynb #eef85eaf
-UC_NAME_FORBIDDEN = re.compile(r"[. /\x00-\x1f\x7f]")  # Unity Catalog names: no period, space, slash or control character
-GATEWAY_FIELDS = {"inference_table_config": dict, "usage_tracking_config": dict, "guardrails": dict, "rate_limits": list, "fallback_config": dict}
+# Unity Catalog names: no period, space, slash or control character
+UC_NAME_FORBIDDEN = re.compile(r"[. /\x00-\x1f\x7f]")
+GATEWAY_FIELDS = {"inference_table_config": dict, "usage_tracking_config": dict, "guardrails": dict,
+                  "rate_limits": list, "fallback_config": dict}
 
 def check_uc_name(value, where: str) -> str:
     "`value` if it is a valid Unity Catalog object name (at most 255 characters, no '.', ' ', '/' or control characters)."
-    if not isinstance(value, str) or not value: raise invalid_parameter(f"{where} must be a non-empty string, got {_type_name(value)}")
+    if not isinstance(value, str) or not value: raise invalid_parameter(f"{where} must be a non-empty string, got "
+                                                                        f"{_type_name(value)}")
     if len(value) > 255 or UC_NAME_FORBIDDEN.search(value):
-        raise invalid_parameter(f"{where} {value!r:.80} is not a Unity Catalog name: at most 255 characters, without '.', ' ', '/' or control characters")
+        raise invalid_parameter(f"{where} {value!r:.80} is not a Unity Catalog name: at most 255 characters, without "
+                                f"'.', ' ', '/' or control characters")
     return value
 
 def check_inference_table(table, endpoint: str) -> dict:
@@ -121,8 +141,10 @@ def check_inference_table(table, endpoint: str) -> dict:
     where = "ai_gateway.inference_table_config"
     if not isinstance(table, dict): raise invalid_parameter(f"{where} must be an object, got {_type_name(table)}")
     unknown = sorted(set(table) - {"catalog_name", "schema_name", "table_name_prefix", "enabled"})
-    if unknown: raise invalid_parameter(f"{where} has unknown field(s) {unknown}; expected catalog_name, schema_name, table_name_prefix, enabled")
-    out = {k: check_uc_name(table[k], f"{where}.{k}") for k in ("catalog_name", "schema_name", "table_name_prefix") if table.get(k) is not None}
+    if unknown: raise invalid_parameter(f"{where} has unknown field(s) {unknown}; expected catalog_name, schema_name, "
+                                        f"table_name_prefix, enabled")
+    out = {k: check_uc_name(table[k], f"{where}.{k}")
+           for k in ("catalog_name", "schema_name", "table_name_prefix") if table.get(k) is not None}
     enabled = check_type(table.get("enabled"), bool, f"{where}.enabled", "a boolean")
     if enabled is not None: out["enabled"] = enabled
     if enabled:
@@ -130,21 +152,25 @@ def check_inference_table(table, endpoint: str) -> dict:
         if missing: raise invalid_parameter(f"{where} needs {' and '.join(missing)} when enabled")
         out.setdefault("table_name_prefix", endpoint)
         if len(out["table_name_prefix"]) > 255 - len("_payload"):
-            raise invalid_parameter(f"{where}.table_name_prefix is {len(out['table_name_prefix'])} characters; the payload table's name (prefix + '_payload') takes at most 255")
+            raise invalid_parameter(f"{where}.table_name_prefix is {len(out['table_name_prefix'])} characters; the "
+                                    f"payload table's name (prefix + '_payload') takes at most 255")
         payload = f"{out['catalog_name']}.{out['schema_name']}.{out['table_name_prefix']}_payload"
         try: split_name(payload)
-        except TableError as e: raise invalid_parameter(f"{where}: the payload {e}") from None  # what this workspace can hold
+        # what this workspace can hold
+        except TableError as e: raise invalid_parameter(f"{where}: the payload {e}") from None
     return out
 
 def check_ai_gateway(body, endpoint: str) -> dict:
     "The AI Gateway config of `endpoint` as kept: the inference table config checked (the part this project uses), the rest as given."
     if not isinstance(body, dict): raise invalid_parameter(f"ai_gateway must be an object, got {_type_name(body)}")
-    for k, kind in GATEWAY_FIELDS.items(): check_type(body.get(k), kind, f"ai_gateway.{k}", "an object" if kind is dict else "a list")
+    for k, kind in GATEWAY_FIELDS.items(): check_type(body.get(k), kind, f"ai_gateway.{k}",
+                                                      "an object" if kind is dict else "a list")
     out = dict(body)
     if body.get("inference_table_config") is not None:
         out["inference_table_config"] = check_inference_table(body["inference_table_config"], endpoint)
     try: orjson.dumps(out)
-    except orjson.JSONEncodeError as e: raise invalid_parameter(f"ai_gateway cannot be kept: {e}") from None  # e.g. nested too deeply
+    # e.g. nested too deeply
+    except orjson.JSONEncodeError as e: raise invalid_parameter(f"ai_gateway cannot be kept: {e}") from None
     return out
 
 # %% ../../nbs/08a_serving_protocol.ipynb #c9e6949f
@@ -152,7 +178,8 @@ def check_tags(tags, where: str = "tags") -> dict:
     "A list of `{key, value}` tags as kept: key -> value (None when absent)."
     out = {}
     for i, t in enumerate(check_type(tags, list, where, "a list of {key, value} objects") or []):
-        if not isinstance(t, dict): raise invalid_parameter(f"{where}[{i}] must be an object with key and value, got {_type_name(t)}")
+        if not isinstance(t, dict): raise invalid_parameter(f"{where}[{i}] must be an object with key and value, got "
+                                                            f"{_type_name(t)}")
         unknown = sorted(set(t) - {"key", "value"})
         if unknown: raise invalid_parameter(f"{where}[{i}] has unknown field(s) {unknown}; expected key and value")
         key = check_type(t.get("key"), str, f"{where}[{i}].key", "a non-empty string", optional=False)
@@ -180,7 +207,8 @@ class InputSpec:
     passthrough: list = field(default_factory=list)  # other accepted columns (e.g. snapshot_date)
     domains: dict = field(default_factory=dict)  # column -> `Domain` its values must be in (as ingest checks them)
     key_types: dict = field(default_factory=dict)  # key column -> "integer" or "string": the feature tables' key type
-    numbers: list | None = None  # the model columns whose values must be numbers (None: every one; a plain model's signature says which)
+    # the model columns whose values must be numbers (None: every one; a plain model's signature says which)
+    numbers: list | None = None
 
     def __post_init__(self):  # the numeric domains compiled once, for one vectorised check per request
         self.numeric = [c for c, d in self.domains.items() if d.kind != "date"]
@@ -195,9 +223,12 @@ class ParsedRequest:
     rows: int
     params: dict | None = None
     client_request_id: str | None = None
-    params_json: bytes | None = None  # params as canonical JSON: requests with equal params are scored in one model call
-    form: str = ""  # how the payload was given: its key and JSON shape ("dataframe_records:list", "instances:rows", "inputs:dict")
-    frame: object = None  # for a model without a feature spec: its input as MLflow's scoring server reads it (`models.mlflow_input`)
+    # params as canonical JSON: requests with equal params are scored in one model call
+    params_json: bytes | None = None
+    # how the payload was given: its key and JSON shape ("dataframe_records:list", "instances:rows", "inputs:dict")
+    form: str = ""
+    # for a model without a feature spec: its input as MLflow's scoring server reads it (`models.mlflow_input`)
+    frame: object = None
 
     def __post_init__(self):
         if self.params_json is None: self.params_json = orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
@@ -206,19 +237,25 @@ class ParsedRequest:
 def refuse_rows(key: str, rows: int, max_rows: int | None):
     "A 400 when `rows` is over the endpoint's limit (None: no limit)."
     if max_rows is not None and rows > max_rows:
-        raise bad_request(f"{key} has {rows} rows; an endpoint takes at most {max_rows} per request (use batch inference for more)")
+        raise bad_request(f"{key} has {rows} rows; an endpoint takes at most {max_rows} per request (use batch "
+                          f"inference for more)")
 
 def refuse_unknown(names, spec: InputSpec):
     "A 400 naming the columns of `names` the model does not take (the first ten of them)."
     extra = [c for c in names if c not in spec.known]
-    if extra: raise bad_request(f"unknown column(s) {extra[:10]}" + (f" and {len(extra) - 10} more" if len(extra) > 10 else "") +
-                                f"; the model takes {spec.columns}" + (f" or the key(s) {spec.keys}" if spec.keys else ""))
+    if extra: raise bad_request(f"unknown column(s) {extra[:10]}" + (f" and {len(extra) - 10} more"
+                                                                     if len(extra) > 10 else "") +
+                                f"; the model takes {spec.columns}" + (f" or the key(s) {spec.keys}"
+                                        if spec.keys else ""))
 
 def _rows_to_columns(rows: list, where: str, spec: InputSpec, known_only: bool) -> dict:
     "Records (a list of objects) as columns; a column missing from a record is null there."
-    names = {}  # one pass over the keys; with `known_only` unknown names are refused before the per-column work (rows x names was quadratic)
+    # one pass over the keys; with `known_only` unknown names are refused before the per-column work (rows x names was
+    # quadratic)
+    names = {}
     for i, r in enumerate(rows):
-        if not isinstance(r, dict): raise bad_request(f"{where}[{i}] is {_type_name(r)}; expected an object of column: value")
+        if not isinstance(r, dict): raise bad_request(f"{where}[{i}] is {_type_name(r)}; expected an object of "
+                                                      f"column: value")
         for k in r: names.setdefault(k, None)
     if known_only: refuse_unknown(names, spec)
     return {c: [r.get(c) for r in rows] for c in names}
@@ -229,20 +266,25 @@ def payload_columns(key: str, data, spec: InputSpec,
                     ) -> dict:
     "The columns of one payload format."
     if key == "dataframe_split":
-        if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"), list):
+        if not isinstance(data, dict) or not isinstance(data.get("columns"), list) or not isinstance(data.get("data"),
+                list):
             raise bad_request("dataframe_split must be an object with 'columns' (names) and 'data' (rows)")
         cols, rows = data["columns"], data["data"]
         refuse_rows(key, len(rows), max_rows)
         if not all(type(c) is str for c in cols) or len(set(cols)) != len(cols):  # (the loop names the first culprit)
             seen = set()
             for j, c in enumerate(cols):
-                if type(c) is not str: raise bad_request(f"dataframe_split.columns[{j}] is {_type_name(c)}; expected a column name (string)")
-                if c in seen: raise bad_request(f"dataframe_split.columns[{j}] repeats column {c!r:.80}; name each column once")
+                if type(c) is not str: raise bad_request(f"dataframe_split.columns[{j}] is {_type_name(c)}; expected "
+                                                         f"a column name (string)")
+                if c in seen: raise bad_request(f"dataframe_split.columns[{j}] repeats column {c!r:.80}; name each "
+                                                f"column once")
                 seen.add(c)
         if known_only: refuse_unknown(cols, spec)
         for i, row in enumerate(rows):
             if type(row) is not list or len(row) != len(cols):
-                raise bad_request(f"dataframe_split.data[{i}] has {len(row) if isinstance(row, list) else _type_name(row)} values; expected {len(cols)} (one per column)")
+                raise bad_request(f"dataframe_split.data[{i}] has "
+                                  f"{len(row) if isinstance(row, list) else _type_name(row)} values; expected "
+                                  f"{len(cols)} (one per column)")
         return dict(zip(cols, map(list, zip(*rows)))) if rows else {c: [] for c in cols}
     if isinstance(data, dict) and key == "inputs":  # columnar: {column: [values]}
         lengths = {c: len(v) if isinstance(v, list) else None for c, v in data.items()}
@@ -256,38 +298,47 @@ def payload_columns(key: str, data, spec: InputSpec,
     refuse_rows(key, len(data), max_rows)
     if data and all(isinstance(r, list) for r in data):  # tensor rows: values in the model's column order
         for i, row in enumerate(data):
-            if len(row) != len(spec.columns): raise bad_request(f"{key}[{i}] has {len(row)} values; the model takes {len(spec.columns)}: {spec.columns}")
+            if len(row) != len(spec.columns): raise bad_request(f"{key}[{i}] has {len(row)} values; the model takes "
+                                                                f"{len(spec.columns)}: {spec.columns}")
         return {c: [row[j] for row in data] for j, c in enumerate(spec.columns)}
     return _rows_to_columns(data, key, spec, known_only)
 
 # %% ../../nbs/08a_serving_protocol.ipynb #059ef702
-def _shown(v) -> str: return f"{_type_name(v)} {reprlib.repr(v)}"  # reprlib: short, and safe for values nested 1000 deep
+# reprlib: short, and safe for values nested 1000 deep
+def _shown(v) -> str: return f"{_type_name(v)} {reprlib.repr(v)}"
 
-_NUMBERS = frozenset((float, int, type(None)))  # a value's type where a number or null is expected (bool is not int here)
+# a value's type where a number or null is expected (bool is not int here)
+_NUMBERS = frozenset((float, int, type(None)))
 
 def _check_numbers(columns: dict, names: list):
     "Raise naming the first value of the columns `names` (those given) that is not a finite number or null."
     given = [columns[c] for c in names if c in columns]
-    if all(type(v) in _NUMBERS for values in given for v in values): return  # orjson has already refused NaN and infinities
+    # orjson has already refused NaN and infinities
+    if all(type(v) in _NUMBERS for values in given for v in values): return
     for name in (c for c in names if c in columns):
         for i, v in enumerate(columns[name]):
-            if type(v) not in _NUMBERS: raise bad_request(f"column '{name}' row {i}: expected a number or null, got {_shown(v)}")
+            if type(v) not in _NUMBERS: raise bad_request(f"column '{name}' row {i}: expected a number or null, got "
+                                                          f"{_shown(v)}")
 
 def _check_keys(name: str, values: list, key_type: str | None):
     "Raise naming the first value of key column `name` that is not of the feature tables' `key_type` ('integer', 'string'; None: either)."
     for i, v in enumerate(values):
         t = type(v)
         if key_type == "integer" and t is int and not INT64[0] <= v <= INT64[1]:
-            raise bad_request(f"key column '{name}' row {i}: {v} is outside the 64-bit integers of the feature tables' key")
+            raise bad_request(f"key column '{name}' row {i}: {v} is outside the 64-bit integers of the feature "
+                              f"tables' key")
         if t is int if key_type == "integer" else t is str if key_type == "string" else t is int or t is str: continue
-        expected = {"integer": "an integer (JSON number without a fraction, not text)", "string": "a string"}.get(key_type, "an integer or string")
-        raise bad_request(f"key column '{name}' row {i}: expected {expected}, the feature tables' key type; got {_shown(v)}")
+        expected = {"integer": "an integer (JSON number without a fraction, not text)",
+                    "string": "a string"}.get(key_type, "an integer or string")
+        raise bad_request(f"key column '{name}' row {i}: expected {expected}, the feature tables' key type; got "
+                          f"{_shown(v)}")
 
 def _check_domains(columns: dict, spec: InputSpec):
     "Raise naming the first value outside its column's domain (null is allowed: a missing value); numbers are checked all at once."
     for c in spec.dates:
         for i, v in enumerate(columns.get(c, ())):
-            if v is not None and iso_date(v) is None: raise bad_request(f"column '{c}' row {i}: expected a date as text YYYY-MM-DD, got {_shown(v)}")
+            if v is not None and iso_date(v) is None: raise bad_request(f"column '{c}' row {i}: expected a date as "
+                                                                        f"text YYYY-MM-DD, got {_shown(v)}")
     index = [j for j, c in enumerate(spec.numeric) if c in columns]
     if not index: return
     names, some = [spec.numeric[j] for j in index], None if len(index) == len(spec.numeric) else index
@@ -302,7 +353,8 @@ def _check_domains(columns: dict, spec: InputSpec):
         if not bad.any(): return
         i, k = np.argwhere(bad)[0]
         fractional = fractional[i, k]
-    raise bad_request(f"column '{names[k]}' row {i}: {columns[names[k]][i]!r:.40} {spec.domains[names[k]].wrong(fractional)}")
+    raise bad_request(f"column '{names[k]}' row {i}: {columns[names[k]][i]!r:.40} "
+                      f"{spec.domains[names[k]].wrong(fractional)}")
 
 def _keys_read(payload: dict) -> int:
     "How many keys the objects of a request hold where requests have objects: the body, its payload object, records, params (not nested)."
@@ -333,36 +385,47 @@ def repeated_key(body: bytes, payload: dict) -> str | None:
     if body.count(b":") == _keys_read(payload): return None
     try: json.loads(body, object_pairs_hook=_no_repeats)
     except _Repeated as e: return e.args[0]
-    except (ValueError, RecursionError): return None  # what orjson read but Python's json does not (e.g. 1,100 levels deep)
+    # what orjson read but Python's json does not (e.g. 1,100 levels deep)
+    except (ValueError, RecursionError): return None
     return None
 
 def read_envelope(body: bytes) -> tuple:
     "An invocation body's JSON checked around its data: (payload key, its data, params, params as canonical JSON, client_request_id); else a 400."
     try: payload = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        hint = "; NaN and Infinity are not JSON, send null for a missing value" if re.search(rb"NaN|Infinity", body[:1_000_000]) else ""
+        hint = "; NaN and Infinity are not JSON, send null for a missing value" if re.search(rb"NaN|Infinity",
+                body[:1_000_000]) else ""
         raise bad_request(f"request body is not valid JSON: {e}{hint}") from None
-    if not isinstance(payload, dict): raise bad_request(f"request body must be a JSON object with one of {', '.join(PAYLOAD_KEYS)}")
+    if not isinstance(payload,
+                      dict): raise bad_request(f"request body must be a JSON object with one of "
+                                               f"{', '.join(PAYLOAD_KEYS)}")
     if (repeated := repeated_key(body, payload)) is not None:
         raise bad_request(f"the request gives the key {repeated!r:.80} twice in one JSON object; give each key once "
                           "(readers of the inference table would not all keep the same value)")
     given = [k for k in PAYLOAD_KEYS if k in payload]
     if len(given) != 1:
-        raise bad_request(f"request must have exactly one of {', '.join(PAYLOAD_KEYS)}; it has {', '.join(given) if given else 'none'}")
+        raise bad_request(f"request must have exactly one of {', '.join(PAYLOAD_KEYS)}; it has "
+                          f"{', '.join(given) if given else 'none'}")
     unknown = [k for k in payload if k not in PAYLOAD_KEYS and k not in OTHER_KEYS]
-    if unknown: raise bad_request(f"unknown request field(s) {unknown}; expected one of {', '.join(PAYLOAD_KEYS)} and optionally {', '.join(OTHER_KEYS)}")
+    if unknown: raise bad_request(f"unknown request field(s) {unknown}; expected one of {', '.join(PAYLOAD_KEYS)} and "
+                                  f"optionally {', '.join(OTHER_KEYS)}")
     params = payload.get("params")
-    if params is not None and not isinstance(params, dict): raise bad_request(f"params must be an object, got {_type_name(params)}")
+    if params is not None and not isinstance(params,
+                                             dict): raise bad_request(f"params must be an object, got "
+                                                                      f"{_type_name(params)}")
     try: params_json = orjson.dumps(params, option=orjson.OPT_SORT_KEYS)
-    except orjson.JSONEncodeError as e: raise bad_request(f"params cannot be passed to a model: {e} (at most 254 levels of nesting)") from None
+    except orjson.JSONEncodeError as e: raise bad_request(f"params cannot be passed to a model: {e} (at most 254 "
+                                                          f"levels of nesting)") from None
     client_id = payload.get("client_request_id")
-    if client_id is not None and type(client_id) is not str: raise bad_request(f"client_request_id must be a string, got {_shown(client_id)}")
+    if client_id is not None and type(client_id) is not str: raise bad_request(f"client_request_id must be a string, "
+                                                                               f"got {_shown(client_id)}")
     return given[0], payload[given[0]], params, params_json, client_id
 
 def tensor_rows(key: str, data, max_rows: int | None = MAX_ROWS) -> int:
     "The rows of a payload for a model whose signature names no columns (a tensor model: MLflow reads it), checked against the limit."
     if key == "dataframe_split": data = data.get("data") if isinstance(data, dict) else data
-    sizes = [len(v) if isinstance(v, list) else 1 for v in data.values()] if isinstance(data, dict) else [len(data) if isinstance(data, list) else 1]
+    sizes = [len(v) if isinstance(v, list) else 1
+             for v in data.values()] if isinstance(data, dict) else [len(data) if isinstance(data, list) else 1]
     if len(set(sizes)) > 1: raise bad_request(f"{key} arrays have different lengths: {sizes[:10]}")
     refuse_rows(key, sizes[0] if sizes else 0, max_rows)
     if not sizes or sizes[0] == 0: raise bad_request(f"{key} has no rows; send at least one")
@@ -377,7 +440,8 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
     has_keys = bool(spec.keys) and all(k in columns for k in spec.keys)
     missing = [c for c in spec.columns if c not in columns]
     if missing and not has_keys:
-        raise bad_request(f"missing column(s) {missing}" + (f"; give them, or the key(s) {spec.keys} to look them up" if spec.keys else ""))
+        raise bad_request(f"missing column(s) {missing}" + (f"; give them, or the key(s) {spec.keys} to look them up"
+                                                            if spec.keys else ""))
     for k in spec.keys:
         if k in columns: _check_keys(k, columns[k], spec.key_types.get(k))
     _check_numbers(columns, spec.columns if spec.numbers is None else spec.numbers)

@@ -25,13 +25,15 @@ __all__ = ['log', 'RequestLog', 'read_request_log', 'RecentLog']
 # %% ../../nbs/08e2_serving_request_log.ipynb #331817a3
 class RequestLog:
     "Per-endpoint JSON-lines logs of invocation outcomes in `folder`, rotated by size (by whichever of several workers fills a file)."
-    def __init__(self, folder: Path, max_bytes: int = REQUEST_LOG_BYTES, files: int = REQUEST_LOG_FILES):  # files: rotated ones kept
+    # files: rotated ones kept
+    def __init__(self, folder: Path, max_bytes: int = REQUEST_LOG_BYTES, files: int = REQUEST_LOG_FILES):
         self.folder, self.max_bytes, self.files = Path(folder), max_bytes, files
         self.fds: dict[str, int] = {}
         self.failing: str | None = None  # why writes fail, while they do
         self.torn: set[str] = set()  # endpoints whose last write failed, perhaps after writing part of its line
         try: self.folder.chmod(0o700)
-        except OSError as e:  # a folder it may not change (a read-only mount: EROFS): the runtime starts and answers requests all the same
+        # a folder it may not change (a read-only mount: EROFS): the runtime starts and answers requests all the same
+        except OSError as e:
             self.failing = f"cannot use the request log folder {self.folder}: {type(e).__name__}: {e}"
             log.error("%s; requests are answered, their outcomes are not logged until it can be written", self.failing)
 
@@ -43,15 +45,19 @@ class RequestLog:
         line, writing = orjson.dumps(outcome) + b"\n", False
         try:
             fd = self.fds.get(endpoint)
-            if fd is None: fd = self.fds[endpoint] = os.open(self.path(endpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            if fd is None: fd = self.fds[endpoint] = os.open(self.path(endpoint),
+                                                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             size = os.fstat(fd).st_size  # other workers append to the same file
             if size and size + len(line) > self.max_bytes: fd = self._rotate(endpoint, fd)
             writing = True
-            write_whole(fd, b"\n" + line if endpoint in self.torn else line)  # a newline first ends a line a failed write cut short
+            # a newline first ends a line a failed write cut short
+            write_whole(fd, b"\n" + line if endpoint in self.torn else line)
             self.torn.discard(endpoint)
         except OSError as e:
-            if writing: self.torn.add(endpoint)  # the write may have put part of the line (not so a failed open, stat or rotation)
-            if self.failing is None: log.error("request log of endpoint %s in %s: cannot write outcomes (requests are answered): %s", endpoint, self.folder, e)
+            # the write may have put part of the line (not so a failed open, stat or rotation)
+            if writing: self.torn.add(endpoint)
+            if self.failing is None: log.error("request log of endpoint %s in %s: cannot write outcomes (requests are "
+                                               "answered): %s", endpoint, self.folder, e)
             self.failing = f"{type(e).__name__}: {e}"
             return
         if self.failing is not None:
@@ -90,7 +96,8 @@ def read_request_log(folder: Path, endpoint: str) -> list[dict]:
             if not line: continue  # the newline that ends a torn line
             try: outcomes.append(orjson.loads(line))
             except orjson.JSONDecodeError:
-                log.warning("request log %s, line %d: not a whole outcome (a write cut short, e.g. by a full disk); skipped: %r", p, number, line[:200])
+                log.warning("request log %s, line %d: not a whole outcome (a write cut short, e.g. by a full disk); "
+                            "skipped: %r", p, number, line[:200])
     return outcomes
 
 # %% ../../nbs/08e2_serving_request_log.ipynb #b2426b39

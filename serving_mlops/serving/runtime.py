@@ -28,8 +28,8 @@ from .endpoint import Endpoint, Snapshot, now_ms, read_record, remove_durably, w
 from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri, openapi_document
 from serving_mlops.serving.protocol import (
-    ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type, no_endpoint,
-    no_served_model)
+    ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type,
+    no_endpoint, no_served_model)
 from .request_log import RecentLog, RequestLog
 from .settings import RuntimeSettings
 from .workers import Solo, Workers
@@ -44,21 +44,26 @@ __all__ = ['log', 'PERMISSION_LEVELS', 'ServingRuntime', 'changes_state', 'outco
 class ServingRuntime:
     "The endpoints of one local environment: create, update, delete, persist, restore, invoke."
     def __init__(self, env: Environment, settings: RuntimeSettings | None = None,  # default: RuntimeSettings()
-                 coordinator: Solo | Workers | None = None):  # how it shares the environment: alone (Solo, the default) or as one of Workers
+                 # how it shares the environment: alone (Solo, the default) or as one of Workers
+                 coordinator: Solo | Workers | None = None):
         self.env, self.settings = env, settings or RuntimeSettings()
         self.coordinator = coordinator or Solo()
-        self.requester = os.environ.get("USER", "local")  # whom the environment's token belongs to: the `requester` of its requests
-        self.captures: dict[str, InferenceLog] = {}  # endpoint -> its inference log, when its inference table is enabled
+        # whom the environment's token belongs to: the `requester` of its requests
+        self.requester = os.environ.get("USER", "local")
+        # endpoint -> its inference log, when its inference table is enabled
+        self.captures: dict[str, InferenceLog] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self.state_dir = env.path("serving", "endpoints", create=True)
         self.requests_dir = env.path("serving", "requests", create=True)
         self.loader = ThreadPoolExecutor(1, thread_name_prefix="model-loader")
         self._online = None
-        self.request_log = RequestLog(self.requests_dir, int(self.settings.request_log_mb * 2**20), self.settings.request_log_files)
+        self.request_log = RequestLog(self.requests_dir, int(self.settings.request_log_mb * 2**20),
+                                      self.settings.request_log_files)
         self.base_url = ""
         self.recent = RecentLog()  # the serving loggers' latest lines, for the endpoints' `logs` API
         logging.getLogger("serving_mlops.serving").addHandler(self.recent)
-        # a serving runtime process serves one environment for its whole life: its models load from that environment's registry
+        # a serving runtime process serves one environment for its whole life: its models load from that environment's
+        # registry
         mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
 
     @property
@@ -67,7 +72,8 @@ class ServingRuntime:
         if self._online is None and path.exists(): self._online = OnlineStore(path)
         return self._online
 
-    def follow(self) -> list: return self.coordinator.follow(self)  # what other workers saved, if any; the loading tasks started
+    # what other workers saved, if any; the loading tasks started
+    def follow(self) -> list: return self.coordinator.follow(self)
 
     def get(self, name: str) -> Endpoint:
         self.follow()
@@ -77,7 +83,9 @@ class ServingRuntime:
     def changeable(self, name: str) -> Endpoint:
         "The endpoint `name`, refused when it could not be restored (it answers GET and DELETE only)."
         ep = self.get(name)
-        if ep.broken: raise ServingError(400, "INVALID_STATE", f"{ep.broken}; delete the endpoint, or repair it and restart the serving runtime")
+        if ep.broken: raise ServingError(400, "INVALID_STATE",
+                                         f"{ep.broken}; delete the endpoint, or repair it and restart the serving "
+                                         f"runtime")
         return ep
 
     def new_endpoint(self, record: dict, **state) -> Endpoint:
@@ -106,7 +114,8 @@ def persist(self: ServingRuntime, record: dict):
     path = self.state_file(record["name"])
     try: write_atomic(path, orjson.dumps(record, option=orjson.OPT_INDENT_2))
     except (OSError, orjson.JSONEncodeError) as e:
-        raise ServingError(500, "INTERNAL_ERROR", f"cannot save serving endpoint '{record['name']}' to {path}: {type(e).__name__}: {e}") from None
+        raise ServingError(500, "INTERNAL_ERROR",
+                           f"cannot save serving endpoint '{record['name']}' to {path}: {type(e).__name__}: {e}") from None
 
 @patch
 def commit(self: ServingRuntime, ep: Endpoint, record: dict):
@@ -123,7 +132,8 @@ def load_models(self: ServingRuntime, config: dict, current: Snapshot | None, me
         old = current.models.get(e["name"]) if current else None
         if old is not None and old.entity == e: models[e["name"]] = old
         else:
-            try: models[e["name"]] = ServedModel(e, self.online, self.settings.max_rows, metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
+            try: models[e["name"]] = ServedModel(e, self.online, self.settings.max_rows,
+                                                 metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
             except Exception as x:
                 raise RuntimeError(f"served entity '{e['name']}': cannot load {entity_uri(e)}: {type(x).__name__}: {x}") from None
     return models
@@ -133,7 +143,9 @@ def record_entities(self: ServingRuntime, name: str, config: dict):
     "Append the served entities of `config`, just saved as endpoint `name`'s, to the history the inference table's rows resolve through."
     try: record_served_entities(tables_for(self.env), served_entity_rows(name, config, now_ms()))
     except Exception as x:
-        raise ServingError(500, "INTERNAL_ERROR", f"cannot record the served entities in system.serving.served_entities: {type(x).__name__}: {x}") from None
+        raise ServingError(500, "INTERNAL_ERROR",
+                           f"cannot record the served entities in system.serving.served_entities: {type(x).__name__}: "
+                           f"{x}") from None
 
 @patch
 async def apply(self: ServingRuntime, ep: Endpoint, config: dict):
@@ -153,16 +165,19 @@ def _switch(self: ServingRuntime, ep: Endpoint, config: dict, models: dict):
     log.info("endpoint %s: serving config version %s", ep.name, config["config_version"])
     if old:
         for name, model in old.models.items():
-            if models.get(name) is not model: asyncio.get_running_loop().call_later(30, model.close)  # after requests in flight
+            # after requests in flight
+            if models.get(name) is not model: asyncio.get_running_loop().call_later(30, model.close)
 
 @patch
 def start_update(self: ServingRuntime, ep: Endpoint, config: dict):
     "Begin applying `config` (refused while another update is in progress)."
     if ep.updating:
         raise ServingError(409, "RESOURCE_CONFLICT", f"endpoint '{ep.name}' has a config update in progress "
-                           f"(config version {ep.pending['config_version']}); wait until state.config_update is NOT_UPDATING")
+                           f"(config version {ep.pending['config_version']}); wait until state.config_update is "
+                           f"NOT_UPDATING")
     version = max(ep.record.get("config", {}).get("config_version", 0), (ep.pending or {}).get("config_version", 0)) + 1
-    ep.pending = {**config, "served_entity_ids": entity_ids(config, ep.record.get("config")), "config_version": version, "start_time": now_ms()}
+    ep.pending = {**config, "served_entity_ids": entity_ids(config, ep.record.get("config")), "config_version": version,
+                  "start_time": now_ms()}
     ep.updating, ep.failure = True, None
     self.coordinator.began(self, ep)
     asyncio.get_running_loop().create_task(self.apply(ep, ep.pending))
@@ -184,10 +199,12 @@ def create(self: ServingRuntime, body: dict) -> Endpoint:
     tags = check_tags(body.get("tags"))
     gateway = check_ai_gateway({} if body.get("ai_gateway") is None else body["ai_gateway"], name)
     description = check_type(body.get("description"), str, "description", "a string")
-    if name in self.endpoints: raise ServingError(409, "RESOURCE_ALREADY_EXISTS", f"serving endpoint '{name}' already exists")
+    if name in self.endpoints: raise ServingError(409, "RESOURCE_ALREADY_EXISTS",
+                                                  f"serving endpoint '{name}' already exists")
     now = now_ms()
     ep = self.new_endpoint({"name": name, "id": uuid.uuid4().hex, "creator": token_owner(), "creation_timestamp": now,
-                            "last_updated_timestamp": now, "description": description, "tags": tags, "ai_gateway": gateway})
+                            "last_updated_timestamp": now, "description": description, "tags": tags,
+                            "ai_gateway": gateway})
     capture = self.open_capture(name, gateway)
     try: self.persist(ep.record)
     except ServingError:
@@ -218,7 +235,8 @@ def set_ai_gateway(self: ServingRuntime, name: str, body: dict) -> dict:
     except ServingError:
         self.commit(ep, old)
         try: self.configure_capture(ep)
-        except ServingError as e: log.error("endpoint %s: its earlier inference log did not reopen either: %s", name, e.message)
+        except ServingError as e: log.error("endpoint %s: its earlier inference log did not reopen either: %s", name,
+                                            e.message)
         raise
     return ep.record["ai_gateway"]
 
@@ -239,7 +257,8 @@ def delete(self: ServingRuntime, name: str):
     ep = self.get(name)
     path = self.state_file(name)
     try: remove_durably(path)
-    except OSError as e: raise ServingError(500, "INTERNAL_ERROR", f"cannot delete serving endpoint '{name}': {path}: {e}") from None
+    except OSError as e: raise ServingError(500, "INTERNAL_ERROR",
+                                            f"cannot delete serving endpoint '{name}': {path}: {e}") from None
     self._drop(name)
     if ep.snapshot: self.loader.submit(self._record_deleted, name, ep.snapshot.config, now_ms())
 
@@ -248,12 +267,14 @@ def _drop(self: ServingRuntime, name: str):
     "Stop serving endpoint `name` here: its inference log flushed, its models closed once requests in flight are done."
     ep = self.endpoints.pop(name)
     self.close_capture(name)
-    for model in (ep.snapshot.models.values() if ep.snapshot else ()): asyncio.get_running_loop().call_later(30, model.close)
+    for model in (ep.snapshot.models.values() if ep.snapshot else ()): asyncio.get_running_loop().call_later(30,
+            model.close)
 
 @patch
 def _record_deleted(self: ServingRuntime, name: str, config: dict, when_ms: int):
     try: record_served_entities(tables_for(self.env), served_entity_rows(name, config, when_ms, deleted=True))
-    except Exception as x: log.error("endpoint %s: cannot record its deletion in system.serving.served_entities: %s", name, x)
+    except Exception as x: log.error("endpoint %s: cannot record its deletion in system.serving.served_entities: %s",
+                                     name, x)
 
 # %% ../../nbs/08e_serving_runtime.ipynb #a6a975d6
 @patch
@@ -264,7 +285,8 @@ def open_capture(self: ServingRuntime, name: str, gateway: dict) -> InferenceLog
     folder = self.env.path("serving", "inference", self.coordinator.capture_folder(name))
     try: return InferenceLog(folder, table, tables_for(self.env), self.settings.capture_interval)
     except Exception as e:
-        raise ServingError(500, "INTERNAL_ERROR", f"endpoint '{name}': cannot open its inference log in {folder}: {type(e).__name__}: {e}") from None
+        raise ServingError(500, "INTERNAL_ERROR",
+                           f"endpoint '{name}': cannot open its inference log in {folder}: {type(e).__name__}: {e}") from None
 
 @patch
 def close_capture(self: ServingRuntime, name: str):
@@ -272,7 +294,8 @@ def close_capture(self: ServingRuntime, name: str):
     capture = self.captures.pop(name, None)
     if capture is None: return
     try: capture.close()
-    except Exception as e: log.error("endpoint %s: inference log %s kept for a later flush to %s: %s", name, capture.folder, capture.table, e)
+    except Exception as e: log.error("endpoint %s: inference log %s kept for a later flush to %s: %s", name,
+                                     capture.folder, capture.table, e)
 
 @patch
 def configure_capture(self: ServingRuntime, ep: Endpoint):
@@ -309,10 +332,12 @@ def _restore(self: ServingRuntime, path: Path, record: dict | None = None) -> li
         self._unrestorable(path, ep.name, e.message, record); return []
     config, tasks = record.get("config"), []
     if config:
-        if "served_entity_ids" not in config:  # saved before ids were: given them (saved now by workers; by one process when applied)
+        # saved before ids were: given them (saved now by workers; by one process when applied)
+        if "served_entity_ids" not in config:
             config = self.coordinator.first_ids(self, ep, {**config, "served_entity_ids": entity_ids(config, None)})
         ep.pending, ep.updating = {**config, "start_time": now_ms()}, True
-        tasks.append(asyncio.get_running_loop().create_task(self.apply(ep, ep.pending)))  # one without ids is saved with them, and recorded
+        # one without ids is saved with them, and recorded
+        tasks.append(asyncio.get_running_loop().create_task(self.apply(ep, ep.pending)))
     return tasks + self.coordinator.restored(self, ep)
 
 @patch
@@ -321,27 +346,35 @@ def _unrestorable(self: ServingRuntime, path: Path, name: str, reason: str, reco
     message = f"cannot restore serving endpoint '{name}' from {path}: {reason}"
     log.error("%s", message)
     record = record or {"name": name}
-    config = record.get("config") or {"served_entities": [{"name": name}], "traffic_config": {"routes": []}, "config_version": 0}
-    self.endpoints[name] = self.new_endpoint(record, pending={**config, "start_time": now_ms()}, failure=message, broken=message)
+    config = record.get("config") or {"served_entities": [{"name": name}], "traffic_config": {"routes": []},
+                                      "config_version": 0}
+    self.endpoints[name] = self.new_endpoint(record, pending={**config, "start_time": now_ms()}, failure=message,
+                                             broken=message)
 
 # %% ../../nbs/08e_serving_runtime.ipynb #79935288
-def outcome_of(request_id: str, body: bytes, arrived_us: int, ms: float, error: ServingError | None = None, out: dict | None = None,
-               client_request_id: str | None = None) -> dict:
+def outcome_of(request_id: str, body: bytes, arrived_us: int, ms: float, error: ServingError | None = None,
+               out: dict | None = None, client_request_id: str | None = None) -> dict:
     "What is recorded of one invocation: its request, its answer (or error), when it arrived and how long it took."
     return {"databricks_request_id": request_id, "client_request_id": client_request_id, "request_time_us": arrived_us,
-            "status_code": error.status if error else 200, "execution_duration_ms": ms, "error_code": error.error_code if error else None,
-            "request": body, "response": out if error is None else {"error_code": error.error_code, "message": error.message}}
+            "status_code": error.status if error else 200, "execution_duration_ms": ms,
+            "error_code": error.error_code if error else None,
+            "request": body, "response": out
+            if error is None else {"error_code": error.error_code, "message": error.message}}
 
 @patch
 async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
                  csv: bool = False, # a `text/csv` body, read as MLflow's scoring server reads one (`csv_as_json`)
-                 served: str | None = None, # one served entity to answer (`/served-models/{served}/invocations`), not the traffic split
+                 # one served entity to answer (`/served-models/{served}/invocations`), not the traffic split
+                 served: str | None = None,
                  ) -> tuple[dict, str]:
     "Predictions for an invocation body, and the served entity that made them; the outcome is recorded either way."
     ep = self.get(name)
-    if ep.snapshot is None:  # refused before a served entity is chosen: captured with none (Databricks' inference tables log failed requests too)
+    # refused before a served entity is chosen: captured with none (Databricks' inference tables log failed requests
+    # too)
+    if ep.snapshot is None:
         error = ServingError(503 if ep.updating else 400, "TEMPORARILY_UNAVAILABLE" if ep.updating else "BAD_REQUEST",
-                             f"serving endpoint '{name}' is not ready" + (f": {ep.failure}" if ep.failure else " (its served entities are loading)"))
+                             f"serving endpoint '{name}' is not ready" + (f": {ep.failure}"
+                                     if ep.failure else " (its served entities are loading)"))
         self.record_outcome(ep, None, None, outcome_of(request_id, body, time.time_ns() // 1000, 0.0, error))
         raise error
     snapshot = ep.snapshot
@@ -355,29 +388,39 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
         predictions, not_found, _ = await model.batcher.submit(request)
         out = {"predictions": predictions}
         if not_found: out["metadata"] = {"keys_not_found": not_found,
-                                          "note": "features of unknown keys are missing values, imputed by the model's pipeline"}
+                                          "note": "features of unknown keys are missing values, imputed by the "
+                                                  "model's pipeline"}
         return out, model.name
     except Exception as e:
-        error = e if isinstance(e, ServingError) else ServingError(500, "INTERNAL_ERROR", f"{type(e).__name__}: {e}"); raise
+        error = e if isinstance(e, ServingError) else ServingError(500, "INTERNAL_ERROR",
+                                                                   f"{type(e).__name__}: {e}"); raise
     finally:
-        self.record_outcome(ep, snapshot, model.name, outcome_of(request_id, body, arrived, (time.perf_counter() - start) * 1000, error, out,
+        self.record_outcome(ep, snapshot, model.name,
+                            outcome_of(request_id, body, arrived, (time.perf_counter() - start) * 1000, error, out,
                                                                  request.client_request_id if request else None))
 
 @patch
 def record_outcome(self: ServingRuntime, ep: Endpoint,
-                   snapshot: Snapshot | None, entity: str | None, # None: refused before a served entity was chosen (no metrics: they count per entity)
+                   # None: refused before a served entity was chosen (no metrics: they count per entity)
+                   snapshot: Snapshot | None, entity: str | None,
                    outcome: dict):
     "One invocation's outcome, written once each to its metrics and to its inference log (a payload row) or else its request log."
     if entity is not None: ep.metrics.observe(entity, outcome["execution_duration_ms"], outcome["status_code"])
     capture = self.captures.get(ep.name)
-    if capture is None:  # Databricks keeps nothing for an endpoint without an inference table; ours keeps the outcome, to the microsecond
-        self.request_log.write(ep.name, {"databricks_request_id": outcome["databricks_request_id"], "request_time_us": outcome["request_time_us"],
+    # Databricks keeps nothing for an endpoint without an inference table; ours keeps the outcome, to the microsecond
+    if capture is None:
+        self.request_log.write(ep.name,
+                               {"databricks_request_id": outcome["databricks_request_id"],
+                                "request_time_us": outcome["request_time_us"],
                                          "served_entity_name": entity, "status_code": outcome["status_code"],
-                                         "execution_duration_ms": round(outcome["execution_duration_ms"], 3), "error_code": outcome["error_code"]})
+                                         "execution_duration_ms": round(outcome["execution_duration_ms"], 3),
+                                "error_code": outcome["error_code"]})
     else:  # the payload table's row: whole milliseconds (BIGINT, as on Databricks), request and response as text
-        capture.write({"databricks_request_id": outcome["databricks_request_id"], "client_request_id": outcome["client_request_id"],
+        capture.write({"databricks_request_id": outcome["databricks_request_id"],
+                       "client_request_id": outcome["client_request_id"],
                        "request_time_us": outcome["request_time_us"], "status_code": outcome["status_code"],
-                       "execution_duration_ms": round(outcome["execution_duration_ms"]), "request": outcome["request"].decode("utf-8", "replace"),
+                       "execution_duration_ms": round(outcome["execution_duration_ms"]),
+                       "request": outcome["request"].decode("utf-8", "replace"),
                        "response": json_text(outcome["response"]), "requester": self.requester,
                        "served_entity_id": snapshot.ids[entity] if snapshot is not None else None})
 
@@ -423,8 +466,10 @@ def open_api(self: ServingRuntime, name: str) -> dict:
     for e in config["served_entities"]:
         try: signatures[e["name"]] = mlflow.models.Model.load(entity_uri(e)).signature
         except Exception as x:
-            raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}': the model of served entity '{e['name']}' "
-                                                               f"({entity_uri(e)}) could not be read: {type(x).__name__}: {x}"[:2000]) from None
+            raise ServingError(404, "RESOURCE_DOES_NOT_EXIST",
+                               f"serving endpoint '{name}': the model of served entity '{e['name']}' "
+                                                               f"({entity_uri(e)}) could not be read: "
+                                                               f"{type(x).__name__}: {x}"[:2000]) from None
     return openapi_document(name, signatures, str(config.get("config_version", 1)))
 
 @patch
@@ -435,12 +480,15 @@ def build_logs(self: ServingRuntime, name: str, served_model_name: str) -> str:
     lines = [f"no container build: this local serving runtime loads {uri} into its own Python environment "
              f"({sys.executable}, Python {platform.python_version()})"]
     try: wanted = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().splitlines()
-    except Exception as e: return "\n".join([*lines, f"the model's requirements could not be read: {type(e).__name__}: {e}"])
+    except Exception as e: return "\n".join([*lines,
+                                             f"the model's requirements could not be read: {type(e).__name__}: {e}"])
     for text in (t.strip() for t in wanted):
         if not text or text.startswith(("#", "-")): continue
         try: req = Requirement(text)
         except InvalidRequirement: lines.append(f"{text}: not a requirement this runtime can check"); continue
         try: have = importlib.metadata.version(req.name)
         except importlib.metadata.PackageNotFoundError: lines.append(f"{text}: not installed"); continue
-        lines.append(f"{text}: installed {have}" + ("" if req.specifier.contains(have, prereleases=True) else " (not what the model asks for)"))
+        lines.append(f"{text}: installed {have}" + (""
+                                                    if req.specifier.contains(have,
+                                                            prereleases=True) else " (not what the model asks for)"))
     return "\n".join(lines)

@@ -21,13 +21,16 @@ REQUEST_LOG_FILES = 3  # rotated files kept besides the current one
 @dataclass(frozen=True)
 class RuntimeSettings:
     "How a serving runtime serves: what `serve` takes, `start_server` passes on and each worker gets, with the defaults."
-    metrics_interval: float = 60.0  # seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it)
-    read_timeout: float = 20.0  # seconds a client has to send a whole request (headers and body) before its connection is closed
+    # seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it)
+    metrics_interval: float = 60.0
+    # seconds a client has to send a whole request (headers and body) before its connection is closed
+    read_timeout: float = 20.0
     request_log_mb: float = REQUEST_LOG_BYTES / 2**20  # size at which an endpoint's request log is rotated
     request_log_files: int = REQUEST_LOG_FILES  # rotated request log files kept per endpoint besides the current one
     max_rows: int = MAX_ROWS  # rows of one invocation
     capture_interval: float = 1.0  # seconds between inference table flushes
-    max_header_kb: float = 64.0  # request line and headers of one request; more is answered 431 (nginx allows 32 KiB, Node.js 16)
+    # request line and headers of one request; more is answered 431 (nginx allows 32 KiB, Node.js 16)
+    max_header_kb: float = 64.0
     max_connections: int = 0  # connections each process keeps open (0: its descriptor limit less 256 kept for files)
 
     def to_json(self) -> str: return orjson.dumps(dataclasses.asdict(self)).decode()

@@ -66,7 +66,8 @@ def publish(self: SharedState):
     "Save this worker's file: its pid, whether it serves, and the config version it has loaded of each endpoint (by endpoint id)."
     path = self.folder / f"{self.index}.json"
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(orjson.dumps({"pid": os.getpid(), "serving": self.serving, "loaded": self.versions, "failed": self.failures}))
+    tmp.write_bytes(orjson.dumps({"pid": os.getpid(), "serving": self.serving, "loaded": self.versions,
+                                  "failed": self.failures}))
     os.replace(tmp, path)
 
 @patch
@@ -84,7 +85,8 @@ def load_failures(self: SharedState) -> dict:
     "Endpoint id -> (config version, reason) of a committed config some live worker could not load."
     found = {}
     for w in self.workers():
-        for endpoint_id, (version, reason) in (w.get("failed") or {}).items(): found.setdefault(endpoint_id, (version, reason))
+        for endpoint_id, (version, reason) in (w.get("failed") or {}).items(): found.setdefault(endpoint_id,
+                (version, reason))
     return found
 
 @patch
@@ -132,7 +134,8 @@ class Solo:
         names a config that was not saved, nor is a saved config missing from it."""
         fresh = [m for n, m in models.items() if not ep.snapshot or ep.snapshot.models.get(n) is not m]
         try:
-            if runtime.endpoints.get(ep.name) is not ep: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", "the endpoint was deleted")
+            if runtime.endpoints.get(ep.name) is not ep: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST",
+                    "the endpoint was deleted")
             if ep.record.get("config") != config:  # an update (or a restored config saved before its ids were)
                 before = ep.record
                 runtime.commit(ep, {**ep.record, "config": config, "last_updated_timestamp": now_ms()})
@@ -185,10 +188,12 @@ class Workers:
     def restored(self, runtime, ep) -> list:
         "Answer from the record like every worker; resume an update the workers were loading."
         self._mirror(ep)
-        if ep.updating and ep.record.get("pending"): return [asyncio.get_running_loop().create_task(runtime.apply(ep, ep.record["pending"]))]
+        if ep.updating and ep.record.get("pending"): return [asyncio.get_running_loop().create_task(runtime.apply(ep,
+                ep.record["pending"]))]
         return []
 
-    def began(self, runtime, ep): runtime.commit(ep, {**ep.record, "pending": ep.pending})  # the other workers load it too
+    # the other workers load it too
+    def began(self, runtime, ep): runtime.commit(ep, {**ep.record, "pending": ep.pending})
 
     def capture_folder(self, endpoint: str) -> str: return endpoint if self.shared.index == 0 else f"{endpoint}@{self.shared.index}"
     def counts(self, endpoint: str, counts): return SharedCounts(endpoint, counts)  # summed over the workers
@@ -221,7 +226,8 @@ def follow(self: Workers, runtime) -> list:
         except Exception as e:
             if ep is None or not ep.broken: runtime._unrestorable(path, name, str(e))
             continue
-        if ep is not None and not ep.broken and record.get("id") != ep.record.get("id"): runtime._drop(name); ep = None  # deleted and made anew
+        # deleted and made anew
+        if ep is not None and not ep.broken and record.get("id") != ep.record.get("id"): runtime._drop(name); ep = None
         if ep is None or ep.broken: started += runtime._restore(path, record)
         elif record != ep.record: started += self._follow_record(runtime, ep, record)
     failures = self.shared.load_failures()  # a committed config another worker could not load: NOT_READY here too
@@ -239,21 +245,28 @@ def _follow_record(self: Workers, runtime, ep, record: dict) -> list:
         except ServingError as e: log.error("endpoint %s: %s", ep.name, e.message)
     config, pending = record.get("config"), record.get("pending") or {}
     if config and config["config_version"] != (ep.snapshot.config["config_version"] if ep.snapshot else None):
-        if ep.prepared and ep.prepared[0] == config["config_version"]: runtime._switch(ep, config, ep.prepared[1]); ep.prepared = None
-        else: started.append(loop.create_task(runtime.apply(ep, config)))  # committed while this worker had not loaded it
+        if ep.prepared and ep.prepared[0] == config["config_version"]: runtime._switch(ep, config,
+                ep.prepared[1]); ep.prepared = None
+        # committed while this worker had not loaded it
+        else: started.append(loop.create_task(runtime.apply(ep, config)))
     if pending and not pending.get("failure") and pending != old.get("pending"): started.append(loop.create_task(runtime.apply(ep, pending)))
     if pending.get("failure") and ep.prepared: self._discard(ep)
     self._mirror(ep)
     return started
 
 @patch
-def _mirror(self: Workers, ep, failures: dict | None = None): # failures: `SharedState.load_failures()`, when already read
+# failures: `SharedState.load_failures()`, when already read
+def _mirror(self: Workers, ep, failures: dict | None = None):
     "An update's state as the record saves it, and a committed config a worker could not load: what every worker answers alike."
     pending, config = ep.record.get("pending"), ep.record.get("config") or {}
-    version, reason = (self.shared.load_failures() if failures is None else failures).get(ep.record.get("id"), (None, None))
+    version, reason = (self.shared.load_failures() if failures is None else failures).get(ep.record.get("id"),
+            (None, None))
     ep.unloadable = not pending and reason is not None and version == config.get("config_version")
-    if ep.unloadable: pending = {**config, "start_time": ep.record.get("last_updated_timestamp") or 0, "failure": reason}  # as one process shows it
-    ep.pending, ep.updating, ep.failure = pending, bool(pending) and not pending.get("failure"), (pending or {}).get("failure")
+    # as one process shows it
+    if ep.unloadable: pending = {**config, "start_time": ep.record.get("last_updated_timestamp") or 0,
+                                 "failure": reason}
+    ep.pending, ep.updating, ep.failure = pending, bool(pending) and not pending.get("failure"), (pending
+            or {}).get("failure")
 
 @patch
 def _discard(self: Workers, ep):
@@ -269,7 +282,8 @@ def loaded(self: Workers, runtime, ep, config: dict, models: dict):
     "After a load: serve a committed config at once; an update once every worker has loaded it (the last to load commits it)."
     version, ep.prepared = config["config_version"], (config["config_version"], models)
     if runtime.endpoints.get(ep.name) is not ep: return self._discard(ep)  # deleted meanwhile
-    if (ep.record.get("config") or {}).get("config_version") == version:  # restored, or committed while this worker loaded it
+    # restored, or committed while this worker loaded it
+    if (ep.record.get("config") or {}).get("config_version") == version:
         runtime._switch(ep, config, models); ep.prepared = None; return
     if (ep.record.get("pending") or {}).get("config_version") != version: return self._discard(ep)  # superseded
     self.shared.loaded(ep.record["id"], version)
@@ -280,11 +294,14 @@ def loaded(self: Workers, runtime, ep, config: dict, models: dict):
         applied = {k: v for k, v in pending.items() if k != "start_time"}
         before = ep.record
         try:  # saved, then recorded in the history (once, by the worker that commits): as one process does
-            runtime.commit(ep, {**{k: v for k, v in before.items() if k != "pending"}, "config": applied, "last_updated_timestamp": now_ms()})
+            runtime.commit(ep, {**{k: v for k, v in before.items() if k != "pending"}, "config": applied,
+                                "last_updated_timestamp": now_ms()})
             runtime.record_entities(ep.name, applied)
-        except ServingError as e:  # the update fails for every worker; what was saved before stays (a record that cannot be saved: logged)
+        # the update fails for every worker; what was saved before stays (a record that cannot be saved: logged)
+        except ServingError as e:
             try: runtime.commit(ep, {**before, "pending": {**pending, "failure": e.message}})
-            except ServingError as again: log.error("endpoint %s: config version %s failed (%s) and its failure cannot be saved: %s", ep.name, version, e.message, again.message)
+            except ServingError as again: log.error("endpoint %s: config version %s failed (%s) and its failure "
+                                                    "cannot be saved: %s", ep.name, version, e.message, again.message)
             self._discard(ep); self._mirror(ep); return
         runtime._switch(ep, applied, models); ep.prepared = None; self._mirror(ep)
 
@@ -297,5 +314,6 @@ def failed(self: Workers, runtime, ep, config: dict, reason: str):
         if ours and pending.get("config_version") == config["config_version"] and not pending.get("failure"):
             runtime.commit(ep, {**ep.record, "pending": {**pending, "failure": reason}})
         elif ours and (ep.record.get("config") or {}).get("config_version") == config["config_version"]:
-            self.shared.failed_load(ep.record["id"], config["config_version"], reason)  # NOT_READY / UPDATE_FAILED on every worker
+            # NOT_READY / UPDATE_FAILED on every worker
+            self.shared.failed_load(ep.record["id"], config["config_version"], reason)
         self._mirror(ep)
