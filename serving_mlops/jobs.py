@@ -30,7 +30,7 @@ from databricks.sdk.service.jobs import NotebookTask, RunOutput, RunTask, Submit
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
-                                  _as_type, environment_variables, fill_references, get_environment, load_bundle,
+                                  _as_type, environment_variables, fill_references, load_bundle,
                                   local_root, process_alive)
 from .errors import StepFailed
 from .tables import SPARK_LOG_ENV_VAR

@@ -26,7 +26,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake import Schema as DeltaSchema
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
-from .config import ConfigError, Environment, get_environment, on_databricks, process_alive
+from .config import ConfigError, Environment, on_databricks, process_alive
 from .naming import TableError, split_name  # the name rule, below every layer that names a table
 
 # %% auto #0

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +37,6 @@ from .feature_store import FeatureLookup, TrainingSet, feature_store_for, in_exp
 from .features import FEATURE_TABLES, KEY
 from .drift import training_baseline
 from .naming import experiment_name
-from .tables import get_spark
 
 # %% auto #0
 __all__ = ['LABEL', 'CATEGORICAL', 'training_set', 'split_by_customer', 'feature_columns', 'make_pipeline', 'evaluate',

@@ -8,7 +8,6 @@ from __future__ import annotations
 from functools import cache
 from typing import Mapping, Sequence
 
-import orjson
 import pandas as pd
 import plotly.graph_objects as go
 from jinja2 import Environment as Templates
