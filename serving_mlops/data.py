@@ -30,11 +30,12 @@ FEATURE_COLUMNS = ["LIMIT_BAL", "SEX", "EDUCATION", "MARRIAGE", "AGE", *PAY_COLU
 RAW_COLUMNS = ["ID", *FEATURE_COLUMNS, LABEL_COLUMN]  # the raw file's columns, in order
 CHUNK_ROWS = 50_000  # generation unit: the same seed gives the same rows whatever the total size
 
-# %% ../nbs/02_data.ipynb #991dc229
+# %% ../nbs/02_data.ipynb #f2bf8ddd
 def _sigmoid(x): return 1.0 / (1.0 + np.exp(-x))
 
 DEFAULT_INTERCEPT = -2.07  # sets the default rate of the training population to about 22%
 
+# %% ../nbs/02_data.ipynb #3d4e4941
 def generate_chunk(n: int, rng: np.random.Generator, first_id: int = 1, drift: float = 0.0,
                    labelled: bool = True) -> pd.DataFrame:
     "`n` synthetic clients with IDs from `first_id`, in the raw UCI schema."
@@ -87,7 +88,7 @@ def generate_chunk(n: int, rng: np.random.Generator, first_id: int = 1, drift: f
         df[LABEL_COLUMN] = (rng.random(n) < _sigmoid(logit)).astype(np.int64)
     return df
 
-# %% ../nbs/02_data.ipynb #2d89537d
+# %% ../nbs/02_data.ipynb #0cd112f4
 def generate_clients(rows: int, seed: int = 42, first_id: int = 1, drift: float = 0.0, labelled: bool = True,
                      progress: bool = False) -> Iterator[pd.DataFrame]:
     "Chunks of `rows` synthetic clients in the raw UCI schema (deterministic for a `seed`)."
@@ -98,6 +99,7 @@ def generate_clients(rows: int, seed: int = 42, first_id: int = 1, drift: float 
         rng = np.random.default_rng([seed, start // CHUNK_ROWS])
         yield generate_chunk(min(CHUNK_ROWS, rows - start), rng, first_id + start, drift, labelled)
 
+# %% ../nbs/02_data.ipynb #3793f5b0
 def generate_credit_data(rows: int, seed: int = 42, first_id: int = 1, drift: float = 0.0,
                          labelled: bool = True) -> pd.DataFrame:
     "`rows` synthetic clients as one DataFrame."
@@ -117,7 +119,7 @@ def corrupt_rows(df: pd.DataFrame, fraction: float, rng: np.random.Generator) ->
         out.iat[row, out.columns.get_loc(column)] = value
     return out
 
-# %% ../nbs/02_data.ipynb #f5613463
+# %% ../nbs/02_data.ipynb #07554f6d
 def write_credit_data(path: Path | str, rows: int, seed: int = 42, first_id: int = 1, drift: float = 0.0,
                       labelled: bool = True, progress: bool = True, bad_fraction: float = 0.0) -> Path:
     "Write `rows` synthetic clients to `path` (.csv or .parquet), `bad_fraction` of them damaged; returns the path."
@@ -131,9 +133,10 @@ def write_credit_data(path: Path | str, rows: int, seed: int = 42, first_id: int
             if bad_fraction > 0: chunk = corrupt_rows(chunk, bad_fraction, np.random.default_rng([seed, i, 1]))
             table = pa.Table.from_pandas(chunk, preserve_index=False)
             if writer is None and path.suffix == ".parquet": writer = pq.ParquetWriter(tmp, table.schema)
-            # the header unquoted, as the UCI file has it (pyarrow's quoting_header option is newer than
             elif writer is None:
-                sink = pa.OSFile(str(tmp), "wb")  # the pyarrow 21 of Databricks Runtime 18 ML)
+                # the header unquoted, as the UCI file has it (pyarrow's quoting_header option is newer than the
+                # pyarrow 21 of Databricks Runtime 18 ML)
+                sink = pa.OSFile(str(tmp), "wb")
                 sink.write((",".join(table.schema.names) + "\n").encode())
                 writer = pacsv.CSVWriter(sink, table.schema, write_options=pacsv.WriteOptions(include_header=False))
             writer.write_table(table)

@@ -8,7 +8,7 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['MlopsError', 'InputError', 'StepFailed']
 
-# %% ../nbs/00a_errors.ipynb #32966b65
+# %% ../nbs/00a_errors.ipynb #298a8da8
 class MlopsError(Exception):
     "Base of the errors serving-mlops raises on purpose; the message names what is wrong and what was expected."
     exit_code = 1  # exit status of the `serving-mlops` command
@@ -16,8 +16,9 @@ class MlopsError(Exception):
     error_code = "INVALID_PARAMETER_VALUE"  # Databricks error code, likewise
     label = "error"  # how the command line introduces the message
 
+# %% ../nbs/00a_errors.ipynb #d5003d78
 class InputError(MlopsError, ValueError):
-    "Input that cannot be used: a file, column, table, parameter or configuration value; nothing was changed because of it."
+    "Input that cannot be used (a file, column, table, parameter or configuration value); nothing was changed."
 
 class StepFailed(MlopsError, RuntimeError):
     "A step of the pipeline ran and failed its checks (a gate, endpoint tests, a job); the message is its report."

@@ -14,14 +14,14 @@ from .errors import InputError
 __all__ = ['EXPERIMENT_KINDS', 'experiment_name', 'model_uri', 'served_entity_name', 'inference_table', 'same_table_in',
            'TableError', 'split_name']
 
-# %% ../nbs/00b_naming.ipynb #fd23c8d4
+# %% ../nbs/00b_naming.ipynb #7ccd8883
 EXPERIMENT_KINDS = ("training", "promotions", "monitoring")  # the experiments the project writes runs to
 
 def experiment_name(env: Environment, kind: str, # training, promotions or monitoring
                     ) -> str:
     "The MLflow experiment of `env` for runs of `kind`: `/Shared/serving-mlops/<env>/<kind>`."
-    if kind not in EXPERIMENT_KINDS: raise ValueError(f"experiment kind {kind!r}: expected one of "
-                                                      f"{', '.join(EXPERIMENT_KINDS)}")
+    if kind not in EXPERIMENT_KINDS:
+        raise ValueError(f"experiment kind {kind!r}: expected one of {', '.join(EXPERIMENT_KINDS)}")
     return f"/Shared/serving-mlops/{env.name}/{kind}"
 
 # %% ../nbs/00b_naming.ipynb #1e5d5370

@@ -9,7 +9,8 @@ import json
 from typing import Callable, get_args, get_type_hints
 
 from .errors import InputError
-from .config import ConfigError, Environment, _as_type, get_environment, notebook_dbutils, set_task_value, task_parameters
+from .config import (ConfigError, Environment, _as_type, get_environment, notebook_dbutils,
+                                  set_task_value, task_parameters)
 
 # %% auto #0
 __all__ = ['MADE_BY', 'task_values', 'exit_with_values', 'job_argument', 'run_task', 'require_tables', 'ingest_task',
@@ -28,7 +29,7 @@ def exit_with_values(values: dict) -> dict:
     if (dbutils := notebook_dbutils()) is not None: dbutils.notebook.exit(json.dumps(values, default=str))
     return values
 
-# %% ../nbs/13_tasks.ipynb #765aa0c8
+# %% ../nbs/13_tasks.ipynb #c9ff4e88
 def job_argument(value, hint, name: str):
     "A job parameter `value` (text or a notebook value) as the type `hint` of the task function's parameter `name`."
     kinds = [k for k in get_args(hint) if k is not type(None)] or [hint]
@@ -37,9 +38,10 @@ def job_argument(value, hint, name: str):
     if kind in (bool, int, float): return _as_type(value, kind(), name)
     return str(value) if kind is str else value
 
+# %% ../nbs/13_tasks.ipynb #77fc56be
 # positional: a task function's own `task` parameter (monitoring's) passes through
 def run_task(task: Callable, env_name: str, /, **parameters) -> dict:
-    "Run `task` as a job task: parameters from the task's widgets on Databricks (else as given), typed by the task's signature."
+    "Run `task` as a job task: parameters from its widgets on Databricks (else as given), typed by its signature."
     given = task_parameters(env_name=env_name, **parameters)
     hints = get_type_hints(task)
     unknown = [k for k in given if k != "env_name" and k not in hints]
@@ -48,10 +50,11 @@ def run_task(task: Callable, env_name: str, /, **parameters) -> dict:
     arguments = {k: job_argument(v, hints[k], k) for k, v in given.items() if k != "env_name"}
     return exit_with_values(task(get_environment(given["env_name"]), **arguments))
 
-# %% ../nbs/13_tasks.ipynb #5694bbbb
+# %% ../nbs/13_tasks.ipynb #ed7b46d7
 MADE_BY = {"silver_clients": "ingest", "silver_statements": "ingest", "behaviour_features": "features",
            "demographic_features": "features"}
 
+# %% ../nbs/13_tasks.ipynb #57821847
 def require_tables(env: Environment, *tables: str):  # short names of input tables, e.g. "silver_clients"
     "Raise InputError naming the first of `tables` missing in `env` and the command (and job) that writes it."
     from serving_mlops.tables import tables_for
@@ -88,7 +91,7 @@ def features_task(env: Environment,
                   # or retyping a feature
                   rebuild: str = "",
                   ) -> dict:
-    "Build the feature tables from the silver tables (new features become new columns) and publish them to the online store."
+    "Build the feature tables from the silver tables (new features as new columns); publish them to the online store."
     from serving_mlops.feature_store import build_feature_tables, feature_store_for
     require_tables(env, "silver_clients", "silver_statements")
     print(f"building feature tables in {env.describe()}", flush=True)
@@ -96,7 +99,8 @@ def features_task(env: Environment,
     built = build_feature_tables(env, store, rebuild=[t.strip() for t in rebuild.split(",") if t.strip()])
     for name in built.values():
         ft = store.get_table(name)
-        line = f"  {name}: {store.tables.count(name):,} rows, {len(ft.features)} features, keys {ft.primary_keys} + {ft.timeseries_column}"
+        line = (f"  {name}: {store.tables.count(name):,} rows, {len(ft.features)} features, keys {ft.primary_keys} + "
+                f"{ft.timeseries_column}")
         if publish:
             published = store.publish_table(name)
             line += f"; online: {published['rows']:,} keys" if isinstance(published, dict) else "; published online"
@@ -186,8 +190,8 @@ def promote_task(env: Environment,
     copy, rows = promote_version(source, env, version, seed, force=force or None)
     print(f"{copy.tags['source_model']} version {copy.tags['source_version']} of '{source.name}' is "
           f"{copy.name} version {copy.version} of '{env.name}'; identical predictions on {rows} held-out rows; its "
-          f"gate in "
-          f"'{source.name}': {copy.tags.get('source_validation.status')}" + (f" (forced: {copy.tags['promotion.forced_reason']})" if "promotion.forced" in copy.tags else ""))
+          f"gate in '{source.name}': {copy.tags.get('source_validation.status')}"
+          + (f" (forced: {copy.tags['promotion.forced_reason']})" if "promotion.forced" in copy.tags else ""))
     return task_values(model_version=str(copy.version))
 
 # %% ../nbs/13_tasks.ipynb #e4fd7892
@@ -202,15 +206,17 @@ def batch_inference_task(env: Environment,
     scores = batch_inference(env, input_table, output_table, version, store=feature_store_for(env))
     return task_values(model_version=scores.version, rows=str(scores.rows))
 
-# %% ../nbs/13_tasks.ipynb #930f8c31
+# %% ../nbs/13_tasks.ipynb #791d3e0a
 def export_line(entity: str, s: dict) -> str:
-    "One served entity's line of the runtime's metrics export (`runtime_counters`): its last complete minute, and its model calls since start."
+    "One served entity's line of the metrics export (`runtime_counters`): its last complete minute and model calls."
     minute = (f"minute to {s['minute_end'][11:16]} UTC: {s['requests']:,} requests, {s['errors']:,} failed, mean "
               f"{s['mean_ms']:.2f} ms"
               if "minute_end" in s else "no complete minute yet")
-    calls = f"; {s['model_calls']:,} model calls for {s['rows']:,} rows since the runtime started" if "model_calls" in s else ""
+    calls = (f"; {s['model_calls']:,} model calls for {s['rows']:,} rows since the runtime started"
+             if "model_calls" in s else "")
     return f"  metrics export of {entity}, {minute}{calls}"
 
+# %% ../nbs/13_tasks.ipynb #ebba7081
 def monitoring_task(env: Environment,
                     task: str = "all", # metrics | drift | all (metrics, then drift)
                     endpoint_name: str | None = None, # default: the environment's endpoint_name
@@ -224,7 +230,7 @@ def monitoring_task(env: Environment,
                     # inference table rows arrive up to this late; default: the environment's monitoring_lag_minutes
                     lag_minutes: int | None = None,
                     ) -> dict:
-    "Endpoint metrics, drift and model quality of one period, written to the monitoring tables; the drift alert when drifted."
+    "Endpoint metrics, drift and model quality of one period, written to the monitoring tables; the alert when drifted."
     from serving_mlops.monitoring.checks import run_monitoring, runtime_counters
     run = run_monitoring(env, endpoint_name, start, end, window_minutes, lookback_minutes, labels_table, task,
                          lag_minutes)

@@ -597,6 +597,25 @@ def test_a_workspace_feature_table_is_rebuilt_in_new_columns_by_an_overwrite(spa
     finally: spark.sql("DROP TABLE IF EXISTS default.adapter_rebuilt")
 
 
+def test_the_adapter_rebuilds_a_feature_table_on_its_keys_with_dates_as_timestamps(workspace_env, spark):
+    "DatabricksFeatureStore.rebuild_table is the local store's rebuild on Spark tables: keys from the client's definition, DATE keys as TIMESTAMP."
+    name, tables = "spark_catalog.default.adapter_rebuilt_ft", ParquetSparkTables(spark)
+    spark.sql("DROP TABLE IF EXISTS default.adapter_rebuilt_ft")
+    try:
+        spark.sql("CREATE TABLE default.adapter_rebuilt_ft (customer_id BIGINT, snapshot_date TIMESTAMP, recent_delay INT) USING parquet")
+        spark.sql("INSERT INTO default.adapter_rebuilt_ft VALUES (1, TIMESTAMP'2005-09-01', 0), (2, TIMESTAMP'2005-09-01', 1)")
+        store = DatabricksFeatureStore(workspace_env, client=RecordingClient(), tables=tables, spark=spark)
+        frame = spark.createDataFrame(pd.DataFrame({"customer_id": [1, 2], "snapshot_date": pd.to_datetime(["2005-09-01"] * 2).date,
+                                                    "recent_delay": ["none", "1 month"]}))
+        changes = store.rebuild_table(name, frame)
+        assert (changes["added"], changes["removed"], len(changes["retyped"])) == ([], [], 1) and "recent_delay" in changes["retyped"][0]
+        assert [(f.name, f.dataType.simpleString()) for f in spark.table(name).schema] == \
+               [("customer_id", "bigint"), ("snapshot_date", "timestamp"), ("recent_delay", "string")]
+        with pytest.raises(FeatureStoreError, match=r"lacks its key column\(s\) \['snapshot_date'\]"):
+            store.rebuild_table(name, frame.drop("snapshot_date"))
+    finally: spark.sql("DROP TABLE IF EXISTS default.adapter_rebuilt_ft")
+
+
 def test_a_counted_append_computes_its_frame_once(spark):
     """Issue 26 item 8: batch scoring appends its predictions with the row count it expects; the count and the write share one
     computation of the frame. A Python filter stands in for the client's feature lookups (joins: Spark cannot prune them from

@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 import pandas as pd
 from databricks.sdk.errors import DatabricksError
+from fastcore.basics import patch
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import brier_score_loss, roc_auc_score
 
@@ -39,20 +40,22 @@ __all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'BASELINE_PATHS', 'DRIFT_COLUMNS',
            'expected_calibration_error', 'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun',
            'monitoring_period', 'run_monitoring']
 
-# %% ../../nbs/12d_monitoring_checks.ipynb #2400aa17
+# %% ../../nbs/12d_monitoring_checks.ipynb #eeb120ae
 METRICS_KEYS = ["endpoint_name", "served_entity_name", "window_start"]
 METRICS_COLUMNS = [*METRICS_KEYS, "window_end", "model_name", "model_version", "requests", "qps", "errors",
                    "error_rate", "mean_ms", "p50_ms", "p95_ms", "p99_ms", "computed_at"]
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #d2c45e0c
 def check_period(start: pd.Timestamp, end: pd.Timestamp, window_minutes: int):
     "Refuse an empty or reversed time window, or a non-positive window length."
     if window_minutes <= 0: raise MonitoringError(f"window_minutes is {window_minutes}; expected a positive number of "
                                                   f"minutes")
     if end <= start: raise MonitoringError(f"window [{start}, {end}) is empty: expected start before end")
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #9cc755bf
 def request_stats(env: Environment, endpoint: str | None, start, end,
                   every: pd.Timedelta) -> pd.DataFrame: # length of a window (the console's live charts use seconds)
-    "Requests, QPS, failed (4xx and 5xx apart) and latency percentiles per window of `every` and served entity, from the inference table."
+    "Requests, QPS, failed (4xx and 5xx apart) and latency percentiles per window of `every` and served entity."
     start, end, every = as_utc(start), as_utc(end), pd.Timedelta(every)
     if every <= pd.Timedelta(0): raise MonitoringError(f"window length is {every}; expected a positive length")
     check_period(start, end, 1)
@@ -64,7 +67,8 @@ def request_stats(env: Environment, endpoint: str | None, start, end,
     for c in ("served_entity_name", "model_name", "model_version"): rows[c] = rows.served_entity_id.map(entities[c])
     rows["endpoint_name"] = endpoint
     rows["window_start"] = rows.request_time.dt.floor(every)
-    rows["failed"], rows["execution_duration_ms"] = rows.status_code != 200, rows.execution_duration_ms.astype("float64")
+    rows["failed"], rows["execution_duration_ms"] = (rows.status_code != 200,
+                                                     rows.execution_duration_ms.astype("float64"))
     rows["errors_4xx"], rows["errors_5xx"] = rows.status_code.between(400, 499), rows.status_code >= 500
     # a request refused before a served entity was chosen has none (null)
     g = rows.groupby(METRICS_KEYS, sort=True, dropna=False)
@@ -82,14 +86,16 @@ def request_stats(env: Environment, endpoint: str | None, start, end,
     out["computed_at"] = pd.Timestamp.now(tz="UTC")
     return out[[*METRICS_COLUMNS, "errors_4xx", "errors_5xx"]]
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #5c45c327
 def endpoint_metrics(env: Environment, endpoint: str | None, start, end, window_minutes: int = 60) -> pd.DataFrame:
     "Requests, QPS, error rate and latency percentiles per window and served entity, from the inference table."
     if window_minutes <= 0: raise MonitoringError(f"window_minutes is {window_minutes}; expected a positive number of "
                                                   f"minutes")
     return request_stats(env, endpoint, start, end, pd.Timedelta(minutes=window_minutes))[METRICS_COLUMNS]
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #a6d70ce7
 def write_endpoint_metrics(env: Environment, endpoint: str | None, metrics: pd.DataFrame) -> int:
-    "Merge `metrics` into the endpoint's `<prefix>_metrics` table (one row per endpoint, entity and window); returns the rows written."
+    "Merge `metrics` into `<prefix>_metrics` (a row per endpoint, served entity and window); returns the rows written."
     if metrics.empty: return 0
     tables_for(env).merge(inference_table(env, endpoint, "metrics"), metrics, METRICS_KEYS)
     return len(metrics)
@@ -97,7 +103,7 @@ def write_endpoint_metrics(env: Environment, endpoint: str | None, metrics: pd.D
 # %% ../../nbs/12d_monitoring_checks.ipynb #4e03d6c1
 def runtime_counters(env: Environment, endpoint: str | None = None,
                      client=None) -> dict | None: # a WorkspaceClient to reuse (default: a new one for `env`)
-    "Per served entity: requests, failed requests and mean latency (ms) of the last complete minute of the metrics export, and the model calls and rows since the runtime started (our own counters, where the runtime has them); None when unreachable."
+    "Per served entity: the last complete minute of the metrics export, model calls since start; None if unreachable."
     try:
         w = client or workspace_client(env, retry_timeout_seconds=10)
         families = metric_families(w.serving_endpoints.export_metrics(endpoint
@@ -115,21 +121,23 @@ def runtime_counters(env: Environment, endpoint: str | None = None,
         out.setdefault(s.labels["served_entity"], {})[calls[s.name]] = int(s.value)
     return out
 
-# %% ../../nbs/12d_monitoring_checks.ipynb #63a38e81
+# %% ../../nbs/12d_monitoring_checks.ipynb #6a12c098
 # where a model carries its baseline: ours (log_model), and the FeatureEngineeringClient's model (inside its raw model,
 # which promotion copies too)
 BASELINE_PATHS = ("artifacts/baseline.json", "data/feature_store/raw_model/artifacts/baseline.json")
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #fd68aa57
 def model_baseline(env: Environment, version: str | int, model_name: str | None = None) -> dict:
     "The training baseline logged with `version` of the environment's model (or `model_name`)."
     client, name = registry_client(env), model_name or env.model_name
     try: mv = client.get_model_version(name, str(version))
-    except MlflowException: raise MonitoringError(f"model {name} has no version {version} in environment '{env.name}'") from None
+    except MlflowException: raise MonitoringError(f"model {name} has no version {version} in environment "
+                                                  f"'{env.name}'") from None
     with using_mlflow(env):
         for inside in BASELINE_PATHS:
             with tempfile.TemporaryDirectory() as folder:
                 try: return orjson.loads(Path(mlflow.artifacts.download_artifacts(model_uri(name, version, inside),
-                        dst_path=folder)).read_bytes())
+                                                                                  dst_path=folder)).read_bytes())
                 except (MlflowException, OSError): pass
         if mv.run_id:
             try: return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/monitoring/baseline.json")
@@ -139,13 +147,14 @@ def model_baseline(env: Environment, version: str | int, model_name: str | None 
                           f"no monitoring/baseline.json in run {mv.run_id}): log it with train() or "
                           f"log_model(baseline=...)")
 
-# %% ../../nbs/12d_monitoring_checks.ipynb #c90fb178
+# %% ../../nbs/12d_monitoring_checks.ipynb #1f554417
 DRIFT_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_name", "model_version", "feature", "kind",
                  "method", "value", "threshold", "drifted", "n", "rows", "missing_lookups", "checked_at", "run_id"]
 # what `inference_frame` reads
 FRAME_COLUMNS = ["databricks_request_id", "request_time", "status_code", "served_entity_id", "request", "response"]
 MISSING_LOOKUPS_NOTED = 0.01  # a version's summary names its missing lookups above this share of its rows
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #7af72df8
 class DriftAlert(StepFailed):
     "Drift was found in a window; the message is the summary and the report paths, `.result` the whole `DriftResult`."
     exit_code = 3  # `serving-mlops monitor` and scripts tell found drift (3) from errors (1)
@@ -162,6 +171,7 @@ class DriftAlert(StepFailed):
                              f"reports are above){webhook}")
         else: super().__init__(f"{result.summary()}; reports: {', '.join(map(str, result.reports.values()))}{webhook}")
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #813176cb
 @dataclass
 class DriftResult:
     "What one drift check found and wrote."
@@ -184,34 +194,41 @@ class DriftResult:
     @property
     def drifted(self) -> bool: return bool(self.results.drifted.any())
 
-    def missing_note(self, version: str) -> str:
-        "What the version's missing lookups mean for its drift, when they are more than `MISSING_LOOKUPS_NOTED` of its rows; else ''."
-        n, m = self.missing.get(version, 0), self.rows[version]
-        if not m or n / m <= MISSING_LOOKUPS_NOTED: return ""
-        hits = self.results[(self.results.model_version == version) & self.results.drifted].feature.unique()
-        explained = [f for f in hits if f in self.looked_up.get(version, ()) or f == "prediction"]
-        named = ", ".join(explained[:5]) + (f" and {len(explained) - 5} more" if len(explained) > 5 else "")
-        return (f". {n:,} of {m:,} rows ({n / m:.1%}) had keys not found in the feature tables: their features are "
-                f"missing"
-                + (f", which can explain drift in {named}" if explained else ""))
+# %% ../../nbs/12d_monitoring_checks.ipynb #a5c46416
+@patch
+def missing_note(self: DriftResult, version: str) -> str:
+    "What the version's missing lookups mean for its drift, when above `MISSING_LOOKUPS_NOTED` of its rows; else ''."
+    n, m = self.missing.get(version, 0), self.rows[version]
+    if not m or n / m <= MISSING_LOOKUPS_NOTED: return ""
+    hits = self.results[(self.results.model_version == version) & self.results.drifted].feature.unique()
+    explained = [f for f in hits if f in self.looked_up.get(version, ()) or f == "prediction"]
+    named = ", ".join(explained[:5]) + (f" and {len(explained) - 5} more" if len(explained) > 5 else "")
+    return (f". {n:,} of {m:,} rows ({n / m:.1%}) had keys not found in the feature tables: their features are "
+            f"missing"
+            + (f", which can explain drift in {named}" if explained else ""))
 
-    def summary(self) -> str:
-        "One line per model version: what drifted in the window (the five strongest named, the report has all), and the rows whose lookups found nothing when they may be why."
-        left_out = (f", {self.not_logged:,} requests not logged in full left out" if self.not_logged else "") + \
-                   (f", {len(self.unreadable):,} requests that could not be read left out (e.g. "
-                    f"{self.unreadable[0][0]})" if self.unreadable else "")
-        return "\n".join(f"{self.endpoint} version {v} ({self.rows[v]:,} predictions{left_out}, "
-                         f"{self.window_start:%Y-%m-%d %H:%M} to "
-                         f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r, most=5)}{self.missing_note(v)}"
-                         for v, r in self.results.groupby("model_version", sort=True))
+# %% ../../nbs/12d_monitoring_checks.ipynb #9ad770a2
+@patch
+def summary(self: DriftResult) -> str:
+    "One line per model version: what drifted in the window, and rows whose lookups found nothing if they may be why."
+    left_out = (f", {self.not_logged:,} requests not logged in full left out" if self.not_logged else "") + \
+               (f", {len(self.unreadable):,} requests that could not be read left out (e.g. "
+                f"{self.unreadable[0][0]})" if self.unreadable else "")
+    return "\n".join(f"{self.endpoint} version {v} ({self.rows[v]:,} predictions{left_out}, "
+                     f"{self.window_start:%Y-%m-%d %H:%M} to "
+                     f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r, most=5)}{self.missing_note(v)}"
+                     for v, r in self.results.groupby("model_version", sort=True))
 
-    # shown: the summary was printed already; the alert then only names what drifted
-    def raise_alert(self, shown: bool = False):
-        "Raise `DriftAlert` when a feature drifted."
-        if self.drifted: raise DriftAlert(self, shown)
+# %% ../../nbs/12d_monitoring_checks.ipynb #ddb3f0ba
+# shown: the summary was printed already; the alert then only names what drifted
+@patch
+def raise_alert(self: DriftResult, shown: bool = False):
+    "Raise `DriftAlert` when a feature drifted."
+    if self.drifted: raise DriftAlert(self, shown)
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #626c514a
 def post_alert(url: str, payload: dict, timeout: float = 5.0) -> str:
-    "POST `payload` as JSON to `url`; returns what happened (it never raises: a failing webhook must not hide the alert)."
+    "POST `payload` as JSON to `url`; returns what happened (never raises: a failing webhook must not hide the alert)."
     try:
         response = httpx.post(url, content=orjson.dumps(payload, default=str),
                               headers={"content-type": "application/json"}, timeout=timeout)
@@ -219,18 +236,19 @@ def post_alert(url: str, payload: dict, timeout: float = 5.0) -> str:
         return f"posted to {url} ({response.status_code})"
     except httpx.HTTPError as e: return f"FAILED to post to {url}: {type(e).__name__}: {e}"
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #84a48bdd
 def monitoring_dir(env: Environment, endpoint: str) -> Path:
-    "Folder for an endpoint's reports: inside a local workspace, or a temporary one (the MLflow run keeps them) on Databricks."
-    return env.path("monitoring", endpoint,
-                    create=True) if env.is_local else Path(tempfile.mkdtemp(prefix=f"monitoring-{endpoint}-"))
+    "Folder of an endpoint's reports: in a local workspace, or a temporary one on Databricks (its run keeps them)."
+    return env.path("monitoring", endpoint, create=True) if env.is_local \
+           else Path(tempfile.mkdtemp(prefix=f"monitoring-{endpoint}-"))
 
-# %% ../../nbs/12d_monitoring_checks.ipynb #7847750a
+# %% ../../nbs/12d_monitoring_checks.ipynb #1fbe38ae
 def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `inference_frame` rows of the window
                      start: pd.Timestamp, end: pd.Timestamp, psi_threshold: float, pvalue_threshold: float,
                      large_sample: int = 5_000, seed: int = 0,
                      # when the check ran (default: now): in each report's name
                      checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict]:
-    "`feature_drift` of each model version's predictions against its baseline, and its HTML report: results, rows and report per version."
+    "`feature_drift` of each model version's predictions against its baseline, and its HTML report."
     results, rows, reports = [], {}, {}
     folder, checked = monitoring_dir(env, endpoint), checked or pd.Timestamp.now(tz="UTC")
     versions = frame.groupby(["model_name", "model_version"], sort=True).indices
@@ -244,17 +262,19 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
         rows[version] = len(window)
         title = f"Drift of {endpoint}, {name} version {version}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
         # a re-check keeps the earlier report
-        reports[version] = folder / f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_checked{checked:%Y%m%dT%H%M%S}.html"
+        reports[version] = folder / (f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_"
+                                     f"checked{checked:%Y%m%dT%H%M%S}.html")
         reports[version].write_text(drift_report_html(baseline, window, r, title, buckets))
     return pd.concat(results, ignore_index=True), rows, reports
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #e206f12c
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame,
                   rows: dict, reports: dict,
                   params: dict, # the check's thresholds and sample size
                   checked: pd.Timestamp | None = None, # when the check ran (default: now): in the run's name
                   missing: dict | None = None, # model version -> rows whose feature lookup found nothing
                   ) -> str:
-    "One MLflow run in `experiment_name(env, 'monitoring')`: the check's parameters, PSI and drifted-feature metrics, the reports; returns its id."
+    "An MLflow run in `experiment_name(env, 'monitoring')`: parameters, PSI and drift metrics, reports; returns its id."
     with in_experiment(env, experiment_name(env, "monitoring")), \
          mlflow.start_run(run_name=f"drift {endpoint} {start:%Y-%m-%d %H:%M}-{end:%H:%M} checked "
                                    f"{(checked or pd.Timestamp.now(tz='UTC')):%H:%M:%S}",
@@ -280,7 +300,7 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
                 large_sample: int = 5_000, seed: int = 0,
                 alert: bool = True, # raise DriftAlert when a feature drifted (after writing everything)
                 ) -> DriftResult:
-    "Drift of the window's inputs and predictions per model version against its training baseline: written, reported, logged, alerted."
+    "Drift of the window's inputs and predictions per model version against its baseline: written, reported, alerted."
     endpoint = endpoint or env.endpoint_name
     start, end = as_utc(start), as_utc(end)
     check_period(start, end, 1)
@@ -327,7 +347,7 @@ MISSING_LOOKUP_COLUMNS = ["endpoint_name", "window_start", "window_end", "model_
                           "missing_lookups", "missing_lookup_share"]
 
 def missing_lookups(env: Environment, endpoint: str | None, start, end, window_minutes: int = 60) -> pd.DataFrame:
-    "Predictions and those whose feature lookup found nothing (keys not in the feature tables as of the request), with their share, per window and model version."
+    "Predictions, and those whose feature lookup found nothing, with their share, per window and model version."
     endpoint = endpoint or env.endpoint_name
     start, end = as_utc(start), as_utc(end)
     check_period(start, end, window_minutes)
@@ -341,7 +361,7 @@ def missing_lookups(env: Environment, endpoint: str | None, start, end, window_m
     out["missing_lookup_share"] = out.missing_lookups / out.rows
     return out[MISSING_LOOKUP_COLUMNS]
 
-# %% ../../nbs/12d_monitoring_checks.ipynb #f2716b2d
+# %% ../../nbs/12d_monitoring_checks.ipynb #02dc5ffd
 QUALITY_KEYS = ["endpoint_name", "model_version", "window_start"]
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -352,15 +372,16 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> 
     gap = np.abs(np.bincount(b, p, bins) - np.bincount(b, y, bins))  # per bin: n * |mean p - mean y|
     return float(gap.sum() / n.sum())
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #b7ae0189
 def quality_metrics(y: np.ndarray, p: np.ndarray) -> dict:
-    "ROC AUC (None with a single class), Brier score, calibration error, mean prediction and observed rate of labelled predictions."
+    "ROC AUC (None with one class), Brier score, calibration error, mean prediction and observed rate of labelled rows."
     if len(y) == 0: return {"roc_auc": None, "brier": None, "ece": None, "mean_prediction": None, "observed_rate": None}
     return {"roc_auc": float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else None,
             "brier": float(brier_score_loss(y, p)),
             "ece": expected_calibration_error(y, p), "mean_prediction": float(np.mean(p)),
             "observed_rate": float(np.mean(y))}
 
-# %% ../../nbs/12d_monitoring_checks.ipynb #7a4501a2
+# %% ../../nbs/12d_monitoring_checks.ipynb #0e972b17
 def latest_labels(env: Environment, labels_table: str, key: str, label: str) -> pd.DataFrame:
     "Key and label of each key's latest labelled row (by `snapshot_date` when the table has it)."
     tables = tables_for(env)
@@ -375,9 +396,10 @@ def latest_labels(env: Environment, labels_table: str, key: str, label: str) -> 
     if "snapshot_date" in labels: labels = labels.sort_values("snapshot_date", kind="stable")
     return labels.drop_duplicates(key, keep="last")[[key, label]]
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #2b5334ff
 def model_quality(env: Environment, endpoint: str | None, labels_table: str, start, end, window_minutes: int = 60,
                   label: str = "default_next_month", key: str = "customer_id", write: bool = True) -> pd.DataFrame:
-    "ROC AUC, Brier score and calibration per window and model version, from predictions joined to labels; merged into `<prefix>_quality`."
+    "ROC AUC, Brier score and calibration per window and model version, of predictions joined to labels; merged."
     endpoint = endpoint or env.endpoint_name
     start, end = as_utc(start), as_utc(end)
     check_period(start, end, window_minutes)
@@ -400,10 +422,11 @@ def model_quality(env: Environment, endpoint: str | None, labels_table: str, sta
     if write: tables_for(env).merge(inference_table(env, endpoint, "quality"), quality, QUALITY_KEYS)
     return quality
 
-# %% ../../nbs/12d_monitoring_checks.ipynb #006c0679
+# %% ../../nbs/12d_monitoring_checks.ipynb #abd3380b
 def _ms(x: float) -> str:  # the payload table has whole milliseconds (BIGINT, as on Databricks): under one is "<1 ms"
     return "<1 ms" if x < 1 else f"{x:.1f} ms"
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #a9eddc7f
 @dataclass
 class MonitoringRun:
     "What one monitoring run found: the period, metrics per window, the drift check and the model quality."
@@ -416,35 +439,39 @@ class MonitoringRun:
     drift: DriftResult | None = None
     quality: pd.DataFrame | None = None
 
-    def summary(self) -> str:
-        lines = [f"{self.endpoint}, {self.start:%Y-%m-%d %H:%M:%S} to {self.end:%Y-%m-%d %H:%M:%S} UTC"
-                 + (f" (rows arrive up to {self.lag_minutes} min late: complete until "
-                    f"{self.complete:%Y-%m-%d %H:%M:%S} UTC)" if self.complete else "")]
-        if self.complete is not None and self.end > self.complete:
-            lines.append(f"  WARNING: the period ends after {self.complete:%H:%M:%S}: rows of its last "
-                         f"{(self.end - self.complete).total_seconds() / 60:.0f} min may not have arrived yet")
-        for m in (self.metrics.itertuples() if self.metrics is not None else []):
-            lines.append(f"  {m.window_start:%H:%M} {m.served_entity_name}: {m.requests:,} requests, {m.qps:.2f}/s, "
-                         f"errors {m.error_rate:.1%}, "
-                         f"p50 {_ms(m.p50_ms)}, p95 {_ms(m.p95_ms)}, p99 {_ms(m.p99_ms)}")
-        if self.drift is not None:
-            lines.append(f"  drift: {self.drift.summary()}")
-            lines += [f"  report (version {v}): {path}" for v, path in self.drift.reports.items()]
-        for q in (self.quality.itertuples() if self.quality is not None else []):
-            auc = "n/a" if pd.isna(q.roc_auc) else f"{q.roc_auc:.3f}"
-            lines.append(f"  quality {q.window_start:%H:%M} version {q.model_version}: {q.labelled:,} of "
-                         f"{q.predictions:,} labelled, "
-                         f"ROC AUC {auc}, Brier {q.brier:.3f}, ECE {q.ece:.3f}")
-        return "\n".join(lines)
+# %% ../../nbs/12d_monitoring_checks.ipynb #e9b24bc2
+@patch
+def summary(self: MonitoringRun) -> str:
+    lines = [f"{self.endpoint}, {self.start:%Y-%m-%d %H:%M:%S} to {self.end:%Y-%m-%d %H:%M:%S} UTC"
+             + (f" (rows arrive up to {self.lag_minutes} min late: complete until "
+                f"{self.complete:%Y-%m-%d %H:%M:%S} UTC)" if self.complete else "")]
+    if self.complete is not None and self.end > self.complete:
+        lines.append(f"  WARNING: the period ends after {self.complete:%H:%M:%S}: rows of its last "
+                     f"{(self.end - self.complete).total_seconds() / 60:.0f} min may not have arrived yet")
+    for m in (self.metrics.itertuples() if self.metrics is not None else []):
+        lines.append(f"  {m.window_start:%H:%M} {m.served_entity_name}: {m.requests:,} requests, {m.qps:.2f}/s, "
+                     f"errors {m.error_rate:.1%}, "
+                     f"p50 {_ms(m.p50_ms)}, p95 {_ms(m.p95_ms)}, p99 {_ms(m.p99_ms)}")
+    if self.drift is not None:
+        lines.append(f"  drift: {self.drift.summary()}")
+        lines += [f"  report (version {v}): {path}" for v, path in self.drift.reports.items()]
+    for q in (self.quality.itertuples() if self.quality is not None else []):
+        auc = "n/a" if pd.isna(q.roc_auc) else f"{q.roc_auc:.3f}"
+        lines.append(f"  quality {q.window_start:%H:%M} version {q.model_version}: {q.labelled:,} of "
+                     f"{q.predictions:,} labelled, "
+                     f"ROC AUC {auc}, Brier {q.brier:.3f}, ECE {q.ece:.3f}")
+    return "\n".join(lines)
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #e6275e58
 def monitoring_period(start=None, end=None, window_minutes: int = 60, lookback_minutes: int = 60,
                       lag_minutes: int = 0, # rows arrive up to this late
                       now=None) -> tuple[pd.Timestamp, pd.Timestamp]:
-    "The period a run checks: given times; from `start` to now minus the lag; or `lookback_minutes` before that, floored to `window_minutes`."
+    "The period a run checks: the times given; from `start` to now minus the lag; or `lookback_minutes` up to that."
     complete = as_utc(now or pd.Timestamp.now(tz="UTC")) - pd.Timedelta(minutes=lag_minutes)
     end = as_utc(end) if end else complete if start else complete.floor(f"{window_minutes}min")
     return (as_utc(start) if start else end - pd.Timedelta(minutes=lookback_minutes)), end
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #4c015fe1
 def run_monitoring(env: Environment, endpoint: str | None = None, start=None, end=None,
                    window_minutes: int | None = None, # default: the environment's monitoring_window_minutes
                    lookback_minutes: int | None = None, # default: window_minutes
@@ -453,9 +480,9 @@ def run_monitoring(env: Environment, endpoint: str | None = None, start=None, en
                    # rows arrive up to this late; default: the environment's monitoring_lag_minutes
                    lag_minutes: int | None = None,
                    ) -> MonitoringRun:
-    "Endpoint metrics, drift and (with labels) model quality of one period, all written; never raises the drift alert itself."
-    if task not in ("metrics", "drift",
-                    "all"): raise MonitoringError(f"task must be metrics, drift or all, got {task!r}")
+    "Endpoint metrics, drift and (with labels) model quality of one period, all written; never raises the drift alert."
+    if task not in ("metrics", "drift", "all"):
+        raise MonitoringError(f"task must be metrics, drift or all, got {task!r}")
     window_minutes = window_minutes or env.var("monitoring_window_minutes", int)
     lag = env.var("monitoring_lag_minutes", int) if lag_minutes is None else int(lag_minutes)
     if lag < 0: raise MonitoringError(f"lag_minutes is {lag}; expected 0 or more minutes")

@@ -28,7 +28,8 @@ from ..errors import InputError, MlopsError
 from ..feature_store import FeatureStoreError, feature_store_for, features_as_of
 from ..naming import inference_table, model_uri
 from ..registry import registry_client
-from ..serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE, record_served_entities, served_entity_rows
+from ..serving.capture import (PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE, record_served_entities,
+                                           served_entity_rows)
 from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns, repeated_key
 from ..tables import get_spark, tables_for
 
@@ -39,20 +40,21 @@ __all__ = ['log', 'ENTITY_COLUMNS', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'Monitoring
            'synthetic_entity', 'payload_rows', 'parse_requests', 'engineering_spec', 'model_spec', 'inference_frame',
            'read_payload']
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #c7f44206
+# %% ../../nbs/12c_monitoring_inference.ipynb #20032e0a
 class MonitoringError(InputError):
     "Monitoring cannot run on this input; the message names the table, endpoint, version or window."
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #a91e345b
 def as_utc(t) -> pd.Timestamp:
     "`t` (datetime, Timestamp or ISO text) as a UTC timestamp; a naive time is taken as UTC."
     ts = pd.Timestamp(t)
     return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #11c51f37
+# %% ../../nbs/12c_monitoring_inference.ipynb #d262db5e
 ENTITY_COLUMNS = ["served_entity_id", "served_entity_name", "model_name", "model_version"]
 
 def served_entities(env: Environment, endpoint: str, ids: Sequence[str]) -> pd.DataFrame:
-    "Served entity name, model and version of each of `ids`, from `system.serving.served_entities` (each id's latest row)."
+    "Served entity name, model and version of each of `ids`, from `system.serving.served_entities` (latest row per id)."
     wanted, tables = {i for i in ids if i is not None}, tables_for(env)
     if not tables.exists(SERVED_ENTITIES_TABLE):
         raise MonitoringError(f"{SERVED_ENTITIES_TABLE} does not exist in environment '{env.name}': it names the "
@@ -63,9 +65,8 @@ def served_entities(env: Environment, endpoint: str, ids: Sequence[str]) -> pd.D
                               columns=["served_entity_id", "served_entity_name", "entity_name", "entity_version",
                                        "change_time"],
                               filters=[("endpoint_name", "=", endpoint)])
-    rows = rows[rows.served_entity_id.isin(wanted)].sort_values("change_time",
-                                                                kind="stable").drop_duplicates("served_entity_id",
-                                                                        keep="last")
+    rows = rows[rows.served_entity_id.isin(wanted)].sort_values("change_time", kind="stable") \
+               .drop_duplicates("served_entity_id", keep="last")
     unknown = sorted(wanted - set(rows.served_entity_id))
     if unknown: raise MonitoringError(f"{SERVED_ENTITIES_TABLE} has no row of endpoint {endpoint} for "
                                       f"served_entity_id {unknown[:3]}"
@@ -74,9 +75,10 @@ def served_entities(env: Environment, endpoint: str, ids: Sequence[str]) -> pd.D
     return rows.rename(columns={"entity_name": "model_name",
                                 "entity_version": "model_version"})[ENTITY_COLUMNS].reset_index(drop=True)
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #1e2d9708
 def synthetic_entity(env: Environment, endpoint: str, model_name: str, version: str | int,
                      name: str | None = None) -> str:
-    "Record a served entity of `version` in the history, as the runtime does when it applies a config; returns its served_entity_id."
+    "Record a served entity of `version`, as the runtime does when it applies a config; returns its served_entity_id."
     from serving_mlops.naming import served_entity_name
     entity = {"name": name or served_entity_name(model_name, version), "entity_name": model_name,
               "entity_version": str(version)}
@@ -113,8 +115,8 @@ def payload_rows(features: pd.DataFrame, # model input rows: the model's (numeri
     request, response = [], []
     for j, i in enumerate(starts):
         rows = slice(i, i + rows_per_request)
-        body = {"dataframe_records": K[rows]} if K is not None else {"dataframe_split": {"columns": cols,
-                "data": X[rows]}}
+        body = ({"dataframe_records": K[rows]} if K is not None
+                else {"dataframe_split": {"columns": cols, "data": X[rows]}})
         request.append(dumps(body, option=orjson.OPT_SERIALIZE_NUMPY).decode())
         response.append(dumps({"predictions": P[rows]}).decode() if ok[j] else error)
     prefix = uuid.uuid4().hex[:12]
@@ -128,25 +130,28 @@ def payload_rows(features: pd.DataFrame, # model input rows: the model's (numeri
         "request": request, "response": response, "logging_error_codes": [[] for _ in range(m)],
         "served_entity_id": [served_entity_id] * m, "requester": ["synthetic"] * m}, schema=PAYLOAD_SCHEMA)
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #d80f30fe
+# %% ../../nbs/12c_monitoring_inference.ipynb #05a4d283
 # model inputs are numbers (the endpoint checked them)
 REQUEST_SHAPE = ('{"dataframe_split": {"columns": "JSON", "data": [["DOUBLE"]]}, '
                  # the other formats: their JSON, read apart
                  '"dataframe_records": "JSON", "instances": "JSON", "inputs": "JSON"}')
 OTHER_SHAPES = {"columns": '"MAP(VARCHAR, JSON[])"', "records": '["MAP(VARCHAR, JSON)"]', "rows": '[["JSON"]]'}
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #3f5c6576
 def _arrow(payload, columns: list) -> pa.Table:
-    "Some `columns` of a pandas or Arrow frame as an Arrow table (request texts stay in Arrow: no Python string per request)."
+    "Some `columns` of a pandas or Arrow frame as an Arrow table."
     if isinstance(payload, pa.Table): return payload.select(columns)
     return pa.Table.from_pandas(payload[columns], preserve_index=False)
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #2882a8a6
 def _take(values, at: np.ndarray):
-    "The Arrow `values` (array or table, in chunks or not) at the ascending positions `at`: none copied when `at` is all of them, else filtered chunk by chunk (a take joins the chunks first: seconds for a million nested rows)."
+    "The Arrow `values` (array or table, in chunks or not) at the ascending positions `at`, filtered chunk by chunk."
     if len(at) == len(values): return values
     keep = np.zeros(len(values), dtype=bool)
     keep[at] = True
     return values.filter(pa.array(keep))
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #6d4fab28
 def _groups(texts: pa.ChunkedArray) -> list[tuple[str, np.ndarray]]:
     "Each distinct text (nulls aside) and its positions: one comparison when all are the same, the usual window."
     at = np.flatnonzero(texts.is_valid().to_numpy(zero_copy_only=False))
@@ -155,16 +160,19 @@ def _groups(texts: pa.ChunkedArray) -> list[tuple[str, np.ndarray]]:
     codes = pc.fill_null(pc.index_in(texts, value_set=distinct), -1).to_numpy(zero_copy_only=False)
     return [(text, np.flatnonzero(codes == g)) for g, text in enumerate(distinct.to_pylist())]
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #d12b20b8
 def _query(sql: str, **tables) -> pa.Table:
     "`sql` run by DuckDB over the given Arrow tables (its JSON functions parse each document once, on every core)."
     with duckdb.connect() as con:
         for name, table in tables.items(): con.register(name, table)
         return con.sql(sql).to_arrow_table()
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #139f37e0
 def _unreadable(t: pa.Table, i: int, columns: list, where) -> str:
     "Why request `i` of `t` cannot be read, as it is reported when the request is left out."
     return str(_request_error(t.column("request")[i].as_py(), columns, where(i)))
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #fde96675
 def _request_error(body: str, columns: list, where: str) -> MonitoringError:
     "Why one request cannot be read, as the runtime's own parser words it."
     hint = "" if columns else " (its model's input columns are unknown: rows without names cannot be read)"
@@ -180,6 +188,7 @@ def _request_error(body: str, columns: list, where: str) -> MonitoringError:
     except MlopsError as e: return MonitoringError(f"{where}: {e}{hint}")
     return MonitoringError(f"{where}: its {key} could not be read as rows of columns{hint}")
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #63b23831
 def _typed(texts: pa.Array) -> np.ndarray:
     "JSON values (text, null for null) as pandas would hold them: int64, float64 (NaN for null), or objects."
     for t in (pa.int64(), pa.float64()):
@@ -187,7 +196,7 @@ def _typed(texts: pa.Array) -> np.ndarray:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError): pass
     return pd.Series(orjson.loads("[" + ",".join(pc.fill_null(texts, "null").to_pylist()) + "]")).to_numpy()
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #e75888b3
+# %% ../../nbs/12c_monitoring_inference.ipynb #6371f094
 @dataclass
 class _Block:
     "Rows of some requests, one frame of the columns those requests sent."
@@ -197,8 +206,9 @@ class _Block:
 # the column of an entry that only says its row exists: an empty record `{}`, a row of nulls as MLflow reads it
 _NO_COLUMN = object()
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #0ff83877
 def _entry_blocks(request: np.ndarray, row: np.ndarray, column: np.ndarray, text: pa.Array) -> list[_Block]:
-    "Blocks of (request, row id, column, JSON value) entries: requests that sent the same columns share a block; a column a row lacks is null."
+    "Blocks of (request, row id, column, JSON value) entries: requests that sent the same columns share a block."
     code, names = pd.factorize(column)  # columns in the order they were first sent
     rows, row = np.unique(row, return_inverse=True)  # row ids are in request order
     row_request = np.zeros(len(rows), dtype="int64")
@@ -218,6 +228,7 @@ def _entry_blocks(request: np.ndarray, row: np.ndarray, column: np.ndarray, text
         blocks.append(_Block(pd.DataFrame(frame, index=pd.RangeIndex(len(members))), row_request[members]))
     return blocks
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #68607d79
 def _lengths(lists: pa.Array) -> np.ndarray:
     "Length of each list (0 for null)."
     return pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False).astype("int64")
@@ -226,12 +237,14 @@ def _as_lists(maps: pa.Array) -> pa.Array:
     "Maps as lists of key-value structs (what Arrow's list kernels take)."
     return maps.cast(pa.list_(pa.struct([("key", maps.type.key_type), ("value", maps.type.item_type)])))
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #69cefa65
 def _rows(request: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     "The request and a request-ordered row id of each of the `counts` rows of each request."
     owner = np.repeat(request, counts)
     position = np.arange(len(owner)) - np.repeat(np.cumsum(counts) - counts, counts)
     return owner, owner.astype("int64") * 2**32 + position
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #ac45da41
 def _row_entries(request: np.ndarray, data: pa.Array, names: Sequence) -> tuple:
     "Entries of each request's rows (lists of JSON values, `names` in order): request, row id, column, value."
     owner, row = _rows(request, _lengths(data))
@@ -239,6 +252,7 @@ def _row_entries(request: np.ndarray, data: pa.Array, names: Sequence) -> tuple:
     return np.repeat(owner, width), np.repeat(row, width), np.tile(np.asarray(names, dtype=object),
                                                                    len(row)), pc.list_flatten(pc.list_flatten(data))
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #b3d97588
 def _typed_split(t: pa.Table, at: np.ndarray, names: list) -> list[_Block]:
     "Blocks of the `dataframe_split` requests at `at` (rows of `names`), each value read as JSON typed it."
     data = _query('SELECT json_transform(request, \'{"dataframe_split": {"data": [["JSON"]]}}\').dataframe_split.data '
@@ -246,24 +260,26 @@ def _typed_split(t: pa.Table, at: np.ndarray, names: list) -> list[_Block]:
                   t=_take(t.select(["request"]), at)).column("d").combine_chunks()
     return _entry_blocks(*_row_entries(at, data, names))
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #f8ec39d8
 def _rows_by_column(flat: pa.ChunkedArray, width: int) -> np.ndarray:
-    "The numbers `flat` (rows of `width` values one after another, in chunks of whole rows) as a (rows, width) array laid out column by column: one copy, chunk by chunk."
+    "The numbers `flat` (rows of `width` values, in chunks of whole rows) as a (rows, width) array, column by column."
     out, start = np.empty((len(flat) // width, width), order="F"), 0
     for chunk in flat.chunks:
         rows = chunk.to_numpy(zero_copy_only=False).reshape(-1, width)
         out[start:start + len(rows)], start = rows, start + len(rows)
     return out
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #cad2bde6
 def _numbers_frame(cells: np.ndarray, names: list) -> pd.DataFrame:
-    "Rows of numbers as a frame whose columns each lie contiguous in memory (the drift statistics read column by column: some 30x faster than across rows)."
+    "Rows of numbers as a frame whose columns each lie contiguous in memory."
     return pd.DataFrame(np.asfortranarray(cells), columns=names)  # no copy when laid out so already
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #b6c41ac1
+# %% ../../nbs/12c_monitoring_inference.ipynb #23314f9e
 def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where,
                   # request position -> why: the requests that cannot be read go here, and their rows are left out
                   skipped: dict,
                   ) -> list[_Block]:
-    "Blocks of the `dataframe_split` requests at `at`: per set of columns, numbers as parsed; other columns and nulls read again as JSON."
+    "Blocks of the `dataframe_split` requests at `at`: numbers as parsed; other columns and nulls read again as JSON."
     split = pc.struct_field(q, "dataframe_split")  # of every request (null for the others): no rows copied
     data = pc.struct_field(split, "data")
     all_rows = pc.list_flatten(data)  # the rows of the requests at `at`, in request order
@@ -316,18 +332,21 @@ def _split_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, numeric: set, where,
         blocks += _typed_split(t, np.unique(requests), names)  # keys and other columns: each value as JSON typed it
     return blocks
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #ff23ef56
+# %% ../../nbs/12c_monitoring_inference.ipynb #54e8b18a
+# long: one pass per format over the window's entries; splitting it is a code change, not layout
 def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where,
                   # request position -> why: the requests that cannot be read go here, and their rows are left out
                   skipped: dict,
                   ) -> list[_Block]:
-    "Blocks of the requests at `at` in the other formats: records, columns of values (`inputs`) or rows of values in the model's column order."
+    "Blocks of the requests at `at` in the other formats: records, columns of values (`inputs`) or rows of values."
     q = _take(q, at)
     body = pc.coalesce(*(pc.struct_field(q, k) for k in PAYLOAD_KEYS[1:]))
     shapes = ", ".join(f"CASE WHEN shape = '{s}' THEN json_transform(body, '{OTHER_SHAPES[s]}') END AS {s}"
                        for s in OTHER_SHAPES)
-    read = _query(f"""SELECT shape, {shapes} FROM (SELECT body, CASE WHEN json_type(body) = 'OBJECT' THEN 'columns' WHEN json_type(body, '$[0]') = 'OBJECT'
-                      THEN 'records' WHEN json_type(body, '$[0]') = 'ARRAY' THEN 'rows' WHEN json_array_length(body) = 0 THEN 'records' END AS shape FROM b)""",
+    read = _query(f"SELECT shape, {shapes} FROM (SELECT body, CASE WHEN json_type(body) = 'OBJECT' THEN 'columns' "
+                  "WHEN json_type(body, '$[0]') = 'OBJECT'\n                      THEN 'records' "
+                  "WHEN json_type(body, '$[0]') = 'ARRAY' THEN 'rows' "
+                  "WHEN json_array_length(body) = 0 THEN 'records' END AS shape FROM b)",
                   b=pa.table({"body": body}))
     shape = read.column("shape").to_numpy(zero_copy_only=False)
     ok = np.zeros(len(at), dtype=bool)
@@ -353,9 +372,10 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
     k = _lengths(by_column)
     n = np.zeros(len(at), dtype="int64")
     n[k > 0] = lengths[(np.cumsum(k) - k)[k > 0]]  # rows: the length of the first column
-    inputs = pc.struct_field(q, "inputs").is_valid().to_numpy(zero_copy_only=False) & ~pc.struct_field(q,
-            "dataframe_records").is_valid().to_numpy(zero_copy_only=False) \
-             & ~pc.struct_field(q, "instances").is_valid().to_numpy(zero_copy_only=False)  # only `inputs` may be columns of values
+    # only `inputs` may be columns of values
+    inputs = pc.struct_field(q, "inputs").is_valid().to_numpy(zero_copy_only=False) \
+             & ~pc.struct_field(q, "dataframe_records").is_valid().to_numpy(zero_copy_only=False) \
+             & ~pc.struct_field(q, "instances").is_valid().to_numpy(zero_copy_only=False)
     ok[shape == "columns"] = (by_column.is_valid().to_numpy(zero_copy_only=False) & inputs)[shape == "columns"]
     ok[np.unique(owner[lengths != n[owner]])] = False
     position = np.arange(lengths.clip(0).sum()) - np.repeat(np.cumsum(lengths.clip(0)) - lengths.clip(0),
@@ -388,19 +408,21 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
     return _entry_blocks(*(np.concatenate([e[k] for e in entries]) for k in range(3)),
                          pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #11f78337
+# %% ../../nbs/12c_monitoring_inference.ipynb #8fd9e4d4
+# long: the window's requests read once and matched with their predictions; splitting it is a code change
 def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
                    # served_entity_id -> its model's input columns, for rows sent without names
                    columns: dict | None = None,
                    ) -> pd.DataFrame:
-    "One row per prediction of the successful requests logged in full: the columns sent, `prediction`, request time, served entity and request id."
+    "One row per prediction of the successful requests logged in full: columns sent, `prediction`, time, entity, id."
     columns = columns or {}
     t = _arrow(payload, ["status_code", "request", "response", "databricks_request_id", "served_entity_id",
                          "request_time"])
     ok = pc.fill_null(pc.equal(t.column("status_code"), 200), False)
     # the rows read (positions stay the table's)
     logged = pc.and_(ok, pc.and_(t.column("request").is_valid(), t.column("response").is_valid()))
-    ids, entities = t.column("databricks_request_id").to_numpy(zero_copy_only=False), t.column("served_entity_id").to_numpy(zero_copy_only=False)
+    ids, entities = (t.column("databricks_request_id").to_numpy(zero_copy_only=False),
+                     t.column("served_entity_id").to_numpy(zero_copy_only=False))
     where = lambda i: f"request {ids[i]}"
     parsed = _query(f"SELECT CASE WHEN logged THEN try(json_transform(request, '{REQUEST_SHAPE}')) END AS q, CASE "
                     f"WHEN logged "
@@ -466,11 +488,12 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
                                len(unreadable), next(iter(unreadable.values())))
     return out
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #5791285b
+# %% ../../nbs/12c_monitoring_inference.ipynb #00d822c8
 def _own_spec(path: Path) -> dict:
     spec = json.loads(path.read_text())
     return {"lookups": spec["lookups"], "columns": list(spec["model_columns"])}
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #189b348f
 def engineering_spec(path: Path | str) -> dict:
     "Lookups and input columns of the FeatureEngineeringClient's `feature_spec.yaml` at `path`."
     from databricks.ml_features_common.entities.feature_spec import FeatureSpec
@@ -485,6 +508,7 @@ def engineering_spec(path: Path | str) -> dict:
     columns = [getattr(c.info, "output_name", None) or c.info.name for c in spec.column_infos if c.include]
     return {"lookups": list(lookups.values()), "columns": columns}
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #ef10b4ab
 def model_spec(env: Environment, model_name: str, version: str | int) -> dict:
     "The feature `lookups` and input `columns` of a model version (no lookups without a feature spec)."
     try: registry_client(env).get_model_version(model_name, str(version))
@@ -500,9 +524,9 @@ def model_spec(env: Environment, model_name: str, version: str | int) -> dict:
     inputs = signature.inputs if signature is not None else None
     return {"lookups": [], "columns": inputs.input_names() if inputs is not None and inputs.has_input_names() else []}
 
-# %% ../../nbs/12c_monitoring_inference.ipynb #e341c806
+# %% ../../nbs/12c_monitoring_inference.ipynb #b6f0fff1
 def _with_features(env: Environment, spec: dict, rows: pd.DataFrame, model: str) -> pd.DataFrame:
-    "`rows` (of requests that sent the same columns) with the features of `spec` they lack, looked up as of their request time, and `missing_lookup`."
+    "`rows` (one set of sent columns) with the features of `spec` they lack, looked up as of request time."
     sent = [c for c in rows["_sent"].iat[0].split(",") if c]
     missing = [o for l in spec["lookups"] for o in l["features"].values() if o not in sent]
     if not missing: return rows
@@ -526,17 +550,18 @@ def _with_features(env: Environment, spec: dict, rows: pd.DataFrame, model: str)
         if brought: nothing |= found[brought].isna().all(axis=1).to_numpy()
     return rows.assign(**{c: found[c].to_numpy() for c in missing}, missing_lookup=nothing)
 
+# %% ../../nbs/12c_monitoring_inference.ipynb #4d114062
 def inference_frame(env: Environment, payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
                     # whose served entities the rows name; default: the environment's endpoint_name
                     endpoint: str | None = None,
                     # request columns every row must have (e.g. customer_id); null where not sent
                     keys: Sequence[str] = (),
                     ) -> pd.DataFrame:
-    "One row per prediction of the successful requests: the model's inputs (sent, or looked up as of the request), `missing_lookup`, `prediction`, request, served entity, model and version."
+    "One row per prediction of the successful requests: the model's inputs, `missing_lookup`, `prediction` and whence."
     endpoint = endpoint or env.endpoint_name
     rows = _arrow(payload, ["status_code", "served_entity_id"])
-    ids = set(pc.unique(rows.column("served_entity_id").filter(pc.fill_null(pc.equal(rows.column("status_code"), 200),
-            False))).to_pylist())
+    ids = set(pc.unique(rows.column("served_entity_id")
+                        .filter(pc.fill_null(pc.equal(rows.column("status_code"), 200), False))).to_pylist())
     entities = served_entities(env, endpoint, ids) if ids else pd.DataFrame(columns=ENTITY_COLUMNS)
     versions = entities.drop_duplicates(["model_name", "model_version"])
     specs = {(r.model_name, r.model_version): model_spec(env, r.model_name, r.model_version)
@@ -562,8 +587,8 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
     out["missing_lookup"] = out["missing_lookup"].eq(True).to_numpy() if "missing_lookup" in out else False
     for k in keys:
         if k not in out: out[k] = None
-    out.attrs["not_logged"], out.attrs["unreadable"] = frame.attrs.get("not_logged", 0), frame.attrs.get("unreadable",
-            [])
+    out.attrs["not_logged"], out.attrs["unreadable"] = (frame.attrs.get("not_logged", 0),
+                                                        frame.attrs.get("unreadable", []))
     # (model, version) -> features
     out.attrs["looked_up"] = {key: [o for l in s["lookups"] for o in l["features"].values()]
                               for key, s in specs.items()}

@@ -38,7 +38,7 @@ __all__ = ['log', 'invocations', 'authorized_invocations', 'API', 'AUTH', 'route
            'server_logs', 'me', 'permissions', 'permission_levels', 'change_permissions', 'open_api', 'build_logs',
            'Invocations', 'ServingApp', 'make_app']
 
-# %% ../../nbs/08f_serving_app.ipynb #c1f6fc79
+# %% ../../nbs/08f_serving_app.ipynb #2e887853
 def json_response(payload, status: int = 200, headers: dict | None = None) -> Response:
     "A JSON response serialised with orjson (numpy arrays included)."
     return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY), status, headers,
@@ -48,16 +48,18 @@ def error_response(e: ServingError) -> Response:
     "`e` as Databricks answers it: `{error_code, message}` with its HTTP status."
     return json_response({"error_code": e.error_code, "message": e.message}, e.status)
 
+# %% ../../nbs/08f_serving_app.ipynb #ce78999f
 async def serving_error(request: Request, e: ServingError) -> Response: return error_response(e)
 
 async def no_route(request: Request, e: HTTPException) -> Response:
-    "A path or method the runtime does not serve, answered as Databricks' REST API does (JSON the SDK reads), not Starlette's plain text."
+    "A path or method the runtime does not serve, answered as Databricks' REST API does, not in Starlette's plain text."
     if e.status_code == 404: return error_response(ServingError(404, "ENDPOINT_NOT_FOUND",
                                                                 f"No API found for '{request.method} "
                                                                 f"{request.url.path}'"))
     return error_response(ServingError(e.status_code, "BAD_REQUEST",
                                        f"{request.method} is not allowed on {request.url.path}"))
 
+# %% ../../nbs/08f_serving_app.ipynb #04e643f4
 async def internal_error(request: Request, e: Exception) -> Response:
     "An unexpected exception: logged with its traceback, answered as a 500 `INTERNAL_ERROR`."
     log.error("%s %s failed", request.method, request.url.path, exc_info=e)
@@ -90,7 +92,7 @@ class BearerAuth:
             raise ServingError(403, "PERMISSION_DENIED", "invalid access token")
         await self.app(scope, receive, send)
 
-# %% ../../nbs/08f_serving_app.ipynb #2eb133e2
+# %% ../../nbs/08f_serving_app.ipynb #95cd454c
 async def receive_body(scope, receive, limit: int) -> bytes:
     "The body of an ASGI request, refused with 413 once it passes `limit` bytes."
     length = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
@@ -108,6 +110,7 @@ async def receive_body(scope, receive, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False): return b"".join(chunks)
 
+# %% ../../nbs/08f_serving_app.ipynb #34c1ece2
 async def read_body(request: Request, limit: int) -> bytes:
     "The request body, refused with 413 once it passes `limit` bytes."
     return await receive_body(request.scope, request.receive, limit)
@@ -120,7 +123,7 @@ async def read_json(request: Request) -> dict:
     if not isinstance(payload, dict): raise bad_request("request body must be a JSON object")
     return payload
 
-# %% ../../nbs/08f_serving_app.ipynb #3e22d3e3
+# %% ../../nbs/08f_serving_app.ipynb #01a5350f
 def _runtime(request: Request) -> ServingRuntime: return request.app.state.runtime
 
 async def well_known(request): return json_response({"workspace_id": "0", "oidc_endpoint": ""})
@@ -134,6 +137,7 @@ async def health(request):
     return json_response({"status": "ok", "environment": runtime.env.name, "endpoints": len(runtime.endpoints),
                           **worker, **failing})
 
+# %% ../../nbs/08f_serving_app.ipynb #3bb2bbc9
 async def create_endpoint(request):
     runtime = _runtime(request)
     return json_response(runtime.create(await read_json(request)).to_json(runtime.base_url))
@@ -148,6 +152,7 @@ async def get_endpoint(request):
     runtime = _runtime(request)
     return json_response(runtime.get(request.path_params["name"]).to_json(runtime.base_url))
 
+# %% ../../nbs/08f_serving_app.ipynb #dd3adad6
 async def delete_endpoint(request):
     _runtime(request).delete(request.path_params["name"]); return json_response({})
 
@@ -156,6 +161,7 @@ async def update_config(request):
     return json_response(runtime.update_config(request.path_params["name"],
                                                await read_json(request)).to_json(runtime.base_url))
 
+# %% ../../nbs/08f_serving_app.ipynb #f43270e4
 async def put_ai_gateway(request):
     return json_response(_runtime(request).set_ai_gateway(request.path_params["name"], await read_json(request)))
 
@@ -171,11 +177,13 @@ async def server_logs(request):
     return json_response({"logs": _runtime(request).server_logs(request.path_params["name"],
                                                                 request.path_params["served"])})
 
+# %% ../../nbs/08f_serving_app.ipynb #cd12dc74
 async def me(request):  # databricks-sdk's `current_user.me()`: the token's owner
     owner = token_owner()
     return json_response({"id": owner, "userName": owner, "displayName": owner, "active": True,
                           "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"]})
 
+# %% ../../nbs/08f_serving_app.ipynb #aa758a1a
 async def permissions(request):
     return json_response(_runtime(request).permissions(request.path_params["id"]))
 
@@ -187,9 +195,9 @@ async def change_permissions(request):
     _runtime(request).permissions(request.path_params["id"])
     raise ServingError(400, "INVALID_PARAMETER_VALUE",
                        f"the local serving runtime has one bearer token, {token_owner()}'s, which "
-                                                       f"manages every endpoint; permissions cannot be granted to "
-                                                       f"others here")
+                       f"manages every endpoint; permissions cannot be granted to others here")
 
+# %% ../../nbs/08f_serving_app.ipynb #2faf83b6
 async def open_api(request):  # reads the served models' MLmodel files: off the event loop
     return json_response(await asyncio.to_thread(_runtime(request).open_api, request.path_params["name"]))
 
@@ -197,8 +205,10 @@ async def build_logs(request):  # reads the model's requirements from the regist
     return json_response({"logs": await asyncio.to_thread(_runtime(request).build_logs, request.path_params["name"],
                                                           request.path_params["served"])})
 
+# %% ../../nbs/08f_serving_app.ipynb #adedbd9f
 class Invocations:
-    "The data plane, the hot path, as a plain ASGI app: no `Request` object, no body stream, no handler wrapper (errors go to the app's handlers all the same)."
+    "The data plane, the hot path, as a plain ASGI app: no `Request` object, no body stream, no handler wrapper."
+    # errors go to the app's handlers all the same
     async def __call__(self, scope, receive, send):
         request_id, runtime, name = uuid.uuid4().hex, scope["app"].state.runtime, scope["path_params"]["name"]
         runtime.get(name)
@@ -211,8 +221,8 @@ class Invocations:
             response = error_response(e)
             response.headers["x-request-id"] = request_id
             return await response(scope, receive, send)
-        await json_response(out, headers={"served-model-name": served, "x-request-id": request_id})(scope, receive,
-                send)
+        await json_response(out, headers={"served-model-name": served,
+                                          "x-request-id": request_id})(scope, receive, send)
 
 invocations = Invocations()
 authorized_invocations = BearerAuth(invocations)
@@ -246,14 +256,16 @@ routes = [  # the invocations first: a request tries the routes in order (each a
     Route("/api/2.0/preview/scim/v2/Me", me, methods=["GET"], middleware=AUTH),
 ]
 
-# %% ../../nbs/08f_serving_app.ipynb #df68cc8e
+# %% ../../nbs/08f_serving_app.ipynb #68d4a09d
 INVOCATIONS = ("/serving-endpoints/", "/invocations")  # an invocation's path around its endpoint's name
 
 class ServingApp(Starlette):
-    "The runtime's app: Starlette, except that an invocation is answered before its middleware and router (six layers, about a tenth of a one-row request here), with the same auth and error answers."
+    "The runtime's app: Starlette, except that an invocation is answered before its middleware and router."
+    # six layers, about a tenth of a one-row request here; the same auth and error answers
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        if scope["type"] == "http" and scope["method"] == "POST" and path.startswith(INVOCATIONS[0]) and path.endswith(INVOCATIONS[1]):
+        if (scope["type"] == "http" and scope["method"] == "POST" and path.startswith(INVOCATIONS[0])
+                and path.endswith(INVOCATIONS[1])):
             name = path[len(INVOCATIONS[0]):-len(INVOCATIONS[1])]
             if name and "/" not in name:  # what the route's {name} matches
                 scope["app"], scope["path_params"] = self, {"name": name}
@@ -263,6 +275,7 @@ class ServingApp(Starlette):
                 return await response(scope, receive, send)
         await super().__call__(scope, receive, send)
 
+# %% ../../nbs/08f_serving_app.ipynb #e6e9e378
 def make_app(env: Environment, settings: RuntimeSettings | None = None, on_started=None, on_stopped=None,
              **runtime_options) -> ServingApp:  # more `ServingRuntime` arguments: its coordinator
     "The ASGI app of `env`'s serving runtime (restores persisted endpoints at startup)."
@@ -284,6 +297,6 @@ def make_app(env: Environment, settings: RuntimeSettings | None = None, on_start
     # (uvicorn would close the connection); its ExceptionMiddleware around the routes answers and stops there
     app = ServingApp(routes=routes, lifespan=lifespan,
                      exception_handlers={ServingError: serving_error, 404: no_route, 405: no_route},
-                    middleware=[Middleware(ExceptionMiddleware, handlers={Exception: internal_error})])
+                     middleware=[Middleware(ExceptionMiddleware, handlers={Exception: internal_error})])
     app.state.runtime, app.state.token = runtime, serving_token(env).encode()
     return app

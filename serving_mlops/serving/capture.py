@@ -22,6 +22,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.json
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'RECORD_SCHEMA', 'SERVED_ENTITIES_TABLE', 'SERVED_ENTITIES_SCHEMA',
@@ -29,7 +30,7 @@ __all__ = ['log', 'PAYLOAD_SCHEMA', 'PAYLOAD_COMMENTS', 'RECORD_SCHEMA', 'SERVED
            'served_entity_rows', 'record_served_entities', 'frame_record', 'read_records', 'read_bodies', 'sync_folder',
            'write_whole', 'InferenceLog']
 
-# %% ../../nbs/08c_serving_capture.ipynb #b7c1c0a4
+# %% ../../nbs/08c_serving_capture.ipynb #423a0b1e
 log = logging.getLogger(__name__)
 
 PAYLOAD_SCHEMA = pa.schema([  # the AI Gateway inference table, column for column
@@ -37,6 +38,8 @@ PAYLOAD_SCHEMA = pa.schema([  # the AI Gateway inference table, column for colum
     ("request_time", pa.timestamp("us", tz="UTC")), ("status_code", pa.int32()), ("sampling_fraction", pa.float64()),
     ("execution_duration_ms", pa.int64()), ("request", pa.string()), ("response", pa.string()),
     ("logging_error_codes", pa.list_(pa.string())), ("served_entity_id", pa.string()), ("requester", pa.string())])
+
+# %% ../../nbs/08c_serving_capture.ipynb #524a1709
 PAYLOAD_COMMENTS = {
     "request_date": "UTC date the request arrived",
     "databricks_request_id": "id of the request (the x-request-id response header)",
@@ -50,16 +53,19 @@ PAYLOAD_COMMENTS = {
     "served_entity_id": "the served entity that answered: see system.serving.served_entities",
     "requester": "who sent the request"}
 
+# %% ../../nbs/08c_serving_capture.ipynb #950cc8e1
 def payload_table_name(ai_gateway: dict) -> str | None:
     "The payload table an endpoint's AI Gateway config asks for, or None when capture is off."
     t = (ai_gateway or {}).get("inference_table_config") or {}
     return f"{t['catalog_name']}.{t['schema_name']}.{t['table_name_prefix']}_payload" if t.get("enabled") else None
 
+# %% ../../nbs/08c_serving_capture.ipynb #c6baaa63
 def json_text(value) -> str | None:
     "A request or response as the payload table holds it: JSON text (text stays as it is)."
     return None if value is None else value if isinstance(value, str) else orjson.dumps(value,
             option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
+# %% ../../nbs/08c_serving_capture.ipynb #8cb87002
 # a log record (JSON): the payload columns but the derived ones, and when the request arrived
 RECORD_SCHEMA = pa.schema([
     ("databricks_request_id", pa.string()), ("client_request_id", pa.string()), ("request_time_us", pa.int64()),
@@ -68,6 +74,7 @@ RECORD_SCHEMA = pa.schema([
     ("logging_error_codes", pa.list_(pa.string())), ("served_entity_id", pa.string()), ("requester", pa.string())])
 _US_PER_DAY = 86_400_000_000
 
+# %% ../../nbs/08c_serving_capture.ipynb #65334659
 def _payload(records: pa.Table) -> pa.Table:
     "Records (`RECORD_SCHEMA`) as rows of the payload table: the derived columns added."
     times, n = records.column("request_time_us"), records.num_rows
@@ -79,15 +86,17 @@ def _payload(records: pa.Table) -> pa.Table:
     return pa.table({f.name: derived[f.name] if f.name in derived else records.column(f.name) for f in PAYLOAD_SCHEMA},
                     schema=PAYLOAD_SCHEMA)
 
+# %% ../../nbs/08c_serving_capture.ipynb #4fda2c54
 def payload_frame(records: list) -> pa.Table:
-    "Log records (dicts of `RECORD_SCHEMA`'s fields; a request or response may be JSON rather than text) as rows of the payload table."
+    "Log records (dicts of `RECORD_SCHEMA`'s fields; request and response may be JSON, not text) as payload table rows."
     text = ("request", "response")
     return _payload(pa.table({f.name: pa.array([json_text(r.get(f.name)) if f.name in text else r.get(f.name)
                                                 for r in records], f.type)
                               for f in RECORD_SCHEMA}, schema=RECORD_SCHEMA))
 
+# %% ../../nbs/08c_serving_capture.ipynb #98d39df2
 def payload_rows(bodies: list) -> pa.Table:
-    "Log records as JSON bytes (one object each) as rows of the payload table, parsed all at once by Arrow's JSON reader."
+    "Log records as JSON bytes (one object each) as payload table rows, parsed all at once by Arrow's JSON reader."
     try:
         records = pyarrow.json.read_json(io.BytesIO(b"\n".join(bodies)),  # a block must hold the longest record
                                          read_options=pyarrow.json.ReadOptions(block_size=max(1 << 20,
@@ -98,7 +107,7 @@ def payload_rows(bodies: list) -> pa.Table:
         return payload_frame([orjson.loads(b) for b in bodies])
     return _payload(records)
 
-# %% ../../nbs/08c_serving_capture.ipynb #a41919f6
+# %% ../../nbs/08c_serving_capture.ipynb #d27387d0
 # the Databricks system table (locally: a table of the environment)
 SERVED_ENTITIES_TABLE = "system.serving.served_entities"
 SERVED_ENTITIES_SCHEMA = pa.schema([
@@ -106,14 +115,16 @@ SERVED_ENTITIES_SCHEMA = pa.schema([
     ("entity_name", pa.string()), ("entity_version", pa.string()), ("endpoint_config_version", pa.int64()),
     ("change_time", pa.timestamp("us", tz="UTC")), ("endpoint_delete_time", pa.timestamp("us", tz="UTC"))])
 
+# %% ../../nbs/08c_serving_capture.ipynb #a57e86fb
 def entity_ids(config: dict, applied: dict | None) -> dict:
-    "Served entity name -> id for `config`: the id `applied` gave an entity with the same name, model and version, else a new one."
+    "Served entity name -> id for `config`: the id `applied` gave the same name, model and version, else a new one."
     old = {e["name"]: e for e in (applied or {}).get("served_entities", [])}
     known = (applied or {}).get("served_entity_ids", {})
     same = lambda e: e["name"] in known and all(old[e["name"]].get(k) == e[k]
                                                 for k in ("entity_name", "entity_version"))
     return {e["name"]: known[e["name"]] if same(e) else uuid.uuid4().hex for e in config["served_entities"]}
 
+# %% ../../nbs/08c_serving_capture.ipynb #cb82e8f8
 # an applied config with its `served_entity_ids` and `config_version`
 def served_entity_rows(endpoint: str, config: dict,
                        change_time_ms: int, deleted: bool = False) -> pa.Table:
@@ -128,11 +139,12 @@ def served_entity_rows(endpoint: str, config: dict,
                      "change_time": when, "endpoint_delete_time": when if deleted else pa.nulls(n, when.type)},
                     schema=SERVED_ENTITIES_SCHEMA)
 
+# %% ../../nbs/08c_serving_capture.ipynb #7de62be7
 def record_served_entities(tables, rows: pa.Table):
     "Append served entity history rows to the environment's `system.serving.served_entities`."
     tables.append(SERVED_ENTITIES_TABLE, rows)
 
-# %% ../../nbs/08c_serving_capture.ipynb #93406213
+# %% ../../nbs/08c_serving_capture.ipynb #db2ab6d3
 MAGIC = b"\xffWAL"  # starts every record; 0xFF never occurs in UTF-8, so never inside a record's JSON
 HEADER = struct.Struct("<4sII")  # magic, length of the JSON, CRC-32 of the JSON
 
@@ -141,13 +153,15 @@ def frame_record(record: dict) -> bytes:
     body = orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY)
     return HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
 
+# %% ../../nbs/08c_serving_capture.ipynb #7c09eddc
 def read_records(data: bytes) -> tuple[list[dict], list[tuple[int, int]]]:
     "The intact records in a log segment's bytes, and the (offset, length) of every damaged or torn run skipped."
     bodies, damaged = read_bodies(data)
     return [orjson.loads(b) for b in bodies], damaged
 
+# %% ../../nbs/08c_serving_capture.ipynb #0e7f4131
 def read_bodies(data: bytes) -> tuple[list[bytes], list[tuple[int, int]]]:
-    "The JSON of the intact records in a log segment's bytes, and the (offset, length) of every damaged or torn run skipped."
+    "The JSON of the intact records in a segment's bytes, and (offset, length) of each damaged or torn run skipped."
     bodies, damaged, pos = [], [], 0
     while pos < len(data):
         if data.startswith(MAGIC, pos) and pos + HEADER.size <= len(data):
@@ -163,13 +177,14 @@ def read_bodies(data: bytes) -> tuple[list[bytes], list[tuple[int, int]]]:
         pos = end
     return bodies, damaged
 
-# %% ../../nbs/08c_serving_capture.ipynb #05052afb
+# %% ../../nbs/08c_serving_capture.ipynb #147a05fc
 def sync_folder(folder: Path):
     "Make the names in `folder` (a rename, a removal) durable."
     fd = os.open(folder, os.O_RDONLY)
     try: os.fsync(fd)
     finally: os.close(fd)
 
+# %% ../../nbs/08c_serving_capture.ipynb #a41bdc62
 def write_whole(fd: int, data: bytes):
     "Write all of `data` to `fd` (`os.write` may write part of it), or raise OSError."
     view = memoryview(data)
@@ -178,13 +193,15 @@ def write_whole(fd: int, data: bytes):
         if n == 0: raise OSError(errno.ENOSPC, "no byte written")
         view = view[n:]
 
+# %% ../../nbs/08c_serving_capture.ipynb #b3feeb91
 class InferenceLog:
     "An endpoint's write-ahead log of inference records, flushed to its Delta payload table by a background thread."
     def __init__(self, folder: Path, table: str, tables, interval: float = 1.0,  # seconds between flushes
                  segment_bytes: int = 64 << 20,  # a new segment after this many bytes (and at every flush)
                  # at most this share of the time goes to flushing (a flush of s seconds waits s / share)
                  flush_share: float = 0.05):
-        self.folder, self.table, self.tables, self.interval, self.segment_bytes = Path(folder), table, tables, interval, segment_bytes
+        self.folder, self.table, self.tables, self.interval, self.segment_bytes = (Path(folder), table, tables,
+                                                                                   interval, segment_bytes)
         self.flush_share = flush_share
         # the Delta txn application of this endpoint's flushes
         self.app_id = f"serving-mlops inference log {self.folder.name}"
@@ -193,21 +210,21 @@ class InferenceLog:
             log.warning("inference log %s: %d segment(s) of the line-per-record log of earlier versions are not "
                         "replayed: %s",
                         self.folder, len(legacy), ", ".join(p.name for p in legacy))
-        self.lock, self.flush_lock, self.stopped, self.closed = threading.Lock(), threading.Lock(), threading.Event(), False
+        self.lock, self.flush_lock, self.stopped, self.closed = (threading.Lock(), threading.Lock(), threading.Event(),
+                                                                 False)
         self.counts = dict.fromkeys(("written", "lost", "flushed", "damaged"), 0)
         self.write_error = self.flush_error = None
         try: self.position = self.committed()
         except Exception as e: self.position = None; log.error("inference table %s: cannot read its position yet: %s",
                                                                table, e)
         # numbers go on from the table's position too, so a log folder made anew cannot reuse a number the table has;
-        # while the
-        # position cannot be read, segments are numbered apart (`pending-N.wal`) and get their numbers once it can
+        # while the position cannot be read, segments are numbered apart (`pending-N.wal`) and get their numbers once
+        # it can
         self.pending = self.position is None
-        self.segment = max(self.segments(pending=True),
-                           default=0) if self.pending else max([*self.segments(), self.position])
-        # (pending, segment) -> acknowledged records
+        self.segment = (max(self.segments(pending=True), default=0) if self.pending
+                        else max([*self.segments(), self.position]))
+        # (pending, segment) -> acknowledged records in it that the table does not have yet
         self.held = {(pending, k): len(read_bodies(self._path(k, pending).read_bytes())[0])
-                     # in it that the table does not have yet
                      for pending in (False, True) for k in self.segments(pending)}
         self.fd, self.size = None, 0
         with self.lock:
@@ -216,139 +233,161 @@ class InferenceLog:
         self.thread = threading.Thread(target=self._run, name=f"inference-log-{self.folder.name}", daemon=True)
         self.thread.start()
 
-    def segments(self, pending: bool = False) -> list[int]:
-        "The numbers of the log's segments on disk, in order (`pending`: of those numbered apart while the position was unknown)."
-        return sorted(int(p.stem.removeprefix("pending-"))
-                      for p in self.folder.glob("pending-*.wal" if pending else "[0-9]*.wal"))
+# %% ../../nbs/08c_serving_capture.ipynb #30305892
+@patch
+def segments(self: InferenceLog, pending: bool = False) -> list[int]:
+    "The numbers of the segments on disk, in order (`pending`: those numbered apart while the position was unknown)."
+    return sorted(int(p.stem.removeprefix("pending-"))
+                  for p in self.folder.glob("pending-*.wal" if pending else "[0-9]*.wal"))
 
-    def _path(self, segment: int,
-              pending: bool = False) -> Path: return self.folder / f"{'pending-' if pending else ''}{segment:012d}.wal"
+@patch
+def _path(self: InferenceLog, segment: int,
+          pending: bool = False) -> Path: return self.folder / f"{'pending-' if pending else ''}{segment:012d}.wal"
 
-    def committed(self) -> int:
-        "The last segment the payload table has: the version of its Delta txn for this log (0: none)."
-        return self.tables.transaction_version(self.table, self.app_id) or 0
+# %% ../../nbs/08c_serving_capture.ipynb #dbb8bbcb
+@patch
+def committed(self: InferenceLog) -> int:
+    "The last segment the payload table has: the version of its Delta txn for this log (0: none)."
+    return self.tables.transaction_version(self.table, self.app_id) or 0
 
-    def _next_segment(self):
-        "Write to the next segment from now on (under the lock)."
-        fd = os.open(self._path(self.segment + 1, self.pending), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        if self.fd is not None: os.close(self.fd)
-        self.fd, self.segment, self.size = fd, self.segment + 1, 0
+@patch
+def _next_segment(self: InferenceLog):
+    "Write to the next segment from now on (under the lock)."
+    fd = os.open(self._path(self.segment + 1, self.pending), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    if self.fd is not None: os.close(self.fd)
+    self.fd, self.segment, self.size = fd, self.segment + 1, 0
 
-    def _number_pending(self):
-        "Once the table's position is known: number the segments written while it was not, after it and every numbered one (under the lock)."
-        waiting = self.segments(pending=True)
-        if not waiting and not self.pending: return
-        last, renamed = max([*self.segments(), self.position]), {}
-        for k in waiting:  # in the order they were written; a segment's open descriptor survives its rename
-            last += 1; os.replace(self._path(k, pending=True), self._path(last)); renamed[k] = last
-            self.held[(False, last)] = self.held.pop((True, k), 0)
-        # the one being written keeps its descriptor
-        if self.pending: self.segment, self.pending = renamed.get(self.segment, last), False
-        sync_folder(self.folder)
+# %% ../../nbs/08c_serving_capture.ipynb #704b4331
+@patch
+def _number_pending(self: InferenceLog):
+    "Number the segments written while the position was unknown, after it and every numbered one (under the lock)."
+    waiting = self.segments(pending=True)
+    if not waiting and not self.pending: return
+    last, renamed = max([*self.segments(), self.position]), {}
+    for k in waiting:  # in the order they were written; a segment's open descriptor survives its rename
+        last += 1; os.replace(self._path(k, pending=True), self._path(last)); renamed[k] = last
+        self.held[(False, last)] = self.held.pop((True, k), 0)
+    # the one being written keeps its descriptor
+    if self.pending: self.segment, self.pending = renamed.get(self.segment, last), False
+    sync_folder(self.folder)
 
-    def _lost(self, e: Exception, count: bool = True) -> bool:
-        "Count a record that could not be logged, and log when failures start (under the lock)."
-        if count: self.counts["lost"] += 1
-        if self.write_error is None:
-            log.error("inference log %s: cannot write records (their requests are answered; each is counted as lost "
-                      "until writes succeed): %s: %s",
-                      self.folder, type(e).__name__, e)
-        self.write_error = f"{type(e).__name__}: {e}"
-        return False
+# %% ../../nbs/08c_serving_capture.ipynb #6bf3fd93
+@patch
+def _lost(self: InferenceLog, e: Exception, count: bool = True) -> bool:
+    "Count a record that could not be logged, and log when failures start (under the lock)."
+    if count: self.counts["lost"] += 1
+    if self.write_error is None:
+        log.error("inference log %s: cannot write records (their requests are answered; each is counted as lost "
+                  "until writes succeed): %s: %s",
+                  self.folder, type(e).__name__, e)
+    self.write_error = f"{type(e).__name__}: {e}"
+    return False
 
-    def write(self, record: dict) -> bool:
-        "Append one record whole before its response is sent; False when it could not be (it is counted as lost, nothing half written stays)."
-        try: data = frame_record(record)  # outside the lock: the flushing thread waits for no encoding
+# %% ../../nbs/08c_serving_capture.ipynb #9f65a04c
+@patch
+def write(self: InferenceLog, record: dict) -> bool:
+    "Append one record whole before its response is sent; False when it could not be (counted as lost)."
+    try: data = frame_record(record)  # outside the lock: the flushing thread waits for no encoding
+    except Exception as e:
+        with self.lock: return self._lost(e)
+    with self.lock:
+        if self.closed: return self._lost(RuntimeError("the inference log is closed"))
+        try:
+            if self.fd is None: self._next_segment()
+            write_whole(self.fd, data)
         except Exception as e:
-            with self.lock: return self._lost(e)
+            if self.fd is not None:
+                try: os.ftruncate(self.fd, self.size)  # back to the last whole record
+                # leave the segment: its torn tail is skipped when flushed
+                except OSError: os.close(self.fd); self.fd = None
+            return self._lost(e)
+        self.size += len(data); self.counts["written"] += 1
+        at = (self.pending, self.segment); self.held[at] = self.held.get(at, 0) + 1
+        if self.write_error is not None:
+            log.warning("inference log %s: writing again (%d records lost in all)", self.folder,
+                        self.counts["lost"])
+            self.write_error = None
+        if self.size >= self.segment_bytes:
+            with contextlib.suppress(OSError): self._next_segment()  # else the next flush starts one
+        return True
+
+# %% ../../nbs/08c_serving_capture.ipynb #95ca6391
+@patch
+def flush(self: InferenceLog) -> int:
+    "Append the closed segments' intact records to the payload table, one Delta commit per segment; returns how many."
+    with self.flush_lock:
+        # an unreadable position: the records wait for the next flush
+        if self.position is None: self.position = self.committed()
         with self.lock:
-            if self.closed: return self._lost(RuntimeError("the inference log is closed"))
-            try:
-                if self.fd is None: self._next_segment()
-                write_whole(self.fd, data)
-            except Exception as e:
-                if self.fd is not None:
-                    try: os.ftruncate(self.fd, self.size)  # back to the last whole record
-                    # leave the segment: its torn tail is skipped when flushed
-                    except OSError: os.close(self.fd); self.fd = None
-                return self._lost(e)
-            self.size += len(data); self.counts["written"] += 1
-            at = (self.pending, self.segment); self.held[at] = self.held.get(at, 0) + 1
-            if self.write_error is not None:
-                log.warning("inference log %s: writing again (%d records lost in all)", self.folder,
-                            self.counts["lost"])
-                self.write_error = None
-            if self.size >= self.segment_bytes:
-                with contextlib.suppress(OSError): self._next_segment()  # else the next flush starts one
-            return True
+            self._number_pending()
+            if self.fd is None or self.size: self._next_segment()  # close the segment being written
+            active = self.segment
+        n = 0
+        for s in [s for s in self.segments() if s < active]:
+            if s > self.position: n += self._append(s); self.position = s
+            self._path(s).unlink(missing_ok=True)
+            self.held.pop((False, s), None)
+        return n
 
-    def flush(self) -> int:
-        "Append the intact records of the closed segments to the payload table, one Delta commit per segment; returns how many."
-        with self.flush_lock:
-            # an unreadable position: the records wait for the next flush
-            if self.position is None: self.position = self.committed()
-            with self.lock:
-                self._number_pending()
-                if self.fd is None or self.size: self._next_segment()  # close the segment being written
-                active = self.segment
-            n = 0
-            for s in [s for s in self.segments() if s < active]:
-                if s > self.position: n += self._append(s); self.position = s
-                self._path(s).unlink(missing_ok=True)
-                self.held.pop((False, s), None)
-            return n
+# %% ../../nbs/08c_serving_capture.ipynb #a799db36
+@patch
+def _append(self: InferenceLog, segment: int) -> int:
+    "Append one segment's intact records (a no-op when the table has the segment); report what was skipped."
+    path = self._path(segment)
+    records, damaged = read_bodies(path.read_bytes())
+    if records:
+        self.tables.append(self.table, payload_rows(records), txn=(self.app_id, segment))
+        if self.counts["flushed"] == 0 and self.tables.describe(self.table).get("description") is None:
+            self.tables.set_metadata(self.table,
+                                     description="Inference table: requests and responses of a serving endpoint",
+                                     column_comments=PAYLOAD_COMMENTS)
+    for offset, length in damaged:
+        log.warning("inference log %s: skipped %d damaged or torn bytes at offset %d (a write cut short, or bytes "
+                    "changed on disk)",
+                    path, length, offset)
+    self.counts["flushed"] += len(records); self.counts["damaged"] += len(damaged)
+    return len(records)
 
-    def _append(self, segment: int) -> int:
-        "Append one segment's intact records (a no-op when the table has the segment); report what was skipped."
-        path = self._path(segment)
-        records, damaged = read_bodies(path.read_bytes())
-        if records:
-            self.tables.append(self.table, payload_rows(records), txn=(self.app_id, segment))
-            if self.counts["flushed"] == 0 and self.tables.describe(self.table).get("description") is None:
-                self.tables.set_metadata(self.table,
-                                         description="Inference table: requests and responses of a serving endpoint",
-                                         column_comments=PAYLOAD_COMMENTS)
-        for offset, length in damaged:
-            log.warning("inference log %s: skipped %d damaged or torn bytes at offset %d (a write cut short, or bytes "
-                        "changed on disk)",
-                        path, length, offset)
-        self.counts["flushed"] += len(records); self.counts["damaged"] += len(damaged)
-        return len(records)
-
-    def _run(self):
-        wait = self.interval
-        while not self.stopped.wait(wait):
-            start = time.monotonic()
-            try: self.flush()
-            except Exception as e:  # the records stay in the log; the next flush tries again
-                if f"{type(e).__name__}: {e}" != self.flush_error:
-                    log.error("inference table %s: flush failed, records kept in %s (retried every %ss): %s: %s",
-                              self.table, self.folder, self.interval, type(e).__name__, e)
-                self.flush_error = f"{type(e).__name__}: {e}"
-            else:
-                if self.flush_error is not None: log.warning("inference table %s: flushing again", self.table)
-                self.flush_error = None
-            # 3 s at most: rows stay seconds behind, as monitoring expects
-            wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 3))
-
-    @property
-    def waiting(self) -> int:
-        "Records acknowledged (their requests answered) that the table does not have yet: in the log's segments, flushed or not."
-        return sum(list(self.held.values()))  # (list(): one step under the GIL, while writes add to the dict)
-
-    def status(self) -> dict:
-        "What the endpoint's GET shows of its capture: OK or what fails, the records waiting for the table, those it could not log or had to skip."
-        error = self.write_error or self.flush_error
-        return {"status": "WRITE_FAILING" if self.write_error else "FLUSH_FAILING" if self.flush_error else "OK",
-                "records_waiting": self.waiting, "records_lost": self.counts["lost"],
-                "damaged_regions": self.counts["damaged"], **({"message": error} if error else {})}
-
-    def close(self):
-        "Stop the thread and flush what is left."
-        self.stopped.set(); self.thread.join()
+# %% ../../nbs/08c_serving_capture.ipynb #128f4c1f
+@patch
+def _run(self: InferenceLog):
+    wait = self.interval
+    while not self.stopped.wait(wait):
+        start = time.monotonic()
         try: self.flush()
-        finally:
-            with self.lock:
-                self.closed = True
-                if self.fd is not None: os.close(self.fd); self.fd = None
-                if self.size == 0: self._path(self.segment, self.pending).unlink(missing_ok=True)
+        except Exception as e:  # the records stay in the log; the next flush tries again
+            if f"{type(e).__name__}: {e}" != self.flush_error:
+                log.error("inference table %s: flush failed, records kept in %s (retried every %ss): %s: %s",
+                          self.table, self.folder, self.interval, type(e).__name__, e)
+            self.flush_error = f"{type(e).__name__}: {e}"
+        else:
+            if self.flush_error is not None: log.warning("inference table %s: flushing again", self.table)
+            self.flush_error = None
+        # 3 s at most: rows stay seconds behind, as monitoring expects
+        wait = min(max(self.interval, (time.monotonic() - start) / self.flush_share), max(self.interval, 3))
+
+# %% ../../nbs/08c_serving_capture.ipynb #fad432fd
+@patch(as_prop=True)
+def waiting(self: InferenceLog) -> int:
+    "Records acknowledged (their requests answered) that the table does not have yet, in segments flushed or not."
+    return sum(list(self.held.values()))  # (list(): one step under the GIL, while writes add to the dict)
+
+@patch
+def status(self: InferenceLog) -> dict:
+    "The capture's state as the endpoint's GET shows it: OK or what fails, records waiting, lost, damaged runs skipped."
+    error = self.write_error or self.flush_error
+    return {"status": "WRITE_FAILING" if self.write_error else "FLUSH_FAILING" if self.flush_error else "OK",
+            "records_waiting": self.waiting, "records_lost": self.counts["lost"],
+            "damaged_regions": self.counts["damaged"], **({"message": error} if error else {})}
+
+# %% ../../nbs/08c_serving_capture.ipynb #1528e48d
+@patch
+def close(self: InferenceLog):
+    "Stop the thread and flush what is left."
+    self.stopped.set(); self.thread.join()
+    try: self.flush()
+    finally:
+        with self.lock:
+            self.closed = True
+            if self.fd is not None: os.close(self.fd); self.fd = None
+            if self.size == 0: self._path(self.segment, self.pending).unlink(missing_ok=True)

@@ -17,15 +17,17 @@ import orjson
 from .capture import sync_folder
 from .metrics import EndpointMetrics
 from .models import ServedModel
-from .protocol import ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_type, invalid_parameter
+from .protocol import (ServingError, check_ai_gateway, check_config, check_endpoint_name,
+                                            check_tags, check_type, invalid_parameter)
 from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['now_ms', 'Snapshot', 'Endpoint', 'write_atomic', 'remove_durably', 'read_record']
 
-# %% ../../nbs/08e1_serving_endpoint.ipynb #10b6d4f8
+# %% ../../nbs/08e1_serving_endpoint.ipynb #41370fd1
 def now_ms() -> int: return int(time.time() * 1000)
 
+# %% ../../nbs/08e1_serving_endpoint.ipynb #ef2cd521
 @dataclass
 class Snapshot:
     "An applied config: its JSON, the loaded served entities by name, and cumulative traffic routes."
@@ -41,17 +43,19 @@ class Snapshot:
                 total += r["traffic_percentage"]; routes.append((total, r["served_entity_name"]))
         return cls(config, models, routes)
 
-    @property
-    def ids(self) -> dict: return self.config["served_entity_ids"]  # served entity name -> served_entity_id
+# %% ../../nbs/08e1_serving_endpoint.ipynb #1b21e2ca
+@patch(as_prop=True)
+def ids(self: Snapshot) -> dict: return self.config["served_entity_ids"]  # served entity name -> served_entity_id
 
-    def route(self) -> ServedModel:
-        "The served entity for one request, drawn by traffic percentage."
-        x = random.random() * 100
-        for edge, name in self.routes:
-            if x < edge: return self.models[name]
-        return self.models[self.routes[-1][1]]
+@patch
+def route(self: Snapshot) -> ServedModel:
+    "The served entity for one request, drawn by traffic percentage."
+    x = random.random() * 100
+    for edge, name in self.routes:
+        if x < edge: return self.models[name]
+    return self.models[self.routes[-1][1]]
 
-# %% ../../nbs/08e1_serving_endpoint.ipynb #adfaf9da
+# %% ../../nbs/08e1_serving_endpoint.ipynb #2fe62b9c
 @dataclass
 class Endpoint:
     "A serving endpoint: its record (as persisted), the applied snapshot and the pending update."
@@ -71,20 +75,24 @@ class Endpoint:
     @property
     def name(self) -> str: return self.record["name"]
 
-    @property
-    def ready(self) -> bool:
-        "READY: it serves a config (with several workers: one they all loaded, committed in its record)."
-        if self.unloadable: return False
-        return self.snapshot is not None or (self.committed_is_ready and bool(self.record.get("config"))
-                                             and not self.broken)
+# %% ../../nbs/08e1_serving_endpoint.ipynb #c9cf337c
+@patch(as_prop=True)
+def ready(self: Endpoint) -> bool:
+    "READY: it serves a config (with several workers: one they all loaded, committed in its record)."
+    if self.unloadable: return False
+    return self.snapshot is not None or (self.committed_is_ready and bool(self.record.get("config"))
+                                         and not self.broken)
 
-    @property
-    def config_update(self) -> str: return "IN_PROGRESS" if self.updating else "UPDATE_FAILED" if self.failure else "NOT_UPDATING"
+@patch(as_prop=True)
+def config_update(self: Endpoint) -> str:
+    return "IN_PROGRESS" if self.updating else "UPDATE_FAILED" if self.failure else "NOT_UPDATING"
 
-    def entity_json(self, entity: dict, status: str, message: str = "") -> dict:
-        return {**entity, "creator": self.record.get("creator"),
-                "creation_timestamp": self.record.get("last_updated_timestamp"),
-                "state": {"deployment": status, "deployment_state_message": message}}
+# %% ../../nbs/08e1_serving_endpoint.ipynb #c32901a8
+@patch
+def entity_json(self: Endpoint, entity: dict, status: str, message: str = "") -> dict:
+    return {**entity, "creator": self.record.get("creator"),
+            "creation_timestamp": self.record.get("last_updated_timestamp"),
+            "state": {"deployment": status, "deployment_state_message": message}}
 
 # %% ../../nbs/08e1_serving_endpoint.ipynb #58c03479
 @patch
@@ -119,7 +127,7 @@ def to_json(self: Endpoint, base_url: str, summary: bool = False) -> dict:
     out["permission_level"] = "CAN_MANAGE"
     return out
 
-# %% ../../nbs/08e1_serving_endpoint.ipynb #dc822d0d
+# %% ../../nbs/08e1_serving_endpoint.ipynb #973e465f
 def write_atomic(path: Path, data: bytes):
     "Replace `path` by `data` durably: the old file or the new one survives a crash, never a mix."
     tmp = path.with_name(f".{path.name}.tmp")
@@ -130,12 +138,14 @@ def write_atomic(path: Path, data: bytes):
         tmp.unlink(missing_ok=True); raise
     sync_folder(path.parent)
 
+# %% ../../nbs/08e1_serving_endpoint.ipynb #4f6e32b7
 def remove_durably(path: Path):
-    "Remove a saved file for good; a folder in its place (a broken endpoint's state, never one the runtime saved) with what it holds."
+    "Remove a saved file for good; a folder in its place with what it holds (never one the runtime saved)."
     if path.is_dir() and not path.is_symlink(): shutil.rmtree(path)
     else: path.unlink(missing_ok=True)
     sync_folder(path.parent)
 
+# %% ../../nbs/08e1_serving_endpoint.ipynb #c2fefdbe
 def read_record(path: Path) -> dict:
     "The endpoint record saved in `path`, checked as the API checks what it saves; ValueError saying what is wrong."
     try: record = orjson.loads(path.read_bytes())
@@ -152,7 +162,7 @@ def read_record(path: Path) -> dict:
             check_config(config)
             check_type(config.get("config_version"), int, "config.config_version", "a number", optional=False)
             ids = check_type(config.get("served_entity_ids"), dict, "config.served_entity_ids", "an object") or {}
-            if ids and set(ids) != {e["name"]
-                                    for e in config["served_entities"]}: raise invalid_parameter("config.served_entity_ids must name every served entity")
+            if ids and set(ids) != {e["name"] for e in config["served_entities"]}:
+                raise invalid_parameter("config.served_entity_ids must name every served entity")
         return {**record, "ai_gateway": check_ai_gateway(record.get("ai_gateway") or {}, record["name"])}
     except ServingError as e: raise ValueError(e.message) from None

@@ -11,6 +11,8 @@ import threading
 import time
 from bisect import bisect_left
 
+from fastcore.basics import patch
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -23,29 +25,34 @@ __all__ = ['LATENCY_BUCKETS_MS', 'WORKLOAD_CONCURRENCY', 'ENTITY_LABEL', 'WINDOW
            'CAPTURE_FAILING', 'CAPTURE_WAITING', 'CAPTURE_SHARED', 'EndpointMetrics', 'capture_families',
            'multiprocess_families', 'family_of', 'SharedCounts', 'publish_capture_state']
 
-# %% ../../nbs/08d_serving_metrics.ipynb #4e8a3a0d
+# %% ../../nbs/08d_serving_metrics.ipynb #b8dfb886
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 600000)
 WORKLOAD_CONCURRENCY = {"Small": 4, "Medium": 16, "Large": 64}  # provisioned concurrency: the top of each size's range
 ENTITY_LABEL = "served_model_name"  # the served entity's label in the metrics export
 
+# %% ../../nbs/08d_serving_metrics.ipynb #d3af5e90
 class _Minute:
     "What one served entity did in one interval."
     __slots__ = ("count", "c4xx", "c5xx", "buckets", "sum_ms")
-    def __init__(self): self.count = self.c4xx = self.c5xx = 0; self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1); self.sum_ms = 0.0
+    def __init__(self):
+        self.count = self.c4xx = self.c5xx = 0; self.buckets = [0] * (len(LATENCY_BUCKETS_MS) + 1); self.sum_ms = 0.0
 
+# %% ../../nbs/08d_serving_metrics.ipynb #36ae9696
 def _memory_percentage(pid="self") -> float:
     "Resident memory of process `pid` (this one by default) as a share of the machine's memory (percent)."
     try: pages = int(open(f"/proc/{pid}/statm").read().split()[1])
     except (OSError, ValueError, IndexError):
         import resource
-        return 100 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return 100 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / (os.sysconf("SC_PAGE_SIZE")
+                                                                                   * os.sysconf("SC_PHYS_PAGES"))
     return 100 * pages / os.sysconf("SC_PHYS_PAGES")
 
+# %% ../../nbs/08d_serving_metrics.ipynb #db6192e4
 # (endpoint, entity, slot) -> this process's children of WINDOW, one per WINDOW_FIELDS (shared mode)
 WINDOW_CHILDREN: dict = {}
 
 class EndpointMetrics:
-    "One endpoint's metrics in Databricks' names: per served entity, the values of the last complete interval (a minute)."
+    "One endpoint's metrics in Databricks' names: per served entity, the values of the last complete minute."
     def __init__(self, endpoint: str, interval: float = 60.0, # seconds per value, as on Databricks
                  clock=time.time):
         self.endpoint, self.interval, self.clock = endpoint, interval, clock
@@ -68,108 +75,124 @@ class EndpointMetrics:
         if self.shared:
             with self.lock: self._claim(self.start)
 
-    def _roll(self, now: float):
-        "Close the current interval if it has ended (under the lock)."
-        if now < self.start + self.interval: return
-        start = math.floor(now / self.interval) * self.interval
-        # a gap: the last interval had no requests
-        self.last = self.current if start == self.start + self.interval else {}
-        finished, self.current, self.start = self.start, {}, start
-        cpu = sum(os.times()[:2])
-        self.cpu_last = 100 * (cpu - self.cpu_mark[1]) / max(now - self.cpu_mark[0], 1e-9) / (os.cpu_count() or 1)
-        self.cpu_mark = (now, cpu)
+# %% ../../nbs/08d_serving_metrics.ipynb #59150ac9
+@patch
+def _roll(self: EndpointMetrics, now: float):
+    "Close the current interval if it has ended (under the lock)."
+    if now < self.start + self.interval: return
+    start = math.floor(now / self.interval) * self.interval
+    # a gap: the last interval had no requests
+    self.last = self.current if start == self.start + self.interval else {}
+    finished, self.current, self.start = self.start, {}, start
+    cpu = sum(os.times()[:2])
+    self.cpu_last = 100 * (cpu - self.cpu_mark[1]) / max(now - self.cpu_mark[0], 1e-9) / (os.cpu_count() or 1)
+    self.cpu_mark = (now, cpu)
+    if self.shared:
+        WINDOW_CPU.labels(self.endpoint, self._slot(finished)).set(self.cpu_last)
+        self._claim(start)
+
+# %% ../../nbs/08d_serving_metrics.ipynb #795171c1
+@patch
+def _claim(self: EndpointMetrics, start: float):
+    "Make this process's slot of the window at `start` that window's: its start first, then zeros."
+    slot = self._slot(start)
+    WINDOW_START.labels(self.endpoint, slot).set(start)
+    # an earlier object's too: an endpoint deleted and made anew
+    for (endpoint, _, s), children in list(WINDOW_CHILDREN.items()):
+        if endpoint == self.endpoint and s == slot:
+            for child in children: child.set(0)
+
+@patch
+def _slot(self: EndpointMetrics, start: float) -> str: return str(int(round(start / self.interval)) % 2)
+
+# %% ../../nbs/08d_serving_metrics.ipynb #501becaa
+@patch
+def observe(self: EndpointMetrics, entity: str, ms: float, status: int):
+    "Count one request of `entity` that took `ms` milliseconds and was answered with `status`."
+    with self.lock:
+        self._roll(self.clock())
+        m = self.current.get(entity) or self.current.setdefault(entity, _Minute())
+        m.count += 1; m.sum_ms += ms; m.buckets[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
+        if 400 <= status < 500: m.c4xx += 1
+        elif status >= 500: m.c5xx += 1
         if self.shared:
-            WINDOW_CPU.labels(self.endpoint, self._slot(finished)).set(self.cpu_last)
-            self._claim(start)
+            key = (self.endpoint, entity, self._slot(self.start))
+            children = WINDOW_CHILDREN.get(key) or WINDOW_CHILDREN.setdefault(key,
+                    [WINDOW.labels(*key, f) for f in WINDOW_FIELDS])
+            children[0].inc(); children[3].inc(ms); children[4 + bisect_left(LATENCY_BUCKETS_MS, ms)].inc()
+            if 400 <= status < 500: children[1].inc()
+            elif status >= 500: children[2].inc()
+    if self.shared and self.capture is not None: publish_capture_state(self.endpoint, self.capture)
 
-    def _claim(self, start: float):
-        "Make this process's slot of the window at `start` that window's: its start first (a reader then no longer takes the older values), then zeros."
-        slot = self._slot(start)
-        WINDOW_START.labels(self.endpoint, slot).set(start)
-        # an earlier object's too: an endpoint deleted and made anew
-        for (endpoint, _, s), children in list(WINDOW_CHILDREN.items()):
-            if endpoint == self.endpoint and s == slot:
-                for child in children: child.set(0)
+# %% ../../nbs/08d_serving_metrics.ipynb #263dab54
+@patch
+def collect(self: EndpointMetrics):
+    "The Databricks families of the last complete interval (a prometheus_client collector)."
+    with self.lock:
+        self._roll(self.clock())
+        last, end, cpu = dict(self.last), self.start, self.cpu_last
+    mem, shared = _memory_percentage(), None
+    if self.shared:  # every worker's share of the last complete interval
+        shared = multiprocess_families()
+        last, cpu, pids = self._shared_window(shared, end - self.interval)
+        mem = sum(_memory_percentage(pid) for pid in pids if process_alive(pid)) or mem
+    entities = {**{e: None for e in last}, **self.entities}
+    labels = ["endpoint_name", ENTITY_LABEL]
+    families = {name: GaugeMetricFamily(name, doc, labels=labels) for name, doc in (
+        ("request_count_total", "Requests in the last minute"),
+        ("request_4xx_count_total", "4xx responses in the last minute"),
+        ("request_5xx_count_total", "5xx responses in the last minute"),
+        ("cpu_usage_percentage", "Average CPU use in the last minute"),
+        ("mem_usage_percentage", "Memory use"),
+        ("provisioned_concurrent_requests_total", "Provisioned concurrency"))}
+    latency = HistogramMetricFamily("request_latency_ms", "Request latency in the last minute (milliseconds)",
+                                    labels=labels)
+    for entity, size in entities.items():
+        m, key = last.get(entity) or _Minute(), [self.endpoint, entity]
+        for name, value in (("request_count_total", m.count), ("request_4xx_count_total", m.c4xx),
+                            ("request_5xx_count_total", m.c5xx),
+                            ("cpu_usage_percentage", cpu), ("mem_usage_percentage", mem),
+                            ("provisioned_concurrent_requests_total",
+                             WORKLOAD_CONCURRENCY.get(size or "Small", 4))):
+            families[name].add_metric(key, value, timestamp=end)
+        cumulative, buckets = 0, []
+        for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], m.buckets):
+            cumulative += n; buckets.append((le, cumulative))
+        latency.add_metric(key, buckets, m.sum_ms, timestamp=end)
+    yield from families.values()
+    yield latency
+    if shared is not None:
+        yield from (family_of(shared[name], self.endpoint)
+                    for name in ("serving_model_batch_rows", *CAPTURE_SHARED) if name in shared)
+    elif self.capture is not None: yield from capture_families(self.endpoint, self.capture)
 
-    def _slot(self, start: float) -> str: return str(int(round(start / self.interval)) % 2)
+# %% ../../nbs/08d_serving_metrics.ipynb #111561fc
+@patch
+def _shared_window(self: EndpointMetrics, families: dict, start: float) -> tuple[dict, float, set]:
+    "Every worker's values of the interval beginning at `start`, their CPU summed, and the workers' pids."
+    # read from prometheus-client's files
+    slot, starts, cpu, out = self._slot(start), {}, 0.0, {}
+    for s in getattr(families.get("serving_window_start"), "samples", ()):
+        if s.labels["endpoint"] == self.endpoint and s.labels["slot"] == slot: starts[s.labels["pid"]] = s.value
+    # workers whose slot holds that interval
+    current = {pid for pid, v in starts.items() if abs(v - start) < self.interval / 2}
+    for s in getattr(families.get("serving_window_cpu"), "samples", ()):
+        if s.labels["endpoint"] == self.endpoint and s.labels["slot"] == slot and s.labels["pid"] in current:
+            cpu += s.value
+    for s in getattr(families.get("serving_window"), "samples", ()):
+        if s.labels["endpoint"] != self.endpoint or s.labels["slot"] != slot or s.labels["pid"] not in current:
+            continue
+        m, field = out.get(s.labels["entity"]) or out.setdefault(s.labels["entity"], _Minute()), s.labels["field"]
+        if field.startswith("le"): m.buckets[int(field[2:])] += int(s.value)
+        elif field == "sum_ms": m.sum_ms += s.value
+        else: setattr(m, field, getattr(m, field) + int(s.value))
+    return out, cpu, {int(p) for p in starts}
 
-    def observe(self, entity: str, ms: float, status: int):
-        "Count one request of `entity` that took `ms` milliseconds and was answered with `status`."
-        with self.lock:
-            self._roll(self.clock())
-            m = self.current.get(entity) or self.current.setdefault(entity, _Minute())
-            m.count += 1; m.sum_ms += ms; m.buckets[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
-            if 400 <= status < 500: m.c4xx += 1
-            elif status >= 500: m.c5xx += 1
-            if self.shared:
-                key = (self.endpoint, entity, self._slot(self.start))
-                children = WINDOW_CHILDREN.get(key) or WINDOW_CHILDREN.setdefault(key,
-                        [WINDOW.labels(*key, f) for f in WINDOW_FIELDS])
-                children[0].inc(); children[3].inc(ms); children[4 + bisect_left(LATENCY_BUCKETS_MS, ms)].inc()
-                if 400 <= status < 500: children[1].inc()
-                elif status >= 500: children[2].inc()
-        if self.shared and self.capture is not None: publish_capture_state(self.endpoint, self.capture)
+# %% ../../nbs/08d_serving_metrics.ipynb #b1a1b587
+@patch
+def export(self: EndpointMetrics) -> bytes: return generate_latest(self.registry)
 
-    def collect(self):
-        "The Databricks families of the last complete interval (a prometheus_client collector)."
-        with self.lock:
-            self._roll(self.clock())
-            last, end, cpu = dict(self.last), self.start, self.cpu_last
-        mem, shared = _memory_percentage(), None
-        if self.shared:  # every worker's share of the last complete interval
-            shared = multiprocess_families()
-            last, cpu, pids = self._shared_window(shared, end - self.interval)
-            mem = sum(_memory_percentage(pid) for pid in pids if process_alive(pid)) or mem
-        entities = {**{e: None for e in last}, **self.entities}
-        labels = ["endpoint_name", ENTITY_LABEL]
-        families = {name: GaugeMetricFamily(name, doc, labels=labels) for name, doc in (
-            ("request_count_total", "Requests in the last minute"),
-            ("request_4xx_count_total", "4xx responses in the last minute"),
-            ("request_5xx_count_total", "5xx responses in the last minute"),
-            ("cpu_usage_percentage", "Average CPU use in the last minute"),
-            ("mem_usage_percentage", "Memory use"),
-            ("provisioned_concurrent_requests_total", "Provisioned concurrency"))}
-        latency = HistogramMetricFamily("request_latency_ms", "Request latency in the last minute (milliseconds)",
-                                        labels=labels)
-        for entity, size in entities.items():
-            m, key = last.get(entity) or _Minute(), [self.endpoint, entity]
-            for name, value in (("request_count_total", m.count), ("request_4xx_count_total", m.c4xx),
-                                ("request_5xx_count_total", m.c5xx),
-                                ("cpu_usage_percentage", cpu), ("mem_usage_percentage", mem),
-                                ("provisioned_concurrent_requests_total",
-                                 WORKLOAD_CONCURRENCY.get(size or "Small", 4))):
-                families[name].add_metric(key, value, timestamp=end)
-            cumulative, buckets = 0, []
-            for le, n in zip([*map(str, LATENCY_BUCKETS_MS), "+Inf"], m.buckets):
-                cumulative += n; buckets.append((le, cumulative))
-            latency.add_metric(key, buckets, m.sum_ms, timestamp=end)
-        yield from families.values()
-        yield latency
-        if shared is not None:
-            yield from (family_of(shared[name], self.endpoint)
-                        for name in ("serving_model_batch_rows", *CAPTURE_SHARED) if name in shared)
-        elif self.capture is not None: yield from capture_families(self.endpoint, self.capture)
-
-    def _shared_window(self, families: dict, start: float) -> tuple[dict, float, set]:
-        "Every worker's values of the interval beginning at `start` (from prometheus-client's files), their CPU summed, and the workers' pids."
-        slot, starts, cpu, out = self._slot(start), {}, 0.0, {}
-        for s in getattr(families.get("serving_window_start"), "samples", ()):
-            if s.labels["endpoint"] == self.endpoint and s.labels["slot"] == slot: starts[s.labels["pid"]] = s.value
-        # workers whose slot holds that interval
-        current = {pid for pid, v in starts.items() if abs(v - start) < self.interval / 2}
-        for s in getattr(families.get("serving_window_cpu"), "samples", ()):
-            if s.labels["endpoint"] == self.endpoint and s.labels["slot"] == slot and s.labels["pid"] in current: cpu += s.value
-        for s in getattr(families.get("serving_window"), "samples", ()):
-            if s.labels["endpoint"] != self.endpoint or s.labels["slot"] != slot or s.labels["pid"] not in current: continue
-            m, field = out.get(s.labels["entity"]) or out.setdefault(s.labels["entity"], _Minute()), s.labels["field"]
-            if field.startswith("le"): m.buckets[int(field[2:])] += int(s.value)
-            elif field == "sum_ms": m.sum_ms += s.value
-            else: setattr(m, field, getattr(m, field) + int(s.value))
-        return out, cpu, {int(p) for p in starts}
-
-    def export(self) -> bytes: return generate_latest(self.registry)
-
-# %% ../../nbs/08d_serving_metrics.ipynb #d91f1c2d
+# %% ../../nbs/08d_serving_metrics.ipynb #16e3a594
 CAPTURE_COUNTERS = {  # InferenceLog.counts key -> metric name (without _total) and help
     "written": ("serving_capture_records_written",
                 "Records written whole to the endpoint's inference log, since the runtime started"),
@@ -182,8 +205,9 @@ CAPTURE_WAITING_DOC = ("serving_capture_records_waiting",
                        "Records acknowledged (their requests answered) that the endpoint's inference table does not "
                        "have yet")
 
+# %% ../../nbs/08d_serving_metrics.ipynb #386fc48b
 def capture_families(endpoint: str, capture) -> list:
-    "The metric families of an endpoint's capture (an `InferenceLog`): its counters, and whether writing or flushing fails now."
+    "An endpoint's capture (an `InferenceLog`) as metric families: its counters, whether writing or flushing fails."
     families = []
     for key, (name, doc) in CAPTURE_COUNTERS.items():
         families.append(CounterMetricFamily(name, doc, labels=["endpoint"]))
@@ -197,7 +221,7 @@ def capture_families(endpoint: str, capture) -> list:
     waiting.add_metric([endpoint], capture.waiting)
     return families + [failing, waiting]
 
-# %% ../../nbs/08d_serving_metrics.ipynb #9aceb918
+# %% ../../nbs/08d_serving_metrics.ipynb #3f1c92bc
 WINDOW_FIELDS = ("count", "c4xx", "c5xx", "sum_ms", *[f"le{i}" for i in range(len(LATENCY_BUCKETS_MS) + 1)])
 WINDOW = Gauge("serving_window", "A worker's counts of an interval (internal)", ["endpoint", "entity", "slot", "field"],
                multiprocess_mode="all", registry=None)
@@ -213,6 +237,7 @@ CAPTURE_FAILING = Gauge("serving_capture_failing",
 CAPTURE_WAITING = Gauge(*CAPTURE_WAITING_DOC, ["endpoint"], multiprocess_mode="livesum", registry=None)
 CAPTURE_SHARED = [*(name for name, _ in CAPTURE_COUNTERS.values()), "serving_capture_failing", CAPTURE_WAITING_DOC[0]]
 
+# %% ../../nbs/08d_serving_metrics.ipynb #9bf01192
 def multiprocess_families() -> dict:
     "Every worker's metric families, merged by prometheus-client's multiprocess collector, by name."
     return {f.name: f for f in MultiProcessCollector(None).collect()}
@@ -223,6 +248,7 @@ def family_of(family, endpoint: str):
     out.samples = [s for s in family.samples if s.labels.get("endpoint") == endpoint]
     return out
 
+# %% ../../nbs/08d_serving_metrics.ipynb #b27a856c
 class SharedCounts(dict):
     "An inference log's counts that also add to the workers' shared counters."
     def __init__(self, endpoint: str, counts: dict):
@@ -234,6 +260,7 @@ class SharedCounts(dict):
     def __setitem__(self, key, value):
         self.children[key].inc(value - self[key]); super().__setitem__(key, value)
 
+# %% ../../nbs/08d_serving_metrics.ipynb #fdc636ba
 def publish_capture_state(endpoint: str, capture):
     "Whether this worker's inference log fails to write or flush now, for the shared `serving_capture_failing`."
     CAPTURE_FAILING.labels(endpoint, "write").set(int(capture.write_error is not None))

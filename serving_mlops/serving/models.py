@@ -22,14 +22,14 @@ import numpy as np
 import orjson
 import pandas as pd
 from threadpoolctl import threadpool_limits
+from fastcore.basics import patch
 
 from ..config import Environment
 from ..domains import FEATURE_DOMAINS
 from ..feature_store import OnlineStore
 from ..naming import model_uri, same_table_in
 from .protocol import (INT64, MAX_ROWS, InputSpec, ParsedRequest, ServingError, bad_request,
-                                            invalid_parameter,
-                                           parse_request, read_envelope, tensor_rows)
+                                            invalid_parameter, parse_request, read_envelope, tensor_rows)
 
 # %% auto #0
 __all__ = ['KEY_SQL_TYPES', 'JSON_TYPES', 'INLINE_ROWS', 'NUMERIC_TYPES', 'MicroBatcher', 'compile_pipeline', 'verified',
@@ -37,7 +37,7 @@ __all__ = ['KEY_SQL_TYPES', 'JSON_TYPES', 'INLINE_ROWS', 'NUMERIC_TYPES', 'Micro
            'mlflow_problem', 'mlflow_read', 'csv_as_json', 'request_body_schema', 'response_schema', 'openapi_document',
            'request_shape', 'SignatureCheck', 'example_rows', 'mlflow_input', 'jsonable', 'ServedModel']
 
-# %% ../../nbs/08b_serving_models.ipynb #0828f41d
+# %% ../../nbs/08b_serving_models.ipynb #19c2740a
 class MicroBatcher:
     "Scores concurrent requests in one call of `score(list_of_requests)` on a worker thread, keeping results apart."
     def __init__(self, score, max_rows: int = 4096, name: str = "model", initializer=None,
@@ -62,43 +62,50 @@ class MicroBatcher:
             loop.create_task(self._drain())
         return await future
 
-    async def _drain(self):
-        try:
-            while self.waiting:
-                batch, rows = [], 0
-                while self.waiting and (not batch or rows + getattr(self.waiting[0][0], "rows", 1) <= self.max_rows):
-                    item = self.waiting.pop(0); batch.append(item); rows += getattr(item[0], "rows", 1)
-                here = len(batch) == 1 and self.inline is not None and self.inline(batch[0][0])
-                results = await self._run([r for r, _ in batch], here)
-                if isinstance(results, BaseException) and len(batch) > 1:  # one by one: only the culprit fails
-                    results = [await self._run([r]) for r, _ in batch]
-                    results = [r if isinstance(r, BaseException) else r[0] for r in results]
-                elif isinstance(results, BaseException): results = [results]
-                for (_, future), result in zip(batch, results):
-                    if future.done(): continue
-                    if isinstance(result, BaseException): future.set_exception(result)
-                    else: future.set_result(result)
-        finally: self.running = False
+# %% ../../nbs/08b_serving_models.ipynb #ed07fce4
+@patch
+async def _drain(self: MicroBatcher):
+    try:
+        while self.waiting:
+            batch, rows = [], 0
+            while self.waiting and (not batch or rows + getattr(self.waiting[0][0], "rows", 1) <= self.max_rows):
+                item = self.waiting.pop(0); batch.append(item); rows += getattr(item[0], "rows", 1)
+            here = len(batch) == 1 and self.inline is not None and self.inline(batch[0][0])
+            results = await self._run([r for r, _ in batch], here)
+            if isinstance(results, BaseException) and len(batch) > 1:  # one by one: only the culprit fails
+                results = [await self._run([r]) for r, _ in batch]
+                results = [r if isinstance(r, BaseException) else r[0] for r in results]
+            elif isinstance(results, BaseException): results = [results]
+            for (_, future), result in zip(batch, results):
+                if future.done(): continue
+                if isinstance(result, BaseException): future.set_exception(result)
+                else: future.set_result(result)
+    finally: self.running = False
 
-    async def _run(self, requests: list, here: bool = False):  # here: on the event loop, not the worker thread
-        "The results of scoring `requests` in one call, or the exception it raised (also when it gave a result per request too few or many)."
-        try: results = self.score(requests) if here else await asyncio.get_running_loop().run_in_executor(self.executor,
-                self.score, requests)
-        except BaseException as e: return e
-        if len(results) != len(requests): return RuntimeError(f"the scorer gave {len(results)} results for "
-                                                              f"{len(requests)} requests")
-        return results
+# %% ../../nbs/08b_serving_models.ipynb #81269282
+@patch
+async def _run(self: MicroBatcher, requests: list,
+               here: bool = False):  # here: on the event loop, not the worker thread
+    "The results of scoring `requests` in one call, or the exception it raised (also for too few or many results)."
+    try: results = self.score(requests) if here else await asyncio.get_running_loop().run_in_executor(self.executor,
+            self.score, requests)
+    except BaseException as e: return e
+    if len(results) != len(requests): return RuntimeError(f"the scorer gave {len(results)} results for "
+                                                          f"{len(requests)} requests")
+    return results
 
-    def close(self): self.executor.shutdown(wait=False)
+@patch
+def close(self: MicroBatcher): self.executor.shutdown(wait=False)
 
-# %% ../../nbs/08b_serving_models.ipynb #16185034
+# %% ../../nbs/08b_serving_models.ipynb #9ed69bcc
 def _compile_step(step, programs: list) -> list | None:
-    "What fitted `step` makes of columns given as programs (source column, fill for a missing value, one-hot value or None): its output columns' programs, or None for a step it does not know."
+    "The programs of what fitted `step` makes of columns given as `programs`, or None for a step it does not know."
     from sklearn.impute import SimpleImputer
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer, OneHotEncoder
     # (fitted: the latter)
-    if isinstance(step, str) and step == "passthrough" or type(step) is FunctionTransformer and step.func is None: return programs
+    if isinstance(step, str) and step == "passthrough" or type(step) is FunctionTransformer and step.func is None:
+        return programs
     if isinstance(step, Pipeline):
         for _, s in step.steps:
             programs = _compile_step(s, programs)
@@ -112,7 +119,8 @@ def _compile_step(step, programs: list) -> list | None:
         # a column already filled, or one-hot (0 or 1), has no missing value left
         return [(s, fill if value is not None or not np.isnan(fill) else stat, value)
                 for (s, fill, value), stat in zip(programs, stats)]
-    if type(step) is OneHotEncoder and step.drop is None and not step.sparse_output and step.handle_unknown == "ignore" \
+    if type(step) is OneHotEncoder and step.drop is None and not step.sparse_output \
+            and step.handle_unknown == "ignore" \
             and not getattr(step, "_infrequent_enabled", False) and np.issubdtype(step.dtype, np.number):
         try: cats = [np.asarray(c, dtype=float) for c in step.categories_]
         except (TypeError, ValueError): return None
@@ -122,8 +130,9 @@ def _compile_step(step, programs: list) -> list | None:
         return [(s, fill, float(v)) for (s, fill, _), c in zip(programs, cats) for v in c]
     return None
 
+# %% ../../nbs/08b_serving_models.ipynb #845c1303
 def _transform(programs: list):
-    "A numpy function computing columns given as programs from a float matrix: one gather, one fill, one comparison for all."
+    "A numpy function computing the columns of `programs` from a float matrix: one gather, one fill, one comparison."
     source = np.array([s for s, _, _ in programs], dtype=np.intp)
     fill = np.array([f for _, f, _ in programs], dtype=float)
     onehot = np.array([v is not None for _, _, v in programs])
@@ -134,13 +143,15 @@ def _transform(programs: list):
         return np.where(onehot, Z == value, Z)
     return transform
 
+# %% ../../nbs/08b_serving_models.ipynb #b95f6ae9
 def _with_missing_copy(programs: list) -> list:
     "The programs, then each again where a missing value becomes -inf: the matrix `compile_trees` walks (see there)."
     return programs + [(s, -np.inf if v is None and np.isnan(f) else f, v) for s, f, v in programs]
 
+# %% ../../nbs/08b_serving_models.ipynb #1fd0c3d3
 # trees: the final estimator through `compile_trees` when it can
 def compile_pipeline(pipeline, columns: list, trees: bool = True):
-    "For a fitted Pipeline(ColumnTransformer, classifier): `f(X)` -> positive-class probabilities from a float matrix, or None."
+    "For a fitted Pipeline(ColumnTransformer, classifier): `f(X)` -> positive-class probabilities, or None."
     from sklearn.compose import ColumnTransformer
     from sklearn.pipeline import Pipeline
     if not isinstance(pipeline, Pipeline) or len(pipeline.steps) != 2: return None
@@ -164,9 +175,9 @@ def compile_pipeline(pipeline, columns: list, trees: bool = True):
     transform = _transform(_with_missing_copy(programs))
     return lambda X: walk.wide(transform(np.asarray(X, dtype=float)))
 
+# %% ../../nbs/08b_serving_models.ipynb #3cd6bbcd
 def verified(fast, pipeline, columns: list, example=None, seed: int = 0, rows: int = 250):
-    """`fast` if it predicts what `pipeline` does (within 1e-12) on `example` and on 4 x `rows` + 1 generated rows (drawn from
-    the example, then with missing, unseen and far out-of-range values, and one all missing), one at a time and together, else None."""
+    "`fast` if it predicts what `pipeline` does (within 1e-12) on `example` and on generated rows, else None."
     rng = np.random.default_rng(seed)
     base = np.asarray(example, dtype=float) if example is not None and len(example) else np.zeros((1, len(columns)))
     base = base[rng.integers(0, len(base), max(len(base), rows))]
@@ -182,7 +193,7 @@ def verified(fast, pipeline, columns: list, example=None, seed: int = 0, rows: i
 
 # %% ../../nbs/08b_serving_models.ipynb #e11d3982
 def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-learn's compiled loop is faster
-    "For a fitted binary `HistGradientBoostingClassifier` of numerical features: `f(X)` -> positive-class probabilities from its trees' node arrays, or None."
+    "For a fitted binary `HistGradientBoostingClassifier` of numerical features: `f(X)` -> its probabilities, or None."
     from scipy.special import expit  # what scikit-learn's logit link inverts with
     from sklearn.ensemble import HistGradientBoostingClassifier
     if type(model) is not HistGradientBoostingClassifier or getattr(model, "n_trees_per_iteration_", 0) != 1 \
@@ -193,8 +204,8 @@ def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-lear
     roots = np.cumsum([0] + sizes[:-1])
     first, leaf, own = np.repeat(roots, sizes), nodes["is_leaf"].astype(bool), np.arange(len(nodes))
     # per node, numbered across all trees: its children (a leaf leads to itself), the column it tests, threshold and
-    # value;
-    # a node that sends missing values left reads its feature's copy where NaN is -inf (NaN <= t is False: right)
+    # value; a node that sends missing values left reads its feature's copy where NaN is -inf
+    # (NaN <= t is False: right)
     left, right = np.where(leaf, own, nodes["left"] + first), np.where(leaf, own, nodes["right"] + first)
     node_column = np.where(leaf, 0, nodes["feature_idx"] + width // 2 * nodes["missing_go_to_left"].astype(np.intp))
     node_threshold, node_value = nodes["num_threshold"], nodes["value"]
@@ -225,11 +236,12 @@ def compile_trees(model, max_rows: int = 128):  # more rows at once: scikit-lear
     predict.wide = wide  # for a caller that builds the copy itself (`compile_pipeline`)
     return predict
 
-# %% ../../nbs/08b_serving_models.ipynb #55164baa
+# %% ../../nbs/08b_serving_models.ipynb #de78ca79
 def entity_uri(entity: dict) -> str:
     "The MLflow URI of the model version a served entity serves."
     return model_uri(entity["entity_name"], entity["entity_version"])
 
+# %% ../../nbs/08b_serving_models.ipynb #038c621d
 def online_table(online: OnlineStore, table: str, env: Environment | None = None) -> str:
     "The published online table to look `table` up in: itself, or the environment's table of the same name."
     if online.published(table): return table
@@ -239,6 +251,7 @@ def online_table(online: OnlineStore, table: str, env: Environment | None = None
                      f" is not published in the online store {online.path}; run the features job of environment "
                      f"'{env.name if env else '?'}'")
 
+# %% ../../nbs/08b_serving_models.ipynb #353d074e
 # MLflow -> the online store's
 KEY_SQL_TYPES = {"long": "INTEGER", "integer": "INTEGER", "boolean": "INTEGER", "double": "REAL", "float": "REAL",
                  "string": "TEXT"}
@@ -248,9 +261,7 @@ def lookup_tables(lookups: list, # a version's feature lookups (its feature spec
                   # the version's `ModelSignature`: its lookup keys' types are checked against the online tables' keys
                   signature=None,
                   ) -> dict:
-    """Feature table -> the online table serving reads it from, checked as serving needs it: an online store, each table
-    published, with every feature the version looks up and keys of the types its signature sends; else a ValueError naming
-    the table and column and what publishes them."""
+    "Feature table -> the online table serving reads it from, checked as serving needs it; else a ValueError."
     if lookups and online is None:
         raise ValueError(f"{uri} looks features up, but the environment has no online store; run the features job of "
                          f"environment "
@@ -279,29 +290,32 @@ def lookup_tables(lookups: list, # a version's feature lookups (its feature spec
                                  f"log the model from it again")
     return tables
 
+# %% ../../nbs/08b_serving_models.ipynb #cfcee1fe
 def version_lookups(uri: str) -> list:
-    "The feature lookups of the model at `uri` (its `feature_spec` artifact, as the local feature store logs it), read without loading the model; none without one."
+    "The feature lookups of the model at `uri` (its `feature_spec` artifact), read without loading the model, or []."
     with tempfile.TemporaryDirectory() as folder:
         try: path = mlflow.artifacts.download_artifacts(f"{uri}/artifacts/feature_spec.json", dst_path=folder)
         except (mlflow.exceptions.MlflowException, OSError): return []
         return orjson.loads(Path(path).read_bytes())["lookups"]
 
-# %% ../../nbs/08b_serving_models.ipynb #d033afee
+# %% ../../nbs/08b_serving_models.ipynb #4967565c
 def payload_problem(signature, # the served model's `mlflow.models.ModelSignature`
                     payload: dict) -> str | None:
-    "Why Model Serving would refuse `payload` for a model of `signature`, or None: MLflow's own parsing and schema enforcement, without predicting."
+    "Why Model Serving would refuse `payload` for a model of `signature` (MLflow's parsing and enforcement), or None."
     if signature is None or signature.inputs is None: return None  # nothing is enforced for a model without one
     try: mlflow_read(payload, signature.inputs)
     except Exception as e: return mlflow_problem(e)
     return None
 
+# %% ../../nbs/08b_serving_models.ipynb #5e971f8e
 def mlflow_problem(e: Exception) -> str:
     "What MLflow's refusal says, as the endpoint's 400 would (another exception: its type and text)."
     from mlflow.exceptions import MlflowException
     return (e.message if isinstance(e, MlflowException) else f"{type(e).__name__}: {e}")[:2000]
 
+# %% ../../nbs/08b_serving_models.ipynb #cb61b15d
 def mlflow_read(payload: dict, schema, enforce: bool = True):
-    "`payload` as MLflow's scoring server reads it for a model of input `schema` (`infer_and_parse_data`), then `enforce`d as `PyFuncModel.predict` first does."
+    "`payload` as MLflow's scoring server reads it for input `schema`, then `enforce`d as `PyFuncModel.predict` does."
     from mlflow.models.utils import _enforce_schema  # what PyFuncModel.predict runs first on a served model's input
     # the scoring server's reading of the four request formats
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
@@ -310,10 +324,9 @@ def mlflow_read(payload: dict, schema, enforce: bool = True):
     if enforce: _enforce_schema(data, schema)
     return data
 
-# %% ../../nbs/08b_serving_models.ipynb #76e94f44
+# %% ../../nbs/08b_serving_models.ipynb #d947f2f9
 def csv_as_json(body: bytes, signature) -> bytes:
-    """A `text/csv` invocation body as the `dataframe_split` JSON body of the same rows: read by MLflow's scoring server's
-    own `parse_csv_input` with the model's input schema (column types from the signature), as `mlflow models serve` reads it."""
+    "A `text/csv` invocation body as the `dataframe_split` JSON body of the same rows, read as MLflow reads it."
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc.scoring_server import parse_csv_input
     inputs = signature.inputs if signature is not None else None
@@ -323,19 +336,22 @@ def csv_as_json(body: bytes, signature) -> bytes:
     return orjson.dumps({"dataframe_split": {"columns": [str(c) for c in frame.columns], "data": data}},
                         default=lambda v: v.isoformat() if hasattr(v, "isoformat") else str(v))
 
+# %% ../../nbs/08b_serving_models.ipynb #a9285583
 JSON_TYPES = {"boolean": {"type": "boolean"}, "integer": {"type": "integer"}, "long": {"type": "integer"},
               "float": {"type": "number"}, "double": {"type": "number"}, "string": {"type": "string"},
               "binary": {"type": "string", "contentEncoding": "base64"},
               "datetime": {"type": "string", "format": "date-time"}}
 
+# %% ../../nbs/08b_serving_models.ipynb #d0158384
 def _json_type(spec, optional: bool) -> dict:
     "JSON Schema of one MLflow column or tensor type; null allowed where the input is optional."
     kind = JSON_TYPES.get(getattr(getattr(spec, "type", None), "name", None) or str(getattr(spec, "type", "")), {})
     if not kind: return {}  # an array, object or tensor type: any JSON value (MLflow's own enforcement checks it)
     return {**kind, "type": [kind["type"], "null"]} if optional else kind
 
+# %% ../../nbs/08b_serving_models.ipynb #0eb90f76
 def request_body_schema(signature) -> dict:
-    "JSON Schema of an invocation body for a model of `signature`: one of the scoring server's four formats, rows typed by its inputs."
+    "JSON Schema of an invocation body for a model of `signature`: one of the four formats, rows typed by its inputs."
     inputs = signature.inputs if signature is not None else None
     if inputs is None or not inputs.has_input_names():  # no column names: any of the formats, values unchecked here
         return {"type": "object", "minProperties": 1}
@@ -349,6 +365,7 @@ def request_body_schema(signature) -> dict:
                       for k, v in (("dataframe_records", rows), ("dataframe_split", split), ("instances", rows),
                                    ("inputs", rows))]}
 
+# %% ../../nbs/08b_serving_models.ipynb #49ba3e66
 def response_schema(signature) -> dict:
     "JSON Schema of a 200 answer: `predictions`, typed by the signature's one unnamed output where it has one."
     outputs = signature.outputs if signature is not None else None
@@ -357,6 +374,7 @@ def response_schema(signature) -> dict:
             "properties": {"predictions": {"type": "array",
                                            "items": _json_type(one, False) if one is not None else {}}}}
 
+# %% ../../nbs/08b_serving_models.ipynb #bf5290cb
 def openapi_document(endpoint: str, signatures: dict, # served entity name -> its model's `ModelSignature`
                      version: str = "1") -> dict:
     "The OpenAPI 3.1 document of endpoint `endpoint`'s invocations: the endpoint's path and each served entity's."
@@ -379,20 +397,21 @@ def openapi_document(endpoint: str, signatures: dict, # served entity name -> it
     return {"openapi": "3.1.0", "info": {"title": f"serving endpoint {endpoint}", "version": version},
             "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}}, "paths": paths}
 
-# %% ../../nbs/08b_serving_models.ipynb #90624e22
+# %% ../../nbs/08b_serving_models.ipynb #c370e1a9
 # an array or object inside a row: MLflow is asked about the request itself
 _UNSHAPED = ("a value whose", "verdict cannot be shared")
 
 def _value_kind(v):
-    "What MLflow's verdict on a value can depend on: its JSON type, whether a number is whole and fits 64 bits, and text itself."
+    "What MLflow's verdict on a value depends on: JSON type, whether a number is whole and fits 64 bits, text itself."
     t = type(v)
     if t is str: return v
     if t is int: return int if INT64[0] <= v <= INT64[1] else (int, "beyond 64 bits")
     if t is float: return (float, v.is_integer())
     return t if v is None or t is bool else _UNSHAPED
 
+# %% ../../nbs/08b_serving_models.ipynb #dd91be93
 def request_shape(request: ParsedRequest, max_kinds: int = 64):
-    "A key under which every request gets the same verdict from MLflow's parsing and enforcement, or None when it cannot be stated."
+    "A key under which all requests get the same verdict from MLflow's parsing and enforcement, or None."
     shape = []
     for column, values in request.columns.items():
         kinds = frozenset(map(_value_kind, values))
@@ -400,8 +419,9 @@ def request_shape(request: ParsedRequest, max_kinds: int = 64):
         shape.append((column, kinds))
     return request.form, tuple(sorted(shape, key=lambda s: s[0]))
 
+# %% ../../nbs/08b_serving_models.ipynb #c30150a6
 class SignatureCheck:
-    "MLflow's verdict (`payload_problem`) on requests for a model of `signature`, asked once per request shape and kept for the last `size` shapes."
+    "MLflow's verdict (`payload_problem`) on requests for a model of `signature`, asked once per request shape."
     def __init__(self, signature, size: int = 4096):
         self.signature, self.size, self.verdicts, self.lock = signature, size, OrderedDict(), threading.Lock()
 
@@ -418,26 +438,30 @@ class SignatureCheck:
                 if len(self.verdicts) > self.size: self.verdicts.popitem(last=False)
         return verdict
 
-# %% ../../nbs/08b_serving_models.ipynb #2d692bf0
+# %% ../../nbs/08b_serving_models.ipynb #cbc358ee
 def example_rows(example, columns: list):
-    "The model `columns` of a logged input example (a frame that may also hold its keys), or None when it lacks one of them."
+    "The model `columns` of a logged input example (a frame that may hold its keys too), or None when it lacks one."
     return example[columns] if isinstance(example, pd.DataFrame) and set(columns) <= set(example.columns) else None
 
+# %% ../../nbs/08b_serving_models.ipynb #3ee637f8
 INLINE_ROWS = 16  # at most this many rows are scored on the event loop (a few hundred microseconds)
 NUMERIC_TYPES = frozenset(("integer", "long", "float", "double"))  # MLflow column types whose JSON values are numbers
 
+# %% ../../nbs/08b_serving_models.ipynb #b2a18a60
 def mlflow_input(body: bytes, schema):
-    "An invocation body as MLflow's scoring server reads it for a model of input `schema` (`mlflow_read`, typed by the schema; `predict` enforces it)."
+    "An invocation body as MLflow's scoring server reads it for input `schema` (`mlflow_read`; `predict` enforces it)."
     from mlflow.exceptions import MlflowException
     try: return mlflow_read(orjson.loads(body), schema, enforce=False)
     except MlflowException as e: raise invalid_parameter(e.message[:2000]) from None
 
+# %% ../../nbs/08b_serving_models.ipynb #1498dbcc
 def jsonable(predictions):
-    "A model's predictions as MLflow's scoring server answers them (`predictions_to_json`: a frame or series as records, an array as lists)."
+    "A model's predictions as MLflow's scoring server answers them (a frame or series as records, an array as lists)."
     from mlflow.utils.proto_json_utils import _get_jsonable_obj
     return predictions.tolist() if isinstance(predictions, np.ndarray) else _get_jsonable_obj(predictions,
             pandas_orient="records")
 
+# %% ../../nbs/08b_serving_models.ipynb #18017405
 class ServedModel:
     "One served entity: a loaded model version, its input spec, online lookups and a micro-batcher."
     def __init__(self, entity: dict, online: OnlineStore | None = None, max_rows: int = MAX_ROWS, on_batch=None,
@@ -472,7 +496,8 @@ class ServedModel:
             if not self.tensor and not schema.has_input_names():
                 raise ValueError(f"{entity_uri(entity)} has an input signature without column names; log the model "
                                  f"with named columns or tensors")
-            self.pipeline, self.lookups, columns, keys, passthrough = None, [], [] if self.tensor else schema.input_names(), [], []
+            self.pipeline, self.lookups, columns, keys, passthrough = (None, [], [] if self.tensor
+                                                                       else schema.input_names(), [], [])
             numbers = [c.name for c in schema.inputs
                        if getattr(c.type, "name", None) in NUMERIC_TYPES] if not self.tensor else []
         self.tables = lookup_tables(self.lookups, online, env, entity_uri(entity), self.pyfunc.metadata.signature)
@@ -497,110 +522,125 @@ class ServedModel:
         self.batcher = MicroBatcher(self.score, max_rows=max_rows, name=self.name,
                                     initializer=lambda: threadpool_limits(1), inline=inline)
 
-    def parse(self, body: bytes, max_rows: int = MAX_ROWS, csv: bool = False) -> ParsedRequest:
-        "The invocation in `body` (JSON, or `csv`) as the runtime reads it, then as Model Serving would: a 400 naming what the model's signature refuses."
-        if csv: body = csv_as_json(body, self.pyfunc.metadata.signature)
-        if self.tensor: return self.parse_tensors(body, max_rows)
-        request = parse_request(body, self.spec, max_rows)
-        problem = self.signature(request, lambda: orjson.loads(body))
-        if problem: raise self.refused(problem)
-        # any other model: as MLflow reads it
-        if self.pipeline is None: request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())
-        return request
+# %% ../../nbs/08b_serving_models.ipynb #c4375517
+@patch
+def parse(self: ServedModel, body: bytes, max_rows: int = MAX_ROWS, csv: bool = False) -> ParsedRequest:
+    "The invocation in `body` (JSON, or `csv`) as the runtime reads it, then as Model Serving would; else a 400."
+    if csv: body = csv_as_json(body, self.pyfunc.metadata.signature)
+    if self.tensor: return self.parse_tensors(body, max_rows)
+    request = parse_request(body, self.spec, max_rows)
+    problem = self.signature(request, lambda: orjson.loads(body))
+    if problem: raise self.refused(problem)
+    # any other model: as MLflow reads it
+    if self.pipeline is None: request.frame = mlflow_input(body, self.pyfunc.metadata.get_input_schema())
+    return request
 
-    def parse_tensors(self, body: bytes, max_rows: int = MAX_ROWS) -> ParsedRequest:
-        "A tensor model's invocation: the envelope and row limit checked here, the arrays read and enforced by MLflow (no shape to keep per request)."
-        key, data, params, params_json, client_id = read_envelope(body)
-        request = ParsedRequest({}, tensor_rows(key, data, max_rows), params, client_id, params_json, f"{key}:tensor")
-        # read and enforced once
-        try: request.frame = mlflow_read(orjson.loads(body), self.pyfunc.metadata.get_input_schema())
-        except Exception as e: raise self.refused(mlflow_problem(e)) from None
-        return request
+# %% ../../nbs/08b_serving_models.ipynb #6d9df883
+@patch
+def parse_tensors(self: ServedModel, body: bytes, max_rows: int = MAX_ROWS) -> ParsedRequest:
+    "A tensor model's invocation: envelope and row limit checked here, the arrays read and enforced by MLflow."
+    key, data, params, params_json, client_id = read_envelope(body)
+    request = ParsedRequest({}, tensor_rows(key, data, max_rows), params, client_id, params_json, f"{key}:tensor")
+    # read and enforced once
+    try: request.frame = mlflow_read(orjson.loads(body), self.pyfunc.metadata.get_input_schema())
+    except Exception as e: raise self.refused(mlflow_problem(e)) from None
+    return request
 
-    def refused(self, problem: str) -> ServingError:
-        "The 400 of a request this served entity's signature refuses, with MLflow's reason."
-        return invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served "
-                                 f"entity "
-                                 f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
+# %% ../../nbs/08b_serving_models.ipynb #7d353c1a
+@patch
+def refused(self: ServedModel, problem: str) -> ServingError:
+    "The 400 of a request this served entity's signature refuses, with MLflow's reason."
+    return invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served "
+                             f"entity "
+                             f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
 
-    def key_types(self) -> dict:
-        "Type of each lookup key column ('integer' or 'string') as the online tables declare their primary keys."
-        types = {}
-        for l in self.lookups:
-            declared = self.online.key_types(self.tables[l["table_name"]])
-            for k, sql in zip(l["lookup_key"], declared.values()): types.setdefault(k,
-                    {"INTEGER": "integer", "TEXT": "string"}.get(sql))
-        return types
+# %% ../../nbs/08b_serving_models.ipynb #7887dfc7
+@patch
+def key_types(self: ServedModel) -> dict:
+    "Type of each lookup key column ('integer' or 'string') as the online tables declare their primary keys."
+    types = {}
+    for l in self.lookups:
+        declared = self.online.key_types(self.tables[l["table_name"]])
+        for k, sql in zip(l["lookup_key"], declared.values()): types.setdefault(k,
+                {"INTEGER": "integer", "TEXT": "string"}.get(sql))
+    return types
 
-    def features(self, request: ParsedRequest) -> tuple[np.ndarray | pd.DataFrame, list]:
-        """Model input of `request`: for a feature-store model the matrix of given values, then online lookups for the rest,
-        and the keys not found; for any other model its columns as a frame, typed by MLflow's enforcement when it predicts."""
-        cols, n = request.columns, request.rows
-        if self.pipeline is None: return request.frame, []
-        X = np.full((n, len(self.spec.columns)), np.nan)
-        given = [c for c in self.spec.columns if c in cols]
-        if len(given) == len(self.spec.columns): X[:] = np.array([cols[c] for c in given], dtype=float).T  # (null: NaN)
-        elif given: X[:, [self.index[c] for c in given]] = np.array([cols[c] for c in given], dtype=float).T
-        not_found = []
-        if self.lookups and all(k in cols for k in self.spec.keys):
-            for lookup, online, wanted in self.plan:
-                keys = list(zip(*(cols[k] for k in lookup["lookup_key"])))
-                missing = np.isnan(X).tolist()
-                for i, key in enumerate(keys):
-                    todo = [(f, j) for f, j in wanted if missing[i][j]]  # given values override lookups
-                    if not todo: continue
-                    values = self.online.lookup(online, *key)
-                    if values is None: not_found.append({"row": i, "table": lookup["table_name"],
-                                                         "key": list(key)}); continue
-                    gone = [f for f, _ in todo if f not in values]
-                    if gone: raise bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) looks up "
-                                               f"{gone} in the online table "
-                                               f"{online}, which no longer has them (published again without them): "
-                                               f"publish it with them, "
-                                               "or serve a version that does not look them up")
-                    found = [(j, values[f]) for f, j in todo if values[f] is not None]
-                    if found: X[i, [j for j, _ in found]] = [v for _, v in found]
-        return X, not_found
+# %% ../../nbs/08b_serving_models.ipynb #54e3dc73
+@patch
+def features(self: ServedModel, request: ParsedRequest) -> tuple[np.ndarray | pd.DataFrame, list]:
+    "Model input of `request` (a matrix, or for any other model its frame) and the keys not found online."
+    cols, n = request.columns, request.rows
+    if self.pipeline is None: return request.frame, []
+    X = np.full((n, len(self.spec.columns)), np.nan)
+    given = [c for c in self.spec.columns if c in cols]
+    if len(given) == len(self.spec.columns): X[:] = np.array([cols[c] for c in given], dtype=float).T  # (null: NaN)
+    elif given: X[:, [self.index[c] for c in given]] = np.array([cols[c] for c in given], dtype=float).T
+    not_found = []
+    if self.lookups and all(k in cols for k in self.spec.keys):
+        for lookup, online, wanted in self.plan:
+            keys = list(zip(*(cols[k] for k in lookup["lookup_key"])))
+            missing = np.isnan(X).tolist()
+            for i, key in enumerate(keys):
+                todo = [(f, j) for f, j in wanted if missing[i][j]]  # given values override lookups
+                if not todo: continue
+                values = self.online.lookup(online, *key)
+                if values is None: not_found.append({"row": i, "table": lookup["table_name"],
+                                                     "key": list(key)}); continue
+                gone = [f for f, _ in todo if f not in values]
+                if gone: raise bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) looks up "
+                                           f"{gone} in the online table "
+                                           f"{online}, which no longer has them (published again without them): "
+                                           f"publish it with them, "
+                                           "or serve a version that does not look them up")
+                found = [(j, values[f]) for f, j in todo if values[f] is not None]
+                if found: X[i, [j for j, _ in found]] = [v for _, v in found]
+    return X, not_found
 
-    def predict(self, X: np.ndarray, params: dict | None = None) -> np.ndarray:
-        "Positive-class probabilities (or the model's predictions) for input matrix `X`."
-        if self.on_batch: self.on_batch(len(next(iter(X.values()))) if isinstance(X, dict) else len(X))
-        if self.fast is not None: return self.fast(X)
-        # MLflow's reading of the request; answered as the model answers
-        if self.pipeline is None: return self.pyfunc.predict(X, params=params)
-        frame = pd.DataFrame(X, columns=self.spec.columns)
-        return self.pipeline.predict_proba(frame)[:, 1] if hasattr(self.pipeline,
-                                                                   "predict_proba") else self.pipeline.predict(frame)
+# %% ../../nbs/08b_serving_models.ipynb #613dc910
+@patch
+def predict(self: ServedModel, X: np.ndarray, params: dict | None = None) -> np.ndarray:
+    "Positive-class probabilities (or the model's predictions) for input matrix `X`."
+    if self.on_batch: self.on_batch(len(next(iter(X.values()))) if isinstance(X, dict) else len(X))
+    if self.fast is not None: return self.fast(X)
+    # MLflow's reading of the request; answered as the model answers
+    if self.pipeline is None: return self.pyfunc.predict(X, params=params)
+    frame = pd.DataFrame(X, columns=self.spec.columns)
+    return self.pipeline.predict_proba(frame)[:, 1] if hasattr(self.pipeline,
+                                                               "predict_proba") else self.pipeline.predict(frame)
 
-    def score(self, requests: list) -> list:
-        "Predictions, lookup misses and model input for each request, in one model call where possible."
-        prepared = []
-        for r in requests:
-            try: prepared.append(self.features(r))
-            except Exception as e: prepared.append(e)
-        results = list(prepared)
-        groups = {}  # requests with equal params share a model call
-        for i, p in enumerate(prepared):
-            if not isinstance(p, Exception): groups.setdefault(requests[i].params_json, []).append(i)
-        for members in groups.values():
-            if len(members) > 1:
-                try:
-                    parts = [prepared[i][0] for i in members]
-                    preds = self.predict(pd.concat(parts, ignore_index=True)
-                                         if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts),
-                                         requests[members[0]].params)
-                    start = 0
-                    for i in members:
-                        n = requests[i].rows
-                        results[i] = (jsonable(preds[start:start + n]), prepared[i][1], prepared[i][0]); start += n
-                    continue
-                except Exception: pass  # score one by one, so that one request's failure stays its own
-            for i in members:
-                try: results[i] = (jsonable(self.predict(prepared[i][0], requests[i].params)), prepared[i][1],
-                                   prepared[i][0])
-                except Exception as e:
-                    results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this "
-                                             f"input: {type(e).__name__}: {e}")
-        return results
+# %% ../../nbs/08b_serving_models.ipynb #2f8a2088
+@patch
+def score(self: ServedModel, requests: list) -> list:
+    "Predictions, lookup misses and model input for each request, in one model call where possible."
+    prepared = []
+    for r in requests:
+        try: prepared.append(self.features(r))
+        except Exception as e: prepared.append(e)
+    results = list(prepared)
+    groups = {}  # requests with equal params share a model call
+    for i, p in enumerate(prepared):
+        if not isinstance(p, Exception): groups.setdefault(requests[i].params_json, []).append(i)
+    for members in groups.values():
+        if len(members) > 1:
+            try:
+                parts = [prepared[i][0] for i in members]
+                preds = self.predict(pd.concat(parts, ignore_index=True)
+                                     if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts),
+                                     requests[members[0]].params)
+                start = 0
+                for i in members:
+                    n = requests[i].rows
+                    results[i] = (jsonable(preds[start:start + n]), prepared[i][1], prepared[i][0]); start += n
+                continue
+            except Exception: pass  # score one by one, so that one request's failure stays its own
+        for i in members:
+            try: results[i] = (jsonable(self.predict(prepared[i][0], requests[i].params)), prepared[i][1],
+                               prepared[i][0])
+            except Exception as e:
+                results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this "
+                                         f"input: {type(e).__name__}: {e}")
+    return results
 
-    def close(self): self.batcher.close()
+# %% ../../nbs/08b_serving_models.ipynb #d56b8fc8
+@patch
+def close(self: ServedModel): self.batcher.close()

@@ -26,7 +26,7 @@ __all__ = ['ENDPOINT_NAME', 'ENTITY_NAME', 'VERSION', 'WORKLOAD_SIZES', 'UC_NAME
            'refuse_rows', 'refuse_unknown', 'payload_columns', 'repeated_key', 'read_envelope', 'tensor_rows',
            'parse_request']
 
-# %% ../../nbs/08a_serving_protocol.ipynb #73f99e8e
+# %% ../../nbs/08a_serving_protocol.ipynb #d5c7557f
 class ServingError(MlopsError):
     "An API error: HTTP `status`, Databricks `error_code` and a message naming what is wrong."
     def __init__(self, status: int, error_code: str, message: str):
@@ -34,6 +34,7 @@ class ServingError(MlopsError):
         self.status = self.status_code = status
         self.error_code, self.message = error_code, message
 
+# %% ../../nbs/08a_serving_protocol.ipynb #b03f8dc1
 def bad_request(message: str) -> ServingError: return ServingError(400, "BAD_REQUEST", message)
 def invalid_parameter(message: str) -> ServingError: return ServingError(400, "INVALID_PARAMETER_VALUE", message)
 def no_endpoint(name: str) -> ServingError: return ServingError(404, "RESOURCE_DOES_NOT_EXIST",
@@ -43,22 +44,25 @@ def no_served_model(name: str, served: str, known) -> ServingError:
                         f"serving endpoint '{name}' has no served model '{served}' (it has "
                         f"{', '.join(sorted(known)) or 'none'})")
 
+# %% ../../nbs/08a_serving_protocol.ipynb #aa5204f7
 def _type_name(v) -> str: return "null" if v is None else {bool: "boolean", str: "string", list: "array",
                                                            dict: "object"}.get(type(v), type(v).__name__)
 
-# %% ../../nbs/08a_serving_protocol.ipynb #80a6b27e
+# %% ../../nbs/08a_serving_protocol.ipynb #73a9ce56
 # checked with fullmatch: `$` would let a trailing newline through
 ENDPOINT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 ENTITY_NAME = re.compile(r"[A-Za-z0-9_-]{1,255}")
 VERSION = re.compile(r"[0-9]{1,18}")
 WORKLOAD_SIZES = ("Small", "Medium", "Large")
 
+# %% ../../nbs/08a_serving_protocol.ipynb #dacfd9e8
 def check_type(value, kind, where: str, expected: str, optional: bool = True):
     "`value` if it is a `kind` (or None when `optional`); else a 400 naming `where` and the type it is."
     if (value is None and optional) or (isinstance(value, kind)
                                         and not (isinstance(value, bool) and kind is not bool)): return value
     raise invalid_parameter(f"{where} must be {expected}, got {_type_name(value)}")
 
+# %% ../../nbs/08a_serving_protocol.ipynb #73472431
 def check_endpoint_name(name) -> str:
     "`name` if it is a valid endpoint name (letters, digits, dashes, underscores; at most 63)."
     if not isinstance(name, str) or not ENDPOINT_NAME.fullmatch(name):
@@ -66,6 +70,7 @@ def check_endpoint_name(name) -> str:
                                 f"characters)")
     return name
 
+# %% ../../nbs/08a_serving_protocol.ipynb #dd430b6c
 def check_entity(e, where: str) -> dict:
     "One served entity with its defaults filled in."
     if not isinstance(e, dict): raise invalid_parameter(f"{where} must be an object, got {_type_name(e)}")
@@ -88,6 +93,7 @@ def check_entity(e, where: str) -> dict:
     return {"name": name, "entity_name": model, "entity_version": str(version), "workload_size": size,
             "scale_to_zero_enabled": bool(scale), "environment_vars": dict(env_vars)}
 
+# %% ../../nbs/08a_serving_protocol.ipynb #bc8cf1ac
 def check_config(config) -> dict:
     "A create/update `config` as the runtime keeps it: served entities with defaults and validated traffic routes."
     if not isinstance(config, dict): raise invalid_parameter("config must be an object with served_entities")
@@ -121,14 +127,15 @@ def check_config(config) -> dict:
     if total != 100: raise invalid_parameter(f"config.traffic_config.routes add up to {total}%, expected 100%")
     return {"served_entities": entities, "traffic_config": {"routes": checked}}
 
-# %% ../../nbs/08a_serving_protocol.ipynb #eef85eaf
+# %% ../../nbs/08a_serving_protocol.ipynb #5ccbf1a6
 # Unity Catalog names: no period, space, slash or control character
 UC_NAME_FORBIDDEN = re.compile(r"[. /\x00-\x1f\x7f]")
 GATEWAY_FIELDS = {"inference_table_config": dict, "usage_tracking_config": dict, "guardrails": dict,
                   "rate_limits": list, "fallback_config": dict}
 
+# %% ../../nbs/08a_serving_protocol.ipynb #7c0b8110
 def check_uc_name(value, where: str) -> str:
-    "`value` if it is a valid Unity Catalog object name (at most 255 characters, no '.', ' ', '/' or control characters)."
+    "`value` if it is a Unity Catalog object name: at most 255 characters, no '.', ' ', '/' or control character."
     if not isinstance(value, str) or not value: raise invalid_parameter(f"{where} must be a non-empty string, got "
                                                                         f"{_type_name(value)}")
     if len(value) > 255 or UC_NAME_FORBIDDEN.search(value):
@@ -136,6 +143,7 @@ def check_uc_name(value, where: str) -> str:
                                 f"'.', ' ', '/' or control characters")
     return value
 
+# %% ../../nbs/08a_serving_protocol.ipynb #046cedbd
 def check_inference_table(table, endpoint: str) -> dict:
     "An AI Gateway inference table config as kept: names checked, the prefix defaulting to the endpoint's name."
     where = "ai_gateway.inference_table_config"
@@ -160,8 +168,9 @@ def check_inference_table(table, endpoint: str) -> dict:
         except TableError as e: raise invalid_parameter(f"{where}: the payload {e}") from None
     return out
 
+# %% ../../nbs/08a_serving_protocol.ipynb #2b08f625
 def check_ai_gateway(body, endpoint: str) -> dict:
-    "The AI Gateway config of `endpoint` as kept: the inference table config checked (the part this project uses), the rest as given."
+    "The AI Gateway config of `endpoint` as kept: the inference table config checked, the rest as given."
     if not isinstance(body, dict): raise invalid_parameter(f"ai_gateway must be an object, got {_type_name(body)}")
     for k, kind in GATEWAY_FIELDS.items(): check_type(body.get(k), kind, f"ai_gateway.{k}",
                                                       "an object" if kind is dict else "a list")
@@ -173,7 +182,7 @@ def check_ai_gateway(body, endpoint: str) -> dict:
     except orjson.JSONEncodeError as e: raise invalid_parameter(f"ai_gateway cannot be kept: {e}") from None
     return out
 
-# %% ../../nbs/08a_serving_protocol.ipynb #c9e6949f
+# %% ../../nbs/08a_serving_protocol.ipynb #e657f007
 def check_tags(tags, where: str = "tags") -> dict:
     "A list of `{key, value}` tags as kept: key -> value (None when absent)."
     out = {}
@@ -187,21 +196,23 @@ def check_tags(tags, where: str = "tags") -> dict:
         out[key] = check_type(t.get("value"), str, f"{where}[{i}].value", "a string")
     return out
 
+# %% ../../nbs/08a_serving_protocol.ipynb #43829e25
 def check_tags_patch(body: dict) -> tuple[dict, list]:
     "The tags to add (key -> value) and the keys to delete of a tags patch."
     delete = check_type(body.get("delete_tags"), list, "delete_tags", "a list of tag keys") or []
     for i, k in enumerate(delete): check_type(k, str, f"delete_tags[{i}]", "a tag key (a string)", optional=False)
     return check_tags(body.get("add_tags"), "add_tags"), delete
 
-# %% ../../nbs/08a_serving_protocol.ipynb #d544019d
+# %% ../../nbs/08a_serving_protocol.ipynb #c90d1589
 PAYLOAD_KEYS = ("dataframe_split", "dataframe_records", "instances", "inputs")
 OTHER_KEYS = ("params", "client_request_id", "usage_context")
 MAX_BODY_BYTES = 16 * 1024 * 1024  # Databricks' payload limit
 INT64 = (-2**63, 2**63 - 1)  # what an integer key of the online store (SQLite) holds
 
+# %% ../../nbs/08a_serving_protocol.ipynb #63164790
 @dataclass
 class InputSpec:
-    "What a served model takes: feature columns, the key columns that let the runtime look features up, and their types and domains."
+    "What a served model takes: feature columns, the keys to look features up by, and their types and domains."
     columns: list  # model input columns, in the model's order
     keys: list = field(default_factory=list)  # lookup key columns (e.g. customer_id)
     passthrough: list = field(default_factory=list)  # other accepted columns (e.g. snapshot_date)
@@ -216,6 +227,7 @@ class InputSpec:
         self.check = DomainCheck([self.domains[c] for c in self.numeric])
         self.known = frozenset([*self.columns, *self.keys, *self.passthrough])  # every column a request may give
 
+# %% ../../nbs/08a_serving_protocol.ipynb #f3778bfa
 @dataclass
 class ParsedRequest:
     "A validated request: columns of values, the number of rows and MLflow params."
@@ -233,13 +245,14 @@ class ParsedRequest:
     def __post_init__(self):
         if self.params_json is None: self.params_json = orjson.dumps(self.params, option=orjson.OPT_SORT_KEYS)
 
-# %% ../../nbs/08a_serving_protocol.ipynb #6d587180
+# %% ../../nbs/08a_serving_protocol.ipynb #95a5088b
 def refuse_rows(key: str, rows: int, max_rows: int | None):
     "A 400 when `rows` is over the endpoint's limit (None: no limit)."
     if max_rows is not None and rows > max_rows:
         raise bad_request(f"{key} has {rows} rows; an endpoint takes at most {max_rows} per request (use batch "
                           f"inference for more)")
 
+# %% ../../nbs/08a_serving_protocol.ipynb #2b536686
 def refuse_unknown(names, spec: InputSpec):
     "A 400 naming the columns of `names` the model does not take (the first ten of them)."
     extra = [c for c in names if c not in spec.known]
@@ -248,6 +261,7 @@ def refuse_unknown(names, spec: InputSpec):
                                 f"; the model takes {spec.columns}" + (f" or the key(s) {spec.keys}"
                                         if spec.keys else ""))
 
+# %% ../../nbs/08a_serving_protocol.ipynb #a769deb8
 def _rows_to_columns(rows: list, where: str, spec: InputSpec, known_only: bool) -> dict:
     "Records (a list of objects) as columns; a column missing from a record is null there."
     # one pass over the keys; with `known_only` unknown names are refused before the per-column work (rows x names was
@@ -260,6 +274,7 @@ def _rows_to_columns(rows: list, where: str, spec: InputSpec, known_only: bool) 
     if known_only: refuse_unknown(names, spec)
     return {c: [r.get(c) for r in rows] for c in names}
 
+# %% ../../nbs/08a_serving_protocol.ipynb #fc560a96
 def payload_columns(key: str, data, spec: InputSpec,
                     max_rows: int | None = None, # refuse more rows than this before reading them (None: any number)
                     known_only: bool = False, # refuse columns the model does not take before building columns
@@ -303,13 +318,14 @@ def payload_columns(key: str, data, spec: InputSpec,
         return {c: [row[j] for row in data] for j, c in enumerate(spec.columns)}
     return _rows_to_columns(data, key, spec, known_only)
 
-# %% ../../nbs/08a_serving_protocol.ipynb #059ef702
+# %% ../../nbs/08a_serving_protocol.ipynb #bdcff491
 # reprlib: short, and safe for values nested 1000 deep
 def _shown(v) -> str: return f"{_type_name(v)} {reprlib.repr(v)}"
 
 # a value's type where a number or null is expected (bool is not int here)
 _NUMBERS = frozenset((float, int, type(None)))
 
+# %% ../../nbs/08a_serving_protocol.ipynb #f125e476
 def _check_numbers(columns: dict, names: list):
     "Raise naming the first value of the columns `names` (those given) that is not a finite number or null."
     given = [columns[c] for c in names if c in columns]
@@ -320,8 +336,9 @@ def _check_numbers(columns: dict, names: list):
             if type(v) not in _NUMBERS: raise bad_request(f"column '{name}' row {i}: expected a number or null, got "
                                                           f"{_shown(v)}")
 
+# %% ../../nbs/08a_serving_protocol.ipynb #e5c66082
 def _check_keys(name: str, values: list, key_type: str | None):
-    "Raise naming the first value of key column `name` that is not of the feature tables' `key_type` ('integer', 'string'; None: either)."
+    "Raise naming the first value of key column `name` not of `key_type` ('integer', 'string'; None: either)."
     for i, v in enumerate(values):
         t = type(v)
         if key_type == "integer" and t is int and not INT64[0] <= v <= INT64[1]:
@@ -333,8 +350,9 @@ def _check_keys(name: str, values: list, key_type: str | None):
         raise bad_request(f"key column '{name}' row {i}: expected {expected}, the feature tables' key type; got "
                           f"{_shown(v)}")
 
+# %% ../../nbs/08a_serving_protocol.ipynb #d33b9c67
 def _check_domains(columns: dict, spec: InputSpec):
-    "Raise naming the first value outside its column's domain (null is allowed: a missing value); numbers are checked all at once."
+    "Raise naming the first value outside its column's domain (null is allowed: a missing value)."
     for c in spec.dates:
         for i, v in enumerate(columns.get(c, ())):
             if v is not None and iso_date(v) is None: raise bad_request(f"column '{c}' row {i}: expected a date as "
@@ -356,14 +374,16 @@ def _check_domains(columns: dict, spec: InputSpec):
     raise bad_request(f"column '{names[k]}' row {i}: {columns[names[k]][i]!r:.40} "
                       f"{spec.domains[names[k]].wrong(fractional)}")
 
+# %% ../../nbs/08a_serving_protocol.ipynb #8b0b36ab
 def _keys_read(payload: dict) -> int:
-    "How many keys the objects of a request hold where requests have objects: the body, its payload object, records, params (not nested)."
+    "How many keys a request's objects hold: the body, its payload object, records, params (not nested)."
     n = len(payload)
     for v in payload.values():
         if type(v) is dict: n += len(v)
         elif type(v) is list and v and type(v[0]) is dict: n += sum(len(r) for r in v if type(r) is dict)
     return n
 
+# %% ../../nbs/08a_serving_protocol.ipynb #f6e3e21f
 class _Repeated(Exception): pass
 
 def _no_repeats(pairs: list) -> dict:
@@ -374,14 +394,9 @@ def _no_repeats(pairs: list) -> dict:
         raise _Repeated(next(k for k, _ in pairs if k in seen or seen.add(k)))
     return obj
 
+# %% ../../nbs/08a_serving_protocol.ipynb #f3c8829e
 def repeated_key(body: bytes, payload: dict) -> str | None:
-    """The first key given twice in one JSON object of `body` (whose parse is `payload`), or None.
-
-    JSON readers disagree on a repeated key: orjson and Python's json (MLflow's scoring server) keep the last value, DuckDB's
-    and Spark's JSON readers of the inference table may keep the first or fail, so a request scored on one value would be
-    monitored on another. Every key is followed by one colon: when the body has exactly as many colons as the keys read
-    (the common request), no key was repeated; otherwise (colons in text, nested objects) Python's json reads it again and
-    names the repeated key."""
+    "The first key given twice in one JSON object of `body` (whose parse is `payload`), or None."
     if body.count(b":") == _keys_read(payload): return None
     try: json.loads(body, object_pairs_hook=_no_repeats)
     except _Repeated as e: return e.args[0]
@@ -389,8 +404,9 @@ def repeated_key(body: bytes, payload: dict) -> str | None:
     except (ValueError, RecursionError): return None
     return None
 
+# %% ../../nbs/08a_serving_protocol.ipynb #980dfe54
 def read_envelope(body: bytes) -> tuple:
-    "An invocation body's JSON checked around its data: (payload key, its data, params, params as canonical JSON, client_request_id); else a 400."
+    "An invocation body's JSON checked around its data: (key, data, params, params JSON, client_request_id), or a 400."
     try: payload = orjson.loads(body)
     except orjson.JSONDecodeError as e:
         hint = "; NaN and Infinity are not JSON, send null for a missing value" if re.search(rb"NaN|Infinity",
@@ -421,8 +437,9 @@ def read_envelope(body: bytes) -> tuple:
                                                                                f"got {_shown(client_id)}")
     return given[0], payload[given[0]], params, params_json, client_id
 
+# %% ../../nbs/08a_serving_protocol.ipynb #6735747b
 def tensor_rows(key: str, data, max_rows: int | None = MAX_ROWS) -> int:
-    "The rows of a payload for a model whose signature names no columns (a tensor model: MLflow reads it), checked against the limit."
+    "The rows of a tensor model's payload (its signature names no columns: MLflow reads it), checked against the limit."
     if key == "dataframe_split": data = data.get("data") if isinstance(data, dict) else data
     sizes = [len(v) if isinstance(v, list) else 1
              for v in data.values()] if isinstance(data, dict) else [len(data) if isinstance(data, list) else 1]
@@ -431,6 +448,7 @@ def tensor_rows(key: str, data, max_rows: int | None = MAX_ROWS) -> int:
     if not sizes or sizes[0] == 0: raise bad_request(f"{key} has no rows; send at least one")
     return sizes[0]
 
+# %% ../../nbs/08a_serving_protocol.ipynb #a9e2bf71
 def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> ParsedRequest:
     "Parse and validate an invocation body against `spec`; raise a 400 ServingError naming what is wrong."
     key, data, params, params_json, client_id = read_envelope(body)

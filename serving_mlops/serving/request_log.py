@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'RequestLog', 'read_request_log', 'RecentLog']
 
-# %% ../../nbs/08e2_serving_request_log.ipynb #331817a3
+# %% ../../nbs/08e2_serving_request_log.ipynb #712048a6
 class RequestLog:
-    "Per-endpoint JSON-lines logs of invocation outcomes in `folder`, rotated by size (by whichever of several workers fills a file)."
+    "Per-endpoint JSON-lines logs of invocation outcomes in `folder`, rotated by size (by whichever worker fills one)."
     # files: rotated ones kept
     def __init__(self, folder: Path, max_bytes: int = REQUEST_LOG_BYTES, files: int = REQUEST_LOG_FILES):
         self.folder, self.max_bytes, self.files = Path(folder), max_bytes, files
@@ -37,36 +37,40 @@ class RequestLog:
             self.failing = f"cannot use the request log folder {self.folder}: {type(e).__name__}: {e}"
             log.error("%s; requests are answered, their outcomes are not logged until it can be written", self.failing)
 
-    def path(self, endpoint: str, rotated: int = 0) -> Path:
-        return self.folder / (f"{endpoint}.jsonl.{rotated}" if rotated else f"{endpoint}.jsonl")
+# %% ../../nbs/08e2_serving_request_log.ipynb #40c359b6
+@patch
+def path(self: RequestLog, endpoint: str, rotated: int = 0) -> Path:
+    return self.folder / (f"{endpoint}.jsonl.{rotated}" if rotated else f"{endpoint}.jsonl")
 
-    def write(self, endpoint: str, outcome: dict):
-        "Append one outcome to `endpoint`'s log: one line in one write, before the response; a failure is logged, never the request's."
-        line, writing = orjson.dumps(outcome) + b"\n", False
-        try:
-            fd = self.fds.get(endpoint)
-            if fd is None: fd = self.fds[endpoint] = os.open(self.path(endpoint),
-                                                             os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            size = os.fstat(fd).st_size  # other workers append to the same file
-            if size and size + len(line) > self.max_bytes: fd = self._rotate(endpoint, fd)
-            writing = True
-            # a newline first ends a line a failed write cut short
-            write_whole(fd, b"\n" + line if endpoint in self.torn else line)
-            self.torn.discard(endpoint)
-        except OSError as e:
-            # the write may have put part of the line (not so a failed open, stat or rotation)
-            if writing: self.torn.add(endpoint)
-            if self.failing is None: log.error("request log of endpoint %s in %s: cannot write outcomes (requests are "
-                                               "answered): %s", endpoint, self.folder, e)
-            self.failing = f"{type(e).__name__}: {e}"
-            return
-        if self.failing is not None:
-            log.warning("request log of endpoint %s: writing again", endpoint); self.failing = None
+# %% ../../nbs/08e2_serving_request_log.ipynb #28faff26
+@patch
+def write(self: RequestLog, endpoint: str, outcome: dict):
+    "Append one outcome to `endpoint`'s log, one line in one write; a failure is logged, never the request's."
+    line, writing = orjson.dumps(outcome) + b"\n", False
+    try:
+        fd = self.fds.get(endpoint)
+        if fd is None: fd = self.fds[endpoint] = os.open(self.path(endpoint),
+                                                         os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        size = os.fstat(fd).st_size  # other workers append to the same file
+        if size and size + len(line) > self.max_bytes: fd = self._rotate(endpoint, fd)
+        writing = True
+        # a newline first ends a line a failed write cut short
+        write_whole(fd, b"\n" + line if endpoint in self.torn else line)
+        self.torn.discard(endpoint)
+    except OSError as e:
+        # the write may have put part of the line (not so a failed open, stat or rotation)
+        if writing: self.torn.add(endpoint)
+        if self.failing is None: log.error("request log of endpoint %s in %s: cannot write outcomes (requests are "
+                                           "answered): %s", endpoint, self.folder, e)
+        self.failing = f"{type(e).__name__}: {e}"
+        return
+    if self.failing is not None:
+        log.warning("request log of endpoint %s: writing again", endpoint); self.failing = None
 
-# %% ../../nbs/08e2_serving_request_log.ipynb #b8d0b5f4
+# %% ../../nbs/08e2_serving_request_log.ipynb #f9432699
 @patch
 def _rotate(self: RequestLog, endpoint: str, fd: int) -> int:
-    "Move the full file to `.1` (`.1` to `.2`, ..., the oldest dropped) unless another worker just did; the new file's descriptor."
+    "Move the full file to `.1` (`.1` to `.2`, ..., the oldest dropped) unless another worker just did; the new fd."
     fcntl.flock(fd, fcntl.LOCK_EX)  # workers holding the same full file take turns; the first rotates it
     try:
         current = self.path(endpoint)
@@ -79,6 +83,7 @@ def _rotate(self: RequestLog, endpoint: str, fd: int) -> int:
     fd = self.fds[endpoint] = os.open(self.path(endpoint), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     return fd
 
+# %% ../../nbs/08e2_serving_request_log.ipynb #017588ff
 @patch
 def close(self: RequestLog):
     for fd in self.fds.values(): os.close(fd)
@@ -100,18 +105,22 @@ def read_request_log(folder: Path, endpoint: str) -> list[dict]:
                             "skipped: %r", p, number, line[:200])
     return outcomes
 
-# %% ../../nbs/08e2_serving_request_log.ipynb #b2426b39
+# %% ../../nbs/08e2_serving_request_log.ipynb #53d1c637
 class RecentLog(logging.Handler):
-    "The most recent lines of a logger, formatted as the runtime's log file has them (a bounded ring: old lines drop off)."
+    "The most recent lines of a logger, formatted as the runtime's log file has them (old lines drop off)."
     def __init__(self, lines: int = 2_000):
         super().__init__(logging.INFO)
         self.lines = collections.deque(maxlen=lines)
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
 
-    def emit(self, record: logging.LogRecord):
-        try: self.lines.append(self.format(record))
-        except Exception: self.handleError(record)
+# %% ../../nbs/08e2_serving_request_log.ipynb #42b7d83f
+@patch
+def emit(self: RecentLog, record: logging.LogRecord):
+    try: self.lines.append(self.format(record))
+    except Exception: self.handleError(record)
 
-    def about(self, *words: str) -> str:
-        "The kept lines that contain any of `words`, oldest first."
-        return "\n".join(line for line in list(self.lines) if any(w in line for w in words))
+# %% ../../nbs/08e2_serving_request_log.ipynb #61979efc
+@patch
+def about(self: RecentLog, *words: str) -> str:
+    "The kept lines that contain any of `words`, oldest first."
+    return "\n".join(line for line in list(self.lines) if any(w in line for w in words))

@@ -23,7 +23,8 @@ from fastcore.basics import patch
 
 from ..config import Environment
 from ..feature_store import OnlineStore
-from .capture import InferenceLog, entity_ids, json_text, payload_table_name, record_served_entities, served_entity_rows
+from .capture import (InferenceLog, entity_ids, json_text, payload_table_name,
+                                           record_served_entities, served_entity_rows)
 from .endpoint import Endpoint, Snapshot, now_ms, read_record, remove_durably, write_atomic
 from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri, openapi_document
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'PERMISSION_LEVELS', 'ServingRuntime', 'changes_state', 'outcome_of', 'token_owner']
 
-# %% ../../nbs/08e_serving_runtime.ipynb #2612cb9c
+# %% ../../nbs/08e_serving_runtime.ipynb #8142e780
 class ServingRuntime:
     "The endpoints of one local environment: create, update, delete, persist, restore, invoke."
     def __init__(self, env: Environment, settings: RuntimeSettings | None = None,  # default: RuntimeSettings()
@@ -66,64 +67,74 @@ class ServingRuntime:
         # registry
         mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
 
-    @property
-    def online(self) -> OnlineStore | None:
-        path = self.env.path("online", "online_store.db")
-        if self._online is None and path.exists(): self._online = OnlineStore(path)
-        return self._online
+# %% ../../nbs/08e_serving_runtime.ipynb #9bcd0965
+@patch(as_prop=True)
+def online(self: ServingRuntime) -> OnlineStore | None:
+    path = self.env.path("online", "online_store.db")
+    if self._online is None and path.exists(): self._online = OnlineStore(path)
+    return self._online
 
-    # what other workers saved, if any; the loading tasks started
-    def follow(self) -> list: return self.coordinator.follow(self)
+# what other workers saved, if any; the loading tasks started
+@patch
+def follow(self: ServingRuntime) -> list: return self.coordinator.follow(self)
 
-    def get(self, name: str) -> Endpoint:
-        self.follow()
-        if name not in self.endpoints: raise no_endpoint(name)
-        return self.endpoints[name]
+@patch
+def get(self: ServingRuntime, name: str) -> Endpoint:
+    self.follow()
+    if name not in self.endpoints: raise no_endpoint(name)
+    return self.endpoints[name]
 
-    def changeable(self, name: str) -> Endpoint:
-        "The endpoint `name`, refused when it could not be restored (it answers GET and DELETE only)."
-        ep = self.get(name)
-        if ep.broken: raise ServingError(400, "INVALID_STATE",
-                                         f"{ep.broken}; delete the endpoint, or repair it and restart the serving "
-                                         f"runtime")
-        return ep
+# %% ../../nbs/08e_serving_runtime.ipynb #2c7d0ae8
+@patch
+def changeable(self: ServingRuntime, name: str) -> Endpoint:
+    "The endpoint `name`, refused when it could not be restored (it answers GET and DELETE only)."
+    ep = self.get(name)
+    if ep.broken: raise ServingError(400, "INVALID_STATE",
+                                     f"{ep.broken}; delete the endpoint, or repair it and restart the serving "
+                                     f"runtime")
+    return ep
 
-    def new_endpoint(self, record: dict, **state) -> Endpoint:
-        return Endpoint(record, metrics=EndpointMetrics(record["name"], self.settings.metrics_interval),
-                        committed_is_ready=self.coordinator.committed_is_ready, **state)
+@patch
+def new_endpoint(self: ServingRuntime, record: dict, **state) -> Endpoint:
+    return Endpoint(record, metrics=EndpointMetrics(record["name"], self.settings.metrics_interval),
+                    committed_is_ready=self.coordinator.committed_is_ready, **state)
 
-    def close(self):
-        "Release every endpoint's resources; one that fails to close is logged and the others still close."
-        self.request_log.close()
-        for name in list(self.captures): self.close_capture(name)
-        for ep in self.endpoints.values():
-            for m in (ep.snapshot.models.values() if ep.snapshot else ()):
-                try: m.close()
-                except Exception as e: log.error("endpoint %s: served entity %s did not close: %s", ep.name, m.name, e)
-        self.loader.shutdown(wait=False)
-        logging.getLogger("serving_mlops.serving").removeHandler(self.recent)
-        self.coordinator.close()
+# %% ../../nbs/08e_serving_runtime.ipynb #7b424f3c
+@patch
+def close(self: ServingRuntime):
+    "Release every endpoint's resources; one that fails to close is logged and the others still close."
+    self.request_log.close()
+    for name in list(self.captures): self.close_capture(name)
+    for ep in self.endpoints.values():
+        for m in (ep.snapshot.models.values() if ep.snapshot else ()):
+            try: m.close()
+            except Exception as e: log.error("endpoint %s: served entity %s did not close: %s", ep.name, m.name, e)
+    self.loader.shutdown(wait=False)
+    logging.getLogger("serving_mlops.serving").removeHandler(self.recent)
+    self.coordinator.close()
 
-# %% ../../nbs/08e_serving_runtime.ipynb #e6bb4466
+# %% ../../nbs/08e_serving_runtime.ipynb #722c2e84
 @patch
 def state_file(self: ServingRuntime, name: str) -> Path: return self.state_dir / f"{name}.json"
 
 @patch
 def persist(self: ServingRuntime, record: dict):
-    "Save an endpoint's record atomically and durably; a 500 naming the file when it cannot be saved (the old one stays)."
+    "Save an endpoint's record atomically and durably; a 500 naming the file when it cannot (the old one stays)."
     path = self.state_file(record["name"])
     try: write_atomic(path, orjson.dumps(record, option=orjson.OPT_INDENT_2))
     except (OSError, orjson.JSONEncodeError) as e:
         raise ServingError(500, "INTERNAL_ERROR",
-                           f"cannot save serving endpoint '{record['name']}' to {path}: {type(e).__name__}: {e}") from None
+                           f"cannot save serving endpoint '{record['name']}' to {path}: "
+                           f"{type(e).__name__}: {e}") from None
 
+# %% ../../nbs/08e_serving_runtime.ipynb #1dc79ab0
 @patch
 def commit(self: ServingRuntime, ep: Endpoint, record: dict):
     "Persist `record`, then make it the endpoint's (so memory never holds what the disk does not)."
     self.persist(record)
     ep.record = record
 
-# %% ../../nbs/08e_serving_runtime.ipynb #4ff31520
+# %% ../../nbs/08e_serving_runtime.ipynb #4b528d19
 @patch
 def load_models(self: ServingRuntime, config: dict, current: Snapshot | None, metrics: EndpointMetrics) -> dict:
     "Served entities of `config`, reusing already loaded ones with the same model version."
@@ -135,30 +146,35 @@ def load_models(self: ServingRuntime, config: dict, current: Snapshot | None, me
             try: models[e["name"]] = ServedModel(e, self.online, self.settings.max_rows,
                                                  metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
             except Exception as x:
-                raise RuntimeError(f"served entity '{e['name']}': cannot load {entity_uri(e)}: {type(x).__name__}: {x}") from None
+                raise RuntimeError(f"served entity '{e['name']}': cannot load {entity_uri(e)}: "
+                                   f"{type(x).__name__}: {x}") from None
     return models
 
+# %% ../../nbs/08e_serving_runtime.ipynb #f6862363
 @patch
 def record_entities(self: ServingRuntime, name: str, config: dict):
-    "Append the served entities of `config`, just saved as endpoint `name`'s, to the history the inference table's rows resolve through."
+    "Append the served entities of `config`, just saved as endpoint `name`'s, to the served entities' history."
     try: record_served_entities(tables_for(self.env), served_entity_rows(name, config, now_ms()))
     except Exception as x:
         raise ServingError(500, "INTERNAL_ERROR",
                            f"cannot record the served entities in system.serving.served_entities: {type(x).__name__}: "
                            f"{x}") from None
 
+# %% ../../nbs/08e_serving_runtime.ipynb #1019f318
 @patch
 async def apply(self: ServingRuntime, ep: Endpoint, config: dict):
-    "Load `config` in the background; the coordinator saves it, records its served entities and serves it (alone: at once; workers: once all have loaded it)."
+    "Load `config` in the background; the coordinator saves it, records its served entities and serves it."
+    # alone: at once; workers: once all have loaded it
     loop = asyncio.get_running_loop()
     config = {k: v for k, v in config.items() if k != "start_time"}
     try: models = await loop.run_in_executor(self.loader, self.load_models, config, ep.snapshot, ep.metrics)
     except Exception as e: return self.coordinator.failed(self, ep, config, str(e))
     self.coordinator.loaded(self, ep, config, models)
 
+# %% ../../nbs/08e_serving_runtime.ipynb #fff47e76
 @patch
 def _switch(self: ServingRuntime, ep: Endpoint, config: dict, models: dict):
-    "Serve `config` with its loaded `models` from now on; the models it no longer uses close once requests in flight are done."
+    "Serve `config` with its loaded `models` from now on; models it no longer uses close after the requests in flight."
     old = ep.snapshot
     ep.snapshot = Snapshot.of(config, models)  # the switch
     ep.metrics.entities = {e["name"]: e["workload_size"] for e in config["served_entities"]}
@@ -168,6 +184,7 @@ def _switch(self: ServingRuntime, ep: Endpoint, config: dict, models: dict):
             # after requests in flight
             if models.get(name) is not model: asyncio.get_running_loop().call_later(30, model.close)
 
+# %% ../../nbs/08e_serving_runtime.ipynb #69165908
 @patch
 def start_update(self: ServingRuntime, ep: Endpoint, config: dict):
     "Begin applying `config` (refused while another update is in progress)."
@@ -182,14 +199,15 @@ def start_update(self: ServingRuntime, ep: Endpoint, config: dict):
     self.coordinator.began(self, ep)
     asyncio.get_running_loop().create_task(self.apply(ep, ep.pending))
 
-# %% ../../nbs/08e_serving_runtime.ipynb #37056c7d
+# %% ../../nbs/08e_serving_runtime.ipynb #2419fc59
 def changes_state(method):
-    "A control-plane change of the runtime, made inside its coordinator's `changing` (workers: under their lock, after following what they saved)."
+    "A control-plane change of the runtime, made inside its coordinator's `changing` (workers: under their lock)."
     @functools.wraps(method)
     def change(self, *args, **kwargs):
         with self.coordinator.changing(self): return method(self, *args, **kwargs)
     return change
 
+# %% ../../nbs/08e_serving_runtime.ipynb #ec009a81
 @patch
 @changes_state
 def create(self: ServingRuntime, body: dict) -> Endpoint:
@@ -215,6 +233,7 @@ def create(self: ServingRuntime, body: dict) -> Endpoint:
     self.start_update(ep, config)
     return ep
 
+# %% ../../nbs/08e_serving_runtime.ipynb #4133ee40
 @patch
 @changes_state
 def update_config(self: ServingRuntime, name: str, body: dict) -> Endpoint:
@@ -223,7 +242,7 @@ def update_config(self: ServingRuntime, name: str, body: dict) -> Endpoint:
     self.start_update(ep, check_config(body))
     return ep
 
-# %% ../../nbs/08e_serving_runtime.ipynb #fc6e072d
+# %% ../../nbs/08e_serving_runtime.ipynb #34f4a0c4
 @patch
 @changes_state
 def set_ai_gateway(self: ServingRuntime, name: str, body: dict) -> dict:
@@ -240,6 +259,7 @@ def set_ai_gateway(self: ServingRuntime, name: str, body: dict) -> dict:
         raise
     return ep.record["ai_gateway"]
 
+# %% ../../nbs/08e_serving_runtime.ipynb #3330d66a
 @patch
 @changes_state
 def patch_tags(self: ServingRuntime, name: str, body: dict) -> dict:
@@ -250,6 +270,7 @@ def patch_tags(self: ServingRuntime, name: str, body: dict) -> dict:
     self.commit(ep, {**ep.record, "tags": tags})
     return tags
 
+# %% ../../nbs/08e_serving_runtime.ipynb #e51b1a67
 @patch
 @changes_state
 def delete(self: ServingRuntime, name: str):
@@ -262,6 +283,7 @@ def delete(self: ServingRuntime, name: str):
     self._drop(name)
     if ep.snapshot: self.loader.submit(self._record_deleted, name, ep.snapshot.config, now_ms())
 
+# %% ../../nbs/08e_serving_runtime.ipynb #e7ba45b1
 @patch
 def _drop(self: ServingRuntime, name: str):
     "Stop serving endpoint `name` here: its inference log flushed, its models closed once requests in flight are done."
@@ -276,7 +298,7 @@ def _record_deleted(self: ServingRuntime, name: str, config: dict, when_ms: int)
     except Exception as x: log.error("endpoint %s: cannot record its deletion in system.serving.served_entities: %s",
                                      name, x)
 
-# %% ../../nbs/08e_serving_runtime.ipynb #a6a975d6
+# %% ../../nbs/08e_serving_runtime.ipynb #46c4c039
 @patch
 def open_capture(self: ServingRuntime, name: str, gateway: dict) -> InferenceLog | None:
     "The inference log `gateway` asks for (None: capture off); a 500 naming the folder when it cannot be opened."
@@ -286,8 +308,10 @@ def open_capture(self: ServingRuntime, name: str, gateway: dict) -> InferenceLog
     try: return InferenceLog(folder, table, tables_for(self.env), self.settings.capture_interval)
     except Exception as e:
         raise ServingError(500, "INTERNAL_ERROR",
-                           f"endpoint '{name}': cannot open its inference log in {folder}: {type(e).__name__}: {e}") from None
+                           f"endpoint '{name}': cannot open its inference log in {folder}: "
+                           f"{type(e).__name__}: {e}") from None
 
+# %% ../../nbs/08e_serving_runtime.ipynb #4910c515
 @patch
 def close_capture(self: ServingRuntime, name: str):
     "Stop capturing `name`'s requests; what its log holds goes to its table (or stays in the log when that fails)."
@@ -297,6 +321,7 @@ def close_capture(self: ServingRuntime, name: str):
     except Exception as e: log.error("endpoint %s: inference log %s kept for a later flush to %s: %s", name,
                                      capture.folder, capture.table, e)
 
+# %% ../../nbs/08e_serving_runtime.ipynb #095356ff
 @patch
 def configure_capture(self: ServingRuntime, ep: Endpoint):
     "Start, switch or stop capturing the endpoint's requests as its AI Gateway config says."
@@ -307,19 +332,20 @@ def configure_capture(self: ServingRuntime, ep: Endpoint):
 
 @patch
 def attach_capture(self: ServingRuntime, ep: Endpoint, capture: InferenceLog | None):
-    "Make `capture` (None: none) the endpoint's inference log: where its invocations write, what its metrics and GET report."
+    "Make `capture` (None: none) the endpoint's inference log: where invocations write, what metrics and GET report."
     if capture is None: self.captures.pop(ep.name, None)
     else:
         self.captures[ep.name] = capture
         capture.counts = self.coordinator.counts(ep.name, capture.counts)  # workers: summed over them
     ep.metrics.capture = capture
 
-# %% ../../nbs/08e_serving_runtime.ipynb #02a7d726
+# %% ../../nbs/08e_serving_runtime.ipynb #1feb4a67
 @patch
 def restore(self: ServingRuntime) -> list:
-    "Recreate every saved endpoint and load its applied config; one that cannot be restored is reported, and the rest start. The loading tasks."
+    "Recreate every saved endpoint and load its applied config (one that cannot be is reported); the loading tasks."
     return self.coordinator.restore(self)
 
+# %% ../../nbs/08e_serving_runtime.ipynb #510ece98
 @patch
 def _restore(self: ServingRuntime, path: Path, record: dict | None = None) -> list:
     "Recreate the endpoint saved in `path` (`record`: as already read) and start loading its config; the loading tasks."
@@ -340,9 +366,10 @@ def _restore(self: ServingRuntime, path: Path, record: dict | None = None) -> li
         tasks.append(asyncio.get_running_loop().create_task(self.apply(ep, ep.pending)))
     return tasks + self.coordinator.restored(self, ep)
 
+# %% ../../nbs/08e_serving_runtime.ipynb #3f298227
 @patch
 def _unrestorable(self: ServingRuntime, path: Path, name: str, reason: str, record: dict | None = None):
-    "Keep endpoint `name` as NOT_READY / UPDATE_FAILED with why `path` could not be restored (GET shows it, DELETE removes it)."
+    "Keep endpoint `name` as NOT_READY / UPDATE_FAILED with why `path` could not be restored."
     message = f"cannot restore serving endpoint '{name}' from {path}: {reason}"
     log.error("%s", message)
     record = record or {"name": name}
@@ -351,7 +378,7 @@ def _unrestorable(self: ServingRuntime, path: Path, name: str, reason: str, reco
     self.endpoints[name] = self.new_endpoint(record, pending={**config, "start_time": now_ms()}, failure=message,
                                              broken=message)
 
-# %% ../../nbs/08e_serving_runtime.ipynb #79935288
+# %% ../../nbs/08e_serving_runtime.ipynb #213cab11
 def outcome_of(request_id: str, body: bytes, arrived_us: int, ms: float, error: ServingError | None = None,
                out: dict | None = None, client_request_id: str | None = None) -> dict:
     "What is recorded of one invocation: its request, its answer (or error), when it arrived and how long it took."
@@ -361,6 +388,7 @@ def outcome_of(request_id: str, body: bytes, arrived_us: int, ms: float, error: 
             "request": body, "response": out
             if error is None else {"error_code": error.error_code, "message": error.message}}
 
+# %% ../../nbs/08e_serving_runtime.ipynb #627f9032
 @patch
 async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
                  csv: bool = False, # a `text/csv` body, read as MLflow's scoring server reads one (`csv_as_json`)
@@ -399,12 +427,13 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
                             outcome_of(request_id, body, arrived, (time.perf_counter() - start) * 1000, error, out,
                                                                  request.client_request_id if request else None))
 
+# %% ../../nbs/08e_serving_runtime.ipynb #f514c732
 @patch
 def record_outcome(self: ServingRuntime, ep: Endpoint,
                    # None: refused before a served entity was chosen (no metrics: they count per entity)
                    snapshot: Snapshot | None, entity: str | None,
                    outcome: dict):
-    "One invocation's outcome, written once each to its metrics and to its inference log (a payload row) or else its request log."
+    "One invocation's outcome, written to its metrics and, once, to its inference log (a payload row) or request log."
     if entity is not None: ep.metrics.observe(entity, outcome["execution_duration_ms"], outcome["status_code"])
     capture = self.captures.get(ep.name)
     # Databricks keeps nothing for an endpoint without an inference table; ours keeps the outcome, to the microsecond
@@ -424,10 +453,10 @@ def record_outcome(self: ServingRuntime, ep: Endpoint,
                        "response": json_text(outcome["response"]), "requester": self.requester,
                        "served_entity_id": snapshot.ids[entity] if snapshot is not None else None})
 
-# %% ../../nbs/08e_serving_runtime.ipynb #a1fdb644
+# %% ../../nbs/08e_serving_runtime.ipynb #e6831d9e
 @patch
 def served_entity(self: ServingRuntime, name: str, served_model_name: str) -> dict:
-    "The served entity `served_model_name` of endpoint `name` (its config's, or the update's it is loading); else a 404 naming those it has."
+    "Served entity `served_model_name` of endpoint `name` (of its config or the update loading); else a 404 naming all."
     ep = self.get(name)
     entities = {e["name"]: e for c in (ep.record.get("config"), ep.pending) if c for e in c.get("served_entities", [])}
     if served_model_name not in entities: raise no_served_model(name, served_model_name, entities)
@@ -439,15 +468,17 @@ def server_logs(self: ServingRuntime, name: str, served_model_name: str) -> str:
     self.served_entity(name, served_model_name)
     return self.recent.about(f"endpoint {name}:", f"'{served_model_name}'")
 
+# %% ../../nbs/08e_serving_runtime.ipynb #60f059b8
 def token_owner() -> str:
     "Who the runtime's one bearer token stands for: the user running it (the local stand-in of a workspace user)."
     return os.environ.get("USER") or "local"
 
 PERMISSION_LEVELS = ("CAN_MANAGE", "CAN_QUERY", "CAN_VIEW")  # a serving endpoint's, in the permissions API reference
 
+# %% ../../nbs/08e_serving_runtime.ipynb #bd9aabf0
 @patch
 def permissions(self: ServingRuntime, endpoint_id: str) -> dict:
-    "The permissions API's answer for the endpoint with id `endpoint_id`: its creator manages it; the one token is the creator's."
+    "The permissions API's answer for the endpoint with id `endpoint_id`: its creator (the one token's) manages it."
     self.follow()
     ep = next((e for e in list(self.endpoints.values()) if e.record.get("id") == endpoint_id), None)
     if ep is None: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"no serving endpoint has id '{endpoint_id}'")
@@ -456,9 +487,10 @@ def permissions(self: ServingRuntime, endpoint_id: str) -> dict:
             "access_control_list": [{"user_name": owner, "display_name": owner,
                                      "all_permissions": [{"permission_level": "CAN_MANAGE", "inherited": False}]}]}
 
+# %% ../../nbs/08e_serving_runtime.ipynb #421f749b
 @patch
 def open_api(self: ServingRuntime, name: str) -> dict:
-    "The endpoints' `get_open_api`: the OpenAPI document of endpoint `name`'s invocations, from its served models' signatures (their MLmodel files)."
+    "The endpoints' `get_open_api`: the OpenAPI document of endpoint `name`'s invocations, from its models' signatures."
     ep = self.get(name)
     config = ep.record.get("config") or ep.pending
     if not config: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", f"serving endpoint '{name}' serves no model yet")
@@ -472,9 +504,10 @@ def open_api(self: ServingRuntime, name: str) -> dict:
                                                                f"{type(x).__name__}: {x}"[:2000]) from None
     return openapi_document(name, signatures, str(config.get("config_version", 1)))
 
+# %% ../../nbs/08e_serving_runtime.ipynb #8b4ec470
 @patch
 def build_logs(self: ServingRuntime, name: str, served_model_name: str) -> str:
-    "The endpoints' `build_logs` API: where the model runs, and its pip requirements against the versions installed here."
+    "The endpoints' `build_logs` API: where the model runs, and its pip requirements against the versions installed."
     from packaging.requirements import InvalidRequirement, Requirement
     uri = entity_uri(self.served_entity(name, served_model_name))
     lines = [f"no container build: this local serving runtime loads {uri} into its own Python environment "

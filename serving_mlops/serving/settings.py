@@ -13,14 +13,15 @@ import orjson
 # %% auto #0
 __all__ = ['MAX_ROWS', 'REQUEST_LOG_BYTES', 'REQUEST_LOG_FILES', 'RuntimeSettings']
 
-# %% ../../nbs/08_serving_settings.ipynb #662ee83f
+# %% ../../nbs/08_serving_settings.ipynb #af339772
 MAX_ROWS = 10_000  # rows per request; larger batches belong to batch inference
 REQUEST_LOG_BYTES = 10 * 2**20  # size at which an endpoint's request log is rotated (about 55k outcomes)
 REQUEST_LOG_FILES = 3  # rotated files kept besides the current one
 
+# %% ../../nbs/08_serving_settings.ipynb #0a6c774f
 @dataclass(frozen=True)
 class RuntimeSettings:
-    "How a serving runtime serves: what `serve` takes, `start_server` passes on and each worker gets, with the defaults."
+    "How a serving runtime serves: what `serve` takes, `start_server` passes on and each worker gets, with defaults."
     # seconds per value of the endpoint metrics (a minute, as on Databricks; tests shorten it)
     metrics_interval: float = 60.0
     # seconds a client has to send a whole request (headers and body) before its connection is closed

@@ -26,9 +26,9 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'FOLLOW_INTERVAL', 'SharedState', 'Solo', 'Workers']
 
-# %% ../../nbs/08e3_serving_workers.ipynb #21db22e8
+# %% ../../nbs/08e3_serving_workers.ipynb #a8317570
 class SharedState:
-    "What the worker processes serving one environment share in `folder`: a lock on the saved state, a counter of its changes, the versions each worker has loaded."
+    "What the workers serving one environment share in `folder`: a lock, a counter of changes, what each has loaded."
     def __init__(self, folder: Path, index: int):  # index: this worker's number, 0..N-1
         self.folder, self.index, self.seen, self.versions, self.depth = Path(folder), index, -1, {}, 0
         self.serving = False  # set once this worker has restored every endpoint and is about to listen
@@ -45,31 +45,36 @@ class SharedState:
     def generation(self) -> int: return int.from_bytes(self.counter[:8], "little")
     def changed(self) -> bool: return self.generation() != self.seen
 
-    def bump(self):
-        "Announce a change of the saved state (under the lock): the other workers follow it at their next request or look (`Workers.serving`)."
-        self.seen = self.generation() + 1
-        self.counter[:8] = self.seen.to_bytes(8, "little")
+# %% ../../nbs/08e3_serving_workers.ipynb #964a72b2
+@patch
+def bump(self: SharedState):
+    "Announce a change of the saved state (under the lock): the others follow it at their next request or look."
+    self.seen = self.generation() + 1
+    self.counter[:8] = self.seen.to_bytes(8, "little")
 
-    @contextmanager
-    def locked(self):
-        "Hold the workers' common lock (re-entrant within this worker)."
-        if self.depth == 0: fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
-        self.depth += 1
-        try: yield
-        finally:
-            self.depth -= 1
-            if self.depth == 0: fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+# %% ../../nbs/08e3_serving_workers.ipynb #58a876fe
+@patch
+@contextmanager
+def locked(self: SharedState):
+    "Hold the workers' common lock (re-entrant within this worker)."
+    if self.depth == 0: fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+    self.depth += 1
+    try: yield
+    finally:
+        self.depth -= 1
+        if self.depth == 0: fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
 
-# %% ../../nbs/08e3_serving_workers.ipynb #121d7321
+# %% ../../nbs/08e3_serving_workers.ipynb #03420dab
 @patch
 def publish(self: SharedState):
-    "Save this worker's file: its pid, whether it serves, and the config version it has loaded of each endpoint (by endpoint id)."
+    "Save this worker's file: its pid, whether it serves, the config version it has loaded of each endpoint (by id)."
     path = self.folder / f"{self.index}.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(orjson.dumps({"pid": os.getpid(), "serving": self.serving, "loaded": self.versions,
                                   "failed": self.failures}))
     os.replace(tmp, path)
 
+# %% ../../nbs/08e3_serving_workers.ipynb #6ca8f596
 @patch
 def loaded(self: SharedState, endpoint_id: str, version: int):
     "Tell the other workers this one has loaded config `version` of the endpoint."
@@ -77,18 +82,20 @@ def loaded(self: SharedState, endpoint_id: str, version: int):
 
 @patch
 def failed_load(self: SharedState, endpoint_id: str, version: int, reason: str):
-    "Tell the other workers this one could not load config `version` of the endpoint, the one committed in its record, and why."
+    "Tell the other workers this one could not load config `version` (committed in the endpoint's record), and why."
     self.failures[endpoint_id] = [version, reason]; self.publish()
 
+# %% ../../nbs/08e3_serving_workers.ipynb #fc30ed38
 @patch
 def load_failures(self: SharedState) -> dict:
     "Endpoint id -> (config version, reason) of a committed config some live worker could not load."
     found = {}
     for w in self.workers():
-        for endpoint_id, (version, reason) in (w.get("failed") or {}).items(): found.setdefault(endpoint_id,
-                (version, reason))
+        for endpoint_id, (version, reason) in (w.get("failed") or {}).items():
+            found.setdefault(endpoint_id, (version, reason))
     return found
 
+# %% ../../nbs/08e3_serving_workers.ipynb #fb6302ca
 @patch
 def workers(self: SharedState) -> list[dict]:
     "The files of the live workers."
@@ -103,14 +110,15 @@ def workers(self: SharedState) -> list[dict]:
 def all_loaded(self: SharedState, endpoint_id: str, version: int) -> bool:
     return all(w["loaded"].get(endpoint_id) == version for w in self.workers())
 
+# %% ../../nbs/08e3_serving_workers.ipynb #7b5d00d2
 @patch
 def close(self: SharedState):
     (self.folder / f"{self.index}.json").unlink(missing_ok=True)
     self.counter.close(); os.close(self.lock_fd)
 
-# %% ../../nbs/08e3_serving_workers.ipynb #082fe870
+# %% ../../nbs/08e3_serving_workers.ipynb #d2c23316
 class Solo:
-    "How a runtime serves its environment as the only process: nothing to lock or follow; an update it loaded is saved and served at once."
+    "A runtime as the only process of its environment: nothing to lock or follow; a loaded update is served at once."
     committed_is_ready = False  # READY is what this process serves
 
     def follow(self, runtime) -> list: return []  # before a read: nobody else changes the saved state
@@ -128,30 +136,6 @@ class Solo:
     def restored(self, runtime, ep) -> list: return []
     def began(self, runtime, ep): pass  # an update began: it lives in memory until it is applied
 
-    def loaded(self, runtime, ep, config: dict, models: dict):
-        """After a load: save the config as the endpoint's, record its served entities, then serve it. A failed save or
-        record fails the update and nothing switches; a failed record puts the saved record back, so the history never
-        names a config that was not saved, nor is a saved config missing from it."""
-        fresh = [m for n, m in models.items() if not ep.snapshot or ep.snapshot.models.get(n) is not m]
-        try:
-            if runtime.endpoints.get(ep.name) is not ep: raise ServingError(404, "RESOURCE_DOES_NOT_EXIST",
-                    "the endpoint was deleted")
-            if ep.record.get("config") != config:  # an update (or a restored config saved before its ids were)
-                before = ep.record
-                runtime.commit(ep, {**ep.record, "config": config, "last_updated_timestamp": now_ms()})
-                try: runtime.record_entities(ep.name, config)
-                except ServingError: runtime.commit(ep, before); raise
-        except ServingError as e:
-            for model in fresh: model.close()
-            return self.failed(runtime, ep, config, e.message)
-        ep.pending, ep.updating, ep.failure = None, False, None
-        runtime._switch(ep, config, models)
-
-    def failed(self, runtime, ep, config: dict, reason: str):
-        "An update that could not be loaded or saved: the endpoint keeps serving what it served, UPDATE_FAILED with the reason."
-        ep.failure, ep.updating = reason, False
-        log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], reason)
-
     def capture_folder(self, endpoint: str) -> str: return endpoint  # the endpoint's inference log
     def counts(self, endpoint: str, counts): return counts  # its inference log's counts, as they are
     def identity(self) -> dict: return {}  # what /health adds about who answered
@@ -159,18 +143,44 @@ class Solo:
     async def serving(self, runtime, loading: list): return None  # listen at once; the endpoints load meanwhile
     def close(self): pass
 
-# %% ../../nbs/08e3_serving_workers.ipynb #1f0219bb
+# %% ../../nbs/08e3_serving_workers.ipynb #8c6a602a
+@patch
+def loaded(self: Solo, runtime, ep, config: dict, models: dict):
+    "After a load: save the config as the endpoint's, record its served entities, then serve it."
+    fresh = [m for n, m in models.items() if not ep.snapshot or ep.snapshot.models.get(n) is not m]
+    try:
+        if runtime.endpoints.get(ep.name) is not ep:
+            raise ServingError(404, "RESOURCE_DOES_NOT_EXIST", "the endpoint was deleted")
+        if ep.record.get("config") != config:  # an update (or a restored config saved before its ids were)
+            before = ep.record
+            runtime.commit(ep, {**ep.record, "config": config, "last_updated_timestamp": now_ms()})
+            try: runtime.record_entities(ep.name, config)
+            except ServingError: runtime.commit(ep, before); raise
+    except ServingError as e:
+        for model in fresh: model.close()
+        return self.failed(runtime, ep, config, e.message)
+    ep.pending, ep.updating, ep.failure = None, False, None
+    runtime._switch(ep, config, models)
+
+# %% ../../nbs/08e3_serving_workers.ipynb #3f619b80
+@patch
+def failed(self: Solo, runtime, ep, config: dict, reason: str):
+    "An update that could not be loaded or saved: the endpoint serves what it served, UPDATE_FAILED with the reason."
+    ep.failure, ep.updating = reason, False
+    log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], reason)
+
+# %% ../../nbs/08e3_serving_workers.ipynb #b6efebf0
 FOLLOW_INTERVAL = 0.1  # seconds between a worker's looks at what the other workers saved, between requests
 
 class Workers:
-    "How a runtime serves as one of several worker processes: changes under their common lock, following what the others saved."
+    "A runtime as one of several worker processes: changes under their common lock, following what the others saved."
     committed_is_ready = True  # a config in the record is one every worker has loaded: READY on each, switched or not
 
     def __init__(self, shared: SharedState): self.shared = shared
 
     @contextmanager
     def changing(self, runtime):
-        "A change of the saved state: under the common lock, after following what the others saved, announced to them after."
+        "A change of the saved state: under the common lock, after following what the others saved; announced after."
         with self.shared.locked():
             try: yield self.follow(runtime)
             finally: self.shared.bump()
@@ -185,37 +195,45 @@ class Workers:
         runtime.commit(ep, {**ep.record, "config": config})
         return ep.record["config"]
 
-    def restored(self, runtime, ep) -> list:
-        "Answer from the record like every worker; resume an update the workers were loading."
-        self._mirror(ep)
-        if ep.updating and ep.record.get("pending"): return [asyncio.get_running_loop().create_task(runtime.apply(ep,
-                ep.record["pending"]))]
-        return []
-
-    # the other workers load it too
-    def began(self, runtime, ep): runtime.commit(ep, {**ep.record, "pending": ep.pending})
-
-    def capture_folder(self, endpoint: str) -> str: return endpoint if self.shared.index == 0 else f"{endpoint}@{self.shared.index}"
+    def capture_folder(self, endpoint: str) -> str:
+        return endpoint if self.shared.index == 0 else f"{endpoint}@{self.shared.index}"
     def counts(self, endpoint: str, counts): return SharedCounts(endpoint, counts)  # summed over the workers
     def identity(self) -> dict: return {"worker": self.shared.index, "pid": os.getpid()}
 
-    async def serving(self, runtime, loading: list) -> asyncio.Task:
-        "Listen once every endpoint is loaded; then keep following the others even while no request comes."
-        await asyncio.gather(*loading)
-        return asyncio.get_running_loop().create_task(self._follow_forever(runtime))
-
-    async def _follow_forever(self, runtime):
-        while True:  # an update is committed once every worker has loaded it: an idle worker must see it
-            await asyncio.sleep(FOLLOW_INTERVAL)
-            try: self.follow(runtime)  # one read of a shared counter when nothing changed
-            except Exception: log.exception("following the other workers' saved state failed; trying again")
-
     def close(self): self.shared.close()
 
-# %% ../../nbs/08e3_serving_workers.ipynb #4dae3100
+# %% ../../nbs/08e3_serving_workers.ipynb #5fd977ae
+@patch
+def restored(self: Workers, runtime, ep) -> list:
+    "Answer from the record like every worker; resume an update the workers were loading."
+    self._mirror(ep)
+    if ep.updating and ep.record.get("pending"):
+        return [asyncio.get_running_loop().create_task(runtime.apply(ep, ep.record["pending"]))]
+    return []
+
+# the other workers load it too
+@patch
+def began(self: Workers, runtime, ep): runtime.commit(ep, {**ep.record, "pending": ep.pending})
+
+# %% ../../nbs/08e3_serving_workers.ipynb #90ae7e36
+@patch
+async def serving(self: Workers, runtime, loading: list) -> asyncio.Task:
+    "Listen once every endpoint is loaded; then keep following the others even while no request comes."
+    await asyncio.gather(*loading)
+    return asyncio.get_running_loop().create_task(self._follow_forever(runtime))
+
+@patch
+async def _follow_forever(self: Workers, runtime):
+    while True:  # an update is committed once every worker has loaded it: an idle worker must see it
+        await asyncio.sleep(FOLLOW_INTERVAL)
+        try: self.follow(runtime)  # one read of a shared counter when nothing changed
+        except Exception: log.exception("following the other workers' saved state failed; trying again")
+
+# %% ../../nbs/08e3_serving_workers.ipynb #c8cd8ee1
 @patch
 def follow(self: Workers, runtime) -> list:
-    "Follow what the other workers saved since this one last looked (one read of a shared counter when nothing changed); the loading tasks started."
+    "Follow what the other workers saved since this one last looked; the loading tasks started."
+    # one read of a shared counter when nothing changed
     if not self.shared.changed(): return []
     generation, started = self.shared.generation(), []
     paths = {p.stem: p for p in runtime.state_dir.glob("*.json")}
@@ -236,38 +254,42 @@ def follow(self: Workers, runtime) -> list:
     self.shared.seen = generation
     return started
 
+# %% ../../nbs/08e3_serving_workers.ipynb #6e8c6971
 @patch
 def _follow_record(self: Workers, runtime, ep, record: dict) -> list:
-    "Follow what another worker saved in `ep`'s record: its capture, and an update it began, failed or committed; the loading tasks started."
+    "Follow what another worker saved in `ep`'s record (capture, an update begun, failed, committed); tasks started."
     old, ep.record, loop, started = ep.record, record, asyncio.get_running_loop(), []
     if old.get("ai_gateway") != record.get("ai_gateway"):
         try: runtime.configure_capture(ep)
         except ServingError as e: log.error("endpoint %s: %s", ep.name, e.message)
     config, pending = record.get("config"), record.get("pending") or {}
     if config and config["config_version"] != (ep.snapshot.config["config_version"] if ep.snapshot else None):
-        if ep.prepared and ep.prepared[0] == config["config_version"]: runtime._switch(ep, config,
-                ep.prepared[1]); ep.prepared = None
+        if ep.prepared and ep.prepared[0] == config["config_version"]:
+            runtime._switch(ep, config, ep.prepared[1]); ep.prepared = None
         # committed while this worker had not loaded it
         else: started.append(loop.create_task(runtime.apply(ep, config)))
-    if pending and not pending.get("failure") and pending != old.get("pending"): started.append(loop.create_task(runtime.apply(ep, pending)))
+    if pending and not pending.get("failure") and pending != old.get("pending"):
+        started.append(loop.create_task(runtime.apply(ep, pending)))
     if pending.get("failure") and ep.prepared: self._discard(ep)
     self._mirror(ep)
     return started
 
+# %% ../../nbs/08e3_serving_workers.ipynb #b5b68603
 @patch
 # failures: `SharedState.load_failures()`, when already read
 def _mirror(self: Workers, ep, failures: dict | None = None):
-    "An update's state as the record saves it, and a committed config a worker could not load: what every worker answers alike."
+    "An update's state as the record saves it, and a committed config a worker could not load: what all workers answer."
     pending, config = ep.record.get("pending"), ep.record.get("config") or {}
     version, reason = (self.shared.load_failures() if failures is None else failures).get(ep.record.get("id"),
-            (None, None))
+                                                                                          (None, None))
     ep.unloadable = not pending and reason is not None and version == config.get("config_version")
     # as one process shows it
     if ep.unloadable: pending = {**config, "start_time": ep.record.get("last_updated_timestamp") or 0,
                                  "failure": reason}
-    ep.pending, ep.updating, ep.failure = pending, bool(pending) and not pending.get("failure"), (pending
-            or {}).get("failure")
+    ep.pending, ep.updating, ep.failure = (pending, bool(pending) and not pending.get("failure"),
+                                           (pending or {}).get("failure"))
 
+# %% ../../nbs/08e3_serving_workers.ipynb #3983194d
 @patch
 def _discard(self: Workers, ep):
     "Close the models loaded for an update that will not be served."
@@ -276,10 +298,10 @@ def _discard(self: Workers, ep):
     for name, model in models.items():
         if not ep.snapshot or ep.snapshot.models.get(name) is not model: model.close()
 
-# %% ../../nbs/08e3_serving_workers.ipynb #10eeb962
+# %% ../../nbs/08e3_serving_workers.ipynb #9a7c0f66
 @patch
 def loaded(self: Workers, runtime, ep, config: dict, models: dict):
-    "After a load: serve a committed config at once; an update once every worker has loaded it (the last to load commits it)."
+    "After a load: serve a committed config at once; an update once every worker has loaded it (the last commits it)."
     version, ep.prepared = config["config_version"], (config["config_version"], models)
     if runtime.endpoints.get(ep.name) is not ep: return self._discard(ep)  # deleted meanwhile
     # restored, or committed while this worker loaded it
@@ -289,7 +311,8 @@ def loaded(self: Workers, runtime, ep, config: dict, models: dict):
     self.shared.loaded(ep.record["id"], version)
     with self.changing(runtime):
         pending = ep.record.get("pending") or {}
-        if runtime.endpoints.get(ep.name) is not ep or ep.prepared is None or pending.get("config_version") != version or pending.get("failure"): return
+        if (runtime.endpoints.get(ep.name) is not ep or ep.prepared is None or pending.get("config_version") != version
+                or pending.get("failure")): return
         if not self.shared.all_loaded(ep.record["id"], version): return  # the last worker to load it commits
         applied = {k: v for k, v in pending.items() if k != "start_time"}
         before = ep.record
@@ -305,9 +328,10 @@ def loaded(self: Workers, runtime, ep, config: dict, models: dict):
             self._discard(ep); self._mirror(ep); return
         runtime._switch(ep, applied, models); ep.prepared = None; self._mirror(ep)
 
+# %% ../../nbs/08e3_serving_workers.ipynb #7f2c1c52
 @patch
 def failed(self: Workers, runtime, ep, config: dict, reason: str):
-    "An update this worker could not load fails for all; so does a committed config it could not load (restored after a restart)."
+    "An update this worker could not load fails for all; so does a committed config it could not load (on restart)."
     log.warning("endpoint %s: config version %s failed: %s", ep.name, config["config_version"], reason)
     with self.changing(runtime):
         pending, ours = ep.record.get("pending") or {}, runtime.endpoints.get(ep.name) is ep
