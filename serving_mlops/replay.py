@@ -40,6 +40,7 @@ REPLAY_USER = "replay@serving-mlops.invalid"
 class ReplayFailed(StepFailed):
     "A replayed step failed as it would on Databricks; the message names the step, the file or task, and what happened."
 
+# %% ../nbs/15b_replay.ipynb #be084f1e
 def constraints_path(env: Environment) -> Path:
     "The runtime's library versions: `replay/databricks-runtime-<version>-ml.txt` in the project that holds the bundle."
     path = env.bundle_path.parent.parent / "replay" / f"databricks-runtime-{RUNTIME_VERSION}-ml.txt"
@@ -47,10 +48,12 @@ def constraints_path(env: Environment) -> Path:
                                              f"it")
     return path
 
+# %% ../nbs/15b_replay.ipynb #6f2e40a2
 def canonical(name: str) -> str:
     "A distribution's name as pip compares them."
     return name.lower().replace("_", "-").replace(".", "-")
 
+# %% ../nbs/15b_replay.ipynb #9987a449
 def pip(python: Path, args: list[str], what: str) -> str:
     "Run pip of `python`; ReplayFailed saying `what` was being done, with pip's own message, if it fails."
     quiet = ["--quiet"] if args[0] in ("install", "uninstall") else []  # `pip --quiet list` prints nothing
@@ -61,7 +64,7 @@ def pip(python: Path, args: list[str], what: str) -> str:
 
 # %% ../nbs/15b_replay.ipynb #d925f245
 def runtime_python(constraints: Path, folder: Path, progress: bool = True) -> Path:
-    "Python of a virtual environment in `folder` holding exactly the libraries of `constraints`, made once per constraints file and Python."
+    "Python of a virtual environment in `folder` with exactly the libraries of `constraints` (made once per file)."
     key = hashlib.sha256(constraints.read_bytes() + sys.version.encode()).hexdigest()[:12]
     venv = folder / f"runtime-{RUNTIME_VERSION}-{key}"
     python, listing = venv / "bin" / "python", venv / "runtime-packages.json"
@@ -79,13 +82,14 @@ def runtime_python(constraints: Path, folder: Path, progress: bool = True) -> Pa
         if old != venv: shutil.rmtree(old, ignore_errors=True)
     return python
 
+# %% ../nbs/15b_replay.ipynb #cfb15a89
 def runtime_packages(python: Path) -> dict[str, str]:
-    "Name -> version of every library of the runtime environment of `python` as it was built, before any job's libraries."
+    "Name -> version of each library of the runtime environment of `python` as built, before any job's libraries."
     return json.loads((python.parent.parent / "runtime-packages.json").read_text())
 
 # %% ../nbs/15b_replay.ipynb #d6613c9d
 def build_artifacts(env: Environment) -> list[Path]:
-    "Build the bundle's artifacts as `databricks bundle deploy` does; the files their `files` entries match (the newest of each wheel)."
+    "Build the bundle's artifacts as `bundle deploy` does; the files their `files` match (the newest of each wheel)."
     bundle, here = load_bundle(env.bundle_path), env.bundle_path.parent
     files = []
     for name, artifact in (bundle.get("artifacts") or {}).items():
@@ -116,12 +120,14 @@ def synced_files(root: Path, bundle: dict, target: str) -> list[Path]:
     excluded = lambda p: any(fnmatch(p.relative_to(root).as_posix(), pattern) for pattern in sync.get("exclude") or [])
     return [p for p in dict.fromkeys(files) if p.is_file() and not excluded(p)]
 
+# %% ../nbs/15b_replay.ipynb #84651e33
 def workspace_folder(root: Path, workspace_path: str) -> Path:
     "Where the workspace path `workspace_path` (/Workspace/..., as jobs name it) is in the replay's folder `root`."
     return root / workspace_path.lstrip("/")
 
+# %% ../nbs/15b_replay.ipynb #872cc679
 def deploy_bundle(env: Environment, root: Path, artifacts: list[Path]) -> dict:
-    "Upload the synced files and the built artifacts into the replay's workspace folder as `bundle deploy` does; the bundle's workspace paths."
+    "Upload synced files and artifacts to the replay's workspace as `bundle deploy` does; the bundle's workspace paths."
     paths = bundle_workspace_paths(env, REPLAY_USER)
     source, files = sync_root(env), workspace_folder(root, paths["file_path"])
     if files.exists(): shutil.rmtree(files)
@@ -136,7 +142,7 @@ def deploy_bundle(env: Environment, root: Path, artifacts: list[Path]) -> dict:
 # %% ../nbs/15b_replay.ipynb #70ed496e
 def install_libraries(python: Path, runtime: dict[str, str], root: Path, spec: JobSpec,
                       artifact_path: str) -> list[str]:
-    "Install the `libraries` of `spec`'s tasks as a job cluster does; ReplayFailed naming each runtime library that would change."
+    "Install `spec`'s task libraries as a job cluster does; ReplayFailed names each runtime library they would change."
     wheels, packages = [], []
     for task in spec.tasks.values():
         for lib in workspace_libraries(spec, task, artifact_path):
@@ -152,7 +158,8 @@ def install_libraries(python: Path, runtime: dict[str, str], root: Path, spec: J
     key = digest.hexdigest()
     installed = json.loads(done.read_text()) if done.exists() else []
     if key in installed: return [*wheels, *packages]
-    what = f"installing job {spec.name}'s libraries {[Path(w).name for w in wheels] + packages} on Databricks Runtime {RUNTIME_VERSION} ML"
+    what = (f"installing job {spec.name}'s libraries {[Path(w).name for w in wheels] + packages} on Databricks Runtime "
+            f"{RUNTIME_VERSION} ML")
     names = [parse_wheel_filename(Path(w).name)[0] for w in wheels]
     if names: pip(python, ["uninstall", "--yes", *names], what)
     report = root / "runs" / f"{spec.name}.install.json"
@@ -173,7 +180,7 @@ def install_libraries(python: Path, runtime: dict[str, str], root: Path, spec: J
 
 # %% ../nbs/15b_replay.ipynb #2a556ec3
 def cluster_environment(python: Path, root: Path, cluster: dict, extra: dict[str, str] | None = None) -> dict[str, str]:
-    "Environment variables of a notebook on the job cluster `cluster` (its `new_cluster` spec) of the runtime environment `python`."
+    "Environment variables of a notebook on job cluster `cluster` (its `new_cluster` spec) with the runtime's `python`."
     env = {"PATH": f"{python.parent}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "HOME": str(root / "home"),
            "LANG": "C.UTF-8", "TZ": "Etc/UTC",
            "DATABRICKS_RUNTIME_VERSION": RUNTIME_VERSION, "PYSPARK_PYTHON": str(python), "SPARK_LOCAL_IP": "127.0.0.1"}
@@ -182,8 +189,9 @@ def cluster_environment(python: Path, root: Path, cluster: dict, extra: dict[str
     (root / "home").mkdir(parents=True, exist_ok=True)
     return {**env, **(cluster.get("spark_env_vars") or {}), **(extra or {})}
 
+# %% ../nbs/15b_replay.ipynb #ed662275
 def driver_script(root: Path) -> Path:
-    "The notebook executor (`serving_mlops.replay_driver`), copied to where the cluster keeps its own code, off the project's path."
+    "The notebook executor (`replay_driver`), copied to where the cluster keeps its own code, off the project's path."
     from serving_mlops import replay_driver
     path = root / "databricks" / "driver" / "notebook_task.py"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +200,7 @@ def driver_script(root: Path) -> Path:
 
 # %% ../nbs/15b_replay.ipynb #8d69f929
 def resolved_parameters(parameters: dict[str, str], values: dict[str, dict], where: str) -> dict[str, str]:
-    "`parameters` with `{{tasks.<task>.values.<key>}}` filled in from the upstream tasks' `values`, as a local job run fills them (`jobs.with_task_values`)."
+    "`parameters` with `{{tasks.<task>.values.<key>}}` filled in from upstream tasks' `values`, as local job runs do."
     return {k: with_task_values(v, values, where) for k, v in parameters.items()}
 
 # %% ../nbs/15b_replay.ipynb #bc8895f2
@@ -206,12 +214,13 @@ class ReplayedTask:
     error: str | None = None
     log: str = ""  # the notebook's output
 
+# %% ../nbs/15b_replay.ipynb #2d1ce04f
 def replay_job(env: Environment, job: str, root: Path, python: Path, paths: dict,
                extra: dict[str, str] | None = None, # environment variables added to the cluster's
                # as `jobs run-now --notebook-params`: over each task's base parameters
                notebook_params: dict[str, str] | None = None,
                progress: bool = True) -> dict[str, ReplayedTask]:
-    "Run the deployed `job` of `env` as a job run on a cluster with the runtime environment `python`; each task's outcome."
+    "Run the deployed `job` of `env` as a job run on a cluster with the runtime's `python`; each task's outcome."
     jobs = load_jobs(env)
     if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
                                           f"{', '.join(sorted(jobs))})")
@@ -244,21 +253,23 @@ def replay_job(env: Environment, job: str, root: Path, python: Path, paths: dict
                 "error": f"the notebook's process ended with exit status {done.returncode}"}
         state.state, state.error, state.values = outcome["state"], outcome.get("error"), outcome.get("values") or {}
         state.seconds, state.log, values[key] = time.monotonic() - start, str(log), state.values
-        if progress: print(f"[replay {env.name}/{job}/{key}] {state.state} in {state.seconds:.0f} s" + (f": {state.error} (log: {log})" if state.error else ""), flush=True)
+        if progress: print(f"[replay {env.name}/{job}/{key}] {state.state} in {state.seconds:.0f} s"
+                           + (f": {state.error} (log: {log})" if state.error else ""), flush=True)
     return tasks
 
 # %% ../nbs/15b_replay.ipynb #f37a7580
 def deploy_time(variables: dict[str, str] | None) -> dict[str, str]:
-    "`variables` as the environment variables `databricks bundle deploy --var name=value` amounts to (BUNDLE_VAR_<name>)."
+    "`variables` as the environment variables `bundle deploy --var name=value` amounts to (BUNDLE_VAR_<name>)."
     return {VARIABLE_ENV_PREFIX + n: str(v) for n, v in (variables or {}).items()}
 
+# %% ../nbs/15b_replay.ipynb #40a7ca79
 def replay(steps: list[tuple[str, str]], # (target, job) in order
            root: Path, # the replay's folder: workspace files, cluster home, local workspaces, task logs
            variables: dict[str, str] | None = None, # deploy-time overrides (--var)
            # (target, job, workspaces folder) -> the run's notebook_params
            before: Callable[[str, str, Path], dict | None] | None = None,
            bundle: Path | None = None, progress: bool = True) -> dict[tuple[str, str], dict[str, ReplayedTask]]:
-    "Deploy the bundle to each target of `steps` and run its jobs there as Databricks would; ReplayFailed names the first task that failed."
+    "Deploy the bundle to each target of `steps`, run its jobs as Databricks would; ReplayFailed names a failed task."
     from serving_mlops.serving.process import stop_local_services
     root.mkdir(parents=True, exist_ok=True)
     first = get_environment(steps[0][0], bundle)
@@ -284,9 +295,10 @@ LOOP = [("staging", "model_build"), ("staging", "deploy_serving_endpoint"), ("pr
         ("prod", "promote"), ("prod", "batch_inference"), ("prod", "monitoring")]
 SMALL = {"n_trials": "1", "serving_port": "0"}  # one Optuna trial; serving runtimes on free ports
 
+# %% ../nbs/15b_replay.ipynb #658727f0
 def loop_inputs(rows: int = 2000, variables: dict[str, str] | None = None,
                 progress: bool = True) -> Callable[[str, str, Path], dict | None]:
-    "The `before` of the loop: `rows` clients in a target's landing folder before its first ingest, a client's traffic before monitoring."
+    "The loop's `before`: `rows` clients in the landing folder before a first ingest, client traffic before monitoring."
     from datetime import datetime, timedelta, timezone
     from serving_mlops.data import write_credit_data
     def before(target: str, job: str, workspaces: Path) -> dict | None:

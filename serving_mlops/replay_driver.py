@@ -22,6 +22,7 @@ class NotebookExit(Exception):
 class InputWidgetNotDefined(Exception):
     "What `dbutils.widgets.get` raises for a name the task did not pass."
 
+# %% ../nbs/15a_replay_driver.ipynb #a1d14902
 class Widgets:
     "`dbutils.widgets` of a job's notebook task: the task's resolved parameters, as text."
     def __init__(self, parameters: dict[str, str]): self.parameters = parameters
@@ -60,12 +61,13 @@ class _OptionMap:
     def __init__(self, values: dict): self.values = values
     def get(self, key: str) -> _Option: return _Option(self.values.get(key))
 
+# %% ../nbs/15a_replay_driver.ipynb #fe1c99c5
 class _Group:
     "A namespace of members (`dbutils.jobs`, `dbutils.notebook`, the driver's objects)."
     def __init__(self, **members): self.__dict__.update(members)
 
 def _entry_point(tags: dict[str, str]):
-    "The part of `dbutils.entry_point` the runtime's libraries read: the command context with the run's tags, no workspace credentials."
+    "The command context of `dbutils.entry_point` the runtime's libraries read: the run's tags, no credentials."
     context = _Group(tags=lambda: _OptionMap(tags), extraContext=lambda: _OptionMap({}), apiUrl=_Option,
                      apiToken=_Option, aclPathOfAclRoot=_Option, notebookPath=lambda: _Option(tags.get("notebookPath")))
     return _Group(getDbutils=lambda: _Group(notebook=lambda: _Group(getContext=lambda: context)),
@@ -75,7 +77,7 @@ def _entry_point(tags: dict[str, str]):
 def _exit(value: str): raise NotebookExit(value)
 
 def dbutils_for(parameters: dict[str, str], upstream: dict[str, dict], tags: dict[str, str] | None = None):
-    "The part of `dbutils` a job task notebook can rely on (widgets, task values, notebook exit), and the command context `tags`."
+    "The `dbutils` a task notebook can rely on (widgets, task values, notebook exit), and the command context `tags`."
     entry_point = _entry_point(tags or {})
     return _Group(widgets=Widgets(parameters), jobs=_Group(taskValues=TaskValues(upstream)),
                   notebook=_Group(exit=_exit, entry_point=entry_point), entry_point=entry_point)
@@ -86,9 +88,10 @@ def code_cells(notebook: Path) -> list[str]:
     return ["".join(c["source"]) if isinstance(c["source"], list) else c["source"]
             for c in json.loads(Path(notebook).read_text())["cells"] if c["cell_type"] == "code"]
 
+# %% ../nbs/15a_replay_driver.ipynb #a3a0fc52
 def run(notebook: Path, parameters: dict[str, str], upstream: dict[str, dict],
         tags: dict[str, str] | None = None) -> dict:
-    "Run `notebook` as a notebook task: state SUCCESS or FAILED, its exit value, the task values it set, the error of the cell that failed."
+    "Run `notebook` as a notebook task: state SUCCESS or FAILED, exit value, task values set, the failed cell's error."
     from IPython.core.interactiveshell import InteractiveShell
     shell = InteractiveShell.instance()
     # an exit is no error to print
@@ -109,7 +112,7 @@ def run(notebook: Path, parameters: dict[str, str], upstream: dict[str, dict],
 
 # %% ../nbs/15a_replay_driver.ipynb #6889f0de
 def main(notebook: str, request: str, outcome: str) -> int:
-    "Run `notebook` with the parameters and upstream values of the JSON file `request`; write the outcome to `outcome`; 0 on success."
+    "Run `notebook` with the parameters and upstream values of JSON file `request`, outcome to `outcome`; 0 on success."
     given = json.loads(Path(request).read_text())
     result = run(Path(notebook), given["parameters"], given["upstream"], given.get("tags"))
     Path(outcome).write_text(json.dumps(result, default=str))

@@ -41,6 +41,7 @@ OPEN_PATHS = ("/health", "/login", "/static/plotly.min.js")
 
 def _same(given: str, expected: str) -> bool: return hmac.compare_digest(given.encode(), expected.encode())
 
+# %% ../../nbs/14d_console_app.ipynb #fed4381a
 def unauthorized(env: Environment, request: Request, why: str) -> Response:
     "401 with how to log in: a page for a browser, JSON under /api/."
     how = (f"open the login link that `serving-mlops console --env {env.name}` printed (it is also in "
@@ -48,9 +49,11 @@ def unauthorized(env: Environment, request: Request, why: str) -> Response:
            f"or send `Authorization: Bearer <the serving token in {env.path('tokens', 'serving-token')}>`")
     if request.url.path.startswith("/api/"): return JSONResponse({"error_code": "UNAUTHENTICATED",
                                                                   "message": f"{why}: {how}"}, 401)
-    body = Markup('<div class="card bad" id="login-needed"><p>{}.</p><p>To look at this console, {}.</p></div>').format(why, how)
+    body = Markup('<div class="card bad" id="login-needed"><p>{}.</p><p>To look at this console, {}.</p>'
+                  '</div>').format(why, how)
     return HTMLResponse(page(env, "Log in", body), 401)
 
+# %% ../../nbs/14d_console_app.ipynb #6a4f77af
 class ConsoleAuth(BaseHTTPMiddleware):
     "Lets a request through with the session cookie or the serving token; answers 401 otherwise (open paths excepted)."
     def __init__(self, app, env: Environment, session: str, token: str):
@@ -63,14 +66,16 @@ class ConsoleAuth(BaseHTTPMiddleware):
         if cookie and _same(cookie, self.session): return await call_next(request)
         if auth.startswith("Bearer ") and _same(auth[7:].strip(), self.token): return await call_next(request)
         why = "the bearer token is not this environment's serving token" if auth else \
-              "the session is not this console's (it restarted since you logged in)" if cookie else "you are not logged in"
+              "the session is not this console's (it restarted since you logged in)" if cookie else \
+              "you are not logged in"
         return unauthorized(self.env, request, why)
 
 # %% ../../nbs/14d_console_app.ipynb #5958265c
 def console_app(env: Environment, login_secret: str | None = None, # the login link's secret (default: a random one)
                 on_started=None, on_stopped=None, # called with no arguments as the app starts and stops
                 sampler: endpoints.RuntimeSampler | None = None) -> Starlette:
-    "The console of local environment `env`: every page, behind its serving token or the login link (`app.state.login_secret`)."
+    "The console of local environment `env`: every page, behind its serving token or the login link."
+    # the login link's secret is `app.state.login_secret`
     login_secret, session = login_secret or secrets.token_urlsafe(24), secrets.token_urlsafe(32)
     sampler = sampler or endpoints.RuntimeSampler(env)
 
@@ -91,8 +96,9 @@ def console_app(env: Environment, login_secret: str | None = None, # the login l
             if on_stopped: on_stopped()
 
     app = Starlette(routes=[Route("/health", lambda r: PlainTextResponse("ok")), Route("/login", login),
-                            Route("/static/plotly.min.js", lambda r: Response(plotly_js(), media_type="text/javascript",
-                                                                              headers={"cache-control": "max-age=86400"})),
+                            Route("/static/plotly.min.js",
+                                  lambda r: Response(plotly_js(), media_type="text/javascript",
+                                                     headers={"cache-control": "max-age=86400"})),
                             *endpoints.routes(env, sampler), *views.routes(env)],
                     middleware=[Middleware(ConsoleAuth, env=env, session=session, token=serving_token(env))],
                     lifespan=lifespan)
@@ -107,11 +113,13 @@ def check_local(env: Environment):
                          f"Databricks has its own UI "
                          "for this (Serving, Jobs & Pipelines, Models and Experiments in the workspace)")
 
+# %% ../../nbs/14d_console_app.ipynb #53039739
 def _private_folder(env: Environment):  # console.json and the background console's log hold the login link: owner only
     service_file(env, "console").parent.chmod(0o700)
 
 def login_link(url: str, secret: str) -> str: return f"{url}/login?token={quote(secret)}"
 
+# %% ../../nbs/14d_console_app.ipynb #1dab2634
 def serve_console(env: Environment, port: int = 0, announce=print,
                   # seconds a client has to send a whole request, as the serving runtime allows
                   read_timeout: float = READ_TIMEOUT):
@@ -136,6 +144,7 @@ def serve_console(env: Environment, port: int = 0, announce=print,
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
 
+# %% ../../nbs/14d_console_app.ipynb #9d3b534d
 def start_console(env: Environment, port: int = 0, timeout: float = 60, read_timeout: float = READ_TIMEOUT) -> dict:
     "Start `env`'s console as a background process (or find the running one); its info: url, pid, login link."
     check_local(env)

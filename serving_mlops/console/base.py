@@ -20,6 +20,7 @@ __all__ = ['NAV', 'page', 'plotly_js', 'figure_json', 'figure', 'table']
 NAV: list[tuple[str, str]] = [("Endpoints", "/"), ("Requests", "/requests"), ("Monitoring", "/monitoring"),
                               ("Jobs", "/jobs"), ("Registry", "/registry")]
 
+# %% ../../nbs/14a_console_base.ipynb #04264d14
 _LAYOUT = Templates(autoescape=True).from_string("""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }} · {{ env_name }} · serving-mlops console</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -27,7 +28,8 @@ _LAYOUT = Templates(autoescape=True).from_string("""<!DOCTYPE html>
 <style>
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0;color:#1b1f24;background:#f6f7f9}
 header{background:#1b3139;color:#fff;padding:.6rem 1.2rem;display:flex;gap:1.4rem;align-items:center}
-header b{font-size:1.05rem} header a{color:#cfe3ea;text-decoration:none} header a.active{color:#fff;border-bottom:2px solid #ff3621}
+header b{font-size:1.05rem} header a{color:#cfe3ea;text-decoration:none} \
+header a.active{color:#fff;border-bottom:2px solid #ff3621}
 header .env{margin-left:auto;font-size:.85rem;color:#cfe3ea}
 main{padding:1rem 1.4rem;max-width:1400px}
 h1{font-size:1.4rem;margin:.4rem 0 1rem} h2{font-size:1.1rem;margin:1.4rem 0 .5rem}
@@ -39,7 +41,8 @@ th,td{border:1px solid #dde1e6;padding:.25rem .5rem;text-align:left;vertical-ali
 .card{background:#fff;border:1px solid #dde1e6;padding:.6rem .9rem;margin:.5rem 0}
 </style>
 <script src="/static/plotly.min.js"></script></head>
-<body><header><b>serving-mlops</b>{% for name, href in nav %}<a href="{{ href }}"{% if name == active %} class="active"{% endif %}>{{ name }}</a>{% endfor %}
+<body><header><b>serving-mlops</b>{% for name, href in nav %}<a href="{{ href }}"\
+{% if name == active %} class="active"{% endif %}>{{ name }}</a>{% endfor %}
 <span class="env">environment <b>{{ env_name }}</b> · {{ where }}</span></header>
 <main><h1>{{ title }}</h1>
 {{ body }}
@@ -52,25 +55,28 @@ const refresh = (el, url, html) => fetch(url, {credentials: "same-origin"}).then
   .catch(e => { el.dataset.refreshError = String(e); });
 for (const el of document.querySelectorAll("[data-figure]")) {
   draw(el, JSON.parse(el.dataset.figure));
-  if (el.dataset.refresh) setInterval(() => refresh(el, el.dataset.refresh, false), 1000 * Number(el.dataset.every || 5));
+  if (el.dataset.refresh) setInterval(() => refresh(el, el.dataset.refresh, false), \
+1000 * Number(el.dataset.every || 5));
 }
 for (const el of document.querySelectorAll("[data-refresh-html]"))
   setInterval(() => refresh(el, el.dataset.refreshHtml, true), 1000 * Number(el.dataset.every || 5));
 </script></body></html>""")
 
+# %% ../../nbs/14a_console_base.ipynb #dca0cd63
 def page(env, # the console's `Environment`
          title: str, body: str | Markup, active: str | None = None) -> str:
-    "A whole console page: the layout with `active` (a name of `NAV`) marked, `title` and `body` (Markup is kept, text escaped)."
+    "A whole console page: the layout with `active` (a name of `NAV`) marked, `title` and `body` (text is escaped)."
     return _LAYOUT.render(title=title, body=body if isinstance(body, Markup) else escape(body), nav=NAV, active=active,
                           env_name=env.name, where=env.where)
 
-# %% ../../nbs/14a_console_base.ipynb #cfd701fb
+# %% ../../nbs/14a_console_base.ipynb #3b9012e9
 @cache
 def plotly_js() -> bytes:
     "The plotly.js bundled in the `plotly` Python package (served by the console: pages work offline)."
     from plotly.offline import get_plotlyjs
     return get_plotlyjs().encode()
 
+# %% ../../nbs/14a_console_base.ipynb #e585d757
 def figure_json(fig: go.Figure | Mapping) -> bytes:
     "A figure as the JSON plotly.js draws (`data` and `layout`)."
     fig = fig if isinstance(fig, go.Figure) else go.Figure(fig)
@@ -81,6 +87,7 @@ def _has_orjson_engine() -> bool:
     try: go.Figure().to_json(engine="orjson"); return True
     except (ValueError, ImportError): return False
 
+# %% ../../nbs/14a_console_base.ipynb #f8af75a6
 def figure(fig: go.Figure | Mapping, # what to draw
            id: str, # the element's id (tests and links find a chart by it)
            refresh: str | None = None, # a URL answering this chart's figure JSON again, for live charts
@@ -100,6 +107,7 @@ def _cell(v) -> str:
 
 def _id(id: str | None) -> str: return f' id="{escape(id)}"' if id else ""
 
+# %% ../../nbs/14a_console_base.ipynb #9b3e709c
 def table(rows: pd.DataFrame | Sequence[Mapping], # what to show, one row per line
           columns: Sequence[str] | None = None, # which columns, in order (all by default)
           links: Mapping[str, callable] | None = None, # column -> function(row) giving the URL its cell links to

@@ -13,6 +13,7 @@ import orjson
 import pandas as pd
 import plotly.graph_objects as go
 from databricks.sdk.errors import DatabricksError, NotFound
+from fastcore.basics import patch
 from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -41,16 +42,18 @@ HISTORY_DAYS = 7  # monitoring windows shown from the _metrics table
 _LIVE_COLUMNS = ["served_entity_name", "window_start", "window_end", "requests", "qps", "errors", "errors_4xx",
                  "errors_5xx", "p50_ms", "p95_ms", "p99_ms"]
 
+# %% ../../nbs/14b_console_endpoints.ipynb #f7c1b198
 def live_requests(env: Environment, endpoint: str, minutes: float = LIVE_MINUTES, seconds: float = LIVE_SECONDS,
                   now: pd.Timestamp | None = None) -> pd.DataFrame:
-    "`request_stats` of the endpoint's last `minutes` in windows of `seconds` (no rows while it has no inference table)."
+    "`request_stats` of the endpoint's last `minutes` in windows of `seconds` (none without an inference table)."
     end = now or pd.Timestamp.now(tz="UTC")
     if not tables_for(env).exists(inference_table(env, endpoint)): return pd.DataFrame(columns=_LIVE_COLUMNS)
     return request_stats(env, endpoint, end - pd.Timedelta(minutes=minutes), end,
                          pd.Timedelta(seconds=seconds))[_LIVE_COLUMNS]
 
+# %% ../../nbs/14b_console_endpoints.ipynb #b70d9fb4
 def metrics_history(env: Environment, endpoint: str, days: float = HISTORY_DAYS) -> pd.DataFrame:
-    "The endpoint's monitoring windows of the last `days` from its `_metrics` table (none before a monitoring run wrote it)."
+    "The endpoint's monitoring windows of the last `days` from its `_metrics` table (none before monitoring ran)."
     name, tables = inference_table(env, endpoint, "metrics"), tables_for(env)
     if not tables.exists(name): return pd.DataFrame(columns=["served_entity_name", "window_start", "window_end",
                                                              "requests", "qps", "error_rate", "p95_ms"])
@@ -60,7 +63,7 @@ def metrics_history(env: Environment, endpoint: str, days: float = HISTORY_DAYS)
 
 # %% ../../nbs/14b_console_endpoints.ipynb #88d8f5ea
 class RuntimeSampler:
-    "Reads the runtime's counters of every endpoint every `every` s in a thread; keeps the last `keep` readings per endpoint."
+    "Reads the runtime's counters of every endpoint every `every` s in a thread; keeps `keep` readings per endpoint."
     def __init__(self, env: Environment, every: float = SAMPLE_SECONDS, keep: int = 1200):
         self.env, self.every, self.keep = env, every, keep
         self.readings: dict[str, deque] = {}  # endpoint -> (epoch seconds, runtime_counters) readings
@@ -82,28 +85,35 @@ class RuntimeSampler:
             answered += 1
         return answered
 
-    def start(self) -> "RuntimeSampler":
-        "Start sampling in a daemon thread (once)."
-        with self.lock:
-            if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="console-runtime-sampler", daemon=True)
-                self.thread.start()
-        return self
+# %% ../../nbs/14b_console_endpoints.ipynb #64a18045
+@patch
+def start(self: RuntimeSampler) -> "RuntimeSampler":
+    "Start sampling in a daemon thread (once)."
+    with self.lock:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="console-runtime-sampler", daemon=True)
+            self.thread.start()
+    return self
 
-    def _run(self):
-        while True:
-            self.sample()
-            if self.stopping.wait(self.every): return
+@patch
+def _run(self: RuntimeSampler):
+    while True:
+        self.sample()
+        if self.stopping.wait(self.every): return
 
-    def stop(self):
-        self.stopping.set()
-        if self.thread is not None: self.thread.join(10)
+@patch
+def stop(self: RuntimeSampler):
+    self.stopping.set()
+    if self.thread is not None: self.thread.join(10)
 
-    def rows_per_call(self, endpoint: str) -> pd.DataFrame:
-        "Per served entity and pair of consecutive readings: time, model calls, rows, and rows per call (NaN without calls)."
-        with self.lock: readings = list(self.readings.get(endpoint, ()))
-        return rows_per_call(readings)
+# %% ../../nbs/14b_console_endpoints.ipynb #5d73e8b8
+@patch
+def rows_per_call(self: RuntimeSampler, endpoint: str) -> pd.DataFrame:
+    "Per served entity and consecutive readings: time, model calls, rows, and rows per call (NaN without calls)."
+    with self.lock: readings = list(self.readings.get(endpoint, ()))
+    return rows_per_call(readings)
 
+# %% ../../nbs/14b_console_endpoints.ipynb #3a55f7c4
 def rows_per_call(readings: list[tuple[float, dict]]) -> pd.DataFrame:
     "Model calls, rows and rows per call of each served entity between consecutive `(time, runtime_counters)` readings."
     out, last = [], {}
@@ -131,17 +141,19 @@ def unreadable_figure(title: str, why: str, color: str = "#b3261e") -> go.Figure
                                      annotations=[dict(text=why[:300], showarrow=False, xref="paper", yref="paper",
                                                        x=0.5, y=0.5, font=dict(color=color))])
 
+# %% ../../nbs/14b_console_endpoints.ipynb #68f12cf3
 def _utc(times: pd.Series) -> list:  # plotly.js draws times as given: naive UTC
     return pd.to_datetime(times, utc=True).dt.tz_localize(None).tolist()
 
 def _windows(g: pd.DataFrame, seconds: float, until: pd.Timestamp | None = None, **fill) -> pd.DataFrame:
-    "One entity's windows with those without requests added (values `fill`, else missing: a gap in the line), from its first window to its last or `until`."
+    "One entity's windows from its first to its last or `until`, empty ones added (values `fill`, else gaps)."
     every = pd.Timedelta(seconds=seconds)
     index = pd.date_range(g.window_start.min(), (until or g.window_start.max()).floor(every), freq=every,
                           name="window_start")
     out = g.set_index("window_start").reindex(index).reset_index()
     return out.fillna(fill) if fill else out
 
+# %% ../../nbs/14b_console_endpoints.ipynb #32472d7b
 def rate_figure(live: pd.DataFrame, now: pd.Timestamp | None = None, seconds: float = LIVE_SECONDS) -> go.Figure:
     "Requests per second of each served entity."
     fig, now = go.Figure(), now or pd.Timestamp.now(tz="UTC")
@@ -150,6 +162,7 @@ def rate_figure(live: pd.DataFrame, now: pd.Timestamp | None = None, seconds: fl
         fig.add_scatter(x=_utc(f.window_start), y=f.qps.tolist(), name=entity, mode="lines+markers", line_shape="hv")
     return fig.update_layout(**_layout(f"Request rate (requests/s, {seconds:g} s windows)", "requests/s"))
 
+# %% ../../nbs/14b_console_endpoints.ipynb #0bd02db3
 # (name, function of an entity's windows giving the values, dash)
 def _entity_lines(live: pd.DataFrame, seconds: float, lines: list,
                   title: str, y: str) -> go.Figure:
@@ -162,6 +175,7 @@ def _entity_lines(live: pd.DataFrame, seconds: float, lines: list,
                             line=dict(dash=dash))
     return fig.update_layout(**_layout(title, y))
 
+# %% ../../nbs/14b_console_endpoints.ipynb #877c6bf7
 def errors_figure(live: pd.DataFrame, seconds: float = LIVE_SECONDS) -> go.Figure:
     "Share of requests answered 4xx and 5xx, per served entity."
     lines = [(k, lambda g, k=k: 100 * g[f"errors_{k}"] / g.requests, dash)
@@ -174,6 +188,7 @@ def latency_figure(live: pd.DataFrame, seconds: float = LIVE_SECONDS) -> go.Figu
     lines = [(p, lambda g, p=p: g[f"{p}_ms"], dash) for p, dash in (("p50", "solid"), ("p95", "dash"), ("p99", "dot"))]
     return _entity_lines(live, seconds, lines, f"Latency (ms, p50 / p95 / p99, {seconds:g} s windows)", "ms")
 
+# %% ../../nbs/14b_console_endpoints.ipynb #3400603c
 def rows_figure(sampled: pd.DataFrame, every: float = SAMPLE_SECONDS) -> go.Figure:
     "Rows per model call (after micro-batching) per served entity, between readings of the runtime's counters."
     fig = go.Figure()
@@ -183,6 +198,7 @@ def rows_figure(sampled: pd.DataFrame, every: float = SAMPLE_SECONDS) -> go.Figu
     return fig.update_layout(**_layout(f"Rows per model call (rows, runtime counters every {every:g} s)",
                                        "rows per call"))
 
+# %% ../../nbs/14b_console_endpoints.ipynb #14b71390
 def history_figure(history: pd.DataFrame) -> go.Figure:
     "Requests per second (bars) and p95 latency (ms, line) of each monitoring window in the `_metrics` table."
     fig = go.Figure() if len(history) else unreadable_figure("",
@@ -195,13 +211,13 @@ def history_figure(history: pd.DataFrame) -> go.Figure:
     return fig.update_layout(**_layout("Monitoring windows (_metrics): requests/s, p95 ms", "requests/s",
                                        yaxis2=dict(title="p95 ms", overlaying="y", side="right", rangemode="tozero")))
 
-
+# %% ../../nbs/14b_console_endpoints.ipynb #105c5a9d
 CHARTS = {"rate": "request rate", "errors": "error rate", "latency": "latency", "rows": "rows per model call",
           "history": "monitoring windows"}
 
 # %% ../../nbs/14b_console_endpoints.ipynb #7da51b41
 def endpoint_rows(w) -> list[dict]:
-    "One row per serving endpoint of workspace client `w`: state, config update, served entities, traffic, inference table."
+    "A row per endpoint of workspace client `w`: state, config update, served entities, traffic, inference table."
     rows = []
     for summary in w.serving_endpoints.list():
         ep = w.serving_endpoints.get(summary.name)
@@ -213,7 +229,8 @@ def endpoint_rows(w) -> list[dict]:
                      "served entities": ", ".join(f"{s.name} ({s.entity_name} version {s.entity_version})"
                                                   for s in (config.served_entities if config else [])),
                      "traffic": ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%" for r in routes),
-                     "inference table": (f"{gateway.catalog_name}.{gateway.schema_name}.{gateway.table_name_prefix}_payload"
+                     "inference table": (f"{gateway.catalog_name}.{gateway.schema_name}."
+                                         f"{gateway.table_name_prefix}_payload"
                                          + ("" if gateway.enabled else " (disabled)")) if gateway else "none"})
     return rows
 
@@ -223,7 +240,7 @@ STATUS_CLASSES = {"all": None, "2xx": (200, 299), "4xx": (400, 499), "5xx": (500
 WINDOWS = {"15 min": 15, "1 hour": 60, "24 hours": 1440, "7 days": 10080}
 
 def keys_not_found(response: str | None) -> int:
-    "How many rows of a request had keys the online store did not have, from the response body the inference table logged (0 when none)."
+    "How many rows of a request had keys the online store lacked, from the response body the inference table logged."
     if not response or "keys_not_found" not in response: return 0
     try: body = orjson.loads(response)
     except orjson.JSONDecodeError: return 0
@@ -231,9 +248,10 @@ def keys_not_found(response: str | None) -> int:
     # one entry per row and feature table
     return len({k.get("row") if isinstance(k, dict) else i for i, k in enumerate(missing)})
 
+# %% ../../nbs/14b_console_endpoints.ipynb #96e6ce99
 def recent_requests(env: Environment, endpoint: str, status: str = "all", minutes: float = 1440, limit: int = 100,
                     now: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict]:
-    "The newest `limit` requests of the last `minutes` with status class `status`, and the window's missing-lookup counts."
+    "The newest `limit` requests of the last `minutes` in status class `status`, and the window's missing lookups."
     if status not in STATUS_CLASSES: raise MonitoringError(f"status {status!r}: expected one of "
                                                            f"{', '.join(STATUS_CLASSES)}")
     end = now or pd.Timestamp.now(tz="UTC")
@@ -267,14 +285,18 @@ def _json(value) -> Response:
 def _records(frame: pd.DataFrame) -> list[dict]:
     return orjson.loads(frame.to_json(orient="records", date_format="iso")) if len(frame) else []
 
+# %% ../../nbs/14b_console_endpoints.ipynb #b9fe53b8
 def _details(text: str | None, short: int = 80) -> Markup:
     text = text or ""
     if len(text) <= short: return Markup("<code>{}</code>").format(text)
     return Markup("<details><summary><code>{}…</code></summary><pre>{}</pre></details>").format(text[:short],
             text[:20000])
 
+# %% ../../nbs/14b_console_endpoints.ipynb #5c74160e
+# long: the pages are closures sharing the sampler, the live cache and the client; moving them out changes the code
 def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Route]:
-    "The endpoints and requests pages of `env`'s console and their JSON; `sampler` (default: one started with the first page) reads the runtime's counters."
+    "The endpoints and requests pages of `env`'s console and their JSON; `sampler` reads the runtime's counters."
+    # sampler: by default one started with the first page
     sampler = sampler or RuntimeSampler(env)
     cache, cache_lock = {}, threading.Lock()
 
@@ -365,16 +387,19 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
                 Markup("").join(
             Markup('<option{}>{}</option>').format(Markup(" selected") if o == chosen else "", o) for o in options))
         form = Markup('<form method="get" action="/requests" class="card" id="filter">endpoint {} status {} window {} '
-                      'at most <input name="limit" value="{}" size="4"> <button type="submit">show</button></form>').format(
+                      'at most <input name="limit" value="{}" size="4"> <button type="submit">show</button>'
+                      '</form>').format(
             select("endpoint", sorted({*names, endpoint}), endpoint), select("status", STATUS_CLASSES, status),
                           select("window", WINDOWS, window), limit)
         if status not in STATUS_CLASSES or window not in WINDOWS:
-            body = Markup('<div class="card bad">status must be one of {} and window one of {}</div>').format(", ".join(STATUS_CLASSES), ", ".join(WINDOWS))
+            body = Markup('<div class="card bad">status must be one of {} and window one of {}</div>').format(
+                ", ".join(STATUS_CLASSES), ", ".join(WINDOWS))
             return HTMLResponse(page(env, "Requests", form + body, "Requests"), 400)
         # a name that is no endpoint's (`a.b`, `../../tokens`) names no inference table either
         try: check_endpoint_name(endpoint)
         except ServingError as e: return HTMLResponse(page(env, "Requests",
-                                                           form + Markup('<div class="card bad">{}</div>').format(e.message), "Requests"), 400)
+                                                           form + Markup('<div class="card bad">{}</div>')
+                                                           .format(e.message), "Requests"), 400)
         try: rows, missing = recent_requests(env, endpoint, status, WINDOWS[window], limit)
         except MonitoringError as e:
             return HTMLResponse(page(env, "Requests", form + Markup('<div class="card bad">{}</div>').format(str(e)),
@@ -392,7 +417,8 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
         listing = table(shown, ["time", "status", "ms", "served entity", "rows not found", "request", "response"],
                         id="requests",
                         empty=f"no {status} requests in the last {window} of {inference_table(env, endpoint)}")
-        caption = Markup('<p class="muted">{} newest {} requests of the last {} in <code>{}</code>, newest first.</p>').format(
+        caption = Markup('<p class="muted">{} newest {} requests of the last {} in <code>{}</code>, newest first.'
+                         '</p>').format(
             len(rows), status, window, inference_table(env, endpoint))
         return HTMLResponse(page(env, "Requests", form + share + caption + listing, "Requests"))
 

@@ -64,6 +64,7 @@ def monitored_endpoints(env: Environment) -> list[str]:
             names += tables.read_pandas(name, columns=["endpoint_name"]).endpoint_name.unique().tolist()
     return list(dict.fromkeys(names))
 
+# %% ../../nbs/14c_console_views.ipynb #cac0e9c3
 def monitoring_frames(env: Environment, endpoint: str) -> dict[str, pd.DataFrame]:
     "The rows of the endpoint's monitoring tables that exist, by kind (drift, metrics, quality)."
     tables, out = tables_for(env), {}
@@ -80,8 +81,10 @@ def latest_checks(drift: pd.DataFrame) -> pd.DataFrame:
 
 def window_label(start: pd.Timestamp, end: pd.Timestamp) -> str:
     "A window as a short label: `01-05 10:00–11:00` (UTC)."
-    return f"{start:%m-%d %H:%M}–{end:%H:%M}" if start.date() == end.date() else f"{start:%m-%d %H:%M}–{end:%m-%d %H:%M}"
+    return (f"{start:%m-%d %H:%M}–{end:%H:%M}" if start.date() == end.date()
+            else f"{start:%m-%d %H:%M}–{end:%m-%d %H:%M}")
 
+# %% ../../nbs/14c_console_views.ipynb #6dc04e75
 def drift_heatmap(drift: pd.DataFrame, # rows of the drift table for one model version
                   title: str) -> go.Figure:
     "Features x windows coloured by PSI, each statistic in the hover, crosses where a feature drifted."
@@ -117,11 +120,12 @@ def drift_reports(env: Environment, endpoint: str) -> list[Path]:
 
 def report_url(endpoint: str, report: Path) -> str: return f"/monitoring/{quote(endpoint)}/reports/{quote(report.name)}"
 
+# %% ../../nbs/14c_console_views.ipynb #1215633f
 class BadName(ValueError):
     "A name in a console path that cannot name a file or folder (the page answers 404)."
 
 def safe_name(name: str, what: str) -> str:
-    "`name` when it can be a file or folder name inside a known folder (no path, no `..`); BadName naming `what` otherwise."
+    "`name` when it can name a file or folder inside a known folder (no path, no `..`); else BadName naming `what`."
     if not re.fullmatch(r"[A-Za-z0-9_.@+\-]+",
                         name) or name.strip(".") == "": raise BadName(f"{what} {name!r} is not a valid name")
     return name
@@ -143,11 +147,12 @@ def quality_figure(quality: pd.DataFrame, endpoint: str) -> go.Figure:
                       yaxis={"range": [0, 1]})
     return fig
 
+# %% ../../nbs/14c_console_views.ipynb #815a28cd
 # the share of a window's requests whose keys the online store did not know
 MISSING_LOOKUP_COLUMN = "missing_lookup_share"
 
 def missing_lookup_shares(drift: pd.DataFrame | None) -> pd.DataFrame | None:
-    "Per checked window and model version: its rows, those whose lookup found nothing (`_drift.missing_lookups`) and their share; None when not recorded."
+    "Per checked window and version: rows, rows whose lookup found nothing, their share; None when not recorded."
     if drift is None or drift.empty or "missing_lookups" not in drift: return None
     per = (latest_checks(drift).groupby(["window_start", "window_end", "model_version"], as_index=False)
            .agg(rows=("rows", "max"), missing_lookups=("missing_lookups", "max")))
@@ -160,6 +165,7 @@ METRIC_COLUMNS = ["window_start", "served_entity_name", "requests", "qps", "erro
 
 def _muted(text: str) -> Markup: return Markup(f'<p class="muted">{escape(text)}</p>')
 
+# %% ../../nbs/14c_console_views.ipynb #a0af716d
 def drift_section(env: Environment, endpoint: str, drift: pd.DataFrame | None) -> Markup:
     "Heat maps of the drift checks per model version, and what drifted in the latest check."
     if drift is None or drift.empty:
@@ -172,7 +178,8 @@ def drift_section(env: Environment, endpoint: str, drift: pd.DataFrame | None) -
         last = latest_checks(rows)
         last = last[last.window_start == last.window_start.max()]
         hits = last[last.drifted]
-        head = f"version {version}, latest window {window_label(last.window_start.iloc[0], last.window_end.iloc[0])} UTC"
+        head = (f"version {version}, latest window "
+                f"{window_label(last.window_start.iloc[0], last.window_end.iloc[0])} UTC")
         parts.append(Markup(f"<p><b>{escape(head)}</b>: " + (f"drift in {hits.feature.nunique()} of "
                                                              f"{last.feature.nunique()} features"
                                                              if len(hits) else f"no drift in {last.feature.nunique()} "
@@ -181,6 +188,7 @@ def drift_section(env: Environment, endpoint: str, drift: pd.DataFrame | None) -
                            empty="nothing drifted"))
     return Markup("").join(parts)
 
+# %% ../../nbs/14c_console_views.ipynb #5b2fb7ea
 def reports_section(env: Environment, endpoint: str) -> Markup:
     "The newest drift report embedded, the others linked."
     reports = drift_reports(env, endpoint)
@@ -195,6 +203,7 @@ def reports_section(env: Environment, endpoint: str) -> Markup:
                   f'style="width:100%;height:520px" title="latest drift report"></iframe><details><summary>all '
                   f'reports</summary><ul>{links}</ul></details>')
 
+# %% ../../nbs/14c_console_views.ipynb #47ca9741
 def quality_section(env: Environment, endpoint: str, quality: pd.DataFrame | None) -> Markup:
     if quality is None or quality.empty:
         return _muted(f"no model quality yet: it needs labels; run `serving-mlops monitor --env {env.name} "
@@ -204,18 +213,21 @@ def quality_section(env: Environment, endpoint: str, quality: pd.DataFrame | Non
         ["window_start", "model_version", "predictions", "labelled", "roc_auc", "brier", "ece", "mean_prediction",
          "observed_rate"])
 
+# %% ../../nbs/14c_console_views.ipynb #915d7142
 def missing_lookup_section(frames: dict[str, pd.DataFrame]) -> Markup:
     shares = missing_lookup_shares(frames.get("drift"))
     if shares is None: return _muted("not recorded yet: each drift check records the rows whose keys the feature "
                                      "tables did not have")
     return table(shares.head(48), id="missing-lookups")
 
+# %% ../../nbs/14c_console_views.ipynb #03259faf
 def metrics_section(env: Environment, endpoint: str, metrics: pd.DataFrame | None) -> Markup:
     if metrics is None or metrics.empty: return _muted(f"no window metrics yet: run `serving-mlops monitor --env "
                                                        f"{env.name}`")
     shown = [c for c in [*METRIC_COLUMNS, MISSING_LOOKUP_COLUMN] if c in metrics]
     return table(metrics.sort_values("window_start", ascending=False).head(48), shown)
 
+# %% ../../nbs/14c_console_views.ipynb #101adaac
 def endpoint_monitoring(env: Environment, endpoint: str) -> Markup:
     "Every monitoring section of one endpoint."
     frames = monitoring_frames(env, endpoint)
@@ -229,6 +241,7 @@ def endpoint_monitoring(env: Environment, endpoint: str) -> Markup:
         Markup("<h3>Endpoint metrics per window</h3>"),
         guarded("the window metrics", metrics_section, env, endpoint, frames.get("metrics"))])])
 
+# %% ../../nbs/14c_console_views.ipynb #89986e56
 def monitoring_page(env: Environment) -> str:
     "The monitoring page: every monitored endpoint's sections."
     try: endpoints = monitored_endpoints(env)
@@ -250,6 +263,7 @@ class ExecutedTask:
     error: str = ""  # the error's name and value
     traceback: str = ""
 
+# %% ../../nbs/14c_console_views.ipynb #2324c1e4
 def executed_task(notebook: Path) -> ExecutedTask:
     "Times, parameters and the failing cell recorded in an executed task notebook."
     nb = nbformat.read(notebook, as_version=4)
@@ -265,6 +279,7 @@ def executed_task(notebook: Path) -> ExecutedTask:
                 return out
     return out
 
+# %% ../../nbs/14c_console_views.ipynb #866e0b8b
 STATE_COLOURS = {"SUCCESS": "#1e7b34", "FAILED": "#b3261e", "RUNNING": "#1f77b4", "CANCELED": "#8c564b",
                  "SKIPPED": "#b0b7bf",
                  "PENDING": "#d0d5db", "ABORTED": "#e377c2"}
@@ -312,6 +327,7 @@ def run_url(job: str, run_id: str,
 def _started(run: JobRun) -> str: return run.started.replace("T", " ").replace("+00:00",
         " UTC") if run.started else "not recorded"
 
+# %% ../../nbs/14c_console_views.ipynb #91a8aa56
 def jobs_page(env: Environment) -> str:
     "Every recorded run per job: state, start, duration, tasks; unreadable records as error lines."
     try: jobs = list(load_jobs(env))
@@ -345,18 +361,21 @@ def run_of(env: Environment, job: str, run_id: str) -> JobRun | RunRecordError |
     folder = jobs_folder(env) / safe_name(job, "job") / safe_name(run_id, "run")
     return read_run(folder) if (folder / "run.json").exists() else None
 
+# %% ../../nbs/14c_console_views.ipynb #5deb3008
 def failure_box(key: str, task, done: ExecutedTask) -> Markup:
     "A failed task's error and the cell that raised it."
     cell = (f'<p>cell {escape(done.failed_count)} of the executed notebook raised <b '
             f'class="bad">{escape(done.error)}</b></p>'
             f'<pre class="card '
-            f'failed-cell">{escape(done.failed_cell)}</pre><details><summary>traceback</summary><pre>{escape(done.traceback)}</pre></details>'
+            f'failed-cell">{escape(done.failed_cell)}</pre>'
+            f'<details><summary>traceback</summary><pre>{escape(done.traceback)}</pre></details>'
             if done.failed_cell else "")
     return Markup(f'<div class="card failure" id="failure-{escape(key)}"><b>task {escape(key)} failed</b>: '
                   f'{escape(task.error)}{cell}</div>')
 
+# %% ../../nbs/14c_console_views.ipynb #5d09d0db
 def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
-    "A run's page: timeline, tasks with parameters, values, notebooks and logs, and each failure with its cell; and the status code."
+    "A run's page (timeline; tasks with parameters, values, notebooks, logs; failures with their cell) and its status."
     run = run_of(env, job, run_id)
     if run is None: return page(env, f"{job} run {run_id}",
                                 _muted(f"no run {run_id} of job {job} recorded in {jobs_folder(env)}"), "Jobs"), 404
@@ -390,6 +409,7 @@ def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
                             Markup("<h2>Tasks</h2>"), table(rows, id="tasks", links=links), *failures])
     return page(env, f"{job} run {run_id}", body, "Jobs"), 200
 
+# %% ../../nbs/14c_console_views.ipynb #ce692a34
 def task_file(env: Environment, job: str, run_id: str, task: str, suffix: str) -> Path | None:
     "A task's executed notebook (`.ipynb`) or log (`.log`) in its run's folder, None when there is none."
     run = run_of(env, job, run_id)
@@ -402,8 +422,10 @@ MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 
 def mlflow_ui_command(env: Environment) -> str:
     "The command that starts MLflow's UI on `env`'s tracking store and registry."
-    return f"mlflow ui --backend-store-uri {env.tracking_uri} --registry-store-uri {env.registry_uri} --host 127.0.0.1 --port 5000"
+    return (f"mlflow ui --backend-store-uri {env.tracking_uri} --registry-store-uri {env.registry_uri} "
+            f"--host 127.0.0.1 --port 5000")
 
+# %% ../../nbs/14c_console_views.ipynb #9afed0a0
 def mlflow_links(env: Environment) -> dict:
     "URL makers of MLflow pages: the local UI, or the workspace's pages."
     if env.is_local:
@@ -413,8 +435,9 @@ def mlflow_links(env: Environment) -> dict:
     return {"model": lambda name, v: f"{host}/explore/data/models/{name.replace('.', '/')}/version/{v}",
             "run": lambda exp, run: f"{host}/ml/experiments/{exp}/runs/{run}"}
 
+# %% ../../nbs/14c_console_views.ipynb #204e3329
 def lineage(client, run_id: str) -> dict:
-    "The training run of a version: name, experiment, ROC AUC, datasets per split, table versions, data hash and commit."
+    "A version's training run: name, experiment, ROC AUC, datasets per split, table versions, data hash and commit."
     run = client.get_run(run_id)
     datasets = []
     for d in run.inputs.dataset_inputs if run.inputs else []:
@@ -441,6 +464,7 @@ def gate_summary(tags: dict) -> str:
     return f"{tags.get('source_validation.status', 'unknown')} in {tags['source_environment']}" + (" (forced)"
             if tags.get("promotion.forced") else "")
 
+# %% ../../nbs/14c_console_views.ipynb #522114d0
 def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
     "One version: aliases, the gate's checks, where it came from, its training run and datasets."
     tags, parts = v.tags or {}, []
@@ -449,7 +473,8 @@ def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
     prefix = "source_validation." if source and "validation.status" not in tags else "validation."
     gate = [{"check": k.removeprefix(prefix), "outcome": t.split(":", 1)[0], "detail": t.split(": ", 1)[-1]}
             for k, t in sorted(tags.items()) if k.startswith(prefix) and k != prefix + "status"]
-    status, where = tags.get(prefix + "status"), f" in {source}, before the copy" if prefix == "source_validation." else ""
+    status, where = tags.get(prefix + "status"), (f" in {source}, before the copy" if prefix == "source_validation."
+                                                   else "")
     parts.append(Markup(f"<p>validation gate{escape(where)}: <b "
                         f"class=\"{'good' if status == 'passed' else 'bad'}\">{escape(status)}</b></p>") if status
                  else _muted(f"no gate result travelled with this copy (copied before promotions checked it): see "
@@ -480,17 +505,19 @@ def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
             if info["tables"]: parts.append(table([{"table": t, "Delta version": n}
                                                    for t, n in info["tables"].items()]))
             if info["data"]: parts.append(_muted(f"training data sha256 {info['data']}, code commit {info['commit']}"))
-    return Markup(f'<div class="card" id="version-{escape(v.version)}"><h3><a '
-                  f'href="{escape(links["model"](name, v.version))}">version '
-                  f"{escape(v.version)}</a> {escape(' '.join(f'@{a}' for a in (v.aliases or [])))}</h3>") + Markup("").join(parts) + Markup("</div>")
+    return (Markup(f'<div class="card" id="version-{escape(v.version)}"><h3><a '
+                   f'href="{escape(links["model"](name, v.version))}">version '
+                   f"{escape(v.version)}</a> {escape(' '.join(f'@{a}' for a in (v.aliases or [])))}</h3>")
+            + Markup("").join(parts) + Markup("</div>"))
 
+# %% ../../nbs/14c_console_views.ipynb #f0d0852f
 def registry_page(env: Environment) -> str:
-    "The registry page: the environment's model, its versions with aliases, gate reports and lineage, and how to open MLflow's UI."
+    "The registry page: the model's versions with aliases, gate reports and lineage, and how to open MLflow's UI."
     name, links = env.model_name, mlflow_links(env)
     ui = (Markup(f'<p class="card">MLflow UI: <code>{escape(mlflow_ui_command(env))}</code>, then <a '
                  f'href="{MLFLOW_UI}/#/models/{escape(quote(name))}">'
-                 f"{MLFLOW_UI}</a></p>") if env.is_local else Markup(f'<p class="card">MLflow: <a '
-                                                                     f'href="{escape(env.host)}/ml/models">{escape(env.host)}</a></p>'))
+                 f"{MLFLOW_UI}</a></p>") if env.is_local
+          else Markup(f'<p class="card">MLflow: <a href="{escape(env.host)}/ml/models">{escape(env.host)}</a></p>'))
     try:
         client = registry_client(env)
         model = client.get_registered_model(name)
