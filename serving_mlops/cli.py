@@ -27,13 +27,12 @@ __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'name_values', 'clear_errors'
            'serve', 'console', 'deploy', 'id_range', 'key_records', 'query_keys', 'query', 'endpoints', 'stop_services',
            'monitor', 'jobs_list', 'jobs_run', 'jobs_runs', 'replay_command']
 
-# %% ../nbs/90_cli.ipynb #5630ca94
+# %% ../nbs/90_cli.ipynb #e28bd56c
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one "
                        "machine.\n\n"
-                       "Environments are the targets of databricks_jobs/databricks.yml (dev, staging, prod); "
-                       "a target is a local workspace under .mlops/<target>/ unless a workspace is named: by its "
-                       "workspace.host or "
-                       "workspace.profile, by DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE, or by running on a "
+                       "Environments are the targets of databricks_jobs/databricks.yml (dev, staging, prod); a target "
+                       "is a local workspace under .mlops/<target>/ unless a workspace is named: by its workspace.host "
+                       "or workspace.profile, by DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE, or by running on a "
                        "Databricks cluster.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
@@ -43,18 +42,21 @@ def main():
     # a bar per small artifact read (baselines, specs) says nothing
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+# %% ../nbs/90_cli.ipynb #01d94541
 EnvOption = typer.Option(None, "--env", "-e", envvar="SERVING_MLOPS_ENV", show_default="the bundle's default target",
                          help="Environment: a target of databricks_jobs/databricks.yml (dev, staging, prod).")
 
+# %% ../nbs/90_cli.ipynb #b402faac
 def name_values(items: list[str], option: str) -> dict[str, str]:
-    "The `name=value` texts of a repeatable option as a mapping; InputError naming the option and the first text without `=`."
+    "`name=value` texts of a repeatable option as a dict; InputError names the option and the first text without `=`."
     bad = [i for i in items if "=" not in i]
     if bad: raise InputError(f"{option} {bad[0]!r}: expected name=value")
     return dict(i.split("=", 1) for i in items)
 
+# %% ../nbs/90_cli.ipynb #a72bdcde
 @contextmanager
 def clear_errors():
-    "Report the project's errors and the workspace's as one line on stderr with the error's exit status; other exceptions keep their traceback."
+    "Report the project's and the workspace's errors as one stderr line and exit status; others keep their traceback."
     try: yield
     except MlopsError as e:
         typer.secho(f"{e.label}: {e}", err=True, fg=typer.colors.RED)
@@ -73,18 +75,19 @@ def env_command(env: Optional[str] = EnvOption):
         typer.echo(f"bundle: {e.bundle_path}")
         for k, v in sorted(e.variables.items()): typer.echo(f"  {k} = {v}")
 
-# %% ../nbs/90_cli.ipynb #480d8b71
+# %% ../nbs/90_cli.ipynb #5322dbb4
 class Kind(str, Enum):
     train = "train"  # labelled clients
     inference = "inference"  # unlabelled clients, as a scoring job or an endpoint receives them
     drifted = "drifted"  # unlabelled clients from a shifted population
 
+# %% ../nbs/90_cli.ipynb #a3ea449e
 @app.command()
 def generate(env: Optional[str] = EnvOption,
              rows: int = typer.Option(30_000, min=1, help="Number of clients."),
              seed: int = typer.Option(42, help="Random seed: the same seed gives the same file."),
-             kind: Kind = typer.Option(Kind.train,
-                                       help="train (labelled), inference (unlabelled) or drifted (unlabelled, shifted)."),
+             kind: Kind = typer.Option(Kind.train, help="train (labelled), inference (unlabelled) or drifted "
+                                                        "(unlabelled, shifted)."),
              drift: float = typer.Option(1.0, min=0.0,
                                          help="Strength of the shift for --kind drifted (0 none, 1 strong)."),
              first_id: int = typer.Option(1, min=1, help="ID of the first client."),
@@ -94,22 +97,21 @@ def generate(env: Optional[str] = EnvOption,
                                                    show_default="only for --kind train"),
              bad_fraction: float = typer.Option(0.0, min=0.0, max=1.0,
                                                 help="Share of rows to damage, to exercise ingest's quarantine."),
-             output: Optional[Path] = typer.Option(None,
-                                                   help="File to write (.csv or .parquet); default: the landing folder.")):
+             output: Optional[Path] = typer.Option(None, help="File to write (.csv or .parquet); default: the "
+                                                              "landing folder.")):
     "Generate synthetic clients in the UCI credit default schema."
     with clear_errors():
         e = get_environment(env)
         if output is None and not e.is_local and not on_databricks():
             raise InputError(f"environment '{e.name}' is the {e.where}: its landing folder {e.landing_dir} is a Unity "
-                             f"Catalog volume, "
-                             f"mounted only on Databricks clusters; write the file with --output and upload it with "
-                             f"`databricks fs cp FILE dbfs:{e.landing_dir}/`")
+                             f"Catalog volume, mounted only on Databricks clusters; write the file with --output and "
+                             f"upload it with `databricks fs cp FILE dbfs:{e.landing_dir}/`")
         path = output or Path(e.landing_dir) / f"credit_clients_{kind.value}_seed{seed}.csv"
         write_credit_data(path, rows, seed=seed, first_id=first_id, drift=drift if kind == Kind.drifted else 0.0,
                           labelled=kind == Kind.train if labels is None else labels, bad_fraction=bad_fraction)
         typer.echo(f"wrote {rows} {kind.value} clients to {path}")
 
-# %% ../nbs/90_cli.ipynb #ba9120c3
+# %% ../nbs/90_cli.ipynb #d54efd81
 def table_summary(env: Optional[str] = None) -> list[tuple[str, int, int]]:
     "(name, rows, version) of every table in the environment's catalog and schema."
     e = get_environment(env)
@@ -122,6 +124,7 @@ def _print_tables(env: Optional[str]):
     width = max(len(n) for n, _, _ in rows)
     for name, count, version in rows: typer.echo(f"  {name:<{width}}  {count:>10,} rows  (version {version})")
 
+# %% ../nbs/90_cli.ipynb #e402a329
 @app.command()
 def ingest(env: Optional[str] = EnvOption,
            source: Optional[Path] = typer.Argument(None,
@@ -142,6 +145,7 @@ def ingest(env: Optional[str] = EnvOption,
         ingest_task(e, str(source) if source else None, snapshot_date, max_bad_fraction, require_label=not unlabelled)
         _print_tables(e.name)
 
+# %% ../nbs/90_cli.ipynb #2346ac90
 @app.command()
 def tables(env: Optional[str] = EnvOption):
     "List the environment's tables with row counts and Delta versions."
@@ -160,7 +164,7 @@ def features(env: Optional[str] = EnvOption,
                                                     "repeatable) in the features' new columns: how a feature is "
                                                     "removed or retyped. Its earlier versions keep their columns; the "
                                                     "online store follows when published.")):
-    "Build the feature tables from the silver tables (a new feature becomes a new column) and publish them to the online store."
+    "Build the feature tables from the silver tables (a new feature: a new column), publish them to the online store."
     from serving_mlops.tasks import features_task
     with clear_errors():
         e = get_environment(env)
@@ -203,7 +207,7 @@ def promote(env: Optional[str] = typer.Option("prod", "--env", "-e", help="Targe
                                                 help="Promote a version whose validation gate failed or never ran; "
                                                      "the reason, and who gave it, are recorded in the target's "
                                                      "registry and the promotion run.")):
-    "Copy a model version that passed its validation gate from the source environment's registry into the target's, verify it and make it the champion."
+    "Copy a model version that passed its validation gate into the target's registry, verify it, make it the champion."
     from serving_mlops.tasks import promote_task
     with clear_errors(): promote_task(get_environment(env), source, version, seed, force or "")
 
@@ -216,20 +220,19 @@ def batch_inference_command(env: Optional[str] = EnvOption,
                             output_table: str = typer.Option("predictions", "--output",
                                                              help="Delta table the predictions are appended to."),
                             version: str = typer.Option("champion", help="Model alias or version number.")):
-    "Score every key of a table with the environment's model into a predictions table (appended, with version and time)."
+    "Score every key of a table with the environment's model into a predictions table, appended with version and time."
     from serving_mlops.tasks import batch_inference_task
     with clear_errors(): batch_inference_task(get_environment(env), input_table, output_table, version)
 
-# %% ../nbs/90_cli.ipynb #61330623
+# %% ../nbs/90_cli.ipynb #e84f6837
 @app.command()
 def serve(env: Optional[str] = EnvOption,
           port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.",
                                              show_default="the target's serving_port"),
           background: bool = typer.Option(False, "--background", "-b",
                                           help="Start as a background process, wait until it answers, print its URL."),
-          stop: bool = typer.Option(False, "--stop",
-                                    help="Stop the environment's running runtime gracefully (requests in flight "
-                                         "finish)."),
+          stop: bool = typer.Option(False, "--stop", help="Stop the environment's running runtime gracefully (requests "
+                                                          "in flight finish)."),
           metrics_interval: float = typer.Option(RuntimeSettings.metrics_interval, min=0.1,
                                                  help="Seconds per value of the endpoint metrics (a minute, as on "
                                                       "Databricks; tests shorten it)."),
@@ -248,14 +251,13 @@ def serve(env: Optional[str] = EnvOption,
                                               help="Connections each process keeps open (the oldest idle one makes "
                                                    "room for a new one); 0: the descriptor limit less 256 kept for "
                                                    "files.", show_default="0"),
-          workers: int = typer.Option(1, min=1,
-                                      help="Processes serving on the port (SO_REUSEPORT; metrics summed over them); 1 "
-                                           "serves in this process."),
-          settings: Optional[str] = typer.Option(None, hidden=True,
-                                                 help="(internal) every setting at once, as JSON: how a background "
-                                                      "start and each worker get them."),
-          worker: Optional[int] = typer.Option(None, hidden=True,
-                                               help="(internal) serve as this worker of a set started with --workers.")):
+          workers: int = typer.Option(1, min=1, help="Processes serving on the port (SO_REUSEPORT; metrics summed over "
+                                                     "them); 1 serves in this process."),
+          settings: Optional[str] = typer.Option(None, hidden=True, help="(internal) every setting at once, as JSON: "
+                                                                         "how a background start and each worker get "
+                                                                         "them."),
+          worker: Optional[int] = typer.Option(None, hidden=True, help="(internal) serve as this worker of a set "
+                                                                       "started with --workers.")):
     "Serve the environment's endpoints: the Databricks serving-endpoints REST API and invocations, on 127.0.0.1."
     from serving_mlops.serving.app import serving_token
     from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
@@ -278,8 +280,8 @@ def serve(env: Optional[str] = EnvOption,
         try: info = start_server(e, port=port, settings=chosen, workers=workers)
         except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
         serving_token(e)
-        typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']}" + (f", workers {info['workers']})"
-                if info.get("workers") else ")"))
+        typer.echo(f"serving runtime of '{e.name}': {info['url']} (pid {info['pid']}"
+                   + (f", workers {info['workers']})" if info.get("workers") else ")"))
         typer.echo(f"  token: {e.path('tokens', 'serving-token')}")
         typer.echo(f"  log:   {e.path('serving', 'server.log')}")
         typer.echo(f"  stop:  serving-mlops serve --env {e.name} --stop")
@@ -296,9 +298,11 @@ def console(env: Optional[str] = EnvOption,
             read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1,
                                                help="Seconds a client has to send a whole request (headers and body) "
                                                     "before its connection is closed.")):
-    """Open the environment's web console on 127.0.0.1: endpoints (state, traffic, live charts of requests, errors, latency, rows per call), recent requests, monitoring, job runs and the registry.
+    """Open the environment's web console on 127.0.0.1: endpoints, requests, monitoring, job runs and the registry.
 
-    The console is behind a login link printed here (valid while the console runs; also in .mlops/<env>/console/console.json) or the environment's serving token as `Authorization: Bearer`. Local environments only: a Databricks workspace has its own UI."""
+    Sign in with the login link printed here (valid while the console runs; also in .mlops/<env>/console/console.json).
+    The environment's serving token as `Authorization: Bearer` works too.
+    Local environments only: a Databricks workspace has its own UI."""
     from serving_mlops.console.app import check_local, serve_console, start_console, stop_console
     with clear_errors():
         e = get_environment(env)
@@ -338,7 +342,7 @@ def deploy(env: Optional[str] = EnvOption,
             if isinstance(failure, MlopsError): raise
             raise InputError(str(failure)) from None
 
-# %% ../nbs/90_cli.ipynb #f9153ddf
+# %% ../nbs/90_cli.ipynb #f382d7a8
 def id_range(text: str) -> list[int]:
     "Customer ids of `FIRST:LAST` (both included)."
     first, sep, last = text.partition(":")
@@ -347,17 +351,20 @@ def id_range(text: str) -> list[int]:
                          f"100001:101000)")
     return list(range(int(first), int(last) + 1))
 
+# %% ../nbs/90_cli.ipynb #5c99410d
 def key_records(customers: list, snapshot_date: str) -> dict:
-    "The request for `customers` by their lookup keys: a feature-store model's signature requires every key, the timestamp key `snapshot_date` too."
+    "The request for `customers` by their lookup keys, each with the feature snapshot `snapshot_date` to score as of."
     return {"dataframe_records": [{"customer_id": c, "snapshot_date": snapshot_date} for c in customers]}
 
+# %% ../nbs/90_cli.ipynb #27e73162
 def query_keys(w, endpoint: str, customers: list, snapshot_date: str) -> dict:
-    "The endpoint's answer for `customers` by key as sent: `predictions`, `served-model-name`, and `metadata.keys_not_found` where our runtime reports unknown keys (the SDK's `query` drops `metadata`)."
+    "The endpoint's answer for `customers` by key: `predictions`, `served-model-name`, `metadata.keys_not_found`."
     return w.api_client.do("POST", f"/serving-endpoints/{endpoint}/invocations",
                            body=key_records(customers, snapshot_date),
                            headers={"Accept": "application/json", "Content-Type": "application/json"},
                            response_headers=["served-model-name"])
 
+# %% ../nbs/90_cli.ipynb #41aed333
 @app.command()
 def query(env: Optional[str] = EnvOption,
           customer_id: list[int] = typer.Option([], "--customer-id", "-c",
@@ -390,8 +397,8 @@ def query(env: Optional[str] = EnvOption,
                    for k in (r.get("metadata") or {}).get("keys_not_found", [])}
         if len(wanted) <= 10:
             for c, p in zip(wanted, predictions):
-                typer.echo(f"customer {c}: probability of default {p:.3f}" + ("  (NOT FOUND: features imputed)"
-                        if c in unknown else ""))
+                typer.echo(f"customer {c}: probability of default {p:.3f}"
+                           + ("  (NOT FOUND: features imputed)" if c in unknown else ""))
         else: typer.echo(f"{len(wanted):,} customers scored, mean probability of default "
                          f"{sum(predictions) / len(predictions):.3f}")
         typer.echo(f"served by {', '.join(sorted({r['served-model-name'] for r in responses}))} of endpoint {name}")
@@ -401,9 +408,10 @@ def query(env: Optional[str] = EnvOption,
                        f"scores use imputed features", err=True)
             if unknown >= set(wanted):
                 raise InputError(f"none of the customers is known to endpoint {name}'s feature tables: check the ids, "
-                                 f"or ingest and "
-                                 f"publish their features first (serving-mlops ingest / features --env {e.name})")
+                                 f"or ingest and publish their features first (serving-mlops ingest / features --env "
+                                 f"{e.name})")
 
+# %% ../nbs/90_cli.ipynb #63467d74
 @app.command()
 def endpoints(env: Optional[str] = EnvOption):
     "List the environment's serving endpoints: state, served entities and traffic."
@@ -427,7 +435,7 @@ def endpoints(env: Optional[str] = EnvOption):
 # %% ../nbs/90_cli.ipynb #cf98fe91
 @app.command("stop")
 def stop_services():
-    "Stop every serving runtime and console of the local workspaces (.mlops/, or $SERVING_MLOPS_HOME), info file or not."
+    "Stop every serving runtime and console of the local workspaces (.mlops/ or $SERVING_MLOPS_HOME), info file or not."
     from serving_mlops.config import find_bundle, local_root
     from serving_mlops.serving.process import stop_local_services
     with clear_errors():
@@ -466,7 +474,7 @@ def monitor(env: Optional[str] = EnvOption,
                         lookback_minutes=lookback_minutes,
                         start=start, end=end, labels_table=labels_table, lag_minutes=lag_minutes)
 
-# %% ../nbs/90_cli.ipynb #e4aefffa
+# %% ../nbs/90_cli.ipynb #fb762145
 jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml): run locally with papermill, or on "
                             "a workspace target as one-time runs.",
                        no_args_is_help=True)
@@ -483,57 +491,61 @@ def jobs_list(env: Optional[str] = EnvOption):
                 typer.echo(f"  {t.key}: {t.notebook.name}" + (f" after {', '.join(t.depends_on)}"
                                                               if t.depends_on else ""))
 
+# %% ../nbs/90_cli.ipynb #0e22b8ac
 @jobs_app.command("run")
 def jobs_run(job: str = typer.Argument(..., help="Job name, e.g. model_build (see `serving-mlops jobs list`)."),
              env: Optional[str] = EnvOption,
              param: list[str] = typer.Option([], "--param", "-p",
-                                             help="Override a notebook parameter of every task that has it: name=value."),
+                                             help="Override a notebook parameter of every task that has it: "
+                                                  "name=value."),
              timeout: float = typer.Option(60, "--timeout", min=0.01,
-                                           help="Workspace targets: minutes to wait for the run before cancelling it.")):
-    "Run a job: locally with papermill (outputs in .mlops/<env>/jobs/<job>/), on a workspace target as a one-time run of the deployed bundle."
+                                           help="Workspace targets: minutes to wait for the run before cancelling "
+                                                "it.")):
+    "Run a job: locally with papermill (outputs in .mlops/<env>/jobs/<job>/), on a workspace target as a one-time run."
     from serving_mlops.jobs import run_job
     with clear_errors():
         try: run = run_job(get_environment(env), job, name_values(param, "--param"), timeout_minutes=timeout)
         except KeyboardInterrupt:
-            typer.secho(f"interrupted: job {job} stopped; its run is recorded as CANCELED, run it again to start afresh", err=True, fg=typer.colors.RED)
+            typer.secho(f"interrupted: job {job} stopped; its run is recorded as CANCELED, run it again to start "
+                        f"afresh", err=True, fg=typer.colors.RED)
             raise typer.Exit(130) from None
         typer.echo(run.summary())
 
+# %% ../nbs/90_cli.ipynb #b6dab1f5
 @jobs_app.command("runs")
 def jobs_runs(job: Optional[str] = typer.Option(None, "--job", "-j",
                                                 help="Only the runs of this job (see `serving-mlops jobs list`)."),
               env: Optional[str] = EnvOption,
               last: int = typer.Option(20, "--last", "-n", min=1, help="How many runs to list, newest first.")):
-    "The job runs made in an environment (from each run folder's run.json), newest first: state, start time, duration of each task."
+    "The job runs made in an environment, newest first (from each run's run.json): state, start time, task durations."
     from serving_mlops.jobs import jobs_folder, past_runs
     with clear_errors():
         environment = get_environment(env)
         runs = past_runs(environment, job)
         if not runs: typer.echo(f"no runs{f' of job {job}' if job else ''} recorded in {jobs_folder(environment)}")
         for run in runs[:last]: typer.echo(run.overview())
-        if len(runs) > last: typer.echo(f"(older runs not shown: {len(runs) - last}; --last {len(runs)} lists them all)")
+        if len(runs) > last:
+            typer.echo(f"(older runs not shown: {len(runs) - last}; --last {len(runs)} lists them all)")
 
-# %% ../nbs/90_cli.ipynb #db803650
+# %% ../nbs/90_cli.ipynb #88644c57
 @app.command("replay")
 def replay_command(steps: Optional[list[str]] = typer.Argument(None, metavar="TARGET/JOB", show_default=False,
-                                                                help="Jobs to run, in order, e.g. "
-                                                                     "staging/model_build; default: the whole loop, "
-                                                                     "staging/model_build "
+                                                                help="Jobs to run, in order, e.g. staging/model_build; "
+                                                                     "default: the whole loop, staging/model_build "
                                                                      "staging/deploy_serving_endpoint prod/ingest "
-                                                                     "prod/features prod/promote "
-                                                                     "prod/batch_inference prod/monitoring."),
+                                                                     "prod/features prod/promote prod/batch_inference "
+                                                                     "prod/monitoring."),
                    var: list[str] = typer.Option([], "--var",
                                                  help="A deploy-time variable, name=value, as `databricks bundle "
-                                                      "deploy --var` "
-                                                                   "(over the replay's own n_trials=1 serving_port=0)."),
-                   rows: int = typer.Option(2000, min=100,
-                                            help="Clients written to a target's landing folder before its first ingest."),
+                                                      "deploy --var` (over the replay's own n_trials=1 "
+                                                      "serving_port=0)."),
+                   rows: int = typer.Option(2000, min=100, help="Clients written to a target's landing folder before "
+                                                                "its first ingest."),
                    folder: Optional[Path] = typer.Option(None,
                                                          help="The replay's folder (emptied first): synced files, "
-                                                              "cluster home, "
-                                                                    "workspaces, task outputs.",
+                                                              "cluster home, workspaces, task outputs.",
                                                          show_default=".mlops/replay")):
-    "Replay a deployment as Databricks runs it: the wheel on Databricks Runtime 18 ML's libraries, the synced files, each task with dbutils."
+    "Replay a deployment as Databricks runs it: the wheel on Databricks Runtime 18 ML's libraries, tasks with dbutils."
     import shutil
     from serving_mlops.config import find_bundle, local_root
     from serving_mlops.replay import LOOP, SMALL, loop_inputs, replay
