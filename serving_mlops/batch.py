@@ -22,7 +22,7 @@ from .tables import TableError, get_spark
 # %% auto #0
 __all__ = ['OUTPUT_COMMENTS', 'BatchError', 'BatchScores', 'scoring_keys', 'batch_inference']
 
-# %% ../nbs/11_batch.ipynb #021fb5df
+# %% ../nbs/11_batch.ipynb #19632740
 OUTPUT_COMMENTS = {
     "prediction": "probability of default next month",
     "model_name": "registered model that scored the row",
@@ -31,9 +31,11 @@ OUTPUT_COMMENTS = {
     "batch_id": "the batch inference run that wrote the row",
 }
 
+# %% ../nbs/11_batch.ipynb #12458014
 class BatchError(InputError):
     "Batch inference cannot run on this input."
 
+# %% ../nbs/11_batch.ipynb #e3e854b5
 @dataclass
 class BatchScores:
     "What one batch inference run wrote."
@@ -51,6 +53,7 @@ class BatchScores:
                 f"{self.output_table} (Delta version {self.table_version}, batch {self.batch_id}) in "
                 f"{self.seconds:.1f} s")
 
+# %% ../nbs/11_batch.ipynb #98853bd4
 def scoring_keys(env: Environment, table: str, spark=None):
     "The key columns of `table` (a short or full name) as a Spark DataFrame, checked."
     tables = feature_store_for(env, spark=spark).tables

@@ -17,7 +17,7 @@ __all__ = ['DRIFT_RULES', 'category_label', 'category_counts', 'numeric_values',
            'categorical_baseline', 'training_baseline', 'psi', 'bin_labels', 'bucket_shares', 'ks_pvalue',
            'chi2_pvalue', 'drift_row', 'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
 
-# %% ../nbs/05a_drift.ipynb #4e002cd3
+# %% ../nbs/05a_drift.ipynb #0dc82d44
 def category_label(value) -> str:
     "The text a category is stored under: whole numbers without a decimal part, everything else as `str`."
     if isinstance(value, (bool, np.bool_)): return str(value)
@@ -25,6 +25,7 @@ def category_label(value) -> str:
     if isinstance(value, (float, np.floating)) and float(value).is_integer(): return str(int(value))
     return str(value)
 
+# %% ../nbs/05a_drift.ipynb #a055bba4
 def category_counts(values: pd.Series) -> tuple[dict[str, int], int]:
     "Rows per category label of `values`, and the number of nulls."
     counts = values.value_counts(dropna=True)
@@ -32,6 +33,7 @@ def category_counts(values: pd.Series) -> tuple[dict[str, int], int]:
     for value, n in counts.items(): labelled[category_label(value)] = labelled.get(category_label(value), 0) + int(n)
     return labelled, int(values.isna().sum())
 
+# %% ../nbs/05a_drift.ipynb #81bb981e
 def numeric_values(values: pd.Series, name: str) -> np.ndarray:
     "`values` as float64 with NaN for nulls; an error naming the column when they are not numbers."
     if not (pd.api.types.is_numeric_dtype(values) or values.isna().all()):
@@ -39,6 +41,7 @@ def numeric_values(values: pd.Series, name: str) -> np.ndarray:
                         f"is a code")
     return values.to_numpy(dtype="float64", na_value=np.nan)
 
+# %% ../nbs/05a_drift.ipynb #ea30a300
 def bin_counts(x: np.ndarray, # float64 values, NaN for nulls
                # ascending cut points: len(cuts) + 1 bins, a value equal to a cut counted in the bin above it
                cuts: Sequence[float],
@@ -48,7 +51,7 @@ def bin_counts(x: np.ndarray, # float64 values, NaN for nulls
     below = [np.count_nonzero(x < c) for c in cuts]
     return np.diff([0, *below, np.count_nonzero(~np.isnan(x))])
 
-# %% ../nbs/05a_drift.ipynb #725b9cb8
+# %% ../nbs/05a_drift.ipynb #1957c1c4
 def numeric_baseline(values: np.ndarray, name: str, bins: int, sample_size: int, rng: np.random.Generator) -> dict:
     "Quantile cut points, bin shares, null share, moments and a value sample of one numeric training column."
     present = values[~np.isnan(values)]
@@ -60,12 +63,14 @@ def numeric_baseline(values: np.ndarray, name: str, bins: int, sample_size: int,
             "cuts": cuts.tolist(), "shares": (counts / len(values)).tolist(),
             "mean": float(present.mean()), "std": float(present.std()), "sample": sample.tolist()}
 
+# %% ../nbs/05a_drift.ipynb #74f349e2
 def categorical_baseline(values: pd.Series) -> dict:
     "Share of each category and of nulls in one categorical training column."
     counts, nulls = category_counts(values)
     return {"kind": "categorical", "rows": len(values), "null_share": nulls / len(values),
             "shares": {label: n / len(values) for label, n in sorted(counts.items())}}
 
+# %% ../nbs/05a_drift.ipynb #9863d23d
 def training_baseline(df: pd.DataFrame, # training rows: every column is a feature (drop keys and the label first)
                       categorical: Sequence[str], # columns holding codes or labels; all others must be numeric
                       # column of the model's predictions on `df`, checked as a numeric feature
@@ -82,17 +87,18 @@ def training_baseline(df: pd.DataFrame, # training rows: every column is a featu
                    numeric_baseline(numeric_values(df[c], c), c, bins, sample_size, rng) for c in df.columns}
     return {"version": 1, "rows": len(df), "prediction": prediction, "features": features}
 
-# %% ../nbs/05a_drift.ipynb #8338e7dd
+# %% ../nbs/05a_drift.ipynb #a6aaaf9e
 def psi(expected: Sequence[float], # shares per bucket in the baseline
         actual: Sequence[float], # shares per bucket in the window, same buckets
         eps: float = 1e-4) -> float:
     "Population stability index of `actual` against `expected`."
     e, a = np.asarray(expected, dtype="float64"), np.asarray(actual, dtype="float64")
-    if e.shape != a.shape: raise ValueError(f"psi: expected share vectors of the same length, got {len(e)} and {len(a)}")
+    if e.shape != a.shape: raise ValueError(f"psi: expected share vectors of the same length, got {len(e)} and "
+                                            f"{len(a)}")
     e, a = np.maximum(e, eps), np.maximum(a, eps)
     return float(np.sum((a - e) * np.log(a / e)))
 
-# %% ../nbs/05a_drift.ipynb #b3948019
+# %% ../nbs/05a_drift.ipynb #38b197a6
 def bin_labels(cuts: Sequence[float]) -> list[str]:
     "Readable names of the quantile bins between `cuts` (outer bins open to infinity)."
     if len(cuts) == 0: return ["all"]
@@ -100,6 +106,7 @@ def bin_labels(cuts: Sequence[float]) -> list[str]:
     inner = [f"[{fmt(lo)}, {fmt(hi)})" for lo, hi in zip(cuts[:-1], cuts[1:])]
     return [f"< {fmt(cuts[0])}", *inner, f">= {fmt(cuts[-1])}"]
 
+# %% ../nbs/05a_drift.ipynb #846e2830
 def bucket_shares(feature: dict, values: pd.Series) -> tuple[list[str], np.ndarray, np.ndarray]:
     "Bucket names, baseline shares and window shares of one feature; nulls first, then bins or categories."
     n = len(values)
@@ -113,7 +120,7 @@ def bucket_shares(feature: dict, values: pd.Series) -> tuple[list[str], np.ndarr
     return (["null", *known, "unseen"], np.array([feature["null_share"], *feature["shares"].values(), 0.0]),
             np.array([nulls, *(counts.get(label, 0) for label in known), unseen]) / n)
 
-# %% ../nbs/05a_drift.ipynb #eb8b9568
+# %% ../nbs/05a_drift.ipynb #5390890c
 DRIFT_RULES = {"psi": ">", "ks_pvalue": "<", "chi2_pvalue": "<"}  # method -> drifted when value <rule> threshold
 
 def ks_pvalue(feature: dict, values: pd.Series) -> tuple[float, int]:
@@ -123,6 +130,7 @@ def ks_pvalue(feature: dict, values: pd.Series) -> tuple[float, int]:
     if len(x) == 0: return math.nan, 0
     return float(stats.ks_2samp(x, feature["sample"]).pvalue), len(x)
 
+# %% ../nbs/05a_drift.ipynb #91ccced3
 def chi2_pvalue(feature: dict, values: pd.Series) -> tuple[float, int]:
     "Chi-squared p-value of baseline against window counts over the feature's buckets, and the window rows compared."
     _, expected, actual = bucket_shares(feature, values)
@@ -131,12 +139,14 @@ def chi2_pvalue(feature: dict, values: pd.Series) -> tuple[float, int]:
     if table.shape[1] < 2: return 1.0, len(values)
     return float(stats.chi2_contingency(table).pvalue), len(values)
 
+# %% ../nbs/05a_drift.ipynb #64409b54
 def drift_row(name: str, kind: str, method: str, value: float, threshold: float, n: int) -> dict:
     "One result row; `drifted` follows the method's rule in `DRIFT_RULES`."
     drifted = value > threshold if DRIFT_RULES[method] == ">" else value < threshold
     return {"feature": name, "kind": kind, "method": method, "value": value, "threshold": threshold,
             "drifted": bool(drifted), "n": n}
 
+# %% ../nbs/05a_drift.ipynb #81220192
 def check_window(baseline: dict, window: pd.DataFrame):
     "Raise an error naming what is wrong when `window` is empty or lacks a baseline feature."
     if len(window) == 0: raise ValueError("the inference window has no rows; expected at least one to compare with "
@@ -145,11 +155,13 @@ def check_window(baseline: dict, window: pd.DataFrame):
     if missing: raise KeyError(f"features {missing} of the baseline are not in the window; its columns are "
                                f"{list(window.columns)}")
 
+# %% ../nbs/05a_drift.ipynb #42f35c20
 def window_buckets(baseline: dict, window: pd.DataFrame) -> dict:
     "`bucket_shares` of every baseline feature in `window`, by name: counted once for the statistics and the report."
     check_window(baseline, window)
     return {name: bucket_shares(feature, window[name]) for name, feature in baseline["features"].items()}
 
+# %% ../nbs/05a_drift.ipynb #abeefede
 def feature_drift(baseline: dict, # from `training_baseline` (or its JSON)
                   window: pd.DataFrame, # inference rows; columns beyond the baseline's features are ignored
                   psi_threshold: float, # PSI above which a feature has drifted
@@ -173,11 +185,12 @@ def feature_drift(baseline: dict, # from `training_baseline` (or its JSON)
         rows.append(drift_row(name, kind, method, pvalue, pvalue_threshold, n))
     return pd.DataFrame(rows, columns=["feature", "kind", "method", "value", "threshold", "drifted", "n"])
 
-# %% ../nbs/05a_drift.ipynb #3c399284
+# %% ../nbs/05a_drift.ipynb #d0ffb985
 # how far past its threshold a flagged value is, in orders of magnitude (the larger, the stronger)
 def _excess(r) -> float:
     return math.log10(max(r.value, 1e-300) / r.threshold) * (1 if DRIFT_RULES[r.method] == ">" else -1)
 
+# %% ../nbs/05a_drift.ipynb #9dbea1b3
 def drift_summary(results: pd.DataFrame,
                   # name at most this many drifted features, the strongest first (the rest counted)
                   most: int | None = None) -> str:
@@ -190,5 +203,6 @@ def drift_summary(results: pd.DataFrame,
     parts = [f"{name} (" + ", ".join(f"{r.method} {r.value:.3g} {DRIFT_RULES[r.method]} {r.threshold:g}"
                                      for r in rows.itertuples()) + ")"
              for name, rows in groups[:most]]
-    more = f"; and {len(groups) - most} more (the report has them all)" if most is not None and len(groups) > most else ""
+    more = (f"; and {len(groups) - most} more (the report has them all)"
+            if most is not None and len(groups) > most else "")
     return f"drift in {hits.feature.nunique()} of {features} features: " + "; ".join(parts) + more

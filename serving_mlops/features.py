@@ -27,13 +27,14 @@ def monthly_history(clients: DataFrame, statements: DataFrame) -> DataFrame:
                                       .when(F.col("previous_bill") <= 0, F.lit(1.0))
                                       .otherwise(F.least(F.col("pay_amount") / F.col("previous_bill"), F.lit(1.0)))))
 
-# %% ../nbs/04_features.ipynb #e601268b
+# %% ../nbs/04_features.ipynb #b859b654
 def _slope(x, y):
     "Least-squares slope of y on x, as a Spark aggregate expression (null with fewer than two points)."
     n, sx, sy = F.count(y), F.sum(x), F.sum(y)
     sxy, sxx = F.sum(x * y), F.sum(x * x)
     return F.when(n >= 2, (n * sxy - sx * sy) / (n * sxx - sx * sx))
 
+# %% ../nbs/04_features.ipynb #8cab830c
 def utilisation_features(history: DataFrame) -> DataFrame:
     "Latest, mean, max and trend of utilisation per customer and snapshot."
     u, m = F.col("utilisation"), F.col("month_index")
@@ -44,13 +45,14 @@ def utilisation_features(history: DataFrame) -> DataFrame:
         _slope(-m.cast("double"), u).alias("utilisation_trend_6m"),
         F.count(u).cast("int").alias("months_observed"))
 
-# %% ../nbs/04_features.ipynb #530a5e3b
+# %% ../nbs/04_features.ipynb #41dd0b53
 def payment_features(history: DataFrame) -> DataFrame:
     "Payment-to-bill ratios per customer and snapshot."
     r, m = F.col("pay_ratio"), F.col("month_index")
     return history.groupBy(*KEY).agg(F.max(F.when(m == 1, r)).alias("pay_ratio_1m"),
                                      F.avg(r).alias("pay_ratio_mean_6m"))
 
+# %% ../nbs/04_features.ipynb #dc5f61d2
 def delinquency_features(history: DataFrame) -> DataFrame:
     "Months delinquent, maximum and most recent delay, months paid in full."
     s, m = F.col("pay_status"), F.col("month_index")
@@ -79,7 +81,7 @@ def demographic_features(clients: DataFrame) -> DataFrame:
                           education.cast("int").alias("education_level"), marriage.cast("int").alias("marital_status"),
                           F.col("limit_balance").cast("double"))
 
-# %% ../nbs/04_features.ipynb #d30b19f8
+# %% ../nbs/04_features.ipynb #d21d629c
 def behaviour_features(clients: DataFrame, statements: DataFrame) -> DataFrame:
     "Utilisation, payment, delinquency and bill features per customer and snapshot."
     history = monthly_history(clients, statements)
@@ -88,6 +90,7 @@ def behaviour_features(clients: DataFrame, statements: DataFrame) -> DataFrame:
         out = out.join(features(history), KEY, "inner")
     return out
 
+# %% ../nbs/04_features.ipynb #4291568b
 def customer_features(clients: DataFrame, statements: DataFrame) -> dict[str, DataFrame]:
     "Feature frames by feature table: 'behaviour_features' and 'demographic_features'."
     return {"behaviour_features": behaviour_features(clients, statements),

@@ -69,11 +69,12 @@ def split_by_customer(df: pd.DataFrame, seed: int = 42, validation: float = 0.2,
     return {name: df[df.customer_id.isin(ids)].reset_index(drop=True) for name, ids in
             (("train", train_ids), ("validation", val_ids), ("test", test_ids))}
 
-# %% ../nbs/06_train.ipynb #5dced283
+# %% ../nbs/06_train.ipynb #513ec8f0
 def feature_columns(df: pd.DataFrame) -> list[str]:
     "Model input columns: everything but keys and label."
     return [c for c in df.columns if c not in (*KEY, LABEL)]
 
+# %% ../nbs/06_train.ipynb #46bcfc9a
 def make_pipeline(columns: list[str], learning_rate: float = 0.1, max_leaf_nodes: int = 31,
                   max_depth: int | None = None,
                   min_samples_leaf: int = 20, l2_regularization: float = 0.0, max_iter: int = 200,
@@ -106,7 +107,7 @@ def evaluate(y: np.ndarray, p: np.ndarray, threshold: float = 0.5, prefix: str =
                "recall": recall_score(y, decided, zero_division=0)}
     return {f"{prefix}{k}": float(v) for k, v in metrics.items()}
 
-# %% ../nbs/06_train.ipynb #7660cccf
+# %% ../nbs/06_train.ipynb #152ba6c0
 def evaluation_figures(y: np.ndarray, p: np.ndarray, threshold: float = 0.5,
                        split: str = "test", # the split `y` and `p` are of, named in every title
                        ) -> dict[str, plt.Figure]:
@@ -129,6 +130,7 @@ def evaluation_figures(y: np.ndarray, p: np.ndarray, threshold: float = 0.5,
     ax.set_title(f"Confusion matrix at {threshold:.2f} ({of})"); figs["confusion_matrix.png"] = fig
     return figs
 
+# %% ../nbs/06_train.ipynb #a6cd2d22
 def importance_figure(model: Pipeline, X: pd.DataFrame, y: np.ndarray, seed: int = 42,
                       split: str = "validation") -> plt.Figure:
     "Permutation importance (drop in ROC AUC) of each input column."
@@ -140,16 +142,18 @@ def importance_figure(model: Pipeline, X: pd.DataFrame, y: np.ndarray, seed: int
     fig.tight_layout()
     return fig
 
-# %% ../nbs/06_train.ipynb #586fc7e7
+# %% ../nbs/06_train.ipynb #127f52dc
 def frame_hash(df: pd.DataFrame) -> str:
     "SHA-256 of a frame's content (row order included)."
     return hashlib.sha256(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes()).hexdigest()
 
+# %% ../nbs/06_train.ipynb #14c15d99
 def git_commit() -> str:
     "The code's git commit, or 'unknown' outside a checkout."
     try: return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError): return "unknown"
 
+# %% ../nbs/06_train.ipynb #217f23e2
 def lineage(env: Environment, store, ts: TrainingSet, df: pd.DataFrame) -> dict[str, str]:
     "Tags naming the table versions, data hash and commit behind a training run on `store`'s training set `ts`."
     tags = {f"table_version.{table}": str(version) for table, version in store.table_versions(ts).items()}
@@ -157,10 +161,12 @@ def lineage(env: Environment, store, ts: TrainingSet, df: pd.DataFrame) -> dict[
     tags[f"table_version.{silver}"] = str(store.tables.version(silver))
     return {**tags, "training_data_sha256": frame_hash(df), "git_commit": git_commit(), "environment": env.name}
 
+# %% ../nbs/06_train.ipynb #d4c7493c
 class TableVersionSource(DeltaDatasetSource):
     "MLflow's Delta table dataset source that records version 0 too (MLflow's own leaves a falsy version out)."
     def to_dict(self) -> dict: return {**super().to_dict(), "delta_table_version": self._delta_table_version}
 
+# %% ../nbs/06_train.ipynb #48a09af7
 def split_datasets(env: Environment, store,
                    splits: dict[str, pd.DataFrame]) -> dict[str, mlflow.data.pandas_dataset.PandasDataset]:
     "Each split as an MLflow dataset whose source is the silver table at the Delta version the training set read."
@@ -170,7 +176,7 @@ def split_datasets(env: Environment, store,
     return {split: mlflow.data.from_pandas(df, source=source, targets=LABEL, name=f"credit_default_{split}")
             for split, df in splits.items()}
 
-# %% ../nbs/06_train.ipynb #ed43a6d0
+# %% ../nbs/06_train.ipynb #030bbb9c
 def suggest(trial: optuna.Trial) -> dict:
     "The hyperparameter search space."
     return {"learning_rate": trial.suggest_float("learning_rate", 0.02, 0.3, log=True),
@@ -178,20 +184,22 @@ def suggest(trial: optuna.Trial) -> dict:
             "min_samples_leaf": trial.suggest_int("min_samples_leaf", 10, 200, log=True),
             "l2_regularization": trial.suggest_float("l2_regularization", 1e-4, 10.0, log=True)}
 
+# %% ../nbs/06_train.ipynb #903f0ba7
 def model_example(df: pd.DataFrame, columns: list, rows: int = 5) -> pd.DataFrame:
-    "A model's input example: `rows` rows of the keys and the feature `columns` of `df`, snapshot dates as timestamps (as the feature-engineering client's training set has them)."
+    "A model's input example: `rows` rows of the keys and the feature `columns` of `df`."
+    # snapshot dates as timestamps (as the feature-engineering client's training set has them)
     return df[[*KEY, *columns]].head(rows).astype({KEY[0]: "int64", KEY[1]: "datetime64[ns]"})
 
+# %% ../nbs/06_train.ipynb #5704acca
 def model_signature(model: Pipeline, example: pd.DataFrame):
-    """The signature the feature-engineering client gives a model from its FeatureSpec (`get_mlflow_signature_from_feature_spec`:
-    "source data columns are required inputs, feature columns are optional inputs"): the keys of `example` required, its
-    features optional doubles (integer codes convert safely; NaN is a key missing online)."""
+    "The signature of a feature-store model: the keys of `example` required, its features optional doubles."
     features = [c for c in example.columns if c not in KEY]
     frame = example.astype({c: "float64" for c in features})
     signature = mlflow.models.infer_signature(frame, model.predict_proba(example[features])[:, 1])
     signature.inputs = Schema([ColSpec(c.type, c.name, required=c.name in KEY) for c in signature.inputs.inputs])
     return signature
 
+# %% ../nbs/06_train.ipynb #843652da
 @dataclass
 class TrainingResult:
     "What a training run produced."
@@ -200,6 +208,7 @@ class TrainingResult:
     params: dict
     metrics: dict
 
+# %% ../nbs/06_train.ipynb #db9112fc
 def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float = 0.5, store=None,
           experiment: str | None = None, progress: bool = True,
           # the model: `pipeline(columns, seed=seed, **params)`, a scikit-learn estimator with `predict_proba`
@@ -207,8 +216,7 @@ def train(env: Environment, n_trials: int = 10, seed: int = 42, threshold: float
           # its hyperparameters: `space(trial)` -> `pipeline`'s keyword arguments
           space: Callable[[optuna.Trial], dict] = suggest,
           ) -> TrainingResult:
-    """Tune, train, evaluate and log a model on the environment's feature store; returns the run's result. The job's
-    `train` task trains `make_pipeline` over `suggest`: to swap the model, change those two (docs/training-and-registry.md)."""
+    "Tune, train, evaluate and log a model on the environment's feature store; returns the run's result."
     store = store or feature_store_for(env)
     ts = training_set(env, store)
     df = ts.load_df().toPandas().sort_values(KEY, ignore_index=True)

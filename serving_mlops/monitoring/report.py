@@ -19,9 +19,9 @@ from ..drift import drift_summary, window_buckets
 # %% auto #0
 __all__ = ['shares_figure', 'results_table_html', 'drift_report_html']
 
-# %% ../../nbs/12b_monitoring_report.ipynb #e0d30232
+# %% ../../nbs/12b_monitoring_report.ipynb #8314cda2
 def _shares_axes(buckets: int) -> tuple:
-    "A figure of `buckets` pairs of bars (training, window) with legend and slanted bucket names: drawn on again for every feature."
+    "A figure of `buckets` pairs of bars (training, window) with legend and slanted bucket names, to draw on again."
     fig = Figure(figsize=(5, 2.4), dpi=80)
     ax = fig.add_subplot()
     # fixed margins with room for the slanted bucket names (a tight layout draws twice)
@@ -35,6 +35,7 @@ def _shares_axes(buckets: int) -> tuple:
     ax.legend(fontsize=7, loc="upper right")
     return fig, ax, training, window
 
+# %% ../../nbs/12b_monitoring_report.ipynb #1b4c0cc8
 def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np.ndarray, drifted: bool,
                   # figures by number of buckets, drawn on again when given: a report reuses them for all its features
                   figures: dict | None = None,
@@ -60,6 +61,7 @@ def shares_figure(name: str, labels: list[str], expected: np.ndarray, actual: np
         fig.savefig(buffer, format="svg", metadata={"Date": None})
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
+# %% ../../nbs/12b_monitoring_report.ipynb #a17a9c31
 def results_table_html(results: pd.DataFrame) -> str:
     "The drift results as an HTML table, drifted rows with class `drifted`."
     head = "".join(f"<th>{html.escape(c)}</th>" for c in results.columns)
@@ -69,6 +71,7 @@ def results_table_html(results: pd.DataFrame) -> str:
                    for r in results.itertuples(index=False))
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
+# %% ../../nbs/12b_monitoring_report.ipynb #d4549d5e
 def drift_report_html(baseline: dict, window: pd.DataFrame, results: pd.DataFrame, title: str = "Drift report",
                       # `window_buckets(baseline, window)` when already counted (by `feature_drift`)
                       buckets: dict | None = None,
