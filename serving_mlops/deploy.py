@@ -47,6 +47,7 @@ def resolve_version(env: Environment, version: str | int) -> str:
                                              f"alias {version!r}")
     return str(found.version)
 
+# %% ../nbs/09_deploy.ipynb #6392f99d
 def entity_for(model: str, version: str) -> ServedEntityInput:
     "The served entity of one model version."
     return ServedEntityInput(entity_name=model, entity_version=version, name=served_entity_name(model, version),
@@ -60,6 +61,7 @@ def current_entities(ep: ServingEndpointDetailed | None) -> tuple[list, list]:
                                   environment_vars=s.environment_vars) for s in ep.config.served_entities]
     return entities, list(ep.config.traffic_config.routes)
 
+# %% ../nbs/09_deploy.ipynb #faad102e
 def target_config(model: str, version: str, incumbent: ServingEndpointDetailed | None,
                   traffic: int) -> tuple[list, list]:
     "Served entities and routes that give `version` `traffic` percent and the incumbent's main entity the rest."
@@ -83,22 +85,18 @@ def failure_reason(w, name: str) -> str:
     return "; ".join(f"{s.name}: {s.state.deployment_state_message}"
                      for s in pending if s.state and s.state.deployment_state_message) or "no reason given"
 
+# %% ../nbs/09_deploy.ipynb #6e4eb653
 def _routes_text(routes: list) -> str: return ", ".join(f"{r.served_entity_name} {r.traffic_percentage}%"
                                                         for r in routes)
 
 # Databricks waits up to 30 minutes for a CPU deployment once its container is built (the build
-DEPLOY_TIMEOUT_MINUTES = 30
 # itself has no hard limit): https://docs.databricks.com/aws/machine-learning/model-serving/model-serving-timeouts
+DEPLOY_TIMEOUT_MINUTES = 30
 
 FIRST_POLL_SECONDS, LAST_POLL_SECONDS = 0.1, 10.0
 
 def wait_not_updating(w, name: str, timeout: timedelta) -> ServingEndpointDetailed:
-    """Endpoint `name` once no config update is in progress: the SDK's `wait_get_serving_endpoint_not_updating` (the same
-    states and errors: OperationFailed when the update failed or was canceled, the built-in TimeoutError after `timeout`),
-    polled from 0.1 s doubling to the SDK's 10 s cap instead of its 1, 2, 3... s (+ up to 1 s of jitter,
-    `databricks/sdk/service/serving.py`). A local deployment is ready within about a second, which the SDK's first two sleeps
-    overshoot by 1-4 s on every deploy; against a workspace, where a deployment takes minutes, it reaches the 10 s interval
-    after 13 s (seven GETs where the SDK makes four)."""
+    "Endpoint `name` once no config update is in progress, polled at doubling intervals (`FIRST_POLL_SECONDS` on)."
     deadline, pause = time.monotonic() + timeout.total_seconds(), FIRST_POLL_SECONDS
     while True:
         ep = w.serving_endpoints.get(name)
@@ -111,9 +109,10 @@ def wait_not_updating(w, name: str, timeout: timedelta) -> ServingEndpointDetail
         time.sleep(pause)
         pause = min(LAST_POLL_SECONDS, 2 * pause)
 
+# %% ../nbs/09_deploy.ipynb #9050aa90
 def apply_config(w, name: str, entities: list, routes: list, exists: bool,
                  timeout: timedelta) -> ServingEndpointDetailed:
-    "Create endpoint `name` or update its config and wait until it is done; a failure or a timeout is DeploymentFailed naming both."
+    "Create endpoint `name` or update its config and wait until done; a failure or a timeout is DeploymentFailed."
     traffic, target = TrafficConfig(routes=routes), _routes_text(routes)
     try:
         if not exists:
@@ -130,22 +129,23 @@ def apply_config(w, name: str, entities: list, routes: list, exists: bool,
         w.serving_endpoints.update_config(name, served_entities=entities, traffic_config=traffic)
         return wait_not_updating(w, name, timeout)
     except OperationFailed:
-        raise DeploymentFailed(f"endpoint {name}: config update to {target} failed: {failure_reason(w, name)}") from None
+        raise DeploymentFailed(f"endpoint {name}: config update to {target} failed: "
+                               f"{failure_reason(w, name)}") from None
     except TimeoutError as e:  # as the SDK's waiters, `wait_not_updating` raises the built-in TimeoutError
         what = "creating it" if not exists else "the config update"
         raise DeploymentFailed(f"endpoint {name}: {what} to {target} was not ready within {timeout} ({e}); it may "
                                f"still be in progress") from None
 
+# %% ../nbs/09_deploy.ipynb #2dae5a86
 def inference_table_config(env: Environment, endpoint: str) -> AiGatewayInferenceTableConfig:
-    "Where `endpoint` captures its requests: `inference_table(env, endpoint)`, `<catalog>.<schema>.<endpoint, with underscores>_payload`."
+    "Where `endpoint` captures its requests: `inference_table(env, endpoint)`, split into catalog, schema and prefix."
     catalog, schema, table = inference_table(env, endpoint).split(".")
     return AiGatewayInferenceTableConfig(catalog_name=catalog, schema_name=schema,
                                          table_name_prefix=table.removesuffix("_payload"), enabled=True)
 
+# %% ../nbs/09_deploy.ipynb #9530c1bd
 def serving_problem(env: Environment, version: str) -> str | None:
-    """Why serving could not load `version` in `env`, or None: the runtime's own check of the online tables it would look
-    features up in (`lookup_tables`: published, with every feature the version looks up), made before the endpoint is touched.
-    A local target only: on Databricks, Model Serving's own load decides (the deployment fails and `deploy_and_test` rolls back)."""
+    "Why serving could not load `version` in `env` (its online tables), or None; on a local target only."
     if not env.is_local: return None
     uri, path = model_uri(env.model_name, version), env.path("online", "online_store.db")
     with using_mlflow(env):
@@ -157,9 +157,10 @@ def serving_problem(env: Environment, version: str) -> str | None:
     except ValueError as e: return str(e)
     return None
 
+# %% ../nbs/09_deploy.ipynb #c78f9f05
 def deploy(env: Environment, version: str | int = "champion", traffic: int = 100, endpoint: str | None = None,
            timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, client=None) -> ServingEndpointDetailed:
-    "Serve `version` (number or alias) of the environment's model on its endpoint with `traffic` percent; wait until READY."
+    "Serve `version` (number or alias) of the model on the endpoint with `traffic` percent; wait until READY."
     if not 0 < traffic <= 100: raise DeploymentFailed(f"traffic must be 1..100 percent, got {traffic}")
     w = client or workspace_client(env)
     name, model = endpoint or env.endpoint_name, env.model_name
@@ -179,7 +180,7 @@ def deploy(env: Environment, version: str | int = "champion", traffic: int = 100
 # %% ../nbs/09_deploy.ipynb #4abb490e
 @dataclass
 class EndpointReport(GateReport):
-    "Outcome of the endpoint tests of one deployment: the gate's report of checks, for an endpoint, and what was rolled back."
+    "Outcome of one deployment's endpoint tests: the gate's report of checks, and what was rolled back."
     endpoint: str = ""
     rolled_back: str = ""
 
@@ -188,8 +189,9 @@ class EndpointReport(GateReport):
     def summary(self) -> str: return super().summary() + (f"\n  rolled back: {self.rolled_back}"
                                                           if self.rolled_back else "")
 
+# %% ../nbs/09_deploy.ipynb #3b0d4501
 def as_sent(model, frame: pd.DataFrame) -> pd.DataFrame:
-    "`frame` as a JSON client sends it to `model`: integer codes as the doubles its signature declares, days as YYYY-MM-DD, other times ISO 8601."
+    "`frame` as a JSON client sends it to `model`: integer codes as the doubles its signature declares, times as text."
     doubles = [c.name for c in model.metadata.get_input_schema().inputs if c.type == DataType.double
                and c.name in frame]
     frame = frame.astype({c: float for c in doubles})
@@ -200,14 +202,15 @@ def as_sent(model, frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 def answers(model, frame: pd.DataFrame) -> list:
-    "The in-process model's predictions for `frame` as an endpoint answers them (MLflow's `predictions_to_json`: any model's output)."
+    "The in-process model's predictions for `frame` as an endpoint answers them (MLflow's `predictions_to_json`)."
     return jsonable(model.predict(frame))
 
+# %% ../nbs/09_deploy.ipynb #ced81c13
 def difference(got, want) -> float:
-    "Largest absolute difference between two JSON answers of one shape (numbers within them); infinite where shapes or other values differ."
+    "Largest absolute difference between the numbers of two JSON answers of one shape; infinite where they differ."
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    if number(got) and number(want): return abs(float(got) - float(want)) if not (np.isnan(got)
-            and np.isnan(want)) else 0.0
+    if number(got) and number(want):
+        return abs(float(got) - float(want)) if not (np.isnan(got) and np.isnan(want)) else 0.0
     if isinstance(got, list) and isinstance(want, list):
         return max((difference(a, b) for a, b in zip(got, want)),
                    default=0.0) if len(got) == len(want) else float("inf")
@@ -216,6 +219,7 @@ def difference(got, want) -> float:
                    default=0.0) if got.keys() == want.keys() else float("inf")
     return 0.0 if got == want else float("inf")
 
+# %% ../nbs/09_deploy.ipynb #802773ca
 def golden_sample(env: Environment, version: str, model=None) -> tuple[pd.DataFrame, list]:
     "The model version's logged input example and the in-process model's answer for it (as an endpoint writes it)."
     if model is None:
@@ -227,11 +231,12 @@ def golden_sample(env: Environment, version: str, model=None) -> tuple[pd.DataFr
     sample = as_sent(model, pd.DataFrame([sample] if isinstance(sample, dict) else sample))
     return sample, answers(model, sample)
 
+# %% ../nbs/09_deploy.ipynb #d9536986
 # an id no table holds in practice, valid as a long or an integer and within an id's domain (at least 1)
 UNKNOWN_ID = 2**31 - 1
 
 def unknown_key(row: dict, schema) -> dict: # schema: the model's input `mlflow.types.Schema`
-    "`row`'s required inputs with each integer one `UNKNOWN_ID` and each text one marked: a key no feature table holds (dates kept)."
+    "`row`'s required inputs with each integer one `UNKNOWN_ID` and each text one marked: a key no feature table holds."
     changed = {}
     for c in schema.inputs:
         if not c.required or c.name not in row: continue
@@ -240,10 +245,9 @@ def unknown_key(row: dict, schema) -> dict: # schema: the model's input `mlflow.
         else: changed[c.name] = row[c.name]
     return changed
 
+# %% ../nbs/09_deploy.ipynb #91ff74d2
 def looked_up(env: Environment, version: str, keys: pd.DataFrame) -> pd.DataFrame | None:
-    """`keys` with the features the local serving runtime looks up for them: each lookup's online table as `lookup_tables`
-    resolves it, missing keys as nulls. None on a workspace target (Model Serving's lookups are its own) or for a version that
-    looks nothing up."""
+    "`keys` with the features the local serving runtime looks up for them, or None where it cannot know them."
     if not env.is_local: return None
     uri, path = model_uri(env.model_name, version), env.path("online", "online_store.db")
     with using_mlflow(env): lookups = version_lookups(uri)
@@ -256,12 +260,14 @@ def looked_up(env: Environment, version: str, keys: pd.DataFrame) -> pd.DataFram
         for feature, column in l["features"].items(): rows[column] = [f.get(feature) for f in found]
     return rows
 
+# %% ../nbs/09_deploy.ipynb #ad01c5d1
 def _split(rows: pd.DataFrame) -> DataframeSplitInput:
     return DataframeSplitInput(columns=list(rows.columns), data=rows.to_numpy(dtype=object).tolist())
 
 def keys_only_check(form: str, got, rows: pd.DataFrame, expected: list | None) -> tuple:
-    "The check of one keys-only request in `form`: a prediction per row and, where `expected` is known, the in-process model's."
-    what = f"{len(rows)} rows of {list(rows.columns)} alone in {form} (one key no table holds), features looked up by the endpoint: "
+    "The check of one keys-only request in `form`: a prediction per row and, where `expected` is known, the model's."
+    what = (f"{len(rows)} rows of {list(rows.columns)} alone in {form} (one key no table holds), features looked up by "
+            f"the endpoint: ")
     if not isinstance(got, list): return (f"keys_only {form}", False, what + f"request failed: {got}")
     ok = len(got) == len(rows)
     if not ok or expected is None:
@@ -271,6 +277,7 @@ def keys_only_check(form: str, got, rows: pd.DataFrame, expected: list | None) -
     return (f"keys_only {form}", diff <= 1e-9,
             what + f"largest difference from the in-process model on the rows it looks up {diff:.2e}")
 
+# %% ../nbs/09_deploy.ipynb #17f2b9f0
 def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, requests: int = 50,
                    client=None) -> EndpointReport:
     "Run the endpoint tests against the endpoint serving `version`."
@@ -309,7 +316,8 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
         report.checks.append(keys_only_check("dataframe_split", query(rows, "dataframe_split"), rows, want))
     times = []
     for i in range(requests):
-        start = time.perf_counter(); query(records[i % len(records):][:1]); times.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter(); query(records[i % len(records):][:1])
+        times.append((time.perf_counter() - start) * 1000)
     p95, budget = float(np.percentile(times, 95)), env.var("endpoint_latency_budget_ms", float)
     report.checks.append(("latency", p95 <= budget,
                           f"single-row p95 {p95:.1f} ms over {requests} requests (budget {budget:g} ms)"))
@@ -321,12 +329,14 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
 # %% ../nbs/09_deploy.ipynb #088f1dc4
 def being_created(ep: ServingEndpointDetailed | None) -> bool:
     "Whether `ep` is an endpoint whose first config is still being deployed: it has served nothing yet."
-    return ep is not None and ep.config is None and ep.state is not None and ep.state.config_update == EndpointStateConfigUpdate.IN_PROGRESS
+    return (ep is not None and ep.config is None and ep.state is not None
+            and ep.state.config_update == EndpointStateConfigUpdate.IN_PROGRESS)
 
-# the endpoint before the deployment; None: it did not exist
-def rollback(w, name: str, previous: ServingEndpointDetailed | None,
+# %% ../nbs/09_deploy.ipynb #66bfdc04
+def rollback(w, name: str,
+             previous: ServingEndpointDetailed | None,  # the endpoint before the deployment; None: it did not exist
              timeout: timedelta) -> str:
-    "Put endpoint `name` back as `previous` was; an endpoint this deployment created is left in place, never deleted; says what it did."
+    "Put endpoint `name` back as `previous` was (one this deployment created is left in place); says what it did."
     if previous is not None and previous.config is not None:
         entities, routes = current_entities(previous)
         apply_config(w, name, entities, routes, True, timeout)
@@ -346,6 +356,7 @@ def rollback(w, name: str, previous: ServingEndpointDetailed | None,
             f"serves the "
             f"version that failed until a deployment passes (or delete it yourself)")
 
+# %% ../nbs/09_deploy.ipynb #2d6776eb
 def deploy_and_test(env: Environment, version: str | int = "champion", traffic: int = 100, endpoint: str | None = None,
                     timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, requests: int = 50,
                     rollback_timeout_minutes: float = 30, # how long a rollback waits for an update still in progress
@@ -375,10 +386,11 @@ def metric_families(metrics: str) -> list:
     from prometheus_client.parser import text_string_to_metric_families
     return list(text_string_to_metric_families(metrics))
 
+# %% ../nbs/09_deploy.ipynb #39f0539b
 def entity_stats(metrics: str | list, # the metrics export (Prometheus text), or its `metric_families`
                  now: float | None = None, # time of the reading: the minute of samples without a timestamp
                  ) -> dict:
-    "Requests, failed requests (4xx and 5xx) and latency sum and count (ms) per served entity and minute (end, epoch seconds)."
+    "Requests, failed requests (4xx and 5xx), latency sum and count (ms) per served entity and minute (end, epoch s)."
     stats, now = {}, time.time() if now is None else now
     for family in (metric_families(metrics) if isinstance(metrics, str) else metrics):
         for s in family.samples:
@@ -387,10 +399,11 @@ def entity_stats(metrics: str | list, # the metrics export (Prometheus text), or
             minute = float(s.timestamp) if s.timestamp is not None else (now // 60) * 60
             values = stats.setdefault(entity, {}).setdefault(minute,
                                                              dict.fromkeys(("requests", "errors", "latency_sum_ms",
-                                                                     "latency_count"), 0.0))
+                                                                            "latency_count"), 0.0))
             values[field] += s.value
     return stats
 
+# %% ../nbs/09_deploy.ipynb #f805147b
 def window_stats(readings: dict, # entity -> minute -> values, from `entity_stats` (merged over readings)
                  entity: str, since: float, # epoch seconds: minutes that ended after this count
                  ) -> dict:
@@ -401,13 +414,14 @@ def window_stats(readings: dict, # entity -> minute -> values, from `entity_stat
     return {"requests": int(n), "error_rate": total("errors") / n if n else 0.0,
             "mean_ms": total("latency_sum_ms") / count if count else float("nan")}
 
+# %% ../nbs/09_deploy.ipynb #243fc1a4
 # a tqdm bar, as `query --ids` shows
 CANARY_PROGRESS = "{desc}: {bar:20} {n:.0f} of {total:.0f} s of the window, {elapsed} elapsed{postfix}"
 
 def canary(env: Environment, version: str | int, traffic: int = 10, window_seconds: float = 60, min_requests: int = 20,
            max_latency_ratio: float = 1.5, max_extra_error_rate: float = 0.01, endpoint: str | None = None, client=None,
            timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, rollback_timeout_minutes: float = 30) -> EndpointReport:
-    "Route `traffic` percent to `version`, compare it with the incumbent over a window, then promote it to 100% or roll back."
+    "Route `traffic` percent to `version`, compare it with the incumbent over a window, then promote it or roll back."
     w = client or workspace_client(env)
     name, resolved = endpoint or env.endpoint_name, resolve_version(env, version)
     previous = get_endpoint(w, name)
@@ -424,16 +438,19 @@ def canary(env: Environment, version: str | int, traffic: int = 10, window_secon
                   bar_format=CANARY_PROGRESS) as bar:
             while True:
                 time.sleep(min(5.0, window_seconds / 4))
-                for entity, minutes in entity_stats(w.serving_endpoints.export_metrics(name).contents.read().decode()).items():
+                for entity, minutes in entity_stats(w.serving_endpoints.export_metrics(name).contents.read()
+                                                    .decode()).items():
                     # a minute's values, once, however often it was read
                     readings.setdefault(entity, {}).update(minutes)
                 old_w, new_w = window_stats(readings, incumbent, since), window_stats(readings, new, since)
                 elapsed = time.monotonic() - start
-                waiting = f"; waiting for {min_requests} (at most {3 * window_seconds:.0f} s)" if elapsed >= window_seconds else ""
+                waiting = (f"; waiting for {min_requests} (at most {3 * window_seconds:.0f} s)"
+                           if elapsed >= window_seconds else "")
                 bar.set_postfix_str(f"{new_w['requests']} requests to {new}, {old_w['requests']} to "
                                     f"{incumbent}{waiting}", refresh=False)
                 bar.update(min(elapsed, window_seconds) - bar.n)  # past the window: full, elapsed goes on
-                if elapsed >= window_seconds and new_w["requests"] >= min_requests or elapsed >= 3 * window_seconds: break
+                if (elapsed >= window_seconds and new_w["requests"] >= min_requests
+                        or elapsed >= 3 * window_seconds): break
         enough = new_w["requests"] >= min_requests and old_w["requests"] >= min_requests
         report.checks.append(("traffic", enough,
                               f"{new_w['requests']} requests to {new}, {old_w['requests']} to {incumbent} in "

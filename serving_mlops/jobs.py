@@ -21,6 +21,7 @@ from pathlib import Path
 
 import papermill as pm
 import yaml
+from fastcore.basics import patch
 from jupyter_client import AsyncKernelManager
 from traitlets import Unicode
 from traitlets.config import Config
@@ -62,8 +63,9 @@ class JobSpec:
     tasks: dict  # task key -> JobTask, in file order
     source: Path  # the YAML file
 
+# %% ../nbs/10_jobs.ipynb #08de035f
 def substitute(value, env: Environment, where: str):
-    "`value` with `${var.x}` and `${bundle.target}` resolved for `env` (inside lists and mappings too; a whole `${var.x}` is x's value itself, a complex variable's mapping included)."
+    "`value` with `${var.x}` and `${bundle.target}` resolved for `env` (in lists and mappings too)."
     def reference(name, at):
         if name == "bundle.target": return env.name
         if name.startswith("var.") and name[4:] in env.variables: return env.variables[name[4:]]
@@ -72,15 +74,17 @@ def substitute(value, env: Environment, where: str):
         raise ConfigError(f"{at}: unknown reference '${{{name}}}'")
     return fill_references(value, reference, where)
 
+# %% ../nbs/10_jobs.ipynb #cf67d1ac
 # a cluster's mappings whose values the Jobs API takes as text
 TEXT_MAPS = ("spark_conf", "spark_env_vars", "custom_tags")
 
 def cluster_spec(cluster: dict) -> dict:
-    "`cluster` with the values of its text mappings as text, as the CLI converts them to the fields' types (a complex variable may hold numbers)."
+    "`cluster` with the values of its text mappings as text, as the CLI converts them to the fields' types."
     return {k: {n: str(v).lower() if isinstance(v, bool) else str(v) for n, v in x.items()} if k in TEXT_MAPS
             and isinstance(x, dict) else x
             for k, x in cluster.items()}
 
+# %% ../nbs/10_jobs.ipynb #329f12f6
 def load_jobs(env: Environment) -> dict[str, JobSpec]:
     "Every job the bundle includes, resolved for `env`, by resource key."
     bundle_dir = env.bundle_path.parent
@@ -117,7 +121,8 @@ def load_jobs(env: Environment) -> dict[str, JobSpec]:
                     if unknown: raise ConfigError(f"{where}: task '{t.key}' depends on {unknown}, which are not tasks "
                                                   f"of the job ({list(tasks)})")
                 try: list(TopologicalSorter({k: t.depends_on for k, t in tasks.items()}).static_order())
-                except CycleError as e: raise ConfigError(f"{where}: tasks depend on each other in a cycle: {e.args[1]}") from None
+                except CycleError as e:
+                    raise ConfigError(f"{where}: tasks depend on each other in a cycle: {e.args[1]}") from None
                 jobs[name] = JobSpec(name, substitute(job.get("name", name), env, where), tasks, path)
     return jobs
 
@@ -131,20 +136,24 @@ class LoggedKernelManager(AsyncKernelManager):
         with open(self.log_path, "ab") as log:  # the kernel process keeps its own copy of the descriptor
             await super()._async_launch_kernel(kernel_cmd, **{**kw, "stdout": log, "stderr": log})
 
+# %% ../nbs/10_jobs.ipynb #f63a670a
 def quiet_kernel(log_path: Path) -> dict:
-    "papermill `execute_notebook` options: the kernel's own output (and a JVM's it starts) to `log_path`, not into the notebook."
+    "papermill `execute_notebook` options: the kernel's own output (and a JVM's it starts) to `log_path`."
     return {"kernel_manager_class": LoggedKernelManager,
             "config": Config({"LoggedKernelManager": {"log_path": str(log_path)}}),
             "extra_arguments": ["--IPKernelApp.capture_fd_output=False"]}
 
+# %% ../nbs/10_jobs.ipynb #92062025
 def elapsed(seconds: float) -> str:
     "`seconds` as m:ss."
     return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
+# %% ../nbs/10_jobs.ipynb #6adda72b
 class TaskOutput:
-    "A running task's printed text as papermill streams it: to its log file, and each line to `console` after the time since `start`."
+    "A running task's printed text as papermill streams it: to its log file, and each line to `console` with its time."
     def __init__(self, log, console=None, start: float | None = None):
-        self.log, self.console, self.start, self.line_start = log, console, time.monotonic() if start is None else start, True
+        self.log, self.console, self.start, self.line_start = (log, console,
+                                                               time.monotonic() if start is None else start, True)
 
     def write(self, text: str):
         self.log.write(text)
@@ -164,6 +173,7 @@ VALUE_REF = re.compile(r"\{\{\s*tasks\.([A-Za-z0-9_\-]+)\.values\.([A-Za-z0-9_\-
 class JobFailed(StepFailed):
     "A job run failed; the message names the failed task, its cell and the executed notebook."
 
+# %% ../nbs/10_jobs.ipynb #22c367f8
 @dataclass
 class TaskRun:
     "The outcome of one task in a run."
@@ -177,6 +187,7 @@ class TaskRun:
 
 ACTIVE = ("PENDING", "RUNNING", "QUEUED", "BLOCKED")  # task states of a run that has not finished
 
+# %% ../nbs/10_jobs.ipynb #396af46a
 @dataclass
 class JobRun:
     "A run of a job: local (its folder of executed notebooks) or on a workspace (its run page)."
@@ -191,55 +202,61 @@ class JobRun:
 
     @property
     def state(self) -> str:
-        "SUCCESS, FAILED, CANCELED (Ctrl-C), RUNNING (no task failed, some not finished) or ABORTED (its process ended before it did)."
+        "SUCCESS, FAILED, CANCELED (Ctrl-C), RUNNING (some task not finished) or ABORTED (its process ended first)."
         states = {t.state for t in self.tasks.values()}
         if states <= {"SUCCESS"}: return "SUCCESS"
         if "CANCELED" in states: return "CANCELED"
         if not states <= {"SUCCESS", *ACTIVE}: return "FAILED"
         return "ABORTED" if self.pid and not process_alive(self.pid) else "RUNNING"
 
-    @property
-    def seconds(self) -> float: return sum(t.seconds for t in self.tasks.values())
+# %% ../nbs/10_jobs.ipynb #c4b571dd
+@patch(as_prop=True)
+def seconds(self: JobRun) -> float: return sum(t.seconds for t in self.tasks.values())
 
-    def summary(self) -> str:
-        lines = [f"job {self.job} in {self.environment}, run {self.run_id}: {self.state} ({self.url or self.folder})"]
-        for t in self.tasks.values():
-            lines.append(f"  {t.key}: {t.state}" + (f" in {t.seconds:.0f} s" if t.seconds else "") + (f": {t.error}"
-                    if t.error else "")
-                         + (f" -> {t.values}" if t.values else "") + (f"; log: {t.log}" if t.log
-                                                                      and t.state == "FAILED" else ""))
-        if self.folder is not None and not self.url: lines.append(f"  logs (kernel, Spark and library output): "
-                                                                  f"{self.folder}/<task>.log")
-        return "\n".join(lines)
+@patch
+def summary(self: JobRun) -> str:
+    lines = [f"job {self.job} in {self.environment}, run {self.run_id}: {self.state} ({self.url or self.folder})"]
+    for t in self.tasks.values():
+        lines.append(f"  {t.key}: {t.state}" + (f" in {t.seconds:.0f} s" if t.seconds else "")
+                     + (f": {t.error}" if t.error else "") + (f" -> {t.values}" if t.values else "")
+                     + (f"; log: {t.log}" if t.log and t.state == "FAILED" else ""))
+    if self.folder is not None and not self.url: lines.append(f"  logs (kernel, Spark and library output): "
+                                                              f"{self.folder}/<task>.log")
+    return "\n".join(lines)
 
-    def overview(self) -> str:
-        "Two lines for a list of runs: the run, its state, start and duration; each task's state and duration."
-        started = "started " + self.started.replace("T", " ").replace("+00:00",
-                                                                      " UTC") if self.started else "start time not recorded"
-        head = f"{self.job} run {self.run_id} ({self.environment}): {self.state}, {started}, {elapsed(self.seconds)}"
-        return head + "\n  " + " · ".join(f"{t.key} {t.state}" + (f" {elapsed(t.seconds)}" if t.seconds else "")
-                                          for t in self.tasks.values())
+# %% ../nbs/10_jobs.ipynb #f266b246
+@patch
+def overview(self: JobRun) -> str:
+    "Two lines for a list of runs: the run, its state, start and duration; each task's state and duration."
+    started = ("started " + self.started.replace("T", " ").replace("+00:00", " UTC") if self.started
+               else "start time not recorded")
+    head = f"{self.job} run {self.run_id} ({self.environment}): {self.state}, {started}, {elapsed(self.seconds)}"
+    return head + "\n  " + " · ".join(f"{t.key} {t.state}" + (f" {elapsed(t.seconds)}" if t.seconds else "")
+                                      for t in self.tasks.values())
 
-    def save(self):
-        (self.folder / "run.json").write_text(json.dumps({"job": self.job, "run_id": self.run_id,
-                                                          "environment": self.environment,
-                                                          "state": self.state, "started": self.started, "url": self.url,
-                                                          "pid": self.pid,
-                                                          "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
+# %% ../nbs/10_jobs.ipynb #10ade66d
+@patch
+def save(self: JobRun):
+    (self.folder / "run.json").write_text(json.dumps({"job": self.job, "run_id": self.run_id,
+                                                      "environment": self.environment,
+                                                      "state": self.state, "started": self.started, "url": self.url,
+                                                      "pid": self.pid,
+                                                      "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
 
-    @classmethod
-    def load(cls, folder: Path) -> JobRun:
-        "The run recorded in `folder`/run.json."
-        try: data = json.loads((folder / "run.json").read_text())
-        except ValueError as e: raise ConfigError(f"{folder / 'run.json'} is not a run record (JSON): {e}") from None
-        known = TaskRun.__dataclass_fields__
-        return cls(data["job"], data["run_id"], data["environment"], folder,
-                   {t["key"]: TaskRun(**{k: v for k, v in t.items() if k in known}) for t in data["tasks"]},
-                   data.get("url", ""), data.get("started", ""), data.get("pid", 0))
+# %% ../nbs/10_jobs.ipynb #36c246c0
+@patch(cls_method=True)
+def load(cls: JobRun, folder: Path) -> JobRun:
+    "The run recorded in `folder`/run.json."
+    try: data = json.loads((folder / "run.json").read_text())
+    except ValueError as e: raise ConfigError(f"{folder / 'run.json'} is not a run record (JSON): {e}") from None
+    known = TaskRun.__dataclass_fields__
+    return cls(data["job"], data["run_id"], data["environment"], folder,
+               {t["key"]: TaskRun(**{k: v for k, v in t.items() if k in known}) for t in data["tasks"]},
+               data.get("url", ""), data.get("started", ""), data.get("pid", 0))
 
 # %% ../nbs/10_jobs.ipynb #c80d42b6
 def jobs_folder(env: Environment) -> Path:
-    "Where the records of `env`'s job runs are kept: `jobs/` of the local workspace, or for a workspace target of its folder on this machine."
+    "Where `env`'s job runs are recorded: `jobs/` of its local workspace, or of its folder here for a workspace target."
     return (env.root if env.is_local else local_root(env.name, env.bundle_path)) / "jobs"
 
 def run_folder(env: Environment, job: str, run_id: str) -> Path:
@@ -248,13 +265,15 @@ def run_folder(env: Environment, job: str, run_id: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
+# %% ../nbs/10_jobs.ipynb #155b5833
 def notebook_defaults(notebook: Path) -> dict:
     "The parameters of a notebook (its `parameters` cell) and their default values."
     return {name: ast.literal_eval(p["default"]) for name, p in pm.inspect_notebook(str(notebook)).items()}
 
+# %% ../nbs/10_jobs.ipynb #2d1fdf6e
 def base_parameters(task: JobTask, where: str, overrides: dict | None = None,
                     defaults: dict | None = None) -> dict[str, str]:
-    "The task's parameters as text, then the `overrides` its notebook takes; `{{tasks...}}` references left as they are."
+    "The task's parameters as text, then the `overrides` its notebook takes; `{{tasks...}}` references left as is."
     defaults = notebook_defaults(task.notebook) if defaults is None else defaults
     given = {**task.parameters, **{k: str(v) for k, v in (overrides or {}).items() if k in defaults}}
     for name in given:
@@ -263,19 +282,20 @@ def base_parameters(task: JobTask, where: str, overrides: dict | None = None,
                               f"{list(defaults)})")
     return given
 
+# %% ../nbs/10_jobs.ipynb #c7895b09
 def with_task_values(text: str, values: dict[str, dict], where: str) -> str:
-    "`text` with `{{tasks.<task>.values.<key>}}` filled in from the upstream tasks' `values` (JSON for a value that is not text); ConfigError for a value never set, as the Jobs service fails that task."
+    "`text` with `{{tasks.<task>.values.<key>}}` filled in from upstream tasks' `values`; ConfigError if one is unset."
     def ref(m):
         upstream, key = m.groups()
-        if key not in values.get(upstream,
-                                 {}): raise ConfigError(f"{where}: '{m.group(0)}' has no value: task '{upstream}' did "
-                                                        f"not set '{key}'")
+        if key not in values.get(upstream, {}):
+            raise ConfigError(f"{where}: '{m.group(0)}' has no value: task '{upstream}' did not set '{key}'")
         value = values[upstream][key]
         return value if isinstance(value, str) else json.dumps(value)
     return VALUE_REF.sub(ref, text)
 
+# %% ../nbs/10_jobs.ipynb #5a1782c6
 def task_arguments(task: JobTask, values: dict, where: str, overrides: dict | None = None) -> dict:
-    "The task's parameters (then `overrides` it has) with task-value references filled in, typed like the notebook's defaults."
+    "The task's parameters (then `overrides` it has) with task-value references filled in, typed like the defaults."
     defaults = notebook_defaults(task.notebook)
     out = {}
     for name, text in base_parameters(task, where, overrides, defaults).items():
@@ -285,14 +305,15 @@ def task_arguments(task: JobTask, values: dict, where: str, overrides: dict | No
 # %% ../nbs/10_jobs.ipynb #c1222bef
 @contextmanager
 def task_environment(env: Environment, values_file: Path, log: Path | None = None):
-    "Environment variables of a task's kernel: this environment's workspaces and bundle, its task-values file, its log (for Spark's own output)."
+    "Environment variables of a task's kernel: its environment's workspaces and bundle, task-values file and log."
     values = {HOME_ENV_VAR: env.root.parent, BUNDLE_ENV_VAR: env.bundle_path, TASK_VALUES_ENV_VAR: values_file}
     if log is not None: values[SPARK_LOG_ENV_VAR] = log
     with environment_variables(values): yield
 
+# %% ../nbs/10_jobs.ipynb #01733c37
 def run_job(env: Environment, job: str, parameters: dict | None = None, progress: bool = True,
             timeout_minutes: float = 60) -> JobRun:
-    "Run `job` of the bundle in `env` (locally, or on its workspace with `submit_job`); raise JobFailed naming the task that failed."
+    "Run `job` of the bundle in `env` (locally, or on its workspace with `submit_job`); JobFailed names a failed task."
     jobs = load_jobs(env)
     if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
                                           f"{', '.join(sorted(jobs))})")
@@ -309,7 +330,8 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         failed = [d for d in task.depends_on if run.tasks[d].state != "SUCCESS"]
         if failed: state.state, state.error = "SKIPPED", f"upstream task(s) {failed} did not succeed"; continue
         args = task_arguments(task, values, f"{spec.source}: job {job} task {key}", parameters)
-        out, values_file, log = run.folder / f"{key}.ipynb", run.folder / f"{key}.values.json", run.folder / f"{key}.log"
+        out, values_file, log = (run.folder / f"{key}.ipynb", run.folder / f"{key}.values.json",
+                                 run.folder / f"{key}.log")
         state.state, state.notebook, state.log = "RUNNING", str(out), str(log)
         run.save()
         if progress: print(f"[{job}/{key}] {task.notebook.name} {args}", flush=True)
@@ -317,21 +339,21 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         try:
             with task_environment(env, values_file, log), open(log, "a") as log_file:
                 pm.execute_notebook(str(task.notebook), str(out), parameters=args, cwd=str(task.notebook.parent),
-                                    kernel_name="python3",
-                                    progress_bar=False, stdout_file=TaskOutput(log_file,
-                                            sys.stdout if progress else None, start),
+                                    kernel_name="python3", progress_bar=False,
+                                    stdout_file=TaskOutput(log_file, sys.stdout if progress else None, start),
                                     stderr_file=log_file, **quiet_kernel(log))
             state.state = "SUCCESS"
         except pm.PapermillExecutionError as e:
-            state.state, state.error = "FAILED", f"cell {e.exec_count} of {task.notebook.name} raised {e.ename}: {e.evalue}"
+            state.state, state.error = "FAILED", (f"cell {e.exec_count} of {task.notebook.name} raised {e.ename}: "
+                                                  f"{e.evalue}")
         except KeyboardInterrupt:  # Ctrl-C: the run's record says so, and the next run starts afresh
             state.state, state.error, state.seconds = "CANCELED", "interrupted", time.monotonic() - start
             run.save(); raise
         state.seconds = time.monotonic() - start
         state.values = values[key] = json.loads(values_file.read_text()) if values_file.exists() else {}
         run.save()
-        if progress: print(f"[{job}/{key}] {state.state} in {state.seconds:.0f} s" + (f": {state.error}"
-                if state.error else "")
+        if progress: print(f"[{job}/{key}] {state.state} in {state.seconds:.0f} s"
+                           + (f": {state.error}" if state.error else "")
                            + (f" (log: {log})" if state.state != "SUCCESS" else ""), flush=True)
     run.save()
     if run.state != "SUCCESS":
@@ -348,6 +370,7 @@ def job_parameters(spec: JobSpec) -> dict[str, list[str]]:
         for name in notebook_defaults(task.notebook): out.setdefault(name, []).append(key)
     return dict(sorted(out.items()))
 
+# %% ../nbs/10_jobs.ipynb #fb5ae771
 def check_job_parameters(spec: JobSpec, parameters: dict | None):
     "Raise ConfigError naming every name in `parameters` that no task of `spec` takes, and the ones they take."
     known = job_parameters(spec)
@@ -366,6 +389,7 @@ class RunRecordError:
     error: str
     def overview(self) -> str: return f"{self.job} run {self.run_id}: unreadable record: {self.error}"
 
+# %% ../nbs/10_jobs.ipynb #494c3623
 def read_run(folder: Path) -> JobRun | RunRecordError:
     "The run recorded in `folder`, or what is wrong with its record."
     try:
@@ -377,8 +401,9 @@ def read_run(folder: Path) -> JobRun | RunRecordError:
         return RunRecordError(folder.parent.name, folder.name, folder,
                               f"{folder / 'run.json'}: {type(e).__name__}: {e}")
 
+# %% ../nbs/10_jobs.ipynb #43672329
 def past_runs(env: Environment, job: str | None = None) -> list[JobRun | RunRecordError]:
-    "The runs recorded for `env` (of `job` only, if given), newest first (by start time, else by when the record was written); a damaged record is a `RunRecordError` in its place."
+    "The runs recorded for `env` (of `job` only, if given), newest first; a damaged record is a `RunRecordError`."
     if job is not None and job not in load_jobs(env) and not (jobs_folder(env) / job).is_dir():
         raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} and no recorded runs of it (jobs: "
                           f"{', '.join(sorted(load_jobs(env)))})")
@@ -389,10 +414,9 @@ def past_runs(env: Environment, job: str | None = None) -> list[JobRun | RunReco
                 or datetime.fromtimestamp(p.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")), run
     return [run for _, run in sorted((when(p) for p in records), key=lambda x: x[0], reverse=True)]
 
-
 # %% ../nbs/10_jobs.ipynb #3068ea38
 def sync_root(env: Environment) -> Path:
-    "The local folder `databricks bundle deploy` uploads as `workspace.file_path`: the bundle's, or the innermost one holding its `sync.paths`."
+    "The local folder `databricks bundle deploy` uploads as `workspace.file_path` (the sync root)."
     bundle = load_bundle(env.bundle_path)
     root = env.bundle_path.parent
     for p in [*((bundle.get("sync") or {}).get("paths") or []),
@@ -401,8 +425,9 @@ def sync_root(env: Environment) -> Path:
         while not full.is_relative_to(root): root = root.parent
     return root
 
+# %% ../nbs/10_jobs.ipynb #3ba25246
 def bundle_workspace_paths(env: Environment, user: str) -> dict[str, str]:
-    "Where `databricks bundle deploy` run by `user` puts the bundle in `env`'s workspace: root_path, file_path, artifact_path."
+    "Where `databricks bundle deploy` run by `user` puts the bundle in `env`'s workspace: root, file, artifact paths."
     bundle = load_bundle(env.bundle_path)
     settings = {**(bundle.get("workspace") or {}), **((bundle["targets"].get(env.name) or {}).get("workspace") or {})}
     known = {"workspace.current_user.userName": user, "bundle.name": (bundle.get("bundle") or {}).get("name", ""),
@@ -421,7 +446,7 @@ def bundle_workspace_paths(env: Environment, user: str) -> dict[str, str]:
 
 # %% ../nbs/10_jobs.ipynb #29e0dfca
 def latest_wheels(paths: list[str]) -> list[str]:
-    "`paths` with only the newest version of each wheel's distribution, in their order (files not named like wheels stay)."
+    "`paths` with only the newest version of each wheel's distribution, in their order (other files stay)."
     out, where = [], {}
     for p in paths:
         try: name, version, *_ = parse_wheel_filename(Path(p).name)
@@ -430,8 +455,9 @@ def latest_wheels(paths: list[str]) -> list[str]:
         elif version > parse_wheel_filename(Path(out[where[name]]).name)[1]: out[where[name]] = p
     return out
 
+# %% ../nbs/10_jobs.ipynb #7e497e43
 def workspace_libraries(spec: JobSpec, task: JobTask, artifact_path: str) -> list[dict]:
-    "The task's libraries as deployed: the newest wheel its local `whl` glob (relative to the job's YAML file) matches, as `<artifact_path>/.internal/<file name>`."
+    "The task's libraries as deployed: the newest wheel its `whl` glob matches, as `<artifact_path>/.internal/<file>`."
     prefix = artifact_path if artifact_path.startswith(("/Workspace", "/Volumes")) else "/Workspace" + artifact_path
     out = []
     for lib in task.libraries:
@@ -446,8 +472,9 @@ def workspace_libraries(spec: JobSpec, task: JobTask, artifact_path: str) -> lis
         out += [{"whl": f"{prefix}/.internal/{Path(f).name}"} for f in found]
     return out
 
+# %% ../nbs/10_jobs.ipynb #ae9317ed
 def submit_tasks(env: Environment, spec: JobSpec, user: str, parameters: dict | None = None) -> list[SubmitTask]:
-    "`spec`'s tasks as `jobs.submit` takes them, on the notebooks and wheel `user` deployed to `env`'s workspace; `parameters` override as locally."
+    "`spec`'s tasks as `jobs.submit` takes them, on what `user` deployed to `env`'s workspace; `parameters` as locally."
     paths, files = bundle_workspace_paths(env, user), sync_root(env)
     tasks = []
     for t in spec.tasks.values():
@@ -467,7 +494,7 @@ def submit_tasks(env: Environment, spec: JobSpec, user: str, parameters: dict | 
 
 # %% ../nbs/10_jobs.ipynb #a4a762c6
 def notebook_values(output: RunOutput, task_key: str) -> dict:
-    "The task values a task notebook ended with (`notebook_output.result`, JSON); {} for a notebook that returned nothing."
+    "The task values a task notebook ended with (`notebook_output.result`, JSON); {} for one that returned nothing."
     result = output.notebook_output.result if output.notebook_output else None
     if not result: return {}
     try: values = json.loads(result)
@@ -479,13 +506,14 @@ def notebook_values(output: RunOutput, task_key: str) -> dict:
                         "notebook with it)")
     return values
 
+# %% ../nbs/10_jobs.ipynb #99f9dcbc
 def workspace_task_run(w, task: RunTask) -> TaskRun:
-    "One task of a workspace run as a TaskRun: its result (or lifecycle) state, a successful task's values, a failed task's error."
+    "One task of a workspace run as a TaskRun: its result (or lifecycle) state, a success's values, a failure's error."
     state = (task.state.result_state or task.state.life_cycle_state).value if task.state else "PENDING"
     run = TaskRun(task.task_key, state, task.notebook_task.notebook_path if task.notebook_task else "",
                   (task.end_time - task.start_time) / 1000 if task.end_time and task.start_time else 0.0)
-    if state == "SUCCESS" and task.run_id: run.values = notebook_values(w.jobs.get_run_output(run_id=task.run_id),
-            task.task_key)
+    if state == "SUCCESS" and task.run_id:
+        run.values = notebook_values(w.jobs.get_run_output(run_id=task.run_id), task.task_key)
     if state not in ("SUCCESS", "PENDING", "RUNNING", "QUEUED", "BLOCKED"):
         run.error = task.state.state_message or state
         if not state.startswith("UPSTREAM_") and task.run_id:
@@ -493,9 +521,10 @@ def workspace_task_run(w, task: RunTask) -> TaskRun:
             if output.error: run.error += f": {output.error}"
     return run
 
+# %% ../nbs/10_jobs.ipynb #30394be2
 def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, timeout_minutes: float = 60,
                progress: bool = True) -> JobRun:
-    "Run `spec` on `env`'s workspace as a one-time run of the deployed bundle; wait at most `timeout_minutes`, raise JobFailed naming the failed task."
+    "Run `spec` on `env`'s workspace as a one-time run of the deployed bundle; JobFailed names the failed task."
     from serving_mlops.serving.process import workspace_client
     w = workspace_client(env)
     where = f"job {spec.name} in {env.where}"
@@ -519,8 +548,8 @@ def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, 
         show(run)
         tasks = {t.task_key: workspace_task_run(w, t) for t in run.tasks or []}
     except DatabricksError as e: raise JobFailed(f"{where}: {type(e).__name__}: {e}") from None
-    started = datetime.fromtimestamp(run.start_time / 1000,
-                                     timezone.utc).isoformat(timespec="seconds") if run.start_time else ""
+    started = (datetime.fromtimestamp(run.start_time / 1000, timezone.utc).isoformat(timespec="seconds")
+               if run.start_time else "")
     result = JobRun(spec.name, str(run.run_id), env.name, run_folder(env, spec.name, str(run.run_id)), tasks,
                     run.run_page_url or "", started)
     result.save()

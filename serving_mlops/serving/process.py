@@ -22,6 +22,7 @@ import httpx
 import orjson
 import psutil
 import uvicorn
+from fastcore.basics import patch
 from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -50,28 +51,24 @@ FD_RESERVE = 256
 _HEADERS_COUNTED = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
 
 def connection_cap(max_connections: int = 0) -> int:
-    "Connections one process keeps open: `max_connections` (0: no bound of its own), at most its descriptor limit less `FD_RESERVE`."
+    "Connections one process keeps open: `max_connections` (0: no bound), at most its descriptors less `FD_RESERVE`."
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     room = 1 << 20 if soft == resource.RLIM_INFINITY else max(soft - FD_RESERVE, 16)
     return min(max_connections, room) if max_connections > 0 else room
 
+# %% ../../nbs/08g_serving_process.ipynb #34e4f3c0
 def raw_answer(status: str, error_code: str, message: str, headers: bytes = b"") -> bytes:
-    "A whole HTTP/1.1 answer with a Databricks-shaped error body that closes the connection: what the protocol says before any app sees a request."
+    "A whole HTTP/1.1 answer with a Databricks-shaped error body that closes the connection."
     body = orjson.dumps({"error_code": error_code, "message": message})
-    return f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\ncontent-length: {len(body)}\r\n".encode() + headers + b"\r\n" + body
+    return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"content-length: {len(body)}\r\n").encode() + headers + b"\r\n" + body
 
+# %% ../../nbs/08g_serving_process.ipynb #c743184d
 class GuardedHTTPProtocol(AutoHTTPProtocol):
-    """uvicorn's HTTP protocol with the bounds it leaves out: a deadline for receiving each request, the bytes of its line and headers
-    (431 beyond), and the connections kept open (the oldest without a request being answered makes room; else 503)."""
-    read_timeout, max_header_bytes, max_connections = READ_TIMEOUT, int(RuntimeSettings.max_header_kb * 1024), connection_cap()
+    "uvicorn's HTTP protocol with a deadline for each request, a bound on its header bytes and on open connections."
+    read_timeout, max_header_bytes, max_connections = (READ_TIMEOUT, int(RuntimeSettings.max_header_kb * 1024),
+                                                       connection_cap())
     _open: dict = {}  # this server's connections, the longest idle first (each `within` class has its own)
-
-    @classmethod
-    def within(cls, read_timeout: float = READ_TIMEOUT, max_header_kb: float = RuntimeSettings.max_header_kb,
-               max_connections: int = 0) -> type:
-        "This protocol with these bounds, for one server."
-        return type(cls.__name__, (cls,), {"read_timeout": read_timeout, "max_header_bytes": int(max_header_kb * 1024),
-                                           "max_connections": connection_cap(max_connections), "_open": {}})
 
     def connection_made(self, transport):
         self._admitted = len(self._open) < self.max_connections or self._make_room()
@@ -85,15 +82,6 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):
         self._header_bytes, self._in_headers = 0, _HEADERS_COUNTED
         super().connection_made(transport)
         self._deadline = self.loop.call_later(self.read_timeout, self._expire)
-
-    def _make_room(self) -> bool:
-        "Close the longest idle connection without a request being answered (waiting for one, or its headers still arriving)."
-        for other in self._open:
-            if other.cycle is None or other.cycle.response_complete:
-                del self._open[other]
-                other.transport.close()
-                return True
-        return False
 
     def data_received(self, data: bytes):
         if self._in_headers and len(data) > (room := self.max_header_bytes - self._header_bytes):
@@ -131,9 +119,29 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):
         self._deadline.cancel()
         super().connection_lost(exc)
 
-    def _expire(self):
-        cycle = self.cycle  # the request being received or answered (after a response: the one answered)
-        if cycle is None or cycle.response_complete or cycle.more_body: self.transport.close()
+# %% ../../nbs/08g_serving_process.ipynb #644e3038
+@patch(cls_method=True)
+def within(cls: GuardedHTTPProtocol, read_timeout: float = READ_TIMEOUT,
+           max_header_kb: float = RuntimeSettings.max_header_kb, max_connections: int = 0) -> type:
+    "This protocol with these bounds, for one server."
+    return type(cls.__name__, (cls,), {"read_timeout": read_timeout, "max_header_bytes": int(max_header_kb * 1024),
+                                       "max_connections": connection_cap(max_connections), "_open": {}})
+
+# %% ../../nbs/08g_serving_process.ipynb #d75c9b6d
+@patch
+def _make_room(self: GuardedHTTPProtocol) -> bool:
+    "Close the longest idle connection without a request being answered (waiting for one, or its headers arriving)."
+    for other in self._open:
+        if other.cycle is None or other.cycle.response_complete:
+            del self._open[other]
+            other.transport.close()
+            return True
+    return False
+
+@patch
+def _expire(self: GuardedHTTPProtocol):
+    cycle = self.cycle  # the request being received or answered (after a response: the one answered)
+    if cycle is None or cycle.response_complete or cycle.more_body: self.transport.close()
 
 # %% ../../nbs/08g_serving_process.ipynb #670dbb7d
 # what runs beside a local workspace: folder, info file, command
@@ -147,23 +155,26 @@ def service_file(env: Environment, what: str = "serving runtime") -> Path:
 
 def server_file(env: Environment) -> Path: return service_file(env, "serving runtime")
 
+# %% ../../nbs/08g_serving_process.ipynb #285b5835
 def write_info(path: Path, info: dict):
     "Write a running service's info file whole (readable by its owner only: the console's holds its login link)."
     tmp = path.with_suffix(".tmp")
     with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f: f.write(orjson.dumps(info))
     os.replace(tmp, path)
 
+# (uvicorn re-raises SIGTERM after its shutdown, so servers clean up themselves)
 def drop_info(path: Path):
-    "Remove this process's info file as it stops (uvicorn re-raises SIGTERM after its shutdown, so servers clean up themselves)."
+    "Remove this process's info file as it stops."
     try:
         if orjson.loads(path.read_bytes()).get("pid") == os.getpid(): path.unlink()
     except (FileNotFoundError, ValueError): pass
 
+# %% ../../nbs/08g_serving_process.ipynb #5c16a656
 def bind_port(env: Environment, host: str, port: int,
               doing: str = "serve", # what the socket is for, as the error says it, e.g. "serve environment 'dev'"
               shared: bool = False,  # SO_REUSEPORT: the workers of one runtime each bind the port
               probe: bool = True) -> socket.socket:  # with `shared`: refuse a port another such set listens on
-    "A socket bound to `host:port`; a busy port is refused naming the serving runtime or console that holds it and how to stop it."
+    "A socket bound to `host:port`; a busy port is refused naming the service that holds it and how to stop it."
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if shared: sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -238,14 +249,16 @@ def workers_folder(env: Environment) -> Path: return env.path("serving", "worker
 
 STABLE_SECONDS = 60  # a worker that dies sooner after its start counts as crash-looping: its restarts back off
 
+# 0.5 s, doubled for each death in a row within STABLE_SECONDS of its start, at most a minute
 def restart_delay(quick: int) -> float:
-    "Seconds before a dead worker starts again: 0.5 s, doubled for each death in a row within STABLE_SECONDS of its start, at most a minute."
+    "Seconds before a dead worker starts again, after `quick` deaths in a row soon after their start."
     return min(0.5 * 2 ** quick, 60.0)
 
-# passed on to each worker whole
-def supervise(env: Environment, sock: socket.socket, workers: int, settings: RuntimeSettings,
+# %% ../../nbs/08g_serving_process.ipynb #a2da29d8
+def supervise(env: Environment, sock: socket.socket, workers: int,
+              settings: RuntimeSettings,  # passed on to each worker whole
               startup: float = 300):  # seconds the workers have to restore every endpoint and listen
-    "Run `workers` processes serving `env` on `sock`'s port, restart one that dies (later and later while it keeps dying: `restart_delay`), and stop them all on SIGTERM or Ctrl-C."
+    "Run `workers` processes serving `env` on `sock`'s port, restart one that dies, stop them all on SIGTERM or Ctrl-C."
     port, folder, metrics = sock.getsockname()[1], workers_folder(env), env.path("serving", "metrics")
     for f in (folder, metrics):  # what a set that ran before left
         f.mkdir(parents=True, exist_ok=True)
@@ -263,7 +276,8 @@ def supervise(env: Environment, sock: socket.socket, workers: int, settings: Run
             failed = {i: p.returncode for i, p in procs.items() if p.poll() is not None}
             if failed or time.monotonic() > deadline:
                 raise RuntimeError(f"serving runtime of environment '{env.name}': worker(s) {failed or 'all'} "
-                                   f"{'exited with status ' + str(list(failed.values())) if failed else f'did not serve within {startup:g} s'}")
+                                   f"""{'exited with status ' + str(list(failed.values())) if failed
+                                        else f'did not serve within {startup:g} s'}""")
             time.sleep(0.1)
         write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms(),
                           "workers": [p.pid for p in procs.values()]})
@@ -304,6 +318,7 @@ def _stop_with_parent(parent: int | None = None):
     log.warning("the first process of the serving runtime (pid %d) is gone: this worker stops", parent)
     os.kill(os.getpid(), signal.SIGTERM)
 
+# %% ../../nbs/08g_serving_process.ipynb #b6708a09
 def _serving(folder: Path, procs: dict) -> bool:
     "Whether every worker in `procs` says it serves (in its file in `folder`)."
     for i, p in procs.items():
@@ -319,15 +334,16 @@ def _read_info(path: Path) -> dict | None:
     return info if isinstance(info, dict) and isinstance(info.get("pid"), int) and info["pid"] > 0 else None
 
 def service_on_port(env: Environment, port: int) -> tuple[str, dict] | None:
-    "Which live serving runtime or console of any local environment beside `env` listens on `port`: its kind and info, or None."
+    "Which live serving runtime or console of the local environments beside `env` listens on `port`, or None."
     for what, (folder, name, _) in SERVICES.items():
         for path in sorted(env.root.parent.glob(f"*/{folder}/{name}")):
             info = _read_info(path)
             if info and str(info.get("url", "")).endswith(f":{port}") and process_alive(info["pid"]): return what, info
     return None
 
+# %% ../../nbs/08g_serving_process.ipynb #1b41b4bb
 def service_info(env: Environment, what: str = "serving runtime") -> dict | None:
-    "Info (address, pid, ...) of `env`'s running `what` (a name of `SERVICES`), or None when none answers its health check."
+    "Info (address, pid, ...) of `env`'s running `what` (a name of `SERVICES`), or None when its health check fails."
     info = _read_info(service_file(env, what))
     if info is None or not process_alive(info["pid"]): return None
     try: ok = httpx.get(info["url"] + "/health", timeout=2).status_code == 200
@@ -338,10 +354,11 @@ def server_info(env: Environment) -> dict | None:
     "Address and pid of `env`'s running serving runtime, or None when none answers."
     return service_info(env, "serving runtime")
 
+# %% ../../nbs/08g_serving_process.ipynb #2a5af1a1
 def start_service(env: Environment, what: str, # a name of `SERVICES`
                   args: list[str], # the `serving-mlops` command line that runs it in the foreground
                   timeout: float = 120) -> dict:
-    "Start `env`'s `what` as a background process (or find the running one); wait for its health check; its output goes to a log beside its info file."
+    "Start `env`'s `what` as a background process (or find the running one); wait for its health check; log beside it."
     if (info := service_info(env, what)) is not None: return info
     log_path = service_file(env, what).with_suffix(".log")
     with open(log_path, "ab") as out:
@@ -367,7 +384,7 @@ def start_server(env: Environment, port: int = 0, timeout: float = 120,
                  workers: int = 1) -> dict:  # processes serving on the port
     "Start `env`'s serving runtime as a background process (or find the running one); wait for its health check."
     return start_service(env, "serving runtime", ["serve", "--env", env.name, "--port", str(port),
-                         *(["--settings", settings.to_json()] if settings else []),
+                                                  *(["--settings", settings.to_json()] if settings else []),
                                                   *(["--workers", str(workers)] if workers > 1 else [])], timeout)
 
 # %% ../../nbs/08g_serving_process.ipynb #51a1181d
@@ -389,6 +406,7 @@ def stop_server(env: Environment, timeout: float = 60) -> bool:
     "Stop `env`'s serving runtime gracefully (SIGTERM, wait); False when none was running."
     return stop_service(env, "serving runtime", timeout)
 
+# %% ../../nbs/08g_serving_process.ipynb #c38edfce
 def wait_exit(pid: int, timeout: float = 60) -> bool:
     "Wait until process `pid` has exited (reaping it when it is our child); False on timeout."
     deadline = time.monotonic() + timeout
@@ -418,7 +436,7 @@ def workspace_client(env: Environment, retry_timeout_seconds: int = 60):
 SERVICE_COMMANDS = {command: what for what, (_, _, command) in SERVICES.items()}  # `serve` -> "serving runtime", ...
 
 def _service_of(proc: psutil.Process, home: Path) -> dict | None:
-    "What `proc` is, when it is a serving runtime or console (or a worker of one) of the workspaces under `home`; else None."
+    "What `proc` is when it is a serving runtime or console (or one's worker) of the workspaces under `home`, or None."
     cmd = proc.info["cmdline"] or []
     at = next((i for i, a in enumerate(cmd) if a == "serving_mlops.cli" or a.endswith("/serving-mlops")), None)
     if at is None or at + 1 >= len(cmd) or cmd[at + 1] not in SERVICE_COMMANDS or "--env" not in cmd[at:-1]: return None
@@ -429,14 +447,15 @@ def _service_of(proc: psutil.Process, home: Path) -> dict | None:
     return {"what": SERVICE_COMMANDS[cmd[at + 1]], "environment": cmd[cmd.index("--env", at) + 1], "pid": proc.pid,
             "worker": "--worker" in cmd, "ports": ports}
 
+# %% ../../nbs/08g_serving_process.ipynb #34a971d2
 def local_services(home: Path | str) -> list[dict]:
-    "The serving runtimes and consoles of the local workspaces under `home` that are running: kind, environment, pid, ports."
+    "The running serving runtimes and consoles of the local workspaces under `home`: kind, environment, pid, ports."
     home = Path(home).expanduser().resolve()
     found = (_service_of(p, home) for p in psutil.process_iter(["pid", "cmdline"]) if p.pid != os.getpid())
     return [s for s in found if s is not None]
 
 def stop_local_services(home: Path | str, timeout: float = 60) -> list[dict]:
-    "Stop every serving runtime and console of the workspaces under `home` (SIGTERM, then wait); returns what was stopped."
+    "Stop every serving runtime and console of the workspaces under `home` (SIGTERM, then wait); returns what stopped."
     services = local_services(home)
     for s in sorted(services, key=lambda s: s["worker"]):  # first processes first: each stops its own workers
         if process_alive(s["pid"]):
