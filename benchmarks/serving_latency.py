@@ -7,7 +7,7 @@ Run: .venv/bin/python benchmarks/serving_latency.py [--requests 500] [--seconds 
 What it does, in one run (about 2-3 minutes with the defaults on 2 cores):
 - builds a throwaway local workspace (synthetic clients; feature tables published to the online store), trains a
   model (3 Optuna trials) and registers it: models:/<model_name>/<version> is what every contender serves;
-- starts our runtime (`serving_mlops.serving.process.start_server`, one endpoint serving that version) and
+- starts our runtime (`serving_mlops.serving.services.start_server`, one endpoint serving that version) and
   `mlflow models serve --env-manager local` (1 uvicorn worker, its default), both on 127.0.0.1;
 - one-row latency, sequential calls (50 warm-up, then 500 each) for (a) our runtime with all 18 features in the
   request, (b) our runtime with only `{"customer_id": id}` (features looked up in the online store), (c) mlflow serve
@@ -437,7 +437,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
     from serving_mlops.feature_store import example_workspace
     from serving_mlops.registry import register_challenger
     from serving_mlops.serving.app import serving_token
-    from serving_mlops.serving.process import start_server, stop_server, workspace_client
+    from serving_mlops.serving.services import start_server, stop_server, workspace_client
     from serving_mlops.tables import get_spark
     from serving_mlops.train import train
 

@@ -38,7 +38,7 @@ from databricks.sdk.service.serving import EndpointCoreConfigInput, ServedEntity
 from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.serving.app import serving_token
-from serving_mlops.serving.process import start_server, stop_server, workspace_client
+from serving_mlops.serving.services import start_server, stop_server, workspace_client
 from serving_mlops.serving.settings import RuntimeSettings
 from serving_mlops.serving.request_log import RequestLog, read_request_log
 

@@ -48,7 +48,7 @@ def main(rows: int, customers: int, workers: int, seconds: float, warmup: float,
     from serving_mlops.feature_store import example_workspace
     from serving_mlops.registry import register_challenger
     from serving_mlops.serving.app import serving_token
-    from serving_mlops.serving.process import start_server, stop_server, workspace_client
+    from serving_mlops.serving.services import start_server, stop_server, workspace_client
     from serving_mlops.tables import get_spark
     from serving_mlops.train import train
 

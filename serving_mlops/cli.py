@@ -142,7 +142,8 @@ def ingest(env: Optional[str] = EnvOption,
     from serving_mlops.tasks import ingest_task
     with clear_errors():
         e = get_environment(env)
-        ingest_task(e, str(source) if source else None, snapshot_date, max_bad_fraction, require_label=not unlabelled)
+        ingest_task(e, source=str(source) if source else None, snapshot_date=snapshot_date,
+                    max_bad_fraction=max_bad_fraction, require_label=not unlabelled)
         _print_tables(e.name)
 
 # %% ../nbs/90_cli.ipynb #2346ac90
@@ -168,7 +169,7 @@ def features(env: Optional[str] = EnvOption,
     from serving_mlops.tasks import features_task
     with clear_errors():
         e = get_environment(env)
-        features_task(e, publish, ",".join(rebuild))
+        features_task(e, publish=publish, rebuild=",".join(rebuild))
 
 # %% ../nbs/90_cli.ipynb #46dce27f
 @app.command()
@@ -180,7 +181,7 @@ def train(env: Optional[str] = EnvOption,
     from serving_mlops.tasks import train_task
     with clear_errors():
         e = get_environment(env)
-        train_task(e, trials, seed, register)
+        train_task(e, n_trials=trials, seed=seed, register=register)
         if e.is_local: typer.echo(f"look at it: .venv/bin/mlflow ui --backend-store-uri {e.tracking_uri} --port 5000")
 
 # %% ../nbs/90_cli.ipynb #1d56d776
@@ -209,7 +210,8 @@ def promote(env: Optional[str] = typer.Option("prod", "--env", "-e", help="Targe
                                                      "registry and the promotion run.")):
     "Copy a model version that passed its validation gate into the target's registry, verify it, make it the champion."
     from serving_mlops.tasks import promote_task
-    with clear_errors(): promote_task(get_environment(env), source, version, seed, force or "")
+    with clear_errors(): promote_task(get_environment(env), source_env=source, version=version, seed=seed,
+                                         force=force or "")
 
 # %% ../nbs/90_cli.ipynb #b4c8e505
 @app.command("batch-inference")
@@ -222,7 +224,8 @@ def batch_inference_command(env: Optional[str] = EnvOption,
                             version: str = typer.Option("champion", help="Model alias or version number.")):
     "Score every key of a table with the environment's model into a predictions table, appended with version and time."
     from serving_mlops.tasks import batch_inference_task
-    with clear_errors(): batch_inference_task(get_environment(env), input_table, output_table, version)
+    with clear_errors(): batch_inference_task(get_environment(env), input_table=input_table,
+                                                 output_table=output_table, version=version)
 
 # %% ../nbs/90_cli.ipynb #e84f6837
 @app.command()
@@ -260,7 +263,8 @@ def serve(env: Optional[str] = EnvOption,
                                                                        "started with --workers.")):
     "Serve the environment's endpoints: the Databricks serving-endpoints REST API and invocations, on 127.0.0.1."
     from serving_mlops.serving.app import serving_token
-    from serving_mlops.serving.process import serve as serve_forever, start_server, stop_server
+    from serving_mlops.serving.process import serve as serve_forever
+    from serving_mlops.serving.services import start_server, stop_server
     with clear_errors():
         e = get_environment(env)
         if not e.is_local: raise InputError(f"environment '{e.name}' is the {e.where}: its endpoints run in "
@@ -337,7 +341,7 @@ def deploy(env: Optional[str] = EnvOption,
     from serving_mlops.tasks import deploy_task
     with clear_errors():
         e = get_environment(env)
-        try: deploy_task(e, version, traffic, requests, canary_window)
+        try: deploy_task(e, version=version, traffic=traffic, requests=requests, canary_window=canary_window)
         except (RuntimeError, TimeoutError) as failure:  # the local serving runtime did not start: its message says why
             if isinstance(failure, MlopsError): raise
             raise InputError(str(failure)) from None
@@ -380,7 +384,7 @@ def query(env: Optional[str] = EnvOption,
                                                       show_default="the target's snapshot_date variable, the snapshot "
                                                                    "ingest and features build")):
     "Score customers by key through the endpoint's REST API (features come from the online store)."
-    from serving_mlops.serving.process import workspace_client
+    from serving_mlops.serving.services import workspace_client
     with clear_errors():
         e = get_environment(env)
         wanted = list(customer_id) + (id_range(ids) if ids else [])
@@ -415,7 +419,7 @@ def query(env: Optional[str] = EnvOption,
 @app.command()
 def endpoints(env: Optional[str] = EnvOption):
     "List the environment's serving endpoints: state, served entities and traffic."
-    from serving_mlops.serving.process import workspace_client
+    from serving_mlops.serving.services import workspace_client
     with clear_errors():
         e = get_environment(env)
         try: w = workspace_client(e)
@@ -437,7 +441,7 @@ def endpoints(env: Optional[str] = EnvOption):
 def stop_services():
     "Stop every serving runtime and console of the local workspaces (.mlops/ or $SERVING_MLOPS_HOME), info file or not."
     from serving_mlops.config import find_bundle, local_root
-    from serving_mlops.serving.process import stop_local_services
+    from serving_mlops.serving.services import stop_local_services
     with clear_errors():
         home = local_root("any", find_bundle()).parent
         stopped = [s for s in stop_local_services(home) if not s["worker"]]

@@ -25,7 +25,7 @@ from .feature_store import OnlineStore
 from .naming import inference_table, model_uri, served_entity_name
 from .registry import GateReport, alias_version, request_schema
 from .serving.models import jsonable, lookup_tables, version_lookups
-from .serving.process import workspace_client
+from .serving.services import workspace_client
 
 # %% auto #0
 __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 'UNKNOWN_ID', 'ENTITY_LABELS', 'CANARY_PROGRESS',

@@ -525,7 +525,7 @@ def workspace_task_run(w, task: RunTask) -> TaskRun:
 def submit_job(env: Environment, spec: JobSpec, parameters: dict | None = None, timeout_minutes: float = 60,
                progress: bool = True) -> JobRun:
     "Run `spec` on `env`'s workspace as a one-time run of the deployed bundle; JobFailed names the failed task."
-    from serving_mlops.serving.process import workspace_client
+    from serving_mlops.serving.services import workspace_client
     w = workspace_client(env)
     where = f"job {spec.name} in {env.where}"
     try:

@@ -270,7 +270,7 @@ def replay(steps: list[tuple[str, str]], # (target, job) in order
            before: Callable[[str, str, Path], dict | None] | None = None,
            bundle: Path | None = None, progress: bool = True) -> dict[tuple[str, str], dict[str, ReplayedTask]]:
     "Deploy the bundle to each target of `steps`, run its jobs as Databricks would; ReplayFailed names a failed task."
-    from serving_mlops.serving.process import stop_local_services
+    from serving_mlops.serving.services import stop_local_services
     root.mkdir(parents=True, exist_ok=True)
     first = get_environment(steps[0][0], bundle)
     python = runtime_python(constraints_path(first), first.bundle_path.parent.parent / ".venv", progress)

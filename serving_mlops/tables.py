@@ -338,7 +338,7 @@ def _target_schema(self: Tables, name: str, frame: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_nullable(True) for f in frame])
 
 @patch
-def _prepared(self: Tables, name: str, df: Frame) -> pa.Table:
+def _cast_to_target(self: Tables, name: str, df: Frame) -> pa.Table:
     table = to_arrow(df)
     return table.cast(self._target_schema(name, table.schema))
 
@@ -364,7 +364,7 @@ def overwrite(self: Tables, name: str, df: Frame, keys: Sequence[str] | None = N
     if replace_schema and self.exists(name):
         self._write(name, table.cast(pa.schema([f.with_nullable(True) for f in table.schema])), "overwrite",
                     replace_schema=True)
-    else: self._write(name, self._prepared(name, table), "overwrite")
+    else: self._write(name, self._cast_to_target(name, table), "overwrite")
     return self.version(name)
 
 # %% ../nbs/01_tables.ipynb #4b016bff
@@ -383,7 +383,7 @@ def append(self: Tables, name: str, df: Frame,
                                              f"frame, not a Spark frame")
         self._append_spark(name, df, self._target_schema(name, spark_arrow_schema(df)), rows)
         return self.version(name)
-    table = self._prepared(name, df)
+    table = self._cast_to_target(name, df)
     check_rows(name, table.num_rows, rows)
     self._write(name, table, "append", txn)
     return self.version(name)
@@ -398,7 +398,7 @@ def merge(self: Tables, name: str, df: Frame, keys: Sequence[str], update: bool 
     keys = list(keys)
     table = check_keys(name, to_arrow(df), keys)
     if add_columns and self.exists(name): self._add_new_columns(name, table.schema)
-    table = self._prepared(name, table)
+    table = self._cast_to_target(name, table)
     if not self.exists(name):
         self._write(name, table, "overwrite")
         return {"num_target_rows_inserted": table.num_rows, "num_target_rows_updated": 0,

@@ -164,7 +164,7 @@ def deploy_task(env: Environment,
                 ) -> dict:
     "Deploy a model version to the environment's endpoint and test it; roll back on failure."
     from serving_mlops.deploy import canary, deploy_and_test
-    from serving_mlops.serving.process import server_info, start_server
+    from serving_mlops.serving.services import server_info, start_server
     if env.is_local: start_server(env, port=env.var("serving_port", int))
     if canary_window > 0 and traffic < 100: report = canary(env, version, traffic, canary_window)
     else: report = deploy_and_test(env, version, traffic, requests=requests)

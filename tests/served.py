@@ -27,7 +27,7 @@ from serving_mlops.feature_store import example_workspace
 from serving_mlops.registry import register_challenger
 from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.capture import SERVED_ENTITIES_TABLE
-from serving_mlops.serving.process import start_server, stop_server, workspace_client
+from serving_mlops.serving.services import start_server, stop_server, workspace_client
 from serving_mlops.serving.settings import RuntimeSettings
 from serving_mlops.tables import get_spark, tables_for
 from serving_mlops.train import train

@@ -145,7 +145,7 @@ def test_a_feature_added_in_staging_only_never_reaches_prod_clients(two_targets,
     from serving_mlops.feature_store import feature_store_for
     from serving_mlops.registry import GateFailed, alias_version
     from serving_mlops.serving.app import serving_token
-    from serving_mlops.serving.process import start_server, stop_server, workspace_client
+    from serving_mlops.serving.services import start_server, stop_server, workspace_client
     from serving_mlops.tasks import features_task, train_task, validate_task
     from databricks.sdk.errors import OperationFailed
     from databricks.sdk.service.serving import ServedEntityInput

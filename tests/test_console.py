@@ -13,7 +13,7 @@ from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTa
 from browser import Page, browser, chart_points
 from conftest import BIN, ROOT, cli, expensive
 from served import create, entity, invoke, key
-from serving_mlops.serving.process import service_info
+from serving_mlops.serving.services import service_info
 
 browser = pytest.fixture(scope="module")(expensive(browser))
 

@@ -119,7 +119,7 @@ def test_build_deploy_promote_loop_with_local_jobs(home, tmp_path, monkeypatch):
     "Steps 2-7 of the scenario, offline: model_build and deploy_serving_endpoint in staging, promote into prod; then batch inference in prod."
     from mlflow import MlflowClient
     from serving_mlops.registry import alias_version
-    from serving_mlops.serving.process import stop_server, workspace_client
+    from serving_mlops.serving.services import stop_server, workspace_client
     # the project's bundle, its runtimes on free ports: `make demo`'s runtimes may hold the targets' own ports (8712, 8713)
     import shutil
     shutil.copytree(ROOT / "databricks_jobs", tmp_path / "databricks_jobs")

@@ -37,7 +37,7 @@ def wait_for_rows(env, table: str, rows: int, timeout: float = 60) -> int:
 @pytest.mark.timeout(1800)
 def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_one_does_not(home):
     from serving_mlops.deploy import deploy
-    from serving_mlops.serving.process import stop_server
+    from serving_mlops.serving.services import stop_server
     prod = get_environment("prod")
     landing = Path(prod.landing_dir)
     write_credit_data(landing / "history.csv", 3000, seed=3, progress=False)

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving_mlops.serving.app import API
-from serving_mlops.serving.process import server_file, stop_server
+from serving_mlops.serving.services import server_file, stop_server
 from serving_mlops.tables import tables_for
 
 from served import Pipeline, create, entity, invoke, key  # noqa: E402

@@ -20,7 +20,7 @@ from databricks.sdk.service.serving import (AiGatewayConfig, AiGatewayInferenceT
 from serving_mlops.config import get_environment
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.serving.app import serving_token
-from serving_mlops.serving.process import start_server, stop_server, workspace_client
+from serving_mlops.serving.services import start_server, stop_server, workspace_client
 from serving_mlops.serving.settings import RuntimeSettings
 from serving_mlops.serving.request_log import read_request_log
 from serving_mlops.tables import tables_for

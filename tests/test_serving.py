@@ -28,7 +28,7 @@ from scipy.stats import binomtest
 
 from conftest import cli
 from serving_mlops.config import get_environment
-from serving_mlops.serving.process import server_file, server_info, stop_server, wait_exit
+from serving_mlops.serving.services import server_file, server_info, stop_server, wait_exit
 from serving_mlops.monitoring.inference import inference_frame, served_entities
 from serving_mlops.serving.capture import PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE
 from serving_mlops.serving.request_log import read_request_log

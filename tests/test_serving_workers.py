@@ -20,7 +20,7 @@ from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTa
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving_mlops.config import process_alive
-from serving_mlops.serving.process import server_file, server_info, stop_server, wait_exit
+from serving_mlops.serving.services import server_file, server_info, stop_server, wait_exit
 from serving_mlops.tables import tables_for
 
 from served import MetricReadings, ServedWorkspace, create, entity, in_process, invoke, key, update

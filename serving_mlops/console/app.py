@@ -24,8 +24,9 @@ from starlette.routing import Route
 from ..config import Environment
 from ..errors import InputError
 from ..serving.app import serving_token
-from ..serving.process import (READ_TIMEOUT, GuardedHTTPProtocol, bind_port, drop_info, service_file,
-                                           service_info, start_service, stop_service, write_info)
+from ..serving.process import READ_TIMEOUT, GuardedHTTPProtocol, bind_port
+from ..serving.services import (drop_info, service_file, service_info, start_service, stop_service,
+                                            write_info)
 from . import endpoints, views
 from .base import page, plotly_js
 

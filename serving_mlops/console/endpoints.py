@@ -23,7 +23,7 @@ from ..config import Environment
 from ..monitoring.checks import request_stats, runtime_counters
 from ..monitoring.inference import MonitoringError, read_payload, served_entities
 from ..naming import inference_table
-from ..serving.process import workspace_client
+from ..serving.services import workspace_client
 from ..serving.protocol import ServingError, check_endpoint_name
 from ..tables import tables_for
 from .base import figure, figure_json, page, table

@@ -29,7 +29,7 @@ from .inference import MonitoringError, as_utc, inference_frame, read_payload, s
 from .report import drift_report_html
 from ..registry import registry_client
 from ..naming import experiment_name, inference_table, model_uri
-from ..serving.process import workspace_client
+from ..serving.services import workspace_client
 from ..tables import tables_for
 
 # %% auto #0

@@ -68,7 +68,7 @@ class Endpoint:
     broken: str | None = None  # why its saved state could not be restored: it answers GET and DELETE only
     committed_is_ready: bool = False  # several workers: a config in the record is one every worker has loaded
     # several workers: (config version, models) loaded here, served once every worker has loaded them
-    prepared: tuple | None = None
+    staged: tuple | None = None
     # several workers: one could not load the committed config (NOT_READY on all, as one process reports it)
     unloadable: bool = False
 

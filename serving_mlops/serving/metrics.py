@@ -65,14 +65,14 @@ class EndpointMetrics:
         self.cpu_mark, self.cpu_last = (self.start, sum(os.times()[:2])), 0.0
         self.registry = CollectorRegistry()
         # PROMETHEUS_MULTIPROC_DIR was set: several workers, values in shared files
-        self.shared = values.ValueClass is not values.MutexValue
+        self.multiprocess = values.ValueClass is not values.MutexValue
         self.rows = Histogram("serving_model_batch_rows",
                               "Rows per model call (after micro-batching), since the runtime started",
-                              ["endpoint", "served_entity"], registry=None if self.shared else self.registry,
+                              ["endpoint", "served_entity"], registry=None if self.multiprocess else self.registry,
                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 10000))
         self.registry.register(self)
         # the interval it starts in is this process's from now: a reader must not take it for an older window's
-        if self.shared:
+        if self.multiprocess:
             with self.lock: self._claim(self.start)
 
 # %% ../../nbs/08d_serving_metrics.ipynb #59150ac9
@@ -87,7 +87,7 @@ def _roll(self: EndpointMetrics, now: float):
     cpu = sum(os.times()[:2])
     self.cpu_last = 100 * (cpu - self.cpu_mark[1]) / max(now - self.cpu_mark[0], 1e-9) / (os.cpu_count() or 1)
     self.cpu_mark = (now, cpu)
-    if self.shared:
+    if self.multiprocess:
         WINDOW_CPU.labels(self.endpoint, self._slot(finished)).set(self.cpu_last)
         self._claim(start)
 
@@ -115,14 +115,14 @@ def observe(self: EndpointMetrics, entity: str, ms: float, status: int):
         m.count += 1; m.sum_ms += ms; m.buckets[bisect_left(LATENCY_BUCKETS_MS, ms)] += 1
         if 400 <= status < 500: m.c4xx += 1
         elif status >= 500: m.c5xx += 1
-        if self.shared:
+        if self.multiprocess:
             key = (self.endpoint, entity, self._slot(self.start))
             children = WINDOW_CHILDREN.get(key) or WINDOW_CHILDREN.setdefault(key,
                     [WINDOW.labels(*key, f) for f in WINDOW_FIELDS])
             children[0].inc(); children[3].inc(ms); children[4 + bisect_left(LATENCY_BUCKETS_MS, ms)].inc()
             if 400 <= status < 500: children[1].inc()
             elif status >= 500: children[2].inc()
-    if self.shared and self.capture is not None: publish_capture_state(self.endpoint, self.capture)
+    if self.multiprocess and self.capture is not None: publish_capture_state(self.endpoint, self.capture)
 
 # %% ../../nbs/08d_serving_metrics.ipynb #263dab54
 @patch
@@ -131,10 +131,10 @@ def collect(self: EndpointMetrics):
     with self.lock:
         self._roll(self.clock())
         last, end, cpu = dict(self.last), self.start, self.cpu_last
-    mem, shared = _memory_percentage(), None
-    if self.shared:  # every worker's share of the last complete interval
-        shared = multiprocess_families()
-        last, cpu, pids = self._shared_window(shared, end - self.interval)
+    mem, worker_families = _memory_percentage(), None
+    if self.multiprocess:  # every worker's share of the last complete interval
+        worker_families = multiprocess_families()
+        last, cpu, pids = self._shared_window(worker_families, end - self.interval)
         mem = sum(_memory_percentage(pid) for pid in pids if process_alive(pid)) or mem
     entities = {**{e: None for e in last}, **self.entities}
     labels = ["endpoint_name", ENTITY_LABEL]
@@ -161,9 +161,9 @@ def collect(self: EndpointMetrics):
         latency.add_metric(key, buckets, m.sum_ms, timestamp=end)
     yield from families.values()
     yield latency
-    if shared is not None:
-        yield from (family_of(shared[name], self.endpoint)
-                    for name in ("serving_model_batch_rows", *CAPTURE_SHARED) if name in shared)
+    if worker_families is not None:
+        yield from (family_of(worker_families[name], self.endpoint)
+                    for name in ("serving_model_batch_rows", *CAPTURE_SHARED) if name in worker_families)
     elif self.capture is not None: yield from capture_families(self.endpoint, self.capture)
 
 # %% ../../nbs/08d_serving_metrics.ipynb #111561fc

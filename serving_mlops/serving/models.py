@@ -612,30 +612,30 @@ def predict(self: ServedModel, X: np.ndarray, params: dict | None = None) -> np.
 @patch
 def score(self: ServedModel, requests: list) -> list:
     "Predictions, lookup misses and model input for each request, in one model call where possible."
-    prepared = []
+    featured = []
     for r in requests:
-        try: prepared.append(self.features(r))
-        except Exception as e: prepared.append(e)
-    results = list(prepared)
+        try: featured.append(self.features(r))
+        except Exception as e: featured.append(e)
+    results = list(featured)
     groups = {}  # requests with equal params share a model call
-    for i, p in enumerate(prepared):
+    for i, p in enumerate(featured):
         if not isinstance(p, Exception): groups.setdefault(requests[i].params_json, []).append(i)
     for members in groups.values():
         if len(members) > 1:
             try:
-                parts = [prepared[i][0] for i in members]
+                parts = [featured[i][0] for i in members]
                 preds = self.predict(pd.concat(parts, ignore_index=True)
                                      if isinstance(parts[0], pd.DataFrame) else np.concatenate(parts),
                                      requests[members[0]].params)
                 start = 0
                 for i in members:
                     n = requests[i].rows
-                    results[i] = (jsonable(preds[start:start + n]), prepared[i][1], prepared[i][0]); start += n
+                    results[i] = (jsonable(preds[start:start + n]), featured[i][1], featured[i][0]); start += n
                 continue
             except Exception: pass  # score one by one, so that one request's failure stays its own
         for i in members:
-            try: results[i] = (jsonable(self.predict(prepared[i][0], requests[i].params)), prepared[i][1],
-                               prepared[i][0])
+            try: results[i] = (jsonable(self.predict(featured[i][0], requests[i].params)), featured[i][1],
+                               featured[i][0])
             except Exception as e:
                 results[i] = bad_request(f"served entity '{self.name}' ({entity_uri(self.entity)}) failed on this "
                                          f"input: {type(e).__name__}: {e}")

@@ -86,7 +86,7 @@ def get(self: ServingRuntime, name: str) -> Endpoint:
 
 # %% ../../nbs/08e_serving_runtime.ipynb #2c7d0ae8
 @patch
-def changeable(self: ServingRuntime, name: str) -> Endpoint:
+def endpoint_to_change(self: ServingRuntime, name: str) -> Endpoint:
     "The endpoint `name`, refused when it could not be restored (it answers GET and DELETE only)."
     ep = self.get(name)
     if ep.broken: raise ServingError(400, "INVALID_STATE",
@@ -238,7 +238,7 @@ def create(self: ServingRuntime, body: dict) -> Endpoint:
 @changes_state
 def update_config(self: ServingRuntime, name: str, body: dict) -> Endpoint:
     "Begin applying a new config (saved when it is switched to)."
-    ep = self.changeable(name)
+    ep = self.endpoint_to_change(name)
     self.start_update(ep, check_config(body))
     return ep
 
@@ -247,7 +247,7 @@ def update_config(self: ServingRuntime, name: str, body: dict) -> Endpoint:
 @changes_state
 def set_ai_gateway(self: ServingRuntime, name: str, body: dict) -> dict:
     "Save the endpoint's AI Gateway config and capture as it says; when capture cannot start, both stay as they were."
-    ep = self.changeable(name)
+    ep = self.endpoint_to_change(name)
     old = ep.record
     self.commit(ep, {**old, "ai_gateway": check_ai_gateway(body, name)})
     try: self.configure_capture(ep)
@@ -264,7 +264,7 @@ def set_ai_gateway(self: ServingRuntime, name: str, body: dict) -> dict:
 @changes_state
 def patch_tags(self: ServingRuntime, name: str, body: dict) -> dict:
     "Add and delete tags; the tags after the change."
-    ep = self.changeable(name)
+    ep = self.endpoint_to_change(name)
     add, delete = check_tags_patch(body)
     tags = {k: v for k, v in {**ep.record.get("tags", {}), **add}.items() if k not in delete}
     self.commit(ep, {**ep.record, "tags": tags})

@@ -264,13 +264,13 @@ def _follow_record(self: Workers, runtime, ep, record: dict) -> list:
         except ServingError as e: log.error("endpoint %s: %s", ep.name, e.message)
     config, pending = record.get("config"), record.get("pending") or {}
     if config and config["config_version"] != (ep.snapshot.config["config_version"] if ep.snapshot else None):
-        if ep.prepared and ep.prepared[0] == config["config_version"]:
-            runtime._switch(ep, config, ep.prepared[1]); ep.prepared = None
+        if ep.staged and ep.staged[0] == config["config_version"]:
+            runtime._switch(ep, config, ep.staged[1]); ep.staged = None
         # committed while this worker had not loaded it
         else: started.append(loop.create_task(runtime.apply(ep, config)))
     if pending and not pending.get("failure") and pending != old.get("pending"):
         started.append(loop.create_task(runtime.apply(ep, pending)))
-    if pending.get("failure") and ep.prepared: self._discard(ep)
+    if pending.get("failure") and ep.staged: self._discard(ep)
     self._mirror(ep)
     return started
 
@@ -293,8 +293,8 @@ def _mirror(self: Workers, ep, failures: dict | None = None):
 @patch
 def _discard(self: Workers, ep):
     "Close the models loaded for an update that will not be served."
-    version, models = ep.prepared
-    ep.prepared = None
+    version, models = ep.staged
+    ep.staged = None
     for name, model in models.items():
         if not ep.snapshot or ep.snapshot.models.get(name) is not model: model.close()
 
@@ -302,16 +302,16 @@ def _discard(self: Workers, ep):
 @patch
 def loaded(self: Workers, runtime, ep, config: dict, models: dict):
     "After a load: serve a committed config at once; an update once every worker has loaded it (the last commits it)."
-    version, ep.prepared = config["config_version"], (config["config_version"], models)
+    version, ep.staged = config["config_version"], (config["config_version"], models)
     if runtime.endpoints.get(ep.name) is not ep: return self._discard(ep)  # deleted meanwhile
     # restored, or committed while this worker loaded it
     if (ep.record.get("config") or {}).get("config_version") == version:
-        runtime._switch(ep, config, models); ep.prepared = None; return
+        runtime._switch(ep, config, models); ep.staged = None; return
     if (ep.record.get("pending") or {}).get("config_version") != version: return self._discard(ep)  # superseded
     self.shared.loaded(ep.record["id"], version)
     with self.changing(runtime):
         pending = ep.record.get("pending") or {}
-        if (runtime.endpoints.get(ep.name) is not ep or ep.prepared is None or pending.get("config_version") != version
+        if (runtime.endpoints.get(ep.name) is not ep or ep.staged is None or pending.get("config_version") != version
                 or pending.get("failure")): return
         if not self.shared.all_loaded(ep.record["id"], version): return  # the last worker to load it commits
         applied = {k: v for k, v in pending.items() if k != "start_time"}
@@ -326,7 +326,7 @@ def loaded(self: Workers, runtime, ep, config: dict, models: dict):
             except ServingError as again: log.error("endpoint %s: config version %s failed (%s) and its failure "
                                                     "cannot be saved: %s", ep.name, version, e.message, again.message)
             self._discard(ep); self._mirror(ep); return
-        runtime._switch(ep, applied, models); ep.prepared = None; self._mirror(ep)
+        runtime._switch(ep, applied, models); ep.staged = None; self._mirror(ep)
 
 # %% ../../nbs/08e3_serving_workers.ipynb #7f2c1c52
 @patch
