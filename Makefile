@@ -112,8 +112,9 @@ demo: $(VENV)/.installed java $(SPARK_CLASSES) ## the scenario's loop offline: b
 	@echo "== the production console: endpoints with live charts, requests, monitoring, job runs, registry (open the link)"
 	@$(BIN)/serving-mlops console --env prod --background
 
-test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASSES) ## the whole suite (CI runs it): import layers, every notebook (nbdev_test), every test (pytest)
+test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASSES) ## the whole suite (CI runs it): import layers, ruff, every notebook (nbdev_test), every test (pytest)
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check serving_mlops nbs
 	@echo "== nbdev_test (every notebook, one at a time, output in $(NBDEV_LOG)) beside pytest"; t=$$(date +%s); \
 	 ( nice -n 10 $(BIN)/nbdev_test --n_workers 1 --timing > $(NBDEV_LOG) 2>&1; s=$$?; echo "nbdev_test: $$(( $$(date +%s) - t )) s" >> $(NBDEV_LOG); exit $$s ) & nb=$$!; \
 	 $(PYTEST) --durations=15; pt=$$?; echo "pytest: $$(( $$(date +%s) - t )) s"; \
@@ -123,8 +124,9 @@ replay: $(VENV)/.installed-dev java ## Databricks first contact, offline: the de
 	@echo "== replay: the wheel and synced notebooks as a job cluster runs them (the first run builds the runtime's libraries, about 2.5 min)"
 	@t=$$(date +%s) && $(BIN)/pytest tests/test_replay.py -p no:randomly --timeout 1800 -q --durations=5 && echo "replay: $$(( $$(date +%s) - t )) s"
 
-check: $(VENV)/.installed-dev java $(SPARK_CLASSES) ## the inner loop while editing, about 2 min: import layers, the changed notebooks (or NB=...), the fast tests
+check: $(VENV)/.installed-dev java $(SPARK_CLASSES) ## the inner loop while editing, about 2 min: import layers, ruff, the changed notebooks (or NB=...), the fast tests
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/ruff check serving_mlops nbs
 	@if [ -n "$(strip $(NB))" ]; then set -x; for nb in $(NB); do $(BIN)/nbdev_test --path $$nb || exit 1; done; \
 	 else echo "no notebook changed since the last commit (NB=nbs/<name>.ipynb tests one)"; fi
 	$(PYTEST) -m "not slow" -q

@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
+from fastcore.basics import patch
 
 from ..config import Environment
 from ..naming import same_table_in
@@ -29,7 +30,7 @@ from .local import FeatureLookup, FeatureStoreError, FeatureTable, LocalFeatureS
 __all__ = ['CHANGE_DATA_FEED', 'ONLINE_STORE_WAIT_MINUTES', 'PositiveClassProbability', 'model_code', 'dates_as_timestamps',
            'databricks_lookup', 'DatabricksFeatureStore']
 
-# %% ../../nbs/05d_feature_store_databricks.ipynb #13a603da
+# %% ../../nbs/05d_feature_store_databricks.ipynb #3c00a23e
 class PositiveClassProbability(mlflow.pyfunc.PythonModel):
     "Probability of the positive class from the scikit-learn classifier in artifact `classifier`, one float per row."
     def load_context(self, context):
@@ -44,11 +45,13 @@ class PositiveClassProbability(mlflow.pyfunc.PythonModel):
         with self.pools.limit(limits=1 if len(model_input) < 1_000 else None):
             return self.classifier.predict_proba(model_input)[:, 1]
 
+# %% ../../nbs/05d_feature_store_databricks.ipynb #53d8c724
 def model_code(cls) -> str:
-    "The source of an MLflow models-from-code file defining `cls` (which may use only mlflow, numpy, pandas) and setting it as the model."
-    return f"import mlflow\nimport mlflow.pyfunc\nimport numpy as np\nimport pandas as pd\n\n\n{inspect.getsource(cls)}\n\nmlflow.models.set_model({cls.__name__}())\n"
+    "The source of an MLflow models-from-code file defining `cls` (using only mlflow, numpy, pandas) as the model."
+    return (f"import mlflow\nimport mlflow.pyfunc\nimport numpy as np\nimport pandas as pd\n\n\n"
+            f"{inspect.getsource(cls)}\n\nmlflow.models.set_model({cls.__name__}())\n")
 
-# %% ../../nbs/05d_feature_store_databricks.ipynb #c7282368
+# %% ../../nbs/05d_feature_store_databricks.ipynb #af4c7d22
 # table property publish_table needs on a feature table (TRIGGERED and CONTINUOUS modes)
 CHANGE_DATA_FEED = "delta.enableChangeDataFeed"
 
@@ -58,6 +61,7 @@ def dates_as_timestamps(df):
     dates = [f.name for f in df.schema.fields if isinstance(f.dataType, DateType)]
     return df.withColumns({c: F.col(c).cast("timestamp") for c in dates}) if dates else df
 
+# %% ../../nbs/05d_feature_store_databricks.ipynb #febecd5f
 def databricks_lookup(lookup: FeatureLookup):
     "The `databricks.feature_engineering.FeatureLookup` with the same arguments as `lookup`."
     from databricks.feature_engineering import FeatureLookup as DatabricksFeatureLookup
@@ -66,6 +70,7 @@ def databricks_lookup(lookup: FeatureLookup):
                                    rename_outputs=lookup.rename_outputs,
                                    timestamp_lookup_key=lookup.timestamp_lookup_key)
 
+# %% ../../nbs/05d_feature_store_databricks.ipynb #30db9c90
 ONLINE_STORE_WAIT_MINUTES = 30  # a new Lakebase-backed online store takes minutes to become AVAILABLE
 
 class DatabricksFeatureStore:
@@ -74,8 +79,8 @@ class DatabricksFeatureStore:
         if client is None:
             try: from databricks.feature_engineering import FeatureEngineeringClient
             except ImportError: raise FeatureStoreError("environment '%s' is a Databricks workspace: install "
-                                                        "serving_mlops[databricks] "
-                                                        "for databricks-feature-engineering" % env.name) from None
+                                                        "serving_mlops[databricks] for databricks-feature-engineering"
+                                                        % env.name) from None
             client = FeatureEngineeringClient()
         self.env, self.client, self._tables, self._spark = env, client, tables, spark
 
@@ -90,174 +95,195 @@ class DatabricksFeatureStore:
         if self._tables is None: self._tables = tables_for(self.env)
         return self._tables
 
-    def create_table(self, name: str, primary_keys: str | Sequence[str], df=None, timeseries_column: str | None = None,
-                     description: str | None = None, feature_descriptions: dict | None = None,
-                     produced_by: str | None = None):
-        keys = [primary_keys] if isinstance(primary_keys, str) else list(primary_keys)
-        # UC: part of the primary key
-        if timeseries_column and timeseries_column not in keys: keys.append(timeseries_column)
-        self.client.create_table(name=name, primary_keys=keys, df=None if df is None else dates_as_timestamps(df),
-                                 timeseries_column=timeseries_column, description=description,
-                                 tags={"produced_by": produced_by} if produced_by else None)
-        self.enable_change_data_feed(name)
-        if feature_descriptions: self.tables.set_metadata(name, column_comments=feature_descriptions)
-        return self.get_table(name)
+# %% ../../nbs/05d_feature_store_databricks.ipynb #3724f72e
+@patch
+def create_table(self: DatabricksFeatureStore, name: str, primary_keys: str | Sequence[str], df=None,
+                 timeseries_column: str | None = None, description: str | None = None,
+                 feature_descriptions: dict | None = None, produced_by: str | None = None):
+    keys = [primary_keys] if isinstance(primary_keys, str) else list(primary_keys)
+    # UC: part of the primary key
+    if timeseries_column and timeseries_column not in keys: keys.append(timeseries_column)
+    self.client.create_table(name=name, primary_keys=keys, df=None if df is None else dates_as_timestamps(df),
+                             timeseries_column=timeseries_column, description=description,
+                             tags={"produced_by": produced_by} if produced_by else None)
+    self.enable_change_data_feed(name)
+    if feature_descriptions: self.tables.set_metadata(name, column_comments=feature_descriptions)
+    return self.get_table(name)
 
-    def enable_change_data_feed(self, name: str) -> bool:
-        "Turn Change Data Feed on for table `name` (publishing to the online store reads it); True if it was off."
-        if str(self.tables.describe(name)["properties"].get(CHANGE_DATA_FEED, "")).lower() == "true": return False
-        self.tables.set_metadata(name, properties={CHANGE_DATA_FEED: "true"})
-        return True
+# %% ../../nbs/05d_feature_store_databricks.ipynb #3ba6e394
+@patch
+def enable_change_data_feed(self: DatabricksFeatureStore, name: str) -> bool:
+    "Turn Change Data Feed on for table `name` (publishing to the online store reads it); True if it was off."
+    if str(self.tables.describe(name)["properties"].get(CHANGE_DATA_FEED, "")).lower() == "true": return False
+    self.tables.set_metadata(name, properties={CHANGE_DATA_FEED: "true"})
+    return True
 
-    def get_table(self, name: str) -> FeatureTable:
-        t = self.client.get_table(name=name)
-        ts = (t.timestamp_keys or [None])[0]
-        features = [getattr(f, "name", f) for f in t.features]
-        return FeatureTable(name, [k for k in t.primary_keys if k != ts], ts, t.description,
-                            [f for f in features if f not in t.primary_keys and f != ts], {},
-                            (t.tags or {}).get("produced_by"))
+# %% ../../nbs/05d_feature_store_databricks.ipynb #0cbc4516
+@patch
+def get_table(self: DatabricksFeatureStore, name: str) -> FeatureTable:
+    t = self.client.get_table(name=name)
+    ts = (t.timestamp_keys or [None])[0]
+    features = [getattr(f, "name", f) for f in t.features]
+    return FeatureTable(name, [k for k in t.primary_keys if k != ts], ts, t.description,
+                        [f for f in features if f not in t.primary_keys and f != ts], {},
+                        (t.tags or {}).get("produced_by"))
 
-    def write_table(self, name: str, df, mode: str = "merge"):
-        if mode != "merge": raise FeatureStoreError(f"feature table {name}: Unity Catalog feature tables are written "
-                                                    f"with mode='merge' only")
-        # adds new columns: the client's mergeSchema
-        return self.client.write_table(name=name, df=dates_as_timestamps(df), mode="merge")
+# %% ../../nbs/05d_feature_store_databricks.ipynb #39180c74
+@patch
+def write_table(self: DatabricksFeatureStore, name: str, df, mode: str = "merge"):
+    if mode != "merge": raise FeatureStoreError(f"feature table {name}: Unity Catalog feature tables are written "
+                                                f"with mode='merge' only")
+    # adds new columns: the client's mergeSchema
+    return self.client.write_table(name=name, df=dates_as_timestamps(df), mode="merge")
 
-    def rebuild_table(self, name: str, df, feature_descriptions: dict | None = None) -> dict:
-        "As the local store's: the client has no call that drops or retypes a column, so Spark overwrites the Unity Catalog table with Delta's overwriteSchema (not tried on a workspace)."
-        # the local store's rebuild, on the Databricks tables
-        return LocalFeatureStore.rebuild_table(self, name, dates_as_timestamps(df), feature_descriptions)
+# %% ../../nbs/05d_feature_store_databricks.ipynb #3c829d47
+@patch
+def rebuild_table(self: DatabricksFeatureStore, name: str, df, feature_descriptions: dict | None = None) -> dict:
+    "As the local store's: Spark overwrites the Unity Catalog table in new columns and types (Delta's overwriteSchema)."
+    # the local store's rebuild, on the Databricks tables
+    return LocalFeatureStore.rebuild_table(self, name, dates_as_timestamps(df), feature_descriptions)
 
-    def read_table(self, name: str, version: int | None = None) -> DataFrame:
-        return self.client.read_table(name=name) if version is None else self.tables.read_spark(name, version)
+# %% ../../nbs/05d_feature_store_databricks.ipynb #34d11837
+@patch
+def read_table(self: DatabricksFeatureStore, name: str, version: int | None = None) -> DataFrame:
+    return self.client.read_table(name=name) if version is None else self.tables.read_spark(name, version)
 
-    def create_training_set(self, df: DataFrame, feature_lookups: Sequence[FeatureLookup], label: str | None,
-                            exclude_columns=None):
-        return self.client.create_training_set(df=dates_as_timestamps(df),
-                                               feature_lookups=[databricks_lookup(l) for l in feature_lookups],
-                                               label=label, exclude_columns=list(exclude_columns or []))
+# %% ../../nbs/05d_feature_store_databricks.ipynb #ab80bbdd
+@patch
+def create_training_set(self: DatabricksFeatureStore, df: DataFrame, feature_lookups: Sequence[FeatureLookup],
+                        label: str | None, exclude_columns=None):
+    return self.client.create_training_set(df=dates_as_timestamps(df),
+                                           feature_lookups=[databricks_lookup(l) for l in feature_lookups],
+                                           label=label, exclude_columns=list(exclude_columns or []))
 
-    def table_versions(self, training_set) -> dict[str, int]:
-        "Delta version of each feature table `training_set` (the client's TrainingSet) reads, by table name."
-        return {t.table_name: self.tables.version(t.table_name) for t in training_set.feature_spec.table_infos}
+# %% ../../nbs/05d_feature_store_databricks.ipynb #4fa14f9e
+@patch
+def table_versions(self: DatabricksFeatureStore, training_set) -> dict[str, int]:
+    "Delta version of each feature table `training_set` (the client's TrainingSet) reads, by table name."
+    return {t.table_name: self.tables.version(t.table_name) for t in training_set.feature_spec.table_infos}
 
-    def log_model(self, model, artifact_path: str = "model", flavor=mlflow.sklearn, training_set=None,
-                  registered_model_name: str | None = None, feature_columns: Sequence[str] | None = None,
-                  input_example=None,
-                  signature=None, pip_requirements: Sequence[str] | None = None, baseline: dict | None = None):
-        "Log classifier `model` through the client, packaged with `training_set`'s FeatureSpec, predicting P(positive); returns the ModelInfo."
-        # The client's model takes the training set's source columns (keys required) and optional features: its
-        # signature
-        # comes from the FeatureSpec and its input example, with infer_input_example=True, is a row of keys. `signature`
-        # and
-        # `input_example` describe the feature frame of the model inside, so they are not passed on (the client would
-        # hand them to
-        # flavor.save_model for that inner model). `baseline` travels as an artifact of the model inside:
-        # data/feature_store/raw_model/artifacts/baseline.json (ours has it at artifacts/baseline.json).
-        if flavor is not mlflow.sklearn: raise FeatureStoreError("log_model supports flavor=mlflow.sklearn")
-        if training_set is None: raise FeatureStoreError("log_model needs the training_set the model was trained on")
-        given = [ci.output_name for ci in training_set.feature_spec.column_infos if ci.include]
-        missing = [c for c in feature_columns or [] if c not in given]
-        if missing: raise FeatureStoreError(f"log_model: feature column(s) {missing} are not columns of the training "
-                                            f"set {given}: "
-                                            "the feature-store model gives the model inside exactly those")
-        import sklearn
-        with tempfile.TemporaryDirectory() as tmp:
-            # mlflow.sklearn's pyfunc predicts classes; the model inside is our PositiveClassProbability, as code that
-            # travels with it
-            mlflow.sklearn.save_model(model, f"{tmp}/classifier",
-                                      serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
-                                      pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
-            code = Path(tmp, "positive_class_probability.py")
-            code.write_text(model_code(PositiveClassProbability))
-            artifacts = {"classifier": f"{tmp}/classifier"}
-            if baseline is not None:
-                Path(tmp, "baseline.json").write_text(json.dumps(baseline, allow_nan=False))
-                artifacts["baseline"] = f"{tmp}/baseline.json"
-            requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
-                                                f"pandas=={pd.__version__}"]
-            info = self.client.log_model(model=str(code), artifact_path=artifact_path, flavor=mlflow.pyfunc,
-                                         training_set=training_set,
-                                         registered_model_name=registered_model_name, infer_input_example=True,
-                                         artifacts=artifacts, pip_requirements=list(requirements))
-        # the client of Databricks Runtime 18 ML (0.13) returns nothing: the model it logged is MLflow's last logged
-        # model
-        return info if info is not None else mlflow.models.get_model_info(mlflow.last_logged_model().model_uri)
+# %% ../../nbs/05d_feature_store_databricks.ipynb #d2414ff9
+@patch
+def log_model(self: DatabricksFeatureStore, model, artifact_path: str = "model", flavor=mlflow.sklearn,
+              training_set=None, registered_model_name: str | None = None,
+              feature_columns: Sequence[str] | None = None, input_example=None, signature=None,
+              pip_requirements: Sequence[str] | None = None, baseline: dict | None = None):
+    "Log classifier `model` through the client with `training_set`'s FeatureSpec, predicting P(positive)."
+    # signature and input_example describe the model inside: not passed on (see above)
+    if flavor is not mlflow.sklearn: raise FeatureStoreError("log_model supports flavor=mlflow.sklearn")
+    if training_set is None: raise FeatureStoreError("log_model needs the training_set the model was trained on")
+    given = [ci.output_name for ci in training_set.feature_spec.column_infos if ci.include]
+    missing = [c for c in feature_columns or [] if c not in given]
+    if missing: raise FeatureStoreError(f"log_model: feature column(s) {missing} are not columns of the training "
+                                        f"set {given}: the feature-store model gives the model inside exactly those")
+    import sklearn
+    with tempfile.TemporaryDirectory() as tmp:
+        # mlflow.sklearn's pyfunc predicts classes; the model inside is PositiveClassProbability, as code
+        mlflow.sklearn.save_model(model, f"{tmp}/classifier",
+                                  serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE,
+                                  pip_requirements=[f"scikit-learn=={sklearn.__version__}"])
+        code = Path(tmp, "positive_class_probability.py")
+        code.write_text(model_code(PositiveClassProbability))
+        artifacts = {"classifier": f"{tmp}/classifier"}
+        if baseline is not None:
+            Path(tmp, "baseline.json").write_text(json.dumps(baseline, allow_nan=False))
+            artifacts["baseline"] = f"{tmp}/baseline.json"
+        requirements = pip_requirements or [f"mlflow=={mlflow.__version__}", f"scikit-learn=={sklearn.__version__}",
+                                            f"pandas=={pd.__version__}"]
+        info = self.client.log_model(model=str(code), artifact_path=artifact_path, flavor=mlflow.pyfunc,
+                                     training_set=training_set,
+                                     registered_model_name=registered_model_name, infer_input_example=True,
+                                     artifacts=artifacts, pip_requirements=list(requirements))
+    # the client of Databricks Runtime 18 ML (0.13) returns nothing: its model is MLflow's last logged model
+    return info if info is not None else mlflow.models.get_model_info(mlflow.last_logged_model().model_uri)
 
-    def score_batch(self, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
-        return self.client.score_batch(model_uri=model_uri, df=dates_as_timestamps(df), result_type=result_type)
+# %% ../../nbs/05d_feature_store_databricks.ipynb #c691ea6d
+@patch
+def score_batch(self: DatabricksFeatureStore, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
+    return self.client.score_batch(model_uri=model_uri, df=dates_as_timestamps(df), result_type=result_type)
 
-    def append_scores(self, table: str, model_uri: str, df: DataFrame, keep: Sequence[str],
-                      constants: dict | None = None, rows: int | None = None) -> int:
-        "Score `df` with the client's `score_batch` and append its `keep` columns, the predictions and `constants` to `table` with Spark's Delta writer."
-        from pyspark.sql.pandas.types import from_arrow_type
-        # the client looks features up by TIMESTAMP keys (score_batch casts DATE ones): the kept columns get their own
-        # types back
-        scored = self.score_batch(model_uri, df).select(*[F.col(k).cast(df.schema[k].dataType) for k in keep],
-                                                        "prediction")
-        # the types the local store writes
-        fixed = {k: F.lit(v).cast(from_arrow_type(pa.scalar(v).type)) for k, v in (constants or {}).items()}
-        return self.tables.append(table, scored.withColumns(fixed), rows=rows)
+# %% ../../nbs/05d_feature_store_databricks.ipynb #a43292ff
+@patch
+def append_scores(self: DatabricksFeatureStore, table: str, model_uri: str, df: DataFrame, keep: Sequence[str],
+                  constants: dict | None = None, rows: int | None = None) -> int:
+    "Score `df` with the client's `score_batch`; append its `keep` columns, `prediction` and `constants` to `table`."
+    from pyspark.sql.pandas.types import from_arrow_type
+    # the client looks features up by TIMESTAMP keys (score_batch casts DATE ones): the kept columns get theirs back
+    scored = self.score_batch(model_uri, df).select(*[F.col(k).cast(df.schema[k].dataType) for k in keep],
+                                                    "prediction")
+    # the types the local store writes
+    fixed = {k: F.lit(v).cast(from_arrow_type(pa.scalar(v).type)) for k, v in (constants or {}).items()}
+    return self.tables.append(table, scored.withColumns(fixed), rows=rows)
 
-    def own_table(self, table: str) -> str:
-        "`table` when it is this environment's: promotion retargets a copy's feature spec, so a spec naming another catalog's table is refused."
-        own = same_table_in(self.env, table)
-        if own != table: raise FeatureStoreError(f"feature table {table} is not in environment '{self.env.name}' "
-                                                 f"(catalog {self.env.catalog}): "
-                                                 f"expected {own}; promote the model again so its feature spec names "
-                                                 f"this environment's tables")
-        return table
+# %% ../../nbs/05d_feature_store_databricks.ipynb #fc216c5c
+@patch
+def own_table(self: DatabricksFeatureStore, table: str) -> str:
+    "`table` when it is this environment's; another catalog's table is refused (promotion retargets a copy's spec)."
+    own = same_table_in(self.env, table)
+    if own != table: raise FeatureStoreError(f"feature table {table} is not in environment '{self.env.name}' "
+                                             f"(catalog {self.env.catalog}): expected {own}; promote the model again "
+                                             f"so its feature spec names this environment's tables")
+    return table
 
-    def feature_model_uri(self, uri: str) -> str:
-        "URI of the model that predicts from features inside the client-logged model at `uri` (its predict runs a Spark lookup job)."
-        # FeatureEngineeringClient.log_model's layout (RAW_MODEL_FOLDER, "never changes")
-        return f"{uri}/data/feature_store/raw_model"
+# %% ../../nbs/05d_feature_store_databricks.ipynb #aea432b2
+@patch
+def feature_model_uri(self: DatabricksFeatureStore, uri: str) -> str:
+    "URI of the model that predicts from features inside the client-logged model at `uri` (whose predict runs Spark)."
+    # FeatureEngineeringClient.log_model's layout (RAW_MODEL_FOLDER, "never changes")
+    return f"{uri}/data/feature_store/raw_model"
 
-    def retarget_model(self, path: Path | str) -> dict[str, str]:
-        "Make the client-logged model saved at `path` name this environment's feature tables of the same names; returns old -> new names."
-        from databricks.ml_features_common.entities.feature_spec import FeatureSpec
-        from mlflow.models import Model
-        data = Model.load(str(path)).flavors.get("python_function", {}).get("data")
-        folder = Path(path) / (data or "data/feature_store")
-        if not (folder / FeatureSpec.FEATURE_ARTIFACT_FILE).is_file():
-            raise FeatureStoreError(f"model at {path} has no "
-                                    f"{data or 'data/feature_store'}/{FeatureSpec.FEATURE_ARTIFACT_FILE}: "
-                                    "it was not logged by FeatureEngineeringClient.log_model")
-        proto = FeatureSpec.load(str(folder)).to_proto()
-        renamed = {}
-        for table in proto.input_tables:
-            new = renamed[table.table_name] = same_table_in(self.env, table.table_name)
-            try: table_id = self.client.get_table(name=new).table_id
-            except Exception as e:
-                where = f" of {self.env.where}"
-                raise FeatureStoreError(f"feature table {new} (the model's {table.table_name}) is not a feature "
-                                        f"table{where}: {e}; "
-                                        f"run the features job of environment '{self.env.name}' first") from None
-            table.table_name, table.table_id = new, table_id
-        for column in proto.input_columns:
-            if column.HasField("feature_column_info"): column.feature_column_info.table_name = renamed[column.feature_column_info.table_name]
-        FeatureSpec.from_proto(proto).save(str(folder))
-        return renamed
+# %% ../../nbs/05d_feature_store_databricks.ipynb #efdfaa6c
+@patch
+def retarget_model(self: DatabricksFeatureStore, path: Path | str) -> dict[str, str]:
+    "Make the client-logged model at `path` name this environment's feature tables of the same names (old -> new)."
+    from databricks.ml_features_common.entities.feature_spec import FeatureSpec
+    from mlflow.models import Model
+    data = Model.load(str(path)).flavors.get("python_function", {}).get("data")
+    folder = Path(path) / (data or "data/feature_store")
+    if not (folder / FeatureSpec.FEATURE_ARTIFACT_FILE).is_file():
+        raise FeatureStoreError(f"model at {path} has no "
+                                f"{data or 'data/feature_store'}/{FeatureSpec.FEATURE_ARTIFACT_FILE}: "
+                                "it was not logged by FeatureEngineeringClient.log_model")
+    proto = FeatureSpec.load(str(folder)).to_proto()
+    renamed = {}
+    for table in proto.input_tables:
+        new = renamed[table.table_name] = same_table_in(self.env, table.table_name)
+        try: table_id = self.client.get_table(name=new).table_id
+        except Exception as e:
+            where = f" of {self.env.where}"
+            raise FeatureStoreError(f"feature table {new} (the model's {table.table_name}) is not a feature "
+                                    f"table{where}: {e}; run the features job of environment '{self.env.name}' "
+                                    f"first") from None
+        table.table_name, table.table_id = new, table_id
+    for column in proto.input_columns:
+        if column.HasField("feature_column_info"):
+            column.feature_column_info.table_name = renamed[column.feature_column_info.table_name]
+    FeatureSpec.from_proto(proto).save(str(folder))
+    return renamed
 
-    def ensure_online_store(self, wait_minutes: float = ONLINE_STORE_WAIT_MINUTES, poll_seconds: float = 15):
-        "The environment's online store (variable online_store_name), created first when the workspace has none; once it is AVAILABLE."
-        from databricks.ml_features.entities.online_store import DatabricksOnlineStore
-        name, capacity = self.env.var("online_store_name"), self.env.var("online_store_capacity")
+# %% ../../nbs/05d_feature_store_databricks.ipynb #a78c3eda
+@patch
+def ensure_online_store(self: DatabricksFeatureStore, wait_minutes: float = ONLINE_STORE_WAIT_MINUTES,
+                        poll_seconds: float = 15):
+    "The environment's online store (variable online_store_name), made if the workspace has none, once AVAILABLE."
+    from databricks.ml_features.entities.online_store import DatabricksOnlineStore
+    name, capacity = self.env.var("online_store_name"), self.env.var("online_store_capacity")
+    store = self.client.get_online_store(name=name)
+    if store is None:  # the bundle cannot declare one (no resource type for it): the first publish makes it
+        print(f"creating online store {name} ({capacity}) in {self.env.where}", flush=True)
+        store = self.client.create_online_store(name=name, capacity=capacity)
+    deadline = time.monotonic() + wait_minutes * 60
+    while store.state not in (None, DatabricksOnlineStore.State.AVAILABLE):  # a new store starts for minutes
+        if time.monotonic() > deadline:
+            raise FeatureStoreError(f"online store {name} of {self.env.where} is {store.state.value}, not AVAILABLE, "
+                                    f"after {wait_minutes:g} minutes; publish again once it is")
+        time.sleep(poll_seconds)
         store = self.client.get_online_store(name=name)
-        if store is None:  # the bundle cannot declare one (no resource type for it): the first publish makes it
-            print(f"creating online store {name} ({capacity}) in {self.env.where}", flush=True)
-            store = self.client.create_online_store(name=name, capacity=capacity)
-        deadline = time.monotonic() + wait_minutes * 60
-        while store.state not in (None, DatabricksOnlineStore.State.AVAILABLE):  # a new store starts for minutes
-            if time.monotonic() > deadline:
-                raise FeatureStoreError(f"online store {name} of {self.env.where} is {store.state.value}, not "
-                                        f"AVAILABLE, "
-                                        f"after {wait_minutes:g} minutes; publish again once it is")
-            time.sleep(poll_seconds)
-            store = self.client.get_online_store(name=name)
-        return store
+    return store
 
-    def publish_table(self, name: str):
-        store = self.ensure_online_store()
-        self.enable_change_data_feed(name)  # a table created before the adapter set it
-        return self.client.publish_table(online_store=store, source_table_name=name, online_table_name=f"{name}_online")
+# %% ../../nbs/05d_feature_store_databricks.ipynb #bbc75047
+@patch
+def publish_table(self: DatabricksFeatureStore, name: str):
+    store = self.ensure_online_store()
+    self.enable_change_data_feed(name)  # a table created before the adapter set it
+    return self.client.publish_table(online_store=store, source_table_name=name, online_table_name=f"{name}_online")

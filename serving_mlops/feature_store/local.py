@@ -16,18 +16,20 @@ from fastcore.basics import patch
 
 from ..config import Environment, get_environment
 from ..errors import InputError
-from ..tables import TableError, Tables, delta_types, get_spark, is_spark_frame, spark_arrow_schema, tables_for, to_arrow
+from ..tables import (TableError, Tables, delta_types, get_spark, is_spark_frame, spark_arrow_schema,
+                                  tables_for, to_arrow)
 
 # %% auto #0
 __all__ = ['PROPERTY_PREFIX', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore', 'TrainingSet',
            'schema_changes']
 
-# %% ../../nbs/05_feature_store.ipynb #44d4b581
+# %% ../../nbs/05_feature_store.ipynb #2fe6b0a8
 class FeatureStoreError(InputError):
     "A refused feature store operation; the message names the table, column or key."
 
 PROPERTY_PREFIX = "feature_store."  # table properties holding the feature table's definition
 
+# %% ../../nbs/05_feature_store.ipynb #9e0d5ae0
 @dataclass
 class FeatureTable:
     "A feature table's definition, as `get_table` returns it."
@@ -42,7 +44,7 @@ class FeatureTable:
     @property
     def keys(self) -> list: return [*self.primary_keys, *([self.timeseries_column] if self.timeseries_column else [])]
 
-# %% ../../nbs/05_feature_store.ipynb #c2a3fd3b
+# %% ../../nbs/05_feature_store.ipynb #7588e147
 @dataclass
 class FeatureLookup:
     "Features to join from one feature table (fields as in databricks.feature_engineering.FeatureLookup)."
@@ -53,10 +55,10 @@ class FeatureLookup:
     timestamp_lookup_key: str | None = None  # column of the training frame with the point in time
 
     @property
-    def lookup_keys(self) -> list: return [self.lookup_key] if isinstance(self.lookup_key,
-            str) else list(self.lookup_key)
+    def lookup_keys(self) -> list:
+        return [self.lookup_key] if isinstance(self.lookup_key, str) else list(self.lookup_key)
 
-# %% ../../nbs/05_feature_store.ipynb #e26e9152
+# %% ../../nbs/05_feature_store.ipynb #3b10802a
 class LocalFeatureStore:
     "Feature tables on the environment's Delta tables, with an embedded online store."
     def __init__(self, env: Environment | None = None, tables: Tables | None = None, spark=None):
@@ -69,63 +71,68 @@ class LocalFeatureStore:
         if self._spark is None: self._spark = get_spark(self.env)
         return self._spark
 
-    def create_table(self, name: str, primary_keys: str | Sequence[str], df=None, timeseries_column: str | None = None,
-                     description: str | None = None, feature_descriptions: dict | None = None,
-                     produced_by: str | None = None) -> FeatureTable:
-        "Define feature table `name` (writing `df` if given) and return its definition."
-        primary_keys = [primary_keys] if isinstance(primary_keys, str) else list(primary_keys)
-        if self.tables.exists(name): raise FeatureStoreError(f"feature table {name} already exists; use write_table "
-                                                             f"to add rows")
-        if df is None: raise FeatureStoreError(f"feature table {name}: create_table needs a frame (df) to take the "
-                                               f"schema from")
-        keys = [*primary_keys, *([timeseries_column] if timeseries_column else [])]
-        table = to_arrow(df)
-        unknown = sorted(set(feature_descriptions or {}) - set(table.column_names))
-        if unknown: raise FeatureStoreError(f"feature table {name}: feature_descriptions name column(s) {unknown} "
-                                            f"that are not in the frame")
-        self.tables.merge(name, table, keys)
-        self.tables.set_metadata(name, description=description, properties={
-            f"{PROPERTY_PREFIX}primary_keys": json.dumps(primary_keys),
-            f"{PROPERTY_PREFIX}timeseries_column": timeseries_column or "",
-            f"{PROPERTY_PREFIX}produced_by": produced_by or ""}, column_comments=feature_descriptions)
-        return self.get_table(name)
+# %% ../../nbs/05_feature_store.ipynb #bbf227c8
+@patch
+def get_table(self: LocalFeatureStore, name: str) -> FeatureTable:
+    "The definition of feature table `name`."
+    if not self.tables.exists(name): raise FeatureStoreError(f"feature table {name} does not exist")
+    info = self.tables.describe(name)
+    props = info["properties"]
+    if f"{PROPERTY_PREFIX}primary_keys" not in props: raise FeatureStoreError(f"table {name} is not a feature "
+                                                                              f"table (no primary keys recorded)")
+    keys, ts = (json.loads(props[f"{PROPERTY_PREFIX}primary_keys"]),
+                props.get(f"{PROPERTY_PREFIX}timeseries_column") or None)
+    columns = self.tables.schema(name).names
+    return FeatureTable(name, keys, ts, info["description"], [c for c in columns if c not in keys and c != ts],
+                        info["column_comments"], props.get(f"{PROPERTY_PREFIX}produced_by") or None)
 
-    def get_table(self, name: str) -> FeatureTable:
-        "The definition of feature table `name`."
-        if not self.tables.exists(name): raise FeatureStoreError(f"feature table {name} does not exist")
-        info = self.tables.describe(name)
-        props = info["properties"]
-        if f"{PROPERTY_PREFIX}primary_keys" not in props: raise FeatureStoreError(f"table {name} is not a feature "
-                                                                                  f"table (no primary keys recorded)")
-        keys, ts = json.loads(props[f"{PROPERTY_PREFIX}primary_keys"]), props.get(f"{PROPERTY_PREFIX}timeseries_column") or None
-        columns = self.tables.schema(name).names
-        return FeatureTable(name, keys, ts, info["description"], [c for c in columns if c not in keys and c != ts],
-                            info["column_comments"], props.get(f"{PROPERTY_PREFIX}produced_by") or None)
+# %% ../../nbs/05_feature_store.ipynb #e678e1f6
+@patch
+def create_table(self: LocalFeatureStore, name: str, primary_keys: str | Sequence[str], df=None,
+                 timeseries_column: str | None = None, description: str | None = None,
+                 feature_descriptions: dict | None = None, produced_by: str | None = None) -> FeatureTable:
+    "Define feature table `name` (writing `df` if given) and return its definition."
+    primary_keys = [primary_keys] if isinstance(primary_keys, str) else list(primary_keys)
+    if self.tables.exists(name): raise FeatureStoreError(f"feature table {name} already exists; use write_table "
+                                                         f"to add rows")
+    if df is None: raise FeatureStoreError(f"feature table {name}: create_table needs a frame (df) to take the "
+                                           f"schema from")
+    keys = [*primary_keys, *([timeseries_column] if timeseries_column else [])]
+    table = to_arrow(df)
+    unknown = sorted(set(feature_descriptions or {}) - set(table.column_names))
+    if unknown: raise FeatureStoreError(f"feature table {name}: feature_descriptions name column(s) {unknown} "
+                                        f"that are not in the frame")
+    self.tables.merge(name, table, keys)
+    self.tables.set_metadata(name, description=description, properties={
+        f"{PROPERTY_PREFIX}primary_keys": json.dumps(primary_keys),
+        f"{PROPERTY_PREFIX}timeseries_column": timeseries_column or "",
+        f"{PROPERTY_PREFIX}produced_by": produced_by or ""}, column_comments=feature_descriptions)
+    return self.get_table(name)
 
-    def write_table(self, name: str, df, mode: str = "merge") -> int:
-        """Merge (upsert on the keys) or overwrite rows of feature table `name`; returns the Delta version. A merge adds the
-        columns `df` brings, as the Databricks client's `write_table` does (Delta's mergeSchema); a frame that lacks or
-        retypes a column is refused: dropping or retyping a feature is `rebuild_table`."""
-        ft = self.get_table(name)
-        if mode not in ("merge", "overwrite"): raise FeatureStoreError(f"feature table {name}: mode must be 'merge' "
-                                                                       f"or 'overwrite', not {mode!r}")
-        try: return self.tables.merge(name, df, ft.keys,
-                                      add_columns=True)["version"] if mode == "merge" else self.tables.overwrite(name,
-                                              df, keys=ft.keys)
-        except TableError as e:
-            if "schema mismatch" not in str(e): raise
-            raise FeatureStoreError(f"{e}. Removing or retyping a feature is deliberate: rebuild the table "
-                                    f"(`serving-mlops features --env "
-                                    f"{self.env.name} --rebuild {name.rsplit('.', 1)[-1]}`, or the store's "
-                                    f"rebuild_table); its earlier "
-                                    f"versions keep their columns") from None
+# %% ../../nbs/05_feature_store.ipynb #393d33d5
+@patch
+def write_table(self: LocalFeatureStore, name: str, df, mode: str = "merge") -> int:
+    "Merge (upsert on the keys) or overwrite rows of feature table `name`; returns the Delta version."
+    ft = self.get_table(name)
+    if mode not in ("merge", "overwrite"): raise FeatureStoreError(f"feature table {name}: mode must be 'merge' "
+                                                                   f"or 'overwrite', not {mode!r}")
+    try:
+        return (self.tables.merge(name, df, ft.keys, add_columns=True)["version"] if mode == "merge"
+                else self.tables.overwrite(name, df, keys=ft.keys))
+    except TableError as e:
+        if "schema mismatch" not in str(e): raise
+        raise FeatureStoreError(f"{e}. Removing or retyping a feature is deliberate: rebuild the table "
+                                f"(`serving-mlops features --env {self.env.name} --rebuild {name.rsplit('.', 1)[-1]}`, "
+                                f"or the store's rebuild_table); its earlier versions keep their columns") from None
 
-    def read_table(self, name: str, version: int | None = None) -> DataFrame:
-        "Feature table `name` (as of `version`) as a Spark DataFrame."
-        self.get_table(name)
-        return self.tables.read_spark(name, version, spark=self.spark)
+# %% ../../nbs/05_feature_store.ipynb #ff22ce9b
+@patch
+def read_table(self: LocalFeatureStore, name: str, version: int | None = None) -> DataFrame:
+    "Feature table `name` (as of `version`) as a Spark DataFrame."
+    self.get_table(name)
+    return self.tables.read_spark(name, version, spark=self.spark)
 
-# %% ../../nbs/05_feature_store.ipynb #42b60cdc
+# %% ../../nbs/05_feature_store.ipynb #619ebbcd
 def _lookup_frame(df: DataFrame, lookup: FeatureLookup, ft: FeatureTable, features: DataFrame) -> DataFrame:
     "`df` with the features of one lookup joined (point in time when the lookup has a timestamp)."
     keys = lookup.lookup_keys
@@ -151,13 +158,14 @@ def _lookup_frame(df: DataFrame, lookup: FeatureLookup, ft: FeatureTable, featur
         left = df.withColumn("__row", F.monotonically_increasing_id())
         joined = left.join(right, on + [F.col("__ts") <= F.col(lookup.timestamp_lookup_key)], "left")
         newest = Window.partitionBy("__row").orderBy(F.col("__ts").desc_nulls_last())
-        return joined.withColumn("__rank", F.row_number().over(newest)).filter("__rank = 1").drop("__rank", "__row",
-                "__ts", *key_cols)
+        return (joined.withColumn("__rank", F.row_number().over(newest)).filter("__rank = 1")
+                .drop("__rank", "__row", "__ts", *key_cols))
     if ft.timeseries_column:
         latest = Window.partitionBy(*key_cols).orderBy(F.col("__ts").desc())
         right = right.withColumn("__rank", F.row_number().over(latest)).filter("__rank = 1").drop("__rank", "__ts")
     return df.join(right, on, "left").drop(*key_cols)
 
+# %% ../../nbs/05_feature_store.ipynb #7cdb8e29
 @dataclass
 class TrainingSet:
     "Label rows with their looked-up features; `load_df` builds the frame."
@@ -167,33 +175,37 @@ class TrainingSet:
     label: str | None = None
     exclude_columns: list = field(default_factory=list)
 
-    def load_df(self) -> DataFrame:
-        "The training frame: label rows, looked-up features, without the excluded columns."
-        out = self.df
-        for lookup in self.feature_lookups:
-            ft = self.store.get_table(lookup.table_name)
-            out = _lookup_frame(out, lookup, ft, self.store.read_table(lookup.table_name))
-        return out.drop(*self.exclude_columns)
+# %% ../../nbs/05_feature_store.ipynb #16717489
+@patch
+def load_df(self: TrainingSet) -> DataFrame:
+    "The training frame: label rows, looked-up features, without the excluded columns."
+    out = self.df
+    for lookup in self.feature_lookups:
+        ft = self.store.get_table(lookup.table_name)
+        out = _lookup_frame(out, lookup, ft, self.store.read_table(lookup.table_name))
+    return out.drop(*self.exclude_columns)
 
-    @property
-    def feature_spec(self) -> dict:
-        "What a model trained on this set needs: tables, keys and features, by output column."
-        lookups = []
-        for lookup in self.feature_lookups:
-            ft = self.store.get_table(lookup.table_name)
-            names = list(lookup.feature_names or ft.features)
-            lookups.append({"table_name": ft.name, "lookup_key": lookup.lookup_keys, "primary_keys": ft.primary_keys,
-                            "timeseries_column": ft.timeseries_column,
-                            "timestamp_lookup_key": lookup.timestamp_lookup_key,
-                            "features": {f: (lookup.rename_outputs or {}).get(f, f) for f in names},
-                            "table_version": self.store.tables.version(ft.name)})
-        return {"lookups": lookups, "label": self.label, "exclude_columns": list(self.exclude_columns),
-                "input_columns": [c for c in self.df.columns if c not in self.exclude_columns and c != self.label]}
+# %% ../../nbs/05_feature_store.ipynb #9e815e78
+@patch(as_prop=True)
+def feature_spec(self: TrainingSet) -> dict:
+    "What a model trained on this set needs: tables, keys and features, by output column."
+    lookups = []
+    for lookup in self.feature_lookups:
+        ft = self.store.get_table(lookup.table_name)
+        names = list(lookup.feature_names or ft.features)
+        lookups.append({"table_name": ft.name, "lookup_key": lookup.lookup_keys, "primary_keys": ft.primary_keys,
+                        "timeseries_column": ft.timeseries_column,
+                        "timestamp_lookup_key": lookup.timestamp_lookup_key,
+                        "features": {f: (lookup.rename_outputs or {}).get(f, f) for f in names},
+                        "table_version": self.store.tables.version(ft.name)})
+    return {"lookups": lookups, "label": self.label, "exclude_columns": list(self.exclude_columns),
+            "input_columns": [c for c in self.df.columns if c not in self.exclude_columns and c != self.label]}
 
+# %% ../../nbs/05_feature_store.ipynb #1c3f059c
 @patch
 def create_training_set(self: LocalFeatureStore, df: DataFrame, feature_lookups: Sequence[FeatureLookup],
                         label: str | None, exclude_columns: Sequence[str] | None = None) -> TrainingSet:
-    "A training set of `df`'s rows with the features of `feature_lookups` (point in time where a timestamp is given)."
+    "A training set of `df`'s rows with the features of `feature_lookups` (point in time where one is given)."
     if label is not None and label not in df.columns: raise FeatureStoreError(f"training set: label column {label!r} "
                                                                               f"is not in the frame")
     for lookup in feature_lookups: self.get_table(lookup.table_name)
@@ -205,7 +217,7 @@ def table_versions(self: LocalFeatureStore, training_set: TrainingSet) -> dict[s
     "Delta version of each feature table `training_set` reads, by table name."
     return {l["table_name"]: l["table_version"] for l in training_set.feature_spec["lookups"]}
 
-# %% ../../nbs/05_feature_store.ipynb #6147cd26
+# %% ../../nbs/05_feature_store.ipynb #a18e6ed2
 def schema_changes(old: pa.Schema, new: pa.Schema) -> dict:
     "The columns added, removed and retyped from schema `old` to `new` (Delta type names)."
     was, now = delta_types(old), delta_types(new)
@@ -213,14 +225,12 @@ def schema_changes(old: pa.Schema, new: pa.Schema) -> dict:
             "removed": [c for c in was if c not in now],
             "retyped": [f"{c} ({was[c]} -> {t})" for c, t in now.items() if c in was and t != was[c]]}
 
+# %% ../../nbs/05_feature_store.ipynb #482cfd03
 @patch
 def rebuild_table(self: LocalFeatureStore, name: str, df, # every row of the table, in its new columns and types
                   feature_descriptions: dict | None = None, # descriptions of new features
                   ) -> dict:
-    """Rewrite feature table `name` with `df`'s columns and types: the deliberate way to drop or retype a feature. Its
-    definition (keys, description, the comments of the columns it keeps) stays, its earlier Delta versions keep their
-    columns (time travel: models trained on them still read them), and the online store takes the new columns at the
-    next publish. Returns the schema changes and the new version."""
+    "Rewrite feature table `name` in `df`'s columns and types (dropping or retyping features); returns the changes."
     ft = self.get_table(name)
     schema = spark_arrow_schema(df) if is_spark_frame(df) else to_arrow(df).schema
     lacking = [k for k in ft.keys if k not in schema.names]

@@ -25,19 +25,20 @@ from threadpoolctl import ThreadpoolController
 from ..config import Environment, using_mlflow
 from ..naming import same_table_in
 from ..tables import spark_arrow_schema
-from .local import FeatureLookup, FeatureStoreError, LocalFeatureStore, TrainingSet, _lookup_frame
+from .local import (FeatureLookup, FeatureStoreError, LocalFeatureStore, TrainingSet,
+                                               _lookup_frame)
 from .online import OnlineStore
 
 # %% auto #0
 __all__ = ['in_experiment', 'FeatureSpecModel', 'model_columns', 'download_model', 'lookup_online', 'loaded_model',
            'predict_batches', 'scores_schema', 'features_as_of']
 
-# %% ../../nbs/05c_feature_store_models.ipynb #c80d1708
+# %% ../../nbs/05c_feature_store_models.ipynb #364d92df
 @contextmanager
 def in_experiment(env: Environment, name: str, # e.g. `experiment_name(env, "training")`
                   # databricks.sdk WorkspaceClient of a workspace target (default: one for env's workspace)
                   workspace=None):
-    "Within the block, MLflow runs go to experiment `name` of `env`, created first (in a local workspace with its artifacts there, on a workspace in its folder, made first)."
+    "Within the block, MLflow runs go to experiment `name` of `env`, created first."
     with using_mlflow(env):
         if mlflow.get_experiment_by_name(name) is None:
             if env.is_local: mlflow.create_experiment(name, artifact_location=env.artifact_location)
@@ -53,12 +54,14 @@ def in_experiment(env: Environment, name: str, # e.g. `experiment_name(env, "tra
             mlflow.set_experiment_tag("mlflow.experimentKind", "custom_model_development")
         yield experiment
 
+# %% ../../nbs/05c_feature_store_models.ipynb #25931fe3
 class FeatureSpecModel(mlflow.pyfunc.PythonModel):
     "An MLflow pyfunc model with its feature spec; predicts the positive-class probability from feature columns."
     def load_context(self, context):
         self.model = mlflow.sklearn.load_model(context.artifacts["model"])
         self.feature_spec = json.loads(Path(context.artifacts["feature_spec"]).read_text())
-        self.baseline = json.loads(Path(context.artifacts["baseline"]).read_text()) if "baseline" in context.artifacts else None
+        self.baseline = (json.loads(Path(context.artifacts["baseline"]).read_text())
+                         if "baseline" in context.artifacts else None)
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         columns = self.feature_spec["model_columns"]
@@ -74,6 +77,7 @@ class FeatureSpecModel(mlflow.pyfunc.PythonModel):
         with self._pools.limit(limits=1 if len(X) < 1_000 else None):
             return self.model.predict_proba(X)[:, 1] if hasattr(self.model, "predict_proba") else self.model.predict(X)
 
+# %% ../../nbs/05c_feature_store_models.ipynb #28c4ba60
 def model_columns(training_set: TrainingSet) -> list:
     "Columns a model trained on `training_set` takes: looked-up features and the frame's own non-key columns."
     spec = training_set.feature_spec
@@ -82,6 +86,7 @@ def model_columns(training_set: TrainingSet) -> list:
     own = [c for c in spec["input_columns"] if c not in keys]
     return own + [o for l in spec["lookups"] for o in l["features"].values()]
 
+# %% ../../nbs/05c_feature_store_models.ipynb #4b9422ea
 @patch
 def log_model(self: LocalFeatureStore, model, artifact_path: str = "model", flavor=mlflow.sklearn,
               training_set: TrainingSet | None = None,
@@ -89,7 +94,7 @@ def log_model(self: LocalFeatureStore, model, artifact_path: str = "model", flav
               input_example=None, signature=None, pip_requirements: Sequence[str] | None = None,
               # training baseline (JSON-serialisable), saved as the model's `baseline.json`
               baseline: dict | None = None):
-    "Log `model` to MLflow with `training_set`'s feature spec (and training baseline), so it can be scored from keys; returns the ModelInfo."
+    "Log `model` with `training_set`'s feature spec (and baseline), to be scored from keys; returns its ModelInfo."
     if flavor is not mlflow.sklearn: raise FeatureStoreError("log_model supports flavor=mlflow.sklearn")
     if training_set is None: raise FeatureStoreError("log_model needs the training_set the model was trained on")
     import sklearn
@@ -111,6 +116,7 @@ def log_model(self: LocalFeatureStore, model, artifact_path: str = "model", flav
                                        registered_model_name=registered_model_name, input_example=input_example,
                                        signature=signature, pip_requirements=list(requirements))
 
+# %% ../../nbs/05c_feature_store_models.ipynb #853603b7
 def _spec_lookups(spec: dict, present: Sequence[str]) -> list:
     "FeatureLookups for the features of `spec` not already among the `present` columns."
     out = []
@@ -121,6 +127,7 @@ def _spec_lookups(spec: dict, present: Sequence[str]) -> list:
                                             if l["timestamp_lookup_key"] in present else None))
     return out
 
+# %% ../../nbs/05c_feature_store_models.ipynb #a329e356
 @patch
 def own_table(self: LocalFeatureStore, table: str) -> str:
     "`table`, or this environment's feature table of the same name when `table` is another environment's."
@@ -130,12 +137,14 @@ def own_table(self: LocalFeatureStore, table: str) -> str:
     raise FeatureStoreError(f"feature table {table}" + (f" (or this environment's {own})" if own != table else "") +
                             f" does not exist; run the features job of environment '{self.env.name}'")
 
+# %% ../../nbs/05c_feature_store_models.ipynb #9be7f154
 def download_model(env: Environment, model_uri: str, folder: str) -> tuple[str, dict]:
     "A copy of the model at `model_uri` in `folder`, and its feature spec."
     with using_mlflow(env):
         path = mlflow.artifacts.download_artifacts(model_uri, dst_path=folder)
         return path, mlflow.pyfunc.load_model(path).unwrap_python_model().feature_spec
 
+# %% ../../nbs/05c_feature_store_models.ipynb #95d6e368
 @patch
 def with_features(self: LocalFeatureStore, spec: dict, df: DataFrame) -> DataFrame:
     "`df` with the features of `spec` it lacks, looked up in this store's tables (point in time): a plan."
@@ -145,9 +154,10 @@ def with_features(self: LocalFeatureStore, spec: dict, df: DataFrame) -> DataFra
         full = _lookup_frame(full, lookup, self.get_table(table), self.read_table(table))
     return full
 
+# %% ../../nbs/05c_feature_store_models.ipynb #37887d6d
 @patch
 def score_batch(self: LocalFeatureStore, model_uri: str, df: DataFrame, result_type: str = "double") -> DataFrame:
-    "`df` (keys, optionally some features) with the looked-up features and a `prediction` column, predicted in Spark's Python workers."
+    "`df` (keys, optionally features) with the looked-up features and a `prediction`, predicted in Spark's workers."
     with tempfile.TemporaryDirectory() as tmp:
         path, spec = download_model(self.env, model_uri, tmp)
         with using_mlflow(self.env):  # copies the model for the workers (in MLflow's temporary folder of this process)
@@ -156,6 +166,7 @@ def score_batch(self: LocalFeatureStore, model_uri: str, df: DataFrame, result_t
     # the model gets every column by name, as in-process
     return full.withColumn("prediction", predict(F.struct(*full.columns)))
 
+# %% ../../nbs/05c_feature_store_models.ipynb #aa095815
 def lookup_online(spec: dict, store: OnlineStore, records: Sequence[dict]) -> tuple[pd.DataFrame, list]:
     "Model input for `records` (keys, optionally features) from the online store, and the keys not found."
     rows, not_found = [], []
@@ -169,7 +180,7 @@ def lookup_online(spec: dict, store: OnlineStore, records: Sequence[dict]) -> tu
         rows.append(row)
     return pd.DataFrame(rows), not_found
 
-# %% ../../nbs/05c_feature_store_models.ipynb #d51a97ad
+# %% ../../nbs/05c_feature_store_models.ipynb #02847e75
 # in a Python worker: the model of the current scoring, loaded once for all the partitions it predicts
 _loaded: dict = {}
 
@@ -180,11 +191,12 @@ def loaded_model(path: str):
         _loaded[path] = mlflow.pyfunc.load_model(path)
     return _loaded[path]
 
+# %% ../../nbs/05c_feature_store_models.ipynb #04e977e8
 def predict_batches(path: str, # a local copy of the model (`download_model`)
                     keep: Sequence[str], # input columns copied to the output, e.g. the keys
                     constants: dict, # output columns with one value for every row, e.g. the model version
                     batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-    "For each batch of model input (keys and features): its `keep` columns, the model's `prediction` and the `constants`."
+    "For each batch of model input (keys and features): its `keep` columns, the `prediction` and the `constants`."
     model = loaded_model(path)
     for b in batches:
         prediction = pa.array(model.predict(b.to_pandas()), type=pa.float64())
@@ -198,6 +210,7 @@ def scores_schema(keys: pa.Schema, # schema of the `keep` columns
     return pa.schema([*keys, pa.field("prediction", pa.float64()),
                       *(pa.field(k, pa.scalar(v).type) for k, v in constants.items())])
 
+# %% ../../nbs/05c_feature_store_models.ipynb #45e764fb
 @patch
 def append_scores(self: LocalFeatureStore, table: str, # the table the scores are appended to (created if new)
                   model_uri: str, df: DataFrame, # keys (optionally some features) to score
@@ -205,7 +218,7 @@ def append_scores(self: LocalFeatureStore, table: str, # the table the scores ar
                   constants: dict | None = None, # columns with one value for every row, e.g. {"model_version": 3}
                   # refuse the write (nothing written) unless `df` has exactly this many rows
                   rows: int | None = None) -> int:
-    "Score `df` with the model at `model_uri` into `table` in one commit, in one pass: the Python worker that predicts a partition writes its files; returns the table's new version."
+    "Score `df` with the model at `model_uri` into `table` in one pass and one commit; returns the table's new version."
     keep, constants = list(keep), dict(constants or {})
     missing = [k for k in keep if k not in df.columns]
     if missing: raise FeatureStoreError(f"scoring into {table}: the frame lacks column(s) {missing} to keep; it has "
@@ -217,7 +230,7 @@ def append_scores(self: LocalFeatureStore, table: str, # the table the scores ar
         return self.tables.append_transformed(table, self.with_features(spec, df),
                                               partial(predict_batches, path, keep, constants), schema, rows)
 
-# %% ../../nbs/05c_feature_store_models.ipynb #3f9a73d5
+# %% ../../nbs/05c_feature_store_models.ipynb #d60a7608
 @patch
 def retarget_model(self: LocalFeatureStore, path: Path | str) -> dict[str, str]:
     "Make the model saved at `path` name this environment's feature tables of the same names; returns old -> new names."
@@ -238,6 +251,7 @@ def retarget_model(self: LocalFeatureStore, path: Path | str) -> dict[str, str]:
     file.write_text(json.dumps(spec, indent=2, default=str))
     return renamed
 
+# %% ../../nbs/05c_feature_store_models.ipynb #5287df3c
 @patch
 def feature_model_uri(self: LocalFeatureStore, uri: str) -> str:
     "URI of the model that predicts from features inside the model logged by this store at `uri` (for timing it alone)."
@@ -250,7 +264,7 @@ def features_as_of(store, # the environment's feature store (`feature_store_for`
                    # keys, the lookups' timestamp lookup key columns (the points in time), optionally features
                    df: DataFrame,
                    ) -> DataFrame:
-    "`df` with the spec's features it lacks, looked up in this environment's feature tables as of each row's point in time."
+    "`df` with the spec's features it lacks, from this environment's feature tables as of each row's point in time."
     from dataclasses import replace
     lookups = [replace(l, table_name=store.own_table(l.table_name)) for l in _spec_lookups(spec, df.columns)]
     return store.create_training_set(df, lookups, label=None).load_df() if lookups else df

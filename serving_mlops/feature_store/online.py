@@ -20,7 +20,7 @@ from .local import FeatureStoreError, LocalFeatureStore
 # %% auto #0
 __all__ = ['OnlineStore', 'latest_per_key']
 
-# %% ../../nbs/05b_feature_store_online.ipynb #7306ba9c
+# %% ../../nbs/05b_feature_store_online.ipynb #297df7ea
 _SQL_TYPES = {"int": "INTEGER", "uint": "INTEGER", "bool": "INTEGER", "double": "REAL", "float": "REAL",
               "halffloat": "REAL"}
 
@@ -30,6 +30,7 @@ def _sql_value(v):
     "A Python value SQLite stores as is (dates and times as ISO text)."
     return v.isoformat() if hasattr(v, "isoformat") else v
 
+# %% ../../nbs/05b_feature_store_online.ipynb #52a84706
 class OnlineStore:
     "Latest feature values per key in SQLite (WAL): atomic publishes, sub-millisecond lookups."
     def __init__(self, path: Path | str):
@@ -53,76 +54,86 @@ class OnlineStore:
             self._local.statements = {}
         return self._local.db
 
-    def published(self, name: str) -> dict | None:
-        "What is published for table `name`: Delta version, keys, columns, rows, time; None if nothing."
-        row = self.db.execute("SELECT delta_version, primary_keys, columns, rows, published_at FROM _published WHERE "
-                              "table_name = ?", (name,)).fetchone()
-        if row is None: return None
-        return {"delta_version": row[0], "primary_keys": json.loads(row[1]), "columns": json.loads(row[2]),
-                "rows": row[3], "published_at": row[4]}
+# %% ../../nbs/05b_feature_store_online.ipynb #30314648
+@patch
+def published(self: OnlineStore, name: str) -> dict | None:
+    "What is published for table `name`: Delta version, keys, columns, rows, time; None if nothing."
+    row = self.db.execute("SELECT delta_version, primary_keys, columns, rows, published_at FROM _published WHERE "
+                          "table_name = ?", (name,)).fetchone()
+    if row is None: return None
+    return {"delta_version": row[0], "primary_keys": json.loads(row[1]), "columns": json.loads(row[2]),
+            "rows": row[3], "published_at": row[4]}
 
-    def publish(self, name: str, table: pa.Table, primary_keys: Sequence[str], delta_version: int) -> dict:
-        "Replace the rows of `name` with `table` (one row per key) atomically; skip a version already published."
-        current = self.published(name)
-        if current and current["delta_version"] == delta_version: return {**current, "changed": False}
-        columns = [f"{_quote(f.name)} {_SQL_TYPES.get(str(f.type).rstrip('0123456789'), 'TEXT')}" for f in table.schema]
-        staging = _quote(name + "__staging")
-        db = self.db
-        db.execute(f"DROP TABLE IF EXISTS {staging}")
-        db.execute(f"CREATE TABLE {staging} ({', '.join(columns)}, PRIMARY KEY "
-                   f"({', '.join(map(_quote, primary_keys))})) WITHOUT ROWID")
-        insert = f"INSERT INTO {staging} VALUES ({', '.join('?' * table.num_columns)})"
-        db.execute("BEGIN")
-        for batch in table.to_batches(50_000):
-            db.executemany(insert, ([_sql_value(v) for v in row]
-                                    for row in zip(*(c.to_pylist() for c in batch.columns))))
-        db.execute("COMMIT")
-        now = datetime.now(timezone.utc).isoformat()
-        db.execute("BEGIN IMMEDIATE")  # the swap: readers see the old table or the new one
-        db.execute(f"DROP TABLE IF EXISTS {_quote(name)}")
-        db.execute(f"ALTER TABLE {staging} RENAME TO {_quote(name)}")
-        db.execute("INSERT OR REPLACE INTO _published VALUES (?, ?, ?, ?, ?, ?)",
-                   (name, delta_version, json.dumps(list(primary_keys)), json.dumps(table.column_names), table.num_rows,
-                    now))
-        db.execute("COMMIT")
-        return {**self.published(name), "changed": True}
+# %% ../../nbs/05b_feature_store_online.ipynb #d041a2ef
+@patch
+def publish(self: OnlineStore, name: str, table: pa.Table, primary_keys: Sequence[str], delta_version: int) -> dict:
+    "Replace the rows of `name` with `table` (one row per key) atomically; skip a version already published."
+    current = self.published(name)
+    if current and current["delta_version"] == delta_version: return {**current, "changed": False}
+    columns = [f"{_quote(f.name)} {_SQL_TYPES.get(str(f.type).rstrip('0123456789'), 'TEXT')}" for f in table.schema]
+    staging = _quote(name + "__staging")
+    db = self.db
+    db.execute(f"DROP TABLE IF EXISTS {staging}")
+    db.execute(f"CREATE TABLE {staging} ({', '.join(columns)}, PRIMARY KEY "
+               f"({', '.join(map(_quote, primary_keys))})) WITHOUT ROWID")
+    insert = f"INSERT INTO {staging} VALUES ({', '.join('?' * table.num_columns)})"
+    db.execute("BEGIN")
+    for batch in table.to_batches(50_000):
+        db.executemany(insert, ([_sql_value(v) for v in row]
+                                for row in zip(*(c.to_pylist() for c in batch.columns))))
+    db.execute("COMMIT")
+    now = datetime.now(timezone.utc).isoformat()
+    db.execute("BEGIN IMMEDIATE")  # the swap: readers see the old table or the new one
+    db.execute(f"DROP TABLE IF EXISTS {_quote(name)}")
+    db.execute(f"ALTER TABLE {staging} RENAME TO {_quote(name)}")
+    db.execute("INSERT OR REPLACE INTO _published VALUES (?, ?, ?, ?, ?, ?)",
+               (name, delta_version, json.dumps(list(primary_keys)), json.dumps(table.column_names), table.num_rows,
+                now))
+    db.execute("COMMIT")
+    return {**self.published(name), "changed": True}
 
-    def key_types(self, name: str) -> dict:
-        "SQL type of each primary key column of published table `name`, in key order: what a lookup key must be."
-        keys = (self.published(name) or {}).get("primary_keys") or []
-        declared = {row[1]: row[2] for row in self.db.execute(f"PRAGMA table_info({_quote(name)})")}
-        return {k: declared.get(k) for k in keys}
+# %% ../../nbs/05b_feature_store_online.ipynb #96d157b0
+@patch
+def key_types(self: OnlineStore, name: str) -> dict:
+    "SQL type of each primary key column of published table `name`, in key order: what a lookup key must be."
+    keys = (self.published(name) or {}).get("primary_keys") or []
+    declared = {row[1]: row[2] for row in self.db.execute(f"PRAGMA table_info({_quote(name)})")}
+    return {k: declared.get(k) for k in keys}
 
-    def lookup(self, name: str, *key) -> dict | None:
-        "Feature values of the row of `name` with primary key `key`, or None when the key is unknown."
-        statements = self._local.__dict__.setdefault("statements", {})
-        if name not in statements:
-            info = self.published(name)
-            if info is None: raise FeatureStoreError(f"online store {self.path}: table {name} is not published")
-            where = " AND ".join(f"{_quote(k)} = ?" for k in info["primary_keys"])
-            statements[name] = (f"SELECT * FROM {_quote(name)} WHERE {where}", len(info["primary_keys"]))
-        sql, n = statements[name]
-        if len(key) != n: raise FeatureStoreError(f"online store: table {name} has {n} primary key column(s), got "
-                                                  f"{len(key)} value(s)")
-        cursor = self.db.execute(sql, key)
-        row = cursor.fetchone()
-        return None if row is None else dict(zip([d[0] for d in cursor.description], row))  # columns as now published
+# %% ../../nbs/05b_feature_store_online.ipynb #e1957137
+@patch
+def lookup(self: OnlineStore, name: str, *key) -> dict | None:
+    "Feature values of the row of `name` with primary key `key`, or None when the key is unknown."
+    statements = self._local.__dict__.setdefault("statements", {})
+    if name not in statements:
+        info = self.published(name)
+        if info is None: raise FeatureStoreError(f"online store {self.path}: table {name} is not published")
+        where = " AND ".join(f"{_quote(k)} = ?" for k in info["primary_keys"])
+        statements[name] = (f"SELECT * FROM {_quote(name)} WHERE {where}", len(info["primary_keys"]))
+    sql, n = statements[name]
+    if len(key) != n: raise FeatureStoreError(f"online store: table {name} has {n} primary key column(s), got "
+                                              f"{len(key)} value(s)")
+    cursor = self.db.execute(sql, key)
+    row = cursor.fetchone()
+    return None if row is None else dict(zip([d[0] for d in cursor.description], row))  # columns as now published
 
-# %% ../../nbs/05b_feature_store_online.ipynb #7c63ebba
+# %% ../../nbs/05b_feature_store_online.ipynb #ce9d6526
 def latest_per_key(table: pa.Table, primary_keys: Sequence[str], timeseries_column: str | None) -> pa.Table:
     "One row per primary key: the one with the latest timeseries value."
     if not timeseries_column: return table
-    df = table.to_pandas().sort_values(timeseries_column, kind="stable").drop_duplicates(list(primary_keys),
-            keep="last")
+    df = (table.to_pandas().sort_values(timeseries_column, kind="stable")
+          .drop_duplicates(list(primary_keys), keep="last"))
     return pa.Table.from_pandas(df.sort_values(list(primary_keys)), schema=table.schema, preserve_index=False)
 
+# %% ../../nbs/05b_feature_store_online.ipynb #afc1213b
 @patch
 def online_store(self: LocalFeatureStore) -> OnlineStore:
     "The environment's online store."
-    if getattr(self, "_online",
-               None) is None: self._online = OnlineStore(self.env.path("online", create=True) / "online_store.db")
+    if getattr(self, "_online", None) is None:
+        self._online = OnlineStore(self.env.path("online", create=True) / "online_store.db")
     return self._online
 
+# %% ../../nbs/05b_feature_store_online.ipynb #12084eb6
 @patch
 def publish_table(self: LocalFeatureStore, name: str) -> dict:
     "Publish the latest values per key of feature table `name` to the online store (idempotent)."
