@@ -93,7 +93,7 @@ def driver_jvm():
 def workspace(home: str):
     from serving_mlops.config import get_environment, workspace_home
     from serving_mlops.feature_store import LocalFeatureStore
-    from serving_mlops.tables import get_spark
+    from serving_mlops.spark import get_spark
     with workspace_home(home): env = get_environment("dev")
     return env, LocalFeatureStore(env, spark=get_spark(env))
 

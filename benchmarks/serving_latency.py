@@ -438,7 +438,7 @@ def main(rows: int, customers: int, requests: int, warmup: int, chunk: int, seco
     from serving_mlops.registry import register_challenger
     from serving_mlops.serving.app import serving_token
     from serving_mlops.serving.services import start_server, stop_server, workspace_client
-    from serving_mlops.tables import get_spark
+    from serving_mlops.spark import get_spark
     from serving_mlops.train import train
 
     say(f"building a throwaway workspace with {rows:,} clients (Spark) ...")

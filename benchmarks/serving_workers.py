@@ -49,7 +49,7 @@ def main(rows: int, customers: int, workers: int, seconds: float, warmup: float,
     from serving_mlops.registry import register_challenger
     from serving_mlops.serving.app import serving_token
     from serving_mlops.serving.services import start_server, stop_server, workspace_client
-    from serving_mlops.tables import get_spark
+    from serving_mlops.spark import get_spark
     from serving_mlops.train import train
 
     say(f"building a throwaway workspace with {rows:,} clients (Spark), training ({trials} trials) ...")

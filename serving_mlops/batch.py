@@ -17,7 +17,8 @@ from .errors import InputError
 from .naming import model_uri
 from .feature_store import feature_store_for
 from .features import KEY
-from .tables import TableError, get_spark
+from .tables import TableError
+from .spark import get_spark
 
 # %% auto #0
 __all__ = ['OUTPUT_COMMENTS', 'BatchError', 'BatchScores', 'scoring_keys', 'batch_inference']

@@ -34,7 +34,7 @@ from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, Co
                                   _as_type, environment_variables, fill_references, load_bundle,
                                   local_root, process_alive)
 from .errors import StepFailed
-from .tables import SPARK_LOG_ENV_VAR
+from .spark import SPARK_LOG_ENV_VAR
 
 # %% auto #0
 __all__ = ['TEXT_MAPS', 'VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'cluster_spec', 'load_jobs',

@@ -29,7 +29,8 @@ from serving_mlops.serving.app import serving_token
 from serving_mlops.serving.capture import SERVED_ENTITIES_TABLE
 from serving_mlops.serving.services import start_server, stop_server, workspace_client
 from serving_mlops.serving.settings import RuntimeSettings
-from serving_mlops.tables import get_spark, tables_for
+from serving_mlops.tables import tables_for
+from serving_mlops.spark import get_spark
 from serving_mlops.train import train
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the server process cannot import this test helper module

@@ -14,7 +14,7 @@ from serving_mlops.config import using_mlflow
 from serving_mlops.feature_store import example_workspace
 from serving_mlops.features import KEY
 from serving_mlops.registry import register_challenger, registry_client
-from serving_mlops.tables import get_spark
+from serving_mlops.spark import get_spark
 from serving_mlops.train import train
 
 TOLERANCE = 1e-9

@@ -41,7 +41,7 @@ def world(tmp_path_factory):
     from serving_mlops.monitoring.inference import payload_rows, synthetic_entity
     from serving_mlops.naming import inference_table
     from serving_mlops.registry import register_challenger
-    from serving_mlops.tables import get_spark
+    from serving_mlops.spark import get_spark
     from serving_mlops.tasks import validate_task
     from serving_mlops.train import feature_columns, train, training_set
     home = tmp_path_factory.mktemp("console") / "workspaces"

@@ -52,7 +52,8 @@ from serving_mlops.config import get_environment, using_mlflow, workspace_home
 from serving_mlops.feature_store import (CHANGE_DATA_FEED, DatabricksFeatureStore, FeatureLookup, FeatureStoreError,
                                          LocalFeatureStore, build_feature_tables, databricks_lookup, feature_store_for)
 from serving_mlops.features import KEY
-from serving_mlops.tables import SparkTables, TableError, get_spark, spark_arrow_schema, tables_for, to_arrow
+from serving_mlops.tables import SparkTables, TableError, spark_arrow_schema, tables_for, to_arrow
+from serving_mlops.spark import get_spark
 
 
 def test_builds_real_feature_lookups():

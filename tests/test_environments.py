@@ -219,7 +219,8 @@ def test_a_workspace_target_off_a_cluster_is_refused_without_starting_spark(lapt
     proc = run_python(f"""
         import pyspark
         from serving_mlops.config import ConfigError, get_environment
-        from serving_mlops.tables import get_spark, tables_for
+        from serving_mlops.tables import tables_for
+        from serving_mlops.spark import get_spark
         env = get_environment("bundled", {str(laptop)!r})
         for call in (lambda: get_spark(env), lambda: tables_for(env)):
             try: call(); print("NO ERROR")
@@ -269,7 +270,8 @@ def test_with_databricks_connect_a_workspace_target_gets_a_session_on_its_worksp
     "The builder is given the host from the bundle, or the profile (databricks-connect stands in: see the module docstring)."
     proc = run_python(DATABRICKS_CONNECT_STAND_IN + f"""
 from serving_mlops.config import get_environment
-from serving_mlops.tables import SparkTables, get_spark, tables_for
+from serving_mlops.tables import SparkTables, tables_for
+from serving_mlops.spark import get_spark
 for target in ("bundled", "profiled"):
     calls.clear()
     print(target, get_spark(get_environment(target, {str(laptop)!r})), calls)
@@ -290,7 +292,8 @@ import os, tempfile
 import pandas as pd
 from pyspark.sql import SparkSession
 from serving_mlops.config import ConfigError, get_environment, workspace_home
-from serving_mlops.tables import get_spark, tables_for
+from serving_mlops.tables import tables_for
+from serving_mlops.spark import get_spark
 jvm = os.environ.get("SERVING_MLOPS_SPARK_JAVA_OPTIONS", "")  # make test's short-JVM flags and class archive, as get_spark applies them
 spark = SparkSession.builder.master({master!r}).config("spark.driver.host", "127.0.0.1").config("spark.ui.enabled", "false") \\
     .config("spark.executor.memory", "512m").config("spark.driver.extraJavaOptions", jvm) \\

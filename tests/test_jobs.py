@@ -70,7 +70,7 @@ def test_papermill_runs_ingest_in_staging(home, tmp_path):
 
 def test_spark_reads_what_ingest_wrote(home):
     from serving_mlops.ingest import ingest_landing
-    from serving_mlops.tables import get_spark
+    from serving_mlops.spark import get_spark
     env = get_environment("dev")
     write_credit_data(Path(env.landing_dir) / "clients.parquet", 2000, seed=8, progress=False)
     ingest_landing(env, progress=False)

@@ -129,7 +129,7 @@ def test_a_model_logged_by_the_feature_engineering_client_is_monitored_from_keys
     from databricks.ml_features_common.entities.feature_table_info import FeatureTableInfo
     from databricks.ml_features_common.entities.source_data_column_info import SourceDataColumnInfo
     from serving_mlops.feature_store import example_workspace
-    from serving_mlops.tables import get_spark
+    from serving_mlops.spark import get_spark
     from serving_mlops.train import training_set
     env, fs = example_workspace(400, seed=5, spark=get_spark())
     behaviour, demographic = env.table_name("behaviour_features"), env.table_name("demographic_features")

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Sequence
 
 from ..config import Environment, get_environment
-from ..tables import get_spark, spark_arrow_schema
+from ..tables import spark_arrow_schema
+from ..spark import get_spark
 from .local import FeatureStoreError, LocalFeatureStore
 from .databricks import DatabricksFeatureStore
 # the package gathers its modules: `from serving_mlops.feature_store import LocalFeatureStore` and the rest

@@ -23,7 +23,8 @@ from fastcore.basics import patch
 
 from ..config import Environment
 from ..naming import same_table_in
-from ..tables import Tables, get_spark, tables_for
+from ..tables import Tables, tables_for
+from ..spark import get_spark
 from .local import FeatureLookup, FeatureStoreError, FeatureTable, LocalFeatureStore
 
 # %% auto #0

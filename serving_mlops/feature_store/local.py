@@ -16,8 +16,9 @@ from fastcore.basics import patch
 
 from ..config import Environment, get_environment
 from ..errors import InputError
-from ..tables import (TableError, Tables, delta_types, get_spark, is_spark_frame, spark_arrow_schema,
-                                  tables_for, to_arrow)
+from ..tables import (TableError, Tables, delta_types, is_spark_frame, spark_arrow_schema, tables_for,
+                                  to_arrow)
+from ..spark import get_spark
 
 # %% auto #0
 __all__ = ['PROPERTY_PREFIX', 'FeatureStoreError', 'FeatureTable', 'FeatureLookup', 'LocalFeatureStore', 'TrainingSet',

@@ -31,7 +31,8 @@ from ..registry import registry_client
 from ..serving.capture import (PAYLOAD_SCHEMA, SERVED_ENTITIES_TABLE, record_served_entities,
                                            served_entity_rows)
 from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns, repeated_key
-from ..tables import get_spark, tables_for
+from ..tables import tables_for
+from ..spark import get_spark
 
 log = logging.getLogger(__name__)
 
