@@ -5,7 +5,7 @@ import pytest
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from serving_mlops.data import LABEL_COLUMN, generate_credit_data
-from serving_mlops.serving.models import compile_pipeline, compile_trees, verified
+from serving_mlops.serving.compiled import compile_pipeline, compile_trees, verified
 from serving_mlops.train import make_pipeline
 
 

@@ -27,7 +27,8 @@ from .capture import (InferenceLog, entity_ids, json_text, payload_table_name,
                                            record_served_entities, served_entity_rows)
 from .endpoint import Endpoint, Snapshot, now_ms, read_record, remove_durably, write_atomic
 from .metrics import EndpointMetrics
-from .models import ServedModel, entity_uri, openapi_document
+from .models import ServedModel, entity_uri
+from .openapi import openapi_document
 from serving_mlops.serving.protocol import (
     ServingError, check_ai_gateway, check_config, check_endpoint_name, check_tags, check_tags_patch, check_type,
     no_endpoint, no_served_model)
