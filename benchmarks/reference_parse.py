@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 
 from serving_mlops.errors import MlopsError
-from serving_mlops.monitoring.inference import MonitoringError
+from serving_mlops.monitoring.requests import MonitoringError
 from serving_mlops.serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns
 
 PARSE_CHUNK = 20_000  # requests parsed at a time

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from reference_parse import reference_parse_requests  # noqa: E402
 
 from serving_mlops.drift import feature_drift, training_baseline  # noqa: E402
-from serving_mlops.monitoring.inference import parse_requests, payload_rows  # noqa: E402
+from serving_mlops.monitoring.inference import payload_rows  # noqa: E402
+from serving_mlops.monitoring.requests import parse_requests
 
 COLUMNS = ["age", "limit", "sex"]
 ENTITY, KEYS_ENTITY = "e-features", "e-keys"

@@ -23,7 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serving_mlops.monitoring.checks import DriftAlert, run_monitoring
-from serving_mlops.monitoring.inference import parse_requests, read_payload
+from serving_mlops.monitoring.inference import read_payload
+from serving_mlops.monitoring.requests import parse_requests
 from serving_mlops.serving.services import server_info
 
 from bodies import encode, extras, mutate, mutate_inner, payloads

@@ -21,7 +21,8 @@ from starlette.routing import Route
 
 from ..config import Environment
 from ..monitoring.checks import request_stats, runtime_counters
-from ..monitoring.inference import MonitoringError, read_payload, served_entities
+from ..monitoring.inference import read_payload, served_entities
+from ..monitoring.requests import MonitoringError
 from ..naming import inference_table
 from ..serving.services import workspace_client
 from ..serving.protocol import ServingError, check_endpoint_name

@@ -25,7 +25,8 @@ from ..deploy import entity_stats, metric_families
 from ..errors import StepFailed
 from ..feature_store import in_experiment
 from ..drift import drift_summary, feature_drift, window_buckets
-from .inference import MonitoringError, as_utc, inference_frame, read_payload, served_entities
+from .inference import as_utc, inference_frame, read_payload, served_entities
+from .requests import MonitoringError
 from .report import drift_report_html
 from ..registry import registry_client
 from ..naming import experiment_name, inference_table, model_uri
