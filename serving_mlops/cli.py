@@ -228,6 +228,7 @@ def batch_inference_command(env: Optional[str] = EnvOption,
                                                  output_table=output_table, version=version)
 
 # %% ../nbs/90_cli.ipynb #e84f6837
+# long: the command's 14 options are most of it (each with its help text)
 @app.command()
 def serve(env: Optional[str] = EnvOption,
           port: Optional[int] = typer.Option(None, help="Port on 127.0.0.1; 0 picks a free one.",
