@@ -403,16 +403,6 @@ def workspace_home(path: Path | str):
     "Within the block, local workspaces live under `path` (sets SERVING_MLOPS_HOME, then restores it)."
     with environment_variables({HOME_ENV_VAR: path}): yield Path(path)
 
-# %% ../nbs/00_config.ipynb #d71b4a1d
-def _as_type(text: str, like: Any, key: str):
-    if isinstance(like, bool):
-        if str(text).strip().lower() in ("true", "1", "yes"): return True
-        if str(text).strip().lower() in ("false", "0", "no", ""): return False
-        raise ConfigError(f"job parameter '{key}' is {text!r}, expected true or false")
-    try: return type(like)(text) if isinstance(like, (int, float)) else text
-    except ValueError:
-        raise ConfigError(f"job parameter '{key}' is {text!r}, expected a {type(like).__name__}") from None
-
 # %% ../nbs/00_config.ipynb #a1d9a1bb
 def notebook_dbutils():
     "The notebook's `dbutils` on Databricks; None elsewhere and in processes without one."
@@ -424,14 +414,14 @@ def notebook_dbutils():
 
 # %% ../nbs/00_config.ipynb #7543e4f7
 def task_parameters(widgets=None, **values) -> dict:
-    "The notebook's parameters: from the task's widgets on Databricks (typed like `values`), else `values`."
+    "The notebook's parameters: the task's widgets on Databricks, as text (a default where none), else `values`."
     if widgets is None and (dbutils := notebook_dbutils()) is not None: widgets = dbutils.widgets
     if widgets is None: return values
     out = {}
     for key, default in values.items():
         try: text = widgets.get(key)
         except Exception: out[key] = default; continue  # no such widget: keep the default
-        out[key] = _as_type(text, default, key)
+        out[key] = text
     return out
 
 # %% ../nbs/00_config.ipynb #33bb6c73

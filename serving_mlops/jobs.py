@@ -31,7 +31,7 @@ from databricks.sdk.service.jobs import NotebookTask, RunOutput, RunTask, Submit
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
 from .config import (_REF, BUNDLE_ENV_VAR, HOME_ENV_VAR, TASK_VALUES_ENV_VAR, ConfigError, Environment,
-                                  _as_type, environment_variables, fill_references, load_bundle,
+                                  environment_variables, fill_references, load_bundle,
                                   local_root, process_alive)
 from .errors import StepFailed
 from .spark import SPARK_LOG_ENV_VAR
@@ -295,12 +295,9 @@ def with_task_values(text: str, values: dict[str, dict], where: str) -> str:
 
 # %% ../nbs/10_jobs.ipynb #5a1782c6
 def task_arguments(task: JobTask, values: dict, where: str, overrides: dict | None = None) -> dict:
-    "The task's parameters (then `overrides` it has) with task-value references filled in, typed like the defaults."
-    defaults = notebook_defaults(task.notebook)
-    out = {}
-    for name, text in base_parameters(task, where, overrides, defaults).items():
-        out[name] = _as_type(with_task_values(text, values, where), defaults[name], name)
-    return out
+    "The task's parameters (then `overrides` it has) as text, with task-value references filled in."
+    return {name: with_task_values(text, values, where)
+            for name, text in base_parameters(task, where, overrides).items()}
 
 # %% ../nbs/10_jobs.ipynb #c1222bef
 @contextmanager

@@ -9,8 +9,8 @@ import json
 from typing import Callable, get_args, get_type_hints
 
 from .errors import InputError
-from .config import (ConfigError, Environment, _as_type, get_environment, notebook_dbutils,
-                                  set_task_value, task_parameters)
+from .config import (ConfigError, Environment, get_environment, notebook_dbutils, set_task_value,
+                                  task_parameters)
 
 # %% auto #0
 __all__ = ['MADE_BY', 'task_values', 'exit_with_values', 'job_argument', 'run_task', 'require_tables', 'ingest_task',
@@ -29,13 +29,24 @@ def exit_with_values(values: dict) -> dict:
     if (dbutils := notebook_dbutils()) is not None: dbutils.notebook.exit(json.dumps(values, default=str))
     return values
 
+# %% ../nbs/13_tasks.ipynb #64662966
+def _as_type(value, kind: type, name: str):
+    "Job parameter `name`'s `value` (text or a notebook value) as `kind` (bool, int or float), else a ConfigError."
+    if kind is bool:
+        if str(value).strip().lower() in ("true", "1", "yes"): return True
+        if str(value).strip().lower() in ("false", "0", "no", ""): return False
+        raise ConfigError(f"job parameter '{name}' is {value!r}, expected true or false")
+    try: return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"job parameter '{name}' is {value!r}, expected a {kind.__name__}") from None
+
 # %% ../nbs/13_tasks.ipynb #c9ff4e88
 def job_argument(value, hint, name: str):
     "A job parameter `value` (text or a notebook value) as the type `hint` of the task function's parameter `name`."
     kinds = [k for k in get_args(hint) if k is not type(None)] or [hint]
     if type(None) in get_args(hint) and value in ("", None): return None
     kind = kinds[0]
-    if kind in (bool, int, float): return _as_type(value, kind(), name)
+    if kind in (bool, int, float): return _as_type(value, kind, name)
     return str(value) if kind is str else value
 
 # %% ../nbs/13_tasks.ipynb #77fc56be
