@@ -28,12 +28,13 @@ from .serving.models import jsonable, lookup_tables, version_lookups
 from .serving.services import workspace_client
 
 # %% auto #0
-__all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 'UNKNOWN_ID', 'ENTITY_LABELS', 'CANARY_PROGRESS',
-           'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities', 'target_config', 'get_endpoint',
-           'failure_reason', 'wait_not_updating', 'apply_config', 'inference_table_config', 'serving_problem', 'deploy',
-           'EndpointReport', 'as_sent', 'answers', 'difference', 'golden_sample', 'unknown_key', 'looked_up',
-           'keys_only_check', 'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families',
-           'entity_stats', 'window_stats', 'canary']
+__all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 'ENGINEERING_LOADER', 'UNKNOWN_ID',
+           'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities',
+           'target_config', 'get_endpoint', 'failure_reason', 'wait_not_updating', 'apply_config',
+           'inference_table_config', 'serving_problem', 'deploy', 'EndpointReport', 'as_sent', 'answers', 'json_rows',
+           'difference', 'golden_sample', 'looks_up_features', 'unknown_key', 'looked_up', 'keys_only_check',
+           'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families', 'entity_stats',
+           'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -205,6 +206,11 @@ def answers(model, frame: pd.DataFrame) -> list:
     "The in-process model's predictions for `frame` as an endpoint answers them (MLflow's `predictions_to_json`)."
     return jsonable(model.predict(frame))
 
+# %% ../nbs/09_deploy.ipynb #da2ea405
+def json_rows(frame: pd.DataFrame) -> list[dict]:
+    "The rows of `frame` as a JSON body carries them: a missing value (NaN, NaT, None) as null."
+    return frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+
 # %% ../nbs/09_deploy.ipynb #ced81c13
 def difference(got, want) -> float:
     "Largest absolute difference between the numbers of two JSON answers of one shape; infinite where they differ."
@@ -230,6 +236,16 @@ def golden_sample(env: Environment, version: str, model=None) -> tuple[pd.DataFr
     # a model logged by the Databricks client has one row of its keys (a dict) and answers a one-column frame
     sample = as_sent(model, pd.DataFrame([sample] if isinstance(sample, dict) else sample))
     return sample, answers(model, sample)
+
+# %% ../nbs/09_deploy.ipynb #beb912ce
+# the Databricks feature-engineering client's pyfunc loader; this project's feature store logs `FeatureSpecModel`
+ENGINEERING_LOADER = "databricks.feature_store.mlflow_model"
+
+def looks_up_features(model) -> bool:
+    "Whether loaded pyfunc `model` takes keys and looks its features up (logged through a feature store)."
+    if model.metadata.flavors.get("python_function", {}).get("loader_module") == ENGINEERING_LOADER: return True
+    try: return bool(getattr(model.unwrap_python_model(), "feature_spec", None))
+    except Exception: return False  # not a python model (e.g. a scikit-learn flavor): it takes its inputs as sent
 
 # %% ../nbs/09_deploy.ipynb #d9536986
 # an id no table holds in practice, valid as a long or an integer and within an id's domain (at least 1)
@@ -262,7 +278,7 @@ def looked_up(env: Environment, version: str, keys: pd.DataFrame) -> pd.DataFram
 
 # %% ../nbs/09_deploy.ipynb #ad01c5d1
 def _split(rows: pd.DataFrame) -> DataframeSplitInput:
-    return DataframeSplitInput(columns=list(rows.columns), data=rows.to_numpy(dtype=object).tolist())
+    return DataframeSplitInput(columns=list(rows.columns), data=[list(r.values()) for r in json_rows(rows)])
 
 def keys_only_check(form: str, got, rows: pd.DataFrame, expected: list | None) -> tuple:
     "The check of one keys-only request in `form`: a prediction per row and, where `expected` is known, the model's."
@@ -286,7 +302,7 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     report = EndpointReport(str(version), endpoint=name)
     with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(env.model_name, str(version)))
     sample, expected = golden_sample(env, str(version), model)
-    records = sample.to_dict(orient="records")
+    records = json_rows(sample)
     sent = failed = 0
     # the formats the project's own callers send (query, monitoring's traffic)
     def query(rows, form: str = "dataframe_records"):
@@ -307,12 +323,12 @@ def endpoint_tests(env: Environment, version: str, endpoint: str | None = None, 
     # what its signature requires: a feature-store model's keys
     keys = [n for n, _ in request_schema(model.metadata.get_input_schema()) or []]
     # as real clients call: the lookup keys alone, the endpoint looks the features up
-    if keys and set(keys) < set(sample.columns):
+    if keys and set(keys) < set(sample.columns) and looks_up_features(model):
         rows = pd.concat([sample[keys], pd.DataFrame([unknown_key(records[0], model.metadata.get_input_schema())])],
                          ignore_index=True)
         full = looked_up(env, str(version), rows)
         want = answers(model, as_sent(model, full)) if full is not None else None
-        report.checks.append(keys_only_check("dataframe_records", query(rows.to_dict(orient="records")), rows, want))
+        report.checks.append(keys_only_check("dataframe_records", query(json_rows(rows)), rows, want))
         report.checks.append(keys_only_check("dataframe_split", query(rows, "dataframe_split"), rows, want))
     times = []
     for i in range(requests):

@@ -27,13 +27,13 @@ from ..domains import FEATURE_DOMAINS
 from ..feature_store import OnlineStore
 from ..naming import model_uri, same_table_in
 from .protocol import (INT64, MAX_ROWS, InputSpec, ParsedRequest, ServingError, bad_request,
-                                            invalid_parameter, parse_request, read_envelope, tensor_rows)
+                                            parse_request, read_envelope, tensor_rows)
 from .compiled import compile_pipeline, verified
 
 # %% auto #0
 __all__ = ['KEY_SQL_TYPES', 'INLINE_ROWS', 'NUMERIC_TYPES', 'MicroBatcher', 'entity_uri', 'online_table', 'lookup_tables',
-           'version_lookups', 'payload_problem', 'mlflow_problem', 'mlflow_read', 'csv_as_json', 'request_shape',
-           'SignatureCheck', 'example_rows', 'mlflow_input', 'jsonable', 'ServedModel']
+           'version_lookups', 'payload_problem', 'Refusal', 'mlflow_problem', 'mlflow_read', 'csv_as_json',
+           'request_shape', 'SignatureCheck', 'example_rows', 'mlflow_input', 'jsonable', 'ServedModel']
 
 # %% ../../nbs/08b_serving_models.ipynb #4e0f054f
 class MicroBatcher:
@@ -167,10 +167,19 @@ def payload_problem(signature, # the served model's `mlflow.models.ModelSignatur
     return None
 
 # %% ../../nbs/08b_serving_models.ipynb #2832b368
-def mlflow_problem(e: Exception) -> str:
-    "What MLflow's refusal says, as the endpoint's 400 would (another exception: its type and text)."
+class Refusal(str):
+    "Why MLflow refuses a request (its text), with the `error_code` its scoring server answers the refusal with."
+    def __new__(cls, text: str, error_code: str = "INVALID_PARAMETER_VALUE"):
+        refusal = super().__new__(cls, text); refusal.error_code = error_code
+        return refusal
+
+def mlflow_problem(e: Exception) -> Refusal:
+    "MLflow's refusal as the endpoint's 400 says it (another exception: its type and text), with its error code."
     from mlflow.exceptions import MlflowException
-    return (e.message if isinstance(e, MlflowException) else f"{type(e).__name__}: {e}")[:2000]
+    text = (e.message if isinstance(e, MlflowException) else f"{type(e).__name__}: {e}")[:2000]
+    # the scoring server answers what it cannot read BAD_REQUEST (`mlflow_read` marks it); the signature's refusal,
+    # which `PyFuncModel.predict` wraps as "Failed to enforce schema", INVALID_PARAMETER_VALUE
+    return Refusal(text, getattr(e, "refusal_code", "INVALID_PARAMETER_VALUE"))
 
 # %% ../../nbs/08b_serving_models.ipynb #9add8ed9
 def mlflow_read(payload: dict, schema, enforce: bool = True):
@@ -178,7 +187,10 @@ def mlflow_read(payload: dict, schema, enforce: bool = True):
     from mlflow.models.utils import _enforce_schema  # what PyFuncModel.predict runs first on a served model's input
     # the scoring server's reading of the four request formats
     from mlflow.pyfunc.scoring_server import infer_and_parse_data
-    data = infer_and_parse_data(payload, schema)
+    try: data = infer_and_parse_data(payload, schema)
+    except Exception as e:
+        e.refusal_code = "BAD_REQUEST"  # as the scoring server answers a body it cannot read (`mlflow_problem`)
+        raise
     data = data[0] if isinstance(data, tuple) else data
     if enforce: _enforce_schema(data, schema)
     return data
@@ -250,7 +262,7 @@ def mlflow_input(body: bytes, schema):
     "An invocation body as MLflow's scoring server reads it for input `schema` (`mlflow_read`; `predict` enforces it)."
     from mlflow.exceptions import MlflowException
     try: return mlflow_read(orjson.loads(body), schema, enforce=False)
-    except MlflowException as e: raise invalid_parameter(e.message[:2000]) from None
+    except MlflowException as e: raise ServingError(400, mlflow_problem(e).error_code, e.message[:2000]) from None
 
 # %% ../../nbs/08b_serving_models.ipynb #49b5851d
 def jsonable(predictions):
@@ -298,6 +310,7 @@ class ServedModel:
                                                                        else schema.input_names(), [], [])
             numbers = [c.name for c in schema.inputs
                        if getattr(c.type, "name", None) in NUMERIC_TYPES] if not self.tensor else []
+            required = [c.name for c in schema.inputs if c.required] if not self.tensor else []
         self.tables = lookup_tables(self.lookups, online, env, entity_uri(entity), self.pyfunc.metadata.signature)
         self.index = {c: j for j, c in enumerate(columns)}  # model column -> position in the model matrix
         # per lookup: the online table it reads and (feature, model column index) of what it gives the model
@@ -311,7 +324,8 @@ class ServedModel:
                    (c not in keys or key_types.get(c) == ("string" if FEATURE_DOMAINS[c].kind == "date" else "integer"))
                    and
                    (c not in columns or c in numbers or FEATURE_DOMAINS[c].kind == "date")}
-        self.spec = InputSpec(columns, keys, passthrough, domains, key_types, None if spec is not None else numbers)
+        self.spec = InputSpec(columns, keys, passthrough, domains, key_types, None if spec is not None else numbers,
+                              None if spec is not None else required)
         self.signature = SignatureCheck(self.pyfunc.metadata.signature)
         # OpenMP limits are per thread: one thread on the predicting thread (tree models on a few rows lose with more)
         # a small request alone is scored on the event loop when the model is plain numpy (no OpenMP, no GIL-free work
@@ -347,10 +361,10 @@ def parse_tensors(self: ServedModel, body: bytes, max_rows: int = MAX_ROWS) -> P
 # %% ../../nbs/08b_serving_models.ipynb #d56bb14b
 @patch
 def refused(self: ServedModel, problem: str) -> ServingError:
-    "The 400 of a request this served entity's signature refuses, with MLflow's reason."
-    return invalid_parameter(f"the request does not meet the input signature of {entity_uri(self.entity)} (served "
-                             f"entity "
-                             f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
+    "The 400 of a request this served entity's signature refuses, with MLflow's reason and error code."
+    return ServingError(400, getattr(problem, "error_code", "INVALID_PARAMETER_VALUE"),
+                        f"the request does not meet the input signature of {entity_uri(self.entity)} (served entity "
+                        f"'{self.name}'), as Model Serving enforces it with MLflow: {problem}")
 
 # %% ../../nbs/08b_serving_models.ipynb #11bbdffe
 @patch

@@ -220,6 +220,8 @@ class InputSpec:
     key_types: dict = field(default_factory=dict)  # key column -> "integer" or "string": the feature tables' key type
     # the model columns whose values must be numbers (None: every one; a plain model's signature says which)
     numbers: list | None = None
+    # the model columns a request must give (None: every one; a plain model's signature may mark some optional)
+    required: list | None = None
 
     def __post_init__(self):  # the numeric domains compiled once, for one vectorised check per request
         self.numeric = [c for c, d in self.domains.items() if d.kind != "date"]
@@ -456,10 +458,11 @@ def parse_request(body: bytes, spec: InputSpec, max_rows: int = MAX_ROWS) -> Par
     rows = len(next(iter(columns.values()))) if columns else 0
     if rows == 0: raise bad_request(f"{key} has no rows; send at least one")
     has_keys = bool(spec.keys) and all(k in columns for k in spec.keys)
-    missing = [c for c in spec.columns if c not in columns]
+    missing = [c for c in (spec.columns if spec.required is None else spec.required) if c not in columns]
     if missing and not has_keys:
-        raise bad_request(f"missing column(s) {missing}" + (f"; give them, or the key(s) {spec.keys} to look them up"
-                                                            if spec.keys else ""))
+        hint = f"; give them, or the key(s) {spec.keys} to look them up" if spec.keys else ""
+        # as MLflow's enforcement refuses it ("Model is missing inputs"): INVALID_PARAMETER_VALUE
+        raise invalid_parameter(f"missing column(s) {missing}{hint}")
     for k in spec.keys:
         if k in columns: _check_keys(k, columns[k], spec.key_types.get(k))
     _check_numbers(columns, spec.columns if spec.numbers is None else spec.numbers)
