@@ -14,8 +14,8 @@ from scipy import stats
 
 # %% auto #0
 __all__ = ['DRIFT_RULES', 'category_label', 'category_counts', 'numeric_values', 'bin_counts', 'numeric_baseline',
-           'categorical_baseline', 'training_baseline', 'psi', 'bin_labels', 'bucket_shares', 'ks_pvalue',
-           'chi2_pvalue', 'drift_row', 'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
+           'categorical_baseline', 'column_kind', 'training_baseline', 'psi', 'bin_labels', 'bucket_shares',
+           'ks_pvalue', 'chi2_pvalue', 'drift_row', 'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
 
 # %% ../nbs/05a_drift.ipynb #0dc82d44
 def category_label(value) -> str:
@@ -70,10 +70,19 @@ def categorical_baseline(values: pd.Series) -> dict:
     return {"kind": "categorical", "rows": len(values), "null_share": nulls / len(values),
             "shares": {label: n / len(values) for label, n in sorted(counts.items())}}
 
+# %% ../nbs/05a_drift.ipynb #be41064e
+def column_kind(values: pd.Series, listed: bool) -> str:
+    "How a training column is summarised: categorical (listed, text or boolean), numeric, or skipped (e.g. times)."
+    if listed or pd.api.types.is_bool_dtype(values): return "categorical"
+    if pd.api.types.is_datetime64_any_dtype(values) or pd.api.types.is_timedelta64_dtype(values): return "skipped"
+    if pd.api.types.is_numeric_dtype(values) or values.isna().all(): return "numeric"
+    return "categorical"  # text, or Python objects: compared by their labels
+
 # %% ../nbs/05a_drift.ipynb #9863d23d
 def training_baseline(df: pd.DataFrame, # training rows: every column is a feature (drop keys and the label first)
-                      categorical: Sequence[str], # columns holding codes or labels; all others must be numeric
-                      # column of the model's predictions on `df`, checked as a numeric feature
+                      # columns holding codes (numbers that are labels); text and booleans are categories anyway
+                      categorical: Sequence[str],
+                      # column of the model's predictions on `df`, checked as a feature (labels as categories)
                       prediction: str | None = None,
                       bins: int = 10, # quantile bins per numeric feature (10: deciles)
                       sample_size: int = 5_000, # values kept per numeric feature for the Kolmogorov-Smirnov test
@@ -83,9 +92,14 @@ def training_baseline(df: pd.DataFrame, # training rows: every column is a featu
     missing = [c for c in [*categorical, *([prediction] if prediction else [])] if c not in df.columns]
     if missing: raise KeyError(f"columns {missing} not in the training frame; its columns are {list(df.columns)}")
     rng = np.random.default_rng(seed)
-    features = {c: categorical_baseline(df[c]) if c in categorical else
-                   numeric_baseline(numeric_values(df[c], c), c, bins, sample_size, rng) for c in df.columns}
-    return {"version": 1, "rows": len(df), "prediction": prediction, "features": features}
+    kinds = {c: column_kind(df[c], c in categorical) for c in df.columns}
+    features = {c: categorical_baseline(df[c]) if kind == "categorical" else
+                   numeric_baseline(numeric_values(df[c], c), c, bins, sample_size, rng)
+                for c, kind in kinds.items() if kind != "skipped"}
+    skipped = {c: f"{df[c].dtype} values: drift is measured on numbers and categories"
+               for c, kind in kinds.items() if kind == "skipped"}
+    return {"version": 1, "rows": len(df), "prediction": prediction, "features": features,
+            **({"skipped": skipped} if skipped else {})}
 
 # %% ../nbs/05a_drift.ipynb #a6aaaf9e
 def psi(expected: Sequence[float], # shares per bucket in the baseline

@@ -191,6 +191,7 @@ class DriftResult:
     # model version -> its rows whose feature lookup found nothing (`missing_lookup`)
     missing: dict = field(default_factory=dict)
     looked_up: dict = field(default_factory=dict)  # model version -> the features it looks up
+    skipped: dict = field(default_factory=dict)  # model version -> {column: why its baseline leaves it out}
 
     @property
     def drifted(self) -> bool: return bool(self.results.drifted.any())
@@ -218,6 +219,7 @@ def summary(self: DriftResult) -> str:
     return "\n".join(f"{self.endpoint} version {v} ({self.rows[v]:,} predictions{left_out}, "
                      f"{self.window_start:%Y-%m-%d %H:%M} to "
                      f"{self.window_end:%Y-%m-%d %H:%M} UTC): {drift_summary(r, most=5)}{self.missing_note(v)}"
+                     + "".join(f"; not checked: {c} ({why})" for c, why in self.skipped.get(v, {}).items())
                      for v, r in self.results.groupby("model_version", sort=True))
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #ddb3f0ba
@@ -251,12 +253,14 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
                      checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict]:
     "`feature_drift` of each model version's predictions against its baseline, and its HTML report."
     results, rows, reports = [], {}, {}
+    skipped = {}  # model version -> the columns its baseline leaves out, and why (`training_baseline`: e.g. times)
     folder, checked = monitoring_dir(env, endpoint), checked or pd.Timestamp.now(tz="UTC")
     versions = frame.groupby(["model_name", "model_version"], sort=True).indices
     for name, version in sorted(versions):
         at = versions[name, version]
         window = frame if len(at) == len(frame) else frame.iloc[at]  # one version, the usual window: not copied
         baseline = model_baseline(env, version, name)
+        skipped[version] = baseline.get("skipped", {})
         buckets = window_buckets(baseline, window)  # counted once, for the statistics and the report
         r = feature_drift(baseline, window, psi_threshold, pvalue_threshold, large_sample, seed, buckets)
         results.append(r.assign(model_name=name, model_version=version))
@@ -266,7 +270,9 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
         reports[version] = folder / (f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_"
                                      f"checked{checked:%Y%m%dT%H%M%S}.html")
         reports[version].write_text(drift_report_html(baseline, window, r, title, buckets))
-    return pd.concat(results, ignore_index=True), rows, reports
+    out = pd.concat(results, ignore_index=True)
+    out.attrs["skipped"] = skipped
+    return out, rows, reports
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #e206f12c
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame,
@@ -318,6 +324,7 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     checked = pd.Timestamp.now(tz="UTC")  # names this check's reports and run apart from any other check of the window
     results, rows, reports = drift_by_version(env, endpoint, frame, start, end, psi_threshold, pvalue_threshold,
                                               large_sample, seed, checked)
+    skipped = results.attrs.get("skipped", {})
     missing = {v: int(n) for v, n in frame.groupby("model_version").missing_lookup.sum().items()}
     run_id = log_drift_run(env, endpoint, start, end, results, rows, reports,
                            {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold,
@@ -332,7 +339,8 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     looked_up = {v: features for (_, v), features in frame.attrs.get("looked_up", {}).items()}
     result = DriftResult(endpoint, start, end, results, rows, reports, run_id, table,
                          not_logged=frame.attrs.get("not_logged", 0),
-                         unreadable=frame.attrs.get("unreadable", []), missing=missing, looked_up=looked_up)
+                         unreadable=frame.attrs.get("unreadable", []), missing=missing, looked_up=looked_up,
+                         skipped=skipped)
     if result.drifted and webhook_url:
         hits = results[results.drifted]
         result.webhook = post_alert(webhook_url, {
