@@ -59,8 +59,8 @@ def openapi_document(endpoint: str, signatures: dict, # served entity name -> it
                                        "400": {"description": "a request the model's signature refuses: error_code "
                                                               "and message"}}}}
     # one shape for the endpoint
-    shared = next(iter(signatures.values())) if len({repr(s) for s in signatures.values()}) == 1 else None
-    paths = {f"/serving-endpoints/{endpoint}/invocations": post(shared,
+    common = next(iter(signatures.values())) if len({repr(s) for s in signatures.values()}) == 1 else None
+    paths = {f"/serving-endpoints/{endpoint}/invocations": post(common,
                                                                 f"score with the endpoint's traffic split over "
                                                                 f"{', '.join(signatures)}")}
     for name, signature in signatures.items():

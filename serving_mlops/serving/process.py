@@ -142,16 +142,16 @@ def _expire(self: GuardedHTTPProtocol):
 # %% ../../nbs/08g_serving_process.ipynb #bf9d0962
 def bind_port(env: Environment, host: str, port: int,
               doing: str = "serve", # what the socket is for, as the error says it, e.g. "serve environment 'dev'"
-              shared: bool = False,  # SO_REUSEPORT: the workers of one runtime each bind the port
-              probe: bool = True) -> socket.socket:  # with `shared`: refuse a port another such set listens on
+              reuse_port: bool = False,  # SO_REUSEPORT: the workers of one runtime each bind the port
+              probe: bool = True) -> socket.socket:  # with `reuse_port`: refuse a port another such set listens on
     "A socket bound to `host:port`; a busy port is refused naming the service that holds it and how to stop it."
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if shared: sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port: sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
         # a set of workers of this user on the port lets us bind too: is anyone listening?
-        if shared and probe and port:
+        if reuse_port and probe and port:
             with socket.socket() as s:
                 s.settimeout(1)
                 if s.connect_ex((host, port)) == 0: raise OSError(errno.EADDRINUSE, "in use")
@@ -184,18 +184,18 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0,
         raise InputError(f"the serving runtime of environment '{env.name}' is already running at {running['url']} "
                          f"(pid {running['pid']}); "
                          f"stop it with `serving-mlops serve --env {env.name} --stop`")
-    sock = bind_port(env, host, port, f"serve environment '{env.name}'", shared=workers > 1 or worker is not None,
+    sock = bind_port(env, host, port, f"serve environment '{env.name}'", reuse_port=workers > 1 or worker is not None,
                      probe=worker is None)
     url = f"http://{host}:{sock.getsockname()[1]}"
     info = server_file(env)
     if worker is None and workers > 1: return supervise(env, sock, workers, settings)
-    shared = None if worker is None else SharedState(workers_folder(env), worker)
-    if shared is not None: threading.Thread(target=_stop_with_parent, name="parent-watch", daemon=True).start()
+    state = None if worker is None else SharedState(workers_folder(env), worker)
+    if state is not None: threading.Thread(target=_stop_with_parent, name="parent-watch", daemon=True).start()
 
     def started(runtime):
         runtime.base_url = url
-        if shared is not None:
-            shared.serving = True; shared.publish()  # the first process writes server.json once every worker serves
+        if state is not None:
+            state.serving = True; state.publish()  # the first process writes server.json once every worker serves
             log.info("worker %d of the serving runtime of environment %s at %s", worker, env.name, url); return
         write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "started": now_ms()})
         log.info("serving runtime of environment %s at %s", env.name, url)
@@ -203,12 +203,12 @@ def serve(env: Environment, host: str = "127.0.0.1", port: int = 0,
                                                         settings.metrics_interval)
 
     def stopped(runtime):
-        if shared is not None: return
+        if state is not None: return
         drop_info(info)
         log.info("serving runtime of environment %s stopped", env.name)
 
     app = make_app(env, settings, on_started=started, on_stopped=stopped,
-                   coordinator=None if shared is None else Workers(shared))
+                   coordinator=None if state is None else Workers(state))
     http = GuardedHTTPProtocol.within(settings.read_timeout, settings.max_header_kb, settings.max_connections)
     config = uvicorn.Config(app, http=http, log_level="warning", access_log=False, timeout_graceful_shutdown=30,
                             lifespan="on", h11_max_incomplete_event_size=http.max_header_bytes)
