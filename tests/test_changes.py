@@ -172,7 +172,9 @@ def more_models(ws) -> dict:
     people = pd.DataFrame({"name": ["Ada", "Bo"], "formal": [True, False], "when": pd.to_datetime(["2024-01-02", "2025-06-30"])})
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Greeter(), registered_model_name="dev.credit.greeter", pip_requirements=["mlflow"],
-                                signature=infer_signature(people, Greeter().predict(None, people)), input_example=people)
+                                # its answer as a Series: MLflow asks whether a list is a Spark frame by importing pyspark's
+                                # connect module, which exits a pytest-xdist worker (no __main__ file) when grpc is absent
+                                signature=infer_signature(people, pd.Series(Greeter().predict(None, people))), input_example=people)
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Shapeless(), registered_model_name="dev.credit.shapeless", pip_requirements=["mlflow"],
                                 signature=mlflow.models.ModelSignature(inputs=Schema([ColSpec("long", "a"), ColSpec("string", "b", required=False)])))
