@@ -32,8 +32,8 @@ from .base import figure, figure_json, page, table
 # %% auto #0
 __all__ = ['LIVE_MINUTES', 'LIVE_SECONDS', 'SAMPLE_SECONDS', 'HISTORY_DAYS', 'CHARTS', 'STATUS_CLASSES', 'WINDOWS',
            'LIVE_CACHE_SECONDS', 'live_requests', 'metrics_history', 'RuntimeSampler', 'rows_per_call',
-           'unreadable_figure', 'rate_figure', 'errors_figure', 'latency_figure', 'rows_figure', 'history_figure',
-           'endpoint_rows', 'keys_not_found', 'recent_requests', 'routes']
+           'unreadable_figure', 'with_no_data_note', 'rate_figure', 'errors_figure', 'latency_figure', 'rows_figure',
+           'history_figure', 'endpoint_rows', 'keys_not_found', 'recent_requests', 'routes']
 
 # %% ../../nbs/14b_console_endpoints.ipynb #cd350c9a
 LIVE_MINUTES = 15  # the live charts show this many minutes
@@ -141,6 +141,15 @@ def unreadable_figure(title: str, why: str, color: str = "#b3261e") -> go.Figure
                                         "yaxis": dict(visible=False)},
                                      annotations=[dict(text=why[:300], showarrow=False, xref="paper", yref="paper",
                                                        x=0.5, y=0.5, font=dict(color=color))])
+
+# %% ../../nbs/14b_console_endpoints.ipynb #46678b06
+def with_no_data_note(fig: go.Figure, note: str = "no data in this window yet") -> go.Figure:
+    "`fig` with `note` across it when none of its traces has a point and it says nothing else."
+    points = sum(len(t.y) if getattr(t, "y", None) is not None else len(getattr(t, "x", None) or ()) for t in fig.data)
+    if not points and not fig.layout.annotations:
+        fig.add_annotation(text=note, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                           font=dict(color="#6b6b6b"))
+    return fig
 
 # %% ../../nbs/14b_console_endpoints.ipynb #68f12cf3
 def _utc(times: pd.Series) -> list:  # plotly.js draws times as given: naive UTC
@@ -321,11 +330,11 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
 
     def chart(endpoint: str, kind: str) -> go.Figure:
         try:
-            if kind == "rate": return rate_figure(live(endpoint))
-            if kind == "errors": return errors_figure(live(endpoint))
-            if kind == "latency": return latency_figure(live(endpoint))
-            if kind == "rows": return rows_figure(sampler.rows_per_call(endpoint), sampler.every)
-            return history_figure(metrics_history(env, endpoint))
+            if kind == "rate": return with_no_data_note(rate_figure(live(endpoint)))
+            if kind == "errors": return with_no_data_note(errors_figure(live(endpoint)))
+            if kind == "latency": return with_no_data_note(latency_figure(live(endpoint)))
+            if kind == "rows": return with_no_data_note(rows_figure(sampler.rows_per_call(endpoint), sampler.every))
+            return with_no_data_note(history_figure(metrics_history(env, endpoint)))
         # e.g. a row whose served entity the history lacks: said on the chart, the page still loads
         except MonitoringError as e:
             return unreadable_figure(CHARTS[kind], str(e))
