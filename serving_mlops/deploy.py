@@ -244,8 +244,9 @@ ENGINEERING_LOADER = "databricks.feature_store.mlflow_model"
 def looks_up_features(model) -> bool:
     "Whether loaded pyfunc `model` takes keys and looks its features up (logged through a feature store)."
     if model.metadata.flavors.get("python_function", {}).get("loader_module") == ENGINEERING_LOADER: return True
+    from mlflow.exceptions import MlflowException
     try: return bool(getattr(model.unwrap_python_model(), "feature_spec", None))
-    except Exception: return False  # not a python model (e.g. a scikit-learn flavor): it takes its inputs as sent
+    except MlflowException: return False  # not a python model (e.g. a scikit-learn flavor): it takes its inputs as sent
 
 # %% ../nbs/09_deploy.ipynb #d9536986
 # an id no table holds in practice, valid as a long or an integer and within an id's domain (at least 1)

@@ -250,8 +250,8 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
                      start: pd.Timestamp, end: pd.Timestamp, psi_threshold: float, pvalue_threshold: float,
                      large_sample: int = 5_000, seed: int = 0,
                      # when the check ran (default: now): in each report's name
-                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict]:
-    "`feature_drift` of each model version's predictions against its baseline, and its HTML report."
+                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict, dict]:
+    "`feature_drift` of each model version against its baseline, its HTML report, the columns its baseline left out."
     results, rows, reports = [], {}, {}
     skipped = {}  # model version -> the columns its baseline leaves out, and why (`training_baseline`: e.g. times)
     folder, checked = monitoring_dir(env, endpoint), checked or pd.Timestamp.now(tz="UTC")
@@ -270,9 +270,7 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
         reports[version] = folder / (f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_"
                                      f"checked{checked:%Y%m%dT%H%M%S}.html")
         reports[version].write_text(drift_report_html(baseline, window, r, title, buckets))
-    out = pd.concat(results, ignore_index=True)
-    out.attrs["skipped"] = skipped
-    return out, rows, reports
+    return pd.concat(results, ignore_index=True), rows, reports, skipped
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #e206f12c
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame,
@@ -322,9 +320,8 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
                               f"({payload.num_rows} rows in the window in all); expected predictions to compare with "
                               f"the baseline")
     checked = pd.Timestamp.now(tz="UTC")  # names this check's reports and run apart from any other check of the window
-    results, rows, reports = drift_by_version(env, endpoint, frame, start, end, psi_threshold, pvalue_threshold,
-                                              large_sample, seed, checked)
-    skipped = results.attrs.get("skipped", {})
+    results, rows, reports, skipped = drift_by_version(env, endpoint, frame, start, end, psi_threshold,
+                                                       pvalue_threshold, large_sample, seed, checked)
     missing = {v: int(n) for v, n in frame.groupby("model_version").missing_lookup.sum().items()}
     run_id = log_drift_run(env, endpoint, start, end, results, rows, reports,
                            {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold,

@@ -262,7 +262,9 @@ def mlflow_input(body: bytes, schema):
     "An invocation body as MLflow's scoring server reads it for input `schema` (`mlflow_read`; `predict` enforces it)."
     from mlflow.exceptions import MlflowException
     try: return mlflow_read(orjson.loads(body), schema, enforce=False)
-    except MlflowException as e: raise ServingError(400, mlflow_problem(e).error_code, e.message[:2000]) from None
+    except MlflowException as e:
+        problem = mlflow_problem(e)
+        raise ServingError(400, problem.error_code, problem) from None
 
 # %% ../../nbs/08b_serving_models.ipynb #49b5851d
 def jsonable(predictions):
