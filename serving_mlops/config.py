@@ -10,6 +10,7 @@ import importlib.util
 import logging
 import os
 import re
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ __all__ = ['BUNDLE_ENV_VAR', 'HOME_ENV_VAR', 'ENV_ENV_VAR', 'BUNDLE_RELPATH', 'V
            'load_bundle', 'fill_references', 'resolve_variables', 'Workspace', 'profile_host', 'runtime_host',
            'find_workspace', 'Environment', 'mlflow_schema_template', 'mlflow_database', 'local_root',
            'get_environment', 'environment_variables', 'workspace_home', 'notebook_dbutils', 'task_parameters',
-           'set_task_value', 'using_mlflow', 'process_alive']
+           'set_task_value', 'readable_registry', 'using_mlflow', 'process_alive']
 
 # %% ../nbs/00_config.ipynb #240eeb21
 class ConfigError(InputError):
@@ -439,15 +440,35 @@ def set_task_value(key: str, value) -> None:
     values[key] = value
     p.write_text(json.dumps(values))
 
+# %% ../nbs/00_config.ipynb #945a3e43
+@contextmanager
+def readable_registry(uri: str):
+    "`uri` as MLflow reads model files through it: another workspace's registry by a secret scope becomes a profile."
+    from mlflow.utils.databricks_utils import TrackingURIConfigProvider, get_db_info_from_uri
+    scope, prefix = get_db_info_from_uri(uri) if uri.startswith("databricks") else (None, None)
+    if prefix is None:
+        yield uri
+        return
+    config = TrackingURIConfigProvider(uri).get_config()  # MLflow's own reader of the scope's two secrets
+    profile = f"{scope}-{prefix}"
+    with tempfile.TemporaryDirectory() as folder:  # only this user can read it (0700), removed after the block
+        path = Path(folder) / "databrickscfg"
+        path.write_text(f"[{profile}]\nhost = {config.host}\ntoken = {config.token}\n")
+        with environment_variables({"DATABRICKS_CONFIG_FILE": path,
+                                    "MLFLOW_USE_DATABRICKS_SDK_MODEL_ARTIFACTS_REPO_FOR_UC": "false"}):
+            yield f"databricks-uc://{profile}"
+
+
 # %% ../nbs/00_config.ipynb #c7ffd940
 @contextmanager
 def using_mlflow(env: Environment):
     "Within the block, MLflow's fluent API works on `env`'s tracking server and registry; then the earlier URIs."
     import mlflow
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(env.registry_uri)
-    try: yield
-    finally: mlflow.set_tracking_uri(before[0]); mlflow.set_registry_uri(before[1])
+    with readable_registry(env.registry_uri) as registry:  # another workspace's, read as MLflow can
+        mlflow.set_tracking_uri(env.tracking_uri); mlflow.set_registry_uri(registry)
+        try: yield
+        finally: mlflow.set_tracking_uri(before[0]); mlflow.set_registry_uri(before[1])
 
 # %% ../nbs/00_config.ipynb #41e1f2bd
 def process_alive(pid) -> bool:
