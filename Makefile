@@ -10,7 +10,7 @@ export SPARK_LOCAL_IP := 127.0.0.1
 export PYTHONUNBUFFERED := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help demo test check replay java chromium export clean
+.PHONY: help demo test check replay replay-env java chromium export clean
 # demo and test use the local workspaces even when the shell names a Databricks workspace: like the Databricks CLI,
 # serving-mlops takes DATABRICKS_HOST or DATABRICKS_CONFIG_PROFILE as the workspace of every target without a host
 demo test check replay: export DATABRICKS_HOST :=
@@ -24,9 +24,13 @@ test check replay: export OMP_NUM_THREADS := 1
 # off each start (a JVM given a missing or stale archive runs without it)
 SPARK_TEST_JAVA := -XX:TieredStopAtLevel=1 -XX:+UseSerialGC
 SPARK_CLASSES := $(VENV)/spark-classes.jsa
+REPLAY_CLASSES := $(VENV)/replay-spark-classes.jsa
 test check: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := $(SPARK_TEST_JAVA) -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
-# the replay's JVMs are the runtime's Spark 4.1, whose classes the archive does not hold
+# the replay's JVMs are the runtime's Spark 4.1, whose classes the tests' archive does not hold: the tests' flags and the
+# runtime's own archive (made by replay-env) for its tasks' JVMs (serving_mlops.replay passes them on as a cluster's Spark
+# would have them) and the contract tests it reruns
 replay: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := $(SPARK_TEST_JAVA)
+test replay: export SERVING_MLOPS_REPLAY_JAVA_OPTIONS := $(SPARK_TEST_JAVA) -XX:SharedArchiveFile=$(CURDIR)/$(REPLAY_CLASSES)
 # the demo keeps the JVM's defaults for its longer jobs; the archive only saves each job kernel's Spark start
 demo: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:SharedArchiveFile=$(CURDIR)/$(SPARK_CLASSES)
 # pytest on both cores, each module whole on one worker (its module fixtures built once), the longest modules first
@@ -36,8 +40,9 @@ demo: export SERVING_MLOPS_SPARK_JAVA_OPTIONS := -XX:SharedArchiveFile=$(CURDIR)
 # two workers: three beside the notebooks' tests (533-590 s) overloaded the two cores enough to starve the tests that time
 # things (a metrics poller missed an interval, a SIGTERM came before the requests it should wait for)
 PYTEST_WORKERS := 2
-# tests/test_replay.py is `make replay`'s (its own tier: it builds Databricks Runtime 18 ML's library set once, then runs the loop)
-PYTEST = $(BIN)/pytest tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -p no:randomly --timeout 900 --ignore=tests/test_replay.py
+# tests/test_replay.py (the deployed bundle's loop on Databricks Runtime 18 ML's libraries) is one module among the others;
+# the runtime's library set it needs is built before, once per version of its constraints file, and timed on its own
+PYTEST = $(BIN)/pytest tests -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder -p no:randomly --timeout 900
 # the notebooks' tests run beside pytest, niced: pytest's workers wait on processes, servers and JVMs about a third of the
 # time, and one notebook at a time fills much of it without taking the CPU from tests that time things (sequentially, the
 # two took 136 s + 536 s on 2026-12-06)
@@ -112,7 +117,7 @@ demo: $(VENV)/.installed java $(SPARK_CLASSES) ## the scenario's loop offline: b
 	@echo "== the production console: endpoints with live charts, requests, monitoring, job runs, registry (open the link)"
 	@$(BIN)/serving-mlops console --env prod --background
 
-test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASSES) ## the whole suite (CI runs it): import layers, ruff, every notebook (nbdev_test), every test (pytest)
+test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASSES) replay-env ## the whole suite (CI runs it): import layers, ruff, every notebook (nbdev_test), every test (pytest), the replay among them
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/ruff check serving_mlops nbs
 	@echo "== nbdev_test (every notebook, one at a time, output in $(NBDEV_LOG)) beside pytest"; t=$$(date +%s); \
@@ -120,8 +125,13 @@ test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASS
 	 $(PYTEST) --durations=15; pt=$$?; echo "pytest: $$(( $$(date +%s) - t )) s"; \
 	 wait $$nb; nbs=$$?; echo "== nbdev_test"; cat $(NBDEV_LOG); [ $$pt -eq 0 ] && [ $$nbs -eq 0 ]
 
-replay: $(VENV)/.installed-dev java ## Databricks first contact, offline: the deployed bundle's whole loop on Databricks Runtime 18 ML's library versions (CI runs it)
-	@echo "== replay: the wheel and synced notebooks as a job cluster runs them (the first run builds the runtime's libraries, about 2.5 min)"
+# Databricks Runtime 18 ML's library set for the replay, a virtual environment under .venv/ made once per version of
+# replay/databricks-runtime-18.0-ml.txt (about 2.5 min), and a class archive of its Spark for the replay's task JVMs
+replay-env: $(VENV)/.installed-dev java
+	@SERVING_MLOPS_SPARK_JAVA_OPTIONS="$(SPARK_TEST_JAVA)" $(BIN)/python .ci/replay-env $(VENV) $(REPLAY_CLASSES)
+
+replay: replay-env java ## Databricks first contact, offline, alone (make test runs it too): the deployed bundle's whole loop on Databricks Runtime 18 ML's library versions
+	@echo "== replay: the wheel and synced notebooks as a job cluster runs them"
 	@t=$$(date +%s) && $(BIN)/pytest tests/test_replay.py -p no:randomly --timeout 1800 -q --durations=5 && echo "replay: $$(( $$(date +%s) - t )) s"
 
 check: $(VENV)/.installed-dev java $(SPARK_CLASSES) ## the inner loop while editing, about 2 min: import layers, ruff, the changed notebooks (or NB=...), the fast tests

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -27,10 +28,10 @@ from .jobs import (JobSpec, bundle_workspace_paths, latest_wheels, load_jobs, sy
                                 workspace_libraries)
 
 # %% auto #0
-__all__ = ['RUNTIME_VERSION', 'REPLAY_USER', 'LOOP', 'SMALL', 'ReplayFailed', 'constraints_path', 'canonical', 'pip',
-           'runtime_python', 'runtime_packages', 'build_artifacts', 'synced_files', 'workspace_folder', 'deploy_bundle',
-           'install_libraries', 'cluster_environment', 'driver_script', 'resolved_parameters', 'ReplayedTask',
-           'replay_job', 'deploy_time', 'replay', 'loop_inputs']
+__all__ = ['RUNTIME_VERSION', 'REPLAY_USER', 'REPLAY_JAVA_ENV_VAR', 'LOOP', 'SMALL', 'ReplayFailed', 'constraints_path',
+           'canonical', 'pip', 'runtime_python', 'runtime_packages', 'build_artifacts', 'synced_files',
+           'workspace_folder', 'deploy_bundle', 'install_libraries', 'cluster_environment', 'driver_script',
+           'resolved_parameters', 'ReplayedTask', 'replay_job', 'deploy_time', 'replay', 'loop_inputs']
 
 # %% ../nbs/15b_replay.ipynb #e9c3f4d0
 RUNTIME_VERSION = "18.0"  # the job clusters' spark_version 18.0.x-cpu-ml-scala2.13: Databricks Runtime 18.0 ML
@@ -179,13 +180,16 @@ def install_libraries(python: Path, runtime: dict[str, str], root: Path, spec: J
     return [*wheels, *packages]
 
 # %% ../nbs/15b_replay.ipynb #2a556ec3
+REPLAY_JAVA_ENV_VAR = "SERVING_MLOPS_REPLAY_JAVA_OPTIONS"  # the replay's JVM flags (the tests': C1 only, serial GC)
+
 def cluster_environment(python: Path, root: Path, cluster: dict, extra: dict[str, str] | None = None) -> dict[str, str]:
     "Environment variables of a notebook on job cluster `cluster` (its `new_cluster` spec) with the runtime's `python`."
     env = {"PATH": f"{python.parent}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "HOME": str(root / "home"),
            "LANG": "C.UTF-8", "TZ": "Etc/UTC",
            "DATABRICKS_RUNTIME_VERSION": RUNTIME_VERSION, "PYSPARK_PYTHON": str(python), "SPARK_LOCAL_IP": "127.0.0.1"}
-    for keep in ("JAVA_HOME", "SERVING_MLOPS_SPARK_JAVA_OPTIONS"):
-        if os.environ.get(keep): env[keep] = os.environ[keep]
+    if os.environ.get("JAVA_HOME"): env["JAVA_HOME"] = os.environ["JAVA_HOME"]
+    if flags := os.environ.get(REPLAY_JAVA_ENV_VAR):  # speed only: flags of the JVM the task's `getOrCreate` starts
+        env["PYSPARK_SUBMIT_ARGS"] = f"--driver-java-options {shlex.quote(flags)} pyspark-shell"
     (root / "home").mkdir(parents=True, exist_ok=True)
     return {**env, **(cluster.get("spark_env_vars") or {}), **(extra or {})}
 

@@ -350,7 +350,8 @@ def test_the_tests_run_without_a_workspace_from_the_shell():
 def test_make_demo_and_test_ignore_a_workspace_named_by_the_shell(goal, tmp_path):
     "The recipes of `make demo` and `make test` see DATABRICKS_HOST and DATABRICKS_CONFIG_PROFILE empty (their other prerequisites are skipped)."
     env = {**os.environ, "DATABRICKS_HOST": "https://adb-2222222222222222.2.azuredatabricks.net", "DATABRICKS_CONFIG_PROFILE": "ws"}
-    skip = [a for p in (".venv/.installed", ".venv/.installed-dev", ".venv/node/.installed", "java") for a in ("-o", p)]
+    skip = [a for p in (".venv/.installed", ".venv/.installed-dev", ".venv/node/.installed", "java", "chromium", "replay-env",
+                        ".venv/spark-classes.jsa") for a in ("-o", p)]
     show = "env-check: ; @echo \"host=[$$DATABRICKS_HOST] profile=[$$DATABRICKS_CONFIG_PROFILE]\"; exit 3"
     proc = subprocess.run(["make", "--no-print-directory", *skip, f"--eval={goal}: env-check", f"--eval={show}", goal],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)

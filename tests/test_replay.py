@@ -2,8 +2,10 @@
 installed on Databricks Runtime 18.0 ML's library versions, the files laid out as the CLI syncs them, every task notebook of
 the loop run in its own folder with `dbutils` and the job cluster's environment.
 
-Its own tier: `make replay` (CI runs it after `make test`); `make test` leaves this module out. The runtime's libraries are a
-virtual environment built once per version of replay/databricks-runtime-18.0-ml.txt (about 2.5 minutes); the loop about 4.
+`make test` runs it among the other modules (`make replay` alone). The runtime's libraries are a virtual environment built once
+per version of replay/databricks-runtime-18.0-ml.txt (`make replay-env`, about 2.5 minutes, timed on its own); the loop about
+3 minutes. It is also the suite's run of promote, batch inference and monitoring as jobs (tests/test_jobs.py runs model_build
+and deploy through the local job runner).
 No Databricks workspace exists here: the workspaces' data, models and endpoints are local workspaces on the replay's driver
 (see the table in nbs/15b_replay.ipynb and docs/databricks.md).
 """
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from serving_mlops.config import get_environment
-from serving_mlops.replay import (LOOP, SMALL, ReplayFailed, build_artifacts, canonical, constraints_path, install_libraries,
+from serving_mlops.config import HOME_ENV_VAR, environment_variables, get_environment
+from serving_mlops.registry import registry_client
+from serving_mlops.tables import tables_for
+from serving_mlops.replay import (LOOP, REPLAY_JAVA_ENV_VAR, SMALL, ReplayFailed, build_artifacts, canonical, constraints_path, install_libraries,
                                   loop_inputs, replay, runtime_packages, runtime_python)
 from serving_mlops.jobs import load_jobs
 
@@ -58,6 +62,13 @@ def test_every_task_of_the_loop_succeeds_on_the_runtime(loop):
     assert results["prod", "promote"]["deploy"].values["model_version"] == copy["model_version"]  # {{tasks.copy.values.model_version}}
     assert results["staging", "deploy_serving_endpoint"]["deploy"].values["endpoint"] == "credit-default-staging"
     assert results["prod", "monitoring"]["drift"].values["drifted"] is False and validate, validate
+    with environment_variables({HOME_ENV_VAR: str(root / "workspaces")}):  # what the tasks left in the workspaces
+        prod = get_environment("prod")
+        version = registry_client(prod).get_model_version(prod.model_name, copy["model_version"])
+        predictions = tables_for(prod).read_pandas(prod.table_name("predictions"))
+    assert version.tags["source_environment"] == "staging" and version.tags["source_version"] == validate["model_version"]
+    assert results["prod", "batch_inference"]["score"].values == {"model_version": str(version.version), "rows": "2000"}
+    assert len(predictions) == 2000 and predictions.customer_id.is_unique and set(predictions.model_version) == {int(version.version)}
 
 
 def test_the_tasks_read_the_configuration_the_deployment_gave_them(loop):
@@ -82,7 +93,9 @@ def test_the_databricks_contract_tests_pass_on_the_runtimes_libraries(loop, runt
     Spark's Arrow conversion 4.1.0's with pandas 2.2.3 and pyarrow 21 (issue 26 items 2 and 4 on the runtime's versions)."""
     done = subprocess.run([str(runtime), "-P", "-m", "pytest", "tests/test_databricks_adapter.py", "-q", "-p", "no:cacheprovider",
                            "-W", "ignore::DeprecationWarning"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "SERVING_MLOPS_HOME": str(loop[1] / "contracts"), "PYTHONPATH": ""})
+                          env={**os.environ, "SERVING_MLOPS_HOME": str(loop[1] / "contracts"), "PYTHONPATH": "",
+                               # the runtime's Spark: the replay's JVM flags (the tests' class archive is of another Spark)
+                               "SERVING_MLOPS_SPARK_JAVA_OPTIONS": os.environ.get(REPLAY_JAVA_ENV_VAR, "")})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"\b\d+ passed", done.stdout) and " skipped" not in done.stdout, done.stdout[-2000:]
     where = subprocess.run([str(runtime), "-P", "-c", "import serving_mlops, mlflow; print(serving_mlops.__file__, mlflow.__version__)"],
