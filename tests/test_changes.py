@@ -109,6 +109,9 @@ def log_models(ws) -> dict:
     with mlflow.start_run():
         mlflow.sklearn.log_model(model, name="m", signature=infer_signature(X, model.predict(X)), input_example=X.head(3),
                                  registered_model_name="dev.credit.colours", pip_requirements=["scikit-learn"])
+        # its training baseline, where monitoring looks for one (the run's monitoring/baseline.json): text, a long, labels
+        from serving_mlops.drift import training_baseline
+        mlflow.log_dict(training_baseline(X.assign(prediction=model.predict(X)), [], "prediction"), "monitoring/baseline.json")
     frame = pd.DataFrame({"n": [1, 2, 3]})
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Labeller(), registered_model_name="dev.credit.labeller", pip_requirements=["mlflow"],
@@ -248,29 +251,44 @@ def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws
     an array column, MLflow's 32-bit integer and float columns (with the demo's feature-store model,
     tests/test_serving.py, eleven kinds); each request sent to the runtime over HTTP and to MLflow's own scoring server in process:
     the same status, the same predictions (floats within 1e-9), or the same error code."""
+    import pandas as pd
     from mlflow.pyfunc import scoring_server
     from starlette.testclient import TestClient
     from served import create, invoke
-    from databricks.sdk.service.serving import ServedEntityInput
-    differences = []
+    from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTableConfig, ServedEntityInput
+    differences, monitored = [], {}
     for name, (model, requests) in unlike.items():
-        create(ws, name, ServedEntityInput(entity_name=model, entity_version="1"))
+        start, answered = pd.Timestamp.now(tz="UTC"), []
+        create(ws, name, ServedEntityInput(entity_name=model, entity_version="1"),
+               ai_gateway=AiGatewayConfig(inference_table_config=AiGatewayInferenceTableConfig(
+                   catalog_name="dev", schema_name="credit", table_name_prefix=name, enabled=True)))
         try:
             with TestClient(scoring_server.init(mlflow.pyfunc.load_model(f"models:/{model}/1"))) as mlflow_server:
                 for request in requests:
                     theirs, ours = mlflow_server.post("/invocations", json=request), invoke(ws, name, request)
+                    if ours.status_code == 200: answered.append(ours.json()["predictions"])
                     if theirs.status_code == 200 and ours.status_code == 200:
                         if not same(ours.json()["predictions"], theirs.json()["predictions"]): differences.append((name, request, ours.text, theirs.text))
                     elif (ours.status_code, ours.json().get("error_code")) != (theirs.status_code, theirs.json().get("error_code")):
                         differences.append((name, request, ours.status_code, ours.text[:300], theirs.status_code, theirs.text[:300]))
+            end = pd.Timestamp.now(tz="UTC")  # (the endpoint tests below send requests of their own)
             if name not in ("summer", "shapeless", "lister", "weigher"):  # endpoint tests: any model with a column signature and an input example
                 report = endpoint_tests(dataclasses.replace(ws.env, variables={**ws.env.variables, "model_name": model}), "1", name,
                                         requests=3, client=ws.w)
                 assert [c for c, ok, _ in report.checks if not ok and c != "latency"] == [], report.summary()
                 assert [c for c, _, _ in report.checks] == ["schema", "golden_sample", "latency", "error_rate"], report.summary()
+            if name != "summer":  # a tensor model's rows have no column names to monitor
+                monitored[name] = monitor_captured(ws, name, start, end, answered, requests)
         finally:
             ws.w.serving_endpoints.delete(name)
     assert differences == [], "\n".join(map(repr, differences))
+    # issue 30: what each endpoint answered is read back from its inference table, whatever its inputs' types; answers
+    # that are not one value per row (a DataFrame's records, a dict) are left out, each with its reason
+    assert {n: m[0] for n, m in monitored.items()} == {n: m[1] for n, m in monitored.items()}, monitored
+    assert {n for n, m in monitored.items() if m[2]} == {"labeller", "shapeless"}, monitored
+    assert all("predictions are not one value per row" in why for m in monitored.values() for _, why in m[2]), monitored
+    drift = monitored["colours"][3]  # the text + long model's drift check, as `monitor` runs it: its text column is a category
+    assert set(drift.feature) == {"colour", "n", "prediction"} and set(drift.kind[drift.feature == "colour"]) == {"categorical"}
     # a model without a signature: Unity Catalog refuses to register one, so Model Serving never loads one; the runtime says why
     from databricks.sdk.errors import OperationFailed
     with pytest.raises(OperationFailed, match="UPDATE_FAILED"):
@@ -278,6 +296,28 @@ def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws
     try: assert "has no input signature" in ws.w.serving_endpoints.get("unsigned").state.as_dict().get("config_update", "") or \
                 "has no input signature" in str(ws.w.serving_endpoints.get("unsigned").as_dict())
     finally: ws.w.serving_endpoints.delete("unsigned")
+
+
+def monitor_captured(ws, name, start, end, answered, requests):
+    """What monitoring reads of endpoint `name`'s inference table from `start` to `end`: (rows read, rows of its
+    one-value-per-row answers, the requests left out with why, the drift rows of `monitor`'s check when the model logged a
+    baseline). The runtime writes the table in batches: the rows are waited for."""
+    import time
+    from serving_mlops.monitoring.checks import run_monitoring
+    from serving_mlops.monitoring.inference import inference_frame, read_payload
+    from serving_mlops.monitoring.requests import MonitoringError
+    deadline, got = time.monotonic() + 60, None
+    while (got is None or got.num_rows < len(requests)) and time.monotonic() < deadline:
+        try: got = read_payload(ws.env, name, start, end)
+        except MonitoringError: time.sleep(0.2)  # the table's first batch is not written yet
+        else: time.sleep(0 if got.num_rows >= len(requests) else 0.2)
+    assert got is not None and got.num_rows == len(requests), (name, got and got.num_rows, len(requests))
+    frame = inference_frame(ws.env, got, endpoint=name)
+    plain = sum(len(p) for p in answered if isinstance(p, list) and not any(isinstance(v, (dict, list)) for v in p))
+    drift = None
+    if name == "colours":  # what `monitor` runs (it never raises the alert itself: found drift is in the results)
+        drift = run_monitoring(ws.env, name, start.isoformat(), end.isoformat(), 60, None, "", "drift", 0).drift.results
+    return len(frame), plain, frame.attrs["unreadable"], drift
 
 
 def test_one_endpoint_serves_different_models_each_in_its_own_format(ws, unlike):

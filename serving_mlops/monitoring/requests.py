@@ -23,7 +23,7 @@ from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns, repeate
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'MonitoringError', 'parse_requests']
+__all__ = ['log', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'MonitoringError', 'read_any', 'parse_requests']
 
 # %% ../../nbs/12a_monitoring_requests.ipynb #c77921ea
 class MonitoringError(InputError):
@@ -307,6 +307,32 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
     return _entry_blocks(*(np.concatenate([e[k] for e in entries]) for k in range(3)),
                          pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
 
+# %% ../../nbs/12a_monitoring_requests.ipynb #db6c62f9
+def read_any(request: str, response: str, # the logged request and response bodies
+             columns: list, # the model's input columns, for rows sent without names
+             where: str) -> pd.DataFrame:
+    "One logged request read as MLflow's scoring server reads it, with `prediction`: any column type, any plain value."
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+    problem = _request_error(request, columns, where)
+    if "twice in one JSON object" in str(problem): raise problem
+    try:
+        body, answer = orjson.loads(request), orjson.loads(response)
+        data = infer_and_parse_data({k: v for k, v in body.items() if k != "params"})
+        if isinstance(data, dict): data = pd.DataFrame({k: list(v) for k, v in data.items()})  # columns of `inputs`
+        elif isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == len(columns):
+            # the JSON's own values (MLflow's array made one type of them: 3 became '3')
+            data = pd.DataFrame(body.get("instances", body.get("inputs")), columns=columns)
+    except (orjson.JSONDecodeError, MlflowException, AttributeError, TypeError, ValueError): raise problem from None
+    if not isinstance(data, pd.DataFrame): raise problem
+    predictions = answer.get("predictions") if isinstance(answer, dict) else None
+    if not isinstance(predictions, list) or any(isinstance(p, (dict, list)) for p in predictions):
+        raise MonitoringError(f"{where}: the response's predictions are not one value per row: {response!r:.100}")
+    if len(predictions) != len(data):
+        raise MonitoringError(f"{where}: {len(data)} rows but {len(predictions)} predictions; expected one per row")
+    return data.reset_index(drop=True).assign(prediction=pd.Series(predictions, dtype=None))
+
+
 # %% ../../nbs/12a_monitoring_requests.ipynb #bd2fc940
 # long: the window's requests read once and matched with their predictions; splitting it is a code change
 def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
@@ -372,6 +398,15 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
         frame["prediction"] = value[start[request] + rank]
         frame["_request"], frame["_sent"] = request, sent
         frames.append(frame)
+    for i in [i for i in unreadable if logged[i]]:  # not numbers: read as MLflow's scoring server reads them
+        try: frame = read_any(t.column("request")[i].as_py(), t.column("response")[i].as_py(),
+                              columns.get(entities[i], []), where(i))
+        except MonitoringError as e:  # left out, with MLflow's reader's reason (for the request, the same as above)
+            unreadable[i] = str(e)
+            continue
+        frame["_sent"], frame["_request"] = ",".join(frame.columns[:-1]), i
+        frames.append(frame)
+        del unreadable[i]
     if not frames:
         out = pd.DataFrame({"prediction": pd.Series(dtype="float64"), "_sent": pd.Series(dtype=object)})
         position = np.zeros(0, dtype="int64")
