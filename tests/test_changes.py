@@ -100,6 +100,13 @@ def colour_pipeline():
     return model, X
 
 
+def log_baseline(frame, predictions=None):
+    "The model's training baseline where monitoring looks for one (its run's monitoring/baseline.json)."
+    from serving_mlops.drift import training_baseline
+    if predictions is not None: frame = frame.assign(prediction=list(predictions))
+    mlflow.log_dict(training_baseline(frame, [], None if predictions is None else "prediction"), "monitoring/baseline.json")
+
+
 def log_models(ws) -> dict:
     "Two models unlike the demo's, registered in the world's registry: name -> (registered model, requests in every format it allows)."
     import pandas as pd
@@ -109,13 +116,12 @@ def log_models(ws) -> dict:
     with mlflow.start_run():
         mlflow.sklearn.log_model(model, name="m", signature=infer_signature(X, model.predict(X)), input_example=X.head(3),
                                  registered_model_name="dev.credit.colours", pip_requirements=["scikit-learn"])
-        # its training baseline, where monitoring looks for one (the run's monitoring/baseline.json): text, a long, labels
-        from serving_mlops.drift import training_baseline
-        mlflow.log_dict(training_baseline(X.assign(prediction=model.predict(X)), [], "prediction"), "monitoring/baseline.json")
+        log_baseline(X, model.predict(X))  # text, a long, labels
     frame = pd.DataFrame({"n": [1, 2, 3]})
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Labeller(), registered_model_name="dev.credit.labeller", pip_requirements=["mlflow"],
                                 signature=infer_signature(frame, Labeller().predict(None, frame), params={"scale": 1.0}), input_example=frame)
+        log_baseline(frame)  # its answers are records: monitoring leaves them out, naming why
     import numpy as np
     from mlflow.types import Schema, TensorSpec
     with mlflow.start_run():
@@ -167,20 +173,24 @@ def more_models(ws) -> dict:
     with mlflow.start_run():
         mlflow.sklearn.log_model(regressor, name="m", signature=optional, input_example=X.head(3), registered_model_name="dev.credit.regressor",
                                  pip_requirements=["scikit-learn"], serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE)
+        log_baseline(X, regressor.predict(X))
     labels = np.array(["low", "mid", "high"])[(X.x > -0.5).astype(int) + (X.x > 0.5).astype(int)]
     multiclass = LogisticRegression(max_iter=500).fit(X[["x"]], labels)
     with mlflow.start_run():
         mlflow.sklearn.log_model(multiclass, name="m", signature=infer_signature(X[["x"]], multiclass.predict(X[["x"]])),
                                  input_example=X[["x"]].head(3), registered_model_name="dev.credit.multiclass", pip_requirements=["scikit-learn"])
+        log_baseline(X[["x"]], multiclass.predict(X[["x"]]))  # text labels
     people = pd.DataFrame({"name": ["Ada", "Bo"], "formal": [True, False], "when": pd.to_datetime(["2024-01-02", "2025-06-30"])})
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Greeter(), registered_model_name="dev.credit.greeter", pip_requirements=["mlflow"],
                                 # its answer as a Series: MLflow asks whether a list is a Spark frame by importing pyspark's
                                 # connect module, which exits a pytest-xdist worker (no __main__ file) when grpc is absent
                                 signature=infer_signature(people, pd.Series(Greeter().predict(None, people))), input_example=people)
+        log_baseline(people, Greeter().predict(None, people))  # text, booleans, times (left out, named), text answers
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Shapeless(), registered_model_name="dev.credit.shapeless", pip_requirements=["mlflow"],
                                 signature=mlflow.models.ModelSignature(inputs=Schema([ColSpec("long", "a"), ColSpec("string", "b", required=False)])))
+        log_baseline(pd.DataFrame({"a": [1, 2], "b": ["x", "y"]}))  # its answer is a dict: left out, named
     with mlflow.start_run():  # Unity Catalog registers no model without a signature: Model Serving never serves one
         mlflow.pyfunc.log_model(name="m", python_model=Shapeless(), registered_model_name="dev.credit.unsigned", pip_requirements=["mlflow"])
     return {"regressor": ["dev.credit.regressor", [{"dataframe_records": [{"x": 0.5, "y": 1.0}, {"x": -1.0, "y": None}, {"x": 2.0}]},
@@ -213,6 +223,7 @@ class Weigher(mlflow.pyfunc.PythonModel):
 
 def typed_models(ws) -> dict:
     "Two kinds more: an array column, and MLflow's 32-bit integer and float columns."
+    import pandas as pd
     from mlflow.types import ColSpec, DataType, Schema
     from mlflow.types.schema import Array
     ws.world.use_mlflow()
@@ -220,10 +231,12 @@ def typed_models(ws) -> dict:
         mlflow.pyfunc.log_model(name="m", python_model=Lister(), registered_model_name="dev.credit.lister", pip_requirements=["mlflow"],
                                 signature=mlflow.models.ModelSignature(inputs=Schema([ColSpec(Array(DataType.double), "values")]),
                                                                        outputs=Schema([ColSpec("double")])))
+        log_baseline(pd.DataFrame({"values": [[1.0, 2.5], [3.0]]}), [3.5, 3.0])  # arrays: compared by their labels
     with mlflow.start_run():
         mlflow.pyfunc.log_model(name="m", python_model=Weigher(), registered_model_name="dev.credit.weigher", pip_requirements=["mlflow"],
                                 signature=mlflow.models.ModelSignature(inputs=Schema([ColSpec("integer", "count"), ColSpec("float", "weight")]),
                                                                        outputs=Schema([ColSpec("double")])))
+        log_baseline(pd.DataFrame({"count": [1, 3], "weight": [0.5, 2.0]}), [0.5, 6.0])
     return {"lister": ["dev.credit.lister", [{"dataframe_records": [{"values": [1.0, 2.5]}, {"values": []}]},
                                             {"inputs": {"values": [[3.0, 4.0]]}}, {"dataframe_records": [{"values": "x"}]}]],
             "weigher": ["dev.credit.weigher", [{"dataframe_records": [{"count": 3, "weight": 0.5}]},
@@ -256,7 +269,7 @@ def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws
     from starlette.testclient import TestClient
     from served import create, invoke
     from databricks.sdk.service.serving import AiGatewayConfig, AiGatewayInferenceTableConfig, ServedEntityInput
-    differences, monitored = [], {}
+    differences, captured = [], {}
     for name, (model, requests) in unlike.items():
         start, answered = pd.Timestamp.now(tz="UTC"), []
         create(ws, name, ServedEntityInput(entity_name=model, entity_version="1"),
@@ -277,18 +290,28 @@ def test_models_unlike_the_demos_get_the_answers_mlflows_scoring_server_gives(ws
                                         requests=3, client=ws.w)
                 assert [c for c, ok, _ in report.checks if not ok and c != "latency"] == [], report.summary()
                 assert [c for c, _, _ in report.checks] == ["schema", "golden_sample", "latency", "error_rate"], report.summary()
-            if name != "summer":  # a tensor model's rows have no column names to monitor
-                monitored[name] = monitor_captured(ws, name, start, end, answered, requests)
+            if name != "summer": captured[name] = start, end, answered, requests  # a tensor model's rows have no names
         finally:
             ws.w.serving_endpoints.delete(name)
     assert differences == [], "\n".join(map(repr, differences))
+    monitored = {name: monitor_captured(ws, name, *window) for name, window in captured.items()}  # (tables stay)
     # issue 30: what each endpoint answered is read back from its inference table, whatever its inputs' types; answers
     # that are not one value per row (a DataFrame's records, a dict) are left out, each with its reason
     assert {n: m[0] for n, m in monitored.items()} == {n: m[1] for n, m in monitored.items()}, monitored
     assert {n for n, m in monitored.items() if m[2]} == {"labeller", "shapeless"}, monitored
     assert all("predictions are not one value per row" in why for m in monitored.values() for _, why in m[2]), monitored
-    drift = monitored["colours"][3]  # the text + long model's drift check, as `monitor` runs it: its text column is a category
-    assert set(drift.feature) == {"colour", "n", "prediction"} and set(drift.kind[drift.feature == "colour"]) == {"categorical"}
+    # each model's drift check, as `monitor` runs it: text, booleans, arrays and labels as categories, times left out and named
+    kinds = {n: dict(zip(m[3].results.feature, m[3].results.kind)) for n, m in monitored.items() if hasattr(m[3], "results")}
+    assert kinds == {"colours": {"colour": "categorical", "n": "numeric", "prediction": "numeric"},  # 0 and 1
+                     "regressor": {"x": "numeric", "y": "numeric", "prediction": "numeric"},
+                     "multiclass": {"x": "numeric", "prediction": "categorical"},
+                     "greeter": {"name": "categorical", "formal": "categorical", "prediction": "categorical"},
+                     "lister": {"values": "categorical", "prediction": "numeric"},
+                     "weigher": {"count": "numeric", "weight": "numeric", "prediction": "numeric"}}, kinds
+    for n in ("labeller", "shapeless"):
+        assert "can be read as rows matching their predictions, e.g. request " in str(monitored[n][3]), monitored[n][3]
+        assert "predictions are not one value per row" in str(monitored[n][3])
+    assert monitored["greeter"][3].skipped == {"1": {"when": "datetime64[ns] values: drift is measured on numbers and categories"}}
     # a model without a signature: Unity Catalog refuses to register one, so Model Serving never loads one; the runtime says why
     from databricks.sdk.errors import OperationFailed
     with pytest.raises(OperationFailed, match="UPDATE_FAILED"):
@@ -314,9 +337,10 @@ def monitor_captured(ws, name, start, end, answered, requests):
     assert got is not None and got.num_rows == len(requests), (name, got and got.num_rows, len(requests))
     frame = inference_frame(ws.env, got, endpoint=name)
     plain = sum(len(p) for p in answered if isinstance(p, list) and not any(isinstance(v, (dict, list)) for v in p))
-    drift = None
-    if name == "colours":  # what `monitor` runs (it never raises the alert itself: found drift is in the results)
-        drift = run_monitoring(ws.env, name, start.isoformat(), end.isoformat(), 60, None, "", "drift", 0).drift.results
+    # what `monitor` runs (it never raises the alert itself: found drift is in the results); a window none of whose
+    # requests can be read ends with an error naming why (`monitor` exits 1), not a crash
+    try: drift = run_monitoring(ws.env, name, start.isoformat(), end.isoformat(), 60, None, "", "drift", 0).drift
+    except MonitoringError as e: drift = e
     return len(frame), plain, frame.attrs["unreadable"], drift
 
 

@@ -314,6 +314,10 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     webhook_url = env.var("alert_webhook_url") if webhook_url is None else webhook_url
     payload = read_payload(env, endpoint, start, end, FRAME_COLUMNS)
     frame = inference_frame(env, payload, endpoint)
+    if frame.empty and (unread := frame.attrs.get("unreadable")):  # answered, but not as rows matching predictions
+        raise MonitoringError(f"inference table {inference_table(env, endpoint)}: none of the {len(unread)} successful "
+                              f"request(s) between {start} and {end} can be read as rows matching their predictions, "
+                              f"e.g. {unread[0][1]}")
     if frame.empty:
         raise MonitoringError(f"inference table {inference_table(env, endpoint)} has no successful requests between "
                               f"{start} and {end} "
