@@ -52,8 +52,11 @@ def pytest_itemcollected(item):
 
 # --- the longest modules first --------------------------------------------------------------------------------------------
 # `make test` runs `pytest -n 2 --dist loadfile --no-loadscope-reorder`: each module whole on one worker, in the order of
-# the collection. Ordered longest first (their time on the last whole passing run, kept in pytest's cache; a module not
-# timed yet first, by its number of slow tests), the two workers end together instead of one running a long module alone.
+# the collection. Ordered longest first (their time on the last whole passing run, kept in pytest's cache; in a fresh clone,
+# without a cache, the times in tests/module_seconds.json, a passing run's copied by hand; a module timed in neither first,
+# by its number of slow tests), the two workers end together instead of one running a long module alone (a fresh clone's
+# replay, ordered by its few tests, started late and ran alone at the end).
+MODULE_SECONDS = Path(__file__).with_name("module_seconds.json")
 
 def module_of(nodeid: str) -> str: return nodeid.split("::")[0]
 
@@ -64,7 +67,8 @@ def pytest_collection_modifyitems(config, items):
     modules = list(dict.fromkeys(module_of(i.nodeid) for i in items))
     slow = {m: sum(1 for i in items if module_of(i.nodeid) == m and i.get_closest_marker("slow")) for m in modules}
     cache = getattr(config, "cache", None)  # none with -p no:cacheprovider
-    seconds = {m: cache.get(_seconds_key(m), None) if cache else None for m in modules}
+    known = json.loads(MODULE_SECONDS.read_text()) if MODULE_SECONDS.exists() else {}
+    seconds = {m: (cache.get(_seconds_key(m), None) if cache else None) or known.get(m) for m in modules}
     rank = {m: (1, -seconds[m]) if isinstance(seconds[m], (int, float)) else (0, -slow[m]) for m in modules}
     items.sort(key=lambda i: rank[module_of(i.nodeid)])  # stable: a module's tests keep their order
 

@@ -95,7 +95,10 @@ def test_the_databricks_contract_tests_pass_on_the_runtimes_libraries(loop, runt
                            "-W", "ignore::DeprecationWarning"], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "SERVING_MLOPS_HOME": str(loop[1] / "contracts"), "PYTHONPATH": "",
                                # the runtime's Spark: the replay's JVM flags (the tests' class archive is of another Spark)
-                               "SERVING_MLOPS_SPARK_JAVA_OPTIONS": os.environ.get(REPLAY_JAVA_ENV_VAR, "")})
+                               "SERVING_MLOPS_SPARK_JAVA_OPTIONS": os.environ.get(REPLAY_JAVA_ENV_VAR, ""),
+                               # and its Python workers the runtime's Python: a Spark this worker started earlier set
+                               # PYSPARK_PYTHON to the suite's, whose MLflow and scikit-learn could not load the runtime's model
+                               "PYSPARK_PYTHON": str(runtime)})
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert re.search(r"\b\d+ passed", done.stdout) and " skipped" not in done.stdout, done.stdout[-2000:]
     where = subprocess.run([str(runtime), "-P", "-c", "import serving_mlops, mlflow; print(serving_mlops.__file__, mlflow.__version__)"],
