@@ -156,7 +156,8 @@ def model_spec(env: Environment, model_name: str, version: str | int) -> dict:
             return read(Path(local))
         signature = mlflow.models.get_model_info(model_uri(model_name, version)).signature
     inputs = signature.inputs if signature is not None else None
-    return {"lookups": [], "columns": inputs.input_names() if inputs is not None and inputs.has_input_names() else []}
+    return {"lookups": [], "columns": inputs.input_names() if inputs is not None and inputs.has_input_names() else [],
+            "signature": signature}  # what the served model enforces: monitoring reads its requests the same way
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #dc69ff32
 def _with_features(env: Environment, spec: dict, rows: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -201,7 +202,9 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
     specs = {(r.model_name, r.model_version): model_spec(env, r.model_name, r.model_version)
              for r in versions.itertuples()}
     columns = {r.served_entity_id: specs[r.model_name, r.model_version]["columns"] for r in entities.itertuples()}
-    frame = parse_requests(payload, columns)
+    signatures = {r.served_entity_id: specs[r.model_name, r.model_version].get("signature")
+                  for r in entities.itertuples()}
+    frame = parse_requests(payload, columns, signatures)
     by_id = entities.set_index("served_entity_id")
     entity, known = pd.factorize(frame.served_entity_id)  # one hash per row, the rest once per served entity
     for c in ("served_entity_name", "model_name", "model_version"):

@@ -23,7 +23,7 @@ from ..serving.protocol import PAYLOAD_KEYS, InputSpec, payload_columns, repeate
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'MonitoringError', 'read_any', 'parse_requests']
+__all__ = ['log', 'REQUEST_SHAPE', 'OTHER_SHAPES', 'NUMBER_TYPES', 'MonitoringError', 'read_any', 'parse_requests']
 
 # %% ../../nbs/12a_monitoring_requests.ipynb #c77921ea
 class MonitoringError(InputError):
@@ -308,26 +308,31 @@ def _other_blocks(q: pa.Array, at: np.ndarray, t: pa.Table, columns: list, where
                          pa.concat_arrays([e[3].cast(pa.string()) for e in entries]))
 
 # %% ../../nbs/12a_monitoring_requests.ipynb #db6c62f9
+NUMBER_TYPES = {"double", "float", "long", "integer"}  # MLflow's numeric column types (`DataType` names)
+
 def read_any(request: str, response: str, # the logged request and response bodies
-             columns: list, # the model's input columns, for rows sent without names
+             signature, # the served model's `mlflow.models.ModelSignature`: what its endpoint enforced
              where: str) -> pd.DataFrame:
-    "One logged request read as MLflow's scoring server reads it, with `prediction`: any column type, any plain value."
-    from mlflow.exceptions import MlflowException
-    from mlflow.pyfunc.scoring_server import infer_and_parse_data
+    "One logged request read and enforced as MLflow's scoring server does, with `prediction`: any column type."
+    from serving_mlops.serving.models import mlflow_read
+    columns = signature.inputs.input_names() if signature.inputs.has_input_names() else []
     problem = _request_error(request, columns, where)
     if "twice in one JSON object" in str(problem): raise problem
     try:
         body, answer = orjson.loads(request), orjson.loads(response)
-        data = infer_and_parse_data({k: v for k, v in body.items() if k != "params"})
+        data = mlflow_read({k: v for k, v in body.items() if k != "params"}, signature.inputs)
         if isinstance(data, dict): data = pd.DataFrame({k: list(v) for k, v in data.items()})  # columns of `inputs`
-        elif isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == len(columns):
-            # the JSON's own values (MLflow's array made one type of them: 3 became '3')
-            data = pd.DataFrame(body.get("instances", body.get("inputs")), columns=columns)
-    except (orjson.JSONDecodeError, MlflowException, AttributeError, TypeError, ValueError): raise problem from None
+    except Exception: raise problem from None  # whatever MLflow refuses, the endpoint refused: the reason above
     if not isinstance(data, pd.DataFrame): raise problem
     predictions = answer.get("predictions") if isinstance(answer, dict) else None
-    if not isinstance(predictions, list) or any(isinstance(p, (dict, list)) for p in predictions):
+    if not isinstance(predictions, list):
+        raise MonitoringError(f"{where}: the response has no predictions (a list of values): {response!r:.100}")
+    if any(isinstance(p, (dict, list)) for p in predictions):
         raise MonitoringError(f"{where}: the response's predictions are not one value per row: {response!r:.100}")
+    numbers = signature.outputs is not None and all(
+        getattr(getattr(s, "type", None), "name", None) in NUMBER_TYPES for s in signature.outputs.inputs)
+    if numbers and not all(isinstance(p, (int, float)) and not isinstance(p, bool) or p is None for p in predictions):
+        raise MonitoringError(f"{where}: predictions are not numbers, as the model's output schema says they are")
     if len(predictions) != len(data):
         raise MonitoringError(f"{where}: {len(data)} rows but {len(predictions)} predictions; expected one per row")
     return data.reset_index(drop=True).assign(prediction=pd.Series(predictions, dtype=None))
@@ -338,6 +343,8 @@ def read_any(request: str, response: str, # the logged request and response bodi
 def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
                    # served_entity_id -> its model's input columns, for rows sent without names
                    columns: dict | None = None,
+                   # served_entity_id -> its model's signature: requests that are not all numbers are read by it
+                   signatures: dict | None = None,
                    ) -> pd.DataFrame:
     "One row per prediction of the successful requests logged in full: columns sent, `prediction`, time, entity, id."
     columns = columns or {}
@@ -398,9 +405,11 @@ def parse_requests(payload, # inference table rows (pandas or Arrow), e.g. from 
         frame["prediction"] = value[start[request] + rank]
         frame["_request"], frame["_sent"] = request, sent
         frames.append(frame)
-    for i in [i for i in unreadable if logged[i]]:  # not numbers: read as MLflow's scoring server reads them
+    signatures = signatures or {}
+    # not numbers: read as MLflow's scoring server reads them, for a model whose signature is known
+    for i in [i for i in unreadable if logged[i] and signatures.get(entities[i]) is not None]:
         try: frame = read_any(t.column("request")[i].as_py(), t.column("response")[i].as_py(),
-                              columns.get(entities[i], []), where(i))
+                              signatures[entities[i]], where(i))
         except MonitoringError as e:  # left out, with MLflow's reader's reason (for the request, the same as above)
             unreadable[i] = str(e)
             continue
