@@ -16,6 +16,7 @@ from databricks.sdk.errors import DatabricksError, NotFound, OperationFailed
 from databricks.sdk.service.serving import (AiGatewayInferenceTableConfig, DataframeSplitInput, EndpointCoreConfigInput,
                                             EndpointStateConfigUpdate, Route, ServedEntityInput,
                                             ServingEndpointDetailed, TrafficConfig)
+from mlflow.exceptions import MlflowException
 from mlflow.types import DataType
 from tqdm import tqdm
 
@@ -23,18 +24,18 @@ from .config import Environment, using_mlflow
 from .errors import StepFailed
 from .feature_store import OnlineStore
 from .naming import inference_table, model_uri, served_entity_name
-from .registry import GateReport, alias_version, request_schema
+from .registry import GateReport, alias_version, registry_client, request_schema
 from .serving.models import jsonable, lookup_tables, version_lookups
 from .serving.services import workspace_client
 
 # %% auto #0
 __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 'ENGINEERING_LOADER', 'UNKNOWN_ID',
-           'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'entity_for', 'current_entities',
-           'target_config', 'get_endpoint', 'failure_reason', 'wait_not_updating', 'apply_config',
-           'inference_table_config', 'serving_problem', 'deploy', 'EndpointReport', 'as_sent', 'answers', 'json_rows',
-           'difference', 'golden_sample', 'looks_up_features', 'unknown_key', 'looked_up', 'keys_only_check',
-           'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families', 'entity_stats',
-           'window_stats', 'canary']
+           'ENTITY_LABELS', 'CANARY_PROGRESS', 'DeploymentFailed', 'resolve_version', 'registered_version',
+           'entity_for', 'current_entities', 'target_config', 'get_endpoint', 'failure_reason', 'wait_not_updating',
+           'apply_config', 'inference_table_config', 'serving_problem', 'deploy', 'EndpointReport', 'as_sent',
+           'answers', 'json_rows', 'difference', 'golden_sample', 'looks_up_features', 'unknown_key', 'looked_up',
+           'keys_only_check', 'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families',
+           'entity_stats', 'window_stats', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -47,6 +48,16 @@ def resolve_version(env: Environment, version: str | int) -> str:
     if found is None: raise DeploymentFailed(f"model {env.model_name} of environment '{env.name}' has no version with "
                                              f"alias {version!r}")
     return str(found.version)
+
+# %% ../nbs/09_deploy.ipynb #689e9cdc
+def registered_version(env: Environment, version: str | int) -> str:
+    "`resolve_version`, and the version is in the environment's registry (DeploymentFailed naming it otherwise)."
+    resolved = resolve_version(env, version)
+    try: registry_client(env).get_model_version(env.model_name, resolved)
+    except MlflowException: raise DeploymentFailed(f"model {env.model_name} of environment '{env.name}' has no version "
+                                                   f"{resolved}") from None
+    return resolved
+
 
 # %% ../nbs/09_deploy.ipynb #6392f99d
 def entity_for(model: str, version: str) -> ServedEntityInput:

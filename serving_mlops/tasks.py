@@ -174,8 +174,9 @@ def deploy_task(env: Environment,
                 canary_window: float = 0.0,
                 ) -> dict:
     "Deploy a model version to the environment's endpoint and test it; roll back on failure."
-    from serving_mlops.deploy import canary, deploy_and_test
+    from serving_mlops.deploy import canary, deploy_and_test, registered_version
     from serving_mlops.serving.services import server_info, start_server
+    version = registered_version(env, version)  # a version that is not there stops here, before a runtime starts
     if env.is_local: start_server(env, port=env.var("serving_port", int))
     if canary_window > 0 and traffic < 100: report = canary(env, version, traffic, canary_window)
     else: report = deploy_and_test(env, version, traffic, requests=requests)

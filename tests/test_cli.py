@@ -244,3 +244,13 @@ def test_features_rebuild_rewrites_a_named_table_and_refuses_an_unknown_one(home
     assert f"rebuilt dev.credit.behaviour_features (version {version + 1}): same columns; earlier versions keep their columns" in out, out
     assert "dev.credit.behaviour_features: 300 rows, 13 features" in out and "online: 300 keys" in out, out
     assert "rebuilt dev.credit.demographic_features" not in out
+
+
+def test_deploying_a_version_the_registry_does_not_have_starts_nothing(home):
+    "A deploy checks the version before it starts anything: no local serving runtime is left running for a failed deploy."
+    from serving_mlops.config import get_environment
+    from serving_mlops.serving.services import server_info
+    r = cli("deploy", "--env", "dev", "--version", "7", check=False)
+    assert r.returncode == 1 and "model dev.credit.default_model of environment 'dev' has no version 7" in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr
+    assert server_info(get_environment("dev")) is None
