@@ -181,3 +181,28 @@ def test_a_browser_without_the_login_gets_the_401_page(console, browser):
         response = tab.goto(console["url"] + "/")
         assert response.status == 401 and "login link" in tab.locator("#login-needed").inner_text()
     finally: tab.close()
+
+
+def test_the_query_example_is_answered_by_the_endpoint(console, ws, monkeypatch):
+    """The endpoints page's "Query this endpoint" (console.endpoints.query_section): the curl body sent as it stands gets
+    the endpoint's 200 with a prediction per row, and the Databricks SDK and MLflow deployments examples run as written,
+    with the workspace and token the page names (the local runtime's)."""
+    import html
+    import json
+    import re
+    page = httpx.get(console["url"] + "/", headers=bearer(ws)).text
+    example = {i: html.unescape(re.search(rf'<pre id="query-{NAME}-{i}">(.*?)</pre>', page, re.S).group(1)) for i in range(3)}
+    body = re.search(r"-d '(.*)'$", example[0], re.S).group(1)
+    assert f"curl -X POST {ws.url}/serving-endpoints/{NAME}/invocations" in example[0]
+    r = httpx.post(f"{ws.url}/serving-endpoints/{NAME}/invocations", content=body,
+                   headers={**bearer(ws), "Content-Type": "application/json"})
+    rows = json.loads(body)["dataframe_records"]
+    assert r.status_code == 200 and len(r.json()["predictions"]) == len(rows) > 0, r.text
+    assert "snapshot_date" in rows[0] and "customer_id" in rows[0]  # the feature-store model's keys, as its signature needs
+    monkeypatch.setenv("DATABRICKS_HOST", ws.url); monkeypatch.setenv("DATABRICKS_TOKEN", ws.token)
+    for i in (1, 2):  # as a user pastes them
+        space = {}
+        code = example[i].replace("w.serving_endpoints.query(", "answer = w.serving_endpoints.query(")
+        exec(code.replace('get_deploy_client("databricks").predict(', 'answer = get_deploy_client("databricks").predict('), space)
+        got = space["answer"] if i == 1 else space["answer"]["predictions"]
+        assert got == r.json()["predictions"], (i, got)

@@ -5,6 +5,7 @@
 # %% ../../nbs/14b_console_endpoints.ipynb #402ac241
 from __future__ import annotations
 
+import shlex
 import threading
 import time
 from collections import deque
@@ -33,7 +34,8 @@ from .base import figure, figure_json, page, table
 __all__ = ['LIVE_MINUTES', 'LIVE_SECONDS', 'SAMPLE_SECONDS', 'HISTORY_DAYS', 'CHARTS', 'STATUS_CLASSES', 'WINDOWS',
            'LIVE_CACHE_SECONDS', 'live_requests', 'metrics_history', 'RuntimeSampler', 'rows_per_call',
            'unreadable_figure', 'with_no_data_note', 'rate_figure', 'errors_figure', 'latency_figure', 'rows_figure',
-           'history_figure', 'endpoint_rows', 'keys_not_found', 'recent_requests', 'routes']
+           'history_figure', 'endpoint_rows', 'keys_not_found', 'recent_requests', 'query_rows', 'query_snippets',
+           'query_section', 'routes']
 
 # %% ../../nbs/14b_console_endpoints.ipynb #cd350c9a
 LIVE_MINUTES = 15  # the live charts show this many minutes
@@ -302,13 +304,64 @@ def _details(text: str | None, short: int = 80) -> Markup:
     return Markup("<details><summary><code>{}…</code></summary><pre>{}</pre></details>").format(text[:short],
             text[:20000])
 
+# %% ../../nbs/14b_console_endpoints.ipynb #62fbc0ce
+def query_rows(env: Environment, model_name: str, version: str) -> list[dict]:
+    "Rows an endpoint serving `version` of `model_name` answers: its input example as the endpoint tests send it."
+    import mlflow
+    from serving_mlops.config import using_mlflow
+    from serving_mlops.deploy import golden_sample, json_rows
+    from serving_mlops.naming import model_uri
+    with using_mlflow(env): model = mlflow.pyfunc.load_model(model_uri(model_name, version))
+    return json_rows(golden_sample(env, version, model)[0])
+
+def query_snippets(url: str, # the workspace (or local runtime) URL
+                   endpoint: str, rows: list[dict]) -> dict[str, str]:
+    "The same request to `endpoint` as curl, the Databricks SDK and MLflow's deployments client send it."
+    body = orjson.dumps({"dataframe_records": rows}).decode()
+    return {"curl": f"curl -X POST {url}/serving-endpoints/{endpoint}/invocations \\\n"
+                    f"  -H \"Authorization: Bearer $DATABRICKS_TOKEN\" -H \"Content-Type: application/json\" \\\n"
+                    f"  -d {shlex.quote(body)}",  # quoted for the shell, whatever the rows' text holds
+            "Python (Databricks SDK)": f"from databricks.sdk import WorkspaceClient\n\n"
+                                       f"w = WorkspaceClient()  # DATABRICKS_HOST, DATABRICKS_TOKEN\n"
+                                       f"w.serving_endpoints.query({endpoint!r},\n"
+                                       f"                          dataframe_records={rows!r}).predictions",
+            "MLflow deployments": f"from mlflow.deployments import get_deploy_client\n\n"
+                                  f"get_deploy_client(\"databricks\").predict(endpoint={endpoint!r}, "
+                                  f"inputs={{\"dataframe_records\": {rows!r}}})"}
+
+
+# %% ../../nbs/14b_console_endpoints.ipynb #c6042e2a
+def query_section(env: Environment, w, endpoint: str,
+                  examples: dict, # (model, version) -> `query_rows`, kept between pages (a model version never changes)
+                  ) -> Markup:
+    "The endpoint page's \"Query this endpoint\": the served entity with the most traffic, asked three ways."
+    from mlflow.exceptions import MlflowException
+    from serving_mlops.deploy import DeploymentFailed
+    config = w.serving_endpoints.get(endpoint).config
+    entities = config.served_entities if config else []
+    if not entities: return Markup("")
+    share = {r.served_entity_name: r.traffic_percentage for r in (config.traffic_config.routes
+                                                                  if config.traffic_config else [])}
+    top = max(entities, key=lambda s: share.get(s.name, 0))
+    key = (top.entity_name, top.entity_version)
+    try: rows = examples[key] if key in examples else examples.setdefault(key, query_rows(env, *key))
+    except (MlflowException, DeploymentFailed, OSError) as e:  # e.g. a version without an input example
+        return Markup('<p class="muted">no query example for {} version {}: {}</p>').format(*key, str(e))
+    where = (f"a local runtime: DATABRICKS_HOST={w.config.host}, DATABRICKS_TOKEN in "
+             f"{env.path('tokens', 'serving-token')}" if env.is_local else f"workspace {w.config.host}")
+    parts = Markup("").join(Markup('<h4>{}</h4><pre id="query-{}-{}">{}</pre>').format(label, endpoint, i, code)
+                            for i, (label, code) in enumerate(query_snippets(w.config.host, endpoint, rows).items()))
+    return Markup('<details class="query" id="query-{}"><summary>Query this endpoint ({} version {}, its input '
+                  'example)</summary><p class="muted">{}</p>{}</details>').format(endpoint, *key, where, parts)
+
+
 # %% ../../nbs/14b_console_endpoints.ipynb #5c74160e
 # long: the pages are closures sharing the sampler, the live cache and the client; moving them out changes the code
 def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Route]:
     "The endpoints and requests pages of `env`'s console and their JSON; `sampler` reads the runtime's counters."
     # sampler: by default one started with the first page
     sampler = sampler or RuntimeSampler(env)
-    cache, cache_lock = {}, threading.Lock()
+    cache, cache_lock, examples = {}, threading.Lock(), {}
 
     def live(endpoint: str) -> pd.DataFrame:
         with cache_lock: hit = cache.get(endpoint)
@@ -357,8 +410,8 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
                                                                     'error and latency charts '
                                                                      'need ai_gateway.inference_table_config '
                                                                      '(serving-mlops deploy enables it)</p>')
-            parts.append(Markup('<h2 id="endpoint-{0}">{0}</h2>{1}<div class="grid">{2}</div>').format(name, note,
-                    Markup("").join(charts)))
+            parts.append(Markup('<h2 id="endpoint-{0}">{0}</h2>{1}<div class="grid">{2}</div>{3}').format(
+                name, note, Markup("").join(charts), query_section(env, client(), name, examples)))
         parts.append(Markup('<p class="muted">Times in UTC. Live charts: the last {} minutes of the inference table '
                             'in {} s windows and the runtime\'s '
                             'counters read every {:g} s, redrawn every 5 s. Monitoring windows: the '
