@@ -206,3 +206,14 @@ def test_the_query_example_is_answered_by_the_endpoint(console, ws, monkeypatch)
         exec(code.replace('get_deploy_client("databricks").predict(', 'answer = get_deploy_client("databricks").predict('), space)
         got = space["answer"] if i == 1 else space["answer"]["predictions"]
         assert got == r.json()["predictions"], (i, got)
+
+
+def test_every_chart_marks_when_the_served_version_began(console, ws):
+    """Each endpoint chart (its JSON, as the page redraws it) carries a dotted line and "version N" at the time the
+    endpoint's served entity began serving (console.endpoints.version_changes, from system.serving.served_entities)."""
+    from serving_mlops.console.endpoints import CHARTS
+    for kind in CHARTS:
+        fig = httpx.get(f"{console['url']}/api/endpoints/{NAME}/charts/{kind}", headers=bearer(ws), timeout=30).json()
+        labels = [a["text"] for a in fig["layout"].get("annotations", []) if a["text"].startswith("version ")]
+        lines = [s for s in fig["layout"].get("shapes", []) if s.get("line", {}).get("dash") == "dot"]
+        assert labels == ["version 1"] and len(lines) == 1, (kind, fig["layout"].get("annotations"))

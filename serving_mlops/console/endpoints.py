@@ -35,7 +35,7 @@ __all__ = ['LIVE_MINUTES', 'LIVE_SECONDS', 'SAMPLE_SECONDS', 'HISTORY_DAYS', 'CH
            'LIVE_CACHE_SECONDS', 'live_requests', 'metrics_history', 'RuntimeSampler', 'rows_per_call',
            'unreadable_figure', 'with_no_data_note', 'rate_figure', 'errors_figure', 'latency_figure', 'rows_figure',
            'history_figure', 'endpoint_rows', 'keys_not_found', 'recent_requests', 'query_rows', 'query_snippets',
-           'query_section', 'routes']
+           'query_section', 'version_changes', 'with_version_marks', 'routes']
 
 # %% ../../nbs/14b_console_endpoints.ipynb #cd350c9a
 LIVE_MINUTES = 15  # the live charts show this many minutes
@@ -355,6 +355,32 @@ def query_section(env: Environment, w, endpoint: str,
                   'example)</summary><p class="muted">{}</p>{}</details>').format(endpoint, *key, where, parts)
 
 
+# %% ../../nbs/14b_console_endpoints.ipynb #827f53da
+def version_changes(env: Environment, endpoint: str, since: pd.Timestamp) -> pd.DataFrame:
+    "When each served entity of `endpoint` began serving, since `since`: `change_time` and a `label` (\"version N\")."
+    from serving_mlops.serving.capture import SERVED_ENTITIES_TABLE
+    tables = tables_for(env)
+    if not tables.exists(SERVED_ENTITIES_TABLE): return pd.DataFrame(columns=["change_time", "label"])
+    rows = tables.read_pandas(SERVED_ENTITIES_TABLE, columns=["served_entity_id", "entity_version", "change_time",
+                                                               "endpoint_delete_time"],
+                              filters=[("endpoint_name", "=", endpoint)])
+    if len(rows) and rows.endpoint_delete_time.notna().any():  # only the endpoint's life since its last deletion
+        rows = rows[rows.change_time > rows.endpoint_delete_time.max()]
+    first = rows.sort_values("change_time", kind="stable").drop_duplicates("served_entity_id")
+    first = first[first.change_time >= since]
+    return pd.DataFrame({"change_time": first.change_time.to_numpy(),
+                         "label": ("version " + first.entity_version.astype(str)).to_numpy()})
+
+def with_version_marks(fig: go.Figure, changes: pd.DataFrame) -> go.Figure:
+    "`fig` with a dotted line and its label at each of `changes` (from `version_changes`)."
+    for when, label in zip(_utc(changes.change_time), changes.label):
+        fig.add_shape(type="line", x0=when, x1=when, xref="x", yref="paper", y0=0, y1=1,
+                      line=dict(dash="dot", color="#6b6b6b", width=1))
+        fig.add_annotation(x=when, xref="x", yref="paper", y=1, yanchor="bottom", text=label, showarrow=False,
+                           font=dict(size=10, color="#6b6b6b"))
+    return fig
+
+
 # %% ../../nbs/14b_console_endpoints.ipynb #5c74160e
 # long: the pages are closures sharing the sampler, the live cache and the client; moving them out changes the code
 def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Route]:
@@ -382,12 +408,15 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
         return None
 
     def chart(endpoint: str, kind: str) -> go.Figure:
+        since = pd.Timestamp.now(tz="UTC") - (pd.Timedelta(days=HISTORY_DAYS) if kind == "history"
+                                              else pd.Timedelta(minutes=LIVE_MINUTES))
         try:
-            if kind == "rate": return with_no_data_note(rate_figure(live(endpoint)))
-            if kind == "errors": return with_no_data_note(errors_figure(live(endpoint)))
-            if kind == "latency": return with_no_data_note(latency_figure(live(endpoint)))
-            if kind == "rows": return with_no_data_note(rows_figure(sampler.rows_per_call(endpoint), sampler.every))
-            return with_no_data_note(history_figure(metrics_history(env, endpoint)))
+            if kind == "rate": fig = rate_figure(live(endpoint))
+            elif kind == "errors": fig = errors_figure(live(endpoint))
+            elif kind == "latency": fig = latency_figure(live(endpoint))
+            elif kind == "rows": fig = rows_figure(sampler.rows_per_call(endpoint), sampler.every)
+            else: fig = history_figure(metrics_history(env, endpoint))
+            return with_version_marks(with_no_data_note(fig), version_changes(env, endpoint, since))
         # e.g. a row whose served entity the history lacks: said on the chart, the page still loads
         except MonitoringError as e:
             return unreadable_figure(CHARTS[kind], str(e))
