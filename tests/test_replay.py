@@ -22,7 +22,7 @@ import pytest
 from serving_mlops.config import HOME_ENV_VAR, environment_variables, get_environment
 from serving_mlops.registry import registry_client
 from serving_mlops.tables import tables_for
-from serving_mlops.replay import (LOOP, REPLAY_JAVA_ENV_VAR, SMALL, ReplayFailed, build_artifacts, canonical, constraints_path, install_libraries,
+from serving_mlops.replay import (LOOP, REPLAY_JAVA_ENV_VAR, SMALL, ReplayFailed, canonical, constraints_path, install_libraries,
                                   loop_inputs, replay, runtime_packages, runtime_python)
 from serving_mlops.jobs import load_jobs
 
@@ -63,9 +63,21 @@ def test_every_task_of_the_loop_succeeds_on_the_runtime(loop):
     assert results["staging", "deploy_serving_endpoint"]["deploy"].values["endpoint"] == "credit-default-staging"
     assert results["prod", "monitoring"]["drift"].values["drifted"] is False and validate, validate
     with environment_variables({HOME_ENV_VAR: str(root / "workspaces")}):  # what the tasks left in the workspaces
-        prod = get_environment("prod")
+        prod, staging = get_environment("prod"), get_environment("staging")
         version = registry_client(prod).get_model_version(prod.model_name, copy["model_version"])
         predictions = tables_for(prod).read_pandas(prod.table_name("predictions"))
+        trained = registry_client(staging).get_run(
+            registry_client(staging).get_model_version(staging.model_name, validate["model_version"]).run_id)
+        silver = tables_for(staging).version("staging.credit.silver_clients")
+    # the training run records the data it trained on: the Delta table and the version ingest wrote
+    inputs = {next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in trained.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "train", "validation"] and inputs["train"].source_type == "delta_table"
+    source = json.loads(inputs["train"].source)
+    assert source["delta_table_name"] == "staging.credit.silver_clients" and source["delta_table_version"] == silver
+    assert inputs["train"].digest and json.loads(inputs["train"].profile)["num_rows"] == int(trained.data.params["rows_train"])
+    train_log = Path(results["staging", "model_build"]["train"].log).read_text()
+    assert "trial 1/1: validation ROC AUC " in train_log and "final model: validation ROC AUC " in train_log
+    assert "Best trial" not in train_log  # its own progress lines, not Optuna's progress bar
     assert version.tags["source_environment"] == "staging" and version.tags["source_version"] == validate["model_version"]
     assert results["prod", "batch_inference"]["score"].values == {"model_version": str(version.version), "rows": "2000"}
     assert len(predictions) == 2000 and predictions.customer_id.is_unique and set(predictions.model_version) == {int(version.version)}
