@@ -9,6 +9,7 @@ import shlex
 import threading
 import time
 from collections import deque
+from typing import Callable
 
 import orjson
 import pandas as pd
@@ -389,12 +390,15 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
     sampler = sampler or RuntimeSampler(env)
     cache, cache_lock, examples = {}, threading.Lock(), {}
 
-    def live(endpoint: str) -> pd.DataFrame:
-        with cache_lock: hit = cache.get(endpoint)
+    def cached(key, read: Callable[[], pd.DataFrame]) -> pd.DataFrame:
+        "`read()`, read again at most every LIVE_CACHE_SECONDS (each endpoint's five charts redraw every 5 s)."
+        with cache_lock: hit = cache.get(key)
         if hit and time.monotonic() - hit[0] < LIVE_CACHE_SECONDS: return hit[1]
-        frame = live_requests(env, endpoint)
-        with cache_lock: cache[endpoint] = (time.monotonic(), frame)
+        frame = read()
+        with cache_lock: cache[key] = (time.monotonic(), frame)
         return frame
+
+    def live(endpoint: str) -> pd.DataFrame: return cached(endpoint, lambda: live_requests(env, endpoint))
 
     def client():
         return workspace_client(env, retry_timeout_seconds=10)
@@ -408,15 +412,18 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
         return None
 
     def chart(endpoint: str, kind: str) -> go.Figure:
-        since = pd.Timestamp.now(tz="UTC") - (pd.Timedelta(days=HISTORY_DAYS) if kind == "history"
-                                              else pd.Timedelta(minutes=LIVE_MINUTES))
+        now = pd.Timestamp.now(tz="UTC")
+        since = now - (pd.Timedelta(days=HISTORY_DAYS) if kind == "history" else pd.Timedelta(minutes=LIVE_MINUTES))
+        # read once for the five charts: the changes of the longest window
+        marks = cached(("versions", endpoint),
+                       lambda: version_changes(env, endpoint, now - pd.Timedelta(days=HISTORY_DAYS)))
         try:
             if kind == "rate": fig = rate_figure(live(endpoint))
             elif kind == "errors": fig = errors_figure(live(endpoint))
             elif kind == "latency": fig = latency_figure(live(endpoint))
             elif kind == "rows": fig = rows_figure(sampler.rows_per_call(endpoint), sampler.every)
             else: fig = history_figure(metrics_history(env, endpoint))
-            return with_version_marks(with_no_data_note(fig), version_changes(env, endpoint, since))
+            return with_version_marks(with_no_data_note(fig), marks[marks.change_time >= since])
         # e.g. a row whose served entity the history lacks: said on the chart, the page still loads
         except MonitoringError as e:
             return unreadable_figure(CHARTS[kind], str(e))

@@ -316,14 +316,19 @@ def read_any(request: str, response: str, # the logged request and response bodi
     "One logged request read and enforced as MLflow's scoring server does, with `prediction`: any column type."
     from serving_mlops.serving.models import mlflow_read
     columns = signature.inputs.input_names() if signature.inputs.has_input_names() else []
-    problem = _request_error(request, columns, where)
-    if "twice in one JSON object" in str(problem): raise problem
+    # why the request is left out, in the words of the runtime's parser (worked out only for a request left out)
+    problem = lambda: _request_error(request, columns, where)
     try:
-        body, answer = orjson.loads(request), orjson.loads(response)
+        body = orjson.loads(request)
+        # a key given twice: MLflow's reader would keep the last, silently (the runtime refuses it)
+        if not isinstance(body, dict) or repeated_key(request.encode(), body) is not None: raise problem()
         data = mlflow_read({k: v for k, v in body.items() if k != "params"}, signature.inputs)
         if isinstance(data, dict): data = pd.DataFrame({k: list(v) for k, v in data.items()})  # columns of `inputs`
-    except Exception: raise problem from None  # whatever MLflow refuses, the endpoint refused: the reason above
-    if not isinstance(data, pd.DataFrame): raise problem
+    except MonitoringError: raise
+    except Exception: raise problem() from None  # whatever MLflow refuses, the endpoint refused
+    if not isinstance(data, pd.DataFrame): raise problem()
+    try: answer = orjson.loads(response)
+    except orjson.JSONDecodeError: answer = None
     predictions = answer.get("predictions") if isinstance(answer, dict) else None
     if not isinstance(predictions, list):
         raise MonitoringError(f"{where}: the response has no predictions (a list of values): {response!r:.100}")
