@@ -45,8 +45,9 @@ def json_response(payload, status: int = 200, headers: dict | None = None) -> Re
                     media_type="application/json")
 
 def error_response(e: ServingError) -> Response:
-    "`e` as Databricks answers it: `{error_code, message}` with its HTTP status."
-    return json_response({"error_code": e.error_code, "message": e.message}, e.status)
+    "`e` as Databricks answers it: `{error_code, message}` with its HTTP status (and `Retry-After` when it has one)."
+    return json_response({"error_code": e.error_code, "message": e.message}, e.status,
+                         None if e.retry_after is None else {"Retry-After": str(e.retry_after)})
 
 # %% ../../nbs/08f_serving_app.ipynb #ce78999f
 async def serving_error(request: Request, e: ServingError) -> Response: return error_response(e)
@@ -285,9 +286,11 @@ def make_app(env: Environment, settings: RuntimeSettings | None = None, on_start
     async def lifespan(app):
         # workers: listen once loaded, then keep following
         follower = await runtime.coordinator.serving(runtime, runtime.restore())
+        scaler = asyncio.get_running_loop().create_task(runtime.scale_to_zero())  # unloads idle served entities
         if on_started: on_started(runtime)
         try: yield
         finally:
+            scaler.cancel()
             if follower is not None: follower.cancel()
             try: runtime.close()
             finally:

@@ -9,7 +9,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
@@ -22,7 +22,7 @@ from .protocol import (ServingError, check_ai_gateway, check_config, check_endpo
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['now_ms', 'Snapshot', 'Endpoint', 'write_atomic', 'remove_durably', 'read_record']
+__all__ = ['now_ms', 'Snapshot', 'Cold', 'Endpoint', 'write_atomic', 'remove_durably', 'read_record']
 
 # %% ../../nbs/08e1_serving_endpoint.ipynb #41370fd1
 def now_ms() -> int: return int(time.time() * 1000)
@@ -34,6 +34,9 @@ class Snapshot:
     config: dict
     models: dict
     routes: list  # (cumulative percentage, served entity name)
+    used: dict = field(default_factory=dict)  # served entity name -> when its last request ended (`time.monotonic`)
+    busy: dict = field(default_factory=dict)  # served entity name -> its requests in flight
+    loading: dict = field(default_factory=dict)  # served entity name -> its load on demand (an asyncio task)
 
     @classmethod
     def of(cls, config: dict, models: dict) -> "Snapshot":
@@ -41,7 +44,7 @@ class Snapshot:
         for r in config["traffic_config"]["routes"]:
             if r["traffic_percentage"] > 0:
                 total += r["traffic_percentage"]; routes.append((total, r["served_entity_name"]))
-        return cls(config, models, routes)
+        return cls(config, models, routes, used=dict.fromkeys(models, time.monotonic()))
 
 # %% ../../nbs/08e1_serving_endpoint.ipynb #1b21e2ca
 @patch(as_prop=True)
@@ -54,6 +57,44 @@ def route(self: Snapshot) -> ServedModel:
     for edge, name in self.routes:
         if x < edge: return self.models[name]
     return self.models[self.routes[-1][1]]
+
+# %% ../../nbs/08e1_serving_endpoint.ipynb #206cde10
+@dataclass
+class Cold:
+    "A served entity scaled to zero: its place in a snapshot while its model is unloaded (the next request loads it)."
+    entity: dict
+    since_ms: int  # when it was unloaded
+    failure: str | None = None  # why its last load on demand failed
+
+    @property
+    def name(self) -> str: return self.entity["name"]
+    def close(self): pass  # nothing loaded, nothing to release
+
+@patch
+def state(self: Cold) -> list:
+    "Its `[deployment, deployment_state_message]` as GET shows them."
+    if self.failure: return ["DEPLOYMENT_RECOVERING", f"scaled to zero, and its load on demand failed: {self.failure}"]
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since_ms / 1000))
+    return ["DEPLOYMENT_READY", f"Scaled to zero at {since} after a period without requests; the next request loads "
+                                f"it again (a cold start)"]
+
+# %% ../../nbs/08e1_serving_endpoint.ipynb #a603e6b2
+@patch
+def begin(self: Snapshot, name: str): self.busy[name] = self.busy.get(name, 0) + 1  # a request of `name` starts
+
+@patch
+def end(self: Snapshot, name: str): self.busy[name] -= 1; self.used[name] = time.monotonic()
+
+@patch
+def idle(self: Snapshot, idle_s: float, now: float) -> list:
+    "The loaded served entities with `scale_to_zero_enabled` that no request has used for `idle_s` seconds."
+    return [n for n, m in self.models.items() if m.entity.get("scale_to_zero_enabled") and not isinstance(m, Cold)
+            and not self.busy.get(n) and n not in self.loading and now - self.used.get(n, now) >= idle_s]
+
+@patch
+def cold(self: Snapshot) -> dict:
+    "Served entity name -> its state as GET shows it, of those scaled to zero."
+    return {n: m.state() for n, m in self.models.items() if isinstance(m, Cold)}
 
 # %% ../../nbs/08e1_serving_endpoint.ipynb #2fe62b9c
 @dataclass
@@ -71,6 +112,8 @@ class Endpoint:
     staged: tuple | None = None
     # several workers: one could not load the committed config (NOT_READY on all, as one process reports it)
     unloadable: bool = False
+    # served entity name -> [deployment state, message] of those scaled to zero (several workers: on every worker)
+    cold: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str: return self.record["name"]
@@ -79,7 +122,8 @@ class Endpoint:
 @patch(as_prop=True)
 def ready(self: Endpoint) -> bool:
     "READY: it serves a config (with several workers: one they all loaded, committed in its record)."
-    if self.unloadable: return False
+    # a served entity that cannot load again is not ready (the SDK's docstring of `EndpointStateReady`)
+    if self.unloadable or any(state != "DEPLOYMENT_READY" for state, _ in self.cold.values()): return False
     return self.snapshot is not None or (self.committed_is_ready and bool(self.record.get("config"))
                                          and not self.broken)
 
@@ -113,7 +157,7 @@ def to_json(self: Endpoint, base_url: str, summary: bool = False) -> dict:
                                                          for e in applied["served_entities"]]}
         return out
     if applied:
-        out["config"] = {"served_entities": [self.entity_json(e, "DEPLOYMENT_READY")
+        out["config"] = {"served_entities": [self.entity_json(e, *self.cold.get(e["name"], ["DEPLOYMENT_READY"]))
                                              for e in applied["served_entities"]],
                          "traffic_config": applied["traffic_config"], "config_version": applied["config_version"]}
     if self.pending:

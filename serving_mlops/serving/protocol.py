@@ -29,10 +29,11 @@ __all__ = ['ENDPOINT_NAME', 'ENTITY_NAME', 'VERSION', 'WORKLOAD_SIZES', 'UC_NAME
 # %% ../../nbs/08a_serving_protocol.ipynb #d5c7557f
 class ServingError(MlopsError):
     "An API error: HTTP `status`, Databricks `error_code` and a message naming what is wrong."
-    def __init__(self, status: int, error_code: str, message: str):
+    def __init__(self, status: int, error_code: str, message: str,
+                 retry_after: int | None = None):  # seconds, answered as a `Retry-After` header (a 503 to retry)
         super().__init__(message)
         self.status = self.status_code = status
-        self.error_code, self.message = error_code, message
+        self.error_code, self.message, self.retry_after = error_code, message, retry_after
 
 # %% ../../nbs/08a_serving_protocol.ipynb #b03f8dc1
 def bad_request(message: str) -> ServingError: return ServingError(400, "BAD_REQUEST", message)

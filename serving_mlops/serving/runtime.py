@@ -25,7 +25,7 @@ from ..config import Environment
 from ..feature_store import OnlineStore
 from .capture import (InferenceLog, entity_ids, json_text, payload_table_name,
                                            record_served_entities, served_entity_rows)
-from .endpoint import Endpoint, Snapshot, now_ms, read_record, remove_durably, write_atomic
+from .endpoint import Cold, Endpoint, Snapshot, now_ms, read_record, remove_durably, write_atomic
 from .metrics import EndpointMetrics
 from .models import ServedModel, entity_uri
 from .openapi import openapi_document
@@ -40,7 +40,7 @@ from ..tables import tables_for
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PERMISSION_LEVELS', 'ServingRuntime', 'changes_state', 'outcome_of', 'token_owner']
+__all__ = ['log', 'RETRY_AFTER_S', 'PERMISSION_LEVELS', 'ServingRuntime', 'changes_state', 'outcome_of', 'token_owner']
 
 # %% ../../nbs/08e_serving_runtime.ipynb #8142e780
 class ServingRuntime:
@@ -138,18 +138,22 @@ def commit(self: ServingRuntime, ep: Endpoint, record: dict):
 # %% ../../nbs/08e_serving_runtime.ipynb #4b528d19
 @patch
 def load_models(self: ServingRuntime, config: dict, current: Snapshot | None, metrics: EndpointMetrics) -> dict:
-    "Served entities of `config`, reusing already loaded ones with the same model version."
+    "Served entities of `config`, reusing already loaded ones with the same model version (one scaled to zero loads)."
     models = {}
     for e in config["served_entities"]:
         old = current.models.get(e["name"]) if current else None
-        if old is not None and old.entity == e: models[e["name"]] = old
-        else:
-            try: models[e["name"]] = ServedModel(e, self.online, self.settings.max_rows,
-                                                 metrics.rows.labels(metrics.endpoint, e["name"]).observe, self.env)
-            except Exception as x:
-                raise RuntimeError(f"served entity '{e['name']}': cannot load {entity_uri(e)}: "
-                                   f"{type(x).__name__}: {x}") from None
+        reuse = old is not None and old.entity == e and not isinstance(old, Cold)
+        models[e["name"]] = old if reuse else self.load_entity(e, metrics)
     return models
+
+@patch
+def load_entity(self: ServingRuntime, entity: dict, metrics: EndpointMetrics) -> ServedModel:
+    "Served entity `entity` loaded; a RuntimeError naming it and its model when it cannot be."
+    try: return ServedModel(entity, self.online, self.settings.max_rows,
+                            metrics.rows.labels(metrics.endpoint, entity["name"]).observe, self.env)
+    except Exception as x:
+        raise RuntimeError(f"served entity '{entity['name']}': cannot load {entity_uri(entity)}: "
+                           f"{type(x).__name__}: {x}") from None
 
 # %% ../../nbs/08e_serving_runtime.ipynb #f6862363
 @patch
@@ -179,6 +183,7 @@ def _switch(self: ServingRuntime, ep: Endpoint, config: dict, models: dict):
     old = ep.snapshot
     ep.snapshot = Snapshot.of(config, models)  # the switch
     ep.metrics.entities = {e["name"]: e["workload_size"] for e in config["served_entities"]}
+    self.coordinator.scaled(self, ep)  # none of a new config's entities is scaled to zero
     log.info("endpoint %s: serving config version %s", ep.name, config["config_version"])
     if old:
         for name, model in old.models.items():
@@ -411,7 +416,9 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
     model = snapshot.models[served] if served is not None else snapshot.route()
     start, arrived = time.perf_counter(), time.time_ns() // 1000
     error = request = out = None
+    snapshot.begin(model.name)  # before any await: it is not unloaded under this request
     try:
+        if isinstance(model, Cold): model = await self.wake(ep, snapshot, model)  # scaled to zero: load it again
         request = model.parse(body, self.settings.max_rows, csv) if len(body) < 65536 and not csv else \
             await asyncio.to_thread(model.parse, body, self.settings.max_rows, csv)
         predictions, not_found, _ = await model.batcher.submit(request)
@@ -424,6 +431,7 @@ async def invoke(self: ServingRuntime, name: str, body: bytes, request_id: str,
         error = e if isinstance(e, ServingError) else ServingError(500, "INTERNAL_ERROR",
                                                                    f"{type(e).__name__}: {e}"); raise
     finally:
+        snapshot.end(model.name)
         self.record_outcome(ep, snapshot, model.name,
                             outcome_of(request_id, body, arrived, (time.perf_counter() - start) * 1000, error, out,
                                                                  request.client_request_id if request else None))
@@ -453,6 +461,68 @@ def record_outcome(self: ServingRuntime, ep: Endpoint,
                        "request": outcome["request"].decode("utf-8", "replace"),
                        "response": json_text(outcome["response"]), "requester": self.requester,
                        "served_entity_id": snapshot.ids[entity] if snapshot is not None else None})
+
+# %% ../../nbs/08e_serving_runtime.ipynb #1cc4b916
+@patch
+def scale_idle(self: ServingRuntime, now: float | None = None) -> list:  # now: `time.monotonic()` unless given
+    "Unload every served entity with `scale_to_zero_enabled` idle for `scale_to_zero_idle_s`; (endpoint, entity) pairs."
+    now, idle_s, unloaded = time.monotonic() if now is None else now, self.settings.scale_to_zero_idle_s, []
+    for ep in list(self.endpoints.values()):
+        snapshot = ep.snapshot
+        for name in snapshot.idle(idle_s, now) if snapshot else ():
+            model, snapshot.models[name] = snapshot.models[name], Cold(snapshot.models[name].entity, now_ms())
+            model.close()  # no request holds it (none in flight): its memory goes with the last reference
+            log.info("endpoint %s: served entity '%s' scaled to zero after %.0f s without requests", ep.name, name,
+                     now - snapshot.used[name])
+            unloaded.append((ep.name, name))
+        if snapshot and any(e == ep.name for e, _ in unloaded): self.coordinator.scaled(self, ep)
+    return unloaded
+
+@patch
+async def scale_to_zero(self: ServingRuntime):
+    "Unload idle served entities, four times per idle period (at most every 5 s), for the runtime's life."
+    while True:
+        await asyncio.sleep(min(5.0, max(0.01, self.settings.scale_to_zero_idle_s / 4)))
+        try: self.scale_idle()
+        except Exception: log.exception("scaling idle served entities to zero failed; trying again")
+
+# %% ../../nbs/08e_serving_runtime.ipynb #98dddc64
+RETRY_AFTER_S = 1  # a 503 of a load on demand still under way: retry in a second (the retry waits for the load again)
+
+@patch
+async def wake(self: ServingRuntime, ep: Endpoint, snapshot: Snapshot, cold: Cold) -> ServedModel:
+    "Served entity `cold` loaded again (one load for all the requests waiting for it); a 503 past `scale_up_wait_s`."
+    load = snapshot.loading.get(cold.name)
+    if load is None:
+        load = snapshot.loading[cold.name] = asyncio.get_running_loop().create_task(self.load_cold(ep, snapshot, cold))
+        load.add_done_callback(lambda t: t.cancelled() or t.exception())  # a failure is answered, not left unread
+    try: return await asyncio.wait_for(asyncio.shield(load), self.settings.scale_up_wait_s)
+    except TimeoutError:
+        raise ServingError(503, "TEMPORARILY_UNAVAILABLE",
+                           f"serving endpoint '{ep.name}': served entity '{cold.name}' is scaled to zero and still "
+                           f"loading after {self.settings.scale_up_wait_s:g} s; retry",
+                           retry_after=RETRY_AFTER_S) from None
+
+# %% ../../nbs/08e_serving_runtime.ipynb #289b619e
+@patch
+async def load_cold(self: ServingRuntime, ep: Endpoint, snapshot: Snapshot, cold: Cold) -> ServedModel:
+    "Load `cold` on the loader thread and put it back in its snapshot; a 503 naming it and why when it cannot load."
+    start, loop = time.perf_counter(), asyncio.get_running_loop()
+    try: model = await loop.run_in_executor(self.loader, self.load_entity, cold.entity, ep.metrics)
+    except Exception as e:
+        cold.failure = str(e)
+        log.error("endpoint %s: served entity '%s' scaled to zero could not load on demand: %s", ep.name, cold.name, e)
+        self.coordinator.scaled(self, ep)
+        raise ServingError(503, "TEMPORARILY_UNAVAILABLE", f"serving endpoint '{ep.name}': scaled to zero and could "
+                                                           f"not load again: {e}") from None
+    finally: snapshot.loading.pop(cold.name, None)
+    snapshot.models[cold.name], snapshot.used[cold.name] = model, time.monotonic()
+    # replaced while it loaded: it answers the requests that waited, then closes
+    if ep.snapshot is not snapshot: loop.call_later(30, model.close)
+    else: self.coordinator.scaled(self, ep)
+    log.info("endpoint %s: served entity '%s' loaded on demand in %.3f s (a cold start after scaling to zero)", ep.name,
+             cold.name, time.perf_counter() - start)
+    return model
 
 # %% ../../nbs/08e_serving_runtime.ipynb #e6831d9e
 @patch

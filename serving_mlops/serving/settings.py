@@ -33,6 +33,10 @@ class RuntimeSettings:
     # request line and headers of one request; more is answered 431 (nginx allows 32 KiB, Node.js 16)
     max_header_kb: float = 64.0
     max_connections: int = 0  # connections each process keeps open (0: its descriptor limit less 256 kept for files)
+    # seconds without requests before a served entity with `scale_to_zero_enabled` is unloaded (Databricks: 30 minutes)
+    scale_to_zero_idle_s: float = 1800.0
+    # seconds a request waits for a served entity scaled to zero to load again; then 503 with `Retry-After`
+    scale_up_wait_s: float = 60.0
 
     def to_json(self) -> str: return orjson.dumps(dataclasses.asdict(self)).decode()
 

@@ -24,7 +24,7 @@ from .protocol import ServingError
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'FOLLOW_INTERVAL', 'SharedState', 'Solo', 'Workers']
+__all__ = ['log', 'FOLLOW_INTERVAL', 'SharedState', 'cold_everywhere', 'Solo', 'Workers']
 
 # %% ../../nbs/08e3_serving_workers.ipynb #a8317570
 class SharedState:
@@ -33,6 +33,7 @@ class SharedState:
         self.folder, self.index, self.seen, self.versions, self.depth = Path(folder), index, -1, {}, 0
         self.serving = False  # set once this worker has restored every endpoint and is about to listen
         self.failures = {}  # endpoint id -> [config version, reason]: a committed config this worker could not load
+        self.cold = {}  # endpoint id -> {served entity: [state, message]}: what this worker has scaled to zero
         self.folder.mkdir(parents=True, exist_ok=True)
         self.lock_fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         fd = os.open(self.folder / "generation", os.O_RDWR | os.O_CREAT, 0o600)
@@ -71,7 +72,7 @@ def publish(self: SharedState):
     path = self.folder / f"{self.index}.json"
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(orjson.dumps({"pid": os.getpid(), "serving": self.serving, "loaded": self.versions,
-                                  "failed": self.failures}))
+                                  "failed": self.failures, "cold": self.cold}))
     os.replace(tmp, path)
 
 # %% ../../nbs/08e3_serving_workers.ipynb #6ca8f596
@@ -87,10 +88,10 @@ def failed_load(self: SharedState, endpoint_id: str, version: int, reason: str):
 
 # %% ../../nbs/08e3_serving_workers.ipynb #fc30ed38
 @patch
-def load_failures(self: SharedState) -> dict:
+def load_failures(self: SharedState, files: list | None = None) -> dict:  # files: `workers()`, when already read
     "Endpoint id -> (config version, reason) of a committed config some live worker could not load."
     found = {}
-    for w in self.workers():
+    for w in self.workers() if files is None else files:
         for endpoint_id, (version, reason) in (w.get("failed") or {}).items():
             found.setdefault(endpoint_id, (version, reason))
     return found
@@ -116,6 +117,20 @@ def close(self: SharedState):
     (self.folder / f"{self.index}.json").unlink(missing_ok=True)
     self.counter.close(); os.close(self.lock_fd)
 
+# %% ../../nbs/08e3_serving_workers.ipynb #3f644e96
+@patch
+def scaled(self: SharedState, endpoint_id: str, cold: dict):
+    "Tell the other workers which served entities of the endpoint this one has scaled to zero (under the lock)."
+    if self.cold.get(endpoint_id, {}) == cold: return
+    self.cold[endpoint_id] = cold; self.publish()
+    self.counter[:8] = (self.generation() + 1).to_bytes(8, "little")  # a change to follow (for this worker too)
+
+def cold_everywhere(files: list, endpoint_id: str) -> dict:  # files: `SharedState.workers()`
+    "Served entity -> [state, message] of those every live worker has scaled to zero (a failed load shown first)."
+    per = [(w.get("cold") or {}).get(endpoint_id) or {} for w in files]
+    return {n: next((p[n] for p in per if p[n][0] != "DEPLOYMENT_READY"), s) for n, s in (per[0] if per else {}).items()
+            if all(n in p for p in per)}
+
 # %% ../../nbs/08e3_serving_workers.ipynb #d2c23316
 class Solo:
     "A runtime as the only process of its environment: nothing to lock or follow; a loaded update is served at once."
@@ -136,6 +151,7 @@ class Solo:
     def restored(self, runtime, ep) -> list: return []
     def began(self, runtime, ep): pass  # an update began: it lives in memory until it is applied
 
+    def scaled(self, runtime, ep): ep.cold = ep.snapshot.cold() if ep.snapshot else {}  # what GET says is scaled to 0
     def capture_folder(self, endpoint: str) -> str: return endpoint  # the endpoint's inference log
     def counts(self, endpoint: str, counts): return counts  # its inference log's counts, as they are
     def identity(self) -> dict: return {}  # what /health adds about who answered
@@ -195,6 +211,9 @@ class Workers:
         runtime.commit(ep, {**ep.record, "config": config})
         return ep.record["config"]
 
+    def scaled(self, runtime, ep):  # GET: scaled to zero where every worker has unloaded it (`_mirror`)
+        with self.shared.locked(): self.shared.scaled(ep.record.get("id"), ep.snapshot.cold() if ep.snapshot else {})
+
     def capture_folder(self, endpoint: str) -> str:
         return endpoint if self.shared.index == 0 else f"{endpoint}@{self.shared.index}"
     def counts(self, endpoint: str, counts): return SharedCounts(endpoint, counts)  # summed over the workers
@@ -248,9 +267,10 @@ def follow(self: Workers, runtime) -> list:
         if ep is not None and not ep.broken and record.get("id") != ep.record.get("id"): runtime._drop(name); ep = None
         if ep is None or ep.broken: started += runtime._restore(path, record)
         elif record != ep.record: started += self._follow_record(runtime, ep, record)
-    failures = self.shared.load_failures()  # a committed config another worker could not load: NOT_READY here too
+    files = self.shared.workers()
+    failures = self.shared.load_failures(files)  # a committed config another worker could not load: NOT_READY here too
     for ep in runtime.endpoints.values():
-        if not ep.broken: self._mirror(ep, failures)
+        if not ep.broken: self._mirror(ep, failures, files)
     self.shared.seen = generation
     return started
 
@@ -276,12 +296,14 @@ def _follow_record(self: Workers, runtime, ep, record: dict) -> list:
 
 # %% ../../nbs/08e3_serving_workers.ipynb #b5b68603
 @patch
-# failures: `SharedState.load_failures()`, when already read
-def _mirror(self: Workers, ep, failures: dict | None = None):
-    "An update's state as the record saves it, and a committed config a worker could not load: what all workers answer."
+# failures, files: `SharedState.load_failures()` and `SharedState.workers()`, when already read
+def _mirror(self: Workers, ep, failures: dict | None = None, files: list | None = None):
+    "An update's state as the record saves it, a committed config a worker could not load, what all scaled to zero."
     pending, config = ep.record.get("pending"), ep.record.get("config") or {}
-    version, reason = (self.shared.load_failures() if failures is None else failures).get(ep.record.get("id"),
-                                                                                          (None, None))
+    files = self.shared.workers() if files is None else files
+    version, reason = (self.shared.load_failures(files) if failures is None else failures).get(ep.record.get("id"),
+                                                                                               (None, None))
+    ep.cold = cold_everywhere(files, ep.record.get("id"))
     ep.unloadable = not pending and reason is not None and version == config.get("config_version")
     # as one process shows it
     if ep.unloadable: pending = {**config, "start_time": ep.record.get("last_updated_timestamp") or 0,
