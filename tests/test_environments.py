@@ -12,6 +12,7 @@ No Databricks workspace or cluster exists on this machine. What stands in, and w
   databricks-connect 17.3.15 wheel.
 Spark sessions are real (`local[1]`, and `local-cluster` for a multi-node master), each in its own process.
 """
+import contextlib
 import http.server
 import inspect
 import json
@@ -422,7 +423,7 @@ def test_a_model_of_another_workspace_is_read_through_mlflows_unity_catalog_repo
     """MLflow refuses to read a Unity Catalog model's files through databricks-uc://<scope>:<prefix> (its registry client takes
     the URI, its artifact repository does not): a promotion from another workspace stopped at the download. Within
     `using_mlflow(source)` MLflow reads them, as the promotion's copy and check do, from the source workspace with its
-    token. Staging's workspace is a loopback stand-in (SourceWorkspace); the secret scope a `dbutils` stand-in."""
+    token. Staging's workspace is the replay's loopback stand-in (replay_workspace); the secret scope a `dbutils` stand-in."""
     import mlflow
     import numpy as np
     from mlflow.exceptions import MlflowException
@@ -431,19 +432,22 @@ def test_a_model_of_another_workspace_is_read_through_mlflows_unity_catalog_repo
     from sklearn.linear_model import LogisticRegression
     from serving_mlops.config import using_mlflow
     from serving_mlops.registry import promotion_source
+    from serving_mlops.replay_workspace import serve_registry
+    X = np.array([[0.0, 1.0], [1.0, 0.0], [0.2, 0.9], [0.9, 0.1]])
+    model = LogisticRegression().fit(X, [0, 1, 0, 1])
+    staging = f"sqlite:///{tmp_path / 'staging.db'}"  # staging's registry, with its model as version 1
+    with using_tracking(staging):
+        experiment = mlflow.create_experiment("train", artifact_location=(tmp_path / "artifacts").as_uri())
+        with mlflow.start_run(experiment_id=experiment):
+            logged = mlflow.sklearn.log_model(model, name="model", input_example=X[:1])
+        mlflow.register_model(logged.model_uri, "staging.credit.default_model")
     for var in ENV_VARS: monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("DATABRICKS_RUNTIME_VERSION", "18.0")
     monkeypatch.setenv("BUNDLE_VAR_promote_source_registry", "databricks-uc://mlops:staging")
     monkeypatch.setenv("BUNDLE_VAR_catalog", "prod"); monkeypatch.setenv("SERVING_MLOPS_BUNDLE_TARGET", "prod")
-    X = np.array([[0.0, 1.0], [1.0, 0.0], [0.2, 0.9], [0.9, 0.1]])
-    model = LogisticRegression().fit(X, [0, 1, 0, 1])
-    mlflow.sklearn.save_model(model, tmp_path / "staging-model")  # version 1 of staging's model, as its storage holds it
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SourceWorkspace)
-    server.files, server.requests = tmp_path / "staging-model", []
-    server.url = host = f"http://127.0.0.1:{server.server_address[1]}"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_registry(staging, "dapi-staging", tmp_path / "served")
     monkeypatch.setattr(databricks_utils, "_get_dbutils", lambda: SecretsStandIn(
-        {("mlops", "staging-host"): host, ("mlops", "staging-token"): "dapi-staging"}))
+        {("mlops", "staging-host"): server.url, ("mlops", "staging-token"): "dapi-staging"}))
     source = promotion_source(get_environment("prod", ROOT / "databricks_jobs" / "databricks.yml"), "staging")
     uri = f"models:/{source.model_name}/1"
     # off the cluster from here: on one, MLflow's Unity Catalog repository would also start Spark to resolve model names
@@ -459,56 +463,23 @@ def test_a_model_of_another_workspace_is_read_through_mlflows_unity_catalog_repo
             assert oct(written.parent.stat().st_mode & 0o777) == "0o700"
     finally: server.shutdown()
     assert registry == "databricks-uc://mlops-staging"
-    assert {p.name for p in (tmp_path / "staging-model").iterdir()} <= {p.name for p in Path(local).iterdir()}
-    assert (Path(local) / "model.pkl").read_bytes() == (tmp_path / "staging-model" / "model.pkl").read_bytes()
+    served = next((tmp_path / "served").rglob("MLmodel")).parent  # the version's files as staging's registry holds them
+    assert {p.name for p in served.iterdir()} <= {p.name for p in Path(local).iterdir()}  # MLflow adds registered_model_meta
+    assert all((Path(local) / p.name).read_bytes() == p.read_bytes() for p in served.iterdir() if p.is_file())
     assert list(loaded.predict(X)) == list(model.predict(X))
-    asked = {(m, p.split("/Models")[0]) for m, p, _ in server.requests if not p.startswith("/.well-known")}
+    asked = {(c["method"], c["path"].split("/Models")[0]) for c in server.calls if not c["path"].startswith("/.well-known")}
     assert asked == {("POST", "/api/2.0/mlflow/unity-catalog/model-versions/generate-temporary-credentials"),
                      ("GET", "/api/2.0/fs/directories"), ("POST", "/api/2.0/fs/create-download-url"), ("GET", "/presigned")}
-    assert {a for _, p, a in server.requests if p.startswith("/api/2.0/")} == {"Bearer dapi-staging"}  # staging's token
+    assert {c["status"] for c in server.calls} == {200}  # every call carried staging's token (401 otherwise)
     assert not written.exists() and "DATABRICKS_CONFIG_FILE" not in os.environ  # the token's file lasted as long as the block
     assert "MLFLOW_USE_DATABRICKS_SDK_MODEL_ARTIFACTS_REPO_FOR_UC" not in os.environ
 
 
-class SourceWorkspace(http.server.BaseHTTPRequestHandler):
-    """Staging's workspace, stood in on loopback (no workspace exists here) for what MLflow's Unity Catalog artifact
-    repository asks when it reads a model version's files from a workspace with default storage: temporary credentials,
-    directory listings and presigned download URLs of the Files API, and the downloads; plus databricks-sdk's probe of
-    the workspace's configuration. Answers are MLflow's own protobuf messages as JSON; the files are a real model's."""
-    def log_message(self, *args): pass
-
-    def send(self, status, body: bytes, kind="application/json"):
-        self.send_response(status)
-        self.send_header("Content-Type", kind); self.send_header("Content-Length", str(len(body)))
-        self.end_headers(); self.wfile.write(body)
-
-    def do_GET(self): self.route("GET")
-    def do_POST(self): self.route("POST")
-
-    def route(self, method):
-        from mlflow.protos.databricks_filesystem_service_pb2 import CreateDownloadUrlResponse, ListDirectoryResponse
-        from mlflow.protos.databricks_uc_registry_messages_pb2 import GenerateTemporaryModelVersionCredentialsResponse
-        from mlflow.utils.proto_json_utils import message_to_json
-        ws, path = self.server, self.path.split("?")[0]
-        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-        ws.requests.append((method, path, self.headers.get("Authorization")))
-        model = "/Models/staging/credit/default_model/1"
-        if path.startswith("/.well-known/databricks-config"): return self.send(200, b"{}")
-        if path == "/api/2.0/mlflow/unity-catalog/model-versions/generate-temporary-credentials":
-            answer = GenerateTemporaryModelVersionCredentialsResponse()
-            answer.credentials.storage_mode = 2  # DEFAULT_STORAGE: files through presigned URLs
-            return self.send(200, message_to_json(answer).encode())
-        if path.startswith("/api/2.0/fs/directories" + model):
-            folder = ws.files / path.removeprefix("/api/2.0/fs/directories" + model).lstrip("/")
-            if not folder.is_dir(): return self.send(404, b'{"error_code": "NOT_FOUND", "message": "not a directory"}')
-            answer = ListDirectoryResponse()
-            for f in sorted(folder.iterdir()):
-                entry = answer.contents.add(path=f"{model}/{f.relative_to(ws.files)}", is_directory=f.is_dir())
-                if f.is_file(): entry.file_size = f.stat().st_size
-            return self.send(200, message_to_json(answer).encode())
-        if path == "/api/2.0/fs/create-download-url":
-            answer = CreateDownloadUrlResponse(url=f"{ws.url}/presigned{body['path']}")
-            return self.send(200, message_to_json(answer).encode())
-        if path.startswith("/presigned" + model + "/"):
-            return self.send(200, (ws.files / path.removeprefix("/presigned" + model + "/")).read_bytes(), "application/octet-stream")
-        self.send(404, json.dumps({"error_code": "ENDPOINT_NOT_FOUND", "message": f"No API found for '{method} {path}'"}).encode())
+@contextlib.contextmanager
+def using_tracking(uri):
+    "MLflow's tracking and registry URIs are `uri` within the block."
+    import mlflow
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri); mlflow.set_registry_uri(uri)
+    try: yield
+    finally: mlflow.set_tracking_uri(before[0]); mlflow.set_registry_uri(before[1])
