@@ -3,11 +3,11 @@
 Run: .venv/bin/python benchmarks/cold_start.py [--rounds 5] [--requests 200] [--idle-seconds 1]
 
 What it does, in one run (about 1-2 minutes on 2 cores, most of it building the workspace):
-- builds a throwaway workspace (synthetic clients, feature tables published online), trains (1 Optuna trial) and registers
+- builds a throwaway workspace (synthetic clients, feature tables published online), trains (1 Optuna trial), registers
   the demo's credit model, starts the runtime as a process (`start_server`) with `scale_to_zero_idle_s` set to
   --idle-seconds, and creates one endpoint serving that version with `scale_to_zero_enabled`;
 - warm: --requests sequential one-row requests (features in the request, `dataframe_split`), p50 and p99;
-- --rounds times: waits until GET says the served entity is scaled to zero, then times the first request (the cold start:
+- --rounds times: waits until GET says the entity is scaled to zero, then times the first request (the cold start:
   from sending it to its answer, the load on demand included) and the request after it (warm again); the runtime's own
   figure for the load ("loaded on demand in X s", from the served model's server logs) is read too;
 - checks every answer: a 200 whose prediction equals in-process `pyfunc.predict` of the same row within 1e-9.

@@ -4,6 +4,7 @@ recovers, and an entity without `scale_to_zero_enabled` never unloads.
 
 One small pyfunc model, registered once for the module in a throwaway workspace: it takes `LOAD_S` to load, and refuses
 to load while a flag file exists (a model whose load on demand fails, then works again)."""
+import asyncio
 import gc
 import logging
 import weakref
@@ -23,9 +24,11 @@ from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.naming import experiment_name
 from serving_mlops.serving.app import make_app, serving_token
+from serving_mlops.serving.runtime import ServingRuntime
 from serving_mlops.serving.settings import RuntimeSettings
+from serving_mlops.serving.workers import SharedState, Workers
 
-LOAD_S = 0.25  # seconds the model takes to load
+LOAD_S = 0.2  # seconds the model takes to load
 IDLE_S = 0.2  # the runtime's scale_to_zero_idle_s in these tests
 
 
@@ -135,3 +138,29 @@ def test_a_load_that_fails_is_a_503_naming_why_and_the_entity_recovers(serving, 
     (tmp_path / "fails").unlink()
     assert invoke(client).json() == {"predictions": [3.0]}  # the next request loads it
     assert (get(client)["state"]["ready"], states(client)["cold"]) == ("READY", ("DEPLOYMENT_READY", ""))
+
+
+def test_with_workers_get_says_scaled_to_zero_once_every_worker_has_unloaded_it(env, tmp_path):
+    "Two runtimes as the workers of one environment (in process: the same records, lock and files as two processes)."
+    async def run():
+        runtimes = [ServingRuntime(env, RuntimeSettings(scale_to_zero_idle_s=IDLE_S),
+                                   Workers(SharedState(tmp_path / "workers", i))) for i in (0, 1)]
+        message = lambda rt: rt.get("shared").to_json("")["config"]["served_entities"][0]["state"][  # noqa: E731
+            "deployment_state_message"]
+        try:
+            entity = {"entity_name": "dev.credit.wake", "entity_version": "1", "name": "cold",
+                      "scale_to_zero_enabled": True}
+            runtimes[0].create({"name": "shared", "config": {"served_entities": [entity]}})
+            # both load it (each follows what the other saved when asked: `_follow_forever` in a server)
+            while not all([rt.get("shared").snapshot for rt in runtimes]): await asyncio.sleep(0.02)
+            later = time.monotonic() + 60
+            assert runtimes[0].scale_idle(later) == [("shared", "cold")]
+            assert [message(rt) for rt in runtimes] == ["", ""]  # worker 1 still holds it
+            assert runtimes[1].scale_idle(later) == [("shared", "cold")]
+            assert all(message(rt).startswith("Scaled to zero") for rt in runtimes)  # on whichever worker GET lands
+            answer, _ = await runtimes[1].invoke("shared", b'{"dataframe_records": [{"x": 1.5}]}', "r-1")
+            assert (answer, [message(rt) for rt in runtimes]) == ({"predictions": [3.0]}, ["", ""])
+            runtimes[0].delete("shared")
+        finally:
+            for rt in runtimes: rt.close()
+    asyncio.run(run())
