@@ -468,7 +468,8 @@ def scale_idle(self: ServingRuntime, now: float | None = None) -> list:  # now: 
     "Unload every served entity with `scale_to_zero_enabled` idle for `scale_to_zero_idle_s`; (endpoint, entity) pairs."
     now, idle_s, unloaded = time.monotonic() if now is None else now, self.settings.scale_to_zero_idle_s, []
     for ep in list(self.endpoints.values()):
-        snapshot = ep.snapshot
+        # an update may be reusing the served models (`load_models`): they stay until it is served
+        snapshot = None if ep.updating or ep.staged else ep.snapshot
         for name in snapshot.idle(idle_s, now) if snapshot else ():
             model, snapshot.models[name] = snapshot.models[name], Cold(snapshot.models[name].entity, now_ms())
             model.close()  # no request holds it (none in flight): its memory goes with the last reference
@@ -517,8 +518,8 @@ async def load_cold(self: ServingRuntime, ep: Endpoint, snapshot: Snapshot, cold
                                                            f"not load again: {e}") from None
     finally: snapshot.loading.pop(cold.name, None)
     snapshot.models[cold.name], snapshot.used[cold.name] = model, time.monotonic()
-    # replaced while it loaded: it answers the requests that waited, then closes
-    if ep.snapshot is not snapshot: loop.call_later(30, model.close)
+    # replaced or deleted while it loaded: it answers the requests that waited, then closes
+    if ep.snapshot is not snapshot or self.endpoints.get(ep.name) is not ep: loop.call_later(30, model.close)
     else: self.coordinator.scaled(self, ep)
     log.info("endpoint %s: served entity '%s' loaded on demand in %.3f s (a cold start after scaling to zero)", ep.name,
              cold.name, time.perf_counter() - start)
