@@ -553,7 +553,7 @@ def replay_command(steps: Optional[list[str]] = typer.Argument(None, metavar="TA
     "Replay a deployment as Databricks runs it: the wheel on Databricks Runtime 18 ML's libraries, tasks with dbutils."
     import shutil
     from serving_mlops.config import find_bundle, local_root
-    from serving_mlops.replay import LOOP, SMALL, loop_inputs, replay
+    from serving_mlops.replay import LOOP, SMALL, TWO_WORKSPACES, loop_inputs, replay
     with clear_errors():
         bad = [s for s in (steps or []) if s.count("/") != 1]
         if bad: raise InputError(f"{bad[0]!r}: expected TARGET/JOB for a step")
@@ -561,7 +561,8 @@ def replay_command(steps: Optional[list[str]] = typer.Argument(None, metavar="TA
         variables = {**SMALL, **name_values(var, "--var")}
         root = folder or local_root("replay", find_bundle())  # beside the local workspaces
         if root.exists(): shutil.rmtree(root)
-        results = replay(plan, root, variables, loop_inputs(rows, variables))
+        # staging and prod as separate workspaces: prod reads staging's registry through a secret scope
+        results = replay(plan, root, variables, loop_inputs(rows, variables), target_variables=TWO_WORKSPACES)
         for (target, job), tasks in results.items():
             typer.echo(f"{target}/{job}: " + ", ".join(f"{t.key} {t.state} {t.seconds:.0f} s" for t in tasks.values()))
         typer.echo(f"replayed on Databricks Runtime 18.0 ML's libraries; task outputs in {root / 'runs'}")

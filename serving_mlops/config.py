@@ -299,6 +299,9 @@ def landing_dir(self: Environment) -> str:
 @patch(as_prop=True)
 def tracking_uri(self: Environment) -> str:
     "MLflow tracking URI: a sqlite database in the local workspace, or the workspace (through its profile, if named)."
+    if self.registry and self.is_local:  # a local one reached through another workspace's registry (the replay's
+        import mlflow  # staging from prod): its runs are there; the tracking server in effect stays (its own would be
+        return mlflow.get_tracking_uri()  # made, empty, in this workspace's folder)
     if self.is_local: return f"""sqlite:///{mlflow_database(self.path('mlflow', create=True) / 'mlflow.db',
                                                             self.artifact_location)}"""
     return f"databricks://{self.workspace.profile}" if self.workspace.profile else "databricks"

@@ -18,7 +18,7 @@ from fastcore.basics import patch
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import roc_auc_score
 
-from .config import ConfigError, Environment, get_environment, using_mlflow
+from .config import ConfigError, Environment, get_environment, on_databricks, using_mlflow
 from .errors import StepFailed
 from .feature_store import feature_store_for, in_experiment
 from .naming import experiment_name, model_uri
@@ -276,8 +276,9 @@ def promotion_source(target: Environment, source_name: str) -> Environment:
                           "databricks-uc://<secret scope>:<key prefix>, whose secrets <key prefix>-host and <key "
                           "prefix>-token "
                           "name the source workspace and a token that can read its models")
-    if target.is_local: raise ConfigError(f"variable 'promote_source_registry' is for workspace targets; "
-                                          f"'{target.name}' is a {target.where}")
+    if target.is_local and not on_databricks():  # MLflow reads the scope's secrets through a cluster's dbutils
+        raise ConfigError(f"variable 'promote_source_registry' is read through a secret scope, on a Databricks "
+                          f"cluster; '{target.name}' is a {target.where}, off a cluster")
     return dataclasses.replace(source, registry=uri)
 
 # %% ../nbs/07_registry.ipynb #a22ad40e

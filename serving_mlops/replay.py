@@ -21,17 +21,18 @@ from typing import Callable
 
 from packaging.utils import parse_wheel_filename
 
-from .config import (HOME_ENV_VAR, VARIABLE_ENV_PREFIX, ConfigError, Environment, environment_variables,
-                                  get_environment, load_bundle)
+from .config import (BUNDLE_ENV_VAR, HOME_ENV_VAR, VARIABLE_ENV_PREFIX, ConfigError, Environment,
+                                  environment_variables, get_environment, load_bundle)
 from .errors import StepFailed
 from .jobs import (JobSpec, bundle_workspace_paths, latest_wheels, load_jobs, sync_root, with_task_values,
                                 workspace_libraries)
 
 # %% auto #0
-__all__ = ['RUNTIME_VERSION', 'REPLAY_USER', 'REPLAY_JAVA_ENV_VAR', 'LOOP', 'SMALL', 'ReplayFailed', 'constraints_path',
-           'canonical', 'pip', 'runtime_python', 'runtime_packages', 'build_artifacts', 'synced_files',
-           'workspace_folder', 'deploy_bundle', 'install_libraries', 'cluster_environment', 'driver_script',
-           'resolved_parameters', 'ReplayedTask', 'replay_job', 'deploy_time', 'replay', 'loop_inputs']
+__all__ = ['RUNTIME_VERSION', 'REPLAY_USER', 'REPLAY_JAVA_ENV_VAR', 'REPLAY_SECRET_SCOPE', 'TWO_WORKSPACES', 'LOOP', 'SMALL',
+           'ReplayFailed', 'constraints_path', 'canonical', 'pip', 'runtime_python', 'runtime_packages',
+           'build_artifacts', 'synced_files', 'workspace_folder', 'deploy_bundle', 'install_libraries',
+           'cluster_environment', 'driver_script', 'resolved_parameters', 'ReplayedTask', 'replay_job', 'deploy_time',
+           'replayed_workspace', 'RegistryStandIn', 'serve_registry', 'replay', 'loop_inputs']
 
 # %% ../nbs/15b_replay.ipynb #e9c3f4d0
 RUNTIME_VERSION = "18.0"  # the job clusters' spark_version 18.0.x-cpu-ml-scala2.13: Databricks Runtime 18.0 ML
@@ -223,7 +224,9 @@ def replay_job(env: Environment, job: str, root: Path, python: Path, paths: dict
                extra: dict[str, str] | None = None, # environment variables added to the cluster's
                # as `jobs run-now --notebook-params`: over each task's base parameters
                notebook_params: dict[str, str] | None = None,
-               progress: bool = True) -> dict[str, ReplayedTask]:
+               progress: bool = True,
+               secrets: dict[str, dict[str, str]] | None = None, # the workspace's secret scopes: scope -> key -> value
+               ) -> dict[str, ReplayedTask]:
     "Run the deployed `job` of `env` as a job run on a cluster with the runtime's `python`; each task's outcome."
     jobs = load_jobs(env)
     if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
@@ -245,7 +248,8 @@ def replay_job(env: Environment, job: str, root: Path, python: Path, paths: dict
                 "jobTaskType": "notebook", "taskKey": key}
         parameters = resolved_parameters({**task.parameters, **(notebook_params or {})}, values,
                                          f"{spec.source}: job {job} task {key}")
-        request.write_text(json.dumps({"parameters": parameters, "upstream": values, "tags": tags}))
+        request.write_text(json.dumps({"parameters": parameters, "upstream": values, "tags": tags,
+                                       "secrets": secrets or {}}))
         if progress: print(f"[replay {env.name}/{job}/{key}] {notebook.relative_to(root)} {parameters}", flush=True)
         start = time.monotonic()
         with open(log, "w") as out:
@@ -266,32 +270,81 @@ def deploy_time(variables: dict[str, str] | None) -> dict[str, str]:
     "`variables` as the environment variables `bundle deploy --var name=value` amounts to (BUNDLE_VAR_<name>)."
     return {VARIABLE_ENV_PREFIX + n: str(v) for n, v in (variables or {}).items()}
 
+# %% ../nbs/15b_replay.ipynb #11fbe8ba
+REPLAY_SECRET_SCOPE = "replay"  # the secret scope holding the other replayed workspaces' hosts and tokens
+TWO_WORKSPACES = {"prod": {"promote_source_registry": f"databricks-uc://{REPLAY_SECRET_SCOPE}:staging"}}
+
+def replayed_workspace(root: Path, target: str) -> Path:
+    "The folder of target `target`'s workspace in the replay's folder `root` (its tasks' `SERVING_MLOPS_HOME`)."
+    return root / "workspaces" / target
+
+# %% ../nbs/15b_replay.ipynb #f8a60bdf
+@dataclass
+class RegistryStandIn:
+    "A replayed workspace's model registry served on loopback: where, with which token, its process and calls."
+    target: str
+    url: str
+    token: str
+    process: subprocess.Popen
+    calls: Path
+
+def serve_registry(python: Path, root: Path, target: str, task_env: dict[str, str]) -> RegistryStandIn:
+    "Serve `target`'s registry (`replay_workspace.main`) in the environment `task_env` a task of `target` has."
+    import secrets
+    folder = root / "registries" / target
+    folder.mkdir(parents=True, exist_ok=True)
+    token, log = f"dapi-replay-{secrets.token_hex(8)}", folder / "log"
+    with open(log, "w") as err:
+        process = subprocess.Popen([str(python), "-m", "serving_mlops.replay_workspace", target, token,
+                                    str(folder / "files"), str(folder / "calls.jsonl")], cwd=folder,
+                                   env=task_env, stdout=subprocess.PIPE, stderr=err, text=True)
+    url = process.stdout.readline().strip()  # its first line, or nothing if it ended
+    if not url.startswith("http://"):
+        process.kill()
+        raise ReplayFailed(f"the stand-in of {target}'s model registry did not start: {log.read_text()[-2000:]}")
+    return RegistryStandIn(target, url, token, process, folder / "calls.jsonl")
+
 # %% ../nbs/15b_replay.ipynb #40a7ca79
 def replay(steps: list[tuple[str, str]], # (target, job) in order
-           root: Path, # the replay's folder: workspace files, cluster home, local workspaces, task logs
-           variables: dict[str, str] | None = None, # deploy-time overrides (--var)
-           # (target, job, workspaces folder) -> the run's notebook_params
+           root: Path, # the replay's folder: workspace files, cluster home, workspaces, registries, task logs
+           variables: dict[str, str] | None = None, # deploy-time overrides (--var) of every target
+           # (target, job, the target's workspace folder) -> the run's notebook_params
            before: Callable[[str, str, Path], dict | None] | None = None,
-           bundle: Path | None = None, progress: bool = True) -> dict[tuple[str, str], dict[str, ReplayedTask]]:
+           bundle: Path | None = None, progress: bool = True,
+           # deploy-time overrides of one target, over `variables`: target -> name -> value
+           target_variables: dict[str, dict[str, str]] | None = None,
+           ) -> dict[tuple[str, str], dict[str, ReplayedTask]]:
     "Deploy the bundle to each target of `steps`, run its jobs as Databricks would; ReplayFailed names a failed task."
     from serving_mlops.serving.services import stop_local_services
     root.mkdir(parents=True, exist_ok=True)
     first = get_environment(steps[0][0], bundle)
     python = runtime_python(constraints_path(first), first.bundle_path.parent.parent / ".venv", progress)
     artifacts = build_artifacts(first)
-    workspaces, results, deployed = root / "workspaces", {}, {}
+    results, deployed, registries = {}, {}, {}
+    at_deploy = lambda target: deploy_time({**(variables or {}), **(target_variables or {}).get(target, {})})
+    task_env = lambda target: {HOME_ENV_VAR: str(replayed_workspace(root, target))}
     try:
         for target, job in steps:
-            with environment_variables(deploy_time(variables)):
+            for other in sorted({t for t, _ in results} - {target} - set(registries)):  # its jobs ran
+                synced = workspace_folder(root, deployed[other]["file_path"]) / "databricks.yml"
+                service = {k: v for k, v in cluster_environment(python, root, {}).items()
+                           if k != "DATABRICKS_RUNTIME_VERSION"}  # Databricks' service, not a cluster
+                environ = {**service, **task_env(other), **at_deploy(other), BUNDLE_ENV_VAR: str(synced)}
+                registries[other] = serve_registry(python, root, other, environ)
+            scope = {f"{r.target}-{what}": value for r in registries.values() if r.target != target
+                     for what, value in (("host", r.url), ("token", r.token))}
+            with environment_variables(at_deploy(target)):
                 env = get_environment(target, bundle)
                 if target not in deployed: deployed[target] = deploy_bundle(env, root, artifacts)
-                params = before(target, job, workspaces) if before else None
-                tasks = results[target, job] = replay_job(env, job, root, python, deployed[target],
-                                                          {HOME_ENV_VAR: str(workspaces)}, params, progress)
+                params = before(target, job, replayed_workspace(root, target)) if before else None
+                tasks = results[target, job] = replay_job(env, job, root, python, deployed[target], task_env(target),
+                                                          params, progress, {REPLAY_SECRET_SCOPE: scope})
             failed = [t for t in tasks.values() if t.state == "FAILED"]
             if failed: raise ReplayFailed(f"job {job} of target {target} failed in task '{failed[0].key}': "
                                           f"{failed[0].error}; its output: {failed[0].log}")
-    finally: stop_local_services(workspaces)
+    finally:
+        for r in registries.values(): r.process.kill(); r.process.wait()
+        for target in {t for t, _ in steps}: stop_local_services(replayed_workspace(root, target))
     return results
 
 # %% ../nbs/15b_replay.ipynb #6815eaea

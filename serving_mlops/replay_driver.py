@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['NotebookExit', 'InputWidgetNotDefined', 'Widgets', 'TaskValues', 'dbutils_for', 'code_cells', 'run', 'main']
+__all__ = ['NotebookExit', 'InputWidgetNotDefined', 'Widgets', 'TaskValues', 'Secrets', 'dbutils_for', 'code_cells', 'run',
+           'main']
 
 # %% ../nbs/15a_replay_driver.ipynb #f1e42e20
 class NotebookExit(Exception):
@@ -73,14 +74,27 @@ def _entry_point(tags: dict[str, str]):
     return _Group(getDbutils=lambda: _Group(notebook=lambda: _Group(getContext=lambda: context)),
                   getDriverConf=lambda: _Group(workflowSslTrustAll=lambda: False))
 
+# %% ../nbs/15a_replay_driver.ipynb #7ad16cf1
+class Secrets:
+    "`dbutils.secrets` of the workspace: `get(scope, key)` of the secret scopes the replay gave the workspace."
+    def __init__(self, scopes: dict[str, dict[str, str]]): self.scopes = scopes
+
+    def get(self, scope: str, key: str) -> str:
+        # Databricks' wording for a missing secret (its exception is Py4J's IllegalArgumentException)
+        if key not in self.scopes.get(scope, {}):
+            raise ValueError(f"Secret does not exist with scope: {scope} and key: {key}")
+        return self.scopes[scope][key]
+
 # %% ../nbs/15a_replay_driver.ipynb #98abe7f9
 def _exit(value: str): raise NotebookExit(value)
 
-def dbutils_for(parameters: dict[str, str], upstream: dict[str, dict], tags: dict[str, str] | None = None):
-    "The `dbutils` a task notebook can rely on (widgets, task values, notebook exit), and the command context `tags`."
+def dbutils_for(parameters: dict[str, str], upstream: dict[str, dict], tags: dict[str, str] | None = None,
+                secrets: dict[str, dict[str, str]] | None = None):
+    "The `dbutils` a task notebook can rely on (widgets, task values, notebook exit, secrets), and the context `tags`."
     entry_point = _entry_point(tags or {})
     return _Group(widgets=Widgets(parameters), jobs=_Group(taskValues=TaskValues(upstream)),
-                  notebook=_Group(exit=_exit, entry_point=entry_point), entry_point=entry_point)
+                  notebook=_Group(exit=_exit, entry_point=entry_point), entry_point=entry_point,
+                  secrets=Secrets(secrets or {}))
 
 # %% ../nbs/15a_replay_driver.ipynb #505f229a
 def code_cells(notebook: Path) -> list[str]:
@@ -90,13 +104,13 @@ def code_cells(notebook: Path) -> list[str]:
 
 # %% ../nbs/15a_replay_driver.ipynb #a3a0fc52
 def run(notebook: Path, parameters: dict[str, str], upstream: dict[str, dict],
-        tags: dict[str, str] | None = None) -> dict:
+        tags: dict[str, str] | None = None, secrets: dict[str, dict[str, str]] | None = None) -> dict:
     "Run `notebook` as a notebook task: state SUCCESS or FAILED, exit value, task values set, the failed cell's error."
     from IPython.core.interactiveshell import InteractiveShell
     shell = InteractiveShell.instance()
     # an exit is no error to print
     shell.set_custom_exc((NotebookExit,), lambda shell, kind, value, tb, tb_offset=None: None)
-    dbutils = shell.user_ns["dbutils"] = dbutils_for(parameters, upstream, tags)
+    dbutils = shell.user_ns["dbutils"] = dbutils_for(parameters, upstream, tags, secrets)
     outcome = {"state": "SUCCESS", "result": None, "values": dbutils.jobs.taskValues.values, "error": None}
     for i, source in enumerate(code_cells(notebook), 1):
         result = shell.run_cell(source, store_history=False)
@@ -114,7 +128,7 @@ def run(notebook: Path, parameters: dict[str, str], upstream: dict[str, dict],
 def main(notebook: str, request: str, outcome: str) -> int:
     "Run `notebook` with the parameters and upstream values of JSON file `request`, outcome to `outcome`; 0 on success."
     given = json.loads(Path(request).read_text())
-    result = run(Path(notebook), given["parameters"], given["upstream"], given.get("tags"))
+    result = run(Path(notebook), given["parameters"], given["upstream"], given.get("tags"), given.get("secrets"))
     Path(outcome).write_text(json.dumps(result, default=str))
     return 0 if result["state"] == "SUCCESS" else 1
 

@@ -72,13 +72,17 @@ def model_files(server, path: str) -> tuple[Path, str] | None:
 
 # %% ../nbs/15c_replay_workspace.ipynb #c1af6bc0
 class RegistryWorkspace(BaseHTTPRequestHandler):
-    "HTTP handler of the stand-in; its server has `registry_uri`, `token`, `url`, `folder`, `files`, `lock`, `calls`."
+    "HTTP handler of the stand-in; its server has `registry_uri`, `token`, `url`, `folder`, `files`, `lock`, `calls`"
+    # and `calls_file`, where each call is also written as a line of JSON (None: not written)
     def log_message(self, *args): pass
     def do_GET(self): self.answer("GET")
     def do_POST(self): self.answer("POST")
 
     def send(self, status: int, body: bytes, kind: str = "application/json"):
-        self.server.calls.append({"method": self.command, "path": urlsplit(self.path).path, "status": status})
+        call = {"method": self.command, "path": urlsplit(self.path).path, "status": status}
+        self.server.calls.append(call)
+        if self.server.calls_file:
+            with self.server.lock, open(self.server.calls_file, "a") as out: out.write(json.dumps(call) + "\n")
         self.send_response(status)
         self.send_header("Content-Type", kind); self.send_header("Content-Length", str(len(body)))
         self.end_headers(); self.wfile.write(body)
@@ -142,30 +146,24 @@ def answer(self: RegistryWorkspace, method: str):
     self.error(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {url.path}'")
 
 # %% ../nbs/15c_replay_workspace.ipynb #400dd5e6
-def serve_registry(registry_uri: str, token: str, folder: Path | str | None = None) -> ThreadingHTTPServer:
+def serve_registry(registry_uri: str, token: str, folder: Path | str | None = None,
+                   calls: Path | str | None = None) -> ThreadingHTTPServer:
     "A workspace whose model registry is `registry_uri`, reached with `token`, on loopback; `.url`, `.calls`."
     server = ThreadingHTTPServer(("127.0.0.1", 0), RegistryWorkspace)
     server.registry_uri, server.token, server.files, server.calls = registry_uri, token, {}, []
+    server.calls_file = calls
     server.url, server.lock = f"http://127.0.0.1:{server.server_address[1]}", threading.Lock()
     server.folder = str(folder or tempfile.mkdtemp(prefix="replay-workspace-"))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 # %% ../nbs/15c_replay_workspace.ipynb #c074d000
-def main(registry_uri: str, token: str, folder: str, calls: str) -> None:
-    "Serve `registry_uri` until stopped; the address on the first line of standard output; calls appended to `calls`."
-    import time
-    server = serve_registry(registry_uri, token, folder)
+def main(target: str, token: str, folder: str, calls: str) -> None:
+    "Serve target `target`'s registry until stopped; the address on the first line of standard output."
+    from serving_mlops.config import get_environment  # the target as its jobs resolved it: bundle, variables, home
+    server = serve_registry(get_environment(target).registry_uri, token, folder, calls)
     print(server.url, flush=True)
-    written = 0
-    try:
-        while True:
-            time.sleep(0.2)
-            if len(server.calls) > written:
-                with open(calls, "a") as out:
-                    for call in server.calls[written:]: out.write(json.dumps(call) + "\n")
-                written = len(server.calls)
-    finally: server.shutdown()
+    threading.Event().wait()
 
 # %% ../nbs/15c_replay_workspace.ipynb #949e4771
 #| eval: false

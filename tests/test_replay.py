@@ -22,8 +22,8 @@ import pytest
 from serving_mlops.config import HOME_ENV_VAR, environment_variables, get_environment
 from serving_mlops.registry import registry_client
 from serving_mlops.tables import tables_for
-from serving_mlops.replay import (LOOP, REPLAY_JAVA_ENV_VAR, SMALL, ReplayFailed, canonical, constraints_path, install_libraries,
-                                  loop_inputs, replay, runtime_packages, runtime_python)
+from serving_mlops.replay import (LOOP, REPLAY_JAVA_ENV_VAR, SMALL, TWO_WORKSPACES, ReplayFailed, canonical, constraints_path,
+                                  install_libraries, loop_inputs, replay, replayed_workspace, runtime_packages, runtime_python)
 from serving_mlops.jobs import load_jobs
 
 pytestmark = [pytest.mark.slow]
@@ -40,7 +40,7 @@ def runtime():
 def loop(runtime, tmp_path_factory):
     "The whole loop, replayed once for the module: (results, the replay's folder)."
     root = tmp_path_factory.mktemp("replay")
-    return replay(LOOP, root, SMALL, loop_inputs(2000, SMALL)), root
+    return replay(LOOP, root, SMALL, loop_inputs(2000, SMALL), target_variables=TWO_WORKSPACES), root
 
 
 def test_the_runtime_environment_has_the_runtimes_own_versions(runtime):
@@ -62,10 +62,12 @@ def test_every_task_of_the_loop_succeeds_on_the_runtime(loop):
     assert results["prod", "promote"]["deploy"].values["model_version"] == copy["model_version"]  # {{tasks.copy.values.model_version}}
     assert results["staging", "deploy_serving_endpoint"]["deploy"].values["endpoint"] == "credit-default-staging"
     assert results["prod", "monitoring"]["drift"].values["drifted"] is False and validate, validate
-    with environment_variables({HOME_ENV_VAR: str(root / "workspaces")}):  # what the tasks left in the workspaces
-        prod, staging = get_environment("prod"), get_environment("staging")
+    with environment_variables({HOME_ENV_VAR: str(replayed_workspace(root, "prod"))}):  # what the tasks left in prod
+        prod = get_environment("prod")
         version = registry_client(prod).get_model_version(prod.model_name, copy["model_version"])
         predictions = tables_for(prod).read_pandas(prod.table_name("predictions"))
+    with environment_variables({HOME_ENV_VAR: str(replayed_workspace(root, "staging"))}):  # and in staging
+        staging = get_environment("staging")
         trained = registry_client(staging).get_run(
             registry_client(staging).get_model_version(staging.model_name, validate["model_version"]).run_id)
         silver = tables_for(staging).version("staging.credit.silver_clients")
@@ -81,6 +83,25 @@ def test_every_task_of_the_loop_succeeds_on_the_runtime(loop):
     assert version.tags["source_environment"] == "staging" and version.tags["source_version"] == validate["model_version"]
     assert results["prod", "batch_inference"]["score"].values == {"model_version": str(version.version), "rows": "2000"}
     assert len(predictions) == 2000 and predictions.customer_id.is_unique and set(predictions.model_version) == {int(version.version)}
+
+
+def test_prod_promotes_staging_champion_from_another_workspace(loop):
+    """Issue 26 item 6 in the loop: staging and prod are separate workspaces (nothing of staging in prod's folder); prod's
+    promote job reads staging's champion through promote_source_registry = databricks-uc://replay:staging, with the host and
+    token MLflow reads from prod's secret scope, over MLflow's Unity Catalog REST calls to staging's registry, and verifies
+    the copy on prod's own held-out data."""
+    results, root = loop
+    copy_log = Path(results["prod", "promote"]["copy"].log).read_text()
+    request = json.loads((root / "runs" / "promote" / "copy.request.json").read_text())
+    assert set(request["secrets"]["replay"]) == {"staging-host", "staging-token"}  # prod's scope names staging's workspace
+    calls = [json.loads(line) for line in (root / "registries" / "staging" / "calls.jsonl").read_text().splitlines()]
+    asked = {(c["method"], c["path"].split("/Models/")[0]) for c in calls if not c["path"].startswith("/.well-known")}
+    assert ("GET", "/api/2.0/mlflow/unity-catalog/registered-models/alias") in asked  # the champion, by its alias
+    assert {("POST", "/api/2.0/mlflow/unity-catalog/model-versions/generate-temporary-credentials"),
+            ("GET", "/presigned")} <= asked  # its files, downloaded through default storage's presigned URLs
+    assert {c["status"] for c in calls} == {200}, calls  # every call with staging's token (401 otherwise)
+    assert not (replayed_workspace(root, "prod") / "staging").exists()  # prod's tasks never read staging's folder
+    assert "of 'staging' is prod.credit.default_model version" in copy_log and "identical predictions on" in copy_log
 
 
 def test_the_tasks_read_the_configuration_the_deployment_gave_them(loop):
