@@ -470,13 +470,14 @@ def scale_idle(self: ServingRuntime, now: float | None = None) -> list:  # now: 
     for ep in list(self.endpoints.values()):
         # an update may be reusing the served models (`load_models`): they stay until it is served
         snapshot = None if ep.updating or ep.staged else ep.snapshot
-        for name in snapshot.idle(idle_s, now) if snapshot else ():
+        names = snapshot.idle(idle_s, now) if snapshot else []
+        for name in names:
             model, snapshot.models[name] = snapshot.models[name], Cold(snapshot.models[name].entity, now_ms())
             model.close()  # no request holds it (none in flight): its memory goes with the last reference
             log.info("endpoint %s: served entity '%s' scaled to zero after %.0f s without requests", ep.name, name,
                      now - snapshot.used[name])
-            unloaded.append((ep.name, name))
-        if snapshot and any(e == ep.name for e, _ in unloaded): self.coordinator.scaled(self, ep)
+        if names: self.coordinator.scaled(self, ep)  # what GET says
+        unloaded += [(ep.name, name) for name in names]
     return unloaded
 
 @patch
