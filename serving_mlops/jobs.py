@@ -184,6 +184,7 @@ class TaskRun:
     values: dict = field(default_factory=dict)
     error: str = ""
     log: str = ""  # everything the task and its kernel printed (local runs)
+    depends_on: list = field(default_factory=list)  # the tasks it waited for, as the run's tasks name them
 
 ACTIVE = ("PENDING", "RUNNING", "QUEUED", "BLOCKED")  # task states of a run that has not finished
 
@@ -318,7 +319,8 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
     check_job_parameters(spec, parameters)
     if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    run = JobRun(job, run_id, env.name, run_folder(env, job, run_id), {k: TaskRun(k) for k in spec.tasks},
+    run = JobRun(job, run_id, env.name, run_folder(env, job, run_id),
+                 {k: TaskRun(k, depends_on=list(t.depends_on)) for k, t in spec.tasks.items()},
                  started=datetime.now(timezone.utc).isoformat(timespec="seconds"), pid=os.getpid())
     run.save()  # listed as RUNNING from now on
     values = {}
@@ -508,7 +510,8 @@ def workspace_task_run(w, task: RunTask) -> TaskRun:
     "One task of a workspace run as a TaskRun: its result (or lifecycle) state, a success's values, a failure's error."
     state = (task.state.result_state or task.state.life_cycle_state).value if task.state else "PENDING"
     run = TaskRun(task.task_key, state, task.notebook_task.notebook_path if task.notebook_task else "",
-                  (task.end_time - task.start_time) / 1000 if task.end_time and task.start_time else 0.0)
+                  (task.end_time - task.start_time) / 1000 if task.end_time and task.start_time else 0.0,
+                  depends_on=[d.task_key for d in task.depends_on or []])
     if state == "SUCCESS" and task.run_id:
         run.values = notebook_values(w.jobs.get_run_output(run_id=task.run_id), task.task_key)
     if state not in ("SUCCESS", "PENDING", "RUNNING", "QUEUED", "BLOCKED"):

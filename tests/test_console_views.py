@@ -115,6 +115,9 @@ def test_jobs_page_lists_the_runs_and_a_run_page_shows_its_timeline_and_failing_
     bars = tab.evaluate("() => document.getElementById('timeline').data.map(t => [t.name, t.y])")
     assert sorted((state, y) for state, ys in bars for y in ys) == [("FAILED", "drift"), ("SUCCESS", "metrics")], bars
     assert chart_points(tab, "timeline") == 2
+    nodes = tab.evaluate("() => document.getElementById('graph').data.map(t => [t.name, t.text, t.x])")
+    assert sorted((state, k, x) for state, ks, xs in nodes for k, x in zip(ks, xs)) == [("FAILED", "drift", 1), ("SUCCESS", "metrics", 0)]
+    assert tab.evaluate("() => document.getElementById('graph').layout.annotations.length") == 1  # metrics -> drift
     failure = tab.inner_text("#failure-drift")
     assert "DriftAlert" in failure and "run_task(monitoring_task" in tab.inner_text("#failure-drift .failed-cell"), failure
     tasks = tab.inner_text("#tasks")

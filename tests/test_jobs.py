@@ -95,6 +95,7 @@ def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependen
     (run_dir,) = (staging.root / "jobs" / "model_build").iterdir()
     run = json.loads((run_dir / "run.json").read_text())
     assert [(t["key"], t["state"]) for t in run["tasks"]] == [("ingest", "FAILED"), ("features", "SKIPPED"), ("train", "SKIPPED"), ("validate", "SKIPPED")]
+    assert [t["depends_on"] for t in run["tasks"]] == [[], ["ingest"], ["features"], ["train"]]  # the run's graph, as it ran
     assert (run_dir / "ingest.ipynb").exists()  # the executed notebook, with the error in its outputs
 
 
@@ -204,6 +205,7 @@ class StandInWorkspace(ThreadingHTTPServer):
                 state = {"life_cycle_state": "TERMINATED", "result_state": "UPSTREAM_FAILED", "state_message": "Upstream task(s) failed."}
             else: state = {"life_cycle_state": "TERMINATED", "result_state": "SUCCESS", "state_message": ""}
             tasks.append({"task_key": t["task_key"], "run_id": 100 + i, "state": state, "notebook_task": t["notebook_task"],
+                          **({"depends_on": t["depends_on"]} if "depends_on" in t else {}),  # RunTask.depends_on, as submitted
                           "start_time": 1_700_000_000_000, "end_time": 1_700_000_090_000, "run_page_url": f"{page}/task/{100 + i}"})
         over = all(t["state"]["life_cycle_state"] == "TERMINATED" for t in tasks)
         result = {"result_state": "SUCCESS" if all(t["state"].get("result_state") == "SUCCESS" for t in tasks) else "FAILED"} if over else {}
@@ -288,6 +290,8 @@ def test_a_workspace_run_records_each_tasks_values_from_its_notebook_output(work
     run = json.loads((tmp_path / "workspaces" / "staging" / "jobs" / "model_build" / "42" / "run.json").read_text())
     assert run["state"] == "SUCCESS" and run["environment"] == "staging"
     assert {t["key"]: t["values"] for t in run["tasks"]} == NOTEBOOK_RESULTS
+    assert {t["key"]: t["depends_on"] for t in run["tasks"]} == {"ingest": [], "features": ["ingest"], "train": ["features"],
+                                                                  "validate": ["train"]}  # the run's graph, from runs/get
     assert [t for t in (tmp_path / "workspaces" / "staging").rglob("*") if t.is_file()] == [tmp_path / "workspaces/staging/jobs/model_build/42/run.json"]
 
 

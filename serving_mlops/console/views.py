@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from graphlib import TopologicalSorter
 from pathlib import Path
 from urllib.parse import quote
 
@@ -36,8 +37,9 @@ __all__ = ['MONITORING_KINDS', 'MISSING_LOOKUP_COLUMN', 'METRIC_COLUMNS', 'ANSI'
            'window_label', 'drift_heatmap', 'drift_reports', 'report_url', 'BadName', 'safe_name', 'quality_figure',
            'missing_lookup_shares', 'drift_section', 'reports_section', 'quality_section', 'missing_lookup_section',
            'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask', 'executed_task',
-           'task_timeline', 'notebook_html', 'run_url', 'jobs_page', 'run_of', 'failure_box', 'run_page', 'task_file',
-           'mlflow_ui_command', 'mlflow_links', 'lineage', 'gate_summary', 'version_card', 'registry_page', 'routes']
+           'task_timeline', 'task_graph', 'notebook_html', 'run_url', 'jobs_page', 'run_of', 'failure_box', 'run_page',
+           'task_file', 'mlflow_ui_command', 'mlflow_links', 'lineage', 'gate_summary', 'version_card', 'registry_page',
+           'routes']
 
 # %% ../../nbs/14c_console_views.ipynb #ccbf0955
 def error_line(what: str, e: Exception) -> Markup:
@@ -305,6 +307,34 @@ def task_timeline(run: JobRun, executed: dict[str, ExecutedTask]) -> go.Figure:
                              "categoryarray": list(run.tasks)})
     return fig
 
+# %% ../../nbs/14c_console_views.ipynb #b5fef758
+def task_graph(run: JobRun) -> go.Figure:
+    "The run's tasks as a graph: columns by dependency depth, arrows to the tasks that waited, nodes coloured by state."
+    deps = {k: [d for d in t.depends_on if d in run.tasks] for k, t in run.tasks.items()}
+    depth, where, rows = {}, {}, {}
+    for k in TopologicalSorter(deps).static_order(): depth[k] = 1 + max((depth[d] for d in deps[k]), default=-1)
+    for k in run.tasks: where[k], rows[depth[k]] = (depth[k], rows.get(depth[k], 0)), rows.get(depth[k], 0) + 1
+    fig = go.Figure()
+    for k, waited in deps.items():
+        for d in waited:
+            fig.add_annotation(x=where[k][0], y=where[k][1], ax=where[d][0], ay=where[d][1], xref="x", yref="y",
+                               axref="x", ayref="y", arrowhead=2, standoff=16, startstandoff=16, arrowcolor="#6b7280")
+    for state in dict.fromkeys(t.state for t in run.tasks.values()):
+        mine = [k for k, t in run.tasks.items() if t.state == state]
+        fig.add_trace(go.Scatter(x=[where[k][0] for k in mine], y=[where[k][1] for k in mine], text=mine, name=state,
+                                 mode="markers+text", textposition="bottom center",
+                                 marker={"size": 24, "symbol": "square", "color": STATE_COLOURS.get(state, "#7f7f7f")},
+                                 customdata=[[state, elapsed(run.tasks[k].seconds) if run.tasks[k].seconds else ""]
+                                             for k in mine],
+                                 hovertemplate="%{text}: %{customdata[0]} %{customdata[1]}<extra></extra>"))
+    unknown = len(run.tasks) > 1 and not any(deps.values())
+    fig.update_layout(title=f"{run.job} run {run.run_id}: task graph"
+                            + (" (this run's record has no dependencies)" if unknown else ""),
+                      height=140 + 70 * max(rows.values(), default=1), margin={"l": 40, "r": 40, "t": 40, "b": 30},
+                      xaxis={"visible": False, "range": [-0.5, max(depth.values(), default=0) + 0.5]},
+                      yaxis={"visible": False, "autorange": "reversed"})
+    return fig
+
 # %% ../../nbs/14c_console_views.ipynb #0e4fc69f
 OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js -%}{%- endblock html_head_js -%}
@@ -405,6 +435,7 @@ def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
     failures = [failure_box(k, t, executed.get(k) or ExecutedTask())
                 for k, t in run.tasks.items() if t.state == "FAILED"]
     body = Markup("").join([head, *problems,
+                            guarded("the task graph", lambda: figure(task_graph(run), id="graph")),
                             guarded("the timeline", lambda: figure(task_timeline(run, executed), id="timeline")),
                             Markup("<h2>Tasks</h2>"), table(rows, id="tasks", links=links), *failures])
     return page(env, f"{job} run {run_id}", body, "Jobs"), 200
