@@ -25,7 +25,7 @@ from .tables import tables_for
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'name_values', 'clear_errors', 'env_command', 'Kind', 'generate',
            'table_summary', 'ingest', 'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command',
            'serve', 'console', 'deploy', 'id_range', 'key_records', 'query_keys', 'query', 'endpoints', 'stop_services',
-           'monitor', 'jobs_list', 'jobs_run', 'jobs_runs', 'replay_command']
+           'monitor', 'jobs_list', 'jobs_run', 'jobs_repair', 'jobs_runs', 'replay_command']
 
 # %% ../nbs/90_cli.ipynb #e28bd56c
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one "
@@ -513,6 +513,21 @@ def jobs_run(job: str = typer.Argument(..., help="Job name, e.g. model_build (se
         except KeyboardInterrupt:
             typer.secho(f"interrupted: job {job} stopped; its run is recorded as CANCELED, run it again to start "
                         f"afresh", err=True, fg=typer.colors.RED)
+            raise typer.Exit(130) from None
+        typer.echo(run.summary())
+
+# %% ../nbs/90_cli.ipynb #8d3e8e5a
+@jobs_app.command("repair")
+def jobs_repair(job: str = typer.Argument(..., help="Job name, e.g. model_build."),
+                run_id: str = typer.Argument(..., help="The failed run (see `serving-mlops jobs runs`)."),
+                env: Optional[str] = EnvOption):
+    "Repair a failed local run as Databricks does: its unsuccessful tasks and their dependents again, same parameters."
+    from serving_mlops.jobs import repair_run
+    with clear_errors():
+        try: run = repair_run(get_environment(env), job, run_id)
+        except KeyboardInterrupt:
+            typer.secho(f"interrupted: the repair of run {run_id} stopped; its run is recorded as CANCELED",
+                        err=True, fg=typer.colors.RED)
             raise typer.Exit(130) from None
         typer.echo(run.summary())
 

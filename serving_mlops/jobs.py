@@ -40,9 +40,9 @@ from .spark import SPARK_LOG_ENV_VAR
 __all__ = ['TEXT_MAPS', 'VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'cluster_spec', 'load_jobs',
            'LoggedKernelManager', 'quiet_kernel', 'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'JobRun',
            'jobs_folder', 'run_folder', 'notebook_defaults', 'base_parameters', 'with_task_values', 'task_arguments',
-           'task_environment', 'run_job', 'job_parameters', 'check_job_parameters', 'RunRecordError', 'read_run',
-           'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries', 'submit_tasks',
-           'notebook_values', 'workspace_task_run', 'submit_job']
+           'task_environment', 'run_job', 'run_tasks', 'repair_run', 'job_parameters', 'check_job_parameters',
+           'RunRecordError', 'read_run', 'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels',
+           'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -200,6 +200,8 @@ class JobRun:
     url: str = ""  # the run page of a workspace run
     started: str = ""  # ISO time (UTC) the run started
     pid: int = 0  # the process running a local run
+    parameters: dict = field(default_factory=dict)  # the run's parameter overrides (`--param`), which a repair reuses
+    repairs: list = field(default_factory=list)  # ISO times (UTC) of its repairs
 
     @property
     def state(self) -> str:
@@ -241,7 +243,8 @@ def save(self: JobRun):
     (self.folder / "run.json").write_text(json.dumps({"job": self.job, "run_id": self.run_id,
                                                       "environment": self.environment,
                                                       "state": self.state, "started": self.started, "url": self.url,
-                                                      "pid": self.pid,
+                                                      "pid": self.pid, "parameters": self.parameters,
+                                                      "repairs": self.repairs,
                                                       "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
 
 # %% ../nbs/10_jobs.ipynb #36c246c0
@@ -253,7 +256,8 @@ def load(cls: JobRun, folder: Path) -> JobRun:
     known = TaskRun.__dataclass_fields__
     return cls(data["job"], data["run_id"], data["environment"], folder,
                {t["key"]: TaskRun(**{k: v for k, v in t.items() if k in known}) for t in data["tasks"]},
-               data.get("url", ""), data.get("started", ""), data.get("pid", 0))
+               data.get("url", ""), data.get("started", ""), data.get("pid", 0), data.get("parameters") or {},
+               data.get("repairs") or [])
 
 # %% ../nbs/10_jobs.ipynb #c80d42b6
 def jobs_folder(env: Environment) -> Path:
@@ -321,17 +325,25 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     run = JobRun(job, run_id, env.name, run_folder(env, job, run_id),
                  {k: TaskRun(k, depends_on=list(t.depends_on)) for k, t in spec.tasks.items()},
-                 started=datetime.now(timezone.utc).isoformat(timespec="seconds"), pid=os.getpid())
+                 started=datetime.now(timezone.utc).isoformat(timespec="seconds"), pid=os.getpid(),
+                 parameters=dict(parameters or {}))
     run.save()  # listed as RUNNING from now on
-    values = {}
+    return run_tasks(env, spec, run, progress)
+
+def run_tasks(env: Environment, spec: JobSpec, run: JobRun, progress: bool = True) -> JobRun:
+    "Run the tasks of `run` that have not succeeded, in dependency order, with its parameters; JobFailed names one."
+    job, parameters = spec.name, run.parameters
+    values = {k: t.values for k, t in run.tasks.items() if t.state == "SUCCESS"}  # a repair keeps what succeeded
     for key in TopologicalSorter({k: t.depends_on for k, t in spec.tasks.items()}).static_order():
         task, state = spec.tasks[key], run.tasks[key]
+        if state.state == "SUCCESS": continue
         failed = [d for d in task.depends_on if run.tasks[d].state != "SUCCESS"]
         if failed: state.state, state.error = "SKIPPED", f"upstream task(s) {failed} did not succeed"; continue
         args = task_arguments(task, values, f"{spec.source}: job {job} task {key}", parameters)
         out, values_file, log = (run.folder / f"{key}.ipynb", run.folder / f"{key}.values.json",
                                  run.folder / f"{key}.log")
         state.state, state.notebook, state.log = "RUNNING", str(out), str(log)
+        values_file.unlink(missing_ok=True)  # an earlier attempt's (a repair runs the task again)
         run.save()
         if progress: print(f"[{job}/{key}] {task.notebook.name} {args}", flush=True)
         start = time.monotonic()
@@ -360,6 +372,31 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
         raise JobFailed(f"job {job} failed in task '{failed.key}': {failed.error}; executed notebook: "
                         f"{failed.notebook}\n{run.summary()}")
     return run
+
+# %% ../nbs/10_jobs.ipynb #b494468e
+def repair_run(env: Environment, job: str, run_id: str, progress: bool = True) -> JobRun:
+    "Run the unsuccessful tasks of local run `run_id` of `job` again, in the same run; JobFailed names one that fails."
+    if not env.is_local:
+        raise ConfigError(f"run {run_id} of job {job} is on {env.where}: repair it on its run page or with "
+                          f"`databricks jobs repair-run {run_id} --rerun-all-failed-tasks`")
+    jobs, folder = load_jobs(env), jobs_folder(env) / job / run_id
+    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
+                                          f"{', '.join(sorted(jobs))})")
+    run = read_run(folder) if (folder / "run.json").exists() else None
+    if run is None: raise ConfigError(f"no run {run_id} of job {job} recorded in {folder.parent}")
+    if isinstance(run, RunRecordError): raise ConfigError(run.error)
+    if run.state in ("SUCCESS", "RUNNING"):
+        raise ConfigError(f"run {run_id} of job {job} is {run.state}: only a failed, canceled or aborted run is "
+                          f"repaired")
+    if set(run.tasks) != set(jobs[job].tasks):
+        raise ConfigError(f"run {run_id} of job {job} has tasks {sorted(run.tasks)}, the bundle's job now "
+                          f"{sorted(jobs[job].tasks)}: run the job again instead")
+    for t in run.tasks.values():
+        if t.state != "SUCCESS": t.state, t.error, t.values, t.seconds = "PENDING", "", {}, 0.0
+    run.repairs.append(datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    run.pid = os.getpid()
+    run.save()
+    return run_tasks(env, jobs[job], run, progress)
 
 # %% ../nbs/10_jobs.ipynb #c3cf4576
 def job_parameters(spec: JobSpec) -> dict[str, list[str]]:

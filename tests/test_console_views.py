@@ -119,6 +119,7 @@ def test_jobs_page_lists_the_runs_and_a_run_page_shows_its_timeline_and_failing_
     assert sorted((state, k, x) for state, ks, xs in nodes for k, x in zip(ks, xs)) == [("FAILED", "drift", 1), ("SUCCESS", "metrics", 0)]
     assert tab.evaluate("() => document.getElementById('graph').layout.annotations.length") == 1  # metrics -> drift
     failure = tab.inner_text("#failure-drift")
+    assert f"serving-mlops jobs repair monitoring {world['drifted']} --env dev" in tab.inner_text("#repair")
     assert "DriftAlert" in failure and "run_task(monitoring_task" in tab.inner_text("#failure-drift .failed-cell"), failure
     tasks = tab.inner_text("#tasks")
     assert "start='2026-01-05 11:00'" in tasks and "metrics_windows=2" in tasks, tasks  # parameters and task values

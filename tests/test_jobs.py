@@ -97,6 +97,9 @@ def test_a_failed_task_fails_the_run_naming_task_and_cell_and_skips_its_dependen
     assert [(t["key"], t["state"]) for t in run["tasks"]] == [("ingest", "FAILED"), ("features", "SKIPPED"), ("train", "SKIPPED"), ("validate", "SKIPPED")]
     assert [t["depends_on"] for t in run["tasks"]] == [[], ["ingest"], ["features"], ["train"]]  # the run's graph, as it ran
     assert (run_dir / "ingest.ipynb").exists()  # the executed notebook, with the error in its outputs
+    r = cli("jobs", "repair", "model_build", run_dir.name + "x", "--env", "staging", check=False)  # a run that is not there
+    assert r.returncode != 0 and f"no run {run_dir.name}x of job model_build recorded in" in r.stderr, r.stderr
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == [run_dir.name]  # and it left no folder behind
 
 
 @pytest.mark.slow

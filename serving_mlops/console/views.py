@@ -419,7 +419,7 @@ def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
         try: executed[key] = executed_task(notebook)
         except Exception as e: problems.append(error_line(f"executed notebook {notebook}", e))
     head = table([{"state": run.state, "started": _started(run), "duration": elapsed(run.seconds),
-                   "environment": run.environment,
+                   "environment": run.environment, "repaired": ", ".join(run.repairs),
                    "record": run.url or str(run.folder / "run.json")}], id="run-summary")
     rows = []
     for key, t in run.tasks.items():
@@ -434,6 +434,10 @@ def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
              "log": lambda r: run_url(job, run_id, f"{quote(r['task'])}/log")}
     failures = [failure_box(k, t, executed.get(k) or ExecutedTask())
                 for k, t in run.tasks.items() if t.state == "FAILED"]
+    if run.state in ("FAILED", "CANCELED", "ABORTED") and not run.url:  # as Databricks' "Repair run"
+        failures.append(Markup(f'<p id="repair">repair: <code>serving-mlops jobs repair {escape(job)} '
+                               f'{escape(run_id)} --env {escape(env.name)}</code> runs its unsuccessful tasks and '
+                               f'their dependents again, in this run, with its parameters</p>'))
     body = Markup("").join([head, *problems,
                             guarded("the task graph", lambda: figure(task_graph(run), id="graph")),
                             guarded("the timeline", lambda: figure(task_timeline(run, executed), id="timeline")),
