@@ -37,12 +37,13 @@ from .errors import StepFailed
 from .spark import SPARK_LOG_ENV_VAR
 
 # %% auto #0
-__all__ = ['TEXT_MAPS', 'VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'cluster_spec', 'load_jobs',
+__all__ = ['TEXT_MAPS', 'VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'cluster_spec', 'load_jobs', 'job_spec',
            'LoggedKernelManager', 'quiet_kernel', 'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'JobRun',
            'jobs_folder', 'run_folder', 'notebook_defaults', 'base_parameters', 'with_task_values', 'task_arguments',
            'task_environment', 'run_job', 'run_tasks', 'repair_run', 'job_parameters', 'check_job_parameters',
-           'RunRecordError', 'read_run', 'past_runs', 'sync_root', 'bundle_workspace_paths', 'latest_wheels',
-           'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run', 'submit_job']
+           'RunRecordError', 'read_run', 'recorded_run', 'past_runs', 'sync_root', 'bundle_workspace_paths',
+           'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run',
+           'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -125,6 +126,14 @@ def load_jobs(env: Environment) -> dict[str, JobSpec]:
                     raise ConfigError(f"{where}: tasks depend on each other in a cycle: {e.args[1]}") from None
                 jobs[name] = JobSpec(name, substitute(job.get("name", name), env, where), tasks, path)
     return jobs
+
+# %% ../nbs/10_jobs.ipynb #b6e0ff9d
+def job_spec(env: Environment, job: str) -> JobSpec:
+    "Job `job` of the bundle, resolved for `env`; a ConfigError naming the bundle's jobs when it has none of that name."
+    jobs = load_jobs(env)
+    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
+                                          f"{', '.join(sorted(jobs))})")
+    return jobs[job]
 
 # %% ../nbs/10_jobs.ipynb #f9b4a23b
 class LoggedKernelManager(AsyncKernelManager):
@@ -316,10 +325,7 @@ def task_environment(env: Environment, values_file: Path, log: Path | None = Non
 def run_job(env: Environment, job: str, parameters: dict | None = None, progress: bool = True,
             timeout_minutes: float = 60) -> JobRun:
     "Run `job` of the bundle in `env` (locally, or on its workspace with `submit_job`); JobFailed names a failed task."
-    jobs = load_jobs(env)
-    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
-                                          f"{', '.join(sorted(jobs))})")
-    spec = jobs[job]
+    spec = job_spec(env, job)
     check_job_parameters(spec, parameters)
     if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -379,24 +385,21 @@ def repair_run(env: Environment, job: str, run_id: str, progress: bool = True) -
     if not env.is_local:
         raise ConfigError(f"run {run_id} of job {job} is on {env.where}: repair it on its run page or with "
                           f"`databricks jobs repair-run {run_id} --rerun-all-failed-tasks`")
-    jobs, folder = load_jobs(env), jobs_folder(env) / job / run_id
-    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
-                                          f"{', '.join(sorted(jobs))})")
-    run = read_run(folder) if (folder / "run.json").exists() else None
-    if run is None: raise ConfigError(f"no run {run_id} of job {job} recorded in {folder.parent}")
+    spec, run = job_spec(env, job), recorded_run(env, job, run_id)
+    if run is None: raise ConfigError(f"no run {run_id} of job {job} recorded in {jobs_folder(env) / job}")
     if isinstance(run, RunRecordError): raise ConfigError(run.error)
     if run.state in ("SUCCESS", "RUNNING"):
         raise ConfigError(f"run {run_id} of job {job} is {run.state}: only a failed, canceled or aborted run is "
                           f"repaired")
-    if set(run.tasks) != set(jobs[job].tasks):
+    if set(run.tasks) != set(spec.tasks):
         raise ConfigError(f"run {run_id} of job {job} has tasks {sorted(run.tasks)}, the bundle's job now "
-                          f"{sorted(jobs[job].tasks)}: run the job again instead")
+                          f"{sorted(spec.tasks)}: run the job again instead")
     for t in run.tasks.values():
         if t.state != "SUCCESS": t.state, t.error, t.values, t.seconds = "PENDING", "", {}, 0.0
     run.repairs.append(datetime.now(timezone.utc).isoformat(timespec="seconds"))
     run.pid = os.getpid()
     run.save()
-    return run_tasks(env, jobs[job], run, progress)
+    return run_tasks(env, spec, run, progress)
 
 # %% ../nbs/10_jobs.ipynb #c3cf4576
 def job_parameters(spec: JobSpec) -> dict[str, list[str]]:
@@ -436,6 +439,12 @@ def read_run(folder: Path) -> JobRun | RunRecordError:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         return RunRecordError(folder.parent.name, folder.name, folder,
                               f"{folder / 'run.json'}: {type(e).__name__}: {e}")
+
+# %% ../nbs/10_jobs.ipynb #d52d961c
+def recorded_run(env: Environment, job: str, run_id: str) -> JobRun | RunRecordError | None:
+    "The recorded run `run_id` of `job` in `env` (or what is wrong with its record); None when there is none."
+    folder = jobs_folder(env) / job / run_id
+    return read_run(folder) if (folder / "run.json").exists() else None
 
 # %% ../nbs/10_jobs.ipynb #43672329
 def past_runs(env: Environment, job: str | None = None) -> list[JobRun | RunRecordError]:

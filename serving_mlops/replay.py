@@ -24,7 +24,7 @@ from packaging.utils import parse_wheel_filename
 from .config import (BUNDLE_ENV_VAR, HOME_ENV_VAR, VARIABLE_ENV_PREFIX, ConfigError, Environment,
                                   environment_variables, get_environment, load_bundle)
 from .errors import StepFailed
-from .jobs import (JobSpec, bundle_workspace_paths, latest_wheels, load_jobs, sync_root, with_task_values,
+from .jobs import (JobSpec, bundle_workspace_paths, job_spec, latest_wheels, sync_root, with_task_values,
                                 workspace_libraries)
 
 # %% auto #0
@@ -228,10 +228,7 @@ def replay_job(env: Environment, job: str, root: Path, python: Path, paths: dict
                secrets: dict[str, dict[str, str]] | None = None, # the workspace's secret scopes: scope -> key -> value
                ) -> dict[str, ReplayedTask]:
     "Run the deployed `job` of `env` as a job run on a cluster with the runtime's `python`; each task's outcome."
-    jobs = load_jobs(env)
-    if job not in jobs: raise ConfigError(f"no job '{job}' in the bundle {env.bundle_path} (jobs: "
-                                          f"{', '.join(sorted(jobs))})")
-    spec = jobs[job]
+    spec = job_spec(env, job)
     install_libraries(python, runtime_packages(python), root, spec, paths["artifact_path"])
     driver, files, source, run = driver_script(root), workspace_folder(root,
             paths["file_path"]), sync_root(env), root / "runs" / job
@@ -288,9 +285,12 @@ class RegistryStandIn:
     process: subprocess.Popen
     calls: Path
 
-def serve_registry(python: Path, root: Path, target: str, task_env: dict[str, str]) -> RegistryStandIn:
-    "Serve `target`'s registry (`replay_workspace.main`) in the environment `task_env` a task of `target` has."
+def serve_registry(python: Path, root: Path, target: str, bundle: Path, task_env: dict[str, str]) -> RegistryStandIn:
+    "Serve `target`'s registry (`replay_workspace.main`) as its tasks find it: the synced `bundle`, their `task_env`."
     import secrets
+    service = {k: v for k, v in cluster_environment(python, root, {}).items()
+               if k != "DATABRICKS_RUNTIME_VERSION"}  # Databricks' service, not a cluster
+    task_env = {**service, **task_env, BUNDLE_ENV_VAR: str(bundle)}
     folder = root / "registries" / target
     folder.mkdir(parents=True, exist_ok=True)
     token, log = f"dapi-replay-{secrets.token_hex(8)}", folder / "log"
@@ -327,10 +327,8 @@ def replay(steps: list[tuple[str, str]], # (target, job) in order
         for target, job in steps:
             for other in sorted({t for t, _ in results} - {target} - set(registries)):  # its jobs ran
                 synced = workspace_folder(root, deployed[other]["file_path"]) / "databricks.yml"
-                service = {k: v for k, v in cluster_environment(python, root, {}).items()
-                           if k != "DATABRICKS_RUNTIME_VERSION"}  # Databricks' service, not a cluster
-                environ = {**service, **task_env(other), **at_deploy(other), BUNDLE_ENV_VAR: str(synced)}
-                registries[other] = serve_registry(python, root, other, environ)
+                registries[other] = serve_registry(python, root, other, synced,
+                                                   {**task_env(other), **at_deploy(other)})
             scope = {f"{r.target}-{what}": value for r in registries.values() if r.target != target
                      for what, value in (("host", r.url), ("token", r.token))}
             with environment_variables(at_deploy(target)):

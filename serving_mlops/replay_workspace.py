@@ -62,7 +62,7 @@ def model_files(server, path: str) -> tuple[Path, str] | None:
             folder.mkdir(parents=True)
             # where the local registry keeps them: the logged model's folder (MLflow resolves `models:/<model id>`
             # through this process's tracking URI, not this registry's)
-            client = mlflow.MlflowClient(server.registry_uri, server.registry_uri)
+            client = server.client
             model_id = client.get_model_version(name, version).model_id
             where = (client.get_logged_model(model_id).artifact_location if model_id
                      else client.get_model_version_download_uri(name, version))
@@ -73,7 +73,8 @@ def model_files(server, path: str) -> tuple[Path, str] | None:
 # %% ../nbs/15c_replay_workspace.ipynb #c1af6bc0
 class RegistryWorkspace(BaseHTTPRequestHandler):
     "HTTP handler of the stand-in; its server has `registry_uri`, `token`, `url`, `folder`, `files`, `lock`, `calls`"
-    # and `calls_file`, where each call is also written as a line of JSON (None: not written)
+    # and `calls_file`, where each call is also written as a line of JSON (None: not written), under `calls_lock`;
+    # `answers` (`registry_answers()`) and `client` (an MlflowClient of the registry), made once
     def log_message(self, *args): pass
     def do_GET(self): self.answer("GET")
     def do_POST(self): self.answer("POST")
@@ -82,7 +83,7 @@ class RegistryWorkspace(BaseHTTPRequestHandler):
         call = {"method": self.command, "path": urlsplit(self.path).path, "status": status}
         self.server.calls.append(call)
         if self.server.calls_file:
-            with self.server.lock, open(self.server.calls_file, "a") as out: out.write(json.dumps(call) + "\n")
+            with self.server.calls_lock, open(self.server.calls_file, "a") as out: out.write(json.dumps(call) + "\n")
         self.send_response(status)
         self.send_header("Content-Type", kind); self.send_header("Content-Length", str(len(body)))
         self.end_headers(); self.wfile.write(body)
@@ -93,10 +94,9 @@ class RegistryWorkspace(BaseHTTPRequestHandler):
 # %% ../nbs/15c_replay_workspace.ipynb #c0449978
 def api_call(handler: RegistryWorkspace, method: str, path: str, query: str):
     "Answer a registry or Files API call on `handler`'s workspace."
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     from mlflow.utils.proto_json_utils import message_to_json, parse_dict
-    server, answers = handler.server, registry_answers()
+    server, answers = handler.server, handler.server.answers
     if handler.headers.get("Authorization") != f"Bearer {server.token}":
         return handler.error(401, "UNAUTHENTICATED", f"{method} {path}: not this workspace's token")
     size = int(handler.headers.get("Content-Length") or 0)
@@ -105,7 +105,7 @@ def api_call(handler: RegistryWorkspace, method: str, path: str, query: str):
         if path in answers and answers[path][0] == method:
             _, kind, answer = answers[path]
             request = kind(); parse_dict(body, request)
-            reply = answer(MlflowClient(registry_uri=server.registry_uri), request)
+            reply = answer(server.client, request)
             return handler.send(200, message_to_json(reply).encode())
         if method == "GET" and path.startswith("/api/2.0/fs/directories/"): return list_directory(handler, path)
         if method == "POST" and path == "/api/2.0/fs/create-download-url":
@@ -151,7 +151,10 @@ def serve_registry(registry_uri: str, token: str, folder: Path | str | None = No
     "A workspace whose model registry is `registry_uri`, reached with `token`, on loopback; `.url`, `.calls`."
     server = ThreadingHTTPServer(("127.0.0.1", 0), RegistryWorkspace)
     server.registry_uri, server.token, server.files, server.calls = registry_uri, token, {}, []
-    server.calls_file = calls
+    server.calls_file, server.calls_lock = calls, threading.Lock()
+    from mlflow import MlflowClient
+    # once per server; the registry's database is its tracking store too (a version's logged model is found there)
+    server.answers, server.client = registry_answers(), MlflowClient(registry_uri, registry_uri)
     server.url, server.lock = f"http://127.0.0.1:{server.server_address[1]}", threading.Lock()
     server.folder = str(folder or tempfile.mkdtemp(prefix="replay-workspace-"))
     threading.Thread(target=server.serve_forever, daemon=True).start()

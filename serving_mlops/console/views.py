@@ -24,7 +24,7 @@ from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
 from ..config import Environment
-from ..jobs import JobRun, RunRecordError, elapsed, jobs_folder, load_jobs, past_runs, read_run
+from ..jobs import JobRun, RunRecordError, elapsed, jobs_folder, load_jobs, past_runs, recorded_run
 from ..drift import DRIFT_RULES
 from ..naming import inference_table
 from ..registry import registry_client
@@ -387,9 +387,8 @@ def jobs_page(env: Environment) -> str:
 
 # %% ../../nbs/14c_console_views.ipynb #625b9518
 def run_of(env: Environment, job: str, run_id: str) -> JobRun | RunRecordError | None:
-    "The recorded run `run_id` of `job`, None when there is none."
-    folder = jobs_folder(env) / safe_name(job, "job") / safe_name(run_id, "run")
-    return read_run(folder) if (folder / "run.json").exists() else None
+    "The recorded run `run_id` of `job`, None when there is none (names from a URL: plain names only)."
+    return recorded_run(env, safe_name(job, "job"), safe_name(run_id, "run"))
 
 # %% ../../nbs/14c_console_views.ipynb #5deb3008
 def failure_box(key: str, task, done: ExecutedTask) -> Markup:

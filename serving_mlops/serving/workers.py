@@ -48,10 +48,11 @@ class SharedState:
 
 # %% ../../nbs/08e3_serving_workers.ipynb #964a72b2
 @patch
-def bump(self: SharedState):
+def bump(self: SharedState, here: bool = False):  # here: this worker follows it too
     "Announce a change of the saved state (under the lock): the others follow it at their next request or look."
-    self.seen = self.generation() + 1
-    self.counter[:8] = self.seen.to_bytes(8, "little")
+    generation = self.generation() + 1
+    if not here: self.seen = generation
+    self.counter[:8] = generation.to_bytes(8, "little")
 
 # %% ../../nbs/08e3_serving_workers.ipynb #58a876fe
 @patch
@@ -123,7 +124,7 @@ def scaled(self: SharedState, endpoint_id: str, cold: dict):
     "Tell the other workers which served entities of the endpoint this one has scaled to zero (under the lock)."
     if self.cold.get(endpoint_id, {}) == cold: return
     self.cold[endpoint_id] = cold; self.publish()
-    self.counter[:8] = (self.generation() + 1).to_bytes(8, "little")  # a change to follow (for this worker too)
+    self.bump(here=True)  # a change to follow, for this worker too (it reads what every worker scaled)
 
 def cold_everywhere(files: list, endpoint_id: str) -> dict:  # files: `SharedState.workers()`
     "Served entity -> [state, message] of those every live worker has scaled to zero (a failed load shown first)."
