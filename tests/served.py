@@ -11,7 +11,6 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cloudpickle
@@ -153,19 +152,6 @@ def invoke(ws, name, payload, client=None, token=None):
     body = payload if isinstance(payload, (bytes, str)) else None
     return client.post(f"{ws.url}/serving-endpoints/{name}/invocations", headers=headers,
                        content=body, json=None if body is not None else payload, timeout=60)
-
-
-class Pipeline:
-    """Sends requests on one thread, in order, while the test makes the next (a fuzz's hypothesis takes about as long to
-    draw a body as the runtime to answer it, 5 ms each); `results()` gives (what was sent, the response) in sending order.
-    A test asserts on the results after the loop, so hypothesis reports no shrunk example: the test names the bodies."""
-    def __init__(self): self.pool, self.sent = ThreadPoolExecutor(1, thread_name_prefix="pipeline"), []
-    def __enter__(self): return self
-    def __exit__(self, *exc): self.pool.shutdown(wait=True, cancel_futures=any(exc))
-    def submit(self, sent, call, *args): self.sent.append((sent, self.pool.submit(call, *args)))
-    def results(self) -> list:
-        self.pool.shutdown(wait=True)
-        return [(sent, future.result()) for sent, future in self.sent]
 
 
 def in_process(ws, rows):

@@ -16,7 +16,7 @@ from serving_mlops.serving.app import API
 from serving_mlops.serving.services import server_file, stop_server
 from serving_mlops.tables import tables_for
 
-from served import Pipeline, create, entity, invoke, key  # noqa: E402
+from served import create, entity, invoke, key  # noqa: E402
 
 
 ENTITY_KEYS = ("name", "entity_name", "entity_version", "workload_size", "scale_to_zero_enabled", "environment_vars")
@@ -295,15 +295,16 @@ def test_fuzzed_control_plane_bodies_never_get_a_5xx_and_what_is_served_stays_wh
         ("PUT", "/fz/config"): config,
         ("PUT", "/fz/ai-gateway"): gateway("fz"),
         ("PATCH", "/fz/tags"): {"add_tags": [{"key": "k", "value": "v"}, {"key": "n"}], "delete_tags": ["k", "x"]}}
-    with Pipeline() as sender:  # each request sent in order while hypothesis draws the next
-        for (method, path), valid in targets.items():
-            @settings(max_examples=CASES_PER_TARGET, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
-            @given(bodies(valid))
-            def send(body):
-                sender.submit((method, path, body), api, method, path, body)
-            send()
-        for (method, path, body), r in sender.results(): statuses.setdefault(r.status_code, []).append((method, path, body, r.text))
+    drawn = []  # every body first, then sent in order (as the invocations' fuzz: one thread draws, then sends)
+    for (method, path), valid in targets.items():
+        @settings(max_examples=CASES_PER_TARGET, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(bodies(valid))
+        def draw(body): drawn.append((method, path, body))
+        draw()
+    for method, path, body in drawn:
+        r = api(method, path, body)
+        statuses.setdefault(r.status_code, []).append((method, path, body, r.text))
     assert not [s for s in statuses if s >= 500], {s: v[:3] for s, v in statuses.items() if s >= 500}
     total = sum(len(v) for v in statuses.values())
     print(f"fuzzed {total} control-plane bodies: " + ", ".join(f"{s}: {len(v)}" for s, v in sorted(statuses.items())))

@@ -161,29 +161,42 @@ def model_spec(env: Environment, model_name: str, version: str | int) -> dict:
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #dc69ff32
 def _with_features(env: Environment, spec: dict, rows: pd.DataFrame, model: str) -> pd.DataFrame:
-    "`rows` (one set of sent columns) with the features of `spec` they lack, looked up as of request time."
-    sent = [c for c in rows["_sent"].iat[0].split(",") if c]
-    missing = [o for l in spec["lookups"] for o in l["features"].values() if o not in sent]
-    if not missing: return rows
+    "`rows` (of one model version) with the features of `spec` each request lacks, looked up as of request time."
+    features = [o for l in spec["lookups"] for o in l["features"].values()]
     keys = list(dict.fromkeys(k for l in spec["lookups"] for k in l["lookup_key"]))
-    lacking = [k for k in keys if k not in sent]
-    if lacking: raise MonitoringError(f"requests to {model} (e.g. {rows.databricks_request_id.iat[0]}) sent neither "
-                                      f"the features "
-                                      f"{missing[:5]} nor the key(s) {lacking} to look them up")
+    sets, sent_sets = pd.factorize(rows["_sent"].to_numpy())  # the sets of columns the requests sent
+    lacks = {}  # set -> the features its requests lack
+    for j, text in enumerate(sent_sets):
+        sent = [c for c in text.split(",") if c]
+        if not (missing := [o for o in features if o not in sent]): continue
+        if lacking := [k for k in keys if k not in sent]:
+            raise MonitoringError(f"requests to {model} (e.g. {rows.databricks_request_id.iat[(sets == j).argmax()]}) "
+                                  f"sent neither the features {missing[:5]} nor the key(s) {lacking} to look them up")
+        lacks[j] = missing
+    if not lacks: return rows
+    # one point-in-time join for every request that lacks a feature, whatever else it sent
+    wanted = [o for o in features if any(o in m for m in lacks.values())]
+    asking = np.isin(sets, list(lacks))
     stamps = {l["timestamp_lookup_key"] for l in spec["lookups"] if l.get("timestamp_lookup_key")}
-    given = [c for c in sent if c in spec["columns"] and c not in keys and c not in stamps]
-    asked = rows[keys + given].assign(**{s: rows.request_time for s in stamps}, _row=np.arange(len(rows)))
+    asked = rows.loc[asking, keys].assign(**{s: rows.request_time[asking] for s in stamps},
+                                          _row=np.flatnonzero(asking))
     try:
         found = features_as_of(feature_store_for(env), spec, get_spark(env).createDataFrame(asked))
-        found = found.select("_row", *missing).toPandas().set_index("_row").reindex(np.arange(len(rows)))
+        found = found.select("_row", *wanted).toPandas().set_index("_row").reindex(np.arange(len(rows)))
     except FeatureStoreError as e: raise MonitoringError(f"looking up the features of {model} as of the request "
                                                          f"times: {e}") from None
-    # a lookup found nothing: every feature it brings is null (no row of the key as of the time)
-    nothing = np.zeros(len(rows), dtype=bool)
-    for l in spec["lookups"]:
-        brought = [o for o in l["features"].values() if o in missing]
-        if brought: nothing |= found[brought].isna().all(axis=1).to_numpy()
-    return rows.assign(**{c: found[c].to_numpy() for c in missing}, missing_lookup=nothing)
+    # each request keeps what it sent; a lookup found nothing: every feature it brings is null (no row of the key then)
+    out, nothing = {}, np.zeros(len(rows), dtype=bool)
+    for c in wanted:
+        took = np.isin(sets, [j for j, m in lacks.items() if c in m])
+        out[c] = found[c].to_numpy() if took.all() else np.where(took, found[c].to_numpy(), rows[c].to_numpy())
+    for j, missing in lacks.items():
+        group = sets == j
+        for l in spec["lookups"]:
+            brought = [o for o in l["features"].values() if o in missing]
+            if brought: nothing[group] |= found.loc[group, brought].isna().all(axis=1).to_numpy()
+    return rows.assign(**out, missing_lookup=nothing)
+
 
 # %% ../../nbs/12c_monitoring_inference.ipynb #98f77eae
 def inference_frame(env: Environment, payload, # inference table rows (pandas or Arrow), e.g. from `read_payload`
@@ -210,12 +223,11 @@ def inference_frame(env: Environment, payload, # inference table rows (pandas or
     for c in ("served_entity_name", "model_name", "model_version"):
         frame[c] = np.append(by_id[c].reindex(known).to_numpy(dtype=object), np.nan)[entity]  # -1 (no entity): NaN
     complete = lambda key, rows: _with_features(env, specs[key[0], key[1]], rows, f"{key[0]} version {key[1]}")
-    sent = frame["_sent"].to_numpy()
-    # the usual window: one served entity, one set of columns
-    if len(frame) and (entity == 0).all() and (sent == sent[0]).all():
+    # the usual window: one served entity
+    if len(frame) and (entity == 0).all():
         out = complete((frame.model_name.iat[0], frame.model_version.iat[0]), frame)
     else:
-        groups = frame.groupby(["model_name", "model_version", "_sent"], sort=False).indices
+        groups = frame.groupby(["model_name", "model_version"], sort=False).indices
         if len(groups) == 1: out = complete(next(iter(groups)), frame)  # no copies
         elif groups: out = pd.concat([complete(key, frame.iloc[idx]) for key, idx in groups.items()]).sort_index()
         else: out = frame
