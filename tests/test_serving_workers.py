@@ -37,6 +37,12 @@ def ws(trained_world):
     served.close()
 
 
+@pytest.fixture(autouse=True)
+def running(ws):
+    "The runtime runs before each test, whatever ran before (a test that stops it does not start it again for the next)."
+    if server_info(ws.env) is None: ws.start()
+
+
 def fresh(ws, method: str, path: str, **kw) -> tuple[httpx.Response, int]:
     "One request on a new connection (the kernel picks a worker per connection), and the pid of the worker that answered it."
     with httpx.Client(headers={"Authorization": f"Bearer {ws.token}"}, timeout=60) as c:
@@ -167,4 +173,3 @@ def test_stop_ends_every_worker_and_removes_server_json(ws):
     assert not any(process_alive(p) for p in pids) and not server_file(env).exists()
     assert not any(p.suffix == ".json" for p in env.path("serving", "workers").iterdir())  # the workers' files went with them
     assert stop_server(env) is False
-    ws.start()  # for the module's other tests, whatever their order
