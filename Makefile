@@ -113,7 +113,7 @@ demo: $(VENV)/.installed java $(SPARK_CLASSES) ## the scenario's loop offline: b
 	@echo
 	@echo "Done. Where to look:"
 	@echo "  .mlops/<env>/jobs/   job runs (executed notebooks, task logs); .mlops/prod/monitoring/   drift reports"
-	@echo "  $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/.mlops/staging/mlflow/mlflow.db    staging runs and registry (prod: .mlops/prod/...)"
+	@echo "  $(BIN)/serving-mlops mlflow-ui --env staging --background    staging runs and registry in MLflow's UI (prod's: the console below starts it)"
 	@echo "  http://127.0.0.1:8713/serving-endpoints/credit-default-prod/invocations   production endpoint (token: .mlops/prod/tokens/serving-token; staging: 8712)"
 	@echo "  $(BIN)/serving-mlops --help   every command; serve --env staging|prod --stop ends a serving runtime"
 	@echo "== the production console: endpoints with live charts, requests, monitoring, job runs, registry (open the link)"

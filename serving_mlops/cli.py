@@ -24,8 +24,9 @@ from .tables import tables_for
 # %% auto #0
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'name_values', 'clear_errors', 'env_command', 'Kind', 'generate',
            'table_summary', 'ingest', 'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command',
-           'serve', 'console', 'deploy', 'id_range', 'key_records', 'query_keys', 'query', 'endpoints', 'stop_services',
-           'monitor', 'jobs_list', 'jobs_run', 'jobs_repair', 'jobs_runs', 'replay_command']
+           'serve', 'local_service', 'console', 'mlflow_ui', 'deploy', 'id_range', 'key_records', 'query_keys', 'query',
+           'endpoints', 'stop_services', 'monitor', 'jobs_list', 'jobs_run', 'jobs_repair', 'jobs_runs',
+           'replay_command']
 
 # %% ../nbs/90_cli.ipynb #e28bd56c
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one "
@@ -182,7 +183,7 @@ def train(env: Optional[str] = EnvOption,
     with clear_errors():
         e = get_environment(env)
         train_task(e, n_trials=trials, seed=seed, register=register)
-        if e.is_local: typer.echo(f"look at it: .venv/bin/mlflow ui --backend-store-uri {e.tracking_uri} --port 5000")
+        if e.is_local: typer.echo(f"look at it: serving-mlops mlflow-ui --env {e.name} --background")
 
 # %% ../nbs/90_cli.ipynb #1d56d776
 @app.command()
@@ -291,6 +292,24 @@ def serve(env: Optional[str] = EnvOption,
         typer.echo(f"  log:   {e.path('serving', 'server.log')}")
         typer.echo(f"  stop:  serving-mlops serve --env {e.name} --stop")
 
+# %% ../nbs/90_cli.ipynb #c48e3f1c
+def local_service(e, what: str, # e.g. "console": as the messages name it
+                  stop: bool, background: bool, stopper, serve, start) -> dict | None:
+    "A local service's command: stop it, serve it in the foreground, or start it in the background (its info, printed)."
+    from serving_mlops.serving.services import SERVICES
+    command = SERVICES[what][2]
+    if stop:
+        typer.echo(f"stopped the {what} of '{e.name}'" if stopper(e) else f"no {what} of '{e.name}' is running")
+        return None
+    if not background:
+        serve()
+        return None
+    try: info = start()
+    except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
+    typer.echo(f"{what} of '{e.name}': {info['url']} (pid {info['pid']})")
+    typer.echo(f"  stop:  serving-mlops {command} --env {e.name} --stop")
+    return info
+
 # %% ../nbs/90_cli.ipynb #2e6b9d13
 @app.command()
 def console(env: Optional[str] = EnvOption,
@@ -302,7 +321,9 @@ def console(env: Optional[str] = EnvOption,
             stop: bool = typer.Option(False, "--stop", help="Stop the environment's running console."),
             read_timeout: float = typer.Option(RuntimeSettings.read_timeout, min=0.1,
                                                help="Seconds a client has to send a whole request (headers and body) "
-                                                    "before its connection is closed.")):
+                                                    "before its connection is closed."),
+            mlflow_ui: bool = typer.Option(True, help="Find the environment's MLflow UI or start one (stopped with "
+                                                      "the console), so that its MLflow links open.")):
     """Open the environment's web console on 127.0.0.1: endpoints, requests, monitoring, job runs and the registry.
 
     Sign in with the login link printed here (valid while the console runs; also in .mlops/<env>/console/console.json).
@@ -312,19 +333,30 @@ def console(env: Optional[str] = EnvOption,
     with clear_errors():
         e = get_environment(env)
         check_local(e)
-        if stop:
-            typer.echo(f"stopped the console of '{e.name}'"
-                       if stop_console(e) else f"no console of '{e.name}' is running")
-            return
         port = e.var("console_port", int) if port is None else port
-        if not background:
-            serve_console(e, port, announce=typer.echo, read_timeout=read_timeout)
-            return
-        try: info = start_console(e, port, read_timeout=read_timeout)
-        except (RuntimeError, TimeoutError) as failure: raise InputError(str(failure)) from None
-        typer.echo(f"console of '{e.name}': {info['url']} (pid {info['pid']})")
-        typer.echo(f"  stop:  serving-mlops console --env {e.name} --stop")
-        typer.echo(f"  open:  {info['login']}")
+        info = local_service(e, "console", stop, background, stop_console,
+                             lambda: serve_console(e, port, announce=typer.echo, read_timeout=read_timeout,
+                                                   mlflow_ui=mlflow_ui),
+                             lambda: start_console(e, port, read_timeout=read_timeout, mlflow_ui=mlflow_ui))
+        if info: typer.echo(f"  open:  {info['login']}")
+
+# %% ../nbs/90_cli.ipynb #c1f675f4
+@app.command("mlflow-ui")
+def mlflow_ui(env: Optional[str] = EnvOption,
+              port: int = typer.Option(0, help="Port on 127.0.0.1; 0 picks a free one."),
+              background: bool = typer.Option(False, "--background", "-b",
+                                              help="Start as a background process, wait until it answers, print its "
+                                                   "address."),
+              stop: bool = typer.Option(False, "--stop", help="Stop the environment's running MLflow UI.")):
+    """Open MLflow's UI on the environment's tracking store and registry (runs, models, plots) on 127.0.0.1.
+
+    The console starts one by itself (unless --no-mlflow-ui); this starts or stops it alone. Local environments only."""
+    from serving_mlops.console.app import check_local, serve_mlflow_ui, start_mlflow_ui, stop_mlflow_ui
+    with clear_errors():
+        e = get_environment(env)
+        check_local(e)
+        local_service(e, "MLflow UI", stop, background, stop_mlflow_ui,
+                      lambda: serve_mlflow_ui(e, port, announce=typer.echo), lambda: start_mlflow_ui(e, port))
 
 # %% ../nbs/90_cli.ipynb #75d23bad
 @app.command()

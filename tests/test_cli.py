@@ -7,7 +7,8 @@ from serving_mlops.config import get_environment
 from serving_mlops.data import generate_credit_data
 from serving_mlops.tables import tables_for
 
-COMMANDS = ["env", "generate", "ingest", "features", "train", "validate", "promote", "tables", "serve", "deploy", "endpoints", "query", "console"]
+COMMANDS = ["env", "generate", "ingest", "features", "train", "validate", "promote", "tables", "serve", "deploy", "endpoints", "query", "console",
+            "mlflow-ui"]
 
 
 def test_help_explains_every_command():
@@ -18,6 +19,14 @@ def test_help_explains_every_command():
         assert command in out
         sub = CliRunner().invoke(app, [command, "--help"]).output  # each command's help, in process (a process each costs 1.5 s)
         assert "--env" in sub, f"{command} has no --env"
+
+
+def test_mlflow_ui_stop_without_one_and_a_workspace_target_are_answered_plainly(home, monkeypatch):
+    assert "no MLflow UI of 'dev' is running" in cli("mlflow-ui", "--env", "dev", "--stop").stdout
+    monkeypatch.delenv("SERVING_MLOPS_HOME")  # a folder of local workspaces makes every target local
+    monkeypatch.setenv("DATABRICKS_HOST", "https://adb-1.azuredatabricks.net")  # every target without a host is that workspace
+    r = cli("mlflow-ui", "--env", "prod", "--background", check=False)
+    assert r.returncode == 1 and "Databricks has its own UI" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_generate_ingest_and_reingest_is_idempotent(home):

@@ -5,13 +5,20 @@
 # %% ../../nbs/14d_console_app.ipynb #4a0c9489
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import os
 import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
 from contextlib import asynccontextmanager
 from urllib.parse import quote
 
+import httpx
 import uvicorn
 from markupsafe import Markup
 from starlette.applications import Starlette
@@ -34,7 +41,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'SESSION_COOKIE', 'OPEN_PATHS', 'unauthorized', 'ConsoleAuth', 'console_app', 'check_local', 'login_link',
-           'serve_console', 'start_console', 'stop_console']
+           'serve_mlflow_ui', 'start_mlflow_ui', 'stop_mlflow_ui', 'MLflowUI', 'serve_console', 'start_console',
+           'stop_console']
 
 # %% ../../nbs/14d_console_app.ipynb #a4e92186
 SESSION_COOKIE = "serving_mlops_console"
@@ -120,10 +128,82 @@ def _private_folder(env: Environment):  # console.json and the background consol
 
 def login_link(url: str, secret: str) -> str: return f"{url}/login?token={quote(secret)}"
 
+# %% ../../nbs/14d_console_app.ipynb #ca71cf55
+def _answers(url: str) -> bool:
+    try: return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError: return False
+
+def serve_mlflow_ui(env: Environment, port: int = 0, announce=print,
+                    timeout: float = 120): # seconds MLflow's server has to answer its health check
+    "Run MLflow's UI on `env`'s tracking store and registry on 127.0.0.1:`port` until SIGTERM or Ctrl-C."
+    check_local(env)
+    if (running := service_info(env, "MLflow UI")) is not None:
+        raise InputError(f"the MLflow UI of environment '{env.name}' is already running at {running['url']} (pid "
+                         f"{running['pid']}); stop it with `serving-mlops mlflow-ui --env {env.name} --stop`")
+    with bind_port(env, "127.0.0.1", port, f"start the MLflow UI of environment '{env.name}'") as sock:
+        port = sock.getsockname()[1]  # MLflow's server binds it itself, once this socket is closed
+    url, info = f"http://127.0.0.1:{port}", service_file(env, "MLflow UI")
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", env.tracking_uri,
+                               "--registry-store-uri", env.registry_uri, "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], stdin=subprocess.DEVNULL, start_new_session=True)
+    def end(*_):  # MLflow's CLI runs its web server as a process of its own: the group ends together
+        with contextlib.suppress(ProcessLookupError): os.killpg(server.pid, signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, end)
+    try:
+        deadline = time.monotonic() + timeout
+        while not _answers(url):
+            if server.poll() is not None:
+                raise RuntimeError(f"MLflow's server for environment '{env.name}' exited with status "
+                                   f"{server.returncode} before it answered on {url}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"MLflow's server for environment '{env.name}' did not answer on {url} within "
+                                   f"{timeout:g} s")
+            time.sleep(0.2)
+        write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "server_pid": server.pid})
+        announce(f"MLflow UI of environment '{env.name}': {url}")
+        server.wait()
+    finally:
+        end()
+        try: server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError): os.killpg(server.pid, signal.SIGKILL)
+        drop_info(info)
+        signal.signal(signal.SIGTERM, previous)
+
+def start_mlflow_ui(env: Environment, port: int = 0, timeout: float = 120) -> dict:
+    "Start `env`'s MLflow UI as a background process (or find the running one); its info: url, pid."
+    check_local(env)
+    return start_service(env, "MLflow UI", ["mlflow-ui", "--env", env.name, "--port", str(port)], timeout)
+
+def stop_mlflow_ui(env: Environment, timeout: float = 30) -> bool:
+    "Stop `env`'s MLflow UI; False when none was running."
+    return stop_service(env, "MLflow UI", timeout)
+
+# %% ../../nbs/14d_console_app.ipynb #6cf64ac0
+class MLflowUI:
+    "The console's MLflow UI: found running, or started beside it (on a thread: the console answers meanwhile)."
+    def __init__(self, env: Environment): self.env, self.started, self.thread = env, False, None
+
+    def _open(self):
+        try:
+            if service_info(self.env, "MLflow UI") is None: self.started = start_mlflow_ui(self.env) is not None
+        except (RuntimeError, TimeoutError) as e:  # the links then show how to start it
+            log.warning("the MLflow UI of environment %s did not start: %s", self.env.name, e)
+
+    def open(self):
+        self.thread = threading.Thread(target=self._open, name="mlflow-ui", daemon=True); self.thread.start()
+
+    def close(self):
+        "Stop the UI if this console started it."
+        if self.thread: self.thread.join(timeout=130)
+        if self.started: stop_mlflow_ui(self.env)
+
 # %% ../../nbs/14d_console_app.ipynb #1dab2634
 def serve_console(env: Environment, port: int = 0, announce=print,
                   # seconds a client has to send a whole request, as the serving runtime allows
-                  read_timeout: float = READ_TIMEOUT):
+                  read_timeout: float = READ_TIMEOUT,
+                  # find or start the environment's MLflow UI (stopped with the console if it started it)
+                  mlflow_ui: bool = True):
     "Run `env`'s console in the foreground on 127.0.0.1:`port` until SIGTERM or Ctrl-C; `announce` gets its login link."
     check_local(env)
     _private_folder(env)
@@ -134,10 +214,14 @@ def serve_console(env: Environment, port: int = 0, announce=print,
     sock = bind_port(env, "127.0.0.1", port, f"start the console of environment '{env.name}'")
     url, secret, info = f"http://127.0.0.1:{sock.getsockname()[1]}", secrets.token_urlsafe(24), service_file(env,
             "console")
-    started = lambda: write_info(info,
-                                 {"url": url, "pid": os.getpid(), "environment": env.name,
-                                  "login": login_link(url, secret)})
-    app = console_app(env, secret, on_started=started, on_stopped=lambda: drop_info(info))
+    ui = MLflowUI(env) if mlflow_ui else None
+    def started():
+        write_info(info, {"url": url, "pid": os.getpid(), "environment": env.name, "login": login_link(url, secret)})
+        if ui: ui.open()
+    def stopped():
+        drop_info(info)
+        if ui: ui.close()
+    app = console_app(env, secret, on_started=started, on_stopped=stopped)
     announce(f"console of environment '{env.name}': {login_link(url, secret)}")
     config = uvicorn.Config(app, http=GuardedHTTPProtocol.within(read_timeout), log_level="warning", access_log=False,
                             lifespan="on",
@@ -146,13 +230,14 @@ def serve_console(env: Environment, port: int = 0, announce=print,
     uvicorn.Server(config).run(sockets=[sock])
 
 # %% ../../nbs/14d_console_app.ipynb #9d3b534d
-def start_console(env: Environment, port: int = 0, timeout: float = 60, read_timeout: float = READ_TIMEOUT) -> dict:
+def start_console(env: Environment, port: int = 0, timeout: float = 60, read_timeout: float = READ_TIMEOUT,
+                  mlflow_ui: bool = True) -> dict:
     "Start `env`'s console as a background process (or find the running one); its info: url, pid, login link."
     check_local(env)
     _private_folder(env)
     return start_service(env, "console",
-                         ["console", "--env", env.name, "--port", str(port), "--read-timeout", str(read_timeout)],
-                         timeout)
+                         ["console", "--env", env.name, "--port", str(port), "--read-timeout", str(read_timeout),
+                          *([] if mlflow_ui else ["--no-mlflow-ui"])], timeout)
 
 def stop_console(env: Environment, timeout: float = 30) -> bool:
     "Stop `env`'s console; False when none was running."

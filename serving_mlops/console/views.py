@@ -28,6 +28,7 @@ from ..jobs import JobRun, RunRecordError, elapsed, jobs_folder, load_jobs, past
 from ..drift import DRIFT_RULES
 from ..naming import inference_table
 from ..registry import registry_client
+from ..serving.services import service_info
 from ..tables import tables_for
 from .base import figure, page, table
 
@@ -38,8 +39,8 @@ __all__ = ['MONITORING_KINDS', 'MISSING_LOOKUP_COLUMN', 'METRIC_COLUMNS', 'ANSI'
            'missing_lookup_shares', 'drift_section', 'reports_section', 'quality_section', 'missing_lookup_section',
            'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask', 'executed_task',
            'task_timeline', 'task_graph', 'notebook_html', 'run_url', 'jobs_page', 'run_of', 'failure_box', 'run_page',
-           'task_file', 'mlflow_ui_command', 'mlflow_links', 'lineage', 'gate_summary', 'version_card', 'registry_page',
-           'routes']
+           'task_file', 'mlflow_ui_command', 'mlflow_ui_url', 'mlflow_links', 'lineage', 'gate_summary', 'version_card',
+           'registry_page', 'routes']
 
 # %% ../../nbs/14c_console_views.ipynb #ccbf0955
 def error_line(what: str, e: Exception) -> Markup:
@@ -452,19 +453,24 @@ def task_file(env: Environment, job: str, run_id: str, task: str, suffix: str) -
     return path if path.exists() else None
 
 # %% ../../nbs/14c_console_views.ipynb #ff39a35d
-MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default: the links' address when none of ours runs
 
 def mlflow_ui_command(env: Environment) -> str:
-    "The command that starts MLflow's UI on `env`'s tracking store and registry."
-    return (f"mlflow ui --backend-store-uri {env.tracking_uri} --registry-store-uri {env.registry_uri} "
-            f"--host 127.0.0.1 --port 5000")
+    "The command that starts MLflow's UI on `env`'s tracking store and registry (the console starts one by itself)."
+    return f"serving-mlops mlflow-ui --env {env.name} --background"
+
+def mlflow_ui_url(env: Environment) -> str | None:
+    "The address of `env`'s running MLflow UI (`serving-mlops mlflow-ui`, or the one its console started), else None."
+    info = service_info(env, "MLflow UI")
+    return info["url"] if info else None
 
 # %% ../../nbs/14c_console_views.ipynb #9afed0a0
-def mlflow_links(env: Environment) -> dict:
-    "URL makers of MLflow pages: the local UI, or the workspace's pages."
+def mlflow_links(env: Environment, ui: str | None = None) -> dict: # ui: the local UI's address, when known
+    "URL makers of MLflow pages: the local UI (the running one, else MLflow's default address), or the workspace's."
     if env.is_local:
-        return {"model": lambda name, v: f"{MLFLOW_UI}/#/models/{quote(name)}/versions/{v}", "run": lambda exp,
-                run: f"{MLFLOW_UI}/#/experiments/{exp}/runs/{run}"}
+        ui = ui or mlflow_ui_url(env) or MLFLOW_UI
+        return {"model": lambda name, v: f"{ui}/#/models/{quote(name)}/versions/{v}", "run": lambda exp,
+                run: f"{ui}/#/experiments/{exp}/runs/{run}"}
     host = env.host.rstrip("/")
     return {"model": lambda name, v: f"{host}/explore/data/models/{name.replace('.', '/')}/version/{v}",
             "run": lambda exp, run: f"{host}/ml/experiments/{exp}/runs/{run}"}
@@ -547,10 +553,12 @@ def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
 # %% ../../nbs/14c_console_views.ipynb #f0d0852f
 def registry_page(env: Environment) -> str:
     "The registry page: the model's versions with aliases, gate reports and lineage, and how to open MLflow's UI."
-    name, links = env.model_name, mlflow_links(env)
-    ui = (Markup(f'<p class="card">MLflow UI: <code>{escape(mlflow_ui_command(env))}</code>, then <a '
-                 f'href="{MLFLOW_UI}/#/models/{escape(quote(name))}">'
-                 f"{MLFLOW_UI}</a></p>") if env.is_local
+    name, running = env.model_name, mlflow_ui_url(env) if env.is_local else None
+    links = mlflow_links(env, running)
+    ui = (Markup(f'<p class="card" id="mlflow-ui">MLflow UI: <a '
+                 f'href="{escape(running)}/#/models/{escape(quote(name))}">{escape(running)}</a></p>') if running
+          else Markup(f'<p class="card" id="mlflow-ui">MLflow UI: not running; <code>{escape(mlflow_ui_command(env))}'
+                      f"</code> starts it (the console starts one as it starts)</p>") if env.is_local
           else Markup(f'<p class="card">MLflow: <a href="{escape(env.host)}/ml/models">{escape(env.host)}</a></p>'))
     try:
         client = registry_client(env)

@@ -29,7 +29,8 @@ __all__ = ['SERVICES', 'SERVICE_COMMANDS', 'service_file', 'server_file', 'write
 # %% ../../nbs/08f1_serving_services.ipynb #957e4d87
 # what runs beside a local workspace: folder, info file, command
 SERVICES = {"serving runtime": ("serving", "server.json", "serve"),
-            "console": ("console", "console.json", "console")}
+            "console": ("console", "console.json", "console"),
+            "MLflow UI": ("mlflow", "ui.json", "mlflow-ui")}
 
 def service_file(env: Environment, what: str = "serving runtime") -> Path:
     "Where `what` (a name of `SERVICES`) of `env` writes its address and pid while it runs."
