@@ -53,7 +53,7 @@ def console(ws):
     old = os.environ.get("SERVING_MLOPS_HOME")
     os.environ["SERVING_MLOPS_HOME"] = str(env.root.parent)
     try:
-        out = cli("console", "--env", env.name, "--background", "--port", "0").stdout
+        out = cli("console", "--env", env.name, "--background", "--port", "0", "--no-mlflow-ui").stdout  # its MLflow UI: 14d's example
         info = service_info(env, "console")
         assert info is not None and info["login"] in out and info["url"].startswith("http://127.0.0.1:"), out
         yield {**info, "env": env, "sent": traffic(ws)}

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import httpx
 import mlflow
 import pytest
 from browser import Page, browser, chart_points, drawn, serve_app
@@ -19,7 +18,6 @@ from starlette.testclient import TestClient
 
 from serving_mlops.config import get_environment, using_mlflow, workspace_home
 from serving_mlops.console import base, views
-from serving_mlops.console.app import start_mlflow_ui, stop_mlflow_ui
 from serving_mlops.jobs import JobFailed, jobs_folder, run_job
 
 browser = pytest.fixture(scope="module")(expensive(browser))
@@ -148,17 +146,7 @@ def test_registry_page_shows_versions_aliases_gate_and_lineage(world, url, brows
     run = tab.locator("#version-1 a.run")
     assert "/#/experiments/" in run.get_attribute("href") and run.inner_text().startswith("train default_model dev"), run.inner_text()
     assert f"MLflow UI: not running; serving-mlops mlflow-ui --env {env.name} --background starts it" in tab.inner_text("#mlflow-ui")
-    page.screenshot("registry")
-    ui = start_mlflow_ui(env)["url"]  # as the console starts it: the links lead to the environment's own MLflow UI
-    try:
-        tab = page.open(f"{url}/registry")
-        assert tab.locator("#mlflow-ui a").get_attribute("href").startswith(ui + "/#/models/")
-        href = tab.locator("#version-1 a.run").get_attribute("href")
-        assert href.startswith(ui + "/#/experiments/"), href
-        run_id = href.rsplit("/runs/", 1)[1]
-        r = httpx.get(f"{ui}/api/2.0/mlflow/runs/get", params={"run_id": run_id})  # the run the link opens is in that UI's store
-        assert r.status_code == 200 and r.json()["run"]["info"]["run_id"] == run_id, r.text
-    finally: assert stop_mlflow_ui(env)
+    page.screenshot("registry")  # the links with a running MLflow UI: the console app's example in 14d
     page.close()
 
 

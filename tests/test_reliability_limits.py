@@ -93,7 +93,7 @@ def test_the_console_closes_half_sent_requests_too(home):
     "Issue 28 item 7: the console had no read timeout (0 of 50 slow-header connections closed within 60 s); it has the runtime's now."
     from serving_mlops.console.app import start_console, stop_console
     env = get_environment("dev")
-    url = start_console(env, read_timeout=READ_TIMEOUT)["url"]
+    url = start_console(env, read_timeout=READ_TIMEOUT, mlflow_ui=False)["url"]
     try:
         sockets = [stalled(url, b"GET /login HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Never: ends") for _ in range(20)]
         opened = time.monotonic()
