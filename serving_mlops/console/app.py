@@ -143,16 +143,22 @@ def serve_mlflow_ui(env: Environment, port: int = 0, announce=print,
     with bind_port(env, "127.0.0.1", port, f"start the MLflow UI of environment '{env.name}'") as sock:
         port = sock.getsockname()[1]  # MLflow's server binds it itself, once this socket is closed
     url, info = f"http://127.0.0.1:{port}", service_file(env, "MLflow UI")
+    started, stopping = [], threading.Event()
+    def end(*_):  # MLflow's CLI runs its web server as a process of its own: the group ends together
+        stopping.set()
+        for p in started:
+            with contextlib.suppress(ProcessLookupError): os.killpg(p.pid, signal.SIGTERM)
+    previous = signal.signal(signal.SIGTERM, end)  # before the server exists: a stop while it starts ends it too
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", env.tracking_uri,
                                "--registry-store-uri", env.registry_uri, "--host", "127.0.0.1", "--port", str(port),
                                "--workers", "1"], stdin=subprocess.DEVNULL, start_new_session=True)
-    def end(*_):  # MLflow's CLI runs its web server as a process of its own: the group ends together
-        with contextlib.suppress(ProcessLookupError): os.killpg(server.pid, signal.SIGTERM)
-    previous = signal.signal(signal.SIGTERM, end)
+    started.append(server)
+    if stopping.is_set(): end()
     try:
         deadline = time.monotonic() + timeout
         while not _answers(url):
             if server.poll() is not None:
+                if stopping.is_set(): return  # stopped while it started
                 raise RuntimeError(f"MLflow's server for environment '{env.name}' exited with status "
                                    f"{server.returncode} before it answered on {url}")
             if time.monotonic() > deadline:
