@@ -151,7 +151,10 @@ def serve_mlflow_ui(env: Environment, port: int = 0, announce=print,
     previous = signal.signal(signal.SIGTERM, end)  # before the server exists: a stop while it starts ends it too
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", env.tracking_uri,
                                "--registry-store-uri", env.registry_uri, "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], stdin=subprocess.DEVNULL, start_new_session=True)
+                               "--workers", "1"], stdin=subprocess.DEVNULL, start_new_session=True,
+                              # without MLflow's GenAI job runner (eight processes more: a runner and seven huey
+                              # consumers; `MLFLOW_SERVER_ENABLE_JOB_EXECUTION` in mlflow.environment_variables)
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     started.append(server)
     if stopping.is_set(): end()
     try:
