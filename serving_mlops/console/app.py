@@ -18,7 +18,6 @@ import time
 from contextlib import asynccontextmanager
 from urllib.parse import quote
 
-import httpx
 import uvicorn
 from markupsafe import Markup
 from starlette.applications import Starlette
@@ -32,7 +31,7 @@ from ..config import Environment
 from ..errors import InputError
 from ..serving.app import serving_token
 from ..serving.process import READ_TIMEOUT, GuardedHTTPProtocol, bind_port
-from ..serving.services import (drop_info, service_file, service_info, start_service, stop_service,
+from ..serving.services import (answers, drop_info, service_file, service_info, start_service, stop_service,
                                             write_info)
 from . import endpoints, views
 from .base import page, plotly_js
@@ -129,10 +128,6 @@ def _private_folder(env: Environment):  # console.json and the background consol
 def login_link(url: str, secret: str) -> str: return f"{url}/login?token={quote(secret)}"
 
 # %% ../../nbs/14d_console_app.ipynb #ca71cf55
-def _answers(url: str) -> bool:
-    try: return httpx.get(url + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError: return False
-
 def serve_mlflow_ui(env: Environment, port: int = 0, announce=print,
                     timeout: float = 120): # seconds MLflow's server has to answer its health check
     "Run MLflow's UI on `env`'s tracking store and registry on 127.0.0.1:`port` until SIGTERM or Ctrl-C."
@@ -159,7 +154,7 @@ def serve_mlflow_ui(env: Environment, port: int = 0, announce=print,
     if stopping.is_set(): end()
     try:
         deadline = time.monotonic() + timeout
-        while not _answers(url):
+        while not answers(url):
             if server.poll() is not None:
                 if stopping.is_set(): return  # stopped while it started
                 raise RuntimeError(f"MLflow's server for environment '{env.name}' exited with status "

@@ -23,8 +23,8 @@ from .settings import RuntimeSettings
 
 # %% auto #0
 __all__ = ['SERVICES', 'SERVICE_COMMANDS', 'service_file', 'server_file', 'write_info', 'drop_info', 'service_on_port',
-           'service_info', 'server_info', 'start_service', 'start_server', 'stop_service', 'stop_server', 'wait_exit',
-           'workspace_client', 'local_services', 'stop_local_services']
+           'service_info', 'answers', 'server_info', 'start_service', 'start_server', 'stop_service', 'stop_server',
+           'wait_exit', 'workspace_client', 'local_services', 'stop_local_services']
 
 # %% ../../nbs/08f1_serving_services.ipynb #957e4d87
 # what runs beside a local workspace: folder, info file, command
@@ -71,10 +71,12 @@ def service_on_port(env: Environment, port: int) -> tuple[str, dict] | None:
 def service_info(env: Environment, what: str = "serving runtime") -> dict | None:
     "Info (address, pid, ...) of `env`'s running `what` (a name of `SERVICES`), or None when its health check fails."
     info = _read_info(service_file(env, what))
-    if info is None or not process_alive(info["pid"]): return None
-    try: ok = httpx.get(info["url"] + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError: ok = False
-    return info if ok else None
+    return info if info is not None and process_alive(info["pid"]) and answers(info["url"]) else None
+
+def answers(url: str) -> bool:
+    "Whether the service at `url` answers its health check (`/health`, 200) within 2 s."
+    try: return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError: return False
 
 def server_info(env: Environment) -> dict | None:
     "Address and pid of `env`'s running serving runtime, or None when none answers."
