@@ -248,7 +248,7 @@ def test_unreadable_saved_state_is_reported_and_every_other_endpoint_serves(ws, 
 
 # --- fuzz -----------------------------------------------------------------------------------------------------------------
 
-CASES_PER_TARGET = 1_300  # four targets: create, PUT config, PUT ai-gateway, PATCH tags
+CASES_PER_TARGET = {False: 400, True: 1_300}  # by tier (make test, make soak); four targets: create, PUT config, PUT ai-gateway, PATCH tags
 json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**63, 2**63 - 1) | st.floats(allow_nan=False, allow_infinity=False)
                            | st.text(max_size=20) | st.sampled_from(["", "..", "../../x", "x\n", "a/b", " ", "dev", "1", "Small", "x" * 300]),
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4), max_leaves=12)
@@ -281,7 +281,9 @@ def bodies(valid):
     return st.one_of(mutated(valid), json_values, st.dictionaries(st.sampled_from(list(valid) + ["x"]), json_values, max_size=4))
 
 
-def test_fuzzed_control_plane_bodies_never_get_a_5xx_and_what_is_served_stays_what_is_saved(ws, api):
+@pytest.mark.soak
+def test_fuzzed_control_plane_bodies_never_get_a_5xx_and_what_is_served_stays_what_is_saved(ws, api, soak):
+    cases = CASES_PER_TARGET[soak]
     model = ws.env.var("model_name")
     create(ws, "fz", entity(ws, ws.v1))
     earlier = [e["name"] for e in api("GET").json()["endpoints"]]
@@ -297,7 +299,7 @@ def test_fuzzed_control_plane_bodies_never_get_a_5xx_and_what_is_served_stays_wh
         ("PATCH", "/fz/tags"): {"add_tags": [{"key": "k", "value": "v"}, {"key": "n"}], "delete_tags": ["k", "x"]}}
     drawn = []  # every body first, then sent in order (as the invocations' fuzz: one thread draws, then sends)
     for (method, path), valid in targets.items():
-        @settings(max_examples=CASES_PER_TARGET, deadline=None, database=None, derandomize=True,
+        @settings(max_examples=cases, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         @given(bodies(valid))
         def draw(body): drawn.append((method, path, body))
@@ -308,8 +310,8 @@ def test_fuzzed_control_plane_bodies_never_get_a_5xx_and_what_is_served_stays_wh
     assert not [s for s in statuses if s >= 500], {s: v[:3] for s, v in statuses.items() if s >= 500}
     total = sum(len(v) for v in statuses.values())
     print(f"fuzzed {total} control-plane bodies: " + ", ".join(f"{s}: {len(v)}" for s, v in sorted(statuses.items())))
-    assert total >= 4 * CASES_PER_TARGET and not [s for s in statuses if s >= 500]
-    assert len(statuses.get(200, [])) > 100 and len(statuses.get(400, [])) > 1_000  # both accepted and refused bodies were sent
+    assert total >= 4 * cases and not [s for s in statuses if s >= 500]
+    assert len(statuses.get(200, [])) > total / 52 and len(statuses.get(400, [])) > total / 5.2  # both accepted and refused bodies were sent
     now = [e["name"] for e in api("GET").json()["endpoints"]]
     for name in now: settled(api, name)
     for name in earlier:
