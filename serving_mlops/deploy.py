@@ -35,7 +35,7 @@ __all__ = ['DEPLOY_TIMEOUT_MINUTES', 'FIRST_POLL_SECONDS', 'LAST_POLL_SECONDS', 
            'apply_config', 'inference_table_config', 'serving_problem', 'deploy', 'EndpointReport', 'as_sent',
            'answers', 'json_rows', 'difference', 'golden_sample', 'looks_up_features', 'unknown_key', 'looked_up',
            'keys_only_check', 'endpoint_tests', 'being_created', 'rollback', 'deploy_and_test', 'metric_families',
-           'entity_stats', 'window_stats', 'canary']
+           'entity_stats', 'window_stats', 'latency_check', 'canary']
 
 # %% ../nbs/09_deploy.ipynb #22961243
 class DeploymentFailed(StepFailed):
@@ -442,13 +442,20 @@ def window_stats(readings: dict, # entity -> minute -> values, from `entity_stat
     return {"requests": int(n), "error_rate": total("errors") / n if n else 0.0,
             "mean_ms": total("latency_sum_ms") / count if count else float("nan")}
 
+# %% ../nbs/09_deploy.ipynb #652bca85
+def latency_check(new_ms: float, old_ms: float, max_ratio: float, slack_ms: float = 1.0) -> tuple[str, bool, str]:
+    "The canary's latency check: the new mean at most `max_ratio` times the incumbent's, or `slack_ms` above it."
+    ok = new_ms <= old_ms * max_ratio or new_ms - old_ms <= slack_ms
+    return "latency", ok, f"mean {new_ms:.1f} ms vs {old_ms:.1f} ms (at most {max_ratio:g}x or {slack_ms:g} ms more)"
+
 # %% ../nbs/09_deploy.ipynb #243fc1a4
 # a tqdm bar, as `query --ids` shows
 CANARY_PROGRESS = "{desc}: {bar:20} {n:.0f} of {total:.0f} s of the window, {elapsed} elapsed{postfix}"
 
 def canary(env: Environment, version: str | int, traffic: int = 10, window_seconds: float = 60, min_requests: int = 20,
            max_latency_ratio: float = 1.5, max_extra_error_rate: float = 0.01, endpoint: str | None = None, client=None,
-           timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, rollback_timeout_minutes: float = 30) -> EndpointReport:
+           timeout_minutes: float = DEPLOY_TIMEOUT_MINUTES, rollback_timeout_minutes: float = 30,
+           latency_slack_ms: float = 1.0) -> EndpointReport:
     "Route `traffic` percent to `version`, compare it with the incumbent over a window, then promote it or roll back."
     w = client or workspace_client(env)
     name, resolved = endpoint or env.endpoint_name, resolve_version(env, version)
@@ -486,9 +493,7 @@ def canary(env: Environment, version: str | int, traffic: int = 10, window_secon
         report.checks.append(("error_rate", new_w["error_rate"] <= old_w["error_rate"] + max_extra_error_rate,
                               f"{new} {new_w['error_rate']:.2%} vs {incumbent} {old_w['error_rate']:.2%} (at most "
                               f"{max_extra_error_rate:.2%} more)"))
-        report.checks.append(("latency", new_w["mean_ms"] <= old_w["mean_ms"] * max_latency_ratio,
-                              f"mean {new_w['mean_ms']:.1f} ms vs {old_w['mean_ms']:.1f} ms (at most "
-                              f"{max_latency_ratio:g}x)"))
+        report.checks.append(latency_check(new_w["mean_ms"], old_w["mean_ms"], max_latency_ratio, latency_slack_ms))
         if report.passed:
             deploy(env, resolved, 100, name, timeout_minutes, client=w)
             return report
