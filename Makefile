@@ -131,7 +131,7 @@ test: $(VENV)/.installed-dev $(VENV)/node/.installed java chromium $(SPARK_CLASS
 # bodies then monitoring over their window (issue 28) and 5,200 control-plane bodies; make test runs them smaller (2,000
 # and 1,600 bodies: every shape hundreds of times). CI runs it after make test (.ci/run), as issue 25 allows a test that
 # cannot fit the suite's 600 s budget on the 2-core machine
-soak: $(VENV)/.installed-dev java $(SPARK_CLASSES) ## the soak tier (CI runs it after make test, about 3 min): the fuzzes at full volume
+soak: $(VENV)/.installed-dev java $(SPARK_CLASSES) ## the soak tier (CI runs it after make test, 1.5-2.5 min): the fuzzes at full volume
 	@t=$$(date +%s) && $(BIN)/pytest tests -m soak --soak -n $(PYTEST_WORKERS) --dist loadfile -p no:randomly --timeout 900 -q \
 	 && echo "soak: $$(( $$(date +%s) - t )) s"
 
