@@ -14,8 +14,8 @@ from scipy import stats
 
 # %% auto #0
 __all__ = ['DRIFT_RULES', 'category_label', 'category_counts', 'numeric_values', 'bin_counts', 'numeric_baseline',
-           'categorical_baseline', 'column_kind', 'training_baseline', 'psi', 'bin_labels', 'bucket_shares',
-           'ks_pvalue', 'chi2_pvalue', 'drift_row', 'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
+           'categorical_baseline', 'column_kind', 'training_baseline', 'psi', 'bin_labels', 'bucket_shares', 'ks_test',
+           'chi2_test', 'drift_row', 'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
 
 # %% ../nbs/05a_drift.ipynb #0dc82d44
 def category_label(value) -> str:
@@ -137,28 +137,32 @@ def bucket_shares(feature: dict, values: pd.Series) -> tuple[list[str], np.ndarr
 # %% ../nbs/05a_drift.ipynb #5390890c
 DRIFT_RULES = {"psi": ">", "ks_pvalue": "<", "chi2_pvalue": "<"}  # method -> drifted when value <rule> threshold
 
-def ks_pvalue(feature: dict, values: pd.Series) -> tuple[float, int]:
-    "Kolmogorov-Smirnov p-value of the non-null `values` against the baseline sample, and how many were compared."
+def ks_test(feature: dict, values: pd.Series) -> tuple[float, float, int]:
+    "Kolmogorov-Smirnov statistic and p-value of the non-null `values` against the baseline sample; values compared."
     x = numeric_values(values, values.name)
     x = x[~np.isnan(x)]
-    if len(x) == 0: return math.nan, 0
-    return float(stats.ks_2samp(x, feature["sample"]).pvalue), len(x)
+    if len(x) == 0: return math.nan, math.nan, 0
+    test = stats.ks_2samp(x, feature["sample"])
+    return float(test.statistic), float(test.pvalue), len(x)
 
 # %% ../nbs/05a_drift.ipynb #91ccced3
-def chi2_pvalue(feature: dict, values: pd.Series) -> tuple[float, int]:
-    "Chi-squared p-value of baseline against window counts over the feature's buckets, and the window rows compared."
+def chi2_test(feature: dict, values: pd.Series) -> tuple[float, float, int]:
+    "Chi-squared statistic and p-value of baseline against window counts over the feature's buckets; window rows."
     _, expected, actual = bucket_shares(feature, values)
     table = np.stack([np.round(expected * feature["rows"]), actual * len(values)])
     table = table[:, table.sum(axis=0) > 0]  # buckets empty on both sides carry no information
-    if table.shape[1] < 2: return 1.0, len(values)
-    return float(stats.chi2_contingency(table).pvalue), len(values)
+    if table.shape[1] < 2: return 0.0, 1.0, len(values)
+    test = stats.chi2_contingency(table)
+    return float(test.statistic), float(test.pvalue), len(values)
 
 # %% ../nbs/05a_drift.ipynb #64409b54
-def drift_row(name: str, kind: str, method: str, value: float, threshold: float, n: int) -> dict:
+def drift_row(name: str, kind: str, method: str, value: float, threshold: float, n: int,
+              statistic: float = math.nan, # a test's statistic (Kolmogorov-Smirnov D, chi-squared); none for PSI
+              ) -> dict:
     "One result row; `drifted` follows the method's rule in `DRIFT_RULES`."
     drifted = value > threshold if DRIFT_RULES[method] == ">" else value < threshold
     return {"feature": name, "kind": kind, "method": method, "value": value, "threshold": threshold,
-            "drifted": bool(drifted), "n": n}
+            "drifted": bool(drifted), "n": n, "statistic": statistic}
 
 # %% ../nbs/05a_drift.ipynb #81220192
 def check_window(baseline: dict, window: pd.DataFrame):
@@ -184,7 +188,8 @@ def feature_drift(baseline: dict, # from `training_baseline` (or its JSON)
                   seed: int = 0,
                   buckets: dict | None = None, # `window_buckets(baseline, window)` when already counted
                   ) -> pd.DataFrame:
-    "PSI and test p-value of every baseline feature in `window`: feature, kind, method, value, threshold, drifted, n."
+    "PSI and test p-value of every baseline feature in `window`: feature, kind, method, value, threshold, drifted, n, \
+statistic (the test's)."
     check_window(baseline, window)
     tested = window
     if len(window) > large_sample:
@@ -194,10 +199,10 @@ def feature_drift(baseline: dict, # from `training_baseline` (or its JSON)
         kind = feature["kind"]
         _, expected, actual = buckets[name] if buckets else bucket_shares(feature, window[name])
         rows.append(drift_row(name, kind, "psi", psi(expected, actual), psi_threshold, len(window)))
-        test, method = (ks_pvalue, "ks_pvalue") if kind == "numeric" else (chi2_pvalue, "chi2_pvalue")
-        pvalue, n = test(feature, tested[name])
-        rows.append(drift_row(name, kind, method, pvalue, pvalue_threshold, n))
-    return pd.DataFrame(rows, columns=["feature", "kind", "method", "value", "threshold", "drifted", "n"])
+        test, method = (ks_test, "ks_pvalue") if kind == "numeric" else (chi2_test, "chi2_pvalue")
+        statistic, pvalue, n = test(feature, tested[name])
+        rows.append(drift_row(name, kind, method, pvalue, pvalue_threshold, n, statistic))
+    return pd.DataFrame(rows, columns=["feature", "kind", "method", "value", "threshold", "drifted", "n", "statistic"])
 
 # %% ../nbs/05a_drift.ipynb #d0ffb985
 # how far past its threshold a flagged value is, in orders of magnitude (the larger, the stronger)

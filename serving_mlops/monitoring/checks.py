@@ -26,6 +26,8 @@ from ..errors import StepFailed
 from ..feature_store import in_experiment
 from ..drift import drift_summary, feature_drift, window_buckets
 from .inference import as_utc, inference_frame, read_payload, served_entities
+from .metric_tables import (drift_from_metrics, drift_rows, profile_rows, window_drift,
+                                                   write_metric_tables)
 from .requests import MonitoringError
 from .report import drift_report_html
 from ..registry import registry_client
@@ -192,9 +194,17 @@ class DriftResult:
     missing: dict = field(default_factory=dict)
     looked_up: dict = field(default_factory=dict)  # model version -> the features it looks up
     skipped: dict = field(default_factory=dict)  # model version -> {column: why its baseline leaves it out}
+    # local targets: the verdict read back from the drift metrics table (`drift_from_metrics`), which the alert follows
+    verdict: pd.DataFrame | None = None
+    metric_tables: tuple = ()  # the profile and drift metrics tables written (local targets)
 
     @property
-    def drifted(self) -> bool: return bool(self.results.drifted.any())
+    def alerting(self) -> pd.DataFrame:
+        "The rows the alert is decided on: the drift metrics table's verdict where written, else the check's results."
+        return self.results if self.verdict is None else self.verdict
+
+    @property
+    def drifted(self) -> bool: return bool(self.alerting.drifted.any())
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #a5c46416
 @patch
@@ -250,9 +260,10 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
                      start: pd.Timestamp, end: pd.Timestamp, psi_threshold: float, pvalue_threshold: float,
                      large_sample: int = 5_000, seed: int = 0,
                      # when the check ran (default: now): in each report's name
-                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict, dict]:
-    "`feature_drift` of each model version against its baseline, its HTML report, the columns its baseline left out."
-    results, rows, reports = [], {}, {}
+                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict, dict, list]:
+    "`feature_drift` of each model version against its baseline, its HTML report, the columns its baseline left out, \
+and its profile and drift metrics rows (Lakehouse Monitoring's tables)."
+    results, rows, reports, metric_rows = [], {}, {}, []
     skipped = {}  # model version -> the columns its baseline leaves out, and why (`training_baseline`: e.g. times)
     folder, checked = monitoring_dir(env, endpoint), checked or pd.Timestamp.now(tz="UTC")
     versions = frame.groupby(["model_name", "model_version"], sort=True).indices
@@ -264,13 +275,15 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
         buckets = window_buckets(baseline, window)  # counted once, for the statistics and the report
         r = feature_drift(baseline, window, psi_threshold, pvalue_threshold, large_sample, seed, buckets)
         results.append(r.assign(model_name=name, model_version=version))
+        metric_rows.append((profile_rows(window, baseline, version, start, end),
+                            drift_rows(window, baseline, r, version, start, end, buckets)))
         rows[version] = len(window)
         title = f"Drift of {endpoint}, {name} version {version}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} UTC"
         # a re-check keeps the earlier report
         reports[version] = folder / (f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_"
                                      f"checked{checked:%Y%m%dT%H%M%S}.html")
         reports[version].write_text(drift_report_html(baseline, window, r, title, buckets))
-    return pd.concat(results, ignore_index=True), rows, reports, skipped
+    return pd.concat(results, ignore_index=True), rows, reports, skipped, metric_rows
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #e206f12c
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame,
@@ -324,7 +337,7 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
                               f"({payload.num_rows} rows in the window in all); expected predictions to compare with "
                               f"the baseline")
     checked = pd.Timestamp.now(tz="UTC")  # names this check's reports and run apart from any other check of the window
-    results, rows, reports, skipped = drift_by_version(env, endpoint, frame, start, end, psi_threshold,
+    results, rows, reports, skipped, metric_rows = drift_by_version(env, endpoint, frame, start, end, psi_threshold,
                                                        pvalue_threshold, large_sample, seed, checked)
     missing = {v: int(n) for v, n in frame.groupby("model_version").missing_lookup.sum().items()}
     run_id = log_drift_run(env, endpoint, start, end, results, rows, reports,
@@ -342,8 +355,13 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
                          not_logged=frame.attrs.get("not_logged", 0),
                          unreadable=frame.attrs.get("unreadable", []), missing=missing, looked_up=looked_up,
                          skipped=skipped)
+    if env.is_local:  # Lakehouse Monitoring's tables, as a monitor on the unpacked inference log would write them
+        tables = tables_for(env)
+        result.metric_tables = write_metric_tables(tables, inference_table(env, endpoint, "unpacked"), metric_rows)
+        result.verdict = drift_from_metrics(window_drift(tables, result.metric_tables[1], start, end), psi_threshold,
+                                            pvalue_threshold)
     if result.drifted and webhook_url:
-        hits = results[results.drifted]
+        hits = result.alerting[result.alerting.drifted]
         result.webhook = post_alert(webhook_url, {
             "environment": env.name, "endpoint": endpoint, "window_start": str(start), "window_end": str(end),
             "summary": result.summary(),
