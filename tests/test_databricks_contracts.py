@@ -8,8 +8,10 @@ folder does not exist). What is stood in is that server only: MLflow's `databric
 Unity Catalog registry store (`UcModelRegistryStore`, which builds `ModelVersionSearch` objects) and
 databricks-sdk's `WorkspaceClient` are the real ones, talking HTTP to it.
 """
+import json
 import threading
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -142,3 +144,29 @@ def test_a_copied_version_is_found_by_its_tags_on_unity_catalog(workspace):
     assert copied_version(prod, staging, 5) is None
     gets = [q for _, p, q, _ in workspace.requests if p.endswith("model-versions/get")]
     assert {"name": "prod.credit.default_model", "version": "2"} in gets
+
+
+# Lakehouse Monitoring's metric tables. No workspace is reachable: the authority is what a Databricks InferenceLog monitor
+# wrote on one, as Databricks' own demo shows it (tests/lakehouse_monitoring_tables.json says where it was read), its Spark
+# types turned into Arrow's by PySpark's own converter.
+MONITOR_TABLES = json.loads((Path(__file__).parent / "lakehouse_monitoring_tables.json").read_text())
+REGRESSION_METRICS = {"mean_squared_error", "mean_absolute_error", "mean_absolute_percentage_error", "r2_score",
+                      "root_mean_squared_error"}  # the demo's monitor was a regression one; ours is a classifier
+
+
+def databricks_metric_table(kind: str) -> list[tuple]:
+    from pyspark.sql.pandas.types import to_arrow_schema
+    from pyspark.sql.types import StructType
+    schema = to_arrow_schema(StructType.fromJson(MONITOR_TABLES[kind]), timezone="UTC")
+    return [(f.name, f.type) for f in schema if f.name not in REGRESSION_METRICS]
+
+
+def test_the_local_metric_tables_have_the_columns_a_databricks_monitor_writes():
+    from serving_mlops.monitoring.metric_tables import drift_metrics_schema, profile_metrics_schema
+    model_id = MONITOR_TABLES["model_id_col"]
+    for kind, ours in (("profile_metrics", profile_metrics_schema(model_id)), ("drift_metrics", drift_metrics_schema(model_id))):
+        theirs = databricks_metric_table(kind)
+        assert [(f.name, f.type) for f in ours] == theirs, (kind, set(ours.names) ^ {n for n, _ in theirs})
+    # what the regression monitor had beyond the data profile: only its quality metrics (ours stay in <endpoint>_quality)
+    assert {f["name"] for f in MONITOR_TABLES["profile_metrics"]["fields"]} - set(profile_metrics_schema(model_id).names) \
+           == REGRESSION_METRICS

@@ -86,6 +86,16 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
         results = tables_for(prod).read_pandas(inference_table(prod, None, "drift"))
         assert set(results.groupby("window_start").drifted.any()) == {False, True}  # one clean check, one drifted
         assert sorted(results.groupby("window_start").missing_lookups.agg(["min", "max"]).itertuples(index=False)) == [(0, 0), (0, 0), (300, 300)]
+        # Lakehouse Monitoring's two tables of the unpacked log (test_databricks_contracts: the columns a Databricks monitor writes)
+        from serving_mlops.monitoring.metric_tables import drift_metrics_schema, metric_table_names, profile_metrics_schema
+        profile_table, drift_table = metric_table_names(inference_table(prod, None, "unpacked"))
+        for table, schema in ((profile_table, profile_metrics_schema()), (drift_table, drift_metrics_schema())):
+            assert [(f.name, f.type) for f in tables_for(prod).schema(table)] == [(f.name, f.type) for f in schema], table
+        drift = tables_for(prod).read_pandas(drift_table)
+        starts = drift.window.map(lambda w: w["start"])
+        assert starts.nunique() == 3 and (drift.column_name == ":table").sum() == 3  # one per checked window, once each
+        tested = drift[drift.ks_test.notna()]
+        assert (tested.ks_test.map(lambda t: t["pvalue"]) < 0.01).groupby(starts).any().tolist() == [False, True, True]
         shares = missing_lookups(prod, None, t0, t5, 60)  # what a page reads: per window of the inference table
         assert (shares.rows.sum(), shares.missing_lookups.sum()) == (2500, 300), shares
         written = tables_for(prod).read_pandas(inference_table(prod, None, "metrics"))
