@@ -15,7 +15,7 @@ from scipy import stats
 # %% auto #0
 __all__ = ['DRIFT_RULES', 'category_label', 'category_counts', 'numeric_values', 'bin_counts', 'numeric_baseline',
            'categorical_baseline', 'column_kind', 'training_baseline', 'psi', 'bin_labels', 'bucket_shares', 'ks_test',
-           'chi2_test', 'drift_row', 'check_window', 'window_buckets', 'feature_drift', 'drift_summary']
+           'chi2_test', 'drift_row', 'check_window', 'window_buckets', 'feature_drift', 'drift_excess', 'drift_summary']
 
 # %% ../nbs/05a_drift.ipynb #0dc82d44
 def category_label(value) -> str:
@@ -205,8 +205,9 @@ statistic (the test's)."
     return pd.DataFrame(rows, columns=["feature", "kind", "method", "value", "threshold", "drifted", "n", "statistic"])
 
 # %% ../nbs/05a_drift.ipynb #d0ffb985
-# how far past its threshold a flagged value is, in orders of magnitude (the larger, the stronger)
-def _excess(r) -> float:
+# how far past its threshold a value is, in orders of magnitude: above 0 it drifted (the larger, the stronger), below
+# 0 it did not; one rule for every method, so a chart can colour and mark by it
+def drift_excess(r) -> float:
     return math.log10(max(r.value, 1e-300) / r.threshold) * (1 if DRIFT_RULES[r.method] == ">" else -1)
 
 # %% ../nbs/05a_drift.ipynb #9dbea1b3
@@ -218,7 +219,8 @@ def drift_summary(results: pd.DataFrame,
     hits = results[results.drifted]
     if hits.empty: return f"no drift in {features} features"
     groups = list(hits.groupby("feature", sort=False))
-    if most is not None: groups = sorted(groups, key=lambda g: -max(_excess(r) for r in g[1].itertuples()))
+    if most is not None:
+        groups = sorted(groups, key=lambda g: -max(drift_excess(r) for r in g[1].itertuples()))
     parts = [f"{name} (" + ", ".join(f"{r.method} {r.value:.3g} {DRIFT_RULES[r.method]} {r.threshold:g}"
                                      for r in rows.itertuples()) + ")"
              for name, rows in groups[:most]]

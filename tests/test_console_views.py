@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.testclient import TestClient
 
 from serving_mlops.config import get_environment, using_mlflow, workspace_home
-from serving_mlops.console import base, views
+from serving_mlops.console import base, monitor_tables, views
 from serving_mlops.jobs import JobFailed, jobs_folder, run_job
 
 browser = pytest.fixture(scope="module")(expensive(browser))
@@ -28,7 +28,7 @@ CLEAN, DRIFTED = ("2026-01-05 10:00", "2026-01-05 11:00"), ("2026-01-05 11:00", 
 def console(env) -> Starlette:
     "The views' routes with the plotly.js the console's app serves (the app itself is built elsewhere)."
     js = Route("/static/plotly.min.js", lambda request: Response(base.plotly_js(), media_type="text/javascript"))
-    return Starlette(routes=views.routes(env) + [js])
+    return Starlette(routes=views.routes(env) + monitor_tables.routes(env) + [js])
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,36 @@ def test_monitoring_page_draws_the_drift_heat_map_and_embeds_the_latest_report(w
     page.close()
 
 
+def test_the_metric_tables_page_draws_drift_over_time_profiles_and_a_column_against_its_baseline(world, url, browser):
+    env = world["env"]
+    endpoint = env.var("endpoint_name")
+    page = Page(browser)
+    tab = page.open(f"{url}/monitoring")
+    with tab.expect_navigation(wait_until="networkidle"): tab.click(f"#tables-{endpoint}")  # linked from the monitoring page
+    charts = [f"drift-series-{endpoint}", f"prediction-drift-{endpoint}", f"profile-{endpoint}", f"histogram-{endpoint}-v1"]
+    for chart in charts:
+        drawn(tab, chart)
+        assert chart_points(tab, chart) > 0, chart
+    series = tab.evaluate("id => document.getElementById(id).data", charts[0])
+    age = next(t for t in series if t["name"] == "age")
+    assert len(age["x"]) == 2 and age["marker"]["symbol"] == ["circle", "x"], age  # the two checked hours: drift in the second
+    assert all((y > 0) == (s == "x") for t in series for y, s in zip(t["y"], t["marker"]["symbol"]))  # one rule: mark where past 0
+    assert "prediction" not in [t["name"] for t in series]  # the predictions are charted apart
+    assert [t["name"] for t in tab.evaluate("id => document.getElementById(id).data", charts[1])] == ["prediction"]
+    page.screenshot("monitoring-tables")
+    # another column and the first hour, chosen in the form
+    tab.select_option("select[name=column]", "age")
+    tab.select_option("select[name=window]", index=0)
+    with tab.expect_navigation(wait_until="networkidle"): tab.click("#chooser button")
+    drawn(tab, charts[3])
+    bars = tab.evaluate("id => document.getElementById(id).data", charts[3])
+    assert [b["name"] for b in bars] == ["training baseline", "window"] and bars[0]["x"] == bars[1]["x"], bars
+    assert abs(sum(bars[1]["y"]) - 1) < 0.01 and "age, 01-05 10:00" in tab.inner_text("main"), bars  # the window's shares
+    profile = tab.evaluate("id => document.getElementById(id).data", charts[2])
+    assert [t["name"] for t in profile] == ["v1 95th percentile", "v1 5th-95th percentile", "v1 median", "v1 % null"], profile
+    page.close()
+
+
 def test_jobs_page_lists_the_runs_and_a_run_page_shows_its_timeline_and_failing_cell(world, url, browser):
     page = Page(browser)
     tab = page.open(f"{url}/jobs")
@@ -156,10 +186,13 @@ def test_pages_of_an_empty_workspace_say_which_command_makes_their_data(tmp_path
     for path, says in [("/monitoring", "no drift checks yet: run `serving-mlops monitor --env staging --endpoint credit-default-staging`"),
                        ("/monitoring", "no model quality yet: it needs labels"),
                        ("/jobs", "no job runs recorded in"), ("/jobs", "`serving-mlops jobs run model_build --env staging`"),
-                       ("/registry", "is not registered in environment &#39;staging&#39;: run `serving-mlops train --env staging`")]:
+                       ("/registry", "is not registered in environment &#39;staging&#39;: run `serving-mlops train --env staging`"),
+                       ("/monitoring/credit-default-staging/tables", "no data yet: staging.credit.credit_default_staging_unpacked_profile_metrics and "
+                                                                     "staging.credit.credit_default_staging_unpacked_drift_metrics are written by each drift check")]:
         r = client.get(path)
         assert r.status_code == 200 and says in r.text, (path, says)
     assert client.get("/jobs/model_build/nothing").status_code == 404
+    assert client.get("/monitoring/..%2Fetc/tables").status_code == 404
     assert client.get("/jobs/model_build/nothing/train/notebook").status_code == 404
 
 

@@ -33,7 +33,7 @@ from ..serving.app import serving_token
 from ..serving.process import READ_TIMEOUT, GuardedHTTPProtocol, bind_port
 from ..serving.services import (answers, drop_info, service_file, service_info, start_service, stop_service,
                                             write_info)
-from . import endpoints, views
+from . import endpoints, monitor_tables, views
 from .base import page, plotly_js
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def console_app(env: Environment, login_secret: str | None = None, # the login l
                             Route("/static/plotly.min.js",
                                   lambda r: Response(plotly_js(), media_type="text/javascript",
                                                      headers={"cache-control": "max-age=86400"})),
-                            *endpoints.routes(env, sampler), *views.routes(env)],
+                            *endpoints.routes(env, sampler), *views.routes(env), *monitor_tables.routes(env)],
                     middleware=[Middleware(ConsoleAuth, env=env, session=session, token=serving_token(env))],
                     lifespan=lifespan)
     app.state.login_secret = login_secret

@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from ..config import Environment
 from ..jobs import JobRun, RunRecordError, elapsed, jobs_folder, load_jobs, past_runs, recorded_run
-from ..drift import DRIFT_RULES
+from ..drift import DRIFT_RULES, drift_excess
 from ..naming import inference_table
 from ..registry import registry_client
 from ..serving.services import service_info
@@ -33,14 +33,14 @@ from ..tables import tables_for
 from .base import figure, page, table
 
 # %% auto #0
-__all__ = ['MONITORING_KINDS', 'MISSING_LOOKUP_COLUMN', 'METRIC_COLUMNS', 'ANSI', 'STATE_COLOURS', 'OFFLINE_TEMPLATE',
-           'MLFLOW_UI', 'error_line', 'guarded', 'monitored_endpoints', 'monitoring_frames', 'latest_checks',
-           'window_label', 'drift_heatmap', 'drift_reports', 'report_url', 'BadName', 'safe_name', 'quality_figure',
-           'missing_lookup_shares', 'drift_section', 'reports_section', 'quality_section', 'missing_lookup_section',
-           'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask', 'executed_task',
-           'task_timeline', 'task_graph', 'notebook_html', 'run_url', 'jobs_page', 'run_of', 'failure_box', 'run_page',
-           'task_file', 'mlflow_ui_command', 'mlflow_ui_url', 'mlflow_links', 'lineage', 'gate_summary', 'version_card',
-           'registry_page', 'routes']
+__all__ = ['MONITORING_KINDS', 'SCORE_RANGE', 'SCORE_COLOURS', 'MISSING_LOOKUP_COLUMN', 'METRIC_COLUMNS', 'ANSI', 'STATE_COLOURS',
+           'OFFLINE_TEMPLATE', 'MLFLOW_UI', 'error_line', 'guarded', 'monitored_endpoints', 'monitoring_frames',
+           'latest_checks', 'window_label', 'drift_heatmap', 'drift_reports', 'report_url', 'BadName', 'safe_name',
+           'quality_figure', 'missing_lookup_shares', 'muted', 'drift_section', 'reports_section', 'quality_section',
+           'missing_lookup_section', 'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask',
+           'executed_task', 'task_timeline', 'task_graph', 'notebook_html', 'run_url', 'jobs_page', 'run_of',
+           'failure_box', 'run_page', 'task_file', 'mlflow_ui_command', 'mlflow_ui_url', 'mlflow_links', 'lineage',
+           'gate_summary', 'version_card', 'registry_page', 'routes']
 
 # %% ../../nbs/14c_console_views.ipynb #ccbf0955
 def error_line(what: str, e: Exception) -> Markup:
@@ -88,15 +88,19 @@ def window_label(start: pd.Timestamp, end: pd.Timestamp) -> str:
             else f"{start:%m-%d %H:%M}–{end:%m-%d %H:%M}")
 
 # %% ../../nbs/14c_console_views.ipynb #6dc04e75
+SCORE_RANGE = 3  # orders of magnitude either side of a threshold the colours tell apart
+# grey up to the threshold, then from orange to dark red: a drifted cell is never pale, whatever its statistic
+SCORE_COLOURS = [[0, "#e9eef3"], [0.5, "#f7f9fb"], [0.5, "#fdbb84"], [1, "#990000"]]
+
 def drift_heatmap(drift: pd.DataFrame, # rows of the drift table for one model version
                   title: str) -> go.Figure:
-    "Features x windows coloured by PSI, each statistic in the hover, crosses where a feature drifted."
+    "Features x windows coloured by how far past its threshold each was (`drift_excess`, its strongest statistic), \
+each statistic in the hover, crosses where a feature drifted: one rule for colour and mark."
     d = latest_checks(drift).sort_values("window_start", kind="stable")
     d = d.assign(window=[window_label(s, e) for s, e in zip(d.window_start, d.window_end)])
     windows, features = list(dict.fromkeys(d.window)), list(dict.fromkeys(d.feature))
     cell = d.groupby(["feature", "window"], sort=False)
-    psi = d[d.method == "psi"].pivot_table(index="feature", columns="window", values="value",
-                                           aggfunc="last").reindex(index=features, columns=windows)
+    score = cell.apply(lambda g: max(drift_excess(r) for r in g.itertuples()), include_groups=False)
     said = cell.apply(lambda g: "<br>".join(f"{r.method} {r.value:.3g} "
                                             f"({'drifted: ' if r.drifted else ''}{DRIFT_RULES.get(r.method, '?')} "
                                             f"{r.threshold:g})"
@@ -104,10 +108,12 @@ def drift_heatmap(drift: pd.DataFrame, # rows of the drift table for one model v
                       include_groups=False)
     hover = said.unstack().reindex(index=features, columns=windows).fillna("not checked")
     hits = cell.drifted.any().reset_index().query("drifted")
-    fig = go.Figure(go.Heatmap(z=psi.to_numpy(), x=windows, y=features, customdata=hover.to_numpy(),
-                               colorscale="YlOrRd", zmin=0,
-                               colorbar={"title": "PSI"}, hovertemplate="%{y} · %{x}<br>%{customdata}<extra></extra>",
-                               name="PSI"))
+    z = score.unstack().reindex(index=features, columns=windows).clip(-SCORE_RANGE, SCORE_RANGE)
+    fig = go.Figure(go.Heatmap(z=z.round(3).to_numpy(), x=windows, y=features, customdata=hover.to_numpy(),
+                               colorscale=SCORE_COLOURS, zmin=-SCORE_RANGE, zmax=SCORE_RANGE,
+                               colorbar={"title": "drift", "tickvals": [-2, 0, 2],
+                                         "ticktext": ["100× under", "threshold", "100× past"]},
+                               hovertemplate="%{y} · %{x}<br>%{customdata}<extra></extra>", name="drift"))
     fig.add_trace(go.Scatter(x=hits.window, y=hits.feature, mode="markers", name="drifted", hoverinfo="skip",
                              marker={"symbol": "x-thin-open", "size": 10, "color": "#1b1f24", "line": {"width": 2}}))
     fig.update_layout(title=title, height=140 + 20 * len(features), margin={"l": 150, "r": 20, "t": 40, "b": 60},
@@ -166,17 +172,18 @@ def missing_lookup_shares(drift: pd.DataFrame | None) -> pd.DataFrame | None:
 METRIC_COLUMNS = ["window_start", "served_entity_name", "requests", "qps", "errors", "error_rate", "p50_ms", "p95_ms",
                   "p99_ms"]
 
-def _muted(text: str) -> Markup: return Markup(f'<p class="muted">{escape(text)}</p>')
+def muted(text: str) -> Markup: return Markup(f'<p class="muted">{escape(text)}</p>')
 
 # %% ../../nbs/14c_console_views.ipynb #a0af716d
 def drift_section(env: Environment, endpoint: str, drift: pd.DataFrame | None) -> Markup:
     "Heat maps of the drift checks per model version, and what drifted in the latest check."
     if drift is None or drift.empty:
-        return _muted(f"no drift checks yet: run `serving-mlops monitor --env {env.name} --endpoint {endpoint}` "
+        return muted(f"no drift checks yet: run `serving-mlops monitor --env {env.name} --endpoint {endpoint}` "
                       f"(or the job: `serving-mlops jobs run monitoring --env {env.name}`)")
     parts = []
     for version, rows in drift.groupby("model_version", sort=True):
-        parts.append(figure(drift_heatmap(rows, f"Drift of {endpoint} version {version} (PSI; × drifted)"),
+        parts.append(figure(drift_heatmap(rows, f"Drift of {endpoint} version {version} (past its threshold; × "
+                                                f"drifted)"),
                             id=f"drift-{endpoint}-v{version}"))
         last = latest_checks(rows)
         last = last[last.window_start == last.window_start.max()]
@@ -195,7 +202,7 @@ def drift_section(env: Environment, endpoint: str, drift: pd.DataFrame | None) -
 def reports_section(env: Environment, endpoint: str) -> Markup:
     "The newest drift report embedded, the others linked."
     reports = drift_reports(env, endpoint)
-    if not reports: return _muted(f"no drift reports yet under "
+    if not reports: return muted(f"no drift reports yet under "
                                   f"{env.path('monitoring', endpoint) if env.is_local else 'the monitoring runs'}: "
                                   f"`serving-mlops monitor --env {env.name}` writes one per check")
     links = "".join(f'<li><a href="{escape(report_url(endpoint, r))}">{escape(r.name)}</a></li>' for r in reports[:20])
@@ -209,7 +216,7 @@ def reports_section(env: Environment, endpoint: str) -> Markup:
 # %% ../../nbs/14c_console_views.ipynb #47ca9741
 def quality_section(env: Environment, endpoint: str, quality: pd.DataFrame | None) -> Markup:
     if quality is None or quality.empty:
-        return _muted(f"no model quality yet: it needs labels; run `serving-mlops monitor --env {env.name} "
+        return muted(f"no model quality yet: it needs labels; run `serving-mlops monitor --env {env.name} "
                       f"--labels-table silver_clients`")
     return figure(quality_figure(quality, endpoint), id=f"quality-{endpoint}") + table(
         quality.sort_values("window_start", ascending=False).head(48),
@@ -219,13 +226,13 @@ def quality_section(env: Environment, endpoint: str, quality: pd.DataFrame | Non
 # %% ../../nbs/14c_console_views.ipynb #915d7142
 def missing_lookup_section(frames: dict[str, pd.DataFrame]) -> Markup:
     shares = missing_lookup_shares(frames.get("drift"))
-    if shares is None: return _muted("not recorded yet: each drift check records the rows whose keys the feature "
+    if shares is None: return muted("not recorded yet: each drift check records the rows whose keys the feature "
                                      "tables did not have")
     return table(shares.head(48), id="missing-lookups")
 
 # %% ../../nbs/14c_console_views.ipynb #03259faf
 def metrics_section(env: Environment, endpoint: str, metrics: pd.DataFrame | None) -> Markup:
-    if metrics is None or metrics.empty: return _muted(f"no window metrics yet: run `serving-mlops monitor --env "
+    if metrics is None or metrics.empty: return muted(f"no window metrics yet: run `serving-mlops monitor --env "
                                                        f"{env.name}`")
     shown = [c for c in [*METRIC_COLUMNS, MISSING_LOOKUP_COLUMN] if c in metrics]
     return table(metrics.sort_values("window_start", ascending=False).head(48), shown)
@@ -235,6 +242,9 @@ def endpoint_monitoring(env: Environment, endpoint: str) -> Markup:
     "Every monitoring section of one endpoint."
     frames = monitoring_frames(env, endpoint)
     return Markup(f'<h2 id="endpoint-{escape(endpoint)}">{escape(endpoint)}</h2>').join(["", Markup("").join([
+        Markup(f'<p><a id="tables-{escape(endpoint)}" href="/monitoring/{escape(quote(endpoint))}/tables">Lakehouse '
+               f'Monitoring tables</a>: drift of each feature over time with its threshold, the predictions apart, '
+               f'profiles over time, a column against its training baseline</p>'),
         Markup("<h3>Drift per window and feature</h3>"),
         guarded("the drift checks", drift_section, env, endpoint, frames.get("drift")),
         Markup("<h3>Latest drift report</h3>"), guarded("the drift reports", reports_section, env, endpoint),
@@ -367,7 +377,7 @@ def jobs_page(env: Environment) -> str:
     runs = past_runs(env)
     parts = [problem]
     if not runs:
-        parts.append(_muted(f"no job runs recorded in {jobs_folder(env)} yet: run one, e.g. `serving-mlops jobs run "
+        parts.append(muted(f"no job runs recorded in {jobs_folder(env)} yet: run one, e.g. `serving-mlops jobs run "
                             f"model_build --env {env.name}` "
                             f"(`serving-mlops jobs list --env {env.name}` lists the jobs)"))
     for job in dict.fromkeys([*jobs, *(r.job for r in runs)]):
@@ -408,7 +418,7 @@ def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
     "A run's page (timeline; tasks with parameters, values, notebooks, logs; failures with their cell) and its status."
     run = run_of(env, job, run_id)
     if run is None: return page(env, f"{job} run {run_id}",
-                                _muted(f"no run {run_id} of job {job} recorded in {jobs_folder(env)}"), "Jobs"), 404
+                                muted(f"no run {run_id} of job {job} recorded in {jobs_folder(env)}"), "Jobs"), 404
     if isinstance(run, RunRecordError): return page(env, f"{job} run {run_id}",
                                                     Markup(f'<p class="bad run-error">{escape(run.error)}</p>'),
                                                     "Jobs"), 200
@@ -517,9 +527,9 @@ def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
                                                    else "")
     parts.append(Markup(f"<p>validation gate{escape(where)}: <b "
                         f"class=\"{'good' if status == 'passed' else 'bad'}\">{escape(status)}</b></p>") if status
-                 else _muted(f"no gate result travelled with this copy (copied before promotions checked it): see "
+                 else muted(f"no gate result travelled with this copy (copied before promotions checked it): see "
                              f"version {tags.get('source_version')} in {source}")
-                 if source else _muted(f"not validated: `serving-mlops validate --env {env.name}` runs the gate on "
+                 if source else muted(f"not validated: `serving-mlops validate --env {env.name}` runs the gate on "
                                        f"the challenger"))
     if tags.get("promotion.forced"):
         parts.append(Markup(f'<p class="bad">promoted by force by '
@@ -544,7 +554,7 @@ def version_card(env: Environment, client, name: str, v, links: dict) -> Markup:
             parts.append(table(info["datasets"], id=f"datasets-v{v.version}", empty="no datasets logged with this run"))
             if info["tables"]: parts.append(table([{"table": t, "Delta version": n}
                                                    for t, n in info["tables"].items()]))
-            if info["data"]: parts.append(_muted(f"training data sha256 {info['data']}, code commit {info['commit']}"))
+            if info["data"]: parts.append(muted(f"training data sha256 {info['data']}, code commit {info['commit']}"))
     return (Markup(f'<div class="card" id="version-{escape(v.version)}"><h3><a '
                    f'href="{escape(links["model"](name, v.version))}">version '
                    f"{escape(v.version)}</a> {escape(' '.join(f'@{a}' for a in (v.aliases or [])))}</h3>")
@@ -565,7 +575,7 @@ def registry_page(env: Environment) -> str:
         model = client.get_registered_model(name)
     except MlflowException:
         return page(env, "Registry",
-                    ui + _muted(f"nothing yet: model {name} is not registered in environment '{env.name}': run "
+                    ui + muted(f"nothing yet: model {name} is not registered in environment '{env.name}': run "
                                                  f"`serving-mlops train --env {env.name}` (it registers a "
                                                  f"challenger), then `serving-mlops validate --env {env.name}`"),
                     "Registry")
@@ -595,7 +605,7 @@ def routes(env: Environment) -> list[Route]:
     def answer(build):  # an endpoint answering build(**path parameters): a page (and its status) or a response
         def endpoint(request: Request):
             try: out = build(**request.path_params)
-            except BadName as e: return HTMLResponse(page(env, "Not found", _muted(str(e))), 404)
+            except BadName as e: return HTMLResponse(page(env, "Not found", muted(str(e))), 404)
             if isinstance(out, Response): return out
             html, status = out if isinstance(out, tuple) else (out, 200)
             return HTMLResponse(html, status)
@@ -604,13 +614,13 @@ def routes(env: Environment) -> list[Route]:
         path = env.path("monitoring", safe_name(endpoint, "endpoint"),
                         safe_name(name, "report")) if env.is_local else None
         if path is None or not path.is_file(): return page(env, "Report",
-                                                           _muted(f"no report {name} of endpoint {endpoint}"),
+                                                           muted(f"no report {name} of endpoint {endpoint}"),
                                                            "Monitoring"), 404
         return FileResponse(path, media_type="text/html")
     def task_notebook(job: str, run_id: str, task: str):
         path = task_file(env, job, run_id, task, ".ipynb")
         if path is None: return page(env, "Notebook",
-                                     _muted(f"no executed notebook of task {task} in run {run_id} of {job}"),
+                                     muted(f"no executed notebook of task {task} in run {run_id} of {job}"),
                                      "Jobs"), 404
         try: return notebook_html(path)
         # whatever is wrong with it
@@ -618,7 +628,7 @@ def routes(env: Environment) -> list[Route]:
                                            "Jobs")
     def task_log(job: str, run_id: str, task: str):
         path = task_file(env, job, run_id, task, ".log")
-        if path is None: return page(env, "Log", _muted(f"no log of task {task} in run {run_id} of {job}"), "Jobs"), 404
+        if path is None: return page(env, "Log", muted(f"no log of task {task} in run {run_id} of {job}"), "Jobs"), 404
         return page(env, f"Log of task {task}, {job} run {run_id}",
                     Markup(f'<p class="muted">{escape(str(path))}</p><pre class="card" '
                            f'id="log">{escape(path.read_text(errors="replace"))}</pre>'), "Jobs")
