@@ -8,17 +8,20 @@ folder does not exist). What is stood in is that server only: MLflow's `databric
 Unity Catalog registry store (`UcModelRegistryStore`, which builds `ModelVersionSearch` objects) and
 databricks-sdk's `WorkspaceClient` are the real ones, talking HTTP to it.
 """
+import inspect
 import json
+import re
+import subprocess
 import threading
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import RestStandIn
+from conftest import ROOT, RestStandIn
 from mlflow.entities.model_registry.model_version_search import ModelVersionSearch
 
-from serving_mlops.config import get_environment
+from serving_mlops.config import get_environment, workspace_home
 from serving_mlops.feature_store import in_experiment
 from serving_mlops.naming import experiment_name
 from serving_mlops.registry import copied_version, registry_client
@@ -170,3 +173,156 @@ def test_the_local_metric_tables_have_the_columns_a_databricks_monitor_writes():
     # what the regression monitor had beyond the data profile: only its quality metrics (ours stay in <endpoint>_quality)
     assert {f["name"] for f in MONITOR_TABLES["profile_metrics"]["fields"]} - set(profile_metrics_schema(model_id).names) \
            == REGRESSION_METRICS
+
+
+# Lakehouse Monitoring's monitor on a workspace target (monitoring.lakehouse). The stand-in answers databricks-sdk's
+# quality_monitors calls at the paths the SDK calls (read from its source), keeping what it was sent; on a refresh it
+# computes the metric tables of the monitored table against its baseline table with our own metric code (a stand-in
+# for Databricks' computation, which cannot run here: what is checked is everything around it).
+class MonitorHandler(RestStandIn):
+    def route(self, method):
+        url, _, body = self.parsed()
+        self.server.calls.append((method, url.path, body))
+        if url.path == "/.well-known/databricks-config": return self.answer(200, {"workspace_id": "1234"})
+        m = re.fullmatch(r"/api/2\.1/unity-catalog/tables/([^/]+)/monitor(?:/refreshes(?:/(\d+))?)?", url.path)
+        if not m: return self.answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": f"No API found for '{method} {url.path}'"})
+        self.answer(*self.server.monitor_call(method, m.group(1), url.path.endswith("/refreshes") or m.group(2), m.group(2), body))
+    def do_PUT(self): self.route("PUT")
+
+
+class MonitorService(ThreadingHTTPServer):
+    def __init__(self, refresh_states=("PENDING", "RUNNING", "SUCCESS"), compute=None):
+        super().__init__(("127.0.0.1", 0), MonitorHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self.calls, self.monitors, self.refreshes, self.states, self.compute = [], {}, {}, list(refresh_states), compute
+
+    def monitor_call(self, method, table, refreshes, refresh_id, body):
+        if not refreshes:
+            if method == "GET":
+                if table not in self.monitors: return 404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": f"Monitor for {table} not found"}
+                return 200, self.monitors[table]
+            if method == "POST" and table in self.monitors: return 400, {"error_code": "RESOURCE_ALREADY_EXISTS", "message": f"Monitor for {table} exists"}
+            name = table.rsplit(".", 1)[1]
+            self.monitors[table] = {**self.monitors.get(table, {}), **body, "table_name": table, "status": "MONITOR_STATUS_ACTIVE", "monitor_version": 0,
+                                    "profile_metrics_table_name": f"{body['output_schema_name']}.{name}_profile_metrics",
+                                    "drift_metrics_table_name": f"{body['output_schema_name']}.{name}_drift_metrics"}
+            return 200, self.monitors[table]
+        if method == "POST":
+            rid = len(self.refreshes) + 1
+            self.refreshes[rid] = iter(self.states)
+            return 200, {"refresh_id": rid, "state": next(self.refreshes[rid]), "start_time_ms": 1}
+        state = next(self.refreshes[int(refresh_id)], "SUCCESS")
+        if state == "SUCCESS" and self.compute: self.compute(self.monitors[table])
+        return 200, {"refresh_id": int(refresh_id), "state": state, "start_time_ms": 1,
+                     **({"message": "Table schema changed: column 'age' is missing"} if state == "FAILED" else {})}
+
+
+@pytest.fixture
+def monitor_service():
+    servers = []
+    def start(**kw):
+        s = MonitorService(**kw); servers.append(s)
+        threading.Thread(target=s.serve_forever, daemon=True).start()
+        from databricks.sdk import WorkspaceClient
+        return s, WorkspaceClient(host=s.url, token="dapi-test")
+    yield start
+    for s in servers: s.shutdown(); s.server_close()
+
+
+def sdk_create_parameters(python: str | None = None) -> set[str]:
+    "The parameters of databricks-sdk's QualityMonitorsAPI.create, in this interpreter or another (the replay's DBR 18 library set)."
+    code = "import inspect; from databricks.sdk.service.catalog import QualityMonitorsAPI as A; print(' '.join(inspect.signature(A.create).parameters))"
+    if python is None:
+        from databricks.sdk.service.catalog import QualityMonitorsAPI
+        return set(inspect.signature(QualityMonitorsAPI.create).parameters) - {"self"}
+    return set(subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.split()) - {"self"}
+
+
+def test_the_monitor_is_created_once_updated_on_a_change_and_refreshed_until_it_ends(monitor_service, tmp_path):
+    from serving_mlops.monitoring.lakehouse import ensure_monitor, monitor_settings, refresh_monitor
+    from serving_mlops.monitoring.requests import MonitoringError
+    with workspace_home(tmp_path): prod = get_environment("prod")
+    service, w = monitor_service()
+    settings = monitor_settings(prod, "credit-default-prod", 60)
+    # the keyword arguments are create()'s, in the installed SDK and in Databricks Runtime 18 ML's (0.67)
+    runtimes = sorted((ROOT / ".venv").glob("runtime-*/bin/python"))
+    for python in [None, *map(str, runtimes[:1])]:
+        assert set(settings) <= sdk_create_parameters(python), (python, set(settings) - sdk_create_parameters(python))
+    info = ensure_monitor(w, settings)
+    (get, _, _), (post, path, body) = service.calls[-2:]
+    assert (get, post, path) == ("GET", "POST", "/api/2.1/unity-catalog/tables/prod.credit.credit_default_prod_unpacked/monitor")
+    assert body["inference_log"] == {"problem_type": "PROBLEM_TYPE_REGRESSION", "timestamp_col": "request_time", "granularities": ["1 hour"],
+                                     "prediction_col": "prediction", "model_id_col": "model_version"}, body
+    assert (body["baseline_table_name"], body["slicing_exprs"], body["output_schema_name"]) == (
+        "prod.credit.credit_default_prod_unpacked_baseline", ["served_entity_name"], "prod.credit"), body
+    assert info.drift_metrics_table_name == "prod.credit.credit_default_prod_unpacked_drift_metrics"
+    ensure_monitor(w, settings)  # as it is: read, not written
+    assert [c[0] for c in service.calls[-1:]] == ["GET"]
+    ensure_monitor(w, monitor_settings(prod, "credit-default-prod", 30))  # a new granularity: updated in place
+    (method, _, body) = service.calls[-1]
+    assert method == "PUT" and body["inference_log"]["granularities"] == ["30 minutes"] and "assets_dir" not in body, body
+    done = refresh_monitor(w, settings["table_name"], sleep=lambda s: None)
+    assert done.state.value == "SUCCESS" and [c[0] for c in service.calls[-3:]] == ["POST", "GET", "GET"]  # waited through PENDING, RUNNING
+
+    failing, w2 = monitor_service(refresh_states=("PENDING", "FAILED"))
+    ensure_monitor(w2, settings)
+    with pytest.raises(MonitoringError, match=r"the monitor of prod\.credit\.credit_default_prod_unpacked: refresh 1 ended FAILED: "
+                                              r"Table schema changed: column 'age' is missing"):
+        refresh_monitor(w2, settings["table_name"], sleep=lambda s: None)
+    stuck, w3 = monitor_service(refresh_states=("RUNNING",) * 100)
+    ensure_monitor(w3, settings)
+    with pytest.raises(MonitoringError, match=r"refresh 1 did not end within 0 s"):
+        refresh_monitor(w3, settings["table_name"], timeout_s=0, sleep=lambda s: None)
+
+
+def test_a_workspace_check_reads_its_verdict_from_the_monitors_tables(monitor_service, tmp_path):
+    """monitor_window with the stand-in monitor, on a local environment's tables (a workspace's are Spark's): the unpacked
+    log and the baseline table it writes are what the monitor computes from, and the verdict it reads back from the
+    monitor's drift metrics table is the one the local check finds on the same requests."""
+    import numpy as np
+    import pandas as pd
+    from serving_mlops.data import FEATURE_COLUMNS, generate_credit_data
+    from serving_mlops.drift import feature_drift, training_baseline, window_buckets
+    from serving_mlops.monitoring.lakehouse import monitor_window
+    from serving_mlops.monitoring.metric_tables import drift_from_metrics, drift_rows, profile_rows, replace_window_rows
+    from serving_mlops.monitoring.requests import MonitoringError
+    from serving_mlops.tables import tables_for
+    with workspace_home(tmp_path): prod = get_environment("prod")
+    tables, categorical = tables_for(prod), ["SEX", "EDUCATION", "MARRIAGE"]
+    scored = lambda df: df[FEATURE_COLUMNS].assign(prediction=np.clip((75 - df.AGE) / 60, 0, 1))  # younger: riskier
+    baseline = training_baseline(scored(generate_credit_data(3_000, seed=1)), categorical, prediction="prediction")
+
+    def refresh(monitor):  # Databricks' computation, stood in by ours: per granularity window and model version
+        log, base = tables.read_pandas(monitor["table_name"]), tables.read_pandas(monitor["baseline_table_name"])
+        every = pd.Timedelta(monitor["inference_log"]["granularities"][0])
+        for version, rows in log.groupby("model_version"):
+            b = training_baseline(base[base.model_version == version].drop(columns="model_version"), categorical, prediction="prediction")
+            for start, window in rows.groupby(rows.request_time.dt.floor(every)):
+                window = window.reset_index(drop=True)
+                replace_window_rows(tables, monitor["profile_metrics_table_name"], profile_rows(window, b, version, start, start + every))
+                replace_window_rows(tables, monitor["drift_metrics_table_name"],
+                                    drift_rows(window, b, feature_drift(b, window, 0.2, 0.01), version, start, start + every, window_buckets(b, window)))
+    service, w = monitor_service(compute=refresh)
+    found, frames = {}, {}
+    for hour, drift in ((10, 0.0), (11, 1.0)):
+        start = pd.Timestamp(f"2026-01-05 {hour}:00", tz="UTC")
+        rows = scored(generate_credit_data(1_000, seed=hour, drift=drift, labelled=False))
+        frames[hour] = rows.assign(request_time=start + pd.to_timedelta(np.arange(1_000) * 3, "s"), served_entity_name="credit_model-1",
+                                   databricks_request_id=[f"r{hour}-{i // 2}" for i in range(1_000)], model_version="1")  # two rows per request
+        names, got = monitor_window(prod, "credit-default-prod", frames[hour], {"1": baseline}, start, start + pd.Timedelta("1h"), w=w)
+        ours = feature_drift(baseline, rows, 0.2, 0.01)
+        found[hour] = (set(drift_from_metrics(got, 0.2, 0.01).query("drifted").feature), set(ours[ours.drifted].feature))
+    assert names == ("prod.credit.credit_default_prod_unpacked_profile_metrics", "prod.credit.credit_default_prod_unpacked_drift_metrics")
+    assert found[10] == (set(), set()), found  # like training: nothing, on either side
+    theirs, ours = found[11]
+    assert {"AGE", "prediction"} <= theirs and len(theirs ^ ours) <= 2, found  # the baseline table's marginals: the same verdict
+    # checked again: the log keeps one row per prediction, the baseline table one set per version
+    monitor_window(prod, "credit-default-prod", frames[11], {"1": baseline}, pd.Timestamp("2026-01-05 11:00", tz="UTC"),
+                   pd.Timestamp("2026-01-05 12:00", tz="UTC"), w=w)
+    assert tables.count("prod.credit.credit_default_prod_unpacked") == 2_000
+    assert tables.count("prod.credit.credit_default_prod_unpacked_baseline") == 5_000
+    assert sum(method == "POST" and path.endswith("/monitor") for method, path, _ in service.calls) == 1  # created once
+    with pytest.raises(MonitoringError, match=r"_drift_metrics has no baseline drift of the window 2026-01-05 10:30:00\+00:00 to "
+                                              r"2026-01-05 11:30:00\+00:00: the monitor's granularities are \['1 hour'\]"):
+        monitor_window(prod, "credit-default-prod", frames[11], {"1": baseline}, pd.Timestamp("2026-01-05 10:30", tz="UTC"),
+                       pd.Timestamp("2026-01-05 11:30", tz="UTC"), w=w)

@@ -26,6 +26,7 @@ from ..errors import StepFailed
 from ..feature_store import in_experiment
 from ..drift import drift_summary, feature_drift, window_buckets
 from .inference import as_utc, inference_frame, read_payload, served_entities
+from .lakehouse import monitor_window
 from .metric_tables import (drift_from_metrics, drift_rows, profile_rows, window_drift,
                                                    write_metric_tables)
 from .requests import MonitoringError
@@ -260,17 +261,17 @@ def drift_by_version(env: Environment, endpoint: str, frame: pd.DataFrame, # `in
                      start: pd.Timestamp, end: pd.Timestamp, psi_threshold: float, pvalue_threshold: float,
                      large_sample: int = 5_000, seed: int = 0,
                      # when the check ran (default: now): in each report's name
-                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict, dict, list]:
+                     checked: pd.Timestamp | None = None) -> tuple[pd.DataFrame, dict, dict, dict, list, dict]:
     "`feature_drift` of each model version against its baseline, its HTML report, the columns its baseline left out, \
-and its profile and drift metrics rows (Lakehouse Monitoring's tables)."
-    results, rows, reports, metric_rows = [], {}, {}, []
+its profile and drift metrics rows (Lakehouse Monitoring's tables), and the baseline itself."
+    results, rows, reports, metric_rows, baselines = [], {}, {}, [], {}
     skipped = {}  # model version -> the columns its baseline leaves out, and why (`training_baseline`: e.g. times)
     folder, checked = monitoring_dir(env, endpoint), checked or pd.Timestamp.now(tz="UTC")
     versions = frame.groupby(["model_name", "model_version"], sort=True).indices
     for name, version in sorted(versions):
         at = versions[name, version]
         window = frame if len(at) == len(frame) else frame.iloc[at]  # one version, the usual window: not copied
-        baseline = model_baseline(env, version, name)
+        baseline = baselines[version] = model_baseline(env, version, name)
         skipped[version] = baseline.get("skipped", {})
         buckets = window_buckets(baseline, window)  # counted once, for the statistics and the report
         r = feature_drift(baseline, window, psi_threshold, pvalue_threshold, large_sample, seed, buckets)
@@ -283,7 +284,7 @@ and its profile and drift metrics rows (Lakehouse Monitoring's tables)."
         reports[version] = folder / (f"drift_{start:%Y%m%dT%H%M}_{end:%Y%m%dT%H%M}_v{version}_"
                                      f"checked{checked:%Y%m%dT%H%M%S}.html")
         reports[version].write_text(drift_report_html(baseline, window, r, title, buckets))
-    return pd.concat(results, ignore_index=True), rows, reports, skipped, metric_rows
+    return pd.concat(results, ignore_index=True), rows, reports, skipped, metric_rows, baselines
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #e206f12c
 def log_drift_run(env: Environment, endpoint: str, start: pd.Timestamp, end: pd.Timestamp, results: pd.DataFrame,
@@ -337,8 +338,8 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
                               f"({payload.num_rows} rows in the window in all); expected predictions to compare with "
                               f"the baseline")
     checked = pd.Timestamp.now(tz="UTC")  # names this check's reports and run apart from any other check of the window
-    results, rows, reports, skipped, metric_rows = drift_by_version(env, endpoint, frame, start, end, psi_threshold,
-                                                       pvalue_threshold, large_sample, seed, checked)
+    results, rows, reports, skipped, metric_rows, baselines = drift_by_version(
+        env, endpoint, frame, start, end, psi_threshold, pvalue_threshold, large_sample, seed, checked)
     missing = {v: int(n) for v, n in frame.groupby("model_version").missing_lookup.sum().items()}
     run_id = log_drift_run(env, endpoint, start, end, results, rows, reports,
                            {"psi_threshold": psi_threshold, "pvalue_threshold": pvalue_threshold,
@@ -358,8 +359,10 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
     if env.is_local:  # Lakehouse Monitoring's tables, as a monitor on the unpacked inference log would write them
         tables = tables_for(env)
         result.metric_tables = write_metric_tables(tables, inference_table(env, endpoint, "unpacked"), metric_rows)
-        result.verdict = drift_from_metrics(window_drift(tables, result.metric_tables[1], start, end), psi_threshold,
-                                            pvalue_threshold)
+        metric_rows = window_drift(tables, result.metric_tables[1], start, end)
+    else:  # a workspace: Databricks' monitor of the unpacked log writes them (`monitor_window`)
+        result.metric_tables, metric_rows = monitor_window(env, endpoint, frame, baselines, start, end)
+    result.verdict = drift_from_metrics(metric_rows, psi_threshold, pvalue_threshold)
     if result.drifted and webhook_url:
         hits = result.alerting[result.alerting.drifted]
         result.webhook = post_alert(webhook_url, {
