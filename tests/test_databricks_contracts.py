@@ -309,7 +309,7 @@ def test_a_workspace_check_reads_its_verdict_from_the_monitors_tables(monitor_se
         rows = scored(generate_credit_data(1_000, seed=hour, drift=drift, labelled=False))
         frames[hour] = rows.assign(request_time=start + pd.to_timedelta(np.arange(1_000) * 3, "s"), served_entity_name="credit_model-1",
                                    databricks_request_id=[f"r{hour}-{i // 2}" for i in range(1_000)], model_version="1")  # two rows per request
-        names, got = monitor_window(prod, "credit-default-prod", frames[hour], {"1": baseline}, start, start + pd.Timedelta("1h"), w=w)
+        names, got = monitor_window(prod, "credit-default-prod", frames[hour], {"1": baseline}, start, start + pd.Timedelta("1h"), w=w, refresh_every_s=0)
         ours = feature_drift(baseline, rows, 0.2, 0.01)
         found[hour] = (set(drift_from_metrics(got, 0.2, 0.01).query("drifted").feature), set(ours[ours.drifted].feature))
     assert names == ("prod.credit.credit_default_prod_unpacked_profile_metrics", "prod.credit.credit_default_prod_unpacked_drift_metrics")
@@ -318,11 +318,11 @@ def test_a_workspace_check_reads_its_verdict_from_the_monitors_tables(monitor_se
     assert {"AGE", "prediction"} <= theirs and len(theirs ^ ours) <= 2, found  # the baseline table's marginals: the same verdict
     # checked again: the log keeps one row per prediction, the baseline table one set per version
     monitor_window(prod, "credit-default-prod", frames[11], {"1": baseline}, pd.Timestamp("2026-01-05 11:00", tz="UTC"),
-                   pd.Timestamp("2026-01-05 12:00", tz="UTC"), w=w)
+                   pd.Timestamp("2026-01-05 12:00", tz="UTC"), w=w, refresh_every_s=0)
     assert tables.count("prod.credit.credit_default_prod_unpacked") == 2_000
     assert tables.count("prod.credit.credit_default_prod_unpacked_baseline") == 5_000
     assert sum(method == "POST" and path.endswith("/monitor") for method, path, _ in service.calls) == 1  # created once
     with pytest.raises(MonitoringError, match=r"_drift_metrics has no baseline drift of the window 2026-01-05 10:30:00\+00:00 to "
                                               r"2026-01-05 11:30:00\+00:00: the monitor's granularities are \['1 hour'\]"):
         monitor_window(prod, "credit-default-prod", frames[11], {"1": baseline}, pd.Timestamp("2026-01-05 10:30", tz="UTC"),
-                       pd.Timestamp("2026-01-05 11:30", tz="UTC"), w=w)
+                       pd.Timestamp("2026-01-05 11:30", tz="UTC"), w=w, refresh_every_s=0)

@@ -26,7 +26,7 @@ from ..errors import StepFailed
 from ..feature_store import in_experiment
 from ..drift import drift_summary, feature_drift, window_buckets
 from .inference import as_utc, inference_frame, read_payload, served_entities
-from .lakehouse import monitor_window
+from .lakehouse import monitor_window, write_unpacked_log
 from .metric_tables import (drift_from_metrics, drift_rows, profile_rows, window_drift,
                                                    write_metric_tables)
 from .requests import MonitoringError
@@ -357,8 +357,9 @@ def check_drift(env: Environment, endpoint: str | None, start, end,
                          unreadable=frame.attrs.get("unreadable", []), missing=missing, looked_up=looked_up,
                          skipped=skipped)
     if env.is_local:  # Lakehouse Monitoring's tables, as a monitor on the unpacked inference log would write them
-        tables = tables_for(env)
-        result.metric_tables = write_metric_tables(tables, inference_table(env, endpoint, "unpacked"), metric_rows)
+        tables, unpacked = tables_for(env), inference_table(env, endpoint, "unpacked")
+        write_unpacked_log(tables, unpacked, frame, baselines)
+        result.metric_tables = write_metric_tables(tables, unpacked, metric_rows)
         metric_rows = window_drift(tables, result.metric_tables[1], start, end)
     else:  # a workspace: Databricks' monitor of the unpacked log writes them (`monitor_window`)
         result.metric_tables, metric_rows = monitor_window(env, endpoint, frame, baselines, start, end)
