@@ -157,6 +157,11 @@ def test_jobs_page_lists_the_runs_and_a_run_page_shows_its_timeline_and_failing_
     tab.click("#tasks a:text('notebook') >> nth=1")
     tab.wait_for_load_state("networkidle")
     assert "DriftAlert" in tab.inner_text("body") and not page.errors, page.errors  # rendered offline: no failed requests
+    with tab.expect_navigation(wait_until="networkidle"): tab.click("nav.back a")  # and the way back to its run
+    assert tab.url == f"{url}/jobs/monitoring/{world['drifted']}", tab.url
+    tab = page.open(f"{url}/jobs/monitoring/{world['clean']}")
+    mlflow_run = tab.locator("#tasks a[href*='/#/experiments/']")  # the drift check's MLflow run, from the task's values
+    assert mlflow_run.count() == 1 and mlflow_run.inner_text().startswith("run "), tab.inner_text("#tasks")
     log = page.open(f"{url}/jobs/monitoring/{world['drifted']}/drift/log").inner_text("#log")
     assert "IPKernelApp" in log and "drift in" in log, log  # the kernel's warnings and the task's own lines
     page.close()

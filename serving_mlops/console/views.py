@@ -12,6 +12,7 @@ from graphlib import TopologicalSorter
 from pathlib import Path
 from urllib.parse import quote
 
+import mlflow
 import nbformat
 import pandas as pd
 import plotly.graph_objects as go
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
 
-from ..config import Environment
+from ..config import Environment, using_mlflow
 from ..jobs import JobRun, RunRecordError, elapsed, jobs_folder, load_jobs, past_runs, recorded_run
 from ..drift import DRIFT_RULES, drift_excess
 from ..naming import inference_table
@@ -39,8 +40,8 @@ __all__ = ['MONITORING_KINDS', 'SCORE_RANGE', 'SCORE_COLOURS', 'MISSING_LOOKUP_C
            'quality_figure', 'missing_lookup_shares', 'muted', 'drift_section', 'reports_section', 'quality_section',
            'missing_lookup_section', 'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask',
            'executed_task', 'task_timeline', 'task_graph', 'notebook_html', 'run_url', 'jobs_page', 'run_of',
-           'failure_box', 'run_page', 'task_file', 'mlflow_ui_command', 'mlflow_ui_url', 'mlflow_links', 'lineage',
-           'gate_summary', 'version_card', 'registry_page', 'routes']
+           'failure_box', 'task_mlflow_links', 'run_page', 'task_file', 'mlflow_ui_command', 'mlflow_ui_url',
+           'mlflow_links', 'lineage', 'gate_summary', 'version_card', 'registry_page', 'routes']
 
 # %% ../../nbs/14c_console_views.ipynb #ccbf0955
 def error_line(what: str, e: Exception) -> Markup:
@@ -353,13 +354,20 @@ OFFLINE_TEMPLATE = """{%- extends 'index.html.j2' -%}
 {%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
 {%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
 {% block extra_css %}<link rel="icon" href="data:,">{% endblock extra_css %}
+{%- block body_header -%}{{ super() }}{%- if resources.back_url %}
+<nav class="back" style="padding:8px 16px;font:14px sans-serif;border-bottom:1px solid #ddd">
+<a href="{{ resources.back_url | e }}">← {{ resources.back_text | e }}</a></nav>
+{%- endif -%}{%- endblock body_header -%}
 """
 
-def notebook_html(notebook: Path) -> str:
+def notebook_html(notebook: Path,
+                  back: tuple[str, str] | None = None, # (URL, text) of the page the notebook belongs to
+                  ) -> str:
     "An executed notebook as a self-contained HTML page (nbconvert's lab template without its CDN scripts)."
     exporter = HTMLExporter(template_name="lab", extra_loaders=[DictLoader({"offline.html.j2": OFFLINE_TEMPLATE})],
                             template_file="offline.html.j2")
-    return exporter.from_notebook_node(nbformat.read(notebook, as_version=4))[0]
+    resources = {"back_url": back[0], "back_text": back[1]} if back else {}
+    return exporter.from_notebook_node(nbformat.read(notebook, as_version=4), resources=resources)[0]
 
 # %% ../../nbs/14c_console_views.ipynb #2ed77cd9
 def run_url(job: str, run_id: str,
@@ -413,6 +421,25 @@ def failure_box(key: str, task, done: ExecutedTask) -> Markup:
     return Markup(f'<div class="card failure" id="failure-{escape(key)}"><b>task {escape(key)} failed</b>: '
                   f'{escape(task.error)}{cell}</div>')
 
+# %% ../../nbs/14c_console_views.ipynb #72ad24dc
+def task_mlflow_links(env: Environment, values: dict, # a task's values (e.g. run_id, model_version, model_uri)
+                      links: dict) -> Markup: # `mlflow_links(env)`
+    "Links to the MLflow runs and registered model versions a task's values name, as Databricks' task page links them."
+    found = []
+    for key, value in values.items():
+        value = str(value) if value is not None else ""
+        if key.endswith("run_id") and value:
+            with using_mlflow(env):
+                try: found.append((f"run {value[:8]}", links["run"](mlflow.get_run(value).info.experiment_id, value)))
+                except MlflowException: found.append((f"run {value[:8]} (not in this tracking store)", None))
+        elif key == "model_version" and value.isdigit():
+            found.append((f"{env.model_name} version {value}", links["model"](env.model_name, value)))
+        elif key == "model_uri" and value.startswith("models:/") and value.rsplit("/", 1)[-1].isdigit():
+            name, version = value.removeprefix("models:/").rsplit("/", 1)
+            found.append((f"{name} version {version}", links["model"](name, version)))
+    return Markup(" · ").join(Markup(f'<a href="{escape(url)}">{escape(text)}</a>') if url else escape(text)
+                              for text, url in found)
+
 # %% ../../nbs/14c_console_views.ipynb #5d09d0db
 def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
     "A run's page (timeline; tasks with parameters, values, notebooks, logs; failures with their cell) and its status."
@@ -422,7 +449,7 @@ def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
     if isinstance(run, RunRecordError): return page(env, f"{job} run {run_id}",
                                                     Markup(f'<p class="bad run-error">{escape(run.error)}</p>'),
                                                     "Jobs"), 200
-    executed, problems = {}, []
+    executed, problems, mlflow = {}, [], mlflow_links(env)
     for key in run.tasks:
         notebook = run.folder / f"{key}.ipynb"
         if not notebook.exists(): continue
@@ -434,7 +461,9 @@ def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
     rows = []
     for key, t in run.tasks.items():
         done = executed.get(key)
-        rows.append({"task": key, "state": t.state, "started": done.start if done else None,
+        rows.append({"task": key, "state": t.state, "mlflow": guarded(f"the MLflow links of {key}", task_mlflow_links,
+                                                                      env, t.values, mlflow),
+                     "started": done.start if done else None,
                      "duration": elapsed(t.seconds) if t.seconds else "",
                      "parameters": ", ".join(f"{k}={v!r}" for k, v in (done.parameters or {}).items()) if done else "",
                      "values": ", ".join(f"{k}={v!r}" for k, v in t.values.items()),
@@ -622,7 +651,7 @@ def routes(env: Environment) -> list[Route]:
         if path is None: return page(env, "Notebook",
                                      muted(f"no executed notebook of task {task} in run {run_id} of {job}"),
                                      "Jobs"), 404
-        try: return notebook_html(path)
+        try: return notebook_html(path, (run_url(job, run_id), f"{job} run {run_id}"))
         # whatever is wrong with it
         except Exception as e: return page(env, f"Notebook of {task}", error_line(f"executed notebook {path}", e),
                                            "Jobs")
