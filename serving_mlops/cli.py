@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
@@ -25,8 +26,8 @@ from .tables import tables_for
 __all__ = ['app', 'EnvOption', 'jobs_app', 'main', 'name_values', 'clear_errors', 'env_command', 'Kind', 'generate',
            'table_summary', 'ingest', 'tables', 'features', 'train', 'validate', 'promote', 'batch_inference_command',
            'serve', 'local_service', 'console', 'mlflow_ui', 'deploy', 'id_range', 'key_records', 'query_keys', 'query',
-           'endpoints', 'stop_services', 'monitor', 'jobs_list', 'jobs_run', 'jobs_repair', 'jobs_runs',
-           'replay_command']
+           'endpoints', 'stop_services', 'monitor_command', 'monitor', 'jobs_list', 'jobs_run', 'jobs_repair',
+           'jobs_runs', 'replay_command']
 
 # %% ../nbs/90_cli.ipynb #e28bd56c
 app = typer.Typer(help="serving-mlops: MLOps for online scoring of credit default models, on Databricks or one "
@@ -481,6 +482,15 @@ def stop_services():
         for s in stopped: typer.echo(f"stopped the {s['what']} of '{s['environment']}' (pid {s['pid']})")
         if not stopped: typer.echo(f"no serving runtime or console of the local workspaces under {home} is running")
 
+# %% ../nbs/90_cli.ipynb #1cfb7377
+def monitor_command(env: str, endpoint: str | None, given: dict, labels_table: str) -> str:
+    "The `monitor` command that checks the same period again: what a run it recorded shows as its trigger."
+    options = {"--env": env, "--endpoint": endpoint, "--start": given["start"], "--end": given["end"],
+               "--window-minutes": given["window_minutes"], "--lag-minutes": given["lag_minutes"],
+               "--labels-table": labels_table}
+    return shlex.join(["serving-mlops", "monitor", *(str(x) for k, v in options.items() if v not in (None, "")
+                                                      for x in (k, v))])
+
 # %% ../nbs/90_cli.ipynb #68a429d5
 @app.command()
 def monitor(env: Optional[str] = EnvOption,
@@ -503,13 +513,22 @@ def monitor(env: Optional[str] = EnvOption,
                                                            "within seconds: 0).",
                                                       show_default="monitoring_lag_minutes")):
     "Monitor an endpoint from its inference table: metrics, drift (report, MLflow run, alert) and model quality."
+    from serving_mlops.jobs import run_as_job
+    from serving_mlops.monitoring.checks import resolve_period
     from serving_mlops.tasks import monitoring_task
     with clear_errors():
+        e = get_environment(env)
+        # one period for both tasks, as the job's run would check it
+        first, last, window, lag, _ = resolve_period(e, start, end, window_minutes, lookback_minutes, lag_minutes)
+        given = {"endpoint_name": endpoint, "window_minutes": window, "lag_minutes": lag,
+                 "start": first.isoformat(), "end": last.isoformat()}
+        # recorded as a run of the monitoring job (its tasks metrics and drift): listed with its runs, repairable;
         # found drift raises DriftAlert after everything is written: "DRIFT: ..." on stderr and exit status 3
         # (clear_errors)
-        monitoring_task(get_environment(env), task="all", endpoint_name=endpoint, window_minutes=window_minutes,
-                        lookback_minutes=lookback_minutes,
-                        start=start, end=end, labels_table=labels_table, lag_minutes=lag_minutes)
+        run_as_job(e, "monitoring", {"metrics": lambda _: monitoring_task(e, task="metrics", **given),
+                                     "drift": lambda _: monitoring_task(e, task="drift", labels_table=labels_table,
+                                                                        **given)},
+                   {**given, "labels_table": labels_table}, monitor_command(e.name, endpoint, given, labels_table))
 
 # %% ../nbs/90_cli.ipynb #fb762145
 jobs_app = typer.Typer(help="Jobs of the bundle (databricks_jobs/resources/*.yml): run locally with papermill, or on "

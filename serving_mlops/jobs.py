@@ -40,10 +40,10 @@ from .spark import SPARK_LOG_ENV_VAR
 __all__ = ['TEXT_MAPS', 'VALUE_REF', 'ACTIVE', 'JobTask', 'JobSpec', 'substitute', 'cluster_spec', 'load_jobs', 'job_spec',
            'LoggedKernelManager', 'quiet_kernel', 'elapsed', 'TaskOutput', 'JobFailed', 'TaskRun', 'JobRun',
            'jobs_folder', 'run_folder', 'notebook_defaults', 'base_parameters', 'with_task_values', 'task_arguments',
-           'task_environment', 'run_job', 'run_tasks', 'repair_run', 'job_parameters', 'check_job_parameters',
-           'RunRecordError', 'read_run', 'recorded_run', 'past_runs', 'sync_root', 'bundle_workspace_paths',
-           'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values', 'workspace_task_run',
-           'submit_job']
+           'task_environment', 'run_job', 'new_run', 'run_tasks', 'repair_run', 'job_parameters',
+           'check_job_parameters', 'run_as_job', 'RunRecordError', 'read_run', 'recorded_run', 'past_runs', 'sync_root',
+           'bundle_workspace_paths', 'latest_wheels', 'workspace_libraries', 'submit_tasks', 'notebook_values',
+           'workspace_task_run', 'submit_job']
 
 # %% ../nbs/10_jobs.ipynb #24827e08
 @dataclass
@@ -211,6 +211,7 @@ class JobRun:
     pid: int = 0  # the process running a local run
     parameters: dict = field(default_factory=dict)  # the run's parameter overrides (`--param`), which a repair reuses
     repairs: list = field(default_factory=list)  # ISO times (UTC) of its repairs
+    trigger: str = ""  # what started it when not the job runner: the CLI command that did the job's work
 
     @property
     def state(self) -> str:
@@ -253,7 +254,7 @@ def save(self: JobRun):
                                                       "environment": self.environment,
                                                       "state": self.state, "started": self.started, "url": self.url,
                                                       "pid": self.pid, "parameters": self.parameters,
-                                                      "repairs": self.repairs,
+                                                      "repairs": self.repairs, "trigger": self.trigger,
                                                       "tasks": [vars(t) for t in self.tasks.values()]}, indent=2))
 
 # %% ../nbs/10_jobs.ipynb #36c246c0
@@ -266,7 +267,7 @@ def load(cls: JobRun, folder: Path) -> JobRun:
     return cls(data["job"], data["run_id"], data["environment"], folder,
                {t["key"]: TaskRun(**{k: v for k, v in t.items() if k in known}) for t in data["tasks"]},
                data.get("url", ""), data.get("started", ""), data.get("pid", 0), data.get("parameters") or {},
-               data.get("repairs") or [])
+               data.get("repairs") or [], data.get("trigger", ""))
 
 # %% ../nbs/10_jobs.ipynb #c80d42b6
 def jobs_folder(env: Environment) -> Path:
@@ -328,13 +329,17 @@ def run_job(env: Environment, job: str, parameters: dict | None = None, progress
     spec = job_spec(env, job)
     check_job_parameters(spec, parameters)
     if not env.is_local: return submit_job(env, spec, parameters, timeout_minutes, progress)
+    return run_tasks(env, spec, new_run(env, spec, parameters), progress)
+
+def new_run(env: Environment, spec: JobSpec, parameters: dict | None = None, trigger: str = "") -> JobRun:
+    "A new local run of the job `spec` (every task pending), recorded: listed as RUNNING from now on."
     run_id = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
-    run = JobRun(job, run_id, env.name, run_folder(env, job, run_id),
+    run = JobRun(spec.name, run_id, env.name, run_folder(env, spec.name, run_id),
                  {k: TaskRun(k, depends_on=list(t.depends_on)) for k, t in spec.tasks.items()},
                  started=datetime.now(timezone.utc).isoformat(timespec="seconds"), pid=os.getpid(),
-                 parameters=dict(parameters or {}))
-    run.save()  # listed as RUNNING from now on
-    return run_tasks(env, spec, run, progress)
+                 parameters=dict(parameters or {}), trigger=trigger)
+    run.save()
+    return run
 
 def run_tasks(env: Environment, spec: JobSpec, run: JobRun, progress: bool = True) -> JobRun:
     "Run the tasks of `run` that have not succeeded, in dependency order, with its parameters; JobFailed names one."
@@ -417,6 +422,43 @@ def check_job_parameters(spec: JobSpec, parameters: dict | None):
     if unknown:
         raise ConfigError(f"job {spec.name} has no parameter {', '.join(map(repr, unknown))}; its tasks take: "
                           + "; ".join(f"{k} ({', '.join(v)})" for k, v in known.items()))
+
+# %% ../nbs/10_jobs.ipynb #abb0e698
+def run_as_job(env: Environment, job: str,
+               # task key -> the function doing its work, given the values of the tasks before it (task values)
+               steps: dict,
+               parameters: dict | None = None, # the job parameters the steps stand for: a repair runs the job with them
+               trigger: str = "", # the command, shown with the run
+               ) -> dict:
+    "Do a job's work in this process (a CLI command standing for the job) and, in a local workspace, record it as a \
+run of the job: listed with its runs (`jobs runs`, the console), repairable. A step's error fails its task, skips the \
+rest and is raised again. Returns each task's values."
+    values = {}
+    if not env.is_local:  # a workspace lists the runs of its own Jobs service
+        for key, step in steps.items(): values[key] = step(values) or {}
+        return values
+    spec = job_spec(env, job)
+    if list(steps) != list(spec.tasks):
+        raise ConfigError(f"job {job}'s tasks are {list(spec.tasks)}; the steps standing for it are {list(steps)}")
+    parameters = {k: str(v) for k, v in (parameters or {}).items() if v is not None and v != ""}
+    check_job_parameters(spec, parameters)
+    run = new_run(env, spec, parameters, trigger)
+    for key, step in steps.items():
+        task, began = run.tasks[key], time.monotonic()
+        task.state = "RUNNING"; run.save()
+        try:
+            task.values = values[key] = step(values) or {}
+            task.state = "SUCCESS"
+        except BaseException as e:
+            task.state = "CANCELED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            task.error = f"{type(e).__name__}: {e}"
+            for later in run.tasks.values():
+                if later.state == "PENDING": later.state = "SKIPPED"
+            raise
+        finally:
+            task.seconds = time.monotonic() - began
+            run.save()
+    return values
 
 # %% ../nbs/10_jobs.ipynb #1c508ab3
 @dataclass

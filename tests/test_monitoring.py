@@ -83,6 +83,13 @@ def test_a_drifted_batch_through_the_prod_endpoint_raises_the_alert_and_a_clean_
         assert "500 predictions" in unknown.stdout and ". 300 of 500 rows (60.0%) had keys not found in the feature tables: their features " \
                "are missing, which can explain drift in " in unknown.stdout, unknown.stdout
 
+        from serving_mlops.jobs import past_runs  # each command recorded as a run of the monitoring job, as the console lists it
+        runs = sorted(past_runs(prod, "monitoring"), key=lambda r: r.run_id)
+        assert [[t.state for t in r.tasks.values()] for r in runs] == [["SUCCESS", "SUCCESS"], ["SUCCESS", "FAILED"], ["SUCCESS", "FAILED"]], runs
+        assert all(r.trigger.startswith("serving-mlops monitor --env prod --start") for r in runs) and "DriftAlert: " in runs[1].tasks["drift"].error
+        assert (runs[0].parameters["start"], runs[0].parameters["labels_table"]) == (as_utc(t0).isoformat(), "silver_clients"), runs[0].parameters
+        assert runs[0].tasks["drift"].values["drifted"] is False and runs[0].tasks["metrics"].values["metrics_windows"] >= 1, runs[0].tasks
+
         results = tables_for(prod).read_pandas(inference_table(prod, None, "drift"))
         assert set(results.groupby("window_start").drifted.any()) == {False, True}  # one clean check, one drifted
         assert sorted(results.groupby("window_start").missing_lookups.agg(["min", "max"]).itertuples(index=False)) == [(0, 0), (0, 0), (300, 300)]

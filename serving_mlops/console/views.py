@@ -394,8 +394,9 @@ def jobs_page(env: Environment) -> str:
         good = [{"run": r.run_id, "state": r.state, "started": _started(r), "duration": elapsed(r.seconds),
                  "tasks": " · ".join(f"{t.key} {t.state}" + (f" {elapsed(t.seconds)}" if t.seconds else "")
                                      for t in r.tasks.values()),
-                 "where": str(r.folder), "workspace run": r.url} for r in mine if isinstance(r, JobRun)]
-        columns = ["run", "state", "started", "duration", "tasks",
+                 "started by": r.trigger or "job runner", "where": str(r.folder), "workspace run": r.url}
+                for r in mine if isinstance(r, JobRun)]
+        columns = ["run", "state", "started", "duration", "tasks", "started by",
                    "where"] + (["workspace run"] if any(r["workspace run"] for r in good) else [])
         links = {"run": lambda row: run_url(job, row["run"]), "workspace run": lambda row: row["workspace run"]}
         parts.append(table(good, columns, links=links,
@@ -456,7 +457,8 @@ def run_page(env: Environment, job: str, run_id: str) -> tuple[str, int]:
         try: executed[key] = executed_task(notebook)
         except Exception as e: problems.append(error_line(f"executed notebook {notebook}", e))
     head = table([{"state": run.state, "started": _started(run), "duration": elapsed(run.seconds),
-                   "environment": run.environment, "repaired": ", ".join(run.repairs),
+                   "environment": run.environment, "started by": run.trigger or "job runner",
+                   "repaired": ", ".join(run.repairs),
                    "record": run.url or str(run.folder / "run.json")}], id="run-summary")
     rows = []
     for key, t in run.tasks.items():

@@ -42,7 +42,7 @@ __all__ = ['METRICS_KEYS', 'METRICS_COLUMNS', 'BASELINE_PATHS', 'DRIFT_COLUMNS',
            'write_endpoint_metrics', 'runtime_counters', 'model_baseline', 'DriftAlert', 'DriftResult', 'post_alert',
            'monitoring_dir', 'drift_by_version', 'log_drift_run', 'check_drift', 'missing_lookups',
            'expected_calibration_error', 'quality_metrics', 'latest_labels', 'model_quality', 'MonitoringRun',
-           'monitoring_period', 'run_monitoring']
+           'monitoring_period', 'resolve_period', 'run_monitoring']
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #eeb120ae
 METRICS_KEYS = ["endpoint_name", "served_entity_name", "window_start"]
@@ -503,6 +503,20 @@ def monitoring_period(start=None, end=None, window_minutes: int = 60, lookback_m
     end = as_utc(end) if end else complete if start else complete.floor(f"{window_minutes}min")
     return (as_utc(start) if start else end - pd.Timedelta(minutes=lookback_minutes)), end
 
+# %% ../../nbs/12d_monitoring_checks.ipynb #cc059378
+def resolve_period(env: Environment, start=None, end=None,
+                   window_minutes: int | None = None, # default: the environment's monitoring_window_minutes
+                   lookback_minutes: int | None = None, # default: window_minutes
+                   lag_minutes: int | None = None, # default: the environment's monitoring_lag_minutes
+                   ) -> tuple[pd.Timestamp, pd.Timestamp, int, int, pd.Timestamp]:
+    "The period a run checks with the environment's defaults: start, end, window and lag (minutes), complete until."
+    window_minutes = window_minutes or env.var("monitoring_window_minutes", int)
+    lag = env.var("monitoring_lag_minutes", int) if lag_minutes is None else int(lag_minutes)
+    if lag < 0: raise MonitoringError(f"lag_minutes is {lag}; expected 0 or more minutes")
+    now = pd.Timestamp.now(tz="UTC")
+    start, end = monitoring_period(start, end, window_minutes, lookback_minutes or window_minutes, lag, now)
+    return start, end, window_minutes, lag, now - pd.Timedelta(minutes=lag)
+
 # %% ../../nbs/12d_monitoring_checks.ipynb #4c015fe1
 def run_monitoring(env: Environment, endpoint: str | None = None, start=None, end=None,
                    window_minutes: int | None = None, # default: the environment's monitoring_window_minutes
@@ -515,13 +529,9 @@ def run_monitoring(env: Environment, endpoint: str | None = None, start=None, en
     "Endpoint metrics, drift and (with labels) model quality of one period, all written; never raises the drift alert."
     if task not in ("metrics", "drift", "all"):
         raise MonitoringError(f"task must be metrics, drift or all, got {task!r}")
-    window_minutes = window_minutes or env.var("monitoring_window_minutes", int)
-    lag = env.var("monitoring_lag_minutes", int) if lag_minutes is None else int(lag_minutes)
-    if lag < 0: raise MonitoringError(f"lag_minutes is {lag}; expected 0 or more minutes")
-    now = pd.Timestamp.now(tz="UTC")
-    run = MonitoringRun(endpoint or env.endpoint_name,
-                        *monitoring_period(start, end, window_minutes, lookback_minutes or window_minutes, lag, now),
-                        lag_minutes=lag, complete=now - pd.Timedelta(minutes=lag))
+    start, end, window_minutes, lag, complete = resolve_period(env, start, end, window_minutes, lookback_minutes,
+                                                               lag_minutes)
+    run = MonitoringRun(endpoint or env.endpoint_name, start, end, lag_minutes=lag, complete=complete)
     if task in ("metrics", "all"):
         run.metrics = endpoint_metrics(env, run.endpoint, run.start, run.end, window_minutes)
         write_endpoint_metrics(env, run.endpoint, run.metrics)
