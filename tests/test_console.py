@@ -116,6 +116,10 @@ def test_series_count_every_request_by_status_and_the_runtime_counters(console, 
     assert r.status_code == 404 and "expected one of rate, errors, latency, rows, history" in r.json()["message"]
     fig = httpx.get(f"{console['url']}/api/endpoints/{NAME}/charts/latency", headers=bearer(ws)).json()
     assert "Latency (ms" in fig["layout"]["title"]["text"] and len(fig["data"]) == 3
+    # read from the runtime's own histogram once the sampler saw requests: finer than the table's whole milliseconds
+    assert "the runtime's histogram every" in fig["layout"]["title"]["text"], fig["layout"]["title"]
+    shown = [y for t in fig["data"] for y in t["y"] if y is not None]
+    assert shown and any(y != round(y) for y in shown), shown
 
 
 def test_the_cli_refuses_a_busy_port_and_a_workspace_target(console):

@@ -5,6 +5,7 @@
 # %% ../../nbs/14b_console_endpoints.ipynb #402ac241
 from __future__ import annotations
 
+import math
 import shlex
 import threading
 import time
@@ -32,11 +33,12 @@ from ..tables import tables_for
 from .base import figure, figure_json, page, table
 
 # %% auto #0
-__all__ = ['LIVE_MINUTES', 'LIVE_SECONDS', 'SAMPLE_SECONDS', 'HISTORY_DAYS', 'CHARTS', 'STATUS_CLASSES', 'WINDOWS',
-           'LIVE_CACHE_SECONDS', 'live_requests', 'metrics_history', 'RuntimeSampler', 'rows_per_call',
-           'unreadable_figure', 'with_no_data_note', 'rate_figure', 'errors_figure', 'latency_figure', 'rows_figure',
-           'history_figure', 'endpoint_rows', 'keys_not_found', 'recent_requests', 'query_rows', 'query_snippets',
-           'query_section', 'version_changes', 'with_version_marks', 'routes']
+__all__ = ['LIVE_MINUTES', 'LIVE_SECONDS', 'SAMPLE_SECONDS', 'HISTORY_DAYS', 'LATENCY_LINES', 'CHARTS', 'STATUS_CLASSES',
+           'WINDOWS', 'LIVE_CACHE_SECONDS', 'live_requests', 'metrics_history', 'RuntimeSampler', 'rows_per_call',
+           'histogram_quantile', 'latency_per_reading', 'unreadable_figure', 'with_no_data_note', 'rate_figure',
+           'errors_figure', 'latency_figure', 'rows_figure', 'history_figure', 'endpoint_rows', 'keys_not_found',
+           'recent_requests', 'query_rows', 'query_snippets', 'query_section', 'version_changes', 'with_version_marks',
+           'routes']
 
 # %% ../../nbs/14b_console_endpoints.ipynb #cd350c9a
 LIVE_MINUTES = 15  # the live charts show this many minutes
@@ -131,6 +133,42 @@ def rows_per_call(readings: list[tuple[float, dict]]) -> pd.DataFrame:
                         "rows": rows, "rows_per_call": rows / calls if calls else float("nan")})
     return pd.DataFrame(out, columns=["time", "served_entity_name", "model_calls", "rows", "rows_per_call"])
 
+# %% ../../nbs/14b_console_endpoints.ipynb #1b2c04c0
+def histogram_quantile(buckets: list[tuple[float, float]], # cumulative (upper bound, count), +inf last
+                       q: float) -> float:
+    "The `q` quantile of a histogram, interpolated in its bucket as Prometheus' `histogram_quantile`; NaN when empty."
+    buckets = sorted(buckets)
+    total = buckets[-1][1] if buckets else 0
+    if not total: return math.nan
+    rank, lower, below = q * total, 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le): return lower  # in the open top bucket: its lower bound, as Prometheus answers
+            return lower + (le - lower) * (rank - below) / (count - below) if count > below else le
+        lower, below = le, count
+    return lower
+
+def latency_per_reading(readings: list[tuple[float, dict]]) -> pd.DataFrame:
+    "p50, p95 and p99 (ms) of each served entity's requests between consecutive readings of the runtime's histogram."
+    out, last = [], {}
+    for t, counters in readings:
+        for entity, c in counters.items():
+            if "latency_buckets" not in c: continue
+            now, before, last[entity] = c["latency_buckets"], last.get(entity), c["latency_buckets"]
+            if before is None: continue  # the first reading
+            delta = [(le, n - before.get(le, 0)) for le, n in sorted(now.items())]
+            if any(n < 0 for _, n in delta): continue  # the runtime restarted: its counts start again
+            out.append({"time": pd.Timestamp(t, unit="s", tz="UTC"), "served_entity_name": entity,
+                        "requests": delta[-1][1] if delta else 0,
+                        **{f"p{round(q * 100)}_ms": 1000 * histogram_quantile(delta, q) for q in (0.5, 0.95, 0.99)}})
+    return pd.DataFrame(out, columns=["time", "served_entity_name", "requests", "p50_ms", "p95_ms", "p99_ms"])
+
+@patch
+def latency(self: RuntimeSampler, endpoint: str) -> pd.DataFrame:
+    "`latency_per_reading` of the endpoint's readings."
+    with self.lock: readings = list(self.readings.get(endpoint, ()))
+    return latency_per_reading(readings)
+
 # %% ../../nbs/14b_console_endpoints.ipynb #a2e853d6
 def _layout(title: str, y: str, **more) -> dict:  # times in UTC (said under the charts); the legend below the axis
     return dict(title=dict(text=title, font=dict(size=14)), height=300, margin=dict(l=55, r=15, t=45, b=20),
@@ -196,10 +234,26 @@ def errors_figure(live: pd.DataFrame, seconds: float = LIVE_SECONDS) -> go.Figur
     return _entity_lines(live, seconds, lines, f"Error rate (% of requests, 4xx and 5xx, {seconds:g} s windows)",
                          "% of requests")
 
-def latency_figure(live: pd.DataFrame, seconds: float = LIVE_SECONDS) -> go.Figure:
-    "Latency percentiles p50, p95 and p99 (ms, as the inference table logs them) per served entity."
-    lines = [(p, lambda g, p=p: g[f"{p}_ms"], dash) for p, dash in (("p50", "solid"), ("p95", "dash"), ("p99", "dot"))]
-    return _entity_lines(live, seconds, lines, f"Latency (ms, p50 / p95 / p99, {seconds:g} s windows)", "ms")
+LATENCY_LINES = (("p50", "solid"), ("p95", "dash"), ("p99", "dot"))
+
+def latency_figure(live: pd.DataFrame, # the inference table's windows (whole milliseconds)
+                   sampled: pd.DataFrame | None = None, # `latency_per_reading` of the runtime's histogram
+                   seconds: float = LIVE_SECONDS, every: float = SAMPLE_SECONDS) -> go.Figure:
+    "Latency percentiles p50, p95 and p99 (ms) per served entity: from the runtime's own histogram where it is read \
+(below a millisecond too), else as the inference table logs them (whole milliseconds)."
+    read = set() if sampled is None else set(sampled[sampled.requests > 0].served_entity_name)
+    lines = [(p, lambda g, p=p: g[f"{p}_ms"], dash) for p, dash in LATENCY_LINES]
+    from_table = live[~live.served_entity_name.isin(read)]
+    fig = _entity_lines(from_table, seconds, lines, "", "ms")
+    runtime = sampled[sampled.served_entity_name.isin(read)].groupby("served_entity_name", sort=True) if read else ()
+    for entity, g in runtime:
+        for p, dash in LATENCY_LINES:  # no requests between two readings: NaN, a gap in the line
+            fig.add_scatter(x=_utc(g.time), y=g[f"{p}_ms"].round(4).tolist(), name=f"{entity} {p}",
+                            mode="lines+markers", line=dict(dash=dash))
+    sources = ([f"the runtime's histogram every {every:g} s"] if read else []) + \
+              ([f"the inference table's {seconds:g} s windows"] if len(from_table) or not read else [])
+    return fig.update_layout(title=dict(text=f"Latency (ms, p50 / p95 / p99; {' and '.join(sources)})",
+                                        font=dict(size=14)))
 
 # %% ../../nbs/14b_console_endpoints.ipynb #3400603c
 def rows_figure(sampled: pd.DataFrame, every: float = SAMPLE_SECONDS) -> go.Figure:
@@ -420,7 +474,7 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
         try:
             if kind == "rate": fig = rate_figure(live(endpoint))
             elif kind == "errors": fig = errors_figure(live(endpoint))
-            elif kind == "latency": fig = latency_figure(live(endpoint))
+            elif kind == "latency": fig = latency_figure(live(endpoint), sampler.latency(endpoint), every=sampler.every)
             elif kind == "rows": fig = rows_figure(sampler.rows_per_call(endpoint), sampler.every)
             else: fig = history_figure(metrics_history(env, endpoint))
             return with_version_marks(with_no_data_note(fig), marks[marks.change_time >= since])

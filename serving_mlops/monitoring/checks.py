@@ -123,6 +123,11 @@ def runtime_counters(env: Environment, endpoint: str | None = None,
     calls = {"serving_model_batch_rows_count": "model_calls", "serving_model_batch_rows_sum": "rows"}
     for s in (s for f in families if f.name == "serving_model_batch_rows" for s in f.samples if s.name in calls):
         out.setdefault(s.labels["served_entity"], {})[calls[s.name]] = int(s.value)
+    # the runtime's own latency histogram (seconds, since it started): upper bound -> requests at most that long
+    for s in (s for f in families if f.name == "serving_request_latency_seconds" for s in f.samples
+              if s.name.endswith("_bucket")):
+        out.setdefault(s.labels["served_entity"], {}).setdefault("latency_buckets", {})[float(s.labels["le"])] = \
+            int(s.value)
     return out
 
 # %% ../../nbs/12d_monitoring_checks.ipynb #6a12c098
