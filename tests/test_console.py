@@ -114,10 +114,12 @@ def test_series_count_every_request_by_status_and_the_runtime_counters(console, 
     assert r.status_code == 404 and "serving endpoint 'nope' does not exist" in r.json()["message"]
     r = httpx.get(f"{console['url']}/api/endpoints/{NAME}/charts/pie", headers=bearer(ws))
     assert r.status_code == 404 and "expected one of rate, errors, latency, rows, history" in r.json()["message"]
-    fig = httpx.get(f"{console['url']}/api/endpoints/{NAME}/charts/latency", headers=bearer(ws)).json()
+    # read from the runtime's own histogram once the sampler saw requests (a request's latency is counted when it was
+    # answered, after its model call: a reading later than its rows): finer than the table's whole milliseconds
+    latency = lambda: httpx.get(f"{console['url']}/api/endpoints/{NAME}/charts/latency", headers=bearer(ws)).json()
+    fig = wait_for("latency from the runtime's histogram",
+                   lambda: (f := latency()) and "the runtime's histogram every" in f["layout"]["title"]["text"] and f, timeout=30)
     assert "Latency (ms" in fig["layout"]["title"]["text"] and len(fig["data"]) == 3
-    # read from the runtime's own histogram once the sampler saw requests: finer than the table's whole milliseconds
-    assert "the runtime's histogram every" in fig["layout"]["title"]["text"], fig["layout"]["title"]
     shown = [y for t in fig["data"] for y in t["y"] if y is not None]
     assert shown and any(y != round(y) for y in shown), shown
 
