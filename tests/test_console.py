@@ -117,6 +117,11 @@ def test_series_count_every_request_by_status_and_the_runtime_counters(console, 
     # read from the runtime's own histogram once the sampler saw requests (a request's latency is counted when it was
     # answered, after its model call: a reading later than its rows): finer than the table's whole milliseconds
     latency = lambda: httpx.get(f"{console['url']}/api/endpoints/{NAME}/charts/latency", headers=bearer(ws)).json()
+    for _ in range(6):
+        rpc = series(console, ws)["rows_per_call"]
+        f = latency()
+        print("DEBUG", [(r["time"][11:19], r["model_calls"]) for r in rpc], f["layout"]["title"]["text"][30:], [t["y"] for t in f["data"]][:1])
+        time.sleep(3)
     fig = wait_for("latency from the runtime's histogram",
                    lambda: (f := latency()) and "the runtime's histogram every" in f["layout"]["title"]["text"] and f, timeout=30)
     assert "Latency (ms" in fig["layout"]["title"]["text"] and len(fig["data"]) == 3

@@ -149,6 +149,8 @@ def load_models(self: ServingRuntime, config: dict, current: Snapshot | None, me
 @patch
 def load_entity(self: ServingRuntime, entity: dict, metrics: EndpointMetrics) -> ServedModel:
     "Served entity `entity` loaded; a RuntimeError naming it and its model when it cannot be."
+    # its latency histogram shown from zero: a reader's first reading is the start its later requests add to
+    metrics.latency.labels(metrics.endpoint, entity["name"])
     try: return ServedModel(entity, self.online, self.settings.max_rows,
                             metrics.rows.labels(metrics.endpoint, entity["name"]).observe, self.env)
     except Exception as x:
