@@ -228,3 +228,8 @@ def test_every_chart_marks_when_the_served_version_began(console, ws):
         labels = [a["text"] for a in fig["layout"].get("annotations", []) if a["text"].startswith("version ")]
         lines = [s for s in fig["layout"].get("shapes", []) if s.get("line", {}).get("dash") == "dot"]
         assert labels == ["version 1"] and len(lines) == 1, (kind, fig["layout"].get("annotations"))
+    # and the page's config history and logs (the SDK's logs and build_logs, answered by the runtime)
+    html = httpx.get(f"{console['url']}/", headers=bearer(ws), timeout=30).text
+    events = html[html.index(f'id="events-{NAME}"'):]
+    assert f'id="config-history-{NAME}"' in events and f"default_model-{ws.v1}: " in events and f" version {ws.v1}" in events, events[:2000]
+    assert events.count('<pre class="logs">') == 2 and "could not be read" not in events[:events.index("</details>")], events[:3000]

@@ -38,7 +38,7 @@ __all__ = ['LIVE_MINUTES', 'LIVE_SECONDS', 'SAMPLE_SECONDS', 'HISTORY_DAYS', 'LA
            'histogram_quantile', 'latency_per_reading', 'unreadable_figure', 'with_no_data_note', 'rate_figure',
            'errors_figure', 'latency_figure', 'rows_figure', 'history_figure', 'endpoint_rows', 'keys_not_found',
            'recent_requests', 'query_rows', 'query_snippets', 'query_section', 'version_changes', 'with_version_marks',
-           'routes']
+           'config_history', 'events_section', 'routes']
 
 # %% ../../nbs/14b_console_endpoints.ipynb #cd350c9a
 LIVE_MINUTES = 15  # the live charts show this many minutes
@@ -436,6 +436,35 @@ def with_version_marks(fig: go.Figure, changes: pd.DataFrame) -> go.Figure:
     return fig
 
 
+# %% ../../nbs/14b_console_endpoints.ipynb #f26b1eba
+def config_history(env: Environment, endpoint: str) -> pd.DataFrame:
+    "Each config version `endpoint` applied, newest first: when, and what it served (system.serving.served_entities)."
+    from serving_mlops.serving.capture import SERVED_ENTITIES_TABLE
+    tables, columns = tables_for(env), ["config version", "applied", "served entities"]
+    if not tables.exists(SERVED_ENTITIES_TABLE): return pd.DataFrame(columns=columns)
+    rows = tables.read_pandas(SERVED_ENTITIES_TABLE, filters=[("endpoint_name", "=", endpoint)])
+    if rows.empty: return pd.DataFrame(columns=columns)
+    rows = rows.assign(said=rows.served_entity_name + ": " + rows.entity_name + " version " + rows.entity_version)
+    per = rows.groupby("endpoint_config_version").agg(applied=("change_time", "min"),
+                                                      served=("said", lambda s: ", ".join(sorted(set(s)))))
+    return (per.reset_index().rename(columns={"endpoint_config_version": "config version", "served": "served entities"})
+            .sort_values("applied", ascending=False, kind="stable")[columns])
+
+def events_section(env: Environment, w, endpoint: str) -> Markup:
+    "The endpoint's config history and each served entity's service and build logs, as the serving page shows them."
+    from databricks.sdk.errors import DatabricksError
+    history = table(config_history(env, endpoint), id=f"config-history-{endpoint}",
+                    empty="no config history yet (system.serving.served_entities has no row of this endpoint)")
+    config = w.serving_endpoints.get(endpoint).config
+    logs = []
+    for e in (config.served_entities if config else []):
+        for what, call in (("service logs", w.serving_endpoints.logs), ("build logs", w.serving_endpoints.build_logs)):
+            try: text = call(endpoint, e.name).logs or "(empty)"
+            except DatabricksError as x: text = f"could not be read: {x}"
+            logs.append(Markup('<h4>{} of {}</h4><pre class="logs">{}</pre>').format(what, e.name, text))
+    return Markup('<details class="events" id="events-{}"><summary>Config history and logs</summary>{}{}</details>'
+                  ).format(endpoint, history, Markup("").join(logs))
+
 # %% ../../nbs/14b_console_endpoints.ipynb #5c74160e
 # long: the pages are closures sharing the sampler, the live cache and the client; moving them out changes the code
 def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Route]:
@@ -500,8 +529,9 @@ def routes(env: Environment, sampler: RuntimeSampler | None = None) -> list[Rout
                                                                     'error and latency charts '
                                                                      'need ai_gateway.inference_table_config '
                                                                      '(serving-mlops deploy enables it)</p>')
-            parts.append(Markup('<h2 id="endpoint-{0}">{0}</h2>{1}<div class="grid">{2}</div>{3}').format(
-                name, note, Markup("").join(charts), query_section(env, client(), name, examples)))
+            parts.append(Markup('<h2 id="endpoint-{0}">{0}</h2>{1}<div class="grid">{2}</div>{3}{4}').format(
+                name, note, Markup("").join(charts), query_section(env, client(), name, examples),
+                events_section(env, client(), name)))
         parts.append(Markup('<p class="muted">Times in UTC. Live charts: the last {} minutes of the inference table '
                             'in {} s windows and the runtime\'s '
                             'counters read every {:g} s, redrawn every 5 s. Monitoring windows: the '
