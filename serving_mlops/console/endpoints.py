@@ -34,11 +34,11 @@ from .base import figure, figure_json, page, table
 
 # %% auto #0
 __all__ = ['LIVE_MINUTES', 'LIVE_SECONDS', 'SAMPLE_SECONDS', 'HISTORY_DAYS', 'LATENCY_LINES', 'CHARTS', 'STATUS_CLASSES',
-           'WINDOWS', 'LIVE_CACHE_SECONDS', 'live_requests', 'metrics_history', 'RuntimeSampler', 'rows_per_call',
-           'histogram_quantile', 'latency_per_reading', 'unreadable_figure', 'with_no_data_note', 'rate_figure',
-           'errors_figure', 'latency_figure', 'rows_figure', 'history_figure', 'endpoint_rows', 'keys_not_found',
-           'recent_requests', 'query_rows', 'query_snippets', 'query_section', 'version_changes', 'with_version_marks',
-           'config_history', 'events_section', 'routes']
+           'WINDOWS', 'LIVE_CACHE_SECONDS', 'live_requests', 'metrics_history', 'RuntimeSampler', 'reading_pairs',
+           'rows_per_call', 'histogram_quantile', 'latency_per_reading', 'unreadable_figure', 'with_no_data_note',
+           'rate_figure', 'errors_figure', 'latency_figure', 'rows_figure', 'history_figure', 'endpoint_rows',
+           'keys_not_found', 'recent_requests', 'query_rows', 'query_snippets', 'query_section', 'version_changes',
+           'with_version_marks', 'config_history', 'events_section', 'routes']
 
 # %% ../../nbs/14b_console_endpoints.ipynb #cd350c9a
 LIVE_MINUTES = 15  # the live charts show this many minutes
@@ -120,17 +120,24 @@ def rows_per_call(self: RuntimeSampler, endpoint: str) -> pd.DataFrame:
     return rows_per_call(readings)
 
 # %% ../../nbs/14b_console_endpoints.ipynb #3a55f7c4
-def rows_per_call(readings: list[tuple[float, dict]]) -> pd.DataFrame:
-    "Model calls, rows and rows per call of each served entity between consecutive `(time, runtime_counters)` readings."
-    out, last = [], {}
+def reading_pairs(readings: list[tuple[float, dict]], # `(time, runtime_counters)` readings
+                  key: str): # a counter the pairs must have (e.g. model_calls, latency_buckets)
+    "Each served entity's consecutive readings that have `key`: `(time, entity, before, now)`."
+    last = {}
     for t, counters in readings:
         for entity, c in counters.items():
-            if "model_calls" not in c: continue
-            before, last[entity] = last.get(entity), (c["model_calls"], c["rows"])
-            if before is None or c["model_calls"] < before[0]: continue  # the first reading, or the runtime restarted
-            calls, rows = c["model_calls"] - before[0], c["rows"] - before[1]
-            out.append({"time": pd.Timestamp(t, unit="s", tz="UTC"), "served_entity_name": entity, "model_calls": calls,
-                        "rows": rows, "rows_per_call": rows / calls if calls else float("nan")})
+            if key not in c: continue
+            before, last[entity] = last.get(entity), c
+            if before is not None: yield t, entity, before, c
+
+def rows_per_call(readings: list[tuple[float, dict]]) -> pd.DataFrame:
+    "Model calls, rows and rows per call of each served entity between consecutive `(time, runtime_counters)` readings."
+    out = []
+    for t, entity, before, c in reading_pairs(readings, "model_calls"):
+        if c["model_calls"] < before["model_calls"]: continue  # the runtime restarted
+        calls, rows = c["model_calls"] - before["model_calls"], c["rows"] - before["rows"]
+        out.append({"time": pd.Timestamp(t, unit="s", tz="UTC"), "served_entity_name": entity, "model_calls": calls,
+                    "rows": rows, "rows_per_call": rows / calls if calls else float("nan")})
     return pd.DataFrame(out, columns=["time", "served_entity_name", "model_calls", "rows", "rows_per_call"])
 
 # %% ../../nbs/14b_console_endpoints.ipynb #1b2c04c0
@@ -150,17 +157,14 @@ def histogram_quantile(buckets: list[tuple[float, float]], # cumulative (upper b
 
 def latency_per_reading(readings: list[tuple[float, dict]]) -> pd.DataFrame:
     "p50, p95 and p99 (ms) of each served entity's requests between consecutive readings of the runtime's histogram."
-    out, last = [], {}
-    for t, counters in readings:
-        for entity, c in counters.items():
-            if "latency_buckets" not in c: continue
-            now, before, last[entity] = c["latency_buckets"], last.get(entity), c["latency_buckets"]
-            if before is None: continue  # the first reading
-            delta = [(le, n - before.get(le, 0)) for le, n in sorted(now.items())]
-            if any(n < 0 for _, n in delta): continue  # the runtime restarted: its counts start again
-            out.append({"time": pd.Timestamp(t, unit="s", tz="UTC"), "served_entity_name": entity,
-                        "requests": delta[-1][1] if delta else 0,
-                        **{f"p{round(q * 100)}_ms": 1000 * histogram_quantile(delta, q) for q in (0.5, 0.95, 0.99)}})
+    out = []
+    for t, entity, before, c in reading_pairs(readings, "latency_buckets"):
+        now, then = c["latency_buckets"], before["latency_buckets"]
+        delta = [(le, n - then.get(le, 0)) for le, n in sorted(now.items())]
+        if any(n < 0 for _, n in delta): continue  # the runtime restarted: its counts start again
+        out.append({"time": pd.Timestamp(t, unit="s", tz="UTC"), "served_entity_name": entity,
+                    "requests": delta[-1][1] if delta else 0,
+                    **{f"p{round(q * 100)}_ms": 1000 * histogram_quantile(delta, q) for q in (0.5, 0.95, 0.99)}})
     return pd.DataFrame(out, columns=["time", "served_entity_name", "requests", "p50_ms", "p95_ms", "p99_ms"])
 
 @patch
