@@ -27,8 +27,8 @@ from ..feature_store import in_experiment
 from ..drift import drift_summary, feature_drift, window_buckets
 from .inference import as_utc, inference_frame, read_payload, served_entities
 from .lakehouse import monitor_window, write_unpacked_log
-from .metric_tables import (drift_from_metrics, drift_rows, profile_rows, window_drift,
-                                                   write_metric_tables)
+from .metric_tables import drift_from_metrics, drift_rows, profile_rows
+from .metric_tables import window_drift, write_metric_tables
 from .requests import MonitoringError
 from .report import drift_report_html
 from ..registry import registry_client
@@ -200,9 +200,10 @@ class DriftResult:
     missing: dict = field(default_factory=dict)
     looked_up: dict = field(default_factory=dict)  # model version -> the features it looks up
     skipped: dict = field(default_factory=dict)  # model version -> {column: why its baseline leaves it out}
-    # local targets: the verdict read back from the drift metrics table (`drift_from_metrics`), which the alert follows
+    # the verdict read back from the drift metrics table (`drift_from_metrics`; ours on a local target, the monitor's
+    # on a workspace), which the alert follows
     verdict: pd.DataFrame | None = None
-    metric_tables: tuple = ()  # the profile and drift metrics tables written (local targets)
+    metric_tables: tuple = ()  # the profile and drift metrics tables the verdict was read from
 
     @property
     def alerting(self) -> pd.DataFrame:
