@@ -1,4 +1,5 @@
-"""Workspace-side contracts of training and the registry, against the real MLflow and databricks-sdk clients.
+"""Workspace-side contracts of training, the registry and Lakehouse Monitoring, against the real MLflow and databricks-sdk
+clients (the monitoring ones: the metric tables' schema, the monitor's calls, a workspace check; at the end of the module).
 
 A Databricks workspace cannot exist on this machine. `WorkspaceStandIn` stands in for its REST API: a real
 HTTP server on 127.0.0.1 answering the routes the clients call here (MLflow experiments, the Workspace API's
