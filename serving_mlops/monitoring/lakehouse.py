@@ -78,11 +78,7 @@ def baseline_table_rows(baseline: dict, # `training_baseline` of one model versi
                 values = pd.to_numeric(values).astype(dtypes[name])  # labels of codes ('1', '2') as the log's numbers
         column = pd.concat([values, pd.Series([None] * nulls, dtype=values.dtype)], ignore_index=True)
         out[name] = column.iloc[rng.permutation(rows)].reset_index(drop=True)
-    frame = pd.DataFrame(out)
-    for name, kind in dtypes.items():
-        if name in frame and pd.api.types.is_integer_dtype(kind) and not frame[name].isna().any():
-            frame[name] = frame[name].astype(kind)
-    return frame.assign(**{MODEL_ID_COL: str(version)})
+    return pd.DataFrame(out).assign(**{MODEL_ID_COL: str(version)})
 
 # %% ../../nbs/12c2_monitoring_lakehouse.ipynb #f7aa4edb
 def monitor_settings(env: Environment, endpoint: str, window_minutes: int,
@@ -90,8 +86,7 @@ def monitor_settings(env: Environment, endpoint: str, window_minutes: int,
     "The keyword arguments of `WorkspaceClient.quality_monitors.create` for the endpoint's unpacked inference log."
     unpacked = inference_table(env, endpoint, "unpacked")
     catalog, schema, _ = unpacked.split(".")
-    start = pd.Timestamp("2026-01-01", tz="UTC")
-    every = granularity(start, start + pd.Timedelta(minutes=window_minutes))  # e.g. "1 hour", as Databricks writes it
+    every = granularity(pd.Timedelta(minutes=window_minutes))  # e.g. "1 hour", as Databricks writes it
     problem = (MonitorInferenceLogProblemType.PROBLEM_TYPE_REGRESSION if numeric_prediction
                else MonitorInferenceLogProblemType.PROBLEM_TYPE_CLASSIFICATION)
     return {"table_name": unpacked, "output_schema_name": f"{catalog}.{schema}",

@@ -60,9 +60,9 @@ def drift_metrics_schema(model_id_col: str = MODEL_ID_COL) -> pa.Schema:
         ("l_infinity_distance", f64)])
 
 # %% ../../nbs/12c1_monitoring_metric_tables.ipynb #94669515
-def granularity(start: pd.Timestamp, end: pd.Timestamp) -> str:
-    "The length of the window from `start` to `end` as a granularity: '1 hour', '30 minutes', '1 day', '2 weeks'."
-    minutes = (end - start).total_seconds() / 60
+def granularity(length: pd.Timedelta) -> str:
+    "A window's length as a granularity: '1 hour', '30 minutes', '1 day', '2 weeks'."
+    minutes = length.total_seconds() / 60
     for unit, size in (("week", 7 * 24 * 60), ("day", 24 * 60), ("hour", 60), ("minute", 1)):
         if minutes >= size and minutes % size == 0:
             n = int(minutes // size)
@@ -120,7 +120,7 @@ def profile_rows(window: pd.DataFrame, # one model version's rows of the window
                  model_id_col: str = MODEL_ID_COL) -> pa.Table:
     "The profile metrics table's rows of one window and model version: one per baseline column and the `:table` row."
     common = {"window": window_key(start, end), "log_type": "INPUT", "logging_table_commit_version": 0,
-              "monitor_version": 0, "granularity": granularity(start, end), model_id_col: str(model_id)}
+              "monitor_version": 0, "granularity": granularity(end - start), model_id_col: str(model_id)}
     columns = list(baseline["features"])
     rows = [{**common, "column_name": ":table", "count": len(window),
              "non_null_columns": [c for c in columns if window[c].notna().any()]}]
@@ -166,7 +166,7 @@ def drift_rows(window: pd.DataFrame, # one model version's rows of the window
                buckets: dict | None = None, # `window_buckets(baseline, window)` when already counted
                model_id_col: str = MODEL_ID_COL) -> pa.Table:
     "The drift metrics table's BASELINE rows of one window and model version: one per column and the `:table` row."
-    common = {"window": window_key(start, end), "granularity": granularity(start, end), "monitor_version": 0,
+    common = {"window": window_key(start, end), "granularity": granularity(end - start), "monitor_version": 0,
               model_id_col: str(model_id), "drift_type": "BASELINE"}
     features = baseline["features"]
     had = {c for c, f in features.items() if f["null_share"] < 1}
@@ -189,7 +189,7 @@ def drift_from_metrics(rows: pd.DataFrame, # drift metrics rows of one window (B
         numeric = isinstance(r["ks_test"], dict)
         kind, method, test = ("numeric", "ks_pvalue", r["ks_test"]) if numeric else \
                              ("categorical", "chi2_pvalue", r["chi_squared_test"])
-        n = r["count_delta"]  # not the rows compared: the table has differences only; kept for the row's shape
+        n = None  # the rows a test compared: the table does not hold them
         out += [{**drift_row(r["column_name"], kind, "psi", r["population_stability_index"], psi_threshold, n),
                  "model_version": r[model_id_col]},
                 {**drift_row(r["column_name"], kind, method, test["pvalue"], pvalue_threshold, n, test["statistic"]),
