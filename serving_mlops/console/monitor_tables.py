@@ -16,13 +16,13 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from ..config import Environment
-from ..drift import DRIFT_RULES, bin_labels, drift_excess
+from ..drift import bin_labels, drift_excess
 from ..monitoring.checks import model_baseline
 from ..monitoring.metric_tables import MODEL_ID_COL, QUANTILES, drift_from_metrics, metric_table_names
 from ..naming import inference_table
 from ..tables import tables_for
 from .base import figure, page
-from .views import BadName, guarded, muted, safe_name, window_label
+from .views import BadName, guarded, muted, safe_name, statistics_said, window_label
 
 # %% auto #0
 __all__ = ['THRESHOLD_COLOUR', 'with_windows', 'read_metric_tables', 'verdicts', 'strongest', 'drift_series_figure',
@@ -48,16 +48,15 @@ def verdicts(drift: pd.DataFrame, # drift metrics rows (`with_windows`)
     whole = drift[(drift.drift_type == "BASELINE") & drift.slice_key.isna()]
     parts = [drift_from_metrics(rows, psi_threshold, pvalue_threshold).assign(window_start=start, window_end=end)
              for (start, end), rows in whole.groupby(["window_start", "window_end"], sort=True)]
-    out = pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else None
-    if out is None: return pd.DataFrame(columns=["feature", "method", "value", "threshold", "drifted", "score"])
+    parts = [p for p in parts if len(p)]
+    if not parts: return pd.DataFrame(columns=["feature", "method", "value", "threshold", "drifted", "score"])
+    out = pd.concat(parts, ignore_index=True)
     return out.assign(score=[drift_excess(r) for r in out.itertuples()])
 
 def strongest(v: pd.DataFrame) -> pd.DataFrame:
     "Per window, model version and column: its strongest rule's row, with every rule's value said in `said`."
-    said = lambda g: "<br>".join(f"{r.method} {r.value:.3g} ({'drifted: ' if r.drifted else ''}"
-                                 f"{DRIFT_RULES[r.method]} {r.threshold:g})" for r in g.itertuples())
     keys = ["window_start", "model_version", "feature"]
-    text = v.groupby(keys).apply(said, include_groups=False).rename("said")
+    text = v.groupby(keys).apply(statistics_said, include_groups=False).rename("said")
     return v.sort_values("score").groupby(keys, as_index=False).last().join(text, on=keys)
 
 # %% ../../nbs/14c1_console_monitor_tables.ipynb #f3390ffc

@@ -36,12 +36,13 @@ from .base import figure, page, table
 # %% auto #0
 __all__ = ['MONITORING_KINDS', 'SCORE_RANGE', 'SCORE_COLOURS', 'MISSING_LOOKUP_COLUMN', 'METRIC_COLUMNS', 'ANSI', 'STATE_COLOURS',
            'OFFLINE_TEMPLATE', 'MLFLOW_UI', 'error_line', 'guarded', 'monitored_endpoints', 'monitoring_frames',
-           'latest_checks', 'window_label', 'drift_heatmap', 'drift_reports', 'report_url', 'BadName', 'safe_name',
-           'quality_figure', 'missing_lookup_shares', 'muted', 'drift_section', 'reports_section', 'quality_section',
-           'missing_lookup_section', 'metrics_section', 'endpoint_monitoring', 'monitoring_page', 'ExecutedTask',
-           'executed_task', 'task_timeline', 'task_graph', 'notebook_html', 'run_url', 'jobs_page', 'run_of',
-           'failure_box', 'task_mlflow_links', 'run_page', 'task_file', 'mlflow_ui_command', 'mlflow_ui_url',
-           'mlflow_links', 'lineage', 'gate_summary', 'version_card', 'registry_page', 'routes']
+           'latest_checks', 'window_label', 'statistics_said', 'drift_heatmap', 'drift_reports', 'report_url',
+           'BadName', 'safe_name', 'quality_figure', 'missing_lookup_shares', 'muted', 'drift_section',
+           'reports_section', 'quality_section', 'missing_lookup_section', 'metrics_section', 'endpoint_monitoring',
+           'monitoring_page', 'ExecutedTask', 'executed_task', 'task_timeline', 'task_graph', 'notebook_html',
+           'run_url', 'jobs_page', 'run_of', 'failure_box', 'task_mlflow_links', 'run_page', 'task_file',
+           'mlflow_ui_command', 'mlflow_ui_url', 'mlflow_links', 'lineage', 'gate_summary', 'version_card',
+           'registry_page', 'routes']
 
 # %% ../../nbs/14c_console_views.ipynb #ccbf0955
 def error_line(what: str, e: Exception) -> Markup:
@@ -89,6 +90,11 @@ def window_label(start: pd.Timestamp, end: pd.Timestamp) -> str:
             else f"{start:%m-%d %H:%M}–{end:%m-%d %H:%M}")
 
 # %% ../../nbs/14c_console_views.ipynb #6dc04e75
+def statistics_said(rows: pd.DataFrame) -> str:
+    "Each statistic of drift result `rows` with its rule and threshold, a line each (a chart's hover text)."
+    return "<br>".join(f"{r.method} {r.value:.3g} ({'drifted: ' if r.drifted else ''}{DRIFT_RULES.get(r.method, '?')} "
+                       f"{r.threshold:g})" for r in rows.itertuples())
+
 SCORE_RANGE = 3  # orders of magnitude either side of a threshold the colours tell apart
 # grey up to the threshold, then from orange to dark red: a drifted cell is never pale, whatever its statistic
 SCORE_COLOURS = [[0, "#e9eef3"], [0.5, "#f7f9fb"], [0.5, "#fdbb84"], [1, "#990000"]]
@@ -102,11 +108,7 @@ each statistic in the hover, crosses where a feature drifted: one rule for colou
     windows, features = list(dict.fromkeys(d.window)), list(dict.fromkeys(d.feature))
     cell = d.groupby(["feature", "window"], sort=False)
     score = cell.apply(lambda g: max(drift_excess(r) for r in g.itertuples()), include_groups=False)
-    said = cell.apply(lambda g: "<br>".join(f"{r.method} {r.value:.3g} "
-                                            f"({'drifted: ' if r.drifted else ''}{DRIFT_RULES.get(r.method, '?')} "
-                                            f"{r.threshold:g})"
-                                            for r in g.itertuples()) + f"<br>{int(g.n.max()):,} rows",
-                      include_groups=False)
+    said = cell.apply(lambda g: statistics_said(g) + f"<br>{int(g.n.max()):,} rows", include_groups=False)
     hover = said.unstack().reindex(index=features, columns=windows).fillna("not checked")
     hits = cell.drifted.any().reset_index().query("drifted")
     z = score.unstack().reindex(index=features, columns=windows).clip(-SCORE_RANGE, SCORE_RANGE)
